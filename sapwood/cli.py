@@ -1,0 +1,48 @@
+"""The ``sapwood`` command line (typer). Each command is a thin shell over its module.
+
+User errors (:class:`sapwood.errors.SapwoodError`) print one line and exit with code 2.
+Imports of heavy modules happen inside commands so ``sapwood --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from sapwood.errors import SapwoodError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Size, build, grow, train and serve large transformers.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ours vs a baseline in the same run (JSON + PNG).")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+
+@app.command()
+def create(preset: str, out: Path = typer.Option(..., "--out", help="checkpoint folder to write")) -> None:
+    """Write an initialized checkpoint folder for PRESET (a preset name or YAML)."""
+    from sapwood.config import load_config
+    from sapwood.model import build_model, save_folder
+
+    config = load_config(preset)
+    model = build_model(config)
+    save_folder(model, config, out)
+    console.print(f"wrote {out}")
+
+
+# --- commands are added above this line, one per concept, each delegating to its module ---
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except SapwoodError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

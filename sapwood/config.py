@@ -1,0 +1,194 @@
+"""Configuration as data: pydantic models, loaded from and saved to YAML.
+
+One root :class:`Config` holds sections; a preset (``sapwood/presets/NAME.yaml``) fills ``model`` and
+``parallel``; a training YAML may say ``preset: tiny`` and override any field. The checkpoint folder's
+``config.yaml`` is the same format. This module imports no other sapwood module except the leaf
+``errors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sapwood.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RopeScaling(Section):
+    """How rotary embeddings stretch past the trained context.
+
+    ``none``: plain RoPE. ``linear``: positions divided by ``factor``. ``ntk``: theta raised by
+    ``factor ** (d / (d - 2))``. ``dynamic_ntk``: NTK with the factor chosen from the current length.
+    ``yarn``: per-frequency interpolation with attention temperature (Peng et al. 2023).
+    """
+
+    type: Literal["none", "linear", "ntk", "dynamic_ntk", "yarn"] = "none"
+    factor: float = Field(1.0, ge=1.0)
+    beta_fast: float = Field(32.0, gt=0)
+    beta_slow: float = Field(1.0, gt=0)
+
+
+class ModelConfig(Section):
+    """The shape of a decoder-only transformer (Llama family)."""
+
+    vocab_size: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    kv_heads: int | None = Field(None, ge=1, description="defaults to heads (no GQA)")
+    head_dim: int | None = Field(None, ge=1, description="defaults to hidden // heads")
+    ffn: int = Field(ge=1)
+    norm_eps: float = Field(1e-5, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    trained_context: int = Field(2048, ge=1, description="context length the model is trained at")
+    max_context: int | None = Field(None, ge=1, description="longest context served; defaults to trained_context")
+    rope_scaling: RopeScaling = RopeScaling()
+    tied_embeddings: bool = False
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelConfig:
+        if self.kv_heads is None:
+            self.__dict__["kv_heads"] = self.heads
+        if self.head_dim is None:
+            if self.hidden % self.heads:
+                raise ValueError(
+                    f"hidden={self.hidden} is not divisible by heads={self.heads} "
+                    f"({self.hidden / self.heads:g} per head); choose heads dividing hidden or set head_dim"
+                )
+            self.__dict__["head_dim"] = self.hidden // self.heads
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}; kv_heads must divide heads")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.max_context is None:
+            self.__dict__["max_context"] = self.trained_context
+        if self.max_context < self.trained_context:
+            raise ValueError(
+                f"max_context={self.max_context} is below trained_context={self.trained_context}; must be >= it"
+            )
+        return self
+
+    @property
+    def kv_groups(self) -> int:
+        return self.heads // self.kv_heads
+
+
+class ParallelConfig(Section):
+    """Degrees of parallelism; their product must equal the world size."""
+
+    dp_replicate: int = Field(1, ge=1)
+    dp_shard: int = Field(1, ge=1, description="FSDP2 shard degree")
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: int = Field(1, ge=1)
+    cpu_offload: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+
+class Config(Section):
+    """The root config. Other sections (train, data, growth, serve, ...) are added by their owners."""
+
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig
+    parallel: ParallelConfig = ParallelConfig()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def raw_config(source: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """The config mapping of a preset name or YAML path, with ``preset:`` bases merged in.
+
+    Returns the mapping and the file it came from (None for a bare preset name).
+    """
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            path = path / "config.yaml"
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        data = _read_yaml(path)
+    elif (PRESET_DIR / f"{source}.yaml").exists():
+        path = PRESET_DIR / f"{source}.yaml"
+        data = _read_yaml(path)
+    else:
+        raise ConfigError(f"unknown preset or config file {str(source)!r}; presets: {', '.join(preset_names())}")
+    base = data.pop("preset", None)
+    if base is not None:
+        base_data, _ = raw_config(str(base))
+        data = _deep_merge(base_data, data)
+    return data, path
+
+
+def format_validation_error(exc: ValidationError, where: str = "") -> str:
+    """One line: the field, the value given, and what is allowed."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{where}unknown key {loc!r}; remove it (allowed keys are the documented fields)"
+    if err["type"] == "missing":
+        return f"{where}missing required field {loc!r}"
+    value = err.get("input")
+    shown = f"={value!r}" if loc and not isinstance(value, dict) else ""
+    return f"{where}{loc}{shown}: {msg}" if loc else f"{where}{msg}"
+
+
+def validate(cls: type[BaseModel], data: dict[str, Any], where: str = "") -> Any:
+    """Build ``cls`` from ``data``, turning a pydantic error into a one-line :class:`ConfigError`."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+
+
+def load_config(source: str | Path, cls: type[BaseModel] = Config) -> Any:
+    """The validated config of a preset name, a YAML file or a checkpoint folder."""
+    data, path = raw_config(source)
+    return validate(cls, data, where=f"{path.name if path else source}: ")
+

@@ -1,0 +1,183 @@
+"""The decoder: token embedding, RMSNorm, rotary GQA attention through SDPA, SwiGLU, tied or untied head.
+
+Plain PyTorch, no parallelism inside (see ``sapwood.train.parallel``). Module names follow torchtitan
+(``tok_embeddings``, ``layers.N.attention.wq`` ...) so tensor-parallel plans and checkpoints map directly.
+``layers`` is a ModuleDict keyed by layer index so a pipeline stage can drop layers and keep names;
+a stage without ``tok_embeddings`` takes hidden states, one without ``output`` returns them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sapwood.config import ModelConfig
+from sapwood.model.rope import apply_rope, rope_cos_sin, scaled_inv_freq
+
+
+class KVCacheLike(Protocol):
+    """What attention needs from a KV cache (implemented in ``sapwood.infer``)."""
+
+    def update(
+        self, layer_index: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this step's k/v ``[batch, kv_heads, seq, head_dim]`` and return all keys, values and an
+        attention mask (bool, True = attend, broadcastable to ``[batch, heads, seq, keys]``), or None
+        for plain causal attention over what is returned."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, always computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with rotary embeddings; kernels chosen by scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCacheLike | None = None,
+        layer_index: int = 0,
+        causal: bool = True,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 heads: under tensor parallel each rank holds a slice of the heads.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if kv_cache is not None:
+            k, v, mask = kv_cache.update(layer_index, k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal and mask is None and seq > 1,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn, bias=False)  # gate
+        self.w3 = nn.Linear(hidden, ffn, bias=False)  # up
+        self.w2 = nn.Linear(ffn, hidden, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.hidden, cfg.ffn)
+
+    def forward(self, x, cos, sin, kv_cache=None, layer_index: int = 0, causal: bool = True):
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, layer_index, causal)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Decoder(nn.Module):
+    """Decoder-only language model: ``model(tokens)`` -> logits ``[batch, seq, vocab]``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.tied_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        inv_freq, self.attention_factor = scaled_inv_freq(
+            cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling
+        )
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * layers).
+
+        Also recomputes the rope buffer, so a model built on the meta device can be materialized with
+        ``to_empty`` and then initialized.
+        """
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.layers)
+        with torch.no_grad():
+            inv_freq, _ = scaled_inv_freq(
+                self.cfg.head_dim, self.cfg.rope_theta, self.cfg.trained_context, self.cfg.rope_scaling
+            )
+            self.inv_freq.copy_(inv_freq)
+            if self.tok_embeddings is not None:
+                nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=generator)
+            for block in self.layers.values():
+                for linear in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1, block.feed_forward.w3):
+                    nn.init.normal_(linear.weight, 0.0, std, generator=generator)
+                for linear in (block.attention.wo, block.feed_forward.w2):
+                    nn.init.normal_(linear.weight, 0.0, residual_std, generator=generator)
+                block.attention_norm.reset_parameters()
+                block.ffn_norm.reset_parameters()
+            if self.norm is not None:
+                self.norm.reset_parameters()
+            if self.output is not None and not self.cfg.tied_embeddings:
+                nn.init.normal_(self.output.weight, 0.0, std, generator=generator)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCacheLike | None = None,
+    ) -> torch.Tensor:
+        """``tokens``: LongTensor ``[batch, seq]`` (or hidden states for a pipeline stage without
+        embeddings). ``positions``: ``[batch or 1, seq]``, default ``0..seq-1``; required with a cache
+        that already holds tokens."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        seq = h.shape[1]
+        if positions is None:
+            positions = torch.arange(seq, device=h.device).unsqueeze(0)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor)
+        for name, block in self.layers.items():
+            h = block(h, cos, sin, kv_cache, int(name))
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
