@@ -33,6 +33,14 @@ def create(preset: str, out: Path = typer.Option(..., "--out", help="checkpoint 
     console.print(f"wrote {out}")
 
 
+@app.command()
+def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="folder for everything the demo writes")) -> None:
+    """Run the whole pipeline end to end on embedded defaults (CPU, minutes)."""
+    from sapwood.demo import run_demo
+
+    run_demo(out)
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: every figure is ours against a baseline measured in the same run."""

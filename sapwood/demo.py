@@ -1,0 +1,20 @@
+"""`sapwood demo` / `make demo`: the whole pipeline on embedded defaults, on a CPU, in minutes.
+
+Each stage is one function owned by the module it shows; this file only orders them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+
+
+def run_demo(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stages = []  # (title, callable(out_dir)) in pipeline order; each area adds its stage here
+    for title, stage in stages:
+        console.rule(title)
+        stage(out)
