@@ -105,6 +105,47 @@ class ParallelConfig(Section):
         return self.dp_replicate * self.dp_shard
 
 
+class PhysicsLossConfig(Section):
+    """Weights of the physics residuals (sapwood.physics) in a surrogate's training loss, and whether
+    predictions are projected onto exact mass conservation (the mass fixer)."""
+
+    mass: float = Field(1.0, ge=0)
+    energy: float = Field(0.1, ge=0)
+    momentum: float = Field(0.1, ge=0)
+    thermo: float = Field(0.1, ge=0)
+    project_mass: bool = Field(True, description="apply the exact mass fixer to every prediction")
+
+
+class CubeModelConfig(Section):
+    """A datacube surrogate: ``model`` gives the transformer blocks, this section the cube around them.
+
+    A state is ``[batch, channels, lat, lon]``: every level of each 3-D variable, then each 2-D variable.
+    Planet parameters become one conditioning token each.
+    """
+
+    variables_3d: list[str] = ["T", "u", "v", "q"]
+    variables_2d: list[str] = ["ps"]
+    units: dict[str, str] = Field(default_factory=dict, description="variable -> unit string, for validation")
+    levels: int = Field(ge=1)
+    lat: int = Field(ge=1)
+    lon: int = Field(ge=1)
+    patch: int = Field(2, ge=1, description="patch side in grid points (lat and lon divisible by it)")
+    planet_params: list[str] = Field(default_factory=list, description="names of the conditioning parameters")
+    physics: PhysicsLossConfig = PhysicsLossConfig()
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> CubeModelConfig:
+        for axis in ("lat", "lon"):
+            size = getattr(self, axis)
+            if size % self.patch:
+                raise ValueError(f"{axis}={size} is not divisible by patch={self.patch}; choose a patch dividing it")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return len(self.variables_3d) * self.levels + len(self.variables_2d)
+
+
 class Config(Section):
     """The root config. Other sections (train, data, growth, serve, ...) are added by their owners."""
 
@@ -112,6 +153,7 @@ class Config(Section):
     description: str = ""
     model: ModelConfig
     parallel: ParallelConfig = ParallelConfig()
+    cube: CubeModelConfig | None = None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False))

@@ -117,6 +117,10 @@ def save_folder(
 def build_model(config: Config, device: str | torch.device = "cpu") -> torch.nn.Module:
     """An initialized model for ``config`` (the model kind is chosen here, in one place)."""
     with torch.device(device):
+        if getattr(config, "cube", None) is not None:  # a datacube surrogate
+            from sapwood.model.cube import CubeSurrogate
+
+            return CubeSurrogate(config.model, config.cube)
         return Decoder(config.model)
 
 

@@ -1,0 +1,138 @@
+"""The datacube surrogate: patch embedding -> the language model's transformer blocks (non-causal) ->
+un-patching to the next state.
+
+A state is ``[batch, channels, lat, lon]`` in physical units (every level of each 3-D variable, then
+each 2-D variable; see :class:`sapwood.config.CubeModelConfig`). The model normalizes internally with
+per-channel statistics kept as buffers (saved in the checkpoint), so callers and the server speak
+physical units. It predicts the tendency ``next - state`` scaled by the per-channel tendency std.
+
+Tokens: one per ``patch x patch`` tile of the grid (all channels of the tile in one vector) plus one
+conditioning token per planet parameter (``value * weight_p + bias_p``). Position is a learned
+embedding per tile; rotary embedding is the identity here (cos = 1, sin = 0), so the blocks are exactly
+:class:`sapwood.model.transformer.Block` with ``causal=False``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sapwood.config import CubeModelConfig, ModelConfig
+from sapwood.model.transformer import Block, RMSNorm
+
+
+class CubeSurrogate(nn.Module):
+    """``model(state, planet_params)`` -> next state, both ``[batch, channels, lat, lon]``."""
+
+    def __init__(self, cfg: ModelConfig, cube: CubeModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cube = cube
+        channels, patch = cube.channels, cube.patch
+        self.grid_tokens = (cube.lat // patch) * (cube.lon // patch)
+        self.cond_tokens = len(cube.planet_params)
+        self.patch_embed = nn.Linear(channels * patch * patch, cfg.hidden)
+        self.pos_embed = nn.Parameter(torch.empty(self.grid_tokens, cfg.hidden))
+        self.param_weight = nn.Parameter(torch.empty(max(self.cond_tokens, 1), cfg.hidden))
+        self.param_bias = nn.Parameter(torch.empty(max(self.cond_tokens, 1), cfg.hidden))
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.layers)})
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.head = nn.Linear(cfg.hidden, channels * patch * patch)
+        # Normalization (physical units <-> network units); set from the data store's statistics.
+        self.register_buffer("state_mean", torch.zeros(channels))
+        self.register_buffer("state_std", torch.ones(channels))
+        self.register_buffer("tendency_std", torch.ones(channels))
+        self.register_buffer("param_mean", torch.zeros(max(self.cond_tokens, 1)))
+        self.register_buffer("param_std", torch.ones(max(self.cond_tokens, 1)))
+        seq = self.grid_tokens + self.cond_tokens
+        self.register_buffer("rope_cos", torch.ones(1, seq, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.zeros(1, seq, cfg.head_dim), persistent=False)
+        if self.pos_embed.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) weights, residual projections and the head scaled down; buffers reset
+        (so a meta-built model can be materialized with ``to_empty`` and then initialized)."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.layers)
+        with torch.no_grad():
+            self.rope_cos.fill_(1.0)
+            self.rope_sin.zero_()
+            self.state_mean.zero_()
+            self.state_std.fill_(1.0)
+            self.tendency_std.fill_(1.0)
+            self.param_mean.zero_()
+            self.param_std.fill_(1.0)
+            nn.init.normal_(self.patch_embed.weight, 0.0, std, generator=generator)
+            nn.init.zeros_(self.patch_embed.bias)
+            nn.init.normal_(self.pos_embed, 0.0, std, generator=generator)
+            nn.init.normal_(self.param_weight, 0.0, std, generator=generator)
+            nn.init.normal_(self.param_bias, 0.0, std, generator=generator)
+            for block in self.layers.values():
+                for linear in (block.attention.wq, block.attention.wk, block.attention.wv,
+                               block.feed_forward.w1, block.feed_forward.w3):
+                    nn.init.normal_(linear.weight, 0.0, std, generator=generator)
+                for linear in (block.attention.wo, block.feed_forward.w2):
+                    nn.init.normal_(linear.weight, 0.0, residual_std, generator=generator)
+                block.attention_norm.reset_parameters()
+                block.ffn_norm.reset_parameters()
+            self.norm.reset_parameters()
+            nn.init.normal_(self.head.weight, 0.0, residual_std, generator=generator)
+            nn.init.zeros_(self.head.bias)
+
+    @torch.no_grad()
+    def set_normalization(self, state_mean: torch.Tensor, state_std: torch.Tensor, tendency_std: torch.Tensor,
+                          param_mean: torch.Tensor | None = None, param_std: torch.Tensor | None = None) -> None:
+        """Per-channel statistics of states and of one-step tendencies (and of planet parameters)."""
+        self.state_mean.copy_(state_mean)
+        self.state_std.copy_(state_std.clamp_min(1e-12))
+        self.tendency_std.copy_(tendency_std.clamp_min(1e-12))
+        if param_mean is not None and self.cond_tokens:
+            self.param_mean.copy_(param_mean)
+            self.param_std.copy_(param_std.clamp_min(1e-12))
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, channels, lat, lon]`` -> ``[batch, tiles, channels * patch * patch]``."""
+        batch, channels, lat, lon = x.shape
+        p = self.cube.patch
+        x = x.reshape(batch, channels, lat // p, p, lon // p, p)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(batch, (lat // p) * (lon // p), channels * p * p)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`patchify`."""
+        batch = tokens.shape[0]
+        p, channels = self.cube.patch, self.cube.channels
+        rows, cols = self.cube.lat // p, self.cube.lon // p
+        x = tokens.reshape(batch, rows, cols, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(batch, channels, rows * p, cols * p)
+
+    def forward(self, state: torch.Tensor, planet_params: torch.Tensor | None = None) -> torch.Tensor:
+        """The next state in physical units (same shape and dtype as ``state``)."""
+        dtype = self.patch_embed.weight.dtype
+        mean = self.state_mean[:, None, None]
+        normed = ((state.float() - mean) / self.state_std[:, None, None]).to(dtype)
+        h = self.patch_embed(self.patchify(normed)) + self.pos_embed
+        if self.cond_tokens:
+            if planet_params is None:
+                raise ValueError(f"this surrogate needs planet parameters {self.cube.planet_params}")
+            params = ((planet_params.float() - self.param_mean) / self.param_std).to(dtype)
+            cond = params.unsqueeze(-1) * self.param_weight + self.param_bias
+            h = torch.cat((cond, h), dim=1)
+        seq = h.shape[1]
+        cos, sin = self.rope_cos[:, :seq], self.rope_sin[:, :seq]
+        for name, block in self.layers.items():
+            h = block(h, cos, sin, None, int(name), causal=False)
+        h = self.norm(h[:, self.cond_tokens:])
+        tendency = self.unpatchify(self.head(h)).float() * self.tendency_std[:, None, None]
+        return (state.float() + tendency).to(state.dtype)
+
+    @torch.no_grad()
+    def rollout(self, state: torch.Tensor, planet_params: torch.Tensor | None, steps: int) -> torch.Tensor:
+        """Autoregressive prediction: ``[batch, steps, channels, lat, lon]`` (states 1..steps)."""
+        out = []
+        for _ in range(steps):
+            state = self(state, planet_params)
+            out.append(state)
+        return torch.stack(out, dim=1)
