@@ -146,6 +146,57 @@ class CubeModelConfig(Section):
         return len(self.variables_3d) * self.levels + len(self.variables_2d)
 
 
+class TextDataConfig(Section):
+    """Token shards written by ``sapwood tokenize`` (``path`` holds ``meta.json``, ``tokenizer.json`` and
+    ``train_*.bin`` / ``val_*.bin``)."""
+
+    kind: Literal["text"] = "text"
+    path: str = Field(description="folder written by `sapwood tokenize`")
+    seq_len: int | None = Field(None, ge=2, description="tokens per training window; defaults to model.trained_context")
+
+
+class TrainConfig(Section):
+    """One training run. ``batch_size`` sequences per optimizer step (all data-parallel ranks together),
+    split into micro-batches of ``micro_batch_size`` per rank; the rest is gradient accumulation."""
+
+    task: str = Field("text", description="registered task name (sapwood.train.task) or 'module:Class'")
+    out_dir: str = Field("runs/train", description="checkpoints, metrics.jsonl, loss.png and final/ go here")
+    steps: int = Field(ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="sequences per optimizer step, all ranks together")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward on one rank")
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0, description="cosine floor")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null disables clipping")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: Literal["none", "every_layer", "every_k"] = "none"
+    checkpoint_every_k: int = Field(2, ge=1, description="with activation_checkpointing=every_k")
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    save_every: int = Field(100, ge=1, description="steps between training checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest K training checkpoints kept")
+    max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/inf steps before the run stops")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by micro_batch_size={self.micro_batch_size}; "
+                "batch_size must be a multiple of it"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}; must be <= lr")
+        return self
+
+
 class Config(Section):
     """The root config. Other sections (train, data, growth, serve, ...) are added by their owners."""
 
@@ -153,6 +204,8 @@ class Config(Section):
     description: str = ""
     model: ModelConfig
     parallel: ParallelConfig = ParallelConfig()
+    train: TrainConfig | None = None
+    data: TextDataConfig | None = None
     cube: CubeModelConfig | None = None
 
     def save(self, path: str | Path) -> None:
