@@ -41,6 +41,22 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="folder for ev
     run_demo(out)
 
 
+@app.command("import-hf")
+def import_hf_command(hf_dir: Path, out: Path = typer.Option(..., "--out", help="sapwood checkpoint folder to write")) -> None:
+    """Convert a Hugging Face Llama-family folder (config.json, *.safetensors, tokenizer.json)."""
+    from sapwood.model.hf import import_hf
+
+    console.print(f"wrote {import_hf(hf_dir, out)}")
+
+
+@app.command("export-hf")
+def export_hf_command(folder: Path, out: Path = typer.Option(..., "--out", help="Hugging Face folder to write")) -> None:
+    """Write a sapwood checkpoint folder as one transformers loads with LlamaForCausalLM."""
+    from sapwood.model.hf import export_hf
+
+    console.print(f"wrote {export_hf(folder, out)}")
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 
