@@ -197,6 +197,67 @@ class TrainConfig(Section):
         return self
 
 
+class GrowthAmounts(Section):
+    """What one growth event adds to the model (each 0 = leave that dimension alone)."""
+
+    layers: int = Field(0, ge=0, description="blocks to insert")
+    layer_position: Literal["end", "middle", "evenly"] = "evenly"
+    depth_init: Literal["identity", "stack"] = Field("identity", description="new blocks: random inputs or copies")
+    ffn: int = Field(0, ge=0, description="SwiGLU units to add per block")
+    hidden: int = Field(0, ge=0, description="residual dimensions to add")
+    heads: int = Field(0, ge=0, description="query heads to add")
+    kv_heads: int = Field(0, ge=0, description="kv heads to add")
+
+
+class PlateauTrigger(Section):
+    """Grow when the mean loss of the last ``window`` steps improved on the ``window`` before it by less
+    than ``min_rel_improvement`` (relative)."""
+
+    window: int = Field(ge=1)
+    min_rel_improvement: float = Field(0.01, ge=0)
+
+
+class GradNormTrigger(Section):
+    """Grow when the mean gradient norm of the last ``window`` steps is below ``below``."""
+
+    window: int = Field(10, ge=1)
+    below: float = Field(gt=0)
+
+
+class SpikeGuard(Section):
+    """Block growth while the loss is above ``factor`` x the median of the previous ``window`` steps."""
+
+    window: int = Field(20, ge=1)
+    factor: float = Field(1.5, gt=1)
+
+
+class GrowthCaps(Section):
+    """Limits growth never passes (a memory budget is checked with sapwood.sizing)."""
+
+    max_layers: int | None = Field(None, ge=1)
+    max_hidden: int | None = Field(None, ge=1)
+    max_ffn: int | None = Field(None, ge=1)
+    max_heads: int | None = Field(None, ge=1)
+    max_params: int | None = Field(None, ge=1)
+    memory_budget_gb: float | None = Field(None, gt=0, description="training memory per device, from sapwood size")
+
+
+class GrowthConfig(Section):
+    """Growth during training (sapwood.grow): when to grow, by how much, and the limits."""
+
+    at_steps: list[int] = Field(default_factory=list, description="grow after these optimizer steps")
+    at_tokens: list[int] = Field(default_factory=list, description="grow once this many tokens were trained")
+    plateau: PlateauTrigger | None = None
+    grad_norm: GradNormTrigger | None = None
+    spike_guard: SpikeGuard | None = None
+    cooldown_steps: int = Field(0, ge=0, description="steps after an event during which no other fires")
+    min_step: int = Field(0, ge=0, description="no event before this step")
+    max_events: int = Field(1, ge=0)
+    add: GrowthAmounts = GrowthAmounts()
+    caps: GrowthCaps = GrowthCaps()
+    log_file: str = Field("growth.jsonl", description="JSONL of growth events, in the training out_dir")
+
+
 class Config(Section):
     """The root config. Other sections (train, data, growth, serve, ...) are added by their owners."""
 
@@ -207,6 +268,7 @@ class Config(Section):
     train: TrainConfig | None = None
     data: TextDataConfig | None = None
     cube: CubeModelConfig | None = None
+    growth: GrowthConfig | None = None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False))
