@@ -136,3 +136,53 @@ class CubeSurrogate(nn.Module):
             state = self(state, planet_params)
             out.append(state)
         return torch.stack(out, dim=1)
+
+
+class CubePredictor:
+    """The low-latency batch-of-one path: preallocated input buffers, inference mode, and on a GPU an
+    optional ``torch.compile`` and a captured CUDA graph (replayed for every call).
+
+    ``predictor(state, planet_params)`` copies the inputs into the static buffers and returns the
+    output buffer (valid until the next call; clone it to keep it).
+    """
+
+    def __init__(self, model: CubeSurrogate, batch: int = 1, compile: bool = False, cuda_graph: bool | None = None):
+        self.model = model.eval()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        cube = model.cube
+        self.state = torch.zeros(batch, cube.channels, cube.lat, cube.lon, device=self.device)
+        self.params = torch.zeros(batch, max(len(cube.planet_params), 1), device=self.device)
+        self.forward = torch.compile(model, mode="max-autotune-no-cudagraphs") if compile else model
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: torch.Tensor | None = None
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph:
+            self._capture()
+
+    def _run(self) -> torch.Tensor:
+        params = self.params if self.model.cond_tokens else None
+        return self.forward(self.state, params)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = self._run()
+
+    @torch.inference_mode()
+    def __call__(self, state: torch.Tensor, planet_params: torch.Tensor | None = None) -> torch.Tensor:
+        self.state.copy_(state, non_blocking=True)
+        if planet_params is not None and self.model.cond_tokens:
+            self.params.copy_(planet_params, non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.output
+        return self._run()
