@@ -57,6 +57,27 @@ def export_hf_command(folder: Path, out: Path = typer.Option(..., "--out", help=
     console.print(f"wrote {export_hf(folder, out)}")
 
 
+@app.command()
+def simulate(
+    out: Path = typer.Option(..., "--out", help="folder for the NetCDF files (run_NNNN.nc)"),
+    runs: int = typer.Option(4, help="ensemble members (planets)"),
+    times: int = typer.Option(24, help="output times per run"),
+    levels: int = typer.Option(8, help="sigma layers"),
+    nlat: int = typer.Option(32, help="latitudes"),
+    nlon: int = typer.Option(64, help="longitudes"),
+    dt_hours: float = typer.Option(6.0, help="hours between outputs"),
+    seed: int = typer.Option(0, help="seed of the planet draw"),
+    dtype: str = typer.Option("float32", help="float32 or float64"),
+) -> None:
+    """Simulate an ensemble of planets and write CF NetCDF datacubes (see sapwood.data.simulate)."""
+    from sapwood.data.simulate import Grid, simulate_ensemble
+
+    grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, dt_hours=dt_hours)
+    paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype)
+    size = sum(p.stat().st_size for p in paths)
+    console.print(f"wrote {len(paths)} runs, {size / 1e6:.1f} MB, to {out}")
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 

@@ -1,0 +1,1 @@
+"""Data: text shards, scientific datacubes (simulate, prepare, load, augment)."""
