@@ -1,0 +1,182 @@
+"""Process-group start-up and the device mesh of a :class:`~sapwood.config.ParallelConfig`.
+
+``torchrun`` (single node, or ``--nnodes`` with c10d rendezvous) sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; :func:`init_distributed` reads them and starts one process group, NCCL when CUDA is
+there and gloo otherwise. :func:`build_parallel_dims` checks the config's degrees against the world
+size and builds the 4-D mesh ``(pp, dp_replicate, dp_shard, tp)`` with a flattened ``dp`` dimension
+(data loading and loss averaging) and a flattened ``dp_shard_tp`` dimension (no sharding crosses it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from sapwood.config import ParallelConfig
+from sapwood.errors import ConfigError
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process stands: its rank, the world size, its local rank and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as set by torchrun (1 when not launched by it)."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={raw!r} is not an integer; launch with torchrun or unset it") from None
+
+
+def default_backend() -> str:
+    """NCCL on a CUDA machine, gloo on a CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistributedEnv:
+    """Start the default process group from torchrun's environment (no-op for one process).
+
+    ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``. Each process takes the GPU
+    ``LOCAL_RANK``. Calling it again returns the same answer.
+    """
+    world_size = env_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return DistributedEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group if this process started one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_world_size(parallel: ParallelConfig, world_size: int) -> None:
+    """Raise a one-line :class:`ConfigError` unless the degrees multiply to ``world_size``."""
+    if parallel.world_size == world_size:
+        return
+    dp = f"dp={parallel.dp}"
+    if parallel.dp_replicate > 1:
+        dp += f" (dp_replicate={parallel.dp_replicate} × dp_shard={parallel.dp_shard})"
+    raise ConfigError(
+        f"tp={parallel.tp} × pp={parallel.pp} × {dp} = {parallel.world_size} but WORLD_SIZE={world_size}; "
+        "the parallel degrees must multiply to the number of processes"
+    )
+
+
+@dataclass
+class ParallelDims:
+    """The degrees of a run and, when distributed, its device mesh (``None`` for one process)."""
+
+    parallel: ParallelConfig
+    world_size: int
+    mesh: DeviceMesh | None = field(default=None, repr=False)
+    flattened: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+
+    @property
+    def dp_replicate(self) -> int:
+        return self.parallel.dp_replicate
+
+    @property
+    def dp_shard(self) -> int:
+        return self.parallel.dp_shard
+
+    @property
+    def tp(self) -> int:
+        return self.parallel.tp
+
+    @property
+    def pp(self) -> int:
+        return self.parallel.pp
+
+    @property
+    def dp(self) -> int:
+        return self.parallel.dp
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """FSDP2 wraps the model whenever there is data parallelism (HSDP when both dp degrees > 1)."""
+        return self.dp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    def submesh(self, name: str) -> DeviceMesh:
+        """The 1-D mesh of ``name`` (one of MESH_DIMS, ``dp`` or ``dp_shard_tp``)."""
+        if self.mesh is None:
+            raise RuntimeError("no device mesh: this is a single-process run")
+        return self.flattened[name] if name in self.flattened else self.mesh[name]
+
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP2 shards over: 2-D ``(dp_replicate, dp_shard)`` for HSDP, else ``dp_shard``."""
+        if self.mesh is None:
+            raise RuntimeError("no device mesh: this is a single-process run")
+        if self.dp_replicate > 1:  # HSDP: replicate across dim 0, shard across dim 1 (size 1 = pure DDP)
+            return self.mesh["dp_replicate", "dp_shard"]
+        return self.mesh["dp_shard"]
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (which slice of the batch it reads)."""
+        return 0 if self.mesh is None else self.submesh("dp").get_local_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return 0 if self.mesh is None else self.submesh("pp").get_local_rank()
+
+
+def build_parallel_dims(parallel: ParallelConfig, world_size: int | None = None, device_type: str = "cpu") -> ParallelDims:
+    """Validate ``parallel`` against the world size and build the device mesh.
+
+    One process with all degrees 1 needs no process group and gets no mesh. Otherwise the default
+    process group must be started (:func:`init_distributed`).
+    """
+    world_size = env_world_size() if world_size is None else world_size
+    check_world_size(parallel, world_size)
+    if world_size == 1:
+        return ParallelDims(parallel=parallel, world_size=1)
+    if not dist.is_initialized():
+        raise ConfigError(f"WORLD_SIZE={world_size} but no process group; launch with torchrun --nproc-per-node N")
+    degrees = (parallel.pp, parallel.dp_replicate, parallel.dp_shard, parallel.tp)
+    mesh = init_device_mesh(device_type, degrees, mesh_dim_names=MESH_DIMS)
+    flattened = {
+        "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
+        "dp_shard_tp": mesh["dp_shard", "tp"]._flatten("dp_shard_tp"),
+    }
+    return ParallelDims(parallel=parallel, world_size=world_size, mesh=mesh, flattened=flattened)
