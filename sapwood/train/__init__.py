@@ -1,0 +1,1 @@
+"""Training: the loop, tasks, precision, activation checkpointing, checkpoints with exact resume."""

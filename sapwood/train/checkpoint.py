@@ -1,0 +1,198 @@
+"""Training checkpoints: torch.distributed.checkpoint for model + optimizer, atomic, exact resume.
+
+A checkpoint is a folder ``OUT/checkpoints/step_00000100``::
+
+    .metadata, __0_0.distcp ...   model and optimizer (torch.distributed.checkpoint; sharded under FSDP2)
+    trainer_rank00000.pt          scheduler, grad scaler, RNG (python, numpy, torch, cuda), data-loader
+                                  position, step, callback states (per rank: RNG and data are per rank)
+    config.yaml                   the config at that step: the *current* model shape (after growth)
+    manifest.json                 written last: step and the size of every file
+
+Writes go to ``.tmp-step_...`` and are renamed into place after every rank has finished; then the
+``latest`` pointer is replaced atomically and all but the newest ``keep`` checkpoints are removed.
+On resume, a checkpoint without a manifest, or whose files do not match it (a truncated file), is
+skipped with a warning and the next older one is tried. Model and optimizer state go through
+``get_state_dict`` / ``set_state_dict``, which work the same for plain, FSDP2 and DTensor models and
+in a single process without ``init_process_group``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from sapwood.config import Config, load_config
+
+MANIFEST = "manifest.json"
+# dcp warns on every call that it assumes a single process when no process group exists; that is intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+LATEST = "latest"
+PREFIX = "step_"
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    """All random states of this process, as plain Python and tensors (loadable with weights_only)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].tolist(), "pos": numpy_state["state"]["pos"]}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {"key": np.array(numpy_state["state"]["key"], dtype=np.uint32), "pos": numpy_state["state"]["pos"]}
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    config: Config,
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically (collective: every rank calls it)."""
+    root = Path(root)
+    rank, world = rank_and_world()
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    torch.save(trainer_state, tmp / f"trainer_rank{rank:05d}.pt")
+    barrier()
+    if rank == 0:
+        config.save(tmp / "config.yaml")
+        _fsync_tree(tmp)
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {"step": step, "world_size": world, "files": sizes}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / LATEST)
+        for old in list_checkpoints(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint folders under ``root``, newest step first (complete or not)."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, or None when its files match the manifest."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        return "no manifest (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        return f"unreadable manifest ({exc})"
+    for name, size in manifest["files"].items():
+        path = folder / name
+        if not path.exists():
+            return f"missing file {name}"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {size} (truncated or corrupt)"
+    return None
+
+
+def resume_candidates(root: str | Path) -> list[Path]:
+    """Complete checkpoints, newest first (``latest`` first when it is complete); warns for skipped ones."""
+    root = Path(root)
+    ordered = list_checkpoints(root)
+    pointer = root / LATEST
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if named in ordered:
+            ordered.remove(named)
+            ordered.insert(0, named)
+    good = []
+    for folder in ordered:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            good.append(folder)
+        else:
+            warnings.warn(f"skipping checkpoint {folder}: {problem}", stacklevel=2)
+    return good
+
+
+def checkpoint_config(folder: Path) -> Config:
+    return load_config(folder / "config.yaml")
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer in place; return this rank's trainer state (the caller applies it)."""
+    rank, _ = rank_and_world()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    trainer_file = folder / f"trainer_rank{rank:05d}.pt"
+    if not trainer_file.exists():
+        trainer_file = folder / "trainer_rank00000.pt"
+    return torch.load(trainer_file, weights_only=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state on CPU; under FSDP2 every rank gets it (rank 0 writes it)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

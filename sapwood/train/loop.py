@@ -1,0 +1,415 @@
+"""The training loop: one :class:`Trainer` for every task (language model, datacube surrogate).
+
+Per optimizer step: ``batch_size / (micro_batch_size * dp)`` micro-batches are run forward under
+autocast and backward (loss divided by the accumulation count, scaled for fp16); a NaN/inf loss
+skips the step; gradients are unscaled and clipped; AdamW (fused where available) steps; the
+warm-up + cosine scheduler steps; callbacks run; metrics are logged; every ``eval_every`` steps the
+task evaluates; every ``save_every`` steps a checkpoint is written (:mod:`sapwood.train.checkpoint`).
+
+The model is built in one place, :func:`build_model`: on the meta device, then
+:func:`apply_parallelism` (the single hook where ``sapwood.train.parallel`` applies tensor
+parallel, activation checkpointing, compile and FSDP2 from ``config.parallel``), then materialized
+with ``to_empty`` and initialized. What the trainer exposes to callbacks: ``model``, ``optimizer``,
+``scheduler``, ``scaler``, ``config`` (current; ``config.model`` is the current shape), ``step``,
+``log_event(event, **fields)``, ``model_changed()``, ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sapwood.config import Config
+from sapwood.errors import ConfigError, SapwoodError
+from sapwood.model import save_folder
+from sapwood.train import checkpoint as ckpt
+from sapwood.train.activation import apply_activation_checkpointing
+from sapwood.train.callbacks import Callback, callbacks_from_config
+from sapwood.train.metrics import EventLog, plot_loss
+from sapwood.train.precision import Precision
+from sapwood.train.schedule import warmup_cosine
+from sapwood.train.task import Task, build_task
+
+
+class DivergenceError(SapwoodError):
+    """The loss was NaN/inf for ``max_bad_steps`` consecutive steps."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def retie_embeddings(model: nn.Module) -> None:
+    """``to_empty`` unties shared parameters; tie the head to the embedding again when configured."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "tied_embeddings", False) and getattr(model, "output", None) is not None:
+        model.output.weight = model.tok_embeddings.weight
+
+
+def apply_parallelism(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
+    """THE parallelism hook, applied on the meta-device model before it is materialized.
+
+    Order (as torchtitan): tensor parallel, activation checkpointing, compile, FSDP2. Single
+    process: activation checkpointing and compile only. ``sapwood.train.parallel`` replaces this
+    body for multi-rank plans from ``config.parallel``.
+    """
+    train = config.train
+    apply_activation_checkpointing(model, train.activation_checkpointing, train.checkpoint_every_k)
+    if train.compile:
+        model.compile()
+    return model
+
+
+def build_model(task: Task, config: Config, device: torch.device) -> nn.Module:
+    """Meta device -> parallelism -> materialize on ``device`` -> ``init_weights`` (seeded by the caller)."""
+    with torch.device("meta"):
+        model = task.build_model(config)
+    model = apply_parallelism(model, config, device)
+    model.to_empty(device=device)
+    retie_embeddings(model)
+    with torch.no_grad():
+        model.init_weights()
+    return model
+
+
+def build_optimizer(model: nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms/biases); fused on CPU and CUDA."""
+    train = config.train
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs = {"lr": train.lr, "betas": (train.beta1, train.beta2)}
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class Trainer:
+    """Trains ``config.model`` on ``config.train.task`` with ``config.train`` settings.
+
+    ``resume=True`` continues from the newest complete checkpoint in ``OUT/checkpoints`` (its
+    config's model shape wins over the YAML's); without one it starts fresh with a warning.
+    """
+
+    def __init__(self, config: Config, callbacks: Sequence[Callback] = (), resume: bool = False):
+        if config.train is None:
+            raise ConfigError("config has no train section; add train: {steps: N, ...}")
+        self.config = config.model_copy(deep=True)
+        self.callbacks = list(callbacks)
+        self.device = resolve_device(self.config.train.device)
+        self.rank, self.world_size = ckpt.rank_and_world()
+        self.out_dir = Path(self.config.train.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.events = EventLog(self.out_dir / "metrics.jsonl", enabled=self.rank == 0)
+        dp = self.config.parallel.dp if self.world_size > 1 else 1
+        per_step = self.config.train.micro_batch_size * dp
+        if self.config.train.batch_size % per_step:
+            raise ConfigError(
+                f"train.batch_size={self.config.train.batch_size} is not divisible by micro_batch_size x dp = {per_step}"
+            )
+        self.accumulation = self.config.train.batch_size // per_step
+        self.precision = Precision(self.config.train.precision, self.device.type)
+        if self.precision.name == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.precision='bf16' is not supported on this GPU; use fp16 or fp32")
+        self.task = build_task(self.config)
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.overflow_steps = 0
+        self.last_checkpoint: Path | None = None
+        self._build(self.config)
+        if resume:
+            self._resume()
+        elif ckpt.list_checkpoints(self.checkpoint_dir):
+            raise SapwoodError(
+                f"{self.checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue it "
+                "or choose another train.out_dir"
+            )
+        elif self.rank == 0 and self.events.path.exists():
+            self.events.path.unlink()  # metrics of an earlier run that never checkpointed
+
+    # --- state -------------------------------------------------------------------------------
+
+    def _build(self, config: Config) -> None:
+        """(Re)build model, optimizer, scheduler, scaler and data for ``config`` at step 0."""
+        self.config = config
+        seed_everything(config.train.seed)
+        self.model = build_model(self.task, config, self.device)
+        self.optimizer = build_optimizer(self.model, config, self.device)
+        t = config.train
+        self.scheduler = warmup_cosine(self.optimizer, t.lr, t.min_lr, t.warmup_steps, t.steps)
+        self.scaler = self.precision.grad_scaler()
+        self.batches = self.task.train_batches(t.micro_batch_size, self.rank, self.world_size)
+
+    def model_changed(self) -> None:
+        """Call after replacing blocks/parameters: re-applies activation checkpointing to new blocks."""
+        t = self.config.train
+        apply_activation_checkpointing(self.model, t.activation_checkpointing, t.checkpoint_every_k)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "data": self.batches.state_dict(),
+            "counters": {"skipped_steps": self.skipped_steps, "overflow_steps": self.overflow_steps},
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+        }
+
+    def save(self) -> Path:
+        """Write a training checkpoint for the current step (collective)."""
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.checkpoint_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+            self.config, self.config.train.keep_checkpoints,
+        )
+        self.log_event("checkpoint", path=str(self.last_checkpoint))
+        return self.last_checkpoint
+
+    def _resume(self) -> None:
+        candidates = ckpt.resume_candidates(self.checkpoint_dir)
+        if not candidates:
+            warnings.warn(f"--resume: no complete checkpoint in {self.checkpoint_dir}; starting from step 0", stacklevel=2)
+            return
+        for folder in candidates:
+            try:
+                saved = ckpt.checkpoint_config(folder)
+                config = self.config.model_copy(update={"model": saved.model})
+                for name in type(saved).model_fields:  # sections owned by callbacks (e.g. growth)
+                    if name not in ("model", "train", "data", "parallel") and getattr(saved, name) is not None:
+                        config = config.model_copy(update={name: getattr(saved, name)})
+                if config.model != self.config.model:
+                    self._build(config)
+                self.config = config
+                state = ckpt.load_checkpoint(folder, self.model, self.optimizer)
+            except Exception as exc:  # corrupt in a way the manifest did not catch
+                warnings.warn(f"skipping checkpoint {folder}: {type(exc).__name__}: {exc}", stacklevel=2)
+                self._build(self.config)
+                continue
+            self._apply_trainer_state(state)
+            self.last_checkpoint = folder
+            self.log_event("resume", path=str(folder))
+            return
+        warnings.warn("--resume: every checkpoint was unusable; starting from step 0", stacklevel=2)
+
+    def _apply_trainer_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["data"])
+        self.skipped_steps = state["counters"]["skipped_steps"]
+        self.overflow_steps = state["counters"]["overflow_steps"]
+        for cb in self.callbacks:
+            if cb.name in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][cb.name])
+        ckpt.set_rng_state(state["rng"])
+
+    def log_event(self, event: str, **fields: Any) -> dict[str, Any]:
+        return self.events.write(event, self.step, **fields)
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics (``skipped`` True when the loss was not finite)."""
+        t = self.config.train
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        units = 0
+        extra: dict[str, float] = {}
+        for _ in range(self.accumulation):
+            batch = _to_device(next(self.batches), self.device)
+            units += self.task.count_units(batch)
+            with self.precision.autocast():
+                loss, metrics = self.task.loss(self.model, batch)
+            self.scaler.scale(loss / self.accumulation).backward()
+            total += loss.detach().float() / self.accumulation
+            for key, value in metrics.items():
+                extra[key] = extra.get(key, 0.0) + float(value) / self.accumulation
+        loss_value = float(self._mean_across_ranks(total))
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            self.scheduler.step()
+            self.step += 1
+            return {"loss": loss_value, "skipped": True, "lr": lr, "units": units * self.world_size, **extra}
+        self.bad_steps = 0
+        self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        overflow = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        if overflow:
+            self.overflow_steps += 1
+        self.scheduler.step()
+        self.step += 1
+        out = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr, "units": units * self.world_size, **extra}
+        if self.scaler.is_enabled():
+            out.update(overflow=overflow, scale=self.scaler.get_scale())
+        return out
+
+    def _mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        return value
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), self.precision.autocast():
+            metrics = self.task.evaluate(self.model, self.config.train.micro_batch_size, self.config.train.eval_batches)
+        self.model.train()
+        return metrics
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``; evaluate, checkpoint, write ``final/`` and ``loss.png``.
+
+        Returns a summary: final step, last train loss, last eval metrics, counters, paths.
+        """
+        t = self.config.train
+        if self.step == 0:
+            self.log_event("start", config=self.config.model_dump(mode="json", exclude_none=True))
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        last_eval: dict[str, float] = {}
+        last_loss = float("nan")
+        progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0)
+        window_units, window_start = 0, time.perf_counter()
+        with progress:
+            while self.step < t.steps:
+                metrics = self.train_step()
+                window_units += metrics["units"]
+                elapsed = time.perf_counter() - window_start
+                metrics["units_per_s"] = window_units / elapsed if elapsed > 0 else 0.0
+                if metrics.get("skipped"):
+                    self.log_event("skip", loss=str(metrics["loss"]), bad_steps=self.bad_steps)
+                    if self.bad_steps >= t.max_bad_steps:
+                        where = self.last_checkpoint or "none written yet"
+                        self.log_event("diverged", bad_steps=self.bad_steps)
+                        raise DivergenceError(
+                            f"training diverged: loss was NaN/inf for {self.bad_steps} consecutive steps "
+                            f"(at step {self.step}); last good checkpoint: {where}; lower train.lr or use fp32/bf16"
+                        )
+                else:
+                    last_loss = metrics["loss"]
+                    if metrics.get("overflow"):
+                        self.log_event("overflow", scale=metrics["scale"], overflow_steps=self.overflow_steps)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, self.step, metrics)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self.log_event("train", **{k: v for k, v in metrics.items() if k not in ("skipped",)})
+                    window_units, window_start = 0, time.perf_counter()
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    last_eval = self.evaluate()
+                    self.log_event("eval", **last_eval)
+                if self.bad_steps == 0 and (self.step % t.save_every == 0 or self.step == t.steps):
+                    self.save()
+                progress.update(self.step, last_loss, metrics["units_per_s"], last_eval.get("val_loss"))
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        final = self.write_final()
+        plot = None
+        if self.rank == 0:
+            baseline = getattr(self.task, "unigram_baseline", lambda: None)()
+            plot = plot_loss(self.events.path, self.out_dir / "loss.png", baseline)
+        summary = {
+            "step": self.step, "loss": last_loss, **last_eval, "skipped_steps": self.skipped_steps,
+            "overflow_steps": self.overflow_steps, "final": str(final), "plot": str(plot) if plot else None,
+        }
+        self.log_event("done", **{k: v for k, v in summary.items() if k != "step"})
+        return summary
+
+    def write_final(self) -> Path:
+        """The final weights as a normal sapwood checkpoint folder ``OUT/final`` (rank 0 writes)."""
+        state = ckpt.full_model_state(self.model)
+        out = self.out_dir / "final"
+        if self.rank == 0:
+            with torch.device("meta"):
+                plain = self.task.build_model(self.config)
+            plain.to_empty(device="cpu")
+            retie_embeddings(plain)
+            plain.load_state_dict(state)
+            save_folder(plain, self.config, out, tokenizer_file=self.task.tokenizer_file())
+        ckpt.barrier()
+        return out
+
+
+class _Progress:
+    """A rich progress bar: step, loss, tokens (units) per second, ETA; silent when disabled."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            self.task_id = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def update(self, step: int, loss: float, units_per_s: float, val_loss: float | None) -> None:
+        if self.enabled:
+            info = f"loss {loss:.3f}  {units_per_s:,.0f} tok/s" + (f"  val {val_loss:.3f}" if val_loss is not None else "")
+            self.bar.update(self.task_id, completed=step, info=info)
+
+
+def train(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False) -> dict[str, Any]:
+    """Build a :class:`Trainer` with ``callbacks`` plus those the config's sections ask for
+    (:func:`sapwood.train.callbacks.callbacks_from_config`), run it to the end; return its summary."""
+    return Trainer(config, [*callbacks, *callbacks_from_config(config)], resume).fit()

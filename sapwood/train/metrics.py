@@ -1,0 +1,80 @@
+"""The JSONL event log of a run and the loss-curve plot drawn from it.
+
+Every line is one JSON object with ``event`` (``train``, ``eval``, ``skip``, ``overflow``,
+``checkpoint``, ``resume``, ``diverged``, ``done`` or any name a callback logs, e.g. ``growth``),
+``step`` and its fields. After a resume, steps that were redone appear again; readers keep the last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class EventLog:
+    """Appends events to ``path`` (only on rank 0 of a distributed run)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
+        record = {"event": event, "step": step, "time": round(time.time(), 3), **fields}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=_jsonable) + "\n")
+        return record
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def read_events(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if event is None or r["event"] == event]
+
+
+def last_per_step(records: list[dict[str, Any]], key: str) -> dict[int, float]:
+    """``{step: value}``, the last record for each step winning (redone steps after a resume)."""
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def plot_loss(metrics_path: str | Path, out_png: str | Path, baseline: float | None = None) -> Path:
+    """Training and validation loss against step; growth events as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_events(metrics_path)
+    train = last_per_step([r for r in records if r["event"] == "train"], "loss")
+    val = last_per_step([r for r in records if r["event"] == "eval"], "val_loss")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        steps = sorted(train)
+        ax.plot(steps, [train[s] for s in steps], label="train loss", lw=1)
+    if val:
+        steps = sorted(val)
+        ax.plot(steps, [val[s] for s in steps], "o-", label="validation loss")
+    if baseline is not None and math.isfinite(baseline):
+        ax.axhline(baseline, color="gray", ls="--", label=f"unigram entropy {baseline:.2f}")
+    for i, r in enumerate(r for r in records if r["event"] == "growth"):
+        ax.axvline(r["step"], color="green", ls=":", label="growth" if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
