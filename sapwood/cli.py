@@ -78,6 +78,40 @@ def simulate(
     console.print(f"wrote {len(paths)} runs, {size / 1e6:.1f} MB, to {out}")
 
 
+@app.command()
+def tokenize(
+    corpus: list[Path] = typer.Argument(None, help="text files or folders; default: the Python stdlib .py files"),
+    out: Path = typer.Option(..., "--out", help="folder for tokenizer.json, meta.json and token shards"),
+    vocab_size: int = typer.Option(4096, "--vocab-size", help="BPE vocabulary size (>= 257)"),
+    val_fraction: float = typer.Option(0.05, "--val-fraction", help="share of documents for validation"),
+    max_files: int = typer.Option(300, "--max-files", help="stdlib files used when no CORPUS is given (0 = all)"),
+) -> None:
+    """Train a byte-level BPE tokenizer and pack the corpus into memory-mapped token shards."""
+    from sapwood.data.text import collect_files, stdlib_corpus, tokenize_corpus
+
+    files = collect_files(corpus) if corpus else stdlib_corpus(max_files or None)
+    meta = tokenize_corpus(files, out, vocab_size=vocab_size, val_fraction=val_fraction)
+    console.print(
+        f"wrote {out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens "
+        f"({meta['train_documents']} docs), val {meta['val_tokens']:,} tokens ({meta['val_documents']} docs), "
+        f"val unigram entropy {meta['val_unigram_entropy']:.3f} nats/token"
+    )
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="training YAML (model or preset:, train:, data:)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
+) -> None:
+    """Train a model from a YAML config; checkpoints, metrics.jsonl, loss.png and final/ go to train.out_dir."""
+    from sapwood.config import load_config
+    from sapwood.train.loop import train as run_training
+
+    summary = run_training(load_config(config), resume=resume)
+    shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()}
+    console.print(" ".join(f"{k}={v}" for k, v in shown.items()))
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 
