@@ -116,22 +116,37 @@ class PhysicsLossConfig(Section):
     project_mass: bool = Field(True, description="apply the exact mass fixer to every prediction")
 
 
+class CubeNormalization(Section):
+    """Per-channel statistics (physical units) the surrogate normalizes with; filled from the cube store."""
+
+    state_mean: list[float]
+    state_std: list[float]
+    tendency_std: list[float]
+    param_mean: list[float] = Field(default_factory=list)
+    param_std: list[float] = Field(default_factory=list)
+
+
 class CubeModelConfig(Section):
     """A datacube surrogate: ``model`` gives the transformer blocks, this section the cube around them.
 
-    A state is ``[batch, channels, lat, lon]``: every level of each 3-D variable, then each 2-D variable.
+    A state is ``[batch, channels, lat, lon]``: the variables in ``variables`` order, each 3-D variable
+    one channel per level, each of ``surface_variables`` one channel (the cube store's layout).
     Planet parameters become one conditioning token each.
     """
 
-    variables_3d: list[str] = ["T", "u", "v", "q"]
-    variables_2d: list[str] = ["ps"]
+    variables: list[str] = ["T", "u", "v", "q", "ps", "rho", "zg"]
+    surface_variables: list[str] = ["ps"]
     units: dict[str, str] = Field(default_factory=dict, description="variable -> unit string, for validation")
     levels: int = Field(ge=1)
     lat: int = Field(ge=1)
     lon: int = Field(ge=1)
     patch: int = Field(2, ge=1, description="patch side in grid points (lat and lon divisible by it)")
     planet_params: list[str] = Field(default_factory=list, description="names of the conditioning parameters")
+    dt_hours: float = Field(6.0, gt=0, description="time between a state and the next")
+    data: str | None = Field(None, description="cube store folder (sapwood prepare) for training")
+    val_runs: int = Field(1, ge=0, description="runs (planets) held out of training, the last ones of the store")
     physics: PhysicsLossConfig = PhysicsLossConfig()
+    normalization: CubeNormalization | None = None
 
     @model_validator(mode="after")
     def _check_grid(self) -> CubeModelConfig:
@@ -139,11 +154,24 @@ class CubeModelConfig(Section):
             size = getattr(self, axis)
             if size % self.patch:
                 raise ValueError(f"{axis}={size} is not divisible by patch={self.patch}; choose a patch dividing it")
+        unknown = set(self.surface_variables) - set(self.variables)
+        if unknown:
+            raise ValueError(f"surface_variables {sorted(unknown)} are not in variables {self.variables}")
         return self
+
+    def channel_slice(self, variable: str) -> slice:
+        """The channels of ``variable`` (all its levels)."""
+        start = 0
+        for name in self.variables:
+            width = 1 if name in self.surface_variables else self.levels
+            if name == variable:
+                return slice(start, start + width)
+            start += width
+        raise ConfigError(f"variable {variable!r} is not in cube.variables {self.variables}")
 
     @property
     def channels(self) -> int:
-        return len(self.variables_3d) * self.levels + len(self.variables_2d)
+        return sum(1 if name in self.surface_variables else self.levels for name in self.variables)
 
 
 class TextDataConfig(Section):
