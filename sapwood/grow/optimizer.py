@@ -4,7 +4,7 @@ The optimizer object stays the same, so an LR scheduler (and a GradScaler) holdi
 For every replaced parameter the new one takes its place in its parameter group and inherits its state:
 tensors shaped like the parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``) are extended with zeros for the
 new entries, everything else (``step``) is kept. Brand-new parameters (new blocks) join the group of a
-sibling parameter with empty state, so the optimizer starts them fresh. Each group's parameters are then
+sibling parameter with a fresh state (zero moments, step 0), as if the optimizer had never seen them. Each group's parameters are then
 put in the model's parameter order, so an optimizer rebuilt on the grown model after a resume lists them in
 the same order and loads the saved state onto the right tensors.
 """
@@ -29,6 +29,21 @@ def _extended_state(state: dict, change: ParamChange) -> dict:
     return grown
 
 
+def _fresh_state(sibling_state: dict, change: ParamChange) -> dict:
+    """The state of a parameter the optimizer has not stepped yet (zero moments, step 0), shaped like the
+    sibling's; written out so a checkpoint taken before the next step resumes exactly."""
+    fresh = {}
+    for key, value in sibling_state.items():
+        if isinstance(value, torch.Tensor):
+            shape = change.new.shape if value.shape == change.sibling.shape and value.dim() > 0 else value.shape
+            fresh[key] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+        elif isinstance(value, int | float):
+            fresh[key] = type(value)(0)
+        else:
+            fresh[key] = value
+    return fresh
+
+
 def apply_changes_to_optimizer(optimizer: torch.optim.Optimizer, changes: list[ParamChange],
                                model: nn.Module | None = None) -> None:
     """Carry ``optimizer``'s groups and state over to the parameters of ``changes``."""
@@ -49,6 +64,9 @@ def apply_changes_to_optimizer(optimizer: torch.optim.Optimizer, changes: list[P
             group = group_of[id(change.sibling)]
             group["params"].append(change.new)
             group_of[id(change.new)] = group
+            sibling_state = optimizer.state.get(change.sibling)
+            if sibling_state:
+                optimizer.state[change.new] = _fresh_state(sibling_state, change)
     if model is not None:
         order = {id(p): i for i, p in enumerate(model.parameters())}
         for group in optimizer.param_groups:
