@@ -1,0 +1,8 @@
+"""Inference: KV cache, sampling, scheduler, model runner and the continuous-batching engine."""
+
+from sapwood.infer.context import ContextLengthError, ContextPolicy
+from sapwood.infer.engine import Engine
+from sapwood.infer.sampling import SamplingParams
+from sapwood.infer.scheduler import QueueFullError, SchedulerConfig
+
+__all__ = ["ContextLengthError", "ContextPolicy", "Engine", "QueueFullError", "SamplingParams", "SchedulerConfig"]

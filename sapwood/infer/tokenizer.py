@@ -1,0 +1,95 @@
+"""Text in and out of the engine: the checkpoint's ``tokenizer.json``, streaming detokenization,
+stop strings and the chat template.
+
+Chat template: a Jinja ``chat_template`` from ``tokenizer_config.json`` or ``chat_template.jinja`` in the
+checkpoint folder when there is one; otherwise the documented default :data:`DEFAULT_CHAT_TEMPLATE`,
+one ``"<role>: <content>\\n"`` line per message followed by ``"assistant:"``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from sapwood.errors import SapwoodError
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end|>")
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self.eos_id: int | None = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._template = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> TextTokenizer:
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise SapwoodError(f"{folder}: no tokenizer.json; text generation needs the checkpoint's tokenizer")
+        template = None
+        if (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+        elif (folder / "tokenizer_config.json").exists():
+            template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+        return cls(Tokenizer.from_file(str(path)), template if isinstance(template, str) else None)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            self._template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=True)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas, applying stop strings.
+
+    A delta never ends inside a multi-byte character (held back while decoding gives U+FFFD) nor with a
+    prefix of a stop string (held back until it is clear it is not a stop).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.emitted = ""
+        self.text = ""
+        self.stopped = False
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        """The new text after the output grew to ``ids`` (``final``: flush everything held back)."""
+        text = self.tokenizer.decode(ids)
+        for stop in self.stop:
+            index = text.find(stop)
+            if index >= 0:
+                text, self.stopped, final = text[:index], True, True
+        self.text = text
+        visible = text
+        if not final:
+            visible = visible.rstrip("\ufffd")
+            for stop in self.stop:
+                for cut in range(min(len(stop) - 1, len(visible)), 0, -1):
+                    if visible.endswith(stop[:cut]):
+                        visible = visible[: len(visible) - cut]
+                        break
+        if len(visible) <= len(self.emitted):
+            return ""
+        delta = visible[len(self.emitted):]
+        self.emitted = visible
+        return delta

@@ -1,0 +1,87 @@
+"""Running the app under uvicorn: ``sapwood serve``, and a background server for tests, bench and demo.
+
+With no ``SAPWOOD_API_KEYS`` the server is open, so it binds loopback only (and says so). On SIGTERM /
+SIGINT uvicorn stops accepting, waits for in-flight requests (up to ``graceful_shutdown_s``), then the
+engine drains and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from sapwood.errors import SapwoodError
+from sapwood.serve.app import create_app
+from sapwood.serve.settings import API_KEYS_ENV, LOOPBACK_HOSTS, ServeSettings, api_keys_from_env
+
+log = logging.getLogger("sapwood.serve")
+
+
+def resolve_host(host: str, keys: frozenset[str]) -> str:
+    """The host to bind: anything with keys; loopback only without them."""
+    if keys or host in LOOPBACK_HOSTS:
+        if not keys:
+            log.warning("no %s set: the API is open, bound to loopback %s only", API_KEYS_ENV, host)
+        return host
+    log.warning("no %s set: the API is open, so binding loopback 127.0.0.1 instead of %s", API_KEYS_ENV, host)
+    return "127.0.0.1"
+
+
+def uvicorn_config(app, settings: ServeSettings, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on")
+
+
+def run_server(folder: str | Path, settings: ServeSettings, device: str = "cpu") -> None:
+    """Serve until SIGINT/SIGTERM (blocking)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = api_keys_from_env()
+    host = resolve_host(settings.host, keys)
+    app = create_app(folder, settings, keys, device=device)
+    log.info("sapwood serve on http://%s:%d (%d API key(s) configured)", host, settings.port, len(keys))
+    uvicorn.Server(uvicorn_config(app, settings, host, settings.port)).run()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class BackgroundServer:
+    """A real uvicorn server on a free loopback port, in a thread (tests, bench, demo).
+
+    ``with BackgroundServer(app) as server: server.url`` ; leaving the block shuts it down gracefully.
+    """
+
+    def __init__(self, app, settings: ServeSettings | None = None, port: int | None = None):
+        self.settings = settings or ServeSettings()
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn_config(app, self.settings, "127.0.0.1", self.port))
+        self.server.install_signal_handlers = lambda: None  # not the main thread
+        self.thread = threading.Thread(target=self.server.run, name="sapwood-uvicorn", daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise SapwoodError(f"the server did not start on port {self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

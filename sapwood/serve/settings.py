@@ -1,0 +1,33 @@
+"""Server settings: CLI flags fill these; API keys come only from the environment."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+
+from sapwood.config import Section
+
+API_KEYS_ENV = "SAPWOOD_API_KEYS"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class ServeSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str | None = Field(None, description="name in /v1/models; defaults to the folder name")
+    max_batch: int = Field(64, ge=1, description="requests decoded together (KV-cache slots)")
+    max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+    max_kv_tokens: int = Field(1 << 20, ge=1, description="cache positions (slots x capacity) allowed")
+    request_timeout_s: float = Field(300.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    default_max_tokens: int = Field(16, ge=1, description="completions without max_tokens")
+    default_chat_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens")
+    retry_after_s: int = Field(1, ge=1)
+    graceful_shutdown_s: float = Field(60.0, gt=0)
+
+
+def api_keys_from_env() -> frozenset[str]:
+    """Comma-separated keys in ``SAPWOOD_API_KEYS`` (empty entries ignored)."""
+    raw = os.environ.get(API_KEYS_ENV, "")
+    return frozenset(key.strip() for key in raw.split(",") if key.strip())
