@@ -44,7 +44,9 @@ class Callback:
 # Config section name -> "module:function"; the function takes the root config and returns a list of
 # callbacks. ``callbacks_from_config`` imports only the builders whose section is set, so the training
 # package never imports e.g. ``sapwood.grow`` statically. Owners add one line here.
-CALLBACK_BUILDERS: dict[str, str] = {}
+CALLBACK_BUILDERS: dict[str, str] = {
+    "growth": "sapwood.grow.callback:growth_callbacks",
+}
 
 
 def callbacks_from_config(config: Any) -> list[Callback]:
