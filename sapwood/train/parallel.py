@@ -281,7 +281,12 @@ def _build_pipeline(model: nn.Module, dims: ParallelDims, device: torch.device, 
                     transform: Callable[[nn.Module], None]) -> ParallelModel:
     """One pruned copy of ``model`` per stage of this rank, each parallelized by ``transform``,
     wrapped in PipelineStage objects and a schedule (1F1B, GPipe or interleaved 1F1B)."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+    )
 
     par = dims.parallel
     stage_ids = stage_indices(dims.pp_rank, dims.pp, par.pp_schedule)
@@ -341,6 +346,22 @@ def batch_slice(batch_size: int, dims: ParallelDims) -> slice:
         raise ConfigError(f"batch of {batch_size} sequences is not divisible by the data-parallel degree {dims.dp}")
     local = batch_size // dims.dp
     return slice(dims.dp_rank * local, (dims.dp_rank + 1) * local)
+
+
+def full_model_state(pm: ParallelModel) -> dict[str, torch.Tensor]:
+    """The full, unsharded model state on CPU with the full model's names, on every rank: FSDP and
+    TP shards are gathered, and pipeline stages exchange their pieces."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state: dict[str, torch.Tensor] = {}
+    for part in pm.parts:
+        part_state = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+        state.update({name: tensor.detach().cpu() for name, tensor in part_state.items()})
+    if pm.dims.pp_enabled:
+        pieces: list = [None] * pm.dims.pp
+        dist.all_gather_object(pieces, state, group=pm.dims.submesh("pp").get_group())
+        state = {name: tensor for piece in pieces for name, tensor in piece.items()}
+    return state
 
 
 def local_tensor_bytes(module: nn.Module) -> int:

@@ -61,6 +61,8 @@ def reference_losses(tied: bool, steps: int) -> list[float]:
 
 # name -> (world size, parallel config, tied embeddings)
 SCENARIOS: dict[str, tuple[int, ParallelConfig, bool]] = {
+    "single_tied": (1, ParallelConfig(), True),
+    "single_untied": (1, ParallelConfig(), False),
     "fsdp2": (2, ParallelConfig(dp_shard=2), True),
     "hsdp_replicate2": (2, ParallelConfig(dp_replicate=2), False),
     "tp2": (2, ParallelConfig(tp=2), True),

@@ -1,0 +1,203 @@
+"""Distributed training on the CPU with gloo: FSDP2, HSDP, tensor, pipeline and composed parallelism
+reproduce a single-process run's losses; checkpoints reshard 4 → 2 → 1 processes; the bytes each rank
+holds equal ``sapwood.sizing``'s prediction; bad meshes fail with one line.
+
+The multi-process tests (``-m distributed``) launch ``tests/distributed/worker.py`` under torchrun a
+few times (module-scoped fixtures) and compare what it writes. Run them alone with
+``pytest -m distributed tests/test_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sapwood.config import ModelConfig, ParallelConfig
+from sapwood.errors import ConfigError
+from sapwood.sizing import stage_layers
+from sapwood.train.mesh import ParallelDims, build_parallel_dims, check_world_size
+from sapwood.train.parallel import check_parallel_fits_model, stage_indices, stage_layer_ids
+
+HERE = Path(__file__).parent / "distributed"
+sys.path.insert(0, str(HERE))
+
+import scenarios  # noqa: E402
+
+REL_TOL = 1e-5
+STEPS = 4
+SAVE_AFTER = 3
+
+
+def torchrun(nproc: int, out: Path, *args: str) -> None:
+    """Run the worker under torchrun with ``nproc`` gloo processes; fail with its output on error."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(HERE / "worker.py"), "--out", str(out), *args]
+    if nproc == 1:
+        cmd = [sys.executable, str(HERE / "worker.py"), "--out", str(out), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def read(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def assert_losses_match(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert abs(g - w) <= REL_TOL * abs(w), f"step {step}: loss {g!r} vs single-process {w!r}"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[bool, list[float]]:
+    """Single-process losses of the tiny model, tied and untied head, for steps 0..STEPS."""
+    return {tied: scenarios.reference_losses(tied, STEPS + 1) for tied in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> Path:
+    """FSDP×TP, PP×FSDP and PP×TP on 4 ranks; the first two save a checkpoint after step 3."""
+    out = tmp_path_factory.mktemp("four_ranks")
+    torchrun(4, out, "--steps", str(STEPS + 1), "--save-after", str(SAVE_AFTER), "fsdp2_tp2", "pp2_fsdp2")
+    torchrun(4, out, "--steps", str(STEPS), "pp2_tp2")
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """FSDP, HSDP (replicate), TP and the three pipeline schedules on 2 ranks."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    torchrun(2, out, "--steps", str(STEPS), "fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe",
+             "pp2_interleaved")
+    return out
+
+
+@pytest.fixture(scope="module")
+def resharded(four_ranks, tmp_path_factory) -> Path:
+    """The 4-rank checkpoints loaded with 2 ranks (FSDP, TP, PP) and with 1 process, 2 more steps."""
+    out = tmp_path_factory.mktemp("resharded")
+    step = f"step_{SAVE_AFTER:08d}"
+    two_d = four_ranks / "fsdp2_tp2.ckpt" / step
+    pipeline = four_ranks / "pp2_fsdp2.ckpt" / step
+    torchrun(2, out, "--steps", "2", "--load", str(two_d), "fsdp2", "tp2")
+    torchrun(1, out, "--steps", "2", "--load", str(two_d), "single_tied")
+    (out / "from_pp").mkdir()
+    torchrun(2, out / "from_pp", "--steps", "2", "--load", str(pipeline), "pp2_1f1b")
+    torchrun(1, out / "from_pp", "--steps", "2", "--load", str(pipeline), "single_untied")
+    return out
+
+
+# --- fast checks (one process) -------------------------------------------------------------------
+
+
+def test_world_size_mismatch_is_one_line_error():
+    parallel = ParallelConfig(tp=8, pp=8, dp_shard=4)
+    with pytest.raises(ConfigError) as info:
+        build_parallel_dims(parallel, world_size=8)
+    message = str(info.value)
+    assert message.startswith("tp=8 × pp=8 × dp=4 = 256 but WORLD_SIZE=8")
+    assert "\n" not in message
+
+
+def test_world_size_mismatch_names_both_dp_degrees():
+    with pytest.raises(ConfigError, match=r"dp=4 \(dp_replicate=2 × dp_shard=2\) = 8 but WORLD_SIZE=4"):
+        check_world_size(ParallelConfig(dp_replicate=2, dp_shard=2, tp=2), 4)
+
+
+def test_single_process_needs_no_mesh():
+    dims = build_parallel_dims(ParallelConfig(), world_size=1)
+    assert dims.mesh is None and dims.dp == 1 and not dims.fsdp_enabled
+
+
+def test_gqa_heads_must_divide_by_tp():
+    cfg = ModelConfig(vocab_size=64, hidden=64, layers=2, heads=8, kv_heads=2, ffn=128)
+    with pytest.raises(ConfigError, match=r"model.kv_heads=2 is not divisible by parallel.tp=4"):
+        check_parallel_fits_model(cfg, ParallelDims(ParallelConfig(tp=4), 4))
+    check_parallel_fits_model(cfg, ParallelDims(ParallelConfig(tp=2), 2))
+
+
+def test_pipeline_needs_a_layer_per_stage_and_an_untied_head():
+    cfg = ModelConfig(vocab_size=64, hidden=32, layers=3, heads=4, ffn=64)
+    with pytest.raises(ConfigError, match=r"model.layers=3 is fewer than the 4 pipeline stages"):
+        check_parallel_fits_model(cfg, ParallelDims(ParallelConfig(pp=2, pp_schedule="interleaved_1f1b"), 2))
+    tied = cfg.model_copy(update={"tied_embeddings": True})
+    with pytest.raises(ConfigError, match="tied_embeddings"):
+        check_parallel_fits_model(tied, ParallelDims(ParallelConfig(pp=2), 2))
+
+
+@pytest.mark.parametrize("layers,pp,interleaved", [(4, 2, False), (5, 2, False), (7, 3, False), (8, 2, True),
+                                                    (9, 2, True), (126, 8, False)])
+def test_stage_split_agrees_with_sizing(layers, pp, interleaved):
+    schedule = "interleaved_1f1b" if interleaved else "1f1b"
+    stages = stage_layer_ids(layers, pp * (2 if interleaved else 1))
+    assert sorted(i for s in stages for i in s) == list(range(layers))
+    for pp_rank in range(pp):
+        mine = [i for s in stage_indices(pp_rank, pp, schedule) for i in stages[s]]
+        assert mine == stage_layers(layers, pp, pp_rank, interleaved)
+
+
+def test_reference_run_learns(reference):
+    # The reference itself must be a real training run: the loss moves from its start.
+    assert reference[True][0] != reference[True][-1]
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in reference.values())
+
+
+# --- multi-process (gloo) ------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved"])
+def test_two_rank_layouts_match_single_process(two_ranks, reference, name):
+    tied = scenarios.SCENARIOS[name][2]
+    assert_losses_match(read(two_ranks, name)["losses"], reference[tied][:STEPS])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["fsdp2_tp2", "pp2_fsdp2", "pp2_tp2"])
+def test_four_rank_compositions_match_single_process(four_ranks, reference, name):
+    tied = scenarios.SCENARIOS[name][2]
+    losses = read(four_ranks, name)["losses"]
+    assert_losses_match(losses, reference[tied][: len(losses)])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["fsdp2_tp2", "pp2_fsdp2"])
+def test_sizing_predicts_each_ranks_bytes_exactly(four_ranks, name):
+    result = read(four_ranks, name)
+    assert result["measured"] == result["predicted"]
+    assert len({json.dumps(c, sort_keys=True) for c in result["coordinates"]}) == 4  # really 4 distinct shards
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["fsdp2", "tp2", "pp2_1f1b"])
+def test_sizing_predicts_two_rank_bytes_exactly(two_ranks, name):
+    result = read(two_ranks, name)
+    assert result["measured"] == result["predicted"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("saved,folder,loaders", [
+    ("fsdp2_tp2", ".", ["fsdp2", "tp2", "single_tied"]),
+    ("pp2_fsdp2", "from_pp", ["pp2_1f1b", "single_untied"]),
+])
+def test_checkpoint_reshards_to_two_ranks_and_one_process(four_ranks, resharded, saved, folder, loaders):
+    """Saved by 4 ranks after step 3: every loader holds bit-identical weights and continues with the
+    losses the 4-rank run had for steps 4 and 5 (so optimizer state came back too)."""
+    original = read(four_ranks, saved)
+    saved_weights = torch.load(original["saved_weights"], weights_only=True)
+    for name in loaders:
+        result = read(resharded / folder, name)
+        assert result["first_step"] == SAVE_AFTER
+        loaded = torch.load(result["loaded_weights"], weights_only=True)
+        assert loaded.keys() == saved_weights.keys()
+        for key, tensor in saved_weights.items():
+            assert torch.equal(loaded[key], tensor), f"{name}: {key} differs after resharding"
+        assert_losses_match(result["losses"], original["losses"][SAVE_AFTER:SAVE_AFTER + 2])
