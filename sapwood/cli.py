@@ -112,6 +112,89 @@ def train(
     console.print(" ".join(f"{k}={v}" for k, v in shown.items()))
 
 
+@app.command()
+def generate(
+    folder: Path = typer.Argument(..., help="checkpoint folder (config.yaml, model.safetensors, tokenizer.json)"),
+    prompt: str = typer.Option(..., "--prompt", help="text to continue"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate (at most)"),
+    temperature: float = typer.Option(0.8, help="0..2; 0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="keep the k most likely tokens (0 = off)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus mass in (0, 1]"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats"),
+    seed: int = typer.Option(None, help="seed for reproducible sampling"),
+    greedy: bool = typer.Option(False, "--greedy", help="argmax decoding (ignores temperature/top-k/top-p)"),
+    samples: int = typer.Option(1, help="independent samples, generated as one batch"),
+    stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable, at most 4)"),
+) -> None:
+    """Continue --prompt with the model in FOLDER (batched through the inference engine)."""
+    from sapwood.infer.generate import generate_samples
+    from sapwood.infer.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, greedy=greedy, stop=list(stop or []))
+    for i, text in enumerate(generate_samples(folder, prompt, params, samples)):
+        if samples > 1:
+            console.rule(f"sample {i + 1}")
+        print(prompt + text)
+
+
+@app.command()
+def serve(
+    folder: Path = typer.Argument(..., help="checkpoint folder to serve"),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback only unless SAPWOOD_API_KEYS is set)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    model_name: str = typer.Option(None, "--model-name", help="name in /v1/models (default: folder name)"),
+    max_batch: int = typer.Option(64, "--max-batch", help="requests decoded together"),
+    max_queue: int = typer.Option(256, "--max-queue", help="waiting requests before 429"),
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds before a request gets 504"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """OpenAI-compatible HTTP server (completions, chat, streaming, /health, /metrics; /v1/predict for cubes)."""
+    from sapwood.config import validate
+    from sapwood.serve.server import run_server
+    from sapwood.serve.settings import ServeSettings
+
+    settings = validate(ServeSettings, dict(host=host, port=port, model_name=model_name, max_batch=max_batch,
+                                            max_queue=max_queue, request_timeout_s=request_timeout), "serve: ")
+    run_server(folder, settings, device=device)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for serve.json and serve.png"),
+    concurrency: str = typer.Option("1,4,16,64", help="comma-separated concurrent request counts"),
+    max_tokens: int = typer.Option(32, "--max-tokens", help="new tokens per request"),
+    requests_per_level: int = typer.Option(0, "--requests", help="requests per level (default: max(concurrency, 4))"),
+    preset: str = typer.Option("tiny", help="model shape (preset or YAML) for the random-weight model"),
+    folder: Path = typer.Option(None, "--folder", help="serve this checkpoint instead of a random one"),
+) -> None:
+    """sapwood serve (HTTP, continuous batching) vs transformers generate on the same exported weights."""
+    from sapwood.bench.harness import print_results
+    from sapwood.bench.serve import run_serve_bench
+
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    results, path = run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder)
+    print_results(results)
+    console.print(f"wrote {path}")
+
+
+@bench_app.command("context")
+def bench_context(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for context.json and context.png"),
+    trained_context: int = typer.Option(64, "--trained-context", help="context the tiny model trains at"),
+    steps: int = typer.Option(300, help="training steps"),
+    multiples: str = typer.Option("2,4,8", help="evaluation lengths as multiples of the trained context"),
+) -> None:
+    """Perplexity past the trained context: each RoPE scaling vs none, on a tiny model trained here."""
+    from sapwood.bench.context import run_context_bench
+    from sapwood.bench.harness import print_results
+
+    factors = [int(m) for m in multiples.split(",") if m.strip()]
+    results, path = run_context_bench(out, trained_context, steps, factors)
+    print_results(results)
+    console.print(f"wrote {path}")
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 
