@@ -26,8 +26,10 @@ def create(preset: str, out: Path = typer.Option(..., "--out", help="checkpoint 
     """Write an initialized checkpoint folder for PRESET (a preset name or YAML)."""
     from sapwood.config import load_config
     from sapwood.model import build_model, save_folder
+    from sapwood.sizing import check_create_fits
 
     config = load_config(preset)
+    check_create_fits(config)  # refuses before anything is allocated
     model = build_model(config)
     save_folder(model, config, out)
     console.print(f"wrote {out}")
@@ -110,6 +112,86 @@ def train(
     summary = run_training(load_config(config), resume=resume)
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()}
     console.print(" ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+@app.command()
+def size(
+    config: str = typer.Argument(..., help="preset name, YAML file or checkpoint folder"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    precision: str = typer.Option(None, help="fp32, bf16, fp16 or bf16-pure (default: train.precision, else bf16)"),
+    optimizer: str = typer.Option("adamw", help="adamw, adamw8bit or sgd"),
+    checkpointing: str = typer.Option(None, help="activation checkpointing: none, selective or full"),
+    seq: int = typer.Option(None, help="tokens per sequence (default: model.trained_context)"),
+    micro_batch: int = typer.Option(None, help="sequences per micro-batch (default: train.micro_batch_size, else 1)"),
+) -> None:
+    """Parameters, training memory per GPU and FLOPs per token, without allocating weights."""
+    import json
+
+    from sapwood.config import load_config
+    from sapwood.sizing import print_size_report, size_report
+
+    report = size_report(load_config(config), precision, optimizer, checkpointing, seq, micro_batch)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print_size_report(report, console)
+
+
+@app.command()
+def solve(
+    params: float = typer.Option(..., "--params", help="target parameter count, e.g. 13.14e9"),
+    layers: int = typer.Option(None, help="fixed number of layers"),
+    heads: int = typer.Option(None, help="fixed number of attention heads"),
+    kv_heads: int = typer.Option(None, "--kv-heads", help="fixed kv heads (default: = heads)"),
+    hidden: int = typer.Option(None, help="fixed hidden size"),
+    ffn: int = typer.Option(None, help="fixed FFN size (a multiple of 64)"),
+    head_dim: int = typer.Option(None, "--head-dim", help="fixed head_dim (a multiple of 8)"),
+    vocab: int = typer.Option(32000, help="vocabulary size"),
+    tied: bool = typer.Option(False, "--tied", help="tie the head to the embedding"),
+    tolerance: float = typer.Option(5e-4, help="largest relative distance from --params accepted"),
+    ffn_ratio: float = typer.Option(8 / 3, "--ffn-ratio", help="preferred ffn / hidden among matching shapes"),
+    near_hidden: int = typer.Option(None, "--near-hidden", help="preferred hidden among matching shapes"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """The valid config (head_dim a multiple of 8, ffn a multiple of 64) nearest to --params."""
+    import json
+
+    import yaml
+
+    from sapwood.sizing import SolveRequest
+    from sapwood.sizing import solve as solve_config
+
+    result = solve_config(SolveRequest(params, layers, heads, kv_heads, hidden, ffn, head_dim, vocab, tied,
+                                       tolerance, ffn_ratio, near_hidden))
+    model = result.model.model_dump(include={"vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",
+                                             "tied_embeddings"})
+    if as_json:
+        print(json.dumps({"params_total": result.params, "relative_error": result.error, "model": model}))
+        return
+    console.print(f"{result.params:,} parameters ({result.error:+.2e} relative to {params:g})")
+    console.print(yaml.safe_dump({"model": model}, sort_keys=False).rstrip())
+    for total, alt in result.alternatives:
+        console.print(f"  also within tolerance: {total:,} layers={alt.layers} hidden={alt.hidden} heads={alt.heads} "
+                      f"kv_heads={alt.kv_heads} ffn={alt.ffn}")
+
+
+@bench_app.command("model")
+def bench_model(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for model.json and model.png"),
+    preset: str = typer.Option("tiny", help="model shape (preset or YAML)"),
+    batch: int = typer.Option(4, help="sequences per step"),
+    seq: int = typer.Option(128, help="tokens per sequence"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    repeats: int = typer.Option(5, help="timed steps per implementation"),
+) -> None:
+    """Forward+backward tokens/s of the sapwood Decoder vs a plain reference of the same math."""
+    from sapwood.bench.harness import print_results
+    from sapwood.bench.model import run_model_bench
+
+    results, path = run_model_bench(out, preset, batch, seq, dtype, device, repeats)
+    print_results(results)
+    console.print(f"wrote {path}")
 
 
 @app.command()
