@@ -81,6 +81,20 @@ def simulate(
 
 
 @app.command()
+def prepare(
+    inputs: list[Path] = typer.Argument(..., help="NetCDF files, Zarr stores, or folders of them"),
+    out: Path = typer.Option(..., "--out", help="store folder to write"),
+    variables: str = typer.Option("T,u,v,q,ps,rho,zg", help="comma-separated variables to store"),
+    force: bool = typer.Option(False, help="rebuild even if the store is up to date"),
+) -> None:
+    """Validate datacubes and write a chunked store for the loader (bad inputs are reported and skipped)."""
+    from sapwood.data.cubes import prepare as prepare_store
+
+    report = prepare_store(inputs, out, tuple(v.strip() for v in variables.split(",") if v.strip()), force=force)
+    console.print(report.summary(), highlight=False)
+
+
+@app.command()
 def tokenize(
     corpus: list[Path] = typer.Argument(None, help="text files or folders; default: the Python stdlib .py files"),
     out: Path = typer.Option(..., "--out", help="folder for tokenizer.json, meta.json and token shards"),

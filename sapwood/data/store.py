@@ -1,0 +1,168 @@
+"""The prepared cube store: one raw float32 file of frames plus a JSON index (read side).
+
+Layout of a store folder (written by :func:`sapwood.data.cubes.prepare`)::
+
+    STORE/
+      frames.f32    # little-endian float32, shape [rows, channels, lat, lon], C order
+      index.json    # written last; "complete": true marks a finished store
+
+A *row* is one time of one run with every variable stacked along channels: each 3-D variable
+contributes one channel per level (in ``lev`` order), each 2-D variable (``ps``) one channel. The rows of a
+run are consecutive and in time order, so a state and its successor are neighbouring rows and a batch of
+``L`` consecutive samples is one contiguous read of ``L`` rows.
+
+Raw memory-mapped/``pread`` arrays were chosen over Zarr because a batch is then a handful of
+``preadv`` calls straight into the destination tensor, with no chunk decoding or per-chunk Python work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sapwood.errors import SapwoodError
+
+STORE_FORMAT = "sapwood-cubes-1"
+FRAMES_FILE = "frames.f32"
+INDEX_FILE = "index.json"
+MAX_READ = 1 << 30  # bytes per preadv call
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One channel of a frame: ``variable`` at ``level`` (level index; -1 for 2-D variables)."""
+
+    variable: str
+    level: int
+
+
+class CubeStore:
+    """Read access to a complete prepared store: index, normalization statistics, and row reads.
+
+    ``mean``/``std`` are per channel (per variable and level) in float64; ``params`` is
+    ``[runs, len(param_names)]`` float64; ``run_rows[r]`` / ``run_times[r]`` locate run ``r`` in the frames file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index_path = self.path / INDEX_FILE
+        if not index_path.exists():
+            raise SapwoodError(f"{self.path} is not a complete sapwood cube store (no {INDEX_FILE}; "
+                               "was prepare interrupted? run `sapwood prepare` again)")
+        index = json.loads(index_path.read_text())
+        if index.get("format") != STORE_FORMAT or not index.get("complete"):
+            raise SapwoodError(f"{self.path}: index format {index.get('format')!r} is not {STORE_FORMAT!r} "
+                               "or the store is incomplete")
+        self.index: dict[str, Any] = index
+        self.shape: tuple[int, int, int, int] = tuple(index["shape"])  # rows, channels, lat, lon
+        self.frames_path = self.path / FRAMES_FILE
+        expected = int(np.prod(self.shape)) * 4
+        actual = self.frames_path.stat().st_size if self.frames_path.exists() else -1
+        if actual != expected:
+            raise SapwoodError(f"{self.frames_path}: size {actual} bytes, index expects {expected}; "
+                               "the store is damaged, run `sapwood prepare` again")
+        self.variables: list[dict[str, Any]] = index["variables"]
+        self.channels = [Channel(v["name"], level) for v in self.variables
+                         for level in (range(v["levels"]) if v["levels"] else [-1])]
+        self.mean = np.asarray(index["stats"]["mean"], dtype=np.float64)
+        self.std = np.asarray(index["stats"]["std"], dtype=np.float64)
+        self.param_names: list[str] = index["params"]["names"]
+        self.params = np.asarray(index["params"]["values"], dtype=np.float64).reshape(-1, len(self.param_names))
+        self.run_rows = np.asarray([r["first_row"] for r in index["runs"]], dtype=np.int64)
+        self.run_times = np.asarray([r["times"] for r in index["runs"]], dtype=np.int64)
+        self.coords: dict[str, list[float]] = index["coords"]
+        self._fd: int | None = None
+
+    # --- geometry ------------------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def row_shape(self) -> tuple[int, int, int]:
+        return self.shape[1], self.shape[2], self.shape[3]
+
+    @property
+    def row_bytes(self) -> int:
+        return 4 * self.shape[1] * self.shape[2] * self.shape[3]
+
+    @property
+    def runs(self) -> int:
+        return len(self.run_rows)
+
+    def channel_slice(self, variable: str) -> slice:
+        """The channels of ``variable`` (all its levels)."""
+        start = 0
+        for v in self.variables:
+            count = v["levels"] or 1
+            if v["name"] == variable:
+                return slice(start, start + count)
+            start += count
+        raise SapwoodError(f"variable {variable!r} is not in the store; it has {[v['name'] for v in self.variables]}")
+
+    # --- reads ---------------------------------------------------------------------------------------------
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.frames_path, os.O_RDONLY)
+        return self._fd
+
+    def read_rows_into(self, first_row: int, out: torch.Tensor) -> None:
+        """Fill the contiguous float32 tensor ``out`` ([n, channels, lat, lon]) with rows ``first_row..+n``
+        by positional reads straight into its memory (thread-safe; no intermediate copy)."""
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError("out must be a contiguous float32 CPU tensor")
+        n = out.shape[0]
+        if first_row < 0 or first_row + n > self.rows:
+            raise IndexError(f"rows {first_row}..{first_row + n} outside 0..{self.rows}")
+        view = memoryview(out.numpy()).cast("B")
+        offset, done, total, fd = first_row * self.row_bytes, 0, n * self.row_bytes, self._descriptor()
+        while done < total:
+            got = os.preadv(fd, [view[done:min(total, done + MAX_READ)]], offset + done)
+            if got <= 0:
+                raise SapwoodError(f"{self.frames_path}: short read at byte {offset + done}")
+            done += got
+
+    def read_rows(self, first_row: int, count: int) -> torch.Tensor:
+        out = torch.empty((count, *self.row_shape), dtype=torch.float32)
+        self.read_rows_into(first_row, out)
+        return out
+
+    def memmap(self) -> np.memmap:
+        """The whole frames file as a read-only ``[rows, channels, lat, lon]`` memory map."""
+        return np.memmap(self.frames_path, dtype="<f4", mode="r", shape=self.shape)
+
+    # --- normalization -------------------------------------------------------------------------------------
+    def _stats(self, like: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = [1] * like.dim()
+        shape[channel_dim] = -1
+        mean = torch.as_tensor(self.mean, dtype=like.dtype, device=like.device).reshape(shape)
+        std = torch.as_tensor(self.std, dtype=like.dtype, device=like.device).reshape(shape)
+        return mean, std
+
+    def normalize(self, frames: torch.Tensor, channel_dim: int = -3) -> torch.Tensor:
+        """``(x - mean) / std`` per channel, in place; returns ``frames``."""
+        mean, std = self._stats(frames, channel_dim)
+        return frames.sub_(mean).div_(std)
+
+    def denormalize(self, frames: torch.Tensor, channel_dim: int = -3) -> torch.Tensor:
+        """``x * std + mean`` per channel (a new tensor)."""
+        mean, std = self._stats(frames, channel_dim)
+        return frames * std + mean
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"CubeStore({str(self.path)!r}, runs={self.runs}, rows={self.rows}, channels={self.shape[1]}, "
+                f"grid={self.shape[2]}x{self.shape[3]}, {self.rows * self.row_bytes / 1e9:.3f} GB)")
