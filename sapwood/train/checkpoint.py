@@ -18,11 +18,13 @@ in a single process without ``init_process_group``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,17 @@ from torch.distributed.checkpoint.state_dict import (
 from sapwood.config import Config, load_config
 
 MANIFEST = "manifest.json"
-# dcp warns on every call that it assumes a single process when no process group exists; that is intended.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 LATEST = "latest"
 PREFIX = "step_"
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """dcp warns on every call that it assumes one process when no process group exists: intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -108,7 +117,8 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    with _single_process_ok():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
     torch.save(trainer_state, tmp / f"trainer_rank{rank:05d}.pt")
     barrier()
     if rank == 0:
@@ -185,7 +195,8 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     rank, _ = rank_and_world()
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(folder))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     trainer_file = folder / f"trainer_rank{rank:05d}.pt"
     if not trainer_file.exists():
