@@ -50,6 +50,7 @@ class CubeStore:
     """
 
     def __init__(self, path: str | Path) -> None:
+        self._fd: int | None = None
         self.path = Path(path)
         index_path = self.path / INDEX_FILE
         if not index_path.exists():
@@ -77,7 +78,6 @@ class CubeStore:
         self.run_rows = np.asarray([r["first_row"] for r in index["runs"]], dtype=np.int64)
         self.run_times = np.asarray([r["times"] for r in index["runs"]], dtype=np.int64)
         self.coords: dict[str, list[float]] = index["coords"]
-        self._fd: int | None = None
 
     # --- geometry ------------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,193 @@
+"""prepare: exact round trip into the store, bad inputs reported by name and skipped, idempotent, atomic."""
+
+from __future__ import annotations
+
+import shutil
+
+import netCDF4
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from sapwood.data import cubes
+from sapwood.data.cubes import DEFAULT_VARIABLES, InputProblem, prepare
+from sapwood.data.loader import CubeLoader
+from sapwood.data.simulate import Grid, simulate_ensemble
+from sapwood.data.store import CubeStore
+from sapwood.errors import SapwoodError
+
+GRID = Grid(levels=3, nlat=8, nlon=16, times=6)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return simulate_ensemble(tmp_path_factory.mktemp("runs"), runs=3, grid=GRID, seed=1, progress=False)
+
+
+def copy_inputs(runs, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    return [shutil.copy(p, folder / p.name) for p in runs]
+
+
+def expected_frames(path) -> np.ndarray:
+    ds = xr.open_dataset(path)
+    parts = [ds[v].values[:, None] if v == "ps" else ds[v].values for v in DEFAULT_VARIABLES]
+    return np.concatenate(parts, axis=1)
+
+
+def test_prepare_then_load_gives_back_the_files_exactly(runs, tmp_path):
+    report = prepare(runs, tmp_path / "store", progress=False)
+    assert not report.problems and len(report.used) == 3
+    store = CubeStore(tmp_path / "store")
+    assert store.shape == (18, 5 * 3 + 1 + 3, 8, 16)
+    loader = CubeLoader(store, batch_size=4, segments_per_batch=2, seed=0)
+    seen = 0
+    for batch in loader:
+        for i in range(len(batch)):
+            run, time = int(batch.run[i]), int(batch.time[i])
+            truth = expected_frames(runs[run])
+            np.testing.assert_array_equal(batch.state[i].numpy(), truth[time])
+            np.testing.assert_array_equal(batch.next_state[i].numpy(), truth[time + 1])
+            ds = xr.open_dataset(runs[run])
+            assert batch.params[i, 1].item() == np.float32(float(ds.gravity))
+            seen += 1
+    assert seen == len(loader) * 4 > 0
+
+
+def test_normalized_batches_denormalize_to_the_files(runs, tmp_path):
+    prepare(runs, tmp_path / "store", progress=False)
+    store = CubeStore(tmp_path / "store")
+    batch = next(iter(CubeLoader(store, batch_size=2, segments_per_batch=1, normalize=True, shuffle=False)))
+    truth = expected_frames(runs[0])
+    np.testing.assert_allclose(store.denormalize(batch.state).numpy(), truth[0:2], rtol=2e-6, atol=1e-6 * 1e5)
+    per_channel = np.abs(batch.state.numpy()).max(axis=(0, 2, 3))
+    assert per_channel.max() < 10  # really normalized
+
+
+def test_statistics_are_per_variable_and_level(runs, tmp_path):
+    prepare(runs, tmp_path / "store", progress=False)
+    store = CubeStore(tmp_path / "store")
+    temperature = np.concatenate([xr.open_dataset(p).T.values for p in runs]).astype(np.float64)
+    top = store.channel_slice("T").start
+    np.testing.assert_allclose(store.mean[top], temperature[:, 0].mean(), rtol=1e-12)
+    np.testing.assert_allclose(store.std[top + 2], temperature[:, 2].std(), rtol=1e-9)
+    ps_channel = store.channel_slice("ps").start
+    all_ps = np.concatenate([xr.open_dataset(p).ps.values for p in runs]).astype(np.float64)
+    np.testing.assert_allclose(store.mean[ps_channel], all_ps.mean(), rtol=1e-12)
+
+
+def write_variant(source, target, edit) -> None:
+    shutil.copy(source, target)
+    with netCDF4.Dataset(target, "a") as ds:
+        edit(ds)
+
+
+def test_bad_inputs_are_named_skipped_and_lose_nothing_else(runs, tmp_path):
+    folder = tmp_path / "in"
+    good = copy_inputs(runs[:2], folder)
+    (folder / "corrupt.nc").write_bytes(b"this is not netcdf" * 100)
+    data = runs[2].read_bytes()
+    (folder / "truncated.nc").write_bytes(data[: len(data) // 2])
+    write_variant(runs[2], folder / "nan.nc", lambda ds: ds["q"].__setitem__((2, 1, 3, 4), np.nan))
+    write_variant(runs[2], folder / "units.nc", lambda ds: ds["T"].setncattr("units", "degC"))
+    write_variant(runs[2], folder / "lat_order.nc", lambda ds: ds["lat"].__setitem__(slice(None), ds["lat"][::-1]))
+    simulate_ensemble(tmp_path / "other", runs=1, grid=Grid(levels=3, nlat=10, nlon=16, times=4), progress=False)
+    shutil.copy(tmp_path / "other" / "run_0000.nc", folder / "wrong_shape.nc")
+
+    report = prepare([folder], tmp_path / "store", progress=False)
+    kinds = {p.path.name: p.kind for p in report.problems}
+    assert kinds == {"corrupt.nc": "corrupt", "truncated.nc": "truncated", "nan.nc": "non-finite",
+                     "units.nc": "units", "lat_order.nc": "coordinates", "wrong_shape.nc": "shape"}
+    assert sorted(p.name for p in report.used) == sorted(p.name for p in good)
+    assert "q level 1 at time index 2" in next(str(p) for p in report.problems if p.kind == "non-finite")
+    summary = report.summary()
+    assert "6 skipped" in summary and "truncated.nc" in summary
+    store = CubeStore(tmp_path / "store")
+    assert store.rows == 12  # the two good runs, nothing from the bad ones
+    whole = store.memmap()
+    for run, path in enumerate(sorted(good)):
+        first = store.run_rows[run]
+        np.testing.assert_array_equal(whole[first:first + 6], expected_frames(path))
+
+
+def test_nothing_usable_is_an_error_naming_the_files(tmp_path, capsys):
+    bad = tmp_path / "junk.nc"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(SapwoodError, match="junk.nc"):
+        prepare([bad], tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()
+    assert not list(tmp_path.glob("store.partial*"))
+    from sapwood.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", str(bad), "--out", str(tmp_path / "store")])
+    assert exit_info.value.code == 2 and "junk.nc" in capsys.readouterr().err
+
+
+def test_rerun_is_idempotent_and_changed_inputs_rebuild(runs, tmp_path):
+    inputs = copy_inputs(runs[:2], tmp_path / "in")
+    first = prepare(inputs, tmp_path / "store", progress=False)
+    index_stat = (tmp_path / "store" / "index.json").stat()
+    again = prepare(inputs, tmp_path / "store", progress=False)
+    assert again.up_to_date and not first.up_to_date
+    assert (tmp_path / "store" / "index.json").stat().st_mtime_ns == index_stat.st_mtime_ns
+    more = prepare(inputs + [runs[2]], tmp_path / "store", progress=False)
+    assert not more.up_to_date and CubeStore(tmp_path / "store").runs == 3
+
+
+def test_interrupted_prepare_never_leaves_a_complete_looking_store(runs, tmp_path, monkeypatch):
+    real = cubes._ingest_one
+    calls = {"n": 0}
+
+    def dies_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cubes, "_ingest_one", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(runs, tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(SapwoodError, match="not a complete"):
+        CubeStore(tmp_path / "store")
+    monkeypatch.setattr(cubes, "_ingest_one", real)
+    prepare(runs[:1], tmp_path / "store", progress=False)  # an old good store survives a failed rebuild
+    calls["n"] = 0
+    monkeypatch.setattr(cubes, "_ingest_one", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(runs, tmp_path / "store", progress=False)
+    assert CubeStore(tmp_path / "store").runs == 1
+    assert not list(tmp_path.glob("store.partial*"))
+
+
+def test_zarr_and_netcdf_inputs_mix(runs, tmp_path):
+    zarr_path = tmp_path / "run.zarr"
+    xr.open_dataset(runs[1], decode_times=False).to_zarr(zarr_path)
+    report = prepare([runs[0], zarr_path], tmp_path / "store", progress=False)
+    assert not report.problems, report.summary()
+    store = CubeStore(tmp_path / "store")
+    np.testing.assert_array_equal(store.read_rows(int(store.run_rows[1]), 6).numpy(), expected_frames(runs[1]))
+
+
+def test_store_damage_is_detected(runs, tmp_path):
+    prepare(runs[:1], tmp_path / "store", progress=False)
+    with open(tmp_path / "store" / "frames.f32", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(SapwoodError, match="damaged"):
+        CubeStore(tmp_path / "store")
+
+
+def test_read_rows_into_checks_its_buffer(runs, tmp_path):
+    prepare(runs[:1], tmp_path / "store", progress=False)
+    store = CubeStore(tmp_path / "store")
+    with pytest.raises(ValueError):
+        store.read_rows_into(0, torch.empty((2, *store.row_shape), dtype=torch.float64))
+    with pytest.raises(IndexError):
+        store.read_rows(5, 2)
+
+
+def test_input_problem_names_file_and_kind(tmp_path):
+    problem = InputProblem(tmp_path / "x.nc", "units", "T has units 'degC', expected 'K'")
+    assert str(problem).startswith(str(tmp_path / "x.nc")) and "units" in str(problem)
