@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sapwood.config import GrowthCaps, ModelConfig
 from sapwood.errors import SapwoodError
 from sapwood.grow.operators import depth_insert_after, grow_depth, grow_ffn, grow_heads, grow_hidden
-from sapwood.grow.plan import GrowthRequest, grow_model, params_of_shape
+from sapwood.grow.plan import GrowthRequest, grow_model, params_of_shape, target_config
 from sapwood.model.transformer import Decoder
 
 
@@ -90,8 +90,14 @@ def test_mha_and_sequence_of_events_preserve_logits() -> None:
 
 def test_grown_model_has_the_grown_shape_and_exact_param_count() -> None:
     model = trained_like(small_config(tied=True))
-    grow_model(model, GrowthRequest(layers=5, hidden=64, ffn=96, heads=8, kv_heads=2))
+    request = GrowthRequest(layers=5, hidden=64, ffn=96, heads=8, kv_heads=2)
+    planned = target_config(model.cfg, request)
+    grow_model(model, request)
+    assert model.cfg == planned
     fresh = Decoder(model.cfg)
+    for name, module in model.named_modules():
+        if hasattr(module, "eps"):
+            assert module.eps == fresh.get_submodule(name).eps == model.cfg.norm_eps
     assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in fresh.named_parameters()]
     assert list(model.layers) == ["0", "1", "2", "3", "4"]
     assert sum(p.numel() for p in model.parameters()) == params_of_shape(model.cfg)

@@ -167,10 +167,13 @@ def grow_depth(model: Decoder, layers: int, position: DepthPosition | Sequence[i
 
 def _new_block(cfg: ModelConfig, source: Block, init: DepthInit, function_preserving: bool,
                reference: torch.Tensor, generator: torch.Generator | None) -> Block:
-    with torch.device(reference.device):
-        block = Block(cfg).to(reference.dtype)
+    with torch.device("meta"):  # built without touching the global RNG: runs stay reproducible
+        block = Block(cfg)
+    block = block.to_empty(device=reference.device).to(reference.dtype)
     block.attention_norm.eps = block.ffn_norm.eps = source.attention_norm.eps
     with torch.no_grad():
+        block.attention_norm.reset_parameters()
+        block.ffn_norm.reset_parameters()
         if init in ("stack", "gstack"):
             block.load_state_dict(source.state_dict())
         else:
@@ -319,5 +322,5 @@ def grow_hidden(model: Decoder, hidden: int, function_preserving: bool = True,
         else:
             changes.append(_grow_linear(model.output, "output.weight", model.output.out_features, hidden, None,
                                         cfg.init_std, generator))
-    model.cfg = _cfg_with(cfg, hidden=hidden, head_dim=cfg.head_dim, norm_eps=cfg.norm_eps * eps_scale)
+    model.cfg = _cfg_with(cfg, hidden=hidden, head_dim=cfg.head_dim, norm_eps=cfg.norm_eps * (cfg.hidden / hidden) if function_preserving else cfg.norm_eps)
     return changes

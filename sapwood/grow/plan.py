@@ -100,6 +100,8 @@ def target_config(cfg: ModelConfig, request: GrowthRequest) -> ModelConfig:
             f"{cfg.kv_groups}; growth keeps each query head with its kv head"
         )
     data = cfg.model_dump() | target | {"head_dim": cfg.head_dim}
+    if request.function_preserving and target["hidden"] > cfg.hidden:
+        data["norm_eps"] = cfg.norm_eps * (cfg.hidden / target["hidden"])  # as grow_hidden rescales it
     return ModelConfig.model_validate(data)
 
 
