@@ -14,7 +14,8 @@ How a batch is read: the samples of an epoch are cut into *segments* of ``L = ba
 consecutive times of one run (consecutive rows of the store). Segments are shuffled per epoch (chunk-level
 shuffling, a pure function of ``seed`` and the epoch) and ``segments_per_batch`` of them make a batch. Frame ``k``
 of the window (``k = 0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of
-``L`` rows straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads and
+``L`` rows straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads (``segments_per_batch`` defaults
+to the largest of 4, 3, 2, 1 dividing ``batch_size``) and
 no per-sample Python work. A background thread prefetches ``prefetch`` batches (pinned memory when CUDA is
 available); normalization, when asked for, is applied in place in that thread.
 """
@@ -73,10 +74,12 @@ class CubeLoader:
     """Deterministic, resumable, prefetching batch loader over a :class:`CubeStore` (see the module docstring)."""
 
     def __init__(self, store: CubeStore | str | Path, batch_size: int, *, window: int = 2,
-                 segments_per_batch: int = 4, runs: Sequence[int] | None = None, seed: int = 0,
+                 segments_per_batch: int | None = None, runs: Sequence[int] | None = None, seed: int = 0,
                  shuffle: bool = True, normalize: bool = False, prefetch: int = 2,
                  pin_memory: bool | None = None) -> None:
         self.store = store if isinstance(store, CubeStore) else CubeStore(store)
+        if segments_per_batch is None:  # the largest of 4, 3, 2, 1 that divides the batch
+            segments_per_batch = next(s for s in (4, 3, 2, 1) if batch_size % s == 0) if batch_size > 0 else 1
         if batch_size < 1 or segments_per_batch < 1 or batch_size % segments_per_batch:
             raise SapwoodError(f"batch_size={batch_size} must be a positive multiple of "
                                f"segments_per_batch={segments_per_batch}")

@@ -1,0 +1,169 @@
+"""Augmentation: exact symmetries (roll round trip, double flip), positivity, budgets kept, raw == normalized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sapwood.data.augment import (
+    ALL_PROPERTIES,
+    Augment,
+    ChannelRoles,
+    HemisphereFlip,
+    LongitudeRoll,
+    Noise,
+    RollAndFlip,
+    TimeCrop,
+    numpy_loop_augment,
+    roll_and_flip,
+)
+from sapwood.data.cubes import prepare
+from sapwood.data.loader import CubeLoader
+from sapwood.data.simulate import SPECIFIC_HEAT, Grid, simulate_ensemble
+from sapwood.data.store import CubeStore
+from sapwood.errors import SapwoodError
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("augment")
+    runs = simulate_ensemble(root / "runs", runs=2, grid=Grid(levels=3, nlat=8, nlon=16, times=7), seed=4,
+                             progress=False)
+    prepare(runs, root / "store", progress=False)
+    return CubeStore(root / "store")
+
+
+@pytest.fixture
+def batch(store):
+    return next(iter(CubeLoader(store, batch_size=6, segments_per_batch=2, window=3, seed=0)))
+
+
+def global_budgets(frames: torch.Tensor, store: CubeStore, params: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per (frame, sample) mass, water, enthalpy, kinetic energy and axial angular momentum in float64."""
+    x = frames.double()
+    lat = torch.tensor(store.coords["lat"], dtype=torch.float64).deg2rad()
+    edges = torch.cat([torch.tensor([-torch.pi / 2]), (lat[1:] + lat[:-1]) / 2, torch.tensor([torch.pi / 2])])
+    area = (edges[1:].sin() - edges[:-1].sin())[:, None].expand(len(lat), x.shape[-1])  # per unit a^2 dlon
+    levels = len(store.coords["lev"])
+    ps = x[:, :, store.channel_slice("ps")][:, :, 0]
+    dp = ps[:, :, None] / levels
+    coslat = lat.cos()[:, None]
+
+    def field(name: str) -> torch.Tensor:
+        return x[:, :, store.channel_slice(name)]
+
+    def integral(values: torch.Tensor) -> torch.Tensor:
+        return (values * dp * area).sum(dim=(-3, -2, -1))
+
+    radius, omega = params[:, 0].double(), params[:, 2].double()
+    u, v = field("u"), field("v")
+    return {
+        "mass": (ps * area).sum(dim=(-2, -1)),
+        "water": integral(field("q")),
+        "enthalpy": SPECIFIC_HEAT * integral(field("T")),
+        "kinetic": integral(0.5 * (u**2 + v**2)),
+        "angular_momentum": integral((u + (omega * radius)[None, :, None, None, None] * coslat) * coslat),
+    }
+
+
+def test_roll_round_trips_and_matches_torch_roll(batch, store):
+    roles = ChannelRoles.from_store(store, normalized=False)
+    shifts = torch.tensor([0, 1, 5, 15, 7, 3])
+    none = torch.zeros(6, dtype=torch.bool)
+    rolled = roll_and_flip(batch.frames, shifts, none, roles)
+    for b in range(6):
+        assert torch.equal(rolled[:, b], torch.roll(batch.frames[:, b], int(shifts[b]), dims=-1))
+    back = roll_and_flip(rolled, (-shifts) % 16, none, roles)
+    assert torch.equal(back, batch.frames)
+
+
+def test_double_flip_is_identity_and_flip_negates_v(batch, store):
+    roles = ChannelRoles.from_store(store, normalized=False)
+    zero, every = torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.bool)
+    once = roll_and_flip(batch.frames, zero, every, roles)
+    v, u = store.channel_slice("v"), store.channel_slice("u")
+    assert torch.equal(once[:, :, v], -batch.frames[:, :, v].flip(-2))
+    assert torch.equal(once[:, :, u], batch.frames[:, :, u].flip(-2))
+    assert torch.equal(roll_and_flip(once, zero, every, roles), batch.frames)
+
+
+def test_budgets_and_diagnostic_relations_survive_roll_and_flip(batch, store):
+    roles = ChannelRoles.from_store(store, normalized=False)
+    augmented = Augment(roles, [RollAndFlip(flip_p=0.5)], seed=3)(batch.frames.clone())
+    assert not torch.equal(augmented, batch.frames)
+    before, after = (global_budgets(f, store, batch.params) for f in (batch.frames, augmented))
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-12, atol=0)
+    sigma = torch.tensor(store.coords["lev"], dtype=torch.float64)[:, None, None]
+
+    def gas_residual(frames: torch.Tensor) -> torch.Tensor:
+        x = frames.double()
+        t, rho = x[:, :, store.channel_slice("T")], x[:, :, store.channel_slice("rho")]
+        ps = x[:, :, store.channel_slice("ps")]
+        return (rho * 287.04 * t / (sigma * ps) - 1).abs().max()
+
+    assert gas_residual(batch.frames) < 1e-6 and gas_residual(augmented) < 1e-6
+    assert RollAndFlip.preserves == ALL_PROPERTIES
+
+
+def test_noise_keeps_positive_variables_positive_even_when_large(batch, store):
+    roles = ChannelRoles.from_store(store, normalized=False, noise={"q": 0.5, "ps": 0.5, "T": 0.5})
+    out = Augment(roles, [Noise(frames_to_perturb=(0, 1, 2))], seed=0)(batch.frames.clone())
+    for name in ("q", "ps", "T", "rho", "zg"):
+        channels = store.channel_slice(name)
+        assert (out[:, :, channels] > 0).all(), name
+    with pytest.raises(SapwoodError, match="negative"):
+        Augment(ChannelRoles.from_store(store, False, noise={"q": 0.7}), [Noise()])(batch.frames.clone())
+
+
+def test_noise_has_the_declared_per_variable_scales(store):
+    roles = ChannelRoles.from_variables([("T", 1), ("u", 1)], noise={"T": 0.01, "u": 2.0})
+    frames = torch.ones(1, 64, 2, 32, 32)
+    frames[:, :, 0] = 250.0
+    out = Augment(roles, [Noise()], seed=1)(frames.clone())
+    relative_t = out[0, :, 0] / 250.0 - 1
+    added_u = out[0, :, 1] - 1.0
+    assert abs(relative_t.std().item() - 0.01) < 0.0005 and abs(relative_t.mean().item()) < 0.0005
+    assert abs(added_u.std().item() - 2.0) < 0.05
+    assert Noise.preserves == frozenset({"positivity"})
+
+
+def test_normalized_batches_augment_like_their_physical_values(store):
+    raw = next(iter(CubeLoader(store, batch_size=6, segments_per_batch=2, seed=5)))
+    normalized = next(iter(CubeLoader(store, batch_size=6, segments_per_batch=2, seed=5, normalize=True)))
+    transforms = [RollAndFlip(flip_p=1.0), Noise()]
+    out_raw = Augment(ChannelRoles.from_store(store, normalized=False), transforms, seed=2)(raw.frames.clone())
+    out_norm = Augment(ChannelRoles.from_store(store, normalized=True), transforms, seed=2)(normalized.frames.clone())
+    torch.testing.assert_close(store.denormalize(out_norm), out_raw, rtol=1e-5, atol=1e-4)
+
+
+def test_augment_is_deterministic_per_seed_and_declares_what_it_keeps(batch, store):
+    roles = ChannelRoles.from_store(store, normalized=False)
+    a = Augment(roles, seed=9)(batch.frames.clone())
+    b = Augment(roles, seed=9)(batch.frames.clone())
+    c = Augment(roles, seed=10)(batch.frames.clone())
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert Augment(roles).preserves == frozenset({"positivity"})
+    assert Augment(roles, [LongitudeRoll(), HemisphereFlip()]).preserves == ALL_PROPERTIES
+
+
+def test_time_crop_takes_consecutive_frames_per_sample(batch, store):
+    roles = ChannelRoles.from_store(store, normalized=False)
+    cropped = Augment(roles, [TimeCrop(2)], seed=0)(batch.frames)
+    assert cropped.shape == (2, *batch.frames.shape[1:])
+    for b in range(cropped.shape[1]):
+        starts = [k for k in range(2) if torch.equal(cropped[0, b], batch.frames[k, b])]
+        assert starts and torch.equal(cropped[1, b], batch.frames[starts[0] + 1, b])
+    with pytest.raises(SapwoodError, match="longer"):
+        Augment(roles, [TimeCrop(4)])(batch.frames)
+
+
+def test_numpy_baseline_does_the_same_kind_of_work(batch, store):
+    variables = [(v["name"], v["levels"]) for v in store.variables]
+    out = numpy_loop_augment(batch.frames.numpy(), variables, seed=0)
+    assert out.shape == batch.frames.shape
+    for name in ("q", "ps"):
+        assert (out[:, :, store.channel_slice(name)] > 0).all()
+    budgets_in = global_budgets(batch.frames, store, batch.params)["mass"][1]
+    budgets_out = global_budgets(torch.from_numpy(out), store, batch.params)["mass"][1]  # frame 1: no noise
+    torch.testing.assert_close(budgets_out, budgets_in, rtol=1e-12, atol=0)
