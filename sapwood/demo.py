@@ -14,7 +14,11 @@ console = Console()
 
 def run_demo(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    stages = []  # (title, callable(out_dir)) in pipeline order; each area adds its stage here
+    from sapwood.sizing import demo_stage as sizing_stage
+
+    stages = [  # (title, callable(out_dir)) in pipeline order; each area adds its stage here
+        ("sizing: every preset, then the tiny model created and run", sizing_stage),
+    ]
     for title, stage in stages:
         console.rule(title)
         stage(out)

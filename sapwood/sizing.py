@@ -648,17 +648,47 @@ def print_size_report(report: dict[str, Any], console: Any = None) -> None:
     console.print(table)
 
 
+def _short(count: float) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+
+
 def presets_table(reports: list[dict[str, Any]]) -> Any:
-    """One row per preset: parameter counts, single-device fp32 AdamW state and per-GPU memory."""
+    """One row per preset: exact parameter count, single-device fp32 AdamW state, per-GPU memory."""
     from rich.table import Table
 
-    table = Table("preset", "params", "embedding", "non-embedding", "fp32 AdamW, 1 device", "parallel",
+    table = Table("preset", "params (exact)", "non-embed.", "fp32 AdamW on 1 device", "plan",
                   "per GPU (bf16, AdamW, full ckpt)", "FLOPs/token", title="sapwood presets")
     for r in reports:
         par = r["parallel"]
-        table.add_row(r["name"], f"{r['params_total']:,}", f"{r['params_embedding']:,}",
-                      f"{r['params_non_embedding']:,}", _gb(r["training_state_bytes_single_device"]["fp32+adamw"]["total"]),
+        table.add_row(r["name"], f"{r['params_total']:,}", _short(r["params_non_embedding"]),
+                      _gb(r["training_state_bytes_single_device"]["fp32+adamw"]["total"]),
                       f"tp{par['tp']} pp{par['pp']} dp{par['dp_replicate'] * par['dp_shard']}",
                       _gb(r["memory_per_gpu"]["total"]) if "memory_per_gpu" in r else "-",
                       f"{r['flops_per_token']:.3g}" if "flops_per_token" in r else "-")
     return table
+
+
+def demo_stage(out: Any) -> None:
+    """Demo: the sizing of every preset as one table, then the tiny model created in ``OUT/tiny``,
+    loaded back and run forward."""
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+
+    from sapwood.config import load_config, preset_names
+    from sapwood.model import build_model, load, save_folder
+
+    console = Console(width=max(Console().width, 140))
+    reports = [size_report(load_config(name), precision="bf16", checkpointing="full") for name in preset_names()]
+    console.print(presets_table(reports))
+    config = load_config("tiny")
+    check_create_fits(config)
+    torch.manual_seed(0)
+    folder = save_folder(build_model(config), config, Path(out) / "tiny")
+    model = load(folder)
+    tokens = torch.randint(0, config.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        logits = model(tokens)
+    console.print(f"created {folder} ({count_params(config.model).total:,} parameters); forward pass on "
+                  f"tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)}, finite: {bool(logits.isfinite().all())}")

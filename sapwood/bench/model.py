@@ -127,7 +127,7 @@ def run_model_bench(
     results = []
     for kind, (ours, ref) in timings.items():
         results.append(Result(
-            name=f"{kind} {preset} b{batch} s{seq} {dtype}", value=tokens_per_step / ours.median, unit="tokens/s",
+            name=f"{kind} {config.name} b{batch} s{seq} {dtype}", value=tokens_per_step / ours.median, unit="tokens/s",
             baseline_value=tokens_per_step / ref.median,
             params={**params, "ours_s": ours.median, "ours_stdev_s": ours.stdev, "baseline_s": ref.median,
                     "baseline_stdev_s": ref.stdev},
