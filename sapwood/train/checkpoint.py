@@ -45,6 +45,9 @@ MANIFEST = "manifest.json"
 
 LATEST = "latest"
 PREFIX = "step_"
+# Optimizer state keyed by parameter name (not by param-group index), so a checkpoint written by
+# pipeline stages that each hold different parameters reloads under any other layout.
+STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 @contextlib.contextmanager
@@ -116,7 +119,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
     with _single_process_ok():
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
     torch.save(trainer_state, tmp / f"trainer_rank{rank:05d}.pt")
@@ -193,11 +196,13 @@ def checkpoint_config(folder: Path) -> Config:
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load model and optimizer in place; return this rank's trainer state (the caller applies it)."""
     rank, _ = rank_and_world()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
     state = {"model": model_state, "optimizer": optimizer_state}
     with _single_process_ok():
         dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=STATE_OPTIONS
+    )
     trainer_file = folder / f"trainer_rank{rank:05d}.pt"
     if not trainer_file.exists():
         trainer_file = folder / "trainer_rank00000.pt"

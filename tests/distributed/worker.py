@@ -4,7 +4,7 @@ weights, gradients and optimizer state next to ``sapwood.sizing``'s prediction f
 
     torchrun --standalone --nproc-per-node 2 tests/distributed/worker.py --out DIR fsdp2 tp2
     ... --save-after 3     write a training checkpoint after step 3 to OUT/<name>.ckpt, then go on
-    ... --load CKPT        start each layout from CKPT (any world size) instead of step 0
+    ... --load NAME=CKPT   start layout NAME from training checkpoint CKPT (any world size), not step 0
 """
 
 from __future__ import annotations
@@ -122,14 +122,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--save-after", type=int)
-    parser.add_argument("--load", type=Path)
+    parser.add_argument("--load", action="append", default=[], help="NAME=CHECKPOINT_FOLDER")
     parser.add_argument("names", nargs="+")
     args = parser.parse_args()
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     args.out.mkdir(parents=True, exist_ok=True)
+    loads = {name: Path(path) for name, path in (item.split("=", 1) for item in args.load)}
     for name in args.names:
-        result = run_scenario(name, args.steps, args.out, args.save_after, args.load)
+        result = run_scenario(name, args.steps, args.out, args.save_after, loads.get(name))
         if env.is_main:
             (args.out / f"{name}.json").write_text(json.dumps(result))
     shutdown_distributed()
