@@ -291,6 +291,50 @@ def bench_context(
     console.print(f"wrote {path}")
 
 
+@app.command()
+def grow(
+    folder: Path = typer.Argument(..., help="checkpoint folder to grow"),
+    out: Path = typer.Option(..., "--out", help="folder for the grown checkpoint"),
+    to: Path | None = typer.Option(None, "--to", help="grow towards the model shape of this config/preset"),
+    layers: int | None = typer.Option(None, "--layers", help="total blocks after growth"),
+    hidden: int | None = typer.Option(None, "--hidden", help="residual width after growth"),
+    ffn: int | None = typer.Option(None, "--ffn", help="SwiGLU units per block after growth"),
+    heads: int | None = typer.Option(None, "--heads", help="query heads after growth"),
+    kv_heads: int | None = typer.Option(None, "--kv-heads", help="kv heads after growth"),
+    position: str = typer.Option("evenly", "--position", help="where new blocks go: end, middle, evenly"),
+    depth_init: str = typer.Option("identity", "--depth-init", help="new blocks: identity or stack (copies)"),
+    random_init: bool = typer.Option(False, "--random-init", help="random new parts (NOT function-preserving)"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Grow a checkpoint (function-preserving) by per-operator sizes or towards --to CONFIG."""
+    from sapwood.grow.folder import grow_folder
+    from sapwood.grow.plan import GrowthRequest
+
+    sizes = {"layers": layers, "hidden": hidden, "ffn": ffn, "heads": heads, "kv_heads": kv_heads}
+    request = GrowthRequest(**sizes, layer_position=position, depth_init=depth_init,
+                            function_preserving=not random_init)
+    if to is None and all(v is None for v in sizes.values()):
+        request = None
+    report = grow_folder(folder, out, request, to=to, seed=seed)
+    console.print(f"{report['shape_before']} -> {report['shape_after']}")
+    console.print(f"params {report['params_before']:,} -> {report['params_after']:,}; "
+                  f"max |logit change| on random tokens {report['max_abs_logit_diff']:.3g}; wrote {out}")
+
+
+@bench_app.command("grow")
+def bench_grow(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for grow.json and grow.png"),
+    steps: int = typer.Option(300, "--steps", help="max optimizer steps per run"),
+    target_loss: float | None = typer.Option(None, "--target-loss", help="validation loss to reach (default: auto)"),
+    scale: float = typer.Option(1.0, "--scale", help="multiply model widths (1 = tiny CPU default)"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Compute to reach a target loss: large model from scratch vs small model grown into it."""
+    from sapwood.bench.grow import run_grow_bench
+
+    run_grow_bench(out, steps=steps, target_loss=target_loss, scale=scale, seed=seed)
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 

@@ -42,8 +42,17 @@ class GrowthRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def target(self, cfg: ModelConfig) -> dict[str, int]:
-        return {name: getattr(self, name) if getattr(self, name) is not None else getattr(cfg, name)
-                for name in SHAPE_FIELDS}
+        """The full target shape; with only ``heads`` given, kv_heads keeps the query heads per kv head."""
+        shape = {name: getattr(self, name) if getattr(self, name) is not None else getattr(cfg, name)
+                 for name in SHAPE_FIELDS}
+        if self.heads is not None and self.kv_heads is None:
+            if self.heads % cfg.kv_groups:
+                raise SapwoodError(
+                    f"heads={self.heads} is not a multiple of the {cfg.kv_groups} query heads per kv head; "
+                    f"pass kv_heads or choose a multiple of {cfg.kv_groups}"
+                )
+            shape["kv_heads"] = self.heads // cfg.kv_groups
+        return shape
 
 
 def shape_of(cfg: ModelConfig) -> dict[str, int]:
