@@ -8,6 +8,7 @@ engine drains and stops.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -44,7 +45,12 @@ def run_server(folder: str | Path, settings: ServeSettings, device: str = "cpu")
     host = resolve_host(settings.host, keys)
     app = create_app(folder, settings, keys, device=device)
     log.info("sapwood serve on http://%s:%d (%d API key(s) configured)", host, settings.port, len(keys))
+    # uvicorn drains, then re-raises the captured SIGTERM/SIGINT to the previous handler: make that a
+    # no-op so a graceful shutdown exits with status 0 instead of dying by the signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     uvicorn.Server(uvicorn_config(app, settings, host, settings.port)).run()
+    log.info("sapwood serve stopped after draining in-flight requests")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
