@@ -1,10 +1,10 @@
 """The datacube surrogate: patch embedding -> the language model's transformer blocks (non-causal) ->
 un-patching to the next state.
 
-A state is ``[batch, channels, lat, lon]`` in physical units (every level of each 3-D variable, then
-each 2-D variable; see :class:`sapwood.config.CubeModelConfig`). The model normalizes internally with
-per-channel statistics kept as buffers (saved in the checkpoint), so callers and the server speak
-physical units. It predicts the tendency ``next - state`` scaled by the per-channel tendency std.
+A state is ``[batch, channels, lat, lon]`` in physical units (the cube store's channel layout; see
+:class:`sapwood.config.CubeModelConfig`). The model normalizes internally with per-channel statistics
+kept as buffers (saved in the checkpoint and set from ``cube.normalization`` by ``init_weights``), so
+callers and the server speak physical units. It predicts the tendency ``next - state`` scaled by the per-channel tendency std.
 
 Tokens: one per ``patch x patch`` tile of the grid (all channels of the tile in one vector) plus one
 conditioning token per planet parameter (``value * weight_p + bias_p``). Position is a learned
@@ -65,6 +65,14 @@ class CubeSurrogate(nn.Module):
             self.tendency_std.fill_(1.0)
             self.param_mean.zero_()
             self.param_std.fill_(1.0)
+            stats = self.cube.normalization
+            if stats is not None:
+                as_tensor = lambda values: torch.tensor(values, dtype=torch.float32)  # noqa: E731
+                self.set_normalization(
+                    as_tensor(stats.state_mean), as_tensor(stats.state_std), as_tensor(stats.tendency_std),
+                    as_tensor(stats.param_mean) if stats.param_mean else None,
+                    as_tensor(stats.param_std) if stats.param_std else None,
+                )
             nn.init.normal_(self.patch_embed.weight, 0.0, std, generator=generator)
             nn.init.zeros_(self.patch_embed.bias)
             nn.init.normal_(self.pos_embed, 0.0, std, generator=generator)
@@ -79,7 +87,7 @@ class CubeSurrogate(nn.Module):
                 block.attention_norm.reset_parameters()
                 block.ffn_norm.reset_parameters()
             self.norm.reset_parameters()
-            nn.init.normal_(self.head.weight, 0.0, residual_std, generator=generator)
+            nn.init.zeros_(self.head.weight)  # starts as persistence: the tendency is learned from zero
             nn.init.zeros_(self.head.bias)
 
     @torch.no_grad()
