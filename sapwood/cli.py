@@ -335,6 +335,28 @@ def bench_grow(
     run_grow_bench(out, steps=steps, target_loss=target_loss, scale=scale, seed=seed)
 
 
+@bench_app.command("train")
+def bench_train(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for train.json and train.png"),
+    preset: str = typer.Option("tiny", help="model shape (preset or YAML)"),
+    seq: int = typer.Option(128, help="tokens per sequence"),
+    micro_batch: int = typer.Option(8, "--micro-batch", help="sequences per step"),
+    steps: int = typer.Option(8, help="timed steps per variant"),
+    warmup: int = typer.Option(2, help="untimed steps per variant"),
+    threads: int = typer.Option(2, help="CPU threads per variant"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    tokens: Path = typer.Option(None, "--tokens", help="token folder from `sapwood tokenize` (default: stdlib subset)"),
+    compile_: bool = typer.Option(False, "--compile/--no-compile", help="also measure torch.compile (slow to compile on CPU)"),
+) -> None:
+    """sapwood training loop (fp32/bf16, +-activation checkpointing, +-compile) vs a nanoGPT-style loop."""
+    from sapwood.bench.train import TrainBenchSettings, run_train_bench
+
+    settings = TrainBenchSettings(preset=preset, seq_len=seq, micro_batch_size=micro_batch, steps=steps,
+                                  warmup_steps=warmup, threads=threads, device=device,
+                                  tokens_dir=str(tokens) if tokens else None)
+    run_train_bench(settings, out, compile_variants=compile_)
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 
