@@ -11,12 +11,14 @@ compares two implementations of one function. The difference the ratio shows is 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sapwood.bench.harness import Result, time_fn, write_suite
+from sapwood.bench.harness import Result, Timing, time_fn, write_suite
 from sapwood.config import load_config
 from sapwood.errors import ConfigError
 from sapwood.model.transformer import Decoder
@@ -91,6 +93,22 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def time_interleaved(ours: Callable[[], object], baseline: Callable[[], object], repeats: int,
+                     device: str) -> tuple[Timing, Timing]:
+    """Time both alternately, one call each per round after one warm-up call each, so a change in
+    machine load during the run affects both sides alike."""
+    samples: tuple[list[float], list[float]] = ([], [])
+    for fn in (ours, baseline):
+        fn()  # warm-up
+    for _ in range(repeats):
+        for fn, out in ((ours, samples[0]), (baseline, samples[1])):
+            out.append(time_fn(fn, warmup=0, repeats=1, device=device).median)
+    def summary(x: list[float]) -> Timing:
+        return Timing(statistics.median(x), min(x), max(x), statistics.stdev(x) if len(x) > 1 else 0.0, x)
+
+    return summary(samples[0]), summary(samples[1])
+
+
 def run_model_bench(
     out: str | Path, preset: str = "tiny", batch: int = 4, seq: int = 128, dtype: str = "float32",
     device: str = "auto", repeats: int = 5,
@@ -114,13 +132,12 @@ def run_model_bench(
     if not max_diff < tolerance:
         raise RuntimeError(f"reference and Decoder disagree (max |diff| {max_diff:.3g}); the bench would be invalid")
     ours_params = list(model.parameters())
-    timings = {
-        "fwd+bwd": (time_fn(lambda: train_step(model, ours_params, tokens), 1, repeats, str(torch_device)),
-                    time_fn(lambda: train_step(reference, reference.parameters(), tokens), 1, repeats, str(torch_device))),
-    }
+    dev = str(torch_device)
+    timings = {"fwd+bwd": time_interleaved(lambda: train_step(model, ours_params, tokens),
+                                           lambda: train_step(reference, reference.parameters(), tokens), repeats, dev)}
     with torch.no_grad():
-        timings["forward"] = (time_fn(lambda: model(tokens[:, :-1]), 1, repeats, str(torch_device)),
-                              time_fn(lambda: reference(tokens[:, :-1]), 1, repeats, str(torch_device)))
+        timings["forward"] = time_interleaved(lambda: model(tokens[:, :-1]), lambda: reference(tokens[:, :-1]),
+                                              repeats, dev)
     tokens_per_step = batch * seq
     params = {"preset": preset, "batch": batch, "seq": seq, "dtype": dtype, "device": str(torch_device),
               "repeats": repeats, "logits_max_abs_diff": max_diff}
