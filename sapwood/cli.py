@@ -357,6 +357,39 @@ def bench_train(
     run_train_bench(settings, out, compile_variants=compile_)
 
 
+@bench_app.command("data")
+def bench_data(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for data.json and data.png"),
+    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (the issue's size: 1.88)"),
+    levels: int = typer.Option(8, help="sigma layers of the simulated cubes"),
+    nlat: int = typer.Option(32, help="latitudes (use 64+ for GB batches)"),
+    nlon: int = typer.Option(64, help="longitudes"),
+    batches: int = typer.Option(4, help="timed batches"),
+    work: Path = typer.Option(None, "--work", help="where simulated data and the store live (reused)"),
+) -> None:
+    """Seconds per cube batch: sapwood loader vs naive xarray loading vs a raw read of the same bytes."""
+    from sapwood.bench.data import run_data_bench
+    from sapwood.bench.harness import print_results
+
+    print_results(run_data_bench(out, work, batch_gb, levels, nlat, nlon, batches))
+
+
+@bench_app.command("augment")
+def bench_augment(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for augment.json and augment.png"),
+    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (the issue's size: 1.88)"),
+    levels: int = typer.Option(8, help="sigma layers"),
+    nlat: int = typer.Option(32, help="latitudes"),
+    nlon: int = typer.Option(64, help="longitudes"),
+    repeats: int = typer.Option(5, help="timed calls per implementation"),
+) -> None:
+    """Batched physics-aware augmentation vs a per-sample, per-variable numpy loop (CPU; GPU when present)."""
+    from sapwood.bench.augment import run_augment_bench
+    from sapwood.bench.harness import print_results
+
+    print_results(run_augment_bench(out, batch_gb, levels, nlat, nlon, repeats))
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 

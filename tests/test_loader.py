@@ -101,3 +101,16 @@ def test_bad_arguments_are_refused(store):
     loader = CubeLoader(store, batch_size=2, seed=1)
     with pytest.raises(SapwoodError, match="seed"):
         loader.load_state_dict({"epoch": 0, "batch": 1, "seed": 2})
+
+
+def test_kept_batches_stay_valid_while_buffers_are_recycled(store):
+    whole = store.memmap()
+    loader = CubeLoader(store, batch_size=2, segments_per_batch=1, prefetch=1, seed=4)
+    kept = [(b.state, b.run.numpy(), b.time.numpy()) for b in loader]  # views only, no copies
+    assert len(kept) > loader.prefetch + 3  # more batches than the pool holds
+    for state, run, time in kept:
+        np.testing.assert_array_equal(state.numpy(), whole[store.run_rows[run] + time])
+    pointers = set()
+    for batch in loader:  # batches dropped at once: their buffers are reused
+        pointers.add(batch.frames.data_ptr())
+    assert len(pointers) < len(loader)

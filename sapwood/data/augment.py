@@ -2,7 +2,8 @@
 
 Every transform takes ``frames [window, B, C, lat, lon]`` (:attr:`sapwood.data.loader.Batch.frames`; the same
 random draw is applied to all frames of a sample, so a state and its successor stay a valid pair) and returns
-the augmented frames (possibly the same tensor, modified in place). Per-channel behaviour comes from
+the augmented frames (possibly the same tensor, modified in place). :class:`Augment` composes them and writes
+the result back into the batch when the shape is kept. Per-channel behaviour comes from
 :class:`ChannelRoles` (built once from the variable list); there is no Python loop over samples or variables.
 
 Each transform declares in ``preserves`` which properties of the truth it keeps:
@@ -135,7 +136,8 @@ def roll_and_flip(frames: torch.Tensor, shifts: torch.Tensor, flips: torch.Tenso
 class Noise:
     """Per-variable random perturbation of the frames in ``frames_to_perturb`` (default: the input state only).
 
-    With ``u`` uniform on ``[-sqrt(3), sqrt(3)]`` (zero mean, unit variance, bounded): positive variables get
+    With ``u`` uniform on ``[-sqrt(3), sqrt(3)]`` (zero mean, unit variance, bounded; on the CPU drawn as 16-bit
+    words, four per 64-bit random draw, which is 4x fewer generator calls than float draws): positive variables get
     multiplicative noise ``x * (1 + s u)`` with relative scale ``s < 1/sqrt(3)``, so they stay strictly positive;
     the others additive noise ``x + s u`` with ``s`` in physical units. Only ``positivity`` is preserved.
     """
@@ -152,14 +154,23 @@ class Noise:
             raise SapwoodError(f"relative noise scale {float(relative.max()):g} would allow negative values; "
                                f"keep it below {1 / 3**0.5:.3f}")
         absolute = torch.where(r.positive, torch.zeros_like(r.noise), r.noise * self.scale / r.std)
-        # x' = x + u * (relative * (x + mean/std) + absolute), with u = (rand - 1/2) * 2 sqrt(3)
-        width = 2 * 3**0.5
-        slope, intercept = relative * width, (relative * r.mean_over_std + absolute) * width
+        # x' = x + u * (relative * (x + mean/std) + absolute), u uniform on [-sqrt(3), sqrt(3)]
+        if frames.device.type == "cpu":
+            # 16-bit uniform words, four per 64-bit draw: u = (k + 1/2) * sqrt(3) / 32768, k in [-32768, 32767]
+            step = 3**0.5 / 32768
+            slope, intercept = relative * step, (relative * r.mean_over_std + absolute) * step
+        else:
+            width = 2 * 3**0.5
+            slope, intercept = relative * width, (relative * r.mean_over_std + absolute) * width
         for k in self.frames_to_perturb:  # a loop over frames (1 by default), not over samples or variables
             x = frames[k]
             amplitude = torch.addcmul(intercept, x, slope)
-            uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).sub_(0.5)
-            x.addcmul_(uniform, amplitude)
+            if x.device.type == "cpu":
+                words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None, generator=generator)
+                x.addcmul_(words.view(torch.int16)[: x.numel()].view(x.shape), amplitude).add_(amplitude, alpha=0.5)
+            else:
+                uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).sub_(0.5)
+                x.addcmul_(uniform, amplitude)
         return frames
 
 
@@ -183,12 +194,20 @@ class TimeCrop:
 
 
 class Augment:
-    """Apply ``transforms`` in order with a deterministic random stream: call ``n`` uses ``seed + n``."""
+    """Apply ``transforms`` in order with a deterministic random stream: call ``n`` uses ``seed + n``.
 
-    def __init__(self, roles: ChannelRoles, transforms: Sequence[object] | None = None, seed: int = 0) -> None:
+    With ``block_bytes`` set, a CPU batch is processed in blocks of whole samples of about that size, so the
+    gather and the noise passes run in cache (a win on an idle CPU with one thread; with several OpenMP threads
+    on an oversubscribed CPU the many small parallel regions are slower). Default: one block. When the
+    transforms keep the shape (no :class:`TimeCrop`), the result is written back into ``frames`` (in place)
+    and ``frames`` is returned. The random draws depend on ``seed`` and the block size.
+    """
+
+    def __init__(self, roles: ChannelRoles, transforms: Sequence[object] | None = None, seed: int = 0,
+                 block_bytes: int | None = None) -> None:
         self.roles = roles
         self.transforms = list(transforms if transforms is not None else (RollAndFlip(), Noise()))
-        self.seed, self.calls = seed, 0
+        self.seed, self.calls, self.block_bytes = seed, 0, block_bytes
 
     @property
     def preserves(self) -> frozenset[str]:
@@ -202,9 +221,22 @@ class Augment:
             raise SapwoodError(f"frames must be [window, batch, channels, lat, lon], got shape {tuple(frames.shape)}")
         generator = _generator(frames.device, self.seed + self.calls)
         self.calls += 1
-        for transform in self.transforms:
-            frames = transform(frames, self.roles, generator)  # type: ignore[operator]
-        return frames
+        batch = frames.shape[1]
+        sample_bytes = frames[:, :1].numel() * frames.element_size()
+        step = batch if self.block_bytes is None or frames.device.type != "cpu" else max(
+            1, self.block_bytes // sample_bytes)
+        out: torch.Tensor | None = None
+        for first in range(0, batch, step):  # blocks of samples sized for the cache (one block on a GPU)
+            block = frames[:, first:first + step]
+            for transform in self.transforms:
+                block = transform(block, self.roles, generator)  # type: ignore[operator]
+            if out is None:
+                same_shape = block.shape[0] == frames.shape[0]
+                out = frames if same_shape else block.new_empty((block.shape[0], batch, *block.shape[2:]))
+            if block.data_ptr() != out[:, first:first + step].data_ptr():
+                out[:, first:first + step] = block
+        assert out is not None
+        return out
 
 
 def numpy_loop_augment(frames: np.ndarray, variables: Sequence[tuple[str, int]], seed: int = 0,

@@ -16,13 +16,15 @@ shuffling, a pure function of ``seed`` and the epoch) and ``segments_per_batch``
 of the window (``k = 0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of
 ``L`` rows straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads (``segments_per_batch`` defaults
 to the largest of 4, 3, 2, 1 dividing ``batch_size``) and
-no per-sample Python work. A background thread prefetches ``prefetch`` batches (pinned memory when CUDA is
+no per-sample Python work. Frame buffers are recycled once no batch made from them is referenced any more
+(so a batch you keep stays valid). A background thread prefetches ``prefetch`` batches (pinned memory when CUDA is
 available); normalization, when asked for, is applied in place in that thread.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,6 +72,29 @@ def split_runs(runs: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[l
     return sorted(order[n_test:].tolist()), sorted(order[:n_test].tolist())
 
 
+class _FramePool:
+    """Reusable CPU frame buffers, so a batch does not pay fresh-page faults (which cost more than the read).
+
+    A buffer is handed out again only when nothing references it any more: every tensor or view made from it
+    holds a reference to the numpy array, so ``sys.getrefcount`` tells whether a yielded batch is still alive.
+    """
+
+    def __init__(self, shape: tuple[int, ...], capacity: int) -> None:
+        self.shape, self.capacity = shape, capacity
+        self.buffers: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def take(self) -> torch.Tensor:
+        with self.lock:
+            for buffer in self.buffers:
+                if sys.getrefcount(buffer) <= 3:  # the list, the loop variable, the call's argument
+                    return torch.from_numpy(buffer)
+            buffer = np.empty(self.shape, dtype=np.float32)
+            if len(self.buffers) < self.capacity:
+                self.buffers.append(buffer)
+            return torch.from_numpy(buffer)
+
+
 class CubeLoader:
     """Deterministic, resumable, prefetching batch loader over a :class:`CubeStore` (see the module docstring)."""
 
@@ -101,6 +126,7 @@ class CubeLoader:
                                f"{self.segment_length} samples; the selected runs have only {total}")
         self.epoch, self.batch = 0, 0
         self._params = torch.as_tensor(self.store.params, dtype=torch.float32)
+        self._pool = _FramePool((window, batch_size, *self.store.row_shape), capacity=self.prefetch + 3)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -134,8 +160,11 @@ class CubeLoader:
         if run.size != self.segments_per_batch:
             raise IndexError(f"batch {index} outside 0..{len(self) - 1}")
         length, store = self.segment_length, self.store
-        frames = torch.empty((self.window, self.batch_size, *store.row_shape), dtype=torch.float32,
-                             pin_memory=self.pin_memory)
+        if self.pin_memory:  # the CUDA caching host allocator recycles pinned blocks itself
+            frames = torch.empty((self.window, self.batch_size, *store.row_shape), dtype=torch.float32,
+                                 pin_memory=True)
+        else:
+            frames = self._pool.take()
         first_rows = store.run_rows[run] + first_time
         for segment, first_row in enumerate(first_rows.tolist()):
             for k in range(self.window):
