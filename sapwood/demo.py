@@ -14,10 +14,12 @@ console = Console()
 
 def run_demo(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    from sapwood.data.cubes import demo_stage as cube_stage
     from sapwood.sizing import demo_stage as sizing_stage
 
     stages = [  # (title, callable(out_dir)) in pipeline order; each area adds its stage here
         ("sizing: every preset, then the tiny model created and run", sizing_stage),
+        ("cubes: simulate planets -> prepare a store -> load and augment batches", cube_stage),
     ]
     for title, stage in stages:
         console.rule(title)
