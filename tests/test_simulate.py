@@ -151,3 +151,27 @@ def test_cli_simulate_writes_files_and_rejects_bad_sizes(tmp_path, capsys):
         main(["simulate", "--out", str(tmp_path), "--nlat", "9"])
     assert exit_info.value.code == 2
     assert "nlat=9" in capsys.readouterr().err
+
+
+def test_truth_passes_sapwood_physics_checks(ensemble):
+    physics = pytest.importorskip("sapwood.physics")
+    import torch
+
+    from sapwood.config import CubeModelConfig
+
+    ds = xr.open_dataset(ensemble[2])
+    variables = ["T", "u", "v", "q", "ps", "rho", "zg"]
+    frames = torch.from_numpy(np.concatenate(
+        [ds[v].values[:, None] if v == "ps" else ds[v].values for v in variables], axis=1))
+    names = ["planet_radius", "gravity", "rotation_rate", "stellar_flux", "mean_surface_pressure"]
+    params = torch.tensor([[float(ds[n]) for n in names]] * (frames.shape[0] - 1))
+    cube = CubeModelConfig(levels=GRID.levels, lat=GRID.nlat, lon=GRID.nlon, planet_params=names,
+                           dt_hours=GRID.dt_hours)
+    geometry = physics.Geometry.default(cube)
+    heating = torch.from_numpy(ds.heating.values[1:])
+    v = physics.violations(frames[:-1], frames[1:], geometry, params, heating)
+    assert float(v["mass"].max()) < 1e-4  # percent
+    assert float(v["water"].max()) < 1e-4
+    assert float(v["energy"].max()) < 1e-3
+    assert float(v["momentum"].max()) < 1e-3
+    assert float(v["thermo"].max()) < 1e-3
