@@ -306,14 +306,15 @@ def activation_bytes_per_layer(
     return value * bytes_per_activation / 2
 
 
-def pipeline_in_flight(parallel: ParallelConfig) -> int:
-    """Micro-batches whose activations the first pipeline stage holds at once: ``pp`` for 1F1B
-    (bounded by the micro-batch count), every micro-batch for GPipe, 1 without pipelining."""
+def pipeline_in_flight(parallel: ParallelConfig, pp_rank: int = 0) -> int:
+    """Micro-batches whose activations pipeline rank ``pp_rank`` holds at once: ``pp - pp_rank`` under
+    1F1B (the first stage the most; bounded by the micro-batch count; interleaved counted the same),
+    every micro-batch under GPipe, 1 without pipelining."""
     if parallel.pp == 1:
         return 1
     if parallel.pp_schedule == "gpipe":
         return parallel.pp_microbatches
-    return min(parallel.pp, parallel.pp_microbatches)
+    return min(parallel.pp - pp_rank, parallel.pp_microbatches)
 
 
 # --- FLOPs ------------------------------------------------------------------------------------------
@@ -408,7 +409,7 @@ def memory_plan(
                 compute_copy = 2 * 2 * block * parallel.dp_shard
             else:
                 compute_copy = 2 * sum(n for _, n in held)
-        activations = stored * len(layers_here) * pipeline_in_flight(parallel)
+        activations = stored * len(layers_here) * pipeline_in_flight(parallel, pp_rank)
         if checkpointing == "full":
             activations += per_layer["selective"]
         if pp_rank == parallel.pp - 1:

@@ -175,6 +175,9 @@ def test_memory_plan_shards_with_parallelism():
     assert plan.total < 80e9  # the preset's TP8 x PP8 x FSDP4 plan fits an 80 GB GPU
     single = memory_plan(cfg.model, ParallelConfig(), "bf16", "adamw", "full")
     assert single.weights == 4 * EXPECTED_TOTALS["enterprise-200b"]
+    s, h, t = 32768, 12288, 8  # rank 0 of 1F1B holds pp=8 micro-batches of its 12 checkpointed layers
+    assert plan.worst_pp_rank == 0
+    assert plan.activations == int(2 * s * h / t * 12 * 8 + 34 * s * h / t)
     more_shards = memory_plan(cfg.model, cfg.parallel.model_copy(update={"dp_shard": 8}), "bf16", "adamw", "full")
     assert more_shards.optimizer_state < plan.optimizer_state
 
