@@ -2,8 +2,7 @@
 
 Every transform takes ``frames [window, B, C, lat, lon]`` (:attr:`sapwood.data.loader.Batch.frames`; the same
 random draw is applied to all frames of a sample, so a state and its successor stay a valid pair) and returns
-the augmented frames (possibly the same tensor, modified in place). :class:`Augment` composes them and writes
-the result back into the batch when the shape is kept. Per-channel behaviour comes from
+the augmented frames (possibly the same tensor, modified in place). :class:`Augment` composes them. Per-channel behaviour comes from
 :class:`ChannelRoles` (built once from the variable list); there is no Python loop over samples or variables.
 
 Each transform declares in ``preserves`` which properties of the truth it keeps:
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sapwood.data.buffers import BufferPool
 from sapwood.errors import SapwoodError
 
 ALL_PROPERTIES = frozenset({"mass", "water", "energy", "angular_momentum", "ideal_gas", "hydrostatic",
@@ -114,6 +114,9 @@ def HemisphereFlip(p: float = 0.5) -> RollAndFlip:  # noqa: N802 - a named confi
     return RollAndFlip(roll=False, flip_p=p)
 
 
+_OUTPUTS = BufferPool(capacity=4)
+
+
 def roll_and_flip(frames: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, roles: ChannelRoles) -> torch.Tensor:
     """``frames [window, B, C, lat, lon]`` with sample b rolled by ``shifts[b]`` longitudes (as ``torch.roll``)
     and, where ``flips[b]``, mirrored in latitude with ``v`` negated (in physical units). Returns a new tensor."""
@@ -123,7 +126,11 @@ def roll_and_flip(frames: torch.Tensor, shifts: torch.Tensor, flips: torch.Tenso
     lat_source = torch.where(flips[:, None], nlat - 1 - lat, lat)  # [B, lat]
     plane_source = (lat_source[:, :, None] * nlon + lon_source[:, None, :]).reshape(1, -1, 1, nlat * nlon)
     flat = frames.reshape(*frames.shape[:3], nlat * nlon)
-    out = torch.gather(flat, -1, plane_source.expand(flat.shape)).reshape(frames.shape)
+    if frames.device.type == "cpu" and frames.dtype == torch.float32:  # recycled output: no fresh page faults
+        out = _OUTPUTS.take(tuple(frames.shape))
+        torch.gather(flat, -1, plane_source.expand(flat.shape), out=out.view(flat.shape))
+    else:
+        out = torch.gather(flat, -1, plane_source.expand(flat.shape)).reshape(frames.shape)
     flipped = flips.nonzero().flatten()
     negated = (roles.sign < 0).nonzero().flatten().to(device)
     if flipped.numel() and negated.numel():
@@ -146,6 +153,14 @@ class Noise:
 
     def __init__(self, scale: float = 1.0, frames_to_perturb: Sequence[int] = (0,)) -> None:
         self.scale, self.frames_to_perturb = scale, tuple(frames_to_perturb)
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Scratch kept between calls (never returned), so large temporaries do not page-fault every call."""
+        buffer = self._scratch.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._scratch[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
 
     def __call__(self, frames: torch.Tensor, roles: ChannelRoles, generator: torch.Generator) -> torch.Tensor:
         r = roles.on(frames)
@@ -164,9 +179,11 @@ class Noise:
             slope, intercept = relative * width, (relative * r.mean_over_std + absolute) * width
         for k in self.frames_to_perturb:  # a loop over frames (1 by default), not over samples or variables
             x = frames[k]
-            amplitude = torch.addcmul(intercept, x, slope)
+            amplitude = self._buffer("amplitude", tuple(x.shape), x.dtype, x.device)
+            torch.addcmul(intercept, x, slope, out=amplitude)
             if x.device.type == "cpu":
-                words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None, generator=generator)
+                words = self._buffer("words", ((x.numel() + 3) // 4,), torch.int64, x.device)
+                words.random_(-2**63, None, generator=generator)
                 x.addcmul_(words.view(torch.int16)[: x.numel()].view(x.shape), amplitude).add_(amplitude, alpha=0.5)
             else:
                 uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).sub_(0.5)
@@ -196,18 +213,15 @@ class TimeCrop:
 class Augment:
     """Apply ``transforms`` in order with a deterministic random stream: call ``n`` uses ``seed + n``.
 
-    With ``block_bytes`` set, a CPU batch is processed in blocks of whole samples of about that size, so the
-    gather and the noise passes run in cache (a win on an idle CPU with one thread; with several OpenMP threads
-    on an oversubscribed CPU the many small parallel regions are slower). Default: one block. When the
-    transforms keep the shape (no :class:`TimeCrop`), the result is written back into ``frames`` (in place)
-    and ``frames`` is returned. The random draws depend on ``seed`` and the block size.
+    :class:`RollAndFlip` writes a new tensor (on the CPU from a recycled buffer pool: reused only once nothing
+    references it); :class:`Noise` then perturbs that in place. The input ``frames`` are left unchanged unless
+    :class:`Noise` comes first.
     """
 
-    def __init__(self, roles: ChannelRoles, transforms: Sequence[object] | None = None, seed: int = 0,
-                 block_bytes: int | None = None) -> None:
+    def __init__(self, roles: ChannelRoles, transforms: Sequence[object] | None = None, seed: int = 0) -> None:
         self.roles = roles
         self.transforms = list(transforms if transforms is not None else (RollAndFlip(), Noise()))
-        self.seed, self.calls, self.block_bytes = seed, 0, block_bytes
+        self.seed, self.calls = seed, 0
 
     @property
     def preserves(self) -> frozenset[str]:
@@ -221,22 +235,9 @@ class Augment:
             raise SapwoodError(f"frames must be [window, batch, channels, lat, lon], got shape {tuple(frames.shape)}")
         generator = _generator(frames.device, self.seed + self.calls)
         self.calls += 1
-        batch = frames.shape[1]
-        sample_bytes = frames[:, :1].numel() * frames.element_size()
-        step = batch if self.block_bytes is None or frames.device.type != "cpu" else max(
-            1, self.block_bytes // sample_bytes)
-        out: torch.Tensor | None = None
-        for first in range(0, batch, step):  # blocks of samples sized for the cache (one block on a GPU)
-            block = frames[:, first:first + step]
-            for transform in self.transforms:
-                block = transform(block, self.roles, generator)  # type: ignore[operator]
-            if out is None:
-                same_shape = block.shape[0] == frames.shape[0]
-                out = frames if same_shape else block.new_empty((block.shape[0], batch, *block.shape[2:]))
-            if block.data_ptr() != out[:, first:first + step].data_ptr():
-                out[:, first:first + step] = block
-        assert out is not None
-        return out
+        for transform in self.transforms:
+            frames = transform(frames, self.roles, generator)  # type: ignore[operator]
+        return frames
 
 
 def numpy_loop_augment(frames: np.ndarray, variables: Sequence[tuple[str, int]], seed: int = 0,

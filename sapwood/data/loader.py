@@ -24,7 +24,6 @@ available); normalization, when asked for, is applied in place in that thread.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sapwood.data.buffers import BufferPool
 from sapwood.data.store import CubeStore
 from sapwood.errors import SapwoodError
 
@@ -72,29 +72,6 @@ def split_runs(runs: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[l
     return sorted(order[n_test:].tolist()), sorted(order[:n_test].tolist())
 
 
-class _FramePool:
-    """Reusable CPU frame buffers, so a batch does not pay fresh-page faults (which cost more than the read).
-
-    A buffer is handed out again only when nothing references it any more: every tensor or view made from it
-    holds a reference to the numpy array, so ``sys.getrefcount`` tells whether a yielded batch is still alive.
-    """
-
-    def __init__(self, shape: tuple[int, ...], capacity: int) -> None:
-        self.shape, self.capacity = shape, capacity
-        self.buffers: list[np.ndarray] = []
-        self.lock = threading.Lock()
-
-    def take(self) -> torch.Tensor:
-        with self.lock:
-            for buffer in self.buffers:
-                if sys.getrefcount(buffer) <= 3:  # the list, the loop variable, the call's argument
-                    return torch.from_numpy(buffer)
-            buffer = np.empty(self.shape, dtype=np.float32)
-            if len(self.buffers) < self.capacity:
-                self.buffers.append(buffer)
-            return torch.from_numpy(buffer)
-
-
 class CubeLoader:
     """Deterministic, resumable, prefetching batch loader over a :class:`CubeStore` (see the module docstring)."""
 
@@ -126,7 +103,7 @@ class CubeLoader:
                                f"{self.segment_length} samples; the selected runs have only {total}")
         self.epoch, self.batch = 0, 0
         self._params = torch.as_tensor(self.store.params, dtype=torch.float32)
-        self._pool = _FramePool((window, batch_size, *self.store.row_shape), capacity=self.prefetch + 3)
+        self._pool = BufferPool(capacity=self.prefetch + 3)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -164,7 +141,7 @@ class CubeLoader:
             frames = torch.empty((self.window, self.batch_size, *store.row_shape), dtype=torch.float32,
                                  pin_memory=True)
         else:
-            frames = self._pool.take()
+            frames = self._pool.take((self.window, self.batch_size, *store.row_shape))
         first_rows = store.run_rows[run] + first_time
         for segment, first_row in enumerate(first_rows.tolist()):
             for k in range(self.window):
