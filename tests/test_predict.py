@@ -1,0 +1,119 @@
+"""POST /v1/predict against a real server (uvicorn on loopback, httpx), good and bad inputs."""
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from sapwood.config import Config, CubeModelConfig, ModelConfig
+from sapwood.data.simulate import Grid, run_states, sample_planets, write_run
+from sapwood.model import build_model, save_folder
+from sapwood.serve.app import create_app
+from sapwood.serve.server import BackgroundServer
+
+PARAMS = ["planet_radius", "gravity", "rotation_rate", "stellar_flux", "mean_surface_pressure"]
+GRID = Grid(levels=4, nlat=16, nlon=32, times=3)
+PLANET = sample_planets(2, seed=0)[0]
+PLANET_JSON = dict(zip(PARAMS, [PLANET.radius, PLANET.gravity, PLANET.rotation_rate, PLANET.stellar_flux,
+                                PLANET.surface_pressure], strict=True))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("predict") / "surrogate"
+    config = Config(model=ModelConfig(vocab_size=1, hidden=32, layers=1, heads=2, ffn=64),
+                    cube=CubeModelConfig(levels=4, lat=16, lon=32, patch=4, planet_params=PARAMS))
+    torch.manual_seed(0)
+    save_folder(build_model(config), config, folder)
+    with BackgroundServer(create_app(folder)) as running:
+        yield running, folder
+
+
+@pytest.fixture(scope="module")
+def state():
+    fields, _ = next(iter(run_states(PLANET, GRID)))
+    return {name: values.astype(np.float32) for name, values in fields.items()}
+
+
+def post(server, **kwargs):
+    running, _ = server
+    return httpx.post(f"{running.url}/v1/predict", timeout=60, **kwargs)
+
+
+def json_body(state, **extra):
+    return {"state": {k: v.tolist() for k, v in state.items()}, "planet": PLANET_JSON, **extra}
+
+
+def test_json_prediction_with_projection_conserves_mass(server, state):
+    reply = post(server, json=json_body(state, steps=2, units={"T": "K", "ps": "Pa", "u": "m/s"}))
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["steps"] == 2 and len(body["states"]) == 2 and body["projected"] is True
+    predicted = np.asarray(body["states"][0]["T"])
+    assert predicted.shape == (4, 16, 32) and np.isfinite(predicted).all()
+    assert np.asarray(body["states"][1]["ps"]).shape == (16, 32)
+    for report in body["violations"]:
+        assert report["mass"] < 1e-4 and report["water"] < 1e-4 and report["ideal_gas"] < 1e-4
+        assert {"energy", "momentum", "thermo", "hydrostatic"} <= set(report)
+    ps_in = state["ps"].astype(np.float64)
+    ps_out = np.asarray(body["states"][0]["ps"])
+    weights = np.cos(np.deg2rad(np.linspace(-90 + 180 / 32, 90 - 180 / 32, 16)))[:, None]
+    assert abs((ps_out * weights).sum() / (ps_in * weights).sum() - 1) < 1e-4  # same global mass
+
+
+def test_npy_and_netcdf_uploads_give_the_same_prediction(server, state, tmp_path):
+    running, folder = server
+    frame = np.concatenate([state[v][None] if v == "ps" else state[v] for v in ["T", "u", "v", "q", "ps", "rho", "zg"]])
+    buffer = io.BytesIO()
+    np.save(buffer, frame)
+    npy = post(server, content=buffer.getvalue(), headers={"content-type": "application/x-npy"},
+               params=PLANET_JSON)
+    assert npy.status_code == 200, npy.text
+    path = write_run(tmp_path / "one.nc", PLANET, Grid(levels=4, nlat=16, nlon=32, times=2))
+    import xarray as xr
+
+    with xr.open_dataset(path) as ds:
+        last = {name: ds[name].isel(time=-1).values.astype(np.float32) for name in state}
+    via_json = post(server, json=json_body(last))
+    nc = post(server, content=path.read_bytes(), headers={"content-type": "application/x-netcdf"})
+    assert nc.status_code == 200, nc.text
+    np.testing.assert_allclose(nc.json()["states"][0]["T"], via_json.json()["states"][0]["T"], rtol=1e-6)
+    reference = post(server, json=json_body(state))
+    np.testing.assert_allclose(npy.json()["states"][0]["zg"], reference.json()["states"][0]["zg"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mutate, status, words", [
+    (lambda b: b["state"].update(T=np.zeros((3, 16, 32)).tolist()), 422, ["state.T", "[3, 16, 32]", "[4, 16, 32]"]),
+    (lambda b: b["state"].pop("q"), 422, ["missing variables", "q"]),
+    (lambda b: b["state"].update(w=[[0.0]]), 422, ["unknown variables", "w"]),
+    (lambda b: b.update(units={"T": "degC"}), 422, ["units of T", "degC", "K"]),
+    (lambda b: b["planet"].pop("gravity"), 422, ["gravity"]),
+    (lambda b: b.update(steps=0), 422, ["steps", "1..100"]),
+    (lambda b: b["state"]["ps"][0].__setitem__(0, float("nan")), 422, ["NaN"]),
+])
+def test_bad_json_inputs_are_clear_4xx(server, state, mutate, status, words):
+    body = json_body(state)
+    body["planet"] = dict(body["planet"])
+    mutate(body)
+    import json
+
+    reply = post(server, content=json.dumps(body).replace("NaN", "NaN"), headers={"content-type": "application/json"})
+    assert reply.status_code == status, reply.text
+    message = reply.json()["error"]["message"]
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_unreadable_bodies(server):
+    assert post(server, content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert post(server, content=b"garbage", headers={"content-type": "application/x-npy"}).status_code == 400
+    assert post(server, content=b"garbage", headers={"content-type": "application/x-netcdf"}).status_code == 400
+    reply = post(server, content=b"x", headers={"content-type": "text/plain"})
+    assert reply.status_code == 415 and "application/json" in reply.json()["error"]["message"]
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((25, 16, 31), dtype=np.float32))
+    bad = post(server, content=buffer.getvalue(), headers={"content-type": "application/x-npy"}, params=PLANET_JSON)
+    assert bad.status_code == 422 and "[25, 16, 32]" in bad.json()["error"]["message"]
