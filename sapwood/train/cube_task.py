@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from sapwood.config import Config, CubeNormalization
+from sapwood.config import (
+    Config,
+    CubeModelConfig,
+    CubeNormalization,
+    ModelConfig,
+    PhysicsLossConfig,
+    TrainConfig,
+)
 from sapwood.data.loader import CubeLoader
 from sapwood.data.store import CubeStore
 from sapwood.errors import ConfigError
@@ -176,3 +183,36 @@ def data_loss(prediction: torch.Tensor, target: torch.Tensor, tendency_std: torc
     weights = latitude_weights(torch.rad2deg(geometry.lat))[:, None].to(prediction.device)
     error = (prediction.float() - target.float()) / tendency_std.float()[:, None, None]
     return (error.pow(2) * weights).mean()
+
+
+def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: int = 16, nlon: int = 32,
+                    times: int = 12, seed: int = 0) -> Path:
+    """A cube store of a simulated ensemble at ``folder/store`` (built once; NetCDF in ``folder/nc``)."""
+    from sapwood.data.cubes import prepare
+    from sapwood.data.simulate import Grid, simulate_ensemble
+
+    folder = Path(folder)
+    store = folder / "store"
+    if not (store / "index.json").exists():
+        grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times)
+        simulate_ensemble(folder / "nc", runs=runs, grid=grid, seed=seed, progress=False)
+        prepare([folder / "nc"], store, progress=False)
+    return store
+
+
+def surrogate_config(store_path: str | Path, out_dir: str | Path, steps: int, hidden: int = 128, layers: int = 3,
+                     heads: int = 4, patch: int = 4, batch_size: int = 16, lr: float = 2e-3, val_runs: int = 4,
+                     physics: PhysicsLossConfig | None = None, seed: int = 0) -> Config:
+    """A training config for a small surrogate on a store (demo, bench physics, tests)."""
+    store = CubeStore(store_path)
+    levels = max(v["levels"] for v in store.variables)
+    cube = CubeModelConfig(variables=[v["name"] for v in store.variables],
+                           surface_variables=[v["name"] for v in store.variables if not v["levels"]],
+                           levels=levels, lat=store.shape[2], lon=store.shape[3], patch=patch,
+                           data=str(store_path), val_runs=val_runs, physics=physics or PhysicsLossConfig())
+    train = TrainConfig(task="sapwood.train.cube_task:CubeTask", out_dir=str(out_dir), steps=steps,
+                        batch_size=batch_size, micro_batch_size=batch_size, lr=lr, min_lr=lr / 20,
+                        warmup_steps=min(20, steps // 10), weight_decay=0.0, eval_every=max(steps // 2, 1),
+                        eval_batches=2, save_every=steps, seed=seed, progress=False, log_every=max(steps // 10, 1))
+    model = ModelConfig(vocab_size=1, hidden=hidden, layers=layers, heads=heads, ffn=2 * hidden)
+    return Config(name="cube-surrogate", model=model, cube=cube, train=train)
