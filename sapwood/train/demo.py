@@ -20,6 +20,7 @@ from sapwood.data.text import read_meta, stdlib_corpus, tokenize_corpus
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 DEMO_FILES = 200
 DEMO_VOCAB = 4096
+DEMO_VAL_FRACTION = 0.1
 console = Console()
 
 
@@ -39,7 +40,7 @@ def language_model_stage(out: Path) -> dict[str, Any]:
     if not (tokens / "meta.json").exists():
         files = stdlib_corpus(DEMO_FILES)
         console.print(f"tokenizing {len(files)} standard-library files (vocab {DEMO_VOCAB}) -> {tokens}")
-        tokenize_corpus(files, tokens, vocab_size=DEMO_VOCAB)
+        tokenize_corpus(files, tokens, vocab_size=DEMO_VOCAB, val_fraction=DEMO_VAL_FRACTION)
     meta = read_meta(tokens)
     console.print(
         f"tokens: train {meta['train_tokens']:,}, val {meta['val_tokens']:,} "

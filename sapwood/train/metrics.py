@@ -63,7 +63,13 @@ def plot_loss(metrics_path: str | Path, out_png: str | Path, baseline: float | N
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:
         steps = sorted(train)
-        ax.plot(steps, [train[s] for s in steps], label="train loss", lw=1)
+        values = [train[s] for s in steps]
+        ax.plot(steps, values, color="tab:blue", alpha=0.35, lw=1, label="train loss")
+        if len(values) >= 8:
+            width = max(len(values) // 10, 2)
+            smooth = [sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1])
+                      for i in range(len(values))]
+            ax.plot(steps, smooth, color="tab:blue", lw=1.5, label=f"train loss (mean of {width} logs)")
     if val:
         steps = sorted(val)
         ax.plot(steps, [val[s] for s in steps], "o-", label="validation loss")
