@@ -4,22 +4,26 @@ Everything here is arithmetic on the config (no tensors), so a 400B preset is si
 :func:`parameter_shapes` lists every parameter of :class:`sapwood.model.transformer.Decoder` with its
 shape; the tests check it against the model built on the meta device, name by name.
 
-Conventions (bytes per parameter, per state):
+Conventions (bytes per parameter):
 
-==============  =======  ======  =====  ===============================================
-precision       weights  master  grads  notes
-==============  =======  ======  =====  ===============================================
-``fp32``        4        0       4      activations 4 bytes
-``bf16``/       4        0       4      what ``sapwood.train`` does: fp32 parameters (the
-``fp16``                                master) and gradients, 16-bit matmuls; plus a 16-bit
-                                        compute copy (see :class:`MemoryPlan`)
-``bf16-pure``   2        0       2      16-bit weights/grads, no master (memory-lean)
-==============  =======  ======  =====  ===============================================
+=============  =======  =====  ==============================================================
+precision      weights  grads  notes
+=============  =======  =====  ==============================================================
+``fp32``       4        4      4-byte activations
+``bf16``,      4        4      as ``sapwood.train`` runs it: the fp32 parameters are the master
+``fp16``                       weights, gradients stay fp32, matmuls run in 16 bit (plus a 16-bit
+                               compute copy, see :class:`MemoryPlan`); 2-byte activations
+``bf16-pure``  2        2      16-bit weights and gradients, no fp32 master (memory-lean)
+=============  =======  =====  ==============================================================
 
 Optimizer state: ``adamw`` keeps ``exp_avg`` and ``exp_avg_sq`` in fp32 (8 bytes per element) plus a
 4-byte ``step`` scalar per tensor (as ``torch.optim.AdamW`` does); ``adamw8bit`` keeps both moments in
 int8 (2 bytes per element) plus one fp32 absmax per block of :data:`QUANT_BLOCK` elements per moment
 (blockwise quantization as in bitsandbytes), plus the step scalar; ``sgd`` keeps nothing.
+
+Sections: parameters; training state per rank (FSDP2 / TP / PP, exact); activations (Korthikanti et
+al. 2022); FLOPs and MFU; the per-GPU plan and ``sapwood size`` report; the config solver
+(``sapwood solve``); the ``create`` memory check, tables and the demo stage.
 """
 
 from __future__ import annotations
