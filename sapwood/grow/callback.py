@@ -84,7 +84,8 @@ class GrowthCallback(Callback):
         if _is_sharded(trainer.model):
             from sapwood.grow.sharded import grow_sharded
 
-            grow_sharded(trainer, request, generator)
+            trainer.model = grow_sharded(trainer.model, trainer.optimizer, request, generator,
+                                         shard_fn=getattr(trainer, "shard_model", None))
         else:
             grow_model(trainer.model, request, trainer.optimizer, generator=generator)
         trainer.config.model = target
