@@ -115,11 +115,14 @@ def test_unsupported_hf_features_are_refused(tmp_path):
 
 def test_cli_round_trip_and_error(tmp_path):
     config = Config(name="t", model=ModelConfig(vocab_size=VOCAB, hidden=32, layers=1, heads=2, ffn=64))
-    save_folder(build_model(config), config, tmp_path / "a")
+    (tmp_path / "tok.json").write_text('{"model": "bpe"}')
+    save_folder(build_model(config), config, tmp_path / "a", tokenizer_file=tmp_path / "tok.json")
     run = [sys.executable, "-m", "sapwood.cli"]
     subprocess.run([*run, "export-hf", str(tmp_path / "a"), "--out", str(tmp_path / "hf")], check=True, capture_output=True)
     subprocess.run([*run, "import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b")], check=True, capture_output=True)
     assert (tmp_path / "b" / "model.safetensors").exists()
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text() == (
+        '{"model": "bpe"}')
     proc = subprocess.run([*run, "import-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "c")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "no config.json" in proc.stderr and "Traceback" not in proc.stderr
