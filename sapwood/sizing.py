@@ -621,7 +621,7 @@ def check_create_fits(config: Config, available_bytes: int | None = None) -> Non
 
 
 def _gb(value: float) -> str:
-    return f"{value / 1e9:,.2f} GB"
+    return f"{value / 1e9:,.2f} GB" if value >= 1e8 else f"{value / 1e6:,.2f} MB"
 
 
 def print_size_report(report: dict[str, Any], console: Any = None) -> None:
