@@ -198,12 +198,13 @@ def bench_model(
     dtype: str = typer.Option("float32", help="float32 or bfloat16"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     repeats: int = typer.Option(5, help="timed steps per implementation"),
+    threads: int = typer.Option(None, help="CPU intra-op threads (default: torch's choice)"),
 ) -> None:
     """Forward+backward tokens/s of the sapwood Decoder vs a plain reference of the same math."""
     from sapwood.bench.harness import print_results
     from sapwood.bench.model import run_model_bench
 
-    results, path = run_model_bench(out, preset, batch, seq, dtype, device, repeats)
+    results, path = run_model_bench(out, preset, batch, seq, dtype, device, repeats, threads)
     print_results(results)
     console.print(f"wrote {path}")
 

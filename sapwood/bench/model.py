@@ -111,14 +111,21 @@ def time_interleaved(ours: Callable[[], object], baseline: Callable[[], object],
 
 def run_model_bench(
     out: str | Path, preset: str = "tiny", batch: int = 4, seq: int = 128, dtype: str = "float32",
-    device: str = "auto", repeats: int = 5,
+    device: str = "auto", repeats: int = 5, threads: int | None = None,
 ) -> tuple[list[Result], Path]:
-    """Time both implementations (forward+backward, and forward only) and write ``OUT/model.json``."""
+    """Time both implementations (forward+backward, and forward only) and write ``OUT/model.json``.
+
+    ``threads`` sets torch's CPU intra-op threads (on a shared, oversubscribed CPU one thread gives
+    far steadier timings than several spinning OpenMP threads)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     for name, value in (("batch", batch), ("seq", seq), ("repeats", repeats)):
         if value < 1:
             raise ConfigError(f"{name}={value} must be at least 1")
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads={threads} must be at least 1")
+        torch.set_num_threads(threads)
     torch_device, torch_dtype = pick_device(device), DTYPES[dtype]
     config = load_config(preset)
     torch.manual_seed(0)
@@ -140,7 +147,7 @@ def run_model_bench(
                                               repeats, dev)
     tokens_per_step = batch * seq
     params = {"preset": preset, "batch": batch, "seq": seq, "dtype": dtype, "device": str(torch_device),
-              "repeats": repeats, "logits_max_abs_diff": max_diff}
+              "repeats": repeats, "threads": torch.get_num_threads(), "logits_max_abs_diff": max_diff}
     results = []
     for kind, (ours, ref) in timings.items():
         results.append(Result(
