@@ -325,15 +325,16 @@ def grow(
 @bench_app.command("grow")
 def bench_grow(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for grow.json and grow.png"),
-    steps: int = typer.Option(300, "--steps", help="max optimizer steps per run"),
+    steps: int = typer.Option(200, "--steps", help="optimizer steps of the from-scratch baseline"),
     target_loss: float | None = typer.Option(None, "--target-loss", help="validation loss to reach (default: auto)"),
     scale: float = typer.Option(1.0, "--scale", help="multiply model widths (1 = tiny CPU default)"),
+    grow_fraction: float = typer.Option(0.3, "--grow-fraction", help="share of the steps trained small"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Compute to reach a target loss: large model from scratch vs small model grown into it."""
     from sapwood.bench.grow import run_grow_bench
 
-    run_grow_bench(out, steps=steps, target_loss=target_loss, scale=scale, seed=seed)
+    run_grow_bench(out, steps=steps, target_loss=target_loss, scale=scale, seed=seed, grow_fraction=grow_fraction)
 
 
 @bench_app.command("train")
@@ -389,6 +390,55 @@ def bench_augment(
     from sapwood.bench.harness import print_results
 
     print_results(run_augment_bench(out, batch_gb, levels, nlat, nlon, repeats))
+
+
+@app.command("eval")
+def eval_surrogate(
+    folder: Path = typer.Argument(..., help="surrogate checkpoint folder"),
+    data: Path = typer.Option(..., "--data", help="cube store (sapwood prepare)"),
+    out: Path = typer.Option(None, "--out", help="folder for eval.json and PNGs (default DIR/eval)"),
+    rollout: int = typer.Option(20, "--rollout", help="autoregressive rollout steps"),
+    runs: str = typer.Option(None, "--runs", help="comma-separated run indices (default: held-out planets)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Skill (WB2 RMSE, ACC vs persistence/climatology), physics violations and rollout of a surrogate."""
+    from sapwood.evaluate import evaluate_surrogate, print_summary
+
+    chosen = [int(r) for r in runs.split(",")] if runs else None
+    result = evaluate_surrogate(folder, data, out or folder / "eval", rollout, chosen, device)
+    print_summary(result)
+
+
+@bench_app.command("physics")
+def bench_physics(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for physics.json and physics.png"),
+    batch: int = typer.Option(64, help="states per batch for the speed comparison"),
+    levels: int = typer.Option(8, help="sigma layers"),
+    nlat: int = typer.Option(32, help="latitudes"),
+    nlon: int = typer.Option(64, help="longitudes"),
+    train_steps: int = typer.Option(300, "--train-steps", help="steps of each of the two trained surrogates"),
+    runs: int = typer.Option(24, help="simulated planets for the trained surrogates"),
+    skip_training: bool = typer.Option(False, "--skip-training", help="only the speed comparison"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+) -> None:
+    """Unified physics module vs naive separate constraint loops; violations without/with physics loss/projection."""
+    from sapwood.bench.physics import run_physics_bench
+
+    run_physics_bench(out, batch, levels, nlat, nlon, train_steps, runs, skip_training, device)
+
+
+@bench_app.command("predict")
+def bench_predict(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for predict.json and predict.png"),
+    source: str = typer.Option("cube-small", "--model", help="surrogate checkpoint folder or cube preset"),
+    repeats: int = typer.Option(300, help="timed predictions per path"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model as well"),
+) -> None:
+    """p50/p99 latency of one batch-of-one surrogate prediction (preallocated, CUDA graph on GPU) vs eager."""
+    from sapwood.bench.predict import run_predict_bench
+
+    run_predict_bench(out, source, repeats, device, compile_)
 
 
 # --- commands are added above this line, one per concept, each delegating to its module ---

@@ -45,7 +45,7 @@ VARIANTS = {
 
 @dataclass
 class BenchSettings:
-    steps: int = 300
+    steps: int = 200
     grow_fraction: float = 0.3
     batch_size: int = 16
     seq_len: int = 64
@@ -60,11 +60,13 @@ class BenchSettings:
 
 
 def shapes(settings: BenchSettings, vocab_size: int) -> tuple[ModelConfig, ModelConfig]:
-    """(small S, large L): L has twice the layers, width, heads and FFN of S; head_dim 32 in both."""
-    width = max(32, int(64 * settings.scale) // 32 * 32)
-    common = {"vocab_size": vocab_size, "head_dim": 32, "trained_context": settings.seq_len, "tied_embeddings": True}
-    small = ModelConfig(hidden=width, layers=2, heads=width // 32, kv_heads=max(1, width // 64), ffn=3 * width,
-                        **common)
+    """(small S, large L): L has twice the layers, width, heads, kv heads and FFN of S (same head_dim)."""
+    width = max(32, int(32 * settings.scale) // 16 * 16)
+    head_dim = 16 if width < 128 else 32
+    common = {"vocab_size": vocab_size, "head_dim": head_dim, "trained_context": settings.seq_len,
+              "tied_embeddings": True}
+    small = ModelConfig(hidden=width, layers=2, heads=width // head_dim, kv_heads=max(1, width // (2 * head_dim)),
+                        ffn=3 * width, **common)
     large = ModelConfig(hidden=2 * width, layers=4, heads=2 * small.heads, kv_heads=2 * small.kv_heads,
                         ffn=6 * width, **common)
     return small, large
@@ -152,18 +154,19 @@ def train_curve(name: str, start: ModelConfig, final: ModelConfig, settings: Ben
     return curve
 
 
-def prepare_tokens(folder: Path, vocab_size: int) -> Path:
+def prepare_tokens(folder: Path, vocab_size: int, max_files: int = 120) -> Path:
     if not (folder / "meta.json").exists():
-        tokenize_corpus(stdlib_corpus(max_files=120), folder, vocab_size=vocab_size, val_fraction=0.1)
+        tokenize_corpus(stdlib_corpus(max_files=max_files), folder, vocab_size=vocab_size, val_fraction=0.1)
     return folder
 
 
-def run_grow_bench(out: Path, steps: int = 300, target_loss: float | None = None, scale: float = 1.0,
-                   seed: int = 0, grow_fraction: float = 0.3, data_dir: Path | None = None) -> Path:
+def run_grow_bench(out: Path, steps: int = 200, target_loss: float | None = None, scale: float = 1.0,
+                   seed: int = 0, grow_fraction: float = 0.3, data_dir: Path | None = None,
+                   max_files: int = 120) -> Path:
     settings = BenchSettings(steps=steps, scale=scale, seed=seed, grow_fraction=grow_fraction)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        data = prepare_tokens(Path(data_dir or tmp) / "tokens", settings.vocab_size)
+        data = prepare_tokens(Path(data_dir or tmp) / "tokens", settings.vocab_size, max_files)
         vocab = int(__import__("json").loads((data / "meta.json").read_text())["vocab_size"])
         small, large = shapes(settings, vocab)
         console.print(f"S: {small.layers}x{small.hidden} ({_params(small):,} params) -> "
