@@ -210,3 +210,12 @@ def test_callback_surgery_is_checkpointed_and_resumed_with_the_grown_shape(token
     resumed.fit()
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
     assert (tmp_path / "b" / "final" / "config.yaml").read_text().count("ffn: 128") == 1
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_identically_and_saves(tokens_dir, tmp_path):
+    eager = Trainer(make_config(tokens_dir, tmp_path / "eager", steps=3, save_every=2)).fit()
+    compiled = Trainer(make_config(tokens_dir, tmp_path / "compiled", steps=3, save_every=2, compile=True)).fit()
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-5)
+    assert (tmp_path / "compiled" / "final" / "model.safetensors").exists()

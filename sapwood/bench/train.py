@@ -29,8 +29,8 @@ class TrainBenchSettings:
     preset: str = "tiny"
     seq_len: int = 128
     micro_batch_size: int = 8
-    steps: int = 8
-    warmup_steps: int = 2
+    steps: int = 6
+    warmup_steps: int = 1
     threads: int = 2
     device: str = "auto"
     corpus_files: int = 40
