@@ -10,12 +10,23 @@ on the CPU, and on the GPU too when one is present.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from sapwood.bench.harness import Result, time_fn, write_suite
 from sapwood.data.augment import Augment, ChannelRoles, numpy_loop_augment
+
+
+def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Process CPU seconds per call (all threads): less sensitive than wall time to other load on the machine."""
+    fn()
+    start = time.process_time()
+    for _ in range(repeats):
+        fn()
+    return (time.process_time() - start) / repeats
 
 
 def synthetic_frames(batch_size: int, levels: int, nlat: int, nlon: int, seed: int = 0) -> torch.Tensor:
@@ -43,8 +54,19 @@ def run_augment_bench(out: Path, batch_gb: float = 0.05, levels: int = 8, nlat: 
     baseline = time_fn(lambda: numpy_loop_augment(array, variables, seed=0), warmup=1, repeats=repeats)
     augment = Augment(roles, seed=0)
     ours = time_fn(lambda: augment(frames), warmup=1, repeats=repeats)
+    cpu_baseline, cpu_ours = cpu_seconds(lambda: numpy_loop_augment(array, variables, seed=0), repeats), \
+        cpu_seconds(lambda: augment(frames), repeats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = time_fn(lambda: augment(frames), warmup=1, repeats=repeats)
+    finally:
+        torch.set_num_threads(threads)
+    cpu = {"cpu_seconds_sapwood": cpu_ours, "cpu_seconds_numpy": cpu_baseline}
     results = [Result("batched augment vs numpy loop (cpu)", ours.median, "s/batch", baseline.median,
-                      {**params, "device": "cpu"}, baseline="per-sample per-variable numpy loop")]
+                      {**params, **cpu, "device": "cpu"}, baseline="per-sample per-variable numpy loop"),
+               Result("batched augment, 1 thread, vs numpy loop", one_thread.median, "s/batch", baseline.median,
+                      {**params, "threads": 1, "device": "cpu"}, baseline="per-sample per-variable numpy loop")]
     if torch.cuda.is_available():
         on_gpu = frames.cuda()
         gpu = time_fn(lambda: augment(on_gpu), warmup=2, repeats=repeats, device="cuda")
