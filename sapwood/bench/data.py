@@ -132,6 +132,8 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
                baseline="xarray open_dataset().load() of needed files per batch, numpy stacking"),
         Result("loader vs raw sequential read", loader_s, "s/batch", raw_s, {**params, **gbps},
                baseline="raw readinto of the same number of bytes"),
+        Result("loader.read_batch (no prefetch thread) vs raw read", direct_s, "s/batch", raw_s, {**params, **gbps},
+               baseline="raw readinto of the same number of bytes"),
     ]
     write_suite("data", results, out, extra={"cache": "warm (page cache; dropping it needs root)",
                                              "batch_gb": batch_bytes / 1e9})
