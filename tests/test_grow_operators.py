@@ -181,6 +181,18 @@ def test_bad_requests_give_one_line_errors(request_kwargs: dict, message: str) -
     assert model.cfg.layers == 2 and model.cfg.hidden == 32  # a refused request leaves the model untouched
 
 
+def test_memory_budget_cap_uses_sizing() -> None:
+    from sapwood.sizing import training_memory_bytes
+
+    model = trained_like(small_config())
+    grown = target_config(model.cfg, GrowthRequest(hidden=512))
+    needed = training_memory_bytes(grown) / 1e9
+    with pytest.raises(SapwoodError, match=rf"needs {needed:.3g} GB of training memory, above memory_budget_gb=0.001"):
+        grow_model(model, GrowthRequest(hidden=512), caps=GrowthCaps(memory_budget_gb=0.001))
+    grow_model(model, GrowthRequest(hidden=48), caps=GrowthCaps(memory_budget_gb=0.001))  # fits: allowed
+    assert model.cfg.hidden == 48
+
+
 def test_heads_not_multiple_of_group_is_refused() -> None:
     model = trained_like(small_config())
     with pytest.raises(SapwoodError, match="heads=5 is not a multiple of the 2 query heads per kv head"):

@@ -171,6 +171,9 @@ def run_grow_bench(out: Path, steps: int = 200, target_loss: float | None = None
         small, large = shapes(settings, vocab)
         console.print(f"S: {small.layers}x{small.hidden} ({_params(small):,} params) -> "
                       f"L: {large.layers}x{large.hidden} ({_params(large):,} params), {steps} steps, {device}")
+        torch.set_flush_denormal(True)  # tiny CPU models otherwise spend time in denormal arithmetic
+        for shape in (small, large):  # untimed warm-up of kernels and allocator, so the first run pays nothing extra
+            train_curve("warm-up", shape, shape, settings, data, device, 20)
         scratch = train_curve("scratch", large, large, settings, data, device, steps)
         target = target_loss if target_loss is not None else scratch.val_loss[-1]
         console.print(f"scratch: val loss {scratch.val_loss[-1]:.4f} after {steps} steps; target {target:.4f}")
