@@ -34,7 +34,14 @@ from sapwood.model import save_folder
 from sapwood.train import checkpoint as ckpt
 from sapwood.train.activation import apply_activation_checkpointing
 from sapwood.train.callbacks import Callback, callbacks_from_config
+from sapwood.train.mesh import env_world_size, init_distributed, parallel_dims_for
 from sapwood.train.metrics import EventLog, plot_loss
+from sapwood.train.parallel import (
+    apply_training_parallelism,
+    clip_grad_norm_,
+    full_model_state,
+    model_for_eval,
+)
 from sapwood.train.precision import Precision
 from sapwood.train.schedule import warmup_cosine
 from sapwood.train.task import Task, build_task
@@ -72,6 +79,8 @@ def apply_parallelism(model: nn.Module, config: Config, device: torch.device) ->
     process: activation checkpointing and compile only. ``sapwood.train.parallel`` replaces this
     body for multi-rank plans from ``config.parallel``.
     """
+    if env_world_size() > 1 or config.parallel.world_size > 1:
+        return apply_training_parallelism(model, config, device)
     train = config.train
     apply_activation_checkpointing(model, train.activation_checkpointing, train.checkpoint_every_k)
     if train.compile:
@@ -134,7 +143,11 @@ class Trainer:
         self.config = config.model_copy(deep=True)
         self.callbacks = list(callbacks)
         self.device = resolve_device(self.config.train.device)
+        dist_env = init_distributed(self.device.type)  # from torchrun's env; no-op for one process
+        if self.device.type == "cuda":
+            self.device = dist_env.device
         self.rank, self.world_size = ckpt.rank_and_world()
+        self.dims = parallel_dims_for(self.config.parallel, self.device.type)
         self.out_dir = Path(self.config.train.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.events = EventLog(self.out_dir / "metrics.jsonl", enabled=self.rank == 0)
@@ -176,7 +189,7 @@ class Trainer:
         t = config.train
         self.scheduler = warmup_cosine(self.optimizer, t.lr, t.min_lr, t.warmup_steps, t.steps)
         self.scaler = self.precision.grad_scaler()
-        self.batches = self.task.train_batches(t.micro_batch_size, self.rank, self.world_size)
+        self.batches = self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp)
 
     def model_changed(self) -> None:
         """Call after replacing blocks/parameters: re-applies activation checkpointing to new blocks."""
@@ -257,9 +270,14 @@ class Trainer:
         for _ in range(self.accumulation):
             batch = _to_device(next(self.batches), self.device)
             units += self.task.count_units(batch)
-            with self.precision.autocast():
-                loss, metrics = self.task.loss(self.model, batch)
-            self.scaler.scale(loss / self.accumulation).backward()
+            pipeline = getattr(self.model, "pipeline", None)  # set by sapwood.train.parallel when pp > 1
+            if pipeline is not None:
+                with self.precision.autocast():
+                    loss, metrics = pipeline.forward_backward(*batch, loss_scale=1.0 / self.accumulation), {}
+            else:
+                with self.precision.autocast():
+                    loss, metrics = self.task.loss(self.model, batch)
+                self.scaler.scale(loss / self.accumulation).backward()
             total += loss.detach().float() / self.accumulation
             for key, value in metrics.items():
                 extra[key] = extra.get(key, 0.0) + float(value) / self.accumulation
@@ -271,12 +289,12 @@ class Trainer:
             self.skipped_steps += 1
             self.scheduler.step()
             self.step += 1
-            return {"loss": loss_value, "skipped": True, "lr": lr, "units": units * self.world_size, **extra}
+            return {"loss": loss_value, "skipped": True, "lr": lr, "units": units * self.dims.dp, **extra}
         self.bad_steps = 0
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(clip_grad_norm_(params, max_norm, self.dims))
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -285,7 +303,7 @@ class Trainer:
             self.overflow_steps += 1
         self.scheduler.step()
         self.step += 1
-        out = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr, "units": units * self.world_size, **extra}
+        out = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr, "units": units * self.dims.dp, **extra}
         if self.scaler.is_enabled():
             out.update(overflow=overflow, scale=self.scaler.get_scale())
         return out
@@ -301,7 +319,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         with torch.no_grad(), self.precision.autocast():
-            metrics = self.task.evaluate(self.model, self.config.train.micro_batch_size, self.config.train.eval_batches)
+            metrics = self.task.evaluate(
+                model_for_eval(self.model), self.config.train.micro_batch_size, self.config.train.eval_batches
+            )
         self.model.train()
         return metrics
 
@@ -367,7 +387,7 @@ class Trainer:
 
     def write_final(self) -> Path:
         """The final weights as a normal sapwood checkpoint folder ``OUT/final`` (rank 0 writes)."""
-        state = ckpt.full_model_state(self.model)
+        state = full_model_state(self.model)
         out = self.out_dir / "final"
         if self.rank == 0:
             with torch.device("meta"):

@@ -180,3 +180,16 @@ def build_parallel_dims(parallel: ParallelConfig, world_size: int | None = None,
         "dp_shard_tp": mesh["dp_shard", "tp"]._flatten("dp_shard_tp"),
     }
     return ParallelDims(parallel=parallel, world_size=world_size, mesh=mesh, flattened=flattened)
+
+
+_DIMS_CACHE: dict[tuple, ParallelDims] = {}
+
+
+def parallel_dims_for(parallel: ParallelConfig, device_type: str = "cpu") -> ParallelDims:
+    """:func:`build_parallel_dims` for the current world, built once per plan and reused (a model
+    rebuilt after growth gets the same mesh and process groups)."""
+    world_size = env_world_size()
+    key = (tuple(sorted(parallel.model_dump().items())), world_size, device_type)
+    if key not in _DIMS_CACHE:
+        _DIMS_CACHE[key] = build_parallel_dims(parallel, world_size, device_type)
+    return _DIMS_CACHE[key]

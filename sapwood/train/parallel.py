@@ -30,11 +30,11 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
-from torch.utils.checkpoint import checkpoint
 
-from sapwood.config import ModelConfig
+from sapwood.config import Config, ModelConfig
 from sapwood.errors import ConfigError
-from sapwood.train.mesh import ParallelDims
+from sapwood.train.activation import apply_activation_checkpointing
+from sapwood.train.mesh import ParallelDims, parallel_dims_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -147,23 +147,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     model.register_forward_pre_hook(_full_positions_hook(tp_mesh.size()), with_kwargs=True)
 
 
-def _checkpointed(forward: Callable) -> Callable:
-    def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
-
-
-def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 2) -> None:
-    """Recompute block activations in backward: ``every_layer``, or every ``every_k``-th block
-    (``every_k``). Wraps ``forward`` in place so parameter names do not change."""
-    if mode == "none":
-        return
-    for name, block in model.layers.items():
-        if mode == "every_layer" or int(name) % every_k == 0:
-            block.forward = _checkpointed(block.forward)
-
-
 def apply_compile(model: nn.Module) -> None:
     """``torch.compile`` each block in place (same names; the blocks are identical so one graph)."""
     for block in model.layers.values():
@@ -258,9 +241,45 @@ class ParallelModel:
         dist.all_reduce(loss, group=self.dims.submesh("pp").get_group())  # only the last stage is nonzero
         return loss
 
+    def forward_only(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` of the whole pipeline on every pipeline rank (forward-only
+        schedule; the last stage broadcasts its output). Every rank passes the same ``inputs``."""
+        loss_fn, self.schedule._loss_fn = self.schedule._loss_fn, None  # 1F1B would compute a loss
+        try:
+            output = self.schedule.eval(inputs) if self.has_first_stage else self.schedule.eval()
+        finally:
+            self.schedule._loss_fn = loss_fn
+        vocab = self.parts[-1].cfg.vocab_size
+        if not self.has_last_stage or output is None:
+            output = torch.empty(inputs.shape[0], inputs.shape[1], vocab, device=inputs.device)
+        output = output.float().contiguous()
+        pp_mesh = self.dims.submesh("pp")
+        last_rank = dist.get_global_rank(pp_mesh.get_group(), self.dims.pp - 1)
+        dist.broadcast(output, src=last_rank, group=pp_mesh.get_group())
+        return output
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm over every rank and stage; returns the norm before clipping."""
         return clip_grad_norm_(list(self.parameters()), max_norm, self.dims)
+
+
+class PipelineForward(nn.Module):
+    """``model(tokens) -> logits`` over a whole pipeline, for evaluation code written for one model
+    (every pipeline rank calls it with the same tokens and gets the same logits)."""
+
+    def __init__(self, pipeline: ParallelModel):
+        super().__init__()
+        self.stage = pipeline.model
+        self.pipeline = pipeline
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.pipeline.forward_only(tokens)
+
+
+def model_for_eval(model: nn.Module) -> nn.Module:
+    """What evaluation should call: ``model`` itself, or a :class:`PipelineForward` for a stage."""
+    pipeline = getattr(model, "pipeline", None)
+    return model if pipeline is None else PipelineForward(pipeline)
 
 
 def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float, dims: ParallelDims) -> torch.Tensor:
@@ -340,6 +359,32 @@ def parallelize(
     return ParallelModel(parts=[model], dims=dims, loss_fn=loss_fn)
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy in float32: the loss a pipeline's last stage computes."""
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def apply_training_parallelism(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
+    """The training loop's hook: parallelize the (meta-device) model for ``config.parallel`` and the
+    world size torchrun set; the loop then materializes and initializes it.
+
+    Returns the model this rank trains. Under pipeline parallel it is this rank's stage (the pruned
+    Decoder, full-model parameter names) and carries the :class:`ParallelModel` as ``.pipeline``:
+    the loop steps through ``model.pipeline.forward_backward`` instead of calling the model.
+    """
+    train = config.train
+    dims = parallel_dims_for(config.parallel, device.type)
+    pm = parallelize(model, dims, lm_loss, device, precision=train.precision,
+                     activation_checkpointing=train.activation_checkpointing,
+                     checkpoint_every_k=train.checkpoint_every_k, compile=train.compile)
+    if len(pm.parts) > 1:
+        raise ConfigError("parallel.pp_schedule='interleaved_1f1b' is not supported by `sapwood train` yet; "
+                          "use 1f1b or gpipe")
+    if dims.pp_enabled:
+        pm.model.pipeline = pm
+    return pm.model
+
+
 def batch_slice(batch_size: int, dims: ParallelDims) -> slice:
     """The rows of a global batch this rank's data-parallel replica trains on."""
     if batch_size % dims.dp:
@@ -348,18 +393,24 @@ def batch_slice(batch_size: int, dims: ParallelDims) -> slice:
     return slice(dims.dp_rank * local, (dims.dp_rank + 1) * local)
 
 
-def full_model_state(pm: ParallelModel) -> dict[str, torch.Tensor]:
-    """The full, unsharded model state on CPU with the full model's names, on every rank: FSDP and
-    TP shards are gathered, and pipeline stages exchange their pieces."""
+def full_model_state(model: ParallelModel | nn.Module) -> dict[str, torch.Tensor]:
+    """The full, unsharded model state on CPU with the full model's names (on rank 0; on every rank
+    under pipeline parallel, where stages exchange their pieces). FSDP and TP shards are gathered.
+    Takes a ParallelModel or a model returned by :func:`apply_training_parallelism`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    pipeline = model if isinstance(model, ParallelModel) else getattr(model, "pipeline", None)
+    parts = pipeline.parts if pipeline is not None else [model]
+    pipelined = pipeline is not None and pipeline.dims.pp_enabled
+    # Without pipeline stages rank 0 alone gathers onto the CPU (the others get an empty dict).
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not pipelined)
     state: dict[str, torch.Tensor] = {}
-    for part in pm.parts:
-        part_state = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+    for part in parts:
+        part_state = get_model_state_dict(part, options=options)
         state.update({name: tensor.detach().cpu() for name, tensor in part_state.items()})
-    if pm.dims.pp_enabled:
-        pieces: list = [None] * pm.dims.pp
-        dist.all_gather_object(pieces, state, group=pm.dims.submesh("pp").get_group())
+    if pipelined:
+        pieces: list = [None] * pipeline.dims.pp
+        dist.all_gather_object(pieces, state, group=pipeline.dims.submesh("pp").get_group())
         state = {name: tensor for piece in pieces for name, tensor in piece.items()}
     return state
 
