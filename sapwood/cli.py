@@ -441,6 +441,17 @@ def bench_predict(
     run_predict_bench(out, source, repeats, device, compile_)
 
 
+@app.command()
+def consolidate(
+    checkpoint: Path = typer.Argument(..., help="training checkpoint folder (OUT/checkpoints/step_N), any world size"),
+    out: Path = typer.Option(..., "--out", help="checkpoint folder to write (config.yaml + model.safetensors)"),
+) -> None:
+    """Merge a sharded (torch.distributed.checkpoint) training checkpoint into a normal checkpoint folder."""
+    from sapwood.train.consolidate import consolidate as run_consolidate
+
+    console.print(f"wrote {run_consolidate(checkpoint, out)}")
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 

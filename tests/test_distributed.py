@@ -200,3 +200,17 @@ def test_checkpoint_reshards_to_two_ranks_and_one_process(four_ranks, resharded,
         for key, tensor in saved_weights.items():
             assert torch.equal(loaded[key], tensor), f"{name}: {key} differs after resharding"
         assert_losses_match(result["losses"], original["losses"][SAVE_AFTER:SAVE_AFTER + 2])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("saved", ["fsdp2_tp2", "pp2_fsdp2"])
+def test_consolidate_writes_a_loadable_folder_with_the_saved_weights(four_ranks, tmp_path, saved):
+    import sapwood
+    from sapwood.train.consolidate import consolidate
+
+    folder = consolidate(four_ranks / f"{saved}.ckpt" / f"step_{SAVE_AFTER:08d}", tmp_path / "plain")
+    model = sapwood.load(folder)
+    saved_weights = torch.load(read(four_ranks, saved)["saved_weights"], weights_only=True)
+    state = model.state_dict()
+    for key, tensor in saved_weights.items():
+        assert torch.equal(state[key], tensor), key
