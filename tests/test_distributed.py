@@ -214,3 +214,21 @@ def test_consolidate_writes_a_loadable_folder_with_the_saved_weights(four_ranks,
     state = model.state_dict()
     for key, tensor in saved_weights.items():
         assert torch.equal(state[key], tensor), key
+
+
+def test_sapwood_train_with_a_mesh_for_more_processes_exits_2_with_one_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: {vocab_size: 64, hidden: 32, layers: 2, heads: 4, ffn: 64, trained_context: 16}\n"
+        f"train: {{steps: 1, batch_size: 2, micro_batch_size: 2, out_dir: {tmp_path / 'out'}, progress: false}}\n"
+        f"data: {{path: {tmp_path / 'tokens'}}}\n"
+        "parallel: {tp: 2, dp_shard: 2}\n"
+    )
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "train", str(config)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: tp=2 × pp=1 × dp=2 = 4 but WORLD_SIZE=1; the parallel degrees must multiply to the number of processes"
+    ]
