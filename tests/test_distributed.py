@@ -232,3 +232,12 @@ def test_sapwood_train_with_a_mesh_for_more_processes_exits_2_with_one_line(tmp_
     assert proc.stderr.strip().splitlines() == [
         "error: tp=2 × pp=1 × dp=2 = 4 but WORLD_SIZE=1; the parallel degrees must multiply to the number of processes"
     ]
+
+
+def test_cpu_offload_on_a_cpu_run_is_a_clear_error():
+    from sapwood.train.parallel import parallelize
+
+    model = scenarios.build_model(tied=True)
+    dims = ParallelDims(ParallelConfig(dp_shard=2, cpu_offload=True), 2)
+    with pytest.raises(ConfigError, match=r"parallel.cpu_offload=true needs a GPU"):
+        parallelize(model, dims, scenarios.loss_fn, "cpu")

@@ -342,6 +342,9 @@ def parallelize(
     activation checkpointing and compile. ``model`` is changed in place (pruned under PP)."""
     device = torch.device(device)
     check_parallel_fits_model(model.cfg, dims)
+    if dims.parallel.cpu_offload and device.type == "cpu":
+        raise ConfigError("parallel.cpu_offload=true needs a GPU (FSDP2 offloads GPU parameters to the CPU); "
+                          "set cpu_offload: false for a CPU run")
 
     def transform(part: nn.Module) -> None:
         if dims.tp_enabled:
