@@ -33,6 +33,18 @@ def _latencies(fn, repeats: int, device: torch.device) -> np.ndarray:
     return samples * 1e3
 
 
+def _simulated_state(cube) -> tuple[np.ndarray, np.ndarray]:
+    """One simulated Earth-like state ``[1, C, lat, lon]`` on the model's grid and its planet parameters."""
+    from sapwood.data.simulate import PLANET_VARIABLES, Grid, PlanetParams, run_states
+
+    planet = PlanetParams()
+    fields, _ = next(iter(run_states(planet, Grid(levels=cube.levels, nlat=cube.lat, nlon=cube.lon, times=2))))
+    frame = np.concatenate([fields[v][None] if v in cube.surface_variables else fields[v] for v in cube.variables])
+    values = {name: getattr(planet, field) for name, (field, _, _) in PLANET_VARIABLES.items()}
+    params = [values[name] for name in cube.planet_params] or [1.0]
+    return frame.astype(np.float32)[None], np.asarray([params], dtype=np.float32)
+
+
 def run_predict_bench(out_dir: Path, source: str = "cube-small", repeats: int = 300, device: str = "auto",
                       compile: bool = False) -> list[Result]:
     """Time both paths on a checkpoint folder or a cube preset (randomly initialized)."""
@@ -53,9 +65,7 @@ def run_predict_bench(out_dir: Path, source: str = "cube-small", repeats: int = 
 
         raise SapwoodError(f"{source}: not a datacube surrogate (no 'cube:' section)")
     geometry = Geometry.default(cube, device=dev)
-    rng = np.random.default_rng(0)
-    state_np = geometry.example_state(rng).astype(np.float32)[None]
-    params_np = np.ones((1, max(len(cube.planet_params), 1)), dtype=np.float32)
+    state_np, params_np = _simulated_state(cube)
 
     def baseline() -> torch.Tensor:
         with torch.no_grad():
