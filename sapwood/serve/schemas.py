@@ -1,7 +1,7 @@
 """OpenAI wire-format request and response models for completions and chat completions.
 
 Requests are strict (a string where a number belongs is a 422, never coerced); unknown fields are
-ignored as the OpenAI API does. sapwood extensions: ``top_k``, ``repetition_penalty``.
+ignored as the OpenAI API does. sapwood extensions: ``top_k``, ``repetition_penalty``, ``ignore_eos``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM extension: always generate max_tokens (benchmarks)
 
     @field_validator("stop")
     @classmethod

@@ -76,7 +76,7 @@ class TextService:
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
                                   top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
-                                  stop=body.stop_list)
+                                  stop=body.stop_list, ignore_eos=body.ignore_eos)
         except SapwoodError as exc:
             raise APIError(400, str(exc)) from None
 

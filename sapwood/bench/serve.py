@@ -1,0 +1,285 @@
+"""``sapwood bench serve``: the sapwood server vs ``transformers`` ``generate`` on the same weights.
+
+Ours: ``sapwood serve`` in its own process (continuous batching), driven over HTTP by streaming
+clients at concurrency 1, 4, 16, 64; time to first token is the first SSE chunk. Baselines, in the
+same run, same prompts, same new-token count, on the ``export-hf`` copy of the same checkpoint:
+
+* ``hf one-at-a-time``: the requests of a level arrive together and are served one after another with
+  batch-1 ``generate`` (what a plain HTTP wrapper around ``generate`` does); to keep the run short, 4
+  requests are timed and the queue of the level is laid out from their times (see
+  :func:`run_hf_one_at_a_time`);
+* ``hf static batch``: all requests of a level in one left-padded ``generate`` call (best case for
+  ``generate``; no HTTP, every request waits for the whole batch).
+
+Every request generates exactly ``max_tokens`` tokens (``ignore_eos``; ``eos_token_id=None`` in HF).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from sapwood.bench.harness import Result, write_suite
+from sapwood.errors import SapwoodError
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def random_checkpoint(preset: str, out: Path) -> Path:
+    """A random-weight checkpoint of ``preset`` with a BPE tokenizer trained on stdlib sources."""
+    from sapwood.config import load_config
+    from sapwood.data.text import stdlib_corpus, train_tokenizer
+    from sapwood.model.folder import build_model, save_folder
+
+    config = load_config(preset)
+    documents = [p.read_text(errors="ignore") for p in stdlib_corpus(40)]
+    tokenizer = train_tokenizer(documents, config.model.vocab_size)
+    tokenizer_path = out / "tokenizer.json"
+    tokenizer.save(str(tokenizer_path))
+    torch.manual_seed(0)
+    model = build_model(config)
+    return save_folder(model, config, out / "model", tokenizer_file=tokenizer_path)
+
+
+def bench_prompts(count: int, tokenizer_path: Path) -> list[str]:
+    """Prompts of 16..64 tokens cut from stdlib sources (deterministic)."""
+    from tokenizers import Tokenizer
+
+    from sapwood.data.text import stdlib_corpus
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    text = "\n".join(p.read_text(errors="ignore") for p in stdlib_corpus(20))
+    ids = tokenizer.encode(text).ids
+    prompts, cursor = [], 0
+    for i in range(count):
+        length = 16 + (i * 37) % 49
+        prompts.append(tokenizer.decode(ids[cursor : cursor + length]))
+        cursor += length
+    return prompts
+
+
+class ServerProcess:
+    """``sapwood serve FOLDER`` on a free loopback port, in a child process."""
+
+    def __init__(self, folder: Path, max_batch: int):
+        from sapwood.serve.server import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k != "SAPWOOD_API_KEYS"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sapwood.cli", "serve", str(folder), "--port", str(self.port),
+             "--max-batch", str(max_batch), "--model-name", "bench"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SapwoodError("sapwood serve exited during start-up (run it by hand to see why)")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise SapwoodError(f"sapwood serve did not become ready within {timeout:g} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def _one_streaming_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(time to first token, latency, completion tokens) of one streamed completion."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise SapwoodError(f"bench request failed: {response.status_code} {await response.aread()!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if first is None and event.get("choices"):
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return first or 0.0, time.perf_counter() - start, tokens
+
+
+def run_ours(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, float]:
+    async def level() -> tuple[float, list[tuple[float, float, int]]]:
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+            await _one_streaming_request(http, prompts[0], 4)  # warm-up
+            gate = asyncio.Semaphore(concurrency)
+
+            async def gated(prompt: str) -> tuple[float, float, int]:
+                async with gate:
+                    return await _one_streaming_request(http, prompt, max_tokens)
+
+            start = time.perf_counter()
+            results = await asyncio.gather(*[gated(p) for p in prompts])
+            return time.perf_counter() - start, results
+
+    wall, results = asyncio.run(level())
+    tokens = sum(r[2] for r in results)
+    if tokens != len(prompts) * max_tokens:
+        raise SapwoodError(f"expected {len(prompts) * max_tokens} generated tokens, got {tokens}")
+    return summarize(wall, tokens, [r[0] for r in results], [r[1] for r in results])
+
+
+def summarize(wall: float, tokens: int, ttfts: list[float], latencies: list[float]) -> dict[str, float]:
+    return {"tokens_per_s": tokens / wall, "wall_s": wall, "ttft_p50_ms": 1000 * statistics.median(ttfts),
+            "latency_p50_ms": 1000 * percentile(latencies, 50), "latency_p99_ms": 1000 * percentile(latencies, 99)}
+
+
+class _FirstTokenTimer:
+    """A transformers streamer that records when the first new token comes out."""
+
+    def __init__(self) -> None:
+        self.calls, self.first = 0, None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # the first put is the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf_one_at_a_time(hf, tokenizer, prompts: list[str], max_tokens: int, measured: int = 4) -> dict[str, float]:
+    """All requests arrive at t=0 and are served one after another with batch-1 generate.
+
+    Only the first ``measured`` requests are generated (each timed: service time and first-token time);
+    the queue of all ``len(prompts)`` requests is then laid out from those times, cycling through them:
+    request ``i`` starts when ``i - 1`` ends. Tokens/s does not depend on the queue length.
+    """
+    service, first_token = [], []
+    for prompt in prompts[:measured]:
+        ids = torch.tensor([tokenizer.encode(prompt).ids])
+        timer = _FirstTokenTimer()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              streamer=timer)
+        service.append(time.perf_counter() - start)
+        first_token.append(timer.first - start)
+        assert out.shape[1] == ids.shape[1] + max_tokens
+    clock, ttfts, latencies = 0.0, [], []
+    for i in range(len(prompts)):
+        ttfts.append(clock + first_token[i % len(service)])
+        clock += service[i % len(service)]
+        latencies.append(clock)
+    return summarize(clock, len(prompts) * max_tokens, ttfts, latencies)
+
+
+def run_hf_static_batch(hf, tokenizer, prompts: list[str], max_tokens: int) -> dict[str, float]:
+    """All requests in one left-padded generate call."""
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.zeros(len(encoded), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e):] = torch.tensor(e)
+        mask[row, width - len(e):] = 1
+    timer = _FirstTokenTimer()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                          do_sample=False, eos_token_id=None, pad_token_id=0, streamer=timer)
+    wall = time.perf_counter() - start
+    assert out.shape[1] == width + max_tokens
+    return summarize(wall, len(prompts) * max_tokens, [timer.first - start] * len(prompts), [wall] * len(prompts))
+
+
+def run_serve_bench(
+    out: Path, levels: list[int], max_tokens: int = 32, requests_per_level: int = 0, preset: str = "tiny",
+    folder: Path | None = None,
+) -> tuple[list[Result], Path]:
+    from rich.console import Console
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from sapwood.model.hf import export_hf
+
+    console = Console()
+    if not levels or min(levels) < 1:
+        raise SapwoodError(f"concurrency levels {levels}: give positive integers, e.g. 1,4,16,64")
+    work = Path(tempfile.mkdtemp(prefix="sapwood-bench-serve-"))
+    folder = Path(folder) if folder is not None else random_checkpoint(preset, work)
+    export_hf(folder, work / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(work / "hf", torch_dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    count = {c: requests_per_level or max(c, 4) for c in levels}
+    prompts = bench_prompts(max(count.values()), folder / "tokenizer.json")
+    server = ServerProcess(folder, max_batch=max(levels))
+    measured: dict[int, dict[str, dict[str, float]]] = {}
+    try:
+        server.wait_ready()
+        for c in levels:
+            level_prompts = prompts[: count[c]]
+            console.print(f"concurrency {c}: {len(level_prompts)} requests x {max_tokens} tokens")
+            ours = run_ours(server.url, level_prompts, c, max_tokens)
+            run_hf_one_at_a_time(hf, tokenizer, level_prompts[:1], 2)  # warm-up
+            sequential = run_hf_one_at_a_time(hf, tokenizer, level_prompts, max_tokens)
+            static = run_hf_static_batch(hf, tokenizer, level_prompts[:c] if c > 1 else level_prompts[:1], max_tokens)
+            measured[c] = {"sapwood": ours, "hf_one_at_a_time": sequential, "hf_static_batch": static}
+            console.print(f"  sapwood {ours['tokens_per_s']:.0f} tok/s, hf one-at-a-time "
+                          f"{sequential['tokens_per_s']:.0f}, hf static batch {static['tokens_per_s']:.0f}")
+    finally:
+        server.stop()
+    results = []
+    params_common = {"max_tokens": max_tokens, "preset": preset if folder is None else str(folder),
+                     "threads": torch.get_num_threads()}
+    for c, m in measured.items():
+        params = {**params_common, "concurrency": c, "requests": count[c]}
+        ours, seq, static = m["sapwood"], m["hf_one_at_a_time"], m["hf_static_batch"]
+        results += [
+            Result(f"tokens/s @{c} vs hf one-at-a-time", ours["tokens_per_s"], "tokens/s", seq["tokens_per_s"],
+                   params=params, baseline="transformers generate, batch 1, sequential"),
+            Result(f"tokens/s @{c} vs hf static batch", ours["tokens_per_s"], "tokens/s", static["tokens_per_s"],
+                   params=params, baseline="transformers generate, one left-padded batch"),
+            Result(f"TTFT p50 @{c}", ours["ttft_p50_ms"], "ms", seq["ttft_p50_ms"], params=params,
+                   baseline="transformers generate, batch 1, sequential"),
+            Result(f"latency p50 @{c}", ours["latency_p50_ms"], "ms", seq["latency_p50_ms"], params=params,
+                   baseline="transformers generate, batch 1, sequential"),
+            Result(f"latency p99 @{c}", ours["latency_p99_ms"], "ms", seq["latency_p99_ms"], params=params,
+                   baseline="transformers generate, batch 1, sequential"),
+        ]
+
+    def plot(ax) -> None:
+        xs = list(measured)
+        for key, label in (("sapwood", "sapwood serve (HTTP)"), ("hf_one_at_a_time", "HF generate, one at a time"),
+                           ("hf_static_batch", "HF generate, static batch")):
+            ax.plot(xs, [measured[c][key]["tokens_per_s"] for c in xs], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("generated tokens/s")
+        ax.legend()
+
+    path = write_suite("serve", results, out, plot, extra={"levels": {str(c): m for c, m in measured.items()}})
+    return results, path
