@@ -15,6 +15,7 @@ console = Console()
 def run_demo(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from sapwood.data.cubes import demo_stage as cube_stage
+    from sapwood.evaluate import demo_stage as surrogate_stage
     from sapwood.sizing import demo_stage as sizing_stage
     from sapwood.train.demo import language_model_stage
 
@@ -22,6 +23,7 @@ def run_demo(out: Path) -> None:
         ("sizing: every preset, then the tiny model created and run", sizing_stage),
         ("language model: tokenize the stdlib, train the tiny preset, evaluate (DEMO/lm/final)", language_model_stage),
         ("cubes: simulate planets -> prepare a store -> load and augment batches", cube_stage),
+        ("surrogate: train a tiny cube surrogate, skill and physics on held-out planets", surrogate_stage),
     ]
     for title, stage in stages:
         console.rule(title)

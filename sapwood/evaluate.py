@@ -193,3 +193,27 @@ def print_summary(result: dict[str, Any]) -> None:
     console.print(f"rollout {r['steps']} steps: final error {r['rmse_std_units'][-1]:.3g} (persistence "
                   f"{r['persistence'][-1]:.3g}), blow-up step {r['blow_up_step']}, beats persistence until step "
                   f"{r['beats_persistence_until_step']}")
+
+
+def demo_stage(out: Path) -> None:
+    """Demo: train a tiny surrogate on the cube stage's store (``out/cubes/store``) through the training
+    loop, then print its skill on held-out planets and its physics violations (``out/surrogate``)."""
+    from rich.console import Console
+
+    from sapwood.train.cube_task import surrogate_config
+    from sapwood.train.loop import train
+
+    store = Path(out) / "cubes" / "store"
+    if not (store / "index.json").exists():
+        raise SapwoodError(f"{store}: no cube store; the cubes demo stage writes it first")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a small, shared CPU
+    try:
+        config = surrogate_config(store, Path(out) / "surrogate" / "run", steps=200, hidden=64, layers=2,
+                                  patch=8, val_runs=2)
+        summary = train(config)
+        result = evaluate_surrogate(summary["final"], store, Path(out) / "surrogate" / "eval", rollout_steps=10)
+    finally:
+        torch.set_num_threads(threads)
+    Console().print(f"surrogate {summary['final']}: held-out planets {result['held_out_runs']}")
+    print_summary(result)
