@@ -125,7 +125,7 @@ def speed_results(batch: int, levels: int, nlat: int, nlon: int, device: str) ->
     ours = violations(s, n, geometry, g, h)
     naive = naive_violations(state, nxt, cube, geometry_cpu, gravity, heating)
     for key, values in naive.items():
-        np.testing.assert_allclose(ours[key].cpu().numpy(), values, rtol=2e-2, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(ours[key].cpu().numpy(), values, rtol=2e-2, atol=1e-4, err_msg=key)
     fast = time_fn(lambda: violations(s, n, geometry, g, h), warmup=2, repeats=10, device=device)
     slow = time_fn(lambda: naive_violations(state, nxt, cube, geometry_cpu, gravity, heating), warmup=1, repeats=3)
     params = {"batch": batch, "levels": levels, "grid": f"{nlat}x{nlon}", "device": device,
