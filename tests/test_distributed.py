@@ -241,3 +241,39 @@ def test_cpu_offload_on_a_cpu_run_is_a_clear_error():
     dims = ParallelDims(ParallelConfig(dp_shard=2, cpu_offload=True), 2)
     with pytest.raises(ConfigError, match=r"parallel.cpu_offload=true needs a GPU"):
         parallelize(model, dims, scenarios.loss_fn, "cpu")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", ["{pp: 2, pp_microbatches: 2}", "{dp_shard: 2}"])
+def test_sapwood_train_under_torchrun(tmp_path, plan):
+    """The real CLI under torchrun: trains, evaluates, checkpoints (sharded) and writes final/, whose
+    weights equal the consolidated last checkpoint."""
+    import sapwood
+    from sapwood.data.text import stdlib_corpus, tokenize_corpus
+    from sapwood.train.consolidate import consolidate
+
+    tokenize_corpus(stdlib_corpus(max_files=10), tmp_path / "tokens", vocab_size=300, val_fraction=0.2)
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: {vocab_size: 320, hidden: 32, layers: 4, heads: 4, kv_heads: 2, ffn: 64, trained_context: 32}\n"
+        f"train: {{steps: 4, batch_size: 8, micro_batch_size: 4, eval_every: 2, eval_batches: 2, save_every: 2,"
+        f" log_every: 1, progress: false, device: cpu, out_dir: {out}}}\n"
+        f"data: {{path: {tmp_path / 'tokens'}, seq_len: 32}}\n"
+        f"parallel: {plan}\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "sapwood.cli", "train", str(config)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert len(train_losses) == 4 and all(0 < x < 10 for x in train_losses)
+    assert any(e["event"] == "eval" and "val_loss" in e for e in events)
+    final = sapwood.load(out / "final")
+    plain = sapwood.load(consolidate(out / "checkpoints" / "step_00000004", tmp_path / "consolidated"))
+    for (name, a), b in zip(final.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
