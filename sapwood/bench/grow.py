@@ -172,24 +172,33 @@ def run_grow_bench(out: Path, steps: int = 200, target_loss: float | None = None
         console.print(f"S: {small.layers}x{small.hidden} ({_params(small):,} params) -> "
                       f"L: {large.layers}x{large.hidden} ({_params(large):,} params), {steps} steps, {device}")
         torch.set_flush_denormal(True)  # tiny CPU models otherwise spend time in denormal arithmetic
-        for shape in (small, large):  # untimed warm-up of kernels and allocator, so the first run pays nothing extra
-            train_curve("warm-up", shape, shape, settings, data, device, 20)
-        scratch = train_curve("scratch", large, large, settings, data, device, steps)
-        target = target_loss if target_loss is not None else scratch.val_loss[-1]
-        console.print(f"scratch: val loss {scratch.val_loss[-1]:.4f} after {steps} steps; target {target:.4f}")
-        grow_at = max(1, int(settings.grow_fraction * steps))
-        max_steps = int(settings.max_steps_factor * steps)
-        curves = [scratch]
-        for name, variant in VARIANTS.items():
-            curve = train_curve(name, small, large, settings, data, device, max_steps, grow_at, variant, target)
-            console.print(f"{name}: loss jump at growth {curve.loss_jump:+.5f}; "
-                          f"final val {curve.val_loss[-1]:.4f} at step {curve.steps[-1]}")
-            curves.append(curve)
+        try:
+            curves, target = _run_variants(settings, data, device, small, large, steps, target_loss)
+        finally:
+            torch.set_flush_denormal(False)  # process-global CPU state: leave it as we found it
     results = _results(curves, target, settings, small, large)
     print_results(results)
     extra = {"target_val_loss": target, "curves": [c.__dict__ for c in curves],
              "small": small.model_dump(), "large": large.model_dump()}
     return write_suite("grow", results, out, plot=lambda ax: _plot(ax, curves, target), extra=extra)
+
+
+def _run_variants(settings, data, device, small, large, steps, target_loss):
+    """Scratch first (it sets the target), then each growth variant towards that target."""
+    for shape in (small, large):  # untimed warm-up of kernels and allocator, so the first run pays nothing extra
+        train_curve("warm-up", shape, shape, settings, data, device, 20)
+    scratch = train_curve("scratch", large, large, settings, data, device, steps)
+    target = target_loss if target_loss is not None else scratch.val_loss[-1]
+    console.print(f"scratch: val loss {scratch.val_loss[-1]:.4f} after {steps} steps; target {target:.4f}")
+    grow_at = max(1, int(settings.grow_fraction * steps))
+    max_steps = int(settings.max_steps_factor * steps)
+    curves = [scratch]
+    for name, variant in VARIANTS.items():
+        curve = train_curve(name, small, large, settings, data, device, max_steps, grow_at, variant, target)
+        console.print(f"{name}: loss jump at growth {curve.loss_jump:+.5f}; "
+                      f"final val {curve.val_loss[-1]:.4f} at step {curve.steps[-1]}")
+        curves.append(curve)
+    return curves, target
 
 
 def _params(cfg: ModelConfig) -> int:
