@@ -197,3 +197,16 @@ def test_memory_options_save_and_resume_exactly(tokens_dir, tmp_path):
     events = read_events(tmp_path / "metrics.jsonl", "train")
     assert [r["step"] for r in events[-4:]] == [5, 6, 7, 8]
     assert [r["loss"] for r in events[-4:]] == pytest.approx(whole[4:], rel=1e-6)
+
+
+def test_tensorboard_option_writes_the_logged_scalars(tokens_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(tokens_dir, tmp_path, steps=3, eval_every=3, tensorboard=True)
+    Trainer(config).fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = {r["step"]: r["loss"] for r in read_events(tmp_path / "metrics.jsonl", "train")}
+    scalars = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert scalars == pytest.approx(logged, rel=1e-6) and sorted(scalars) == [1, 2, 3]
+    assert [e.step for e in events.Scalars("eval/val_loss")] == [3]

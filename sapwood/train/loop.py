@@ -139,7 +139,8 @@ class Trainer:
         self.dims = parallel_dims_for(self.config.parallel, self.device.type)
         self.out_dir = Path(self.config.train.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        self.events = EventLog(self.out_dir / "metrics.jsonl", enabled=self.rank == 0)
+        self.events = EventLog(self.out_dir / "metrics.jsonl", enabled=self.rank == 0,
+                               tensorboard_dir=self.out_dir / "tensorboard" if self.config.train.tensorboard else None)
         dp = self.config.parallel.dp if self.world_size > 1 else 1
         per_step = self.config.train.micro_batch_size * dp
         if self.config.train.batch_size % per_step:
@@ -394,6 +395,7 @@ class Trainer:
             "overflow_steps": self.overflow_steps, "final": str(final), "plot": str(plot) if plot else None,
         }
         self.log_event("done", **{k: v for k, v in summary.items() if k != "step"})
+        self.events.close()
         return summary
 
     def write_final(self) -> Path:
