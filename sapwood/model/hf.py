@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from sapwood.config import Config, ModelConfig, RopeScaling, load_config, validate
+from sapwood.config import FAMILY_OPTIONS, Config, ModelConfig, RopeScaling, load_config, validate
 from sapwood.errors import SapwoodError
 from sapwood.model.folder import INDEX, WEIGHTS, read_weights, replace_folder, save_folder, write_weights
 from sapwood.model.transformer import Decoder
@@ -61,7 +61,7 @@ TOKENIZER = "tokenizer.json"
 # Files beside the weights that travel unchanged both ways (special tokens, chat template, eos ids and
 # default sampling).
 SIDECAR_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_OPTIONS)
 REFUSED_MODEL_TYPES = {
     "gemma2": "its attention-logit soft-capping and alternating sliding windows need an attention path "
               "beside SDPA and its four norms per block another block layout",
@@ -221,15 +221,11 @@ def _options_from_hf(hf: dict[str, Any], model_type: str, where: str) -> dict[st
     act = hf.get("hidden_act", "silu")
     if act not in HF_ACTIVATIONS:
         raise SapwoodError(f"{where}: hidden_act={act!r} is not supported; allowed: {', '.join(HF_ACTIVATIONS)}")
-    options: dict[str, Any] = {"activation": HF_ACTIVATIONS[act]}
-    if model_type == "qwen2":
-        options["qkv_bias"] = True
+    options: dict[str, Any] = {**FAMILY_OPTIONS[model_type], "activation": HF_ACTIVATIONS[act]}
     if model_type in ("llama", "qwen3") and hf.get("attention_bias"):
         options["qkv_bias"] = options["attention_out_bias"] = True
     if model_type == "llama" and hf.get("mlp_bias"):
         options["mlp_bias"] = True
-    if model_type == "qwen3":
-        options["qk_norm"] = True
     return options
 
 
