@@ -277,3 +277,33 @@ def test_cli_size_on_an_imported_folder_and_a_refusal_in_one_line(imported, tmp_
     err = capsys.readouterr().err
     assert done.value.code == 2 and "model_type='gemma2' is not supported" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_parameter_shapes_list_every_option_tensor_in_module_order():
+    from sapwood.sizing import count_params, parameter_shapes
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=24, ffn=96, qkv_bias=True,
+                      attention_out_bias=True, mlp_bias=True, qk_norm=True, activation="gelu")
+    with torch.device("meta"):
+        model = build_model(Config(model=cfg), "meta")
+    named = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    assert [(s.name, s.shape) for s in parameter_shapes(cfg)] == named
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({"type": "llama3", "factor": 8.0}, "rope_scaling type 'llama3' needs low_freq_factor and high_freq_factor"),
+    ({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0},
+     "high_freq_factor=1.0 must be above low_freq_factor=4.0"),
+    ({"type": "longrope", "short_factor": [1.0] * 8}, "rope_scaling type 'longrope' needs short_factor and long_factor"),
+    ({"type": "longrope", "short_factor": [1.0] * 7, "long_factor": [1.0] * 8},
+     r"rope_scaling.short_factor has 7 values; needs head_dim // 2 = 8"),
+])
+def test_invalid_rope_options_are_one_line_errors(rope, message):
+    from sapwood.config import validate
+    from sapwood.errors import ConfigError
+
+    model = dict(vocab_size=VOCAB, hidden=64, layers=1, heads=4, ffn=96, rope_scaling=rope)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as error:
+        validate(Config, {"model": model})
+    assert "\n" not in str(error.value)
