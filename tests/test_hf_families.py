@@ -307,3 +307,45 @@ def test_invalid_rope_options_are_one_line_errors(rope, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as error:
         validate(Config, {"model": model})
     assert "\n" not in str(error.value)
+
+
+# Shape fields of the published config.json files (rope factors of Phi-3.5 abbreviated: they do not change
+# counts) and the parameter counts their model cards state.
+PUBLISHED = {
+    "Llama-3.2-1B": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False,
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+    "Qwen2.5-0.5B": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+        sliding_window=32768, use_sliding_window=False, max_window_layers=24, tie_word_embeddings=True,
+        rms_norm_eps=1e-6),
+    "Qwen3-0.6B": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000.0, sliding_window=None, use_sliding_window=False, max_window_layers=28,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, attention_bias=False),
+    "Phi-3.5-mini": dict(
+        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, rope_theta=10000.0, sliding_window=262144,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
+        tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=32000),
+}
+PUBLISHED_TOTALS = {"Llama-3.2-1B": 1_235_814_400, "Qwen2.5-0.5B": 494_032_768, "Qwen3-0.6B": 596_049_920,
+                    "Phi-3.5-mini": 3_821_079_552}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_size_of_published_family_configs_equals_transformers_on_meta(name):
+    from sapwood.model.hf import config_from_hf
+    from sapwood.sizing import count_params
+
+    hf = PUBLISHED[name]
+    config = transformers.AutoConfig.for_model(**hf)
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+    assert count_params(config_from_hf(hf).model).total == theirs == PUBLISHED_TOTALS[name]
