@@ -349,3 +349,22 @@ def test_size_of_published_family_configs_equals_transformers_on_meta(name):
     with torch.device("meta"):
         theirs = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
     assert count_params(config_from_hf(hf).model).total == theirs == PUBLISHED_TOTALS[name]
+
+
+@pytest.mark.parametrize("depth_init", ["identity", "stack"])
+def test_depth_growth_of_a_family_model_preserves_its_function_and_width_growth_is_refused(imported, depth_init):
+    from sapwood.grow.plan import GrowthRequest, grow_model
+
+    model = sapwood.load(imported["llama-bias"][2])  # q/k/v/o and FFN biases, GeGLU
+    x = tokens(40)
+    with torch.no_grad():
+        before = model(x)
+        grow_model(model, GrowthRequest(layers=4, depth_init=depth_init))
+        assert (model(x) - before).abs().max().item() < 1e-5
+    with pytest.raises(SapwoodError, match="ffn=128: width growth of a model with qkv_bias=true is not supported"):
+        grow_model(model, GrowthRequest(ffn=128))
+    qwen3 = sapwood.load(imported["qwen3"][2])  # q/k norms: new blocks get unit gains, not uninitialized memory
+    with torch.no_grad():
+        before = qwen3(x)
+        grow_model(qwen3, GrowthRequest(layers=3, depth_init=depth_init))
+        assert (qwen3(x) - before).abs().max().item() < 1e-5

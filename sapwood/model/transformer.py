@@ -123,6 +123,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.hidden, cfg.ffn, cfg.mlp_bias, cfg.activation)
 
+    def reset_option_parameters(self) -> None:
+        """Zero the family options' biases and reset the q/k norm gains (weights are initialized elsewhere)."""
+        for module in (*self.attention.children(), *self.feed_forward.children()):
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
     def forward(self, x, cos, sin, kv_cache=None, layer_index: int = 0, causal: bool = True):
         x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, layer_index, causal)
         return x + self.feed_forward(self.ffn_norm(x))
@@ -167,11 +175,7 @@ class Decoder(nn.Module):
                     nn.init.normal_(linear.weight, 0.0, std, generator=generator)
                 for linear in (block.attention.wo, block.feed_forward.w2):
                     nn.init.normal_(linear.weight, 0.0, residual_std, generator=generator)
-                for module in (*block.attention.children(), *block.feed_forward.children()):
-                    if isinstance(module, nn.Linear) and module.bias is not None:
-                        nn.init.zeros_(module.bias)
-                    elif isinstance(module, RMSNorm):
-                        module.reset_parameters()
+                block.reset_option_parameters()
                 block.attention_norm.reset_parameters()
                 block.ffn_norm.reset_parameters()
             if self.norm is not None:
