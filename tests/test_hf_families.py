@@ -368,3 +368,39 @@ def test_depth_growth_of_a_family_model_preserves_its_function_and_width_growth_
         before = qwen3(x)
         grow_model(qwen3, GrowthRequest(layers=3, depth_init=depth_init))
         assert (qwen3(x) - before).abs().max().item() < 1e-5
+
+
+# The chat templates published in the tokenizer_config.json of Meta-Llama-3-8B-Instruct and
+# Phi-3-mini-4k-instruct: they use bos_token / eos_token, which transformers passes to the template.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [LLAMA3_TEMPLATE, PHI3_TEMPLATE], ids=["llama3", "phi3"])
+def test_chat_template_renders_with_special_tokens_as_transformers_does(tmp_path, template):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from sapwood.infer.tokenizer import TextTokenizer
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "there": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([AddedToken("<|begin_of_text|>", special=True), AddedToken("<|eot_id|>", special=True)])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
+        "bos_token": {"__type": "AddedToken", "content": "<|begin_of_text|>", "special": True}, "eos_token": "<|eot_id|>"}))
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": " hello there "}]
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    ours = TextTokenizer.from_folder(tmp_path).apply_chat_template(messages)
+    assert ours == theirs
+    if template is LLAMA3_TEMPLATE:
+        assert ours.startswith("<|begin_of_text|><|start_header_id|>system")
