@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -404,3 +405,33 @@ def test_chat_template_renders_with_special_tokens_as_transformers_does(tmp_path
     assert ours == theirs
     if template is LLAMA3_TEMPLATE:
         assert ours.startswith("<|begin_of_text|><|start_header_id|>system")
+
+
+def test_served_requests_take_generation_config_sampling_defaults_for_unset_fields(lm_folder, tmp_path):  # noqa: F811
+    """A real server: a request leaving temperature unset gets generation_config.json's (0 here: greedy);
+    one that sets it keeps its own."""
+    import shutil
+
+    import httpx
+
+    from sapwood.serve.app import create_app
+    from sapwood.serve.server import BackgroundServer
+    from sapwood.serve.settings import ServeSettings
+
+    folder = tmp_path / "model"
+    shutil.copytree(lm_folder, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.0, "top_k": 20}))
+    engine = Engine.from_folder(folder)
+    assert engine.sampling_defaults == {"temperature": 0.0, "top_k": 20}
+    prompt = "def parse(text):\n    "
+    greedy = engine.generate([engine.tokenizer.encode(prompt)], SamplingParams(16, temperature=0))[0].stream.text
+    settings = ServeSettings(max_batch=4)
+    with BackgroundServer(create_app(folder, settings, api_keys=frozenset()), settings) as server:
+        body = {"model": "model", "prompt": prompt, "max_tokens": 16, "seed": 3}
+        unset = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        explicit = httpx.post(f"{server.url}/v1/completions", json={**body, "temperature": 1.0}, timeout=60).json()
+    assert unset["choices"][0]["text"] == greedy
+    assert explicit["choices"][0]["text"] != greedy
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 7.0}))
+    with pytest.raises(SapwoodError, match=r"generation_config.json: temperature=7.0: must be in \[0, 2\]"):
+        Engine.from_folder(folder)
