@@ -82,6 +82,10 @@ class ModelConfig(Section):
     mlp_bias: bool = Field(False, description="bias on the three feed-forward projections (Llama mlp_bias)")
     qk_norm: bool = Field(False, description="RMSNorm over head_dim on each query and key head before RoPE (Qwen3)")
     activation: Literal["silu", "gelu", "gelu_tanh"] = Field("silu", description="gated FFN activation (SwiGLU / GeGLU)")
+    sliding_window: int | None = Field(None, ge=1, description="each query sees the last N positions, itself "
+                                       "included (Mistral v0.1, Phi-3 4k); null = all")
+    hf_model_type: Literal["llama", "mistral", "qwen2", "qwen3", "phi3"] | None = Field(
+        None, description="Hugging Face architecture export-hf writes (set by import-hf); null = from the options")
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:

@@ -48,6 +48,11 @@ FAMILIES = {
     # Phi-3.5: fused qkv_proj / gate_up_proj, longrope with short and long factors
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         max_position_embeddings=SERVED, original_max_position_embeddings=TRAINED, rope_scaling=LONGROPE)),
+    # Phi-3-mini-4k: fused tensors, plain RoPE, a sliding window shorter than the context
+    "phi3-4k": ("Phi3Config", "Phi3ForCausalLM", dict(
+        max_position_embeddings=SERVED, original_max_position_embeddings=SERVED, sliding_window=16)),
+    # Mistral-7B-v0.1: sliding window
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(max_position_embeddings=SERVED, sliding_window=16)),
 }
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 5, 7], "do_sample": True, "temperature": 0.6,
                      "top_p": 0.9}
@@ -230,9 +235,10 @@ REFUSALS = [
     ({"model_type": "gemma2"}, "model_type='gemma2' is not supported: its attention-logit soft-capping"),
     ({"model_type": "falcon"}, "model_type='falcon' is not supported; allowed: llama, mistral, qwen2, qwen3, phi3"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' has no sapwood equivalent"),
-    ({"sliding_window": 16}, "sliding_window=16 is below max_position_embeddings=96"),
-    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "layer_types": ["sliding_attention"] * 2},
-     "layer_types contains 'sliding_attention'"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+     "layer_types with 'full_attention and sliding_attention' is not supported"),
+    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8,
+      "layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types with 'chunked_attention'"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
     ({"hidden_act": "relu2"}, "hidden_act='relu2' is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mscale": 0.7}}, "yarn mscale=0.7 is not supported"),
@@ -256,7 +262,8 @@ def test_export_refuses_option_combinations_without_a_transformers_architecture(
                       max_context=32, rope_scaling={"type": "longrope", "short_factor": [1.0] * 8,
                                                      "long_factor": [2.0] * 8, "factor": 2.0})
     save_folder(build_model(Config(model=cfg)), Config(model=cfg), tmp_path / "ours")
-    with pytest.raises(SapwoodError, match="qkv_bias=true with rope_scaling.type='longrope' has no Hugging Face"):
+    with pytest.raises(SapwoodError, match=r"qkv_bias/attention_out_bias=true \(Phi3 has no attention bias\): no "
+                                           "Hugging Face architecture computes this model; export refused"):
         export_hf(tmp_path / "ours", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

@@ -56,7 +56,8 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query attention with rotary embeddings; kernels chosen by scaled_dot_product_attention.
-    With ``qk_norm`` each query and key head is RMS-normalized over head_dim before the rotation."""
+    With ``qk_norm`` each query and key head is RMS-normalized over head_dim before the rotation; with
+    ``sliding_window`` a query sees only the last ``sliding_window`` visible keys (itself included)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -67,6 +68,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=cfg.attention_out_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.sliding_window = cfg.sliding_window
 
     def forward(
         self,
@@ -88,6 +90,12 @@ class Attention(nn.Module):
         mask = None
         if kv_cache is not None:
             k, v, mask = kv_cache.update(layer_index, k, v)
+        keys = k.shape[2]
+        if self.sliding_window is not None and keys > self.sliding_window and causal:
+            if mask is None:  # causal, the queries being the last ``seq`` of the ``keys`` positions
+                mask = torch.ones(seq, keys, dtype=torch.bool, device=x.device).tril(keys - seq)
+            # keep a visible key only if at most sliding_window visible keys lie at or after it
+            mask = mask & (mask.flip(-1).cumsum(-1).flip(-1) <= self.sliding_window)
         out = F.scaled_dot_product_attention(
             q,
             k,
