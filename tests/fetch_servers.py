@@ -452,3 +452,49 @@ def proxy_app(target_port: int) -> Callable[[Request], Reply]:
         return Reply(response.status, body, reply_headers)
 
     return app
+
+
+# --- helpers shared by the fetch tests ---------------------------------------------------------------------------
+
+class SleepRecorder:
+    """Stands in for ``time.sleep`` in the retry policy: records each wait, sleeps at most 10 ms."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        time.sleep(min(seconds, 0.01))
+
+
+def fast_policy(attempts: int = 4, timeout: float = 1.0):
+    from sapwood.data.sources.reliability import RetryPolicy
+
+    return RetryPolicy(attempts=attempts, backoff=0.01, max_wait=30.0, timeout=timeout, sleep=SleepRecorder())
+
+
+def write_catalog(path, sources: dict) -> object:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"sources": sources}, sort_keys=False))
+    return path
+
+
+def assert_clean(out) -> None:
+    """No temporary file is left, and every cache record matches the files it names (size and sha256)."""
+    import hashlib
+    from pathlib import Path
+
+    out = Path(out)
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".part")]
+    assert leftovers == [], f"temporary files left behind: {leftovers}"
+    from sapwood.data.sources.storage import RequestCache
+
+    cache = RequestCache(out)
+    for record_path in (out / ".sapwood-fetch").glob("*.json"):
+        record = json.loads(record_path.read_text())
+        served = cache.lookup(record["request"])
+        if served is None:  # stale (a file was rewritten or removed since): never served
+            continue
+        for entry, file in zip(record["files"], served, strict=True):
+            assert hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"], f"{file} differs from its record"

@@ -49,6 +49,6 @@ class FetchContext:
     @classmethod
     def create(cls, source: SourceBase, out: Path, policy: RetryPolicy, redactor: Redactor,
                refresh: bool = False) -> FetchContext:
-        limiter = RateLimiter(source.rate_limit, sleep=policy.sleep)
+        limiter = RateLimiter(source.rate_limit)
         return cls(out=out, policy=policy, limiter=limiter, session=HttpSession(limiter, policy.timeout),
                    cache=RequestCache(out), redactor=redactor, refresh=refresh)

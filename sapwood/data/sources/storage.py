@@ -5,7 +5,9 @@
 * :func:`download` resumes a ``.part`` file with an HTTP ``Range`` request and verifies size and checksum.
 * :class:`RequestCache` keeps one JSON record per request under ``OUT/.sapwood-fetch/``; a record is written
   only after its files are in place, and is trusted only while every file still has its recorded size, so a
-  rerun fetches nothing new and an interrupted run is simply resumed.
+  rerun fetches nothing new and an interrupted run is simply resumed. A file rewritten since (another request
+  with the same output name) no longer matches its recorded size and modification time, so a stale record is
+  never served.
 """
 
 from __future__ import annotations
@@ -160,15 +162,18 @@ class RequestCache:
         files = []
         for entry in record.get("files", []):
             file = self.out / entry["path"]
-            if not file.is_file() or file.stat().st_size != entry["size"]:
+            if not file.is_file():
                 return None
+            stat = file.stat()
+            if stat.st_size != entry["size"] or stat.st_mtime_ns != entry.get("mtime_ns"):
+                return None  # rewritten since (e.g. by another request with the same output name)
             files.append(file)
         return files
 
     def store(self, request: dict[str, Any], files: list[Path]) -> None:
         """Record ``files`` (already in place) as the result of ``request``."""
         entries = [{"path": f.relative_to(self.out).as_posix(), "size": f.stat().st_size,
-                    "sha256": file_digest(f)} for f in files]
+                    "mtime_ns": f.stat().st_mtime_ns, "sha256": file_digest(f)} for f in files]
         record = {"request": request, "files": entries, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_bytes_atomic(self._record_path(request_key(request)),
                            json.dumps(record, indent=1, sort_keys=True, default=str).encode())

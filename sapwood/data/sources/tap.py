@@ -59,5 +59,21 @@ def fetch(source: TapSource, ctx: FetchContext) -> list[Path]:
         if source.format == "csv":
             table.write(tmp, format="ascii.csv", overwrite=True)
         else:
-            table.write(tmp, format="parquet", overwrite=True)
+            write_parquet(table, tmp)
     return [dest]
+
+
+def write_parquet(table, path: Path) -> None:
+    """An astropy table as Parquet; masked cells become nulls, units go to the field metadata."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields, arrays = [], []
+    for name in table.colnames:
+        column = table[name]
+        array = pa.array(np.ma.asarray(column).tolist())
+        unit = str(column.unit) if getattr(column, "unit", None) is not None else None
+        fields.append(pa.field(name, array.type, metadata={"unit": unit} if unit else None))
+        arrays.append(array)
+    pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), path)
