@@ -338,7 +338,7 @@ def eutils_app(records: dict) -> Callable[[Request], Reply]:
 
 # --- ECMWF data stores (CDS): OGC API - Processes submit / poll / results, then the asset download ------------
 
-def cds_app(datasets: dict[str, bytes], token: str, polls_before_success: int = 1) -> Callable[[Request], Reply]:
+def cds_app(datasets: dict[str, bytes], token: str, polls_before_success: int = 0) -> Callable[[Request], Reply]:
     jobs: dict[str, dict] = {}
 
     def error(status: int, title: str, detail: str = "") -> Reply:
@@ -374,7 +374,7 @@ def cds_app(datasets: dict[str, bytes], token: str, polls_before_success: int = 
             job = jobs[rest[1]]
             if len(rest) == 2:
                 job["polls"] += 1
-                status = "successful" if job["polls"] > polls_before_success else "running"
+                status = "successful" if job["polls"] > app.polls_before_success else "running"
                 links = [{"href": f"{base}/api/retrieve/v1/jobs/{rest[1]}/results", "rel": "results"}] \
                     if status == "successful" else []
                 return json_reply({"processID": job["process"], "jobID": rest[1], "status": status,
@@ -386,6 +386,7 @@ def cds_app(datasets: dict[str, bytes], token: str, polls_before_success: int = 
         return error(404, "not found")
 
     app.jobs = jobs
+    app.polls_before_success = polls_before_success
     return app
 
 

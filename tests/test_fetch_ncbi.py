@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from fetch_servers import Fault, FixtureServer, assert_clean, eutils_app, fast_policy, pubmed_records, write_catalog
+from fetch_servers import (
+    Fault,
+    FixtureServer,
+    assert_clean,
+    eutils_app,
+    fast_policy,
+    pubmed_records,
+    write_catalog,
+)
 
 from sapwood.data.sources import fetch_sources
 from sapwood.data.sources.ncbi import RATE_WITH_KEY, RATE_WITHOUT_KEY, allowed_rate

@@ -1,10 +1,12 @@
-"""Copernicus Climate Data Store (and the other ECMWF data stores) through cdsapi.
+"""Copernicus Climate Data Store (and the other ECMWF data stores) through cdsapi's client library.
 
-The request is YAML (``dataset:`` and ``request:``, as on the dataset's download form). cdsapi submits it
-(OGC API Processes: ``POST {endpoint}/retrieve/v1/processes/{dataset}/execution``), polls the job and reads its
-result asset (``href``, ``file:size``); the file itself is fetched by sapwood's resumable, size-verified
-download straight into ``OUT/NAME.nc`` (or ``.grib``/``.zip``), which is ``sapwood prepare``'s input folder.
-The token comes from ``CDSAPI_KEY`` or ``~/.cdsapirc`` (the client's standard places), never from arguments.
+The request is YAML (``dataset:`` and ``request:``, as on the dataset's download form). The token and URL are
+found as cdsapi finds them (``CDSAPI_KEY`` / ``CDSAPI_URL`` or ``~/.cdsapirc``, never arguments); the job goes
+through ``ecmwf-datastores-client``, the engine cdsapi >= 0.7 runs on (OGC API - Processes:
+``POST {endpoint}/retrieve/v1/processes/{dataset}/execution``, poll ``jobs/{id}``, read ``jobs/{id}/results``:
+``href``, ``file:size``). Each step is retried by sapwood's policy; the result is fetched by sapwood's
+resumable, size-verified download straight into ``OUT/NAME.nc`` (or ``.grib``/``.zip``), which is
+``sapwood prepare``'s input folder.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import Field
 
 from sapwood.data.sources.base import FetchContext, SourceBase
 from sapwood.data.sources.credentials import MissingCredentialError
+from sapwood.data.sources.reliability import describe, is_transient
 from sapwood.data.sources.storage import download
 from sapwood.errors import SapwoodError
 
@@ -48,21 +51,24 @@ def credentials(source: CdsSource) -> tuple[str, str]:
 
 
 def fetch(source: CdsSource, ctx: FetchContext) -> list[Path]:
-    import cdsapi
+    from ecmwf.datastores import Client
 
     if not source.dataset or not source.request:
         raise SapwoodError(f"source {source.name!r} needs dataset: and request: (give them with --request FILE.yaml)")
     url, key = credentials(source)
     ctx.redactor.add(key)
-    client = cdsapi.Client(url=url, key=key, quiet=True, progress=False, delete=False, session=ctx.session,
-                           timeout=ctx.policy.timeout, retry_max=ctx.policy.attempts,
-                           sleep_max=max(ctx.policy.max_wait, 0.01))
+    # One try per HTTP request inside the client: sapwood's policy retries each step (Retry-After honoured).
+    client = Client(url=url, key=key, session=ctx.session, timeout=ctx.policy.timeout, progress=False,
+                    maximum_tries=1, retry_after=0, sleep_max=max(min(ctx.policy.max_wait, 120.0), 1.0))
     try:
-        results = client.retrieve(source.dataset, dict(source.request))
+        remote = ctx.policy.call(f"{source.name} (submit)", lambda: client.submit(source.dataset, dict(source.request)))
+        results = ctx.policy.call(f"{source.name} (wait for job {remote.request_id})", remote.get_results)
         href, size, content_type = results.location, results.content_length, results.content_type
+    except SapwoodError:
+        raise
     except Exception as exc:
-        from sapwood.data.sources.reliability import describe
-
+        if is_transient(exc):
+            raise
         raise SapwoodError(f"source {source.name!r}: the data store refused or failed the request: "
                            f"{describe(exc)}") from None
     dest = ctx.out / f"{source.name}{_extension(href, content_type)}"

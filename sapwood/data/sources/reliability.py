@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.utils
 import http.client
+import json
 import logging
 import os
 import random
@@ -202,6 +203,8 @@ def retry_after_seconds(error: BaseException | None) -> float | None:
 
 def _is_transient_one(error: BaseException) -> bool:
     if isinstance(error, TransientError | TimeoutError | ConnectionError | http.client.IncompleteRead):
+        return True
+    if isinstance(error, json.JSONDecodeError):  # a reply cut short; retried a bounded number of times
         return True
     if isinstance(error, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError |
                   requests.exceptions.ContentDecodingError):

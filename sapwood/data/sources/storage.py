@@ -25,10 +25,10 @@ from typing import Any
 import requests
 
 from sapwood.data.sources.reliability import TransientError, check_response
-from sapwood.errors import SapwoodError
 
 CACHE_FOLDER = ".sapwood-fetch"
 CHUNK = 1 << 20
+STREAM_CHUNK = 1 << 14  # small reads: a dropped connection loses at most this much of what arrived
 
 
 def part_path(dest: Path) -> Path:
@@ -103,9 +103,9 @@ def download(session: requests.Session, url: str, dest: Path, expected_size: int
         if expected_size is None:
             expected_size = total
         elif total is not None and total != expected_size:
-            raise SapwoodError(f"{what}: server reports {total} bytes, the listing said {expected_size}")
+            raise TransientError(f"{what}: server reports {total} bytes, {expected_size} were announced")
         with open(part, "ab" if offset else "wb") as handle:
-            for chunk in response.iter_content(CHUNK):
+            for chunk in response.iter_content(STREAM_CHUNK):
                 handle.write(chunk)
     return verify_and_commit(part, dest, expected_size, checksum, what)
 
