@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import urllib.parse
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,7 @@ def observations_client(source: MastSource, ctx: FetchContext):
     portal.COLUMNS_CONFIG_URL = f"{base}/portal/Mashup/Mashup.asmx/columnsconfig"
     portal.MAST_DOWNLOAD_URL = f"{base}/api/v0.1/Download/file"
     portal.TIMEOUT = ctx.policy.timeout * ctx.policy.attempts
+    portal._column_configs = {}  # astroquery keeps them per class; they belong to this endpoint
     client._auth_obj.SESSION_INFO_URL = f"{base}/whoami"
     if token := optional_env(TOKEN_VARIABLE):
         ctx.redactor.add(token)
@@ -58,8 +60,12 @@ def fetch(source: MastSource, ctx: FetchContext) -> list[Path]:
     if not source.criteria:
         raise SapwoodError(f"source {source.name!r} has no criteria: give CAOM fields, e.g. obs_collection, target_name")
     client = observations_client(source, ctx)
-    observations = ctx.policy.call(f"{source.name} (query_criteria)",
-                                   lambda: client.query_criteria(**source.criteria))
+    def query():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Query returned no results")
+            return client.query_criteria(**source.criteria)
+
+    observations = ctx.policy.call(f"{source.name} (query_criteria)", query)
     if len(observations) == 0:
         raise SapwoodError(f"source {source.name!r}: no MAST observations match {source.criteria}")
     products = ctx.policy.call(f"{source.name} (get_product_list)", lambda: client.get_product_list(observations))
@@ -84,7 +90,7 @@ def fetch(source: MastSource, ctx: FetchContext) -> list[Path]:
         size = int(row["size"]) if "size" in row.colnames and row["size"] is not None else None
         dest = folder / filename
         record = {"mast": source.endpoint, "uri": uri, "size": size}
-        if not ctx.refresh and ctx.cache.lookup(record):
+        if ctx.cache.lookup(record):  # per-file records hold even under --refresh
             return dest
         url = f"{download_url}?uri={urllib.parse.quote(uri, safe=':/')}"
         ctx.policy.call(f"{source.name} (download {filename})",

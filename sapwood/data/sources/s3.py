@@ -140,7 +140,7 @@ def fetch(source: S3Source, ctx: FetchContext) -> list[Path]:
         dest = local_path(folder, source.prefix, item["key"])
         record = {"s3": source.endpoint, "bucket": source.bucket, "key": item["key"], "etag": item["etag"],
                   "size": item["size"]}
-        if not ctx.refresh and ctx.cache.lookup(record):
+        if ctx.cache.lookup(record):  # per-file records hold even under --refresh
             return dest, False
         ctx.policy.call(f"{source.name} (get {item['key']})", lambda: download_object(client, source, ctx, item, dest))
         ctx.cache.store(record, [dest])
