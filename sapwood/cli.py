@@ -136,8 +136,10 @@ def train(
     """Train a model from a YAML config; checkpoints, metrics.jsonl, loss.png and final/ go to train.out_dir."""
     from sapwood.config import load_config
     from sapwood.train.loop import train as run_training
+    from sapwood.train.mesh import shutdown_distributed
 
     summary = run_training(load_config(config), resume=resume)
+    shutdown_distributed()  # under torchrun: process groups go now, not at interpreter exit
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()}
     console.print(" ".join(f"{k}={v}" for k, v in shown.items()))
 
