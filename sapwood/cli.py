@@ -75,12 +75,21 @@ def simulate(
     dt_hours: float = typer.Option(6.0, help="hours between outputs"),
     seed: int = typer.Option(0, help="seed of the planet draw"),
     dtype: str = typer.Option("float32", help="float32 or float64"),
+    planets: Path = typer.Option(None, "--planets", help="exoplanet catalog (CSV/Parquet, e.g. from 'sapwood fetch "
+                                 "nasa-exoplanets') to draw the planets from; see sapwood.data.sources.planets"),
 ) -> None:
     """Simulate an ensemble of planets and write CF NetCDF datacubes (see sapwood.data.simulate)."""
     from sapwood.data.simulate import Grid, simulate_ensemble
 
     grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, dt_hours=dt_hours)
-    paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype)
+    drawn = None
+    if planets is not None:
+        from sapwood.data.sources.planets import draw_planets, planet_params, write_provenance
+
+        catalog_planets = draw_planets(planets, runs, seed)
+        drawn = planet_params(catalog_planets)
+        write_provenance(catalog_planets, out / "planets.csv")
+    paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype, planets=drawn)
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {len(paths)} runs, {size / 1e6:.1f} MB, to {out}")
 
@@ -127,8 +136,10 @@ def train(
     """Train a model from a YAML config; checkpoints, metrics.jsonl, loss.png and final/ go to train.out_dir."""
     from sapwood.config import load_config
     from sapwood.train.loop import train as run_training
+    from sapwood.train.mesh import shutdown_distributed
 
     summary = run_training(load_config(config), resume=resume)
+    shutdown_distributed()  # under torchrun: process groups go now, not at interpreter exit
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()}
     console.print(" ".join(f"{k}={v}" for k, v in shown.items()))
 
@@ -457,6 +468,24 @@ def consolidate(
     from sapwood.train.consolidate import consolidate as run_consolidate
 
     console.print(f"wrote {run_consolidate(checkpoint, out)}")
+
+
+@app.command()
+def fetch(
+    sources: list[str] = typer.Argument(None, help="source names from the catalog (see --list)"),
+    out: Path = typer.Option(None, "--out", help="folder to fetch into (prepare's / tokenize's input folder)"),
+    catalog: list[Path] = typer.Option(None, "--catalog", help="your own source catalog YAML (repeatable; "
+                                       "also SAPWOOD_SOURCES); entries add to or override the packaged ones"),
+    request: Path = typer.Option(None, "--request", help="YAML mapping of source fields to override, e.g. "
+                                 "dataset:/request: for CDS, query: for TAP, term: for NCBI"),
+    set_fields: list[str] = typer.Option(None, "--set", help="FIELD=VALUE (YAML value) overriding one field"),
+    refresh: bool = typer.Option(False, "--refresh", help="ignore the request cache in OUT/.sapwood-fetch"),
+    list_sources: bool = typer.Option(False, "--list", help="list the catalog's sources and exit"),
+) -> None:
+    """Fetch from archives (TAP, MAST, CDS, NCBI, S3) into OUT; credentials come from the environment only."""
+    from sapwood.data.sources.command import fetch_command
+
+    fetch_command(sources or [], out, catalog or [], request, set_fields or [], refresh, list_sources, console)
 
 
 # --- commands are added above this line, one per concept, each delegating to its module ---
