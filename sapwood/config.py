@@ -61,7 +61,8 @@ class RopeScaling(Section):
 
 
 class ModelConfig(Section):
-    """The shape of a decoder-only transformer (Llama family)."""
+    """The shape of a decoder-only transformer (Llama family), with the options of the other Hugging Face
+    families (biases, q/k norm, activation, sliding window; see ``FAMILY_OPTIONS`` and sapwood.model.hf)."""
 
     vocab_size: int = Field(ge=1)
     hidden: int = Field(ge=1)
