@@ -458,7 +458,10 @@ def proxy_app(target_port: int) -> Callable[[Request], Reply]:
 # --- helpers shared by the fetch tests ---------------------------------------------------------------------------
 
 class SleepRecorder:
-    """Stands in for ``time.sleep`` in the retry policy: records each wait, sleeps at most 10 ms."""
+    """Stands in for ``time.sleep`` in the retry policy: records each wait, sleeps at most 10 ms.
+
+    The tests' read timeout is 10 s except where a stall is injected, so a slow, busy machine does not cause
+    retries that a test does not expect."""
 
     def __init__(self) -> None:
         self.waits: list[float] = []
@@ -468,7 +471,7 @@ class SleepRecorder:
         time.sleep(min(seconds, 0.01))
 
 
-def fast_policy(attempts: int = 4, timeout: float = 1.0):
+def fast_policy(attempts: int = 4, timeout: float = 10.0):
     from sapwood.data.sources.reliability import RetryPolicy
 
     return RetryPolicy(attempts=attempts, backoff=0.01, max_wait=30.0, timeout=timeout, sleep=SleepRecorder())

@@ -20,8 +20,8 @@ from pydantic import Field
 
 from sapwood.data.sources.base import FetchContext, SourceBase
 from sapwood.data.sources.credentials import MissingCredentialError
-from sapwood.data.sources.reliability import log
-from sapwood.data.sources.storage import CHUNK, part_path, verify_and_commit
+from sapwood.data.sources.reliability import TransientError, log
+from sapwood.data.sources.storage import STREAM_CHUNK, part_path, verify_and_commit
 from sapwood.errors import SapwoodError
 
 PLAIN_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
@@ -93,7 +93,7 @@ def local_path(folder: Path, prefix: str, key: str) -> Path:
 
 def download_object(client: Any, source: S3Source, ctx: FetchContext, item: dict[str, Any], dest: Path) -> Path:
     """One object into ``dest`` through its ``.part`` file; resumes from the bytes already there."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, FlexibleChecksumError
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
@@ -119,9 +119,13 @@ def download_object(client: Any, source: S3Source, ctx: FetchContext, item: dict
                 part.unlink(missing_ok=True)
                 raise SapwoodError(f"{what} changed while it was fetched; run the fetch again") from None
             raise
-        with open(part, "ab" if offset else "wb") as handle:
-            for chunk in response["Body"].iter_chunks(CHUNK):
-                handle.write(chunk)
+        try:
+            with open(part, "ab" if offset else "wb") as handle:
+                for chunk in response["Body"].iter_chunks(STREAM_CHUNK):
+                    handle.write(chunk)
+        except FlexibleChecksumError:  # the body does not match the object's checksum: start again
+            part.unlink(missing_ok=True)
+            raise TransientError(f"{what}: checksum of the received body does not match; starting again") from None
     return verify_and_commit(part, dest, size, checksum, what)
 
 
