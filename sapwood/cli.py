@@ -472,11 +472,13 @@ def fetch(
     set_fields: list[str] = typer.Option(None, "--set", help="FIELD=VALUE (YAML value) overriding one field"),
     refresh: bool = typer.Option(False, "--refresh", help="ignore the request cache in OUT/.sapwood-fetch"),
     list_sources: bool = typer.Option(False, "--list", help="list the catalog's sources and exit"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log every request (credentials are redacted)"),
 ) -> None:
     """Fetch from archives (TAP, MAST, CDS, NCBI, S3) into OUT; credentials come from the environment only."""
     from sapwood.data.sources.command import fetch_command
 
-    fetch_command(sources or [], out, catalog or [], request, set_fields or [], refresh, list_sources, console)
+    fetch_command(sources or [], out, catalog or [], request, set_fields or [], refresh, list_sources, console,
+                  verbose)
 
 
 # --- commands are added above this line, one per concept, each delegating to its module ---

@@ -28,7 +28,8 @@ def eutils():
 
 
 @pytest.fixture
-def catalog(tmp_path, eutils):
+def catalog(tmp_path, eutils, monkeypatch):
+    monkeypatch.setenv("NCBI_API_KEY", "loopback-ncbi-key-0123")  # 10 requests/s instead of 3: a shorter test
     return write_catalog(tmp_path / "sources.yaml", {
         "loop-pubmed": {"protocol": "ncbi", "endpoint": f"{eutils.url}/entrez/eutils", "db": "pubmed",
                         "term": "exoplanet atmosphere", "retmax": 50, "batch_size": 4, "rate_limit": 0,
@@ -64,8 +65,7 @@ def test_fetched_corpus_goes_through_tokenize(tmp_path, eutils, catalog):
     assert meta["train_documents"] + meta["val_documents"] == 9 and meta["train_tokens"] > 0
 
 
-def test_api_key_is_sent_and_raises_the_rate_to_ncbis_published_limit(tmp_path, eutils, catalog, monkeypatch):
-    monkeypatch.setenv("NCBI_API_KEY", "loopback-ncbi-key-0123")
+def test_api_key_is_sent_and_raises_the_rate_to_ncbis_published_limit(tmp_path, eutils, catalog):
     fetch_sources(["loop-pubmed"], tmp_path / "corpus", [catalog], policy=fast_policy())
     assert eutils.requests_to("esearch.fcgi")[0].query["api_key"] == "loopback-ncbi-key-0123"
     assert all(r.form()["api_key"] == "loopback-ncbi-key-0123" for r in eutils.requests_to("efetch.fcgi"))

@@ -35,9 +35,14 @@ def parse_overrides(request: Path | None, set_fields: list[str]) -> dict[str, An
 
 
 def fetch_command(sources: list[str], out: Path | None, catalogs: list[Path], request: Path | None,
-                  set_fields: list[str], refresh: bool, list_sources: bool, console) -> None:
+                  set_fields: list[str], refresh: bool, list_sources: bool, console, verbose: bool = False) -> None:
+    import logging
+
     from sapwood.data.sources import fetch_sources
     from sapwood.data.sources.catalog import Catalog
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
     if list_sources:
         catalog = Catalog.load(catalogs)
