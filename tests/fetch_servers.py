@@ -484,14 +484,18 @@ def write_catalog(path, sources: dict) -> object:
     return path
 
 
-def assert_clean(out) -> None:
-    """No temporary file is left, and every cache record matches the files it names (size and sha256)."""
+def assert_clean(out, after_failure: bool = False) -> None:
+    """No temporary file is left (after a failed run only hidden ``.NAME.part`` files, kept for resuming, never
+    anything that looks complete), and every cache record matches the files it names (size and sha256)."""
     import hashlib
     from pathlib import Path
 
     out = Path(out)
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".part")]
-    assert leftovers == [], f"temporary files left behind: {leftovers}"
+    if after_failure:
+        assert all(p.name.startswith(".") for p in leftovers), leftovers
+    else:
+        assert leftovers == [], f"temporary files left behind: {leftovers}"
     from sapwood.data.sources.storage import RequestCache
 
     cache = RequestCache(out)

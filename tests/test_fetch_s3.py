@@ -145,7 +145,7 @@ def test_failed_object_leaves_no_file_and_no_record_then_a_rerun_completes(tmp_p
     with pytest.raises(SapwoodError, match="500"):
         fetch_sources(["loop-s3"], out, [catalog], policy=fast_policy(attempts=2))
     assert not (out / "loop-s3" / "2020" / "01" / "sp.nc").exists()
-    assert_clean(out)
+    assert_clean(out, after_failure=True)
     fetch_sources(["loop-s3"], out, [catalog], policy=fast_policy())
     gets_for = [r.path for r in object_gets(proxy, bucket)]
     assert gets_for.count(f"/{bucket}/era5/2020/01/t2m.nc") == 1  # completed objects are not fetched again

@@ -234,3 +234,16 @@ def test_cache_records_are_written_after_the_files_and_never_serve_changed_files
     assert cache.lookup({"q": 1}) is None
     data.unlink()
     assert cache.lookup({"q": 1}) is None
+
+
+def test_a_part_from_another_origin_is_never_spliced(tmp_path, blob_server):
+    server, data = blob_server
+    dest = tmp_path / "blob.bin"
+    session = HttpSession(RateLimiter(0), timeout=10)
+    server.plan.add(Fault("drop", "/job-a", keep=0.5))
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        download(session, f"{server.url}/job-a", dest, expected_size=len(data))
+    assert part_path(dest).stat().st_size > 0
+    download(session, f"{server.url}/job-b", dest, expected_size=len(data))  # e.g. a resubmitted CDS job
+    assert "range" not in server.log[-1].headers and dest.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["blob.bin"]

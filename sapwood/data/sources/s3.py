@@ -21,7 +21,7 @@ from pydantic import Field
 from sapwood.data.sources.base import FetchContext, SourceBase
 from sapwood.data.sources.credentials import MissingCredentialError
 from sapwood.data.sources.reliability import TransientError, log
-from sapwood.data.sources.storage import STREAM_CHUNK, part_path, verify_and_commit
+from sapwood.data.sources.storage import STREAM_CHUNK, part_path, resume_offset, verify_and_commit
 from sapwood.errors import SapwoodError
 
 PLAIN_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
@@ -101,7 +101,8 @@ def download_object(client: Any, source: S3Source, ctx: FetchContext, item: dict
     match = PLAIN_MD5_ETAG.match(etag)
     checksum = ("md5", match.group(1)) if match else None
     what = f"s3://{source.bucket}/{item['key']}"
-    offset = part.stat().st_size if part.exists() else 0
+    offset = resume_offset(part, {"s3": source.endpoint, "bucket": source.bucket, "key": item["key"], "etag": etag,
+                                  "size": size})
     if offset > size:
         part.unlink()
         offset = 0
