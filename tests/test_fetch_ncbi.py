@@ -114,3 +114,19 @@ def test_empty_search_and_bad_db_are_one_line_errors(tmp_path, eutils, catalog):
         fetch_sources(["loop-pubmed"], tmp_path / "c", [catalog], {"db": "nucleotidez"}, policy=fast_policy())
     with pytest.raises(SapwoodError, match="no term"):
         fetch_sources(["loop-pubmed"], tmp_path / "c", [catalog], {"term": ""}, policy=fast_policy())
+
+
+def test_every_request_waits_for_the_rate_limiter_at_ncbis_rate(tmp_path, eutils, catalog, monkeypatch):
+    from sapwood.data.sources.reliability import RateLimiter
+
+    rates = []
+    original = RateLimiter.acquire
+
+    def counting(self):
+        rates.append(self.rate)
+        return original(self)
+
+    monkeypatch.setattr(RateLimiter, "acquire", counting)
+    monkeypatch.delenv("NCBI_API_KEY")
+    fetch_sources(["loop-pubmed"], tmp_path / "corpus", [catalog], policy=fast_policy())
+    assert len(rates) == len(eutils.log) == 4 and set(rates) == {RATE_WITHOUT_KEY}

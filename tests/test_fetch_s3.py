@@ -74,10 +74,16 @@ def expected_files(out):
             if key.startswith("era5/") and not key.endswith(".txt")}
 
 
-def test_prefix_is_mirrored_with_zarr_stores_whole_and_verified(tmp_path, s3, catalog):
+def test_prefix_is_mirrored_with_zarr_stores_whole_and_verified(tmp_path, s3, catalog, monkeypatch):
+    from sapwood.data.sources.reliability import RateLimiter
+
     proxy, _, bucket = s3
     out = tmp_path / "mirror"
+    acquisitions = []
+    original = RateLimiter.acquire
+    monkeypatch.setattr(RateLimiter, "acquire", lambda self: acquisitions.append(1) or original(self))
     [result] = fetch_sources(["loop-s3"], out, [catalog], policy=fast_policy())
+    assert len(acquisitions) == len(proxy.log) == 5  # a listing and four objects, each through the limiter
     expected = expected_files(out)
     assert sorted(result.files) == sorted(expected)
     for path, data in expected.items():
