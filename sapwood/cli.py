@@ -83,8 +83,9 @@ def simulate(
 
         catalog_planets = draw_planets(planets, runs, seed)
         drawn = planet_params(catalog_planets)
-        write_provenance(catalog_planets, out / "planets.csv")
     paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype, planets=drawn)
+    if planets is not None:
+        write_provenance(catalog_planets, out / "planets.csv")
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {len(paths)} runs, {size / 1e6:.1f} MB, to {out}")
 
