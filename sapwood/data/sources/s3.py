@@ -11,6 +11,7 @@ Credentials: boto3's standard chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_K
 
 from __future__ import annotations
 
+import functools
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,12 +38,23 @@ class S3Source(SourceBase):
     region: str = "us-east-1"
 
 
+@functools.cache
+def _service_model_loader():
+    """botocore's loader, shared so the S3 service model is parsed once per process, not once per fetch."""
+    import botocore.loaders
+
+    return botocore.loaders.create_loader()
+
+
 def make_client(source: S3Source, ctx: FetchContext):
     import boto3
+    import botocore.session
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    session = boto3.session.Session()
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _service_model_loader())
+    session = boto3.session.Session(botocore_session=core)
     if not source.anonymous:
         credentials = session.get_credentials()
         if credentials is None:
