@@ -178,3 +178,19 @@ def test_anonymous_access_sends_unsigned_requests(tmp_path, s3, catalog, monkeyp
                   policy=fast_policy())
     assert all("authorization" not in r.headers for r in proxy.log)
     assert (tmp_path / "mirror" / "loop-s3" / "01" / "sp.nc").read_bytes() == OBJECTS["era5/2020/01/sp.nc"]
+
+
+def test_fetched_netcdf_runs_go_through_prepare(tmp_path, s3, catalog):
+    from sapwood.data.cubes import prepare
+    from sapwood.data.simulate import Grid, simulate_ensemble
+
+    proxy, client, bucket = s3
+    runs = simulate_ensemble(tmp_path / "sim", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3), seed=2,
+                             progress=False)
+    for path in runs:
+        client.upload_file(str(path), bucket, f"ensembles/e1/{path.name}")
+    out = tmp_path / "cubes"
+    fetch_sources(["loop-s3"], out, [catalog], {"prefix": "ensembles/e1/"}, policy=fast_policy())
+    assert sorted(p.name for p in (out / "loop-s3").iterdir()) == ["run_0000.nc", "run_0001.nc"]
+    report = prepare([out / "loop-s3"], tmp_path / "store", progress=False)
+    assert len(report.used) == 2 and report.rows == 2 * 3 and not report.problems
