@@ -53,6 +53,8 @@ def fetch_sources(names: Iterable[str], out: Path, catalogs: Iterable[Path] = ()
         raise SapwoodError(f"no source named; known: {', '.join(catalog.names)}")
     policy = policy or RetryPolicy.from_environment()
     redactor = Redactor.from_environment(v for s in sources for v in s.credentials)
+    if out.exists() and not out.is_dir():
+        raise SapwoodError(f"--out {str(out)!r} is a file; give a folder to fetch into")
     out.mkdir(parents=True, exist_ok=True)
     fetchers = _fetchers()
     results = []

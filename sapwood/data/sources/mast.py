@@ -87,7 +87,7 @@ def fetch(source: MastSource, ctx: FetchContext) -> list[Path]:
 
     def fetch_one(row: Any) -> Path:
         uri, filename = str(row["dataURI"]), Path(str(row["productFilename"])).name
-        size = int(row["size"]) if "size" in row.colnames and row["size"] is not None else None
+        size = _known_int(row["size"]) if "size" in row.colnames else None
         dest = folder / filename
         record = {"mast": source.endpoint, "uri": uri, "size": size}
         if ctx.cache.lookup(record):  # per-file records hold even under --refresh
@@ -102,3 +102,15 @@ def fetch(source: MastSource, ctx: FetchContext) -> list[Path]:
         files = list(pool.map(fetch_one, list(products)))
     log.info("%s: %d observations, %d products", source.name, len(observations), len(files))
     return tables + files
+
+
+def _known_int(value: Any) -> int | None:
+    """An int from a table cell; ``None`` for a masked or empty one."""
+    import numpy as np
+
+    if value is None or value is np.ma.masked:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

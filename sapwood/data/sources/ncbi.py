@@ -32,7 +32,7 @@ class NcbiSource(SourceBase):
     protocol: Literal["ncbi"] = "ncbi"
     db: str = "pubmed"
     term: str = Field("", description="an Entrez query, e.g. 'exoplanet atmosphere[Title/Abstract]'")
-    retmax: int = Field(100, ge=1, le=100_000, description="most records to fetch")
+    retmax: int = Field(100, ge=1, le=10_000, description="most records to fetch (esearch returns at most 10,000 ids)")
     batch_size: int = Field(100, ge=1, le=500, description="ids per efetch request")
     rettype: str = "abstract"
     retmode: Literal["xml", "text"] = "xml"
