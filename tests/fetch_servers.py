@@ -184,7 +184,7 @@ VOTABLE_TYPES = {float: "double", int: "long", str: "char"}
 
 
 def votable(columns: list[tuple[str, type, str]], rows: list[dict], status: str = "OK", message: str = "") -> bytes:
-    """A VOTable 1.4 document as TAP 1.1 section 4 describes: RESOURCE type="results", INFO QUERY_STATUS."""
+    """A VOTable 1.4 document as TAP 1.1 returns it: RESOURCE type="results", INFO name="QUERY_STATUS"."""
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            '<VOTABLE version="1.4" xmlns="http://www.ivoa.net/xml/VOTable/v1.3" '
            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">',

@@ -1,7 +1,7 @@
 """IVOA Table Access Protocol services (NASA Exoplanet Archive, ESA Gaia, ESO, ...) through pyvo.
 
-A synchronous ADQL query (``POST {endpoint}/sync`` with ``REQUEST=doQuery, LANG=ADQL, QUERY=...``, TAP 1.1
-section 2) returns a VOTable, which is written as ``OUT/NAME.csv`` or ``OUT/NAME.parquet``.
+A synchronous ADQL query (``POST {endpoint}/sync`` with ``REQUEST=doQuery, LANG=ADQL, QUERY=...``, as the
+TAP 1.1 recommendation defines it) returns a VOTable, which is written as ``OUT/NAME.csv`` or ``OUT/NAME.parquet``.
 """
 
 from __future__ import annotations
