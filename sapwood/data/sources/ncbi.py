@@ -73,6 +73,8 @@ def fetch(source: NcbiSource, ctx: FetchContext) -> list[Path]:
     folder = ctx.out / source.name
     batches = [ids[i:i + source.batch_size] for i in range(0, len(ids), source.batch_size)]
 
+    ctx.expect(len(ids))
+
     def fetch_batch(index: int) -> list[Path]:
         batch = batches[index]
 
@@ -82,6 +84,8 @@ def fetch(source: NcbiSource, ctx: FetchContext) -> list[Path]:
             return response.content
 
         body = ctx.policy.call(f"{source.name} (efetch batch {index})", lambda: _parsed(efetch, source))
+        for _ in batch:
+            ctx.file_done()  # progress counts records
         if isinstance(body, dict):
             return [write_bytes_atomic(folder / f"{pmid}.txt", text.encode()) for pmid, text in body.items()]
         return [write_bytes_atomic(folder / f"batch_{index:05d}.txt", body)]

@@ -152,16 +152,19 @@ def fetch(source: S3Source, ctx: FetchContext) -> list[Path]:
         raise SapwoodError(f"source {source.name!r}: no objects under s3://{source.bucket}/{source.prefix}"
                            + (f" ending in {source.suffixes}" if source.suffixes else ""))
     folder = ctx.out / source.name
+    ctx.expect(len(objects))
 
     def fetch_one(item: dict[str, Any]) -> tuple[Path, bool]:
         dest = local_path(folder, source.prefix, item["key"])
         record = {"s3": source.endpoint, "bucket": source.bucket, "key": item["key"], "etag": item["etag"],
                   "size": item["size"]}
-        if ctx.cache.lookup(record):  # per-file records hold even under --refresh
-            return dest, False
-        ctx.policy.call(f"{source.name} (get {item['key']})", lambda: download_object(client, source, ctx, item, dest))
-        ctx.cache.store(record, [dest])
-        return dest, True
+        fetched = not ctx.cache.lookup(record)  # per-file records hold even under --refresh
+        if fetched:
+            ctx.policy.call(f"{source.name} (get {item['key']})",
+                            lambda: download_object(client, source, ctx, item, dest))
+            ctx.cache.store(record, [dest])
+        ctx.file_done()
+        return dest, fetched
 
     with ThreadPoolExecutor(max_workers=source.concurrency) as pool:
         results = list(pool.map(fetch_one, objects))
