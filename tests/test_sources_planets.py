@@ -97,3 +97,15 @@ def test_simulator_is_stable_at_every_corner_of_the_supported_range():
             simulation.advance()
         assert np.isfinite(simulation.temperature).all() and (simulation.temperature > 0).all(), corner
         assert simulation.humidity.min() >= 0, corner
+
+
+def test_parquet_catalog_reads_like_csv(tmp_path, catalog_csv):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = exoplanet_rows()
+    table = pa.table({name: [r[name] for r in rows] for name, _, _ in EXOPLANET_COLUMNS})
+    pq.write_table(table, tmp_path / "exoplanets.parquet")
+    from_parquet = draw_planets(tmp_path / "exoplanets.parquet", runs=4, seed=9)
+    from_csv = draw_planets(catalog_csv, runs=4, seed=9)
+    assert [(p.name, p.values) for p in from_parquet] == [(p.name, p.values) for p in from_csv]
