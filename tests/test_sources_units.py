@@ -247,3 +247,12 @@ def test_a_part_from_another_origin_is_never_spliced(tmp_path, blob_server):
     download(session, f"{server.url}/job-b", dest, expected_size=len(data))  # e.g. a resubmitted CDS job
     assert "range" not in server.log[-1].headers and dest.read_bytes() == data
     assert [p.name for p in tmp_path.iterdir()] == ["blob.bin"]
+
+
+def test_s3_keys_land_below_the_prefix_folder(tmp_path):
+    from sapwood.data.sources.s3 import local_path
+
+    assert local_path(tmp_path, "2020/01/data/air_pressure", "2020/01/data/air_pressure_at_msl.nc") == \
+        tmp_path / "air_pressure_at_msl.nc"
+    assert local_path(tmp_path, "era5/", "era5/2020/01/t2m.nc") == tmp_path / "2020" / "01" / "t2m.nc"
+    assert local_path(tmp_path, "", "a/../../b.nc") == tmp_path / "a" / "b.nc"  # never outside the folder

@@ -96,7 +96,9 @@ def _wanted(key: str, suffixes: list[str]) -> bool:
 
 
 def local_path(folder: Path, prefix: str, key: str) -> Path:
-    relative = key[len(prefix):] if prefix and key.startswith(prefix) else key
+    """Where ``key`` lands: its path below the prefix's folder (``a/b/`` for prefixes ``a/b/`` and ``a/b/t2m``)."""
+    base = prefix if prefix.endswith("/") else prefix.rpartition("/")[0] + "/" if "/" in prefix else ""
+    relative = key[len(base):] if base and key.startswith(base) else key
     parts = [p for p in relative.split("/") if p not in ("", ".", "..")]
     if not parts:
         parts = [key.rstrip("/").rsplit("/", 1)[-1]]
