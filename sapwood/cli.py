@@ -44,16 +44,21 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="folder for ev
 
 
 @app.command("import-hf")
-def import_hf_command(hf_dir: Path, out: Path = typer.Option(..., "--out", help="sapwood checkpoint folder to write")) -> None:
-    """Convert a Hugging Face Llama-family folder (config.json, *.safetensors, tokenizer.json)."""
+def import_hf_command(
+    hf_dir: Path,
+    out: Path = typer.Option(..., "--out", help="sapwood checkpoint folder to write"),
+    dtype: str = typer.Option(None, help="cast the weights: float32, bfloat16 or float16 (default: keep)"),
+) -> None:
+    """Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 folder (config.json, *.safetensors,
+    tokenizer and generation files)."""
     from sapwood.model.hf import import_hf
 
-    console.print(f"wrote {import_hf(hf_dir, out)}")
+    console.print(f"wrote {import_hf(hf_dir, out, dtype)}")
 
 
 @app.command("export-hf")
 def export_hf_command(folder: Path, out: Path = typer.Option(..., "--out", help="Hugging Face folder to write")) -> None:
-    """Write a sapwood checkpoint folder as one transformers loads with LlamaForCausalLM."""
+    """Write a sapwood checkpoint folder as one transformers loads (Llama, Qwen2, Qwen3 or Phi3 by its options)."""
     from sapwood.model.hf import export_hf
 
     console.print(f"wrote {export_hf(folder, out)}")
@@ -132,8 +137,10 @@ def train(
     """Train a model from a YAML config; checkpoints, metrics.jsonl, loss.png and final/ go to train.out_dir."""
     from sapwood.config import load_config
     from sapwood.train.loop import train as run_training
+    from sapwood.train.mesh import shutdown_distributed
 
     summary = run_training(load_config(config), resume=resume)
+    shutdown_distributed()  # under torchrun: process groups go now, not at interpreter exit
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()}
     console.print(" ".join(f"{k}={v}" for k, v in shown.items()))
 
@@ -176,19 +183,21 @@ def solve(
     ffn_ratio: float = typer.Option(8 / 3, "--ffn-ratio", help="preferred ffn / hidden among matching shapes"),
     near_hidden: int = typer.Option(None, "--near-hidden", help="preferred hidden among matching shapes"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    family: str = typer.Option("llama", help="HF family whose options are counted: llama, mistral, qwen2, qwen3, phi3"),
 ) -> None:
     """The valid config (head_dim a multiple of 8, ffn a multiple of 64) nearest to --params."""
     import json
 
     import yaml
 
+    from sapwood.config import FAMILY_OPTIONS
     from sapwood.sizing import SolveRequest
     from sapwood.sizing import solve as solve_config
 
     result = solve_config(SolveRequest(params, layers, heads, kv_heads, hidden, ffn, head_dim, vocab, tied,
-                                       tolerance, ffn_ratio, near_hidden))
+                                       tolerance, ffn_ratio, near_hidden, family=family))
     model = result.model.model_dump(include={"vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",
-                                             "tied_embeddings"})
+                                             "tied_embeddings", *FAMILY_OPTIONS[family]})
     if as_json:
         print(json.dumps({"params_total": result.params, "relative_error": result.error, "model": model}))
         return
