@@ -31,19 +31,30 @@ def parameter_shapes(cfg: ModelConfig) -> list[ParamSpec]:
     row-wise (dim 1), embedding and head vocab-parallel (dim 0), norms replicated.
     """
     h, q_dim, kv_dim = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+
+    def linear(name: str, out_dim: int, in_dim: int, tp_dim: int, bias: bool, layer: int) -> list[ParamSpec]:
+        """Weight, then bias (sharded with the output rows when column-parallel, else replicated)."""
+        weight = ParamSpec(name + ".weight", (out_dim, in_dim), tp_dim, layer)
+        return [weight, ParamSpec(name + ".bias", (out_dim,), 0 if tp_dim == 0 else None, layer)] if bias else [weight]
+
     specs = [ParamSpec("tok_embeddings.weight", (cfg.vocab_size, h), 0, None)]
     for i in range(cfg.layers):
         p = f"layers.{i}."
         specs += [
             ParamSpec(p + "attention_norm.weight", (h,), None, i),
-            ParamSpec(p + "attention.wq.weight", (q_dim, h), 0, i),
-            ParamSpec(p + "attention.wk.weight", (kv_dim, h), 0, i),
-            ParamSpec(p + "attention.wv.weight", (kv_dim, h), 0, i),
-            ParamSpec(p + "attention.wo.weight", (h, q_dim), 1, i),
+            *linear(p + "attention.wq", q_dim, h, 0, cfg.qkv_bias, i),
+            *linear(p + "attention.wk", kv_dim, h, 0, cfg.qkv_bias, i),
+            *linear(p + "attention.wv", kv_dim, h, 0, cfg.qkv_bias, i),
+            *linear(p + "attention.wo", h, q_dim, 1, cfg.attention_out_bias, i),
+        ]
+        if cfg.qk_norm:
+            specs += [ParamSpec(p + "attention.q_norm.weight", (cfg.head_dim,), None, i),
+                      ParamSpec(p + "attention.k_norm.weight", (cfg.head_dim,), None, i)]
+        specs += [
             ParamSpec(p + "ffn_norm.weight", (h,), None, i),
-            ParamSpec(p + "feed_forward.w1.weight", (cfg.ffn, h), 0, i),
-            ParamSpec(p + "feed_forward.w3.weight", (cfg.ffn, h), 0, i),
-            ParamSpec(p + "feed_forward.w2.weight", (h, cfg.ffn), 1, i),
+            *linear(p + "feed_forward.w1", cfg.ffn, h, 0, cfg.mlp_bias, i),
+            *linear(p + "feed_forward.w3", cfg.ffn, h, 0, cfg.mlp_bias, i),
+            *linear(p + "feed_forward.w2", h, cfg.ffn, 1, cfg.mlp_bias, i),
         ]
     specs.append(ParamSpec("norm.weight", (h,), None, None))
     if not cfg.tied_embeddings:
@@ -63,9 +74,12 @@ class ParamCounts:
 
 
 def layer_params(cfg: ModelConfig) -> int:
-    """One block: 2h (norms) + h*(q + 2 kv + q) (attention) + 3 h ffn (SwiGLU)."""
+    """One block: 2h (norms) + h*(q + 2 kv + q) (attention) + 3 h ffn (SwiGLU), plus the family options:
+    q + 2 kv (q/k/v biases), h (output bias), 2 head_dim (q/k norms), 2 ffn + h (FFN biases)."""
     q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    return 2 * cfg.hidden + cfg.hidden * (2 * q_dim + 2 * kv_dim) + 3 * cfg.hidden * cfg.ffn
+    options = ((q_dim + 2 * kv_dim) * cfg.qkv_bias + cfg.hidden * cfg.attention_out_bias
+               + 2 * cfg.head_dim * cfg.qk_norm + (2 * cfg.ffn + cfg.hidden) * cfg.mlp_bias)
+    return 2 * cfg.hidden + cfg.hidden * (2 * q_dim + 2 * kv_dim) + 3 * cfg.hidden * cfg.ffn + options
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sapwood.config import ModelConfig
+from sapwood.config import FAMILY_OPTIONS, ModelConfig
 from sapwood.errors import ConfigError
 
 
@@ -32,6 +32,7 @@ class SolveRequest:
     ffn_ratio: float = 8 / 3
     near_hidden: int | None = None
     aspect: float = 128.0
+    family: str = "llama"  # a key of FAMILY_OPTIONS: its biases / q-k norms are counted and set
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ def _check_request(req: SolveRequest) -> None:
             raise ConfigError(f"{name}={value} must be a positive integer")
     if req.params <= 0:
         raise ConfigError(f"params={req.params:g} must be positive")
+    if req.family not in FAMILY_OPTIONS:
+        raise ConfigError(f"family={req.family!r} is not known; allowed: {', '.join(FAMILY_OPTIONS)}")
     if req.ffn is not None and req.ffn % 64:
         raise ConfigError(f"ffn={req.ffn} is not a multiple of 64; choose one (e.g. {round(req.ffn / 64) * 64 or 64})")
     if req.head_dim is not None and req.head_dim % 8:
@@ -102,9 +105,12 @@ def solve(req: SolveRequest) -> SolveResult:
     found: list[tuple[float, int, dict[str, Any]]] = []
     nearest: tuple[float, int] | None = None
     embedding_copies = 1 if req.tied_embeddings else 2
+    options = FAMILY_OPTIONS[req.family]
     for hidden, heads, kv_heads in _candidate_dims(req):
         head_dim = hidden // heads
         attention = 2 * hidden + hidden * 2 * head_dim * (heads + kv_heads)  # norms + q, k, v, o per layer
+        attention += head_dim * (heads + 2 * kv_heads) * options.get("qkv_bias", False)
+        attention += 2 * head_dim * options.get("qk_norm", False)
         for layers in [req.layers] if req.layers else range(1, 257):
             without_ffn = req.vocab_size * hidden * embedding_copies + layers * attention + hidden
             per_unit = 3 * hidden * layers  # params added by one more ffn unit in every layer
@@ -120,7 +126,7 @@ def solve(req: SolveRequest) -> SolveResult:
                     nearest = (error, total)
                 if error <= req.tolerance:
                     dims = dict(vocab_size=req.vocab_size, hidden=hidden, layers=layers, heads=heads,
-                                kv_heads=kv_heads, ffn=ffn, tied_embeddings=req.tied_embeddings)
+                                kv_heads=kv_heads, ffn=ffn, tied_embeddings=req.tied_embeddings, **options)
                     found.append((_shape_cost(req, layers, hidden, ffn), total, dims))
     if not found:
         best = f"; the nearest valid shape has {nearest[1]:,} params ({nearest[0]:.2%} off)" if nearest else ""
