@@ -50,7 +50,7 @@ def fetch_command(sources: list[str], out: Path | None, catalogs: list[Path], re
             entry = catalog.entries[name]
             needs = ", ".join(entry.get("credentials", [])) or "no credential"
             console.print(f"{name:28s} {entry.get('protocol', '?'):5s} {entry.get('endpoint', '')}  [{needs}]",
-                          highlight=False, soft_wrap=True)
+                          highlight=False, soft_wrap=True, markup=False)
         return
     if not sources:
         raise SapwoodError("name at least one source (sapwood fetch --list shows the catalog)")
