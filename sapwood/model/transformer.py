@@ -2,7 +2,8 @@
 
 The Hugging Face families are options of :class:`ModelConfig`, not other classes: biases on q/k/v
 (Qwen2), on the attention output and the FFN (Llama ``attention_bias`` / ``mlp_bias``), per-head q/k
-RMSNorm (Qwen3), the gated FFN's activation, and the RoPE scaling (``sapwood.model.rope``).
+RMSNorm (Qwen3), the gated FFN's activation, a sliding attention window (Mistral v0.1, Phi-3 4k) and
+the RoPE scaling (``sapwood.model.rope``).
 
 Plain PyTorch, no parallelism inside (see ``sapwood.train.parallel``). Module names follow torchtitan
 (``tok_embeddings``, ``layers.N.attention.wq`` ...) so tensor-parallel plans and checkpoints map directly.
@@ -204,14 +205,11 @@ class Decoder(nn.Module):
         seq = h.shape[1]
         if positions is None:
             positions = torch.arange(seq, device=h.device).unsqueeze(0)
-        inv_freq, attention_factor = self.inv_freq, self.attention_factor
-        if self.cfg.rope_scaling.type == "longrope":  # long factors once the sequence passes trained_context
-            longest = int(positions.max()) + 1
-            if longest > self.cfg.trained_context:
-                cfg = self.cfg
-                inv_freq, attention_factor = scaled_inv_freq(
-                    cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling, seq_len=longest
-                )
+        cfg, inv_freq, attention_factor = self.cfg, self.inv_freq, self.attention_factor
+        if cfg.rope_scaling.type == "longrope" and int(positions.max()) >= cfg.trained_context:  # long factors
+            inv_freq, attention_factor = scaled_inv_freq(
+                cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling, seq_len=int(positions.max()) + 1
+            )
         cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)
         for name, block in self.layers.items():
             h = block(h, cos, sin, kv_cache, int(name))
