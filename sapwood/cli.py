@@ -154,6 +154,11 @@ def size(
     checkpointing: str = typer.Option(None, help="activation checkpointing: none, selective or full"),
     seq: int = typer.Option(None, help="tokens per sequence (default: model.trained_context)"),
     micro_batch: int = typer.Option(None, help="sequences per micro-batch (default: train.micro_batch_size, else 1)"),
+    optimizer_in_backward: bool = typer.Option(None, "--optimizer-in-backward/--no-optimizer-in-backward",
+                                               help="optimizer step fused into backward (default: train section)"),
+    loss_chunk: int = typer.Option(None, "--loss-chunk", help="tokens per chunk of the loss (default: train section)"),
+    measure: bool = typer.Option(False, "--measure", help="also run one training step on fake tensors under torch's "
+                                 "memory tracker and print the measured peak next to the prediction"),
 ) -> None:
     """Parameters, training memory per GPU and FLOPs per token, without allocating weights."""
     import json
@@ -161,7 +166,16 @@ def size(
     from sapwood.config import load_config
     from sapwood.sizing import print_size_report, size_report
 
-    report = size_report(load_config(config), precision, optimizer, checkpointing, seq, micro_batch)
+    loaded = load_config(config)
+    report = size_report(loaded, precision, optimizer, checkpointing, seq, micro_batch, optimizer_in_backward,
+                         loss_chunk)
+    if measure and "memory_per_gpu" in report:
+        from sapwood.sizing.measure import measure_training_step
+
+        mem = report["memory_per_gpu"]
+        report["measured"] = measure_training_step(
+            loaded, mem["precision"], mem["optimizer"], mem["checkpointing"], mem["seq"], mem["micro_batch"],
+            mem["optimizer_in_backward"], mem["loss_chunk"]).as_dict()
     if as_json:
         print(json.dumps(report))
     else:
