@@ -29,16 +29,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from sapwood import fsutil
 from sapwood.config import Config, ModelConfig, RopeScaling, load_config, validate
 from sapwood.errors import SapwoodError
-from sapwood.model.folder import INDEX, WEIGHTS, read_weights, replace_folder, save_folder, write_weights
+from sapwood.model.folder import INDEX, WEIGHTS, read_weights, save_folder, write_weights
 from sapwood.model.transformer import Decoder
 
 HF_CONFIG = "config.json"
@@ -260,15 +260,9 @@ def export_hf(folder: str | Path, out: str | Path) -> Path:
     hf_state = {sapwood_to_hf_name(name): tensor.contiguous() for name, tensor in state.items()}
     dtypes = {t.dtype for t in hf_state.values()}
     hf_config = hf_config_from_sapwood(cfg, dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
-        write_weights(hf_state, tmp)
+    with fsutil.staged_dir(out) as staged:
+        (staged / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
+        write_weights(hf_state, staged)
         if (folder / TOKENIZER).exists():
-            shutil.copyfile(folder / TOKENIZER, tmp / TOKENIZER)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copyfile(folder / TOKENIZER, staged / TOKENIZER)
     return out
