@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sapwood import fsutil
 from sapwood.config import Config, ModelConfig, validate
@@ -274,54 +273,75 @@ def test_a_damaged_checkpoint_is_skipped_but_a_bug_in_resume_is_raised(tokens_di
         Trainer(config, resume=True)
 
 
-# --------------------------------------------------------------------------- model folders
+# --------------------------------------------------------------------------- published folders
+
+
+def versions_after_kills(tmp_path: Path, name: str, write: Callable[[Path], None], rewrite: Callable[[Path], None],
+                         read: Callable[[Path], object]) -> set:
+    """``write`` the folder ``name`` once, then kill ``rewrite`` of it at every durable step. After each kill
+    the next writer's tidying (:func:`fsutil.recover_stale`) must leave no temporaries and a folder that
+    ``read`` accepts; returns what ``read`` said over all kills (both versions when nothing is lost)."""
+    template, work = tmp_path / "template", tmp_path / "work"
+    template.mkdir()
+    write(template / name)
+    seen = set()
+
+    def check(k: int) -> None:
+        fsutil.recover_stale(work, name)
+        assert leftovers(work) == []
+        seen.add(read(work / name))
+
+    crash_matrix(template, work, lambda: rewrite(work / name), check)
+    return seen
 
 
 def test_model_folder_save_killed_at_every_step(tmp_path):
     config = Config(model=TINY)
-    old, new = tiny_model(1)[0], tiny_model(2)[0]
-    template = tmp_path / "template"
-    save_folder(old, config, template / "final")
-    work = tmp_path / "work"
-    saved = load_file(template / "final" / "model.safetensors")
-    versions = [saved, {name: tensor.detach().clone() for name, tensor in new.state_dict().items() if name in saved}]
-    found = set()
+    versions = {seed: tiny_model(seed)[0] for seed in (1, 2)}
 
-    def check(k: int) -> None:
-        fsutil.recover_stale(work, "final")
-        assert leftovers(work) == []
-        state = load(work / "final").state_dict()
-        matches = [i for i, v in enumerate(versions) if all(torch.equal(state[name], v[name]) for name in v)]
-        assert len(matches) == 1
-        found.add(matches[0])
+    def which(folder: Path) -> int:
+        state = load(folder).state_dict()
+        return next(seed for seed, model in versions.items()
+                    if all(torch.equal(state[key], value) for key, value in model.state_dict().items()))
 
-    crash_matrix(template, work, lambda: save_folder(new, config, work / "final"), check)
-    assert found == {0, 1}
-
-
-# --------------------------------------------------------------------------- token folders
+    seen = versions_after_kills(tmp_path, "final", lambda out: save_folder(versions[1], config, out),
+                                lambda out: save_folder(versions[2], config, out), which)
+    assert seen == {1, 2}
 
 
 def test_tokenize_killed_at_every_step(tmp_path, corpus_files):
+    from tokenizers import Tokenizer
+
     files = corpus_files[:6]
-    template = tmp_path / "template"
-    tokenize_corpus(files, template / "tokens", vocab_size=280, val_fraction=0.3)
-    work = tmp_path / "work"
-    seen = set()
 
-    def check(k: int) -> None:
-        fsutil.recover_stale(work, "tokens")
-        assert leftovers(work) == []
-        meta = read_meta(work / "tokens")
-        from tokenizers import Tokenizer
+    def vocab(folder: Path) -> int:
+        meta = read_meta(folder)
+        assert Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size() == meta["vocab_size"]
+        assert TokenShards(folder, "train").total_tokens == meta["train_tokens"]  # every shard's size checked
+        return meta["vocab_size"]
 
-        assert Tokenizer.from_file(str(work / "tokens" / "tokenizer.json")).get_vocab_size() == meta["vocab_size"]
-        assert TokenShards(work / "tokens", "train").total_tokens == meta["train_tokens"]  # sizes checked
-        seen.add(meta["vocab_size"])
+    seen = versions_after_kills(tmp_path, "tokens", lambda out: tokenize_corpus(files, out, 280, 0.3),
+                                lambda out: tokenize_corpus(files, out, 300, 0.3), vocab)
+    assert len(seen) == 2
 
-    crash_matrix(template, work, lambda: tokenize_corpus(files, work / "tokens", vocab_size=300, val_fraction=0.3),
-                 check)
-    assert len(seen) == 2  # both the old and the new folder were found complete along the way
+
+def test_cube_store_publish_killed_at_every_step(tmp_path):
+    from sapwood.data.cubes import prepare
+    from sapwood.data.simulate import Grid, simulate_ensemble
+    from sapwood.data.store import FRAMES_FILE, CubeStore
+
+    runs = simulate_ensemble(tmp_path / "runs", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3), seed=3,
+                             progress=False)
+
+    def rows(folder: Path) -> int:
+        store = CubeStore(folder)
+        frames = np.fromfile(folder / FRAMES_FILE, dtype=np.float32)
+        assert frames.size == store.rows * int(np.prod(store.shape[1:]))
+        return store.rows
+
+    seen = versions_after_kills(tmp_path, "store", lambda out: prepare(runs[:1], out, progress=False),
+                                lambda out: prepare(runs, out, progress=False), rows)
+    assert seen == {3, 6}
 
 
 def test_token_shards_check_their_sizes_and_tokenize_keeps_foreign_folders(tmp_path, corpus_files):
@@ -337,33 +357,6 @@ def test_token_shards_check_their_sizes_and_tokenize_keeps_foreign_folders(tmp_p
     with pytest.raises(SapwoodError, match=r"holds \['plan.txt'\] .*choose an empty or new folder"):
         tokenize_corpus(corpus_files[:6], notes, vocab_size=280)
     assert (notes / "plan.txt").read_text() == "keep me"
-
-
-# --------------------------------------------------------------------------- cube stores
-
-
-def test_cube_store_publish_killed_at_every_step(tmp_path):
-    from sapwood.data.cubes import prepare
-    from sapwood.data.simulate import Grid, simulate_ensemble
-    from sapwood.data.store import FRAMES_FILE, CubeStore
-
-    runs = simulate_ensemble(tmp_path / "runs", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3), seed=3,
-                             progress=False)
-    template = tmp_path / "template"
-    prepare(runs[:1], template / "store", progress=False)
-    work = tmp_path / "work"
-    rows = set()
-
-    def check(k: int) -> None:
-        fsutil.recover_stale(work, "store")
-        assert leftovers(work) == []
-        store = CubeStore(work / "store")
-        frames = np.fromfile(work / "store" / FRAMES_FILE, dtype=np.float32)
-        assert frames.size == store.rows * int(np.prod(store.shape[1:]))
-        rows.add(store.rows)
-
-    crash_matrix(template, work, lambda: prepare(runs, work / "store", progress=False), check)
-    assert rows == {3, 6}
 
 
 def test_write_file_replaces_atomically(tmp_path):
