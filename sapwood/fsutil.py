@@ -85,9 +85,11 @@ def write_file(path: Path, data: str | bytes) -> None:
 @contextmanager
 def staged_dir(target: Path) -> Iterator[Path]:
     """A fresh ``TARGET.partial-PID`` folder to write into; published to ``target`` when the block
-    ends without an exception, deleted when it raises (``target`` is then left as it was)."""
+    ends without an exception, deleted when it raises (``target`` is then left as it was). Leftovers
+    of dead writers of ``target`` are tidied first (:func:`recover_stale`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_stale(target.parent, re.escape(target.name))
     staged = partial_path(target)
     remove(staged)
     staged.mkdir()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -157,7 +156,6 @@ def tokenize_corpus(
         raise SapwoodError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
     out = Path(out)
     _check_replaceable(out)
-    fsutil.recover_stale(out.parent, re.escape(out.name))
     names = [str(p) for p in files]
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     keep = [i for i, t in enumerate(texts) if t.strip()]

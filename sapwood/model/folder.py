@@ -10,7 +10,6 @@ or killed write leaves any previous folder intact.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -89,7 +88,6 @@ def save_folder(
 ) -> Path:
     """Write a checkpoint folder atomically and durably (:func:`sapwood.fsutil.staged_dir`); return its path."""
     out = Path(out)
-    fsutil.recover_stale(out.parent, re.escape(out.name))
     with fsutil.staged_dir(out) as staged:
         config.save(staged / "config.yaml")
         write_weights(weights_state_dict(model), staged, max_shard_bytes)
