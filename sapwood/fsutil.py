@@ -13,6 +13,7 @@ that is still running on this machine are never touched.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -46,6 +47,9 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems that cannot sync a folder
+            raise
     finally:
         os.close(fd)
 

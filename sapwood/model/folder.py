@@ -89,11 +89,22 @@ def save_folder(
     """Write a checkpoint folder atomically and durably (:func:`sapwood.fsutil.staged_dir`); return its path."""
     out = Path(out)
     with fsutil.staged_dir(out) as staged:
-        config.save(staged / "config.yaml")
-        write_weights(weights_state_dict(model), staged, max_shard_bytes)
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, staged / "tokenizer.json")
+        write_folder_files(model, config, staged, tokenizer_file, max_shard_bytes)
     return out
+
+
+def write_folder_files(
+    model: torch.nn.Module,
+    config: Config,
+    folder: Path,
+    tokenizer_file: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """The files of a checkpoint folder, written into the existing (staging) ``folder``."""
+    config.save(folder / "config.yaml")
+    write_weights(weights_state_dict(model), folder, max_shard_bytes)
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
 
 
 def materialize(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
