@@ -173,8 +173,10 @@ def _new_block(cfg: ModelConfig, source: Block, init: DepthInit, function_preser
         else:
             block.init_weights(cfg, generator)
         if function_preserving and init in ("identity", "stack"):
-            block.attention.wo.weight.zero_()
-            block.feed_forward.w2.weight.zero_()
+            for linear in (block.attention.wo, block.feed_forward.w2):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
     return block
 
 
