@@ -222,6 +222,15 @@ def solve(
                       f"kv_heads={alt.kv_heads} ffn={alt.ffn}")
 
 
+def _show_bench(results: list, path: Path | None = None) -> None:
+    """Print a bench suite's results table, then where its JSON was written (when the suite says)."""
+    from sapwood.bench.harness import print_results
+
+    print_results(results)
+    if path is not None:
+        console.print(f"wrote {path}")
+
+
 @bench_app.command("model")
 def bench_model(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for model.json and model.png"),
@@ -234,12 +243,9 @@ def bench_model(
     threads: int = typer.Option(None, help="CPU intra-op threads (default: torch's choice)"),
 ) -> None:
     """Forward+backward tokens/s of the sapwood Decoder vs a plain reference of the same math."""
-    from sapwood.bench.harness import print_results
     from sapwood.bench.model import run_model_bench
 
-    results, path = run_model_bench(out, preset, batch, seq, dtype, device, repeats, threads)
-    print_results(results)
-    console.print(f"wrote {path}")
+    _show_bench(*run_model_bench(out, preset, batch, seq, dtype, device, repeats, threads))
 
 
 @app.command()
@@ -299,13 +305,10 @@ def bench_serve(
     folder: Path = typer.Option(None, "--folder", help="serve this checkpoint instead of a random one"),
 ) -> None:
     """sapwood serve (HTTP, continuous batching) vs transformers generate on the same exported weights."""
-    from sapwood.bench.harness import print_results
     from sapwood.bench.serve import run_serve_bench
 
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    results, path = run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder)
-    print_results(results)
-    console.print(f"wrote {path}")
+    _show_bench(*run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder))
 
 
 @bench_app.command("context")
@@ -317,12 +320,9 @@ def bench_context(
 ) -> None:
     """Perplexity past the trained context: each RoPE scaling vs none, on a tiny model trained here."""
     from sapwood.bench.context import run_context_bench
-    from sapwood.bench.harness import print_results
 
     factors = [int(m) for m in multiples.split(",") if m.strip()]
-    results, path = run_context_bench(out, trained_context, steps, factors)
-    print_results(results)
-    console.print(f"wrote {path}")
+    _show_bench(*run_context_bench(out, trained_context, steps, factors))
 
 
 @app.command()
@@ -395,7 +395,7 @@ def bench_train(
 @bench_app.command("data")
 def bench_data(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for data.json and data.png"),
-    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (the issue's size: 1.88)"),
+    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (1.88 is the design target)"),
     levels: int = typer.Option(8, help="sigma layers of the simulated cubes"),
     nlat: int = typer.Option(32, help="latitudes (use 64+ for GB batches)"),
     nlon: int = typer.Option(64, help="longitudes"),
@@ -404,15 +404,14 @@ def bench_data(
 ) -> None:
     """Seconds per cube batch: sapwood loader vs naive xarray loading vs a raw read of the same bytes."""
     from sapwood.bench.data import run_data_bench
-    from sapwood.bench.harness import print_results
 
-    print_results(run_data_bench(out, work, batch_gb, levels, nlat, nlon, batches))
+    _show_bench(run_data_bench(out, work, batch_gb, levels, nlat, nlon, batches))
 
 
 @bench_app.command("augment")
 def bench_augment(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for augment.json and augment.png"),
-    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (the issue's size: 1.88)"),
+    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (1.88 is the design target)"),
     levels: int = typer.Option(8, help="sigma layers"),
     nlat: int = typer.Option(32, help="latitudes"),
     nlon: int = typer.Option(64, help="longitudes"),
@@ -420,9 +419,8 @@ def bench_augment(
 ) -> None:
     """Batched physics-aware augmentation vs a per-sample, per-variable numpy loop (CPU; GPU when present)."""
     from sapwood.bench.augment import run_augment_bench
-    from sapwood.bench.harness import print_results
 
-    print_results(run_augment_bench(out, batch_gb, levels, nlat, nlon, repeats))
+    _show_bench(run_augment_bench(out, batch_gb, levels, nlat, nlon, repeats))
 
 
 @app.command("eval")
