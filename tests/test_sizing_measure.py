@@ -38,6 +38,7 @@ def test_attention_memory_grows_linearly_with_the_sequence():
     assert long.activations < score_matrices
 
 
+@pytest.mark.slow
 def test_size_cli_measure_prints_both(tmp_path):
     import json
     import subprocess
