@@ -242,6 +242,10 @@ REFUSALS = [
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
     ({"hidden_act": "relu2"}, "hidden_act='relu2' is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mscale": 0.7}}, "yarn mscale=0.7 is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32}},
+     "model.rope_scaling: rope_scaling type 'llama3' needs low_freq_factor and high_freq_factor"),
+    ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 8}},
+     "model: rope_scaling.short_factor has 3 values; needs head_dim // 2 = 8"),
 ]
 
 
