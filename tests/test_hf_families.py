@@ -446,3 +446,13 @@ def test_served_requests_take_generation_config_sampling_defaults_for_unset_fiel
     (folder / "generation_config.json").write_text(json.dumps({"temperature": 7.0}))
     with pytest.raises(SapwoodError, match=r"generation_config.json: temperature=7.0: must be in \[0, 2\]"):
         Engine.from_folder(folder)
+
+
+def test_solve_follows_qwen3_head_dim_rule_to_the_published_shape():
+    """Qwen3-0.6B: head_dim 128 with hidden 1024 and 16 heads (q/k/v wider than hidden)."""
+    result = solve(SolveRequest(596_049_920, layers=28, hidden=1024, heads=16, kv_heads=8, head_dim=128,
+                                vocab_size=151936, tied_embeddings=True, family="qwen3"))
+    assert result.params == PUBLISHED_TOTALS["Qwen3-0.6B"] and result.error == 0
+    assert (result.model.ffn, result.model.head_dim, result.model.qk_norm) == (3072, 128, True)
+    with pytest.raises(Exception, match="hidden=1024 with heads=16 gives head_dim=64"):
+        solve(SolveRequest(596_049_920, layers=28, hidden=1024, heads=16, head_dim=128, family="llama"))
