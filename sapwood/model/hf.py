@@ -134,6 +134,9 @@ def split_fused(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     out = {}
     for name, tensor in state.items():
         if ".self_attn.qkv_proj." in name:
+            if tensor.shape[0] != sum(sizes):
+                raise SapwoodError(f"tensor {name!r} has {tensor.shape[0]} rows; config.json's heads give "
+                                   f"q + k + v = {sum(sizes)}")
             for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes), strict=True):
                 out[name.replace("qkv_proj", part)] = piece
         elif ".mlp.gate_up_proj." in name:
