@@ -456,3 +456,20 @@ def test_solve_follows_qwen3_head_dim_rule_to_the_published_shape():
     assert (result.model.ffn, result.model.head_dim, result.model.qk_norm) == (3072, 128, True)
     with pytest.raises(Exception, match="hidden=1024 with heads=16 gives head_dim=64"):
         solve(SolveRequest(596_049_920, layers=28, hidden=1024, heads=16, head_dim=128, family="llama"))
+
+
+def test_qwen2_with_use_sliding_window_on_every_layer_round_trips(tmp_path):
+    config = transformers.Qwen2Config(**SHAPE, max_position_embeddings=SERVED, use_sliding_window=True,
+                                      sliding_window=16, max_window_layers=0)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours = sapwood.load(tmp_path / "ours")
+    assert ours.cfg.sliding_window == 16
+    assert logits_diff(hf, ours, SERVED) < 1e-4
+    export_hf(tmp_path / "ours", tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    x = tokens(SERVED)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, hf(x).logits)
