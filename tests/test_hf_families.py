@@ -473,3 +473,17 @@ def test_qwen2_with_use_sliding_window_on_every_layer_round_trips(tmp_path):
     x = tokens(SERVED)
     with torch.no_grad():
         assert torch.equal(back(x).logits, hf(x).logits)
+
+
+def test_tensor_parallel_refuses_qk_norm_in_one_line():
+    from sapwood.config import ParallelConfig
+    from sapwood.errors import ConfigError
+    from sapwood.train.mesh import ParallelDims
+    from sapwood.train.parallel import check_parallel_fits_model
+
+    cfg = ModelConfig(vocab_size=96, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, qk_norm=True)
+    with pytest.raises(ConfigError, match="model.qk_norm=true with parallel.tp=2 is not supported"):
+        check_parallel_fits_model(cfg, ParallelDims(ParallelConfig(tp=2), 2))
+    check_parallel_fits_model(cfg, ParallelDims(ParallelConfig(dp_shard=2), 2))
+    check_parallel_fits_model(cfg.model_copy(update={"qk_norm": False, "qkv_bias": True}),
+                              ParallelDims(ParallelConfig(tp=2), 2))
