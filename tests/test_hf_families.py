@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -418,7 +417,7 @@ def test_chat_template_renders_with_special_tokens_as_transformers_does(tmp_path
         assert ours.startswith("<|begin_of_text|><|start_header_id|>system")
 
 
-def test_served_requests_take_generation_config_sampling_defaults_for_unset_fields(lm_folder, tmp_path):  # noqa: F811
+def test_served_requests_take_generation_config_sampling_defaults_for_unset_fields(lm_folder, tmp_path):
     """A real server: a request leaving temperature unset gets generation_config.json's (0 here: greedy);
     one that sets it keeps its own."""
     import shutil
