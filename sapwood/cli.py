@@ -70,11 +70,13 @@ def simulate(
     dt_hours: float = typer.Option(6.0, help="hours between outputs"),
     seed: int = typer.Option(0, help="seed of the planet draw"),
     dtype: str = typer.Option("float32", help="float32 or float64"),
+    spinup_days: float = typer.Option(None, "--spinup-days",
+                                      help="days integrated before the first output (default: relaxed, ~24 d for Earth)"),
 ) -> None:
     """Simulate an ensemble of planets and write CF NetCDF datacubes (see sapwood.data.simulate)."""
     from sapwood.data.simulate import Grid, simulate_ensemble
 
-    grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, dt_hours=dt_hours)
+    grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, dt_hours=dt_hours, spinup_days=spinup_days)
     paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype)
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {len(paths)} runs, {size / 1e6:.1f} MB, to {out}")
