@@ -46,9 +46,9 @@ goal, so ``cube.physics`` weights are read against that.
 Projection (:func:`project`): mass and water fixers (``ps``, ``q`` scaled), an angular-momentum fixer
 (solid-body ``u`` increment), optionally a weighted least-squares estimate of each column's ``T`` from the
 predicted ``T``, ``zg`` and ``rho`` by their error variances (then ``zg`` and ``rho`` follow exactly from it),
-and an energy fixer (uniform ``T`` shift, ``zg`` and ``rho`` kept consistent with it). Without error
-variances the predicted ``T``, ``zg`` and ``rho`` are kept: a diagnosis never overwrites a prediction
-unless it is the better estimate.
+and an energy fixer (uniform ``T`` shift, ``zg`` and ``rho`` kept consistent with it). No field is overwritten
+by a diagnosis from another: each prediction enters the estimate with the weight of its error variance
+(given, or the per-channel size of the predicted tendency), and ``diagnose=False`` keeps them as predicted.
 """
 
 from __future__ import annotations
@@ -165,8 +165,10 @@ class StateSums:
 
 
 @_full_precision
-def state_sums(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None = None) -> StateSums:
-    """All global sums of states ``[..., C, H, W]`` with one reduction pass per field."""
+def state_sums(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None = None,
+               work: torch.Tensor | None = None) -> StateSums:
+    """All global sums of states ``[..., C, H, W]`` with one reduction pass per field (``work``: an optional
+    scratch tensor shaped like one 3-D field, so no large temporary is allocated)."""
     x = x.float()
     ps = geometry.field(x, "ps")
     total_weight = geometry.cell_weight.sum() * ps.shape[-1]
@@ -188,7 +190,11 @@ def state_sums(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor 
         kinetic = torch.zeros_like(enthalpy)
         if geometry.has("u") and geometry.has("v"):
             u, v = geometry.field(x, "u"), geometry.field(x, "v")
-            kinetic = 0.5 * (_zonal_mass_sums(u * u + v * v, ps_weight) * dsigma_h).sum((-2, -1))
+            if _needs_graph(x) or work is None or work.shape != u.shape:
+                speed2 = u * u + v * v
+            else:
+                speed2 = torch.mul(u, u, out=work).addcmul_(v, v)
+            kinetic = 0.5 * (_zonal_mass_sums(speed2, ps_weight) * dsigma_h).sum((-2, -1))
         energy = (enthalpy + kinetic) / (gravity * total_weight)
         from sapwood.data.simulate import radiative_time_factor, temperature_scale
 
@@ -290,30 +296,78 @@ def saturation_humidity(temperature: torch.Tensor, pressure: torch.Tensor) -> to
 
 
 @_full_precision
-def thermo_residuals(x: torch.Tensor, geometry: Geometry,
-                     planet_params: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Thermodynamic-consistency violations of states ``[..., C, H, W]`` -> ``[...]`` each (module table)."""
+def thermo_residuals(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None = None,
+                     work: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Thermodynamic-consistency violations of states ``[..., C, H, W]`` -> ``[...]`` each (module table).
+    Each mass-weighted mean is one fused pass (``sum_lhw r dsigma_l w_h ps_hw`` as an einsum); temporaries
+    live in two scratch fields (``work`` may supply one)."""
     x = x.float()
     ps = geometry.field(x, "ps")
-    mass_weight = geometry.dsigma[:, None, None] * (ps * geometry.cell_weight).unsqueeze(-3)  # [..., L, H, W]
-    total = mass_weight.sum((-3, -2, -1))
+    ps_weight = ps * geometry.cell_weight
+    total = ps_weight.sum((-2, -1)) * geometry.dsigma.sum()
+    shape = ps.shape[:-2] + (geometry.cube.levels,) + ps.shape[-2:]
+    if _needs_graph(x):
+        return _thermo_differentiable(x, geometry, planet_params, ps, ps_weight, total)
+    work = work if work is not None and work.shape == shape else torch.empty(shape, device=x.device)
+
+    def mass_mean(values: torch.Tensor, level_weight: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...lhw,...hw,l->...", values, ps_weight, level_weight) / total
+
+    out: dict[str, torch.Tensor] = {}
+    if geometry.has("T"):
+        temperature = geometry.field(x, "T")
+        temperature_v = torch.addcmul(temperature, temperature, geometry.field(x, "q"), value=VIRTUAL_FACTOR) \
+            if geometry.has("q") else temperature
+        if geometry.has("rho"):
+            # |rho R T_v / p - 1| dp w = |rho R T_v - p| (dsigma / sigma) w: ps cancels
+            torch.mul(geometry.sigma[:, None, None], ps.unsqueeze(-3), out=work).neg_()
+            misfit = work.addcmul_(geometry.field(x, "rho"), temperature_v, value=GAS_CONSTANT).abs_()
+            out["ideal_gas"] = 100 * torch.einsum("...lhw,...hw,l->...", misfit, geometry.cell_weight.expand_as(ps),
+                                                  geometry.dsigma / geometry.sigma) / total
+        if geometry.has("zg"):
+            gravity = geometry.planet(planet_params, "gravity", total)
+            columns = temperature_v.flatten(-2)
+            height = torch.matmul(geometry.hydrostatic_matrix, columns, out=work.view(columns.shape)).view(shape)
+            height.mul_((GAS_CONSTANT / gravity)[..., None, None, None])
+            error = height.sub_(geometry.field(x, "zg")).abs_()
+            out["hydrostatic_m"] = mass_mean(error, geometry.dsigma)
+            out["hydrostatic"] = 100 / GAS_CONSTANT * gravity * mass_mean(error.div_(temperature_v), geometry.dsigma)
+    if geometry.has("q"):
+        q = geometry.field(x, "q")
+        negative = mass_mean(torch.neg(q, out=work).clamp_(min=0), geometry.dsigma)
+        out["negative_q"] = 100 * negative / (mass_mean(q, geometry.dsigma) + 2 * negative).clamp_min(1e-30)
+    out["thermo"] = sum((out[k] for k in ("ideal_gas", "hydrostatic", "negative_q") if k in out),
+                        torch.zeros_like(total))
+    return out
+
+
+def _needs_graph(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _thermo_differentiable(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None,
+                           ps: torch.Tensor, ps_weight: torch.Tensor, total: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`thermo_residuals` without in-place scratch fields, for the loss (autograd records every step)."""
+    def mass_mean(values: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...lhw,...hw,l->...", values, ps_weight, geometry.dsigma) / total
+
     out: dict[str, torch.Tensor] = {}
     if geometry.has("T"):
         temperature_v = virtual_temperature(x, geometry)
         if geometry.has("rho"):
             pressure = geometry.sigma[:, None, None] * ps.unsqueeze(-3)
-            residual = geometry.field(x, "rho") * GAS_CONSTANT * temperature_v / pressure - 1
-            out["ideal_gas"] = 100 * (residual.abs() * mass_weight).sum((-3, -2, -1)) / total
+            out["ideal_gas"] = 100 * mass_mean((geometry.field(x, "rho") * GAS_CONSTANT * temperature_v / pressure
+                                                - 1).abs())
         if geometry.has("zg"):
-            gravity = geometry.planet(planet_params, "gravity", total)[..., None, None, None]
-            error = (geometry.field(x, "zg") - hydrostatic_height(temperature_v, geometry, gravity)).abs()
-            out["hydrostatic_m"] = (error * mass_weight).sum((-3, -2, -1)) / total
-            out["hydrostatic"] = 100 * (error * gravity / (GAS_CONSTANT * temperature_v) * mass_weight).sum(
-                (-3, -2, -1)) / total
+            gravity = geometry.planet(planet_params, "gravity", total)
+            error = (geometry.field(x, "zg") - hydrostatic_height(temperature_v, geometry,
+                                                                  gravity[..., None, None, None])).abs()
+            out["hydrostatic_m"] = mass_mean(error)
+            out["hydrostatic"] = 100 / GAS_CONSTANT * gravity * mass_mean(error / temperature_v)
     if geometry.has("q"):
         q = geometry.field(x, "q")
-        out["negative_q"] = 100 * (torch.relu(-q) * mass_weight).sum((-3, -2, -1)) \
-            / (q.abs() * mass_weight).sum((-3, -2, -1)).clamp_min(1e-30)
+        negative = mass_mean(torch.relu(-q))
+        out["negative_q"] = 100 * negative / (mass_mean(q) + 2 * negative).clamp_min(1e-30)
     out["thermo"] = sum((out[k] for k in ("ideal_gas", "hydrostatic", "negative_q") if k in out),
                         torch.zeros_like(total))
     return out
@@ -335,7 +389,11 @@ def violations(state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry
                planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None,
                torque: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """All violations of ``state -> next_state`` per sample ``[...]``, in the units of the module table."""
-    residuals = transition_residuals(state, next_state, geometry, planet_params, heating, torque)
+    ps = geometry.field(next_state, "ps")
+    work = torch.empty(ps.shape[:-2] + (geometry.cube.levels,) + ps.shape[-2:], device=ps.device)
+    before = state_sums(state, geometry, planet_params, work)
+    after = state_sums(next_state, geometry, planet_params, work)
+    residuals = _residuals(before, after, geometry, planet_params, heating, torque, state)
     out = {"mass": residuals["mass_pa"].abs(), "mass_pa": residuals["mass_pa"]}
     weight = geometry.cell_weight
     change = geometry.field(next_state, "ps").float() - geometry.field(state, "ps").float()
@@ -346,7 +404,7 @@ def violations(state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry
         out["energy"], out["energy_wm2"] = residuals["energy_wm2"].abs(), residuals["energy_wm2"]
     if "momentum_ms" in residuals:
         out["momentum"], out["momentum_ms"] = residuals["momentum_ms"].abs(), residuals["momentum_ms"]
-    out.update(thermo_residuals(next_state, geometry, planet_params))
+    out.update(thermo_residuals(next_state, geometry, planet_params, work))
     return out
 
 
@@ -437,14 +495,25 @@ def _set_temperature(out: torch.Tensor, geometry: Geometry, temperature: torch.T
         out[..., geometry.cube.channel_slice("rho"), :, :] = pressure / (GAS_CONSTANT * temperature_v)
 
 
+def tendency_scale(prediction: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """Per-channel RMS of ``prediction - state`` over everything but the channel axis ``[C]``: the default
+    error scale of a one-step prediction (its errors grow with its tendencies), floored at 1e-6 of the
+    channel's magnitude."""
+    change = (prediction.float() - state.float()).movedim(-3, 0).flatten(1)
+    magnitude = state.float().movedim(-3, 0).flatten(1).abs().mean(1)
+    return change.pow(2).mean(1).sqrt().clamp_min(1e-30).maximum(1e-6 * magnitude)
+
+
 def project(prediction: torch.Tensor, state: torch.Tensor, geometry: Geometry,
             planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None,
             energy: bool = True, diagnose: bool = True, error_std: torch.Tensor | None = None,
             torque: torch.Tensor | None = None, momentum: bool = True) -> torch.Tensor:
     """Mass/water fixer; (``momentum``) a solid-body ``u`` increment closing the angular-momentum budget;
-    (``diagnose`` and ``error_std`` [C] given) the weighted least-squares ``T`` of each column from the predicted
-    ``T``, ``zg``, ``rho`` with ``zg``, ``rho`` then exact; (``energy``) a uniform ``T`` shift closing the energy
-    budget (``zg``, ``rho`` shifted with it when they were made consistent). Float32 result."""
+    (``diagnose``) the weighted least-squares ``T`` of each column from the predicted ``T``, ``zg``, ``rho`` by
+    their error standard deviations ``error_std [C]`` (default :func:`tendency_scale`; pass measured
+    errors or the model's tendency std when known), with ``zg``, ``rho`` then exact; (``energy``) a uniform
+    ``T`` shift closing the energy budget (``zg``, ``rho`` follow it when diagnosed). With
+    ``diagnose=False`` the predicted ``T``, ``zg``, ``rho`` are kept. Float32 result."""
     out = mass_fix(prediction, state, geometry)
     before = state_sums(state, geometry, planet_params)
     gravity = geometry.planet(planet_params, "gravity", before.ps)
@@ -458,8 +527,10 @@ def project(prediction: torch.Tensor, state: torch.Tensor, geometry: Geometry,
         target = before.momentum + torque.float() / (4 * math.pi * radius**2) * geometry.dt_seconds
         wind = (target - after.momentum) / (radius * after.arm)
         out[..., geometry.cube.channel_slice("u"), :, :] += wind[..., None, None, None] * geometry.coslat[:, None]
-    consistent = diagnose and error_std is not None and geometry.has("T") and (geometry.has("zg") or geometry.has("rho"))
+    consistent = diagnose and geometry.has("T") and (geometry.has("zg") or geometry.has("rho"))
     if consistent:
+        if error_std is None:
+            error_std = tendency_scale(prediction, state)
         _thermo_least_squares(out, geometry, gravity, error_std)
     if energy and geometry.has("T"):
         after = state_sums(out, geometry, planet_params)

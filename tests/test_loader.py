@@ -18,7 +18,7 @@ from sapwood.errors import SapwoodError
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
-    runs = simulate_ensemble(root / "runs", runs=4, grid=Grid(levels=2, nlat=8, nlon=16, times=13), seed=2,
+    runs = simulate_ensemble(root / "runs", runs=4, grid=Grid(levels=2, nlat=8, nlon=16, times=13, spinup_days=1), seed=2,
                              progress=False)
     prepare(runs, root / "store", progress=False)
     return CubeStore(root / "store")

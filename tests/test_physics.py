@@ -196,10 +196,13 @@ def test_projection_closes_every_budget_and_never_degrades_zg(setup):
 
     for name in ("T", "zg", "rho"):  # the least-squares T is better than each prediction it combines
         assert rmse(fixed, name) < rmse(noisy, name), name
-    # without error variances the predicted zg and rho are kept (no diagnosis overwrites them)
-    kept = project(noisy, state, geometry, params, heating, torque=torque)
+    # diagnose=False keeps the predicted zg and rho; the default weights by the predicted tendencies' size
+    kept = project(noisy, state, geometry, params, heating, torque=torque, diagnose=False)
     torch.testing.assert_close(kept[:, channels(cube, "zg")], noisy[:, channels(cube, "zg")].float())
     torch.testing.assert_close(kept[:, channels(cube, "rho")], noisy[:, channels(cube, "rho")].float())
+    default = violations(state, project(noisy, state, geometry, params, heating, torque=torque), geometry,
+                         params, heating, torque)
+    assert float(default["thermo"].max()) < 1e-3 and float(default["energy"].max()) < 0.1
     # the old diagnosis (zg from the predicted T) integrates T errors up the column and is worse than the prediction
     temperature_v = noisy[:, channels(cube, "T")] * (1 + VIRTUAL_FACTOR * noisy[:, channels(cube, "q")])
     diagnosed = torch.from_numpy(hydrostatic_numpy(temperature_v.numpy(), PLANET[1]))
@@ -239,6 +242,9 @@ def test_bf16_and_fp16_are_reduced_in_float32(setup):
     for key, value in low.items():
         assert torch.isfinite(value).all() and torch.equal(value, ref[key]), key
     prediction = (x * 1.0001).requires_grad_()
+    graph, scratch = thermo_residuals(prediction, geometry, params), thermo_residuals(prediction.detach(), geometry, params)
+    for key, value in scratch.items():  # the differentiable path and the in-place one are the same numbers
+        torch.testing.assert_close(graph[key].detach(), value, rtol=1e-5, atol=1e-7)
     loss32, _ = physics_loss(x, prediction, geometry, PhysicsLossConfig(), params)
     for dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", dtype=dtype):
