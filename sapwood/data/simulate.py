@@ -30,14 +30,15 @@ Equations (per layer; ``V = (u, v)``, ``W = ps dsigma/dt`` the vertical mass flu
     Centred second-order differences, Wicker-Skamarock RK3 in time with the step chosen from the
     gravity-wave and advective Courant numbers each output interval; a zonal Fourier filter of the zonal
     mass flux and the zonal pressure-gradient force poleward of ~45 deg (it keeps every zonal mean, hence
-    mass); a grid-scale Laplacian on ``u``, ``v``, ``theta`` (damping time of the 2-grid wave 6 h).
+    mass); divergence damping ``nu_d = 0.04 dx^2 / dt`` (gravity waves, not the vortical flow); a conservative
+    grid-scale del^4 on ``u``, ``v``, ``T`` (2-grid wave damped in 6 h).
 
 Forcing (Held & Suarez 1994; temperatures scaled by ``s = (S / 1361 W m-2)^(1/4)``, time scales by
 ``r = clip((p0 / 1 bar) (9.81 / g) / s^3, 0.5, 2)``, the planet's radiative inertia relative to Earth's)
     * Newtonian cooling ``dT/dt = -k_T (T - T_eq)`` with ``T_eq = s max(200, (315 - 60 sin^2 phi
       - 10 ln(sigma) cos^2 phi) sigma^kappa)`` K and ``k_T = (k_a + (k_s - k_a) max(0, (sigma - 0.7)/0.3)
-      cos^4 phi) / r``, ``k_a = 1/(15 d)``, ``k_s = 1/(3 d)`` (faster than Held-Suarez' 40 d / 4 d so a run
-      reaches its relaxed state within the spin-up);
+      cos^4 phi) / r``, ``k_a = 1/(6 d)``, ``k_s = 1/(1.5 d)`` (faster than Held-Suarez' 40 d / 4 d so a
+      run reaches its relaxed state within a spin-up of minutes);
     * seasonal cycle (hemispheric asymmetry): ``+ k_T 20 s (sin delta / sin 23.44 deg) sin phi sigma^kappa``
       with declination ``delta = 23.44 deg sin(2 pi t / 360 d + season)``, minus its mass-weighted global
       mean at every step, so it moves heat between hemispheres and the global heating stays
@@ -46,11 +47,14 @@ Forcing (Held & Suarez 1994; temperatures scaled by ``s = (S / 1361 W m-2)^(1/4)
       it removes is returned as heat, so friction moves axial angular momentum but not total energy.
     * Fixers (as CAM's energy fixer): after each output interval a solid-body zonal wind ``c cos(phi)`` and
       then a uniform temperature shift close the budgets below exactly; their mean sizes are written as
-      global attributes ``energy_fixer_wm2`` and ``momentum_fixer_ms`` (a few % of the declared terms).
+      global attributes ``energy_fixer_wm2`` and ``momentum_fixer_ms`` (see the notes of issue 13 for their
+      sizes next to the declared terms).
 
-Each run starts from rest at ``T = T_eq`` (plus 0.1 K noise), uniform ``ps = p0``, and integrates a spin-up of
-``spinup_days`` (default ``3 / k_a`` = 45 days times ``r``) that is not written; the first output is the
-relaxed state.
+Each run starts from rest at ``T = T_eq`` (plus 1 K noise, seeded by the run id), uniform ``ps = p0``, damps
+``v`` in 2 h during the first 2 days (the winds adjust to the mass field without exciting a sloshing
+external mode), and integrates a spin-up of ``spinup_days`` (default ``4 / k_a`` = 24 days times ``r``, so
+12-48 days) that is not written; the first output is the relaxed state. ``spinup_days=0`` starts from rest
+(tests and I/O benchmarks that need bytes, not climate).
 
 Variables (dims ``(time, lev, lat, lon)`` unless noted, CF ``standard_name`` and ``units`` set)
     ``T`` air_temperature [K], ``u`` eastward_wind [m s-1], ``v`` northward_wind [m s-1],
