@@ -252,3 +252,22 @@ def test_bf16_and_fp16_are_reduced_in_float32(setup):
         assert loss.dtype == torch.float32 and torch.allclose(loss, loss32, rtol=1e-6)
         (grad,) = torch.autograd.grad(loss, prediction)
         assert torch.isfinite(grad).all()
+
+
+def test_bench_baseline_computes_the_same_violations(setup):
+    """`sapwood bench physics` times the fused module against five separate constraint functions: both must
+    give the same numbers, or the ratio means nothing."""
+    from sapwood.bench.physics import naive_violations
+
+    cube, geometry, params = setup
+    x = torch.from_numpy(known_states()).float()
+    y = x.clone()
+    y[:, channels(cube, "ps")] += 5.0
+    y[:, channels(cube, "T")] += 0.02
+    y[:, channels(cube, "u")] += 0.1
+    ours = violations(x, y, geometry, params)
+    naive = naive_violations(x, y, cube, geometry, params.float())
+    round_off = {"mass": 0.05, "water": 1e-4, "energy": 0.05, "momentum": 1e-3, "thermo": 1e-3}  # float32 sums
+    for key, value in naive.items():
+        torch.testing.assert_close(ours[key], value, rtol=2e-3, atol=round_off[key], msg=key)
+    assert float(ours["mass"].min()) > 4.9 and float(ours["energy"].min()) > 1
