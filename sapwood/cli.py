@@ -422,11 +422,12 @@ def bench_physics(
     runs: int = typer.Option(24, help="simulated planets for the trained surrogates"),
     skip_training: bool = typer.Option(False, "--skip-training", help="only the speed comparison"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    repeats: int = typer.Option(21, help="paired timing repeats (the ratio's spread is reported)"),
 ) -> None:
     """Unified physics module vs naive separate constraint loops; violations without/with physics loss/projection."""
     from sapwood.bench.physics import run_physics_bench
 
-    run_physics_bench(out, batch, levels, nlat, nlon, train_steps, runs, skip_training, device)
+    run_physics_bench(out, batch, levels, nlat, nlon, train_steps, runs, skip_training, device, repeats)
 
 
 @bench_app.command("predict")
