@@ -232,3 +232,14 @@ def test_truth_passes_sapwood_physics_checks(ensemble):
     assert (estimated["heating"] - heating).abs().max() < 1.0  # W m-2
     free = physics.violations(frames[:-1], frames[1:], geometry, params)
     assert float(free["energy"].max()) < 1.0
+
+
+def test_extreme_catalog_planets_stay_stable():
+    """A planet at the far corner of the exoplanet-catalog ranges (4x radius, 4x rotation, 0.1x flux): the
+    step resolves the inertial period (f dt < 1), so the run stays finite and positive."""
+    earth = PlanetParams()
+    planet = PlanetParams(4 * earth.radius, 25.0, 4 * earth.rotation_rate, 0.1 * earth.stellar_flux, 0.5e5)
+    sim = Simulation(planet, Grid(levels=3, nlat=8, nlon=16, times=2, spinup_days=3), phase=0.3)
+    sim.spin_up()
+    assert np.isfinite(sim.u).all() and sim.temperature().min() > 50 and sim.humidity.min() >= 0
+    assert sim._stable_step() * 2 * planet.rotation_rate <= 1.0

@@ -504,14 +504,15 @@ class Simulation:
     def _stable_step(self) -> float:
         a = self.planet.radius
         temperature_v = virtual_temperature(self.temperature(), self.humidity)
-        wave = math.sqrt(GAS_CONSTANT * float(temperature_v.max()) / (1 - KAPPA))
+        wave = math.sqrt(GAS_CONSTANT * max(float(temperature_v.max()), 1.0) / (1 - KAPPA))
         dx_filtered = a * self.filter_cos * self.dlon
         dy = a * self.dlat
         speed_u = np.abs(self.u).max(axis=(0, 2)) + 1e-3
         speed_v = float(np.abs(self.v).max()) + 1e-3
         gravity = COURANT_GRAVITY / ((wave + speed_u.max()) / dx_filtered + (wave + speed_v) / dy)
         advection = COURANT_ADVECTION / float((speed_u / (a * self.coslat * self.dlon)).max() + speed_v / dy)
-        return min(gravity, advection)
+        inertial = 1.0 / (2 * self.planet.rotation_rate + max(self.k_v.max(), self.k_t.max()))  # f dt, k dt < 1
+        return min(gravity, advection, inertial)
 
     def advance(self, seconds: float | None = None) -> tuple[float, float]:
         """Integrate ``seconds`` (default one output interval), then close the angular momentum and energy
@@ -525,7 +526,8 @@ class Simulation:
         for _ in range(substeps):
             added_heat, added_momentum = self.step(dt)
             heat, torque = heat + added_heat, torque + added_momentum
-        if not (np.isfinite(self.u).all() and self.humidity.min() >= 0 and self.ps.min() > 0):
+        if not (np.isfinite(self.u).all() and self.humidity.min() >= 0 and self.ps.min() > 0
+                and self.theta.min() > 0):
             raise SapwoodError(f"simulation of {self.planet} became unstable at t={self.time / DAY:.2f} d")
         area_total = 4 * math.pi * self.planet.radius**2
         # angular momentum fixer: a solid-body zonal wind c cos(phi)
