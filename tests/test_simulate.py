@@ -152,7 +152,7 @@ def test_default_spin_up_reaches_the_relaxed_state():
 
     def mean_temperature() -> float:
         mass = sim.layer_mass()
-        return float((sim.temperature() * mass).sum() / mass.sum())
+        return float((sim.temperature * mass).sum() / mass.sum())
 
     start = mean_temperature()
     sim.advance(2 * 86400.0)
@@ -241,5 +241,5 @@ def test_extreme_catalog_planets_stay_stable():
     planet = PlanetParams(4 * earth.radius, 25.0, 4 * earth.rotation_rate, 0.1 * earth.stellar_flux, 0.5e5)
     sim = Simulation(planet, Grid(levels=3, nlat=8, nlon=16, times=2, spinup_days=3), phase=0.3)
     sim.spin_up()
-    assert np.isfinite(sim.u).all() and sim.temperature().min() > 50 and sim.humidity.min() >= 0
+    assert np.isfinite(sim.u).all() and sim.temperature.min() > 50 and sim.humidity.min() >= 0
     assert sim._stable_step() * 2 * planet.rotation_rate <= 1.0

@@ -174,10 +174,6 @@ class Grid:
         if self.spinup_days is not None and not 0 <= self.spinup_days <= 3650:
             raise SapwoodError(f"spinup_days={self.spinup_days}: allowed range is [0, 3650]")
 
-    def bytes_per_run(self, itemsize: int = 4) -> int:
-        cube = self.times * self.levels * self.nlat * self.nlon
-        return itemsize * (6 * cube + self.times * self.nlat * self.nlon)
-
 
 def _roll(field: np.ndarray, shift: int, axis: int) -> np.ndarray:
     """``np.roll`` for a shift of +-1 (the only ones the model uses), without its generic overhead."""
@@ -322,7 +318,9 @@ class Simulation:
     def exner(self, ps: np.ndarray | None = None) -> np.ndarray:
         return self.exner_sigma * (self.ps if ps is None else ps)[None] ** KAPPA
 
+    @property
     def temperature(self) -> np.ndarray:
+        """``T [lev, lat, lon]`` (K) from ``theta`` and ``ps``."""
         return self.theta * self.exner()
 
     def centred_winds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -335,7 +333,7 @@ class Simulation:
     def energy(self) -> float:
         """Total energy of the stored fields (J)."""
         u, v = self.centred_winds()
-        specific = SPECIFIC_HEAT * self.temperature() + 0.5 * (u**2 + v**2)
+        specific = SPECIFIC_HEAT * self.temperature + 0.5 * (u**2 + v**2)
         return float((specific * self.layer_mass()).sum() / self.planet.gravity)
 
     def angular_momentum(self) -> float:
@@ -484,7 +482,7 @@ class Simulation:
     def _forcing(self, dt: float) -> tuple[float, float]:
         g, a = self.planet.gravity, self.planet.radius
         layer_mass = self.layer_mass()
-        temperature = self.temperature()
+        temperature = self.temperature
         newtonian = dt * self.k_t * (self.t_eq - temperature)
         seasonal = dt * self.k_t * self.season * math.sin(self.declination(self.time))
         seasonal -= (seasonal * layer_mass).sum() / layer_mass.sum()
@@ -503,7 +501,7 @@ class Simulation:
 
     def _stable_step(self) -> float:
         a = self.planet.radius
-        temperature_v = virtual_temperature(self.temperature(), self.humidity)
+        temperature_v = virtual_temperature(self.temperature, self.humidity)
         wave = math.sqrt(GAS_CONSTANT * max(float(temperature_v.max()), 1.0) / (1 - KAPPA))
         dx_filtered = a * self.filter_cos * self.dlon
         dy = a * self.dlat
@@ -556,7 +554,7 @@ class Simulation:
     # --- diagnostics -------------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, np.ndarray]:
         """The cube variables at the current time, float64, dims ``[lev, lat, lon]`` (``ps``: ``[lat, lon]``)."""
-        temperature, ps, g = self.temperature(), self.ps, self.planet.gravity
+        temperature, ps, g = self.temperature, self.ps, self.planet.gravity
         temperature_v = virtual_temperature(temperature, self.humidity)
         rho = self.sigma[:, None, None] * ps[None] / (GAS_CONSTANT * temperature_v)
         zg = np.einsum("kl,ljw->kjw", self.geopotential_matrix, temperature_v) / g
