@@ -17,7 +17,7 @@ from sapwood.data.simulate import Grid, simulate_ensemble
 from sapwood.data.store import CubeStore
 from sapwood.errors import SapwoodError
 
-GRID = Grid(levels=3, nlat=8, nlon=16, times=6)
+GRID = Grid(levels=3, nlat=8, nlon=16, times=6, spinup_days=1)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_bad_inputs_are_named_skipped_and_lose_nothing_else(runs, tmp_path):
     write_variant(runs[2], folder / "nan.nc", lambda ds: ds["q"].__setitem__((2, 1, 3, 4), np.nan))
     write_variant(runs[2], folder / "units.nc", lambda ds: ds["T"].setncattr("units", "degC"))
     write_variant(runs[2], folder / "lat_order.nc", lambda ds: ds["lat"].__setitem__(slice(None), ds["lat"][::-1]))
-    simulate_ensemble(tmp_path / "other", runs=1, grid=Grid(levels=3, nlat=10, nlon=16, times=4), progress=False)
+    simulate_ensemble(tmp_path / "other", runs=1, grid=Grid(levels=3, nlat=10, nlon=16, times=4, spinup_days=1), progress=False)
     shutil.copy(tmp_path / "other" / "run_0000.nc", folder / "wrong_shape.nc")
 
     report = prepare([folder], tmp_path / "store", progress=False)

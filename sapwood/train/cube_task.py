@@ -186,7 +186,7 @@ def data_loss(prediction: torch.Tensor, target: torch.Tensor, tendency_std: torc
 
 
 def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: int = 16, nlon: int = 32,
-                    times: int = 12, seed: int = 0) -> Path:
+                    times: int = 12, seed: int = 0, spinup_days: float | None = None) -> Path:
     """A cube store of a simulated ensemble at ``folder/store`` (built once; NetCDF in ``folder/nc``)."""
     from sapwood.data.cubes import prepare
     from sapwood.data.simulate import Grid, simulate_ensemble
@@ -194,7 +194,7 @@ def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: i
     folder = Path(folder)
     store = folder / "store"
     if not (store / "index.json").exists():
-        grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times)
+        grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, spinup_days=spinup_days)
         simulate_ensemble(folder / "nc", runs=runs, grid=grid, seed=seed, progress=False)
         prepare([folder / "nc"], store, progress=False)
     return store
