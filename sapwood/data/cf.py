@@ -170,8 +170,8 @@ def horizontal_grid(ds: Any, axes: Axes, lon_convention: str | None = None) -> H
         raise GridError(f"{axes.lat}/{axes.lon} contain NaN or inf")
     if np.abs(lat).max() > 90 + 1e-6:
         raise GridError(f"{axes.lat} has values outside -90..90 ({lat.min():g} .. {lat.max():g})")
-    convention = lon_convention or ("-180..180" if lon.min() < 0 else "0..360")
-    lon = ((lon + 180) % 360) - 180 if convention == "-180..180" else lon % 360
+    convention = lon_convention or _lon_convention(lon)
+    lon = _wrap(lon, convention)
     if lat.ndim == 2 or lon.ndim == 2:
         return _curvilinear_grid(ds, axes, lat, lon, convention)
     if lat_var.dims[0] == lon_var.dims[0]:
@@ -194,6 +194,22 @@ def horizontal_grid(ds: Any, axes: Axes, lon_convention: str | None = None) -> H
     return HorizontalGrid(y_dim=lat_var.dims[0], x_dim=lon_var.dims[0], lat=lat, lon=lon_sorted, area=area,
                           area_source=source, curvilinear=False, lat_flipped=bool(lat_flipped),
                           lon_order=lon_order, lon_convention=convention, global_grid=is_global)
+
+
+def _wrap(lon: np.ndarray, convention: str) -> np.ndarray:
+    return ((lon + 180) % 360) - 180 if convention == "-180..180" else lon % 360
+
+
+def _lon_convention(lon: np.ndarray) -> str:
+    """The longitude convention of the first input: the one its values use, unless the other one keeps a grid
+    that crosses the seam in one increasing piece (e.g. 340, 350, 0, 10 -> -20 .. 10)."""
+    given = "-180..180" if lon.min() < 0 else "0..360"
+    other = "0..360" if given == "-180..180" else "-180..180"
+    if lon.ndim == 1 and lon.size > 1:
+        increasing = lambda values: bool(np.all(np.diff(values) > 0))  # noqa: E731
+        if not increasing(_wrap(lon, given)) and increasing(_wrap(lon, other)):
+            return other
+    return given
 
 
 def _bounds_of(ds: Any, name: str) -> np.ndarray | None:

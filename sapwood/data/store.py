@@ -96,9 +96,10 @@ class CubeStore:
         self.mean = np.asarray(index["stats"]["mean"], dtype=np.float64)
         self.std = np.asarray(index["stats"]["std"], dtype=np.float64)
         self.param_names: list[str] = index["params"]["names"]
-        self.params = np.asarray(index["params"]["values"], dtype=np.float64).reshape(-1, len(self.param_names))
         self.run_rows = np.asarray([r["first_row"] for r in index["runs"]], dtype=np.int64)
         self.run_times = np.asarray([r["times"] for r in index["runs"]], dtype=np.int64)
+        self.params = np.asarray(index["params"]["values"], dtype=np.float64).reshape(len(self.run_rows),
+                                                                                       len(self.param_names))
         self.coords: dict[str, list[float]] = index["coords"]
         self.levels = np.asarray(index["coords"]["lev"], dtype=np.float64)
         self.curvilinear: bool = bool(index["grid"]["curvilinear"])

@@ -62,6 +62,7 @@ def fill_from_store(cube: CubeModelConfig, store: CubeStore) -> None:
     """Set what the cube section leaves out (variables, levels, grid, planet parameters, time step) from the store."""
     given = cube.model_fields_set
     if "variables" not in given:
+        cube.surface_variables = []  # assignments are validated: surface variables must stay in variables
         cube.variables = [v["name"] for v in store.variables]
         cube.surface_variables = [v["name"] for v in store.variables if not v["levels"]]
     if not cube.levels:
@@ -280,23 +281,21 @@ class CubeTask:
         """On held-out frames: data loss, the per-channel MSE ratio against persistence (mean over channels and
         per variable), and mean violations where the constraints apply."""
         device = next(model.parameters()).device
-        loader = CubeLoader(self.store, micro_batch_size, windows=self.split.held_out, shuffle=False, seed=0,
-                            prefetch=1)
         weights = self.weights(device)
         geometry = self.geometry(device)
         model_sq = torch.zeros(self.store.shape[1], dtype=torch.float64)
         persist_sq = torch.zeros_like(model_sq)
         totals: dict[str, float] = {}
         count = 0
-        for index in range(min(batches, len(loader))):
-            batch = loader.read_batch(0, index).to(device)
-            params = batch.params if batch.params.numel() else None
-            prediction = model(batch.state, params).float()
-            model_sq += ((prediction - batch.next_state) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
-            persist_sq += ((batch.state - batch.next_state) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
-            values = {"val_loss": float(data_loss(prediction, batch.next_state, model.tendency_std, weights))}
+        for state, target, params in held_out_chunks(self.store, self.split.held_out, micro_batch_size, batches):
+            state, target = state.to(device), target.to(device)
+            params = params.to(device) if params is not None else None
+            prediction = model(state, params).float()
+            model_sq += ((prediction - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
+            persist_sq += ((state - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
+            values = {"val_loss": float(data_loss(prediction, target, model.tendency_std, weights))}
             if geometry is not None:
-                v = violations(batch.state, prediction, geometry, params)
+                v = violations(state, prediction, geometry, params)
                 values.update({f"val_violation_{k}": float(v[k].mean()) for k in ("mass", "energy", "momentum",
                                                                                    "thermo") if k in v})
             for key, value in values.items():
@@ -319,6 +318,22 @@ class CubeTask:
 
     def tokenizer_file(self) -> Path | None:
         return None
+
+
+def held_out_chunks(store: CubeStore, windows: list[tuple[int, int, int]], size: int, limit: int):
+    """Up to ``limit`` chunks ``(state, next, params or None)`` of at most ``size`` consecutive pairs, in window
+    order (deterministic; any window length works)."""
+    produced = 0
+    for run, start, stop in windows:
+        for first in range(start, stop - 1, size):
+            if produced >= limit:
+                return
+            count = min(size, stop - 1 - first)
+            frames = store.read_rows(int(store.run_rows[run]) + first, count + 1)
+            params = (torch.as_tensor(store.params[run], dtype=torch.float32).expand(count, -1).contiguous()
+                      if store.param_names else None)
+            yield frames[:-1], frames[1:], params
+            produced += 1
 
 
 def data_loss(prediction: torch.Tensor, target: torch.Tensor, tendency_std: torch.Tensor,
