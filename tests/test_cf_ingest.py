@@ -18,17 +18,15 @@ from sapwood.evaluate import evaluate_surrogate
 from sapwood.train.cube_task import physics_support, surrogate_config
 from sapwood.train.loop import train
 
-RNG = np.random.default_rng(0)
-
-
-def smooth_field(times: int, *shape: int, base: float = 0.0, scale: float = 1.0) -> np.ndarray:
-    """A field that moves slowly in time (so one-step prediction is meaningful)."""
+def smooth_field(times: int, *shape: int, base: float = 0.0, scale: float = 1.0, seed: int = 0) -> np.ndarray:
+    """A field that moves slowly in time (so one-step prediction is meaningful), with seeded noise."""
+    rng = np.random.default_rng([seed, times, *shape])
     phase = np.linspace(0, 2 * np.pi, shape[-1], endpoint=False)
     rows = np.linspace(0, np.pi, shape[-2])
     out = np.empty((times, *shape))
     for t in range(times):
         wave = np.sin(phase[None, :] - 0.3 * t) * np.cos(rows[:, None])
-        out[t] = base + scale * (wave + 0.05 * RNG.standard_normal(shape))
+        out[t] = base + scale * (wave + 0.05 * rng.standard_normal(shape))
     return out
 
 
@@ -73,13 +71,14 @@ def cmip6_like(folder, member: str = "r1i1p1f1", months: int = 24, offset: float
     band = np.abs(np.diff(np.sin(np.deg2rad(lat_edges))))
     area = 6.371e6**2 * np.deg2rad(22.5) * band[:, None] * np.ones(16)[None]
     season = np.sin(2 * np.pi * np.arange(months) / 12)[:, None, None, None]
-    ta = smooth_field(months, 4, 8, 16, base=250, scale=8) + 10 * season + offset
+    seed = int(member[1])
+    ta = smooth_field(months, 4, 8, 16, base=250, scale=8, seed=seed) + 10 * season + offset
     ds = xr.Dataset(
         {"ta": (("time", "plev", "lat", "lon"), ta,
                 {"standard_name": "air_temperature", "units": "K", "cell_measures": "area: areacella"}),
-         "ua": (("time", "plev", "lat", "lon"), smooth_field(months, 4, 8, 16, base=3, scale=6) + offset,
+         "ua": (("time", "plev", "lat", "lon"), smooth_field(months, 4, 8, 16, base=3, scale=6, seed=seed) + offset,
                 {"standard_name": "eastward_wind", "units": "m s-1"}),
-         "ps": (("time", "lat", "lon"), smooth_field(months, 8, 16, base=100000, scale=500) + 100 * season[:, 0] + offset,
+         "ps": (("time", "lat", "lon"), smooth_field(months, 8, 16, base=100000, scale=500, seed=seed) + 100 * season[:, 0] + offset,
                 {"standard_name": "surface_air_pressure", "units": "Pa"}),
          "areacella": (("lat", "lon"), area, {"standard_name": "cell_area", "units": "m2"}),
          "time_bnds": (("time", "bnds"), np.stack([days[:-1], days[1:]], 1)),
