@@ -7,8 +7,9 @@
   Held-out frames never enter it.
 - **Advective persistence** (:func:`advective_persistence`): each field shifted east by the zonal-mean
   eastward wind of its level and latitude over one step (linear interpolation, periodic in longitude);
-  2-D fields move with the mean wind of the column. Needs ``u`` (or a variable with standard_name
-  ``eastward_wind``) on a regular grid that spans every longitude.
+  2-D fields move with the mean wind of the column; cells whose upstream neighbours are masked keep
+  persistence. Needs ``u`` (or a variable with standard_name ``eastward_wind``) on a regular grid that spans
+  every longitude, and steps of at most a day.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sapwood.data.cf import time_keys
 from sapwood.data.store import CubeStore
 
 EARTH_RADIUS = 6.371e6  # m, for advective persistence when a store carries no planet radius
+MAX_ADVECTION_HOURS = 24
 
 
 class Climatology:
@@ -77,6 +79,9 @@ def advection_channel(store: CubeStore) -> slice | None:
 
 def advective_persistence_support(store: CubeStore) -> str:
     """``"applied"`` or ``"skipped: <reason>"``."""
+    if store.step_hours > MAX_ADVECTION_HOURS:
+        return (f"skipped: the time step is {store.step_hours:g} h; advection by the mean wind over more than "
+                f"{MAX_ADVECTION_HOURS} h is not a forecast")
     if advection_channel(store) is None:
         return "skipped: needs an eastward wind (u or standard_name eastward_wind)"
     if store.curvilinear:
@@ -117,4 +122,6 @@ def advective_persistence(state: torch.Tensor, store: CubeStore, dt_seconds: flo
     right = (left + 1) % width
     x = state.float()
     moved = (1 - frac) * x.gather(-1, left) + frac * x.gather(-1, right)
-    return torch.where(valid.bool(), moved, x)
+    mask = valid.expand_as(x)
+    from_valid = (1 - frac) * mask.gather(-1, left) + frac * mask.gather(-1, right)
+    return torch.where(mask.bool() & (from_valid > 1 - 1e-6), moved, x)  # next to masked cells: persistence

@@ -347,8 +347,12 @@ def print_summary(result: dict[str, Any]) -> None:
     for name, group in result["groups"].items():
         skill = ", ".join(f"{k} {v:+.3f}" for k, v in group["skill_vs_persistence"].items())
         console.print(f"{name} (runs {group['runs']}): skill vs persistence {skill}", highlight=False)
-    for name, status in {**result["constraints"], **result["baselines"]}.items():
-        console.print(f"{name}: {status}", highlight=False)
+    for kind in ("constraints", "baselines"):
+        statuses: dict[str, list[str]] = {}
+        for name, status in result[kind].items():
+            statuses.setdefault(status, []).append(name)
+        for status, names in statuses.items():
+            console.print(f"{kind} {', '.join(names)}: {status}", highlight=False)
     for key in ("violations", "violations_projected"):
         if result[key]:
             shown = ", ".join(f"{k} {v:.3g}" for k, v in result[key].items())

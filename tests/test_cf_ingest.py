@@ -18,6 +18,7 @@ from sapwood.evaluate import evaluate_surrogate
 from sapwood.train.cube_task import physics_support, surrogate_config
 from sapwood.train.loop import train
 
+
 def smooth_field(times: int, *shape: int, base: float = 0.0, scale: float = 1.0, seed: int = 0) -> np.ndarray:
     """A field that moves slowly in time (so one-step prediction is meaningful), with seeded noise."""
     rng = np.random.default_rng([seed, times, *shape])

@@ -74,7 +74,10 @@ class PrepareReport:
         lines = [head]
         if self.variables:
             lines.append(f"  variables: {', '.join(self.variables)}")
-        lines += [f"  left out {name}: {reason}" for name, reason in self.left_out.items()]
+        reasons: dict[str, list[str]] = {}
+        for name, reason in self.left_out.items():
+            reasons.setdefault(reason, []).append(name)
+        lines += [f"  left out ({reason}): {', '.join(names)}" for reason, names in reasons.items()]
         lines += [f"  note {note}" for note in self.notes]
         lines += [f"  skipped {p}" for p in self.problems]
         return "\n".join(lines)
