@@ -381,6 +381,9 @@ class _Stats:
     @staticmethod
     def block(frames: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         values = frames.astype(np.float64).transpose(1, 0, 2, 3).reshape(frames.shape[1], -1)
+        if valid.all():
+            mean = values.mean(axis=1)
+            return np.full(values.shape[0], float(values.shape[1])), mean, ((values - mean[:, None]) ** 2).sum(axis=1)
         ok = valid.transpose(1, 0, 2, 3).reshape(frames.shape[1], -1)
         count = ok.sum(axis=1).astype(np.float64)
         mean = np.where(ok, values, 0).sum(axis=1) / np.maximum(count, 1)
@@ -445,7 +448,8 @@ class _Writer:
                     always &= valid.all(axis=0)
                     ever |= valid.any(axis=0)
                     merged.append(_Stats.block(frames, valid))
-                    self.file.write(np.where(valid, frames, 0).astype("<f4", copy=False).tobytes())
+                    self.file.write((frames if valid.all() else np.where(valid, frames, 0)).astype(
+                        "<f4", copy=False).tobytes())
             finally:
                 ds.close()
         except BaseException:

@@ -77,7 +77,7 @@ class CubeStore:
         index = json.loads(index_path.read_text())
         if index.get("format") != STORE_FORMAT or not index.get("complete"):
             raise SapwoodError(f"{self.path}: index format {index.get('format')!r} is not {STORE_FORMAT!r} "
-                               "or the store is incomplete")
+                               "or the store is incomplete; run `sapwood prepare` again (it rebuilds the store)")
         self.index: dict[str, Any] = index
         self.shape: tuple[int, int, int, int] = tuple(index["shape"])  # rows, channels, lat, lon
         self.frames_path = self.path / FRAMES_FILE
