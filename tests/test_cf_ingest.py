@@ -340,7 +340,7 @@ def test_odd_attributes_are_named_problems_not_tracebacks(tmp_path, capsys):
     assert exit_info.value.code == 2 and "calendar.nc" in err and "Traceback" not in err
 
 
-def test_store_grid_checked_against_checkpoint(tmp_path):
+def test_store_grid_checked_against_checkpoint(tmp_path, capsys):
     folder = tmp_path / "cmip"
     folder.mkdir()
     cmip6_like(folder, months=12)
@@ -354,7 +354,13 @@ def test_store_grid_checked_against_checkpoint(tmp_path):
     prepare([tmp_path / "shifted.nc"], tmp_path / "shifted-store", progress=False)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(final), "--data", str(tmp_path / "shifted-store")])
-    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "lat [-78.75 .. 78.75]" in err and "lat [-77.75 .. 79.75]" in err  # both grids named
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(final), "--data", str(tmp_path / "store"), "--holdout-time", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "--holdout-time 0.5 would score frames the model trained on" in err
 
 
 def test_physics_support_names_what_is_missing(tmp_path):
