@@ -87,12 +87,14 @@ def prepare(
     variables: str = typer.Option(None, help="comma-separated variable names or CF standard names (default: every "
                                   "data variable on the grid; the summary lists what was left out and why)"),
     force: bool = typer.Option(False, help="rebuild even if the store is up to date"),
+    layout: str = typer.Option("raw", "--format", help="raw (one float32 frames file, fastest) or zarr (a Zarr "
+                               "v3 group that xarray.open_zarr reads)"),
 ) -> None:
     """Read CF-convention NetCDF/Zarr datacubes into a store for the loader (bad inputs are reported and skipped)."""
     from sapwood.data.cubes import prepare as prepare_store
 
     chosen = tuple(v.strip() for v in variables.split(",") if v.strip()) if variables else None
-    report = prepare_store(inputs, out, chosen, force=force)
+    report = prepare_store(inputs, out, chosen, force=force, layout=layout)
     console.print(report.summary(), highlight=False)
 
 

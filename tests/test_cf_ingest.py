@@ -274,6 +274,9 @@ def test_ocean_mask_monthly_files_gap_and_overlap(tmp_path):
     np.testing.assert_array_equal(frames[:, store.channel_slice("tos")][:, 0][ok], truth[ok])
     assert np.all(frames[:, store.channel_slice("tos")][:, 0][~ok] == 0)
     assert store.index["mask"]["thetao"]["masked_cells"] == int(np.isnan(whole.thetao.values[0]).sum())
+    prepare([folder], tmp_path / "zarr-store", progress=False, layout="zarr")  # masked cells are NaN for xarray
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "zarr-store", consolidated=False).tos.values, truth)
+    np.testing.assert_array_equal(CubeStore(tmp_path / "zarr-store").read_rows(0, 12).numpy(), frames)
     result = train_and_eval(tmp_path / "store", tmp_path, holdout_time=0.34)
     # persistence RMSE of tos over the held-out months, computed here with numpy straight from the files
     lat = np.deg2rad(np.linspace(-60, 60, 6))

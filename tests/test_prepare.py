@@ -197,3 +197,23 @@ def test_read_rows_into_checks_its_buffer(runs, tmp_path):
 def test_input_problem_names_file_and_kind(tmp_path):
     problem = InputProblem(tmp_path / "x.nc", "units", "T has units 'degC', expected 'K'")
     assert str(problem).startswith(str(tmp_path / "x.nc")) and "units" in str(problem)
+
+
+def test_zarr_layout_is_read_by_xarray_and_loads_like_the_raw_store(runs, tmp_path):
+    prepare(runs, tmp_path / "raw", progress=False)
+    prepare(runs, tmp_path / "zarr", progress=False, layout="zarr")
+    ds = xr.open_zarr(tmp_path / "zarr", consolidated=False)
+    source = xr.open_dataset(runs[1])
+    np.testing.assert_array_equal(ds["T"].values[6:12], source["T"].values)
+    np.testing.assert_array_equal(ds["ps"].values[6:12], source["ps"].values)
+    np.testing.assert_allclose(ds["lat"].values, source["lat"].values)
+    np.testing.assert_allclose(ds["lev"].values, source["lev"].values)
+    assert ds["T"].attrs["standard_name"] == "air_temperature" and ds["T"].attrs["units"] == "K"
+    assert ds["run"].values.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    raw, zarr_store = CubeStore(tmp_path / "raw"), CubeStore(tmp_path / "zarr")
+    assert not (tmp_path / "zarr" / "frames.f32").exists()
+    for a, b in zip(CubeLoader(raw, batch_size=4, seed=1), CubeLoader(zarr_store, batch_size=4, seed=1), strict=True):
+        assert torch.equal(a.frames, b.frames) and torch.equal(a.run, b.run)
+    assert prepare(runs, tmp_path / "zarr", progress=False, layout="zarr").up_to_date
+    with pytest.raises(SapwoodError, match="format 'parquet': allowed are raw, zarr"):
+        prepare(runs, tmp_path / "other", progress=False, layout="parquet")

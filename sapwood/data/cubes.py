@@ -347,8 +347,8 @@ def _missing_steps(last: float, first: float, calendar: str, monthly: bool, step
 
 
 # --- the store ------------------------------------------------------------------------------------------------
-def _fingerprint(inputs: list[Path], variables: tuple[str, ...] | None) -> str:
-    h = hashlib.sha256(STORE_FORMAT.encode())
+def _fingerprint(inputs: list[Path], variables: tuple[str, ...] | None, layout: str) -> str:
+    h = hashlib.sha256(f"{STORE_FORMAT}|{layout}".encode())
     for path in inputs:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
@@ -484,18 +484,25 @@ def _channel_name(channels: list[tuple[str, int]], index: int) -> str:
     return f"channel {index}"
 
 
+STORE_LAYOUTS = ("raw", "zarr")
+
+
 def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = None,
-            progress: bool = True, force: bool = False) -> PrepareReport:
+            progress: bool = True, force: bool = False, layout: str = "raw") -> PrepareReport:
     """Validate ``inputs`` (NetCDF files, Zarr stores, or folders of them) and write the store ``out``.
 
     ``variables``: names or CF standard names to store; None takes every data variable on the grid of the first
-    usable input (the report says which were taken and which left out, and why). Returns a
+    usable input (the report says which were taken and which left out, and why). ``layout``: ``raw`` (one
+    float32 frames file, the fastest to load) or ``zarr`` (a Zarr v3 group others can read,
+    :mod:`sapwood.data.zarr_store`). Returns a
     :class:`PrepareReport`; raises :class:`SapwoodError` only if no input is usable.
     """
+    if layout not in STORE_LAYOUTS:
+        raise SapwoodError(f"format {layout!r}: allowed are {', '.join(STORE_LAYOUTS)}")
     files = expand_inputs(inputs)
     report = PrepareReport(store=out)
     wanted = tuple(variables) if variables else None
-    fingerprint = _fingerprint(files, wanted)
+    fingerprint = _fingerprint(files, wanted, layout)
     if not force and _existing_fingerprint(out) == fingerprint:
         store = CubeStore(out)
         report.up_to_date, report.rows, report.bytes = True, store.rows, store.rows * store.row_bytes
@@ -513,12 +520,12 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
         task = bar.add_task("inspecting", total=len(files))
         for path in files:
             try:
-                layout = inspect_input(path, wanted, reference)
+                found = inspect_input(path, wanted, reference)
             except InputProblem as problem:
                 report.problems.append(problem)
             else:
-                reference = reference or layout
-                layouts.append(layout)
+                reference = reference or found
+                layouts.append(found)
             bar.advance(task)
     if reference is None:
         raise SapwoodError("no usable inputs: " + "; ".join(str(p) for p in report.problems) if report.problems
@@ -543,7 +550,10 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
             raise SapwoodError("no usable inputs: " + "; ".join(str(p) for p in report.problems))
         report.used = [Path(s) for entry in run_entries for s in entry["sources"]]
         index = _index(reference, writer, run_entries, rows, fingerprint, report)
+        index["storage"] = layout
         _write_grid(partial, reference, writer)
+        if layout == "zarr":
+            _frames_to_zarr(partial, index, reference, writer)
         (partial / INDEX_FILE).write_text(json.dumps(index))
         _replace_dir(partial, out)
     finally:
@@ -651,6 +661,16 @@ def _index(reference: InputLayout, writer: _Writer, runs: list[dict[str, Any]], 
 def _variable_attrs(layout: InputLayout, name: str) -> dict[str, str]:
     return {key: layout.attributes[name][key] for key in ("standard_name", "long_name")
             if key in layout.attributes.get(name, {})}
+
+
+def _frames_to_zarr(folder: Path, index: dict[str, Any], reference: InputLayout, writer: _Writer) -> None:
+    from sapwood.data.zarr_store import write_zarr
+
+    frames = np.memmap(folder / FRAMES_FILE, dtype="<f4", mode="r", shape=tuple(index["shape"]))
+    write_zarr(folder, frames, index, reference.grid.area, writer.valid_always, reference.grid.lat,
+               reference.grid.lon)
+    del frames
+    (folder / FRAMES_FILE).unlink()
 
 
 def _write_grid(folder: Path, reference: InputLayout, writer: _Writer) -> None:

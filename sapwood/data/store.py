@@ -42,13 +42,16 @@ MAX_READ = 1 << 30  # bytes per preadv call
 
 def store_damage(path: Path, index: dict[str, Any]) -> str | None:
     """Why the complete-looking store at ``path`` is damaged (None when its files match the index)."""
+    if not (path / GRID_FILE).exists():
+        return f"{path / GRID_FILE} is missing"
+    if index.get("storage") == "zarr":
+        missing = [v["name"] for v in index.get("variables", []) if not (path / v["name"] / "zarr.json").exists()]
+        return f"{path}: Zarr arrays {missing} are missing" if missing else None
     frames = path / FRAMES_FILE
     expected = int(np.prod(index.get("shape", [0]))) * 4
     actual = frames.stat().st_size if frames.exists() else -1
     if actual != expected:
         return f"{frames}: size {actual} bytes, index expects {expected}"
-    if not (path / GRID_FILE).exists():
-        return f"{path / GRID_FILE} is missing"
     return None
 
 
@@ -91,6 +94,11 @@ class CubeStore:
             self.lat = grid["lat"] if "lat" in grid else np.asarray(index["coords"]["lat"], dtype=np.float64)
             self.lon = grid["lon"] if "lon" in grid else np.asarray(index["coords"]["lon"], dtype=np.float64)
         self.variables: list[dict[str, Any]] = index["variables"]
+        self._zarr = None
+        if index.get("storage") == "zarr":
+            from sapwood.data.zarr_store import ZarrRows
+
+            self._zarr = ZarrRows(self.path, self.variables, self.shape)
         self.channels = [Channel(v["name"], level) for v in self.variables
                          for level in (range(v["levels"]) if v["levels"] else [-1])]
         self.mean = np.asarray(index["stats"]["mean"], dtype=np.float64)
@@ -164,6 +172,9 @@ class CubeStore:
         n = out.shape[0]
         if first_row < 0 or first_row + n > self.rows:
             raise IndexError(f"rows {first_row}..{first_row + n} outside 0..{self.rows}")
+        if self._zarr is not None:
+            self._zarr.read_into(first_row, out.numpy())
+            return
         view = memoryview(out.numpy()).cast("B")
         offset, done, total, fd = first_row * self.row_bytes, 0, n * self.row_bytes, self._descriptor()
         while done < total:
@@ -178,7 +189,10 @@ class CubeStore:
         return out
 
     def memmap(self) -> np.memmap:
-        """The whole frames file as a read-only ``[rows, channels, lat, lon]`` memory map."""
+        """The whole frames file as a read-only ``[rows, channels, lat, lon]`` memory map (for a Zarr-layout store,
+        an object that reads contiguous row slices the same way)."""
+        if self._zarr is not None:
+            return self._zarr  # type: ignore[return-value]
         return np.memmap(self.frames_path, dtype="<f4", mode="r", shape=self.shape)
 
     # --- normalization -------------------------------------------------------------------------------------
