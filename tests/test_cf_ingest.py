@@ -252,6 +252,9 @@ def test_regional_360_day_two_dimensional(tmp_path):
     assert store.index["runs"][0]["calendar"] == "360_day" and store.levels.size == 0
     expected = np.cos(np.deg2rad(np.linspace(30, 60, 7)))
     np.testing.assert_allclose(store.area[:, 0], expected / expected.mean(), rtol=1e-12)
+    xr.open_dataset(tmp_path / "regional.nc").to_netcdf(tmp_path / "classic.nc", format="NETCDF3_CLASSIC")
+    prepare([tmp_path / "classic.nc"], tmp_path / "classic-store", progress=False)  # NetCDF3 reads the same
+    np.testing.assert_array_equal(CubeStore(tmp_path / "classic-store").memmap(), store.memmap())
     result = train_and_eval(tmp_path / "store", tmp_path)  # 7x10 grid padded to 8x12 inside the model
     assert all(v.startswith("skipped") for v in result["constraints"].values())
     assert result["baselines"]["advective_persistence"].startswith("skipped")
