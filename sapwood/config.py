@@ -181,6 +181,7 @@ class CubeGrid(Section):
     area: str = Field(description="cell-area weights [lat, lon] (mean 1), float32, zlib + base64")
     valid: str = Field(description="the mask [channels, lat, lon] (1 = valid), packed bits, zlib + base64")
     digest: str = Field(description="sha256 of the coordinates and area weights")
+    standard_names: dict[str, str] = Field(default_factory=dict, description="variable -> CF standard_name")
 
 
 class CubeModelConfig(Section):
