@@ -42,6 +42,7 @@ from sapwood.model.cube import encode_array, grid_area, grid_digest, grid_valid
 from sapwood.physics import Geometry, physics_loss, violations
 
 SIGMA_COORDINATE = "atmosphere_sigma_coordinate"
+STATS_BLOCK = 64  # frames read at once for the normalization statistics
 PHYSICS_NAMES = {  # CF standard_name -> the name sapwood.physics uses, and whether the variable has levels
     "air_temperature": ("T", True), "eastward_wind": ("u", True), "northward_wind": ("v", True),
     "specific_humidity": ("q", True), "air_density": ("rho", True), "geopotential_height": ("zg", True),
@@ -120,14 +121,17 @@ def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -
     diff_sum, diff_sq, pairs = np.zeros(store.shape[1]), np.zeros(store.shape[1]), 0
     for run, start, stop in windows:
         first = int(store.run_rows[run])
-        block = np.asarray(frames[first + start:first + stop], dtype=np.float64) * valid
-        total += block.sum(axis=(0, 2, 3))
-        total_sq += (block**2).sum(axis=(0, 2, 3))
-        count += block.shape[0]
-        diff = block[1:] - block[:-1]
-        diff_sum += diff.sum(axis=(0, 2, 3))
-        diff_sq += (diff**2).sum(axis=(0, 2, 3))
-        pairs += diff.shape[0]
+        for begin in range(start, stop - 1, STATS_BLOCK):
+            end = min(stop, begin + STATS_BLOCK + 1)  # one frame of overlap for the tendency across blocks
+            block = np.asarray(frames[first + begin:first + end], dtype=np.float64) * valid
+            states = block if end == stop else block[:-1]  # each frame counted once
+            total += states.sum(axis=(0, 2, 3))
+            total_sq += (states**2).sum(axis=(0, 2, 3))
+            count += states.shape[0]
+            diff = block[1:] - block[:-1]
+            diff_sum += diff.sum(axis=(0, 2, 3))
+            diff_sq += (diff**2).sum(axis=(0, 2, 3))
+            pairs += diff.shape[0]
     mean = total / (count * cells)
     std = np.sqrt(np.maximum(total_sq / (count * cells) - mean**2, 0))
     std = np.where(std > 0, std, 1.0)
