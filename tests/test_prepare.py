@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import netCDF4
 import numpy as np
@@ -205,7 +206,11 @@ def test_input_problem_names_file_and_kind(tmp_path):
 def test_zarr_layout_is_read_by_xarray_and_loads_like_the_raw_store(runs, tmp_path):
     prepare(runs, tmp_path / "raw", progress=False)
     prepare(runs, tmp_path / "zarr", progress=False, layout="zarr")
-    ds = xr.open_zarr(tmp_path / "zarr", consolidated=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = xr.open_zarr(tmp_path / "zarr", consolidated=False)
+    assert not caught, [str(w.message) for w in caught]  # only Zarr members in the group
+    assert set(ds.data_vars) == set(DEFAULT_VARIABLES) and "run" in ds.coords
     source = xr.open_dataset(runs[1])
     np.testing.assert_array_equal(ds["T"].values[6:12], source["T"].values)
     np.testing.assert_array_equal(ds["ps"].values[6:12], source["ps"].values)

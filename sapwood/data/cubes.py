@@ -35,7 +35,15 @@ import numpy as np
 from sapwood.data import cf
 from sapwood.data.inputs import InputLayout, InputProblem, hdf5_truncation, inspect_input, open_input
 from sapwood.data.simulate import CUBE_VARIABLES, PLANET_VARIABLES
-from sapwood.data.store import FRAMES_FILE, GRID_FILE, INDEX_FILE, STORE_FORMAT, CubeStore, store_damage
+from sapwood.data.store import (
+    FRAMES_FILE,
+    GRID_FILE,
+    INDEX_FILE,
+    STORE_FORMAT,
+    CubeStore,
+    meta_folder,
+    store_damage,
+)
 from sapwood.errors import SapwoodError
 
 DEFAULT_VARIABLES = CUBE_VARIABLES  # the simulator's variables (prepare takes every variable when none are named)
@@ -167,7 +175,7 @@ def _existing_fingerprint(store: Path) -> str | None:
     """The fingerprint of a complete, intact store at ``store`` (None when absent, incomplete or damaged, so that
     running prepare again rebuilds it)."""
     try:
-        index = json.loads((store / INDEX_FILE).read_text())
+        index = json.loads((meta_folder(store) / INDEX_FILE).read_text())
     except (OSError, ValueError):
         return None
     if not index.get("complete") or store_damage(store, index) is not None:
@@ -356,10 +364,11 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
         report.used = [Path(s) for entry in run_entries for s in entry["sources"]]
         index = _index(reference, writer, run_entries, rows, fingerprint, report)
         index["storage"] = layout
-        _write_grid(partial, reference, writer)
+        meta = partial
         if layout == "zarr":
-            _frames_to_zarr(partial, index, reference, writer)
-        (partial / INDEX_FILE).write_text(json.dumps(index))
+            meta = _frames_to_zarr(partial, index, reference, writer)
+        _write_grid(meta, reference, writer)
+        (meta / INDEX_FILE).write_text(json.dumps(index))
         _replace_dir(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -468,14 +477,16 @@ def _variable_attrs(layout: InputLayout, name: str) -> dict[str, str]:
             if key in layout.attributes.get(name, {})}
 
 
-def _frames_to_zarr(folder: Path, index: dict[str, Any], reference: InputLayout, writer: _Writer) -> None:
+def _frames_to_zarr(folder: Path, index: dict[str, Any], reference: InputLayout, writer: _Writer) -> Path:
+    """Rewrite the frames file as the Zarr layout; returns the subgroup folder for index.json and grid.npz."""
     from sapwood.data.zarr_store import write_zarr
 
     frames = np.memmap(folder / FRAMES_FILE, dtype="<f4", mode="r", shape=tuple(index["shape"]))
-    write_zarr(folder, frames, index, reference.grid.area, writer.valid_always, reference.grid.lat,
-               reference.grid.lon)
+    meta = write_zarr(folder, frames, index, reference.grid.area, writer.valid_always, reference.grid.lat,
+                      reference.grid.lon)
     del frames
     (folder / FRAMES_FILE).unlink()
+    return meta
 
 
 def _write_grid(folder: Path, reference: InputLayout, writer: _Writer) -> None:
