@@ -3,6 +3,7 @@ checking it against the first usable input. Every failure is an :class:`InputPro
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,13 +55,21 @@ def _has_netcdf_signature(path: Path) -> bool:
     return head.startswith((b"\x89HDF\r\n\x1a\n", b"CDF\x01", b"CDF\x02", b"CDF\x05"))
 
 
+def _has_consolidated_v3(path: Path) -> bool:
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("consolidated_metadata") is not None
+    except (OSError, ValueError):
+        return False
+
+
 def open_input(path: Path) -> Any:
     """Open a NetCDF file or a Zarr store with xarray (times left undecoded, masks and packing decoded)."""
     import xarray as xr
 
     try:
         if path.is_dir() or path.suffix == ".zarr":
-            return xr.open_zarr(path, decode_times=False, consolidated=None)
+            consolidated = (path / ".zmetadata").exists() or _has_consolidated_v3(path)
+            return xr.open_zarr(path, decode_times=False, consolidated=consolidated)
         return xr.open_dataset(path, decode_times=False, cache=False)
     except (ValueError, TypeError) as exc:
         if path.is_file() and _has_netcdf_signature(path) and not hdf5_truncation(path):
