@@ -84,8 +84,8 @@ def advection_channel(store: CubeStore) -> slice | None:
 def advective_persistence_support(store: CubeStore) -> str:
     """``"applied"`` or ``"skipped: <reason>"``."""
     if store.step_hours > MAX_ADVECTION_HOURS:
-        return (f"skipped: the time step is {store.step_hours:g} h; advection by the mean wind over more than "
-                f"{MAX_ADVECTION_HOURS} h is not a forecast")
+        return (f"skipped: the time step is {store.step_hours:g} h; advection by the mean wind over more "
+                f"than {MAX_ADVECTION_HOURS} h is not a forecast")
     if advection_channel(store) is None:
         return "skipped: needs an eastward wind (u or standard_name eastward_wind)"
     if store.curvilinear:
