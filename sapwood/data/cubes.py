@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from sapwood import fsutil
 from sapwood.data import cf
 from sapwood.data.inputs import InputLayout, InputProblem, hdf5_truncation, inspect_input, open_input
 from sapwood.data.simulate import CUBE_VARIABLES, PLANET_VARIABLES
@@ -316,6 +317,7 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
     report = PrepareReport(store=out)
     wanted = tuple(variables) if variables else None
     fingerprint = _fingerprint(files, wanted, layout)
+    fsutil.recover_stale(out.parent, re.escape(out.name))  # a killed run's leftovers
     if not force and _existing_fingerprint(out) == fingerprint:
         store = CubeStore(out)
         report.up_to_date, report.rows, report.bytes = True, store.rows, store.rows * store.row_bytes
@@ -347,7 +349,7 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
     _note_orientation(reference, report)
     runs = plan_runs(layouts, report)
 
-    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    partial = fsutil.partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     rows = 0
@@ -369,7 +371,7 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
             meta = _frames_to_zarr(partial, index, reference, writer)
         _write_grid(meta, reference, writer)
         (meta / INDEX_FILE).write_text(json.dumps(index))
-        _replace_dir(partial, out)
+        fsutil.publish_dir(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     report.rows, report.runs = rows, len(run_entries)
@@ -496,15 +498,6 @@ def _write_grid(folder: Path, reference: InputLayout, writer: _Writer) -> None:
         arrays.update(lat=grid.lat, lon=grid.lon)
     with open(folder / GRID_FILE, "wb") as f:
         np.savez(f, **arrays)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is moved aside first and deleted after."""
-    old = target.with_name(f"{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:

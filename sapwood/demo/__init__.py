@@ -1,7 +1,7 @@
 """`sapwood demo` / `make demo`: the whole pipeline on embedded defaults, on a CPU, in minutes.
 
-Each stage is one function; the cube and surrogate stages live in this package (cubes.py, surrogate.py), the
-others in the modules they show. This file only orders them.
+Each stage is one function; the sizing, cube and surrogate stages live in this package (sizing.py, cubes.py,
+surrogate.py), the others in the modules they show. This file only orders them.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ console = Console()
 def run_demo(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from sapwood.demo.cubes import cube_stage
+    from sapwood.demo.sizing import sizing_stage
     from sapwood.demo.surrogate import surrogate_stage
     from sapwood.serve.demo import generation_and_serving_stage
-    from sapwood.sizing import demo_stage as sizing_stage
     from sapwood.train.demo import language_model_stage
 
     stages = [  # (title, callable(out_dir)) in pipeline order; each area adds its stage here
