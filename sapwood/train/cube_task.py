@@ -215,10 +215,8 @@ def store_geometry(cube: CubeModelConfig, device: torch.device | str = "cpu") ->
     sigma = np.asarray(cube.grid.levels, dtype=np.float64) if cube.grid.levels else np.asarray([0.5])
     edges = np.concatenate([[0.0], (sigma[1:] + sigma[:-1]) / 2, [1.0]])
     area = grid_area(cube)
-    as_tensor = lambda values: torch.as_tensor(values, dtype=torch.float32, device=device)  # noqa: E731
-    return Geometry(cube=cube, sigma=as_tensor(sigma), dsigma=as_tensor(np.diff(edges)),
-                    sigma_edges=as_tensor(edges), lat=as_tensor(np.deg2rad(cube.grid.lat)),
-                    cell_weight=as_tensor(area * 4 * math.pi / area.size), dt_seconds=cube.dt_hours * 3600.0)
+    return Geometry.from_grid(cube, edges, np.deg2rad(cube.grid.lat), area * 4 * math.pi / area.size, device,
+                              sigma=sigma)
 
 
 class CubeBatches:
