@@ -339,7 +339,7 @@ def test_cube_store_publish_killed_at_every_step(tmp_path):
     from sapwood.data.simulate import Grid, simulate_ensemble
     from sapwood.data.store import FRAMES_FILE, CubeStore
 
-    runs = simulate_ensemble(tmp_path / "runs", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3), seed=3,
+    runs = simulate_ensemble(tmp_path / "runs", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=3,
                              progress=False)
 
     def rows(folder: Path) -> int:
