@@ -1,5 +1,5 @@
-"""Fixtures shared by the test files: a token folder, a tiny language-model folder, cube stores, and a
-callback that crashes training at a given step."""
+"""Fixtures shared by the test files: a token folder, a tiny language-model folder, cube stores, a
+callback that crashes training at a given step, and torch on one thread for a module."""
 
 import os
 import sysconfig
@@ -23,6 +23,15 @@ def tiny_config():
     from sapwood.config import load_config
 
     return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny models run fastest so (and do not fight other tests for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,7 @@ STEPS = 40
 PARITY = 0.03
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(tokens_dir, out_dir, **train) -> Config:
