@@ -411,8 +411,8 @@ def demo_stage(out: Path) -> None:
 
     console = Console()
     start = time.perf_counter()
-    grid = Grid(levels=8, nlat=32, nlon=64, times=33)
-    runs = simulate_ensemble(out / "cubes" / "runs", runs=6, grid=grid, seed=0)
+    grid = Grid(levels=4, nlat=16, nlon=32, times=33)  # relaxed primitive-equation runs: ~5-20 s per planet
+    runs = simulate_ensemble(out / "cubes" / "runs", runs=12, grid=grid, seed=0)
     size = sum(p.stat().st_size for p in runs)
     console.print(f"simulated {len(runs)} planets x {grid.times} times on {grid.levels}x{grid.nlat}x{grid.nlon}: "
                   f"{size / 1e6:.1f} MB NetCDF in {time.perf_counter() - start:.1f} s")
