@@ -28,7 +28,7 @@ from sapwood.config import Config, load_config
 from sapwood.data.store import CubeStore
 from sapwood.errors import SapwoodError
 from sapwood.model import load
-from sapwood.physics import Geometry, project, violations
+from sapwood.physics import UNITS, Geometry, project, violations
 from sapwood.skill import acc, per_variable, rmse, weighted_mse
 from sapwood.train.cube_task import check_store_matches, held_out_runs
 
@@ -187,8 +187,8 @@ def print_summary(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     for key in ("violations", "violations_projected"):
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in result[key].items())
-        console.print(f"{key} (%; energy_wm2 in W m-2): {shown}")
+        shown = ", ".join(f"{k} {v:.3g} {UNITS.get(k, '')}".rstrip() for k, v in result[key].items())
+        console.print(f"{key}: {shown}")
     r = result["rollout"]
     console.print(f"rollout {r['steps']} steps: final error {r['rmse_std_units'][-1]:.3g} (persistence "
                   f"{r['persistence'][-1]:.3g}), blow-up step {r['blow_up_step']}, beats persistence until step "
