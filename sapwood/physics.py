@@ -90,14 +90,28 @@ class Geometry:
     @classmethod
     def default(cls, cube: CubeModelConfig, device: str | torch.device = "cpu") -> Geometry:
         """The simulator's grid: uniform sigma layers, uniform lat cells with the poles as edges."""
-        from sapwood.data.simulate import declared_heating_profiles
-
         levels, nlat, nlon = cube.levels, cube.lat, cube.lon
         sigma_edges = torch.arange(levels + 1, dtype=torch.float64) / levels
-        sigma = 0.5 * (sigma_edges[1:] + sigma_edges[:-1])
         lat_edges = torch.linspace(-math.pi / 2, math.pi / 2, nlat + 1, dtype=torch.float64)
         lat = 0.5 * (lat_edges[1:] + lat_edges[:-1])
         weight = (2 * math.pi / nlon) * torch.diff(torch.sin(lat_edges))
+        return cls.from_grid(cube, sigma_edges, lat, weight[:, None], device)
+
+    @classmethod
+    def from_grid(cls, cube: CubeModelConfig, sigma_edges, lat, cell_weight,
+                  device: str | torch.device = "cpu", sigma=None) -> Geometry:
+        """A geometry from layer edges in sigma ``[L+1]``, latitudes in radians ``[H]`` and cell areas over
+        a^2 (``[H, 1]`` on a regular grid, ``[H, W]`` on any other), and the layer midpoints ``sigma``
+        (halfway between the edges when not given); the hydrostatic integration matrix and the declared
+        forcing profiles follow from them."""
+        from sapwood.data.simulate import declared_heating_profiles
+
+        sigma_edges = torch.as_tensor(sigma_edges, dtype=torch.float64)
+        lat = torch.as_tensor(lat, dtype=torch.float64)
+        if sigma is None:
+            sigma = 0.5 * (sigma_edges[1:] + sigma_edges[:-1])
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        levels = sigma.numel()
         depth = torch.zeros(levels, levels, dtype=torch.float64)
         for k in range(levels):
             depth[k, k] = math.log(sigma_edges[k + 1] / sigma[k])
@@ -105,11 +119,11 @@ class Geometry:
                 depth[k, m] = math.log(sigma_edges[m + 1] / sigma_edges[m])
         profiles = declared_heating_profiles(lat.numpy(), sigma.numpy())
 
-        def put(t: torch.Tensor) -> torch.Tensor:
+        def put(t) -> torch.Tensor:
             return torch.as_tensor(t).float().to(device)
 
         return cls(cube=cube, sigma=put(sigma), dsigma=put(torch.diff(sigma_edges)), sigma_edges=put(sigma_edges),
-                   lat=put(lat), cell_weight=put(weight[:, None]), dt_seconds=cube.dt_hours * 3600.0,
+                   lat=put(lat), cell_weight=put(cell_weight), dt_seconds=cube.dt_hours * 3600.0,
                    coslat=put(torch.cos(lat)), hydrostatic_matrix=put(depth), t_eq=put(profiles["t_eq"]),
                    k_t=put(profiles["k_t"]), k_v=put(profiles["k_v"]))
 
@@ -171,7 +185,7 @@ def state_sums(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor 
     scratch tensor shaped like one 3-D field, so no large temporary is allocated)."""
     x = x.float()
     ps = geometry.field(x, "ps")
-    total_weight = geometry.cell_weight.sum() * ps.shape[-1]
+    total_weight = geometry.cell_weight.expand(ps.shape[-2:]).sum()  # [H, 1] regular or [H, W] cell weights
     ps_weight = ps * geometry.cell_weight
     gravity = geometry.planet(planet_params, "gravity", ps_weight[..., 0, 0])
     radius = geometry.planet(planet_params, "planet_radius", gravity)
@@ -397,7 +411,7 @@ def violations(state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry
     out = {"mass": residuals["mass_pa"].abs(), "mass_pa": residuals["mass_pa"]}
     weight = geometry.cell_weight
     change = geometry.field(next_state, "ps").float() - geometry.field(state, "ps").float()
-    out["ps_change"] = ((change**2 * weight).sum((-2, -1)) / (weight.sum() * change.shape[-1])).sqrt()
+    out["ps_change"] = ((change**2 * weight).sum((-2, -1)) / weight.expand(change.shape[-2:]).sum()).sqrt()
     if "water_kgm2" in residuals:
         out["water"] = residuals["water_kgm2"].abs()
     if "energy_wm2" in residuals:
