@@ -33,7 +33,7 @@ from sapwood.data.loader import Split, split_store
 from sapwood.data.store import CubeStore
 from sapwood.errors import SapwoodError
 from sapwood.model import load
-from sapwood.physics import Geometry, project, violations
+from sapwood.physics import UNITS, Geometry, project, violations
 from sapwood.skill import acc, per_variable, rmse, weighted_mse
 from sapwood.train.cube_task import cell_weights, check_store_matches, physics_support, store_geometry
 
@@ -355,8 +355,8 @@ def print_summary(result: dict[str, Any]) -> None:
             console.print(f"{kind} {', '.join(names)}: {status}", highlight=False)
     for key in ("violations", "violations_projected"):
         if result[key]:
-            shown = ", ".join(f"{k} {v:.3g}" for k, v in result[key].items())
-            console.print(f"{key} (%; energy_wm2 in W m-2): {shown}")
+            shown = ", ".join(f"{k} {v:.3g} {UNITS.get(k, '')}".rstrip() for k, v in result[key].items())
+            console.print(f"{key}: {shown}")
     r = result.get("rollout")
     if r:
         console.print(f"rollout {r['steps']} steps: final error {r['rmse_std_units'][-1]:.3g} (persistence "

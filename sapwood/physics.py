@@ -185,7 +185,7 @@ def state_sums(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor 
     scratch tensor shaped like one 3-D field, so no large temporary is allocated)."""
     x = x.float()
     ps = geometry.field(x, "ps")
-    total_weight = geometry.cell_weight.sum() * ps.shape[-1]
+    total_weight = geometry.cell_weight.expand(ps.shape[-2:]).sum()  # [H, 1] regular or [H, W] cell weights
     ps_weight = ps * geometry.cell_weight
     gravity = geometry.planet(planet_params, "gravity", ps_weight[..., 0, 0])
     radius = geometry.planet(planet_params, "planet_radius", gravity)
@@ -411,7 +411,7 @@ def violations(state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry
     out = {"mass": residuals["mass_pa"].abs(), "mass_pa": residuals["mass_pa"]}
     weight = geometry.cell_weight
     change = geometry.field(next_state, "ps").float() - geometry.field(state, "ps").float()
-    out["ps_change"] = ((change**2 * weight).sum((-2, -1)) / (weight.sum() * change.shape[-1])).sqrt()
+    out["ps_change"] = ((change**2 * weight).sum((-2, -1)) / weight.expand(change.shape[-2:]).sum()).sqrt()
     if "water_kgm2" in residuals:
         out["water"] = residuals["water_kgm2"].abs()
     if "energy_wm2" in residuals:

@@ -388,7 +388,7 @@ def test_physics_finds_its_variables_by_standard_name(tmp_path):
     from sapwood.physics import violations
     from sapwood.train.cube_task import fill_from_store, store_geometry
 
-    (run,) = simulate_ensemble(tmp_path / "sim", runs=1, grid=Grid(levels=3, nlat=8, nlon=16, times=3), seed=2,
+    (run,) = simulate_ensemble(tmp_path / "sim", runs=1, grid=Grid(levels=3, nlat=8, nlon=16, times=3, spinup_days=1), seed=2,
                                progress=False)
     names = {"T": "ta", "u": "ua", "v": "va", "q": "hus", "ps": "sp", "rho": "rhoa", "zg": "geoh"}
     xr.open_dataset(run, decode_times=False).rename(names).to_netcdf(tmp_path / "renamed.nc")

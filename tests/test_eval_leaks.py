@@ -94,7 +94,7 @@ def test_masked_metrics_equal_numpy():
 
 
 def test_planet_groups_inside_and_outside_the_training_range(tmp_path):
-    runs = simulate_ensemble(tmp_path / "runs", runs=6, grid=Grid(levels=2, nlat=8, nlon=16, times=3), seed=5,
+    runs = simulate_ensemble(tmp_path / "runs", runs=6, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=5,
                              progress=False)
     prepare(runs, tmp_path / "store", progress=False)
     store = CubeStore(tmp_path / "store")

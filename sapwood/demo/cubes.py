@@ -20,8 +20,8 @@ def cube_stage(out: Path) -> None:
     """Leaves ``out/cubes/runs/*.nc`` and the store ``out/cubes/store`` for the surrogate stage."""
     console = Console()
     start = time.perf_counter()
-    grid = Grid(levels=8, nlat=32, nlon=64, times=33)
-    runs = simulate_ensemble(out / "cubes" / "runs", runs=6, grid=grid, seed=0)
+    grid = Grid(levels=4, nlat=16, nlon=32, times=33)  # relaxed primitive-equation runs: ~5-20 s per planet
+    runs = simulate_ensemble(out / "cubes" / "runs", runs=12, grid=grid, seed=0)
     size = sum(p.stat().st_size for p in runs)
     shape = f"{grid.levels}x{grid.nlat}x{grid.nlon}"
     console.print(f"simulated {len(runs)} planets x {grid.times} times on {shape}: "
