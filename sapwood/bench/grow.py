@@ -219,7 +219,7 @@ def prepare_tokens(folder: Path, vocab_size: int, max_files: int = 120) -> Path:
     return folder
 
 
-def run_grow_bench(out: Path, steps: int = 200, target_loss: float | None = None, scale: float = 1.0,
+def run_grow_bench(out: Path, steps: int = 100, target_loss: float | None = None, scale: float = 1.0,
                    seeds: int = 3, grow_fraction: float = 0.3, data_dir: Path | None = None,
                    max_files: int = 120, methods: list[str] | None = None, seed: int = 0) -> Path:
     """Scratch L and each growth method, for ``seeds`` seeds (``seed``, ``seed + 1``, ...)."""
