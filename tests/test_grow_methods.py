@@ -141,3 +141,13 @@ def test_split_ffn_preserves_the_function_breaks_symmetry_and_carries_state():
     train(model, optimizer, data, 1)
     trained = w1.weight.detach()
     assert not any(torch.equal(trained[48], trained[j]) for j in range(48))
+
+
+def test_split_ffn_more_than_doubling_still_preserves_the_function():
+    model, data = small_model(), tokens()
+    with torch.no_grad():
+        before = model(data)
+    split_ffn(model, 48 * 3 + 5, noise=1e-2, generator=torch.Generator().manual_seed(4))
+    assert model.layers["1"].feed_forward.w2.weight.shape == (32, 149)
+    with torch.no_grad():
+        assert (model(data) - before).abs().max().item() < 1e-5

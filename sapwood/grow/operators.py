@@ -228,7 +228,8 @@ def split_ffn(model: Decoder, ffn: int, noise: float = 1e-3,
     for index, block in model.layers.items():
         mlp = block.feed_forward
         device = mlp.w1.weight.device
-        source = torch.randperm(cfg.ffn, generator=generator, device="cpu")[:added % cfg.ffn or cfg.ffn]
+        cpu_generator = generator if generator is not None and generator.device.type == "cpu" else None
+        source = torch.randperm(cfg.ffn, generator=cpu_generator)[:added % cfg.ffn or cfg.ffn]
         source = torch.cat([torch.arange(cfg.ffn)] * (added // cfg.ffn) + [source])[:added].to(device)
         prefix = f"layers.{index}.feed_forward"
         rows = torch.arange(cfg.ffn, device=device)
