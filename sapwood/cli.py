@@ -364,16 +364,21 @@ def grow(
 @bench_app.command("grow")
 def bench_grow(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for grow.json and grow.png"),
-    steps: int = typer.Option(200, "--steps", help="optimizer steps of the from-scratch baseline"),
+    steps: int = typer.Option(100, "--steps", help="optimizer steps of the from-scratch baseline"),
     target_loss: float | None = typer.Option(None, "--target-loss", help="validation loss to reach (default: auto)"),
     scale: float = typer.Option(1.0, "--scale", help="multiply model widths (1 = tiny CPU default)"),
     grow_fraction: float = typer.Option(0.3, "--grow-fraction", help="share of the steps trained small"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="first seed"),
+    seeds: int = typer.Option(3, "--seeds", help="seeds to run (mean and spread are reported)"),
+    methods: str | None = typer.Option(None, "--methods", help="comma-separated growth methods (default: all)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the tokenized corpus here (reused)"),
 ) -> None:
     """Compute to reach a target loss: large model from scratch vs small model grown into it."""
     from sapwood.bench.grow import run_grow_bench
 
-    run_grow_bench(out, steps=steps, target_loss=target_loss, scale=scale, seed=seed, grow_fraction=grow_fraction)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    run_grow_bench(out, steps=steps, target_loss=target_loss, scale=scale, seed=seed, grow_fraction=grow_fraction,
+                   seeds=seeds, methods=chosen, data_dir=data_dir)
 
 
 @bench_app.command("train")

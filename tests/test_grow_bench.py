@@ -1,5 +1,6 @@
-"""`bench grow` bookkeeping: FLOPs/seconds to the target are read off the curves, ratios are
-baseline/run; a short real run writes the suite JSON and plot."""
+"""`bench grow` bookkeeping: FLOPs/seconds to the target are read off the curves (crossing interpolated
+between evaluations), ratios are baseline/run, seeds give mean, spread and minimum; a short real run
+writes the suite JSON and plot."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 
 import pytest
 
-from sapwood.bench.grow import BenchSettings, RunCurve, _results, run_grow_bench, shapes
+from sapwood.bench.grow import BenchSettings, RunCurve, _results, _seed_results, run_grow_bench, shapes
+from sapwood.errors import SapwoodError
 
 
 def curve(name: str, losses: list[float], flops_per_eval: float, growth_step: int | None = None) -> RunCurve:
@@ -21,21 +23,43 @@ def test_flops_to_target_and_ratios():
     assert (small.layers, small.hidden, large.layers, large.hidden) == (2, 32, 4, 64)
     assert large.heads == 2 * small.heads and large.head_dim == small.head_dim
     scratch = curve("scratch", [5.0, 4.0, 3.0], 100.0)
-    grown = curve("ours", [5.5, 4.5, 3.5, 2.9], 40.0, growth_step=10)
+    grown = curve("zero", [5.5, 4.5, 3.5, 2.9], 40.0, growth_step=10)
     never = curve("random", [6.0, 5.0], 30.0, growth_step=10)
     results = _results([scratch, grown, never], 3.0, BenchSettings(), small, large)
-    ours_flops, ours_seconds, random_flops = results[0], results[1], results[2]
-    assert ours_flops.value == 160.0 and ours_flops.baseline_value == 300.0 and ours_flops.ratio == 300.0 / 160.0
-    assert ours_flops.params["steps_to_target"] == 40 and ours_flops.params["scratch_steps_to_target"] == 30
-    assert ours_seconds.value == 2.0 and ours_seconds.baseline_value == 1.5
-    assert random_flops.params["reached_target"] is False and random_flops.value == 60.0
+    zero_flops, zero_seconds, random_flops = results[0], results[1], results[2]
+    crossing = 120.0 + 40.0 * (0.5 / 0.6)  # between the evaluations at 3.5 and 2.9
+    assert zero_flops.value == pytest.approx(crossing) and zero_flops.baseline_value == 300.0
+    assert zero_flops.ratio == pytest.approx(300.0 / crossing)
+    assert zero_flops.params["steps_to_target"] == [pytest.approx(30 + 10 * 0.5 / 0.6)]
+    assert zero_seconds.value == pytest.approx(1.5 + 0.5 * 0.5 / 0.6) and zero_seconds.baseline_value == 1.5
+    assert random_flops.params["reached_target"] == [False] and random_flops.value == 60.0
+
+
+def test_seeds_give_mean_spread_and_minimum():
+    small, large = shapes(BenchSettings(), 512)
+    seed0 = ([curve("scratch", [4.0, 3.0], 100.0), curve("masked", [3.0], 50.0)], 3.0)  # ratio 4
+    seed1 = ([curve("scratch", [4.0, 3.0], 100.0), curve("masked", [3.0], 100.0)], 3.0)  # ratio 2
+    flops = _seed_results([seed0, seed1], BenchSettings(), small, large)[0]
+    assert flops.params["flops_ratio_per_seed"] == [4.0, 2.0]
+    assert flops.params["flops_ratio_mean"] == 3.0 and flops.params["flops_ratio_min"] == 2.0
+    assert flops.params["flops_ratio_std"] == pytest.approx(2 ** 0.5)
+    assert flops.ratio == pytest.approx(400.0 / 150.0)  # summed FLOPs over seeds
+
+
+def test_unknown_method_is_a_one_line_error(tmp_path):
+    with pytest.raises(SapwoodError, match="growth method 'bogus' is not one of zero, random, masked"):
+        run_grow_bench(tmp_path, methods=["bogus"])
 
 
 @pytest.mark.slow
 def test_short_real_run_writes_the_suite(tmp_path):
-    path = run_grow_bench(tmp_path / "out", steps=6, data_dir=tmp_path, max_files=8)
+    path = run_grow_bench(tmp_path / "out", steps=6, data_dir=tmp_path, max_files=8, seeds=2,
+                          methods=["zero", "masked", "gstack"])
     payload = json.loads(path.read_text())
     assert payload["suite"] == "grow" and len(payload["results"]) == 6
     assert (tmp_path / "out" / "grow.png").stat().st_size > 0
-    ours = next(c for c in payload["extra"]["curves"] if c["name"] == "ours")
-    assert ours["growth_step"] == 1 and abs(ours["loss_jump"]) < 1e-5  # function-preserving in the bench too
+    assert len(payload["extra"]["seeds"]) == 2
+    for name in ("zero", "masked"):  # function-preserving in the bench too
+        grown = next(c for c in payload["extra"]["seeds"][0]["curves"] if c["name"] == name)
+        assert grown["growth_step"] == 1 and abs(grown["loss_jump"]) < 1e-5
+    assert len(payload["results"][0]["params"]["flops_ratio_per_seed"]) == 2

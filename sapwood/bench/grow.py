@@ -3,9 +3,16 @@
 Model L (the larger shape) trained from scratch is the baseline. Against it, a small model S is trained
 for ``grow_fraction`` of the steps and grown into L, then trained on, with
 
-- ``ours``: function-preserving growth (zero-initialized new outputs, rescaled norms, identity blocks);
-- ``stacking``: the same width growth, depth by copying blocks with their outputs (G_stack);
-- ``random``: the same shapes, every new part randomly initialized (outputs jump).
+- ``zero``: function-preserving growth by zero-initialized new outputs (rescaled norms, identity blocks);
+- ``random``: the same shapes, every new part randomly initialized (outputs jump);
+- ``masked``: masked structural growth (``sapwood.grow.masked``), new parts random, masks ramp 0 -> 1;
+- ``split``: FFN units split with noise (function-preserving), depth by copied blocks with zero outputs;
+- ``gstack``: G_stack, S has a quarter of L's layers and the whole stack is repeated 4 times (Du et al.,
+  2024), width then grown by masks.
+
+Each seed runs scratch and every method; results give, per method, the FLOPs and seconds to the target
+summed over seeds (ratio scratch / method), and per-seed ratios with their mean, spread and minimum.
+The crossing of the target is interpolated linearly between evaluations.
 
 All runs see the same token stream (text of the Python standard library, BPE-tokenized here), the same
 optimizer (AdamW, the trainer's parameter groups) and LR (linear warm-up, then constant, so a run may go
@@ -16,9 +23,12 @@ and seconds spent until its validation loss first reaches the target. Results ar
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +40,56 @@ from rich.console import Console
 from sapwood.bench.harness import Result, print_results, write_suite
 from sapwood.config import ModelConfig
 from sapwood.data.text import TokenShards, WindowLoader, stdlib_corpus, tokenize_corpus
+from sapwood.errors import SapwoodError
+from sapwood.grow.masked import grow_model_masked
+from sapwood.grow.operators import split_ffn, stack_depth
+from sapwood.grow.optimizer import apply_changes_to_optimizer
 from sapwood.grow.plan import GrowthRequest, grow_model
 from sapwood.model.transformer import Decoder
 from sapwood.sizing import flops_per_token
 
 console = Console()
 
-VARIANTS = {
-    "ours": {"depth_init": "identity", "function_preserving": True},
-    "stacking": {"depth_init": "gstack", "function_preserving": True},
-    "random": {"depth_init": "random", "function_preserving": False},
+def _grow_zero(model, large, optimizer, generator, settings):
+    grow_model(model, _request(large, depth_init="identity"), optimizer, generator=generator)
+
+
+def _grow_random(model, large, optimizer, generator, settings):
+    grow_model(model, _request(large, depth_init="random", function_preserving=False), optimizer, generator=generator)
+
+
+def _grow_masked(model, large, optimizer, generator, settings):
+    masks, _ = grow_model_masked(model, _request(large), settings.mask_ramp_steps, optimizer, generator)
+    return masks
+
+
+def _grow_split(model, large, optimizer, generator, settings):
+    """FFN units split with noise; heads and hidden function-preserving; depth by copied blocks with zero
+    outputs (function-preserving stacking)."""
+    changes = split_ffn(model, large.ffn, settings.split_noise, generator)
+    apply_changes_to_optimizer(optimizer, changes, model)
+    grow_model(model, _request(large, depth_init="stack"), optimizer, generator=generator)
+
+
+def _grow_gstack(model, large, optimizer, generator, settings):
+    """G_stack: the whole small stack repeated (g = large.layers / small.layers), then width by masks."""
+    apply_changes_to_optimizer(optimizer, stack_depth(model, large.layers), model)
+    masks, _ = grow_model_masked(model, _request(large), settings.mask_ramp_steps, optimizer, generator)
+    return masks
+
+
+def _request(large: ModelConfig, **how) -> GrowthRequest:
+    return GrowthRequest(layers=large.layers, hidden=large.hidden, ffn=large.ffn, heads=large.heads,
+                         kv_heads=large.kv_heads, layer_position="evenly", **how)
+
+
+# name -> (grow function, depth factor of the small model: large.layers / small.layers)
+METHODS: dict[str, tuple[Callable, int]] = {
+    "zero": (_grow_zero, 2),
+    "random": (_grow_random, 2),
+    "masked": (_grow_masked, 2),
+    "split": (_grow_split, 2),
+    "gstack": (_grow_gstack, 4),
 }
 
 
@@ -51,12 +101,14 @@ class BenchSettings:
     seq_len: int = 64
     lr: float = 3e-3
     warmup_steps: int = 20
-    eval_every: int = 10
+    eval_every: int = 4
     eval_batches: int = 4
     max_steps_factor: float = 1.5  # grown runs may train this much longer than the baseline to reach it
     scale: float = 1.0
     seed: int = 0
     vocab_size: int = 512
+    mask_ramp_steps: int = 20
+    split_noise: float = 0.01
 
 
 def shapes(settings: BenchSettings, vocab_size: int) -> tuple[ModelConfig, ModelConfig]:
@@ -82,10 +134,17 @@ class RunCurve:
     growth_step: int | None = None
     loss_jump: float | None = None  # val loss right after growth minus right before
 
-    def first_reaching(self, target: float) -> tuple[float, float, int] | None:
-        for flops, seconds, step, loss in zip(self.flops, self.seconds, self.steps, self.val_loss, strict=True):
-            if loss <= target:
-                return flops, seconds, step
+    def first_reaching(self, target: float) -> tuple[float, float, float] | None:
+        """(FLOPs, seconds, step) where the validation loss first reaches ``target``, linearly
+        interpolated between the two evaluations around the crossing."""
+        previous = None
+        for point in zip(self.flops, self.seconds, self.steps, self.val_loss, strict=True):
+            if point[3] <= target:
+                if previous is None or previous[3] == point[3]:
+                    return point[0], point[1], float(point[2])
+                t = (previous[3] - target) / (previous[3] - point[3])
+                return tuple(p + t * (q - p) for p, q in zip(previous[:3], point[:3], strict=True))
+            previous = point
         return None
 
 
@@ -106,10 +165,10 @@ def _val_loss(model: Decoder, batches: list, device: torch.device) -> float:
 
 
 def train_curve(name: str, start: ModelConfig, final: ModelConfig, settings: BenchSettings, data: Path,
-                device: torch.device, max_steps: int, grow_at: int | None = None, variant: dict | None = None,
+                device: torch.device, max_steps: int, grow_at: int | None = None, method: Callable | None = None,
                 target: float | None = None) -> RunCurve:
-    """Train from ``start`` (grown into ``final`` after step ``grow_at``) and record the validation curve;
-    stops early once ``target`` is reached."""
+    """Train from ``start`` (grown into ``final`` by ``method`` after step ``grow_at``) and record the
+    validation curve; stops early once ``target`` is reached."""
     torch.manual_seed(settings.seed)
     model = Decoder(start).to(device)
     optimizer = _optimizer(model, settings.lr)
@@ -120,7 +179,7 @@ def train_curve(name: str, start: ModelConfig, final: ModelConfig, settings: Ben
                                settings.seed).fixed_batches(settings.eval_batches)
     tokens_per_step = settings.batch_size * settings.seq_len
     curve = RunCurve(name)
-    flops, seconds = 0.0, 0.0
+    flops, seconds, masks = 0.0, 0.0, None
     for step in range(1, max_steps + 1):
         started = time.perf_counter()
         inputs, targets = next(loader)
@@ -130,17 +189,17 @@ def train_curve(name: str, start: ModelConfig, final: ModelConfig, settings: Ben
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
+        if masks is not None and masks.active:
+            masks.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - started
         flops += flops_per_token(model.cfg, settings.seq_len) * tokens_per_step
-        if step == grow_at:
+        if step == grow_at and method is not None:
             before = _val_loss(model, val_batches, device)
             started = time.perf_counter()
-            request = GrowthRequest(layers=final.layers, hidden=final.hidden, ffn=final.ffn, heads=final.heads,
-                                    kv_heads=final.kv_heads, layer_position="evenly", **(variant or {}))
             generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
-            grow_model(model, request, optimizer, generator=generator)
+            masks = method(model, final, optimizer, generator, settings)
             seconds += time.perf_counter() - started
             curve.growth_step = step
             curve.loss_jump = _val_loss(model, val_batches, device) - before
@@ -160,43 +219,66 @@ def prepare_tokens(folder: Path, vocab_size: int, max_files: int = 120) -> Path:
     return folder
 
 
-def run_grow_bench(out: Path, steps: int = 200, target_loss: float | None = None, scale: float = 1.0,
-                   seed: int = 0, grow_fraction: float = 0.3, data_dir: Path | None = None,
-                   max_files: int = 120) -> Path:
-    settings = BenchSettings(steps=steps, scale=scale, seed=seed, grow_fraction=grow_fraction)
+def run_grow_bench(out: Path, steps: int = 100, target_loss: float | None = None, scale: float = 1.0,
+                   seeds: int = 3, grow_fraction: float = 0.3, data_dir: Path | None = None,
+                   max_files: int = 120, methods: list[str] | None = None, seed: int = 0) -> Path:
+    """Scratch L and each growth method, for ``seeds`` seeds (``seed``, ``seed + 1``, ...)."""
+    chosen = methods or list(METHODS)
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise SapwoodError(f"growth method {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    if seeds < 1:
+        raise SapwoodError(f"seeds={seeds} must be >= 1")
+    settings = BenchSettings(steps=steps, scale=scale, seed=seed, grow_fraction=grow_fraction,
+                             mask_ramp_steps=max(1, steps // 10))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_tokens(Path(data_dir or tmp) / "tokens", settings.vocab_size, max_files)
-        vocab = int(__import__("json").loads((data / "meta.json").read_text())["vocab_size"])
+        vocab = int(json.loads((data / "meta.json").read_text())["vocab_size"])
         small, large = shapes(settings, vocab)
         console.print(f"S: {small.layers}x{small.hidden} ({_params(small):,} params) -> "
-                      f"L: {large.layers}x{large.hidden} ({_params(large):,} params), {steps} steps, {device}")
+                      f"L: {large.layers}x{large.hidden} ({_params(large):,} params), {steps} steps, "
+                      f"{seeds} seeds, {device}")
         torch.set_flush_denormal(True)  # tiny CPU models otherwise spend time in denormal arithmetic
         try:
-            curves, target = _run_variants(settings, data, device, small, large, steps, target_loss)
+            per_seed = []
+            for index in range(seeds):
+                settings.seed = seed + index
+                per_seed.append(_run_methods(settings, data, device, small, large, steps, target_loss, chosen,
+                                             warm_up=index == 0))
         finally:
             torch.set_flush_denormal(False)  # process-global CPU state: leave it as we found it
-    results = _results(curves, target, settings, small, large)
+    results = _seed_results(per_seed, settings, small, large)
     print_results(results)
-    extra = {"target_val_loss": target, "curves": [c.__dict__ for c in curves],
-             "small": small.model_dump(), "large": large.model_dump()}
+    extra = {"seeds": [{"seed": seed + i, "target_val_loss": t, "curves": [c.__dict__ for c in cs]}
+                       for i, (cs, t) in enumerate(per_seed)],
+             "small": small.model_dump(), "large": large.model_dump(), "steps": steps, "scale": scale}
+    curves, target = per_seed[0]
     return write_suite("grow", results, out, plot=lambda ax: _plot(ax, curves, target), extra=extra)
 
 
-def _run_variants(settings, data, device, small, large, steps, target_loss):
-    """Scratch first (it sets the target), then each growth variant towards that target."""
-    for shape in (small, large):  # untimed warm-up of kernels and allocator, so the first run pays nothing extra
-        train_curve("warm-up", shape, shape, settings, data, device, 20)
+def _small_for(small: ModelConfig, large: ModelConfig, depth_factor: int) -> ModelConfig:
+    return small.model_copy(update={"layers": max(1, large.layers // depth_factor)})
+
+
+def _run_methods(settings, data, device, small, large, steps, target_loss, methods, warm_up=False):
+    """Scratch first (it sets the target), then each growth method towards that target."""
+    if warm_up:  # untimed warm-up of kernels and allocator, so the first run pays nothing extra
+        for shape in (small, large):
+            train_curve("warm-up", shape, shape, settings, data, device, 8)
     scratch = train_curve("scratch", large, large, settings, data, device, steps)
     target = target_loss if target_loss is not None else scratch.val_loss[-1]
-    console.print(f"scratch: val loss {scratch.val_loss[-1]:.4f} after {steps} steps; target {target:.4f}")
+    console.print(f"seed {settings.seed} scratch: val loss {scratch.val_loss[-1]:.4f} after {steps} steps")
     grow_at = max(1, int(settings.grow_fraction * steps))
     max_steps = int(settings.max_steps_factor * steps)
     curves = [scratch]
-    for name, variant in VARIANTS.items():
-        curve = train_curve(name, small, large, settings, data, device, max_steps, grow_at, variant, target)
-        console.print(f"{name}: loss jump at growth {curve.loss_jump:+.5f}; "
-                      f"final val {curve.val_loss[-1]:.4f} at step {curve.steps[-1]}")
+    for name in methods:
+        method, depth_factor = METHODS[name]
+        start = _small_for(small, large, depth_factor)
+        curve = train_curve(name, start, large, settings, data, device, max_steps, grow_at, method, target)
+        reached = curve.first_reaching(target)
+        console.print(f"seed {settings.seed} {name}: loss jump at growth {curve.loss_jump:+.5f}; "
+                      + (f"target at step {reached[2]:.1f}" if reached else "target not reached"))
         curves.append(curve)
     return curves, target
 
@@ -209,23 +291,52 @@ def _params(cfg: ModelConfig) -> int:
 
 def _results(curves: list[RunCurve], target: float, settings: BenchSettings, small: ModelConfig,
              large: ModelConfig) -> list[Result]:
-    scratch = curves[0].first_reaching(target)
-    assert scratch is not None  # the target is the scratch run's own final loss or was reached by it
+    """One seed: FLOPs and seconds to the target per method, against scratch L."""
+    return _seed_results([(curves, target)], settings, small, large)
+
+
+def _seed_results(per_seed: list[tuple[list[RunCurve], float]], settings: BenchSettings, small: ModelConfig,
+                  large: ModelConfig) -> list[Result]:
+    """Per method: FLOPs and seconds to each seed's target summed over seeds against scratch's (so the
+    ratio is a FLOPs-weighted mean), with each seed's ratio, their mean, spread (std) and minimum."""
     results = []
-    for curve in curves[1:]:
-        reached = curve.first_reaching(target)
-        params: dict[str, Any] = {"reached_target": reached is not None, "target_val_loss": target,
-                                  "growth_step": curve.growth_step, "loss_jump_at_growth": curve.loss_jump,
-                                  "steps_to_target": reached[2] if reached else None,
-                                  "scratch_steps_to_target": scratch[2], "small": f"{small.layers}x{small.hidden}",
-                                  "large": f"{large.layers}x{large.hidden}", "scale": settings.scale}
-        flops = reached[0] if reached else curve.flops[-1]
-        seconds = reached[1] if reached else curve.seconds[-1]
-        results.append(Result(f"FLOPs to target: {curve.name}", flops, "FLOPs", scratch[0], params=params,
-                              baseline="L from scratch"))
-        results.append(Result(f"train seconds to target: {curve.name}", seconds, "s", scratch[1], params=params,
-                              baseline="L from scratch"))
+    names = [c.name for c in per_seed[0][0][1:]]
+    for index, name in enumerate(names, start=1):
+        values = {"flops": [], "seconds": [], "base_flops": [], "base_seconds": [], "reached": [], "steps": []}
+        for curves, target in per_seed:
+            scratch = curves[0].first_reaching(target)
+            assert scratch is not None  # the target is the scratch run's own final loss or was reached by it
+            curve = curves[index]
+            reached = curve.first_reaching(target)
+            values["flops"].append(reached[0] if reached else curve.flops[-1])
+            values["seconds"].append(reached[1] if reached else curve.seconds[-1])
+            values["base_flops"].append(scratch[0])
+            values["base_seconds"].append(scratch[1])
+            values["reached"].append(reached is not None)
+            values["steps"].append(reached[2] if reached else None)
+        flops_ratios = [b / v for b, v in zip(values["base_flops"], values["flops"], strict=True)]
+        second_ratios = [b / v for b, v in zip(values["base_seconds"], values["seconds"], strict=True)]
+        curve0 = per_seed[0][0][index]
+        params: dict[str, Any] = {
+            "seeds": len(per_seed), "reached_target": values["reached"], "steps_to_target": values["steps"],
+            "growth_step": curve0.growth_step, "loss_jump_at_growth": [c[index].loss_jump for c, _ in per_seed],
+            "flops_ratio_per_seed": flops_ratios, "flops_ratio_mean": statistics.fmean(flops_ratios),
+            "flops_ratio_std": statistics.stdev(flops_ratios) if len(flops_ratios) > 1 else 0.0,
+            "flops_ratio_min": min(flops_ratios), "seconds_ratio_per_seed": second_ratios,
+            "seconds_ratio_mean": statistics.fmean(second_ratios),
+            "seconds_ratio_std": statistics.stdev(second_ratios) if len(second_ratios) > 1 else 0.0,
+            "small": f"{_small_layers(name, large)}x{small.hidden}", "large": f"{large.layers}x{large.hidden}",
+            "scale": settings.scale,
+        }
+        results.append(Result(f"FLOPs to target: {name}", sum(values["flops"]), "FLOPs", sum(values["base_flops"]),
+                              params=params, baseline="L from scratch"))
+        results.append(Result(f"train seconds to target: {name}", sum(values["seconds"]), "s",
+                              sum(values["base_seconds"]), params=params, baseline="L from scratch"))
     return results
+
+
+def _small_layers(name: str, large: ModelConfig) -> int:
+    return max(1, large.layers // METHODS[name][1]) if name in METHODS else large.layers // 2
 
 
 def _plot(ax: Any, curves: list[RunCurve], target: float) -> None:

@@ -33,7 +33,7 @@ from sapwood.config import ModelConfig
 from sapwood.errors import SapwoodError
 from sapwood.model.transformer import Block, Decoder, RMSNorm, residual_std, tie_head
 
-DepthPosition = Literal["end", "middle", "evenly"]
+DepthPosition = Literal["end", "middle", "evenly", "stack"]
 DepthInit = Literal["identity", "stack", "gstack", "random"]
 
 
@@ -138,6 +138,8 @@ def grow_depth(model: Decoder, layers: int, position: DepthPosition | Sequence[i
         return []
     if init not in ("identity", "stack", "gstack", "random"):
         raise SapwoodError(f"depth init={init!r} is not one of identity, stack, gstack, random")
+    if position == "stack":
+        return stack_depth(model, layers)
     after = depth_insert_after(cfg.layers, added, position)
     new_cfg = _cfg_with(cfg, layers=layers)
     old_blocks = [model.layers[str(i)] for i in range(cfg.layers)]
@@ -180,7 +182,74 @@ def _new_block(cfg: ModelConfig, source: Block, init: DepthInit, function_preser
     return block
 
 
+def stack_depth(model: Decoder, layers: int) -> list[ParamChange]:
+    """G_stack (Du et al., NeurIPS 2024): the grown stack is the whole small stack repeated ``layers / L``
+    times (block ``k * L + i`` is a copy of block ``i``, outputs included; not function-preserving).
+    The paper's recommended growth factor is 4 (``layers = 4 * L``)."""
+    cfg = model.cfg
+    if layers % cfg.layers:
+        raise SapwoodError(f"layers={layers} is not a multiple of the current {cfg.layers}; G_stack repeats the "
+                           f"whole stack (use a multiple of {cfg.layers}, the paper uses 4x)")
+    factor = layers // cfg.layers
+    new_cfg = _cfg_with(cfg, layers=layers)
+    old_blocks = [model.layers[str(i)] for i in range(cfg.layers)]
+    reference = next(iter(model.parameters()))
+    ordered: list[tuple[Block, Block | None]] = [(block, None) for block in old_blocks]
+    for _ in range(1, factor):
+        for source in old_blocks:
+            ordered.append((_new_block(new_cfg, source, "gstack", False, reference, None), source))
+    model.layers = nn.ModuleDict({str(i): block for i, (block, _) in enumerate(ordered)})
+    model.cfg = new_cfg
+    changes = []
+    for index, (block, source) in enumerate(ordered):
+        if source is None:
+            continue
+        source_params = dict(source.named_parameters())
+        for pname, param in block.named_parameters():
+            changes.append(ParamChange(name=f"layers.{index}.{pname}", new=param, sibling=source_params[pname]))
+    return changes
+
+
 # --------------------------------------------------------------------------- FFN width
+
+
+def split_ffn(model: Decoder, ffn: int, noise: float = 1e-3,
+              generator: torch.Generator | None = None) -> list[ParamChange]:
+    """Grow every block's SwiGLU to ``ffn`` units by splitting existing ones (Net2Net-style, symmetry broken
+    by noise): new unit ``j'`` copies the ``w1``/``w3`` rows of unit ``j``, and the pair shares ``j``'s
+    ``w2`` column as ``w/2 + e`` and ``w/2 - e`` with ``e ~ N(0, noise * std(w))``. Both units compute the
+    same activation, so the output is unchanged (up to rounding) while their gradients differ."""
+    cfg = model.cfg
+    _check_not_shrinking("ffn", cfg.ffn, ffn)
+    added = ffn - cfg.ffn
+    if added == 0:
+        return []
+    changes = []
+    for index, block in model.layers.items():
+        mlp = block.feed_forward
+        device = mlp.w1.weight.device
+        cpu_generator = generator if generator is not None and generator.device.type == "cpu" else None
+        source = torch.randperm(cfg.ffn, generator=cpu_generator)[:added % cfg.ffn or cfg.ffn]
+        source = torch.cat([torch.arange(cfg.ffn)] * (added // cfg.ffn) + [source])[:added].to(device)
+        prefix = f"layers.{index}.feed_forward"
+        rows = torch.arange(cfg.ffn, device=device)
+        for name in ("w1", "w3"):
+            linear = getattr(mlp, name)
+            data = torch.cat([linear.weight.detach(), linear.weight.detach()[source]], dim=0)
+            changes.append(_replace(linear, "weight", f"{prefix}.{name}.weight", data,
+                                    (rows, torch.arange(cfg.hidden, device=device))))
+        w2 = mlp.w2.weight.detach()
+        # a unit split k times shares its column among k + 1 copies
+        share = torch.ones(cfg.ffn, dtype=w2.dtype, device=device).index_add_(
+            0, source, torch.ones(added, dtype=w2.dtype, device=device))
+        columns = torch.cat([w2 / share, w2[:, source] / share[source]], dim=1)
+        eps = _random((cfg.hidden, added), w2, noise * float(w2.std()), generator)
+        columns[:, cfg.ffn:] += eps
+        columns[:, :cfg.ffn].index_add_(1, source, -eps)
+        changes.append(_replace(mlp.w2, "weight", f"{prefix}.w2.weight", columns,
+                                (torch.arange(cfg.hidden, device=device), rows)))
+    model.cfg = _cfg_with(cfg, ffn=ffn)
+    return changes
 
 
 def grow_ffn(model: Decoder, ffn: int, function_preserving: bool = True,

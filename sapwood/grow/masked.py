@@ -1,0 +1,132 @@
+"""Masked structural growth (after Yao et al., ICLR 2024): new parts enter through masks ramping 0 -> 1.
+
+New weights are initialized normally (as a fresh model of the grown shape would be); every place where a
+new part writes into the existing computation is multiplied by a mask ``m``:
+
+- new blocks: the outputs of their attention ``wo`` and MLP ``w2`` (the block's residual contribution);
+- new FFN units: their activations, at the input of ``w2``;
+- new attention heads: their outputs, at the input of ``wo``;
+- new hidden dimensions: the new embedding columns and the new rows of every ``wo`` / ``w2`` (RMSNorm
+  gains and eps are rescaled as in function-preserving hidden growth, so the old dimensions' norms agree).
+
+At ``m = 0`` the grown model computes exactly the small model's function; :meth:`GrowthMasks.step`
+advances ``m`` linearly to 1 over ``ramp_steps`` optimizer steps, after which the hooks are removed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from sapwood.errors import SapwoodError
+from sapwood.grow.operators import ParamChange, grow_depth, grow_ffn, grow_heads, grow_hidden
+from sapwood.grow.optimizer import apply_changes_to_optimizer
+from sapwood.grow.plan import GrowthRequest, target_config
+from sapwood.model.transformer import Decoder, residual_std
+
+
+@dataclass
+class GrowthMasks:
+    """The masks of one growth event: ``value`` goes from 0 to 1 over ``ramp_steps`` calls of ``step``."""
+
+    ramp_steps: int
+    steps_done: int = 0
+    value: float = 0.0
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+    def step(self) -> None:
+        self.steps_done += 1
+        self.value = min(1.0, self.steps_done / self.ramp_steps)
+        if self.value >= 1.0:
+            self.remove()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.handles)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.value = 1.0
+
+    def _scale(self, size: int, index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
+        if index is None:
+            return self.value
+        scale = torch.ones(size, dtype=like.dtype, device=like.device)
+        scale[index.to(like.device)] = self.value
+        return scale
+
+    def mask_output(self, module: nn.Module, index: torch.Tensor | None = None) -> None:
+        """Multiply ``module``'s output (last dimension entries ``index``; all when None) by the mask."""
+        def hook(_module, _inputs, output):
+            return output * self._scale(output.shape[-1], index, output)
+        self.handles.append(module.register_forward_hook(hook))
+
+    def mask_input(self, module: nn.Module, index: torch.Tensor) -> None:
+        """Multiply the entries ``index`` of the last dimension of ``module``'s input by the mask."""
+        def hook(_module, inputs):
+            x = inputs[0]
+            return (x * self._scale(x.shape[-1], index, x), *inputs[1:])
+        self.handles.append(module.register_forward_pre_hook(hook))
+
+
+def grow_model_masked(model: Decoder, request: GrowthRequest, ramp_steps: int,
+                      optimizer: torch.optim.Optimizer | None = None,
+                      generator: torch.Generator | None = None) -> tuple[GrowthMasks, list[ParamChange]]:
+    """Grow ``model`` (and ``optimizer``) to ``request``'s shape with masked new parts; returns the masks
+    (call ``masks.step()`` after every optimizer step) and the parameter changes."""
+    if ramp_steps < 1:
+        raise SapwoodError(f"mask ramp_steps={ramp_steps} must be >= 1")
+    cfg = model.cfg
+    target = target_config(cfg, request)
+    masks = GrowthMasks(ramp_steps)
+    all_changes: list[ParamChange] = []
+
+    def record(changes: list[ParamChange]) -> None:
+        if optimizer is not None and changes:
+            apply_changes_to_optimizer(optimizer, changes, model)
+        all_changes.extend(changes)
+
+    if (target.heads, target.kv_heads) != (cfg.heads, cfg.kv_heads):
+        changes = grow_heads(model, target.heads, target.kv_heads, False, generator)
+        record(changes)
+        for change in changes:
+            if change.name.endswith("attention.wo.weight"):
+                old_cols = change.placement[1]
+                new_cols = torch.ones(change.new.shape[1], dtype=torch.bool)
+                new_cols[old_cols.cpu()] = False
+                module = model.get_submodule(change.name.removesuffix(".weight"))
+                masks.mask_input(module, new_cols.nonzero().flatten())
+    if target.ffn != model.cfg.ffn:
+        old_ffn = model.cfg.ffn
+        record(grow_ffn(model, target.ffn, False, generator))
+        for block in model.layers.values():
+            masks.mask_input(block.feed_forward.w2, torch.arange(old_ffn, target.ffn))
+    if target.hidden != model.cfg.hidden:
+        old_hidden, grown_cfg = model.cfg.hidden, model.cfg
+        record(grow_hidden(model, target.hidden, True, generator))  # rescaled norms, zero new writes
+        new_dims = torch.arange(old_hidden, target.hidden)
+        write_std = residual_std(grown_cfg)
+        with torch.no_grad():
+            if model.tok_embeddings is not None:
+                nn.init.normal_(model.tok_embeddings.weight[:, old_hidden:], 0.0, grown_cfg.init_std,
+                                generator=generator)
+                masks.mask_output(model.tok_embeddings, new_dims)
+            for block in model.layers.values():
+                for linear in (block.attention.wo, block.feed_forward.w2):
+                    nn.init.normal_(linear.weight[old_hidden:], 0.0, write_std, generator=generator)
+                    masks.mask_output(linear, new_dims)
+    if target.layers != model.cfg.layers:
+        old_blocks = {id(block) for block in model.layers.values()}
+        record(grow_depth(model, target.layers, request.layer_position, "random", False, generator))
+        for block in model.layers.values():
+            if id(block) not in old_blocks:
+                masks.mask_output(block.attention.wo)
+                masks.mask_output(block.feed_forward.w2)
+    assert math.isclose(masks.value, 0.0)
+    return masks, all_changes
