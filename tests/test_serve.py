@@ -114,7 +114,7 @@ BAD_REQUESTS = [
     ({"model": "tiny-lm", "prompt": "x", "max_tokens": -3}, AUTH, 422, "max_tokens=-3"),
     ({"model": "tiny-lm", "prompt": "x", "temperature": 3.5}, AUTH, 422, "temperature=3.5"),
     ({"model": "tiny-lm", "prompt": "x", "top_p": 0}, AUTH, 422, "top_p=0"),
-    ({"prompt": "x"}, AUTH, 422, "missing required field 'model'"),
+    ({"model": "tiny-lm"}, AUTH, 422, "missing required field 'prompt'"),
     ({"model": "gpt-4", "prompt": "x"}, AUTH, 404, "model 'gpt-4' does not exist"),
     ({"model": "tiny-lm", "prompt": "word " * 400}, AUTH, 400, "maximum context length is 160 tokens"),
     ({"model": "tiny-lm", "prompt": "x", "max_tokens": 500}, AUTH, 400, "maximum context length is 160 tokens"),
@@ -174,9 +174,23 @@ def test_fuzzed_request_schema_never_gives_5xx(server, route, body, valid_base):
         assert response.json()["error"]["message"]
 
 
-def test_health_and_metrics(server):
-    health = httpx.get(f"{server.url}/health")
-    assert health.status_code == 200 and health.json()["ready"] is True and health.json()["live"] is True
+def test_health_and_docs_follow_the_key_policy(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # without a key: up or down only
+    health = httpx.get(f"{server.url}/health", headers=AUTH)
+    assert health.status_code == 200 and health.json()["ready"] is True and health.json()["model"] == "tiny-lm"
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        refused = httpx.get(f"{server.url}{path}")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key"
+        assert httpx.get(f"{server.url}{path}", headers=AUTH).status_code == 200
+    document = httpx.get(f"{server.url}/openapi.json", headers=AUTH).json()
+    body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/CompletionRequest"}
+    fields = document["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"prompt", "logprobs", "echo", "logit_bias", "top_k", "seed", "stop"} <= set(fields)
+    assert fields["top_k"]["maximum"] == 2**31 - 1 and fields["seed"]["anyOf"][0]["maximum"] == float(2**64 - 1)
+
+
+def test_metrics(server):
     before = httpx.get(f"{server.url}/metrics").text
     generated_before = _metric(before, "sapwood_generated_tokens_total")
     httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-lm", "prompt": "x", "max_tokens": 5,
