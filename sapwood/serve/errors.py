@@ -35,6 +35,9 @@ ERROR_TYPES = {
 }
 
 
+NOT_AN_OBJECT = ("missing", "model_attributes_type", "model_type", "dict_type")
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -54,9 +57,10 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 def validation_message(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
     """One line naming the first bad field, its value and what is allowed; and the field's name."""
-    errors = sorted(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")  # unknown fields first
+    # unknown fields first; in a union, a broken constraint before "not this type" of the other members
+    errors = sorted(exc.errors(), key=lambda e: (e.get("type") != "extra_forbidden", e.get("type", "").endswith("_type")))
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
     param = ".".join(loc) or None
     value = first.get("input")
     if first.get("type") == "missing":
@@ -70,6 +74,11 @@ def validation_message(exc: RequestValidationError | ValidationError) -> tuple[s
     return f"{where}{first['msg'].removeprefix('Value error, ')}", param
 
 
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the union member an error came from in ``loc`` (``str``, ``list[int]``, ...)."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -80,7 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(400, "the request body is not valid JSON")
-        if errors and tuple(errors[0].get("loc", ())) == ("body",):
+        if errors and tuple(errors[0].get("loc", ())) == ("body",) and errors[0].get("type") in NOT_AN_OBJECT:
             kind = "missing" if errors[0].get("type") == "missing" else type(errors[0].get("input")).__name__
             return error_response(400, f"the request body must be a JSON object, got {kind}")
         message, param = validation_message(exc)
