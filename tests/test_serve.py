@@ -7,6 +7,7 @@ import json
 import time
 
 import httpx
+import torch
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -247,3 +248,69 @@ def test_no_keys_binds_loopback_only(caplog):
         assert resolve_host("0.0.0.0", frozenset()) == "127.0.0.1"
     assert "binding loopback 127.0.0.1" in caplog.text
     assert resolve_host("0.0.0.0", frozenset({"k"})) == "0.0.0.0"
+
+
+@pytest.fixture(scope="module")
+def hf_model(lm_folder, tmp_path_factory):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    from sapwood.model.hf import export_hf
+
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    export_hf(lm_folder, out)
+    return AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+
+
+def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at every position of ``ids`` (row i scores token i + 1)."""
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_echo_and_logprobs_equal_transformers_log_softmax(server, reference, hf_model):
+    engine, _ = reference
+    c = client(server)
+    prompt = "def parse(text):\n    return text.split()"
+    ids = engine.tokenizer.encode(prompt)
+    scored = c.completions.create(model="tiny-lm", prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+    choice = scored.choices[0]
+    assert choice.text == prompt and scored.usage.completion_tokens == 0
+    expected = hf_logprobs(hf_model, ids)
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
+    assert "".join(lp.tokens) == prompt and lp.text_offset[1] == len(lp.tokens[0])
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - float(expected[i - 1, ids[i]])) < 1e-4
+        top3 = expected[i - 1].topk(3).values.tolist()  # alternatives keyed by text: equal texts merge
+        assert abs(max(lp.top_logprobs[i].values()) - top3[0]) < 1e-4
+        assert all(min(abs(v - t) for t in top3) < 1e-4 for v in lp.top_logprobs[i].values())
+
+    generated = c.completions.create(model="tiny-lm", prompt=ids, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    lp = generated.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 6
+    full = ids + engine.generate([ids], SamplingParams(max_tokens=6, temperature=0))[0].output_ids
+    assert "".join(lp.tokens[len(ids):]) == generated.choices[0].text[len(prompt):]
+    expected = hf_logprobs(hf_model, full)
+    for i in range(1, len(ids) + 6):
+        assert abs(lp.token_logprobs[i] - float(expected[i - 1].max() if i >= len(ids) else
+                                                 expected[i - 1, full[i]])) < 1e-4
+        assert abs(max(lp.top_logprobs[i].values()) - float(expected[i - 1].max())) < 1e-4
+
+    messages = [{"role": "user", "content": "hello"}]
+    chat = c.chat.completions.create(model="tiny-lm", messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                     top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    rendered = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages))
+    assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
+    expected = hf_logprobs(hf_model, rendered + [0] * 5)
+    assert abs(content[0].logprob - float(expected[len(rendered) - 1].max())) < 1e-4
+    assert content[0].bytes == list(content[0].token.encode())
+
+
+def test_streamed_logprobs_match_the_response(server):
+    c = client(server)
+    body = dict(model="tiny-lm", prompt="import os\n", max_tokens=5, temperature=0, logprobs=1)
+    full = c.completions.create(**body).choices[0].logprobs
+    chunks = [ch for ch in c.completions.create(**body, stream=True) if ch.choices and ch.choices[0].logprobs]
+    streamed = [v for ch in chunks for v in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == full.token_logprobs and len(streamed) == 5

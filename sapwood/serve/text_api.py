@@ -167,9 +167,16 @@ class TextService:
         return schemas.CompletionLogprobs(
             tokens=tokens,
             token_logprobs=[s[0] if s is not None else None for s in scored],
-            top_logprobs=[{self.token_text(i): v for i, v in s[1]} if s is not None else None for s in scored],
+            top_logprobs=[self._top_by_text(s[1]) if s is not None else None for s in scored],
             text_offset=offsets,
         )
+
+    def _top_by_text(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """Alternatives keyed by their text; tokens with the same text keep the larger value."""
+        by_text: dict[str, float] = {}
+        for token, logprob in top:
+            by_text.setdefault(self.token_text(token), logprob)
+        return by_text
 
     def chat_logprobs(self, token_ids: list[int], scored: list[TokenLogprobs]) -> schemas.ChatLogprobs:
         def entry(token: int, logprob: float) -> dict:
