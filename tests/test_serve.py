@@ -314,3 +314,19 @@ def test_streamed_logprobs_match_the_response(server):
     chunks = [ch for ch in c.completions.create(**body, stream=True) if ch.choices and ch.choices[0].logprobs]
     streamed = [v for ch in chunks for v in ch.choices[0].logprobs.token_logprobs]
     assert streamed == full.token_logprobs and len(streamed) == 5
+
+
+def test_serve_help_lists_the_endpoints_and_the_default_model_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from sapwood.cli import app
+    from sapwood.serve.app import default_model_name
+
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for text in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/predict", "/health", "/metrics",
+                 "SAPWOOD_API_KEYS", "--kv-memory-gb"):
+        assert text in result.output, text
+    assert default_model_name(tmp_path / "astro" / "final") == "astro"
+    assert default_model_name(tmp_path / "astro" / "checkpoints" / "step_300") == "astro"
+    assert default_model_name(tmp_path / "tiny-lm") == "tiny-lm"
