@@ -8,7 +8,14 @@ import torch
 from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
 
 from sapwood.config import ModelConfig
-from sapwood.infer import ContextLengthError, Engine, KVBudgetError, QueueFullError, SamplingParams, SchedulerConfig
+from sapwood.infer import (
+    ContextLengthError,
+    Engine,
+    KVBudgetError,
+    QueueFullError,
+    SamplingParams,
+    SchedulerConfig,
+)
 from sapwood.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
 from sapwood.model.transformer import Decoder
 

@@ -7,9 +7,9 @@ import json
 import time
 
 import httpx
-import torch
 import openai
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
@@ -152,7 +152,7 @@ def test_chat_validation_and_unknown_route(server):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=6,
 )
@@ -160,7 +160,7 @@ fields = st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperat
                           "seed", "stream", "n", "repetition_penalty", "stream_options", "max_completion_tokens"])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
        body=st.dictionaries(fields, json_values, max_size=6),
        valid_base=st.booleans())

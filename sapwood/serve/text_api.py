@@ -115,21 +115,29 @@ class TextService:
             raise APIError(400, str(exc)) from None
 
     async def outputs(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
-        """Submit and yield the request's step outputs until it finishes (cancelled if abandoned)."""
+        """Submit and yield the request's step outputs until it finishes (cancelled if abandoned). Outputs
+        that arrived together are merged into one (a client that reads slower than the engine steps gets
+        fewer, larger events)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         request = self.submit(prompt_ids, params, queue)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         deadline = loop.time() + self.settings.request_timeout_s
-        finished = False
+        finished = first_seen = False
         try:
             while not finished:
                 try:
-                    output = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - loop.time()))
+                    ready = [await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - loop.time()))]
                 except TimeoutError:
                     raise APIError(504, f"request timed out after {self.settings.request_timeout_s:g} s",
                                    code="timeout") from None
+                while not queue.empty():
+                    ready.append(queue.get_nowait())
+                output = merge_outputs(ready)
                 finished = output.finished
+                if not first_seen and request.first_token_time is not None:
+                    first_seen = True
+                    self.metrics.ttft.observe(request.first_token_time - request.arrival_time)
                 self._observe(request, output)
                 yield output
         finally:
@@ -138,8 +146,6 @@ class TextService:
 
     def _observe(self, request: Request, output: StepOutput) -> None:
         self.metrics.generated_tokens.inc(len(output.new_token_ids))
-        if len(request.output_ids) == 1 and output.new_token_ids and request.first_token_time is not None:
-            self.metrics.ttft.observe(request.first_token_time - request.arrival_time)
         if output.finished and request.finish_reason == "error":
             raise APIError(500, f"{request.error or 'the inference engine failed'}; see the server log",
                            code="engine_error")
@@ -187,6 +193,15 @@ class TextService:
             schemas.ChatTokenLogprob(**entry(t, lp), top_logprobs=[schemas.TopLogprob(**entry(i, v)) for i, v in top])
             for t, (lp, top) in zip(token_ids, scored, strict=True)
         ])
+
+
+def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
+    """Consecutive step outputs of one request as one."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    return StepOutput(last.request, [t for o in outputs for t in o.new_token_ids], "".join(o.text_delta for o in outputs),
+                      last.finished, [lp for o in outputs for lp in o.new_logprobs])
 
 
 async def until_disconnect(request: HTTPRequest, work: Awaitable[T]) -> T | Response:
