@@ -293,13 +293,15 @@ def bench_serve(
     requests_per_level: int = typer.Option(0, "--requests", help="requests per level (default: max(concurrency, 4))"),
     preset: str = typer.Option("tiny", help="model shape (preset or YAML) for the random-weight model"),
     folder: Path = typer.Option(None, "--folder", help="serve this checkpoint instead of a random one"),
+    repeats: int = typer.Option(3, "--repeats", help="runs of each level (medians; ratio spread in params)"),
 ) -> None:
-    """sapwood serve (HTTP, continuous batching) vs transformers generate on the same exported weights."""
+    """sapwood serve (HTTP, continuous batching) vs transformers generate on the same exported weights, plus a
+    mixed-length row and a load row (TTFT / inter-token latency p50, p99) at the largest concurrency."""
     from sapwood.bench.harness import print_results
     from sapwood.bench.serve import run_serve_bench
 
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    results, path = run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder)
+    results, path = run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder, repeats)
     print_results(results)
     console.print(f"wrote {path}")
 
