@@ -248,3 +248,27 @@ def test_kv_budget_is_never_exceeded_and_refuses_what_cannot_fit():
     for prompt, request in zip(prompts, requests, strict=True):
         assert request.output_ids == naive_greedy(model, prompt, 30)
     assert engine.runner.cache.peak_bytes <= budget
+
+
+def test_stop_hold_back_is_linear_in_the_text(lm_folder):  # noqa: F811
+    """Long stop strings cost O(new text + stop) per push: 2,000 pushes with four 256-character stops that
+    never match and a text whose every tail is a stop prefix finish, and hold back exactly the prefix."""
+    from sapwood.infer.tokenizer import TextStream, TextTokenizer
+
+    class Characters(TextTokenizer):
+        def __init__(self):
+            pass
+
+        def decode(self, ids):
+            return "".join(chr(97 + i) for i in ids)
+
+    stops = ["a" * 255 + "b", "a" * 255 + "c", "a" * 255 + "d", "a" * 255 + "e"]
+    stream = TextStream(Characters(), stops)
+    ids, emitted = [], ""
+    for _ in range(2000):
+        ids.append(0)  # "a" forever: each tail of up to 255 characters is a prefix of every stop
+        emitted += stream.push(ids)
+    assert len(emitted) == 2000 - 255 and not stream.stopped
+    ids.append(1)  # "b" completes the first stop
+    stream.push(ids)
+    assert stream.stopped and stream.text == "a" * (2001 - 256)
