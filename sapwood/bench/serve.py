@@ -240,6 +240,10 @@ def mixed_lengths(count: int, max_tokens: int) -> list[int]:
     return [low + (i * 37) % (high - low + 1) for i in range(count)]
 
 
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("inf")
+
+
 def _median_and_spread(runs: list[dict[str, float]], key: str) -> tuple[float, list[float]]:
     values = [r[key] for r in runs]
     return statistics.median(values), [min(values), max(values)]
@@ -307,8 +311,8 @@ def run_serve_bench(
     sequential_name = "transformers generate, batch 1, sequential"
 
     def ratio_row(name: str, ours: list[dict], static: list[dict], key: str, unit: str, params: dict) -> Result:
-        ratios = [(o[key] / s[key]) if unit == "tokens/s" else (s[key] / o[key]) for o, s in zip(ours, static,
-                                                                                             strict=True)]
+        ratios = [_ratio(o[key], s[key]) if unit == "tokens/s" else _ratio(s[key], o[key])
+                  for o, s in zip(ours, static, strict=True)]
         return Result(name, statistics.median(o[key] for o in ours), unit, statistics.median(s[key] for s in static),
                       params=params | {"ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)]},
                       baseline=static_name)
