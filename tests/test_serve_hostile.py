@@ -266,3 +266,16 @@ def test_64_clients_with_disconnects_leave_no_5xx_and_free_every_slot(lm_folder)
         rss_after = psutil.Process().memory_info().rss
         assert rss_after < rss_before + 64 * 2**20, (rss_before, rss_after)
         still_serving(running.url)
+
+
+def test_a_request_that_can_never_fit_the_kv_budget_is_a_413_even_first(lm_folder):  # noqa: F811
+    """The tiny model's cache takes 2 layers x 2 x 2 kv heads x 16 x 4 bytes = 512 bytes per position and row;
+    a budget of 4 rows x 64 positions (131,072 bytes) holds short requests but never one of 100 positions."""
+    settings = ServeSettings(kv_memory_gb=131_072 / 1e9)
+    with BackgroundServer(create_app(lm_folder, settings, api_keys=frozenset()), settings) as running:
+        refused = httpx.post(f"{running.url}/v1/completions", timeout=60,
+                             json={**NORMAL, "prompt": [5] * 40, "max_tokens": 60})
+        assert refused.status_code == 413, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "kv_budget_exceeded" and "MiB of KV cache (100 positions)" in error["message"]
+        assert httpx.post(f"{running.url}/v1/completions", json=NORMAL, timeout=60).status_code == 200
