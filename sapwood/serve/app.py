@@ -43,7 +43,7 @@ def is_cube_checkpoint(folder: Path) -> bool:
     return isinstance(data, dict) and data.get("cube") is not None
 
 
-GENERIC_FOLDER_NAMES = re.compile(r"^(final|latest|model|checkpoint|step_\d+|\d+)$")
+GENERIC_FOLDER_NAMES = re.compile(r"^(final|latest|step_\d+)$")
 
 
 def default_model_name(folder: Path) -> str:
