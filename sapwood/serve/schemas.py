@@ -148,20 +148,9 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None
 
 
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
 class OpenAIResponse(BaseModel):
-    """What every completion response and stream chunk carries; subclasses fix ``object`` and ``choices``."""
+    """What every completion response carries (stream chunks too, see ``text_api.StreamFormat.event``);
+    subclasses fix ``object`` and ``choices``."""
 
     id: str
     object: str
@@ -179,11 +168,6 @@ class CompletionResponse(OpenAIResponse):
 class ChatCompletionResponse(OpenAIResponse):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
-
-
-class ChatCompletionChunk(OpenAIResponse):
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
 
 
 class ModelCard(BaseModel):
