@@ -342,7 +342,7 @@ class GrowthConfig(Section):
 
 
 class Config(Section):
-    """The root config. Other sections (train, data, growth, serve, ...) are added by their owners."""
+    """The root config: the model shape, the parallel plan and one optional section per stage."""
 
     name: str = "custom"
     description: str = ""

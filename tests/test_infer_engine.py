@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
 
 from sapwood.config import ModelConfig
 from sapwood.infer import (
@@ -145,7 +144,7 @@ def test_bad_sampling_values_name_the_value():
             SamplingParams(**kwargs)
 
 
-def test_stop_strings_cut_the_text(lm_folder):  # noqa: F811
+def test_stop_strings_cut_the_text(lm_folder):
     engine = Engine.from_folder(lm_folder)
     prompt = engine.tokenizer.encode("def main():")
     free = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0]
@@ -250,7 +249,7 @@ def test_kv_budget_is_never_exceeded_and_refuses_what_cannot_fit():
     assert engine.runner.cache.peak_bytes <= budget
 
 
-def test_stop_hold_back_is_linear_in_the_text(lm_folder):  # noqa: F811
+def test_stop_hold_back_is_linear_in_the_text():
     """Long stop strings cost O(new text + stop) per push: 2,000 pushes with four 256-character stops that
     never match and a text whose every tail is a stop prefix finish, and hold back exactly the prefix."""
     from sapwood.infer.tokenizer import TextStream, TextTokenizer

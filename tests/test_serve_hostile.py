@@ -11,11 +11,11 @@ import time
 import httpx
 import pytest
 import schemathesis
+from conftest import make_lm_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
-from test_infer_fixtures import lm_folder, make_lm_folder  # noqa: F401  (fixture)
 
 from sapwood.infer import Engine, SamplingParams
 from sapwood.serve.app import create_app
@@ -28,7 +28,7 @@ NORMAL = {"model": "tiny-lm", "prompt": "def main():", "max_tokens": 3, "tempera
 
 
 @pytest.fixture(scope="module")
-def server(lm_folder):  # noqa: F811
+def server(lm_folder):
     settings = ServeSettings(max_batch=16)  # the default 1 MiB body limit: hostile bodies reach the parser
     with BackgroundServer(create_app(lm_folder, settings, api_keys=frozenset({KEY})), settings) as running:
         yield running
@@ -94,7 +94,7 @@ def test_hostile_input_gets_a_4xx_and_the_server_keeps_serving(server, name, bod
     still_serving(server.url)
 
 
-def test_temperature_below_epsilon_is_greedy(server, lm_folder):  # noqa: F811
+def test_temperature_below_epsilon_is_greedy(server, lm_folder):
     """temperature 1e-300 is 0 in float32 (NaN probabilities if divided); it is served as argmax."""
     engine = Engine.from_folder(lm_folder)
     greedy = engine.generate([engine.tokenizer.encode("def main():")], SamplingParams(max_tokens=8, temperature=0))
@@ -163,7 +163,7 @@ def test_openapi_fuzzer_finds_no_server_error_on_predict(tmp_path):
 # --- fault isolation --------------------------------------------------------------------------------------------
 
 
-def test_a_failing_step_fails_only_its_batch_and_a_dead_loop_says_why(lm_folder):  # noqa: F811
+def test_a_failing_step_fails_only_its_batch_and_a_dead_loop_says_why(lm_folder):
     """Faults injected into the real engine: a forward that raises once fails that batch with a JSON 500 and
     the next request is served; an engine loop that keeps failing stays down, /health says 503 with the
     reason and new requests get 503 at once (never a silent queue)."""
@@ -241,7 +241,7 @@ async def load(url: str, clients: int, max_tokens: int) -> dict:
 
 
 @pytest.mark.slow
-def test_64_clients_with_disconnects_leave_no_5xx_and_free_every_slot(lm_folder):  # noqa: F811
+def test_64_clients_with_disconnects_leave_no_5xx_and_free_every_slot(lm_folder):
     import psutil
 
     settings = ServeSettings(max_batch=64)
@@ -268,7 +268,7 @@ def test_64_clients_with_disconnects_leave_no_5xx_and_free_every_slot(lm_folder)
         still_serving(running.url)
 
 
-def test_a_request_that_can_never_fit_the_kv_budget_is_a_413_even_first(lm_folder):  # noqa: F811
+def test_a_request_that_can_never_fit_the_kv_budget_is_a_413_even_first(lm_folder):
     """The tiny model's cache takes 2 layers x 2 x 2 kv heads x 16 x 4 bytes = 512 bytes per position and row;
     a budget of 4 rows x 64 positions (131,072 bytes) holds short requests but never one of 100 positions."""
     settings = ServeSettings(kv_memory_gb=131_072 / 1e9)

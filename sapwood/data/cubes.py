@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from sapwood import fsutil
 from sapwood.data.simulate import PLANET_VARIABLES
 from sapwood.data.store import FRAMES_FILE, INDEX_FILE, STORE_FORMAT, CubeStore
 from sapwood.errors import SapwoodError
@@ -301,6 +302,7 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] = DEFAULT_
     files = expand_inputs(inputs)
     report = PrepareReport(store=out)
     fingerprint = _fingerprint(files, variables)
+    fsutil.recover_stale(out.parent, re.escape(out.name))  # a killed run's leftovers
     if not force and _existing_fingerprint(out) == fingerprint:
         store = CubeStore(out)
         report.up_to_date, report.rows, report.bytes = True, store.rows, store.rows * store.row_bytes
@@ -308,7 +310,7 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] = DEFAULT_
         report.problems = [InputProblem(Path(p["path"]), p["kind"], p["detail"]) for p in store.index["skipped"]]
         return report
 
-    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    partial = fsutil.partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     stats = _Stats(0)
@@ -354,7 +356,7 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] = DEFAULT_
             "skipped": [{"path": str(p.path), "kind": p.kind, "detail": p.detail} for p in report.problems],
         }
         (partial / INDEX_FILE).write_text(json.dumps(index))
-        _replace_dir(partial, out)
+        fsutil.publish_dir(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     report.rows, report.bytes = rows, rows * 4 * int(np.prod(index["shape"][1:]))
@@ -371,15 +373,6 @@ def _count_channels(path: Path, variables: tuple[str, ...]) -> int:
     finally:
         ds.close()
     return sum(1 if name in SURFACE_VARIABLES else levels for name in variables)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is moved aside first and deleted after."""
-    old = target.with_name(f"{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:

@@ -15,9 +15,9 @@ console = Console()
 def run_demo(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from sapwood.data.cubes import demo_stage as cube_stage
+    from sapwood.demo.sizing import sizing_stage
     from sapwood.evaluate import demo_stage as surrogate_stage
     from sapwood.serve.demo import generation_and_serving_stage
-    from sapwood.sizing import demo_stage as sizing_stage
     from sapwood.train.demo import language_model_stage
 
     stages = [  # (title, callable(out_dir)) in pipeline order; each area adds its stage here
