@@ -280,15 +280,25 @@ def generate(
         print(prompt + text)
 
 
-@app.command()
+@app.command(epilog="Endpoints: POST /v1/completions (logprobs, echo), POST /v1/chat/completions (stream: true "
+                     "for server-sent events), GET /v1/models, POST /v1/predict (datacube surrogates: JSON, .npy or "
+                     "NetCDF), GET /health, GET /metrics (Prometheus), GET /docs and /openapi.json (the API "
+                     "schema). API keys: SAPWOOD_API_KEYS=key1,key2 in the environment (then /v1/*, /docs and "
+                     "/openapi.json need 'Authorization: Bearer KEY'); without keys the server binds loopback only. "
+                     "The model name in requests is optional; it defaults to the folder's name, or the run's "
+                     "folder for RUN/final and RUN/checkpoints/step_N. Exit status 3: the engine failed "
+                     "repeatedly (restart the process).")
 def serve(
     folder: Path = typer.Argument(..., help="checkpoint folder to serve"),
     host: str = typer.Option("127.0.0.1", help="bind address (loopback only unless SAPWOOD_API_KEYS is set)"),
     port: int = typer.Option(8000, help="TCP port"),
-    model_name: str = typer.Option(None, "--model-name", help="name in /v1/models (default: folder name)"),
+    model_name: str = typer.Option(None, "--model-name",
+                                   help="name in /v1/models (default: the folder name, or RUN for RUN/final)"),
     max_batch: int = typer.Option(64, "--max-batch", help="requests decoded together"),
     max_queue: int = typer.Option(256, "--max-queue", help="waiting requests before 429"),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds before a request gets 504"),
+    kv_memory_gb: float = typer.Option(None, "--kv-memory-gb",
+                                       help="KV-cache budget in GB (default: half the memory free after loading)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
     """OpenAI-compatible HTTP server (completions, chat, streaming, /health, /metrics; /v1/predict for cubes)."""
@@ -297,7 +307,8 @@ def serve(
     from sapwood.serve.settings import ServeSettings
 
     settings = validate(ServeSettings, dict(host=host, port=port, model_name=model_name, max_batch=max_batch,
-                                            max_queue=max_queue, request_timeout_s=request_timeout), "serve: ")
+                                            max_queue=max_queue, request_timeout_s=request_timeout,
+                                            kv_memory_gb=kv_memory_gb), "serve: ")
     run_server(folder, settings, device=device)
 
 
@@ -309,12 +320,14 @@ def bench_serve(
     requests_per_level: int = typer.Option(0, "--requests", help="requests per level (default: max(concurrency, 4))"),
     preset: str = typer.Option("tiny", help="model shape (preset or YAML) for the random-weight model"),
     folder: Path = typer.Option(None, "--folder", help="serve this checkpoint instead of a random one"),
+    repeats: int = typer.Option(3, "--repeats", help="runs of each level (medians; ratio spread in params)"),
 ) -> None:
-    """sapwood serve (HTTP, continuous batching) vs transformers generate on the same exported weights."""
+    """sapwood serve (HTTP, continuous batching) vs transformers generate on the same exported weights, plus a
+    mixed-length row and a load row (TTFT / inter-token latency p50, p99) at the largest concurrency."""
     from sapwood.bench.serve import run_serve_bench
 
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    _show_bench(*run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder))
+    _show_bench(*run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder, repeats))
 
 
 @bench_app.command("context")

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from sapwood.config import ModelConfig
-from sapwood.infer import ContextLengthError, Engine, QueueFullError, SamplingParams, SchedulerConfig
+from sapwood.infer import (
+    ContextLengthError,
+    Engine,
+    KVBudgetError,
+    QueueFullError,
+    SamplingParams,
+    SchedulerConfig,
+)
 from sapwood.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
 from sapwood.model.transformer import Decoder
 
@@ -63,7 +70,8 @@ def test_mixed_lengths_and_late_arrivals_keep_exact_outputs():
         engine.step()
     for prompt, n, request in zip(prompts, lengths, requests, strict=True):
         assert request.output_ids == naive_greedy(model, prompt, n)
-    assert engine.scheduler.running == [] and engine.kv_cache_usage == 0.0
+    assert engine.scheduler.running == () and engine.kv_cache_usage == 0.0
+    assert engine.runner.cache.bytes_allocated == 0  # the cache gave its memory back
 
 
 def test_greedy_matches_transformers_generate_on_exported_weights(tmp_path):
@@ -200,12 +208,66 @@ def test_dynamic_ntk_applies_past_trained_context_per_request():
     assert short_req.output_ids == naive_greedy(plain, short_prompt, short_params.max_tokens)
 
 
-def test_kv_cache_is_sized_to_need_not_max_context():
+def test_kv_cache_is_sized_to_need_and_shrinks_back():
     model = small_model(max_context=4096)
     engine = Engine(model, scheduler_config=SchedulerConfig(max_batch=4))
     cache = engine.runner.cache
-    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=10, temperature=0))
-    assert cache.capacity == 64  # one block, not 4096 positions
-    engine.generate([list(range(100))], SamplingParams(max_tokens=50, temperature=0))
+    short = engine.add_request(engine.make_request([1, 2, 3], SamplingParams(max_tokens=10, temperature=0)))
+    engine.step()
+    assert (cache.rows, cache.capacity) == (4, 64)  # one row block, one position block; not 4096 positions
+    long = engine.add_request(engine.make_request(list(range(70)), SamplingParams(max_tokens=80, temperature=0)))
+    engine.step()
     assert cache.capacity == 192  # 150 positions rounded up to whole 64-position blocks
-    assert cache.bytes_allocated == 2 * 2 * 4 * 2 * 192 * 16 * 4
+    assert cache.bytes_allocated == 2 * 2 * 4 * 2 * 192 * 16 * 4  # k+v, layers, rows, kv_heads, positions, dim
+    while short.finish_reason is None:
+        engine.step()
+    while long.finish_reason is None:
+        engine.step()
+    assert cache.bytes_allocated == 0 and (cache.rows, cache.capacity) == (0, 0)
+
+
+def test_kv_budget_is_never_exceeded_and_refuses_what_cannot_fit():
+    """A budget of one row block (4 rows) x 64 positions: requests wait for room instead of exceeding it, outputs
+    stay exact, and a request that could never fit is refused when it is queued (the first one too)."""
+    model = small_model()
+    per_position = 2 * 2 * 2 * 16 * 4  # k+v, layers, kv_heads, head_dim, float32
+    budget = 4 * 64 * per_position
+    engine = Engine(model, scheduler_config=SchedulerConfig(max_batch=16, kv_memory_bytes=budget))
+    with pytest.raises(KVBudgetError, match="needs .* MiB of KV cache"):
+        engine.add_request(engine.make_request(list(range(60)), SamplingParams(max_tokens=36)))  # 96 positions
+    prompts = random_prompts(8, 128, seed=4)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    requests = [engine.add_request(engine.make_request(p, params)) for p in prompts]
+    peak_running = 0
+    while engine.has_work:
+        engine.step()
+        assert engine.runner.cache.bytes_allocated <= budget
+        peak_running = max(peak_running, engine.scheduler.running_count)
+    assert peak_running == 4  # 4 rows x <= 44 positions fit; a 5th would need a second row block
+    for prompt, request in list(zip(prompts, requests, strict=True))[:3]:
+        assert request.output_ids == naive_greedy(model, prompt, 20)
+    assert engine.runner.cache.peak_bytes <= budget
+
+
+def test_stop_hold_back_is_linear_in_the_text():
+    """Long stop strings cost O(new text + stop) per push: 2,000 pushes with four 256-character stops that
+    never match and a text whose every tail is a stop prefix finish, and hold back exactly the prefix."""
+    from sapwood.infer.tokenizer import TextStream, TextTokenizer
+
+    class Characters(TextTokenizer):
+        def __init__(self):
+            pass
+
+        def decode(self, ids):
+            return "".join(chr(97 + i) for i in ids)
+
+    stops = ["a" * 255 + "b", "a" * 255 + "c", "a" * 255 + "d", "a" * 255 + "e"]
+    stream = TextStream(Characters(), stops)
+    ids, emitted = [], ""
+    for _ in range(2000):
+        ids.append(0)  # "a" forever: each tail of up to 255 characters is a prefix of every stop
+        emitted += stream.push(ids)
+    assert len(emitted) == 2000 - 255 and not stream.stopped
+    ids.append(1)  # "b" completes the first stop
+    stream.push(ids)
+    assert stream.stopped and stream.text == "a" * (2001 - 256)

@@ -86,12 +86,13 @@ def test_npy_and_netcdf_uploads_give_the_same_prediction(server, state, tmp_path
 
 @pytest.mark.parametrize("mutate, status, words", [
     (lambda b: b["state"].update(T=np.zeros((3, 16, 32)).tolist()), 422, ["state.T", "[3, 16, 32]", "[4, 16, 32]"]),
-    (lambda b: b["state"].pop("q"), 422, ["missing variables", "q"]),
-    (lambda b: b["state"].update(w=[[0.0]]), 422, ["unknown variables", "w"]),
+    (lambda b: b["state"].pop("q"), 422, ["missing required field 'state.q'"]),
+    (lambda b: b["state"].update(w=[[0.0]]), 422, ["unknown field 'state.w'"]),
     (lambda b: b.update(units={"T": "degC"}), 422, ["units of T", "degC", "K"]),
     (lambda b: b["planet"].pop("gravity"), 422, ["gravity"]),
-    (lambda b: b.update(steps=0), 422, ["steps", "1..100"]),
-    (lambda b: b["state"]["ps"][0].__setitem__(0, float("nan")), 422, ["NaN"]),
+    (lambda b: b.update(steps=0), 422, ["steps=0", "greater than or equal to 1"]),
+    (lambda b: b["state"]["ps"][0].__setitem__(0, float("nan")), 400, ["NaN", "finite"]),
+    (lambda b: b.update(params=b.pop("planet")), 422, ["unknown field 'params'"]),
 ])
 def test_bad_json_inputs_are_clear_4xx(server, state, mutate, status, words):
     body = json_body(state)
@@ -117,3 +118,56 @@ def test_unreadable_bodies(server):
     np.save(buffer, np.zeros((25, 16, 31), dtype=np.float32))
     bad = post(server, content=buffer.getvalue(), headers={"content-type": "application/x-npy"}, params=PLANET_JSON)
     assert bad.status_code == 422 and "[25, 16, 32]" in bad.json()["error"]["message"]
+
+
+def hostile_netcdf(path) -> bytes:
+    """A few KB of compressed NetCDF that declares a 4000 x 4000 float32 variable (64 MB when read)."""
+    import netCDF4
+
+    with netCDF4.Dataset(path, "w") as ds:
+        ds.createDimension("y", 4000)
+        ds.createDimension("x", 4000)
+        ds.createVariable("T", "f4", ("y", "x"), zlib=True, complevel=9, fill_value=0.0)
+    return path.read_bytes()
+
+
+def npy_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, make_body, content_type, query, status, words", [
+    ("NetCDF declaring 4000 x 4000", lambda tmp: hostile_netcdf(tmp / "big.nc"), "application/x-netcdf", {}, 413,
+     "declares 16000000 values"),
+    ("steps: Infinity", lambda tmp: b'{"state": {}, "planet": {}, "steps": Infinity}', "application/json", {}, 400,
+     "Infinity is not a JSON number"),
+    ("an .npz archive", lambda tmp: _npz(), "application/x-npy", PLANET_JSON, 400, "an .npz archive?"),
+    ("a complex array", lambda tmp: npy_bytes(np.zeros((25, 16, 32), np.complex64)), "application/x-npy",
+     PLANET_JSON, 422, "dtype complex64"),
+    ("an object array", lambda tmp: npy_bytes(np.array([None] * 4, dtype=object)), "application/x-npy",
+     PLANET_JSON, 422, "dtype object"),
+    ("a header declaring more than the body", lambda tmp: npy_bytes(np.zeros((25, 16, 32), np.float32))[:-100],
+     "application/x-npy", PLANET_JSON, 400, "its header declares"),
+])
+def test_hostile_predict_bodies_get_a_4xx_and_the_server_keeps_serving(server, state, tmp_path, name, make_body,
+                                                                     content_type, query, status, words):
+    reply = post(server, content=make_body(tmp_path), headers={"content-type": content_type}, params=query)
+    assert reply.status_code == status, reply.text[:300]
+    assert words in reply.json()["error"]["message"]
+    assert post(server, json=json_body(state)).status_code == 200
+    running, _ = server
+    assert httpx.get(f"{running.url}/health").status_code == 200
+
+
+def _npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, state=np.zeros((25, 16, 32), np.float32))
+    return buffer.getvalue()
+
+
+def test_a_prediction_that_is_not_finite_is_a_422(server, state):
+    huge = {name: np.full_like(values, 3e38) for name, values in state.items()}
+    reply = post(server, json=json_body(huge, steps=3))
+    assert reply.status_code == 422, reply.text[:300]
+    assert "the prediction is not finite at step 1" in reply.json()["error"]["message"]

@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -113,7 +114,7 @@ BAD_REQUESTS = [
     ({"model": "tiny-lm", "prompt": "x", "max_tokens": -3}, AUTH, 422, "max_tokens=-3"),
     ({"model": "tiny-lm", "prompt": "x", "temperature": 3.5}, AUTH, 422, "temperature=3.5"),
     ({"model": "tiny-lm", "prompt": "x", "top_p": 0}, AUTH, 422, "top_p=0"),
-    ({"prompt": "x"}, AUTH, 422, "missing required field 'model'"),
+    ({"model": "tiny-lm"}, AUTH, 422, "missing required field 'prompt'"),
     ({"model": "gpt-4", "prompt": "x"}, AUTH, 404, "model 'gpt-4' does not exist"),
     ({"model": "tiny-lm", "prompt": "word " * 400}, AUTH, 400, "maximum context length is 160 tokens"),
     ({"model": "tiny-lm", "prompt": "x", "max_tokens": 500}, AUTH, 400, "maximum context length is 160 tokens"),
@@ -150,7 +151,7 @@ def test_chat_validation_and_unknown_route(server):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=6,
 )
@@ -158,7 +159,7 @@ fields = st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperat
                           "seed", "stream", "n", "repetition_penalty", "stream_options", "max_completion_tokens"])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
        body=st.dictionaries(fields, json_values, max_size=6),
        valid_base=st.booleans())
@@ -173,9 +174,23 @@ def test_fuzzed_request_schema_never_gives_5xx(server, route, body, valid_base):
         assert response.json()["error"]["message"]
 
 
-def test_health_and_metrics(server):
-    health = httpx.get(f"{server.url}/health")
-    assert health.status_code == 200 and health.json()["ready"] is True and health.json()["live"] is True
+def test_health_and_docs_follow_the_key_policy(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # without a key: up or down only
+    health = httpx.get(f"{server.url}/health", headers=AUTH)
+    assert health.status_code == 200 and health.json()["ready"] is True and health.json()["model"] == "tiny-lm"
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        refused = httpx.get(f"{server.url}{path}")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key"
+        assert httpx.get(f"{server.url}{path}", headers=AUTH).status_code == 200
+    document = httpx.get(f"{server.url}/openapi.json", headers=AUTH).json()
+    body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/CompletionRequest"}
+    fields = document["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"prompt", "logprobs", "echo", "logit_bias", "top_k", "seed", "stop"} <= set(fields)
+    assert fields["top_k"]["maximum"] == 2**31 - 1 and fields["seed"]["anyOf"][0]["maximum"] == float(2**64 - 1)
+
+
+def test_metrics(server):
     before = httpx.get(f"{server.url}/metrics").text
     generated_before = _metric(before, "sapwood_generated_tokens_total")
     httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-lm", "prompt": "x", "max_tokens": 5,
@@ -232,3 +247,85 @@ def test_no_keys_binds_loopback_only(caplog):
         assert resolve_host("0.0.0.0", frozenset()) == "127.0.0.1"
     assert "binding loopback 127.0.0.1" in caplog.text
     assert resolve_host("0.0.0.0", frozenset({"k"})) == "0.0.0.0"
+
+
+@pytest.fixture(scope="module")
+def hf_model(lm_folder, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from sapwood.model.hf import export_hf
+
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    export_hf(lm_folder, out)
+    return AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+
+
+def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at every position of ``ids`` (row i scores token i + 1)."""
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_echo_and_logprobs_equal_transformers_log_softmax(server, reference, hf_model):
+    engine, _ = reference
+    c = client(server)
+    prompt = "def parse(text):\n    return text.split()"
+    ids = engine.tokenizer.encode(prompt)
+    scored = c.completions.create(model="tiny-lm", prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+    choice = scored.choices[0]
+    assert choice.text == prompt and scored.usage.completion_tokens == 0
+    expected = hf_logprobs(hf_model, ids)
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
+    assert "".join(lp.tokens) == prompt and lp.text_offset[1] == len(lp.tokens[0])
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - float(expected[i - 1, ids[i]])) < 1e-4
+        top3 = expected[i - 1].topk(3).values.tolist()  # alternatives keyed by text: equal texts merge
+        assert abs(max(lp.top_logprobs[i].values()) - top3[0]) < 1e-4
+        assert all(min(abs(v - t) for t in top3) < 1e-4 for v in lp.top_logprobs[i].values())
+
+    generated = c.completions.create(model="tiny-lm", prompt=ids, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    lp = generated.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 6
+    full = ids + engine.generate([ids], SamplingParams(max_tokens=6, temperature=0))[0].output_ids
+    assert "".join(lp.tokens[len(ids):]) == generated.choices[0].text[len(prompt):]
+    expected = hf_logprobs(hf_model, full)
+    for i in range(1, len(ids) + 6):
+        assert abs(lp.token_logprobs[i] - float(expected[i - 1].max() if i >= len(ids) else
+                                                 expected[i - 1, full[i]])) < 1e-4
+        assert abs(max(lp.top_logprobs[i].values()) - float(expected[i - 1].max())) < 1e-4
+
+    messages = [{"role": "user", "content": "hello"}]
+    chat = c.chat.completions.create(model="tiny-lm", messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                     top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    rendered = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages))
+    assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
+    expected = hf_logprobs(hf_model, rendered + [0] * 5)
+    assert abs(content[0].logprob - float(expected[len(rendered) - 1].max())) < 1e-4
+    assert content[0].bytes == list(content[0].token.encode())
+
+
+def test_streamed_logprobs_match_the_response(server):
+    c = client(server)
+    body = dict(model="tiny-lm", prompt="import os\n", max_tokens=5, temperature=0, logprobs=1)
+    full = c.completions.create(**body).choices[0].logprobs
+    chunks = [ch for ch in c.completions.create(**body, stream=True) if ch.choices and ch.choices[0].logprobs]
+    streamed = [v for ch in chunks for v in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == full.token_logprobs and len(streamed) == 5
+
+
+def test_serve_help_lists_the_endpoints_and_the_default_model_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from sapwood.cli import app
+    from sapwood.serve.app import default_model_name
+
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for text in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/predict", "/health", "/metrics",
+                 "SAPWOOD_API_KEYS", "--kv-memory-gb"):
+        assert text in result.output, text
+    assert default_model_name(tmp_path / "astro" / "final") == "astro"
+    assert default_model_name(tmp_path / "astro" / "checkpoints" / "step_300") == "astro"
+    assert default_model_name(tmp_path / "tiny-lm") == "tiny-lm"

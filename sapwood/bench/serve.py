@@ -108,12 +108,14 @@ class ServerProcess:
             self.process.kill()
 
 
-async def _one_streaming_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(time to first token, latency, completion tokens) of one streamed completion."""
+async def _one_streaming_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict[str, float]:
+    """Time to first token, latency, mean inter-token latency and completion tokens of one streamed
+    completion."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first, tokens = None, 0
+    first = last = None
+    tokens = 0
     async with http.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise SapwoodError(f"bench request failed: {response.status_code} {await response.aread()!r}")
@@ -121,33 +123,43 @@ async def _one_streaming_request(http: httpx.AsyncClient, prompt: str, max_token
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if first is None and event.get("choices"):
-                first = time.perf_counter() - start
+            if event.get("choices"):
+                last = time.perf_counter() - start
+                first = last if first is None else first
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    return first or 0.0, time.perf_counter() - start, tokens
+    first, last = first or 0.0, last or 0.0
+    itl = (last - first) / (tokens - 1) if tokens > 1 else 0.0
+    return {"ttft": first, "latency": time.perf_counter() - start, "itl": itl, "tokens": tokens}
 
 
-def run_ours(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, float]:
-    async def level() -> tuple[float, list[tuple[float, float, int]]]:
+def run_ours(url: str, prompts: list[str], concurrency: int, max_tokens: int | list[int]) -> dict[str, float]:
+    """Clients at ``concurrency`` over ``prompts``; ``max_tokens`` per request or one for all."""
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+
+    async def level() -> tuple[float, list[dict[str, float]]]:
         limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
             await _one_streaming_request(http, prompts[0], 4)  # warm-up
             gate = asyncio.Semaphore(concurrency)
 
-            async def gated(prompt: str) -> tuple[float, float, int]:
+            async def gated(prompt: str, tokens: int) -> dict[str, float]:
                 async with gate:
-                    return await _one_streaming_request(http, prompt, max_tokens)
+                    return await _one_streaming_request(http, prompt, tokens)
 
             start = time.perf_counter()
-            results = await asyncio.gather(*[gated(p) for p in prompts])
+            results = await asyncio.gather(*[gated(p, n) for p, n in zip(prompts, lengths, strict=True)])
             return time.perf_counter() - start, results
 
     wall, results = asyncio.run(level())
-    tokens = sum(r[2] for r in results)
-    if tokens != len(prompts) * max_tokens:
-        raise SapwoodError(f"expected {len(prompts) * max_tokens} generated tokens, got {tokens}")
-    return summarize(wall, tokens, [r[0] for r in results], [r[1] for r in results])
+    tokens = sum(r["tokens"] for r in results)
+    if tokens != sum(lengths):
+        raise SapwoodError(f"expected {sum(lengths)} generated tokens, got {tokens}")
+    summary = summarize(wall, tokens, [r["ttft"] for r in results], [r["latency"] for r in results])
+    itls = [r["itl"] for r in results]
+    ttfts = [r["ttft"] for r in results]
+    return summary | {"ttft_p99_ms": 1000 * percentile(ttfts, 99), "itl_p50_ms": 1000 * percentile(itls, 50),
+                      "itl_p99_ms": 1000 * percentile(itls, 99)}
 
 
 def summarize(wall: float, tokens: int, ttfts: list[float], latencies: list[float]) -> dict[str, float]:
@@ -197,8 +209,11 @@ def run_hf_one_at_a_time(hf, tokenizer, prompts: list[str], max_tokens: int, mea
     return summarize(clock, len(prompts) * max_tokens, ttfts, latencies)
 
 
-def run_hf_static_batch(hf, tokenizer, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    """All requests in one left-padded generate call."""
+def run_hf_static_batch(hf, tokenizer, prompts: list[str], max_tokens: int | list[int]) -> dict[str, float]:
+    """All requests in one left-padded generate call. With one ``max_tokens`` per request the batch runs to
+    the longest and only each request's own tokens count (what a static batch of mixed requests yields)."""
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    max_tokens = max(lengths)
     encoded = [tokenizer.encode(p).ids for p in prompts]
     width = max(len(e) for e in encoded)
     ids = torch.zeros(len(encoded), width, dtype=torch.long)
@@ -213,13 +228,35 @@ def run_hf_static_batch(hf, tokenizer, prompts: list[str], max_tokens: int) -> d
                           do_sample=False, eos_token_id=None, pad_token_id=0, streamer=timer)
     wall = time.perf_counter() - start
     assert out.shape[1] == width + max_tokens
-    return summarize(wall, len(prompts) * max_tokens, [timer.first - start] * len(prompts), [wall] * len(prompts))
+    ttft = timer.first - start
+    summary = summarize(wall, sum(lengths), [ttft] * len(prompts), [wall] * len(prompts))
+    itl = (wall - ttft) / max(1, max_tokens - 1)
+    return summary | {"ttft_p99_ms": 1000 * ttft, "itl_p50_ms": 1000 * itl, "itl_p99_ms": 1000 * itl}
+
+
+def mixed_lengths(count: int, max_tokens: int) -> list[int]:
+    """New-token counts from max_tokens / 4 to 2 x max_tokens (deterministic; mean about max_tokens)."""
+    low, high = max(1, max_tokens // 4), 2 * max_tokens
+    return [low + (i * 37) % (high - low + 1) for i in range(count)]
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("inf")
+
+
+def _median_and_spread(runs: list[dict[str, float]], key: str) -> tuple[float, list[float]]:
+    values = [r[key] for r in runs]
+    return statistics.median(values), [min(values), max(values)]
 
 
 def run_serve_bench(
     out: Path, levels: list[int], max_tokens: int = 32, requests_per_level: int = 0, preset: str = "tiny",
-    folder: Path | None = None,
+    folder: Path | None = None, repeats: int = 3,
 ) -> tuple[list[Result], Path]:
+    """Each level ``repeats`` times (ours and the static batch alternate); the figures are medians and each
+    ratio row states its spread (min, max over the repeats) in ``params``. Two extra rows at the largest
+    level: a mixed-length workload (max_tokens/4 .. 2 x max_tokens new tokens per request) and the load row
+    (time to first token and inter-token latency p50 / p99 of its streaming clients)."""
     from rich.console import Console
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
@@ -229,7 +266,10 @@ def run_serve_bench(
     console = Console()
     if not levels or min(levels) < 1:
         raise SapwoodError(f"concurrency levels {levels}: give positive integers, e.g. 1,4,16,64")
+    if repeats < 1:
+        raise SapwoodError(f"repeats={repeats}: give at least 1")
     work = Path(tempfile.mkdtemp(prefix="sapwood-bench-serve-"))
+    given_folder = folder
     folder = Path(folder) if folder is not None else random_checkpoint(preset, work)
     export_hf(folder, work / "hf")
     hf = AutoModelForCausalLM.from_pretrained(work / "hf", torch_dtype=torch.float32).eval()
@@ -237,49 +277,83 @@ def run_serve_bench(
     count = {c: requests_per_level or max(c, 4) for c in levels}
     prompts = bench_prompts(max(count.values()), folder / "tokenizer.json")
     server = ServerProcess(folder, max_batch=max(levels))
-    measured: dict[int, dict[str, dict[str, float]]] = {}
+    measured: dict[str, dict[str, list[dict[str, float]] | dict[str, float]]] = {}
+    top = max(levels)
     try:
         server.wait_ready()
+        run_hf_one_at_a_time(hf, tokenizer, prompts[:1], 2)  # warm-up
         for c in levels:
             level_prompts = prompts[: count[c]]
-            console.print(f"concurrency {c}: {len(level_prompts)} requests x {max_tokens} tokens")
-            ours = run_ours(server.url, level_prompts, c, max_tokens)
-            run_hf_one_at_a_time(hf, tokenizer, level_prompts[:1], 2)  # warm-up
+            static_prompts = level_prompts[:c]
+            console.print(f"concurrency {c}: {len(level_prompts)} requests x {max_tokens} tokens, x{repeats}")
+            ours, static = [], []
+            for _ in range(repeats):
+                ours.append(run_ours(server.url, level_prompts, c, max_tokens))
+                static.append(run_hf_static_batch(hf, tokenizer, static_prompts, max_tokens))
             sequential = run_hf_one_at_a_time(hf, tokenizer, level_prompts, max_tokens)
-            static = run_hf_static_batch(hf, tokenizer, level_prompts[:c] if c > 1 else level_prompts[:1], max_tokens)
-            measured[c] = {"sapwood": ours, "hf_one_at_a_time": sequential, "hf_static_batch": static}
-            console.print(f"  sapwood {ours['tokens_per_s']:.0f} tok/s, hf one-at-a-time "
-                          f"{sequential['tokens_per_s']:.0f}, hf static batch {static['tokens_per_s']:.0f}")
+            measured[str(c)] = {"sapwood": ours, "hf_static_batch": static, "hf_one_at_a_time": sequential}
+            console.print(f"  sapwood {statistics.median(r['tokens_per_s'] for r in ours):.0f} tok/s, "
+                          f"hf static batch {statistics.median(r['tokens_per_s'] for r in static):.0f}, "
+                          f"hf one-at-a-time {sequential['tokens_per_s']:.0f}")
+        lengths = mixed_lengths(top, max_tokens)
+        console.print(f"mixed lengths @{top}: {min(lengths)}..{max(lengths)} new tokens, x{repeats}")
+        ours, static = [], []
+        for _ in range(repeats):
+            ours.append(run_ours(server.url, prompts[:top], top, lengths))
+            static.append(run_hf_static_batch(hf, tokenizer, prompts[:top], lengths))
+        measured[f"mixed@{top}"] = {"sapwood": ours, "hf_static_batch": static}
     finally:
         server.stop()
     results = []
-    params_common = {"max_tokens": max_tokens, "preset": preset if folder is None else str(folder),
-                     "threads": torch.get_num_threads()}
-    for c, m in measured.items():
+    params_common = {"max_tokens": max_tokens, "preset": preset if given_folder is None else str(given_folder),
+                     "threads": torch.get_num_threads(), "repeats": repeats}
+    static_name = "transformers generate, one left-padded batch"
+    sequential_name = "transformers generate, batch 1, sequential"
+
+    def ratio_row(name: str, ours: list[dict], static: list[dict], key: str, unit: str, params: dict) -> Result:
+        ratios = [_ratio(o[key], s[key]) if unit == "tokens/s" else _ratio(s[key], o[key])
+                  for o, s in zip(ours, static, strict=True)]
+        return Result(name, statistics.median(o[key] for o in ours), unit, statistics.median(s[key] for s in static),
+                      params=params | {"ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)]},
+                      baseline=static_name)
+
+    for c in levels:
+        m = measured[str(c)]
         params = {**params_common, "concurrency": c, "requests": count[c]}
-        ours, seq, static = m["sapwood"], m["hf_one_at_a_time"], m["hf_static_batch"]
+        ours, static, seq = m["sapwood"], m["hf_static_batch"], m["hf_one_at_a_time"]
+        ours_tps, _ = _median_and_spread(ours, "tokens_per_s")
         results += [
-            Result(f"tokens/s @{c} vs hf one-at-a-time", ours["tokens_per_s"], "tokens/s", seq["tokens_per_s"],
-                   params=params, baseline="transformers generate, batch 1, sequential"),
-            Result(f"tokens/s @{c} vs hf static batch", ours["tokens_per_s"], "tokens/s", static["tokens_per_s"],
-                   params=params, baseline="transformers generate, one left-padded batch"),
-            Result(f"TTFT p50 @{c}", ours["ttft_p50_ms"], "ms", seq["ttft_p50_ms"], params=params,
-                   baseline="transformers generate, batch 1, sequential"),
-            Result(f"latency p50 @{c}", ours["latency_p50_ms"], "ms", seq["latency_p50_ms"], params=params,
-                   baseline="transformers generate, batch 1, sequential"),
-            Result(f"latency p99 @{c}", ours["latency_p99_ms"], "ms", seq["latency_p99_ms"], params=params,
-                   baseline="transformers generate, batch 1, sequential"),
+            ratio_row(f"tokens/s @{c} vs hf static batch", ours, static, "tokens_per_s", "tokens/s", params),
+            Result(f"tokens/s @{c} vs hf one-at-a-time", ours_tps, "tokens/s", seq["tokens_per_s"], params=params,
+                   baseline=sequential_name),
+            Result(f"TTFT p50 @{c}", _median_and_spread(ours, "ttft_p50_ms")[0], "ms", seq["ttft_p50_ms"],
+                   params=params, baseline=sequential_name),
+            Result(f"latency p99 @{c}", _median_and_spread(ours, "latency_p99_ms")[0], "ms", seq["latency_p99_ms"],
+                   params=params, baseline=sequential_name),
         ]
+    mixed = measured[f"mixed@{top}"]
+    params = {**params_common, "concurrency": top, "requests": top, "new_tokens": [min(lengths), max(lengths)]}
+    results.append(ratio_row(f"tokens/s mixed lengths @{top} vs hf static batch", mixed["sapwood"],
+                             mixed["hf_static_batch"], "tokens_per_s", "tokens/s", params))
+    load = measured[str(top)]
+    params = {**params_common, "concurrency": top, "requests": count[top], "clients": "streaming"}
+    for key, label in (("tokens_per_s", "tokens/s"), ("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"),
+                       ("itl_p50_ms", "ITL p50"), ("itl_p99_ms", "ITL p99")):
+        unit = "tokens/s" if key == "tokens_per_s" else "ms"
+        results.append(ratio_row(f"load @{top} clients: {label}", load["sapwood"], load["hf_static_batch"], key, unit,
+                                 params))
 
     def plot(ax) -> None:
-        xs = list(measured)
-        for key, label in (("sapwood", "sapwood serve (HTTP)"), ("hf_one_at_a_time", "HF generate, one at a time"),
-                           ("hf_static_batch", "HF generate, static batch")):
-            ax.plot(xs, [measured[c][key]["tokens_per_s"] for c in xs], marker="o", label=label)
+        xs = levels
+        for key, label in (("sapwood", "sapwood serve (HTTP)"), ("hf_static_batch", "HF generate, static batch")):
+            ax.plot(xs, [statistics.median(r["tokens_per_s"] for r in measured[str(c)][key]) for c in xs], marker="o",
+                    label=label)
+        ax.plot(xs, [measured[str(c)]["hf_one_at_a_time"]["tokens_per_s"] for c in xs], marker="o",
+                label="HF generate, one at a time")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel("generated tokens/s")
         ax.legend()
 
-    path = write_suite("serve", results, out, plot, extra={"levels": {str(c): m for c, m in measured.items()}})
+    path = write_suite("serve", results, out, plot, extra={"measured": measured})
     return results, path

@@ -2,7 +2,9 @@
 
 from sapwood.infer.context import ContextLengthError, ContextPolicy
 from sapwood.infer.engine import Engine
+from sapwood.infer.kv_cache import KVBudgetError
 from sapwood.infer.sampling import SamplingParams
 from sapwood.infer.scheduler import QueueFullError, SchedulerConfig
 
-__all__ = ["ContextLengthError", "ContextPolicy", "Engine", "QueueFullError", "SamplingParams", "SchedulerConfig"]
+__all__ = ["ContextLengthError", "ContextPolicy", "Engine", "KVBudgetError", "QueueFullError", "SamplingParams",
+           "SchedulerConfig"]

@@ -17,7 +17,7 @@ import torch
 
 from sapwood.config import ModelConfig
 from sapwood.errors import SapwoodError
-from sapwood.model.rope import LENGTH_DEPENDENT, scaled_inv_freq
+from sapwood.model.rope import LENGTH_DEPENDENT, rope_cos_sin, scaled_inv_freq
 
 
 class ContextLengthError(SapwoodError):
@@ -71,13 +71,10 @@ class ContextPolicy:
 def rope_tables(
     positions: torch.Tensor, plans: list[RopePlan]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin ``[batch or 1, seq, head_dim]`` for ``positions`` ``[batch, seq]``, one plan per row."""
-    if all(plan is plans[0] for plan in plans):
-        inv_freq = plans[0].inv_freq[None, None, :]
-        factor: torch.Tensor | float = plans[0].attention_factor
-    else:
-        inv_freq = torch.stack([plan.inv_freq for plan in plans])[:, None, :]
-        factor = torch.tensor([plan.attention_factor for plan in plans], device=positions.device)[:, None, None]
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos() * factor, angles.sin() * factor
+    """cos and sin ``[batch, seq, head_dim]`` for ``positions`` ``[batch, seq]``, one plan per row."""
+    first = plans[0]
+    if all(plan is first for plan in plans):
+        return rope_cos_sin(positions, first.inv_freq, first.attention_factor)
+    inv_freq = torch.stack([plan.inv_freq for plan in plans])[:, None, :]
+    factor = torch.tensor([plan.attention_factor for plan in plans], device=positions.device)[:, None, None]
+    return rope_cos_sin(positions, inv_freq, factor)

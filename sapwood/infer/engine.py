@@ -1,23 +1,34 @@
 """The engine: continuous batching of many requests over one model.
 
 ``step()`` asks the scheduler what to run, decodes one token for every running request, prefills the
-newly admitted ones (they join the running batch), samples per request, and retires finished or
-cancelled requests (their cache rows are reused at once). ``generate`` is the offline helper.
+newly admitted ones (they join the running batch), samples, and retires finished or cancelled requests
+(their cache rows are reused at once; the cache shrinks back when long requests leave). ``generate`` is
+the offline helper.
+
+Fault isolation: an error in one request's sampling or text handling fails that request only
+(``finish_reason == "error"``); an error in the batched forward fails the requests of that batch and
+frees the cache. ``step`` itself never raises for what a request holds.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import torch
 
+from sapwood.errors import SapwoodError
 from sapwood.infer.context import ContextPolicy
+from sapwood.infer.kv_cache import KVBudget, default_kv_bytes
 from sapwood.infer.request import Request, Status, StepOutput
 from sapwood.infer.runner import ModelRunner
 from sapwood.infer.sampling import SamplingParams, generation_config_defaults, sample_next_tokens
 from sapwood.infer.scheduler import Scheduler, SchedulerConfig
 from sapwood.infer.tokenizer import TextStream, TextTokenizer
+
+log = logging.getLogger("sapwood.infer")
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
 
 
 class Engine:
@@ -30,15 +41,20 @@ class Engine:
         self.model = model.eval()
         self.cfg = model.cfg
         self.tokenizer = tokenizer
-        self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
-        sched = self.scheduler.config
-        self.runner = ModelRunner(model, sched.max_batch, self.cfg.max_context)
+        config = scheduler_config or SchedulerConfig()
+        parameter = next(model.parameters())
+        budget_bytes = config.kv_memory_bytes or default_kv_bytes(parameter.device)
+        budget = KVBudget.for_model(self.cfg, parameter.dtype, config.max_batch, budget_bytes)
+        self.scheduler = Scheduler(config, budget)
+        self.runner = ModelRunner(model, budget)
         self.policy = ContextPolicy(self.cfg, self.runner.device)
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         self.eos_ids = tokenizer.eos_ids if tokenizer is not None else frozenset()
         self.sampling_defaults: dict[str, float | int] = {}  # generation_config.json's, for unset request fields
         self.tokens_generated = 0
         self.steps = 0
+        self.failures = 0
+        self._admitting: list[Request] = []
 
     @classmethod
     def from_folder(
@@ -61,24 +77,33 @@ class Engine:
 
     # --- requests -------------------------------------------------------------------------------
     def make_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """A validated request (raises ContextLengthError past max_context); not yet queued."""
+        """A validated request (raises ContextLengthError past max_context, SapwoodError for token ids or
+        sampling values this model cannot take); not yet queued."""
         self.policy.check(len(prompt_ids), params.max_tokens)
         vocab = self.cfg.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
-            from sapwood.errors import SapwoodError
-
             raise SapwoodError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.top_k > vocab:
+            raise SapwoodError(f"top_k={params.top_k}: must be in 0..{vocab} (the vocabulary size; 0 = off)")
+        bad_bias = [t for t in params.logit_bias if t >= vocab]
+        if bad_bias:
+            raise SapwoodError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary [0, {vocab})")
         request = Request(list(prompt_ids), params, self.policy.rope_for(len(prompt_ids) + params.max_tokens))
         request.generator = params.make_generator()
+        device = self.runner.device
         if params.repetition_penalty != 1.0:
-            request.seen = torch.zeros(vocab, dtype=torch.bool, device=self.runner.device)
+            request.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             request.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        if params.logit_bias:
+            request.bias = torch.zeros(vocab, dtype=torch.float32, device=device)
+            request.bias[torch.tensor(list(params.logit_bias))] = torch.tensor(list(params.logit_bias.values()))
         if self.tokenizer is not None:
             request.stream = TextStream(self.tokenizer, params.stop)
         return request
 
     def add_request(self, request: Request) -> Request:
+        """Queue a request (QueueFullError at the queue bound, KVBudgetError when it can never fit)."""
         self.scheduler.add(request)
         return request
 
@@ -94,52 +119,139 @@ class Engine:
     def kv_cache_usage(self) -> float:
         """Fraction of the allocated cache positions holding live tokens."""
         cache = self.runner.cache
-        used = sum(r.length for r in self.scheduler.running)
-        return used / (cache.slots * cache.capacity) if cache.capacity else 0.0
+        allocated = cache.rows * cache.capacity
+        return self.scheduler.live_tokens() / allocated if allocated else 0.0
 
     # --- one step -------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        schedule = self.scheduler.schedule()
+        try:
+            return self._step()
+        except Exception as exc:  # a failed forward: fail this batch, free the cache, keep serving
+            return self._fail_batch(exc)
+        finally:
+            self._admitting = []
+            self.steps += 1
+
+    def _step(self) -> list[StepOutput]:
+        scheduler, cache = self.scheduler, self.runner.cache
+        schedule = scheduler.schedule()
         outputs: list[StepOutput] = []
-        for request in schedule.cancelled:
-            request.finish_reason = "cancelled"
-        self._retire(schedule.cancelled)
-        outputs += [StepOutput(r, [], "", True) for r in schedule.cancelled if r.status is Status.FINISHED]
-        running = self.scheduler.running
+        if schedule.cancelled:
+            self._retire(schedule.cancelled, "cancelled")
+            outputs += [StepOutput(r, [], "", True) for r in schedule.cancelled]
+        running = list(scheduler.running)
         if running:
             logits = self.runner.decode(
                 [r.output_ids[-1] for r in running], [r.length - 1 for r in running], [r.rope for r in running]
             )
             outputs += self._accept(running, logits)
-        admitted = schedule.admitted
+        admitted = self._admitting = schedule.admitted
         if admitted:
-            self.runner.cache.reserve(max(r.total_tokens for r in running + admitted))
-            logits = self.runner.prefill(len(running), [r.prompt_ids for r in admitted], [r.rope for r in admitted])
-            running.extend(admitted)
+            longest = max(scheduler.longest_running(), max(r.total_tokens for r in admitted))
+            cache.fit(len(running) + len(admitted), longest, shrink=False)
+            first_row = scheduler.start(admitted)
+            logits, prompt_logits = self.runner.prefill(
+                first_row, [r.prompt_ids for r in admitted], [r.rope for r in admitted],
+                [r.params.prompt_logprobs for r in admitted],
+            )
+            for request, scored in zip(admitted, prompt_logits, strict=True):
+                if scored is not None:
+                    request.prompt_logprobs = self._logprobs(scored[:-1], request.prompt_ids[1:],
+                                                             request.params.logprobs or 0)
             outputs += self._accept(admitted, logits)
         self._retire([o.request for o in outputs if o.finished and o.request.status is Status.RUNNING])
-        self.steps += 1
+        cache.fit(scheduler.running_count, scheduler.longest_running())
         return outputs
 
+    def _fail_batch(self, exc: Exception) -> list[StepOutput]:
+        self.failures += 1
+        log.exception("inference step failed; failing the %d requests of the batch", self.scheduler.running_count)
+        victims = list(self.scheduler.running) + [r for r in self._admitting if r.status is not Status.RUNNING]
+        self._retire(victims, "error")
+        for request in victims:
+            request.error = f"the inference step failed ({type(exc).__name__})"
+        self.runner.cache.fit(0, 0)
+        return [StepOutput(r, [], "", True) for r in victims]
+
+    def _logprobs(self, logits: torch.Tensor, chosen: list[int], top: int) -> list[TokenLogprobs]:
+        """Log-softmax of ``logits`` ``[n, vocab]``: each row's ``chosen`` token and its ``top`` best."""
+        if not chosen:
+            return []
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        picked = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])[:, 0].tolist()
+        if top:
+            values, indices = logprobs.topk(top, dim=-1)
+            tops = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+        else:
+            tops = [[] for _ in chosen]
+        return list(zip(picked, tops, strict=True))
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:
+        """Batched sampling; if the batch fails, row by row so only the failing request is lost."""
+        try:
+            return sample_next_tokens(logits, [r.params for r in requests], [r.generator for r in requests],
+                                      _stack([r.seen for r in requests], logits, torch.bool),
+                                      _stack([r.bias for r in requests], logits, torch.float32)).tolist()
+        except Exception:  # noqa: BLE001 - isolate the request that broke the batch
+            tokens: list[int | None] = []
+            for row, request in enumerate(requests):
+                try:
+                    tokens += self._sample([request], logits[row : row + 1]) if len(requests) > 1 else [None]
+                except Exception:  # noqa: BLE001
+                    tokens.append(None)
+                if tokens[-1] is None:
+                    log.exception("sampling failed for %s", request.request_id)
+            return tokens
+
     def _accept(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        seen = None
-        if any(r.seen is not None for r in requests):
-            seen = torch.stack([
-                r.seen if r.seen is not None else torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-                for r in requests
-            ])
-        tokens = sample_next_tokens(logits, [r.params for r in requests], [r.generator for r in requests], seen)
-        now = time.perf_counter()
         outputs = []
-        for request, token in zip(requests, tokens.tolist(), strict=True):
+        live = [i for i, r in enumerate(requests) if r.params.max_tokens > 0]
+        if len(live) < len(requests):  # echo with max_tokens 0: the prompt is scored, nothing generated
+            for r in requests:
+                if r.params.max_tokens == 0:
+                    r.finish_reason = "length"
+                    outputs.append(StepOutput(r, [], "", True))
+            requests = [requests[i] for i in live]
+            logits = logits[live]
+            if not requests:
+                return outputs
+        tokens = self._sample(requests, logits)
+        with_logprobs = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        scored: dict[int, TokenLogprobs] = {}
+        if with_logprobs:
+            picked = [i for i in with_logprobs if tokens[i] is not None]
+            top = max(requests[i].params.logprobs for i in picked) if picked else 0
+            values = self._logprobs(logits[picked], [tokens[i] for i in picked], top)
+            scored = {i: (lp, alternatives[: requests[i].params.logprobs])
+                      for i, (lp, alternatives) in zip(picked, values, strict=True)}
+        now = time.perf_counter()
+        for i, (request, token) in enumerate(zip(requests, tokens, strict=True)):
+            if token is None:
+                outputs.append(self._failed(request, "sampling failed"))
+                continue
             request.output_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
             if request.seen is not None:
                 request.seen[token] = True
+            new_logprobs = []
+            if i in scored:
+                request.output_logprobs.append(scored[i])
+                new_logprobs = [scored[i]]
             self.tokens_generated += 1
-            outputs.append(self._finish_check(request, token))
+            try:
+                output = self._finish_check(request, token)
+            except Exception:  # noqa: BLE001 - fail this request only
+                log.exception("text handling failed for %s", request.request_id)
+                output = self._failed(request, "text handling failed")
+            output.new_logprobs = new_logprobs
+            outputs.append(output)
         return outputs
+
+    @staticmethod
+    def _failed(request: Request, what: str) -> StepOutput:
+        request.finish_reason, request.error = "error", what
+        return StepOutput(request, [], "", True)
 
     def _finish_check(self, request: Request, token: int) -> StepOutput:
         params = request.params
@@ -157,19 +269,10 @@ class Engine:
         request.finish_reason = reason
         return StepOutput(request, [token], delta, reason is not None)
 
-    def _retire(self, finished: list[Request]) -> None:
-        """Remove finished requests; the last running row moves into each freed row."""
-        running = self.scheduler.running
-        for request in finished:
-            request.status = Status.FINISHED
-            if request not in running:
-                continue
-            row = running.index(request)
-            last = len(running) - 1
-            if row != last:
-                self.runner.cache.move_slot(last, row)
-                running[row] = running[last]
-            running.pop()
+    def _retire(self, finished: list[Request], reason: str | None = None) -> None:
+        """Finish requests; the last running row moves into each freed row."""
+        for source, target in self.scheduler.finish(finished, reason):
+            self.runner.cache.move_slot(source, target)
 
     # --- offline use ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
@@ -182,8 +285,14 @@ class Engine:
 
     def generate_text(self, prompts: list[str], params: SamplingParams) -> list[str]:
         if self.tokenizer is None:
-            from sapwood.errors import SapwoodError
-
             raise SapwoodError("this engine has no tokenizer; pass token ids to generate()")
         requests = self.generate([self.tokenizer.encode(p) for p in prompts], params)
         return [r.stream.text for r in requests]
+
+
+def _stack(rows: list[torch.Tensor | None], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Per-request ``[vocab]`` tensors stacked ``[batch, vocab]`` (zeros where None); None when all are."""
+    if all(row is None for row in rows):
+        return None
+    zeros = torch.zeros(like.shape[-1], dtype=dtype, device=like.device)
+    return torch.stack([row if row is not None else zeros for row in rows])

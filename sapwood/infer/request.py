@@ -29,10 +29,16 @@ class Request:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # what went wrong when finish_reason == "error"
     cancelled: bool = False
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # bool [vocab], only with a repetition penalty
+    bias: torch.Tensor | None = None  # float32 [vocab], only with a logit_bias
+    # with params.logprobs: per generated token (logprob of the chosen token, [(token id, logprob)] top-N)
+    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # with params.prompt_logprobs: per prompt token after the first, as above
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     stream: object | None = None  # a TextStream when the engine has a tokenizer
@@ -55,3 +61,4 @@ class StepOutput:
     new_token_ids: list[int]
     text_delta: str
     finished: bool
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)

@@ -1,8 +1,7 @@
-"""The model runner executes what the scheduler decided: batched prefill and batched decode on the
-decoder, reading and writing the :class:`SlotKVCache`. It returns next-token logits, one row per request.
-
-It walks the decoder's own modules (embedding, blocks, norm, head) so that it can give each row its own
-rotary table (per-request context) and apply the head only at the positions that are sampled.
+"""The model runner executes what the scheduler decided: batched prefill and batched decode through the
+model's own forward, reading and writing the :class:`SlotKVCache`. It gives each row its own rotary
+table (per-request context) and asks the model for logits only at the positions that are sampled or
+scored.
 """
 
 from __future__ import annotations
@@ -10,47 +9,52 @@ from __future__ import annotations
 import torch
 
 from sapwood.infer.context import RopePlan, rope_tables
-from sapwood.infer.kv_cache import SlotKVCache
+from sapwood.infer.kv_cache import KVBudget, SlotKVCache
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, max_batch: int, max_capacity: int):
+    def __init__(self, model: torch.nn.Module, budget: KVBudget):
         self.model = model
         cfg = model.cfg
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        self.cache = SlotKVCache(
-            cfg.layers, max_batch, cfg.kv_heads, cfg.head_dim, max_capacity, self.dtype, self.device
-        )
-
-    def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, plans: list[RopePlan], last_index: torch.Tensor
-    ) -> torch.Tensor:
-        model = self.model
-        hidden = model.tok_embeddings(tokens)
-        cos, sin = rope_tables(positions, plans)
-        for name, block in model.layers.items():
-            hidden = block(hidden, cos, sin, self.cache, int(name))
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        hidden = model.norm(hidden[rows, last_index][:, None, :])
-        return model.output(hidden)[:, 0, :]
+        self.cache = SlotKVCache(cfg.layers, cfg.kv_heads, cfg.head_dim, budget, self.dtype, self.device)
 
     @torch.inference_mode()
-    def prefill(self, first_row: int, prompts: list[list[int]], plans: list[RopePlan]) -> torch.Tensor:
-        """Run the prompts (right-padded to the longest) into rows ``first_row..``; logits ``[batch, vocab]``."""
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        width = int(lengths.max())
-        tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    def prefill(
+        self, first_row: int, prompts: list[list[int]], plans: list[RopePlan], score_prompt: list[bool]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Run the prompts (right-padded to the longest) into rows ``first_row..``.
+
+        Returns the next-token logits ``[batch, vocab]`` and, for each row with ``score_prompt``, the
+        logits at every prompt position ``[len, vocab]`` (None for the others)."""
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        flat = torch.tensor([t for p in prompts for t in p + [0] * (width - len(p))], dtype=torch.long)
+        tokens = flat.view(len(prompts), width).to(self.device)
         positions = torch.arange(width, device=self.device)[None, :].expand(len(prompts), width)
+        at: list[int] = []
+        spans: list[tuple[int, int] | None] = []
+        last: list[int] = []
+        for row, (length, score) in enumerate(zip(lengths, score_prompt, strict=True)):
+            start = len(at)
+            at.extend(range(row * width, row * width + length) if score else [row * width + length - 1])
+            spans.append((start, len(at)) if score else None)
+            last.append(len(at) - 1)
         self.cache.begin_prefill(first_row, len(prompts), width)
-        return self._forward(tokens, positions, plans, lengths - 1)
+        logits = self.model(tokens, kv_cache=self.cache, rope=rope_tables(positions, plans),
+                            logits_at=torch.tensor(at, device=self.device))
+        if not any(score_prompt):
+            return logits, [None] * len(prompts)
+        return logits[last], [logits[span[0]:span[1]] if span else None for span in spans]
 
     @torch.inference_mode()
     def decode(self, last_tokens: list[int], positions: list[int], plans: list[RopePlan]) -> torch.Tensor:
         """One token for each of rows ``0..n-1`` at its own position; logits ``[n, vocab]``."""
-        tokens = torch.tensor(last_tokens, dtype=torch.long, device=self.device)[:, None]
-        position_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
-        self.cache.begin_decode(position_tensor)
-        return self._forward(tokens, position_tensor[:, None], plans, torch.zeros_like(position_tensor))
+        tokens = torch.tensor(last_tokens, dtype=torch.long).to(self.device)[:, None]
+        position_tensor = torch.tensor(positions, dtype=torch.long).to(self.device)
+        highest = max(positions)
+        self.cache.begin_decode(position_tensor, highest + 1, uniform=highest == min(positions))
+        return self.model(tokens, kv_cache=self.cache, rope=rope_tables(position_tensor[:, None], plans),
+                          logits_at=torch.arange(len(last_tokens), device=self.device))
+

@@ -8,6 +8,7 @@ request draws the same numbers whatever else is in the batch).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +16,23 @@ import torch
 
 from sapwood.errors import SapwoodError
 
+GREEDY_BELOW = 1e-5  # temperatures below this are argmax (1e-300 would be 0 in float32: NaN probabilities)
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
 
 @dataclass
 class SamplingParams:
-    """How one request chooses its tokens. ``temperature == 0`` or ``greedy`` means argmax."""
+    """How one request chooses its tokens. ``temperature < GREEDY_BELOW`` or ``greedy`` means argmax.
+
+    ``logprobs``: report the chosen token's log-probability and the top ``logprobs`` alternatives for
+    every generated token (None = off); ``prompt_logprobs``: also for every prompt token (``echo``), in
+    which case ``max_tokens`` may be 0. Log-probabilities are the model's log-softmax, before temperature,
+    penalties and ``logit_bias``. ``logit_bias``: token id -> value added to its logit (-100..100).
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -29,24 +43,42 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     greedy: bool = False
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        stop_shown = repr(self.stop) if len(repr(self.stop)) < 80 else f"{len(self.stop)} strings"
         checks = [
-            (self.max_tokens >= 1, f"max_tokens={self.max_tokens}: must be >= 1"),
-            (0.0 <= self.temperature <= 2.0, f"temperature={self.temperature}: must be in [0, 2]"),
+            (self.max_tokens >= (0 if self.prompt_logprobs else 1),
+             f"max_tokens={self.max_tokens}: must be >= 1 (0 only with echo/prompt logprobs)"),
+            (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0,
+             f"temperature={self.temperature}: must be in [0, 2]"),
             (self.top_k >= 0, f"top_k={self.top_k}: must be >= 0 (0 = off)"),
-            (0.0 < self.top_p <= 1.0, f"top_p={self.top_p}: must be in (0, 1]"),
-            (0.0 < self.repetition_penalty <= 10.0, f"repetition_penalty={self.repetition_penalty}: must be in (0, 10]"),
-            (len(self.stop) <= 4 and all(isinstance(s, str) and s for s in self.stop),
-             f"stop={self.stop!r}: at most 4 non-empty strings"),
+            (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p={self.top_p}: must be in (0, 1]"),
+            (math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+             f"repetition_penalty={self.repetition_penalty}: must be in (0, 10]"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"seed={self.seed}: must be an integer in [-2**63, 2**64 - 1]"),
+            (len(self.stop) <= MAX_STOP_STRINGS
+             and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"stop={stop_shown}: at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs={self.logprobs}: must be in 0..{MAX_LOGPROBS}"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias has {len(self.logit_bias)} entries; at most "
+             f"{MAX_LOGIT_BIAS}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SapwoodError(message)
+        for token, bias in self.logit_bias.items():
+            if not (isinstance(token, int) and token >= 0 and math.isfinite(bias) and -100.0 <= bias <= 100.0):
+                raise SapwoodError(f"logit_bias {{{token!r}: {bias!r}}}: keys are token ids >= 0, values in "
+                                   "[-100, 100]")
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0.0
+        return self.greedy or self.temperature < GREEDY_BELOW
 
     def make_generator(self) -> torch.Generator | None:
         if self.is_greedy:
@@ -109,21 +141,24 @@ def sample_next_tokens(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     seen: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token of every row: ``logits`` ``[batch, vocab]`` (any float dtype) -> LongTensor ``[batch]``.
 
     ``seen`` (bool ``[batch, vocab]``) marks the tokens of each row's prompt and output, for the
-    repetition penalty.
+    repetition penalty; ``bias`` (``[batch, vocab]``) is added to the logits (``logit_bias``).
     """
     logits = logits.float()
     device = logits.device
-    penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
-    if seen is not None and bool((penalties != 1.0).any()):
+    if bias is not None:
+        logits = logits + bias
+    if seen is not None:
+        penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
         logits = apply_repetition_penalty(logits, seen, penalties)
-    greedy = torch.tensor([p.is_greedy for p in params], device=device)
     argmax = logits.argmax(dim=-1)
-    if bool(greedy.all()):
+    if all(p.is_greedy for p in params):
         return argmax
+    greedy = torch.tensor([p.is_greedy for p in params], device=device)
     temperature = torch.tensor([p.temperature if not p.is_greedy else 1.0 for p in params], device=device)
     top_k = torch.tensor([p.top_k for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)

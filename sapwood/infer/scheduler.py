@@ -1,16 +1,21 @@
-"""The scheduler decides, the runner executes (the vLLM split).
+"""The scheduler decides, the runner executes (the vLLM split). The scheduler owns request state.
 
-Each step the scheduler drops cancelled requests, then admits waiting ones into the running batch
-(first come, first served) while there is a free slot, the KV budget holds and the step's prefill
-budget is not spent. It knows nothing of tensors.
+It holds the waiting queue (bounded: :class:`QueueFullError` past ``max_waiting``, the one place that
+bound lives) and the running batch (``running[i]`` lives in KV-cache row ``i``). Each step it drops
+cancelled requests, then admits waiting ones (first come, first served) while there is a free row,
+the KV budget holds and the step's prefill budget is not spent. ``finish`` retires requests and says
+which cache rows moved. Nobody else edits ``waiting`` or ``running``. Thread-safe: requests are added
+and cancelled from other threads while the engine thread schedules. It knows nothing of tensors.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass
 
 from sapwood.errors import SapwoodError
+from sapwood.infer.kv_cache import KVBudget
 from sapwood.infer.request import Request, Status
 
 
@@ -20,10 +25,10 @@ class QueueFullError(SapwoodError):
 
 @dataclass
 class SchedulerConfig:
-    max_batch: int = 64  # running requests (cache slots)
+    max_batch: int = 64  # running requests (cache rows)
     max_waiting: int = 256  # bounded queue
-    max_kv_tokens: int = 1 << 20  # slots * capacity the cache may reach
     max_prefill_tokens: int = 4096  # padded prompt tokens prefilled per step
+    kv_memory_bytes: int | None = None  # KV-cache budget; None = half the memory free at start
 
 
 @dataclass
@@ -33,39 +38,115 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, budget: KVBudget):
         self.config = config
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # running[i] lives in cache slot i
+        self.budget = budget
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._lock = threading.Lock()
 
+    # --- what other threads may call -----------------------------------------------------------------
     def add(self, request: Request) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
-            raise QueueFullError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
-        self.waiting.append(request)
+        """Queue ``request``; raises KVBudgetError when it could never fit, QueueFullError at the bound."""
+        self.budget.check_alone(request.total_tokens)
+        with self._lock:
+            if len(self._waiting) >= self.config.max_waiting:
+                raise QueueFullError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
+            request.status = Status.WAITING
+            self._waiting.append(request)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._waiting or self._running)
 
+    @property
+    def running(self) -> tuple[Request, ...]:
+        """The running batch in cache-row order (a snapshot)."""
+        return tuple(self._running)
+
+    @property
+    def waiting(self) -> tuple[Request, ...]:
+        with self._lock:
+            return tuple(self._waiting)
+
+    def live_tokens(self) -> int:
+        return sum(r.length for r in self._running)
+
+    # --- the engine thread ---------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        cancelled = [r for r in self.waiting if r.cancelled]
-        if cancelled:
-            self.waiting = deque(r for r in self.waiting if not r.cancelled)
-        cancelled += [r for r in self.running if r.cancelled]
+        with self._lock:
+            cancelled = [r for r in self._waiting if r.cancelled]
+            if cancelled:
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        cancelled += [r for r in self._running if r.cancelled]
         admitted: list[Request] = []
-        longest = max((r.total_tokens for r in self.running if not r.cancelled), default=0)
-        rows = sum(1 for r in self.running if not r.cancelled)
-        prefill_width = 0
-        while self.waiting and rows < self.config.max_batch:
-            candidate = self.waiting[0]
-            width = max(prefill_width, len(candidate.prompt_ids))
-            new_longest = max(longest, candidate.total_tokens)
-            if admitted and width * (len(admitted) + 1) > self.config.max_prefill_tokens:
-                break
-            if rows and new_longest * (rows + 1) > self.config.max_kv_tokens:
-                break
-            self.waiting.popleft()
-            candidate.status = Status.RUNNING
-            admitted.append(candidate)
-            longest, prefill_width, rows = new_longest, width, rows + 1
+        live = [r for r in self._running if not r.cancelled]
+        longest = max((r.total_tokens for r in live), default=0)
+        rows, prefill_width = len(live), 0
+        with self._lock:
+            while self._waiting and rows < self.config.max_batch:
+                candidate = self._waiting[0]
+                width = max(prefill_width, len(candidate.prompt_ids))
+                new_longest = max(longest, candidate.total_tokens)
+                if admitted and width * (len(admitted) + 1) > self.config.max_prefill_tokens:
+                    break
+                # the cancelled rows are still allocated until retired this step: count them
+                if not self.budget.fits(len(self._running) + len(admitted) + 1,
+                                        max(new_longest, max((r.total_tokens for r in self._running), default=0))):
+                    break
+                self._waiting.popleft()
+                admitted.append(candidate)
+                longest, prefill_width, rows = new_longest, width, rows + 1
         return Schedule(admitted, cancelled)
+
+    def start(self, admitted: list[Request]) -> int:
+        """Append ``admitted`` to the running batch; returns the first row they occupy."""
+        first = len(self._running)
+        for request in admitted:
+            request.status = Status.RUNNING
+        self._running.extend(admitted)
+        return first
+
+    def finish(self, requests: list[Request], reason: str | None = None) -> list[tuple[int, int]]:
+        """Retire ``requests`` (setting ``finish_reason`` when given); returns the cache-row moves
+        ``(source, target)`` that keep running rows contiguous, in the order to apply them."""
+        moves = []
+        for request in requests:
+            if reason is not None:
+                request.finish_reason = reason
+            request.status = Status.FINISHED
+            if request not in self._running:
+                continue
+            row = self._running.index(request)
+            last = len(self._running) - 1
+            if row != last:
+                moves.append((last, row))
+                self._running[row] = self._running[last]
+            self._running.pop()
+        return moves
+
+    def abort_all(self, reason: str) -> list[Request]:
+        """Finish every waiting and running request with ``reason`` (engine failure or shutdown)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        everything = list(self._running) + waiting
+        self._running = []
+        for request in everything:
+            request.finish_reason, request.status = reason, Status.FINISHED
+        return everything
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for request in list(self._waiting) + self._running:
+                request.cancelled = True
+
+    def longest_running(self) -> int:
+        return max((r.total_tokens for r in self._running), default=0)

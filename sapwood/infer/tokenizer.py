@@ -90,35 +90,47 @@ def _raise_exception(message: str) -> None:
 class TextStream:
     """Turns a growing list of token ids into text deltas, applying stop strings.
 
-    A delta never ends inside a multi-byte character (held back while decoding gives U+FFFD) nor with a
-    prefix of a stop string (held back until it is clear it is not a stop).
+    Decoding is incremental (each push decodes only the last few tokens, as vLLM does: a window from
+    the previous read offset, so tokenizers that drop a leading space still join correctly), and the
+    stop search looks only at the new text and the few characters before it, so each push costs
+    O(new text + longest stop) whatever the length of the output. A delta never ends inside a multi-byte
+    character (held back while decoding gives U+FFFD) nor with a prefix of a stop string (held back
+    until it is clear it is not a stop).
     """
 
     def __init__(self, tokenizer: TextTokenizer, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = stop
-        self.emitted = ""
+        self.longest_stop = max((len(s) for s in stop), default=0)
         self.text = ""
+        self.emitted = 0
         self.stopped = False
+        self._prefix = 0
+        self._read = 0
 
     def push(self, ids: list[int], final: bool = False) -> str:
         """The new text after the output grew to ``ids`` (``final``: flush everything held back)."""
-        text = self.tokenizer.decode(ids)
-        for stop in self.stop:
-            index = text.find(stop)
-            if index >= 0:
-                text, self.stopped, final = text[:index], True, True
-        self.text = text
-        visible = text
-        if not final:
-            visible = visible.rstrip("\ufffd")
+        if not self.stopped and len(ids) > self._read:
+            prefix_text = self.tokenizer.decode(ids[self._prefix : self._read])
+            window = self.tokenizer.decode(ids[self._prefix :])
+            if len(window) > len(prefix_text) and (final or not window.endswith("\ufffd")):
+                searched_from = max(0, len(self.text) - self.longest_stop + 1)
+                self.text += window[len(prefix_text) :]
+                self._prefix, self._read = self._read, len(ids)
+                found = [i for i in (self.text.find(s, searched_from) for s in self.stop) if i >= 0]
+                if found:
+                    self.text, self.stopped = self.text[: min(found)], True
+        end = len(self.text)
+        if not (final or self.stopped):
             for stop in self.stop:
-                for cut in range(min(len(stop) - 1, len(visible)), 0, -1):
-                    if visible.endswith(stop[:cut]):
-                        visible = visible[: len(visible) - cut]
+                start = self.text.find(stop[0], max(self.emitted, end - len(stop) + 1))
+                while start != -1:
+                    if stop.startswith(self.text[start:]):
+                        end = min(end, start)
                         break
-        if len(visible) <= len(self.emitted):
+                    start = self.text.find(stop[0], start + 1)
+        if end <= self.emitted:
             return ""
-        delta = visible[len(self.emitted):]
-        self.emitted = visible
+        delta = self.text[self.emitted : end]
+        self.emitted = end
         return delta

@@ -216,22 +216,31 @@ class Decoder(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         kv_cache: KVCacheLike | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``tokens``: LongTensor ``[batch, seq]`` (or hidden states for a pipeline stage without
         embeddings). ``positions``: ``[batch or 1, seq]``, default ``0..seq-1``; required with a cache
-        that already holds tokens."""
+        that already holds tokens. ``rope``: precomputed ``(cos, sin)`` ``[batch or 1, seq, head_dim]``
+        instead of the model's own (per-request rotary scaling). ``logits_at``: LongTensor ``[n]`` of
+        flat indices into ``batch * seq``; the norm and head then run only there and the result is
+        ``[n, vocab]``."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         seq = h.shape[1]
-        if positions is None:
-            positions = torch.arange(seq, device=h.device).unsqueeze(0)
-        cfg, inv_freq, attention_factor = self.cfg, self.inv_freq, self.attention_factor
-        if cfg.rope_scaling.type == "longrope" and int(positions.max()) >= cfg.trained_context:  # long factors
-            inv_freq, attention_factor = scaled_inv_freq(
-                cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling, seq_len=int(positions.max()) + 1
-            )
-        cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)
+        if rope is None:
+            if positions is None:
+                positions = torch.arange(seq, device=h.device).unsqueeze(0)
+            cfg, inv_freq, attention_factor = self.cfg, self.inv_freq, self.attention_factor
+            if cfg.rope_scaling.type == "longrope" and int(positions.max()) >= cfg.trained_context:  # long factors
+                inv_freq, attention_factor = scaled_inv_freq(
+                    cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling, seq_len=int(positions.max()) + 1
+                )
+            rope = rope_cos_sin(positions, inv_freq, attention_factor)
+        cos, sin = rope
         for name, block in self.layers.items():
             h = block(h, cos, sin, kv_cache, int(name))
+        if logits_at is not None:
+            h = h.flatten(0, 1)[logits_at]
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

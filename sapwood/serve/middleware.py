@@ -1,20 +1,36 @@
-"""Pure ASGI middleware: body-size limit (413), API-key gate for ``/v1/`` (401), request metrics.
+"""Pure ASGI middleware: API-key gate (401), body-size limit (413), JSON limits (400), request metrics.
 
-The key check runs before the body is parsed, so an unauthenticated client learns nothing about the
-request schema; ``/health`` and ``/metrics`` stay open for probes and scrapers.
+The key check runs before the body is read, so an unauthenticated client learns nothing about the
+request schema: with keys set, ``/v1/*``, ``/docs``, ``/redoc`` and ``/openapi.json`` need a key.
+``/health`` stays open for probes but tells a client without a key only up or down (the handler reads
+``scope["state"]["authenticated"]``); ``/metrics`` stays open for scrapers. JSON bodies (and bodies
+without a content type, which FastAPI parses as JSON) are checked against :mod:`sapwood.serve.json_limits`
+before any handler parses them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
 from sapwood.serve.auth import APIKeyAuth
 from sapwood.serve.errors import APIError, error_body
+from sapwood.serve.json_limits import JSONLimitError, check_json
 from sapwood.serve.metrics import ServerMetrics
 
-KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/predict", "/health", "/metrics")
+KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/predict", "/health", "/metrics",
+                "/docs", "/redoc", "/openapi.json")
+DOC_ROUTES = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+JSON_CHECK_IN_THREAD_BYTES = 64 * 1024
+
+
+def is_json(content_type: bytes | None) -> bool:
+    if not content_type:
+        return True
+    media = content_type.split(b";")[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
 
 
 async def send_json_error(send: Any, status: int, message: str, code: str | None = None,
@@ -53,14 +69,18 @@ class GatewayMiddleware:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
     async def _gated(self, scope: dict, receive: Any, send: Any, path: str) -> None:
-        if path.startswith("/v1/") and self.auth.enabled:
+        authenticated = True
+        if self.auth.enabled:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             try:
                 self.auth.check(headers.get("authorization", ""))
             except APIError as exc:
-                self.metrics.rejected.labels("auth").inc()
-                await send_json_error(send, exc.status, exc.message, exc.code)
-                return
+                authenticated = False
+                if path.startswith("/v1/") or path in DOC_ROUTES:
+                    self.metrics.rejected.labels("auth").inc()
+                    await send_json_error(send, exc.status, exc.message, exc.code)
+                    return
+        scope.setdefault("state", {})["authenticated"] = authenticated
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
@@ -81,6 +101,16 @@ class GatewayMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False
+        if is_json(dict(scope.get("headers", [])).get(b"content-type")) and body:
+            try:
+                if len(body) > JSON_CHECK_IN_THREAD_BYTES:
+                    await asyncio.to_thread(check_json, body)
+                else:
+                    check_json(body)
+            except JSONLimitError as exc:
+                self.metrics.rejected.labels("json_limits").inc()
+                await send_json_error(send, 400, str(exc), code="invalid_json")
+                return
 
         async def replay() -> dict:
             nonlocal replayed

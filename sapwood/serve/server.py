@@ -2,7 +2,9 @@
 
 With no ``SAPWOOD_API_KEYS`` the server is open, so it binds loopback only (and says so). On SIGTERM /
 SIGINT uvicorn stops accepting, waits for in-flight requests (up to ``graceful_shutdown_s``), then the
-engine drains and stops.
+engine drains and stops. When the engine loop stays down (it failed repeatedly, see
+:mod:`sapwood.infer.background`), ``sapwood serve`` stops and exits with status :data:`ENGINE_DOWN_EXIT`
+so that its supervisor (systemd, Kubernetes) restarts it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sapwood.serve.app import create_app
 from sapwood.serve.settings import API_KEYS_ENV, LOOPBACK_HOSTS, ServeSettings, api_keys_from_env
 
 log = logging.getLogger("sapwood.serve")
+ENGINE_DOWN_EXIT = 3
 
 
 def resolve_host(host: str, keys: frozenset[str]) -> str:
@@ -49,8 +52,23 @@ def run_server(folder: str | Path, settings: ServeSettings, device: str = "cpu")
     # no-op so a graceful shutdown exits with status 0 instead of dying by the signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
-    uvicorn.Server(uvicorn_config(app, settings, host, settings.port)).run()
+    server = uvicorn.Server(uvicorn_config(app, settings, host, settings.port))
+    engine_loop = app.state.engine_loop
+    if engine_loop is not None:
+        threading.Thread(target=_exit_when_engine_down, args=(server, engine_loop), daemon=True).start()
+    server.run()
+    if engine_loop is not None and engine_loop.failure:
+        log.error("sapwood serve stopped: %s", engine_loop.failure)
+        raise SystemExit(ENGINE_DOWN_EXIT)
     log.info("sapwood serve stopped after draining in-flight requests")
+
+
+def _exit_when_engine_down(server: uvicorn.Server, engine_loop) -> None:
+    while not server.should_exit:
+        if engine_loop.failure:
+            server.should_exit = True
+            return
+        time.sleep(0.5)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

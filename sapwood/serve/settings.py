@@ -15,16 +15,20 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class ServeSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    model_name: str | None = Field(None, description="name in /v1/models; defaults to the folder name")
+    model_name: str | None = Field(None, description="name in /v1/models; default: see default_model_name")
     max_batch: int = Field(64, ge=1, description="requests decoded together (KV-cache slots)")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
-    max_kv_tokens: int = Field(1 << 20, ge=1, description="cache positions (slots x capacity) allowed")
+    kv_memory_gb: float | None = Field(None, gt=0, description="KV-cache budget in GB (1e9 bytes); default: half "
+                                       "the memory free after loading the model")
     request_timeout_s: float = Field(300.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     default_max_tokens: int = Field(16, ge=1, description="completions without max_tokens")
     default_chat_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens")
     retry_after_s: int = Field(1, ge=1)
     graceful_shutdown_s: float = Field(60.0, gt=0)
+    predict_workers: int = Field(2, ge=1, description="threads running /v1/predict work")
+    predict_queue: int = Field(8, ge=1, description="/v1/predict requests waiting or running before 429")
+    predict_timeout_s: float = Field(60.0, gt=0, description="seconds before a /v1/predict request gets 504")
 
 
 def api_keys_from_env() -> frozenset[str]:
