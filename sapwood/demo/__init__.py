@@ -1,6 +1,7 @@
 """`sapwood demo` / `make demo`: the whole pipeline on embedded defaults, on a CPU, in minutes.
 
-Each stage is one function owned by the module it shows; this file only orders them.
+Each stage is one function; the sizing, cube and surrogate stages live in this package (sizing.py, cubes.py,
+surrogate.py), the others in the modules they show. This file only orders them.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ console = Console()
 
 def run_demo(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    from sapwood.data.cubes import demo_stage as cube_stage
+    from sapwood.demo.cubes import cube_stage
     from sapwood.demo.sizing import sizing_stage
-    from sapwood.evaluate import demo_stage as surrogate_stage
+    from sapwood.demo.surrogate import surrogate_stage
     from sapwood.serve.demo import generation_and_serving_stage
     from sapwood.train.demo import language_model_stage
 
