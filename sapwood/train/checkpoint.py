@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sapwood.config import Config, load_config
+from sapwood.errors import SapwoodWarning
 
 MANIFEST = "manifest.json"
 
@@ -185,7 +186,7 @@ def resume_candidates(root: str | Path) -> list[Path]:
         if problem is None:
             good.append(folder)
         else:
-            warnings.warn(f"skipping checkpoint {folder}: {problem}", stacklevel=2)
+            warnings.warn(f"skipping checkpoint {folder}: {problem}", SapwoodWarning, stacklevel=2)
     return good
 
 

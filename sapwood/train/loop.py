@@ -16,11 +16,12 @@ with ``to_empty`` and initialized. What the trainer exposes to callbacks: ``mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,14 @@ import torch
 from torch import nn
 
 from sapwood.config import Config
-from sapwood.errors import ConfigError, SapwoodError
+from sapwood.errors import ConfigError, SapwoodError, SapwoodWarning
 from sapwood.model import save_folder
 from sapwood.train import checkpoint as ckpt
 from sapwood.train.activation import apply_activation_checkpointing
 from sapwood.train.callbacks import Callback, callbacks_from_config
+from sapwood.train.console import say
 from sapwood.train.mesh import env_world_size, init_distributed, parallel_dims_for
-from sapwood.train.metrics import EventLog, plot_loss
+from sapwood.train.metrics import EventLog, last_logged, plot_loss
 from sapwood.train.parallel import (
     apply_training_parallelism,
     clip_grad_norm_,
@@ -49,6 +51,18 @@ from sapwood.train.task import Task, build_task
 
 class DivergenceError(SapwoodError):
     """The loss was NaN/inf for ``max_bad_steps`` consecutive steps."""
+
+
+class TrainingInterrupted(SapwoodError):
+    """Ctrl-C (SIGINT) stopped the run at ``step``; ``checkpoint`` is the newest one it can resume from."""
+
+    def __init__(self, step: int, checkpoint: Path | None, save_every: int):
+        self.step, self.checkpoint = step, checkpoint
+        if checkpoint is None:
+            where = f"no checkpoint written yet (one every train.save_every={save_every} steps)"
+        else:
+            where = f"last checkpoint: step {int(checkpoint.name.removeprefix(ckpt.PREFIX))} ({checkpoint})"
+        super().__init__(f"training interrupted at step {step}; {where}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -219,7 +233,8 @@ class Trainer:
     def _resume(self) -> None:
         candidates = ckpt.resume_candidates(self.checkpoint_dir)
         if not candidates:
-            warnings.warn(f"--resume: no complete checkpoint in {self.checkpoint_dir}; starting from step 0", stacklevel=2)
+            say(f"--resume: nothing to resume, no complete checkpoint in {self.checkpoint_dir}; starting from step 0",
+                self.rank)
             return
         for folder in candidates:
             try:
@@ -233,14 +248,16 @@ class Trainer:
                 self.config = config
                 state = ckpt.load_checkpoint(folder, self.model, self.optimizer)
             except Exception as exc:  # corrupt in a way the manifest did not catch
-                warnings.warn(f"skipping checkpoint {folder}: {type(exc).__name__}: {exc}", stacklevel=2)
+                warnings.warn(f"skipping checkpoint {folder}: {type(exc).__name__}: {exc}", SapwoodWarning,
+                              stacklevel=2)
                 self._build(self.config)
                 continue
             self._apply_trainer_state(state)
             self.last_checkpoint = folder
             self.log_event("resume", path=str(folder))
+            say(f"resumed from step {self.step} of {self.config.train.steps} ({folder})", self.rank)
             return
-        warnings.warn("--resume: every checkpoint was unusable; starting from step 0", stacklevel=2)
+        say("--resume: every checkpoint was unusable; starting from step 0", self.rank)
 
     def _apply_trainer_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -337,11 +354,14 @@ class Trainer:
             self.log_event("start", config=self.config.model_dump(mode="json", exclude_none=True))
         for cb in self.callbacks:
             cb.on_train_start(self)
-        last_eval: dict[str, float] = {}
-        last_loss = float("nan")
-        progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0)
+        last_loss, last_eval = last_logged(self.events.path) if self.step else (float("nan"), {})
+        if self.step >= t.steps:
+            say(f"the run already finished at step {self.step} (train.steps={t.steps}); nothing to train. "
+                "Raise train.steps to train further.", self.rank)
+        progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0,
+                             unit=getattr(self.task, "unit_name", "tok"))
         window_units, window_start = 0, time.perf_counter()
-        with progress:
+        with progress, _interrupt_as(self):
             while self.step < t.steps:
                 metrics = self.train_step()
                 window_units += metrics["units"]
@@ -400,11 +420,22 @@ class Trainer:
         return out
 
 
-class _Progress:
-    """A rich progress bar: step, loss, tokens (units) per second, ETA; silent when disabled."""
+@contextlib.contextmanager
+def _interrupt_as(trainer: Trainer) -> Iterator[None]:
+    """Ctrl-C inside the block becomes :class:`TrainingInterrupted` (logged to metrics.jsonl)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        trainer.log_event("interrupted", last_checkpoint=str(trainer.last_checkpoint))
+        raise TrainingInterrupted(trainer.step, trainer.last_checkpoint, trainer.config.train.save_every) from None
 
-    def __init__(self, total: int, start: int, enabled: bool):
+
+class _Progress:
+    """A rich progress bar: step, loss, units (tokens, samples) per second, ETA; silent when disabled."""
+
+    def __init__(self, total: int, start: int, enabled: bool, unit: str = "tok"):
         self.enabled = enabled
+        self.unit = unit
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -425,7 +456,8 @@ class _Progress:
 
     def update(self, step: int, loss: float, units_per_s: float, val_loss: float | None) -> None:
         if self.enabled:
-            info = f"loss {loss:.3f}  {units_per_s:,.0f} tok/s" + (f"  val {val_loss:.3f}" if val_loss is not None else "")
+            info = f"loss {loss:.3f}  {units_per_s:,.0f} {self.unit}/s" + (
+                f"  val {val_loss:.3f}" if val_loss is not None else "")
             self.bar.update(self.task_id, completed=step, info=info)
 
 
