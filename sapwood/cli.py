@@ -139,7 +139,7 @@ def train(
         raise SystemExit(130) from None
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()
              if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
-    console.print(" ".join(f"{k}={v}" for k, v in shown.items()))
+    console.print(" ".join(f"{k}={v}" for k, v in shown.items()), soft_wrap=True)
 
 
 @app.command()
@@ -148,7 +148,8 @@ def size(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     precision: str = typer.Option(None, help="fp32, bf16, fp16 or bf16-pure (default: train.precision, else bf16)"),
     optimizer: str = typer.Option("adamw", help="adamw, adamw8bit or sgd"),
-    checkpointing: str = typer.Option(None, help="activation checkpointing: none, selective or full"),
+    checkpointing: str = typer.Option(None, help="activation checkpointing as in the YAML: none, every_layer or "
+                                      "every_k (counted as every_layer); also selective (attention core only)"),
     seq: int = typer.Option(None, help="tokens per sequence (default: model.trained_context)"),
     micro_batch: int = typer.Option(None, help="sequences per micro-batch (default: train.micro_batch_size, else 1)"),
 ) -> None:

@@ -301,6 +301,23 @@ class Config(Section):
     cube: CubeModelConfig | None = None
     growth: GrowthConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _cube_store_in_cube_section(cls, data: Any) -> Any:
+        """A cube model reads its store from ``cube.data``; ``data:`` is the text task's token folder."""
+        if isinstance(data, dict) and isinstance(data.get("data"), dict):
+            store = data["data"].get("path", "STORE")
+            if data.get("cube") is not None or data["data"].get("kind") == "cube":
+                raise ValueError(f"a datacube model reads its store from cube.data, not data:; write "
+                                 f"`cube: {{data: {store}}}` (a store from `sapwood prepare`) and remove data:")
+        return data
+
+    @model_validator(mode="after")
+    def _cube_task_by_default(self) -> Config:
+        if self.cube is not None and self.train is not None and "task" not in self.train.model_fields_set:
+            self.train.task = "cube"
+        return self
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False))
 

@@ -95,3 +95,17 @@ def test_bench_list_names_every_suite():
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
     assert {"model", "serve", "train", "grow", "data", "augment", "physics", "predict"} <= set(names)
     assert "list" not in names
+
+
+def test_size_labels_bf16_with_its_16_bit_copy_and_uses_the_yaml_checkpointing_names():
+    import json
+
+    states = json.loads(sapwood("size", "tiny", "--json").stdout)["training_state_bytes_single_device"]
+    params = json.loads(sapwood("size", "tiny", "--json").stdout)["params_total"]
+    assert states["bf16+adamw"]["total"] == states["fp32+adamw"]["total"] + 2 * params
+    assert states["bf16-pure+adamw8bit"]["compute_copy"] == 0
+    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "size", "tiny", "--checkpointing", "every_layer"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="250"))
+    assert proc.returncode == 0, proc.stderr
+    assert "activation_checkpointing every_layer" in proc.stdout
+    assert "one device, bf16 mixed (fp32 master) + AdamW" in proc.stdout and "ckpt full" not in proc.stdout

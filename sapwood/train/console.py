@@ -10,4 +10,4 @@ console = Console(highlight=False)
 def say(message: str, rank: int = 0) -> None:
     """Print ``message`` on rank 0 (other ranks of a distributed run stay quiet)."""
     if rank == 0:
-        console.print(message, markup=False)
+        console.print(message, markup=False, soft_wrap=True)

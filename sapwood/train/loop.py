@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -361,7 +363,7 @@ class Trainer:
         progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0,
                              unit=getattr(self.task, "unit_name", "tok"))
         window_units, window_start = 0, time.perf_counter()
-        with progress, _interrupt_as(self):
+        with progress, _stop_on_ctrl_c(self) as stop_requested:
             while self.step < t.steps:
                 metrics = self.train_step()
                 window_units += metrics["units"]
@@ -391,6 +393,8 @@ class Trainer:
                 if self.bad_steps == 0 and (self.step % t.save_every == 0 or self.step == t.steps):
                     self.save()
                 progress.update(self.step, last_loss, metrics["units_per_s"], last_eval.get("val_loss"))
+                if stop_requested:
+                    raise KeyboardInterrupt
         for cb in self.callbacks:
             cb.on_train_end(self)
         final = self.write_final()
@@ -421,13 +425,30 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def _interrupt_as(trainer: Trainer) -> Iterator[None]:
-    """Ctrl-C inside the block becomes :class:`TrainingInterrupted` (logged to metrics.jsonl)."""
+def _stop_on_ctrl_c(trainer: Trainer) -> Iterator[list[bool]]:
+    """Ctrl-C (SIGINT) stops the run after the current step, never inside a checkpoint write; a second
+    Ctrl-C stops at once. Either way :class:`TrainingInterrupted` is raised (and logged to metrics.jsonl).
+
+    Yields a list that becomes non-empty when a stop was requested.
+    """
+    requested: list[bool] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+
+    install = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, request_stop) if install else None
     try:
-        yield
+        yield requested
     except KeyboardInterrupt:
         trainer.log_event("interrupted", last_checkpoint=str(trainer.last_checkpoint))
         raise TrainingInterrupted(trainer.step, trainer.last_checkpoint, trainer.config.train.save_every) from None
+    finally:
+        if install:
+            signal.signal(signal.SIGINT, previous)
 
 
 class _Progress:
