@@ -46,18 +46,23 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="folder for ev
 
 
 @app.command("import-hf")
-def import_hf_command(hf_dir: Path, out: Path = typer.Option(..., "--out", help="sapwood checkpoint folder to write")) -> None:
-    """Convert a Hugging Face Llama-family folder (config.json, *.safetensors, tokenizer.json)."""
+def import_hf_command(
+    hf_dir: Path,
+    out: Path = typer.Option(..., "--out", help="sapwood checkpoint folder to write"),
+    dtype: str = typer.Option(None, help="cast the weights: float32, bfloat16 or float16 (default: keep)"),
+) -> None:
+    """Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 folder (config.json, *.safetensors,
+    tokenizer and generation files)."""
     from sapwood.model.hf import import_hf
 
-    console.print(f"wrote {import_hf(hf_dir, out)}")
+    console.print(f"wrote {import_hf(hf_dir, out, dtype)}")
 
 
 @app.command("export-hf")
 def export_hf_command(folder: Path, out: Path = typer.Option(..., "--out", help="Hugging Face folder to write"),
                       force: bool = typer.Option(False, "--force", help="replace --out when it already holds files"),
                       ) -> None:
-    """Write a sapwood checkpoint folder as one transformers loads with LlamaForCausalLM."""
+    """Write a sapwood checkpoint folder as one transformers loads (Llama, Qwen2, Qwen3 or Phi3 by its options)."""
     from sapwood.model.hf import export_hf
 
     refuse_existing_out(out, force)
@@ -75,12 +80,21 @@ def simulate(
     dt_hours: float = typer.Option(6.0, help="hours between outputs"),
     seed: int = typer.Option(0, help="seed of the planet draw"),
     dtype: str = typer.Option("float32", help="float32 or float64"),
+    planets: Path = typer.Option(None, "--planets", help="exoplanet catalog (CSV/Parquet, e.g. from 'sapwood fetch "
+                                 "nasa-exoplanets') to draw the planets from; see sapwood.data.sources.planets"),
 ) -> None:
     """Simulate an ensemble of planets and write CF NetCDF datacubes (see sapwood.data.simulate)."""
     from sapwood.data.simulate import Grid, simulate_ensemble
 
     grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, dt_hours=dt_hours)
-    paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype)
+    drawn = None
+    if planets is not None:
+        from sapwood.data.sources.planets import draw_planets, planet_params, write_provenance
+
+        catalog_planets = draw_planets(planets, runs, seed)
+        drawn = planet_params(catalog_planets)
+        write_provenance(catalog_planets, out / "planets.csv")
+    paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype, planets=drawn)
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {len(paths)} runs, {size / 1e6:.1f} MB, to {out}")
 
@@ -130,13 +144,16 @@ def train(
     from sapwood.config import load_config
     from sapwood.train.loop import TrainingInterrupted
     from sapwood.train.loop import train as run_training
+    from sapwood.train.mesh import shutdown_distributed
 
     try:
         summary = run_training(load_config(config), resume=resume)
     except TrainingInterrupted as exc:
+        shutdown_distributed()
         hint = f"sapwood train {config} --resume" if exc.checkpoint else f"sapwood train {config}"
         print(f"{exc}; to continue: {hint}", file=sys.stderr)
         raise SystemExit(130) from None
+    shutdown_distributed()  # under torchrun: process groups go now, not at interpreter exit
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()
              if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
     console.print(" ".join(f"{k}={v}" for k, v in shown.items()), soft_wrap=True)
@@ -181,6 +198,7 @@ def solve(
     ffn_ratio: float = typer.Option(8 / 3, "--ffn-ratio", help="preferred ffn / hidden among matching shapes"),
     near_hidden: int = typer.Option(None, "--near-hidden", help="preferred hidden among matching shapes"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    family: str = typer.Option("llama", help="HF family whose options are counted: llama, mistral, qwen2, qwen3, phi3"),
 ) -> None:
     """The valid config (head_dim a multiple of 8, ffn a multiple of 64) nearest to --params.
 
@@ -190,13 +208,14 @@ def solve(
 
     import yaml
 
+    from sapwood.config import FAMILY_OPTIONS
     from sapwood.sizing import SolveRequest
     from sapwood.sizing import solve as solve_config
 
     result = solve_config(SolveRequest(params, layers, heads, kv_heads, hidden, ffn, head_dim, vocab, tied,
-                                       tolerance, ffn_ratio, near_hidden))
+                                       tolerance, ffn_ratio, near_hidden, family=family))
     model = result.model.model_dump(include={"vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",
-                                             "tied_embeddings"})
+                                             "tied_embeddings", *FAMILY_OPTIONS[family]})
     if as_json:
         print(json.dumps({"params_total": result.params, "relative_error": result.error, "model": model}))
         return
@@ -474,6 +493,24 @@ def consolidate(
     from sapwood.train.consolidate import consolidate as run_consolidate
 
     console.print(f"wrote {run_consolidate(checkpoint, out)}")
+
+
+@app.command()
+def fetch(
+    sources: list[str] = typer.Argument(None, help="source names from the catalog (see --list)"),
+    out: Path = typer.Option(None, "--out", help="folder to fetch into (prepare's / tokenize's input folder)"),
+    catalog: list[Path] = typer.Option(None, "--catalog", help="your own source catalog YAML (repeatable; "
+                                       "also SAPWOOD_SOURCES); entries add to or override the packaged ones"),
+    request: Path = typer.Option(None, "--request", help="YAML mapping of source fields to override, e.g. "
+                                 "dataset:/request: for CDS, query: for TAP, term: for NCBI"),
+    set_fields: list[str] = typer.Option(None, "--set", help="FIELD=VALUE (YAML value) overriding one field"),
+    refresh: bool = typer.Option(False, "--refresh", help="ignore the request cache in OUT/.sapwood-fetch"),
+    list_sources: bool = typer.Option(False, "--list", help="list the catalog's sources and exit"),
+) -> None:
+    """Fetch from archives (TAP, MAST, CDS, NCBI, S3) into OUT; credentials come from the environment only."""
+    from sapwood.data.sources.command import fetch_command
+
+    fetch_command(sources or [], out, catalog or [], request, set_fields or [], refresh, list_sources, console)
 
 
 @bench_app.command("list")

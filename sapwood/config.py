@@ -34,12 +34,33 @@ class RopeScaling(Section):
     ``none``: plain RoPE. ``linear``: positions divided by ``factor``. ``ntk``: theta raised by
     ``factor ** (d / (d - 2))``. ``dynamic_ntk``: NTK with the factor chosen from the current length.
     ``yarn``: per-frequency interpolation with attention temperature (Peng et al. 2023).
+    ``llama3``: Llama 3.1's per-wavelength interpolation (long wavelengths divided by ``factor``, short ones
+    kept, a smooth ramp between ``low_freq_factor`` and ``high_freq_factor``). ``longrope``: Phi-3's
+    per-frequency divisors, ``short_factor`` up to ``trained_context`` and ``long_factor`` past it, cos/sin
+    scaled by ``attention_factor`` (default ``sqrt(1 + ln(factor) / ln(trained_context))``).
     """
 
-    type: Literal["none", "linear", "ntk", "dynamic_ntk", "yarn"] = "none"
+    type: Literal["none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3", "longrope"] = "none"
     factor: float = Field(1.0, ge=1.0)
     beta_fast: float = Field(32.0, gt=0)
     beta_slow: float = Field(1.0, gt=0)
+    low_freq_factor: float | None = Field(None, gt=0, description="llama3: wavelengths above trained_context / this are scaled")
+    high_freq_factor: float | None = Field(None, gt=0, description="llama3: wavelengths below trained_context / this are kept")
+    short_factor: list[float] | None = Field(None, description="longrope: head_dim // 2 divisors within trained_context")
+    long_factor: list[float] | None = Field(None, description="longrope: head_dim // 2 divisors past trained_context")
+    attention_factor: float | None = Field(None, gt=0, description="yarn/longrope: cos/sin scale (default: the method's)")
+
+    @model_validator(mode="after")
+    def _check_method(self) -> RopeScaling:
+        if self.type == "llama3":
+            if self.low_freq_factor is None or self.high_freq_factor is None:
+                raise ValueError("rope_scaling type 'llama3' needs low_freq_factor and high_freq_factor")
+            if self.high_freq_factor <= self.low_freq_factor:
+                raise ValueError(f"high_freq_factor={self.high_freq_factor} must be above "
+                                 f"low_freq_factor={self.low_freq_factor}")
+        if self.type == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise ValueError("rope_scaling type 'longrope' needs short_factor and long_factor (head_dim // 2 each)")
+        return self
 
 
 class ModelConfig(Section):
@@ -59,6 +80,11 @@ class ModelConfig(Section):
     rope_scaling: RopeScaling = RopeScaling()
     tied_embeddings: bool = False
     init_std: float = Field(0.02, gt=0)
+    qkv_bias: bool = Field(False, description="bias on the q, k, v projections (Qwen2; Llama attention_bias)")
+    attention_out_bias: bool = Field(False, description="bias on the attention output projection (Llama attention_bias)")
+    mlp_bias: bool = Field(False, description="bias on the three feed-forward projections (Llama mlp_bias)")
+    qk_norm: bool = Field(False, description="RMSNorm over head_dim on each query and key head before RoPE (Qwen3)")
+    activation: Literal["silu", "gelu", "gelu_tanh"] = Field("silu", description="gated FFN activation (SwiGLU / GeGLU)")
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:
@@ -75,6 +101,10 @@ class ModelConfig(Section):
             raise ValueError(f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}; kv_heads must divide heads")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        for name in ("short_factor", "long_factor"):
+            factors = getattr(self.rope_scaling, name)
+            if factors is not None and len(factors) != self.head_dim // 2:
+                raise ValueError(f"rope_scaling.{name} has {len(factors)} values; needs head_dim // 2 = {self.head_dim // 2}")
         if self.max_context is None:
             self.__dict__["max_context"] = self.trained_context
         if self.max_context < self.trained_context:
@@ -86,6 +116,17 @@ class ModelConfig(Section):
     @property
     def kv_groups(self) -> int:
         return self.heads // self.kv_heads
+
+
+# The ModelConfig options that make a model compute what each Hugging Face family computes
+# (the RoPE scaling and sizes come from the checkpoint; sapwood.model.hf maps both ways).
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},
+    "qwen3": {"qk_norm": True},
+    "phi3": {},
+}
 
 
 class ParallelConfig(Section):

@@ -32,7 +32,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from sapwood.config import Config, ModelConfig, ParallelConfig
+from sapwood.config import FAMILY_OPTIONS, Config, ModelConfig, ParallelConfig
 from sapwood.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
@@ -76,19 +76,30 @@ def parameter_shapes(cfg: ModelConfig) -> list[ParamSpec]:
     row-wise (dim 1), embedding and head vocab-parallel (dim 0), norms replicated.
     """
     h, q_dim, kv_dim = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+
+    def linear(name: str, out_dim: int, in_dim: int, tp_dim: int, bias: bool, layer: int) -> list[ParamSpec]:
+        """Weight, then bias (sharded with the output rows when column-parallel, else replicated)."""
+        weight = ParamSpec(name + ".weight", (out_dim, in_dim), tp_dim, layer)
+        return [weight, ParamSpec(name + ".bias", (out_dim,), 0 if tp_dim == 0 else None, layer)] if bias else [weight]
+
     specs = [ParamSpec("tok_embeddings.weight", (cfg.vocab_size, h), 0, None)]
     for i in range(cfg.layers):
         p = f"layers.{i}."
         specs += [
             ParamSpec(p + "attention_norm.weight", (h,), None, i),
-            ParamSpec(p + "attention.wq.weight", (q_dim, h), 0, i),
-            ParamSpec(p + "attention.wk.weight", (kv_dim, h), 0, i),
-            ParamSpec(p + "attention.wv.weight", (kv_dim, h), 0, i),
-            ParamSpec(p + "attention.wo.weight", (h, q_dim), 1, i),
+            *linear(p + "attention.wq", q_dim, h, 0, cfg.qkv_bias, i),
+            *linear(p + "attention.wk", kv_dim, h, 0, cfg.qkv_bias, i),
+            *linear(p + "attention.wv", kv_dim, h, 0, cfg.qkv_bias, i),
+            *linear(p + "attention.wo", h, q_dim, 1, cfg.attention_out_bias, i),
+        ]
+        if cfg.qk_norm:
+            specs += [ParamSpec(p + "attention.q_norm.weight", (cfg.head_dim,), None, i),
+                      ParamSpec(p + "attention.k_norm.weight", (cfg.head_dim,), None, i)]
+        specs += [
             ParamSpec(p + "ffn_norm.weight", (h,), None, i),
-            ParamSpec(p + "feed_forward.w1.weight", (cfg.ffn, h), 0, i),
-            ParamSpec(p + "feed_forward.w3.weight", (cfg.ffn, h), 0, i),
-            ParamSpec(p + "feed_forward.w2.weight", (h, cfg.ffn), 1, i),
+            *linear(p + "feed_forward.w1", cfg.ffn, h, 0, cfg.mlp_bias, i),
+            *linear(p + "feed_forward.w3", cfg.ffn, h, 0, cfg.mlp_bias, i),
+            *linear(p + "feed_forward.w2", h, cfg.ffn, 1, cfg.mlp_bias, i),
         ]
     specs.append(ParamSpec("norm.weight", (h,), None, None))
     if not cfg.tied_embeddings:
@@ -108,9 +119,12 @@ class ParamCounts:
 
 
 def layer_params(cfg: ModelConfig) -> int:
-    """One block: 2h (norms) + h*(q + 2 kv + q) (attention) + 3 h ffn (SwiGLU)."""
+    """One block: 2h (norms) + h*(q + 2 kv + q) (attention) + 3 h ffn (SwiGLU), plus the family options:
+    q + 2 kv (q/k/v biases), h (output bias), 2 head_dim (q/k norms), 2 ffn + h (FFN biases)."""
     q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    return 2 * cfg.hidden + cfg.hidden * (2 * q_dim + 2 * kv_dim) + 3 * cfg.hidden * cfg.ffn
+    options = ((q_dim + 2 * kv_dim) * cfg.qkv_bias + cfg.hidden * cfg.attention_out_bias
+               + 2 * cfg.head_dim * cfg.qk_norm + (2 * cfg.ffn + cfg.hidden) * cfg.mlp_bias)
+    return 2 * cfg.hidden + cfg.hidden * (2 * q_dim + 2 * kv_dim) + 3 * cfg.hidden * cfg.ffn + options
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
@@ -504,6 +518,7 @@ class SolveRequest:
     ffn_ratio: float = 8 / 3
     near_hidden: int | None = None
     aspect: float = 128.0
+    family: str = "llama"  # a key of FAMILY_OPTIONS: its biases / q-k norms are counted and set
 
 
 @dataclass(frozen=True)
@@ -532,6 +547,8 @@ def _check_request(req: SolveRequest) -> None:
             raise ConfigError(f"{name}={value} must be a positive integer")
     if req.params <= 0:
         raise ConfigError(f"params={req.params:g} must be positive")
+    if req.family not in FAMILY_OPTIONS:
+        raise ConfigError(f"family={req.family!r} is not known; allowed: {', '.join(FAMILY_OPTIONS)}")
     if req.ffn is not None and req.ffn % 64:
         raise ConfigError(f"ffn={req.ffn} is not a multiple of 64; choose one (e.g. {round(req.ffn / 64) * 64 or 64})")
     if req.head_dim is not None and req.head_dim % 8:
@@ -574,9 +591,12 @@ def solve(req: SolveRequest) -> SolveResult:
     found: list[tuple[float, int, dict[str, Any]]] = []
     nearest: tuple[float, int] | None = None
     embedding_copies = 1 if req.tied_embeddings else 2
+    options = FAMILY_OPTIONS[req.family]
     for hidden, heads, kv_heads in _candidate_dims(req):
         head_dim = hidden // heads
         attention = 2 * hidden + hidden * 2 * head_dim * (heads + kv_heads)  # norms + q, k, v, o per layer
+        attention += head_dim * (heads + 2 * kv_heads) * options.get("qkv_bias", False)
+        attention += 2 * head_dim * options.get("qk_norm", False)
         for layers in [req.layers] if req.layers else range(1, 257):
             without_ffn = req.vocab_size * hidden * embedding_copies + layers * attention + hidden
             per_unit = 3 * hidden * layers  # params added by one more ffn unit in every layer
@@ -592,7 +612,7 @@ def solve(req: SolveRequest) -> SolveResult:
                     nearest = (error, total)
                 if error <= req.tolerance:
                     dims = dict(vocab_size=req.vocab_size, hidden=hidden, layers=layers, heads=heads,
-                                kv_heads=kv_heads, ffn=ffn, tied_embeddings=req.tied_embeddings)
+                                kv_heads=kv_heads, ffn=ffn, tied_embeddings=req.tied_embeddings, **options)
                     found.append((_shape_cost(req, layers, hidden, ffn), total, dims))
     if not found:
         best = f"; the nearest valid shape has {nearest[1]:,} params ({nearest[0]:.2%} off)" if nearest else ""

@@ -203,6 +203,20 @@ def test_checkpoint_reshards_to_two_ranks_and_one_process(four_ranks, resharded,
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("fixture,ranks", [("two_ranks", 2), ("four_ranks", 4), ("resharded", 2)])
+def test_no_gloo_thread_outlives_shutdown(request, fixture, ranks):
+    """After ``shutdown_distributed`` every gloo worker and transport thread of every process group
+    (default, mesh dimensions, flattened and pipeline groups) has been joined, so interpreter exit
+    tears nothing of gloo down (doing so aborted workers by chance with "terminate called without an
+    active exception")."""
+    out = request.getfixturevalue(fixture)
+    for rank in range(ranks):
+        names = json.loads((out / f"threads_rank{rank}.json").read_text())
+        assert names, f"rank {rank} recorded no threads"
+        assert not [n for n in names if "gloo" in n], f"rank {rank} still runs {names}"
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("saved", ["fsdp2_tp2", "pp2_fsdp2"])
 def test_consolidate_writes_a_loadable_folder_with_the_saved_weights(four_ranks, tmp_path, saved):
     import sapwood

@@ -404,14 +404,17 @@ def write_run(path: Path, planet: PlanetParams, grid: Grid, phase: float = 0.0, 
 
 
 def simulate_ensemble(out: Path, runs: int = 4, grid: Grid | None = None, seed: int = 0,
-                      dtype: str = "float32", progress: bool = True) -> list[Path]:
-    """Write ``runs`` NetCDF files ``out/run_NNNN.nc`` over planets from :func:`sample_planets`."""
+                      dtype: str = "float32", progress: bool = True,
+                      planets: list[PlanetParams] | None = None) -> list[Path]:
+    """Write ``runs`` NetCDF files ``out/run_NNNN.nc`` over ``planets`` (default: :func:`sample_planets`)."""
     grid = grid or Grid()
     grid.validate()
     if runs < 1:
         raise SapwoodError(f"runs={runs}: need at least 1")
     out.mkdir(parents=True, exist_ok=True)
-    planets = sample_planets(runs, seed)
+    if planets is not None and len(planets) != runs:
+        raise SapwoodError(f"{len(planets)} planets given for runs={runs}")
+    planets = list(planets) if planets is not None else sample_planets(runs, seed)
     phases = np.random.default_rng(seed + 1).uniform(0, 2 * math.pi / WAVENUMBER, runs)
     paths = []
     from rich.progress import Progress

@@ -5,7 +5,8 @@ The limit is ``model.max_context`` (prompt + new tokens); a longer request is re
 ``model.rope_scaling`` so served outputs match the trained and exported model: the static methods
 (``linear``, ``ntk``, ``yarn``) are part of the model's frequencies at every length; ``dynamic_ntk``
 stretches theta per request by ``total_length / trained_context`` once a request runs past the trained
-context, and leaves shorter requests on plain RoPE.
+context, and leaves shorter requests on plain RoPE; ``longrope`` likewise gives a request that will run
+past the trained context the long factors for all its positions, a shorter one the short factors.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from sapwood.config import ModelConfig
 from sapwood.errors import SapwoodError
-from sapwood.model.rope import scaled_inv_freq
+from sapwood.model.rope import LENGTH_DEPENDENT, scaled_inv_freq
 
 
 class ContextLengthError(SapwoodError):
@@ -56,7 +57,7 @@ class ContextPolicy:
     def rope_for(self, total_tokens: int) -> RopePlan:
         """The rotary frequencies for a request that will reach ``total_tokens`` positions."""
         scaling = self.cfg.rope_scaling
-        if scaling.type != "dynamic_ntk" or total_tokens <= self.trained_context:
+        if scaling.type not in LENGTH_DEPENDENT or total_tokens <= self.trained_context:
             return self.default
         plan = self._dynamic.get(total_tokens)
         if plan is None:

@@ -35,6 +35,7 @@ class Engine:
         self.runner = ModelRunner(model, sched.max_batch, self.cfg.max_context)
         self.policy = ContextPolicy(self.cfg, self.runner.device)
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
+        self.eos_ids = tokenizer.eos_ids if tokenizer is not None else frozenset()
         self.tokens_generated = 0
         self.steps = 0
 
@@ -140,7 +141,7 @@ class Engine:
     def _finish_check(self, request: Request, token: int) -> StepOutput:
         params = request.params
         reason = None
-        if token == self.eos_id and not params.ignore_eos:
+        if token in self.eos_ids and not params.ignore_eos:
             reason = "stop"
         elif len(request.output_ids) >= params.max_tokens:
             reason = "length"

@@ -1,6 +1,9 @@
 """Text in and out of the engine: the checkpoint's ``tokenizer.json``, streaming detokenization,
 stop strings and the chat template.
 
+End of sequence: the ``eos_token_id`` of ``generation_config.json`` (one id or several) when the folder
+has one, else the first of :data:`EOS_CANDIDATES` in the vocabulary.
+
 Chat template: a Jinja ``chat_template`` from ``tokenizer_config.json`` or ``chat_template.jinja`` in the
 checkpoint folder when there is one; otherwise the documented default :data:`DEFAULT_CHAT_TEMPLATE`,
 one ``"<role>: <content>\\n"`` line per message followed by ``"assistant:"``.
@@ -23,11 +26,14 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None):
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None, eos_ids: list[int] | None = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         self.eos_id: int | None = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
+        if eos_ids:  # generation_config.json's eos ids (Llama 3 has several) take precedence
+            self.eos_id = eos_ids[0]
+        self.eos_ids: frozenset[int] = frozenset(eos_ids or ([] if self.eos_id is None else [self.eos_id]))
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._template = None
 
@@ -42,7 +48,11 @@ class TextTokenizer:
             template = (folder / "chat_template.jinja").read_text()
         elif (folder / "tokenizer_config.json").exists():
             template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
-        return cls(Tokenizer.from_file(str(path)), template if isinstance(template, str) else None)
+        eos_ids = None
+        if (folder / "generation_config.json").exists():
+            eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
+            eos_ids = [eos] if isinstance(eos, int) else eos
+        return cls(Tokenizer.from_file(str(path)), template if isinstance(template, str) else None, eos_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

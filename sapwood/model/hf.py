@@ -1,15 +1,20 @@
-"""Import and export of Hugging Face Llama-family checkpoints (``config.json`` + safetensors).
+"""Import and export of Hugging Face checkpoints of the Llama, Mistral, Qwen2/2.5, Qwen3 and Phi-3/3.5
+families (``config.json`` + safetensors + the tokenizer and generation files).
 
 The sapwood decoder is the Llama architecture with torchtitan names, and its RoPE is the rotate-half
-convention HF uses, so conversion is a rename of tensors (no q/k permutation) plus a config mapping:
+convention HF uses, so conversion is a rename of tensors (no q/k permutation) plus a config mapping;
+Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` are split on import and fused again on export:
 
 ==========================================  ==========================================
 Hugging Face                                sapwood
 ==========================================  ==========================================
 ``model.embed_tokens.weight``               ``tok_embeddings.weight``
-``model.layers.N.self_attn.{q,k,v,o}_proj`` ``layers.N.attention.w{q,k,v,o}``
+``model.layers.N.self_attn.{q,k,v,o}_proj`` ``layers.N.attention.w{q,k,v,o}`` (weight, bias)
+``model.layers.N.self_attn.qkv_proj``       ``layers.N.attention.w{q,k,v}`` (rows q | k | v)
+``model.layers.N.self_attn.{q,k}_norm``     ``layers.N.attention.{q,k}_norm``
 ``model.layers.N.mlp.gate_proj``            ``layers.N.feed_forward.w1``
 ``model.layers.N.mlp.up_proj``              ``layers.N.feed_forward.w3``
+``model.layers.N.mlp.gate_up_proj``         ``layers.N.feed_forward.w1`` | ``w3`` (rows gate | up)
 ``model.layers.N.mlp.down_proj``            ``layers.N.feed_forward.w2``
 ``model.layers.N.input_layernorm``          ``layers.N.attention_norm``
 ``model.layers.N.post_attention_layernorm`` ``layers.N.ffn_norm``
@@ -17,11 +22,21 @@ Hugging Face                                sapwood
 ``lm_head.weight`` (absent when tied)       ``output.weight``
 ==========================================  ==========================================
 
-RoPE scalings map where HF has the same function: ``linear`` -> ``linear``, ``yarn`` -> ``yarn``
-(``original_max_position_embeddings`` = ``trained_context``), static ``ntk`` -> plain RoPE with the
+Family options (:class:`ModelConfig`): Llama ``attention_bias`` -> ``qkv_bias`` + ``attention_out_bias``,
+``mlp_bias`` -> ``mlp_bias``; Qwen2 -> ``qkv_bias``; Qwen3 -> ``qk_norm`` (+ its ``attention_bias``);
+``hidden_act`` -> ``activation``. Export picks the architecture from the options: ``longrope`` -> Phi3,
+``qk_norm`` -> Qwen3, q/k/v bias without output bias -> Qwen2, anything else -> Llama.
+
+RoPE scalings map where HF has the same function: ``linear``, ``yarn``, ``llama3`` and ``longrope`` by
+name (``original_max_position_embeddings`` = ``trained_context``), static ``ntk`` -> plain RoPE with the
 stretched theta ``theta * factor ** (d / (d - 2))`` (the identical frequencies). ``dynamic_ntk`` has no
-HF equivalent (HF's ``dynamic`` uses another stretch formula) and is refused; on import, HF types we do
-not implement (``llama3``, ``longrope``, ``dynamic``) are refused. Tensors keep their dtype both ways.
+HF equivalent (HF's ``dynamic`` uses another stretch formula) and is refused both ways.
+
+Refused on import, each with a one-line error naming the field: other model types (Gemma 2: its
+attention-logit soft-capping and alternating sliding windows need an attention path beside SDPA, its
+four norms per block and +1 norm offset a second block layout; that would fork the one Decoder),
+sliding windows shorter than the context, ``partial_rotary_factor`` < 1, yarn ``mscale``. Tensors keep
+their dtype both ways unless ``dtype`` is given.
 """
 
 from __future__ import annotations
@@ -36,20 +51,35 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from sapwood.config import Config, ModelConfig, RopeScaling, load_config, validate
+from sapwood.config import FAMILY_OPTIONS, Config, ModelConfig, RopeScaling, load_config, validate
 from sapwood.errors import SapwoodError
 from sapwood.model.folder import INDEX, WEIGHTS, read_weights, replace_folder, save_folder, write_weights
 from sapwood.model.transformer import Decoder
 
 HF_CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Files beside the weights that travel unchanged both ways (special tokens, chat template, eos ids and
+# default sampling).
+SIDECAR_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_OPTIONS)
+REFUSED_MODEL_TYPES = {
+    "gemma2": "its attention-logit soft-capping and alternating sliding windows need an attention path "
+              "beside SDPA and its four norms per block another block layout",
+}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM"}
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_new": "gelu_tanh"}
+ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _LAYER_RENAMES = {
     "self_attn.q_proj": "attention.wq",
     "self_attn.k_proj": "attention.wk",
     "self_attn.v_proj": "attention.wv",
     "self_attn.o_proj": "attention.wo",
+    "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
     "mlp.gate_proj": "feed_forward.w1",
     "mlp.up_proj": "feed_forward.w3",
     "mlp.down_proj": "feed_forward.w2",
@@ -61,8 +91,8 @@ _TOP_RENAMES = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
 }
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-_SAPWOOD_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_SAPWOOD_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -77,20 +107,50 @@ def hf_to_sapwood_name(name: str) -> str | None:
         return None
     match = _HF_LAYER.match(name)
     if match and match.group(2) in _LAYER_RENAMES:
-        return f"layers.{match.group(1)}.{_LAYER_RENAMES[match.group(2)]}.weight"
-    raise SapwoodError(f"tensor {name!r} is not part of a Llama-family model (bias, adapter or other architecture?)")
+        return f"layers.{match.group(1)}.{_LAYER_RENAMES[match.group(2)]}.{match.group(3)}"
+    raise SapwoodError(f"tensor {name!r} is not part of a supported model family (adapter or other architecture?)")
 
 
 def sapwood_to_hf_name(name: str) -> str:
-    """The HF name of a sapwood tensor."""
+    """The HF name of a sapwood tensor (Llama layout: separate q/k/v and gate/up)."""
     for hf_name, ours in _TOP_RENAMES.items():
         if name == ours:
             return hf_name
     match = _SAPWOOD_LAYER.match(name)
     inverse = {v: k for k, v in _LAYER_RENAMES.items()}
     if match and match.group(2) in inverse:
-        return f"model.layers.{match.group(1)}.{inverse[match.group(2)]}.weight"
-    raise SapwoodError(f"tensor {name!r} has no Hugging Face Llama equivalent")
+        return f"model.layers.{match.group(1)}.{inverse[match.group(2)]}.{match.group(3)}"
+    raise SapwoodError(f"tensor {name!r} has no Hugging Face equivalent")
+
+
+def split_fused(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Phi-3's ``qkv_proj`` (rows q | k | v) and ``gate_up_proj`` (rows gate | up) as separate Llama tensors."""
+    sizes = [cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+    out = {}
+    for name, tensor in state.items():
+        if ".self_attn.qkv_proj." in name:
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes), strict=True):
+                out[name.replace("qkv_proj", part)] = piece
+        elif ".mlp.gate_up_proj." in name:
+            gate, up = tensor.chunk(2)
+            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = gate, up
+        else:
+            out[name] = tensor
+    return out
+
+
+def fuse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_fused`: Llama-layout HF tensors in Phi-3's fused layout."""
+    out = {}
+    for name, tensor in state.items():
+        if ".self_attn.q_proj." in name:
+            parts = [state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            out[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+        elif ".mlp.gate_proj." in name:
+            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat([tensor, state[name.replace("gate_proj", "up_proj")]])
+        elif not any(f".{p}." in name for p in ("k_proj", "v_proj", "up_proj")):
+            out[name] = tensor
+    return out
 
 
 # --- config mapping -----------------------------------------------------------------------------
@@ -103,38 +163,82 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling, i
     params = {**legacy, **params}
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if hf.get("model_type") == "phi3" and kind in ("su", "yarn"):
+        kind = "longrope"  # Phi-3's earlier names for the same method
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise SapwoodError(f"{where}: partial_rotary_factor={partial!r} is not supported; allowed: 1.0 (RoPE on the "
+                           "whole head)")
     max_positions = int(hf.get("max_position_embeddings", 2048))
+    trained = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                  or max_positions)
     if kind == "default":
         return theta, RopeScaling(), max_positions, max_positions
     if kind == "linear":
         return theta, RopeScaling(type="linear", factor=float(params["factor"])), max_positions, max_positions
     if kind == "yarn":
-        for unsupported in ("attention_factor", "mscale", "mscale_all_dim"):
+        for unsupported in ("mscale", "mscale_all_dim"):
             if params.get(unsupported) is not None:
                 raise SapwoodError(f"{where}: yarn {unsupported}={params[unsupported]!r} is not supported; "
-                                   "only the default attention factor 0.1*ln(factor)+1")
+                                   "only attention_factor or the default 0.1*ln(factor)+1")
         if params.get("truncate", True) is False:
             raise SapwoodError(f"{where}: yarn truncate=false is not supported; only truncate=true")
-        trained = int(params.get("original_max_position_embeddings") or max_positions)
         factor = float(params.get("factor") or max_positions / trained)
         scaling = RopeScaling(type="yarn", factor=factor, beta_fast=float(params.get("beta_fast") or 32.0),
-                              beta_slow=float(params.get("beta_slow") or 1.0))
+                              beta_slow=float(params.get("beta_slow") or 1.0),
+                              attention_factor=params.get("attention_factor"))
         return theta, scaling, trained, max(max_positions, trained)
-    raise SapwoodError(f"{where}: rope type {kind!r} has no sapwood equivalent; supported: default, linear, yarn")
+    if kind == "llama3":
+        scaling = RopeScaling(type="llama3", factor=float(params["factor"]),
+                              low_freq_factor=float(params["low_freq_factor"]),
+                              high_freq_factor=float(params["high_freq_factor"]))
+        return theta, scaling, trained, max(max_positions, trained)
+    if kind == "longrope":
+        factor = float(params.get("factor") or max(1.0, max_positions / trained))
+        scaling = RopeScaling(type="longrope", factor=factor, short_factor=[float(x) for x in params["short_factor"]],
+                              long_factor=[float(x) for x in params["long_factor"]],
+                              attention_factor=params.get("attention_factor"))
+        return theta, scaling, trained, max(max_positions, trained)
+    raise SapwoodError(f"{where}: rope type {kind!r} has no sapwood equivalent; supported: default, linear, yarn, "
+                       "llama3, longrope")
+
+
+def _check_full_attention(hf: dict[str, Any], where: str) -> None:
+    """Refuse sliding-window attention that would bind within the context (sapwood attends fully)."""
+    sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
+    if sliding:
+        raise SapwoodError(f"{where}: layer_types contains {sliding[0]!r}; allowed: full_attention only")
+    if hf.get("use_sliding_window") is False:  # Qwen2/Qwen3: sliding_window is then unused
+        return
+    window, positions = hf.get("sliding_window"), int(hf.get("max_position_embeddings", 2048))
+    if window is not None and int(window) < positions:
+        raise SapwoodError(f"{where}: sliding_window={window!r} is below max_position_embeddings={positions}; "
+                           "allowed: null or >= max_position_embeddings (sapwood attention is fully causal)")
+
+
+def _options_from_hf(hf: dict[str, Any], model_type: str, where: str) -> dict[str, Any]:
+    """The ModelConfig options (biases, q/k norm, activation) of an HF family config."""
+    act = hf.get("hidden_act", "silu")
+    if act not in HF_ACTIVATIONS:
+        raise SapwoodError(f"{where}: hidden_act={act!r} is not supported; allowed: {', '.join(HF_ACTIVATIONS)}")
+    options: dict[str, Any] = {**FAMILY_OPTIONS[model_type], "activation": HF_ACTIVATIONS[act]}
+    if model_type in ("llama", "qwen3") and hf.get("attention_bias"):
+        options["qkv_bias"] = options["attention_out_bias"] = True
+    if model_type == "llama" and hf.get("mlp_bias"):
+        options["mlp_bias"] = True
+    return options
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_CONFIG) -> Config:
-    """A validated sapwood :class:`Config` for an HF Llama-family ``config.json`` mapping."""
+    """A validated sapwood :class:`Config` for an HF ``config.json`` mapping of a supported family."""
     model_type = hf.get("model_type")
+    if model_type in REFUSED_MODEL_TYPES:
+        raise SapwoodError(f"{where}: model_type={model_type!r} is not supported: {REFUSED_MODEL_TYPES[model_type]}; "
+                           f"allowed: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise SapwoodError(f"{where}: model_type={model_type!r} is not supported; allowed: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise SapwoodError(f"{where}: {flag}=true is not supported; sapwood linears have no bias")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise SapwoodError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported; allowed: silu")
-    if hf.get("sliding_window") is not None:
-        raise SapwoodError(f"{where}: sliding_window={hf['sliding_window']!r} is not supported; allowed: null")
+    _check_full_attention(hf, where)
+    options = _options_from_hf(hf, model_type, where)
     theta, scaling, trained_context, max_context = _rope_from_hf(hf, where)
     hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     model: dict[str, Any] = {
@@ -148,9 +252,10 @@ def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_C
         "rope_theta": theta,
         "trained_context": trained_context,
         "max_context": max_context,
-        "rope_scaling": scaling.model_dump(),
+        "rope_scaling": scaling.model_dump(exclude_none=True),
         "tied_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "init_std": float(hf.get("initializer_range", 0.02)),
+        **options,
     }
     head_dim = hf.get("head_dim")
     if head_dim is not None and (hidden % heads or int(head_dim) != hidden // heads):
@@ -159,27 +264,65 @@ def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_C
                     where=f"{where}: ")
 
 
-def hf_config_from_sapwood(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The ``config.json`` mapping under which ``transformers`` builds the same function as ``cfg``."""
-    scaling = cfg.rope_scaling
-    theta = cfg.rope_theta
-    rope_scaling: dict[str, Any] | None = None
-    max_positions = cfg.max_context
-    if scaling.type == "none" or (scaling.factor == 1.0 and scaling.type != "dynamic_ntk"):
-        pass
-    elif scaling.type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": scaling.factor}
-    elif scaling.type == "ntk":
-        theta = theta * scaling.factor ** (cfg.head_dim / (cfg.head_dim - 2))
-    elif scaling.type == "yarn":
-        rope_scaling = {"rope_type": "yarn", "factor": scaling.factor, "beta_fast": scaling.beta_fast,
-                        "beta_slow": scaling.beta_slow, "original_max_position_embeddings": cfg.trained_context}
+def hf_family(cfg: ModelConfig) -> str:
+    """The HF ``model_type`` that computes the same function as ``cfg`` (see the module docstring)."""
+    if cfg.rope_scaling.type == "longrope":
+        extras = [f for f in ("qkv_bias", "attention_out_bias", "mlp_bias", "qk_norm") if getattr(cfg, f)]
+        if extras or cfg.head_dim * cfg.heads != cfg.hidden:
+            what = f"{extras[0]}=true" if extras else f"head_dim={cfg.head_dim} != hidden / heads"
+            raise SapwoodError(f"{what} with rope_scaling.type='longrope' has no Hugging Face architecture "
+                               "(Phi3 has neither); exportable: longrope on a plain Llama-shaped model")
+        return "phi3"
+    if cfg.qk_norm:
+        if cfg.qkv_bias != cfg.attention_out_bias or cfg.mlp_bias:
+            raise SapwoodError(f"qk_norm=true with qkv_bias={cfg.qkv_bias}, attention_out_bias={cfg.attention_out_bias}, "
+                               f"mlp_bias={cfg.mlp_bias} has no Hugging Face architecture; Qwen3 needs q/k/v/o biases "
+                               "all on or all off and no FFN bias")
+        return "qwen3"
+    if cfg.qkv_bias and not cfg.attention_out_bias:
+        if cfg.mlp_bias:
+            raise SapwoodError("qkv_bias=true with mlp_bias=true and no attention_out_bias has no Hugging Face "
+                               "architecture (Qwen2 has no FFN bias)")
+        return "qwen2"
+    if cfg.attention_out_bias and not cfg.qkv_bias:
+        raise SapwoodError("attention_out_bias=true without qkv_bias has no Hugging Face architecture; "
+                           "Llama's attention_bias sets both")
+    return "llama"
+
+
+def _hf_rope(cfg: ModelConfig) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) for config.json."""
+    scaling, theta = cfg.rope_scaling, cfg.rope_theta
+    if scaling.type == "none" or (scaling.factor == 1.0 and scaling.type not in ("dynamic_ntk", "longrope")):
+        return theta, None
+    if scaling.type == "linear":
+        return theta, {"rope_type": "linear", "factor": scaling.factor}
+    if scaling.type == "ntk":
+        return theta * scaling.factor ** (cfg.head_dim / (cfg.head_dim - 2)), None
+    common = {"factor": scaling.factor, "original_max_position_embeddings": cfg.trained_context}
+    if scaling.type == "yarn":
+        rope = {"rope_type": "yarn", **common, "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow}
+    elif scaling.type == "llama3":
+        rope = {"rope_type": "llama3", **common, "low_freq_factor": scaling.low_freq_factor,
+                "high_freq_factor": scaling.high_freq_factor}
+    elif scaling.type == "longrope":
+        rope = {"rope_type": "longrope", **common, "short_factor": scaling.short_factor,
+                "long_factor": scaling.long_factor}
     else:
         raise SapwoodError(f"rope_scaling.type={scaling.type!r} has no Hugging Face equivalent; "
-                           "exportable: none, linear, ntk, yarn")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+                           "exportable: none, linear, ntk, yarn, llama3, longrope")
+    if scaling.attention_factor is not None:
+        rope["attention_factor"] = scaling.attention_factor
+    return theta, rope
+
+
+def hf_config_from_sapwood(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The ``config.json`` mapping under which ``transformers`` builds the same function as ``cfg``."""
+    family = hf_family(cfg)
+    theta, rope_scaling = _hf_rope(cfg)
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden,
         "intermediate_size": cfg.ffn,
@@ -187,19 +330,27 @@ def hf_config_from_sapwood(cfg: ModelConfig, dtype: torch.dtype = torch.float32)
         "num_attention_heads": cfg.heads,
         "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_positions,
+        "hidden_act": ACTIVATION_TO_HF[cfg.activation],
+        "max_position_embeddings": cfg.max_context,
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "tie_word_embeddings": cfg.tied_embeddings,
         "torch_dtype": _TORCH_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")),
         "use_cache": True,
     }
+    if family in ("llama", "qwen3"):
+        hf["attention_bias"] = cfg.qkv_bias
+    if family == "llama":
+        hf["mlp_bias"] = cfg.mlp_bias
+    if family in ("qwen2", "qwen3"):
+        hf.update(use_sliding_window=False, sliding_window=None)
+    if family == "phi3":
+        hf.update(original_max_position_embeddings=cfg.trained_context, sliding_window=None)
+        del hf["head_dim"]  # Phi3 derives it from hidden / heads (checked in hf_family)
+    return hf
 
 
 # --- folders ------------------------------------------------------------------------------------
@@ -220,21 +371,31 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Convert the HF Llama-family folder ``hf_dir`` into a sapwood checkpoint folder ``out``.
+def _copy_sidecars(source: Path, target: Path) -> None:
+    for name in (TOKENIZER, *SIDECAR_FILES):
+        if (source / name).exists():
+            shutil.copyfile(source / name, target / name)
 
-    Tensors are renamed, not copied or cast: the folder keeps the HF dtype.
+
+def import_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Convert the HF folder ``hf_dir`` (a supported family) into a sapwood checkpoint folder ``out``.
+
+    Tensors are renamed (Phi-3's fused ones split), not cast unless ``dtype`` (float32, bfloat16,
+    float16) is given; the tokenizer, its config (special tokens, chat template) and
+    ``generation_config.json`` are copied beside them.
     """
     hf_dir, out = Path(hf_dir), Path(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise SapwoodError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     config_path = hf_dir / HF_CONFIG
     if not config_path.exists():
         raise SapwoodError(f"{hf_dir}: no {HF_CONFIG}; expected a Hugging Face model folder")
     config = config_from_hf(json.loads(config_path.read_text()), name=hf_dir.name, where=str(config_path))
     state = {}
-    for name, tensor in read_hf_weights(hf_dir).items():
+    for name, tensor in split_fused(read_hf_weights(hf_dir), config.model).items():
         ours = hf_to_sapwood_name(name)
         if ours is not None:
-            state[ours] = tensor
+            state[ours] = tensor if dtype is None else tensor.to(DTYPES[dtype])
     if config.model.tied_embeddings:
         state.pop("output.weight", None)
     with torch.device("meta"):
@@ -244,12 +405,20 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     if set(missing) - allowed_missing or unexpected:
         raise SapwoodError(f"{hf_dir}: weights do not match {HF_CONFIG} (missing {sorted(missing)[:3]}, "
                            f"unexpected {sorted(unexpected)[:3]})")
-    tokenizer = hf_dir / TOKENIZER
-    return save_folder(model, config, out, tokenizer_file=tokenizer if tokenizer.exists() else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_folder(model, config, staging / "checkpoint")
+        _copy_sidecars(hf_dir, staging / "checkpoint")
+        replace_folder(staging / "checkpoint", out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def export_hf(folder: str | Path, out: str | Path) -> Path:
-    """Write the sapwood checkpoint ``folder`` as an HF folder that transformers loads as LlamaForCausalLM."""
+    """Write the sapwood checkpoint ``folder`` as an HF folder transformers loads as the family's
+    ``*ForCausalLM`` (see :func:`hf_family`), with the tokenizer and generation files it came with."""
     folder, out = Path(folder), Path(out)
     if not (folder / "config.yaml").exists():
         raise SapwoodError(f"{folder}: no config.yaml; not a sapwood checkpoint folder")
@@ -260,13 +429,18 @@ def export_hf(folder: str | Path, out: str | Path) -> Path:
     hf_state = {sapwood_to_hf_name(name): tensor.contiguous() for name, tensor in state.items()}
     dtypes = {t.dtype for t in hf_state.values()}
     hf_config = hf_config_from_sapwood(cfg, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    generation = folder / "generation_config.json"
+    special = json.loads(generation.read_text()) if generation.exists() else {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # null, not the family's default ids
+        hf_config[key] = special.get(key)
+    if hf_config["model_type"] == "phi3":
+        hf_state = fuse(hf_state)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
         write_weights(hf_state, tmp)
-        if (folder / TOKENIZER).exists():
-            shutil.copyfile(folder / TOKENIZER, tmp / TOKENIZER)
+        _copy_sidecars(folder, tmp)
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (rotate-half convention, as in Llama) and their long-context scalings.
+"""Rotary position embeddings (rotate-half convention, as in Llama) and their long-context scalings
+(linear, NTK, dynamic NTK, YaRN, Llama 3's llama3 and Phi-3's longrope).
 
 Frequencies follow the Hugging Face reference formulas so exported checkpoints behave the same there.
 cos/sin are computed from explicit positions on the fly: no table of max_context rows is stored,
@@ -23,19 +24,48 @@ def yarn_attention_factor(factor: float) -> float:
     return 1.0 if factor <= 1.0 else 0.1 * math.log(factor) + 1.0
 
 
+# Scalings whose frequencies depend on how long the sequence (or the request) gets.
+LENGTH_DEPENDENT = ("dynamic_ntk", "longrope")
+
+
+def longrope_attention_factor(scaling: RopeScaling, trained_context: int) -> float:
+    """LongRoPE's cos/sin scale: ``attention_factor`` when given, else sqrt(1 + ln(factor) / ln(trained))."""
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    if scaling.factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(scaling.factor) / math.log(trained_context))
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, trained_context: int, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1: wavelengths longer than ``trained / low_freq_factor`` divided by ``factor``, shorter than
+    ``trained / high_freq_factor`` kept, and a linear ramp in ``trained / wavelength`` between the two."""
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((trained_context / wavelength - low) / (high - low)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+
+
 def scaled_inv_freq(
     head_dim: int, theta: float, trained_context: int, scaling: RopeScaling, seq_len: int | None = None
 ) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (float32, ``[head_dim // 2]``) and the attention factor for ``scaling``.
 
-    ``seq_len`` matters only for ``dynamic_ntk``: the stretch factor is ``seq_len / trained_context``
-    (at least 1, at most ``scaling.factor``).
+    ``seq_len`` matters only for the :data:`LENGTH_DEPENDENT` scalings: for ``dynamic_ntk`` the stretch
+    factor is ``seq_len / trained_context`` (at least 1, at most ``scaling.factor``); ``longrope`` uses
+    ``long_factor`` once ``seq_len`` passes ``trained_context``, ``short_factor`` otherwise.
     """
     kind, factor = scaling.type, scaling.factor
     inv_freq = base_inv_freq(head_dim, theta)
     attention_factor = 1.0
+    if kind == "longrope":
+        long = seq_len is not None and seq_len > trained_context
+        divisors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float64)
+        return (inv_freq / divisors).float(), longrope_attention_factor(scaling, trained_context)
     if kind == "none" or factor == 1.0 and kind != "dynamic_ntk":
         pass
+    elif kind == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, trained_context, scaling)
     elif kind == "linear":
         inv_freq = inv_freq / factor
     elif kind in ("ntk", "dynamic_ntk"):
@@ -55,7 +85,7 @@ def scaled_inv_freq(
         ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
         extrapolation_weight = 1.0 - ramp
         inv_freq = (inv_freq / factor) * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
-        attention_factor = yarn_attention_factor(factor)
+        attention_factor = scaling.attention_factor or yarn_attention_factor(factor)
     return inv_freq.float(), attention_factor
 
 

@@ -1,5 +1,9 @@
 """The decoder: token embedding, RMSNorm, rotary GQA attention through SDPA, SwiGLU, tied or untied head.
 
+The Hugging Face families are options of :class:`ModelConfig`, not other classes: biases on q/k/v
+(Qwen2), on the attention output and the FFN (Llama ``attention_bias`` / ``mlp_bias``), per-head q/k
+RMSNorm (Qwen3), the gated FFN's activation, and the RoPE scaling (``sapwood.model.rope``).
+
 Plain PyTorch, no parallelism inside (see ``sapwood.train.parallel``). Module names follow torchtitan
 (``tok_embeddings``, ``layers.N.attention.wq`` ...) so tensor-parallel plans and checkpoints map directly.
 ``layers`` is a ModuleDict keyed by layer index so a pipeline stage can drop layers and keep names;
@@ -17,6 +21,8 @@ from torch import nn
 
 from sapwood.config import ModelConfig
 from sapwood.model.rope import apply_rope, rope_cos_sin, scaled_inv_freq
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class KVCacheLike(Protocol):
@@ -49,15 +55,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with rotary embeddings; kernels chosen by scaled_dot_product_attention."""
+    """Grouped-query attention with rotary embeddings; kernels chosen by scaled_dot_product_attention.
+    With ``qk_norm`` each query and key head is RMS-normalized over head_dim before the rotation."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+        self.wq = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=cfg.attention_out_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -73,6 +82,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if kv_cache is not None:
@@ -89,16 +100,17 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """Gated FFN: w2(act(w1 x) * w3 x); SwiGLU with the default silu, GeGLU with gelu."""
 
-    def __init__(self, hidden: int, ffn: int):
+    def __init__(self, hidden: int, ffn: int, bias: bool = False, activation: str = "silu"):
         super().__init__()
-        self.w1 = nn.Linear(hidden, ffn, bias=False)  # gate
-        self.w3 = nn.Linear(hidden, ffn, bias=False)  # up
-        self.w2 = nn.Linear(ffn, hidden, bias=False)  # down
+        self.w1 = nn.Linear(hidden, ffn, bias=bias)  # gate
+        self.w3 = nn.Linear(hidden, ffn, bias=bias)  # up
+        self.w2 = nn.Linear(ffn, hidden, bias=bias)  # down
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
@@ -109,7 +121,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.hidden, cfg.ffn)
+        self.feed_forward = FeedForward(cfg.hidden, cfg.ffn, cfg.mlp_bias, cfg.activation)
 
     def forward(self, x, cos, sin, kv_cache=None, layer_index: int = 0, causal: bool = True):
         x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, layer_index, causal)
@@ -155,6 +167,11 @@ class Decoder(nn.Module):
                     nn.init.normal_(linear.weight, 0.0, std, generator=generator)
                 for linear in (block.attention.wo, block.feed_forward.w2):
                     nn.init.normal_(linear.weight, 0.0, residual_std, generator=generator)
+                for module in (*block.attention.children(), *block.feed_forward.children()):
+                    if isinstance(module, nn.Linear) and module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                    elif isinstance(module, RMSNorm):
+                        module.reset_parameters()
                 block.attention_norm.reset_parameters()
                 block.ffn_norm.reset_parameters()
             if self.norm is not None:
@@ -175,7 +192,15 @@ class Decoder(nn.Module):
         seq = h.shape[1]
         if positions is None:
             positions = torch.arange(seq, device=h.device).unsqueeze(0)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor)
+        inv_freq, attention_factor = self.inv_freq, self.attention_factor
+        if self.cfg.rope_scaling.type == "longrope":  # long factors once the sequence passes trained_context
+            longest = int(positions.max()) + 1
+            if longest > self.cfg.trained_context:
+                cfg = self.cfg
+                inv_freq, attention_factor = scaled_inv_freq(
+                    cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling, seq_len=longest
+                )
+        cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)
         for name, block in self.layers.items():
             h = block(h, cos, sin, kv_cache, int(name))
         if self.norm is not None:

@@ -9,6 +9,8 @@ size and builds the 4-D mesh ``(pp, dp_replicate, dp_shard, tp)`` with a flatten
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -76,10 +78,45 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Distribu
     return DistributedEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def release_process_groups() -> None:
+    """Drop the references this process keeps to device meshes (and through each mesh's registry, to
+    its process groups) outside the objects the caller still holds: the mesh cache of
+    :func:`parallel_dims_for` and DTensor's caches keyed by sharding specs (the redistribute planner
+    cache, the sharding-propagation caches in Python and C++, and the ``functools`` caches of
+    ``torch.distributed``), whose keys and values hold their ``DeviceMesh`` strongly. Then collect the
+    reference cycles of FSDP / tensor-parallel / pipeline modules."""
+    _DIMS_CACHE.clear()
+    try:
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+    except ImportError:  # a torch without the planner cache
+        pass
+    else:
+        clear_redistribute_planner_cache()
+    clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_fast_path is not None:
+        clear_fast_path()
+    for obj in gc.get_objects():
+        if type(obj) is functools._lru_cache_wrapper and str(getattr(obj, "__module__", "")).startswith(
+                "torch.distributed"):
+            obj.cache_clear()
+    gc.collect()
+
+
 def shutdown_distributed() -> None:
-    """Destroy the default process group if this process started one."""
+    """Destroy every process group this process started, while the interpreter is fully alive.
+
+    ``destroy_process_group`` only forgets the groups; each gloo group's C++ object (with its
+    ``pt_gloo_runloop`` worker threads and ``gloo_tcp_loop`` thread) dies with its last Python
+    reference. Any reference left in a module-level cache keeps those threads running into
+    interpreter finalization, where tearing them down aborts the process by chance
+    ("terminate called without an active exception", exit -6). So the caches are released first
+    and the last references go here, not at exit. Call it once the models that used the meshes are
+    no longer needed (after training), on success only (a failed rank must not wait on its peers).
+    """
+    release_process_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def check_world_size(parallel: ParallelConfig, world_size: int) -> None:

@@ -134,6 +134,15 @@ def main() -> None:
         if env.is_main:
             (args.out / f"{name}.json").write_text(json.dumps(result))
     shutdown_distributed()
+    # What is still running once the process groups are gone: nothing of gloo may outlive them into
+    # interpreter exit (its threads torn down there abort the process by chance).
+    (args.out / f"threads_rank{env.rank}.json").write_text(json.dumps(native_thread_names()))
+
+
+def native_thread_names() -> list[str]:
+    """Names of this process's native threads (Linux), e.g. ``pt_gloo_runloop`` for gloo workers."""
+    tasks = Path("/proc/self/task")
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir()) if tasks.exists() else []
 
 
 if __name__ == "__main__":
