@@ -103,13 +103,17 @@ def simulate(
 def prepare(
     inputs: list[Path] = typer.Argument(..., help="NetCDF files, Zarr stores, or folders of them"),
     out: Path = typer.Option(..., "--out", help="store folder to write"),
-    variables: str = typer.Option("T,u,v,q,ps,rho,zg", help="comma-separated variables to store"),
+    variables: str = typer.Option(None, help="comma-separated variable names or CF standard names (default: every "
+                                  "data variable on the grid; the summary lists what was left out and why)"),
     force: bool = typer.Option(False, help="rebuild even if the store is up to date"),
+    layout: str = typer.Option("raw", "--format", help="raw (one float32 frames file, fastest) or zarr (a Zarr "
+                               "v3 group that xarray.open_zarr reads)"),
 ) -> None:
-    """Validate datacubes and write a chunked store for the loader (bad inputs are reported and skipped)."""
+    """Read CF-convention NetCDF/Zarr datacubes into a store for the loader (bad inputs are reported and skipped)."""
     from sapwood.data.cubes import prepare as prepare_store
 
-    report = prepare_store(inputs, out, tuple(v.strip() for v in variables.split(",") if v.strip()), force=force)
+    chosen = tuple(v.strip() for v in variables.split(",") if v.strip()) if variables else None
+    report = prepare_store(inputs, out, chosen, force=force, layout=layout)
     console.print(report.summary(), highlight=False)
 
 
@@ -441,14 +445,17 @@ def eval_surrogate(
     data: Path = typer.Option(..., "--data", help="cube store (sapwood prepare)"),
     out: Path = typer.Option(None, "--out", help="folder for eval.json and PNGs (default DIR/eval)"),
     rollout: int = typer.Option(20, "--rollout", help="autoregressive rollout steps"),
-    runs: str = typer.Option(None, "--runs", help="comma-separated run indices (default: held-out planets)"),
+    runs: str = typer.Option(None, "--runs", help="comma-separated held-out run indices (default: all held out)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    holdout_time: float = typer.Option(None, "--holdout-time", help="score the final fraction F of every training "
+                                       "run (at most the model's cube.holdout_time)"),
 ) -> None:
-    """Skill (WB2 RMSE, ACC vs persistence/climatology), physics violations and rollout of a surrogate."""
+    """Skill (WB2 RMSE, ACC vs persistence/climatology/advective persistence), physics and rollout of a surrogate."""
     from sapwood.evaluate import evaluate_surrogate, print_summary
 
     chosen = [int(r) for r in runs.split(",")] if runs else None
-    result = evaluate_surrogate(folder, data, out or folder / "eval", rollout, chosen, device)
+    result = evaluate_surrogate(folder, data, out or folder / "eval", rollout, chosen, device,
+                                holdout_time=holdout_time)
     print_summary(result)
 
 

@@ -170,6 +170,22 @@ class CubeNormalization(Section):
     param_std: list[float] = Field(default_factory=list)
 
 
+class CubeGrid(Section):
+    """The grid of the store a surrogate was trained on (filled from the store; checked against every store
+    it is used with). Arrays are zlib-compressed, base64-encoded (:mod:`sapwood.model.cube` decodes them)."""
+
+    description: str = Field(description="one line naming the grid (kind, size, lat/lon span, levels)")
+    lat: list[float] = Field(default_factory=list, description="latitudes (1-D grids; empty when curvilinear)")
+    lon: list[float] = Field(default_factory=list, description="longitudes (1-D grids; empty when curvilinear)")
+    levels: list[float] = Field(default_factory=list, description="vertical coordinate values, top-down")
+    vertical: str = Field("", description="standard_name of the vertical coordinate")
+    curvilinear: bool = False
+    global_grid: bool = False
+    area: str = Field(description="cell-area weights [lat, lon] (mean 1), float32, zlib + base64")
+    valid: str = Field(description="the mask [channels, lat, lon] (1 = valid), packed bits, zlib + base64")
+    digest: str = Field(description="sha256 of the coordinates and area weights")
+
+
 class CubeModelConfig(Section):
     """A datacube surrogate: ``model`` gives the transformer blocks, this section the cube around them.
 
@@ -181,23 +197,21 @@ class CubeModelConfig(Section):
     variables: list[str] = ["T", "u", "v", "q", "ps", "rho", "zg"]
     surface_variables: list[str] = ["ps"]
     units: dict[str, str] = Field(default_factory=dict, description="variable -> unit string, for validation")
-    levels: int = Field(ge=1)
-    lat: int = Field(ge=1)
-    lon: int = Field(ge=1)
-    patch: int = Field(2, ge=1, description="patch side in grid points (lat and lon divisible by it)")
+    levels: int = Field(0, ge=0, description="levels of the 3-D variables (0: from the store)")
+    lat: int = Field(0, ge=0, description="grid rows (0: from the store)")
+    lon: int = Field(0, ge=0, description="grid columns (0: from the store)")
+    patch: int = Field(2, ge=1, description="patch side in grid points (the grid is padded to a multiple, masked)")
     planet_params: list[str] = Field(default_factory=list, description="names of the conditioning parameters")
     dt_hours: float = Field(6.0, gt=0, description="time between a state and the next")
     data: str | None = Field(None, description="cube store folder (sapwood prepare) for training")
     val_runs: int = Field(1, ge=0, description="runs (planets) held out of training, the last ones of the store")
+    holdout_time: float = Field(0.0, ge=0, lt=1, description="final fraction of every run held out of training")
     physics: PhysicsLossConfig = PhysicsLossConfig()
     normalization: CubeNormalization | None = None
+    grid: CubeGrid | None = Field(None, description="the store's grid (filled from the store when training)")
 
     @model_validator(mode="after")
     def _check_grid(self) -> CubeModelConfig:
-        for axis in ("lat", "lon"):
-            size = getattr(self, axis)
-            if size % self.patch:
-                raise ValueError(f"{axis}={size} is not divisible by patch={self.patch}; choose a patch dividing it")
         unknown = set(self.surface_variables) - set(self.variables)
         if unknown:
             raise ValueError(f"surface_variables {sorted(unknown)} are not in variables {self.variables}")

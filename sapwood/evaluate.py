@@ -1,65 +1,154 @@
-"""`sapwood eval DIR --data STORE`: skill and physics of a datacube surrogate on held-out planets.
+"""`sapwood eval DIR --data STORE`: skill and physics of a datacube surrogate on held-out data.
 
-Definitions (metrics in :mod:`sapwood.skill`, WeatherBench 2; violations in :mod:`sapwood.physics`):
+Every number in ``eval.json`` is named in its ``definitions``; in short (metrics in :mod:`sapwood.skill`,
+WeatherBench 2, area-weighted over valid cells; baselines in :mod:`sapwood.baselines`):
 
-- Held-out planets: the runs of the store the surrogate never trained on (the last ``cube.val_runs``
-  runs, as :mod:`sapwood.train.cube_task` splits them), unless ``runs`` is given.
-- **Accuracy** = the anomaly correlation coefficient (ACC) of one-step predictions on held-out planets,
-  per variable; the climatology is each run's own time mean per grid point and channel.
-- RMSE: latitude-weighted, per variable, in physical units; ``skill_vs_persistence`` =
-  1 - RMSE_model / RMSE_persistence (persistence: the next state equals this one), likewise against
-  climatology (the prediction is the run's time mean).
-- Physics: mean violation percentages of the predictions, raw and after :func:`sapwood.physics.project`.
-- Rollout: from each held-out run's first state, ``steps`` autoregressive predictions; per step the
-  RMSE in units of the per-channel state std (mean over channels), against persistence of the first
-  state. "Blow-up" is the first step where that error is non-finite or above 10x the climatology's.
+- Held-out frames: :func:`sapwood.data.loader.split_store` with the checkpoint's ``cube.val_runs`` and
+  ``cube.holdout_time`` (the one definition training uses); ``--holdout-time F`` scores the final ``F`` of
+  every training run instead (allowed up to the fraction the model held out).
+- ``acc``: anomaly correlation of one-step predictions against a climatology computed from training frames
+  only (per calendar month or day of year); ``rmse`` per variable in physical units; the same for
+  persistence, climatology and advective persistence; ``skill_vs_*`` = 1 - RMSE_model / RMSE_baseline.
+- ``groups``: the same per-variable figures for held-out runs whose planet parameters lie inside the training
+  runs' range, outside it, and for the held-out final parts of training runs.
+- ``constraints``: each physics constraint applied or skipped (with the reason); ``violations*`` only where
+  applied.
+- ``rollout``: from the first state of each held-out window, autoregressive steps; per step the RMSE in units
+  of the per-channel state std (mean over channels) against persistence of the first state and climatology.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sapwood.config import Config, load_config
+from sapwood.baselines import Climatology, advective_persistence, advective_persistence_support
+from sapwood.config import Config, CubeModelConfig, load_config
+from sapwood.data.loader import Split, split_store
 from sapwood.data.store import CubeStore
 from sapwood.errors import SapwoodError
 from sapwood.model import load
 from sapwood.physics import Geometry, project, violations
 from sapwood.skill import acc, per_variable, rmse, weighted_mse
-from sapwood.train.cube_task import check_store_matches, held_out_runs
+from sapwood.train.cube_task import cell_weights, check_store_matches, physics_support, store_geometry
 
 VIOLATION_KEYS = ("mass", "water", "energy", "energy_wm2", "momentum", "thermo", "ideal_gas", "hydrostatic",
                   "negative_q")
-
-
-def _run_frames(store: CubeStore, run: int) -> torch.Tensor:
-    first, times = int(store.run_rows[run]), int(store.run_times[run])
-    return store.read_rows(first, times)
+DEFINITIONS = {
+    "held_out": "frames never trained on: the last cube.val_runs runs entirely and the final holdout_time of "
+                "every other run (sapwood.data.loader.split_store, as in training); windows are (run, start, stop)",
+    "held_out_runs": "runs held out entirely (planets / scenarios)",
+    "samples": "one-step (state, next state) pairs scored, all inside held-out windows",
+    "acc": "WB2 anomaly correlation of one-step predictions per variable (mean over its levels), anomalies "
+           "against the training climatology, area-weighted over valid cells",
+    "acc_persistence": "ACC of persistence (next state = this state) against the same climatology",
+    "acc_advective_persistence": "ACC of advective persistence against the same climatology",
+    "acc_projected": "ACC of predictions after sapwood.physics.project (where constraints apply)",
+    "rmse": "WB2 RMSE per variable in the variable's units: sqrt of the time mean of the area-weighted MSE over "
+            "valid cells, levels pooled by mean square",
+    "rmse_persistence": "RMSE of persistence",
+    "rmse_climatology": "RMSE of the climatology: the mean of training frames per grid cell for the target's "
+                        "calendar month (monthly series) or day of year (finer series); never held-out frames",
+    "rmse_advective_persistence": "RMSE of the state shifted east by its zonal-mean eastward wind over one step",
+    "rmse_projected": "RMSE of predictions after sapwood.physics.project",
+    "skill_vs_persistence": "1 - rmse / rmse_persistence per variable (> 0: the model is better)",
+    "skill_vs_climatology": "1 - rmse / rmse_climatology per variable",
+    "skill_vs_advective_persistence": "1 - rmse / rmse_advective_persistence per variable",
+    "mse_over_persistence": "per variable: mean over its channels of MSE_model / MSE_persistence (each channel "
+                            "in its own units, so no variable dominates by its units)",
+    "beats_persistence_every_variable": "skill_vs_persistence > 0 for every variable",
+    "groups": "the same figures for subsets: held-out runs with planet parameters inside / outside the "
+              "training runs' range (every parameter within [min, max] of the training runs), and the final "
+              "parts of training runs",
+    "constraints": "each physics constraint: applied, or skipped with the reason",
+    "baselines": "each baseline: applied, or skipped with the reason",
+    "climatology": "how the climatology was built: key, training frames used, lookups that fell back to the "
+                   "all-training mean because no training frame had the key",
+    "violations": "mean violation of predictions (sapwood.physics.violations units: % except energy_wm2 in W m-2)",
+    "violations_projected": "the same after projection",
+    "violations_truth": "the same for the true next states (the data's own residuals)",
+    "rollout": "from the first state of each held-out window: per-step RMSE in units of the per-channel state "
+               "std (mean over channels, area-weighted, valid cells) of the surrogate, persistence of the first "
+               "state and the climatology; blow_up_step: first step non-finite or above 10x the climatology's",
+}
 
 
 @torch.no_grad()
-def predict_all(model: torch.nn.Module, states: torch.Tensor, params: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+def predict_all(model: torch.nn.Module, states: torch.Tensor, params: torch.Tensor | None,
+                chunk: int = 32) -> torch.Tensor:
     device = next(model.parameters()).device
-    out = [model(states[i:i + chunk].to(device), params[i:i + chunk].to(device)).float().cpu()
-           for i in range(0, states.shape[0], chunk)]
+    out = [model(states[i:i + chunk].to(device), None if params is None else params[i:i + chunk].to(device))
+           .float().cpu() for i in range(0, states.shape[0], chunk)]
     return torch.cat(out)
 
 
 def _mean_violations(state: torch.Tensor, prediction: torch.Tensor, geometry: Geometry,
-                     params: torch.Tensor) -> dict[str, float]:
+                     params: torch.Tensor | None) -> dict[str, float]:
     v = violations(state, prediction, geometry, params)
     return {k: float(v[k].mean()) for k in VIOLATION_KEYS if k in v}
+
+
+def eval_split(config: Config, store: CubeStore, holdout_time: float | None) -> Split:
+    """The checkpoint's split, or with ``holdout_time`` the final fraction of every training run (up to the
+    fraction the model held out)."""
+    cube = config.cube
+    trained = cube.holdout_time
+    if holdout_time is not None and not 0 <= holdout_time <= trained + 1e-12:
+        raise SapwoodError(f"--holdout-time {holdout_time} would score frames the model trained on: it held out "
+                           f"cube.holdout_time={trained} of each run; allowed 0 .. {trained} (retrain with "
+                           "cube.holdout_time to hold out more)")
+    split = split_store(store, cube.val_runs, trained)
+    if holdout_time is None or holdout_time == trained:
+        return split
+    finer = split_store(store, cube.val_runs, holdout_time) if holdout_time else None
+    held = [w for w in split.held_out if w[0] in split.held_out_runs] + (
+        [w for w in finer.held_out if w[0] not in split.held_out_runs] if finer else [])
+    return Split(train=split.train, held_out=sorted(held), held_out_runs=split.held_out_runs,
+                 holdout_time=holdout_time)
+
+
+def planet_groups(store: CubeStore, split: Split) -> dict[str, list[int]]:
+    """Held-out runs inside / outside the training runs' planet-parameter range (empty without parameters)."""
+    if not store.param_names or not split.held_out_runs:
+        return {}
+    train = store.params[split.train_runs]
+    low, high = train.min(0), train.max(0)
+    inside = [r for r in split.held_out_runs if np.all((store.params[r] >= low) & (store.params[r] <= high))]
+    return {"inside_training_range": inside,
+            "outside_training_range": [r for r in split.held_out_runs if r not in inside]}
+
+
+@dataclass
+class Scored:
+    """One-step cases of the held-out windows, appended per window."""
+
+    state: list[torch.Tensor] = field(default_factory=list)
+    truth: list[torch.Tensor] = field(default_factory=list)
+    pred: list[torch.Tensor] = field(default_factory=list)
+    clim: list[torch.Tensor] = field(default_factory=list)
+    advected: list[torch.Tensor] = field(default_factory=list)
+    params: list[torch.Tensor] = field(default_factory=list)
+    run: list[int] = field(default_factory=list)
+
+    def cat(self, name: str, mask: np.ndarray | None = None) -> torch.Tensor | None:
+        parts = getattr(self, name)
+        if not parts:
+            return None
+        whole = torch.cat(parts)
+        return whole if mask is None else whole[torch.from_numpy(mask)]
 
 
 @torch.no_grad()
 def evaluate_surrogate(folder: str | Path, store_path: str | Path, out_dir: str | Path | None = None,
                        rollout_steps: int = 20, runs: list[int] | None = None, device: str = "cpu",
-                       plots: bool = True) -> dict[str, Any]:
-    """Evaluate the surrogate in ``folder`` on the store; write ``eval.json`` (+ PNGs) into ``out_dir``."""
+                       plots: bool = True, holdout_time: float | None = None) -> dict[str, Any]:
+    """Evaluate the surrogate in ``folder`` on the store's held-out frames; write ``eval.json`` (+ PNGs) into
+    ``out_dir``. ``runs`` restricts scoring to those held-out runs (runs the model trained on are refused)."""
     folder = Path(folder)
     config: Config = load_config(folder / "config.yaml")
     if config.cube is None:
@@ -67,96 +156,157 @@ def evaluate_surrogate(folder: str | Path, store_path: str | Path, out_dir: str 
     cube = config.cube
     store = CubeStore(store_path)
     check_store_matches(config, store)
+    split = eval_split(config, store, holdout_time)
+    windows = split.held_out
+    if runs is not None:
+        held = {w[0] for w in windows}
+        if set(runs) - held:
+            raise SapwoodError(f"--runs {sorted(set(runs) - held)}: not held out (the model trained on them); "
+                               f"held-out frames are in runs {sorted(held)}")
+        windows = [w for w in windows if w[0] in runs]
+    if not windows:
+        raise SapwoodError(f"{store_path}: no held-out frames to score (cube.val_runs={cube.val_runs}, "
+                           f"holdout_time={split.holdout_time}); train with cube.val_runs or cube.holdout_time")
     model = load(folder, device=device)
-    geometry = Geometry.default(cube)
-    if runs is None:
-        runs = held_out_runs(store, cube.val_runs)[1] if cube.val_runs else list(range(store.runs))
-    lat_deg = torch.rad2deg(geometry.lat)
-    states, truths, preds, clims, params_all = [], [], [], [], []
-    rollout_errors, rollout_persistence, rollout_climatology = [], [], []
+    weights = cell_weights(cube)
+    geometry = store_geometry(cube)
+    climatology = Climatology(store, split.train)
+    baselines = {"persistence": "applied", "climatology": "applied",
+                 "advective_persistence": advective_persistence_support(store)}
+    advect = baselines["advective_persistence"] == "applied"
+    radius_index = store.param_names.index("planet_radius") if "planet_radius" in store.param_names else None
+    scored = Scored()
+    rollouts: dict[str, list[torch.Tensor]] = {"model": [], "persistence": [], "climatology": []}
     state_std = model.state_std.float().cpu()[:, None, None]
-    for run in runs:
-        frames = _run_frames(store, run)
-        params = torch.as_tensor(store.params[run], dtype=torch.float32).expand(frames.shape[0] - 1, -1)
-        states.append(frames[:-1])
-        truths.append(frames[1:])
-        preds.append(predict_all(model, frames[:-1], params))
-        clims.append(frames.mean(0, keepdim=True).expand(frames.shape[0] - 1, -1, -1, -1))
-        params_all.append(params)
-        steps = min(rollout_steps, frames.shape[0] - 1)
-        rolled = model.rollout(frames[:1].to(device), params[:1].to(device), steps).float().cpu()[0]
-        norm = lambda f: f / state_std  # noqa: E731
-        rollout_errors.append(weighted_mse(norm(rolled), norm(frames[1:steps + 1]), lat_deg).mean(1).sqrt())
-        rollout_persistence.append(weighted_mse(norm(frames[:1].expand(steps, -1, -1, -1)), norm(frames[1:steps + 1]),
-                                                lat_deg).mean(1).sqrt())
-        rollout_climatology.append(weighted_mse(norm(frames.mean(0, keepdim=True).expand(steps, -1, -1, -1)),
-                                                norm(frames[1:steps + 1]), lat_deg).mean(1).sqrt())
-    state, truth, pred = torch.cat(states), torch.cat(truths), torch.cat(preds)
-    clim, params = torch.cat(clims), torch.cat(params_all)
-    projected = project(pred, state, geometry, params)
-    names, levels = cube.variables, cube.levels
-    layered = [v for v in names if v not in cube.surface_variables]
-
-    def by_variable(values: torch.Tensor, root: bool = False) -> dict[str, float]:
-        return per_variable(values, names, levels, layered, reduce_sqrt=root)
-
-    rmse_model, rmse_persist, rmse_clim = (rmse(f, truth, lat_deg) for f in (pred, state, clim))
-    rmse_projected = rmse(projected, truth, lat_deg)
+    for run, start, stop in windows:
+        frames = store.read_rows(int(store.run_rows[run]) + start, stop - start)
+        pairs = frames.shape[0] - 1
+        params = (torch.as_tensor(store.params[run], dtype=torch.float32).expand(pairs, -1)
+                  if store.param_names else None)
+        scored.state.append(frames[:-1])
+        scored.truth.append(frames[1:])
+        scored.pred.append(predict_all(model, frames[:-1], params))
+        scored.clim.append(climatology.for_times(run, np.arange(start + 1, stop)))
+        if params is not None:
+            scored.params.append(params)
+        scored.run.extend([run] * pairs)
+        if advect:
+            radius = float(store.params[run][radius_index]) if radius_index is not None else 6.371e6
+            scored.advected.append(advective_persistence(frames[:-1], store, cube.dt_hours * 3600, radius))
+        steps = min(rollout_steps, pairs)
+        if steps:
+            rolled = model.rollout(frames[:1].to(device), None if params is None else params[:1].to(device),
+                                   steps).float().cpu()[0]
+            truth = frames[1:steps + 1] / state_std
+            clim_steps = climatology.for_times(run, np.arange(start + 1, start + steps + 1))
+            for key, forecast in (("model", rolled), ("persistence", frames[:1].expand(steps, -1, -1, -1)),
+                                  ("climatology", clim_steps)):
+                rollouts[key].append(weighted_mse(forecast / state_std, truth, weights).mean(1).sqrt())
     result: dict[str, Any] = {
-        "checkpoint": str(folder), "store": str(store_path), "held_out_runs": runs, "samples": int(state.shape[0]),
-        "definitions": "accuracy = ACC (WB2) of one-step predictions on held-out planets; see sapwood.evaluate",
-        "acc": by_variable(acc(pred, truth, clim, lat_deg)),
-        "acc_persistence": by_variable(acc(state, truth, clim, lat_deg)),
-        "acc_projected": by_variable(acc(projected, truth, clim, lat_deg)),
-        "rmse": by_variable(rmse_model, True),
-        "rmse_projected": by_variable(rmse_projected, True),
-        "rmse_persistence": by_variable(rmse_persist, True),
-        "rmse_climatology": by_variable(rmse_clim, True),
-        "violations": _mean_violations(state, pred, geometry, params),
-        "violations_projected": _mean_violations(state, projected, geometry, params),
-        "violations_truth": _mean_violations(state, truth, geometry, params),
+        "checkpoint": str(folder), "store": str(store_path), "grid": store.describe_grid(),
+        "held_out_runs": split.held_out_runs,
+        "held_out": {"val_runs": cube.val_runs, "holdout_time": split.holdout_time,
+                     "windows": [list(w) for w in windows]},
+        "definitions": DEFINITIONS, "constraints": physics_support(cube), "baselines": baselines,
     }
-    result["skill_vs_persistence"] = {k: 1 - result["rmse"][k] / max(result["rmse_persistence"][k], 1e-30)
-                                      for k in names}
-    result["skill_vs_climatology"] = {k: 1 - result["rmse"][k] / max(result["rmse_climatology"][k], 1e-30)
-                                      for k in names}
-    result["beats_persistence_every_variable"] = all(v > 0 for v in result["skill_vs_persistence"].values())
-    steps = min(len(e) for e in rollout_errors)
-    curve = torch.stack([e[:steps] for e in rollout_errors]).mean(0)
-    curve_persist = torch.stack([e[:steps] for e in rollout_persistence]).mean(0)
-    curve_clim = torch.stack([e[:steps] for e in rollout_climatology]).mean(0)
-    bad = (~torch.isfinite(curve)) | (curve > 10 * curve_clim)
-    result["rollout"] = {
-        "steps": steps, "rmse_std_units": curve.tolist(), "persistence": curve_persist.tolist(),
-        "climatology": curve_clim.tolist(),
-        "blow_up_step": int(bad.nonzero()[0, 0]) + 1 if bad.any() else None,
-        "beats_persistence_until_step": int((curve < curve_persist).long().cumprod(0).sum()),
-    }
+    result.update(_skill(cube, weights, scored, None))
+    result["climatology"] = {"key": "calendar month" if any(r["monthly"] for r in store.index["runs"])
+                             else "day of year", "training_frames": climatology.training_frames,
+                             "fallback_lookups": climatology.fallbacks}
+    run_index = np.asarray(scored.run)
+    groups = {name: np.isin(run_index, members) for name, members in planet_groups(store, split).items()}
+    time_held = [w[0] for w in windows if w[0] not in split.held_out_runs]
+    if time_held:
+        groups["final_part_of_training_runs"] = np.isin(run_index, time_held)
+    result["groups"] = {name: {"runs": sorted({int(r) for r in run_index[mask]}), **_skill(cube, weights, scored,
+                                                                                          mask)}
+                        for name, mask in groups.items() if mask.any()}
+    result["violations"] = result["violations_projected"] = result["violations_truth"] = {}
+    if geometry is not None:
+        state, truth, pred, clim = (scored.cat(k) for k in ("state", "truth", "pred", "clim"))
+        params = scored.cat("params")
+        projected = project(pred, state, geometry, params)
+        result["rmse_projected"] = _by_variable(cube, rmse(projected, truth, weights), True)
+        result["acc_projected"] = _by_variable(cube, acc(projected, truth, clim, weights))
+        result["violations"] = _mean_violations(state, pred, geometry, params)
+        result["violations_projected"] = _mean_violations(state, projected, geometry, params)
+        result["violations_truth"] = _mean_violations(state, truth, geometry, params)
+    if rollouts["model"]:
+        steps = min(len(e) for e in rollouts["model"])
+        curves = {k: torch.stack([e[:steps] for e in v]).mean(0) for k, v in rollouts.items()}
+        bad = (~torch.isfinite(curves["model"])) | (curves["model"] > 10 * curves["climatology"])
+        result["rollout"] = {
+            "steps": steps, "rmse_std_units": curves["model"].tolist(), "persistence": curves["persistence"].tolist(),
+            "climatology": curves["climatology"].tolist(),
+            "blow_up_step": int(bad.nonzero()[0, 0]) + 1 if bad.any() else None,
+            "beats_persistence_until_step": int((curves["model"] < curves["persistence"]).long().cumprod(0).sum()),
+        }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(result, indent=1))
-        if plots:
-            _plots(out, pred, truth, state, geometry, cube.variables[0], result["rollout"])
+        if plots and "rollout" in result:
+            _plots(out, scored.cat("pred"), scored.cat("truth"), scored.cat("state"), cube, store,
+                   result["rollout"])
     return result
 
 
-def _plots(out: Path, pred: torch.Tensor, truth: torch.Tensor, state: torch.Tensor, geometry: Geometry,
-           variable: str, rollout: dict[str, Any]) -> None:
+def _by_variable(cube: CubeModelConfig, values: torch.Tensor, root: bool = False) -> dict[str, float]:
+    layered = [v for v in cube.variables if v not in cube.surface_variables]
+    return per_variable(values, cube.variables, cube.levels, layered, reduce_sqrt=root)
+
+
+def _skill(cube: CubeModelConfig, weights: torch.Tensor, scored: Scored, mask: np.ndarray | None) -> dict[str, Any]:
+    """Per-variable RMSE / ACC of the model and every applied baseline, skill against them, and the per-channel
+    MSE ratio against persistence."""
+    state, truth, pred, clim = (scored.cat(k, mask) for k in ("state", "truth", "pred", "clim"))
+    forecasts = {"": pred, "persistence": state, "climatology": clim}
+    advected = scored.cat("advected", mask)
+    if advected is not None:
+        forecasts["advective_persistence"] = advected
+    out: dict[str, Any] = {"samples": int(state.shape[0])}
+    for name, forecast in forecasts.items():
+        suffix = f"_{name}" if name else ""
+        out[f"rmse{suffix}"] = _by_variable(cube, rmse(forecast, truth, weights), True)
+        if name != "climatology":
+            out[f"acc{suffix}"] = _by_variable(cube, acc(forecast, truth, clim, weights))
+    for name in forecasts:
+        if name:
+            out[f"skill_vs_{name}"] = {k: 1 - out["rmse"][k] / max(out[f"rmse_{name}"][k], 1e-30)
+                                       for k in cube.variables}
+    model_mse = weighted_mse(pred, truth, weights).mean(0).double()
+    persist_mse = weighted_mse(state, truth, weights).mean(0).double()
+    ratio = model_mse / persist_mse.clamp_min(1e-30)
+    out["mse_over_persistence"] = {}
+    for name in cube.variables:
+        sl = cube.channel_slice(name)
+        nonzero = persist_mse[sl] > 0
+        out["mse_over_persistence"][name] = float(ratio[sl][nonzero].mean()) if nonzero.any() else None
+    out["beats_persistence_every_variable"] = all(v > 0 for v in out["skill_vs_persistence"].values())
+    return out
+
+
+def _plots(out: Path, pred: torch.Tensor, truth: torch.Tensor, state: torch.Tensor, cube: CubeModelConfig,
+           store: CubeStore, rollout: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sl = geometry.cube.channel_slice(variable)
+    variable = cube.variables[0]
+    sl = cube.channel_slice(variable)
     level = sl.start + (sl.stop - sl.start) // 2
+    valid = torch.as_tensor(store.valid[level])
+    extent = None if store.curvilinear else (float(store.lon.min()), float(store.lon.max()),
+                                             float(store.lat.min()), float(store.lat.max()))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for ax, (title, field) in zip(axes, (("surrogate", pred), ("persistence", state)), strict=True):
-        error = (field[:, level] - truth[:, level]).pow(2).mean(0).sqrt().numpy()
-        image = ax.imshow(error, origin="lower", aspect="auto", extent=(0, 360, -90, 90), cmap="magma")
+    for ax, (title, values) in zip(axes, (("surrogate", pred), ("persistence", state)), strict=True):
+        error = (values[:, level] - truth[:, level]).pow(2).mean(0).sqrt()
+        error = torch.where(valid, error, torch.full_like(error, float("nan"))).numpy()
+        image = ax.imshow(error, origin="lower", aspect="auto", extent=extent, cmap="magma")
         ax.set_title(f"{title}: RMSE of {variable} (channel {level}) over time")
-        ax.set_xlabel("lon")
-        ax.set_ylabel("lat")
+        ax.set_xlabel("lon" if extent else "x")
+        ax.set_ylabel("lat" if extent else "y")
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(out / "error_map.png", dpi=100)
@@ -179,41 +329,36 @@ def print_summary(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("variable", "ACC", "ACC persist", "RMSE", "RMSE persist", "RMSE clim", "skill vs persist")
+    advect = "rmse_advective_persistence" in result
+    columns = ["variable", "ACC", "ACC persist", "RMSE", "RMSE persist", "RMSE clim"] + (
+        ["RMSE advect"] if advect else []) + ["skill vs persist", "skill vs clim"]
+    table = Table(*columns)
     for name, value in result["acc"].items():
-        table.add_row(name, f"{value:.4f}", f"{result['acc_persistence'][name]:.4f}", f"{result['rmse'][name]:.4g}",
-                      f"{result['rmse_persistence'][name]:.4g}", f"{result['rmse_climatology'][name]:.4g}",
-                      f"{result['skill_vs_persistence'][name]:+.3f}")
+        row = [name, f"{value:.4f}", f"{result['acc_persistence'][name]:.4f}", f"{result['rmse'][name]:.4g}",
+               f"{result['rmse_persistence'][name]:.4g}", f"{result['rmse_climatology'][name]:.4g}"]
+        if advect:
+            row.append(f"{result['rmse_advective_persistence'][name]:.4g}")
+        row += [f"{result['skill_vs_persistence'][name]:+.3f}", f"{result['skill_vs_climatology'][name]:+.3f}"]
+        table.add_row(*row)
     console = Console()
+    console.print(f"{result['samples']} held-out cases on {result['grid']}; held-out runs {result['held_out_runs']}, "
+                  f"holdout_time {result['held_out']['holdout_time']}", highlight=False)
     console.print(table)
+    for name, group in result["groups"].items():
+        skill = ", ".join(f"{k} {v:+.3f}" for k, v in group["skill_vs_persistence"].items())
+        console.print(f"{name} (runs {group['runs']}): skill vs persistence {skill}", highlight=False)
+    for kind in ("constraints", "baselines"):
+        statuses: dict[str, list[str]] = {}
+        for name, status in result[kind].items():
+            statuses.setdefault(status, []).append(name)
+        for status, names in statuses.items():
+            console.print(f"{kind} {', '.join(names)}: {status}", highlight=False)
     for key in ("violations", "violations_projected"):
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in result[key].items())
-        console.print(f"{key} (%; energy_wm2 in W m-2): {shown}")
-    r = result["rollout"]
-    console.print(f"rollout {r['steps']} steps: final error {r['rmse_std_units'][-1]:.3g} (persistence "
-                  f"{r['persistence'][-1]:.3g}), blow-up step {r['blow_up_step']}, beats persistence until step "
-                  f"{r['beats_persistence_until_step']}")
-
-
-def demo_stage(out: Path) -> None:
-    """Demo: train a tiny surrogate on the cube stage's store (``out/cubes/store``) through the training
-    loop, then print its skill on held-out planets and its physics violations (``out/surrogate``)."""
-    from rich.console import Console
-
-    from sapwood.train.cube_task import surrogate_config
-    from sapwood.train.loop import train
-
-    store = Path(out) / "cubes" / "store"
-    if not (store / "index.json").exists():
-        raise SapwoodError(f"{store}: no cube store; the cubes demo stage writes it first")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a small, shared CPU
-    try:
-        config = surrogate_config(store, Path(out) / "surrogate" / "run", steps=200, hidden=64, layers=2,
-                                  patch=8, val_runs=2)
-        summary = train(config)
-        result = evaluate_surrogate(summary["final"], store, Path(out) / "surrogate" / "eval", rollout_steps=10)
-    finally:
-        torch.set_num_threads(threads)
-    Console().print(f"surrogate {summary['final']}: held-out planets {result['held_out_runs']}")
-    print_summary(result)
+        if result[key]:
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in result[key].items())
+            console.print(f"{key} (%; energy_wm2 in W m-2): {shown}")
+    r = result.get("rollout")
+    if r:
+        console.print(f"rollout {r['steps']} steps: final error {r['rmse_std_units'][-1]:.3g} (persistence "
+                      f"{r['persistence'][-1]:.3g}), blow-up step {r['blow_up_step']}, beats persistence until "
+                      f"step {r['beats_persistence_until_step']}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sapwood.data.cubes import prepare
-from sapwood.data.loader import CubeLoader, split_runs
+from sapwood.data.loader import CubeLoader, split_store
 from sapwood.data.simulate import Grid, simulate_ensemble
 from sapwood.data.store import CubeStore
 from sapwood.errors import SapwoodError
@@ -77,10 +77,24 @@ def test_frames_are_consecutive_times_of_one_run(store):
 
 
 def test_run_subsets_and_split(store):
-    train, test = split_runs(store.runs, test_fraction=0.25, seed=0)
-    assert sorted(train + test) == list(range(store.runs)) and len(test) == 1
-    loader = CubeLoader(store, batch_size=6, segments_per_batch=2, runs=test, seed=0)
-    assert {r for b in loader for r in b.run.tolist()} == set(test)
+    split = split_store(store, val_runs=1)
+    assert split.train_runs == [0, 1, 2] and split.held_out_runs == [3]
+    loader = CubeLoader(store, batch_size=6, segments_per_batch=2, windows=split.held_out, seed=0)
+    assert {r for b in loader for r in b.run.tolist()} == {3}
+
+
+def test_time_holdout_windows_never_overlap_training(store):
+    split = split_store(store, val_runs=1, holdout_time=0.25)  # 13 times: 10 train, 3 held out per run
+    assert split.train == [(0, 0, 10), (1, 0, 10), (2, 0, 10)]
+    assert split.held_out == [(0, 10, 13), (1, 10, 13), (2, 10, 13), (3, 0, 13)]
+    loader = CubeLoader(store, batch_size=3, segments_per_batch=1, windows=split.train, seed=0)
+    seen = {(r, t) for b in loader for r, t in zip(b.run.tolist(), b.time.tolist(), strict=True)}
+    assert seen and max(t for _, t in seen) + 1 <= 9  # the next state of every pair is inside the window
+    assert {r for r, _ in seen} == {0, 1, 2}
+    with pytest.raises(SapwoodError, match="holdout_time=0.9"):
+        split_store(store, val_runs=1, holdout_time=0.9)
+    with pytest.raises(SapwoodError, match="val_runs=4"):
+        split_store(store, val_runs=4)
 
 
 def test_breaking_out_stops_the_prefetch_thread(store):

@@ -89,16 +89,16 @@ def test_bad_inputs_are_named_skipped_and_lose_nothing_else(runs, tmp_path):
     (folder / "corrupt.nc").write_bytes(b"this is not netcdf" * 100)
     data = runs[2].read_bytes()
     (folder / "truncated.nc").write_bytes(data[: len(data) // 2])
-    write_variant(runs[2], folder / "nan.nc", lambda ds: ds["q"].__setitem__((2, 1, 3, 4), np.nan))
+    write_variant(runs[2], folder / "inf.nc", lambda ds: ds["q"].__setitem__((2, 1, 3, 4), np.inf))
     write_variant(runs[2], folder / "units.nc", lambda ds: ds["T"].setncattr("units", "degC"))
-    write_variant(runs[2], folder / "lat_order.nc", lambda ds: ds["lat"].__setitem__(slice(None), ds["lat"][::-1]))
+    write_variant(runs[2], folder / "time_order.nc", lambda ds: ds["time"].__setitem__(slice(None), ds["time"][::-1]))
     simulate_ensemble(tmp_path / "other", runs=1, grid=Grid(levels=3, nlat=10, nlon=16, times=4), progress=False)
     shutil.copy(tmp_path / "other" / "run_0000.nc", folder / "wrong_shape.nc")
 
     report = prepare([folder], tmp_path / "store", progress=False)
     kinds = {p.path.name: p.kind for p in report.problems}
-    assert kinds == {"corrupt.nc": "corrupt", "truncated.nc": "truncated", "nan.nc": "non-finite",
-                     "units.nc": "units", "lat_order.nc": "coordinates", "wrong_shape.nc": "shape"}
+    assert kinds == {"corrupt.nc": "corrupt", "truncated.nc": "truncated", "inf.nc": "non-finite",
+                     "units.nc": "units", "time_order.nc": "coordinates", "wrong_shape.nc": "shape"}
     assert sorted(p.name for p in report.used) == sorted(p.name for p in good)
     assert "q level 1 at time index 2" in next(str(p) for p in report.problems if p.kind == "non-finite")
     summary = report.summary()
@@ -137,7 +137,7 @@ def test_rerun_is_idempotent_and_changed_inputs_rebuild(runs, tmp_path):
 
 
 def test_interrupted_prepare_never_leaves_a_complete_looking_store(runs, tmp_path, monkeypatch):
-    real = cubes._ingest_one
+    real = cubes._Writer.write_part
     calls = {"n": 0}
 
     def dies_on_second(*args, **kwargs):
@@ -146,16 +146,16 @@ def test_interrupted_prepare_never_leaves_a_complete_looking_store(runs, tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cubes, "_ingest_one", dies_on_second)
+    monkeypatch.setattr(cubes._Writer, "write_part", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         prepare(runs, tmp_path / "store", progress=False)
     assert not (tmp_path / "store").exists()
     with pytest.raises(SapwoodError, match="not a complete"):
         CubeStore(tmp_path / "store")
-    monkeypatch.setattr(cubes, "_ingest_one", real)
+    monkeypatch.setattr(cubes._Writer, "write_part", real)
     prepare(runs[:1], tmp_path / "store", progress=False)  # an old good store survives a failed rebuild
     calls["n"] = 0
-    monkeypatch.setattr(cubes, "_ingest_one", dies_on_second)
+    monkeypatch.setattr(cubes._Writer, "write_part", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         prepare(runs, tmp_path / "store", progress=False)
     assert CubeStore(tmp_path / "store").runs == 1
@@ -171,12 +171,18 @@ def test_zarr_and_netcdf_inputs_mix(runs, tmp_path):
     np.testing.assert_array_equal(store.read_rows(int(store.run_rows[1]), 6).numpy(), expected_frames(runs[1]))
 
 
-def test_store_damage_is_detected(runs, tmp_path):
+def test_store_damage_is_detected_and_rerunning_prepare_repairs_it(runs, tmp_path):
     prepare(runs[:1], tmp_path / "store", progress=False)
     with open(tmp_path / "store" / "frames.f32", "r+b") as f:
         f.truncate(100)
-    with pytest.raises(SapwoodError, match="damaged"):
+    with pytest.raises(SapwoodError, match="damaged, run `sapwood prepare` again"):
         CubeStore(tmp_path / "store")
+    again = prepare(runs[:1], tmp_path / "store", progress=False)  # what the message says to do
+    assert not again.up_to_date
+    np.testing.assert_array_equal(CubeStore(tmp_path / "store").memmap(), expected_frames(runs[0]))
+    (tmp_path / "store" / "grid.npz").unlink()
+    assert not prepare(runs[:1], tmp_path / "store", progress=False).up_to_date
+    assert prepare(runs[:1], tmp_path / "store", progress=False).up_to_date
 
 
 def test_read_rows_into_checks_its_buffer(runs, tmp_path):
@@ -191,3 +197,23 @@ def test_read_rows_into_checks_its_buffer(runs, tmp_path):
 def test_input_problem_names_file_and_kind(tmp_path):
     problem = InputProblem(tmp_path / "x.nc", "units", "T has units 'degC', expected 'K'")
     assert str(problem).startswith(str(tmp_path / "x.nc")) and "units" in str(problem)
+
+
+def test_zarr_layout_is_read_by_xarray_and_loads_like_the_raw_store(runs, tmp_path):
+    prepare(runs, tmp_path / "raw", progress=False)
+    prepare(runs, tmp_path / "zarr", progress=False, layout="zarr")
+    ds = xr.open_zarr(tmp_path / "zarr", consolidated=False)
+    source = xr.open_dataset(runs[1])
+    np.testing.assert_array_equal(ds["T"].values[6:12], source["T"].values)
+    np.testing.assert_array_equal(ds["ps"].values[6:12], source["ps"].values)
+    np.testing.assert_allclose(ds["lat"].values, source["lat"].values)
+    np.testing.assert_allclose(ds["lev"].values, source["lev"].values)
+    assert ds["T"].attrs["standard_name"] == "air_temperature" and ds["T"].attrs["units"] == "K"
+    assert ds["run"].values.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    raw, zarr_store = CubeStore(tmp_path / "raw"), CubeStore(tmp_path / "zarr")
+    assert not (tmp_path / "zarr" / "frames.f32").exists()
+    for a, b in zip(CubeLoader(raw, batch_size=4, seed=1), CubeLoader(zarr_store, batch_size=4, seed=1), strict=True):
+        assert torch.equal(a.frames, b.frames) and torch.equal(a.run, b.run)
+    assert prepare(runs, tmp_path / "zarr", progress=False, layout="zarr").up_to_date
+    with pytest.raises(SapwoodError, match="format 'parquet': allowed are raw, zarr"):
+        prepare(runs, tmp_path / "other", progress=False, layout="parquet")

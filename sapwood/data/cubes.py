@@ -1,15 +1,23 @@
-"""``sapwood prepare``: ingest NetCDF and Zarr datacubes into a chunked store (:mod:`sapwood.data.store`).
+"""``sapwood prepare``: ingest CF-convention NetCDF and Zarr datacubes into a store (:mod:`sapwood.data.store`).
 
-Every input is opened with xarray and validated on its own: readable, required variables present with the
-expected dims ``(time, lev, lat, lon)`` (``ps``: ``(time, lat, lon)``), CF units, strictly increasing
-``time``/``lat``/``lon``/``lev``, the same ``lev``/``lat``/``lon`` as the first usable input, at least two
-times, all values finite, and the planet parameters present. A bad input is reported with a
-:class:`InputProblem` naming the file and the kind of problem and skipped; the others continue. Only when no
+Each input is opened with xarray (``_FillValue`` / ``missing_value`` -> NaN, packed integers decoded) and read
+through :mod:`sapwood.data.cf`: axes by CF metadata, 2-D and 3-D variables on one grid, canonical order
+(latitude ascending, longitude ascending, levels top-down), any cftime calendar. Inputs are checked against
+the first usable one (variables, units, grid, levels, planet parameters); a bad input is reported with an
+:class:`InputProblem` naming the file and the kind of problem and skipped, the others continue. Only when no
 input is usable does :func:`prepare` raise.
+
+Files of one run (same name apart from date tokens and the same identity attributes, see
+:func:`sapwood.data.cf.run_key`) are joined in time order; an overlap drops the repeated times, a gap starts a
+new run (a state and its successor are never taken across a gap); both are reported per file.
+
+Missing values become the store's mask (a cell missing in any frame is masked for the whole channel) and are
+written as 0; the statistics, the loss and every metric use valid cells only.
 
 Writes go to ``STORE.partial-PID`` and are renamed into place after ``index.json`` (the completion marker) is
 written, so an interrupted prepare never leaves a store that looks complete. The index records a fingerprint of
-the inputs (path, size, mtime) and options; re-running on the same inputs does nothing.
+the inputs (path, size, mtime) and options; re-running on the same inputs does nothing while the store is
+intact, and rebuilds a damaged one.
 """
 
 from __future__ import annotations
@@ -18,43 +26,26 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sapwood.data.simulate import PLANET_VARIABLES
-from sapwood.data.store import FRAMES_FILE, INDEX_FILE, STORE_FORMAT, CubeStore
+from sapwood.data import cf
+from sapwood.data.inputs import InputLayout, InputProblem, hdf5_truncation, inspect_input, open_input
+from sapwood.data.simulate import CUBE_VARIABLES, PLANET_VARIABLES
+from sapwood.data.store import FRAMES_FILE, GRID_FILE, INDEX_FILE, STORE_FORMAT, CubeStore, store_damage
 from sapwood.errors import SapwoodError
 
-DEFAULT_VARIABLES = ("T", "u", "v", "q", "ps", "rho", "zg")
-SURFACE_VARIABLES = {"ps"}
-UNIT_ALIASES = {  # canonical unit -> spellings accepted
-    "K": {"K", "kelvin", "degK"},
-    "m s-1": {"m s-1", "m/s", "m s**-1", "m.s-1", "m s^-1"},
-    "kg kg-1": {"kg kg-1", "kg/kg", "1", "kg kg**-1", "kg.kg-1"},
-    "Pa": {"Pa", "pascal"},
-    "kg m-3": {"kg m-3", "kg/m3", "kg/m^3", "kg m**-3"},
-    "m": {"m", "meter", "metre", "gpm"},
-}
-EXPECTED_UNITS = {"T": "K", "u": "m s-1", "v": "m s-1", "q": "kg kg-1", "ps": "Pa", "rho": "kg m-3", "zg": "m"}
-BLOCK_BYTES = 64 << 20  # rows converted per block
-
-
-class InputProblem(SapwoodError):
-    """One unusable input: ``kind`` is one of corrupt, truncated, missing, dims, units, coordinates,
-    shape, non-finite, too-short."""
-
-    def __init__(self, path: Path, kind: str, detail: str) -> None:
-        self.path, self.kind, self.detail = Path(path), kind, detail
-        super().__init__(f"{path}: {kind}: {detail}")
+DEFAULT_VARIABLES = CUBE_VARIABLES  # the simulator's variables (prepare takes every variable when none are named)
+BLOCK_BYTES = 64 << 20  # bytes converted per block
 
 
 @dataclass
 class PrepareReport:
-    """What a prepare run did: the store, the inputs used and skipped, and whether it was already up to date."""
+    """What a prepare run did: the store, the inputs used and skipped, the variables taken and left out, notes
+    on runs joined over files (gaps, overlaps, flips), and whether it was already up to date."""
 
     store: Path
     used: list[Path] = field(default_factory=list)
@@ -62,225 +53,231 @@ class PrepareReport:
     up_to_date: bool = False
     rows: int = 0
     bytes: int = 0
+    variables: list[str] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    runs: int = 0
 
     def summary(self) -> str:
         head = (f"{self.store}: up to date ({len(self.used)} inputs)" if self.up_to_date else
-                f"{self.store}: {len(self.used)} inputs used, {len(self.problems)} skipped, "
+                f"{self.store}: {len(self.used)} inputs used, {len(self.problems)} skipped, {self.runs} runs, "
                 f"{self.rows} frames, {self.bytes / 1e6:.1f} MB")
-        return "\n".join([head] + [f"  skipped {p}" for p in self.problems])
+        lines = [head]
+        if self.variables:
+            lines.append(f"  variables: {', '.join(self.variables)}")
+        reasons: dict[str, list[str]] = {}
+        for name, reason in self.left_out.items():
+            reasons.setdefault(reason, []).append(name)
+        lines += [f"  left out ({reason}): {', '.join(names)}" for reason, names in reasons.items()]
+        lines += [f"  note {note}" for note in self.notes]
+        lines += [f"  skipped {p}" for p in self.problems]
+        return "\n".join(lines)
 
 
-# --- opening and validating one input -------------------------------------------------------------------------
-def _hdf5_truncation(path: Path) -> str | None:
-    """If ``path`` is an HDF5 (NetCDF4) file shorter than the end-of-file address in its superblock, say so."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:
-        return None
-    if not head.startswith(b"\x89HDF\r\n\x1a\n") or len(head) < 40:
-        return None
-    version = head[8]
-    if version in (0, 1):
-        offset_size = head[13]
-        eof_at = 24 + (4 if version == 1 else 0) + 2 * offset_size
-    else:
-        offset_size = head[9]
-        eof_at = 12 + 2 * offset_size
-    if offset_size not in (4, 8) or eof_at + offset_size > len(head):
-        return None
-    eof = struct.unpack("<Q" if offset_size == 8 else "<I", head[eof_at:eof_at + offset_size])[0]
-    size = path.stat().st_size
-    return f"file is {size} bytes, its header says {eof}" if size < eof else None
-
-
-def _has_netcdf_signature(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    return head.startswith((b"\x89HDF\r\n\x1a\n", b"CDF\x01", b"CDF\x02", b"CDF\x05"))
-
-
-def open_input(path: Path) -> Any:
-    """Open a NetCDF file or a Zarr store with xarray (times left undecoded)."""
-    import xarray as xr
-
-    try:
-        if path.is_dir() or path.suffix == ".zarr":
-            return xr.open_zarr(path, decode_times=False, consolidated=None)
-        return xr.open_dataset(path, decode_times=False, cache=False)
-    except Exception as exc:  # noqa: BLE001 - every reader failure is a corrupt input
-        truncation = _hdf5_truncation(path) if path.is_file() else None
-        if truncation:
-            raise InputProblem(path, "truncated", truncation) from None
-        if path.is_file() and not _has_netcdf_signature(path):
-            raise InputProblem(path, "corrupt", "not a NetCDF file (no NetCDF/HDF5 signature)") from None
-        raise InputProblem(path, "corrupt", f"cannot be opened ({type(exc).__name__}: {str(exc)[:120]})") from None
-
-
-def _canonical_units(units: str) -> str | None:
-    for canonical, spellings in UNIT_ALIASES.items():
-        if units.strip() in spellings:
-            return canonical
-    return None
-
-
+# --- runs over files --------------------------------------------------------------------------------------------
 @dataclass
-class InputLayout:
-    """The shape facts of one validated input."""
+class RunPart:
+    """Times ``[start, stop)`` of one input, part of a run."""
 
-    times: int
-    levels: int
-    lat: np.ndarray
-    lon: np.ndarray
-    lev: np.ndarray
-    params: np.ndarray
+    layout: InputLayout
+    start: int
+    stop: int
 
 
-def validate_structure(path: Path, ds: Any, variables: tuple[str, ...], reference: InputLayout | None) -> InputLayout:
-    """Check variables, dims, units, coordinates, shapes and planet parameters (not values)."""
-    for name in variables:
-        if name not in ds.variables:
-            raise InputProblem(path, "missing", f"variable {name!r} not found (has {sorted(ds.data_vars)[:12]})")
-        dims = ("time", "lat", "lon") if name in SURFACE_VARIABLES else ("time", "lev", "lat", "lon")
-        if tuple(ds[name].dims) != dims:
-            raise InputProblem(path, "dims", f"{name} has dims {tuple(ds[name].dims)}, expected {dims}")
-        units = str(ds[name].attrs.get("units", ""))
-        expected = EXPECTED_UNITS.get(name)
-        if expected and _canonical_units(units) != expected:
-            raise InputProblem(path, "units", f"{name} has units {units!r}, expected {expected!r}")
-    coords = {}
-    for axis in ("time", "lev", "lat", "lon"):
-        if axis not in ds.variables:
-            raise InputProblem(path, "coordinates", f"coordinate {axis!r} missing")
-        values = np.asarray(ds[axis].values, dtype=np.float64)
-        if values.size > 1 and not np.all(np.diff(values) > 0):
-            raise InputProblem(path, "coordinates", f"{axis} is not strictly increasing")
-        if not np.all(np.isfinite(values)):
-            raise InputProblem(path, "coordinates", f"{axis} has NaN or inf")
-        coords[axis] = values
-    if coords["time"].size < 2:
-        raise InputProblem(path, "too-short", f"{coords['time'].size} time(s); need at least 2 for state pairs")
-    params = []
-    for nc_name, (attr_name, _, _) in PLANET_VARIABLES.items():
-        if nc_name in ds.variables:
-            params.append(float(ds[nc_name].values))
-        elif attr_name in ds.attrs:
-            params.append(float(ds.attrs[attr_name]))
+def plan_runs(layouts: list[InputLayout], report: PrepareReport) -> list[list[RunPart]]:
+    """Group inputs into runs (same :func:`sapwood.data.cf.run_key`), join each group in time order, drop
+    overlapping times, split at gaps; every overlap and gap is a note naming the file."""
+    groups: dict[str, list[InputLayout]] = {}
+    for layout in layouts:
+        groups.setdefault(layout.key, []).append(layout)
+    runs: list[list[RunPart]] = []
+    for members in groups.values():
+        members.sort(key=lambda item: (item.time.days[0], str(item.path)))
+        if len(members) > 1 and len({round(float(m.time.days[0]), 6) for m in members}) == 1:
+            runs.extend([RunPart(m, 0, m.times)] for m in members)  # an ensemble: same times, separate runs
+            continue
+        monthly = all(m.time.monthly or m.times == 1 for m in members) and _between_monthly(members)
+        step = _typical_step(members)
+        current: list[RunPart] = []
+        last: float | None = None
+        for member in members:
+            days = member.time.days
+            start = 0
+            if last is not None:
+                start = int(np.searchsorted(days, last, side="right"))
+                if start == member.times:
+                    report.problems.append(InputProblem(member.path, "overlap", f"all {member.times} times are "
+                                                        f"already in {current[-1].layout.path.name}"))
+                    continue
+                if start:
+                    report.notes.append(f"{member.path}: overlap: first {start} times already in "
+                                        f"{current[-1].layout.path.name}; dropped")
+                missing = _missing_steps(last, days[start], member.time.calendar, monthly, step)
+                if missing > 0:
+                    report.notes.append(f"{member.path}: gap: {missing} missing steps after "
+                                        f"{cf.date_text(last, member.time.calendar)}; a new run starts here")
+                    runs.append(current)
+                    current = []
+            current.append(RunPart(member, start, member.times))
+            last = float(days[-1])
+        runs.append(current)
+    kept = []
+    for run in runs:
+        times = sum(part.stop - part.start for part in run)
+        if times < 2:
+            for part in run:
+                report.problems.append(InputProblem(part.layout.path, "too-short", f"{times} time(s) in its run; "
+                                                    "need at least 2 for state pairs"))
         else:
-            raise InputProblem(path, "missing", f"planet parameter {nc_name!r} (variable or attribute {attr_name!r})")
-    layout = InputLayout(coords["time"].size, coords["lev"].size, coords["lat"], coords["lon"], coords["lev"],
-                         np.asarray(params))
-    if not np.all(np.isfinite(layout.params)):
-        raise InputProblem(path, "non-finite", "planet parameters contain NaN or inf")
-    if reference is not None:
-        for axis in ("lev", "lat", "lon"):
-            mine, theirs = getattr(layout, axis), getattr(reference, axis)
-            if mine.shape != theirs.shape or not np.allclose(mine, theirs, rtol=0, atol=1e-9):
-                raise InputProblem(path, "shape", f"{axis} has {mine.size} values {_span(mine)}; the first input "
-                                   f"has {theirs.size} {_span(theirs)}")
-    return layout
+            kept.append(run)
+    return kept
 
 
-def _span(values: np.ndarray) -> str:
-    return f"[{values[0]:g} .. {values[-1]:g}]" if values.size else "[]"
+def _between_monthly(members: list[InputLayout]) -> bool:
+    firsts = np.asarray([m.time.days[0] for m in members])
+    steps = np.diff(firsts)
+    return bool(steps.size == 0 or np.all(steps >= 27.5))
 
 
-def _variable_channels(variables: tuple[str, ...], levels: int) -> list[tuple[str, int]]:
-    return [(name, 0 if name in SURFACE_VARIABLES else levels) for name in variables]
+def _typical_step(members: list[InputLayout]) -> float:
+    within = [np.diff(m.time.days) for m in members if m.times > 1]
+    steps = np.concatenate(within) if within else np.diff(np.asarray([m.time.days[0] for m in members]))
+    return float(np.median(steps)) if steps.size else 1.0
 
 
-def read_frames(ds: Any, variables: tuple[str, ...], levels: int, start: int, stop: int) -> np.ndarray:
-    """Times ``start..stop`` of ``ds`` as float32 ``[times, channels, lat, lon]``."""
-    parts = []
-    for name in variables:
-        block = np.asarray(ds[name].isel(time=slice(start, stop)).values, dtype=np.float32)
-        parts.append(block[:, None] if name in SURFACE_VARIABLES else block)
-    return np.concatenate(parts, axis=1)
+def _missing_steps(last: float, first: float, calendar: str, monthly: bool, step: float) -> int:
+    if monthly:
+        return int(cf.month_index(np.asarray([first]), calendar)[0] - cf.month_index(np.asarray([last]), calendar)[0]) - 1
+    return int(round((first - last) / step)) - 1 if first - last > 1.5 * step else 0
 
 
-# --- the store --------------------------------------------------------------------------------------------------
-def _fingerprint(inputs: list[Path], variables: tuple[str, ...]) -> str:
-    h = hashlib.sha256(STORE_FORMAT.encode())
+# --- the store ------------------------------------------------------------------------------------------------
+def _fingerprint(inputs: list[Path], variables: tuple[str, ...] | None, layout: str) -> str:
+    h = hashlib.sha256(f"{STORE_FORMAT}|{layout}".encode())
     for path in inputs:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
             st = f.stat() if f.exists() else None
             h.update(f"{f.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
-    h.update(",".join(variables).encode())
+    h.update(("<all>" if variables is None else ",".join(variables)).encode())
     return h.hexdigest()
 
 
 def _existing_fingerprint(store: Path) -> str | None:
+    """The fingerprint of a complete, intact store at ``store`` (None when absent, incomplete or damaged, so that
+    running prepare again rebuilds it)."""
     try:
         index = json.loads((store / INDEX_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return index.get("fingerprint") if index.get("complete") else None
+    if not index.get("complete") or store_damage(store, index) is not None:
+        return None
+    return index.get("fingerprint")
 
 
 class _Stats:
-    """Per-channel mean and variance merged across inputs (Chan et al.), in float64."""
+    """Per-channel mean and variance over valid (finite) values, merged across blocks (Chan et al.), float64."""
 
     def __init__(self, channels: int) -> None:
-        self.count = 0
+        self.count = np.zeros(channels)
         self.mean = np.zeros(channels)
         self.m2 = np.zeros(channels)
 
-    def block(self, frames: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    @staticmethod
+    def block(frames: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         values = frames.astype(np.float64).transpose(1, 0, 2, 3).reshape(frames.shape[1], -1)
-        mean = values.mean(axis=1)
-        return values.shape[1], mean, ((values - mean[:, None]) ** 2).sum(axis=1)
+        if valid.all():
+            mean = values.mean(axis=1)
+            return np.full(values.shape[0], float(values.shape[1])), mean, ((values - mean[:, None]) ** 2).sum(axis=1)
+        ok = valid.transpose(1, 0, 2, 3).reshape(frames.shape[1], -1)
+        count = ok.sum(axis=1).astype(np.float64)
+        mean = np.where(ok, values, 0).sum(axis=1) / np.maximum(count, 1)
+        m2 = np.where(ok, (values - mean[:, None]) ** 2, 0).sum(axis=1)
+        return count, mean, m2
 
-    def merge(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
+    def merge(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
         total = self.count + count
+        safe = np.maximum(total, 1)
         delta = mean - self.mean
-        self.mean = self.mean + delta * count / total
-        self.m2 = self.m2 + m2 + delta**2 * self.count * count / total
+        self.mean = self.mean + delta * count / safe
+        self.m2 = self.m2 + m2 + delta**2 * self.count * count / safe
         self.count = total
 
     @property
     def std(self) -> np.ndarray:
-        std = np.sqrt(self.m2 / max(self.count, 1))
+        std = np.sqrt(self.m2 / np.maximum(self.count, 1))
         return np.where(std > 0, std, 1.0)
 
 
-def _ingest_one(path: Path, variables: tuple[str, ...], reference: InputLayout | None, frames_file: Any,
-                stats: _Stats) -> InputLayout:
-    """Validate one input and append its frames; on any problem the frames file is cut back and stats untouched."""
-    start_offset = frames_file.tell()
-    blocks: list[tuple[int, np.ndarray, np.ndarray]] = []
-    try:
-        ds = open_input(path)
+class _Writer:
+    """Appends frames to the store's frames file and accumulates statistics and the mask."""
+
+    def __init__(self, frames_file: Any, reference: InputLayout) -> None:
+        self.file = frames_file
+        self.reference = reference
+        self.channels = reference.channels()
+        count = sum(levels or 1 for _, levels in self.channels)
+        shape = (count, *reference.grid.shape())
+        self.stats = _Stats(count)
+        self.valid_always = np.ones(shape, dtype=bool)
+        self.valid_ever = np.zeros(shape, dtype=bool)
+
+    def rows(self) -> int:
+        return self.file.tell() // (4 * self.valid_always.size)
+
+    def truncate_rows(self, rows: int) -> None:
+        self.file.seek(rows * 4 * self.valid_always.size)
+        self.file.truncate()
+
+    def write_part(self, part: RunPart) -> int:
+        """Append the times of ``part``; on any problem the file is cut back and nothing is merged."""
+        layout = part.layout
+        path = layout.path
+        start_offset = self.file.tell()
+        merged: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        always, ever = self.valid_always.copy(), self.valid_ever.copy()
+        row_bytes = 4 * always.size
+        per_block = max(1, BLOCK_BYTES // row_bytes)
         try:
-            layout = validate_structure(path, ds, variables, reference)
-            row_bytes = 4 * (layout.levels * (len(variables) - len(SURFACE_VARIABLES & set(variables)))
-                             + len(SURFACE_VARIABLES & set(variables))) * layout.lat.size * layout.lon.size
-            per_block = max(1, BLOCK_BYTES // row_bytes)
-            for begin in range(0, layout.times, per_block):
-                try:
-                    frames = read_frames(ds, variables, layout.levels, begin, min(layout.times, begin + per_block))
-                except Exception as exc:  # noqa: BLE001 - a read failure means a damaged file
-                    truncation = _hdf5_truncation(path) if path.is_file() else None
-                    kind, detail = ("truncated", truncation) if truncation else (
-                        "corrupt", f"data unreadable ({type(exc).__name__}: {str(exc)[:120]})")
-                    raise InputProblem(path, kind, detail) from None
-                finite = np.isfinite(frames)
-                if not finite.all():
-                    bad = np.argwhere(~finite)[0]
-                    channel = _variable_channels(variables, layout.levels)
-                    raise InputProblem(path, "non-finite", f"{int((~finite).sum())} NaN/inf values, first in "
-                                       f"{_channel_name(channel, int(bad[1]))} at time index {begin + int(bad[0])}")
-                blocks.append(stats.block(frames))
-                frames_file.write(frames.tobytes())
-        finally:
-            ds.close()
-    except BaseException:
-        frames_file.seek(start_offset)
-        frames_file.truncate(start_offset)
-        raise
-    for block in blocks:
-        stats.merge(*block)
-    return layout
+            ds = open_input(path)
+            try:
+                for begin in range(part.start, part.stop, per_block):
+                    end = min(part.stop, begin + per_block)
+                    frames = self._read(ds, layout, begin, end)
+                    if np.isinf(frames).any():
+                        bad = np.argwhere(np.isinf(frames))[0]
+                        raise InputProblem(path, "non-finite", f"{int(np.isinf(frames).sum())} inf values, first in "
+                                           f"{_channel_name(self.channels, int(bad[1]))} at time index "
+                                           f"{begin + int(bad[0])}")
+                    valid = np.isfinite(frames)
+                    always &= valid.all(axis=0)
+                    ever |= valid.any(axis=0)
+                    merged.append(_Stats.block(frames, valid))
+                    self.file.write((frames if valid.all() else np.where(valid, frames, 0)).astype(
+                        "<f4", copy=False).tobytes())
+            finally:
+                ds.close()
+        except BaseException:
+            self.file.seek(start_offset)
+            self.file.truncate(start_offset)
+            raise
+        for block in merged:
+            self.stats.merge(*block)
+        self.valid_always, self.valid_ever = always, ever
+        return part.stop - part.start
+
+    def _read(self, ds: Any, layout: InputLayout, begin: int, end: int) -> np.ndarray:
+        try:
+            parts = [cf.read_block(ds, name, layout.axes, layout.grid, layout.vertical, begin, end)
+                     for name in layout.variables]
+        except (ValueError, TypeError) as exc:
+            raise InputProblem(layout.path, "attributes", f"{type(exc).__name__}: {str(exc)[:160]}") from None
+        except Exception as exc:  # noqa: BLE001 - a read failure means a damaged file
+            truncation = hdf5_truncation(layout.path) if layout.path.is_file() else None
+            kind, detail = ("truncated", truncation) if truncation else (
+                "corrupt", f"data unreadable ({type(exc).__name__}: {str(exc)[:120]})")
+            raise InputProblem(layout.path, kind, detail) from None
+        return np.concatenate(parts, axis=1)
 
 
 def _channel_name(channels: list[tuple[str, int]], index: int) -> str:
@@ -292,85 +289,202 @@ def _channel_name(channels: list[tuple[str, int]], index: int) -> str:
     return f"channel {index}"
 
 
-def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] = DEFAULT_VARIABLES,
-            progress: bool = True, force: bool = False) -> PrepareReport:
+STORE_LAYOUTS = ("raw", "zarr")
+
+
+def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = None,
+            progress: bool = True, force: bool = False, layout: str = "raw") -> PrepareReport:
     """Validate ``inputs`` (NetCDF files, Zarr stores, or folders of them) and write the store ``out``.
 
-    Returns a :class:`PrepareReport`; raises :class:`SapwoodError` only if no input is usable.
+    ``variables``: names or CF standard names to store; None takes every data variable on the grid of the first
+    usable input (the report says which were taken and which left out, and why). ``layout``: ``raw`` (one
+    float32 frames file, the fastest to load) or ``zarr`` (a Zarr v3 group others can read,
+    :mod:`sapwood.data.zarr_store`). Returns a
+    :class:`PrepareReport`; raises :class:`SapwoodError` only if no input is usable.
     """
+    if layout not in STORE_LAYOUTS:
+        raise SapwoodError(f"format {layout!r}: allowed are {', '.join(STORE_LAYOUTS)}")
     files = expand_inputs(inputs)
     report = PrepareReport(store=out)
-    fingerprint = _fingerprint(files, variables)
+    wanted = tuple(variables) if variables else None
+    fingerprint = _fingerprint(files, wanted, layout)
     if not force and _existing_fingerprint(out) == fingerprint:
         store = CubeStore(out)
         report.up_to_date, report.rows, report.bytes = True, store.rows, store.rows * store.row_bytes
-        report.used = [Path(r["source"]) for r in store.index["runs"]]
+        report.used = sorted({Path(s) for r in store.index["runs"] for s in r["sources"]})
         report.problems = [InputProblem(Path(p["path"]), p["kind"], p["detail"]) for p in store.index["skipped"]]
+        report.variables = [v["name"] for v in store.variables]
+        report.runs = store.runs
         return report
+
+    from rich.progress import Progress
+
+    layouts: list[InputLayout] = []
+    reference: InputLayout | None = None
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("inspecting", total=len(files))
+        for path in files:
+            try:
+                found = inspect_input(path, wanted, reference)
+            except InputProblem as problem:
+                report.problems.append(problem)
+            else:
+                reference = reference or found
+                layouts.append(found)
+            bar.advance(task)
+    if reference is None:
+        raise SapwoodError("no usable inputs: " + "; ".join(str(p) for p in report.problems) if report.problems
+                           else "no inputs given")
+    report.variables, report.left_out = list(reference.variables), dict(reference.left_out)
+    _note_orientation(reference, report)
+    runs = plan_runs(layouts, report)
 
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    stats = _Stats(0)
-    reference: InputLayout | None = None
-    runs: list[dict[str, Any]] = []
-    params: list[list[float]] = []
     rows = 0
-    from rich.progress import Progress
-
+    run_entries: list[dict[str, Any]] = []
     try:
         with open(partial / FRAMES_FILE, "wb") as frames_file, Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("preparing", total=len(files))
-            for path in files:
-                try:
-                    if reference is None:
-                        stats = _Stats(_count_channels(path, variables))
-                    layout = _ingest_one(path, variables, reference, frames_file, stats)
-                except InputProblem as problem:
-                    report.problems.append(problem)
-                else:
-                    reference = reference or layout
-                    runs.append({"source": str(path), "first_row": rows, "times": layout.times})
-                    params.append(layout.params.tolist())
-                    report.used.append(path)
-                    rows += layout.times
-                bar.advance(task)
-        if reference is None:
-            raise SapwoodError("no usable inputs: " + "; ".join(str(p) for p in report.problems) if report.problems
-                               else "no inputs given")
-        index = {
-            "format": STORE_FORMAT,
-            "complete": True,
-            "fingerprint": fingerprint,
-            "shape": [rows, stats.mean.size, reference.lat.size, reference.lon.size],
-            "dtype": "float32",
-            "variables": [{"name": n, "levels": lv, "units": EXPECTED_UNITS.get(n, "")}
-                          for n, lv in _variable_channels(variables, reference.levels)],
-            "stats": {"mean": stats.mean.tolist(), "std": stats.std.tolist(), "count": stats.count},
-            "params": {"names": list(PLANET_VARIABLES), "units": [u for _, u, _ in PLANET_VARIABLES.values()],
-                       "values": params},
-            "runs": runs,
-            "coords": {"lat": reference.lat.tolist(), "lon": reference.lon.tolist(), "lev": reference.lev.tolist()},
-            "skipped": [{"path": str(p.path), "kind": p.kind, "detail": p.detail} for p in report.problems],
-        }
+            writer = _Writer(frames_file, reference)
+            task = bar.add_task("preparing", total=sum(len(run) for run in runs))
+            for run in runs:
+                _write_run(writer, run, run_entries, report, bar, task)
+            rows = writer.rows()
+        if not run_entries:
+            raise SapwoodError("no usable inputs: " + "; ".join(str(p) for p in report.problems))
+        report.used = [Path(s) for entry in run_entries for s in entry["sources"]]
+        index = _index(reference, writer, run_entries, rows, fingerprint, report)
+        index["storage"] = layout
+        _write_grid(partial, reference, writer)
+        if layout == "zarr":
+            _frames_to_zarr(partial, index, reference, writer)
         (partial / INDEX_FILE).write_text(json.dumps(index))
         _replace_dir(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    report.rows, report.bytes = rows, rows * 4 * int(np.prod(index["shape"][1:]))
+    report.rows, report.runs = rows, len(run_entries)
+    report.bytes = rows * 4 * int(np.prod(index["shape"][1:]))
     return report
 
 
-def _count_channels(path: Path, variables: tuple[str, ...]) -> int:
-    try:
-        ds = open_input(path)
-    except InputProblem:
-        return 0
-    try:
-        levels = int(ds.sizes.get("lev", 0))
-    finally:
-        ds.close()
-    return sum(1 if name in SURFACE_VARIABLES else levels for name in variables)
+def _write_run(writer: _Writer, run: list[RunPart], entries: list[dict[str, Any]], report: PrepareReport,
+               bar: Any, task: Any) -> None:
+    """Write one planned run; a file that fails on reading is skipped and its run continues as a new run."""
+    segment: list[RunPart] = []
+    first_row = writer.rows()
+    for part in run:
+        try:
+            writer.write_part(part)
+        except InputProblem as problem:
+            report.problems.append(problem)
+            _close_segment(writer, segment, first_row, entries, report)
+            segment, first_row = [], writer.rows()
+        else:
+            segment.append(part)
+        bar.advance(task)
+    _close_segment(writer, segment, first_row, entries, report)
+
+
+def _close_segment(writer: _Writer, segment: list[RunPart], first_row: int, entries: list[dict[str, Any]],
+                   report: PrepareReport) -> None:
+    times = sum(p.stop - p.start for p in segment)
+    if times >= 2:
+        entries.append(_run_entry(segment, first_row, times))
+    elif segment:
+        writer.truncate_rows(first_row)
+        report.problems.extend(InputProblem(p.layout.path, "too-short", f"{times} time(s) left in its run "
+                                            "after a damaged file; need at least 2") for p in segment)
+
+
+def _run_entry(segment: list[RunPart], first_row: int, times: int) -> dict[str, Any]:
+    days = np.concatenate([p.layout.time.days[p.start:p.stop] for p in segment])
+    first = segment[0].layout
+    return {"source": str(first.path), "sources": [str(p.layout.path) for p in segment], "first_row": first_row,
+            "times": times, "days": days.tolist(), "calendar": first.time.calendar,
+            "monthly": bool(first.time.monthly or (days.size > 1 and np.all(np.diff(days) >= 27.5))),
+            "params": first.params.tolist()}
+
+
+def _note_orientation(reference: InputLayout, report: PrepareReport) -> None:
+    grid = reference.grid
+    if grid.lat_flipped:
+        report.notes.append("latitude was descending; stored south to north")
+    if grid.lon_order is not None:
+        report.notes.append(f"longitude reordered to increase ({grid.lon_convention})")
+    if reference.vertical is not None and reference.vertical.flipped:
+        report.notes.append(f"levels of {reference.vertical.name} reversed to top-down order")
+    if grid.curvilinear:
+        report.notes.append(f"curvilinear grid {grid.shape()} carried with 2-D area weights from {grid.area_source}")
+
+
+def _index(reference: InputLayout, writer: _Writer, runs: list[dict[str, Any]], rows: int, fingerprint: str,
+           report: PrepareReport) -> dict[str, Any]:
+    grid, vertical = reference.grid, reference.vertical
+    masked = {}
+    start = 0
+    for name, levels in reference.channels():
+        width = levels or 1
+        always, ever = writer.valid_always[start:start + width], writer.valid_ever[start:start + width]
+        if not always.all():
+            masked[name] = {"masked_cells": int((~always).sum()), "sometimes_missing": int((ever & ~always).sum())}
+        start += width
+    steps = np.concatenate([np.diff(r["days"]) for r in runs])
+    coords: dict[str, Any] = {"lev": vertical.values.tolist() if vertical else []}
+    if not grid.curvilinear:
+        coords.update(lat=grid.lat.tolist(), lon=grid.lon.tolist())
+    return {
+        "format": STORE_FORMAT,
+        "complete": True,
+        "fingerprint": fingerprint,
+        "shape": [rows, writer.valid_always.shape[0], *grid.shape()],
+        "dtype": "float32",
+        "variables": [{"name": n, "levels": lv, "units": reference.units[n], **_variable_attrs(reference, n)}
+                      for n, lv in reference.channels()],
+        "stats": {"mean": writer.stats.mean.tolist(), "std": writer.stats.std.tolist(),
+                  "count": writer.stats.count.tolist()},
+        "params": {"names": list(PLANET_VARIABLES) if reference.params.size else [],
+                   "units": [u for _, u, _ in PLANET_VARIABLES.values()] if reference.params.size else [],
+                   "values": [r["params"] for r in runs]},
+        "runs": runs,
+        "coords": coords,
+        "grid": {"curvilinear": grid.curvilinear, "global": grid.global_grid, "area_source": grid.area_source,
+                 "lat_flipped": grid.lat_flipped, "lon_reordered": grid.lon_order is not None,
+                 "lon_convention": grid.lon_convention, "dims": [grid.y_dim, grid.x_dim]},
+        "vertical": None if vertical is None else {
+            "name": vertical.name, "units": vertical.units, "standard_name": vertical.standard_name,
+            "flipped": vertical.flipped, "order": "top-down",
+            "bounds": vertical.bounds.tolist() if vertical.bounds is not None else None},
+        "time": {"units": cf.TIME_REFERENCE_UNITS, "step_hours": float(np.median(steps) * 24) if steps.size else 0.0},
+        "mask": masked,
+        "left_out": reference.left_out,
+        "notes": report.notes,
+        "skipped": [{"path": str(p.path), "kind": p.kind, "detail": p.detail} for p in report.problems],
+    }
+
+
+def _variable_attrs(layout: InputLayout, name: str) -> dict[str, str]:
+    return {key: layout.attributes[name][key] for key in ("standard_name", "long_name")
+            if key in layout.attributes.get(name, {})}
+
+
+def _frames_to_zarr(folder: Path, index: dict[str, Any], reference: InputLayout, writer: _Writer) -> None:
+    from sapwood.data.zarr_store import write_zarr
+
+    frames = np.memmap(folder / FRAMES_FILE, dtype="<f4", mode="r", shape=tuple(index["shape"]))
+    write_zarr(folder, frames, index, reference.grid.area, writer.valid_always, reference.grid.lat,
+               reference.grid.lon)
+    del frames
+    (folder / FRAMES_FILE).unlink()
+
+
+def _write_grid(folder: Path, reference: InputLayout, writer: _Writer) -> None:
+    grid = reference.grid
+    arrays = {"area": grid.area, "valid": writer.valid_always}
+    if grid.curvilinear:
+        arrays.update(lat=grid.lat, lon=grid.lon)
+    with open(folder / GRID_FILE, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -401,48 +515,3 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 def _is_zarr(path: Path) -> bool:
     return path.is_dir() and (path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists())
-
-
-def demo_stage(out: Path) -> None:
-    """The demo's cube stage: simulate a small ensemble -> prepare -> load batches -> augment them.
-
-    Leaves ``out/cubes/runs/*.nc`` and the store ``out/cubes/store`` for later stages (the surrogate).
-    """
-    import time
-
-    from rich.console import Console
-
-    from sapwood.data.augment import Augment, ChannelRoles
-    from sapwood.data.loader import CubeLoader, split_runs
-    from sapwood.data.simulate import Grid, simulate_ensemble
-
-    console = Console()
-    start = time.perf_counter()
-    grid = Grid(levels=8, nlat=32, nlon=64, times=33)
-    runs = simulate_ensemble(out / "cubes" / "runs", runs=6, grid=grid, seed=0)
-    size = sum(p.stat().st_size for p in runs)
-    console.print(f"simulated {len(runs)} planets x {grid.times} times on {grid.levels}x{grid.nlat}x{grid.nlon}: "
-                  f"{size / 1e6:.1f} MB NetCDF in {time.perf_counter() - start:.1f} s")
-    start = time.perf_counter()
-    report = prepare(runs, out / "cubes" / "store", progress=False)
-    console.print(f"{report.summary()} in {time.perf_counter() - start:.2f} s", highlight=False)
-    store = CubeStore(out / "cubes" / "store")
-    train, held_out = split_runs(store.runs, test_fraction=0.34, seed=0)
-    loader = CubeLoader(store, batch_size=16, runs=train, seed=0, normalize=True)
-    augment = Augment(ChannelRoles.from_store(store, normalized=True), seed=0)
-    console.print(f"loader: {len(loader)} batches/epoch over training planets {train} (held out {held_out}), "
-                  f"{loader.batch_bytes / 1e6:.1f} MB per batch")
-    load_s = augment_s = 0.0
-    tick = time.perf_counter()
-    for index, batch in enumerate(loader):
-        load_s += time.perf_counter() - tick
-        tick = time.perf_counter()
-        frames = augment(batch.frames)
-        augment_s += time.perf_counter() - tick
-        if index == 2:
-            break
-        tick = time.perf_counter()
-    console.print(f"3 batches: state {tuple(batch.state.shape)}, params {tuple(batch.params.shape)}; "
-                  f"load {load_s / 3 * 1e3:.1f} ms/batch, augment {augment_s / 3 * 1e3:.1f} ms/batch "
-                  f"(keeps {', '.join(sorted(augment.preserves))}; roll/flip keep all budgets)")
-    console.print(f"augmented state channel means (normalized): {frames[0].mean(dim=(0, 2, 3))[:4].tolist()}")

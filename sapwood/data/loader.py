@@ -3,15 +3,15 @@
 Usage::
 
     store = CubeStore("STORE")
-    train_runs, test_runs = split_runs(store.runs, test_fraction=0.25, seed=0)
-    loader = CubeLoader(store, batch_size=32, runs=train_runs, seed=0, normalize=True)
+    split = split_store(store, val_runs=2, holdout_time=0.0)   # the one definition of held-out frames
+    loader = CubeLoader(store, batch_size=32, windows=split.train, seed=0, normalize=True)
     for batch in loader:            # one epoch from the current position
         x, y = batch.state, batch.next_state     # [B, C, lat, lon] float32
         p = batch.params                         # [B, P] planet parameters (store.param_names)
     state = loader.state_dict()     # {"epoch", "batch", "seed"}; load_state_dict(state) resumes exactly
 
 How a batch is read: the samples of an epoch are cut into *segments* of ``L = batch_size / segments_per_batch``
-consecutive times of one run (consecutive rows of the store). Segments are shuffled per epoch (chunk-level
+consecutive times of one run (inside one time window ``(run, start, stop)`` of the split) (consecutive rows of the store). Segments are shuffled per epoch (chunk-level
 shuffling, a pure function of ``seed`` and the epoch) and ``segments_per_batch`` of them make a batch. Frame ``k``
 of the window (``k = 0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of
 ``L`` rows straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads (``segments_per_batch`` defaults
@@ -63,20 +63,53 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.frames, self.params, self.run, self.time)))
 
 
-def split_runs(runs: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[list[int], list[int]]:
-    """A reproducible split of run indices into training and held-out planets (at least one of each when runs > 1)."""
-    if not 0 <= test_fraction < 1:
-        raise SapwoodError(f"test_fraction={test_fraction}: allowed range is [0, 1)")
-    order = np.random.default_rng(seed).permutation(runs)
-    n_test = min(runs - 1, max(1 if runs > 1 and test_fraction > 0 else 0, round(runs * test_fraction)))
-    return sorted(order[n_test:].tolist()), sorted(order[:n_test].tolist())
+Window = tuple[int, int, int]  # (run, first time, stop time)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The one definition of held-out data: the last ``val_runs`` runs of the store entirely (held-out planets
+    or scenarios), plus the final ``holdout_time`` fraction of every other run. ``train`` and ``held_out`` are
+    time windows ``(run, start, stop)``; no frame is in both."""
+
+    train: list[Window]
+    held_out: list[Window]
+    held_out_runs: list[int]
+    holdout_time: float
+
+    @property
+    def train_runs(self) -> list[int]:
+        return sorted({run for run, _, _ in self.train})
+
+
+def split_store(store: CubeStore, val_runs: int, holdout_time: float = 0.0) -> Split:
+    """Split ``store`` into training and held-out windows (see :class:`Split`)."""
+    if not 0 <= holdout_time < 1:
+        raise SapwoodError(f"holdout_time={holdout_time}: allowed range is [0, 1)")
+    if not 0 <= val_runs < store.runs:
+        raise SapwoodError(f"val_runs={val_runs} leaves no training run; the store has {store.runs} runs "
+                           f"(allowed 0..{store.runs - 1})")
+    held_runs = list(range(store.runs - val_runs, store.runs))
+    train: list[Window] = []
+    held: list[Window] = [(run, 0, int(store.run_times[run])) for run in held_runs]
+    for run in range(store.runs - val_runs):
+        times = int(store.run_times[run])
+        cut = times - int(round(times * holdout_time)) if holdout_time else times
+        if holdout_time and (cut < 2 or times - cut < 2):
+            raise SapwoodError(f"holdout_time={holdout_time}: run {run} has {times} times, which leaves "
+                               f"{cut} for training and {times - cut} held out; each needs at least 2")
+        train.append((run, 0, cut))
+        if cut < times:
+            held.append((run, cut, times))
+    return Split(train=train, held_out=sorted(held), held_out_runs=held_runs, holdout_time=holdout_time)
 
 
 class CubeLoader:
     """Deterministic, resumable, prefetching batch loader over a :class:`CubeStore` (see the module docstring)."""
 
     def __init__(self, store: CubeStore | str | Path, batch_size: int, *, window: int = 2,
-                 segments_per_batch: int | None = None, runs: Sequence[int] | None = None, seed: int = 0,
+                 segments_per_batch: int | None = None, runs: Sequence[int] | None = None,
+                 windows: Sequence[Window] | None = None, seed: int = 0,
                  shuffle: bool = True, normalize: bool = False, prefetch: int = 2,
                  pin_memory: bool | None = None) -> None:
         self.store = store if isinstance(store, CubeStore) else CubeStore(store)
@@ -89,12 +122,20 @@ class CubeLoader:
             raise SapwoodError(f"window={window}: need at least 2 frames (state and next state)")
         self.batch_size, self.window, self.segments_per_batch = batch_size, window, segments_per_batch
         self.segment_length = batch_size // segments_per_batch
-        self.runs = np.asarray(sorted(range(self.store.runs) if runs is None else runs), dtype=np.int64)
-        if self.runs.size == 0 or self.runs.min() < 0 or self.runs.max() >= self.store.runs:
-            raise SapwoodError(f"runs={list(runs or [])}: allowed run indices are 0..{self.store.runs - 1}")
+        if windows is None:
+            chosen = sorted(range(self.store.runs) if runs is None else runs)
+            if not chosen or min(chosen) < 0 or max(chosen) >= self.store.runs:
+                raise SapwoodError(f"runs={list(runs or [])}: allowed run indices are 0..{self.store.runs - 1}")
+            windows = [(run, 0, int(self.store.run_times[run])) for run in chosen]
+        table = np.asarray(list(windows), dtype=np.int64).reshape(-1, 3)
+        if table.size == 0 or table[:, 0].min() < 0 or table[:, 0].max() >= self.store.runs or np.any(
+                table[:, 1] < 0) or np.any(table[:, 2] > self.store.run_times[table[:, 0]]):
+            raise SapwoodError(f"windows={list(windows)}: runs must be 0..{self.store.runs - 1} and times inside "
+                               "each run")
+        self.runs, self._window_start = table[:, 0], table[:, 1]
         self.seed, self.shuffle, self.normalize, self.prefetch = seed, shuffle, normalize, max(1, prefetch)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        samples_per_run = self.store.run_times[self.runs] - (window - 1)
+        samples_per_run = table[:, 2] - table[:, 1] - (window - 1)
         self.segments_per_run = np.maximum(samples_per_run, 0) // self.segment_length
         self._spare = np.maximum(samples_per_run, 0) % self.segment_length
         total = int(self.segments_per_run.sum())
@@ -118,7 +159,7 @@ class CubeLoader:
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(run, first_time)`` of every segment of ``epoch`` in reading order (``[batches * segments]``)."""
         rng = np.random.default_rng([self.seed, epoch])
-        offsets = rng.integers(0, self._spare + 1) if self.shuffle else np.zeros_like(self._spare)
+        offsets = self._window_start + (rng.integers(0, self._spare + 1) if self.shuffle else 0)
         run = np.repeat(self.runs, self.segments_per_run)
         within = np.arange(run.size) - np.repeat(np.cumsum(self.segments_per_run) - self.segments_per_run,
                                                  self.segments_per_run)

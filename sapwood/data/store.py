@@ -3,13 +3,18 @@
 Layout of a store folder (written by :func:`sapwood.data.cubes.prepare`)::
 
     STORE/
-      frames.f32    # little-endian float32, shape [rows, channels, lat, lon], C order
+      frames.f32    # little-endian float32, shape [rows, channels, lat, lon], C order; masked cells hold 0
+      grid.npz      # area [lat, lon] (cell-area weights, mean 1), valid [channels, lat, lon] (the mask),
+                    # and lat/lon [y, x] for curvilinear grids
       index.json    # written last; "complete": true marks a finished store
 
 A *row* is one time of one run with every variable stacked along channels: each 3-D variable
-contributes one channel per level (in ``lev`` order), each 2-D variable (``ps``) one channel. The rows of a
+contributes one channel per level (top-down order), each 2-D variable one channel. The rows of a
 run are consecutive and in time order, so a state and its successor are neighbouring rows and a batch of
-``L`` consecutive samples is one contiguous read of ``L`` rows.
+``L`` consecutive samples is one contiguous read of ``L`` rows. ``index.json`` holds the variables (name,
+levels, units, standard_name), the coordinates, the runs (first row, times as days since 0001-01-01 in
+their calendar, planet parameters when the inputs carry them), per-channel statistics over every valid
+value, the variables left out and the notes of prepare (flips, gaps, overlaps).
 
 Raw memory-mapped/``pread`` arrays were chosen over Zarr because a batch is then a handful of
 ``preadv`` calls straight into the destination tensor, with no chunk decoding or per-chunk Python work.
@@ -28,10 +33,26 @@ import torch
 
 from sapwood.errors import SapwoodError
 
-STORE_FORMAT = "sapwood-cubes-1"
+STORE_FORMAT = "sapwood-cubes-2"
 FRAMES_FILE = "frames.f32"
+GRID_FILE = "grid.npz"
 INDEX_FILE = "index.json"
 MAX_READ = 1 << 30  # bytes per preadv call
+
+
+def store_damage(path: Path, index: dict[str, Any]) -> str | None:
+    """Why the complete-looking store at ``path`` is damaged (None when its files match the index)."""
+    if not (path / GRID_FILE).exists():
+        return f"{path / GRID_FILE} is missing"
+    if index.get("storage") == "zarr":
+        missing = [v["name"] for v in index.get("variables", []) if not (path / v["name"] / "zarr.json").exists()]
+        return f"{path}: Zarr arrays {missing} are missing" if missing else None
+    frames = path / FRAMES_FILE
+    expected = int(np.prod(index.get("shape", [0]))) * 4
+    actual = frames.stat().st_size if frames.exists() else -1
+    if actual != expected:
+        return f"{frames}: size {actual} bytes, index expects {expected}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,25 +80,56 @@ class CubeStore:
         index = json.loads(index_path.read_text())
         if index.get("format") != STORE_FORMAT or not index.get("complete"):
             raise SapwoodError(f"{self.path}: index format {index.get('format')!r} is not {STORE_FORMAT!r} "
-                               "or the store is incomplete")
+                               "or the store is incomplete; run `sapwood prepare` again (it rebuilds the store)")
         self.index: dict[str, Any] = index
         self.shape: tuple[int, int, int, int] = tuple(index["shape"])  # rows, channels, lat, lon
         self.frames_path = self.path / FRAMES_FILE
-        expected = int(np.prod(self.shape)) * 4
-        actual = self.frames_path.stat().st_size if self.frames_path.exists() else -1
-        if actual != expected:
-            raise SapwoodError(f"{self.frames_path}: size {actual} bytes, index expects {expected}; "
-                               "the store is damaged, run `sapwood prepare` again")
+        damage = store_damage(self.path, index)
+        if damage is not None:
+            raise SapwoodError(f"{damage}; the store is damaged, run `sapwood prepare` again (it rebuilds a "
+                               "damaged store)")
+        with np.load(self.path / GRID_FILE) as grid:
+            self.area: np.ndarray = grid["area"].astype(np.float64)  # [lat, lon], mean 1
+            self.valid: np.ndarray = grid["valid"].astype(bool)  # [channels, lat, lon]
+            self.lat = grid["lat"] if "lat" in grid else np.asarray(index["coords"]["lat"], dtype=np.float64)
+            self.lon = grid["lon"] if "lon" in grid else np.asarray(index["coords"]["lon"], dtype=np.float64)
         self.variables: list[dict[str, Any]] = index["variables"]
+        self._zarr = None
+        if index.get("storage") == "zarr":
+            from sapwood.data.zarr_store import ZarrRows
+
+            self._zarr = ZarrRows(self.path, self.variables, self.shape)
         self.channels = [Channel(v["name"], level) for v in self.variables
                          for level in (range(v["levels"]) if v["levels"] else [-1])]
         self.mean = np.asarray(index["stats"]["mean"], dtype=np.float64)
         self.std = np.asarray(index["stats"]["std"], dtype=np.float64)
         self.param_names: list[str] = index["params"]["names"]
-        self.params = np.asarray(index["params"]["values"], dtype=np.float64).reshape(-1, len(self.param_names))
         self.run_rows = np.asarray([r["first_row"] for r in index["runs"]], dtype=np.int64)
         self.run_times = np.asarray([r["times"] for r in index["runs"]], dtype=np.int64)
+        self.params = np.asarray(index["params"]["values"], dtype=np.float64).reshape(len(self.run_rows),
+                                                                                       len(self.param_names))
         self.coords: dict[str, list[float]] = index["coords"]
+        self.levels = np.asarray(index["coords"]["lev"], dtype=np.float64)
+        self.curvilinear: bool = bool(index["grid"]["curvilinear"])
+        self.global_grid: bool = bool(index["grid"]["global"])
+        self.step_hours: float = float(index["time"]["step_hours"])
+
+    @property
+    def masked(self) -> bool:
+        """Whether any cell of any channel is masked."""
+        return not bool(self.valid.all())
+
+    def run_days(self, run: int) -> np.ndarray:
+        """Times of run ``run`` in days since 0001-01-01 of its calendar (``index["runs"][run]["calendar"]``)."""
+        return np.asarray(self.index["runs"][run]["days"], dtype=np.float64)
+
+    def describe_grid(self) -> str:
+        """One line naming the grid: kind, size, latitude/longitude span and levels."""
+        kind = "curvilinear" if self.curvilinear else ("global" if self.global_grid else "regional")
+        levels = (f", {self.levels.size} levels [{self.levels[0]:g} .. {self.levels[-1]:g}]" if self.levels.size
+                  else ", no levels")
+        return (f"{kind} {self.shape[2]}x{self.shape[3]} lat [{self.lat.min():g} .. {self.lat.max():g}] "
+                f"lon [{self.lon.min():g} .. {self.lon.max():g}]{levels}")
 
     # --- geometry ------------------------------------------------------------------------------------------
     @property
@@ -120,6 +172,9 @@ class CubeStore:
         n = out.shape[0]
         if first_row < 0 or first_row + n > self.rows:
             raise IndexError(f"rows {first_row}..{first_row + n} outside 0..{self.rows}")
+        if self._zarr is not None:
+            self._zarr.read_into(first_row, out.numpy())
+            return
         view = memoryview(out.numpy()).cast("B")
         offset, done, total, fd = first_row * self.row_bytes, 0, n * self.row_bytes, self._descriptor()
         while done < total:
@@ -134,7 +189,10 @@ class CubeStore:
         return out
 
     def memmap(self) -> np.memmap:
-        """The whole frames file as a read-only ``[rows, channels, lat, lon]`` memory map."""
+        """The whole frames file as a read-only ``[rows, channels, lat, lon]`` memory map (for a Zarr-layout store,
+        an object that reads contiguous row slices the same way)."""
+        if self._zarr is not None:
+            return self._zarr  # type: ignore[return-value]
         return np.memmap(self.frames_path, dtype="<f4", mode="r", shape=self.shape)
 
     # --- normalization -------------------------------------------------------------------------------------

@@ -6,21 +6,72 @@ A state is ``[batch, channels, lat, lon]`` in physical units (the cube store's c
 kept as buffers (saved in the checkpoint and set from ``cube.normalization`` by ``init_weights``), so
 callers and the server speak physical units. It predicts the tendency ``next - state`` scaled by the per-channel tendency std.
 
-Tokens: one per ``patch x patch`` tile of the grid (all channels of the tile in one vector) plus one
-conditioning token per planet parameter (``value * weight_p + bias_p``). Position is a learned
+Any grid: the grid is padded with zeros up to a multiple of the patch size (padding is masked: it never
+reaches the output, which is cropped back). Masked cells (``cube.grid.valid``, from the store: land in an
+ocean field, missing values) enter the network as 0 in normalized units and are predicted as persistence.
+
+Tokens: one per ``patch x patch`` tile of the padded grid (all channels of the tile in one vector) plus one
+conditioning token per planet parameter (``value * weight_p + bias_p``; none when the store has no planet
+parameters). Position is a learned
 embedding per tile; rotary embedding is the identity here (cos = 1, sin = 0), so the blocks are exactly
 :class:`sapwood.model.transformer.Block` with ``causal=False``.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
+import zlib
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from sapwood.config import CubeModelConfig, ModelConfig
 from sapwood.model.transformer import Block, RMSNorm
+
+
+def encode_array(values: np.ndarray, bits: bool = False) -> str:
+    """A float32 array (or a boolean array as packed bits) as zlib-compressed base64 text."""
+    raw = np.packbits(np.asarray(values, dtype=bool).reshape(-1)) if bits else np.asarray(values, "<f4")
+    return base64.b64encode(zlib.compress(raw.tobytes(), 9)).decode()
+
+
+def decode_array(text: str, shape: tuple[int, ...], bits: bool = False) -> np.ndarray:
+    raw = zlib.decompress(base64.b64decode(text))
+    if bits:
+        return np.unpackbits(np.frombuffer(raw, np.uint8))[:int(np.prod(shape))].reshape(shape).astype(bool)
+    return np.frombuffer(raw, "<f4").reshape(shape).copy()
+
+
+def grid_digest(lat: np.ndarray, lon: np.ndarray, levels: np.ndarray, area: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for array in (lat, lon, levels, area):
+        h.update(np.round(np.asarray(array, dtype=np.float64), 6).tobytes())
+    return h.hexdigest()[:16]
+
+
+def grid_area(cube: CubeModelConfig) -> np.ndarray:
+    """Cell-area weights ``[lat, lon]`` (mean 1) of the cube's grid; ``cos(lat)`` rows on the simulator's
+    default grid when the config carries no grid."""
+    if cube.grid is not None:
+        return decode_array(cube.grid.area, (cube.lat, cube.lon)).astype(np.float64)
+    edges = np.linspace(-np.pi / 2, np.pi / 2, cube.lat + 1)
+    rows = np.diff(np.sin(edges))
+    return np.repeat((rows / rows.mean())[:, None], cube.lon, axis=1)
+
+
+def grid_valid(cube: CubeModelConfig) -> np.ndarray:
+    """The mask ``[channels, lat, lon]`` (True = valid) of the cube's grid (all valid without a grid)."""
+    if cube.grid is not None:
+        return decode_array(cube.grid.valid, (cube.channels, cube.lat, cube.lon), bits=True)
+    return np.ones((cube.channels, cube.lat, cube.lon), dtype=bool)
+
+
+def padded(size: int, patch: int) -> int:
+    return -(-size // patch) * patch
 
 
 class CubeSurrogate(nn.Module):
@@ -31,7 +82,8 @@ class CubeSurrogate(nn.Module):
         self.cfg = cfg
         self.cube = cube
         channels, patch = cube.channels, cube.patch
-        self.grid_tokens = (cube.lat // patch) * (cube.lon // patch)
+        self.padded_lat, self.padded_lon = padded(cube.lat, patch), padded(cube.lon, patch)
+        self.grid_tokens = (self.padded_lat // patch) * (self.padded_lon // patch)
         self.cond_tokens = len(cube.planet_params)
         self.patch_embed = nn.Linear(channels * patch * patch, cfg.hidden)
         self.pos_embed = nn.Parameter(torch.empty(self.grid_tokens, cfg.hidden))
@@ -46,6 +98,7 @@ class CubeSurrogate(nn.Module):
         self.register_buffer("tendency_std", torch.ones(channels))
         self.register_buffer("param_mean", torch.zeros(max(self.cond_tokens, 1)))
         self.register_buffer("param_std", torch.ones(max(self.cond_tokens, 1)))
+        self.register_buffer("valid", torch.ones(channels, cube.lat, cube.lon), persistent=False)
         seq = self.grid_tokens + self.cond_tokens
         self.register_buffer("rope_cos", torch.ones(1, seq, cfg.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.zeros(1, seq, cfg.head_dim), persistent=False)
@@ -65,6 +118,7 @@ class CubeSurrogate(nn.Module):
             self.tendency_std.fill_(1.0)
             self.param_mean.zero_()
             self.param_std.fill_(1.0)
+            self.valid.copy_(torch.from_numpy(grid_valid(self.cube)).float())
             stats = self.cube.normalization
             if stats is not None:
                 as_tensor = lambda values: torch.tensor(values, dtype=torch.float32)  # noqa: E731
@@ -102,7 +156,7 @@ class CubeSurrogate(nn.Module):
             self.param_std.copy_(param_std.clamp_min(1e-12))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """``[batch, channels, lat, lon]`` -> ``[batch, tiles, channels * patch * patch]``."""
+        """``[batch, channels, lat, lon]`` (the padded grid) -> ``[batch, tiles, channels * patch * patch]``."""
         batch, channels, lat, lon = x.shape
         p = self.cube.patch
         x = x.reshape(batch, channels, lat // p, p, lon // p, p)
@@ -112,7 +166,7 @@ class CubeSurrogate(nn.Module):
         """Inverse of :meth:`patchify`."""
         batch = tokens.shape[0]
         p, channels = self.cube.patch, self.cube.channels
-        rows, cols = self.cube.lat // p, self.cube.lon // p
+        rows, cols = self.padded_lat // p, self.padded_lon // p
         x = tokens.reshape(batch, rows, cols, channels, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(batch, channels, rows * p, cols * p)
 
@@ -120,8 +174,9 @@ class CubeSurrogate(nn.Module):
         """The next state in physical units (same shape and dtype as ``state``)."""
         dtype = self.patch_embed.weight.dtype
         mean = self.state_mean[:, None, None]
-        normed = ((state.float() - mean) / self.state_std[:, None, None]).to(dtype)
-        h = self.patch_embed(self.patchify(normed)) + self.pos_embed
+        normed = ((state.float() - mean) / self.state_std[:, None, None] * self.valid).to(dtype)
+        pad = (0, self.padded_lon - self.cube.lon, 0, self.padded_lat - self.cube.lat)
+        h = self.patch_embed(self.patchify(F.pad(normed, pad) if any(pad) else normed)) + self.pos_embed
         if self.cond_tokens:
             if planet_params is None:
                 raise ValueError(f"this surrogate needs planet parameters {self.cube.planet_params}")
@@ -133,7 +188,8 @@ class CubeSurrogate(nn.Module):
         for name, block in self.layers.items():
             h = block(h, cos, sin, None, int(name), causal=False)
         h = self.norm(h[:, self.cond_tokens:])
-        tendency = self.unpatchify(self.head(h)).float() * self.tendency_std[:, None, None]
+        tendency = self.unpatchify(self.head(h))[..., :self.cube.lat, :self.cube.lon].float()
+        tendency = tendency * (self.tendency_std[:, None, None] * self.valid)
         return (state.float() + tendency).to(state.dtype)
 
     @torch.no_grad()

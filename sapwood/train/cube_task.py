@@ -1,17 +1,23 @@
 """The datacube-surrogate task for the training loop (``train.task: cube``).
 
-Data: a prepared cube store (``cube.data``, from ``sapwood prepare``); the last ``cube.val_runs`` runs
-(planets) are held out for evaluation and never trained on. Normalization statistics (per-channel state
-mean/std from the store, per-channel std of one-step tendencies and planet-parameter mean/std over the
-training runs) are written into ``config.cube.normalization`` so the checkpoint carries them.
+Data: a prepared cube store (``cube.data``, from ``sapwood prepare``). A cube section that names only
+``data:`` takes variables, levels, grid, planet parameters and time step from the store
+(:func:`fill_from_store`); one that names them is checked against the store, grid coordinates and cell
+areas included (:func:`check_store_matches`). Held out and never trained on: the last ``cube.val_runs``
+runs and the final ``cube.holdout_time`` of every other run (:func:`sapwood.data.loader.split_store`, the one
+definition). Normalization statistics come from the training frames only (per-channel state mean/std over
+valid cells, per-channel std of one-step tendencies, planet-parameter mean/std over the training runs) and
+are written into ``config.cube.normalization`` so the checkpoint carries them.
 
-Loss = data loss + physics loss. Data loss: the latitude-weighted mean squared error of the predicted
-next state in units of the per-channel tendency std. Physics loss: :func:`sapwood.physics.physics_loss`
-with the weights of ``cube.physics``.
+Loss = data loss + physics loss. Data loss: the area-weighted mean squared error of the predicted next
+state over valid cells, in units of the per-channel tendency std. Physics loss:
+:func:`sapwood.physics.physics_loss` with the weights of ``cube.physics``, where the store supports the
+constraints (:func:`physics_support`); otherwise skipped.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,50 +27,61 @@ from torch import nn
 
 from sapwood.config import (
     Config,
+    CubeGrid,
     CubeModelConfig,
     CubeNormalization,
     ModelConfig,
     PhysicsLossConfig,
     TrainConfig,
 )
-from sapwood.data.loader import CubeLoader
+from sapwood.data.loader import CubeLoader, Split, split_store
 from sapwood.data.store import CubeStore
 from sapwood.errors import ConfigError
 from sapwood.model import build_model
+from sapwood.model.cube import encode_array, grid_area, grid_digest, grid_valid
 from sapwood.physics import Geometry, physics_loss, violations
-from sapwood.skill import latitude_weights
+
+SIGMA_COORDINATE = "atmosphere_sigma_coordinate"
+CONSTRAINT_NEEDS = {"mass": ("ps",), "water": ("ps", "q"), "energy": ("ps", "T"), "momentum": ("ps", "u"),
+                    "thermo": ("ps", "T")}
 
 
-def held_out_runs(store: CubeStore, val_runs: int) -> tuple[list[int], list[int]]:
-    """(training runs, held-out runs): the last ``val_runs`` runs of the store are held out."""
-    if val_runs >= store.runs:
-        raise ConfigError(f"cube.val_runs={val_runs} leaves no training run; the store has {store.runs} runs")
-    return list(range(store.runs - val_runs)), list(range(store.runs - val_runs, store.runs))
+# --- the store's grid in the config ------------------------------------------------------------------------------
+def store_grid(store: CubeStore) -> CubeGrid:
+    """The grid of ``store`` as the config section a checkpoint carries."""
+    vertical = store.index.get("vertical") or {}
+    lat, lon = (np.asarray([]), np.asarray([])) if store.curvilinear else (store.lat, store.lon)
+    return CubeGrid(description=store.describe_grid(), lat=lat.tolist(), lon=lon.tolist(),
+                    levels=store.levels.tolist(), vertical=vertical.get("standard_name", ""),
+                    curvilinear=store.curvilinear, global_grid=store.global_grid,
+                    area=encode_array(store.area), valid=encode_array(store.valid, bits=True),
+                    digest=grid_digest(store.lat, store.lon, store.levels, store.area))
 
 
-def store_normalization(store: CubeStore, runs: list[int]) -> CubeNormalization:
-    """State statistics from the store index; tendency and parameter statistics over ``runs``."""
-    frames = store.memmap()
-    total = np.zeros(store.shape[1])
-    total_sq = np.zeros(store.shape[1])
-    count = 0
-    for run in runs:
-        first, times = int(store.run_rows[run]), int(store.run_times[run])
-        block = np.asarray(frames[first:first + times], dtype=np.float64)
-        diff = block[1:] - block[:-1]
-        total += diff.sum(axis=(0, 2, 3))
-        total_sq += (diff**2).sum(axis=(0, 2, 3))
-        count += diff.shape[0] * diff.shape[2] * diff.shape[3]
-    mean = total / count
-    tendency_std = np.sqrt(np.maximum(total_sq / count - mean**2, 0)) + 1e-6 * store.std
-    params = store.params[runs]
-    return CubeNormalization(
-        state_mean=store.mean.tolist(), state_std=store.std.tolist(), tendency_std=tendency_std.tolist(),
-        param_mean=params.mean(0).tolist(), param_std=np.maximum(params.std(0), 1e-6 * np.abs(params.mean(0))).tolist(),
-    )
+def fill_from_store(cube: CubeModelConfig, store: CubeStore) -> None:
+    """Set what the cube section leaves out (variables, levels, grid, planet parameters, time step) from the store."""
+    given = cube.model_fields_set
+    if "variables" not in given:
+        cube.surface_variables = []  # assignments are validated: surface variables must stay in variables
+        cube.variables = [v["name"] for v in store.variables]
+        cube.surface_variables = [v["name"] for v in store.variables if not v["levels"]]
+    if not cube.levels:
+        cube.levels = max([v["levels"] for v in store.variables] + [1])
+    if not cube.lat or not cube.lon:
+        cube.lat, cube.lon = store.shape[2], store.shape[3]
+    if "planet_params" not in given:
+        cube.planet_params = list(store.param_names)
+    if "dt_hours" not in given and store.step_hours > 0:
+        cube.dt_hours = store.step_hours
+    if cube.grid is None:
+        cube.grid = store_grid(store)
+    if not cube.units:
+        cube.units = {v["name"]: v.get("units", "") for v in store.variables}
 
 
 def check_store_matches(config: Config, store: CubeStore) -> None:
+    """One-line :class:`ConfigError` when the store's variables, channels, grid or planet parameters differ from
+    the config's (a checkpoint's or a training config's)."""
     cube = config.cube
     names = [v["name"] for v in store.variables]
     if names != cube.variables:
@@ -72,8 +89,103 @@ def check_store_matches(config: Config, store: CubeStore) -> None:
     if store.row_shape != (cube.channels, cube.lat, cube.lon):
         raise ConfigError(f"cube grid {(cube.channels, cube.lat, cube.lon)} (channels, lat, lon) does not match "
                           f"the store {store.path} {store.row_shape}")
+    if cube.grid is not None:
+        digest = grid_digest(store.lat, store.lon, store.levels, store.area)
+        if digest != cube.grid.digest:
+            raise ConfigError(f"the store {store.path} has grid {store.describe_grid()}; the model was trained on "
+                              f"{cube.grid.description}")
+    elif not store.curvilinear:
+        expected = np.rad2deg(Geometry.default(cube).lat.double().numpy())
+        if store.lat.shape != expected.shape or not np.allclose(store.lat, expected, atol=1e-4):
+            raise ConfigError(f"the store {store.path} has grid {store.describe_grid()}; the model assumes the "
+                              f"simulator's grid lat [{expected[0]:g} .. {expected[-1]:g}]")
     if cube.planet_params and cube.planet_params != store.param_names:
         raise ConfigError(f"cube.planet_params={cube.planet_params} do not match the store's {store.param_names}")
+
+
+# --- statistics from training frames only --------------------------------------------------------------------------
+def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -> CubeNormalization:
+    """State mean/std and tendency std per channel over the valid cells of the training ``windows`` only, and
+    planet-parameter mean/std over their runs (float64 accumulation)."""
+    frames = store.memmap()
+    valid = store.valid.astype(np.float64)
+    cells = np.maximum(valid.sum(axis=(1, 2)), 1)
+    total, total_sq, count = np.zeros(store.shape[1]), np.zeros(store.shape[1]), 0
+    diff_sum, diff_sq, pairs = np.zeros(store.shape[1]), np.zeros(store.shape[1]), 0
+    for run, start, stop in windows:
+        first = int(store.run_rows[run])
+        block = np.asarray(frames[first + start:first + stop], dtype=np.float64) * valid
+        total += block.sum(axis=(0, 2, 3))
+        total_sq += (block**2).sum(axis=(0, 2, 3))
+        count += block.shape[0]
+        diff = block[1:] - block[:-1]
+        diff_sum += diff.sum(axis=(0, 2, 3))
+        diff_sq += (diff**2).sum(axis=(0, 2, 3))
+        pairs += diff.shape[0]
+    mean = total / (count * cells)
+    std = np.sqrt(np.maximum(total_sq / (count * cells) - mean**2, 0))
+    std = np.where(std > 0, std, 1.0)
+    tendency_mean = diff_sum / (max(pairs, 1) * cells)
+    tendency_std = np.sqrt(np.maximum(diff_sq / (max(pairs, 1) * cells) - tendency_mean**2, 0)) + 1e-6 * std
+    runs = sorted({run for run, _, _ in windows})
+    params = store.params[runs] if store.param_names else np.zeros((0, 0))
+    return CubeNormalization(
+        state_mean=mean.tolist(), state_std=std.tolist(), tendency_std=tendency_std.tolist(),
+        param_mean=params.mean(0).tolist() if params.size else [],
+        param_std=np.maximum(params.std(0), 1e-6 * np.abs(params.mean(0))).tolist() if params.size else [],
+    )
+
+
+# --- weights and physics on the store's grid ----------------------------------------------------------------------
+def cell_weights(cube: CubeModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[channels, lat, lon]``: cell-area weights times the mask, scaled so each channel's weights average 1
+    over the grid (a weighted mean is ``(w * x).mean()``; fully masked channels weigh 0)."""
+    weights = grid_area(cube)[None] * grid_valid(cube)
+    mean = weights.mean(axis=(1, 2), keepdims=True)
+    weights = np.divide(weights, mean, out=np.zeros_like(weights), where=mean > 0)
+    return torch.as_tensor(weights, dtype=torch.float32, device=device)
+
+
+def physics_support(cube: CubeModelConfig) -> dict[str, str]:
+    """Each constraint of :mod:`sapwood.physics` -> ``"applied"`` or ``"skipped: <reason>"`` for this grid and
+    these variables (the budgets need ``ps`` and sigma levels on an unmasked global grid)."""
+    grid = cube.grid
+    reason = None
+    if grid is not None:
+        if grid.curvilinear or not grid.global_grid:
+            reason = "the budgets need a global latitude-longitude grid; this one is " + grid.description
+        elif grid.vertical != SIGMA_COORDINATE and any(n not in cube.surface_variables for n in cube.variables):
+            reason = f"the budgets need sigma levels ({SIGMA_COORDINATE}); the levels are {grid.vertical or 'unnamed'}"
+        elif not grid_valid(cube).all():
+            reason = "the store has masked cells; global budgets need every cell"
+    if reason is None and "ps" in cube.variables and "ps" not in cube.surface_variables:
+        reason = "ps must be a 2-D variable"
+    out = {}
+    for name, needs in CONSTRAINT_NEEDS.items():
+        missing = [v for v in needs if v not in cube.variables]
+        if reason is not None:
+            out[name] = f"skipped: {reason}"
+        elif missing:
+            out[name] = f"skipped: needs {', '.join(missing)} (not in the store's variables)"
+        else:
+            out[name] = "applied"
+    return out
+
+
+def store_geometry(cube: CubeModelConfig, device: torch.device | str = "cpu") -> Geometry | None:
+    """The physics geometry of the cube's grid (None when no constraint applies): latitude, sigma levels and
+    cell areas from the store's coordinates; the simulator's grid when the config carries none."""
+    if not any(v == "applied" for v in physics_support(cube).values()):
+        return None
+    if cube.grid is None:
+        return Geometry.default(cube, device)
+    sigma = np.asarray(cube.grid.levels, dtype=np.float64) if cube.grid.levels else np.asarray([0.5])
+    edges = np.concatenate([[0.0], (sigma[1:] + sigma[:-1]) / 2, [1.0]])
+    area = grid_area(cube)
+    as_tensor = lambda values: torch.as_tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+    return Geometry(cube=cube, sigma=as_tensor(sigma), dsigma=as_tensor(np.diff(edges)),
+                    sigma_edges=as_tensor(edges), lat=as_tensor(np.deg2rad(cube.grid.lat)),
+                    cell_weight=as_tensor(area * 4 * math.pi / area.size), dt_seconds=cube.dt_hours * 3600.0)
 
 
 class CubeBatches:
@@ -104,8 +216,12 @@ class CubeBatches:
         self.loader.load_state_dict(state)
 
 
-def segments_for(batch_size: int) -> int:
-    return max(s for s in (1, 2, 4) if batch_size % s == 0)
+def task_split(config: Config, store: CubeStore) -> Split:
+    """The held-out split of a cube config (``cube.val_runs``, ``cube.holdout_time``)."""
+    try:
+        return split_store(store, config.cube.val_runs, config.cube.holdout_time)
+    except Exception as exc:
+        raise ConfigError(f"cube: {exc}") from None
 
 
 class CubeTask:
@@ -118,59 +234,86 @@ class CubeTask:
             raise ConfigError("train.task='cube' needs a cube section with data: STORE (from `sapwood prepare`)")
         self.config = config
         self.store = CubeStore(config.cube.data)
+        fill_from_store(config.cube, self.store)
         check_store_matches(config, self.store)
-        self.train_runs, self.val_runs = held_out_runs(self.store, config.cube.val_runs)
+        self.split = task_split(config, self.store)
+        self.train_runs, self.val_runs = self.split.train_runs, self.split.held_out_runs
         if config.cube.normalization is None:
-            config.cube.normalization = store_normalization(self.store, self.train_runs)
-        if not config.cube.planet_params:
-            config.cube.planet_params = list(self.store.param_names)
+            config.cube.normalization = store_normalization(self.store, self.split.train)
         self.seed = config.train.seed if config.train else 0
+        self.constraints = physics_support(config.cube)
+        self._device: torch.device | None = None
         self._geometry: Geometry | None = None
+        self._weights: torch.Tensor | None = None
 
-    def geometry(self, device: torch.device) -> Geometry:
-        if self._geometry is None or self._geometry.sigma.device != device:
-            self._geometry = Geometry.default(self.config.cube, device)
+    def _on(self, device: torch.device) -> None:
+        if self._device != device:
+            self._geometry = store_geometry(self.config.cube, device)
+            self._weights = cell_weights(self.config.cube, device)
+            self._device = device
+
+    def geometry(self, device: torch.device) -> Geometry | None:
+        self._on(device)
         return self._geometry
+
+    def weights(self, device: torch.device) -> torch.Tensor:
+        self._on(device)
+        return self._weights
 
     def build_model(self, config: Config) -> nn.Module:
         return build_model(config, "meta")
 
     def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> CubeBatches:
-        loader = CubeLoader(self.store, micro_batch_size, segments_per_batch=segments_for(micro_batch_size),
-                            runs=self.train_runs, seed=self.seed + rank)
+        loader = CubeLoader(self.store, micro_batch_size, windows=self.split.train, seed=self.seed + rank)
         return CubeBatches(loader)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         state, target, params = batch["state"], batch["next"], batch["params"]
-        prediction = model(state, params).float()
+        prediction = model(state, params if params.numel() else None).float()
+        data = data_loss(prediction, target, model.tendency_std, self.weights(state.device))
         geometry = self.geometry(state.device)
-        data = data_loss(prediction, target, model.tendency_std, geometry)
-        physics, metrics = physics_loss(state, prediction, geometry, self.config.cube.physics, params)
+        if geometry is None:
+            return data, {"data_loss": float(data.detach())}
+        physics, metrics = physics_loss(state, prediction, geometry, self.config.cube.physics,
+                                        params if params.numel() else None)
         metrics["data_loss"] = float(data.detach())
         return data + physics, metrics
 
     def evaluate(self, model: nn.Module, micro_batch_size: int, batches: int = 8) -> dict[str, float]:
-        """On held-out planets: data loss, RMSE skill against persistence, mean violations."""
+        """On held-out frames: data loss, the per-channel MSE ratio against persistence (mean over channels and
+        per variable), and mean violations where the constraints apply."""
         device = next(model.parameters()).device
-        loader = CubeLoader(self.store, micro_batch_size, segments_per_batch=segments_for(micro_batch_size),
-                            runs=self.val_runs, shuffle=False, seed=0, prefetch=1)
+        weights = self.weights(device)
         geometry = self.geometry(device)
+        model_sq = torch.zeros(self.store.shape[1], dtype=torch.float64)
+        persist_sq = torch.zeros_like(model_sq)
         totals: dict[str, float] = {}
         count = 0
-        for index in range(min(batches, len(loader))):
-            batch = loader.read_batch(0, index).to(device)
-            prediction = model(batch.state, batch.params).float()
-            weights = latitude_weights(torch.rad2deg(geometry.lat))[:, None]
-            model_mse = ((prediction - batch.next_state) ** 2 * weights).mean()
-            persistence_mse = ((batch.state - batch.next_state) ** 2 * weights).mean()
-            v = violations(batch.state, prediction, geometry, batch.params)
-            values = {"val_loss": float(data_loss(prediction, batch.next_state, model.tendency_std, geometry)),
-                      "val_mse_over_persistence": float(model_mse / persistence_mse),
-                      **{f"val_violation_{k}": float(v[k].mean()) for k in ("mass", "energy", "momentum", "thermo")}}
+        for state, target, params in held_out_chunks(self.store, self.split.held_out, micro_batch_size, batches):
+            state, target = state.to(device), target.to(device)
+            params = params.to(device) if params is not None else None
+            prediction = model(state, params).float()
+            model_sq += ((prediction - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
+            persist_sq += ((state - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
+            values = {"val_loss": float(data_loss(prediction, target, model.tendency_std, weights))}
+            if geometry is not None:
+                v = violations(state, prediction, geometry, params)
+                values.update({f"val_violation_{k}": float(v[k].mean()) for k in ("mass", "energy", "momentum",
+                                                                                   "thermo") if k in v})
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value
             count += 1
-        return {key: value / max(count, 1) for key, value in totals.items()}
+        out = {key: value / max(count, 1) for key, value in totals.items()}
+        ratio = model_sq / persist_sq.clamp_min(1e-30)
+        scored = persist_sq > 0
+        out["val_mse_over_persistence"] = float(ratio[scored].mean()) if scored.any() else float("nan")
+        cube = self.config.cube
+        for name in cube.variables:
+            sl = cube.channel_slice(name)
+            part = scored[sl]
+            if part.any():
+                out[f"val_mse_over_persistence_{name}"] = float(ratio[sl][part].mean())
+        return out
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["state"].shape[0])
@@ -179,12 +322,28 @@ class CubeTask:
         return None
 
 
+def held_out_chunks(store: CubeStore, windows: list[tuple[int, int, int]], size: int, limit: int):
+    """Up to ``limit`` chunks ``(state, next, params or None)`` of at most ``size`` consecutive pairs, in window
+    order (deterministic; any window length works)."""
+    produced = 0
+    for run, start, stop in windows:
+        for first in range(start, stop - 1, size):
+            if produced >= limit:
+                return
+            count = min(size, stop - 1 - first)
+            frames = store.read_rows(int(store.run_rows[run]) + first, count + 1)
+            params = (torch.as_tensor(store.params[run], dtype=torch.float32).expand(count, -1).contiguous()
+                      if store.param_names else None)
+            yield frames[:-1], frames[1:], params
+            produced += 1
+
+
 def data_loss(prediction: torch.Tensor, target: torch.Tensor, tendency_std: torch.Tensor,
-              geometry: Geometry) -> torch.Tensor:
-    """Latitude-weighted MSE in units of the per-channel tendency std (float32)."""
-    weights = latitude_weights(torch.rad2deg(geometry.lat))[:, None].to(prediction.device)
+              weights: torch.Tensor) -> torch.Tensor:
+    """Area- and mask-weighted MSE in units of the per-channel tendency std (float32); ``weights`` from
+    :func:`cell_weights` (``[channels, lat, lon]``)."""
     error = (prediction.float() - target.float()) / tendency_std.float()[:, None, None]
-    return (error.pow(2) * weights).mean()
+    return (error.pow(2) * weights.to(prediction.device)).mean()
 
 
 def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: int = 16, nlon: int = 32,
@@ -204,14 +363,11 @@ def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: i
 
 def surrogate_config(store_path: str | Path, out_dir: str | Path, steps: int, hidden: int = 128, layers: int = 3,
                      heads: int = 4, patch: int = 4, batch_size: int = 16, lr: float = 2e-3, val_runs: int = 4,
-                     physics: PhysicsLossConfig | None = None, seed: int = 0) -> Config:
-    """A training config for a small surrogate on a store (demo, bench physics, tests)."""
-    store = CubeStore(store_path)
-    levels = max(v["levels"] for v in store.variables)
-    cube = CubeModelConfig(variables=[v["name"] for v in store.variables],
-                           surface_variables=[v["name"] for v in store.variables if not v["levels"]],
-                           levels=levels, lat=store.shape[2], lon=store.shape[3], patch=patch,
-                           data=str(store_path), val_runs=val_runs, physics=physics or PhysicsLossConfig())
+                     physics: PhysicsLossConfig | None = None, seed: int = 0, holdout_time: float = 0.0) -> Config:
+    """A training config for a small surrogate on a store (demo, bench physics, tests); variables, grid and
+    planet parameters come from the store."""
+    cube = CubeModelConfig(patch=patch, data=str(store_path), val_runs=val_runs, holdout_time=holdout_time,
+                           physics=physics or PhysicsLossConfig())
     train = TrainConfig(task="sapwood.train.cube_task:CubeTask", out_dir=str(out_dir), steps=steps,
                         batch_size=batch_size, micro_batch_size=batch_size, lr=lr, min_lr=lr / 20,
                         warmup_steps=min(20, steps // 10), weight_decay=0.0, eval_every=max(steps // 2, 1),

@@ -1,6 +1,7 @@
 """`sapwood demo` / `make demo`: the whole pipeline on embedded defaults, on a CPU, in minutes.
 
-Each stage is one function owned by the module it shows; this file only orders them.
+Each stage is one function; the cube and surrogate stages live in this package (cubes.py, surrogate.py), the
+others in the modules they show. This file only orders them.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ console = Console()
 
 def run_demo(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    from sapwood.data.cubes import demo_stage as cube_stage
-    from sapwood.evaluate import demo_stage as surrogate_stage
+    from sapwood.demo.cubes import cube_stage
+    from sapwood.demo.surrogate import surrogate_stage
     from sapwood.serve.demo import generation_and_serving_stage
     from sapwood.sizing import demo_stage as sizing_stage
     from sapwood.train.demo import language_model_stage
