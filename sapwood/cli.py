@@ -38,11 +38,16 @@ def create(preset: str, out: Path = typer.Option(..., "--out", help="checkpoint 
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="folder for everything the demo writes")) -> None:
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="folder for everything the demo writes (a rerun "
+                             "replaces the earlier demo there)"),
+    only: str = typer.Option(None, "--only", help="comma-separated stages: sizing, lm, serving, cubes, surrogate "
+                             "(serving needs lm, surrogate needs cubes, run before)"),
+) -> None:
     """Run the whole pipeline end to end on embedded defaults (CPU, minutes)."""
     from sapwood.demo import run_demo
 
-    run_demo(out)
+    run_demo(out, [name.strip() for name in only.split(",") if name.strip()] if only else None)
 
 
 @app.command("import-hf")

@@ -357,8 +357,37 @@ def print_summary(result: dict[str, Any]) -> None:
         if result[key]:
             shown = ", ".join(f"{k} {v:.3g}" for k, v in result[key].items())
             console.print(f"{key} (%; energy_wm2 in W m-2): {shown}")
+    console.print(skill_sentence(result), highlight=False)
     r = result.get("rollout")
     if r:
-        console.print(f"rollout {r['steps']} steps: final error {r['rmse_std_units'][-1]:.3g} (persistence "
-                      f"{r['persistence'][-1]:.3g}), blow-up step {r['blow_up_step']}, beats persistence until "
-                      f"step {r['beats_persistence_until_step']}")
+        console.print(rollout_sentence(r), highlight=False)
+
+
+def skill_sentence(result: dict[str, Any]) -> str:
+    """What the skill table says, in one sentence: which variables beat persistence, and what that means."""
+    skill = result["skill_vs_persistence"]
+    ahead = [name for name, value in skill.items() if value > 0]
+    behind = [name for name, value in skill.items() if value <= 0]
+    definition = "skill = 1 - RMSE / RMSE of the baseline: above 0 beats it, 1 is perfect"
+    if not behind:
+        return (f"The surrogate beats persistence on every variable (skill {min(skill.values()):+.2f} to "
+                f"{max(skill.values()):+.2f}; {definition}).")
+    if not ahead:
+        return (f"The surrogate does not beat persistence on any variable yet (skill {min(skill.values()):+.2f} to "
+                f"{max(skill.values()):+.2f}; {definition}): it needs more training steps, runs or width.")
+    return (f"The surrogate beats persistence on {', '.join(ahead)} but not yet on {', '.join(behind)} "
+            f"({definition}); the variables behind need more training steps, runs or width.")
+
+
+def rollout_sentence(rollout: dict[str, Any]) -> str:
+    """The autoregressive rollout in words: final error against persistence, blow-up, steps ahead."""
+    steps, ahead = rollout["steps"], rollout["beats_persistence_until_step"]
+    text = (f"Rollout of {steps} steps: final error {rollout['rmse_std_units'][-1]:.3g} state-std units "
+            f"(persistence {rollout['persistence'][-1]:.3g}); ")
+    blow_up = rollout["blow_up_step"]
+    text += "no blow-up" if blow_up is None else f"blows up at step {blow_up}"
+    if ahead == 0:
+        return text + "; behind persistence from the first step."
+    if ahead >= steps:
+        return text + "; ahead of persistence at every step."
+    return text + f"; ahead of persistence for the first {ahead} of {steps} steps."

@@ -47,4 +47,6 @@ def cube_stage(out: Path) -> None:
     console.print(f"3 batches: state {tuple(batch.state.shape)}, params {tuple(batch.params.shape)}; "
                   f"load {load_s / 3 * 1e3:.1f} ms/batch, augment {augment_s / 3 * 1e3:.1f} ms/batch "
                   f"(keeps {', '.join(sorted(augment.preserves))}; roll/flip keep all budgets)")
-    console.print(f"augmented state channel means (normalized): {frames[0].mean(dim=(0, 2, 3))[:4].tolist()}")
+    means = ", ".join(f"{value:+.3f}" for value in frames[0].mean(dim=(0, 2, 3))[:4].tolist())
+    console.print(f"augmented state, first 4 channel means after normalization: {means} (near 0, as normalized "
+                  "data should be)", highlight=False)
