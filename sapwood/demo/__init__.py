@@ -87,7 +87,7 @@ def prepare_out(out: Path, stages: list[Stage]) -> str:
 
 def run_demo(out: Path, only: list[str] | None = None) -> None:
     stages = stages_named(only)
-    console.print(prepare_out(out, stages), highlight=False)
+    console.print(prepare_out(out, stages), highlight=False, soft_wrap=True)
     start = time.perf_counter()
     for index, stage in enumerate(stages, 1):
         console.rule(f"[bold]{index}/{len(stages)} {stage.title}")
