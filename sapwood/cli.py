@@ -98,8 +98,9 @@ def simulate(
 
         catalog_planets = draw_planets(planets, runs, seed)
         drawn = planet_params(catalog_planets)
-        write_provenance(catalog_planets, out / "planets.csv")
     paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype, planets=drawn)
+    if planets is not None:
+        write_provenance(catalog_planets, out / "planets.csv")
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {len(paths)} runs, {size / 1e6:.1f} MB, to {out}")
 
@@ -518,11 +519,13 @@ def fetch(
     set_fields: list[str] = typer.Option(None, "--set", help="FIELD=VALUE (YAML value) overriding one field"),
     refresh: bool = typer.Option(False, "--refresh", help="ignore the request cache in OUT/.sapwood-fetch"),
     list_sources: bool = typer.Option(False, "--list", help="list the catalog's sources and exit"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log every request (credentials are redacted)"),
 ) -> None:
     """Fetch from archives (TAP, MAST, CDS, NCBI, S3) into OUT; credentials come from the environment only."""
     from sapwood.data.sources.command import fetch_command
 
-    fetch_command(sources or [], out, catalog or [], request, set_fields or [], refresh, list_sources, console)
+    fetch_command(sources or [], out, catalog or [], request, set_fields or [], refresh, list_sources, console,
+                  verbose)
 
 
 @bench_app.command("list")

@@ -64,7 +64,8 @@ class RopeScaling(Section):
 
 
 class ModelConfig(Section):
-    """The shape of a decoder-only transformer (Llama family)."""
+    """The shape of a decoder-only transformer (Llama family), with the options of the other Hugging Face
+    families (biases, q/k norm, activation, sliding window; see ``FAMILY_OPTIONS`` and sapwood.model.hf)."""
 
     vocab_size: int = Field(ge=1)
     hidden: int = Field(ge=1)
@@ -85,6 +86,10 @@ class ModelConfig(Section):
     mlp_bias: bool = Field(False, description="bias on the three feed-forward projections (Llama mlp_bias)")
     qk_norm: bool = Field(False, description="RMSNorm over head_dim on each query and key head before RoPE (Qwen3)")
     activation: Literal["silu", "gelu", "gelu_tanh"] = Field("silu", description="gated FFN activation (SwiGLU / GeGLU)")
+    sliding_window: int | None = Field(None, ge=1, description="each query sees the last N positions, itself "
+                                       "included (Mistral v0.1, Phi-3 4k); null = all")
+    hf_model_type: Literal["llama", "mistral", "qwen2", "qwen3", "phi3"] | None = Field(
+        None, description="Hugging Face architecture export-hf writes (set by import-hf); null = from the options")
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:
@@ -257,7 +262,16 @@ class TrainConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null disables clipping")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] = Field(
+        "fp32", description="bf16/fp16: fp32 weights, 16-bit matmuls; bf16-pure: bf16 weights and gradients, "
+        "updates with stochastic rounding")
+    optimizer: Literal["adamw", "adamw8bit", "adamw4bit"] = Field(
+        "adamw", description="adamw8bit/adamw4bit: blockwise-quantized moments (torchao)")
+    optimizer_in_backward: bool = Field(False, description="step each parameter from its gradient hook and free "
+                                        "the gradient (needs grad_clip: null)")
+    loss_chunk: int | None = Field(None, ge=1, description="tokens per chunk of the output head + cross-entropy "
+                                   "(the full fp32 logits are never materialized); null = one chunk")
+    tensorboard: bool = Field(False, description="also write metrics as TensorBoard events to OUT/tensorboard")
     activation_checkpointing: Literal["none", "every_layer", "every_k"] = "none"
     checkpoint_every_k: int = Field(2, ge=1, description="with activation_checkpointing=every_k")
     compile: bool = False

@@ -116,3 +116,22 @@ def test_only_rank_0_writes_console_output(tmp_path, rank):
                           text=True, timeout=120, env={**env(), "RANK": rank}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert ("model:" in proc.stdout) == (rank == "0")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_prints_and_torch_warnings_stay_quiet(tmp_path):
+    tokenized = sapwood("tokenize", "--max-files", "6", "--vocab-size", "300", "--out", "tokens", cwd=tmp_path)
+    assert tokenized.returncode == 0, tokenized.stderr
+    (tmp_path / "run.yaml").write_text(
+        "model: {vocab_size: 320, hidden: 32, layers: 2, heads: 4, ffn: 64, trained_context: 16}\n"
+        "train: {steps: 2, batch_size: 4, micro_batch_size: 2, eval_every: 2, eval_batches: 1, save_every: 2,"
+        " progress: false, device: cpu, out_dir: run}\n"
+        "data: {path: tokens}\nparallel: {dp_shard: 2}\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "sapwood.cli", "train", "run.yaml"], cwd=tmp_path, env=env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("step=2 ")]
+    assert len(summaries) == 1, proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr[-4000:]

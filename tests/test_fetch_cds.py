@@ -98,7 +98,7 @@ def test_connection_dropped_mid_download_is_resumed_with_a_range_request(tmp_pat
     Fault("status", "/execution", status=500),
     Fault("status", "/execution", status=429, headers={"Retry-After": "3"}),
     Fault("status", "/jobs/", status=503),
-    Fault("hang", "/results", seconds=1.5),
+    Fault("hang", "/results", seconds=2.5),
     Fault("short", "/results", keep=0.5),
     Fault("status", "/download/", status=502),
     Fault("short", "/download/", keep=0.3),
@@ -107,10 +107,11 @@ def test_connection_dropped_mid_download_is_resumed_with_a_range_request(tmp_pat
 def test_faults_in_every_step_are_retried(tmp_path, store, catalog, era5, fault):
     catalog, overrides = catalog
     out = tmp_path / "cubes"
-    policy = fast_policy(timeout=0.5)
+    policy = fast_policy(timeout=0.5 if fault.kind == "hang" else 10.0)
     store.plan.add(fault)
     fetch_sources(["loop-era5"], out, [catalog], overrides, policy=policy)
-    assert store.plan.injected == [fault] and len(policy.sleep.waits) == 1
+    assert store.plan.injected == [fault]
+    assert len(policy.sleep.waits) == 1 or (fault.kind == "hang" and policy.sleep.waits)  # a stall may time out more than one request
     if fault.status == 429:
         assert policy.sleep.waits == [3.0]
     assert len(store.app.jobs) == 1 or fault.path == "/execution"  # a poll failure never resubmits the job

@@ -182,9 +182,12 @@ def _new_block(cfg: ModelConfig, source: Block, init: DepthInit, function_preser
                 nn.init.normal_(linear.weight, 0.0, cfg.init_std, generator=generator)
             for linear in (block.attention.wo, block.feed_forward.w2):
                 nn.init.normal_(linear.weight, 0.0, _residual_std(cfg), generator=generator)
+            block.reset_option_parameters()
         if function_preserving and init in ("identity", "stack"):
-            block.attention.wo.weight.zero_()
-            block.feed_forward.w2.weight.zero_()
+            for linear in (block.attention.wo, block.feed_forward.w2):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
     return block
 
 

@@ -93,6 +93,11 @@ def params_of_shape(cfg: ModelConfig) -> int:
 def target_config(cfg: ModelConfig, request: GrowthRequest) -> ModelConfig:
     """The model config after ``request`` (validated; one-line error if it shrinks or breaks GQA)."""
     target = request.target(cfg)
+    biases = [name for name in ("qkv_bias", "attention_out_bias", "mlp_bias") if getattr(cfg, name, False)]
+    widened = [name for name in ("hidden", "ffn", "heads", "kv_heads") if target[name] != getattr(cfg, name)]
+    if biases and widened:
+        raise SapwoodError(f"{widened[0]}={target[widened[0]]}: width growth of a model with {biases[0]}=true is not "
+                           "supported (the operators grow weights, not biases); grow layers only")
     for name, value in target.items():
         if value < getattr(cfg, name):
             raise SapwoodError(

@@ -15,7 +15,7 @@ import torch
 from sapwood.infer.context import ContextPolicy
 from sapwood.infer.request import Request, Status, StepOutput
 from sapwood.infer.runner import ModelRunner
-from sapwood.infer.sampling import SamplingParams, sample_next_tokens
+from sapwood.infer.sampling import SamplingParams, generation_config_defaults, sample_next_tokens
 from sapwood.infer.scheduler import Scheduler, SchedulerConfig
 from sapwood.infer.tokenizer import TextStream, TextTokenizer
 
@@ -36,6 +36,7 @@ class Engine:
         self.policy = ContextPolicy(self.cfg, self.runner.device)
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         self.eos_ids = tokenizer.eos_ids if tokenizer is not None else frozenset()
+        self.sampling_defaults: dict[str, float | int] = {}  # generation_config.json's, for unset request fields
         self.tokens_generated = 0
         self.steps = 0
 
@@ -54,7 +55,9 @@ class Engine:
         tokenizer = None
         if need_tokenizer or (Path(folder) / "tokenizer.json").exists():
             tokenizer = TextTokenizer.from_folder(folder)
-        return cls(model, tokenizer, scheduler_config)
+        engine = cls(model, tokenizer, scheduler_config)
+        engine.sampling_defaults = generation_config_defaults(folder)
+        return engine
 
     # --- requests -------------------------------------------------------------------------------
     def make_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:

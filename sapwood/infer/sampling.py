@@ -7,7 +7,9 @@ request draws the same numbers whatever else is in the batch).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -55,6 +57,25 @@ class SamplingParams:
         else:
             generator.manual_seed(self.seed)
         return generator
+
+
+GENERATION_CONFIG_SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def generation_config_defaults(folder: str | Path) -> dict[str, float | int]:
+    """The sampling defaults in a checkpoint's ``generation_config.json`` (temperature, top_p, top_k,
+    repetition_penalty): what a request that leaves those fields unset gets, as vLLM does. Validated here,
+    so a bad file is named at load time, not blamed on a request."""
+    path = Path(folder) / "generation_config.json"
+    if not path.exists():
+        return {}
+    config = json.loads(path.read_text())
+    defaults = {k: config[k] for k in GENERATION_CONFIG_SAMPLING if isinstance(config.get(k), int | float)}
+    try:
+        SamplingParams(**defaults)
+    except SapwoodError as exc:
+        raise SapwoodError(f"{path}: {exc}") from None
+    return defaults
 
 
 def apply_repetition_penalty(

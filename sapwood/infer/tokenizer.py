@@ -5,7 +5,8 @@ End of sequence: the ``eos_token_id`` of ``generation_config.json`` (one id or s
 has one, else the first of :data:`EOS_CANDIDATES` in the vocabulary.
 
 Chat template: a Jinja ``chat_template`` from ``tokenizer_config.json`` or ``chat_template.jinja`` in the
-checkpoint folder when there is one; otherwise the documented default :data:`DEFAULT_CHAT_TEMPLATE`,
+checkpoint folder when there is one, rendered as transformers does (with ``bos_token``, ``eos_token``...
+of ``tokenizer_config.json`` and ``raise_exception``); otherwise the documented default :data:`DEFAULT_CHAT_TEMPLATE`,
 one ``"<role>: <content>\\n"`` line per message followed by ``"assistant:"``.
 """
 
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer
 
 from sapwood.errors import SapwoodError
 
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end|>")
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
@@ -26,9 +28,11 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None, eos_ids: list[int] | None = None):
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None, eos_ids: list[int] | None = None,
+                 special_tokens: dict[str, str] | None = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        self.special_tokens = special_tokens or {}  # bos_token, eos_token, ... as chat templates use them
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         self.eos_id: int | None = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
         if eos_ids:  # generation_config.json's eos ids (Llama 3 has several) take precedence
@@ -44,15 +48,24 @@ class TextTokenizer:
         if not path.exists():
             raise SapwoodError(f"{folder}: no tokenizer.json; text generation needs the checkpoint's tokenizer")
         template = None
+        config = {}
+        if (folder / "tokenizer_config.json").exists():
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            template = config.get("chat_template")
         if (folder / "chat_template.jinja").exists():
             template = (folder / "chat_template.jinja").read_text()
-        elif (folder / "tokenizer_config.json").exists():
-            template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+        special_tokens = {}
+        for key in SPECIAL_TOKEN_KEYS:
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value  # AddedToken form
+            if isinstance(value, str):
+                special_tokens[key] = value
         eos_ids = None
         if (folder / "generation_config.json").exists():
             eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
             eos_ids = [eos] if isinstance(eos, int) else eos
-        return cls(Tokenizer.from_file(str(path)), template if isinstance(template, str) else None, eos_ids)
+        return cls(Tokenizer.from_file(str(path)), template if isinstance(template, str) else None, eos_ids,
+                   special_tokens)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -65,7 +78,13 @@ class TextTokenizer:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             self._template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=True)
+        return self._template.render(messages=messages, add_generation_prompt=True, raise_exception=_raise_exception,
+                                     **self.special_tokens)
+
+
+def _raise_exception(message: str) -> None:
+    """What HF chat templates call to reject a conversation (e.g. roles not alternating)."""
+    raise SapwoodError(f"chat template: {message}")
 
 
 class TextStream:

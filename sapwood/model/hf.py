@@ -24,18 +24,23 @@ Hugging Face                                sapwood
 
 Family options (:class:`ModelConfig`): Llama ``attention_bias`` -> ``qkv_bias`` + ``attention_out_bias``,
 ``mlp_bias`` -> ``mlp_bias``; Qwen2 -> ``qkv_bias``; Qwen3 -> ``qk_norm`` (+ its ``attention_bias``);
-``hidden_act`` -> ``activation``. Export picks the architecture from the options: ``longrope`` -> Phi3,
-``qk_norm`` -> Qwen3, q/k/v bias without output bias -> Qwen2, anything else -> Llama.
+``hidden_act`` -> ``activation``. Export writes the family the model was imported from
+(``hf_model_type``) when that architecture computes it, else picks one from the options: ``longrope`` ->
+Phi3, ``qk_norm`` -> Qwen3, q/k/v bias without output bias -> Qwen2, a sliding window -> Mistral, anything
+else -> Llama.
 
 RoPE scalings map where HF has the same function: ``linear``, ``yarn``, ``llama3`` and ``longrope`` by
 name (``original_max_position_embeddings`` = ``trained_context``), static ``ntk`` -> plain RoPE with the
 stretched theta ``theta * factor ** (d / (d - 2))`` (the identical frequencies). ``dynamic_ntk`` has no
 HF equivalent (HF's ``dynamic`` uses another stretch formula) and is refused both ways.
 
+Sliding-window attention (Mistral v0.1, Phi-3 4k, Qwen with ``use_sliding_window``) is
+``sliding_window``, the same window on every layer.
+
 Refused on import, each with a one-line error naming the field: other model types (Gemma 2: its
-attention-logit soft-capping and alternating sliding windows need an attention path beside SDPA, its
-four norms per block and +1 norm offset a second block layout; that would fork the one Decoder),
-sliding windows shorter than the context, ``partial_rotary_factor`` < 1, yarn ``mscale``. Tensors keep
+attention-logit soft-capping needs an attention path beside SDPA, its alternating window sizes per-layer
+windows, its four norms per block and +1 norm offset a second block layout; that would fork the one
+Decoder), a mix of windowed and full layers, ``partial_rotary_factor`` < 1, yarn ``mscale``. Tensors keep
 their dtype both ways unless ``dtype`` is given.
 """
 
@@ -66,8 +71,8 @@ REFUSED_MODEL_TYPES = {
     "gemma2": "its attention-logit soft-capping and alternating sliding windows need an attention path "
               "beside SDPA and its four norms per block another block layout",
 }
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "phi3": "Phi3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                   "gelu_new": "gelu_tanh"}
 ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -203,17 +208,33 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling, i
                        "llama3, longrope")
 
 
-def _check_full_attention(hf: dict[str, Any], where: str) -> None:
-    """Refuse sliding-window attention that would bind within the context (sapwood attends fully)."""
-    sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
-    if sliding:
-        raise SapwoodError(f"{where}: layer_types contains {sliding[0]!r}; allowed: full_attention only")
-    if hf.get("use_sliding_window") is False:  # Qwen2/Qwen3: sliding_window is then unused
-        return
-    window, positions = hf.get("sliding_window"), int(hf.get("max_position_embeddings", 2048))
-    if window is not None and int(window) < positions:
-        raise SapwoodError(f"{where}: sliding_window={window!r} is below max_position_embeddings={positions}; "
-                           "allowed: null or >= max_position_embeddings (sapwood attention is fully causal)")
+def _sliding_window_from_hf(hf: dict[str, Any], model_type: str, where: str) -> int | None:
+    """The attention window of every layer (None: full attention, or a window no shorter than the context).
+
+    Mistral and Phi-3 read ``sliding_window``; Qwen2/Qwen3 only with ``use_sliding_window`` (on layers from
+    ``max_window_layers``, or as ``layer_types`` says); Llama has no window. A mix of windowed and full layers
+    is refused.
+    """
+    layers, window = int(hf["num_hidden_layers"]), hf.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+        return None
+    kinds = hf.get("layer_types")
+    if kinds is None and model_type in ("qwen2", "qwen3"):
+        first = int(hf.get("max_window_layers", layers))
+        kinds = ["full_attention"] * min(first, layers) + ["sliding_attention"] * max(layers - first, 0)
+    if kinds is not None:
+        allowed = {"full_attention", "sliding_attention"}
+        if set(kinds) - allowed or len(set(kinds)) > 1:
+            odd = next((k for k in kinds if k not in allowed), "full_attention and sliding_attention")
+            raise SapwoodError(f"{where}: layer_types with {odd!r} is not supported; allowed: all full_attention "
+                               "or all sliding_attention")
+        if kinds[0] == "full_attention":
+            return None
+    if int(window) >= int(hf.get("max_position_embeddings", 2048)):
+        return None  # never binds within the context
+    return int(window)
 
 
 def _options_from_hf(hf: dict[str, Any], model_type: str, where: str) -> dict[str, Any]:
@@ -237,8 +258,10 @@ def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_C
                            f"allowed: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise SapwoodError(f"{where}: model_type={model_type!r} is not supported; allowed: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    _check_full_attention(hf, where)
     options = _options_from_hf(hf, model_type, where)
+    window = _sliding_window_from_hf(hf, model_type, where)
+    if window is not None:
+        options["sliding_window"] = window
     theta, scaling, trained_context, max_context = _rope_from_hf(hf, where)
     hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     model: dict[str, Any] = {
@@ -255,6 +278,7 @@ def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_C
         "rope_scaling": scaling.model_dump(exclude_none=True),
         "tied_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "init_std": float(hf.get("initializer_range", 0.02)),
+        "hf_model_type": model_type,
         **options,
     }
     head_dim = hf.get("head_dim")
@@ -264,30 +288,52 @@ def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_C
                     where=f"{where}: ")
 
 
+def family_mismatch(family: str, cfg: ModelConfig) -> str | None:
+    """Why the HF architecture ``family`` cannot compute ``cfg`` (None when it can)."""
+    rope = "none" if cfg.rope_scaling.type == "ntk" else cfg.rope_scaling.type  # ntk exports as a plain theta
+    if rope == "longrope" and family != "phi3":
+        return "rope_scaling.type='longrope' (only Phi3 has it)"
+    if cfg.qk_norm != (family == "qwen3"):
+        return f"qk_norm={str(cfg.qk_norm).lower()} (only Qwen3 normalizes q and k, always)"
+    if cfg.mlp_bias and family != "llama":
+        return f"mlp_bias=true ({family} has no FFN bias)"
+    if family == "phi3":
+        if cfg.qkv_bias or cfg.attention_out_bias:
+            return "qkv_bias/attention_out_bias=true (Phi3 has no attention bias)"
+        if rope not in ("none", "longrope"):
+            return f"rope_scaling.type={rope!r} (Phi3 has default and longrope RoPE)"
+        if cfg.head_dim * cfg.heads != cfg.hidden:
+            return f"head_dim={cfg.head_dim} != hidden / heads (Phi3 derives it)"
+    if family == "mistral" and (cfg.qkv_bias or cfg.attention_out_bias):
+        return "qkv_bias/attention_out_bias=true (Mistral has no attention bias)"
+    if family == "qwen2" and (not cfg.qkv_bias or cfg.attention_out_bias):
+        return (f"qkv_bias={str(cfg.qkv_bias).lower()}, attention_out_bias={str(cfg.attention_out_bias).lower()} "
+                "(Qwen2 has q/k/v biases and no output bias)")
+    if family in ("llama", "qwen3") and cfg.qkv_bias != cfg.attention_out_bias:
+        return (f"qkv_bias={str(cfg.qkv_bias).lower()} with attention_out_bias={str(cfg.attention_out_bias).lower()} "
+                f"({family}'s attention_bias sets both)")
+    if family == "llama" and cfg.sliding_window is not None:
+        return f"sliding_window={cfg.sliding_window} (Llama attends fully)"
+    return None
+
+
 def hf_family(cfg: ModelConfig) -> str:
-    """The HF ``model_type`` that computes the same function as ``cfg`` (see the module docstring)."""
+    """The HF ``model_type`` export writes: ``cfg.hf_model_type`` (set on import) when that architecture
+    computes ``cfg``, else the one the options call for (see the module docstring)."""
+    if cfg.hf_model_type is not None and family_mismatch(cfg.hf_model_type, cfg) is None:
+        return cfg.hf_model_type
     if cfg.rope_scaling.type == "longrope":
-        extras = [f for f in ("qkv_bias", "attention_out_bias", "mlp_bias", "qk_norm") if getattr(cfg, f)]
-        if extras or cfg.head_dim * cfg.heads != cfg.hidden:
-            what = f"{extras[0]}=true" if extras else f"head_dim={cfg.head_dim} != hidden / heads"
-            raise SapwoodError(f"{what} with rope_scaling.type='longrope' has no Hugging Face architecture "
-                               "(Phi3 has neither); exportable: longrope on a plain Llama-shaped model")
-        return "phi3"
-    if cfg.qk_norm:
-        if cfg.qkv_bias != cfg.attention_out_bias or cfg.mlp_bias:
-            raise SapwoodError(f"qk_norm=true with qkv_bias={cfg.qkv_bias}, attention_out_bias={cfg.attention_out_bias}, "
-                               f"mlp_bias={cfg.mlp_bias} has no Hugging Face architecture; Qwen3 needs q/k/v/o biases "
-                               "all on or all off and no FFN bias")
-        return "qwen3"
-    if cfg.qkv_bias and not cfg.attention_out_bias:
-        if cfg.mlp_bias:
-            raise SapwoodError("qkv_bias=true with mlp_bias=true and no attention_out_bias has no Hugging Face "
-                               "architecture (Qwen2 has no FFN bias)")
-        return "qwen2"
-    if cfg.attention_out_bias and not cfg.qkv_bias:
-        raise SapwoodError("attention_out_bias=true without qkv_bias has no Hugging Face architecture; "
-                           "Llama's attention_bias sets both")
-    return "llama"
+        family = "phi3"
+    elif cfg.qk_norm:
+        family = "qwen3"
+    elif cfg.qkv_bias and not cfg.attention_out_bias:
+        family = "qwen2"
+    else:
+        family = "mistral" if cfg.sliding_window is not None else "llama"
+    problem = family_mismatch(family, cfg)
+    if problem is not None:
+        raise SapwoodError(f"{problem}: no Hugging Face architecture computes this model; export refused")
+    return family
 
 
 def _hf_rope(cfg: ModelConfig) -> tuple[float, dict[str, Any] | None]:
@@ -345,10 +391,14 @@ def hf_config_from_sapwood(cfg: ModelConfig, dtype: torch.dtype = torch.float32)
         hf["attention_bias"] = cfg.qkv_bias
     if family == "llama":
         hf["mlp_bias"] = cfg.mlp_bias
+    window = cfg.sliding_window
     if family in ("qwen2", "qwen3"):
-        hf.update(use_sliding_window=False, sliding_window=None)
+        hf.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0,
+                  layer_types=[("full_attention" if window is None else "sliding_attention")] * cfg.layers)
+    if family in ("mistral", "phi3"):
+        hf["sliding_window"] = window
     if family == "phi3":
-        hf.update(original_max_position_embeddings=cfg.trained_context, sliding_window=None)
+        hf["original_max_position_embeddings"] = cfg.trained_context
         del hf["head_dim"]  # Phi3 derives it from hidden / heads (checked in hf_family)
     return hf
 

@@ -56,7 +56,8 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query attention with rotary embeddings; kernels chosen by scaled_dot_product_attention.
-    With ``qk_norm`` each query and key head is RMS-normalized over head_dim before the rotation."""
+    With ``qk_norm`` each query and key head is RMS-normalized over head_dim before the rotation; with
+    ``sliding_window`` a query sees only the last ``sliding_window`` visible keys (itself included)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -67,6 +68,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=cfg.attention_out_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.sliding_window = cfg.sliding_window
 
     def forward(
         self,
@@ -88,6 +90,12 @@ class Attention(nn.Module):
         mask = None
         if kv_cache is not None:
             k, v, mask = kv_cache.update(layer_index, k, v)
+        keys = k.shape[2]
+        if self.sliding_window is not None and keys > self.sliding_window and causal:
+            if mask is None:  # causal, the queries being the last ``seq`` of the ``keys`` positions
+                mask = torch.ones(seq, keys, dtype=torch.bool, device=x.device).tril(keys - seq)
+            # keep a visible key only if at most sliding_window visible keys lie at or after it
+            mask = mask & (mask.flip(-1).cumsum(-1).flip(-1) <= self.sliding_window)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -122,6 +130,14 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.hidden, cfg.ffn, cfg.mlp_bias, cfg.activation)
+
+    def reset_option_parameters(self) -> None:
+        """Zero the family options' biases and reset the q/k norm gains (weights are initialized elsewhere)."""
+        for module in (*self.attention.children(), *self.feed_forward.children()):
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
 
     def forward(self, x, cos, sin, kv_cache=None, layer_index: int = 0, causal: bool = True):
         x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, layer_index, causal)
@@ -167,11 +183,7 @@ class Decoder(nn.Module):
                     nn.init.normal_(linear.weight, 0.0, std, generator=generator)
                 for linear in (block.attention.wo, block.feed_forward.w2):
                     nn.init.normal_(linear.weight, 0.0, residual_std, generator=generator)
-                for module in (*block.attention.children(), *block.feed_forward.children()):
-                    if isinstance(module, nn.Linear) and module.bias is not None:
-                        nn.init.zeros_(module.bias)
-                    elif isinstance(module, RMSNorm):
-                        module.reset_parameters()
+                block.reset_option_parameters()
                 block.attention_norm.reset_parameters()
                 block.ffn_norm.reset_parameters()
             if self.norm is not None:

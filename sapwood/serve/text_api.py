@@ -73,10 +73,12 @@ class TextService:
                  default_max: int) -> SamplingParams:
         if max_tokens is None:
             max_tokens = self.engine.policy.default_max_tokens(prompt_tokens, default_max)
+        fields = dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                      repetition_penalty=body.repetition_penalty)
+        fields.update({k: v for k, v in self.engine.sampling_defaults.items() if k not in body.model_fields_set})
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                  top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
-                                  stop=body.stop_list, ignore_eos=body.ignore_eos)
+            return SamplingParams(max_tokens=max_tokens, **fields, seed=body.seed, stop=body.stop_list,
+                                  ignore_eos=body.ignore_eos)
         except SapwoodError as exc:
             raise APIError(400, str(exc)) from None
 

@@ -40,13 +40,15 @@ from sapwood.train.callbacks import Callback, callbacks_from_config
 from sapwood.train.console import say
 from sapwood.train.mesh import env_world_size, init_distributed, parallel_dims_for
 from sapwood.train.metrics import EventLog, last_logged, plot_loss
+from sapwood.train.optim import OptimizerInBackward, SchedulerGroup, check_memory_options
+from sapwood.train.optim import build_optimizer as build_train_optimizer
 from sapwood.train.parallel import (
     apply_training_parallelism,
     clip_grad_norm_,
     full_model_state,
     model_for_eval,
 )
-from sapwood.train.precision import Precision
+from sapwood.train.precision import DTYPES, Precision, cast_parameters
 from sapwood.train.schedule import warmup_cosine
 from sapwood.train.task import Task, build_task
 
@@ -113,27 +115,14 @@ def build_model(task: Task, config: Config, device: torch.device) -> nn.Module:
     retie_embeddings(model)
     with torch.no_grad():
         model.init_weights()
+    if config.train is not None and config.train.precision == "bf16-pure":
+        cast_parameters(model, DTYPES["bf16-pure"])
     return model
 
 
-def build_optimizer(model: nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms/biases); fused on CPU and CUDA."""
-    train = config.train
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kwargs = {"lr": train.lr, "betas": (train.beta1, train.beta2)}
-    if device.type in ("cpu", "cuda"):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            pass
-    return torch.optim.AdamW(groups, **kwargs)
+def build_optimizer(model: nn.Module, config: Config, device: torch.device):
+    """The optimizer ``config.train`` asks for (:func:`sapwood.train.optim.build_optimizer`)."""
+    return build_train_optimizer(model, config.train, device)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -166,7 +155,8 @@ class Trainer:
         self.dims = parallel_dims_for(self.config.parallel, self.device.type)
         self.out_dir = Path(self.config.train.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        self.events = EventLog(self.out_dir / "metrics.jsonl", enabled=self.rank == 0)
+        self.events = EventLog(self.out_dir / "metrics.jsonl", enabled=self.rank == 0,
+                               tensorboard_dir=self.out_dir / "tensorboard" if self.config.train.tensorboard else None)
         dp = self.config.parallel.dp if self.world_size > 1 else 1
         per_step = self.config.train.micro_batch_size * dp
         if self.config.train.batch_size % per_step:
@@ -174,6 +164,7 @@ class Trainer:
                 f"train.batch_size={self.config.train.batch_size} is not divisible by micro_batch_size x dp = {per_step}"
             )
         self.accumulation = self.config.train.batch_size // per_step
+        check_memory_options(self.config.train, self.world_size)
         self.precision = Precision(self.config.train.precision, self.device.type)
         if self.precision.name == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("train.precision='bf16' is not supported on this GPU; use fp16 or fp32")
@@ -203,7 +194,11 @@ class Trainer:
         self.model = build_model(self.task, config, self.device)
         self.optimizer = build_optimizer(self.model, config, self.device)
         t = config.train
-        self.scheduler = warmup_cosine(self.optimizer, t.lr, t.min_lr, t.warmup_steps, t.steps)
+        if isinstance(self.optimizer, OptimizerInBackward):
+            self.scheduler = SchedulerGroup([warmup_cosine(o, t.lr, t.min_lr, t.warmup_steps, t.steps)
+                                             for o in self.optimizer.optimizers])
+        else:
+            self.scheduler = warmup_cosine(self.optimizer, t.lr, t.min_lr, t.warmup_steps, t.steps)
         self.scaler = self.precision.grad_scaler()
         self.batches = self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp)
 
@@ -226,11 +221,17 @@ class Trainer:
     def save(self) -> Path:
         """Write a training checkpoint for the current step (collective)."""
         self.last_checkpoint = ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+            self.checkpoint_dir, self.step, self.model, self._checkpointed_optimizer(), self.trainer_state(),
             self.config, self.config.train.keep_checkpoints,
         )
         self.log_event("checkpoint", path=str(self.last_checkpoint))
         return self.last_checkpoint
+
+    def _checkpointed_optimizer(self):
+        """What torch.distributed.checkpoint saves: the optimizer, or every per-parameter one."""
+        if isinstance(self.optimizer, OptimizerInBackward):
+            return self.optimizer.optimizers
+        return self.optimizer
 
     def _resume(self) -> None:
         candidates = ckpt.resume_candidates(self.checkpoint_dir)
@@ -248,7 +249,7 @@ class Trainer:
                 if config.model != self.config.model:
                     self._build(config)
                 self.config = config
-                state = ckpt.load_checkpoint(folder, self.model, self.optimizer)
+                state = ckpt.load_checkpoint(folder, self.model, self._checkpointed_optimizer())
             except Exception as exc:  # corrupt in a way the manifest did not catch
                 warnings.warn(f"skipping checkpoint {folder}: {type(exc).__name__}: {exc}", SapwoodWarning,
                               stacklevel=2)
@@ -286,13 +287,20 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         units = 0
         extra: dict[str, float] = {}
-        for _ in range(self.accumulation):
+        in_backward = isinstance(self.optimizer, OptimizerInBackward)
+        for index in range(self.accumulation):
             batch = _to_device(next(self.batches), self.device)
             units += self.task.count_units(batch)
             pipeline = getattr(self.model, "pipeline", None)  # set by sapwood.train.parallel when pp > 1
             if pipeline is not None:
                 with self.precision.autocast():
                     loss, metrics = pipeline.forward_backward(*batch, loss_scale=1.0 / self.accumulation), {}
+            elif in_backward:
+                with self.precision.autocast():
+                    loss, metrics = self.task.loss(self.model, batch)
+                if torch.isfinite(loss):  # the last backward updates the weights: never with NaN gradients
+                    with self.optimizer.stepping(index == self.accumulation - 1):
+                        (loss / self.accumulation).backward()
             else:
                 with self.precision.autocast():
                     loss, metrics = self.task.loss(self.model, batch)
@@ -301,7 +309,7 @@ class Trainer:
             for key, value in metrics.items():
                 extra[key] = extra.get(key, 0.0) + float(value) / self.accumulation
         loss_value = float(self._mean_across_ranks(total))
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = float(self.optimizer.param_groups[0]["lr"])
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -310,6 +318,10 @@ class Trainer:
             self.step += 1
             return {"loss": loss_value, "skipped": True, "lr": lr, "units": units * self.dims.dp, **extra}
         self.bad_steps = 0
+        if in_backward:  # every parameter already stepped in backward and its gradient is freed
+            self.scheduler.step()
+            self.step += 1
+            return {"loss": loss_value, "lr": lr, "units": units * self.dims.dp, **extra}
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
@@ -407,6 +419,7 @@ class Trainer:
             "overflow_steps": self.overflow_steps, "final": str(final), "plot": str(plot) if plot else None,
         }
         self.log_event("done", **{k: v for k, v in summary.items() if k != "step"})
+        self.events.close()
         return summary
 
     def write_final(self) -> Path:

@@ -15,20 +15,37 @@ from typing import Any
 
 
 class EventLog:
-    """Appends events to ``path`` (only on rank 0 of a distributed run)."""
+    """Appends events to ``path`` (only on rank 0 of a distributed run); with ``tensorboard_dir``, also
+    writes every numeric field of every event as a TensorBoard scalar ``EVENT/FIELD`` at its step."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard_dir: str | Path | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.tensorboard = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard_dir is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(tensorboard_dir))
 
     def write(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "step": step, "time": round(time.time(), 3), **fields}
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(strict_json(record) + "\n")
+            if self.tensorboard is not None:
+                for key, value in fields.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                        self.tensorboard.add_scalar(f"{event}/{key}", value, step, walltime=record["time"])
+                if event in ("eval", "checkpoint", "done"):
+                    self.tensorboard.flush()
         return record
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def strict_json(value: Any) -> str:

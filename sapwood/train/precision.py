@@ -3,6 +3,11 @@
 Parameters and optimizer state stay float32; ``autocast`` runs matmuls in bf16/fp16. RMSNorm is
 computed in float32 inside the model and tasks compute their loss on ``logits.float()``.
 fp16 uses ``torch.amp.GradScaler``: an overflowing step is skipped and the scale halves.
+
+``bf16-pure`` is the memory-lean mode: parameters (and so gradients) are bf16 themselves, no autocast
+is needed, and the optimizer writes its fp32 update back with stochastic rounding
+(:mod:`sapwood.train.optim`). :func:`cast_parameters` casts a built model's parameters (not its
+buffers: rotary frequencies stay fp32).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-pure": torch.bfloat16}
 
 
 class Precision:
@@ -23,7 +28,7 @@ class Precision:
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        if self.name == "fp32":
+        if self.name in ("fp32", "bf16-pure"):
             yield
             return
         with torch.autocast(self.device_type, dtype=self.dtype):
@@ -32,3 +37,11 @@ class Precision:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Enabled only for fp16 (bf16 has fp32's exponent range and needs no scaling)."""
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating-point parameter of ``model`` to ``dtype`` in place (buffers untouched)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)

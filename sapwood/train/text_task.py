@@ -13,6 +13,7 @@ from sapwood.config import Config
 from sapwood.data.text import TOKENIZER, TokenShards, WindowLoader, read_meta
 from sapwood.errors import ConfigError
 from sapwood.model import build_model
+from sapwood.train.chunked_loss import lm_loss_chunked
 
 
 class TextTask:
@@ -43,6 +44,9 @@ class TextTask:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch
+        chunk = self.config.train.loss_chunk if self.config.train is not None else None
+        if chunk is not None:
+            return lm_loss_chunked(model, inputs, targets, chunk), {}
         logits = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return loss, {}

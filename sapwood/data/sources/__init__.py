@@ -36,11 +36,13 @@ def _fetchers() -> dict[str, Callable]:
 
 
 def fetch_sources(names: Iterable[str], out: Path, catalogs: Iterable[Path] = (),
-                  overrides: dict[str, Any] | None = None, refresh: bool = False, policy=None) -> list[FetchResult]:
+                  overrides: dict[str, Any] | None = None, refresh: bool = False, policy=None,
+                  report: Callable[[str, int, int | None], None] | None = None) -> list[FetchResult]:
     """Fetch each named source into ``out``; a request already completed there is not fetched again.
 
     ``overrides`` replace catalog fields of every named source (e.g. ``{"query": "SELECT ..."}``);
-    ``refresh`` ignores the request cache (per-object records of S3 and MAST still skip unchanged files).
+    ``refresh`` ignores the request cache (per-object records of S3 and MAST still skip unchanged files);
+    ``report(source, done, expected)`` is called as items complete (for a progress bar).
     """
     from sapwood.data.sources.base import FetchContext
     from sapwood.data.sources.catalog import Catalog
@@ -53,12 +55,15 @@ def fetch_sources(names: Iterable[str], out: Path, catalogs: Iterable[Path] = ()
         raise SapwoodError(f"no source named; known: {', '.join(catalog.names)}")
     policy = policy or RetryPolicy.from_environment()
     redactor = Redactor.from_environment(v for s in sources for v in s.credentials)
+    if out.exists() and not out.is_dir():
+        raise SapwoodError(f"--out {str(out)!r} is a file; give a folder to fetch into")
     out.mkdir(parents=True, exist_ok=True)
     fetchers = _fetchers()
     results = []
     with redacted_logging(redactor):
         for source in sources:
-            ctx = FetchContext.create(source, out, policy, redactor, refresh)
+            per_source = (lambda done, total, name=source.name: report(name, done, total)) if report else None
+            ctx = FetchContext.create(source, out, policy, redactor, refresh, per_source)
             request = {"source": source.name, **source.identity()}
             cached = None if refresh else ctx.cache.lookup(request)
             if cached is not None:

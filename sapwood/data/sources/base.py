@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +47,26 @@ class FetchContext:
     cache: RequestCache
     redactor: Redactor
     refresh: bool = False
+    report: Callable[[int, int | None], None] | None = None  # (files done, files expected) for a progress bar
 
     @classmethod
     def create(cls, source: SourceBase, out: Path, policy: RetryPolicy, redactor: Redactor,
-               refresh: bool = False) -> FetchContext:
+               refresh: bool = False, report: Callable[[int, int | None], None] | None = None) -> FetchContext:
         limiter = RateLimiter(source.rate_limit)
         return cls(out=out, policy=policy, limiter=limiter, session=HttpSession(limiter, policy.timeout),
-                   cache=RequestCache(out), redactor=redactor, refresh=refresh)
+                   cache=RequestCache(out), redactor=redactor, refresh=refresh, report=report)
+
+    def __post_init__(self) -> None:
+        self._done, self._total, self._lock = 0, None, threading.Lock()
+
+    def expect(self, total: int) -> None:
+        """The number of files this fetch will produce, once known."""
+        self._total = total
+        if self.report:
+            self.report(self._done, total)
+
+    def file_done(self) -> None:
+        with self._lock:
+            self._done += 1
+            if self.report:
+                self.report(self._done, self._total)

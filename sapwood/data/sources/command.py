@@ -35,9 +35,14 @@ def parse_overrides(request: Path | None, set_fields: list[str]) -> dict[str, An
 
 
 def fetch_command(sources: list[str], out: Path | None, catalogs: list[Path], request: Path | None,
-                  set_fields: list[str], refresh: bool, list_sources: bool, console) -> None:
+                  set_fields: list[str], refresh: bool, list_sources: bool, console, verbose: bool = False) -> None:
+    import logging
+
     from sapwood.data.sources import fetch_sources
     from sapwood.data.sources.catalog import Catalog
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
     if list_sources:
         catalog = Catalog.load(catalogs)
@@ -51,7 +56,18 @@ def fetch_command(sources: list[str], out: Path | None, catalogs: list[Path], re
         raise SapwoodError("name at least one source (sapwood fetch --list shows the catalog)")
     if out is None:
         raise SapwoodError("--out DIR is required: the folder to fetch into")
-    results = fetch_sources(sources, out, catalogs, parse_overrides(request, set_fields), refresh=refresh)
+    from rich.progress import Progress
+
+    overrides = parse_overrides(request, set_fields)
+    with Progress(console=console, transient=True, disable=verbose) as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(source: str, done: int, total: int | None) -> None:
+            if source not in tasks:
+                tasks[source] = bar.add_task(source, total=total)
+            bar.update(tasks[source], completed=done, total=total)
+
+        results = fetch_sources(sources, out, catalogs, overrides, refresh=refresh, report=report)
     for result in results:
         state = "cached, nothing fetched" if result.cached else "fetched"
         first = result.files[0] if result.files else out

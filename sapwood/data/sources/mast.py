@@ -84,21 +84,34 @@ def fetch(source: MastSource, ctx: FetchContext) -> list[Path]:
             table.write(tmp, format="ascii.csv", overwrite=True)
         tables.append(folder / name)
     download_url = client._portal_api_connection.MAST_DOWNLOAD_URL
+    ctx.expect(len(products))
 
     def fetch_one(row: Any) -> Path:
         uri, filename = str(row["dataURI"]), Path(str(row["productFilename"])).name
-        size = int(row["size"]) if "size" in row.colnames and row["size"] is not None else None
+        size = _known_int(row["size"]) if "size" in row.colnames else None
         dest = folder / filename
         record = {"mast": source.endpoint, "uri": uri, "size": size}
-        if ctx.cache.lookup(record):  # per-file records hold even under --refresh
-            return dest
-        url = f"{download_url}?uri={urllib.parse.quote(uri, safe=':/')}"
-        ctx.policy.call(f"{source.name} (download {filename})",
-                        lambda: download(ctx.session, url, dest, expected_size=size, what=filename))
-        ctx.cache.store(record, [dest])
+        if not ctx.cache.lookup(record):  # per-file records hold even under --refresh
+            url = f"{download_url}?uri={urllib.parse.quote(uri, safe=':/')}"
+            ctx.policy.call(f"{source.name} (download {filename})",
+                            lambda: download(ctx.session, url, dest, expected_size=size, what=filename))
+            ctx.cache.store(record, [dest])
+        ctx.file_done()
         return dest
 
     with ThreadPoolExecutor(max_workers=source.concurrency) as pool:
         files = list(pool.map(fetch_one, list(products)))
     log.info("%s: %d observations, %d products", source.name, len(observations), len(files))
     return tables + files
+
+
+def _known_int(value: Any) -> int | None:
+    """An int from a table cell; ``None`` for a masked or empty one."""
+    import numpy as np
+
+    if value is None or value is np.ma.masked:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -32,7 +32,7 @@ class NcbiSource(SourceBase):
     protocol: Literal["ncbi"] = "ncbi"
     db: str = "pubmed"
     term: str = Field("", description="an Entrez query, e.g. 'exoplanet atmosphere[Title/Abstract]'")
-    retmax: int = Field(100, ge=1, le=100_000, description="most records to fetch")
+    retmax: int = Field(100, ge=1, le=10_000, description="most records to fetch (esearch returns at most 10,000 ids)")
     batch_size: int = Field(100, ge=1, le=500, description="ids per efetch request")
     rettype: str = "abstract"
     retmode: Literal["xml", "text"] = "xml"
@@ -73,6 +73,8 @@ def fetch(source: NcbiSource, ctx: FetchContext) -> list[Path]:
     folder = ctx.out / source.name
     batches = [ids[i:i + source.batch_size] for i in range(0, len(ids), source.batch_size)]
 
+    ctx.expect(len(ids))
+
     def fetch_batch(index: int) -> list[Path]:
         batch = batches[index]
 
@@ -82,6 +84,8 @@ def fetch(source: NcbiSource, ctx: FetchContext) -> list[Path]:
             return response.content
 
         body = ctx.policy.call(f"{source.name} (efetch batch {index})", lambda: _parsed(efetch, source))
+        for _ in batch:
+            ctx.file_done()  # progress counts records
         if isinstance(body, dict):
             return [write_bytes_atomic(folder / f"{pmid}.txt", text.encode()) for pmid, text in body.items()]
         return [write_bytes_atomic(folder / f"batch_{index:05d}.txt", body)]

@@ -127,7 +127,7 @@ class HttpSession(requests.Session):
     def __init__(self, limiter: RateLimiter, timeout: float) -> None:
         super().__init__()
         self.limiter, self.timeout = limiter, timeout
-        self.headers["User-Agent"] = "sapwood-fetch (+https://pypi.org/project/sapwood)"
+        self.headers["User-Agent"] = "sapwood-fetch"
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         if kwargs.get("timeout") is None:

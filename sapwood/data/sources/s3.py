@@ -11,6 +11,7 @@ Credentials: boto3's standard chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_K
 
 from __future__ import annotations
 
+import functools
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +21,8 @@ from pydantic import Field
 
 from sapwood.data.sources.base import FetchContext, SourceBase
 from sapwood.data.sources.credentials import MissingCredentialError
-from sapwood.data.sources.reliability import log
-from sapwood.data.sources.storage import CHUNK, part_path, verify_and_commit
+from sapwood.data.sources.reliability import TransientError, log
+from sapwood.data.sources.storage import STREAM_CHUNK, part_path, resume_offset, verify_and_commit
 from sapwood.errors import SapwoodError
 
 PLAIN_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
@@ -37,12 +38,23 @@ class S3Source(SourceBase):
     region: str = "us-east-1"
 
 
+@functools.cache
+def _service_model_loader():
+    """botocore's loader, shared so the S3 service model is parsed once per process, not once per fetch."""
+    import botocore.loaders
+
+    return botocore.loaders.create_loader()
+
+
 def make_client(source: S3Source, ctx: FetchContext):
     import boto3
+    import botocore.session
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    session = boto3.session.Session()
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _service_model_loader())
+    session = boto3.session.Session(botocore_session=core)
     if not source.anonymous:
         credentials = session.get_credentials()
         if credentials is None:
@@ -84,7 +96,9 @@ def _wanted(key: str, suffixes: list[str]) -> bool:
 
 
 def local_path(folder: Path, prefix: str, key: str) -> Path:
-    relative = key[len(prefix):] if prefix and key.startswith(prefix) else key
+    """Where ``key`` lands: its path below the prefix's folder (``a/b/`` for prefixes ``a/b/`` and ``a/b/t2m``)."""
+    base = prefix if prefix.endswith("/") else prefix.rpartition("/")[0] + "/" if "/" in prefix else ""
+    relative = key[len(base):] if base and key.startswith(base) else key
     parts = [p for p in relative.split("/") if p not in ("", ".", "..")]
     if not parts:
         parts = [key.rstrip("/").rsplit("/", 1)[-1]]
@@ -93,7 +107,7 @@ def local_path(folder: Path, prefix: str, key: str) -> Path:
 
 def download_object(client: Any, source: S3Source, ctx: FetchContext, item: dict[str, Any], dest: Path) -> Path:
     """One object into ``dest`` through its ``.part`` file; resumes from the bytes already there."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, FlexibleChecksumError
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
@@ -101,7 +115,8 @@ def download_object(client: Any, source: S3Source, ctx: FetchContext, item: dict
     match = PLAIN_MD5_ETAG.match(etag)
     checksum = ("md5", match.group(1)) if match else None
     what = f"s3://{source.bucket}/{item['key']}"
-    offset = part.stat().st_size if part.exists() else 0
+    offset = resume_offset(part, {"s3": source.endpoint, "bucket": source.bucket, "key": item["key"], "etag": etag,
+                                  "size": size})
     if offset > size:
         part.unlink()
         offset = 0
@@ -119,9 +134,13 @@ def download_object(client: Any, source: S3Source, ctx: FetchContext, item: dict
                 part.unlink(missing_ok=True)
                 raise SapwoodError(f"{what} changed while it was fetched; run the fetch again") from None
             raise
-        with open(part, "ab" if offset else "wb") as handle:
-            for chunk in response["Body"].iter_chunks(CHUNK):
-                handle.write(chunk)
+        try:
+            with open(part, "ab" if offset else "wb") as handle:
+                for chunk in response["Body"].iter_chunks(STREAM_CHUNK):
+                    handle.write(chunk)
+        except FlexibleChecksumError:  # the body does not match the object's checksum: start again
+            part.unlink(missing_ok=True)
+            raise TransientError(f"{what}: checksum of the received body does not match; starting again") from None
     return verify_and_commit(part, dest, size, checksum, what)
 
 
@@ -135,16 +154,19 @@ def fetch(source: S3Source, ctx: FetchContext) -> list[Path]:
         raise SapwoodError(f"source {source.name!r}: no objects under s3://{source.bucket}/{source.prefix}"
                            + (f" ending in {source.suffixes}" if source.suffixes else ""))
     folder = ctx.out / source.name
+    ctx.expect(len(objects))
 
     def fetch_one(item: dict[str, Any]) -> tuple[Path, bool]:
         dest = local_path(folder, source.prefix, item["key"])
         record = {"s3": source.endpoint, "bucket": source.bucket, "key": item["key"], "etag": item["etag"],
                   "size": item["size"]}
-        if ctx.cache.lookup(record):  # per-file records hold even under --refresh
-            return dest, False
-        ctx.policy.call(f"{source.name} (get {item['key']})", lambda: download_object(client, source, ctx, item, dest))
-        ctx.cache.store(record, [dest])
-        return dest, True
+        fetched = not ctx.cache.lookup(record)  # per-file records hold even under --refresh
+        if fetched:
+            ctx.policy.call(f"{source.name} (get {item['key']})",
+                            lambda: download_object(client, source, ctx, item, dest))
+            ctx.cache.store(record, [dest])
+        ctx.file_done()
+        return dest, fetched
 
     with ThreadPoolExecutor(max_workers=source.concurrency) as pool:
         results = list(pool.map(fetch_one, objects))

@@ -2,7 +2,8 @@
 
 * Every output is written under a hidden temporary name (``.NAME.part``) and renamed when complete, so an
   interrupted fetch never leaves a file that looks complete (``prepare`` and ``tokenize`` skip ``.part``).
-* :func:`download` resumes a ``.part`` file with an HTTP ``Range`` request and verifies size and checksum.
+* :func:`download` resumes a ``.part`` file with an HTTP ``Range`` request and verifies size and checksum; a
+  ``.part`` is resumed only from the origin it was started from (``.NAME.origin.part`` records it).
 * :class:`RequestCache` keeps one JSON record per request under ``OUT/.sapwood-fetch/``; a record is written
   only after its files are in place, and is trusted only while every file still has its recorded size, so a
   rerun fetches nothing new and an interrupted run is simply resumed. A file rewritten since (another request
@@ -33,6 +34,25 @@ STREAM_CHUNK = 1 << 14  # small reads: a dropped connection loses at most this m
 
 def part_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.part")
+
+
+def _origin_path(part: Path) -> Path:
+    return part.with_name(part.name.removesuffix(".part") + ".origin.part")
+
+
+def resume_offset(part: Path, origin: dict[str, Any]) -> int:
+    """Bytes of ``part`` to keep: all of them when it was started from the same ``origin`` (URL or object and
+    its version, size), none otherwise (a ``.part`` from another job or an older object is never spliced)."""
+    meta = _origin_path(part)
+    try:
+        same = json.loads(meta.read_text()) == json.loads(json.dumps(origin, default=str))
+    except (OSError, ValueError):
+        same = False
+    if not same or not part.exists():
+        part.unlink(missing_ok=True)
+        meta.write_text(json.dumps(origin, default=str))
+        return 0
+    return part.stat().st_size
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -88,7 +108,7 @@ def download(session: requests.Session, url: str, dest: Path, expected_size: int
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
-    offset = part.stat().st_size if part.exists() else 0
+    offset = resume_offset(part, {"url": url, "size": expected_size})
     if expected_size is not None and offset > expected_size:
         part.unlink()
         offset = 0
@@ -133,7 +153,9 @@ def verify_and_commit(part: Path, dest: Path, expected_size: int | None, checksu
         if actual != expected.lower():
             part.unlink()
             raise TransientError(f"{what}: {algorithm} {actual} does not match {expected}; starting again")
-    return commit(part, dest)
+    commit(part, dest)
+    _origin_path(part).unlink(missing_ok=True)
+    return dest
 
 
 def request_key(request: dict[str, Any]) -> str:

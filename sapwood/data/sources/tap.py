@@ -1,7 +1,7 @@
 """IVOA Table Access Protocol services (NASA Exoplanet Archive, ESA Gaia, ESO, ...) through pyvo.
 
-A synchronous ADQL query (``POST {endpoint}/sync`` with ``REQUEST=doQuery, LANG=ADQL, QUERY=...``, TAP 1.1
-section 2) returns a VOTable, which is written as ``OUT/NAME.csv`` or ``OUT/NAME.parquet``.
+A synchronous ADQL query (``POST {endpoint}/sync`` with ``REQUEST=doQuery, LANG=ADQL, QUERY=...``, as the
+TAP 1.1 recommendation defines it) returns a VOTable, which is written as ``OUT/NAME.csv`` or ``OUT/NAME.parquet``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from sapwood.data.sources.base import FetchContext, SourceBase
+from sapwood.data.sources.reliability import log
 from sapwood.data.sources.storage import atomic_path
 from sapwood.errors import SapwoodError
 
@@ -41,14 +42,13 @@ def fetch(source: TapSource, ctx: FetchContext) -> list[Path]:
 
     def run_query():
         service = pyvo.dal.TAPService(source.endpoint, session=ctx.session)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pyvo.dal.DALOverflowWarning)
             results = service.run_sync(query, language=source.language, maxrec=source.maxrec)
-            table = results.to_table()
-        if any("overflow" in str(w.message).lower() for w in caught):
-            from sapwood.data.sources.reliability import log
-
-            log.warning("%s: the result was truncated at the row limit (%d rows); raise maxrec", source.name, len(table))
+        table = results.to_table()
+        if str(results.query_status).upper() == "OVERFLOW":  # the service says QUERY_STATUS=OVERFLOW
+            log.warning("%s: the result was truncated at the row limit (%d rows); raise maxrec", source.name,
+                        len(table))
         return table
 
     try:
