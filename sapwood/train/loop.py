@@ -372,7 +372,7 @@ class Trainer:
         if self.step >= t.steps:
             say(f"the run already finished at step {self.step} (train.steps={t.steps}); nothing to train. "
                 "Raise train.steps to train further.", self.rank)
-        progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0,
+        progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0 and self.step < t.steps,
                              unit=getattr(self.task, "unit_name", "tok"))
         window_units, window_start = 0, time.perf_counter()
         with progress, _stop_on_ctrl_c(self) as stop_requested:
