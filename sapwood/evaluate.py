@@ -326,18 +326,23 @@ def _plots(out: Path, pred: torch.Tensor, truth: torch.Tensor, state: torch.Tens
 
 
 def print_summary(result: dict[str, Any]) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     advect = "rmse_advective_persistence" in result
-    columns = ["variable", "ACC", "ACC persist", "RMSE", "RMSE persist", "RMSE clim"] + (
-        ["RMSE advect"] if advect else []) + ["skill vs persist", "skill vs clim"]
-    table = Table(*columns)
+    columns = ["var", "ACC", "ACC\npers.", "RMSE", "RMSE\npers.", "RMSE\nclim."] + (
+        ["RMSE\nadvect."] if advect else []) + ["skill\npers.", "skill\nclim."]
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, collapse_padding=True, show_edge=False,
+                  caption="pers. = persistence, clim. = climatology" + (", advect. = advective persistence"
+                                                                         if advect else ""))
+    for column in columns:
+        table.add_column(column, justify="left" if column == "var" else "right", no_wrap=True)
     for name, value in result["acc"].items():
-        row = [name, f"{value:.4f}", f"{result['acc_persistence'][name]:.4f}", f"{result['rmse'][name]:.4g}",
-               f"{result['rmse_persistence'][name]:.4g}", f"{result['rmse_climatology'][name]:.4g}"]
+        row = [name, f"{value:.4f}", f"{result['acc_persistence'][name]:.4f}", f"{result['rmse'][name]:.3g}",
+               f"{result['rmse_persistence'][name]:.3g}", f"{result['rmse_climatology'][name]:.3g}"]
         if advect:
-            row.append(f"{result['rmse_advective_persistence'][name]:.4g}")
+            row.append(f"{result['rmse_advective_persistence'][name]:.3g}")
         row += [f"{result['skill_vs_persistence'][name]:+.3f}", f"{result['skill_vs_climatology'][name]:+.3f}"]
         table.add_row(*row)
     console = Console()
