@@ -48,5 +48,5 @@ def cube_stage(out: Path) -> None:
                   f"load {load_s / 3 * 1e3:.1f} ms/batch, augment {augment_s / 3 * 1e3:.1f} ms/batch "
                   f"(keeps {', '.join(sorted(augment.preserves))}; roll/flip keep all budgets)")
     means = ", ".join(f"{value:+.3f}" for value in frames[0].mean(dim=(0, 2, 3))[:4].tolist())
-    console.print(f"augmented state, first 4 channel means after normalization: {means} (near 0, as normalized "
-                  "data should be)", highlight=False)
+    console.print(f"augmented batch, first 4 channel means: {means} (in units of each channel's std over the "
+                  "store, 0 = the store's mean)", highlight=False)
