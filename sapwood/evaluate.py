@@ -370,6 +370,21 @@ def print_summary(result: dict[str, Any]) -> None:
 
 def skill_sentence(result: dict[str, Any]) -> str:
     """What the skill table says, in one sentence: which variables beat persistence, and what that means."""
+    return _persistence_sentence(result) + _climatology_sentence(result)
+
+
+def _climatology_sentence(result: dict[str, Any]) -> str:
+    skill = result.get("skill_vs_climatology") or {}
+    ahead = [name for name, value in skill.items() if value > 0]
+    if not skill:
+        return ""
+    if len(ahead) == len(skill):
+        return (f" It beats the climatology on every variable (skill {min(skill.values()):+.2f} to "
+                f"{max(skill.values()):+.2f}).")
+    return f" It beats the climatology on {len(ahead)} of {len(skill)} variables."
+
+
+def _persistence_sentence(result: dict[str, Any]) -> str:
     skill = result["skill_vs_persistence"]
     ahead = [name for name, value in skill.items() if value > 0]
     behind = [name for name, value in skill.items() if value <= 0]
