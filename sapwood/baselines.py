@@ -24,6 +24,7 @@ from sapwood.data.store import CubeStore
 
 EARTH_RADIUS = 6.371e6  # m, for advective persistence when a store carries no planet radius
 MAX_ADVECTION_HOURS = 24
+BLOCK_FRAMES = 64  # frames read at once while accumulating
 
 
 class Climatology:
@@ -36,15 +37,18 @@ class Climatology:
         total = np.zeros(store.row_shape)
         rows = 0
         for run, start, stop in windows:
-            keys = self.keys(store, run)[start:stop]
-            first = int(store.run_rows[run]) + start
-            block = np.asarray(frames[first:first + stop - start], dtype=np.float64)
-            for key in np.unique(keys):
-                chosen = block[keys == key]
-                sums[int(key)] = sums.get(int(key), 0) + chosen.sum(0)
-                counts[int(key)] = counts.get(int(key), 0) + chosen.shape[0]
-            total += block.sum(0)
-            rows += block.shape[0]
+            run_keys = self.keys(store, run)
+            for begin in range(start, stop, BLOCK_FRAMES):
+                end = min(stop, begin + BLOCK_FRAMES)
+                keys = run_keys[begin:end]
+                first = int(store.run_rows[run]) + begin
+                block = np.asarray(frames[first:first + end - begin], dtype=np.float64)
+                for key in np.unique(keys):
+                    chosen = block[keys == key]
+                    sums[int(key)] = sums.get(int(key), 0) + chosen.sum(0)
+                    counts[int(key)] = counts.get(int(key), 0) + chosen.shape[0]
+                total += block.sum(0)
+                rows += block.shape[0]
         self.store = store
         self.overall = (total / max(rows, 1)).astype(np.float32)
         self.means = {key: (sums[key] / counts[key]).astype(np.float32) for key in sums}
@@ -80,8 +84,8 @@ def advection_channel(store: CubeStore) -> slice | None:
 def advective_persistence_support(store: CubeStore) -> str:
     """``"applied"`` or ``"skipped: <reason>"``."""
     if store.step_hours > MAX_ADVECTION_HOURS:
-        return (f"skipped: the time step is {store.step_hours:g} h; advection by the mean wind over more than "
-                f"{MAX_ADVECTION_HOURS} h is not a forecast")
+        return (f"skipped: the time step is {store.step_hours:g} h; advection by the mean wind over more "
+                f"than {MAX_ADVECTION_HOURS} h is not a forecast")
     if advection_channel(store) is None:
         return "skipped: needs an eastward wind (u or standard_name eastward_wind)"
     if store.curvilinear:

@@ -179,6 +179,11 @@ def size(
                                       "every_k (counted as every_layer); also selective (attention core only)"),
     seq: int = typer.Option(None, help="tokens per sequence (default: model.trained_context)"),
     micro_batch: int = typer.Option(None, help="sequences per micro-batch (default: train.micro_batch_size, else 1)"),
+    optimizer_in_backward: bool = typer.Option(None, "--optimizer-in-backward/--no-optimizer-in-backward",
+                                               help="optimizer step fused into backward (default: train section)"),
+    loss_chunk: int = typer.Option(None, "--loss-chunk", help="tokens per chunk of the loss (default: train section)"),
+    measure: bool = typer.Option(False, "--measure", help="also run one training step on fake tensors under torch's "
+                                 "memory tracker and print the measured peak next to the prediction"),
 ) -> None:
     """Parameters, training memory per GPU and FLOPs per token, without allocating weights."""
     import json
@@ -186,7 +191,16 @@ def size(
     from sapwood.config import load_config
     from sapwood.sizing import print_size_report, size_report
 
-    report = size_report(load_config(config), precision, optimizer, checkpointing, seq, micro_batch)
+    loaded = load_config(config)
+    report = size_report(loaded, precision, optimizer, checkpointing, seq, micro_batch, optimizer_in_backward,
+                         loss_chunk)
+    if measure and "memory_per_gpu" in report:
+        from sapwood.sizing.measure import measure_training_step
+
+        mem = report["memory_per_gpu"]
+        report["measured"] = measure_training_step(
+            loaded, mem["precision"], mem["optimizer"], mem["checkpointing"], mem["seq"], mem["micro_batch"],
+            mem["optimizer_in_backward"], mem["loss_chunk"]).as_dict()
     if as_json:
         print(json.dumps(report))
     else:
@@ -236,6 +250,15 @@ def solve(
     print(yaml.safe_dump({"model": model}, sort_keys=False).rstrip())
 
 
+def _show_bench(results: list, path: Path | None = None) -> None:
+    """Print a bench suite's results table, then where its JSON was written (when the suite says)."""
+    from sapwood.bench.harness import print_results
+
+    print_results(results)
+    if path is not None:
+        console.print(f"wrote {path}")
+
+
 @bench_app.command("model")
 def bench_model(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for model.json and model.png"),
@@ -248,12 +271,9 @@ def bench_model(
     threads: int = typer.Option(None, help="CPU intra-op threads (default: torch's choice)"),
 ) -> None:
     """Forward+backward tokens/s of the sapwood Decoder vs a plain reference of the same math."""
-    from sapwood.bench.harness import print_results
     from sapwood.bench.model import run_model_bench
 
-    results, path = run_model_bench(out, preset, batch, seq, dtype, device, repeats, threads)
-    print_results(results)
-    console.print(f"wrote {path}")
+    _show_bench(*run_model_bench(out, preset, batch, seq, dtype, device, repeats, threads))
 
 
 @app.command()
@@ -313,13 +333,10 @@ def bench_serve(
     folder: Path = typer.Option(None, "--folder", help="serve this checkpoint instead of a random one"),
 ) -> None:
     """sapwood serve (HTTP, continuous batching) vs transformers generate on the same exported weights."""
-    from sapwood.bench.harness import print_results
     from sapwood.bench.serve import run_serve_bench
 
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    results, path = run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder)
-    print_results(results)
-    console.print(f"wrote {path}")
+    _show_bench(*run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder))
 
 
 @bench_app.command("context")
@@ -331,12 +348,9 @@ def bench_context(
 ) -> None:
     """Perplexity past the trained context: each RoPE scaling vs none, on a tiny model trained here."""
     from sapwood.bench.context import run_context_bench
-    from sapwood.bench.harness import print_results
 
     factors = [int(m) for m in multiples.split(",") if m.strip()]
-    results, path = run_context_bench(out, trained_context, steps, factors)
-    print_results(results)
-    console.print(f"wrote {path}")
+    _show_bench(*run_context_bench(out, trained_context, steps, factors))
 
 
 @app.command()
@@ -415,7 +429,7 @@ def bench_train(
 @bench_app.command("data")
 def bench_data(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for data.json and data.png"),
-    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (the issue's size: 1.88)"),
+    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (1.88 is the design target)"),
     levels: int = typer.Option(8, help="sigma layers of the simulated cubes"),
     nlat: int = typer.Option(32, help="latitudes (use 64+ for GB batches)"),
     nlon: int = typer.Option(64, help="longitudes"),
@@ -424,15 +438,14 @@ def bench_data(
 ) -> None:
     """Seconds per cube batch: sapwood loader vs naive xarray loading vs a raw read of the same bytes."""
     from sapwood.bench.data import run_data_bench
-    from sapwood.bench.harness import print_results
 
-    print_results(run_data_bench(out, work, batch_gb, levels, nlat, nlon, batches))
+    _show_bench(run_data_bench(out, work, batch_gb, levels, nlat, nlon, batches))
 
 
 @bench_app.command("augment")
 def bench_augment(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for augment.json and augment.png"),
-    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (the issue's size: 1.88)"),
+    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (1.88 is the design target)"),
     levels: int = typer.Option(8, help="sigma layers"),
     nlat: int = typer.Option(32, help="latitudes"),
     nlon: int = typer.Option(64, help="longitudes"),
@@ -440,9 +453,8 @@ def bench_augment(
 ) -> None:
     """Batched physics-aware augmentation vs a per-sample, per-variable numpy loop (CPU; GPU when present)."""
     from sapwood.bench.augment import run_augment_bench
-    from sapwood.bench.harness import print_results
 
-    print_results(run_augment_bench(out, batch_gb, levels, nlat, nlon, repeats))
+    _show_bench(run_augment_bench(out, batch_gb, levels, nlat, nlon, repeats))
 
 
 @app.command("eval")

@@ -189,6 +189,7 @@ class CubeGrid(Section):
     area: str = Field(description="cell-area weights [lat, lon] (mean 1), float32, zlib + base64")
     valid: str = Field(description="the mask [channels, lat, lon] (1 = valid), packed bits, zlib + base64")
     digest: str = Field(description="sha256 of the coordinates and area weights")
+    standard_names: dict[str, str] = Field(default_factory=dict, description="variable -> CF standard_name")
 
 
 class CubeModelConfig(Section):
@@ -359,7 +360,7 @@ class GrowthConfig(Section):
 
 
 class Config(Section):
-    """The root config. Other sections (train, data, growth, serve, ...) are added by their owners."""
+    """The root config: the model shape, the parallel plan and one optional section per stage."""
 
     name: str = "custom"
     description: str = ""

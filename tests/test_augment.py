@@ -17,20 +17,15 @@ from sapwood.data.augment import (
     numpy_loop_augment,
     roll_and_flip,
 )
-from sapwood.data.cubes import prepare
 from sapwood.data.loader import CubeLoader
-from sapwood.data.simulate import SPECIFIC_HEAT, Grid, simulate_ensemble
+from sapwood.data.simulate import SPECIFIC_HEAT, Grid
 from sapwood.data.store import CubeStore
 from sapwood.errors import SapwoodError
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("augment")
-    runs = simulate_ensemble(root / "runs", runs=2, grid=Grid(levels=3, nlat=8, nlon=16, times=7), seed=4,
-                             progress=False)
-    prepare(runs, root / "store", progress=False)
-    return CubeStore(root / "store")
+def store(make_cube_store):
+    return make_cube_store(runs=2, grid=Grid(levels=3, nlat=8, nlon=16, times=7), seed=4)
 
 
 @pytest.fixture

@@ -215,7 +215,7 @@ def test_era5_like_packed_descending(tmp_path):
     assert by_standard_name.variables == ["t", "sp"]
     result = train_and_eval(tmp_path / "store", tmp_path)
     assert result["held_out"]["windows"] == [[0, 9, 12]]
-    assert result["constraints"]["mass"].startswith("skipped")  # sp is not named ps; pressure levels, not sigma
+    assert result["constraints"]["mass"].startswith("skipped: the budgets need sigma levels")  # pressure levels
     assert result["baselines"]["advective_persistence"] == "applied"
 
 
@@ -252,6 +252,9 @@ def test_regional_360_day_two_dimensional(tmp_path):
     assert store.index["runs"][0]["calendar"] == "360_day" and store.levels.size == 0
     expected = np.cos(np.deg2rad(np.linspace(30, 60, 7)))
     np.testing.assert_allclose(store.area[:, 0], expected / expected.mean(), rtol=1e-12)
+    xr.open_dataset(tmp_path / "regional.nc").to_netcdf(tmp_path / "classic.nc", format="NETCDF3_CLASSIC")
+    prepare([tmp_path / "classic.nc"], tmp_path / "classic-store", progress=False)  # NetCDF3 reads the same
+    np.testing.assert_array_equal(CubeStore(tmp_path / "classic-store").memmap(), store.memmap())
     result = train_and_eval(tmp_path / "store", tmp_path)  # 7x10 grid padded to 8x12 inside the model
     assert all(v.startswith("skipped") for v in result["constraints"].values())
     assert result["baselines"]["advective_persistence"].startswith("skipped")
@@ -377,3 +380,28 @@ def test_physics_support_names_what_is_missing(tmp_path):
     fill_from_store(config.cube, CubeStore(tmp_path / "store"))
     support = physics_support(config.cube)
     assert support["mass"] == "skipped: the budgets need sigma levels (atmosphere_sigma_coordinate); the levels are air_pressure"
+
+
+def test_physics_finds_its_variables_by_standard_name(tmp_path):
+    from sapwood.config import CubeModelConfig
+    from sapwood.data.simulate import Grid, simulate_ensemble
+    from sapwood.physics import violations
+    from sapwood.train.cube_task import fill_from_store, store_geometry
+
+    (run,) = simulate_ensemble(tmp_path / "sim", runs=1, grid=Grid(levels=3, nlat=8, nlon=16, times=3), seed=2,
+                               progress=False)
+    names = {"T": "ta", "u": "ua", "v": "va", "q": "hus", "ps": "sp", "rho": "rhoa", "zg": "geoh"}
+    xr.open_dataset(run, decode_times=False).rename(names).to_netcdf(tmp_path / "renamed.nc")
+    reports = {}
+    for label, path in (("simulator", run), ("renamed", tmp_path / "renamed.nc")):
+        prepare([path], tmp_path / label, progress=False)
+        cube = CubeModelConfig(data=str(tmp_path / label))
+        store = CubeStore(tmp_path / label)
+        fill_from_store(cube, store)
+        assert set(physics_support(cube).values()) == {"applied"}, physics_support(cube)
+        frames = store.read_rows(0, 3)
+        reports[label] = violations(frames[:-1], frames[1:], store_geometry(cube),
+                                    torch.as_tensor(store.params[:1], dtype=torch.float32).expand(2, -1))
+    assert CubeStore(tmp_path / "renamed").index["variables"][0]["name"] == "ta"
+    for key, value in reports["simulator"].items():
+        torch.testing.assert_close(reports["renamed"][key], value)

@@ -129,3 +129,25 @@ def test_advective_persistence_is_exact_for_pure_advection(tmp_path):
     moved = advective_persistence(frames[:-1], store, dt, radius)
     torch.testing.assert_close(moved[:, store.channel_slice("tr")], frames[1:, store.channel_slice("tr")],
                                rtol=0, atol=1e-5)
+
+
+def test_normalization_is_the_masked_training_statistics_in_any_block_size(tmp_path, monkeypatch):
+    from sapwood.train import cube_task
+    from tests.test_cf_ingest import ocean_monthly_files
+
+    (tmp_path / "ocean").mkdir()
+    ocean_monthly_files(tmp_path / "ocean", months=12)
+    prepare([tmp_path / "ocean"], tmp_path / "store", progress=False)
+    store = CubeStore(tmp_path / "store")
+    split = split_store(store, val_runs=0, holdout_time=0.25)
+    frames = np.asarray(store.memmap()[0:9], dtype=np.float64)  # the 9 training months
+    valid = store.valid
+    for block in (2, 64):
+        monkeypatch.setattr(cube_task, "STATS_BLOCK", block)
+        norm = store_normalization(store, split.train)
+        for c in range(store.shape[1]):
+            values = frames[:, c][:, valid[c]]
+            tendencies = np.diff(frames[:, c], axis=0)[:, valid[c]]
+            assert norm.state_mean[c] == pytest.approx(values.mean(), rel=1e-9)
+            assert norm.state_std[c] == pytest.approx(values.std(), rel=1e-7)
+            assert norm.tendency_std[c] == pytest.approx(tendencies.std() + 1e-6 * values.std(), rel=1e-7)

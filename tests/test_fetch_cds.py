@@ -107,7 +107,7 @@ def test_connection_dropped_mid_download_is_resumed_with_a_range_request(tmp_pat
 def test_faults_in_every_step_are_retried(tmp_path, store, catalog, era5, fault):
     catalog, overrides = catalog
     out = tmp_path / "cubes"
-    policy = fast_policy(timeout=0.5 if fault.kind == "hang" else 10.0)
+    policy = fast_policy(attempts=6, timeout=0.5 if fault.kind == "hang" else 10.0)
     store.plan.add(fault)
     fetch_sources(["loop-era5"], out, [catalog], overrides, policy=policy)
     assert store.plan.injected == [fault]

@@ -101,7 +101,7 @@ def test_token_from_the_environment_logs_the_session_in(tmp_path, mast, catalog,
 ], ids=["colconfig-500", "invoke-429", "invoke-truncated-json", "invoke-timeout", "download-dropped", "download-503"])
 def test_faults_are_retried(tmp_path, mast, catalog, fault):
     out = tmp_path / "mast"
-    policy = fast_policy(timeout=0.5 if fault.kind == "hang" else 10.0)
+    policy = fast_policy(attempts=6, timeout=0.5 if fault.kind == "hang" else 10.0)
     mast.plan.add(fault)
     fetch_sources(["loop-mast"], out, [catalog], policy=policy)
     assert mast.plan.injected == [fault]

@@ -89,7 +89,7 @@ def test_api_key_is_sent_and_raises_the_rate_to_ncbis_published_limit(tmp_path, 
         "esearch-truncated-json"])
 def test_faults_are_retried_and_the_corpus_is_complete(tmp_path, eutils, catalog, fault):
     out = tmp_path / "corpus"
-    policy = fast_policy(timeout=0.5 if fault.kind == "hang" else 10.0)
+    policy = fast_policy(attempts=6, timeout=0.5 if fault.kind == "hang" else 10.0)
     eutils.plan.add(fault)
     fetch_sources(["loop-pubmed"], out, [catalog], policy=policy)
     assert eutils.plan.injected == [fault]

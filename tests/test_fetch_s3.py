@@ -132,7 +132,7 @@ def test_object_dropped_mid_transfer_resumes_with_a_range(tmp_path, s3, catalog)
 def test_faults_are_retried_and_nothing_corrupt_is_left(tmp_path, s3, catalog, fault):
     proxy, _, bucket = s3
     out = tmp_path / "mirror"
-    policy = fast_policy(timeout=0.5 if fault.kind == "hang" else 10.0)
+    policy = fast_policy(attempts=6, timeout=0.5 if fault.kind == "hang" else 10.0)
     proxy.plan.add(fault)
     fetch_sources(["loop-s3"], out, [catalog], policy=policy)
     assert proxy.plan.injected == [fault]

@@ -95,7 +95,7 @@ def test_rerun_is_served_by_the_cache_without_any_request(tmp_path, tap, catalog
 ], ids=["500", "503", "timeout", "dropped-mid-body", "truncated-votable"])
 def test_transient_faults_are_retried_and_the_output_is_complete(tmp_path, tap, catalog, fault):
     out = tmp_path / "out"
-    policy = fast_policy(timeout=0.5 if fault.kind == "hang" else 10.0)
+    policy = fast_policy(attempts=6, timeout=0.5 if fault.kind == "hang" else 10.0)
     tap.plan.add(fault)
     fetch_sources(["loop-exoplanets"], out, [catalog], policy=policy)
     assert tap.plan.injected == [fault]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
-
 from sapwood.infer import Engine, SamplingParams
 
 
@@ -15,7 +13,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_generate_greedy_seeded_and_errors(lm_folder):  # noqa: F811
+def test_generate_greedy_seeded_and_errors(lm_folder):
     engine = Engine.from_folder(lm_folder)
     expected = engine.generate_text(["def f(x):"], SamplingParams(max_tokens=12, temperature=0))[0]
     greedy = run_cli(str(lm_folder), "--prompt", "def f(x):", "--max-new-tokens", "12", "--greedy")

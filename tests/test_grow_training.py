@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sapwood.config import Config, validate
-from sapwood.data.text import stdlib_corpus, tokenize_corpus
 from sapwood.grow.optimizer import check_optimizer_matches
 from sapwood.model import load
 from sapwood.train.callbacks import Callback, callbacks_from_config
@@ -17,13 +16,6 @@ from sapwood.train.metrics import read_events
 MODEL = {"vocab_size": 320, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64, "trained_context": 32,
          "tied_embeddings": True}
 GROWTH = {"at_steps": [3], "add": {"layers": 1, "hidden": 16, "ffn": 32, "heads": 4}}
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokens")
-    tokenize_corpus(stdlib_corpus(max_files=20), out, vocab_size=320, val_fraction=0.15)
-    return out
 
 
 def make_config(tokens_dir, out_dir, growth=None, **train) -> Config:
@@ -37,15 +29,6 @@ def make_config(tokens_dir, out_dir, growth=None, **train) -> Config:
 
 def train_losses(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_events(out_dir / "metrics.jsonl", "train")}
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, metrics):
-        if step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def test_growth_event_mid_training(tokens_dir, tmp_path):
@@ -70,13 +53,13 @@ def test_growth_event_mid_training(tokens_dir, tmp_path):
     assert max(train_losses(tmp_path)) == 7
 
 
-def test_save_and_resume_after_growth_matches_uninterrupted(tokens_dir, tmp_path):
+def test_save_and_resume_after_growth_matches_uninterrupted(tokens_dir, tmp_path, crash_at):
     uninterrupted = make_config(tokens_dir, tmp_path / "a")
     Trainer(uninterrupted, callbacks_from_config(uninterrupted)).fit()
     # the checkpoint at step 3 is written right after the growth event, before any step of the grown model
     config = make_config(tokens_dir, tmp_path / "b", save_every=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(config, [*callbacks_from_config(config), CrashAt(5)]).fit()
+        Trainer(config, [*callbacks_from_config(config), crash_at(5)]).fit()
     resumed = Trainer(config, callbacks_from_config(config), resume=True)
     assert resumed.step == 3 and resumed.config.model.hidden == 48
     assert resumed.callbacks[0].triggers.events == 1

@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
 
 transformers = pytest.importorskip("transformers")
 

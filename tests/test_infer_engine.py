@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
 
 from sapwood.config import ModelConfig
 from sapwood.infer import ContextLengthError, Engine, QueueFullError, SamplingParams, SchedulerConfig
@@ -137,7 +136,7 @@ def test_bad_sampling_values_name_the_value():
             SamplingParams(**kwargs)
 
 
-def test_stop_strings_cut_the_text(lm_folder):  # noqa: F811
+def test_stop_strings_cut_the_text(lm_folder):
     engine = Engine.from_folder(lm_folder)
     prompt = engine.tokenizer.encode("def main():")
     free = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0]

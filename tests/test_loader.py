@@ -8,20 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from sapwood.data.cubes import prepare
 from sapwood.data.loader import CubeLoader, split_store
-from sapwood.data.simulate import Grid, simulate_ensemble
-from sapwood.data.store import CubeStore
+from sapwood.data.simulate import Grid
 from sapwood.errors import SapwoodError
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    runs = simulate_ensemble(root / "runs", runs=4, grid=Grid(levels=2, nlat=8, nlon=16, times=13), seed=2,
-                             progress=False)
-    prepare(runs, root / "store", progress=False)
-    return CubeStore(root / "store")
+def store(make_cube_store):
+    return make_cube_store(runs=4, grid=Grid(levels=2, nlat=8, nlon=16, times=13), seed=2)
 
 
 def signature(batch) -> list[tuple[int, int]]:

@@ -1,5 +1,4 @@
-"""The constraint module against the simulator's documented budgets (this is also the datacube issue's
-test "simulated truth satisfies its documented budgets")."""
+"""The constraint module against the simulator's documented budgets (simulated truth satisfies them)."""
 
 import numpy as np
 import pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import netCDF4
 import numpy as np
@@ -163,12 +164,15 @@ def test_interrupted_prepare_never_leaves_a_complete_looking_store(runs, tmp_pat
 
 
 def test_zarr_and_netcdf_inputs_mix(runs, tmp_path):
-    zarr_path = tmp_path / "run.zarr"
-    xr.open_dataset(runs[1], decode_times=False).to_zarr(zarr_path)
-    report = prepare([runs[0], zarr_path], tmp_path / "store", progress=False)
-    assert not report.problems, report.summary()
+    zarr_path, zarr2_path = tmp_path / "run.zarr", tmp_path / "run2.zarr"
+    xr.open_dataset(runs[1], decode_times=False).to_zarr(zarr_path, zarr_format=3, consolidated=False)
+    xr.open_dataset(runs[2], decode_times=False).to_zarr(zarr2_path, zarr_format=2)
+    assert (zarr_path / "zarr.json").exists() and (zarr2_path / ".zgroup").exists()
+    report = prepare([runs[0], zarr_path, zarr2_path], tmp_path / "store", progress=False)
+    assert not report.problems and report.runs == 3, report.summary()
     store = CubeStore(tmp_path / "store")
     np.testing.assert_array_equal(store.read_rows(int(store.run_rows[1]), 6).numpy(), expected_frames(runs[1]))
+    np.testing.assert_array_equal(store.read_rows(int(store.run_rows[2]), 6).numpy(), expected_frames(runs[2]))
 
 
 def test_store_damage_is_detected_and_rerunning_prepare_repairs_it(runs, tmp_path):
@@ -202,7 +206,11 @@ def test_input_problem_names_file_and_kind(tmp_path):
 def test_zarr_layout_is_read_by_xarray_and_loads_like_the_raw_store(runs, tmp_path):
     prepare(runs, tmp_path / "raw", progress=False)
     prepare(runs, tmp_path / "zarr", progress=False, layout="zarr")
-    ds = xr.open_zarr(tmp_path / "zarr", consolidated=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = xr.open_zarr(tmp_path / "zarr", consolidated=False)
+    assert not caught, [str(w.message) for w in caught]  # only Zarr members in the group
+    assert set(ds.data_vars) == set(DEFAULT_VARIABLES) and "run" in ds.coords
     source = xr.open_dataset(runs[1])
     np.testing.assert_array_equal(ds["T"].values[6:12], source["T"].values)
     np.testing.assert_array_equal(ds["ps"].values[6:12], source["ps"].values)

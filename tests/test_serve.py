@@ -11,7 +11,6 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
 
 from sapwood.infer import Engine, SamplingParams
 from sapwood.serve.app import create_app
@@ -23,14 +22,14 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(lm_folder):  # noqa: F811
+def server(lm_folder):
     settings = ServeSettings(max_batch=16, max_body_bytes=64 * 1024)
     with BackgroundServer(create_app(lm_folder, settings, api_keys=frozenset({KEY})), settings) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def reference(lm_folder):  # noqa: F811
+def reference(lm_folder):
     """Single-request greedy outputs computed offline with the engine."""
     engine = Engine.from_folder(lm_folder)
 
@@ -193,7 +192,7 @@ def _metric(text: str, name: str) -> float:
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-def test_full_queue_gives_429_with_retry_after_and_timeouts_give_504(lm_folder):  # noqa: F811
+def test_full_queue_gives_429_with_retry_after_and_timeouts_give_504(lm_folder):
     settings = ServeSettings(max_batch=1, max_queue=1, request_timeout_s=30)
     with BackgroundServer(create_app(lm_folder, settings, api_keys=frozenset()), settings) as server:
         long_request = {"model": "tiny-lm", "prompt": "x", "max_tokens": 150, "temperature": 0}

@@ -11,13 +11,12 @@ import time
 
 import httpx
 import pytest
-from test_infer_fixtures import lm_folder  # noqa: F401  (fixture)
 
 from sapwood.serve.server import free_port
 
 
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_requests(lm_folder):  # noqa: F811
+def test_sigterm_drains_in_flight_requests(lm_folder):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "SAPWOOD_API_KEYS"}
     process = subprocess.Popen(

@@ -141,7 +141,10 @@ def test_adamw_state_bytes_match_a_real_optimizer(tiny_config):
 
 def test_optimizer_and_precision_bytes():
     assert optimizer_bytes(4096, "adamw") == 8 * 4096 + 4
-    assert optimizer_bytes(4096, "adamw8bit") == 2 * 4096 + 2 * 4 * 2 + 4
+    # torchao AdamW8bit: per moment 1-byte codes, one fp32 scale per 256 values, a 256-entry code book
+    assert optimizer_bytes(4096, "adamw8bit") == 2 * (4096 + 4 * 16 + 4 * 256) + 4
+    assert optimizer_bytes(4096, "adamw4bit") == 2 * (2048 + 4 * 32 + 4 * 16) + 4
+    assert optimizer_bytes(4095, "adamw8bit") == optimizer_bytes(4095, "adamw")  # too small: fp32 moments
     assert optimizer_bytes(4096, "sgd") == 0
     n = count_params(SMALL).total
     assert rank_state_bytes(SMALL, ParallelConfig(), "bf16-pure", "sgd").weights == 2 * n

@@ -22,18 +22,6 @@ from sapwood.data.text import (
 from sapwood.errors import SapwoodError
 
 
-@pytest.fixture(scope="module")
-def corpus_files():
-    return stdlib_corpus(max_files=24)
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory, corpus_files):
-    out = tmp_path_factory.mktemp("tokens")
-    tokenize_corpus(corpus_files, out, vocab_size=400, val_fraction=0.2)
-    return out
-
-
 def test_stdlib_corpus_is_bounded_and_deterministic():
     files = stdlib_corpus(max_files=24)
     assert len(files) == 24
@@ -45,7 +33,7 @@ def test_stdlib_corpus_is_bounded_and_deterministic():
 def test_shards_hold_every_document_losslessly(tokens_dir, corpus_files):
     meta = json.loads((tokens_dir / "meta.json").read_text())
     tokenizer = Tokenizer.from_file(str(tokens_dir / "tokenizer.json"))
-    assert meta["vocab_size"] == tokenizer.get_vocab_size() <= 400
+    assert meta["vocab_size"] == tokenizer.get_vocab_size() <= 320
     assert meta["dtype"] == "uint16"
     assert meta["eos_id"] == tokenizer.token_to_id(EOS) == 0
     texts = {f.read_text(encoding="utf-8", errors="replace") for f in corpus_files}
@@ -65,8 +53,8 @@ def test_shards_hold_every_document_losslessly(tokens_dir, corpus_files):
     assert meta["val_documents"] >= 1 and meta["train_documents"] >= 1
 
 
-def test_tokenizing_twice_gives_identical_shards_and_split(tmp_path, corpus_files, tokens_dir):
-    tokenize_corpus(corpus_files, tmp_path, vocab_size=400, val_fraction=0.2)
+def test_tokenizing_twice_gives_identical_shards_and_split(tmp_path, corpus_files, tokens_dir, tokens_settings):
+    tokenize_corpus(corpus_files, tmp_path, **tokens_settings)
     for name in ("meta.json", "train_00000.bin", "val_00000.bin"):
         assert (tmp_path / name).read_bytes() == (tokens_dir / name).read_bytes()
 

@@ -6,16 +6,8 @@ import pytest
 import yaml
 
 from sapwood.cli import main
-from sapwood.data.text import stdlib_corpus, tokenize_corpus
 
-MODEL = {"vocab_size": 300, "hidden": 32, "layers": 1, "heads": 4, "ffn": 64, "trained_context": 16}
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokens")
-    tokenize_corpus(stdlib_corpus(max_files=6), out, vocab_size=300, val_fraction=0.3)
-    return out
+MODEL = {"vocab_size": 320, "hidden": 32, "layers": 1, "heads": 4, "ffn": 64, "trained_context": 16}
 
 
 def cli_error(capsys, *argv: str) -> str:

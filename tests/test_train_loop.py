@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sapwood.config import Config, validate
-from sapwood.data.text import stdlib_corpus, tokenize_corpus
 from sapwood.train import checkpoint as ckpt
 from sapwood.train.callbacks import Callback
 from sapwood.train.loop import DivergenceError, Trainer
@@ -26,13 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokens")
-    tokenize_corpus(stdlib_corpus(max_files=30), out, vocab_size=320, val_fraction=0.15)
-    return out
 
 
 def make_config(tokens_dir, out_dir, **train) -> Config:
@@ -189,20 +181,11 @@ class WidenFeedForward(Callback):
         self.grown = state["grown"]
 
 
-class CrashAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, metrics):
-        if step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-def test_callback_surgery_is_checkpointed_and_resumed_with_the_grown_shape(tokens_dir, tmp_path):
+def test_callback_surgery_is_checkpointed_and_resumed_with_the_grown_shape(tokens_dir, tmp_path, crash_at):
     Trainer(make_config(tokens_dir, tmp_path / "a", steps=8), [WidenFeedForward(3)]).fit()
     config = make_config(tokens_dir, tmp_path / "b", steps=8, save_every=4)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(config, [WidenFeedForward(3), CrashAt(6)]).fit()  # checkpoint at 4 has the grown shape
+        Trainer(config, [WidenFeedForward(3), crash_at(6)]).fit()  # checkpoint at 4 has the grown shape
     resumed = Trainer(config, [WidenFeedForward(3)], resume=True)
     assert resumed.step == 4 and resumed.config.model.ffn == 128
     assert resumed.model.layers["1"].feed_forward.w2.weight.shape == (32, 128)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from sapwood.config import Config, validate
-from sapwood.data.text import stdlib_corpus, tokenize_corpus
 from sapwood.errors import ConfigError
 from sapwood.train.chunked_loss import chunked_cross_entropy
 from sapwood.train.loop import Trainer
@@ -31,13 +30,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokens")
-    tokenize_corpus(stdlib_corpus(max_files=30), out, vocab_size=320, val_fraction=0.15)
-    return out
 
 
 def make_config(tokens_dir, out_dir, **train) -> Config:

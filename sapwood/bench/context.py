@@ -65,10 +65,8 @@ def perplexity(folder: Path, scaling: RopeScaling, windows: torch.Tensor) -> flo
     from sapwood.model.transformer import Decoder
 
     cfg = load_config(folder).model.model_copy(update={"rope_scaling": scaling})
-    model = Decoder(cfg)
+    model = Decoder(cfg)  # built tied when configured; loading copies into the shared weight
     model.load_state_dict(read_weights(folder), strict=False)
-    if cfg.tied_embeddings:
-        model.output.weight = model.tok_embeddings.weight
     model.eval()
     plan = ContextPolicy(cfg).rope_for(windows.shape[1] - 1)  # per-request frequencies (dynamic NTK)
     model.inv_freq.copy_(plan.inv_freq)

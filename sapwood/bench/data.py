@@ -5,7 +5,7 @@ The data are simulated (:mod:`sapwood.data.simulate`) and prepared once into ``W
 match). A *batch* is ``2 x batch_size`` frames (state and next state), each frame all variables and levels on the
 grid; the batch size in bytes is what the model receives.
 
-* naive (the issue's definition): for every batch, ``xarray.open_dataset(file).load()`` of each run file the batch
+* naive (what a user writes first): for every batch, ``xarray.open_dataset(file).load()`` of each run file the batch
   needs (each file holds two segments' worth of times), then per sample ``numpy`` stacking of the variables.
 * sapwood: :class:`sapwood.data.loader.CubeLoader` iterating the same plan (prefetch thread, ``preadv`` into tensors).
 * raw: ``readinto`` of ``batch bytes`` from the store's frames file into a preallocated buffer, sequentially.

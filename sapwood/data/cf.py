@@ -94,7 +94,7 @@ class Axes:
     verticals: list[str] = field(default_factory=list)
 
 
-# --- axis detection ------------------------------------------------------------------------------------------
+# --- axis detection -----------------------------------------------------------------------------------------
 def _units(var: Any) -> str:
     return str(var.attrs.get("units", "")).strip()
 
@@ -117,7 +117,8 @@ def find_axes(ds: Any) -> Axes:
     import cf_xarray  # noqa: F401 - registers the .cf accessor
 
     coords = ds.cf.coordinates
-    candidates = {key: [n for n in coords.get(key, []) if n in ds.variables] for key in ("time", "latitude", "longitude")}
+    candidates = {key: [n for n in coords.get(key, []) if n in ds.variables]
+                  for key in ("time", "latitude", "longitude")}
     # cf-xarray accepts any variable with the units; a CF coordinate must also span a dimension of the data
     time = [n for n in candidates["time"] if ds[n].ndim == 1 and _is_time(ds[n])]
     if not time:
@@ -130,7 +131,8 @@ def find_axes(ds: Any) -> Axes:
     verticals = [n for n in ds.variables if ds[n].ndim == 1 and n not in (time[0], lat, lon)
                  and ds[n].dims[0] in ds.dims and not ds[n].dims[0].startswith("bnds")
                  and n not in ds.data_vars and _is_vertical(ds[n])]
-    verticals += [n for n in ds.cf.axes.get("Z", []) if n not in verticals and n in ds.variables and ds[n].ndim == 1]
+    verticals += [n for n in ds.cf.axes.get("Z", [])
+                  if n not in verticals and n in ds.variables and ds[n].ndim == 1]
     return Axes(time=time[0], time_dim=ds[time[0]].dims[0], lat=lat, lon=lon, verticals=verticals)
 
 
@@ -140,7 +142,8 @@ def _pick_horizontal(ds: Any, found: list[str], units: set[str], standard_name: 
         chosen = [n for n in ds.variables if ds[n].ndim in (1, 2) and (
             _units(ds[n]) in units or ds[n].attrs.get("standard_name") == standard_name
             or ds[n].attrs.get("axis") == axis)]
-    chosen = [n for n in chosen if "bounds" not in ds[n].attrs.get("long_name", "") and n not in _bounds_names(ds)]
+    chosen = [n for n in chosen
+              if "bounds" not in ds[n].attrs.get("long_name", "") and n not in _bounds_names(ds)]
     if not chosen:
         raise GridError(f"no {standard_name} coordinate (standard_name {standard_name!r}, units "
                         f"{sorted(units)[0]!r} or axis {axis!r})")
@@ -160,7 +163,7 @@ def cell_measure_names(ds: Any) -> set[str]:
     return out
 
 
-# --- horizontal grid -----------------------------------------------------------------------------------------
+# --- horizontal grid ----------------------------------------------------------------------------------------
 def horizontal_grid(ds: Any, axes: Axes, lon_convention: str | None = None) -> HorizontalGrid:
     """The horizontal grid of ``ds`` in canonical order, with area weights (see the module docstring)."""
     lat_var, lon_var = ds[axes.lat], ds[axes.lon]
@@ -267,11 +270,12 @@ def _unit_mean(area: np.ndarray) -> np.ndarray:
     return area / area.mean()
 
 
-def _curvilinear_grid(ds: Any, axes: Axes, lat: np.ndarray, lon: np.ndarray, convention: str) -> HorizontalGrid:
+def _curvilinear_grid(ds: Any, axes: Axes, lat: np.ndarray, lon: np.ndarray,
+                      convention: str) -> HorizontalGrid:
     lat_var = ds[axes.lat]
     if lat.ndim != 2 or lon.shape != lat.shape or ds[axes.lon].dims != lat_var.dims:
-        raise GridError(f"curvilinear grid: {axes.lat} {lat.shape} and {axes.lon} {lon.shape} must be 2-D on the "
-                        "same dimensions")
+        raise GridError(f"curvilinear grid: {axes.lat} {lat.shape} and {axes.lon} {lon.shape} must be 2-D on "
+                        "the same dimensions")
     y_dim, x_dim = lat_var.dims
     measured = _measure_area(ds, y_dim, x_dim)
     if measured is not None:
@@ -280,9 +284,11 @@ def _curvilinear_grid(ds: Any, axes: Axes, lat: np.ndarray, lon: np.ndarray, con
     lat_bounds, lon_bounds = _bounds_of(ds, axes.lat), _bounds_of(ds, axes.lon)
     if lat_bounds is not None and lon_bounds is not None and lat_bounds.shape == lat.shape + (4,):
         area = _vertex_area(lat_bounds, lon_bounds)
-        return HorizontalGrid(y_dim, x_dim, lat, lon, _unit_mean(area), "bounds", True, lon_convention=convention)
+        return HorizontalGrid(y_dim, x_dim, lat, lon, _unit_mean(area), "bounds", True,
+                              lon_convention=convention)
     if min(lat.shape) < 2:
-        raise GridError(f"curvilinear grid {lat.shape} without cell areas or bounds is too small to estimate areas")
+        raise GridError(f"curvilinear grid {lat.shape} without cell areas or bounds is too small to estimate "
+                        "areas")
     lon_rad = np.unwrap(np.unwrap(np.deg2rad(lon), axis=1), axis=0)
     sin_lat = np.sin(np.deg2rad(lat))
     dlon_dy, dlon_dx = np.gradient(lon_rad)
@@ -291,7 +297,8 @@ def _curvilinear_grid(ds: Any, axes: Axes, lat: np.ndarray, lon: np.ndarray, con
     if not np.all(area > 0):
         raise GridError(f"curvilinear grid: {axes.lat}/{axes.lon} fold or repeat (zero cell area at "
                         f"{int((area <= 0).sum())} points) and there are no cell_measures or bounds")
-    return HorizontalGrid(y_dim, x_dim, lat, lon, _unit_mean(area), "jacobian", True, lon_convention=convention)
+    return HorizontalGrid(y_dim, x_dim, lat, lon, _unit_mean(area), "jacobian", True,
+                          lon_convention=convention)
 
 
 def _vertex_area(lat_bounds: np.ndarray, lon_bounds: np.ndarray) -> np.ndarray:
@@ -301,7 +308,7 @@ def _vertex_area(lat_bounds: np.ndarray, lon_bounds: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(np.sum(x * np.roll(y, -1, axis=-1) - np.roll(x, -1, axis=-1) * y, axis=-1))
 
 
-# --- vertical axis -------------------------------------------------------------------------------------------
+# --- vertical axis ------------------------------------------------------------------------------------------
 def vertical_axis(ds: Any, name: str) -> VerticalAxis:
     """``name`` as a vertical axis in top-down order (increasing along the downward direction)."""
     var = ds[name]
@@ -310,8 +317,8 @@ def vertical_axis(ds: Any, name: str) -> VerticalAxis:
         raise GridError(f"vertical coordinate {name} has NaN or inf")
     positive = str(var.attrs.get("positive", "")).lower()
     units = _units(var)
-    down = positive == "down" or (positive != "up" and (units in PRESSURE_UNITS
-                                                        or var.attrs.get("standard_name") in DOWNWARD_STANDARD_NAMES))
+    downward_name = var.attrs.get("standard_name") in DOWNWARD_STANDARD_NAMES
+    down = positive == "down" or (positive != "up" and (units in PRESSURE_UNITS or downward_name))
     ordered = values if down else -values
     flipped = values.size > 1 and ordered[0] > ordered[-1]
     if flipped:
@@ -325,10 +332,11 @@ def vertical_axis(ds: Any, name: str) -> VerticalAxis:
     else:
         bounds = None
     return VerticalAxis(name=name, dim=var.dims[0], values=values, units=units,
-                        standard_name=str(var.attrs.get("standard_name", "")), flipped=bool(flipped), bounds=bounds)
+                        standard_name=str(var.attrs.get("standard_name", "")), flipped=bool(flipped),
+                        bounds=bounds)
 
 
-# --- variables -------------------------------------------------------------------------------------------------
+# --- variables ----------------------------------------------------------------------------------------------
 @dataclass
 class VariableChoice:
     """The variables of one dataset the store takes, and the ones it leaves out with the reason."""
@@ -338,7 +346,8 @@ class VariableChoice:
     left_out: dict[str, str]
 
 
-def choose_variables(ds: Any, axes: Axes, grid: HorizontalGrid, wanted: tuple[str, ...] | None) -> VariableChoice:
+def choose_variables(ds: Any, axes: Axes, grid: HorizontalGrid,
+                     wanted: tuple[str, ...] | None) -> VariableChoice:
     """The data variables on the grid ``(time, [vertical,] y, x)``: ``wanted`` (names or standard names) or,
     when None, every such variable; the others are listed with why they were left out."""
     horizontal = {grid.y_dim, grid.x_dim}
@@ -379,7 +388,8 @@ def choose_variables(ds: Any, axes: Axes, grid: HorizontalGrid, wanted: tuple[st
     vertical = max(set(used_verticals), key=used_verticals.count) if used_verticals else None
     if wanted is not None and any(on_grid[n] not in (None, vertical) for n in taken):
         other = next(n for n in taken if on_grid[n] not in (None, vertical))
-        raise GridError(f"variable {other!r} is on vertical axis {on_grid[other]!r}; the others on {vertical!r}")
+        raise GridError(f"variable {other!r} is on vertical axis {on_grid[other]!r}; the others on "
+                        f"{vertical!r}")
     for name in list(taken):
         if on_grid[name] not in (None, vertical):
             taken.remove(name)
@@ -414,10 +424,10 @@ def read_block(ds: Any, name: str, axes: Axes, grid: HorizontalGrid, vertical: V
     return np.ascontiguousarray(block)
 
 
-# --- time ------------------------------------------------------------------------------------------------------
+# --- time ---------------------------------------------------------------------------------------------------
 @dataclass
 class TimeAxis:
-    """Times of one input: ``days`` since 0001-01-01 in ``calendar``, and the step in days (``None``: one time)."""
+    """Times of one input: ``days`` since 0001-01-01 in ``calendar``; ``monthly`` for 28-31-day steps."""
 
     days: np.ndarray
     calendar: str
@@ -467,7 +477,7 @@ def date_text(days: float, calendar: str) -> str:
     return cftime.num2date(float(days), TIME_REFERENCE_UNITS, calendar=calendar).strftime("%Y-%m-%d %H:%M")
 
 
-# --- runs over many files --------------------------------------------------------------------------------------
+# --- runs over many files -----------------------------------------------------------------------------------
 def run_key(path: Path, attrs: dict[str, Any]) -> str:
     """Files with the same key belong to one run: the file name without date tokens, plus identity attributes
     (``source_id``, ``experiment_id``, ``variant_label``, ``run_id``, ...)."""

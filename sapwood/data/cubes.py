@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +32,19 @@ from typing import Any
 
 import numpy as np
 
+from sapwood import fsutil
 from sapwood.data import cf
 from sapwood.data.inputs import InputLayout, InputProblem, hdf5_truncation, inspect_input, open_input
 from sapwood.data.simulate import CUBE_VARIABLES, PLANET_VARIABLES
-from sapwood.data.store import FRAMES_FILE, GRID_FILE, INDEX_FILE, STORE_FORMAT, CubeStore, store_damage
+from sapwood.data.store import (
+    FRAMES_FILE,
+    GRID_FILE,
+    INDEX_FILE,
+    STORE_FORMAT,
+    CubeStore,
+    meta_folder,
+    store_damage,
+)
 from sapwood.errors import SapwoodError
 
 DEFAULT_VARIABLES = CUBE_VARIABLES  # the simulator's variables (prepare takes every variable when none are named)
@@ -167,7 +176,7 @@ def _existing_fingerprint(store: Path) -> str | None:
     """The fingerprint of a complete, intact store at ``store`` (None when absent, incomplete or damaged, so that
     running prepare again rebuilds it)."""
     try:
-        index = json.loads((store / INDEX_FILE).read_text())
+        index = json.loads((meta_folder(store) / INDEX_FILE).read_text())
     except (OSError, ValueError):
         return None
     if not index.get("complete") or store_damage(store, index) is not None:
@@ -308,6 +317,7 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
     report = PrepareReport(store=out)
     wanted = tuple(variables) if variables else None
     fingerprint = _fingerprint(files, wanted, layout)
+    fsutil.recover_stale(out.parent, re.escape(out.name))  # a killed run's leftovers
     if not force and _existing_fingerprint(out) == fingerprint:
         store = CubeStore(out)
         report.up_to_date, report.rows, report.bytes = True, store.rows, store.rows * store.row_bytes
@@ -339,7 +349,7 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
     _note_orientation(reference, report)
     runs = plan_runs(layouts, report)
 
-    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    partial = fsutil.partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     rows = 0
@@ -356,11 +366,12 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
         report.used = [Path(s) for entry in run_entries for s in entry["sources"]]
         index = _index(reference, writer, run_entries, rows, fingerprint, report)
         index["storage"] = layout
-        _write_grid(partial, reference, writer)
+        meta = partial
         if layout == "zarr":
-            _frames_to_zarr(partial, index, reference, writer)
-        (partial / INDEX_FILE).write_text(json.dumps(index))
-        _replace_dir(partial, out)
+            meta = _frames_to_zarr(partial, index, reference, writer)
+        _write_grid(meta, reference, writer)
+        (meta / INDEX_FILE).write_text(json.dumps(index))
+        fsutil.publish_dir(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     report.rows, report.runs = rows, len(run_entries)
@@ -468,14 +479,16 @@ def _variable_attrs(layout: InputLayout, name: str) -> dict[str, str]:
             if key in layout.attributes.get(name, {})}
 
 
-def _frames_to_zarr(folder: Path, index: dict[str, Any], reference: InputLayout, writer: _Writer) -> None:
+def _frames_to_zarr(folder: Path, index: dict[str, Any], reference: InputLayout, writer: _Writer) -> Path:
+    """Rewrite the frames file as the Zarr layout; returns the subgroup folder for index.json and grid.npz."""
     from sapwood.data.zarr_store import write_zarr
 
     frames = np.memmap(folder / FRAMES_FILE, dtype="<f4", mode="r", shape=tuple(index["shape"]))
-    write_zarr(folder, frames, index, reference.grid.area, writer.valid_always, reference.grid.lat,
-               reference.grid.lon)
+    meta = write_zarr(folder, frames, index, reference.grid.area, writer.valid_always, reference.grid.lat,
+                      reference.grid.lon)
     del frames
     (folder / FRAMES_FILE).unlink()
+    return meta
 
 
 def _write_grid(folder: Path, reference: InputLayout, writer: _Writer) -> None:
@@ -485,15 +498,6 @@ def _write_grid(folder: Path, reference: InputLayout, writer: _Writer) -> None:
         arrays.update(lat=grid.lat, lon=grid.lon)
     with open(folder / GRID_FILE, "wb") as f:
         np.savez(f, **arrays)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is moved aside first and deleted after."""
-    old = target.with_name(f"{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:

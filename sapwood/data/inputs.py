@@ -3,6 +3,7 @@ checking it against the first usable input. Every failure is an :class:`InputPro
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ class InputProblem(SapwoodError):
         super().__init__(f"{path}: {kind}: {detail}")
 
 
-# --- opening one input ------------------------------------------------------------------------------------------
+# --- opening one input --------------------------------------------------------------------------------------
 def hdf5_truncation(path: Path) -> str | None:
-    """If ``path`` is an HDF5 (NetCDF4) file shorter than the end-of-file address in its superblock, say so."""
+    """If ``path`` is an HDF5 (NetCDF4) file shorter than the end-of-file address in its superblock, say
+    so."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -54,17 +56,26 @@ def _has_netcdf_signature(path: Path) -> bool:
     return head.startswith((b"\x89HDF\r\n\x1a\n", b"CDF\x01", b"CDF\x02", b"CDF\x05"))
 
 
+def _has_consolidated_v3(path: Path) -> bool:
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("consolidated_metadata") is not None
+    except (OSError, ValueError):
+        return False
+
+
 def open_input(path: Path) -> Any:
     """Open a NetCDF file or a Zarr store with xarray (times left undecoded, masks and packing decoded)."""
     import xarray as xr
 
     try:
         if path.is_dir() or path.suffix == ".zarr":
-            return xr.open_zarr(path, decode_times=False, consolidated=None)
+            consolidated = (path / ".zmetadata").exists() or _has_consolidated_v3(path)
+            return xr.open_zarr(path, decode_times=False, consolidated=consolidated)
         return xr.open_dataset(path, decode_times=False, cache=False)
     except (ValueError, TypeError) as exc:
         if path.is_file() and _has_netcdf_signature(path) and not hdf5_truncation(path):
-            raise InputProblem(path, "attributes", f"cannot be decoded ({type(exc).__name__}: {str(exc)[:160]})") from None
+            detail = f"cannot be decoded ({type(exc).__name__}: {str(exc)[:160]})"
+            raise InputProblem(path, "attributes", detail) from None
         raise _unreadable(path, exc) from None
     except Exception as exc:  # noqa: BLE001 - every other reader failure is a corrupt input
         raise _unreadable(path, exc) from None
@@ -79,7 +90,7 @@ def _unreadable(path: Path, exc: BaseException) -> InputProblem:
     return InputProblem(path, "corrupt", f"cannot be opened ({type(exc).__name__}: {str(exc)[:120]})")
 
 
-# --- the structure of one input ---------------------------------------------------------------------------------
+# --- the structure of one input -----------------------------------------------------------------------------
 @dataclass
 class InputLayout:
     """The structure of one validated input (no data values)."""
@@ -96,7 +107,7 @@ class InputLayout:
     axes: cf.Axes
     surface: set[str]  # the 2-D variables
     left_out: dict[str, str] = field(default_factory=dict)
-    attributes: dict[str, dict[str, str]] = field(default_factory=dict)  # standard_name, long_name per variable
+    attributes: dict[str, dict[str, str]] = field(default_factory=dict)  # standard_name, long_name
 
     @property
     def times(self) -> int:
@@ -128,7 +139,8 @@ def planet_names(ds: Any) -> list[str]:
     return list(PLANET_VARIABLES)
 
 
-def read_layout(path: Path, ds: Any, wanted: tuple[str, ...] | None, reference: InputLayout | None) -> InputLayout:
+def read_layout(path: Path, ds: Any, wanted: tuple[str, ...] | None,
+                reference: InputLayout | None) -> InputLayout:
     """Axes, grid, variables, units, times and planet parameters of ``ds``, checked against ``reference``."""
     try:
         axes = cf.find_axes(ds)
@@ -136,7 +148,8 @@ def read_layout(path: Path, ds: Any, wanted: tuple[str, ...] | None, reference: 
     except cf.GridError as exc:
         raise InputProblem(path, "coordinates", str(exc)) from None
     try:
-        choice = cf.choose_variables(ds, axes, grid, wanted if reference is None else tuple(reference.variables))
+        chosen = wanted if reference is None else tuple(reference.variables)
+        choice = cf.choose_variables(ds, axes, grid, chosen)
     except KeyError as exc:
         raise InputProblem(path, "missing", str(exc.args[0])) from None
     except cf.GridError as exc:
@@ -154,12 +167,14 @@ def read_layout(path: Path, ds: Any, wanted: tuple[str, ...] | None, reference: 
         params = _planet_params(ds, param_names)
     except KeyError as exc:
         raise InputProblem(path, "missing", f"planet parameter {exc.args[0]!r} (variable or attribute "
-                           f"{PLANET_VARIABLES[exc.args[0]][0]!r}); the first input has all of them") from None
+                           f"{PLANET_VARIABLES[exc.args[0]][0]!r}); the first input has all of them"
+                           ) from None
     if not np.all(np.isfinite(params)):
         raise InputProblem(path, "non-finite", "planet parameters contain NaN or inf")
     layout = InputLayout(path=path, variables=choice.taken, levels=vertical.values.size if vertical else 0,
                          grid=grid, vertical=vertical, time=time, params=params, units=units,
-                         key=cf.run_key(path, dict(ds.attrs)), axes=axes, surface=surface, left_out=choice.left_out,
+                         key=cf.run_key(path, dict(ds.attrs)), axes=axes, surface=surface,
+                         left_out=choice.left_out,
                          attributes={n: {k: str(ds[n].attrs[k]) for k in ("standard_name", "long_name")
                                          if k in ds[n].attrs} for n in choice.taken})
     if reference is not None:
@@ -198,7 +213,8 @@ def _levels_text(axis: cf.VerticalAxis | None) -> str:
 
 
 def inspect_input(path: Path, wanted: tuple[str, ...] | None, reference: InputLayout | None) -> InputLayout:
-    """Open ``path`` and read its layout; every failure (odd attributes included) is an :class:`InputProblem`."""
+    """Open ``path`` and read its layout; every failure (odd attributes included) is an
+    :class:`InputProblem`."""
     ds = open_input(path)
     try:
         return read_layout(path, ds, wanted, reference)

@@ -11,7 +11,8 @@ Usage::
     state = loader.state_dict()     # {"epoch", "batch", "seed"}; load_state_dict(state) resumes exactly
 
 How a batch is read: the samples of an epoch are cut into *segments* of ``L = batch_size / segments_per_batch``
-consecutive times of one run (inside one time window ``(run, start, stop)`` of the split) (consecutive rows of the store). Segments are shuffled per epoch (chunk-level
+consecutive times inside one time window ``(run, start, stop)`` (whole runs by default; consecutive rows of
+the store). Segments are shuffled per epoch (chunk-level
 shuffling, a pure function of ``seed`` and the epoch) and ``segments_per_batch`` of them make a batch. Frame ``k``
 of the window (``k = 0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of
 ``L`` rows straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads (``segments_per_batch`` defaults

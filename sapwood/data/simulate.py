@@ -144,10 +144,6 @@ class Grid:
         if not 0 < self.dt_hours <= 48:
             raise SapwoodError(f"dt_hours={self.dt_hours}: allowed range is (0, 48]")
 
-    def bytes_per_run(self, itemsize: int = 4) -> int:
-        cube = self.times * self.levels * self.nlat * self.nlon
-        return itemsize * (6 * cube + self.times * self.nlat * self.nlon)
-
 
 def sample_planets(runs: int, seed: int = 0) -> list[PlanetParams]:
     """``runs`` planets, log-uniform around Earth (radius 0.5-2x, gravity 5-25, rotation 0.25-2x, flux 0.6-1.5x,

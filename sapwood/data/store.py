@@ -8,6 +8,8 @@ Layout of a store folder (written by :func:`sapwood.data.cubes.prepare`)::
                     # and lat/lon [y, x] for curvilinear grids
       index.json    # written last; "complete": true marks a finished store
 
+(The Zarr layout, :mod:`sapwood.data.zarr_store`, keeps ``index.json`` and ``grid.npz`` in ``STORE/sapwood/``.)
+
 A *row* is one time of one run with every variable stacked along channels: each 3-D variable
 contributes one channel per level (top-down order), each 2-D variable one channel. The rows of a
 run are consecutive and in time order, so a state and its successor are neighbouring rows and a batch of
@@ -40,10 +42,20 @@ INDEX_FILE = "index.json"
 MAX_READ = 1 << 30  # bytes per preadv call
 
 
+ZARR_META = "sapwood"  # in a Zarr-layout store, the subgroup holding index.json and grid.npz
+
+
+def meta_folder(path: Path) -> Path:
+    """Where ``index.json`` and ``grid.npz`` of the store ``path`` live: the store folder itself (raw layout) or
+    its ``sapwood/`` subgroup (Zarr layout, so Zarr readers see only Zarr members)."""
+    return path / ZARR_META if (path / ZARR_META / INDEX_FILE).exists() else path
+
+
 def store_damage(path: Path, index: dict[str, Any]) -> str | None:
     """Why the complete-looking store at ``path`` is damaged (None when its files match the index)."""
-    if not (path / GRID_FILE).exists():
-        return f"{path / GRID_FILE} is missing"
+    grid_file = meta_folder(path) / GRID_FILE
+    if not grid_file.exists():
+        return f"{grid_file} is missing"
     if index.get("storage") == "zarr":
         missing = [v["name"] for v in index.get("variables", []) if not (path / v["name"] / "zarr.json").exists()]
         return f"{path}: Zarr arrays {missing} are missing" if missing else None
@@ -73,7 +85,7 @@ class CubeStore:
     def __init__(self, path: str | Path) -> None:
         self._fd: int | None = None
         self.path = Path(path)
-        index_path = self.path / INDEX_FILE
+        index_path = meta_folder(self.path) / INDEX_FILE
         if not index_path.exists():
             raise SapwoodError(f"{self.path} is not a complete sapwood cube store (no {INDEX_FILE}; "
                                "was prepare interrupted? run `sapwood prepare` again)")
@@ -88,7 +100,7 @@ class CubeStore:
         if damage is not None:
             raise SapwoodError(f"{damage}; the store is damaged, run `sapwood prepare` again (it rebuilds a "
                                "damaged store)")
-        with np.load(self.path / GRID_FILE) as grid:
+        with np.load(meta_folder(self.path) / GRID_FILE) as grid:
             self.area: np.ndarray = grid["area"].astype(np.float64)  # [lat, lon], mean 1
             self.valid: np.ndarray = grid["valid"].astype(bool)  # [channels, lat, lon]
             self.lat = grid["lat"] if "lat" in grid else np.asarray(index["coords"]["lat"], dtype=np.float64)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sapwood import fsutil
 from sapwood.errors import SapwoodError
 
 EOS = "<|endoftext|>"
@@ -146,11 +147,15 @@ def tokenize_corpus(
     val_fraction: float = 0.05,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> dict[str, Any]:
-    """Train a tokenizer on ``files``, encode them in parallel and write the shard folder; return meta."""
+    """Train a tokenizer on ``files``, encode them in parallel and write the shard folder; return meta.
+
+    The folder is written beside ``out`` and published in one rename (:func:`sapwood.fsutil.staged_dir`),
+    so a crash leaves the previous folder whole; ``out`` may be missing, empty or an earlier token folder.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise SapwoodError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out)
     names = [str(p) for p in files]
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     keep = [i for i, t in enumerate(texts) if t.strip()]
@@ -158,7 +163,6 @@ def tokenize_corpus(
     if len(texts) < 2:
         raise SapwoodError(f"corpus has {len(texts)} non-empty documents; need at least 2 (one for validation)")
     tokenizer = train_tokenizer(texts, vocab_size)
-    tokenizer.save(str(out / TOKENIZER))
     eos_id = tokenizer.token_to_id(EOS)
     encoded = [e.ids for e in tokenizer.encode_batch(texts)]  # parallel (Rust threads)
     root = os.path.commonpath(names) if len(names) > 1 else ""
@@ -174,14 +178,33 @@ def tokenize_corpus(
         "val": [d for d, v in zip(encoded, val_mask, strict=True) if v],
     }
     meta: dict[str, Any] = {"vocab_size": real_vocab, "dtype": dtype.name, "eos_id": eos_id, "shards": {}}
-    for split, docs in splits.items():
-        meta["shards"][split] = _write_split(out, split, docs, eos_id, dtype, shard_tokens)
-        counts = np.bincount(np.concatenate([np.asarray(d, dtype=np.int64) for d in docs] + [np.full(len(docs), eos_id)]), minlength=real_vocab)
-        meta[f"{split}_tokens"] = int(counts.sum())
-        meta[f"{split}_documents"] = len(docs)
-        meta[f"{split}_unigram_entropy"] = unigram_entropy(counts)
-    (out / META).write_text(json.dumps(meta, indent=1))
+    with fsutil.staged_dir(out) as staged:
+        tokenizer.save(str(staged / TOKENIZER))
+        for split, docs in splits.items():
+            meta["shards"][split] = _write_split(staged, split, docs, eos_id, dtype, shard_tokens)
+            counts = np.bincount(np.concatenate([np.asarray(d, dtype=np.int64) for d in docs] + [np.full(len(docs), eos_id)]), minlength=real_vocab)
+            meta[f"{split}_tokens"] = int(counts.sum())
+            meta[f"{split}_documents"] = len(docs)
+            meta[f"{split}_unigram_entropy"] = unigram_entropy(counts)
+        (staged / META).write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def _is_token_file(name: str) -> bool:
+    return name in (META, TOKENIZER) or name.endswith((".bin", ".docs.npy"))
+
+
+def _check_replaceable(out: Path) -> None:
+    """``out`` is replaced as a whole: refuse a folder holding anything but a token folder's files."""
+    if out.exists() and not out.is_dir():
+        raise SapwoodError(f"--out {str(out)!r} is a file; give a folder for the token shards")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and _is_token_file(p.name)))
+        if foreign:
+            raise SapwoodError(
+                f"--out {str(out)!r} holds {foreign[:3]} (not token shards) and would be replaced; "
+                "choose an empty or new folder"
+            )
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -201,6 +224,16 @@ class TokenShards:
         entries = self.meta["shards"].get(split) or []
         if not entries:
             raise SapwoodError(f"data path {str(self.folder)!r} has no {split!r} shards")
+        for entry in entries:
+            path = self.folder / entry["file"]
+            expected = entry["tokens"] * dtype.itemsize
+            actual = path.stat().st_size if path.exists() else None
+            if actual != expected:
+                found = "is missing" if actual is None else f"has {actual} bytes"
+                raise SapwoodError(
+                    f"data path {str(self.folder)!r}: {entry['file']} {found}, {META} says {expected} "
+                    "(damaged); run `sapwood tokenize` again"
+                )
         self.arrays = [np.memmap(self.folder / e["file"], dtype=dtype, mode="r") for e in entries]
 
     @property

@@ -5,7 +5,8 @@ grids: ``(time, [lev,] y, x)``) in float32, one chunk per frame grouped into sha
 ``FRAMES_PER_SHARD`` frames, masked cells as NaN, CF attributes kept (``units``, ``standard_name``,
 ``long_name``); coordinates ``time`` (days since 0001-01-01 in the first run's calendar), ``lat``, ``lon``,
 ``lev`` and ``run`` (the run of each frame), and ``cell_area_weight``. The rows of all runs follow each other
-along ``time`` exactly as in the raw layout; ``index.json`` and ``grid.npz`` sit beside ``zarr.json``.
+along ``time`` exactly as in the raw layout; ``index.json`` and ``grid.npz`` sit in the ``sapwood``
+subgroup, so Zarr readers meet only Zarr members.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ FRAMES_PER_SHARD = 64
 
 
 def write_zarr(folder: Path, frames: np.ndarray, index: dict[str, Any], area: np.ndarray, valid: np.ndarray,
-               lat: np.ndarray, lon: np.ndarray) -> None:
-    """Write ``frames [rows, channels, y, x]`` (masked cells 0, ``valid [channels, y, x]``) as a Zarr v3 group."""
+               lat: np.ndarray, lon: np.ndarray) -> Path:
+    """Write ``frames [rows, channels, y, x]`` (masked cells 0, ``valid [channels, y, x]``) as a Zarr v3
+    group; returns the folder of its ``sapwood`` subgroup, where index.json and grid.npz go."""
     import zarr
+
+    from sapwood.data.store import ZARR_META
 
     rows = frames.shape[0]
     curvilinear = bool(index["grid"]["curvilinear"])
@@ -41,8 +45,8 @@ def write_zarr(folder: Path, frames: np.ndarray, index: dict[str, Any], area: np
     vertical = index.get("vertical")
     if vertical:
         _coordinate(root, "lev", np.asarray(index["coords"]["lev"]), ("lev",),
-                    {"units": vertical["units"], "standard_name": vertical["standard_name"] or "model_level_number",
-                     "axis": "Z"})
+                    {"units": vertical["units"], "axis": "Z",
+                     "standard_name": vertical["standard_name"] or "model_level_number"})
     _coordinate(root, "cell_area_weight", area, horizontal, {"long_name": "cell area weight (mean 1)"})
     start = 0
     for variable in index["variables"]:
@@ -53,7 +57,8 @@ def write_zarr(folder: Path, frames: np.ndarray, index: dict[str, Any], area: np
         attrs = {k: variable[k] for k in ("units", "standard_name", "long_name") if variable.get(k)}
         attrs["coordinates"] = "run cell_area_weight" + (" lat lon" if curvilinear else "")
         array = root.create_array(variable["name"], shape=shape, dtype="float32", chunks=chunk,
-                                  shards=(min(FRAMES_PER_SHARD, rows), *shape[1:]), fill_value=np.float32("nan"),
+                                  shards=(min(FRAMES_PER_SHARD, rows), *shape[1:]),
+                                  fill_value=np.float32("nan"),
                                   dimension_names=dims, attributes={k: v for k, v in attrs.items() if v},
                                   compressors=None)
         mask = valid[start:start + count]
@@ -61,17 +66,22 @@ def write_zarr(folder: Path, frames: np.ndarray, index: dict[str, Any], area: np
             block = np.where(mask, frames[first:first + FRAMES_PER_SHARD, start:start + count], np.nan)
             array[first:first + block.shape[0]] = block if variable["levels"] else block[:, 0]
         start += count
+    root.create_group(ZARR_META, attributes={"description": "sapwood store index (index.json, grid.npz)"})
+    return folder / ZARR_META
 
 
-def _coordinate(root: Any, name: str, values: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any]) -> None:
+def _coordinate(root: Any, name: str, values: np.ndarray, dims: tuple[str, ...],
+                attrs: dict[str, Any]) -> None:
     values = np.asarray(values)
     root.create_array(name, data=values, chunks=values.shape, dimension_names=dims, attributes=attrs)
 
 
 class ZarrRows:
-    """Row access to a Zarr-layout store with the raw layout's shape ``[rows, channels, y, x]`` (masked cells 0)."""
+    """Row access to a Zarr-layout store with the raw layout's shape ``[rows, channels, y, x]`` (masked cells
+    0)."""
 
-    def __init__(self, folder: Path, variables: list[dict[str, Any]], shape: tuple[int, int, int, int]) -> None:
+    def __init__(self, folder: Path, variables: list[dict[str, Any]],
+                 shape: tuple[int, int, int, int]) -> None:
         import zarr
 
         group = zarr.open_group(folder, mode="r")

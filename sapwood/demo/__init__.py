@@ -1,6 +1,7 @@
 """`sapwood demo` / `make demo`: the whole pipeline on embedded defaults, on a CPU, in minutes.
 
-Each stage is one function; the cube and surrogate stages live in this package (cubes.py, surrogate.py), the
+Each stage is one function; the sizing, cube and surrogate stages live in this package (sizing.py, cubes.py,
+surrogate.py), the
 others in the modules they show. This file orders them and owns the output folder: a rerun into the same
 folder replaces what the stages it runs wrote before (the tokenized corpus is reused).
 """
@@ -34,7 +35,7 @@ STAGES = [
     Stage("sizing", "sizing", "Every preset sized without allocating weights: exact parameters, the training "
           "state on one device, and memory per GPU under the preset's own parallel plan ('-' for cube models, "
           "which have no token context); then the tiny model created, loaded back and run forward.",
-          "sapwood.sizing:demo_stage", ("tiny",)),
+          "sapwood.demo.sizing:sizing_stage", ("tiny",)),
     Stage("lm", "language model", "Tokenize standard-library Python files, train the tiny preset, evaluate it "
           "(checkpoint folder DEMO/lm/final).", "sapwood.train.demo:language_model_stage", ("lm",)),
     Stage("serving", "generation and serving", "Samples from the trained model, then the OpenAI-compatible "

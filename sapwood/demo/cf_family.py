@@ -3,12 +3,12 @@
 ``python -m sapwood.demo.cf_family --out DIR`` writes, with plain xarray (not sapwood's writer), an ensemble
 of ``members`` monthly runs on a ``noleap`` calendar, each split into one file per decade-chunk of years the
 way CMIP archives are: ``ta`` and ``ua`` on pressure levels given in Pa from the surface up (1000 -> 250 hPa),
-``ps`` and ``tos`` at the surface, ``tos`` NaN over two continents, latitude, longitude, level and time bounds,
-an ``areacella`` cell measure, and identity attributes (source_id, experiment_id, variant_label).
+``ps`` and ``tos`` at the surface, ``tos`` NaN over two continents, latitude, longitude, level and time
+bounds, an ``areacella`` cell measure, and identity attributes (source_id, experiment_id, variant_label).
 
-The fields are built to be learnable but not trivial: a seasonal cycle that is opposite in the two hemispheres,
-planetary waves drifting east at a level- and latitude-dependent speed, winds in thermal balance with the
-meridional temperature gradient, and red-noise (AR(1)) weather that differs between members.
+The fields are built to be learnable but not trivial: a seasonal cycle that is opposite in the two
+hemispheres, planetary waves drifting east at a level- and latitude-dependent speed, winds in thermal balance
+with the meridional temperature gradient, and red-noise (AR(1)) weather that differs between members.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 DAYS_IN_MONTH = np.asarray([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
 PLEV = np.asarray([100000.0, 85000.0, 50000.0, 25000.0])
+MEASURES = "area: areacella"
 
 
 def member_fields(member: int, years: int, nlat: int, nlon: int) -> dict[str, np.ndarray]:
@@ -53,8 +54,11 @@ def _smooth(field: np.ndarray) -> np.ndarray:
     """A 1-2-1 filter in latitude and longitude (periodic): weather with a spatial scale of a few cells."""
     out = field
     for axis in (-1, -2):
-        rolled = np.roll(out, 1, axis) + np.roll(out, -1, axis) if axis == -1 else np.concatenate(
-            [out[..., :1, :], out[..., :-1, :]], axis) + np.concatenate([out[..., 1:, :], out[..., -1:, :]], axis)
+        if axis == -1:
+            rolled = np.roll(out, 1, axis) + np.roll(out, -1, axis)
+        else:
+            south = np.concatenate([out[..., :1, :], out[..., :-1, :]], axis)
+            rolled = south + np.concatenate([out[..., 1:, :], out[..., -1:, :]], axis)
         out = 0.5 * out + 0.25 * rolled
     return out
 
@@ -80,11 +84,11 @@ def write_family(out: Path, members: int = 3, years: int = 12, nlat: int = 16, n
             edges = month_edges[chosen.start:chosen.stop + 1]
             ds = xr.Dataset(
                 {"ta": (("time", "plev", "lat", "lon"), fields["ta"][chosen].astype(np.float32),
-                        {"standard_name": "air_temperature", "units": "K", "cell_measures": "area: areacella"}),
+                        {"standard_name": "air_temperature", "units": "K", "cell_measures": MEASURES}),
                  "ua": (("time", "plev", "lat", "lon"), fields["ua"][chosen].astype(np.float32),
-                        {"standard_name": "eastward_wind", "units": "m s-1", "cell_measures": "area: areacella"}),
+                        {"standard_name": "eastward_wind", "units": "m s-1", "cell_measures": MEASURES}),
                  "ps": (("time", "lat", "lon"), fields["ps"][chosen].astype(np.float32),
-                        {"standard_name": "surface_air_pressure", "units": "Pa", "cell_measures": "area: areacella"}),
+                        {"standard_name": "surface_air_pressure", "units": "Pa", "cell_measures": MEASURES}),
                  "tos": (("time", "lat", "lon"), fields["tos"][chosen].astype(np.float32),
                          {"standard_name": "sea_surface_temperature", "units": "K"}),
                  "areacella": (("lat", "lon"), area, {"standard_name": "cell_area", "units": "m2"}),
@@ -93,14 +97,14 @@ def write_family(out: Path, members: int = 3, years: int = 12, nlat: int = 16, n
                  "lat_bnds": (("lat", "bnds"), np.stack([lat_edges[:-1], lat_edges[1:]], 1)),
                  "lon_bnds": (("lon", "bnds"), np.stack([lon_edges[:-1], lon_edges[1:]], 1))},
                 coords={"time": ("time", (edges[:-1] + edges[1:]) / 2,
-                                 {"standard_name": "time", "units": "days since 1850-01-01", "calendar": "noleap",
-                                  "axis": "T", "bounds": "time_bnds"}),
+                                 {"standard_name": "time", "units": "days since 1850-01-01",
+                                  "calendar": "noleap", "axis": "T", "bounds": "time_bnds"}),
                         "plev": ("plev", PLEV, {"standard_name": "air_pressure", "units": "Pa", "axis": "Z",
                                                 "positive": "down", "bounds": "plev_bnds"}),
-                        "lat": ("lat", lat, {"standard_name": "latitude", "units": "degrees_north", "axis": "Y",
-                                             "bounds": "lat_bnds"}),
-                        "lon": ("lon", lon, {"standard_name": "longitude", "units": "degrees_east", "axis": "X",
-                                             "bounds": "lon_bnds"})},
+                        "lat": ("lat", lat, {"standard_name": "latitude", "units": "degrees_north",
+                                             "axis": "Y", "bounds": "lat_bnds"}),
+                        "lon": ("lon", lon, {"standard_name": "longitude", "units": "degrees_east",
+                                             "axis": "X", "bounds": "lon_bnds"})},
                 attrs={"Conventions": "CF-1.7", "source_id": "TOY-ESM", "experiment_id": "historical",
                        "variant_label": label})
             last_year = min(years, first_year + years_per_file) - 1

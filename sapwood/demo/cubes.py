@@ -23,7 +23,8 @@ def cube_stage(out: Path) -> None:
     grid = Grid(levels=8, nlat=32, nlon=64, times=33)
     runs = simulate_ensemble(out / "cubes" / "runs", runs=6, grid=grid, seed=0, progress=False)
     size = sum(p.stat().st_size for p in runs)
-    console.print(f"simulated {len(runs)} planets x {grid.times} times on {grid.levels}x{grid.nlat}x{grid.nlon}: "
+    shape = f"{grid.levels}x{grid.nlat}x{grid.nlon}"
+    console.print(f"simulated {len(runs)} planets x {grid.times} times on {shape}: "
                   f"{size / 1e6:.1f} MB NetCDF in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     report = prepare(runs, out / "cubes" / "store", progress=False)

@@ -25,7 +25,8 @@ def surrogate_stage(out: Path) -> None:
         config = surrogate_config(store, Path(out) / "surrogate" / "run", steps=200, hidden=64, layers=2,
                                   patch=8, val_runs=HELD_OUT_RUNS)
         summary = train(config)
-        result = evaluate_surrogate(summary["final"], store, Path(out) / "surrogate" / "eval", rollout_steps=10)
+        result = evaluate_surrogate(summary["final"], store, Path(out) / "surrogate" / "eval",
+                                    rollout_steps=10)
     finally:
         torch.set_num_threads(threads)
     Console().print(f"surrogate {summary['final']}: held-out planets {result['held_out_runs']}")

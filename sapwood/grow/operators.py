@@ -31,7 +31,7 @@ from torch import nn
 
 from sapwood.config import ModelConfig
 from sapwood.errors import SapwoodError
-from sapwood.model.transformer import Block, Decoder, RMSNorm
+from sapwood.model.transformer import Block, Decoder, RMSNorm, residual_std, tie_head
 
 DepthPosition = Literal["end", "middle", "evenly"]
 DepthInit = Literal["identity", "stack", "gstack", "random"]
@@ -106,10 +106,6 @@ def _check_not_shrinking(what: str, old: int, new: int) -> None:
         raise SapwoodError(f"{what}={new} is smaller than the current {old}; growth can only add (use >= {old})")
 
 
-def _residual_std(cfg: ModelConfig) -> float:
-    return cfg.init_std / math.sqrt(2 * cfg.layers)
-
-
 # --------------------------------------------------------------------------- depth
 
 
@@ -172,17 +168,10 @@ def _new_block(cfg: ModelConfig, source: Block, init: DepthInit, function_preser
     block = block.to_empty(device=reference.device).to(reference.dtype)
     block.attention_norm.eps = block.ffn_norm.eps = source.attention_norm.eps
     with torch.no_grad():
-        block.attention_norm.reset_parameters()
-        block.ffn_norm.reset_parameters()
         if init in ("stack", "gstack"):
             block.load_state_dict(source.state_dict())
         else:
-            for linear in (block.attention.wq, block.attention.wk, block.attention.wv,
-                           block.feed_forward.w1, block.feed_forward.w3):
-                nn.init.normal_(linear.weight, 0.0, cfg.init_std, generator=generator)
-            for linear in (block.attention.wo, block.feed_forward.w2):
-                nn.init.normal_(linear.weight, 0.0, _residual_std(cfg), generator=generator)
-            block.reset_option_parameters()
+            block.init_weights(cfg, generator)
         if function_preserving and init in ("identity", "stack"):
             for linear in (block.attention.wo, block.feed_forward.w2):
                 linear.weight.zero_()
@@ -201,7 +190,7 @@ def grow_ffn(model: Decoder, ffn: int, function_preserving: bool = True,
     _check_not_shrinking("ffn", cfg.ffn, ffn)
     if ffn == cfg.ffn:
         return []
-    out_std = _residual_std(cfg) if not function_preserving else 0.0
+    out_std = residual_std(cfg) if not function_preserving else 0.0
     changes = []
     for index, block in model.layers.items():
         mlp = block.feed_forward
@@ -253,7 +242,7 @@ def grow_heads(model: Decoder, heads: int, kv_heads: int | None = None, function
     old_heads = torch.arange(cfg.heads, device=device)
     moved_heads = (old_heads // old_groups) * groups + old_heads % old_groups
     q_rows = _head_rows(moved_heads, head_dim)
-    out_std = _residual_std(cfg) if not function_preserving else 0.0
+    out_std = residual_std(cfg) if not function_preserving else 0.0
     changes = []
     for index, block in model.layers.items():
         attn = block.attention
@@ -303,7 +292,7 @@ def grow_hidden(model: Decoder, hidden: int, function_preserving: bool = True,
         placement = _corner(emb.shape, emb.device)
         changes.append(_replace(model.tok_embeddings, "weight", "tok_embeddings.weight",
                                 embed_into(emb, fill.shape, placement, fill), placement))
-    residual_std = _residual_std(cfg) if write_std is None else 0.0
+    write_residual_std = residual_std(cfg) if write_std is None else 0.0
     for index, block in model.layers.items():
         prefix = f"layers.{index}"
         attn, mlp = block.attention, block.feed_forward
@@ -315,12 +304,12 @@ def grow_hidden(model: Decoder, hidden: int, function_preserving: bool = True,
                                         cfg.init_std, generator))
         for name, linear in (("attention.wo", attn.wo), ("feed_forward.w2", mlp.w2)):
             changes.append(_grow_linear(linear, f"{prefix}.{name}.weight", hidden, linear.in_features, None,
-                                        residual_std, generator))
+                                        write_residual_std, generator))
     if model.norm is not None:
         changes.append(_grow_norm(model.norm, "norm.weight", hidden, gain_scale, eps_scale))
     if model.output is not None:
         if cfg.tied_embeddings and model.tok_embeddings is not None:
-            model.output.weight = model.tok_embeddings.weight
+            tie_head(model)
             model.output.in_features = hidden
         else:
             changes.append(_grow_linear(model.output, "output.weight", model.output.out_features, hidden, None,

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sapwood.config import ModelConfig
 from sapwood.grow.plan import GrowthRequest, grow_model
+from sapwood.model.folder import materialize
 from sapwood.model.transformer import Decoder
 
 ShardFn = Callable[[nn.Module], None]
@@ -44,10 +45,7 @@ def default_shard_fn(mesh) -> ShardFn:
 def _plain_copy(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Decoder:
     with torch.device("meta"):
         model = Decoder(cfg)
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (rope)
-    if cfg.tied_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    materialize(model, device)  # buffers (rope) and the tied head; the parameters are then loaded
     model.load_state_dict(state, strict=False)
     return model
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import math
 import zlib
 
 import numpy as np
@@ -109,7 +108,6 @@ class CubeSurrogate(nn.Module):
         """Normal(0, init_std) weights, residual projections and the head scaled down; buffers reset
         (so a meta-built model can be materialized with ``to_empty`` and then initialized)."""
         std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.layers)
         with torch.no_grad():
             self.rope_cos.fill_(1.0)
             self.rope_sin.zero_()
@@ -133,13 +131,7 @@ class CubeSurrogate(nn.Module):
             nn.init.normal_(self.param_weight, 0.0, std, generator=generator)
             nn.init.normal_(self.param_bias, 0.0, std, generator=generator)
             for block in self.layers.values():
-                for linear in (block.attention.wq, block.attention.wk, block.attention.wv,
-                               block.feed_forward.w1, block.feed_forward.w3):
-                    nn.init.normal_(linear.weight, 0.0, std, generator=generator)
-                for linear in (block.attention.wo, block.feed_forward.w2):
-                    nn.init.normal_(linear.weight, 0.0, residual_std, generator=generator)
-                block.attention_norm.reset_parameters()
-                block.ffn_norm.reset_parameters()
+                block.init_weights(self.cfg, generator)
             self.norm.reset_parameters()
             nn.init.zeros_(self.head.weight)  # starts as persistence: the tendency is learned from zero
             nn.init.zeros_(self.head.bias)

@@ -2,25 +2,25 @@
 ``tokenizer.json`` when there is one.
 
 Shards follow the Hugging Face convention (``model-00001-of-00003.safetensors`` and
-``model.safetensors.index.json``). Writes are atomic: everything goes to a temporary sibling folder
-that is renamed into place, so a failed write leaves any previous folder intact.
+``model.safetensors.index.json``). Writes are atomic and durable: everything goes to a sibling
+``OUT.partial-PID`` folder that is fsynced and renamed into place (:mod:`sapwood.fsutil`), so a failed
+or killed write leaves any previous folder intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sapwood import fsutil
 from sapwood.config import Config, load_config
 from sapwood.errors import SapwoodError
-from sapwood.model.transformer import Decoder
+from sapwood.model.transformer import Decoder, tie_head
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -79,18 +79,6 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Move a finished temporary folder into place; an existing ``out`` is replaced only afterwards."""
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def save_folder(
     model: torch.nn.Module,
     config: Config,
@@ -98,20 +86,36 @@ def save_folder(
     tokenizer_file: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write a checkpoint folder atomically and return its path."""
+    """Write a checkpoint folder atomically and durably (:func:`sapwood.fsutil.staged_dir`); return its path."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        config.save(tmp / "config.yaml")
-        write_weights(weights_state_dict(model), tmp, max_shard_bytes)
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with fsutil.staged_dir(out) as staged:
+        write_folder_files(model, config, staged, tokenizer_file, max_shard_bytes)
     return out
+
+
+def write_folder_files(
+    model: torch.nn.Module,
+    config: Config,
+    folder: Path,
+    tokenizer_file: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """The files of a checkpoint folder, written into the existing (staging) ``folder``."""
+    config.save(folder / "config.yaml")
+    write_weights(weights_state_dict(model), folder, max_shard_bytes)
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+
+
+def materialize(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """Give a model built on the meta device real storage on ``device`` and initialize it:
+    ``to_empty`` -> tie the head again (``to_empty`` unties shared parameters) -> ``init_weights``
+    (which also sets buffers such as the rotary frequencies). Returns ``model``."""
+    model.to_empty(device=device)
+    tie_head(model)
+    with torch.no_grad():
+        model.init_weights()
+    return model
 
 
 def build_model(config: Config, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -133,14 +137,13 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     with torch.device("meta"):
         model = build_model(config, "meta")
     state = read_weights(folder)
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (rope) and anything not in the file, e.g. a tied head
+    materialize(model, device)  # buffers (rope) and the tied head come from here, not from the file
+    if config.model.tied_embeddings:
+        state.pop("output.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"output.weight"} if config.model.tied_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
         raise SapwoodError(f"{folder}: weights do not match config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if config.model.tied_embeddings:
-        model.output.weight = model.tok_embeddings.weight
     if dtype is not None:
         model.to(dtype)
     return model.eval()

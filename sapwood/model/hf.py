@@ -49,16 +49,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from sapwood import fsutil
 from sapwood.config import FAMILY_OPTIONS, Config, ModelConfig, RopeScaling, load_config, validate
 from sapwood.errors import SapwoodError
-from sapwood.model.folder import INDEX, WEIGHTS, read_weights, replace_folder, save_folder, write_weights
+from sapwood.model.folder import INDEX, WEIGHTS, read_weights, write_folder_files, write_weights
 from sapwood.model.transformer import Decoder
 
 HF_CONFIG = "config.json"
@@ -455,14 +455,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> 
     if set(missing) - allowed_missing or unexpected:
         raise SapwoodError(f"{hf_dir}: weights do not match {HF_CONFIG} (missing {sorted(missing)[:3]}, "
                            f"unexpected {sorted(unexpected)[:3]})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_folder(model, config, staging / "checkpoint")
-        _copy_sidecars(hf_dir, staging / "checkpoint")
-        replace_folder(staging / "checkpoint", out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with fsutil.staged_dir(out) as staged:
+        write_folder_files(model, config, staged)
+        _copy_sidecars(hf_dir, staged)
     return out
 
 
@@ -485,14 +480,8 @@ def export_hf(folder: str | Path, out: str | Path) -> Path:
         hf_config[key] = special.get(key)
     if hf_config["model_type"] == "phi3":
         hf_state = fuse(hf_state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
-        write_weights(hf_state, tmp)
-        _copy_sidecars(folder, tmp)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with fsutil.staged_dir(out) as staged:
+        (staged / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
+        write_weights(hf_state, staged)
+        _copy_sidecars(folder, staged)
     return out

@@ -2,7 +2,8 @@
 
 The Hugging Face families are options of :class:`ModelConfig`, not other classes: biases on q/k/v
 (Qwen2), on the attention output and the FFN (Llama ``attention_bias`` / ``mlp_bias``), per-head q/k
-RMSNorm (Qwen3), the gated FFN's activation, and the RoPE scaling (``sapwood.model.rope``).
+RMSNorm (Qwen3), the gated FFN's activation, a sliding attention window (Mistral v0.1, Phi-3 4k) and
+the RoPE scaling (``sapwood.model.rope``).
 
 Plain PyTorch, no parallelism inside (see ``sapwood.train.parallel``). Module names follow torchtitan
 (``tok_embeddings``, ``layers.N.attention.wq`` ...) so tensor-parallel plans and checkpoints map directly.
@@ -121,6 +122,20 @@ class FeedForward(nn.Module):
         return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
+def residual_std(cfg: ModelConfig) -> float:
+    """Init std of the projections that write into the residual stream: init_std / sqrt(2 * layers)."""
+    return cfg.init_std / math.sqrt(2 * cfg.layers)
+
+
+def tie_head(model: nn.Module) -> None:
+    """Share the embedding matrix with the output head when ``model.cfg`` ties them and both exist
+    (after ``to_empty``, growth or tensor-parallel sharding, which replace the parameters)."""
+    tied = getattr(getattr(model, "cfg", None), "tied_embeddings", False)
+    embeddings, output = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    if tied and embeddings is not None and output is not None:
+        output.weight = embeddings.weight
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(x))."""
 
@@ -130,6 +145,19 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.hidden, cfg.ffn, cfg.mlp_bias, cfg.activation)
+
+    def init_weights(self, cfg: ModelConfig, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) input projections, :func:`residual_std` output projections (``wo``,
+        ``w2``), zero biases, unit norm gains; ``cfg`` is the shape of the model the block belongs to."""
+        with torch.no_grad():
+            for linear in (self.attention.wq, self.attention.wk, self.attention.wv,
+                           self.feed_forward.w1, self.feed_forward.w3):
+                nn.init.normal_(linear.weight, 0.0, cfg.init_std, generator=generator)
+            for linear in (self.attention.wo, self.feed_forward.w2):
+                nn.init.normal_(linear.weight, 0.0, residual_std(cfg), generator=generator)
+            self.reset_option_parameters()
+            self.attention_norm.reset_parameters()
+            self.ffn_norm.reset_parameters()
 
     def reset_option_parameters(self) -> None:
         """Zero the family options' biases and reset the q/k norm gains (weights are initialized elsewhere)."""
@@ -154,8 +182,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-        if cfg.tied_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        tie_head(self)
         inv_freq, self.attention_factor = scaled_inv_freq(
             cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling
         )
@@ -170,7 +197,6 @@ class Decoder(nn.Module):
         ``to_empty`` and then initialized.
         """
         std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.layers)
         with torch.no_grad():
             inv_freq, _ = scaled_inv_freq(
                 self.cfg.head_dim, self.cfg.rope_theta, self.cfg.trained_context, self.cfg.rope_scaling
@@ -179,13 +205,7 @@ class Decoder(nn.Module):
             if self.tok_embeddings is not None:
                 nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=generator)
             for block in self.layers.values():
-                for linear in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1, block.feed_forward.w3):
-                    nn.init.normal_(linear.weight, 0.0, std, generator=generator)
-                for linear in (block.attention.wo, block.feed_forward.w2):
-                    nn.init.normal_(linear.weight, 0.0, residual_std, generator=generator)
-                block.reset_option_parameters()
-                block.attention_norm.reset_parameters()
-                block.ffn_norm.reset_parameters()
+                block.init_weights(self.cfg, generator)
             if self.norm is not None:
                 self.norm.reset_parameters()
             if self.output is not None and not self.cfg.tied_embeddings:
@@ -204,14 +224,11 @@ class Decoder(nn.Module):
         seq = h.shape[1]
         if positions is None:
             positions = torch.arange(seq, device=h.device).unsqueeze(0)
-        inv_freq, attention_factor = self.inv_freq, self.attention_factor
-        if self.cfg.rope_scaling.type == "longrope":  # long factors once the sequence passes trained_context
-            longest = int(positions.max()) + 1
-            if longest > self.cfg.trained_context:
-                cfg = self.cfg
-                inv_freq, attention_factor = scaled_inv_freq(
-                    cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling, seq_len=longest
-                )
+        cfg, inv_freq, attention_factor = self.cfg, self.inv_freq, self.attention_factor
+        if cfg.rope_scaling.type == "longrope" and int(positions.max()) >= cfg.trained_context:  # long factors
+            inv_freq, attention_factor = scaled_inv_freq(
+                cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling, seq_len=int(positions.max()) + 1
+            )
         cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)
         for name, block in self.layers.items():
             h = block(h, cos, sin, kv_cache, int(name))

@@ -8,10 +8,12 @@ A checkpoint is a folder ``OUT/checkpoints/step_00000100``::
     config.yaml                   the config at that step: the *current* model shape (after growth)
     manifest.json                 written last: step and the size of every file
 
-Writes go to ``.tmp-step_...`` and are renamed into place after every rank has finished; then the
-``latest`` pointer is replaced atomically and all but the newest ``keep`` checkpoints are removed.
-On resume, a checkpoint without a manifest, or whose files do not match it (a truncated file), is
-skipped with a warning and the next older one is tried. Model and optimizer state go through
+Writes go to ``step_....partial-PID`` (PID: rank 0's process), are fsynced, and are renamed into place
+after every rank has finished (:mod:`sapwood.fsutil`); then the ``latest`` pointer is replaced
+atomically and complete checkpoints older than the newest ``keep`` complete ones are removed (never
+the one just written, never an incomplete one). On resume, leftovers of killed writers are tidied,
+and a checkpoint without a manifest, or whose files do not match it (a truncated file), is skipped
+with a warning and the next older one is tried; the newest complete checkpoint wins over ``latest``. Model and optimizer state go through
 ``get_state_dict`` / ``set_state_dict``, which work the same for plain, FSDP2 and DTensor models and
 in a single process without ``init_process_group``.
 """
@@ -20,9 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import pickle
 import random
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -39,10 +41,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from sapwood import fsutil
 from sapwood.config import Config, load_config
-from sapwood.errors import SapwoodWarning
+from sapwood.errors import ConfigError, SapwoodError, SapwoodWarning
 
 MANIFEST = "manifest.json"
+
+
+class CheckpointDamaged(SapwoodError):
+    """A checkpoint whose files match its manifest but cannot be read back (damaged bytes)."""
+
 
 LATEST = "latest"
 PREFIX = "step_"
@@ -94,11 +102,13 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+def _rank0_value(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank (collective when a process group exists)."""
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def save_checkpoint(
@@ -110,37 +120,60 @@ def save_checkpoint(
     config: Config,
     keep: int,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically (collective: every rank calls it)."""
+    """Write checkpoint ``step`` under ``root`` atomically and durably (collective: every rank calls it)."""
     root = Path(root)
     rank, world = rank_and_world()
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}"
+    staged = Path(_rank0_value(str(fsutil.partial_path(final))))
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        recover_checkpoints(root)
+        fsutil.remove(staged)
+        staged.mkdir()
     barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
     with _single_process_ok():
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    torch.save(trainer_state, tmp / f"trainer_rank{rank:05d}.pt")
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staged))
+    torch.save(trainer_state, staged / f"trainer_rank{rank:05d}.pt")
     barrier()
     if rank == 0:
-        config.save(tmp / "config.yaml")
-        _fsync_tree(tmp)
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"step": step, "world_size": world, "files": sizes}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / LATEST)
-        for old in list_checkpoints(root)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            config.save(staged / "config.yaml")
+            fsutil.fsync_tree(staged)  # the data is durable before the manifest that vouches for it
+            sizes = {p.name: p.stat().st_size for p in sorted(staged.iterdir()) if p.is_file()}
+            manifest = {"step": step, "world_size": world, "files": sizes}
+            fsutil.write_file(staged / MANIFEST, json.dumps(manifest, indent=1))
+            fsutil.publish_dir(staged, final)
+        finally:
+            fsutil.remove(staged)
+        fsutil.write_file(root / LATEST, final.name)
+        prune_checkpoints(root, final, keep)
     barrier()
     return final
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name[len(PREFIX):])
+
+
+def prune_checkpoints(root: str | Path, newest: Path, keep: int) -> list[Path]:
+    """Delete complete checkpoints older than ``newest`` that are not among the ``keep`` newest complete
+    ones. ``newest`` itself, incomplete folders, later checkpoints and anything not named ``step_N``
+    (``final``, ``latest``) are never deleted. Returns the deleted folders."""
+    complete = [folder for folder in list_checkpoints(root) if checkpoint_problem(folder) is None]
+    kept = {*complete[: max(keep, 1)], newest}
+    removed = [f for f in complete if f not in kept and checkpoint_step(f) < checkpoint_step(newest)]
+    for folder in removed:
+        fsutil.remove(folder)
+    if removed:
+        fsutil.fsync_dir(Path(root))
+    return removed
+
+
+def recover_checkpoints(root: str | Path) -> list[str]:
+    """Tidy what a killed writer left under ``root``: its unpublished ``step_N.partial-PID`` folders and
+    ``latest`` temporaries are deleted; a ``step_N.old-PID`` whose ``step_N`` is missing is put back."""
+    return fsutil.recover_stale(Path(root), rf"{PREFIX}\d+|{LATEST}")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -171,17 +204,17 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 
 def resume_candidates(root: str | Path) -> list[Path]:
-    """Complete checkpoints, newest first (``latest`` first when it is complete); warns for skipped ones."""
+    """Complete checkpoints, newest step first; warns for skipped ones (collective: every rank calls it).
+
+    ``latest`` only names the last one published: a newer complete checkpoint (the writer died before
+    it replaced ``latest``) wins over it. Leftovers of dead writers are tidied first (rank 0).
+    """
     root = Path(root)
-    ordered = list_checkpoints(root)
-    pointer = root / LATEST
-    if pointer.exists():
-        named = root / pointer.read_text().strip()
-        if named in ordered:
-            ordered.remove(named)
-            ordered.insert(0, named)
+    if rank_and_world()[0] == 0:
+        recover_checkpoints(root)
+    barrier()
     good = []
-    for folder in ordered:
+    for folder in list_checkpoints(root):
         problem = checkpoint_problem(folder)
         if problem is None:
             good.append(folder)
@@ -191,23 +224,41 @@ def resume_candidates(root: str | Path) -> list[Path]:
 
 
 def checkpoint_config(folder: Path) -> Config:
-    return load_config(folder / "config.yaml")
+    """The config saved with the checkpoint; :class:`CheckpointDamaged` when it cannot be read."""
+    try:
+        return load_config(folder / "config.yaml")
+    except (ConfigError, UnicodeDecodeError) as exc:
+        raise CheckpointDamaged(f"{folder}: config.yaml is unreadable ({_first_line(exc)})") from exc
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load model and optimizer in place; return this rank's trainer state (the caller applies it)."""
+    """Load model and optimizer in place; return this rank's trainer state (the caller applies it).
+
+    Files that pass the manifest check but cannot be read raise :class:`CheckpointDamaged`.
+    """
     rank, _ = rank_and_world()
     model_state, optimizer_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
     state = {"model": model_state, "optimizer": optimizer_state}
-    with _single_process_ok():
-        dcp.load(state, checkpoint_id=str(folder))
+    try:
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(folder))
+    except CheckpointException as exc:
+        raise CheckpointDamaged(f"{folder}: model/optimizer files are unreadable ({_first_line(exc)})") from exc
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=STATE_OPTIONS
     )
     trainer_file = folder / f"trainer_rank{rank:05d}.pt"
     if not trainer_file.exists():
         trainer_file = folder / "trainer_rank00000.pt"
-    return torch.load(trainer_file, weights_only=True)
+    try:
+        return torch.load(trainer_file, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # what torch.load raises on damaged bytes
+        raise CheckpointDamaged(f"{trainer_file}: unreadable ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

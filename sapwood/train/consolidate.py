@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from sapwood.config import load_config
 from sapwood.errors import SapwoodError
-from sapwood.model.folder import build_model, save_folder
+from sapwood.model.folder import build_model, materialize, save_folder
 
 
 def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
@@ -25,10 +25,7 @@ def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
     config = load_config(checkpoint / "config.yaml")
     with torch.device("meta"):
         model = build_model(config, "meta")
-    model.to_empty(device="cpu")
-    if getattr(config.model, "tied_embeddings", False) and getattr(model, "output", None) is not None:
-        model.output.weight = model.tok_embeddings.weight
-    model.init_weights()  # buffers (rope); every parameter is then overwritten from the checkpoint
+    materialize(model, "cpu")  # buffers (rope) and the tied head; every parameter is then loaded
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     set_model_state_dict(model, state["model"])

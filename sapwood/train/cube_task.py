@@ -42,6 +42,12 @@ from sapwood.model.cube import encode_array, grid_area, grid_digest, grid_valid
 from sapwood.physics import Geometry, physics_loss, violations
 
 SIGMA_COORDINATE = "atmosphere_sigma_coordinate"
+STATS_BLOCK = 64  # frames read at once for the normalization statistics
+PHYSICS_NAMES = {  # CF standard_name -> the name sapwood.physics uses, and whether the variable has levels
+    "air_temperature": ("T", True), "eastward_wind": ("u", True), "northward_wind": ("v", True),
+    "specific_humidity": ("q", True), "air_density": ("rho", True), "geopotential_height": ("zg", True),
+    "surface_air_pressure": ("ps", False),
+}
 CONSTRAINT_NEEDS = {"mass": ("ps",), "water": ("ps", "q"), "energy": ("ps", "T"), "momentum": ("ps", "u"),
                     "thermo": ("ps", "T")}
 
@@ -55,7 +61,8 @@ def store_grid(store: CubeStore) -> CubeGrid:
                     levels=store.levels.tolist(), vertical=vertical.get("standard_name", ""),
                     curvilinear=store.curvilinear, global_grid=store.global_grid,
                     area=encode_array(store.area), valid=encode_array(store.valid, bits=True),
-                    digest=grid_digest(store.lat, store.lon, store.levels, store.area))
+                    digest=grid_digest(store.lat, store.lon, store.levels, store.area),
+                    standard_names={v["name"]: v["standard_name"] for v in store.variables if v.get("standard_name")})
 
 
 def fill_from_store(cube: CubeModelConfig, store: CubeStore) -> None:
@@ -114,14 +121,17 @@ def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -
     diff_sum, diff_sq, pairs = np.zeros(store.shape[1]), np.zeros(store.shape[1]), 0
     for run, start, stop in windows:
         first = int(store.run_rows[run])
-        block = np.asarray(frames[first + start:first + stop], dtype=np.float64) * valid
-        total += block.sum(axis=(0, 2, 3))
-        total_sq += (block**2).sum(axis=(0, 2, 3))
-        count += block.shape[0]
-        diff = block[1:] - block[:-1]
-        diff_sum += diff.sum(axis=(0, 2, 3))
-        diff_sq += (diff**2).sum(axis=(0, 2, 3))
-        pairs += diff.shape[0]
+        for begin in range(start, stop - 1, STATS_BLOCK):
+            end = min(stop, begin + STATS_BLOCK + 1)  # one frame of overlap for the tendency across blocks
+            block = np.asarray(frames[first + begin:first + end], dtype=np.float64) * valid
+            states = block if end == stop else block[:-1]  # each frame counted once
+            total += states.sum(axis=(0, 2, 3))
+            total_sq += (states**2).sum(axis=(0, 2, 3))
+            count += states.shape[0]
+            diff = block[1:] - block[:-1]
+            diff_sum += diff.sum(axis=(0, 2, 3))
+            diff_sq += (diff**2).sum(axis=(0, 2, 3))
+            pairs += diff.shape[0]
     mean = total / (count * cells)
     std = np.sqrt(np.maximum(total_sq / (count * cells) - mean**2, 0))
     std = np.where(std > 0, std, 1.0)
@@ -146,9 +156,31 @@ def cell_weights(cube: CubeModelConfig, device: torch.device | str = "cpu") -> t
     return torch.as_tensor(weights, dtype=torch.float32, device=device)
 
 
+def physics_view(cube: CubeModelConfig) -> CubeModelConfig:
+    """The cube with its variables under the names :mod:`sapwood.physics` uses (``T``, ``u``, ``v``, ``q``,
+    ``ps``, ``rho``, ``zg``), found by CF standard_name where the store's names differ (e.g. ``ta`` or ``sp``);
+    the channel layout is unchanged. A name already taken, or a variable with the wrong dimensionality (a 2-D
+    ``air_temperature`` at 2 m), is left as it is."""
+    if cube.grid is None or not cube.grid.standard_names:
+        return cube
+    renamed = {}
+    taken = set(cube.variables)
+    for name in cube.variables:
+        canonical, layered = PHYSICS_NAMES.get(cube.grid.standard_names.get(name, ""), (None, False))
+        if canonical and canonical not in taken and layered == (name not in cube.surface_variables):
+            renamed[name] = canonical
+            taken.add(canonical)
+    if not renamed:
+        return cube
+    return cube.model_copy(update={"variables": [renamed.get(n, n) for n in cube.variables],
+                                   "surface_variables": [renamed.get(n, n) for n in cube.surface_variables]})
+
+
 def physics_support(cube: CubeModelConfig) -> dict[str, str]:
     """Each constraint of :mod:`sapwood.physics` -> ``"applied"`` or ``"skipped: <reason>"`` for this grid and
-    these variables (the budgets need ``ps`` and sigma levels on an unmasked global grid)."""
+    these variables (the budgets need ``ps`` and sigma levels on an unmasked global grid; variables are matched
+    by name or CF standard_name, :func:`physics_view`)."""
+    cube = physics_view(cube)
     grid = cube.grid
     reason = None
     if grid is not None:
@@ -177,6 +209,7 @@ def store_geometry(cube: CubeModelConfig, device: torch.device | str = "cpu") ->
     cell areas from the store's coordinates; the simulator's grid when the config carries none."""
     if not any(v == "applied" for v in physics_support(cube).values()):
         return None
+    cube = physics_view(cube)
     if cube.grid is None:
         return Geometry.default(cube, device)
     sigma = np.asarray(cube.grid.levels, dtype=np.float64) if cube.grid.levels else np.asarray([0.5])

@@ -34,6 +34,7 @@ from torch import nn
 from sapwood.config import Config
 from sapwood.errors import ConfigError, SapwoodError, SapwoodWarning
 from sapwood.model import save_folder
+from sapwood.model.folder import materialize
 from sapwood.train import checkpoint as ckpt
 from sapwood.train.activation import apply_activation_checkpointing
 from sapwood.train.callbacks import Callback, callbacks_from_config
@@ -83,13 +84,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def retie_embeddings(model: nn.Module) -> None:
-    """``to_empty`` unties shared parameters; tie the head to the embedding again when configured."""
-    cfg = getattr(model, "cfg", None)
-    if getattr(cfg, "tied_embeddings", False) and getattr(model, "output", None) is not None:
-        model.output.weight = model.tok_embeddings.weight
-
-
 def apply_parallelism(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
     """THE parallelism hook, applied on the meta-device model before it is materialized.
 
@@ -111,10 +105,7 @@ def build_model(task: Task, config: Config, device: torch.device) -> nn.Module:
     with torch.device("meta"):
         model = task.build_model(config)
     model = apply_parallelism(model, config, device)
-    model.to_empty(device=device)
-    retie_embeddings(model)
-    with torch.no_grad():
-        model.init_weights()
+    materialize(model, device)
     if config.train is not None and config.train.precision == "bf16-pure":
         cast_parameters(model, DTYPES["bf16-pure"])
     return model
@@ -250,9 +241,8 @@ class Trainer:
                     self._build(config)
                 self.config = config
                 state = ckpt.load_checkpoint(folder, self.model, self._checkpointed_optimizer())
-            except Exception as exc:  # corrupt in a way the manifest did not catch
-                warnings.warn(f"skipping checkpoint {folder}: {type(exc).__name__}: {exc}", SapwoodWarning,
-                              stacklevel=2)
+            except ckpt.CheckpointDamaged as exc:  # damaged in a way the manifest did not catch
+                warnings.warn(f"skipping checkpoint {folder}: {exc}", SapwoodWarning, stacklevel=2)
                 self._build(self.config)
                 continue
             self._apply_trainer_state(state)
@@ -429,9 +419,7 @@ class Trainer:
         if self.rank == 0:
             with torch.device("meta"):
                 plain = self.task.build_model(self.config)
-            plain.to_empty(device="cpu")
-            retie_embeddings(plain)
-            plain.load_state_dict(state)
+            materialize(plain, "cpu").load_state_dict(state)
             save_folder(plain, self.config, out, tokenizer_file=self.task.tokenizer_file())
         ckpt.barrier()
         return out

@@ -35,10 +35,6 @@ class DistributedEnv:
     device: torch.device
 
     @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -50,11 +46,6 @@ def env_world_size() -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"WORLD_SIZE={raw!r} is not an integer; launch with torchrun or unset it") from None
-
-
-def default_backend() -> str:
-    """NCCL on a CUDA machine, gloo on a CPU."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistributedEnv:

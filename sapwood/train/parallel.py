@@ -33,6 +33,7 @@ from torch.distributed.tensor.parallel import (
 
 from sapwood.config import Config, ModelConfig
 from sapwood.errors import ConfigError
+from sapwood.model.transformer import tie_head
 from sapwood.train.activation import apply_activation_checkpointing
 from sapwood.train.mesh import ParallelDims, parallel_dims_for
 
@@ -126,7 +127,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         root_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
     parallelize_module(model, tp_mesh, root_plan)
     if tied:
-        model.output.weight = model.tok_embeddings.weight  # both vocab-sharded on dim 0: re-tie the DTensor
+        tie_head(model)  # both vocab-sharded on dim 0: re-tie the DTensor
     attention_inputs = (Shard(1),) + (None,) * 5  # x, cos, sin, kv_cache, layer_index, causal
     block_plan = {
         "attention_norm": SequenceParallel(),
@@ -416,16 +417,3 @@ def full_model_state(model: ParallelModel | nn.Module) -> dict[str, torch.Tensor
         dist.all_gather_object(pieces, state, group=pipeline.dims.submesh("pp").get_group())
         state = {name: tensor for piece in pieces for name, tensor in piece.items()}
     return state
-
-
-def local_tensor_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters this rank actually holds (local shards of DTensors)."""
-    total = 0
-    seen: set[int] = set()
-    for param in module.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        local = param.to_local() if isinstance(param, DTensor) else param
-        total += local.numel() * local.element_size()
-    return total

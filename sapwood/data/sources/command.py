@@ -50,7 +50,7 @@ def fetch_command(sources: list[str], out: Path | None, catalogs: list[Path], re
             entry = catalog.entries[name]
             needs = ", ".join(entry.get("credentials", [])) or "no credential"
             console.print(f"{name:28s} {entry.get('protocol', '?'):5s} {entry.get('endpoint', '')}  [{needs}]",
-                          highlight=False, soft_wrap=True)
+                          highlight=False, soft_wrap=True, markup=False)
         return
     if not sources:
         raise SapwoodError("name at least one source (sapwood fetch --list shows the catalog)")
@@ -72,4 +72,5 @@ def fetch_command(sources: list[str], out: Path | None, catalogs: list[Path], re
         state = "cached, nothing fetched" if result.cached else "fetched"
         first = result.files[0] if result.files else out
         console.print(f"{result.source}: {len(result.files)} file(s), {result.bytes / 1e6:.2f} MB ({state}) -> "
-                      f"{first if len(result.files) == 1 else first.parent}", highlight=False, soft_wrap=True)
+                      f"{first if len(result.files) == 1 else first.parent}", highlight=False, soft_wrap=True,
+                      markup=False)

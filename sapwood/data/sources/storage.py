@@ -25,6 +25,7 @@ from typing import Any
 
 import requests
 
+from sapwood import fsutil
 from sapwood.data.sources.reliability import TransientError, check_response
 
 CACHE_FOLDER = ".sapwood-fetch"
@@ -55,21 +56,11 @@ def resume_offset(part: Path, origin: dict[str, Any]) -> int:
     return part.stat().st_size
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def commit(tmp: Path, dest: Path) -> Path:
     """Make ``tmp`` durable and rename it to ``dest`` in one step."""
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
+    fsutil.fsync_file(tmp)
     os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+    fsutil.fsync_dir(dest.parent)
     return dest
 
 
