@@ -87,11 +87,13 @@ def simulate(
     dtype: str = typer.Option("float32", help="float32 or float64"),
     planets: Path = typer.Option(None, "--planets", help="exoplanet catalog (CSV/Parquet, e.g. from 'sapwood fetch "
                                  "nasa-exoplanets') to draw the planets from; see sapwood.data.sources.planets"),
+    spinup_days: float = typer.Option(None, "--spinup-days",
+                                      help="days integrated before the first output (default: relaxed, ~24 d for Earth)"),
 ) -> None:
     """Simulate an ensemble of planets and write CF NetCDF datacubes (see sapwood.data.simulate)."""
     from sapwood.data.simulate import Grid, simulate_ensemble
 
-    grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, dt_hours=dt_hours)
+    grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, dt_hours=dt_hours, spinup_days=spinup_days)
     drawn = None
     if planets is not None:
         from sapwood.data.sources.planets import draw_planets, planet_params, write_provenance
@@ -488,11 +490,12 @@ def bench_physics(
     runs: int = typer.Option(24, help="simulated planets for the trained surrogates"),
     skip_training: bool = typer.Option(False, "--skip-training", help="only the speed comparison"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    repeats: int = typer.Option(21, help="paired timing repeats (the ratio's spread is reported)"),
 ) -> None:
     """Unified physics module vs naive separate constraint loops; violations without/with physics loss/projection."""
     from sapwood.bench.physics import run_physics_bench
 
-    run_physics_bench(out, batch, levels, nlat, nlon, train_steps, runs, skip_training, device)
+    run_physics_bench(out, batch, levels, nlat, nlon, train_steps, runs, skip_training, device, repeats)
 
 
 @bench_app.command("predict")

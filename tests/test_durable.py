@@ -228,6 +228,15 @@ def test_a_truncated_file_makes_resume_take_the_previous_checkpoint(tmp_path, na
     assert [p.name for p in candidates] == ["step_00000001"]
 
 
+@pytest.mark.parametrize("manifest", [b"{}", b"\xff\xfe not text", b'{"step": 1, "files": {}}'])
+def test_a_manifest_that_does_not_vouch_for_its_folder_is_skipped(tmp_path, manifest):
+    root = tmp_path / "checkpoints"
+    save(root, 1)
+    (save(root, 2) / ckpt.MANIFEST).write_bytes(manifest)
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000002.*manifest"):
+        assert [p.name for p in ckpt.resume_candidates(root)] == ["step_00000001"]
+
+
 def test_newest_complete_checkpoint_wins_over_a_stale_latest(tmp_path):
     root = tmp_path / "checkpoints"
     save(root, 1)
@@ -330,7 +339,7 @@ def test_cube_store_publish_killed_at_every_step(tmp_path):
     from sapwood.data.simulate import Grid, simulate_ensemble
     from sapwood.data.store import FRAMES_FILE, CubeStore
 
-    runs = simulate_ensemble(tmp_path / "runs", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3), seed=3,
+    runs = simulate_ensemble(tmp_path / "runs", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=3,
                              progress=False)
 
     def rows(folder: Path) -> int:

@@ -117,7 +117,7 @@ def test_fetched_exoplanet_catalog_drives_a_simulated_ensemble(tmp_path, capsys,
         tap.close()
     code, _, err = run_in_process(capsys, "simulate", "--planets", str(tmp_path / "data" / "nasa-exoplanets.csv"),
                                   "--runs", "3", "--out", str(tmp_path / "sim"), "--levels", "2", "--nlat", "8",
-                                  "--nlon", "16", "--times", "2", "--seed", "1")
+                                  "--nlon", "16", "--times", "2", "--seed", "1", "--spinup-days", "1")
     assert code == 0, err
     with open(tmp_path / "sim" / "planets.csv", newline="") as handle:
         drawn = list(csv.DictReader(handle))

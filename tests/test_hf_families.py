@@ -241,6 +241,10 @@ REFUSALS = [
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
     ({"hidden_act": "relu2"}, "hidden_act='relu2' is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mscale": 0.7}}, "yarn mscale=0.7 is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32}},
+     "model.rope_scaling: rope_scaling type 'llama3' needs low_freq_factor and high_freq_factor"),
+    ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 8}},
+     "model: rope_scaling.short_factor has 3 values; needs head_dim // 2 = 8"),
 ]
 
 
@@ -413,7 +417,7 @@ def test_chat_template_renders_with_special_tokens_as_transformers_does(tmp_path
         assert ours.startswith("<|begin_of_text|><|start_header_id|>system")
 
 
-def test_served_requests_take_generation_config_sampling_defaults_for_unset_fields(lm_folder, tmp_path):  # noqa: F811
+def test_served_requests_take_generation_config_sampling_defaults_for_unset_fields(lm_folder, tmp_path):
     """A real server: a request leaving temperature unset gets generation_config.json's (0 here: greedy);
     one that sets it keeps its own."""
     import shutil
@@ -441,3 +445,44 @@ def test_served_requests_take_generation_config_sampling_defaults_for_unset_fiel
     (folder / "generation_config.json").write_text(json.dumps({"temperature": 7.0}))
     with pytest.raises(SapwoodError, match=r"generation_config.json: temperature=7.0: must be in \[0, 2\]"):
         Engine.from_folder(folder)
+
+
+def test_solve_follows_qwen3_head_dim_rule_to_the_published_shape():
+    """Qwen3-0.6B: head_dim 128 with hidden 1024 and 16 heads (q/k/v wider than hidden)."""
+    result = solve(SolveRequest(596_049_920, layers=28, hidden=1024, heads=16, kv_heads=8, head_dim=128,
+                                vocab_size=151936, tied_embeddings=True, family="qwen3"))
+    assert result.params == PUBLISHED_TOTALS["Qwen3-0.6B"] and result.error == 0
+    assert (result.model.ffn, result.model.head_dim, result.model.qk_norm) == (3072, 128, True)
+    with pytest.raises(Exception, match="hidden=1024 with heads=16 gives head_dim=64"):
+        solve(SolveRequest(596_049_920, layers=28, hidden=1024, heads=16, head_dim=128, family="llama"))
+
+
+def test_qwen2_with_use_sliding_window_on_every_layer_round_trips(tmp_path):
+    config = transformers.Qwen2Config(**SHAPE, max_position_embeddings=SERVED, use_sliding_window=True,
+                                      sliding_window=16, max_window_layers=0)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours = sapwood.load(tmp_path / "ours")
+    assert ours.cfg.sliding_window == 16
+    assert logits_diff(hf, ours, SERVED) < 1e-4
+    export_hf(tmp_path / "ours", tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    x = tokens(SERVED)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, hf(x).logits)
+
+
+def test_tensor_parallel_refuses_qk_norm_in_one_line():
+    from sapwood.config import ParallelConfig
+    from sapwood.errors import ConfigError
+    from sapwood.train.mesh import ParallelDims
+    from sapwood.train.parallel import check_parallel_fits_model
+
+    cfg = ModelConfig(vocab_size=96, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, qk_norm=True)
+    with pytest.raises(ConfigError, match="model.qk_norm=true with parallel.tp=2 is not supported"):
+        check_parallel_fits_model(cfg, ParallelDims(ParallelConfig(tp=2), 2))
+    check_parallel_fits_model(cfg, ParallelDims(ParallelConfig(dp_shard=2), 2))
+    check_parallel_fits_model(cfg.model_copy(update={"qk_norm": False, "qkv_bias": True}),
+                              ParallelDims(ParallelConfig(tp=2), 2))

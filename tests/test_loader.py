@@ -15,7 +15,7 @@ from sapwood.errors import SapwoodError
 
 @pytest.fixture(scope="module")
 def store(make_cube_store):
-    return make_cube_store(runs=4, grid=Grid(levels=2, nlat=8, nlon=16, times=13), seed=2)
+    return make_cube_store(runs=4, grid=Grid(levels=2, nlat=8, nlon=16, times=13, spinup_days=1), seed=2)
 
 
 def signature(batch) -> list[tuple[int, int]]:

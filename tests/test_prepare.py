@@ -18,7 +18,7 @@ from sapwood.data.simulate import Grid, simulate_ensemble
 from sapwood.data.store import CubeStore
 from sapwood.errors import SapwoodError
 
-GRID = Grid(levels=3, nlat=8, nlon=16, times=6)
+GRID = Grid(levels=3, nlat=8, nlon=16, times=6, spinup_days=1)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,8 @@ def test_bad_inputs_are_named_skipped_and_lose_nothing_else(runs, tmp_path):
     write_variant(runs[2], folder / "inf.nc", lambda ds: ds["q"].__setitem__((2, 1, 3, 4), np.inf))
     write_variant(runs[2], folder / "units.nc", lambda ds: ds["T"].setncattr("units", "degC"))
     write_variant(runs[2], folder / "time_order.nc", lambda ds: ds["time"].__setitem__(slice(None), ds["time"][::-1]))
-    simulate_ensemble(tmp_path / "other", runs=1, grid=Grid(levels=3, nlat=10, nlon=16, times=4), progress=False)
+    simulate_ensemble(tmp_path / "other", runs=1, grid=Grid(levels=3, nlat=10, nlon=16, times=4, spinup_days=1),
+                      progress=False)
     shutil.copy(tmp_path / "other" / "run_0000.nc", folder / "wrong_shape.nc")
 
     report = prepare([folder], tmp_path / "store", progress=False)

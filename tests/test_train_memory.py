@@ -202,3 +202,15 @@ def test_tensorboard_option_writes_the_logged_scalars(tokens_dir, tmp_path):
     scalars = {e.step: e.value for e in events.Scalars("train/loss")}
     assert scalars == pytest.approx(logged, rel=1e-6) and sorted(scalars) == [1, 2, 3]
     assert [e.step for e in events.Scalars("eval/val_loss")] == [3]
+
+
+@pytest.mark.parametrize("plan", [{"tp": 2}, {"pp": 2}])
+def test_cube_surrogate_with_tensor_or_pipeline_parallel_is_one_line_error(tmp_path, plan):
+    from sapwood.config import CubeModelConfig, ParallelConfig, TrainConfig
+
+    config = Config(model=dict(MODEL, vocab_size=1), cube=CubeModelConfig(levels=3, lat=8, lon=16, patch=2),
+                    parallel=ParallelConfig(**plan), train=TrainConfig(task="cube", steps=1, out_dir=str(tmp_path)))
+    with pytest.raises(ConfigError) as info:
+        Trainer(config)
+    message = str(info.value)
+    assert "cube surrogate" in message and "tp: 1 and pp: 1" in message and "\n" not in message

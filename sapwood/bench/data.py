@@ -82,7 +82,7 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
     length = batch_size // 4
     segments_needed = 4 * (batches + 1)
     runs = max(2, math.ceil(segments_needed / 2))
-    grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=2 * length + 1)
+    grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=2 * length + 1, spinup_days=0)  # bytes, not climate
     store = ensure_data(work, grid, runs, progress)
     files = sorted((work / "runs").glob("run_*.nc"))
     loader = CubeLoader(store, batch_size=batch_size, segments_per_batch=4, seed=0)

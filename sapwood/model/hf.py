@@ -56,7 +56,7 @@ import torch
 from safetensors import safe_open
 
 from sapwood import fsutil
-from sapwood.config import FAMILY_OPTIONS, Config, ModelConfig, RopeScaling, load_config, validate
+from sapwood.config import FAMILY_OPTIONS, Config, ModelConfig, load_config, validate
 from sapwood.errors import SapwoodError
 from sapwood.model.folder import INDEX, WEIGHTS, read_weights, write_folder_files, write_weights
 from sapwood.model.transformer import Decoder
@@ -134,6 +134,9 @@ def split_fused(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     out = {}
     for name, tensor in state.items():
         if ".self_attn.qkv_proj." in name:
+            if tensor.shape[0] != sum(sizes):
+                raise SapwoodError(f"tensor {name!r} has {tensor.shape[0]} rows; config.json's heads give "
+                                   f"q + k + v = {sum(sizes)}")
             for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes), strict=True):
                 out[name.replace("qkv_proj", part)] = piece
         elif ".mlp.gate_up_proj." in name:
@@ -161,8 +164,9 @@ def fuse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --- config mapping -----------------------------------------------------------------------------
 
 
-def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling, int, int]:
-    """(rope_theta, scaling, trained_context, max_context) of an HF config (v4 or v5 layout)."""
+def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any], int, int]:
+    """(rope_theta, rope_scaling mapping, trained_context, max_context) of an HF config (v4 or v5 layout);
+    the mapping is validated with the rest of the model config (one-line errors naming the field)."""
     params = dict(hf.get("rope_parameters") or {})
     legacy = dict(hf.get("rope_scaling") or {})
     params = {**legacy, **params}
@@ -178,9 +182,9 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling, i
     trained = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
                   or max_positions)
     if kind == "default":
-        return theta, RopeScaling(), max_positions, max_positions
+        return theta, {}, max_positions, max_positions
     if kind == "linear":
-        return theta, RopeScaling(type="linear", factor=float(params["factor"])), max_positions, max_positions
+        return theta, {"type": "linear", "factor": params.get("factor")}, max_positions, max_positions
     if kind == "yarn":
         for unsupported in ("mscale", "mscale_all_dim"):
             if params.get(unsupported) is not None:
@@ -188,24 +192,18 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling, i
                                    "only attention_factor or the default 0.1*ln(factor)+1")
         if params.get("truncate", True) is False:
             raise SapwoodError(f"{where}: yarn truncate=false is not supported; only truncate=true")
-        factor = float(params.get("factor") or max_positions / trained)
-        scaling = RopeScaling(type="yarn", factor=factor, beta_fast=float(params.get("beta_fast") or 32.0),
-                              beta_slow=float(params.get("beta_slow") or 1.0),
-                              attention_factor=params.get("attention_factor"))
-        return theta, scaling, trained, max(max_positions, trained)
-    if kind == "llama3":
-        scaling = RopeScaling(type="llama3", factor=float(params["factor"]),
-                              low_freq_factor=float(params["low_freq_factor"]),
-                              high_freq_factor=float(params["high_freq_factor"]))
-        return theta, scaling, trained, max(max_positions, trained)
-    if kind == "longrope":
-        factor = float(params.get("factor") or max(1.0, max_positions / trained))
-        scaling = RopeScaling(type="longrope", factor=factor, short_factor=[float(x) for x in params["short_factor"]],
-                              long_factor=[float(x) for x in params["long_factor"]],
-                              attention_factor=params.get("attention_factor"))
-        return theta, scaling, trained, max(max_positions, trained)
-    raise SapwoodError(f"{where}: rope type {kind!r} has no sapwood equivalent; supported: default, linear, yarn, "
-                       "llama3, longrope")
+        scaling = {"type": "yarn", "factor": params.get("factor") or max_positions / trained,
+                   "beta_fast": params.get("beta_fast") or 32.0, "beta_slow": params.get("beta_slow") or 1.0,
+                   "attention_factor": params.get("attention_factor")}
+    elif kind == "llama3":
+        scaling = {"type": "llama3", **{k: params.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor")}}
+    elif kind == "longrope":
+        scaling = {"type": "longrope", "factor": params.get("factor") or max(1.0, max_positions / trained),
+                   **{k: params.get(k) for k in ("short_factor", "long_factor", "attention_factor")}}
+    else:
+        raise SapwoodError(f"{where}: rope type {kind!r} has no sapwood equivalent; supported: default, linear, yarn, "
+                           "llama3, longrope")
+    return theta, {k: v for k, v in scaling.items() if v is not None}, trained, max(max_positions, trained)
 
 
 def _sliding_window_from_hf(hf: dict[str, Any], model_type: str, where: str) -> int | None:
@@ -275,7 +273,7 @@ def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_C
         "rope_theta": theta,
         "trained_context": trained_context,
         "max_context": max_context,
-        "rope_scaling": scaling.model_dump(exclude_none=True),
+        "rope_scaling": scaling,
         "tied_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "init_std": float(hf.get("initializer_range", 0.02)),
         "hf_model_type": model_type,

@@ -96,7 +96,7 @@ def measure_training_step(
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         tracker = MemTracker()
         tracker.track_external(model, *optimizers)
-        with tracker:
+        with tracker, fused_attention():
             for step in range(2):
                 with autocast:
                     if loss_chunk is not None:
@@ -131,3 +131,32 @@ def _warm_code_books() -> None:
     for module in (subclass_8bit, subclass_4bit):
         module.get_qmap_signed()
         module.get_qmap_unsigned()
+
+
+def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False):
+    """``scaled_dot_product_attention`` through the CPU flash-attention kernel: it keeps the output and
+    the log-sum-exp rows for backward, as the CUDA flash / memory-efficient kernels do."""
+    if attn_mask is not None:
+        raise ConfigError("the measured step has an attention mask; the fused kernels take causal masking only")
+    if enable_gqa and key.shape[1] != query.shape[1]:
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    out, _logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, scale=scale)
+    return out
+
+
+@contextlib.contextmanager
+def fused_attention():
+    """Within it, ``F.scaled_dot_product_attention`` is the flash kernel. On fake tensors the CPU
+    dispatcher may pick the math kernel, which would keep an ``s x s`` score matrix per head; a GPU
+    run uses flash or memory-efficient attention (asserted by ``sapwood.train`` on CUDA)."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _flash_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original

@@ -220,8 +220,12 @@ def pipeline_in_flight(parallel: ParallelConfig, pp_rank: int = 0) -> int:
 
 
 # Bytes per element of the [tokens x vocab] logits at the loss: the fp32 logits and their
-# log-softmax (kept for backward), plus the 16-bit matmul output (fp32 runs: the gradient instead).
-LOGIT_BYTES = {"fp32": 12, "bf16": 10, "fp16": 10, "bf16-pure": 10}
+# log-softmax (kept for backward), plus the 16-bit matmul output when the head runs in 16 bit.
+LOGIT_BYTES = {"fp32": 8, "bf16": 10, "fp16": 10, "bf16-pure": 10}
+# fp32 temporaries of one tensor's AdamW step run eagerly (the weight, gradient, both moments
+# dequantized, their updates, the denominator): alive during backward when the step runs in it.
+# A compiled step (CUDA) fuses them away, so this is the bound for the CPU / eager step.
+STEP_TEMPORARY_COPIES = 10
 
 
 @dataclass
@@ -235,10 +239,12 @@ class MemoryPlan:
     ``logits``: the loss's ``[tokens x vocab / tp]`` logits (:data:`LOGIT_BYTES` per element; one
     chunk of ``loss_chunk`` tokens when the loss is chunked) on the last stage. ``grads``: gradients
     alive at once: all of them, or with ``optimizer_in_backward`` only the largest tensor's.
+    ``step_temporaries``: with ``optimizer_in_backward``, the eager step's fp32 temporaries of the
+    largest tensor (:data:`STEP_TEMPORARY_COPIES`), alive inside backward.
 
     The peak is the larger of two moments of the step: the loss (weights, optimizer state, stored
     activations and the logits; the gradients of the previous step are freed) and the end of backward
-    (every live gradient and the stored activations): :attr:`total`.
+    (every live gradient, step temporaries and the stored activations): :attr:`total`.
     """
 
     precision: str
@@ -256,11 +262,12 @@ class MemoryPlan:
     logits: int = 0
     optimizer_in_backward: bool = False
     loss_chunk: int | None = None
+    step_temporaries: int = 0
 
     @property
     def total(self) -> int:
         resident = self.weights + self.optimizer_state + self.compute_copy + self.activations
-        return resident + max(self.logits, self.grads)
+        return resident + max(self.logits, self.grads + self.step_temporaries)
 
 
 def memory_plan(
@@ -302,12 +309,15 @@ def memory_plan(
         if pp_rank == parallel.pp - 1:
             tokens = seq * micro_batch if loss_chunk is None else min(loss_chunk, seq * micro_batch)
             logits = tokens * cfg.vocab_size / parallel.tp * LOGIT_BYTES[precision]
-        grads = state.grads
+        grads, step_temporaries = state.grads, 0
         if optimizer_in_backward and held:
-            grads = max(n for _, n in held) * weight_bytes_per_param(precision)
+            largest = max(n for _, n in held)
+            grads = largest * weight_bytes_per_param(precision)
+            eager_step = optimizer != "adamw" or precision == "bf16-pure"  # torchao's step, not torch's fused one
+            step_temporaries = STEP_TEMPORARY_COPIES * 4 * largest if eager_step else 0
         plan = MemoryPlan(precision, optimizer, checkpointing, seq, micro_batch, state.weights, grads,
                           state.optimizer, int(compute_copy), int(activations), pp_rank, per_layer, int(logits),
-                          optimizer_in_backward, loss_chunk)
+                          optimizer_in_backward, loss_chunk, step_temporaries)
         if best is None or plan.total > best.total:
             best = plan
     assert best is not None

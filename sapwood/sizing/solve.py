@@ -69,7 +69,7 @@ def _check_request(req: SolveRequest) -> None:
         raise ConfigError(f"head_dim={req.head_dim} is not a multiple of 8")
     if req.heads and req.kv_heads and req.heads % req.kv_heads:
         raise ConfigError(f"heads={req.heads} is not divisible by kv_heads={req.kv_heads}; kv_heads must divide heads")
-    if req.hidden and req.heads:
+    if req.hidden and req.heads and not _decoupled_head_dim(req):
         head_dim = req.hidden / req.heads
         if req.hidden % req.heads or head_dim % 8 or (req.head_dim and head_dim != req.head_dim):
             step = req.heads * 8
@@ -78,8 +78,15 @@ def _check_request(req: SolveRequest) -> None:
                               f"of 8; nearest valid hidden: {below} or {above}")
 
 
+def _decoupled_head_dim(req: SolveRequest) -> bool:
+    """Qwen3's shape rule: head_dim (128) is independent of hidden / heads when all three are given."""
+    return req.family == "qwen3" and bool(req.hidden and req.heads and req.head_dim)
+
+
 def _candidate_dims(req: SolveRequest) -> list[tuple[int, int, int]]:
     """(hidden, heads, kv_heads) combinations to try."""
+    if _decoupled_head_dim(req):
+        return [(req.hidden, req.heads, req.kv_heads or req.heads)]
     combos = []
     if req.heads is not None:
         head_dims = [req.hidden // req.heads] if req.hidden else ([req.head_dim] if req.head_dim else range(8, 1025, 8))
@@ -107,7 +114,7 @@ def solve(req: SolveRequest) -> SolveResult:
     embedding_copies = 1 if req.tied_embeddings else 2
     options = FAMILY_OPTIONS[req.family]
     for hidden, heads, kv_heads in _candidate_dims(req):
-        head_dim = hidden // heads
+        head_dim = req.head_dim if _decoupled_head_dim(req) else hidden // heads
         attention = 2 * hidden + hidden * 2 * head_dim * (heads + kv_heads)  # norms + q, k, v, o per layer
         attention += head_dim * (heads + 2 * kv_heads) * options.get("qkv_bias", False)
         attention += 2 * head_dim * options.get("qk_norm", False)
@@ -126,7 +133,8 @@ def solve(req: SolveRequest) -> SolveResult:
                     nearest = (error, total)
                 if error <= req.tolerance:
                     dims = dict(vocab_size=req.vocab_size, hidden=hidden, layers=layers, heads=heads,
-                                kv_heads=kv_heads, ffn=ffn, tied_embeddings=req.tied_embeddings, **options)
+                                kv_heads=kv_heads, head_dim=head_dim, ffn=ffn, tied_embeddings=req.tied_embeddings,
+                                **options)
                     found.append((_shape_cost(req, layers, hidden, ffn), total, dims))
     if not found:
         best = f"; the nearest valid shape has {nearest[1]:,} params ({nearest[0]:.2%} off)" if nearest else ""

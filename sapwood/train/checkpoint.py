@@ -192,9 +192,14 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "no manifest (the write did not finish)"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # bad JSON or bytes that are not text
         return f"unreadable manifest ({exc})"
-    for name, size in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return "manifest lists no files"
+    if folder.name.startswith(PREFIX) and manifest.get("step") != checkpoint_step(folder):
+        return f"manifest is for step {manifest.get('step')}, not {checkpoint_step(folder)}"
+    for name, size in files.items():
         path = folder / name
         if not path.exists():
             return f"missing file {name}"

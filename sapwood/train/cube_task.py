@@ -215,10 +215,8 @@ def store_geometry(cube: CubeModelConfig, device: torch.device | str = "cpu") ->
     sigma = np.asarray(cube.grid.levels, dtype=np.float64) if cube.grid.levels else np.asarray([0.5])
     edges = np.concatenate([[0.0], (sigma[1:] + sigma[:-1]) / 2, [1.0]])
     area = grid_area(cube)
-    as_tensor = lambda values: torch.as_tensor(values, dtype=torch.float32, device=device)  # noqa: E731
-    return Geometry(cube=cube, sigma=as_tensor(sigma), dsigma=as_tensor(np.diff(edges)),
-                    sigma_edges=as_tensor(edges), lat=as_tensor(np.deg2rad(cube.grid.lat)),
-                    cell_weight=as_tensor(area * 4 * math.pi / area.size), dt_seconds=cube.dt_hours * 3600.0)
+    return Geometry.from_grid(cube, edges, np.deg2rad(cube.grid.lat), area * 4 * math.pi / area.size, device,
+                              sigma=sigma)
 
 
 class CubeBatches:
@@ -380,7 +378,7 @@ def data_loss(prediction: torch.Tensor, target: torch.Tensor, tendency_std: torc
 
 
 def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: int = 16, nlon: int = 32,
-                    times: int = 12, seed: int = 0) -> Path:
+                    times: int = 12, seed: int = 0, spinup_days: float | None = None) -> Path:
     """A cube store of a simulated ensemble at ``folder/store`` (built once; NetCDF in ``folder/nc``)."""
     from sapwood.data.cubes import prepare
     from sapwood.data.simulate import Grid, simulate_ensemble
@@ -388,7 +386,7 @@ def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: i
     folder = Path(folder)
     store = folder / "store"
     if not (store / "index.json").exists():
-        grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times)
+        grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, spinup_days=spinup_days)
         simulate_ensemble(folder / "nc", runs=runs, grid=grid, seed=seed, progress=False)
         prepare([folder / "nc"], store, progress=False)
     return store

@@ -126,6 +126,14 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def check_task_parallelism(config: Config) -> None:
+    """One-line :class:`ConfigError` for a task whose model the tensor / pipeline split cannot take."""
+    par = config.parallel
+    if getattr(config, "cube", None) is not None and (par.tp > 1 or par.pp > 1):
+        raise ConfigError(f"parallel.tp={par.tp}, pp={par.pp}: the cube surrogate trains with data parallelism "
+                          "only (dp_shard / dp_replicate); set tp: 1 and pp: 1")
+
+
 class Trainer:
     """Trains ``config.model`` on ``config.train.task`` with ``config.train`` settings.
 
@@ -136,6 +144,7 @@ class Trainer:
     def __init__(self, config: Config, callbacks: Sequence[Callback] = (), resume: bool = False):
         if config.train is None:
             raise ConfigError("config has no train section; add train: {steps: N, ...}")
+        check_task_parallelism(config)
         self.config = config.model_copy(deep=True)
         self.callbacks = list(callbacks)
         self.device = resolve_device(self.config.train.device)
@@ -282,9 +291,10 @@ class Trainer:
             batch = _to_device(next(self.batches), self.device)
             units += self.task.count_units(batch)
             pipeline = getattr(self.model, "pipeline", None)  # set by sapwood.train.parallel when pp > 1
-            if pipeline is not None:
+            if pipeline is not None:  # the schedule runs backward itself: scale its loss as the scaler would
+                scale = float(self.scaler.scale(torch.ones((), device=self.device)))  # 1 unless fp16
                 with self.precision.autocast():
-                    loss, metrics = pipeline.forward_backward(*batch, loss_scale=1.0 / self.accumulation), {}
+                    loss, metrics = pipeline.forward_backward(*batch, loss_scale=scale / self.accumulation), {}
             elif in_backward:
                 with self.precision.autocast():
                     loss, metrics = self.task.loss(self.model, batch)

@@ -53,6 +53,9 @@ def check_parallel_fits_model(cfg: ModelConfig, dims: ParallelDims) -> None:
             if value % tp:
                 raise ConfigError(f"model.{name}={value} is not divisible by parallel.tp={tp}; "
                                   f"tensor parallel needs {name} to be a multiple of tp")
+        if cfg.qk_norm:
+            raise ConfigError(f"model.qk_norm=true with parallel.tp={tp} is not supported (the q/k norm gains would "
+                              "see only each rank's heads); use tp: 1 with dp_shard for this model")
     if pp > 1:
         stages = pp * (2 if dims.parallel.pp_schedule == "interleaved_1f1b" else 1)
         if cfg.layers < stages:
