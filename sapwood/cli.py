@@ -22,12 +22,14 @@ console = Console()
 
 
 @app.command()
-def create(preset: str, out: Path = typer.Option(..., "--out", help="checkpoint folder to write")) -> None:
+def create(preset: str, out: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
+           force: bool = typer.Option(False, "--force", help="replace --out when it already holds files")) -> None:
     """Write an initialized checkpoint folder for PRESET (a preset name or YAML)."""
     from sapwood.config import load_config
     from sapwood.model import build_model, save_folder
     from sapwood.sizing import check_create_fits
 
+    refuse_existing_out(out, force)
     config = load_config(preset)
     check_create_fits(config)  # refuses before anything is allocated
     model = build_model(config)
@@ -36,11 +38,16 @@ def create(preset: str, out: Path = typer.Option(..., "--out", help="checkpoint 
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="folder for everything the demo writes")) -> None:
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="folder for everything the demo writes (a rerun "
+                             "replaces the earlier demo there)"),
+    only: str = typer.Option(None, "--only", help="comma-separated stages: sizing, lm, serving, cubes, surrogate "
+                             "(serving needs lm, surrogate needs cubes, run before)"),
+) -> None:
     """Run the whole pipeline end to end on embedded defaults (CPU, minutes)."""
     from sapwood.demo import run_demo
 
-    run_demo(out)
+    run_demo(out, [name.strip() for name in only.split(",") if name.strip()] if only else None)
 
 
 @app.command("import-hf")
@@ -57,21 +64,24 @@ def import_hf_command(
 
 
 @app.command("export-hf")
-def export_hf_command(folder: Path, out: Path = typer.Option(..., "--out", help="Hugging Face folder to write")) -> None:
+def export_hf_command(folder: Path, out: Path = typer.Option(..., "--out", help="Hugging Face folder to write"),
+                      force: bool = typer.Option(False, "--force", help="replace --out when it already holds files"),
+                      ) -> None:
     """Write a sapwood checkpoint folder as one transformers loads (Llama, Qwen2, Qwen3 or Phi3 by its options)."""
     from sapwood.model.hf import export_hf
 
+    refuse_existing_out(out, force)
     console.print(f"wrote {export_hf(folder, out)}")
 
 
 @app.command()
 def simulate(
     out: Path = typer.Option(..., "--out", help="folder for the NetCDF files (run_NNNN.nc)"),
-    runs: int = typer.Option(4, help="ensemble members (planets)"),
+    runs: int = typer.Option(8, help="ensemble members (planets)"),
     times: int = typer.Option(24, help="output times per run"),
-    levels: int = typer.Option(8, help="sigma layers"),
-    nlat: int = typer.Option(32, help="latitudes"),
-    nlon: int = typer.Option(64, help="longitudes"),
+    levels: int = typer.Option(4, help="sigma layers (the cube-tiny preset's grid: 4 x 16 x 32)"),
+    nlat: int = typer.Option(16, help="latitudes"),
+    nlon: int = typer.Option(32, help="longitudes"),
     dt_hours: float = typer.Option(6.0, help="hours between outputs"),
     seed: int = typer.Option(0, help="seed of the planet draw"),
     dtype: str = typer.Option("float32", help="float32 or float64"),
@@ -141,14 +151,24 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
 ) -> None:
     """Train a model from a YAML config; checkpoints, metrics.jsonl, loss.png and final/ go to train.out_dir."""
+    import math
+
     from sapwood.config import load_config
+    from sapwood.train.loop import TrainingInterrupted
     from sapwood.train.loop import train as run_training
     from sapwood.train.mesh import shutdown_distributed
 
-    summary = run_training(load_config(config), resume=resume)
+    try:
+        summary = run_training(load_config(config), resume=resume)
+    except TrainingInterrupted as exc:
+        shutdown_distributed()
+        hint = f"sapwood train {config} --resume" if exc.checkpoint else f"sapwood train {config}"
+        print(f"{exc}; to continue: {hint}", file=sys.stderr)
+        raise SystemExit(130) from None
     shutdown_distributed()  # under torchrun: process groups go now, not at interpreter exit
-    shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()}
-    console.print(" ".join(f"{k}={v}" for k, v in shown.items()))
+    shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()
+             if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
+    console.print(" ".join(f"{k}={v}" for k, v in shown.items()), soft_wrap=True)
 
 
 @app.command()
@@ -157,7 +177,8 @@ def size(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     precision: str = typer.Option(None, help="fp32, bf16, fp16 or bf16-pure (default: train.precision, else bf16)"),
     optimizer: str = typer.Option("adamw", help="adamw, adamw8bit or sgd"),
-    checkpointing: str = typer.Option(None, help="activation checkpointing: none, selective or full"),
+    checkpointing: str = typer.Option(None, help="activation checkpointing as in the YAML: none, every_layer or "
+                                      "every_k (counted as every_layer); also selective (attention core only)"),
     seq: int = typer.Option(None, help="tokens per sequence (default: model.trained_context)"),
     micro_batch: int = typer.Option(None, help="sequences per micro-batch (default: train.micro_batch_size, else 1)"),
     optimizer_in_backward: bool = typer.Option(None, "--optimizer-in-backward/--no-optimizer-in-backward",
@@ -205,7 +226,10 @@ def solve(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     family: str = typer.Option("llama", help="HF family whose options are counted: llama, mistral, qwen2, qwen3, phi3"),
 ) -> None:
-    """The valid config (head_dim a multiple of 8, ffn a multiple of 64) nearest to --params."""
+    """The valid config (head_dim a multiple of 8, ffn a multiple of 64) nearest to --params.
+
+    Prints YAML (a model: section, headlines as comments): `sapwood solve ... > model.yaml`.
+    """
     import json
 
     import yaml
@@ -221,11 +245,11 @@ def solve(
     if as_json:
         print(json.dumps({"params_total": result.params, "relative_error": result.error, "model": model}))
         return
-    console.print(f"{result.params:,} parameters ({result.error:+.2e} relative to {params:g})")
-    console.print(yaml.safe_dump({"model": model}, sort_keys=False).rstrip())
-    for total, alt in result.alternatives:
-        console.print(f"  also within tolerance: {total:,} layers={alt.layers} hidden={alt.hidden} heads={alt.heads} "
-                      f"kv_heads={alt.kv_heads} ffn={alt.ffn}")
+    lines = [f"# {result.params:,} parameters ({result.error:+.2e} relative to {params:g})"]
+    lines += [f"# also within tolerance: {total:,} layers={alt.layers} hidden={alt.hidden} heads={alt.heads} "
+              f"kv_heads={alt.kv_heads} ffn={alt.ffn}" for total, alt in result.alternatives]
+    print("\n".join(lines))  # YAML comments, so stdout stays one YAML document for a pipe
+    print(yaml.safe_dump({"model": model}, sort_keys=False).rstrip())
 
 
 def _show_bench(results: list, path: Path | None = None) -> None:
@@ -348,7 +372,7 @@ def bench_context(
 def grow(
     folder: Path = typer.Argument(..., help="checkpoint folder to grow"),
     out: Path = typer.Option(..., "--out", help="folder for the grown checkpoint"),
-    to: Path | None = typer.Option(None, "--to", help="grow towards the model shape of this config/preset"),
+    to: Path | None = typer.Option(None, "--to", help="grow towards this model shape: preset, config, or only the changed fields"),
     layers: int | None = typer.Option(None, "--layers", help="total blocks after growth"),
     hidden: int | None = typer.Option(None, "--hidden", help="residual width after growth"),
     ffn: int | None = typer.Option(None, "--ffn", help="SwiGLU units per block after growth"),
@@ -358,11 +382,17 @@ def grow(
     depth_init: str = typer.Option("identity", "--depth-init", help="new blocks: identity or stack (copies)"),
     random_init: bool = typer.Option(False, "--random-init", help="random new parts (NOT function-preserving)"),
     seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="replace --out when it already holds files"),
 ) -> None:
-    """Grow a checkpoint (function-preserving) by per-operator sizes or towards --to CONFIG."""
+    """Grow a checkpoint (function-preserving) by per-operator sizes or towards --to CONFIG.
+
+    --to takes a preset, a config with a model: section, or a YAML of only the fields that change
+    (e.g. `layers: 8`); unchanged fields come from FOLDER.
+    """
     from sapwood.grow.folder import grow_folder
     from sapwood.grow.plan import GrowthRequest
 
+    refuse_existing_out(out, force)
     sizes = {"layers": layers, "hidden": hidden, "ffn": ffn, "heads": heads, "kv_heads": kv_heads}
     request = GrowthRequest(**sizes, layer_position=position, depth_init=depth_init,
                             function_preserving=not random_init)
@@ -531,10 +561,64 @@ def fetch(
                   verbose)
 
 
+@bench_app.command("list")
+def bench_list() -> None:
+    """The benchmark suites, one a line: name and what it measures."""
+    import click
+
+    group = typer.main.get_command(bench_app)
+    context = click.Context(group)
+    for name in group.list_commands(context):
+        if name != "list":
+            console.print(f"{name:10} {group.get_command(context, name).get_short_help_str(100)}",
+                          markup=False, highlight=False)
+
+
+def refuse_existing_out(out: Path, force: bool) -> None:
+    """An existing non-empty ``--out`` is replaced only with ``--force``."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise SapwoodError(f"--out {out} already exists and is not empty; pass --force to replace it "
+                           "or choose another folder")
+
+
+@app.callback()
+def _global_options(
+    verbose: bool = typer.Option(False, "--verbose", help="also show third-party warnings (torch, ...)"),
+) -> None:
+    quiet_warnings(verbose)
+
+
 # --- commands are added above this line, one per concept, each delegating to its module ---
 
 
+def quiet_warnings(verbose: bool) -> None:
+    """Hide third-party UserWarning/FutureWarning/DeprecationWarning unless ``--verbose`` (or python -W);
+    sapwood's own warnings (:class:`sapwood.errors.SapwoodWarning`) stay visible."""
+    import os
+    import warnings
+
+    from sapwood.errors import SapwoodWarning
+
+    if verbose or sys.warnoptions or os.environ.get("RANK", "0") != "0":
+        return
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("default", category=SapwoodWarning)
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun only rank 0 writes console output; the other ranks still report errors on stderr."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        import warnings
+
+        warnings.simplefilter("ignore")
+
+
 def main(argv: list[str] | None = None) -> None:
+    quiet_other_ranks()
     try:
         app(args=argv, standalone_mode=True)
     except SapwoodError as exc:

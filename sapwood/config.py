@@ -8,6 +8,9 @@ One root :class:`Config` holds sections; a preset (``sapwood/presets/NAME.yaml``
 
 from __future__ import annotations
 
+import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -368,6 +371,23 @@ class Config(Section):
     cube: CubeModelConfig | None = None
     growth: GrowthConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _cube_store_in_cube_section(cls, data: Any) -> Any:
+        """A cube model reads its store from ``cube.data``; ``data:`` is the text task's token folder."""
+        if isinstance(data, dict) and isinstance(data.get("data"), dict):
+            store = data["data"].get("path", "STORE")
+            if data.get("cube") is not None or data["data"].get("kind") == "cube":
+                raise ValueError(f"a datacube model reads its store from cube.data, not data:; write "
+                                 f"`cube: {{data: {store}}}` (a store from `sapwood prepare`) and remove data:")
+        return data
+
+    @model_validator(mode="after")
+    def _cube_task_by_default(self) -> Config:
+        if self.cube is not None and self.train is not None and "task" not in self.train.model_fields_set:
+            self.train.task = "cube"
+        return self
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False))
 
@@ -420,13 +440,77 @@ def raw_config(source: str | Path) -> tuple[dict[str, Any], Path | None]:
     return data, path
 
 
-def format_validation_error(exc: ValidationError, where: str = "") -> str:
-    """One line: the field, the value given, and what is allowed."""
-    err = exc.errors()[0]
+def _section_class(cls: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config section class found by following the field names in ``path`` from ``cls``."""
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        found = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not found:
+            return None
+        cls = found[0]
+    return cls
+
+
+def allowed_keys(cls: type[BaseModel], path: tuple[Any, ...] = ()) -> list[str]:
+    """The keys a YAML mapping may hold at ``path`` (``preset`` too at the top of a :class:`Config`)."""
+    section = _section_class(cls, path)
+    if section is None:
+        return []
+    keys = list(section.model_fields)
+    if section is Config:
+        keys.append("preset")
+    return keys
+
+
+def nearest_key(unknown: str, allowed: list[str]) -> str | None:
+    """The allowed key a misspelt or renamed ``unknown`` most likely meant, or None.
+
+    Spelling (``stepz`` -> ``steps``), initials of the words (``learning_rate`` -> ``lr``), or an
+    allowed key that is one of the words (``num_steps`` -> ``steps``).
+    """
+    close = difflib.get_close_matches(unknown, allowed, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    words = [w for w in re.split(r"[_\-\s.]+", unknown.lower()) if w]
+    initials = "".join(w[0] for w in words)
+    if len(words) > 1 and initials in allowed:
+        return initials
+    contained = [key for key in allowed if key in words]
+    return max(contained, key=len) if contained else None
+
+
+def _unknown_key_message(err: Any, cls: type[BaseModel] | None, where: str) -> str:
+    path = tuple(err["loc"])
+    loc = ".".join(str(p) for p in path)
+    allowed = allowed_keys(cls, path[:-1]) if cls is not None else []
+    prefix = ".".join(str(p) for p in path[:-1] if not isinstance(p, int))
+    suggestion = nearest_key(str(path[-1]), allowed)
+    if suggestion is not None:
+        full = f"{prefix}.{suggestion}" if prefix else suggestion
+        return f"{where}unknown key {loc!r}; did you mean {full!r}?"
+    if allowed:
+        return f"{where}unknown key {loc!r}; allowed keys here: {', '.join(allowed)}"
+    return f"{where}unknown key {loc!r}; remove it (allowed keys are the documented fields)"
+
+
+def format_validation_error(exc: ValidationError, where: str = "", cls: type[BaseModel] | None = None) -> str:
+    """One line: the field, the value given, and what is allowed.
+
+    Unknown keys come first (a misspelt key also makes the real one look missing), with the nearest
+    valid key of ``cls`` (the validated class) at that place.
+    """
+    errors = exc.errors()
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:
+        return _unknown_key_message(unknown[0], cls, where)
+    err = errors[0]
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"{where}unknown key {loc!r}; remove it (allowed keys are the documented fields)"
     if err["type"] == "missing":
         return f"{where}missing required field {loc!r}"
     value = err.get("input")
@@ -439,7 +523,7 @@ def validate(cls: type[BaseModel], data: dict[str, Any], where: str = "") -> Any
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where)) from None
+        raise ConfigError(format_validation_error(exc, where, cls)) from None
 
 
 def load_config(source: str | Path, cls: type[BaseModel] = Config) -> Any:

@@ -10,3 +10,7 @@ class SapwoodError(Exception):
 
 class ConfigError(SapwoodError):
     """An invalid configuration value, file or preset name."""
+
+
+class SapwoodWarning(UserWarning):
+    """A warning meant for the user (shown by the CLI; third-party warnings are shown only with --verbose)."""

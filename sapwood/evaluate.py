@@ -326,18 +326,23 @@ def _plots(out: Path, pred: torch.Tensor, truth: torch.Tensor, state: torch.Tens
 
 
 def print_summary(result: dict[str, Any]) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     advect = "rmse_advective_persistence" in result
-    columns = ["variable", "ACC", "ACC persist", "RMSE", "RMSE persist", "RMSE clim"] + (
-        ["RMSE advect"] if advect else []) + ["skill vs persist", "skill vs clim"]
-    table = Table(*columns)
+    columns = ["var", "ACC", "ACC\npers.", "RMSE", "RMSE\npers.", "RMSE\nclim."] + (
+        ["RMSE\nadvect."] if advect else []) + ["skill\npers.", "skill\nclim."]
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, collapse_padding=True, show_edge=False,
+                  caption="pers. = persistence, clim. = climatology" + (", advect. = advective persistence"
+                                                                         if advect else ""))
+    for column in columns:
+        table.add_column(column, justify="left" if column == "var" else "right", no_wrap=True)
     for name, value in result["acc"].items():
-        row = [name, f"{value:.4f}", f"{result['acc_persistence'][name]:.4f}", f"{result['rmse'][name]:.4g}",
-               f"{result['rmse_persistence'][name]:.4g}", f"{result['rmse_climatology'][name]:.4g}"]
+        row = [name, f"{value:.4f}", f"{result['acc_persistence'][name]:.4f}", f"{result['rmse'][name]:.3g}",
+               f"{result['rmse_persistence'][name]:.3g}", f"{result['rmse_climatology'][name]:.3g}"]
         if advect:
-            row.append(f"{result['rmse_advective_persistence'][name]:.4g}")
+            row.append(f"{result['rmse_advective_persistence'][name]:.3g}")
         row += [f"{result['skill_vs_persistence'][name]:+.3f}", f"{result['skill_vs_climatology'][name]:+.3f}"]
         table.add_row(*row)
     console = Console()
@@ -357,8 +362,52 @@ def print_summary(result: dict[str, Any]) -> None:
         if result[key]:
             shown = ", ".join(f"{k} {v:.3g} {UNITS.get(k, '')}".rstrip() for k, v in result[key].items())
             console.print(f"{key}: {shown}")
+    console.print(skill_sentence(result), highlight=False)
     r = result.get("rollout")
     if r:
-        console.print(f"rollout {r['steps']} steps: final error {r['rmse_std_units'][-1]:.3g} (persistence "
-                      f"{r['persistence'][-1]:.3g}), blow-up step {r['blow_up_step']}, beats persistence until "
-                      f"step {r['beats_persistence_until_step']}")
+        console.print(rollout_sentence(r), highlight=False)
+
+
+def skill_sentence(result: dict[str, Any]) -> str:
+    """What the skill table says, in one sentence: which variables beat persistence, and what that means."""
+    return _persistence_sentence(result) + _climatology_sentence(result)
+
+
+def _climatology_sentence(result: dict[str, Any]) -> str:
+    skill = result.get("skill_vs_climatology") or {}
+    ahead = [name for name, value in skill.items() if value > 0]
+    if not skill:
+        return ""
+    if len(ahead) == len(skill):
+        return (f" It beats the climatology on every variable (skill {min(skill.values()):+.2f} to "
+                f"{max(skill.values()):+.2f}).")
+    return f" It beats the climatology on {len(ahead)} of {len(skill)} variables."
+
+
+def _persistence_sentence(result: dict[str, Any]) -> str:
+    skill = result["skill_vs_persistence"]
+    ahead = [name for name, value in skill.items() if value > 0]
+    behind = [name for name, value in skill.items() if value <= 0]
+    definition = "skill = 1 - RMSE / RMSE of the baseline: above 0 beats it, 1 is perfect"
+    if not behind:
+        return (f"The surrogate beats persistence on every variable (skill {min(skill.values()):+.2f} to "
+                f"{max(skill.values()):+.2f}; {definition}).")
+    if not ahead:
+        return (f"The surrogate does not beat persistence on any variable yet (skill {min(skill.values()):+.2f} to "
+                f"{max(skill.values()):+.2f}; {definition}): it needs more training steps, runs or width.")
+    return (f"The surrogate beats persistence on {', '.join(ahead)} but not yet on {', '.join(behind)} "
+            f"({definition}); the variables behind need more training steps, runs or width.")
+
+
+def rollout_sentence(rollout: dict[str, Any]) -> str:
+    """The autoregressive rollout in words: final error against persistence, blow-up, steps ahead."""
+    steps, ahead = rollout["steps"], rollout["beats_persistence_until_step"]
+    text = (f"Rollout of {steps} steps: final error {rollout['rmse_std_units'][-1]:.3g} state-std units "
+            f"(persistence {rollout['persistence'][-1]:.3g}); ")
+    blow_up = rollout["blow_up_step"]
+    text += "no blow-up" if blow_up is None else f"blows up at step {blow_up}"
+    if ahead == 0:
+        return text + "; behind persistence from the first step."
+    if ahead >= steps:
+        return text + "; ahead of persistence at every step."
+    return text + f"; ahead of persistence for the first {ahead} of {steps} steps."

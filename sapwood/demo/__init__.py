@@ -1,33 +1,100 @@
 """`sapwood demo` / `make demo`: the whole pipeline on embedded defaults, on a CPU, in minutes.
 
 Each stage is one function; the sizing, cube and surrogate stages live in this package (sizing.py, cubes.py,
-surrogate.py), the others in the modules they show. This file only orders them.
+surrogate.py), the
+others in the modules they show. This file orders them and owns the output folder: a rerun into the same
+folder replaces what the stages it runs wrote before (the tokenized corpus is reused).
 """
 
 from __future__ import annotations
 
+import importlib
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
+from sapwood.errors import SapwoodError
+
 console = Console()
+MARKER = ".sapwood-demo"  # written into every demo folder, so a rerun knows the folder is its own
 
 
-def run_demo(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    from sapwood.demo.cubes import cube_stage
-    from sapwood.demo.sizing import sizing_stage
-    from sapwood.demo.surrogate import surrogate_stage
-    from sapwood.serve.demo import generation_and_serving_stage
-    from sapwood.train.demo import language_model_stage
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str  # short: the section rule
+    what: str  # one sentence under the rule
+    function: str  # "module:function", called with the output folder
+    folders: tuple[str, ...] = ()  # what the stage writes under the output folder (replaced on a rerun)
 
-    stages = [  # (title, callable(out_dir)) in pipeline order; each area adds its stage here
-        ("sizing: every preset, then the tiny model created and run", sizing_stage),
-        ("language model: tokenize the stdlib, train the tiny preset, evaluate (DEMO/lm/final)", language_model_stage),
-        ("generation and serving: samples, then the OpenAI-compatible server and one request", generation_and_serving_stage),
-        ("cubes: simulate planets -> prepare a store -> load and augment batches", cube_stage),
-        ("surrogate: train a tiny cube surrogate, skill and physics on held-out planets", surrogate_stage),
-    ]
-    for title, stage in stages:
-        console.rule(title)
-        stage(out)
+
+STAGES = [
+    Stage("sizing", "sizing", "Every preset sized without allocating weights: exact parameters, the training "
+          "state on one device, and memory per GPU under the preset's own parallel plan ('-' for cube models, "
+          "which have no token context); then the tiny model created, loaded back and run forward.",
+          "sapwood.demo.sizing:sizing_stage", ("tiny",)),
+    Stage("lm", "language model", "Tokenize standard-library Python files, train the tiny preset, evaluate it "
+          "(checkpoint folder DEMO/lm/final).", "sapwood.train.demo:language_model_stage", ("lm",)),
+    Stage("serving", "generation and serving", "Samples from the trained model, then the OpenAI-compatible "
+          "server and one request through the openai client.",
+          "sapwood.serve.demo:generation_and_serving_stage"),
+    Stage("cubes", "datacubes", "Simulate planets, prepare a store, load and augment batches.",
+          "sapwood.demo.cubes:cube_stage", ("cubes",)),
+    Stage("surrogate", "surrogate", "Train a tiny datacube surrogate, then its skill and physics on the "
+          "held-out planets.", "sapwood.demo.surrogate:surrogate_stage", ("surrogate",)),
+]
+REUSED = ("tokens",)  # kept across reruns: tokenizing is the same every time
+
+
+def stages_named(names: list[str] | None) -> list[Stage]:
+    """The stages to run, in pipeline order (all when ``names`` is empty)."""
+    if not names:
+        return list(STAGES)
+    known = {stage.name for stage in STAGES}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SapwoodError(f"--only {','.join(unknown)}: unknown stage; stages: {', '.join(s.name for s in STAGES)}")
+    return [stage for stage in STAGES if stage.name in names]
+
+
+def prepare_out(out: Path, stages: list[Stage]) -> str:
+    """Make ``out`` ready for ``stages``; returns the sentence that says what happened to it.
+
+    An empty or missing folder is used as is; a folder an earlier demo wrote is reused, the folders of the
+    stages about to run replaced; any other non-empty folder is refused (nothing of the user's is deleted).
+    """
+    owned = {MARKER, *REUSED, *(name for stage in STAGES for name in stage.folders)}
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise SapwoodError(f"--out {out} is a file; choose a folder")
+    if not entries:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("written by sapwood demo\n")
+        return f"writing the demo into {out}"
+    if MARKER not in entries and not set(entries) <= owned:
+        raise SapwoodError(f"--out {out} is not empty and was not written by sapwood demo; choose another folder")
+    replaced = [name for stage in stages for name in stage.folders if (out / name).exists()]
+    for name in replaced:
+        shutil.rmtree(out / name)
+    (out / MARKER).write_text("written by sapwood demo\n")
+    kept = [name for name in REUSED if (out / name).exists()]
+    said = f"{out} holds an earlier demo: reusing the folder"
+    said += f", replacing {', '.join(replaced)}" if replaced else ""
+    return said + (f", keeping {', '.join(kept)} (same input every run)" if kept else "")
+
+
+def run_demo(out: Path, only: list[str] | None = None) -> None:
+    stages = stages_named(only)
+    console.print(prepare_out(out, stages), highlight=False, soft_wrap=True)
+    start = time.perf_counter()
+    for index, stage in enumerate(stages, 1):
+        console.rule(f"[bold]{index}/{len(stages)} {stage.title}")
+        console.print(stage.what, highlight=False)
+        module, function = stage.function.split(":")
+        getattr(importlib.import_module(module), function)(out)
+    console.rule()
+    console.print(f"demo finished in {time.perf_counter() - start:.0f} s; everything it wrote is in {out}",
+                  highlight=False)

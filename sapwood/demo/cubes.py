@@ -21,14 +21,14 @@ def cube_stage(out: Path) -> None:
     console = Console()
     start = time.perf_counter()
     grid = Grid(levels=4, nlat=16, nlon=32, times=33)  # relaxed primitive-equation runs: ~5-20 s per planet
-    runs = simulate_ensemble(out / "cubes" / "runs", runs=12, grid=grid, seed=0)
+    runs = simulate_ensemble(out / "cubes" / "runs", runs=12, grid=grid, seed=0, progress=False)
     size = sum(p.stat().st_size for p in runs)
     shape = f"{grid.levels}x{grid.nlat}x{grid.nlon}"
     console.print(f"simulated {len(runs)} planets x {grid.times} times on {shape}: "
                   f"{size / 1e6:.1f} MB NetCDF in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     report = prepare(runs, out / "cubes" / "store", progress=False)
-    console.print(f"{report.summary()} in {time.perf_counter() - start:.2f} s", highlight=False)
+    console.print(f"prepared in {time.perf_counter() - start:.1f} s: {report.summary()}", highlight=False)
     store = CubeStore(out / "cubes" / "store")
     split = split_store(store, val_runs=HELD_OUT_RUNS)
     loader = CubeLoader(store, batch_size=16, windows=split.train, seed=0, normalize=True)
@@ -48,4 +48,6 @@ def cube_stage(out: Path) -> None:
     console.print(f"3 batches: state {tuple(batch.state.shape)}, params {tuple(batch.params.shape)}; "
                   f"load {load_s / 3 * 1e3:.1f} ms/batch, augment {augment_s / 3 * 1e3:.1f} ms/batch "
                   f"(keeps {', '.join(sorted(augment.preserves))}; roll/flip keep all budgets)")
-    console.print(f"augmented state channel means (normalized): {frames[0].mean(dim=(0, 2, 3))[:4].tolist()}")
+    means = ", ".join(f"{value:+.3f}" for value in frames[0].mean(dim=(0, 2, 3))[:4].tolist())
+    console.print(f"augmented batch, first 4 channel means: {means} (in units of each channel's std over the "
+                  "store, 0 = the store's mean)", highlight=False)

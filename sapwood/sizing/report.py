@@ -23,6 +23,7 @@ def size_report(
     precision = precision or (train.precision if train is not None else "bf16")
     if checkpointing is None:  # the training section's choice; full recomputation when there is none
         checkpointing = "none" if train is not None and train.activation_checkpointing == "none" else "full"
+    checkpointing = YAML_CHECKPOINTING.get(checkpointing, checkpointing)
     micro_batch = micro_batch or (train.micro_batch_size if train is not None else 1)
     if optimizer_in_backward is None:
         optimizer_in_backward = bool(getattr(train, "optimizer_in_backward", False))
@@ -42,7 +43,8 @@ def size_report(
         "parallel": {"dp_replicate": parallel.dp_replicate, "dp_shard": parallel.dp_shard, "tp": parallel.tp,
                      "pp": parallel.pp, "world_size": parallel.world_size},
         "training_state_bytes_single_device": {
-            f"{p}+{o}": _state_dict(rank_state_bytes(cfg, ParallelConfig(), p, o, specs=specs))
+            f"{p}+{o}": _state_dict(rank_state_bytes(cfg, ParallelConfig(), p, o, specs=specs),
+                                    compute_copy=2 * counts.total if p in ("bf16", "fp16") else 0)
             for p, o in (("fp32", "adamw"), ("bf16", "adamw"), ("bf16", "adamw8bit"), ("bf16-pure", "adamw8bit"))
         },
     }
@@ -58,8 +60,10 @@ def size_report(
     return report
 
 
-def _state_dict(state: StateBytes) -> dict[str, int]:
-    return {"weights": state.weights, "grads": state.grads, "optimizer": state.optimizer, "total": state.total}
+def _state_dict(state: StateBytes, compute_copy: int = 0) -> dict[str, int]:
+    """Bytes of one device's training state; ``compute_copy``: the 16-bit weights mixed precision casts to."""
+    return {"weights": state.weights, "grads": state.grads, "optimizer": state.optimizer,
+            "compute_copy": compute_copy, "total": state.total + compute_copy}
 
 
 def create_memory_bytes(config: Config) -> int:
@@ -97,13 +101,16 @@ def print_size_report(report: dict[str, Any], console: Any = None) -> None:
     table.add_row("shape", ", ".join(f"{k}={v}" for k, v in report["shape"].items()))
     table.add_row("parallel", ", ".join(f"{k}={v}" for k, v in report["parallel"].items()))
     for combo, state in report["training_state_bytes_single_device"].items():
-        table.add_row(f"one device, {combo}", f"weights {_gb(state['weights'])} + grads {_gb(state['grads'])} + "
-                      f"optimizer {_gb(state['optimizer'])} = {_gb(state['total'])}")
+        copy = f" + 16-bit copy {_gb(state['compute_copy'])}" if state.get("compute_copy") else ""
+        table.add_row(f"one device, {precision_label(combo)}", f"weights {_gb(state['weights'])} + grads "
+                      f"{_gb(state['grads'])} + optimizer {_gb(state['optimizer'])}{copy} = {_gb(state['total'])}")
     if "memory_per_gpu" in report:
         mem = report["memory_per_gpu"]
         table.add_row("activations per layer (Korthikanti)",
-                      ", ".join(f"{k} {_gb(v)}" for k, v in report["activation_bytes_per_layer"].items()))
-        table.add_row(f"per GPU ({mem['precision']}, {mem['optimizer']}, ckpt {mem['checkpointing']}, "
+                      ", ".join(f"{CHECKPOINTING_LABELS.get(k, k)} {_gb(v)}"
+                                for k, v in report["activation_bytes_per_layer"].items()))
+        table.add_row(f"per GPU ({precision_label(mem['precision'] + '+' + mem['optimizer'])}, activation_checkpointing "
+                      f"{CHECKPOINTING_LABELS.get(mem['checkpointing'], mem['checkpointing'])}, "
                       f"seq {mem['seq']}, micro-batch {mem['micro_batch']})",
                       f"weights {_gb(mem['weights'])} + grads {_gb(mem['grads'])} + optimizer "
                       f"{_gb(mem['optimizer_state'])} + 16-bit copy {_gb(mem['compute_copy'])} + activations "
@@ -121,6 +128,20 @@ def print_size_report(report: dict[str, Any], console: Any = None) -> None:
     console.print(table)
 
 
+# Korthikanti's recomputation names -> the YAML's train.activation_checkpointing values
+CHECKPOINTING_LABELS = {"full": "every_layer", "selective": "selective (attention core)"}
+YAML_CHECKPOINTING = {"every_layer": "full", "every_k": "full"}  # every_k: counted as every_layer (upper bound)
+
+
+def precision_label(combo: str) -> str:
+    """``bf16+adamw`` -> ``bf16 mixed (fp32 master) + AdamW``: one wording for every memory figure."""
+    precision, _, optimizer = combo.partition("+")
+    names = {"fp32": "fp32", "bf16": "bf16 mixed (fp32 master)", "fp16": "fp16 mixed (fp32 master)",
+             "bf16-pure": "pure bf16"}
+    optimizers = {"adamw": "AdamW", "adamw8bit": "8-bit AdamW", "sgd": "SGD"}
+    return f"{names.get(precision, precision)} + {optimizers.get(optimizer, optimizer)}"
+
+
 def _short(count: float) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
 
@@ -130,7 +151,7 @@ def presets_table(reports: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table("preset", "params (exact)", "non-embed.", "fp32 AdamW on 1 device", "plan",
-                  "per GPU (bf16, AdamW, full ckpt)", "FLOPs/token", title="sapwood presets")
+                  "per GPU (bf16 mixed + AdamW, every_layer)", "FLOPs/token", title="sapwood presets")
     for r in reports:
         par = r["parallel"]
         table.add_row(r["name"], f"{r['params_total']:,}", _short(r["params_non_embedding"]),

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from sapwood import fsutil
 from sapwood.config import Config, load_config
-from sapwood.errors import ConfigError, SapwoodError
+from sapwood.errors import ConfigError, SapwoodError, SapwoodWarning
 
 MANIFEST = "manifest.json"
 
@@ -224,7 +224,7 @@ def resume_candidates(root: str | Path) -> list[Path]:
         if problem is None:
             good.append(folder)
         else:
-            warnings.warn(f"skipping checkpoint {folder}: {problem}", stacklevel=2)
+            warnings.warn(f"skipping checkpoint {folder}: {problem}", SapwoodWarning, stacklevel=2)
     return good
 
 

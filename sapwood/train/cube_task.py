@@ -258,6 +258,8 @@ def task_split(config: Config, store: CubeStore) -> Split:
 class CubeTask:
     """Train a :class:`sapwood.model.cube.CubeSurrogate` to predict the next state of a cube store."""
 
+    unit_name = "samples"  # what count_units counts, for the progress bar
+
     def __init__(self, config: Config):
         if config.cube is None or config.cube.data is None:
             raise ConfigError("train.task='cube' needs a cube section with data: STORE (from `sapwood prepare`)")

@@ -16,11 +16,14 @@ with ``to_empty`` and initialized. What the trainer exposes to callbacks: ``mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +32,15 @@ import torch
 from torch import nn
 
 from sapwood.config import Config
-from sapwood.errors import ConfigError, SapwoodError
+from sapwood.errors import ConfigError, SapwoodError, SapwoodWarning
 from sapwood.model import save_folder
 from sapwood.model.folder import materialize
 from sapwood.train import checkpoint as ckpt
 from sapwood.train.activation import apply_activation_checkpointing
 from sapwood.train.callbacks import Callback, callbacks_from_config
+from sapwood.train.console import say
 from sapwood.train.mesh import env_world_size, init_distributed, parallel_dims_for
-from sapwood.train.metrics import EventLog, plot_loss
+from sapwood.train.metrics import EventLog, last_logged, plot_loss
 from sapwood.train.optim import OptimizerInBackward, SchedulerGroup, check_memory_options
 from sapwood.train.optim import build_optimizer as build_train_optimizer
 from sapwood.train.parallel import (
@@ -52,6 +56,18 @@ from sapwood.train.task import Task, build_task
 
 class DivergenceError(SapwoodError):
     """The loss was NaN/inf for ``max_bad_steps`` consecutive steps."""
+
+
+class TrainingInterrupted(SapwoodError):
+    """Ctrl-C (SIGINT) stopped the run at ``step``; ``checkpoint`` is the newest one it can resume from."""
+
+    def __init__(self, step: int, checkpoint: Path | None, save_every: int):
+        self.step, self.checkpoint = step, checkpoint
+        if checkpoint is None:
+            where = f"no checkpoint written yet (one every train.save_every={save_every} steps)"
+        else:
+            where = f"last checkpoint: step {int(checkpoint.name.removeprefix(ckpt.PREFIX))} ({checkpoint})"
+        super().__init__(f"training interrupted at step {step}; {where}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -220,7 +236,8 @@ class Trainer:
     def _resume(self) -> None:
         candidates = ckpt.resume_candidates(self.checkpoint_dir)
         if not candidates:
-            warnings.warn(f"--resume: no complete checkpoint in {self.checkpoint_dir}; starting from step 0", stacklevel=2)
+            say(f"--resume: nothing to resume, no complete checkpoint in {self.checkpoint_dir}; starting from step 0",
+                self.rank)
             return
         for folder in candidates:
             try:
@@ -234,14 +251,15 @@ class Trainer:
                 self.config = config
                 state = ckpt.load_checkpoint(folder, self.model, self._checkpointed_optimizer())
             except ckpt.CheckpointDamaged as exc:  # damaged in a way the manifest did not catch
-                warnings.warn(f"skipping checkpoint {folder}: {exc}", stacklevel=2)
+                warnings.warn(f"skipping checkpoint {folder}: {exc}", SapwoodWarning, stacklevel=2)
                 self._build(self.config)
                 continue
             self._apply_trainer_state(state)
             self.last_checkpoint = folder
             self.log_event("resume", path=str(folder))
+            say(f"resumed from step {self.step} of {self.config.train.steps} ({folder})", self.rank)
             return
-        warnings.warn("--resume: every checkpoint was unusable; starting from step 0", stacklevel=2)
+        say("--resume: every checkpoint was unusable; starting from step 0", self.rank)
 
     def _apply_trainer_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -350,11 +368,14 @@ class Trainer:
             self.log_event("start", config=self.config.model_dump(mode="json", exclude_none=True))
         for cb in self.callbacks:
             cb.on_train_start(self)
-        last_eval: dict[str, float] = {}
-        last_loss = float("nan")
-        progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0)
+        last_loss, last_eval = last_logged(self.events.path) if self.step else (float("nan"), {})
+        if self.step >= t.steps:
+            say(f"the run already finished at step {self.step} (train.steps={t.steps}); nothing to train. "
+                "Raise train.steps to train further.", self.rank)
+        progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0 and self.step < t.steps,
+                             unit=getattr(self.task, "unit_name", "tok"))
         window_units, window_start = 0, time.perf_counter()
-        with progress:
+        with progress, _stop_on_ctrl_c(self) as stop_requested:
             while self.step < t.steps:
                 metrics = self.train_step()
                 window_units += metrics["units"]
@@ -384,6 +405,8 @@ class Trainer:
                 if self.bad_steps == 0 and (self.step % t.save_every == 0 or self.step == t.steps):
                     self.save()
                 progress.update(self.step, last_loss, metrics["units_per_s"], last_eval.get("val_loss"))
+                if stop_requested:
+                    raise KeyboardInterrupt
         for cb in self.callbacks:
             cb.on_train_end(self)
         final = self.write_final()
@@ -412,11 +435,39 @@ class Trainer:
         return out
 
 
-class _Progress:
-    """A rich progress bar: step, loss, tokens (units) per second, ETA; silent when disabled."""
+@contextlib.contextmanager
+def _stop_on_ctrl_c(trainer: Trainer) -> Iterator[list[bool]]:
+    """Ctrl-C (SIGINT) stops the run after the current step, never inside a checkpoint write; a second
+    Ctrl-C stops at once. Either way :class:`TrainingInterrupted` is raised (and logged to metrics.jsonl).
 
-    def __init__(self, total: int, start: int, enabled: bool):
+    Yields a list that becomes non-empty when a stop was requested.
+    """
+    requested: list[bool] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+
+    install = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, request_stop) if install else None
+    try:
+        yield requested
+    except KeyboardInterrupt:
+        trainer.log_event("interrupted", last_checkpoint=str(trainer.last_checkpoint))
+        raise TrainingInterrupted(trainer.step, trainer.last_checkpoint, trainer.config.train.save_every) from None
+    finally:
+        if install:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _Progress:
+    """A rich progress bar: step, loss, units (tokens, samples) per second, ETA; silent when disabled."""
+
+    def __init__(self, total: int, start: int, enabled: bool, unit: str = "tok"):
         self.enabled = enabled
+        self.unit = unit
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -437,7 +488,8 @@ class _Progress:
 
     def update(self, step: int, loss: float, units_per_s: float, val_loss: float | None) -> None:
         if self.enabled:
-            info = f"loss {loss:.3f}  {units_per_s:,.0f} tok/s" + (f"  val {val_loss:.3f}" if val_loss is not None else "")
+            info = f"loss {loss:.3f}  {units_per_s:,.0f} {self.unit}/s" + (
+                f"  val {val_loss:.3f}" if val_loss is not None else "")
             self.bar.update(self.task_id, completed=step, info=info)
 
 

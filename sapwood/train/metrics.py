@@ -33,7 +33,7 @@ class EventLog:
         record = {"event": event, "step": step, "time": round(time.time(), 3), **fields}
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record, default=_jsonable) + "\n")
+                f.write(strict_json(record) + "\n")
             if self.tensorboard is not None:
                 for key, value in fields.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -48,9 +48,26 @@ class EventLog:
             self.tensorboard = None
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
+def strict_json(value: Any) -> str:
+    """``value`` as strict JSON (RFC 8259): NaN and infinities become ``null``, tensors and numpy
+    scalars their Python value, anything else unknown its ``str``."""
+    return json.dumps(finite_or_none(value), allow_nan=False)
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, recursively; other leaves made JSON-able."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return finite_or_none(value.item())
+    if hasattr(value, "tolist"):
+        return finite_or_none(value.tolist())
     return str(value)
 
 
@@ -60,6 +77,15 @@ def read_events(path: str | Path, event: str | None = None) -> list[dict[str, An
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if event is None or r["event"] == event]
+
+
+def last_logged(path: str | Path) -> tuple[float, dict[str, float]]:
+    """The last logged training loss (NaN when none) and the last evaluation's metrics of a run."""
+    records = read_events(path)
+    losses = [r["loss"] for r in records if r["event"] == "train" and isinstance(r.get("loss"), float)]
+    evals = [r for r in records if r["event"] == "eval"]
+    fields = {k: v for k, v in evals[-1].items() if k not in ("event", "step", "time")} if evals else {}
+    return (losses[-1] if losses else float("nan")), fields
 
 
 def last_per_step(records: list[dict[str, Any]], key: str) -> dict[int, float]:
