@@ -34,7 +34,7 @@ def moto_port():
 
 @pytest.fixture
 def aws_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIALOOPBACKTEST0001")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "loopback-test-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "loopback/secret/key/for/moto/0123456789")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
