@@ -151,6 +151,13 @@ def grow_depth(model: Decoder, layers: int, position: DepthPosition | Sequence[i
         for _ in range(after.count(i)):
             source = old_blocks[max(i, 0)]
             ordered.append((_new_block(new_cfg, source, init, function_preserving, reference, generator), source))
+    return _install_blocks(model, new_cfg, ordered)
+
+
+def _install_blocks(model: Decoder, new_cfg: ModelConfig,
+                    ordered: list[tuple[Block, Block | None]]) -> list[ParamChange]:
+    """Make ``ordered`` the model's stack (``(block, source)``; source None for a kept block) and list each new
+    block's parameters with its source's as sibling, for the optimizer surgery."""
     model.layers = nn.ModuleDict({str(i): block for i, (block, _) in enumerate(ordered)})
     model.cfg = new_cfg
     changes = []
@@ -198,16 +205,7 @@ def stack_depth(model: Decoder, layers: int) -> list[ParamChange]:
     for _ in range(1, factor):
         for source in old_blocks:
             ordered.append((_new_block(new_cfg, source, "gstack", False, reference, None), source))
-    model.layers = nn.ModuleDict({str(i): block for i, (block, _) in enumerate(ordered)})
-    model.cfg = new_cfg
-    changes = []
-    for index, (block, source) in enumerate(ordered):
-        if source is None:
-            continue
-        source_params = dict(source.named_parameters())
-        for pname, param in block.named_parameters():
-            changes.append(ParamChange(name=f"layers.{index}.{pname}", new=param, sibling=source_params[pname]))
-    return changes
+    return _install_blocks(model, new_cfg, ordered)
 
 
 # --------------------------------------------------------------------------- FFN width
