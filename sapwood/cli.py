@@ -150,20 +150,28 @@ def train(
     config: str = typer.Argument(..., help="training YAML (model or preset:, train:, data:)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
 ) -> None:
-    """Train a model from a YAML config; checkpoints, metrics.jsonl, loss.png and final/ go to train.out_dir."""
+    """Train a model from a YAML config; checkpoints, metrics.jsonl, loss.png and final/ go to train.out_dir.
+
+    Ctrl-C stops after the current step and its checkpoint (a second one at once, never inside a checkpoint
+    read or write), prints where to continue from and exits 130."""
     import math
 
-    from sapwood.config import load_config
-    from sapwood.train.loop import TrainingInterrupted
-    from sapwood.train.loop import train as run_training
-    from sapwood.train.mesh import shutdown_distributed
+    from sapwood.train.interrupt import TrainingInterrupted, stop_on_ctrl_c
 
     try:
-        summary = run_training(load_config(config), resume=resume)
-    except TrainingInterrupted as exc:
-        shutdown_distributed()
-        hint = f"sapwood train {config} --resume" if exc.checkpoint else f"sapwood train {config}"
-        print(f"{exc}; to continue: {hint}", file=sys.stderr)
+        with stop_on_ctrl_c():  # before the heavy imports: a Ctrl-C during them is a stop request too
+            from sapwood.config import load_config
+            from sapwood.train.loop import train as run_training
+            from sapwood.train.mesh import shutdown_distributed
+
+            summary = run_training(load_config(config), resume=resume)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:
+        stopped = exc if isinstance(exc, TrainingInterrupted) else TrainingInterrupted(None, None, None)
+        shutdown = getattr(sys.modules.get("sapwood.train.mesh"), "shutdown_distributed", None)
+        if shutdown is not None:  # imported (a Ctrl-C during the imports leaves nothing to shut down)
+            shutdown()
+        hint = f"sapwood train {config}" + (" --resume" if stopped.checkpoint or resume else "")
+        print(f"{stopped}; to continue: {hint}", file=sys.stderr)
         raise SystemExit(130) from None
     shutdown_distributed()  # under torchrun: process groups go now, not at interpreter exit
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()

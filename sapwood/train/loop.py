@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -39,6 +37,7 @@ from sapwood.train import checkpoint as ckpt
 from sapwood.train.activation import apply_activation_checkpointing
 from sapwood.train.callbacks import Callback, callbacks_from_config
 from sapwood.train.console import say
+from sapwood.train.interrupt import StopState, TrainingInterrupted, protected, stop_on_ctrl_c
 from sapwood.train.mesh import env_world_size, init_distributed, parallel_dims_for
 from sapwood.train.metrics import EventLog, last_logged, plot_loss
 from sapwood.train.optim import OptimizerInBackward, SchedulerGroup, check_memory_options
@@ -56,18 +55,6 @@ from sapwood.train.task import Task, build_task
 
 class DivergenceError(SapwoodError):
     """The loss was NaN/inf for ``max_bad_steps`` consecutive steps."""
-
-
-class TrainingInterrupted(SapwoodError):
-    """Ctrl-C (SIGINT) stopped the run at ``step``; ``checkpoint`` is the newest one it can resume from."""
-
-    def __init__(self, step: int, checkpoint: Path | None, save_every: int):
-        self.step, self.checkpoint = step, checkpoint
-        if checkpoint is None:
-            where = f"no checkpoint written yet (one every train.save_every={save_every} steps)"
-        else:
-            where = f"last checkpoint: step {int(checkpoint.name.removeprefix(ckpt.PREFIX))} ({checkpoint})"
-        super().__init__(f"training interrupted at step {step}; {where}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -219,12 +206,13 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write a training checkpoint for the current step (collective)."""
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step, self.model, self._checkpointed_optimizer(), self.trainer_state(),
-            self.config, self.config.train.keep_checkpoints,
-        )
-        self.log_event("checkpoint", path=str(self.last_checkpoint))
+        """Write a training checkpoint for the current step (collective); no Ctrl-C cuts it."""
+        with protected():
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.checkpoint_dir, self.step, self.model, self._checkpointed_optimizer(), self.trainer_state(),
+                self.config, self.config.train.keep_checkpoints,
+            )
+            self.log_event("checkpoint", path=str(self.last_checkpoint))
         return self.last_checkpoint
 
     def _checkpointed_optimizer(self):
@@ -249,7 +237,8 @@ class Trainer:
                 if config.model != self.config.model:
                     self._build(config)
                 self.config = config
-                state = ckpt.load_checkpoint(folder, self.model, self._checkpointed_optimizer())
+                with protected():  # a Ctrl-C inside the read must not make a good checkpoint look damaged
+                    state = ckpt.load_checkpoint(folder, self.model, self._checkpointed_optimizer())
             except ckpt.CheckpointDamaged as exc:  # damaged in a way the manifest did not catch
                 warnings.warn(f"skipping checkpoint {folder}: {exc}", SapwoodWarning, stacklevel=2)
                 self._build(self.config)
@@ -361,8 +350,13 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``; evaluate, checkpoint, write ``final/`` and ``loss.png``.
 
-        Returns a summary: final step, last train loss, last eval metrics, counters, paths.
+        Returns a summary: final step, last train loss, last eval metrics, counters, paths. Ctrl-C: see
+        :mod:`sapwood.train.interrupt`; the run stops before its next step with :class:`TrainingInterrupted`.
         """
+        with _stop_on_ctrl_c(self) as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: StopState) -> dict[str, Any]:
         t = self.config.train
         if self.step == 0:
             self.log_event("start", config=self.config.model_dump(mode="json", exclude_none=True))
@@ -375,8 +369,10 @@ class Trainer:
         progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0 and self.step < t.steps,
                              unit=getattr(self.task, "unit_name", "tok"))
         window_units, window_start = 0, time.perf_counter()
-        with progress, _stop_on_ctrl_c(self) as stop_requested:
+        with progress:
             while self.step < t.steps:
+                if stop.requested:  # a Ctrl-C: stop at this safe point, after the last step and its checkpoint
+                    raise KeyboardInterrupt
                 metrics = self.train_step()
                 window_units += metrics["units"]
                 elapsed = time.perf_counter() - window_start
@@ -405,8 +401,6 @@ class Trainer:
                 if self.bad_steps == 0 and (self.step % t.save_every == 0 or self.step == t.steps):
                     self.save()
                 progress.update(self.step, last_loss, metrics["units_per_s"], last_eval.get("val_loss"))
-                if stop_requested:
-                    raise KeyboardInterrupt
         for cb in self.callbacks:
             cb.on_train_end(self)
         final = self.write_final()
@@ -430,36 +424,23 @@ class Trainer:
             with torch.device("meta"):
                 plain = self.task.build_model(self.config)
             materialize(plain, "cpu").load_state_dict(state)
-            save_folder(plain, self.config, out, tokenizer_file=self.task.tokenizer_file())
+            with protected():
+                save_folder(plain, self.config, out, tokenizer_file=self.task.tokenizer_file())
         ckpt.barrier()
         return out
 
 
 @contextlib.contextmanager
-def _stop_on_ctrl_c(trainer: Trainer) -> Iterator[list[bool]]:
-    """Ctrl-C (SIGINT) stops the run after the current step, never inside a checkpoint write; a second
-    Ctrl-C stops at once. Either way :class:`TrainingInterrupted` is raised (and logged to metrics.jsonl).
-
-    Yields a list that becomes non-empty when a stop was requested.
-    """
-    requested: list[bool] = []
-
-    def request_stop(signum: int, frame: Any) -> None:
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(True)
-
-    install = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    previous = signal.signal(signal.SIGINT, request_stop) if install else None
-    try:
-        yield requested
-    except KeyboardInterrupt:
-        trainer.log_event("interrupted", last_checkpoint=str(trainer.last_checkpoint))
-        raise TrainingInterrupted(trainer.step, trainer.last_checkpoint, trainer.config.train.save_every) from None
-    finally:
-        if install:
-            signal.signal(signal.SIGINT, previous)
+def _stop_on_ctrl_c(trainer: Trainer) -> Iterator[StopState]:
+    """The run under :func:`sapwood.train.interrupt.stop_on_ctrl_c`: a Ctrl-C that stops it (the loop acting
+    on a request, or a second Ctrl-C) becomes :class:`TrainingInterrupted`, logged to metrics.jsonl."""
+    with stop_on_ctrl_c() as stop:
+        try:
+            yield stop
+        except KeyboardInterrupt:
+            trainer.log_event("interrupted", last_checkpoint=str(trainer.last_checkpoint))
+            raise TrainingInterrupted(trainer.step, trainer.last_checkpoint,
+                                      trainer.config.train.save_every) from None
 
 
 class _Progress:
@@ -495,5 +476,21 @@ class _Progress:
 
 def train(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False) -> dict[str, Any]:
     """Build a :class:`Trainer` with ``callbacks`` plus those the config's sections ask for
-    (:func:`sapwood.train.callbacks.callbacks_from_config`), run it to the end; return its summary."""
-    return Trainer(config, [*callbacks, *callbacks_from_config(config)], resume).fit()
+    (:func:`sapwood.train.callbacks.callbacks_from_config`), run it to the end; return its summary.
+
+    From its first line a Ctrl-C is a stop request (:mod:`sapwood.train.interrupt`); one that stops the run
+    raises :class:`TrainingInterrupted`, naming the newest complete checkpoint."""
+    with stop_on_ctrl_c():
+        try:
+            trainer = Trainer(config, [*callbacks, *callbacks_from_config(config)], resume)
+        except KeyboardInterrupt:  # a second Ctrl-C while the run was built or resumed
+            raise _interrupted_before_training(config) from None
+        return trainer.fit()
+
+
+def _interrupted_before_training(config: Config) -> TrainingInterrupted:
+    if config.train is None:
+        return TrainingInterrupted(None, None, None)
+    root = Path(config.train.out_dir) / "checkpoints"
+    newest = next((f for f in ckpt.list_checkpoints(root) if ckpt.checkpoint_problem(f) is None), None)
+    return TrainingInterrupted(None, newest, config.train.save_every)
