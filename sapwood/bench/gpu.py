@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from sapwood.bench.harness import Result, device_description, print_results, synchronize, write_suite
+from sapwood.bench.harness import Result, device_description, synchronize, write_suite
 from sapwood.config import Config, ModelConfig, TrainConfig, load_config
 from sapwood.errors import SapwoodError
 
@@ -266,7 +266,6 @@ def run_gpu_bench(out: Path, smoke: bool = False, models: list[str] | None = Non
     extra["seconds"] = round(time.perf_counter() - started, 1)
     extra["device"] = device_description()
     path = write_suite("gpu", results, out, extra=extra)
-    print_results(results)
     return results, path
 
 
