@@ -43,12 +43,13 @@ def test_training_attention_uses_the_fused_kernel_and_never_math_silently():
     assert attention_kernel(CFG, 256, torch.bfloat16, "cpu", fused_only=True) == "flash"
 
 
-def test_sdpa_choice_reports_math_for_a_mask_the_cpu_flash_kernel_cannot_take():
-    q = torch.randn(1, 4, 8, 16)
-    mask = torch.ones(8, 8, dtype=torch.bool).tril()
-    assert sdpa_kernel_choice(q, q, q) == "flash"
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
-        assert sdpa_kernel_choice(q, q, q, attn_mask=mask.float().log()) in ("flash", "math")
+def test_sdpa_choice_follows_the_enabled_kernels_for_grouped_query_attention():
+    q, kv = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    assert sdpa_kernel_choice(q, kv, kv) == "flash"
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert sdpa_kernel_choice(q, kv, kv) == "math"
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), pytest.raises(RuntimeError):
+        sdpa_kernel_choice(q, kv, kv)  # no CPU kernel among the enabled ones
     assert not needs_fused_attention(torch.randn(1, 4, 4096, 16))  # CPU tensors are never restricted
 
 
