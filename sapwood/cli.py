@@ -353,13 +353,29 @@ def bench_serve(
     preset: str = typer.Option("tiny", help="model shape (preset or YAML) for the random-weight model"),
     folder: Path = typer.Option(None, "--folder", help="serve this checkpoint instead of a random one"),
     repeats: int = typer.Option(3, "--repeats", help="runs of each level (medians; ratio spread in params)"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda: where the server and the baseline run"),
 ) -> None:
     """sapwood serve (HTTP, continuous batching) vs transformers generate on the same exported weights, plus a
     mixed-length row and a load row (TTFT / inter-token latency p50, p99) at the largest concurrency."""
     from sapwood.bench.serve import run_serve_bench
 
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    _show_bench(*run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder, repeats))
+    _show_bench(*run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder, repeats, device))
+
+
+@bench_app.command("gpu")
+def bench_gpu(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for gpu.json and gpu.png"),
+    smoke: bool = typer.Option(False, "--smoke", help="tiny shapes on the CPU: the same code path, no GPU needed"),
+    models: str = typer.Option("", "--models", help="comma-separated subset of astro-13b,research-799m,llama3-8b-shape"),
+    budget_s: float = typer.Option(420.0, "--budget-s", help="start no further model after this many seconds"),
+) -> None:
+    """The prepared device check: astro-13b training steps under the memory plan (peak memory, fragmentation,
+    forward / backward s per batch, tokens/s), MFU of research-799m and a Llama-3-8B shape, the attention kernel."""
+    from sapwood.bench.gpu import run_gpu_bench
+
+    chosen = [m.strip() for m in models.split(",") if m.strip()] or None
+    _show_bench(*run_gpu_bench(out, smoke=smoke, models=chosen, budget_s=budget_s))
 
 
 @bench_app.command("context")

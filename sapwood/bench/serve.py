@@ -75,7 +75,7 @@ def bench_prompts(count: int, tokenizer_path: Path) -> list[str]:
 class ServerProcess:
     """``sapwood serve FOLDER`` on a free loopback port, in a child process."""
 
-    def __init__(self, folder: Path, max_batch: int):
+    def __init__(self, folder: Path, max_batch: int, device: str = "cpu"):
         from sapwood.serve.server import free_port
 
         self.port = free_port()
@@ -83,7 +83,7 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if k != "SAPWOOD_API_KEYS"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sapwood.cli", "serve", str(folder), "--port", str(self.port),
-             "--max-batch", str(max_batch), "--model-name", "bench"],
+             "--max-batch", str(max_batch), "--model-name", "bench", "--device", device],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 
@@ -191,7 +191,7 @@ def run_hf_one_at_a_time(hf, tokenizer, prompts: list[str], max_tokens: int, mea
     """
     service, first_token = [], []
     for prompt in prompts[:measured]:
-        ids = torch.tensor([tokenizer.encode(prompt).ids])
+        ids = torch.tensor([tokenizer.encode(prompt).ids], device=hf.device)
         timer = _FirstTokenTimer()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -221,6 +221,7 @@ def run_hf_static_batch(hf, tokenizer, prompts: list[str], max_tokens: int | lis
     for row, e in enumerate(encoded):
         ids[row, width - len(e):] = torch.tensor(e)
         mask[row, width - len(e):] = 1
+    ids, mask = ids.to(hf.device), mask.to(hf.device)
     timer = _FirstTokenTimer()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -251,7 +252,7 @@ def _median_and_spread(runs: list[dict[str, float]], key: str) -> tuple[float, l
 
 def run_serve_bench(
     out: Path, levels: list[int], max_tokens: int = 32, requests_per_level: int = 0, preset: str = "tiny",
-    folder: Path | None = None, repeats: int = 3,
+    folder: Path | None = None, repeats: int = 3, device: str = "cpu",
 ) -> tuple[list[Result], Path]:
     """Each level ``repeats`` times (ours and the static batch alternate); the figures are medians and each
     ratio row states its spread (min, max over the repeats) in ``params``. Two extra rows at the largest
@@ -272,11 +273,11 @@ def run_serve_bench(
     given_folder = folder
     folder = Path(folder) if folder is not None else random_checkpoint(preset, work)
     export_hf(folder, work / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(work / "hf", torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(work / "hf", torch_dtype=torch.float32).eval().to(device)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     count = {c: requests_per_level or max(c, 4) for c in levels}
     prompts = bench_prompts(max(count.values()), folder / "tokenizer.json")
-    server = ServerProcess(folder, max_batch=max(levels))
+    server = ServerProcess(folder, max_batch=max(levels), device=device)
     measured: dict[str, dict[str, list[dict[str, float]] | dict[str, float]]] = {}
     top = max(levels)
     try:

@@ -13,14 +13,17 @@ a stage without ``tok_embeddings`` takes hidden states, one without ``output`` r
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sapwood.config import ModelConfig
+from sapwood.errors import SapwoodError
 from sapwood.model.rope import apply_rope, rope_cos_sin, scaled_inv_freq
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -53,6 +56,64 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+# Attention kernels that never hold the s x s score matrix (output + log-sum-exp rows only).
+FUSED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+# From this many query positions on, CUDA attention must run a fused kernel: the math kernel's score
+# matrix (batch x heads x s x s) would cost more memory than the rest of a layer.
+FUSED_ATTENTION_MIN_SEQ = 1024
+SDPA_KERNEL_NAMES = {SDPBackend.MATH: "math", SDPBackend.FLASH_ATTENTION: "flash",
+                     SDPBackend.EFFICIENT_ATTENTION: "memory_efficient", SDPBackend.CUDNN_ATTENTION: "cudnn"}
+
+
+class AttentionKernelError(SapwoodError):
+    """Only the math attention kernel (a materialized s x s score matrix) could run at a long sequence."""
+
+
+def needs_fused_attention(query: torch.Tensor) -> bool:
+    """True for CUDA attention over at least :data:`FUSED_ATTENTION_MIN_SEQ` query positions."""
+    return query.is_cuda and query.shape[-2] >= FUSED_ATTENTION_MIN_SEQ
+
+
+def sdpa_kernel_choice(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attn_mask: torch.Tensor | None = None, is_causal: bool = True) -> str:
+    """The kernel ``scaled_dot_product_attention`` dispatches these inputs to under the backends
+    enabled now: ``flash``, ``memory_efficient``, ``cudnn`` or ``math`` (no kernel is run)."""
+    if key.shape[1] != query.shape[1]:  # the choice for grouped-query attention: heads repeated
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    choice = torch._fused_sdp_choice(query, key, value, attn_mask, 0.0, is_causal and attn_mask is None)
+    return SDPA_KERNEL_NAMES.get(SDPBackend(choice), str(choice))
+
+
+def attention_kernel(cfg: ModelConfig, seq: int, dtype: torch.dtype, device: torch.device | str,
+                     fused_only: bool = False) -> str:
+    """The kernel a training forward of ``cfg`` at ``seq`` tokens would use on ``device`` (causal,
+    no mask). ``fused_only``: as :class:`Attention` restricts CUDA attention at long sequences."""
+    device = torch.device(device)
+    q = torch.empty(1, cfg.heads, seq, cfg.head_dim, dtype=dtype, device=device, requires_grad=True)
+    kv = torch.empty(1, cfg.kv_heads, seq, cfg.head_dim, dtype=dtype, device=device, requires_grad=True)
+    restriction = sdpa_kernel(FUSED_SDPA_BACKENDS) if fused_only else contextlib.nullcontext()
+    with restriction:
+        try:
+            return sdpa_kernel_choice(q, kv, kv)
+        except RuntimeError:  # no kernel among the enabled ones accepts these inputs
+            return "none"
+
+
+def check_fused_attention(cfg: ModelConfig, seq: int, dtype: torch.dtype, device: torch.device | str) -> str:
+    """The fused kernel attention will use, or a one-line :class:`AttentionKernelError` when on this
+    device only the math kernel accepts ``cfg``'s heads at ``seq`` tokens in ``dtype``."""
+    kernel = attention_kernel(cfg, seq, dtype, device)
+    if kernel in ("math", "none"):
+        score_gb = cfg.heads * seq * seq * torch.empty((), dtype=dtype).element_size() / 1e9
+        where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else str(device)
+        raise AttentionKernelError(
+            f"attention at seq {seq} on {where} ({str(dtype).removeprefix('torch.')}, head_dim {cfg.head_dim}, "
+            f"{cfg.heads} heads) would run only the math kernel ({score_gb:.1f} GB of scores per sequence and layer); "
+            "flash / memory-efficient attention need bf16 or fp16 and head_dim <= 256 (a multiple of 8)")
+    return kernel
 
 
 class Attention(nn.Module):
@@ -97,14 +158,17 @@ class Attention(nn.Module):
                 mask = torch.ones(seq, keys, dtype=torch.bool, device=x.device).tril(keys - seq)
             # keep a visible key only if at most sliding_window visible keys lie at or after it
             mask = mask & (mask.flip(-1).cumsum(-1).flip(-1) <= self.sliding_window)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal and mask is None and seq > 1,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        # On CUDA at long sequence only the fused kernels may run (no kernel: an error, never math).
+        kernels = sdpa_kernel(FUSED_SDPA_BACKENDS) if needs_fused_attention(q) else contextlib.nullcontext()
+        with kernels:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal and mask is None and seq > 1,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

@@ -326,7 +326,7 @@ class CubeTask:
             prediction = model(state, params).float()
             model_sq += ((prediction - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
             persist_sq += ((state - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
-            values = {"val_loss": float(data_loss(prediction, target, model.tendency_std, weights))}
+            values = {"val_loss": float(data_loss(prediction, target, model.get_buffer("tendency_std"), weights))}
             if geometry is not None:
                 v = violations(state, prediction, geometry, params)
                 values.update({f"val_violation_{k}": float(v[k].mean()) for k in ("mass", "energy", "momentum",

@@ -7,9 +7,12 @@ warm-up + cosine scheduler steps; callbacks run; metrics are logged; every ``eva
 task evaluates; every ``save_every`` steps a checkpoint is written (:mod:`sapwood.train.checkpoint`).
 
 The model is built in one place, :func:`build_model`: on the meta device, then
-:func:`apply_parallelism` (the single hook where ``sapwood.train.parallel`` applies tensor
-parallel, activation checkpointing, compile and FSDP2 from ``config.parallel``), then materialized
-with ``to_empty`` and initialized. What the trainer exposes to callbacks: ``model``, ``optimizer``,
+:func:`sapwood.train.parallel.apply_training_parallelism` (the single hook that applies pipeline
+split, tensor parallel, activation checkpointing, compile per block and FSDP2 from
+``config.parallel``, for one process too), then materialized with ``to_empty`` and initialized. The
+trainer holds the result, a :class:`~sapwood.train.parallel.ParallelModel`, as ``parallel``: under
+pipeline parallelism its schedule runs forward and backward with the task's ``output_loss``, and
+evaluation calls it like the model (the whole pipeline's forward). What the trainer exposes to callbacks: ``model``, ``optimizer``,
 ``scheduler``, ``scaler``, ``config`` (current; ``config.model`` is the current shape), ``step``,
 ``log_event(event, **fields)``, ``model_changed()``, ``out_dir``.
 """
@@ -33,24 +36,27 @@ from sapwood.config import Config
 from sapwood.errors import ConfigError, SapwoodError, SapwoodWarning
 from sapwood.model import save_folder
 from sapwood.model.folder import materialize
+from sapwood.model.transformer import check_fused_attention
 from sapwood.train import checkpoint as ckpt
 from sapwood.train.activation import apply_activation_checkpointing
 from sapwood.train.callbacks import Callback, callbacks_from_config
 from sapwood.train.console import say
+from sapwood.train.device_stats import MfuMeter, cuda_memory_report
 from sapwood.train.interrupt import StopState, TrainingInterrupted, protected, stop_on_ctrl_c
 from sapwood.train.mesh import env_world_size, init_distributed, parallel_dims_for
 from sapwood.train.metrics import EventLog, last_logged, plot_loss
 from sapwood.train.optim import OptimizerInBackward, SchedulerGroup, check_memory_options
 from sapwood.train.optim import build_optimizer as build_train_optimizer
 from sapwood.train.parallel import (
+    ParallelModel,
+    apply_compile,
     apply_training_parallelism,
     clip_grad_norm_,
     full_model_state,
-    model_for_eval,
 )
 from sapwood.train.precision import DTYPES, Precision, cast_parameters
 from sapwood.train.schedule import warmup_cosine
-from sapwood.train.task import Task, build_task
+from sapwood.train.task import PipelinedTask, Task, build_task
 
 
 class DivergenceError(SapwoodError):
@@ -71,31 +77,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def apply_parallelism(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
-    """THE parallelism hook, applied on the meta-device model before it is materialized.
-
-    Order (as torchtitan): tensor parallel, activation checkpointing, compile, FSDP2. Single
-    process: activation checkpointing and compile only. ``sapwood.train.parallel`` replaces this
-    body for multi-rank plans from ``config.parallel``.
-    """
-    if env_world_size() > 1 or config.parallel.world_size > 1:
-        return apply_training_parallelism(model, config, device)
-    train = config.train
-    apply_activation_checkpointing(model, train.activation_checkpointing, train.checkpoint_every_k)
-    if train.compile:
-        model.compile()
-    return model
-
-
-def build_model(task: Task, config: Config, device: torch.device) -> nn.Module:
-    """Meta device -> parallelism -> materialize on ``device`` -> ``init_weights`` (seeded by the caller)."""
+def build_model(task: Task, config: Config, device: torch.device) -> ParallelModel:
+    """Meta device -> :func:`~sapwood.train.parallel.apply_training_parallelism` (every layout, one
+    process included: pipeline split, tensor parallel, activation checkpointing, compile per block,
+    FSDP2) -> materialize on ``device`` -> ``init_weights`` (seeded by the caller)."""
     with torch.device("meta"):
         model = task.build_model(config)
-    model = apply_parallelism(model, config, device)
-    materialize(model, device)
-    if config.train is not None and config.train.precision == "bf16-pure":
-        cast_parameters(model, DTYPES["bf16-pure"])
-    return model
+    loss_fn = task.output_loss if isinstance(task, PipelinedTask) else None
+    parallel = apply_training_parallelism(model, config, device, loss_fn)
+    for part in parallel.parts:
+        materialize(part, device)
+        if config.train is not None and config.train.precision == "bf16-pure":
+            cast_parameters(part, DTYPES["bf16-pure"])
+    return parallel
 
 
 def build_optimizer(model: nn.Module, config: Config, device: torch.device):
@@ -156,11 +150,13 @@ class Trainer:
         if self.precision.name == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("train.precision='bf16' is not supported on this GPU; use fp16 or fp32")
         self.task = build_task(self.config)
+        self.mfu = self._gpu_checks()
         self.step = 0
         self.bad_steps = 0
         self.skipped_steps = 0
         self.overflow_steps = 0
         self.last_checkpoint: Path | None = None
+        self.parallel: ParallelModel
         self._build(self.config)
         if resume:
             self._resume()
@@ -172,13 +168,43 @@ class Trainer:
         elif self.rank == 0 and self.events.path.exists():
             self.events.path.unlink()  # metrics of an earlier run that never checkpointed
 
+    def _gpu_checks(self) -> MfuMeter | None:
+        """On CUDA, for a language model: the attention kernel must be a fused one at the trained
+        sequence length (one-line error otherwise); returns the MFU meter for the training logs."""
+        if self.device.type != "cuda" or getattr(self.config, "cube", None) is not None:
+            return None
+        seq = (self.config.data.seq_len if self.config.data is not None else None) or self.config.model.trained_context
+        dtype = torch.float32 if self.precision.name == "fp32" else self.precision.dtype
+        check_fused_attention(self.config.model, seq, dtype, self.device)
+        return MfuMeter(self.config.model, seq, torch.cuda.get_device_name(self.device), self.precision.name)
+
+    def gpu_metrics(self, units_per_s: float) -> dict[str, float]:
+        """MFU per GPU and the allocator's memory (peak GB, fragmentation) on CUDA; nothing elsewhere."""
+        if self.device.type != "cuda":
+            return {}
+        out = cuda_memory_report(self.device)
+        mfu = self.mfu(units_per_s / self.world_size) if self.mfu is not None else None
+        if mfu is not None:
+            out["mfu"] = mfu
+        return out
+
     # --- state -------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        """The model this rank trains: the whole model, or its pipeline stage (``self.parallel``
+        holds it with the schedule that steps it)."""
+        return self.parallel.model
+
+    @model.setter
+    def model(self, module: nn.Module) -> None:
+        self.parallel.model = module
 
     def _build(self, config: Config) -> None:
         """(Re)build model, optimizer, scheduler, scaler and data for ``config`` at step 0."""
         self.config = config
         seed_everything(config.train.seed)
-        self.model = build_model(self.task, config, self.device)
+        self.parallel = build_model(self.task, config, self.device)
         self.optimizer = build_optimizer(self.model, config, self.device)
         t = config.train
         if isinstance(self.optimizer, OptimizerInBackward):
@@ -186,13 +212,15 @@ class Trainer:
                                              for o in self.optimizer.optimizers])
         else:
             self.scheduler = warmup_cosine(self.optimizer, t.lr, t.min_lr, t.warmup_steps, t.steps)
-        self.scaler = self.precision.grad_scaler()
+        self.scaler = self.precision.grad_scaler(distributed=self.world_size > 1)
         self.batches = self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp)
 
     def model_changed(self) -> None:
-        """Call after replacing blocks/parameters: re-applies activation checkpointing to new blocks."""
+        """Call after replacing blocks/parameters: activation checkpointing and compile reach new blocks."""
         t = self.config.train
         apply_activation_checkpointing(self.model, t.activation_checkpointing, t.checkpoint_every_k)
+        if t.compile:
+            apply_compile(self.model)
 
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -270,7 +298,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics (``skipped`` True when the loss was not finite)."""
         t = self.config.train
-        self.model.train()
+        self.parallel.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         units = 0
@@ -279,11 +307,12 @@ class Trainer:
         for index in range(self.accumulation):
             batch = _to_device(next(self.batches), self.device)
             units += self.task.count_units(batch)
-            pipeline = getattr(self.model, "pipeline", None)  # set by sapwood.train.parallel when pp > 1
-            if pipeline is not None:  # the schedule runs backward itself: scale its loss as the scaler would
+            if self.parallel.pipelined:  # the schedule runs backward itself: scale its loss as the scaler would
                 scale = float(self.scaler.scale(torch.ones((), device=self.device)))  # 1 unless fp16
+                inputs, targets = self.task.split_batch(batch)
                 with self.precision.autocast():
-                    loss, metrics = pipeline.forward_backward(*batch, loss_scale=scale / self.accumulation), {}
+                    loss = self.parallel.forward_backward(inputs, targets, loss_scale=scale / self.accumulation)
+                metrics = {}
             elif in_backward:
                 with self.precision.autocast():
                     loss, metrics = self.task.loss(self.model, batch)
@@ -337,12 +366,11 @@ class Trainer:
         return value
 
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
+        self.parallel.eval()
         with torch.no_grad(), self.precision.autocast():
-            metrics = self.task.evaluate(
-                model_for_eval(self.model), self.config.train.micro_batch_size, self.config.train.eval_batches
-            )
-        self.model.train()
+            metrics = self.task.evaluate(self.parallel, self.config.train.micro_batch_size,
+                                         self.config.train.eval_batches)
+        self.parallel.train()
         return metrics
 
     # --- the run -----------------------------------------------------------------------------
@@ -377,6 +405,7 @@ class Trainer:
                 window_units += metrics["units"]
                 elapsed = time.perf_counter() - window_start
                 metrics["units_per_s"] = window_units / elapsed if elapsed > 0 else 0.0
+                metrics.update(self.gpu_metrics(metrics["units_per_s"]))
                 if metrics.get("skipped"):
                     self.log_event("skip", loss=str(metrics["loss"]), bad_steps=self.bad_steps)
                     if self.bad_steps >= t.max_bad_steps:
@@ -418,7 +447,7 @@ class Trainer:
 
     def write_final(self) -> Path:
         """The final weights as a normal sapwood checkpoint folder ``OUT/final`` (rank 0 writes)."""
-        state = full_model_state(self.model)
+        state = full_model_state(self.parallel)
         out = self.out_dir / "final"
         if self.rank == 0:
             with torch.device("meta"):

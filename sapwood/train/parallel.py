@@ -14,6 +14,7 @@ Tensor-parallel plan per block (Megatron style, with sequence parallel around th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -151,10 +152,19 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     model.register_forward_pre_hook(_full_positions_hook(tp_mesh.size()), with_kwargs=True)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """``torch.compile`` each block in place (same names; the blocks are identical so one graph)."""
+def apply_compile(model: nn.Module) -> list[str]:
+    """``torch.compile`` each block in place (same names; the blocks are identical so one graph).
+    Idempotent: blocks already compiled are left alone, so it can run again after growth adds
+    blocks. Returns the names of the compiled blocks."""
     for block in model.layers.values():
-        block.compile(fullgraph=False)
+        if not is_compiled(block):
+            block.compile(fullgraph=False)
+    return [name for name, block in model.layers.items() if is_compiled(block)]
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """True when ``module.compile()`` was applied to it."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def fsdp_policies(precision: str, cpu_offload: bool) -> tuple[MixedPrecisionPolicy, OffloadPolicy]:
@@ -186,16 +196,45 @@ class ParallelModel:
 
     parts: list[nn.Module]
     dims: ParallelDims
-    loss_fn: LossFn | None = None
+    loss_fn: LossFn | None = None  # loss(output, targets): a pipeline's last stage and forward_backward
     schedule: object | None = field(default=None, repr=False)
     stage_ids: list[int] = field(default_factory=list)
 
     @property
     def model(self) -> nn.Module:
-        """The single model part (every layout except interleaved pipelines)."""
+        """The single model part (every layout except interleaved pipelines): the whole model, or
+        this rank's pipeline stage (the pruned Decoder, full-model parameter names)."""
         if len(self.parts) != 1:
             raise RuntimeError("this rank holds several pipeline stages; use .parts")
         return self.parts[0]
+
+    @model.setter
+    def model(self, module: nn.Module) -> None:
+        """Replace the single part (growth rebuilds a sharded model)."""
+        if len(self.parts) != 1:
+            raise RuntimeError("this rank holds several pipeline stages; use .parts")
+        self.parts = [module]
+
+    @property
+    def pipelined(self) -> bool:
+        """True when a pipeline schedule steps this model (``parallel.pp > 1``)."""
+        return self.schedule is not None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The whole model's forward on every layout: the model itself, or the pipeline's
+        forward-only schedule (every pipeline rank passes the same inputs and gets the same output)."""
+        if self.pipelined:
+            if len(inputs) != 1:
+                raise ValueError(f"a pipeline forward takes one input tensor, got {len(inputs)}")
+            return self.forward_only(inputs[0])
+        return self.model(*inputs)
+
+    def get_buffer(self, name: str) -> torch.Tensor:
+        """The buffer ``name`` (as ``nn.Module.get_buffer``) from the part that holds it."""
+        for part in self.parts:
+            with contextlib.suppress(AttributeError):
+                return part.get_buffer(name)
+        raise AttributeError(f"no part of this model has a buffer {name!r}")
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for part in self.parts:
@@ -226,9 +265,9 @@ class ParallelModel:
         return self.dims.pp * (2 if self.dims.parallel.pp_schedule == "interleaved_1f1b" else 1)
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
-        """Forward and backward one micro-batch; returns the detached mean loss (the same on every
-        rank; the pipeline's last stage broadcasts it). ``loss_scale`` multiplies the loss before
-        backward (e.g. 1 / accumulation steps)."""
+        """Forward and backward one micro-batch with ``loss_fn(output, targets)``; returns the detached
+        mean loss (the same on every rank; the pipeline's last stage broadcasts it). ``loss_scale``
+        multiplies the loss before backward (1 / accumulation steps, times the fp16 loss scale)."""
         if self.schedule is None:
             loss = self.loss_fn(self.model(inputs), targets)
             (loss * loss_scale if loss_scale != 1.0 else loss).backward()
@@ -265,25 +304,6 @@ class ParallelModel:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm over every rank and stage; returns the norm before clipping."""
         return clip_grad_norm_(list(self.parameters()), max_norm, self.dims)
-
-
-class PipelineForward(nn.Module):
-    """``model(tokens) -> logits`` over a whole pipeline, for evaluation code written for one model
-    (every pipeline rank calls it with the same tokens and gets the same logits)."""
-
-    def __init__(self, pipeline: ParallelModel):
-        super().__init__()
-        self.stage = pipeline.model
-        self.pipeline = pipeline
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.pipeline.forward_only(tokens)
-
-
-def model_for_eval(model: nn.Module) -> nn.Module:
-    """What evaluation should call: ``model`` itself, or a :class:`PipelineForward` for a stage."""
-    pipeline = getattr(model, "pipeline", None)
-    return model if pipeline is None else PipelineForward(pipeline)
 
 
 def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float, dims: ParallelDims) -> torch.Tensor:
@@ -334,7 +354,7 @@ def _build_pipeline(model: nn.Module, dims: ParallelDims, device: torch.device, 
 def parallelize(
     model: nn.Module,
     dims: ParallelDims,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     activation_checkpointing: str = "none",
@@ -366,30 +386,24 @@ def parallelize(
     return ParallelModel(parts=[model], dims=dims, loss_fn=loss_fn)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy in float32: the loss a pipeline's last stage computes."""
-    return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-def apply_training_parallelism(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
-    """The training loop's hook: parallelize the (meta-device) model for ``config.parallel`` and the
-    world size torchrun set; the loop then materializes and initializes it.
-
-    Returns the model this rank trains. Under pipeline parallel it is this rank's stage (the pruned
-    Decoder, full-model parameter names) and carries the :class:`ParallelModel` as ``.pipeline``:
-    the loop steps through ``model.pipeline.forward_backward`` instead of calling the model.
-    """
+def apply_training_parallelism(model: nn.Module, config: Config, device: torch.device,
+                               loss_fn: LossFn | None = None) -> ParallelModel:
+    """The training loop's one parallelism hook, for every layout including one process: parallelize
+    the (meta-device) model for ``config.parallel`` and the world size torchrun set (the loop then
+    materializes and initializes it). ``loss_fn(output, targets)`` is the task's loss, which a
+    pipeline's last stage computes; ``None`` when the task cannot be split into stages."""
     train = config.train
+    if config.parallel.pp > 1 and loss_fn is None:
+        raise ConfigError(f"parallel.pp={config.parallel.pp}: train.task={train.task!r} has no per-output loss "
+                          "(split_batch / output_loss) for a pipeline's last stage; set pp: 1")
     dims = parallel_dims_for(config.parallel, device.type)
-    pm = parallelize(model, dims, lm_loss, device, precision=train.precision,
+    pm = parallelize(model, dims, loss_fn, device, precision=train.precision,
                      activation_checkpointing=train.activation_checkpointing,
                      checkpoint_every_k=train.checkpoint_every_k, compile=train.compile)
     if len(pm.parts) > 1:
         raise ConfigError("parallel.pp_schedule='interleaved_1f1b' is not supported by `sapwood train` yet; "
                           "use 1f1b or gpipe")
-    if dims.pp_enabled:
-        pm.model.pipeline = pm
-    return pm.model
+    return pm
 
 
 def batch_slice(batch_size: int, dims: ParallelDims) -> slice:
@@ -400,15 +414,13 @@ def batch_slice(batch_size: int, dims: ParallelDims) -> slice:
     return slice(dims.dp_rank * local, (dims.dp_rank + 1) * local)
 
 
-def full_model_state(model: ParallelModel | nn.Module) -> dict[str, torch.Tensor]:
+def full_model_state(model: ParallelModel) -> dict[str, torch.Tensor]:
     """The full, unsharded model state on CPU with the full model's names (on rank 0; on every rank
-    under pipeline parallel, where stages exchange their pieces). FSDP and TP shards are gathered.
-    Takes a ParallelModel or a model returned by :func:`apply_training_parallelism`."""
+    under pipeline parallel, where stages exchange their pieces). FSDP and TP shards are gathered."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    pipeline = model if isinstance(model, ParallelModel) else getattr(model, "pipeline", None)
-    parts = pipeline.parts if pipeline is not None else [model]
-    pipelined = pipeline is not None and pipeline.dims.pp_enabled
+    parts = model.parts
+    pipelined = model.dims.pp_enabled
     # Without pipeline stages rank 0 alone gathers onto the CPU (the others get an empty dict).
     options = StateDictOptions(full_state_dict=True, cpu_offload=not pipelined)
     state: dict[str, torch.Tensor] = {}
@@ -416,7 +428,7 @@ def full_model_state(model: ParallelModel | nn.Module) -> dict[str, torch.Tensor
         part_state = get_model_state_dict(part, options=options)
         state.update({name: tensor.detach().cpu() for name, tensor in part_state.items()})
     if pipelined:
-        pieces: list = [None] * pipeline.dims.pp
-        dist.all_gather_object(pieces, state, group=pipeline.dims.submesh("pp").get_group())
+        pieces: list = [None] * model.dims.pp
+        dist.all_gather_object(pieces, state, group=model.dims.submesh("pp").get_group())
         state = {name: tensor for piece in pieces for name, tensor in piece.items()}
     return state

@@ -34,9 +34,26 @@ class Precision:
         with torch.autocast(self.device_type, dtype=self.dtype):
             yield
 
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """Enabled only for fp16 (bf16 has fp32's exponent range and needs no scaling)."""
-        return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+    def grad_scaler(self, distributed: bool = False) -> torch.amp.GradScaler:
+        """Enabled only for fp16 (bf16 has fp32's exponent range and needs no scaling). ``distributed``:
+        a :class:`DistributedGradScaler`, so every rank skips the same steps and keeps the same scale."""
+        cls = DistributedGradScaler if distributed else torch.amp.GradScaler
+        return cls(self.device_type, enabled=self.name == "fp16")
+
+
+class DistributedGradScaler(torch.amp.GradScaler):
+    """A GradScaler whose "found inf" is the maximum over all ranks: each rank holds other gradient
+    shards or pipeline stages, so an overflow on one must skip the step (and halve the scale) on all.
+
+    FSDP2's ``ShardedGradScaler`` does the same reduction but leaves ``found_inf`` with shape ``[1]``,
+    which the fused AdamW step rejects (it expects a scalar); this one keeps torch's shapes."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        if not self._enabled or not torch.distributed.is_initialized():
+            return
+        for found_inf in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
 
 
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -23,6 +23,18 @@ surrogate: a task is picked by ``train.task`` in the config, either a registered
     Units of work in a batch for throughput (tokens for text); logged as ``units_per_s``.
 ``tokenizer_file() -> Path | None``
     Copied into the final checkpoint folder.
+
+A task whose loss is a function of the model's output alone (:class:`PipelinedTask`) can also train
+under pipeline parallelism (``parallel.pp > 1``), where the last stage computes the loss:
+
+``split_batch(batch) -> (inputs, targets)``
+    The model's input tensor and what the loss compares its output with.
+``output_loss(output, targets) -> loss``
+    The same loss :meth:`loss` computes, from the model's output.
+
+``evaluate`` receives the trainer's :class:`~sapwood.train.parallel.ParallelModel`: call it like the
+model (``model(inputs)``; under pipeline parallelism the whole pipeline's forward), and use
+``parameters()`` and ``get_buffer(name)`` as on a module.
 """
 
 from __future__ import annotations
@@ -57,6 +69,14 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, micro_batch_size: int, batches: int) -> dict[str, float]: ...
     def count_units(self, batch: Any) -> int: ...
     def tokenizer_file(self) -> Path | None: ...
+
+
+@runtime_checkable
+class PipelinedTask(Protocol):
+    """The two methods a task needs for pipeline parallelism (see the module docstring)."""
+
+    def split_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def output_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
 
 def register_task(name: str, target: str) -> None:

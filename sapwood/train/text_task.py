@@ -43,13 +43,19 @@ class TextTask:
         return WindowLoader(TokenShards(self.folder, "train"), self.seq_len, micro_batch_size, self.seed, rank)
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs, targets = batch
+        inputs, targets = self.split_batch(batch)
         chunk = self.config.train.loss_chunk if self.config.train is not None else None
         if chunk is not None:
             return lm_loss_chunked(model, inputs, targets, chunk), {}
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return loss, {}
+        return self.output_loss(model(inputs), targets), {}
+
+    def split_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = batch
+        return inputs, targets
+
+    def output_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Next-token cross entropy in float32 (what a pipeline's last stage computes, too)."""
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def evaluate(self, model: nn.Module, micro_batch_size: int, batches: int = 8) -> dict[str, float]:
         """Validation loss (nats/token), perplexity and next-token accuracy on fixed windows."""

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one command, one GPU, at most 8 minutes; bench JSON under $OUT (default
+# device-check-out/):
+#
+#   gpu.json    `sapwood bench gpu`: astro-13b training steps under the memory plan (peak memory,
+#               fragmentation, forward and backward s per batch, tokens/s, MFU, vs the analytic plan),
+#               MFU of research-799m and of a Llama-3-8B shape, the attention kernel used
+#   serve.json  `sapwood bench serve --device cuda`: continuous batching vs transformers on the GPU
+#   env.txt     nvidia-smi, torch and package versions
+#
+#   scripts/device-check.sh             on the GPU machine (its python3 holds PyTorch)
+#   scripts/device-check.sh --dry-run   the same code path on tiny shapes on the CPU (CI, no GPU)
+#
+# Packages sapwood needs that the GPU image lacks (torchao, pydantic, fastapi, uvicorn, ...) travel as
+# wheels in .whl/ (scripts/device-wheels.sh fetches them); they are installed to /tmp/site first.
+# Each stage has its own time limit inside the 8 minutes; gpu.json is rewritten after every model,
+# so a stage stopped by its limit keeps what it measured.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-device-check-out}"
+PY="${PYTHON:-python3}"
+[[ -x .venv/bin/python && -z "${PYTHON:-}" && "${1:-}" == "--dry-run" ]] && PY=.venv/bin/python
+mkdir -p "$OUT_DIR"
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+    exec "$PY" -m sapwood.cli bench gpu --smoke --out "$OUT_DIR"
+fi
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "device-check: installing .whl/ failed" >&2; exit 1; }
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+    "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|torchao|transformers|pydantic|fastapi|uvicorn) "
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+status=0
+# 1. training: astro-13b under the memory plan, then the MFU models (each started only within 300 s)
+timeout 330 "$PY" -m sapwood.cli bench gpu --out "$OUT_DIR" --budget-s 300 || status=$?
+# 2. serving on the GPU: research-799m with random weights, 16 and 64 concurrent requests
+timeout 110 "$PY" -m sapwood.cli bench serve --device cuda --preset research-799m --concurrency 16,64 \
+    --max-tokens 32 --repeats 1 --out "$OUT_DIR" || status=$?
+ls -l "$OUT_DIR"
+exit "$status"
