@@ -44,7 +44,7 @@ from sapwood.errors import SapwoodError
 from sapwood.grow.masked import grow_model_masked
 from sapwood.grow.operators import split_ffn, stack_depth
 from sapwood.grow.optimizer import apply_changes_to_optimizer
-from sapwood.grow.plan import GrowthRequest, grow_model
+from sapwood.grow.plan import GrowthRequest, grow_model, shape_of
 from sapwood.model.transformer import Decoder
 from sapwood.sizing import flops_per_token
 
@@ -109,6 +109,7 @@ class BenchSettings:
     vocab_size: int = 512
     mask_ramp_steps: int = 20
     split_noise: float = 0.01
+    rewarm_steps: int = 0  # after growth the LR ramps from lr / rewarm_steps back to lr over this many steps
 
 
 def shapes(settings: BenchSettings, vocab_size: int) -> tuple[ModelConfig, ModelConfig]:
@@ -172,8 +173,15 @@ def train_curve(name: str, start: ModelConfig, final: ModelConfig, settings: Ben
     torch.manual_seed(settings.seed)
     model = Decoder(start).to(device)
     optimizer = _optimizer(model, settings.lr)
-    warmup = settings.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    warmup, rewarm = settings.warmup_steps, settings.rewarm_steps
+
+    def lr_factor(s: int) -> float:  # the LR of step s + 1 (1-based) relative to settings.lr
+        factor = min(1.0, (s + 1) / warmup)
+        if rewarm and grow_at is not None and method is not None and s >= grow_at:
+            factor *= min(1.0, (s - grow_at + 1) / rewarm)
+        return factor
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     loader = WindowLoader(TokenShards(data, "train"), settings.seq_len, settings.batch_size, settings.seed)
     val_batches = WindowLoader(TokenShards(data, "val"), settings.seq_len, settings.batch_size,
                                settings.seed).fixed_batches(settings.eval_batches)
@@ -221,7 +229,8 @@ def prepare_tokens(folder: Path, vocab_size: int, max_files: int = 120) -> Path:
 
 def run_grow_bench(out: Path, steps: int = 100, target_loss: float | None = None, scale: float = 1.0,
                    seeds: int = 3, grow_fraction: float = 0.3, data_dir: Path | None = None,
-                   max_files: int = 120, methods: list[str] | None = None, seed: int = 0) -> Path:
+                   max_files: int = 120, methods: list[str] | None = None, seed: int = 0,
+                   rewarm_steps: int = 0, mask_ramp_steps: int | None = None) -> Path:
     """Scratch L and each growth method, for ``seeds`` seeds (``seed``, ``seed + 1``, ...)."""
     chosen = methods or list(METHODS)
     unknown = [m for m in chosen if m not in METHODS]
@@ -229,8 +238,12 @@ def run_grow_bench(out: Path, steps: int = 100, target_loss: float | None = None
         raise SapwoodError(f"growth method {unknown[0]!r} is not one of {', '.join(METHODS)}")
     if seeds < 1:
         raise SapwoodError(f"seeds={seeds} must be >= 1")
+    if rewarm_steps < 0 or (mask_ramp_steps is not None and mask_ramp_steps < 1):
+        raise SapwoodError(f"rewarm_steps={rewarm_steps} must be >= 0 and mask_ramp_steps={mask_ramp_steps} >= 1")
+    if not 0 < grow_fraction < 1:
+        raise SapwoodError(f"grow_fraction={grow_fraction} must be between 0 and 1 (exclusive)")
     settings = BenchSettings(steps=steps, scale=scale, seed=seed, grow_fraction=grow_fraction,
-                             mask_ramp_steps=max(1, steps // 10))
+                             mask_ramp_steps=mask_ramp_steps or max(1, steps // 10), rewarm_steps=rewarm_steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_tokens(Path(data_dir or tmp) / "tokens", settings.vocab_size, max_files)
@@ -326,7 +339,8 @@ def _seed_results(per_seed: list[tuple[list[RunCurve], float]], settings: BenchS
             "seconds_ratio_mean": statistics.fmean(second_ratios),
             "seconds_ratio_std": statistics.stdev(second_ratios) if len(second_ratios) > 1 else 0.0,
             "small": f"{_small_layers(name, large)}x{small.hidden}", "large": f"{large.layers}x{large.hidden}",
-            "scale": settings.scale,
+            "scale": settings.scale, "grow_fraction": settings.grow_fraction,
+            "rewarm_steps": settings.rewarm_steps, "mask_ramp_steps": settings.mask_ramp_steps,
         }
         results.append(Result(f"FLOPs to target: {name}", sum(values["flops"]), "FLOPs", sum(values["base_flops"]),
                               params=params, baseline="L from scratch"))
@@ -353,3 +367,132 @@ def _plot(ax: Any, curves: list[RunCurve], target: float) -> None:
     if lows and math.isfinite(min(lows)):
         ax.set_ylim(min(lows) - 0.1, min(lows) + 2.5)
     ax.legend()
+
+
+# --- growth under a memory budget, with the real trainer ------------------------------------------------
+
+
+@dataclass
+class BudgetSettings:
+    """A run that starts at S and grows by one increment whenever the plateau trigger fires, until the next
+    increment would exceed the memory budget (that of L); against L trained from scratch for as many steps."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    eval_every: int = 5
+    eval_batches: int = 4
+    plateau_window: int = 15
+    plateau_min_rel_improvement: float = 0.02
+    cooldown_steps: int = 10
+    method: str = "masked"
+    mask_ramp_steps: int = 20
+    rewarm_steps: int = 0
+    scale: float = 1.0
+
+
+def _budget_config(settings: BudgetSettings, model: ModelConfig, data: Path, out: Path, seed: int,
+                   growth: dict[str, Any] | None):
+    from sapwood.config import Config, validate
+
+    train = {"steps": settings.steps, "batch_size": settings.batch_size, "micro_batch_size": settings.batch_size,
+             "lr": settings.lr, "min_lr": settings.lr / 10, "warmup_steps": settings.warmup_steps,
+             "eval_every": settings.eval_every, "eval_batches": settings.eval_batches,
+             "save_every": 10 * settings.steps, "log_every": 1, "out_dir": str(out), "progress": False,
+             "seed": seed, "device": "auto"}
+    return validate(Config, {"model": model.model_dump(), "train": train,
+                             "data": {"path": str(data), "seq_len": settings.seq_len}, "growth": growth})
+
+
+def budget_curve(name: str, metrics_file: Path, start: ModelConfig, seq_len: int) -> RunCurve:
+    """FLOPs (shape at each step x its tokens, shapes from the growth events), wall seconds and validation
+    loss at each evaluation of a trainer run's ``metrics.jsonl``."""
+    from sapwood.train.metrics import read_events
+
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    shape, curve = start, RunCurve(name)
+    flops, seconds, last_time = 0.0, 0.0, None
+    start_record = next(r for r in records if r["event"] == "start")
+    last_time = start_record["time"]
+    for record in records:
+        if record["event"] == "train":
+            flops += flops_per_token(shape, seq_len) * record["units"]
+            seconds += record["time"] - last_time
+            last_time = record["time"]
+        elif record["event"] == "growth":
+            shape = shape.model_copy(update=record["shape_after"])
+            if curve.growth_step is None:
+                curve.growth_step = record["step"]
+        elif record["event"] == "eval":
+            curve.flops.append(flops)
+            curve.seconds.append(seconds)
+            curve.steps.append(record["step"])
+            curve.val_loss.append(float(record["val_loss"]))
+    assert read_events(metrics_file, "done"), f"{metrics_file}: the run did not finish"
+    return curve
+
+
+def run_budget_bench(out: Path, steps: int = 300, seeds: int = 3, seed: int = 0, data_dir: Path | None = None,
+                     max_files: int = 120, method: str = "masked", rewarm_steps: int = 0,
+                     scale: float = 1.0) -> Path:
+    """Growth under a memory budget end to end (``sapwood train`` with a ``growth:`` plateau trigger and
+    ``caps.memory_budget_gb``) against scratch training of the grown run's final shape, per seed."""
+    from sapwood.grow.plan import training_memory_gb
+    from sapwood.train.callbacks import callbacks_from_config
+    from sapwood.train.loop import Trainer
+
+    if method not in ("zero", "masked"):
+        raise SapwoodError(f"method={method!r} must be zero or masked")
+    if seeds < 1:
+        raise SapwoodError(f"seeds={seeds} must be >= 1")
+    settings = BudgetSettings(steps=steps, method=method, rewarm_steps=rewarm_steps, scale=scale,
+                              mask_ramp_steps=max(1, steps // 15))
+    per_seed, events = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare_tokens(Path(data_dir or tmp) / "tokens", 512, max_files)
+        vocab = int(json.loads((data / "meta.json").read_text())["vocab_size"])
+        small, large = shapes(BenchSettings(seq_len=settings.seq_len, scale=scale), vocab)
+        budget = training_memory_gb(large) * 1.001
+        growth = {"plateau": {"window": settings.plateau_window,
+                              "min_rel_improvement": settings.plateau_min_rel_improvement},
+                  "cooldown_steps": settings.cooldown_steps, "max_events": 16, "method": method,
+                  "mask_ramp_steps": settings.mask_ramp_steps, "rewarm_steps": rewarm_steps,
+                  "add": {"layers": 1, "hidden": small.hidden // 2, "ffn": small.ffn // 2, "heads": small.heads // 2},
+                  "caps": {"memory_budget_gb": budget}}
+        console.print(f"budget {budget * 1e9 / 2**20:.2f} MiB of training memory (that of L "
+                      f"{large.layers}x{large.hidden}); start S {small.layers}x{small.hidden}, {steps} steps")
+        for index in range(seeds):
+            run_seed = seed + index
+            grown_dir, scratch_dir = Path(tmp) / f"grown{run_seed}", Path(tmp) / f"scratch{run_seed}"
+            config = _budget_config(settings, small, data, grown_dir, run_seed, growth)
+            Trainer(config, callbacks_from_config(config)).fit()
+            grown = budget_curve(f"grow under budget ({method})", grown_dir / "metrics.jsonl", small,
+                                 settings.seq_len)
+            seed_events = [json.loads(line) for line in (grown_dir / "metrics.jsonl").read_text().splitlines()
+                           if '"growth' in line]
+            final_shape = next((e["shape_after"] for e in reversed(seed_events) if e["event"] == "growth"), None)
+            final = small.model_copy(update=final_shape or {})
+            scratch_config = _budget_config(settings, final, data, scratch_dir, run_seed, None)
+            Trainer(scratch_config).fit()
+            scratch = budget_curve("scratch", scratch_dir / "metrics.jsonl", final, settings.seq_len)
+            target = scratch.val_loss[-1]
+            reached = grown.first_reaching(target)
+            console.print(f"seed {run_seed}: {sum(e['event'] == 'growth' for e in seed_events)} growth events "
+                          f"(steps {[e['step'] for e in seed_events if e['event'] == 'growth']}), final "
+                          f"{final.layers}x{final.hidden}; val loss grown {grown.val_loss[-1]:.4f} vs scratch "
+                          f"{target:.4f}; " + (f"target at step {reached[2]:.1f}" if reached else "target not reached"))
+            per_seed.append(([scratch, grown], target))
+            events.append({"seed": run_seed, "events": seed_events, "final_shape": shape_of(final),
+                           "final_val_loss": grown.val_loss[-1], "scratch_val_loss": target,
+                           "grown_flops_total": grown.flops[-1], "scratch_flops_total": scratch.flops[-1]})
+    results = _seed_results(per_seed, BenchSettings(scale=scale, grow_fraction=0.0), small, final)
+    for result in results:
+        result.params.update(small=f"{small.layers}x{small.hidden}", large="final grown shape",
+                             budget_gb=budget, method=method, rewarm_steps=rewarm_steps)
+    print_results(results)
+    extra = {"runs": events, "settings": settings.__dict__,
+             "seeds": [{"target_val_loss": t, "curves": [c.__dict__ for c in cs]} for cs, t in per_seed]}
+    curves, target = per_seed[0]
+    return write_suite("grow-budget", results, out, plot=lambda ax: _plot(ax, curves, target), extra=extra)
