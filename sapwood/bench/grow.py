@@ -375,9 +375,11 @@ def _plot(ax: Any, curves: list[RunCurve], target: float) -> None:
 @dataclass
 class BudgetSettings:
     """A run that starts at S and grows by one increment whenever the plateau trigger fires, until the next
-    increment would exceed the memory budget (that of L); against L trained from scratch for as many steps."""
+    increment would exceed the memory budget (that of L); against the grown run's final shape trained from
+    scratch for ``steps``. The growing run may train ``max_steps_factor`` times longer (it is cheaper per step)."""
 
     steps: int = 300
+    max_steps_factor: float = 1.5
     batch_size: int = 16
     seq_len: int = 64
     lr: float = 3e-3
@@ -394,10 +396,10 @@ class BudgetSettings:
 
 
 def _budget_config(settings: BudgetSettings, model: ModelConfig, data: Path, out: Path, seed: int,
-                   growth: dict[str, Any] | None):
+                   growth: dict[str, Any] | None, steps: int):
     from sapwood.config import Config, validate
 
-    train = {"steps": settings.steps, "batch_size": settings.batch_size, "micro_batch_size": settings.batch_size,
+    train = {"steps": steps, "batch_size": settings.batch_size, "micro_batch_size": settings.batch_size,
              "lr": settings.lr, "min_lr": settings.lr / 10, "warmup_steps": settings.warmup_steps,
              "eval_every": settings.eval_every, "eval_batches": settings.eval_batches,
              "save_every": 10 * settings.steps, "log_every": 1, "out_dir": str(out), "progress": False,
@@ -466,7 +468,8 @@ def run_budget_bench(out: Path, steps: int = 300, seeds: int = 3, seed: int = 0,
         for index in range(seeds):
             run_seed = seed + index
             grown_dir, scratch_dir = Path(tmp) / f"grown{run_seed}", Path(tmp) / f"scratch{run_seed}"
-            config = _budget_config(settings, small, data, grown_dir, run_seed, growth)
+            config = _budget_config(settings, small, data, grown_dir, run_seed, growth,
+                                    int(settings.max_steps_factor * steps))
             Trainer(config, callbacks_from_config(config)).fit()
             grown = budget_curve(f"grow under budget ({method})", grown_dir / "metrics.jsonl", small,
                                  settings.seq_len)
@@ -474,18 +477,21 @@ def run_budget_bench(out: Path, steps: int = 300, seeds: int = 3, seed: int = 0,
                            if '"growth' in line]
             final_shape = next((e["shape_after"] for e in reversed(seed_events) if e["event"] == "growth"), None)
             final = small.model_copy(update=final_shape or {})
-            scratch_config = _budget_config(settings, final, data, scratch_dir, run_seed, None)
+            scratch_config = _budget_config(settings, final, data, scratch_dir, run_seed, None, steps)
             Trainer(scratch_config).fit()
             scratch = budget_curve("scratch", scratch_dir / "metrics.jsonl", final, settings.seq_len)
             target = scratch.val_loss[-1]
             reached = grown.first_reaching(target)
+            at_steps = grown.steps.index(steps) if steps in grown.steps else -1
             console.print(f"seed {run_seed}: {sum(e['event'] == 'growth' for e in seed_events)} growth events "
                           f"(steps {[e['step'] for e in seed_events if e['event'] == 'growth']}), final "
-                          f"{final.layers}x{final.hidden}; val loss grown {grown.val_loss[-1]:.4f} vs scratch "
-                          f"{target:.4f}; " + (f"target at step {reached[2]:.1f}" if reached else "target not reached"))
+                          f"{final.layers}x{final.hidden}; val loss at step {steps}: grown "
+                          f"{grown.val_loss[at_steps]:.4f}, scratch {target:.4f}; "
+                          + (f"target at step {reached[2]:.1f}" if reached else "target not reached"))
             per_seed.append(([scratch, grown], target))
             events.append({"seed": run_seed, "events": seed_events, "final_shape": shape_of(final),
-                           "final_val_loss": grown.val_loss[-1], "scratch_val_loss": target,
+                           "val_loss_at_scratch_steps": grown.val_loss[at_steps], "scratch_val_loss": target,
+                           "target_reached_at_step": reached[2] if reached else None,
                            "grown_flops_total": grown.flops[-1], "scratch_flops_total": scratch.flops[-1]})
     results = _seed_results(per_seed, BenchSettings(scale=scale, grow_fraction=0.0), small, final)
     for result in results:
