@@ -165,6 +165,15 @@ def _val_loss(model: Decoder, batches: list, device: torch.device) -> float:
     return sum(losses) / len(losses)
 
 
+def lr_factor(step: int, warmup_steps: int, rewarm_steps: int = 0, grow_at: int | None = None) -> float:
+    """The LR of optimizer step ``step + 1`` relative to the peak: linear warm-up, then constant; with
+    ``rewarm_steps`` the k-th step after growth at ``grow_at`` runs at ``(k + 1) / rewarm_steps`` of it."""
+    factor = min(1.0, (step + 1) / warmup_steps)
+    if rewarm_steps and grow_at is not None and step >= grow_at:
+        factor *= min(1.0, (step - grow_at + 1) / rewarm_steps)
+    return factor
+
+
 def train_curve(name: str, start: ModelConfig, final: ModelConfig, settings: BenchSettings, data: Path,
                 device: torch.device, max_steps: int, grow_at: int | None = None, method: Callable | None = None,
                 target: float | None = None) -> RunCurve:
@@ -173,15 +182,9 @@ def train_curve(name: str, start: ModelConfig, final: ModelConfig, settings: Ben
     torch.manual_seed(settings.seed)
     model = Decoder(start).to(device)
     optimizer = _optimizer(model, settings.lr)
-    warmup, rewarm = settings.warmup_steps, settings.rewarm_steps
-
-    def lr_factor(s: int) -> float:  # the LR of step s + 1 (1-based) relative to settings.lr
-        factor = min(1.0, (s + 1) / warmup)
-        if rewarm and grow_at is not None and method is not None and s >= grow_at:
-            factor *= min(1.0, (s - grow_at + 1) / rewarm)
-        return factor
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    grows_at = grow_at if method is not None else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, settings.warmup_steps, settings.rewarm_steps, grows_at))
     loader = WindowLoader(TokenShards(data, "train"), settings.seq_len, settings.batch_size, settings.seed)
     val_batches = WindowLoader(TokenShards(data, "val"), settings.seq_len, settings.batch_size,
                                settings.seed).fixed_batches(settings.eval_batches)
@@ -233,9 +236,8 @@ def run_grow_bench(out: Path, steps: int = 100, target_loss: float | None = None
                    rewarm_steps: int = 0, mask_ramp_steps: int | None = None) -> Path:
     """Scratch L and each growth method, for ``seeds`` seeds (``seed``, ``seed + 1``, ...)."""
     chosen = methods or list(METHODS)
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown:
-        raise SapwoodError(f"growth method {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    for spec in chosen:
+        parse_variant(spec, BenchSettings())
     if seeds < 1:
         raise SapwoodError(f"seeds={seeds} must be >= 1")
     if rewarm_steps < 0 or (mask_ramp_steps is not None and mask_ramp_steps < 1):
@@ -282,13 +284,14 @@ def _run_methods(settings, data, device, small, large, steps, target_loss, metho
     scratch = train_curve("scratch", large, large, settings, data, device, steps)
     target = target_loss if target_loss is not None else scratch.val_loss[-1]
     console.print(f"seed {settings.seed} scratch: val loss {scratch.val_loss[-1]:.4f} after {steps} steps")
-    grow_at = max(1, int(settings.grow_fraction * steps))
     max_steps = int(settings.max_steps_factor * steps)
     curves = [scratch]
     for name in methods:
-        method, depth_factor = METHODS[name]
+        base, variant = parse_variant(name, settings)
+        method, depth_factor = METHODS[base]
         start = _small_for(small, large, depth_factor)
-        curve = train_curve(name, start, large, settings, data, device, max_steps, grow_at, method, target)
+        grow_at = max(1, int(variant.grow_fraction * steps))
+        curve = train_curve(name, start, large, variant, data, device, max_steps, grow_at, method, target)
         reached = curve.first_reaching(target)
         console.print(f"seed {settings.seed} {name}: loss jump at growth {curve.loss_jump:+.5f}; "
                       + (f"target at step {reached[2]:.1f}" if reached else "target not reached"))
@@ -339,8 +342,7 @@ def _seed_results(per_seed: list[tuple[list[RunCurve], float]], settings: BenchS
             "seconds_ratio_mean": statistics.fmean(second_ratios),
             "seconds_ratio_std": statistics.stdev(second_ratios) if len(second_ratios) > 1 else 0.0,
             "small": f"{_small_layers(name, large)}x{small.hidden}", "large": f"{large.layers}x{large.hidden}",
-            "scale": settings.scale, "grow_fraction": settings.grow_fraction,
-            "rewarm_steps": settings.rewarm_steps, "mask_ramp_steps": settings.mask_ramp_steps,
+            "scale": settings.scale, **_variant_params(name, settings), "mask_ramp_steps": settings.mask_ramp_steps,
         }
         results.append(Result(f"FLOPs to target: {name}", sum(values["flops"]), "FLOPs", sum(values["base_flops"]),
                               params=params, baseline="L from scratch"))
@@ -350,7 +352,31 @@ def _seed_results(per_seed: list[tuple[list[RunCurve], float]], settings: BenchS
 
 
 def _small_layers(name: str, large: ModelConfig) -> int:
-    return max(1, large.layers // METHODS[name][1]) if name in METHODS else large.layers // 2
+    base = name.split("@")[0].split("+")[0]
+    return max(1, large.layers // METHODS[base][1]) if base in METHODS else large.layers // 2
+
+
+def _variant_params(name: str, settings: BenchSettings) -> dict[str, Any]:
+    if name.split("@")[0].split("+")[0] not in METHODS:
+        return {"grow_fraction": settings.grow_fraction, "rewarm_steps": settings.rewarm_steps}
+    variant = parse_variant(name, settings)[1]
+    return {"grow_fraction": variant.grow_fraction, "rewarm_steps": variant.rewarm_steps}
+
+
+def parse_variant(spec: str, settings: BenchSettings) -> tuple[str, BenchSettings]:
+    """``method[@grow_fraction][+rewarmN]`` (e.g. ``masked@0.5+rewarm20``) -> (method, settings for it)."""
+    import dataclasses
+    import re
+
+    match = re.fullmatch(r"([a-z]+)(?:@([0-9.]+))?(?:\+rewarm([0-9]+))?", spec)
+    if match is None or match[1] not in METHODS:
+        raise SapwoodError(f"growth method {spec!r} is not one of {', '.join(METHODS)} "
+                           "(optionally with @FRACTION and +rewarmN, e.g. masked@0.5+rewarm20)")
+    fraction = float(match[2]) if match[2] else settings.grow_fraction
+    if not 0 < fraction < 1:
+        raise SapwoodError(f"{spec!r}: grow fraction {fraction} must be between 0 and 1 (exclusive)")
+    rewarm = int(match[3]) if match[3] else settings.rewarm_steps
+    return match[1], dataclasses.replace(settings, grow_fraction=fraction, rewarm_steps=rewarm)
 
 
 def _plot(ax: Any, curves: list[RunCurve], target: float) -> None:
@@ -418,13 +444,17 @@ def budget_curve(name: str, metrics_file: Path, start: ModelConfig, seq_len: int
     flops, seconds, last_time = 0.0, 0.0, None
     start_record = next(r for r in records if r["event"] == "start")
     last_time = start_record["time"]
-    for record in records:
+    grown: list[tuple[int, ModelConfig]] = []  # (step, shape after it): an event at step s is logged before
+    for record in records:  # step s's train record, and the new shape trains from step s + 1
         if record["event"] == "train":
+            while grown and grown[0][0] < record["step"]:
+                shape = grown.pop(0)[1]
             flops += flops_per_token(shape, seq_len) * record["units"]
             seconds += record["time"] - last_time
             last_time = record["time"]
         elif record["event"] == "growth":
-            shape = shape.model_copy(update=record["shape_after"])
+            grown.append((record["step"], (grown[-1][1] if grown else shape).model_copy(
+                update=record["shape_after"])))
             if curve.growth_step is None:
                 curve.growth_step = record["step"]
         elif record["event"] == "eval":
