@@ -113,5 +113,5 @@ def test_method_variants_set_grow_fraction_and_rewarm():
     assert (name, variant.grow_fraction, variant.rewarm_steps) == ("gstack", 0.3, 0)
     with pytest.raises(SapwoodError, match="grow fraction 1.5 must be between 0 and 1"):
         parse_variant("random@1.5", base)
-    with pytest.raises(SapwoodError, match="'random+warm' is not one of"):
+    with pytest.raises(SapwoodError, match=r"'random\+warm' is not one of"):
         parse_variant("random+warm", base)
