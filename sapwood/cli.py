@@ -437,12 +437,16 @@ def bench_grow_budget(
     rewarm_steps: int = typer.Option(0, "--rewarm-steps", help="LR re-warm-up steps after each event"),
     scale: float = typer.Option(1.0, "--scale", help="multiply model widths (1 = tiny CPU default)"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the tokenized corpus here (reused)"),
+    plateau_window: int = typer.Option(15, "--plateau-window", help="plateau trigger window (steps)"),
+    min_rel_improvement: float = typer.Option(0.02, "--min-rel-improvement",
+                                              help="grow when a window improves on the previous by less"),
 ) -> None:
     """Grow on loss plateaus until the memory budget (that of L), against L's shape trained from scratch."""
     from sapwood.bench.grow import run_budget_bench
 
     run_budget_bench(out, steps=steps, seeds=seeds, seed=seed, data_dir=data_dir, method=method,
-                     rewarm_steps=rewarm_steps, scale=scale)
+                     rewarm_steps=rewarm_steps, scale=scale, plateau_window=plateau_window,
+                     min_rel_improvement=min_rel_improvement)
 
 
 @bench_app.command("train")

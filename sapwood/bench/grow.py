@@ -468,7 +468,7 @@ def budget_curve(name: str, metrics_file: Path, start: ModelConfig, seq_len: int
 
 def run_budget_bench(out: Path, steps: int = 300, seeds: int = 3, seed: int = 0, data_dir: Path | None = None,
                      max_files: int = 120, method: str = "masked", rewarm_steps: int = 0,
-                     scale: float = 1.0) -> Path:
+                     scale: float = 1.0, plateau_window: int = 15, min_rel_improvement: float = 0.02) -> Path:
     """Growth under a memory budget end to end (``sapwood train`` with a ``growth:`` plateau trigger and
     ``caps.memory_budget_gb``) against scratch training of the grown run's final shape, per seed."""
     from sapwood.grow.plan import training_memory_gb
@@ -480,7 +480,8 @@ def run_budget_bench(out: Path, steps: int = 300, seeds: int = 3, seed: int = 0,
     if seeds < 1:
         raise SapwoodError(f"seeds={seeds} must be >= 1")
     settings = BudgetSettings(steps=steps, method=method, rewarm_steps=rewarm_steps, scale=scale,
-                              mask_ramp_steps=max(1, steps // 15))
+                              mask_ramp_steps=max(1, steps // 15), plateau_window=plateau_window,
+                              plateau_min_rel_improvement=min_rel_improvement)
     per_seed, events = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_tokens(Path(data_dir or tmp) / "tokens", 512, max_files)
@@ -526,7 +527,8 @@ def run_budget_bench(out: Path, steps: int = 300, seeds: int = 3, seed: int = 0,
     results = _seed_results(per_seed, BenchSettings(scale=scale, grow_fraction=0.0), small, final)
     for result in results:
         result.params.update(small=f"{small.layers}x{small.hidden}", large="final grown shape",
-                             budget_gb=budget, method=method, rewarm_steps=rewarm_steps)
+                             budget_gb=budget, method=method, rewarm_steps=rewarm_steps,
+                             plateau_window=plateau_window, min_rel_improvement=min_rel_improvement)
     print_results(results)
     extra = {"runs": events, "settings": settings.__dict__,
              "seeds": [{"target_val_loss": t, "curves": [c.__dict__ for c in cs]} for cs, t in per_seed]}
