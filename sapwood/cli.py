@@ -439,13 +439,38 @@ def bench_grow(
     seeds: int = typer.Option(3, "--seeds", help="seeds to run (mean and spread are reported)"),
     methods: str | None = typer.Option(None, "--methods", help="comma-separated growth methods (default: all)"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the tokenized corpus here (reused)"),
+    rewarm_steps: int = typer.Option(0, "--rewarm-steps", help="LR re-warm-up steps after growth (0 = none)"),
+    mask_ramp_steps: int | None = typer.Option(None, "--mask-ramp-steps", help="mask ramp (default: steps/10)"),
 ) -> None:
     """Compute to reach a target loss: large model from scratch vs small model grown into it."""
     from sapwood.bench.grow import run_grow_bench
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     run_grow_bench(out, steps=steps, target_loss=target_loss, scale=scale, seed=seed, grow_fraction=grow_fraction,
-                   seeds=seeds, methods=chosen, data_dir=data_dir)
+                   seeds=seeds, methods=chosen, data_dir=data_dir, rewarm_steps=rewarm_steps,
+                   mask_ramp_steps=mask_ramp_steps)
+
+
+@bench_app.command("grow-budget")
+def bench_grow_budget(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for grow-budget.json and grow-budget.png"),
+    steps: int = typer.Option(300, "--steps", help="optimizer steps of each run"),
+    seed: int = typer.Option(0, "--seed", help="first seed"),
+    seeds: int = typer.Option(3, "--seeds", help="seeds to run (mean and spread are reported)"),
+    method: str = typer.Option("masked", "--method", help="growth.method: zero or masked"),
+    rewarm_steps: int = typer.Option(0, "--rewarm-steps", help="LR re-warm-up steps after each event"),
+    scale: float = typer.Option(1.0, "--scale", help="multiply model widths (1 = tiny CPU default)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the tokenized corpus here (reused)"),
+    plateau_window: int = typer.Option(15, "--plateau-window", help="plateau trigger window (steps)"),
+    min_rel_improvement: float = typer.Option(0.02, "--min-rel-improvement",
+                                              help="grow when a window improves on the previous by less"),
+) -> None:
+    """Grow on loss plateaus until the memory budget (that of L), against L's shape trained from scratch."""
+    from sapwood.bench.grow import run_budget_bench
+
+    run_budget_bench(out, steps=steps, seeds=seeds, seed=seed, data_dir=data_dir, method=method,
+                     rewarm_steps=rewarm_steps, scale=scale, plateau_window=plateau_window,
+                     min_rel_improvement=min_rel_improvement)
 
 
 @bench_app.command("train")

@@ -63,3 +63,55 @@ def test_short_real_run_writes_the_suite(tmp_path):
         grown = next(c for c in payload["extra"]["seeds"][0]["curves"] if c["name"] == name)
         assert grown["growth_step"] == 1 and abs(grown["loss_jump"]) < 1e-5
     assert len(payload["results"][0]["params"]["flops_ratio_per_seed"]) == 2
+
+
+def test_lr_factor_warms_up_and_rewarms_after_growth():
+    from sapwood.bench.grow import lr_factor
+
+    assert [lr_factor(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    # growth after step 6: steps 7, 8, 9 run at 1/3, 2/3, 1 of the LR; without re-warm-up nothing changes
+    assert [lr_factor(s, 4, 3, grow_at=6) for s in range(5, 10)] == [1.0, pytest.approx(1 / 3),
+                                                                    pytest.approx(2 / 3), 1.0, 1.0]
+    assert [lr_factor(s, 4, 0, grow_at=6) for s in range(5, 10)] == [1.0] * 5
+
+
+def test_budget_curve_counts_each_shapes_flops_from_a_real_run(tokens_dir, tmp_path):
+    from sapwood.bench.grow import budget_curve
+    from sapwood.sizing import flops_per_token
+    from sapwood.train.callbacks import callbacks_from_config
+    from sapwood.train.loop import Trainer
+    from tests.test_grow_training import make_config
+
+    growth = {"at_steps": [2], "method": "masked", "mask_ramp_steps": 2, "add": {"layers": 1, "ffn": 32}}
+    config = make_config(tokens_dir, tmp_path, growth=growth, steps=4, eval_every=1)
+    Trainer(config, callbacks_from_config(config)).fit()
+    start = config.model
+    curve = budget_curve("grown", tmp_path / "metrics.jsonl", start, seq_len=32)
+    tokens = config.train.batch_size * 32
+    grown = start.model_copy(update={"layers": 3, "ffn": 96})
+    small_flops, large_flops = flops_per_token(start, 32) * tokens, flops_per_token(grown, 32) * tokens
+    assert curve.growth_step == 2 and curve.steps == [1, 2, 3, 4]
+    assert curve.flops == pytest.approx([small_flops, 2 * small_flops, 2 * small_flops + large_flops,
+                                         2 * small_flops + 2 * large_flops])
+    assert len(curve.val_loss) == 4 and curve.seconds == sorted(curve.seconds)
+
+
+def test_budget_bench_rejects_an_unknown_method(tmp_path):
+    from sapwood.bench.grow import run_budget_bench
+
+    with pytest.raises(SapwoodError, match="method='bogus' must be zero or masked"):
+        run_budget_bench(tmp_path, method="bogus")
+
+
+def test_method_variants_set_grow_fraction_and_rewarm():
+    from sapwood.bench.grow import parse_variant
+
+    base = BenchSettings(grow_fraction=0.3, rewarm_steps=0)
+    name, variant = parse_variant("masked@0.5+rewarm20", base)
+    assert (name, variant.grow_fraction, variant.rewarm_steps) == ("masked", 0.5, 20)
+    name, variant = parse_variant("gstack", base)
+    assert (name, variant.grow_fraction, variant.rewarm_steps) == ("gstack", 0.3, 0)
+    with pytest.raises(SapwoodError, match="grow fraction 1.5 must be between 0 and 1"):
+        parse_variant("random@1.5", base)
+    with pytest.raises(SapwoodError, match=r"'random\+warm' is not one of"):
+        parse_variant("random+warm", base)

@@ -44,7 +44,7 @@ from sapwood.errors import SapwoodError
 from sapwood.grow.masked import grow_model_masked
 from sapwood.grow.operators import split_ffn, stack_depth
 from sapwood.grow.optimizer import apply_changes_to_optimizer
-from sapwood.grow.plan import GrowthRequest, grow_model
+from sapwood.grow.plan import GrowthRequest, grow_model, shape_of
 from sapwood.model.transformer import Decoder
 from sapwood.sizing import flops_per_token
 
@@ -109,6 +109,7 @@ class BenchSettings:
     vocab_size: int = 512
     mask_ramp_steps: int = 20
     split_noise: float = 0.01
+    rewarm_steps: int = 0  # after growth the LR ramps from lr / rewarm_steps back to lr over this many steps
 
 
 def shapes(settings: BenchSettings, vocab_size: int) -> tuple[ModelConfig, ModelConfig]:
@@ -164,6 +165,15 @@ def _val_loss(model: Decoder, batches: list, device: torch.device) -> float:
     return sum(losses) / len(losses)
 
 
+def lr_factor(step: int, warmup_steps: int, rewarm_steps: int = 0, grow_at: int | None = None) -> float:
+    """The LR of optimizer step ``step + 1`` relative to the peak: linear warm-up, then constant; with
+    ``rewarm_steps`` the k-th step after growth at ``grow_at`` runs at ``(k + 1) / rewarm_steps`` of it."""
+    factor = min(1.0, (step + 1) / warmup_steps)
+    if rewarm_steps and grow_at is not None and step >= grow_at:
+        factor *= min(1.0, (step - grow_at + 1) / rewarm_steps)
+    return factor
+
+
 def train_curve(name: str, start: ModelConfig, final: ModelConfig, settings: BenchSettings, data: Path,
                 device: torch.device, max_steps: int, grow_at: int | None = None, method: Callable | None = None,
                 target: float | None = None) -> RunCurve:
@@ -172,8 +182,9 @@ def train_curve(name: str, start: ModelConfig, final: ModelConfig, settings: Ben
     torch.manual_seed(settings.seed)
     model = Decoder(start).to(device)
     optimizer = _optimizer(model, settings.lr)
-    warmup = settings.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    grows_at = grow_at if method is not None else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, settings.warmup_steps, settings.rewarm_steps, grows_at))
     loader = WindowLoader(TokenShards(data, "train"), settings.seq_len, settings.batch_size, settings.seed)
     val_batches = WindowLoader(TokenShards(data, "val"), settings.seq_len, settings.batch_size,
                                settings.seed).fixed_batches(settings.eval_batches)
@@ -221,16 +232,20 @@ def prepare_tokens(folder: Path, vocab_size: int, max_files: int = 120) -> Path:
 
 def run_grow_bench(out: Path, steps: int = 100, target_loss: float | None = None, scale: float = 1.0,
                    seeds: int = 3, grow_fraction: float = 0.3, data_dir: Path | None = None,
-                   max_files: int = 120, methods: list[str] | None = None, seed: int = 0) -> Path:
+                   max_files: int = 120, methods: list[str] | None = None, seed: int = 0,
+                   rewarm_steps: int = 0, mask_ramp_steps: int | None = None) -> Path:
     """Scratch L and each growth method, for ``seeds`` seeds (``seed``, ``seed + 1``, ...)."""
     chosen = methods or list(METHODS)
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown:
-        raise SapwoodError(f"growth method {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    for spec in chosen:
+        parse_variant(spec, BenchSettings())
     if seeds < 1:
         raise SapwoodError(f"seeds={seeds} must be >= 1")
+    if rewarm_steps < 0 or (mask_ramp_steps is not None and mask_ramp_steps < 1):
+        raise SapwoodError(f"rewarm_steps={rewarm_steps} must be >= 0 and mask_ramp_steps={mask_ramp_steps} >= 1")
+    if not 0 < grow_fraction < 1:
+        raise SapwoodError(f"grow_fraction={grow_fraction} must be between 0 and 1 (exclusive)")
     settings = BenchSettings(steps=steps, scale=scale, seed=seed, grow_fraction=grow_fraction,
-                             mask_ramp_steps=max(1, steps // 10))
+                             mask_ramp_steps=mask_ramp_steps or max(1, steps // 10), rewarm_steps=rewarm_steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_tokens(Path(data_dir or tmp) / "tokens", settings.vocab_size, max_files)
@@ -269,13 +284,14 @@ def _run_methods(settings, data, device, small, large, steps, target_loss, metho
     scratch = train_curve("scratch", large, large, settings, data, device, steps)
     target = target_loss if target_loss is not None else scratch.val_loss[-1]
     console.print(f"seed {settings.seed} scratch: val loss {scratch.val_loss[-1]:.4f} after {steps} steps")
-    grow_at = max(1, int(settings.grow_fraction * steps))
     max_steps = int(settings.max_steps_factor * steps)
     curves = [scratch]
     for name in methods:
-        method, depth_factor = METHODS[name]
+        base, variant = parse_variant(name, settings)
+        method, depth_factor = METHODS[base]
         start = _small_for(small, large, depth_factor)
-        curve = train_curve(name, start, large, settings, data, device, max_steps, grow_at, method, target)
+        grow_at = max(1, int(variant.grow_fraction * steps))
+        curve = train_curve(name, start, large, variant, data, device, max_steps, grow_at, method, target)
         reached = curve.first_reaching(target)
         console.print(f"seed {settings.seed} {name}: loss jump at growth {curve.loss_jump:+.5f}; "
                       + (f"target at step {reached[2]:.1f}" if reached else "target not reached"))
@@ -326,7 +342,7 @@ def _seed_results(per_seed: list[tuple[list[RunCurve], float]], settings: BenchS
             "seconds_ratio_mean": statistics.fmean(second_ratios),
             "seconds_ratio_std": statistics.stdev(second_ratios) if len(second_ratios) > 1 else 0.0,
             "small": f"{_small_layers(name, large)}x{small.hidden}", "large": f"{large.layers}x{large.hidden}",
-            "scale": settings.scale,
+            "scale": settings.scale, **_variant_params(name, settings), "mask_ramp_steps": settings.mask_ramp_steps,
         }
         results.append(Result(f"FLOPs to target: {name}", sum(values["flops"]), "FLOPs", sum(values["base_flops"]),
                               params=params, baseline="L from scratch"))
@@ -336,7 +352,31 @@ def _seed_results(per_seed: list[tuple[list[RunCurve], float]], settings: BenchS
 
 
 def _small_layers(name: str, large: ModelConfig) -> int:
-    return max(1, large.layers // METHODS[name][1]) if name in METHODS else large.layers // 2
+    base = name.split("@")[0].split("+")[0]
+    return max(1, large.layers // METHODS[base][1]) if base in METHODS else large.layers // 2
+
+
+def _variant_params(name: str, settings: BenchSettings) -> dict[str, Any]:
+    if name.split("@")[0].split("+")[0] not in METHODS:
+        return {"grow_fraction": settings.grow_fraction, "rewarm_steps": settings.rewarm_steps}
+    variant = parse_variant(name, settings)[1]
+    return {"grow_fraction": variant.grow_fraction, "rewarm_steps": variant.rewarm_steps}
+
+
+def parse_variant(spec: str, settings: BenchSettings) -> tuple[str, BenchSettings]:
+    """``method[@grow_fraction][+rewarmN]`` (e.g. ``masked@0.5+rewarm20``) -> (method, settings for it)."""
+    import dataclasses
+    import re
+
+    match = re.fullmatch(r"([a-z]+)(?:@([0-9.]+))?(?:\+rewarm([0-9]+))?", spec)
+    if match is None or match[1] not in METHODS:
+        raise SapwoodError(f"growth method {spec!r} is not one of {', '.join(METHODS)} "
+                           "(optionally with @FRACTION and +rewarmN, e.g. masked@0.5+rewarm20)")
+    fraction = float(match[2]) if match[2] else settings.grow_fraction
+    if not 0 < fraction < 1:
+        raise SapwoodError(f"{spec!r}: grow fraction {fraction} must be between 0 and 1 (exclusive)")
+    rewarm = int(match[3]) if match[3] else settings.rewarm_steps
+    return match[1], dataclasses.replace(settings, grow_fraction=fraction, rewarm_steps=rewarm)
 
 
 def _plot(ax: Any, curves: list[RunCurve], target: float) -> None:
@@ -353,3 +393,144 @@ def _plot(ax: Any, curves: list[RunCurve], target: float) -> None:
     if lows and math.isfinite(min(lows)):
         ax.set_ylim(min(lows) - 0.1, min(lows) + 2.5)
     ax.legend()
+
+
+# --- growth under a memory budget, with the real trainer ------------------------------------------------
+
+
+@dataclass
+class BudgetSettings:
+    """A run that starts at S and grows by one increment whenever the plateau trigger fires, until the next
+    increment would exceed the memory budget (that of L); against the grown run's final shape trained from
+    scratch for ``steps``. The growing run may train ``max_steps_factor`` times longer (it is cheaper per step)."""
+
+    steps: int = 300
+    max_steps_factor: float = 1.5
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    eval_every: int = 5
+    eval_batches: int = 4
+    plateau_window: int = 15
+    plateau_min_rel_improvement: float = 0.02
+    cooldown_steps: int = 10
+    method: str = "masked"
+    mask_ramp_steps: int = 20
+    rewarm_steps: int = 0
+    scale: float = 1.0
+
+
+def _budget_config(settings: BudgetSettings, model: ModelConfig, data: Path, out: Path, seed: int,
+                   growth: dict[str, Any] | None, steps: int):
+    from sapwood.config import Config, validate
+
+    train = {"steps": steps, "batch_size": settings.batch_size, "micro_batch_size": settings.batch_size,
+             "lr": settings.lr, "min_lr": settings.lr / 10, "warmup_steps": settings.warmup_steps,
+             "eval_every": settings.eval_every, "eval_batches": settings.eval_batches,
+             "save_every": 10 * settings.steps, "log_every": 1, "out_dir": str(out), "progress": False,
+             "seed": seed, "device": "auto"}
+    return validate(Config, {"model": model.model_dump(), "train": train,
+                             "data": {"path": str(data), "seq_len": settings.seq_len}, "growth": growth})
+
+
+def budget_curve(name: str, metrics_file: Path, start: ModelConfig, seq_len: int) -> RunCurve:
+    """FLOPs (shape at each step x its tokens, shapes from the growth events), wall seconds and validation
+    loss at each evaluation of a trainer run's ``metrics.jsonl``."""
+    from sapwood.train.metrics import read_events
+
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    shape, curve = start, RunCurve(name)
+    flops, seconds, last_time = 0.0, 0.0, None
+    start_record = next(r for r in records if r["event"] == "start")
+    last_time = start_record["time"]
+    grown: list[tuple[int, ModelConfig]] = []  # (step, shape after it): an event at step s is logged before
+    for record in records:  # step s's train record, and the new shape trains from step s + 1
+        if record["event"] == "train":
+            while grown and grown[0][0] < record["step"]:
+                shape = grown.pop(0)[1]
+            flops += flops_per_token(shape, seq_len) * record["units"]
+            seconds += record["time"] - last_time
+            last_time = record["time"]
+        elif record["event"] == "growth":
+            grown.append((record["step"], (grown[-1][1] if grown else shape).model_copy(
+                update=record["shape_after"])))
+            if curve.growth_step is None:
+                curve.growth_step = record["step"]
+        elif record["event"] == "eval":
+            curve.flops.append(flops)
+            curve.seconds.append(seconds)
+            curve.steps.append(record["step"])
+            curve.val_loss.append(float(record["val_loss"]))
+    assert read_events(metrics_file, "done"), f"{metrics_file}: the run did not finish"
+    return curve
+
+
+def run_budget_bench(out: Path, steps: int = 300, seeds: int = 3, seed: int = 0, data_dir: Path | None = None,
+                     max_files: int = 120, method: str = "masked", rewarm_steps: int = 0,
+                     scale: float = 1.0, plateau_window: int = 15, min_rel_improvement: float = 0.02) -> Path:
+    """Growth under a memory budget end to end (``sapwood train`` with a ``growth:`` plateau trigger and
+    ``caps.memory_budget_gb``) against scratch training of the grown run's final shape, per seed."""
+    from sapwood.grow.plan import training_memory_gb
+    from sapwood.train.callbacks import callbacks_from_config
+    from sapwood.train.loop import Trainer
+
+    if method not in ("zero", "masked"):
+        raise SapwoodError(f"method={method!r} must be zero or masked")
+    if seeds < 1:
+        raise SapwoodError(f"seeds={seeds} must be >= 1")
+    settings = BudgetSettings(steps=steps, method=method, rewarm_steps=rewarm_steps, scale=scale,
+                              mask_ramp_steps=max(1, steps // 15), plateau_window=plateau_window,
+                              plateau_min_rel_improvement=min_rel_improvement)
+    per_seed, events = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare_tokens(Path(data_dir or tmp) / "tokens", 512, max_files)
+        vocab = int(json.loads((data / "meta.json").read_text())["vocab_size"])
+        small, large = shapes(BenchSettings(seq_len=settings.seq_len, scale=scale), vocab)
+        budget = training_memory_gb(large) * 1.001
+        growth = {"plateau": {"window": settings.plateau_window,
+                              "min_rel_improvement": settings.plateau_min_rel_improvement},
+                  "cooldown_steps": settings.cooldown_steps, "max_events": 16, "method": method,
+                  "mask_ramp_steps": settings.mask_ramp_steps, "rewarm_steps": rewarm_steps,
+                  "add": {"layers": 1, "hidden": small.hidden // 2, "ffn": small.ffn // 2, "heads": small.heads // 2},
+                  "caps": {"memory_budget_gb": budget}}
+        console.print(f"budget {budget * 1e9 / 2**20:.2f} MiB of training memory (that of L "
+                      f"{large.layers}x{large.hidden}); start S {small.layers}x{small.hidden}, {steps} steps")
+        for index in range(seeds):
+            run_seed = seed + index
+            grown_dir, scratch_dir = Path(tmp) / f"grown{run_seed}", Path(tmp) / f"scratch{run_seed}"
+            config = _budget_config(settings, small, data, grown_dir, run_seed, growth,
+                                    int(settings.max_steps_factor * steps))
+            Trainer(config, callbacks_from_config(config)).fit()
+            grown = budget_curve(f"grow under budget ({method})", grown_dir / "metrics.jsonl", small,
+                                 settings.seq_len)
+            seed_events = [json.loads(line) for line in (grown_dir / "metrics.jsonl").read_text().splitlines()
+                           if '"growth' in line]
+            final_shape = next((e["shape_after"] for e in reversed(seed_events) if e["event"] == "growth"), None)
+            final = small.model_copy(update=final_shape or {})
+            scratch_config = _budget_config(settings, final, data, scratch_dir, run_seed, None, steps)
+            Trainer(scratch_config).fit()
+            scratch = budget_curve("scratch", scratch_dir / "metrics.jsonl", final, settings.seq_len)
+            target = scratch.val_loss[-1]
+            reached = grown.first_reaching(target)
+            at_steps = grown.steps.index(steps) if steps in grown.steps else -1
+            console.print(f"seed {run_seed}: {sum(e['event'] == 'growth' for e in seed_events)} growth events "
+                          f"(steps {[e['step'] for e in seed_events if e['event'] == 'growth']}), final "
+                          f"{final.layers}x{final.hidden}; val loss at step {steps}: grown "
+                          f"{grown.val_loss[at_steps]:.4f}, scratch {target:.4f}; "
+                          + (f"target at step {reached[2]:.1f}" if reached else "target not reached"))
+            per_seed.append(([scratch, grown], target))
+            events.append({"seed": run_seed, "events": seed_events, "final_shape": shape_of(final),
+                           "val_loss_at_scratch_steps": grown.val_loss[at_steps], "scratch_val_loss": target,
+                           "target_reached_at_step": reached[2] if reached else None,
+                           "grown_flops_total": grown.flops[-1], "scratch_flops_total": scratch.flops[-1]})
+    results = _seed_results(per_seed, BenchSettings(scale=scale, grow_fraction=0.0), small, final)
+    for result in results:
+        result.params.update(small=f"{small.layers}x{small.hidden}", large="final grown shape",
+                             budget_gb=budget, method=method, rewarm_steps=rewarm_steps,
+                             plateau_window=plateau_window, min_rel_improvement=min_rel_improvement)
+    print_results(results)
+    extra = {"runs": events, "settings": settings.__dict__,
+             "seeds": [{"target_val_loss": t, "curves": [c.__dict__ for c in cs]} for cs, t in per_seed]}
+    curves, target = per_seed[0]
+    return write_suite("grow-budget", results, out, plot=lambda ax: _plot(ax, curves, target), extra=extra)

@@ -5,6 +5,11 @@ one fires it evaluates the validation loss, grows the model and the optimizer st
 (``sapwood.grow.plan``), records the new shape in ``trainer.config.model`` (so the next checkpoint
 rebuilds it), evaluates again and logs a ``growth`` event (step, trigger, shapes, parameter counts, loss
 before / after) to the run's metrics JSONL and to ``growth.jsonl``.
+
+``method: masked`` grows with :func:`sapwood.grow.masked.grow_model_masked`: the masks advance once per
+optimizer step, are saved in the callback state (a run resumed mid-ramp reinstalls them) and, if the run
+ends mid-ramp, are folded into the weights before ``final/`` is written. No event fires during a ramp.
+``rewarm_steps`` > 0 scales the schedule's LR by ``(k + 1) / rewarm_steps`` for the k-th step after an event.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch
 from rich.console import Console
 
 from sapwood.config import Config, GrowthConfig
+from sapwood.errors import SapwoodError
+from sapwood.grow.masked import GrowthMasks, grow_model_masked
 from sapwood.grow.plan import (
     cap_violation,
     clip_to_caps,
@@ -55,15 +62,31 @@ class GrowthCallback(Callback):
         self.triggers = GrowthTriggers(config)
         self.tokens = 0
         self.history: list[dict[str, Any]] = []
+        self.masks: GrowthMasks | None = None
+        self._masked_model: torch.nn.Module | None = None
+        self._saved_masks: dict[str, Any] | None = None  # from a checkpoint, installed at on_train_start
 
     @property
     def name(self) -> str:
         return "growth"
 
+    def on_train_start(self, trainer: Any) -> None:
+        if self._saved_masks is not None:
+            self.masks = GrowthMasks.restore(trainer.model, self._saved_masks)
+            self._masked_model, self._saved_masks = trainer.model, None
+        self._rewarm(trainer)
+
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
+        self._rewarm(trainer)
         if metrics.get("skipped"):
             return
+        if self.masks is not None:
+            self.masks.step()
+            if not self.masks.active:
+                self.masks = self._masked_model = None
         self.tokens += int(metrics.get("units", 0))
+        if self.masks is not None:
+            return  # no event while the last one's masks still ramp
         fired = self.triggers.observe(step, float(metrics["loss"]), metrics.get("grad_norm"), self.tokens)
         if fired is not None:
             self.grow(trainer, step, fired, float(metrics["loss"]))
@@ -81,7 +104,14 @@ class GrowthCallback(Callback):
         loss_before = _eval_loss(trainer.evaluate())
         device = next(trainer.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
-        if _is_sharded(trainer.model):
+        if self.config.method == "masked":
+            if _is_sharded(trainer.model):
+                raise SapwoodError("growth.method='masked' is not supported for a sharded (FSDP) model; "
+                                   "use method: zero")
+            self.masks, _ = grow_model_masked(trainer.model, request, self.config.mask_ramp_steps,
+                                              trainer.optimizer, generator)
+            self._masked_model = trainer.model
+        elif _is_sharded(trainer.model):
             from sapwood.grow.sharded import grow_sharded
 
             trainer.model = grow_sharded(trainer.model, trainer.optimizer, request, generator,
@@ -106,12 +136,30 @@ class GrowthCallback(Callback):
         self._append_log(trainer, step, event)
         self.triggers.record_event(step)
         self.history.append({"step": step, **event})
+        self._rewarm(trainer)
         if self.verbose and getattr(trainer, "rank", 0) == 0:
             console.print(
                 f"[green]growth[/green] at step {step} ({trigger}): {event['params_before']:,} -> "
                 f"{event['params_after']:,} params; val loss before {loss_before:.6f}, after {loss_after:.6f}"
             )
         return event
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self.masks is not None:
+            value = self.masks.value
+            self.masks.fold(trainer.model)
+            self.masks = self._masked_model = None
+            trainer.log_event("growth_masks_folded", mask=value)
+
+    def _rewarm(self, trainer: Any) -> None:
+        """Scale the LR of the next step when it is within ``rewarm_steps`` of the last event."""
+        n, last = self.config.rewarm_steps, self.triggers.last_event_step
+        if not n or last is None or trainer.step - last > n:
+            return
+        factor = min(1.0, (trainer.step - last + 1) / n)
+        for scheduler in getattr(trainer.scheduler, "schedulers", [trainer.scheduler]):
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr * factor
 
     def _append_log(self, trainer: Any, step: int, event: dict[str, Any]) -> None:
         if getattr(trainer, "rank", 0) != 0:
@@ -122,12 +170,15 @@ class GrowthCallback(Callback):
             f.write(json.dumps({"event": "growth", "step": step, **event}) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"triggers": self.triggers.state_dict(), "tokens": self.tokens, "history": json.dumps(self.history)}
+        masks = self.masks.state_dict(self._masked_model) if self.masks is not None else None
+        return {"triggers": self.triggers.state_dict(), "tokens": self.tokens, "history": json.dumps(self.history),
+                "masks": json.dumps(masks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.triggers.load_state_dict(state.get("triggers", {}))
         self.tokens = int(state.get("tokens", 0))
         self.history = json.loads(state.get("history", "[]"))
+        self._saved_masks = json.loads(state.get("masks", "null"))
 
 
 def growth_callbacks(config: Config) -> list[Callback]:

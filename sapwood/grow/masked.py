@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,12 +31,28 @@ from sapwood.model.transformer import Decoder, residual_std
 
 
 @dataclass
+class MaskedInput:
+    """One masked place: ``module``'s output (``kind="output"``) or input (``"input"``), last-dimension
+    entries ``index`` (None = all of them)."""
+
+    module: nn.Module
+    kind: str
+    index: torch.Tensor | None
+
+
+@dataclass
 class GrowthMasks:
-    """The masks of one growth event: ``value`` goes from 0 to 1 over ``ramp_steps`` calls of ``step``."""
+    """The masks of one growth event: ``value`` goes from 0 to 1 over ``ramp_steps`` calls of ``step``.
+
+    :meth:`state_dict` / :meth:`restore` save and reinstall the masks by module name (for checkpoints taken
+    mid-ramp); :meth:`fold` multiplies the current mask into the weights, giving a hook-free model with the
+    same function (for a run that ends mid-ramp).
+    """
 
     ramp_steps: int
     steps_done: int = 0
     value: float = 0.0
+    places: list[MaskedInput] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
 
     def step(self) -> None:
@@ -52,6 +69,7 @@ class GrowthMasks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.places.clear()
         self.value = 1.0
 
     def _scale(self, size: int, index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
@@ -65,6 +83,7 @@ class GrowthMasks:
         """Multiply ``module``'s output (last dimension entries ``index``; all when None) by the mask."""
         def hook(_module, _inputs, output):
             return output * self._scale(output.shape[-1], index, output)
+        self.places.append(MaskedInput(module, "output", index))
         self.handles.append(module.register_forward_hook(hook))
 
     def mask_input(self, module: nn.Module, index: torch.Tensor) -> None:
@@ -72,7 +91,48 @@ class GrowthMasks:
         def hook(_module, inputs):
             x = inputs[0]
             return (x * self._scale(x.shape[-1], index, x), *inputs[1:])
+        self.places.append(MaskedInput(module, "input", index))
         self.handles.append(module.register_forward_pre_hook(hook))
+
+    def state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """Plain values: ramp progress and every masked place by module name (names as they are now)."""
+        names = {id(module): name for name, module in model.named_modules()}
+        places = [{"module": names[id(p.module)], "kind": p.kind,
+                   "index": None if p.index is None else p.index.tolist()} for p in self.places]
+        return {"ramp_steps": self.ramp_steps, "steps_done": self.steps_done, "places": places}
+
+    @classmethod
+    def restore(cls, model: nn.Module, state: dict[str, Any]) -> GrowthMasks:
+        """The masks of ``state`` (from :meth:`state_dict`) installed again on ``model``."""
+        masks = cls(int(state["ramp_steps"]), int(state["steps_done"]))
+        masks.value = min(1.0, masks.steps_done / masks.ramp_steps)
+        for place in state["places"]:
+            module = model.get_submodule(place["module"])
+            index = None if place["index"] is None else torch.tensor(place["index"], dtype=torch.long)
+            if place["kind"] == "output":
+                masks.mask_output(module, index)
+            else:
+                masks.mask_input(module, index)
+        return masks
+
+    @torch.no_grad()
+    def fold(self, model: nn.Module) -> None:
+        """Multiply the current mask into the masked weights of ``model`` and remove the hooks (same
+        function). A masked embedding tied to the output head also scales the head's new columns, so the
+        final norm's gain of those dimensions is divided by the mask to keep the logits."""
+        value = self.value
+        for place in self.places:
+            module, weight = place.module, place.module.weight
+            if getattr(module, "bias", None) is not None:
+                raise SapwoodError(f"cannot fold a growth mask into {type(module).__name__} with a bias")
+            # Linear: output entries are weight rows, input entries columns; Embedding: output entries columns
+            view = weight if place.kind == "output" and isinstance(module, nn.Linear) else weight.t()
+            index = slice(None) if place.index is None else place.index.to(weight.device)
+            view[index] *= value
+            head = getattr(model, "output", None)
+            if isinstance(module, nn.Embedding) and head is not None and head.weight is weight and value > 0:
+                model.norm.weight[index] /= value
+        self.remove()
 
 
 def grow_model_masked(model: Decoder, request: GrowthRequest, ramp_steps: int,
