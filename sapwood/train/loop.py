@@ -43,7 +43,7 @@ from sapwood.train.callbacks import Callback, callbacks_from_config
 from sapwood.train.console import say
 from sapwood.train.device_stats import MfuMeter, cuda_memory_report
 from sapwood.train.interrupt import StopState, TrainingInterrupted, protected, stop_on_ctrl_c
-from sapwood.train.mesh import env_world_size, init_distributed, parallel_dims_for
+from sapwood.train.mesh import init_distributed, parallel_dims_for
 from sapwood.train.metrics import EventLog, last_logged, plot_loss
 from sapwood.train.optim import OptimizerInBackward, SchedulerGroup, check_memory_options
 from sapwood.train.optim import build_optimizer as build_train_optimizer
