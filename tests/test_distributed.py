@@ -219,6 +219,20 @@ def test_no_gloo_thread_outlives_shutdown(request, fixture, ranks):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("fixture,names", [
+    ("two_ranks", ["fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved"]),
+    ("four_ranks", ["fsdp2_tp2", "pp2_fsdp2", "pp2_tp2"])])
+def test_each_layout_starts_with_only_the_default_groups_threads(request, fixture, names):
+    """A worker runs its layouts one after another; each layout's process groups are destroyed at its
+    end on every rank at once, so the next layout starts with exactly the threads the first one
+    started with (only the default group's gloo threads), not with every earlier layout's groups."""
+    out = request.getfixturevalue(fixture)
+    first = read(out, names[0])["threads_before"]
+    for name in names[1:]:
+        assert read(out, name)["threads_before"] == first, name
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("saved", ["fsdp2_tp2", "pp2_fsdp2"])
 def test_consolidate_writes_a_loadable_folder_with_the_saved_weights(four_ranks, tmp_path, saved):
     import sapwood

@@ -25,7 +25,13 @@ import scenarios  # noqa: E402
 from sapwood.config import Config  # noqa: E402
 from sapwood.sizing import rank_state_bytes  # noqa: E402
 from sapwood.train import checkpoint as ckpt  # noqa: E402
-from sapwood.train.mesh import ParallelDims, build_parallel_dims, init_distributed, shutdown_distributed  # noqa: E402
+from sapwood.train.mesh import (  # noqa: E402
+    ParallelDims,
+    build_parallel_dims,
+    init_distributed,
+    release_process_groups,
+    shutdown_distributed,
+)
 from sapwood.train.parallel import ParallelModel, batch_slice, full_model_state, parallelize  # noqa: E402
 
 
@@ -107,7 +113,32 @@ def run_scenario(name: str, steps: int, out: Path, save_after: int | None, load:
     result["measured"] = gather(measured_state_bytes(pm, optimizer), world_size)
     result["predicted"] = gather(predicted_state_bytes(dims, tied), world_size)
     result["coordinates"] = gather(rank_coordinates(dims), world_size)
-    return result
+    return result, mesh_groups(dims)
+
+
+def mesh_groups(dims: ParallelDims) -> list[dist.ProcessGroup]:
+    """The process groups of this rank's mesh dimensions and flattened dimensions."""
+    if dims.mesh is None:
+        return []
+    groups = dims.mesh.get_all_groups() + [mesh.get_group() for mesh in dims.flattened.values()]
+    return list({id(group): group for group in groups}.values())
+
+
+def end_scenario(groups: list[dist.ProcessGroup]) -> None:
+    """Tear a finished scenario's process groups down at the same point on every rank, as one
+    ``sapwood train`` process does at its end: the scenario's model, optimizer and DTensor caches go
+    first (:func:`release_process_groups` collects their reference cycles), then, once every rank is
+    past its last collective, each group (its gloo threads and sockets) is destroyed. Without this,
+    each scenario's gloo groups stay alive beside the next one's and the previous scenario's
+    distributed objects are freed by the cyclic collector at random points of the next scenario."""
+    release_process_groups()
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    world = dist.distributed_c10d._get_default_group()
+    for group in groups:
+        if group is not world:
+            dist.destroy_process_group(group)
 
 
 def _save_full_weights(pm: ParallelModel, path: Path) -> str:
@@ -130,9 +161,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     loads = {name: Path(path) for name, path in (item.split("=", 1) for item in args.load)}
     for name in args.names:
-        result = run_scenario(name, args.steps, args.out, args.save_after, loads.get(name))
+        threads_before = native_thread_names()
+        result, groups = run_scenario(name, args.steps, args.out, args.save_after, loads.get(name))
+        result["threads_before"] = gather(threads_before, env.world_size)
         if env.is_main:
             (args.out / f"{name}.json").write_text(json.dumps(result))
+        end_scenario(groups)
+        del groups
     shutdown_distributed()
     # What is still running once the process groups are gone: nothing of gloo may outlive them into
     # interpreter exit (its threads torn down there abort the process by chance).
