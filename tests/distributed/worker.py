@@ -10,6 +10,7 @@ weights, gradients and optimizer state next to ``sapwood.sizing``'s prediction f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -139,6 +140,8 @@ def end_scenario(groups: list[dist.ProcessGroup]) -> None:
     for group in groups:
         if group is not world:
             dist.destroy_process_group(group)
+    groups.clear()
+    gc.collect()  # the last references (the scenario's cycles) go here, not in the next scenario
 
 
 def _save_full_weights(pm: ParallelModel, path: Path) -> str:
@@ -167,7 +170,6 @@ def main() -> None:
         if env.is_main:
             (args.out / f"{name}.json").write_text(json.dumps(result))
         end_scenario(groups)
-        del groups
     shutdown_distributed()
     # What is still running once the process groups are gone: nothing of gloo may outlive them into
     # interpreter exit (its threads torn down there abort the process by chance).
