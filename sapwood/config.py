@@ -173,6 +173,9 @@ class CubeNormalization(Section):
     tendency_std: list[float]
     param_mean: list[float] = Field(default_factory=list)
     param_std: list[float] = Field(default_factory=list)
+    anomaly_std: list[float] = Field(default_factory=list, description="per-channel std of states minus their "
+                                     "own spatial mean; when given, the surrogate scales each sample's anomalies "
+                                     "by it and conditions on the sample's spatial means")
 
 
 class CubeGrid(Section):
