@@ -21,7 +21,7 @@ def cube_stage(out: Path) -> None:
     """Leaves ``out/cubes/runs/*.nc`` and the store ``out/cubes/store`` for the surrogate stage."""
     console = Console()
     start = time.perf_counter()
-    grid = Grid(levels=4, nlat=16, nlon=32, times=21)  # relaxed primitive-equation runs: ~5-20 s per planet
+    grid = Grid(levels=4, nlat=16, nlon=32, times=12)  # relaxed primitive-equation runs: ~5-20 s per planet
     runs = simulate_ensemble(out / "cubes" / "runs", runs=PLANETS, grid=grid, seed=0, progress=False)
     size = sum(p.stat().st_size for p in runs)
     shape = f"{grid.levels}x{grid.nlat}x{grid.nlon}"
