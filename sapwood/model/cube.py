@@ -220,7 +220,7 @@ class CubeSurrogate(nn.Module):
             own_std = (anomaly.pow(2).sum((-2, -1)) / cells).sqrt()
             normed = (anomaly / self.anomaly_std[:, None, None]).to(dtype)
             conditions = torch.cat(((own_mean - self.state_mean) / self.state_std,
-                                    torch.log((own_std / self.anomaly_std).clamp_min(1e-6))), dim=-1).to(dtype)
+                                    torch.log(own_std / self.anomaly_std).clamp(-4, 4)), dim=-1).to(dtype)
             if params is not None:
                 conditions = torch.cat((conditions, params), dim=-1)
         else:

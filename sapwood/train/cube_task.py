@@ -11,7 +11,7 @@ are written into ``config.cube.normalization`` so the checkpoint carries them.
 
 Loss = data loss + physics loss. Data loss (:func:`data_loss`): per sample and channel, the area-weighted
 mean squared error of the predicted next state over valid cells divided by the sample's own one-step change
-(its persistence error, floored), averaged: each planet and level counts alike, and 1 is persistence. Physics loss:
+(its persistence error, floored), through ``log(1 + r)``: each planet and level counts alike. Physics loss:
 :func:`sapwood.physics.physics_loss` with the weights of ``cube.physics``, where the store supports the
 constraints (:func:`physics_support`); otherwise skipped.
 """
@@ -382,17 +382,17 @@ def data_loss(prediction: torch.Tensor, target: torch.Tensor, tendency_std: torc
               weights: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
     """Area- and mask-weighted MSE (float32); ``weights`` from :func:`cell_weights` (``[channels, lat, lon]``).
 
-    Without ``state``: in units of the per-channel tendency std. With ``state``: per sample and channel, the MSE
-    over that sample's own one-step change of the channel (its persistence MSE) plus ``(PERSISTENCE_FLOOR *
-    tendency std)^2``, averaged: the mean MSE ratio to persistence, so quiet and vigorous planets and every level
-    count alike."""
+    Without ``state``: in units of the per-channel tendency std. With ``state``: per sample and channel the ratio
+    r of the MSE to that sample's own one-step change of the channel (its persistence MSE) plus
+    ``(PERSISTENCE_FLOOR * tendency std)^2``, and the mean of ``log(1 + r)``: quiet and vigorous planets and every
+    level count alike (persistence scores log 2), and a sample far off early in training cannot swamp the step."""
     w = weights.to(prediction.device)
     scale = tendency_std.float()[:, None, None]
     error = ((prediction.float() - target.float()) / scale).pow(2)
     if state is None:
         return (error * w).mean()
     change = ((state.float() - target.float()) / scale).pow(2)
-    return ((error * w).mean((-2, -1)) / ((change * w).mean((-2, -1)) + PERSISTENCE_FLOOR**2)).mean()
+    return torch.log1p((error * w).mean((-2, -1)) / ((change * w).mean((-2, -1)) + PERSISTENCE_FLOOR**2)).mean()
 
 
 def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: int = 16, nlon: int = 32,
