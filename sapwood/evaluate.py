@@ -393,6 +393,9 @@ def print_summary(result: dict[str, Any]) -> None:
         if result[key]:
             shown = ", ".join(f"{k} {v:.3g} {UNITS.get(k, '')}".rstrip() for k, v in result[key].items())
             console.print(f"{key}: {shown}")
+    if result.get("forcing"):
+        console.print(f"energy and angular momentum held to the heating and torque {result['forcing']}",
+                      highlight=False)
     console.print(skill_sentence(result), highlight=False)
     r = result.get("rollout")
     if r:
@@ -423,7 +426,8 @@ def _persistence_sentence(result: dict[str, Any]) -> str:
     skill = {k: v for k, v in result["skill_vs_persistence"].items() if v is not None}
     ahead = [name for name, value in skill.items() if value > 0]
     behind = [name for name, value in skill.items() if value <= 0]
-    definition = "skill = 1 - RMSE / RMSE of the baseline per level: above 0 beats it, 1 is perfect"
+    definition = (
+        "skill = 1 - RMSE / RMSE of the baseline, per held-out run and level: above 0 beats it, 1 is perfect")
     if not behind:
         return (f"The surrogate beats persistence on every variable (skill {min(skill.values()):+.2f} to "
                 f"{max(skill.values()):+.2f}; {definition}).")
