@@ -21,9 +21,10 @@ Two input scalings, chosen by the normalization the model was trained with:
   std, so planets with very different surface pressures or temperatures present their weather on one
   scale; the spatial means (in state-std units), the log spatial stds (in anomaly-std units) and the planet
   parameters are added to every tile through one linear layer (conditioning), and through another set a
-  per-sample, per-channel gain of the predicted tendency (quiet and vigorous planets differ 100-fold). Position: a learned embedding per tile row (latitude) and a
-  rotary embedding periodic in longitude (integer wave numbers around the tile columns), so attention sees
-  relative, periodic east-west offsets and the network is equivariant to zonal shifts by whole tiles.
+  per-sample, per-channel gain of the predicted tendency (quiet and vigorous planets differ 100-fold).
+  Position: a learned embedding per tile row (latitude) and a rotary embedding periodic in longitude
+  (integer wave numbers around the tile columns), so attention sees relative, periodic east-west offsets
+  and the network is equivariant to zonal shifts by whole tiles.
 - **global** (no anomaly statistics): states in units of the per-channel state mean/std over the store; a
   learned embedding per tile and no rotary embedding (cos = 1, sin = 0).
 """
