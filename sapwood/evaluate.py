@@ -8,7 +8,8 @@ WeatherBench 2, area-weighted over valid cells; baselines in :mod:`sapwood.basel
   every training run instead (allowed up to the fraction the model held out).
 - ``acc``: anomaly correlation of one-step predictions against a climatology computed from training frames
   only (per calendar month or day of year); ``rmse`` per variable in physical units; the same for
-  persistence, climatology and advective persistence; ``skill_vs_*`` = 1 - RMSE_model / RMSE_baseline.
+  persistence, climatology and advective persistence; ``skill_vs_*`` = 1 - sqrt(mean over held-out runs and
+  the variable's channels of MSE_model / MSE_baseline), so each planet and level counts in its own units.
 - ``groups``: the same per-variable figures for held-out runs whose planet parameters lie inside the training
   runs' range, outside it, and for the held-out final parts of training runs.
 - ``constraints``: each physics constraint applied or skipped (with the reason); ``violations*`` only where
@@ -56,11 +57,13 @@ DEFINITIONS = {
                         "calendar month (monthly series) or day of year (finer series); never held-out frames",
     "rmse_advective_persistence": "RMSE of the state shifted east by its zonal-mean eastward wind over one step",
     "rmse_projected": "RMSE of predictions after sapwood.physics.project",
-    "skill_vs_persistence": "1 - rmse / rmse_persistence per variable (> 0: the model is better)",
-    "skill_vs_climatology": "1 - rmse / rmse_climatology per variable",
-    "skill_vs_advective_persistence": "1 - rmse / rmse_advective_persistence per variable",
-    "mse_over_persistence": "per variable: mean over its channels of MSE_model / MSE_persistence (each channel "
-                            "in its own units, so no variable dominates by its units)",
+    "skill_vs_persistence": "per variable 1 - sqrt(mean over held-out runs and the variable's channels of "
+                            "MSE_model / MSE_persistence), each run and channel (level) in its own units, so no "
+                            "planet or level outweighs the others (> 0: the model is better; 1 is perfect)",
+    "skill_vs_climatology": "the same against the climatology",
+    "skill_vs_advective_persistence": "the same against advective persistence",
+    "mse_over_persistence": "per variable: mean over held-out runs and its channels of MSE_model / "
+                            "MSE_persistence (each run and channel in its own units)",
     "beats_persistence_every_variable": "skill_vs_persistence > 0 for every variable",
     "groups": "the same figures for subsets: held-out runs with planet parameters inside / outside the "
               "training runs' range (every parameter within [min, max] of the training runs), and the final "
@@ -69,7 +72,10 @@ DEFINITIONS = {
     "baselines": "each baseline: applied, or skipped with the reason",
     "climatology": "how the climatology was built: key, training frames used, lookups that fell back to the "
                    "all-training mean because no training frame had the key",
-    "violations": "mean violation of predictions (sapwood.physics.violations units: % except energy_wm2 in W m-2)",
+    "violations": "mean violation of predictions (sapwood.physics.violations, in sapwood.physics.UNITS); energy "
+                  "and momentum against the forcing named in 'forcing'",
+    "forcing": "the heating and torque the energy and angular-momentum budgets are held to: declared (the "
+               "simulator's, stored with each run by sapwood prepare) or estimated from the states",
     "violations_projected": "the same after projection",
     "violations_truth": "the same for the true next states (the data's own residuals)",
     "rollout": "from the first state of each held-out window: per-step RMSE in units of the per-channel state "
@@ -88,8 +94,9 @@ def predict_all(model: torch.nn.Module, states: torch.Tensor, params: torch.Tens
 
 
 def _mean_violations(state: torch.Tensor, prediction: torch.Tensor, geometry: Geometry,
-                     params: torch.Tensor | None) -> dict[str, float]:
-    v = violations(state, prediction, geometry, params)
+                     params: torch.Tensor | None, heating: torch.Tensor | None = None,
+                     torque: torch.Tensor | None = None) -> dict[str, float]:
+    v = violations(state, prediction, geometry, params, heating, torque)
     return {k: float(v[k].mean()) for k in VIOLATION_KEYS if k in v}
 
 
@@ -133,6 +140,8 @@ class Scored:
     clim: list[torch.Tensor] = field(default_factory=list)
     advected: list[torch.Tensor] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
+    heating: list[torch.Tensor] = field(default_factory=list)
+    torque: list[torch.Tensor] = field(default_factory=list)
     run: list[int] = field(default_factory=list)
 
     def cat(self, name: str, mask: np.ndarray | None = None) -> torch.Tensor | None:
@@ -190,6 +199,10 @@ def evaluate_surrogate(folder: str | Path, store_path: str | Path, out_dir: str 
         if params is not None:
             scored.params.append(params)
         scored.run.extend([run] * pairs)
+        forcing = store.index["runs"][run].get("declared_forcing")
+        if forcing:
+            scored.heating.append(torch.tensor(forcing["heating"][start + 1:stop], dtype=torch.float64))
+            scored.torque.append(torch.tensor(forcing["torque"][start + 1:stop], dtype=torch.float64))
         if advect:
             radius = float(store.params[run][radius_index]) if radius_index is not None else 6.371e6
             scored.advected.append(advective_persistence(frames[:-1], store, cube.dt_hours * 3600, radius))
@@ -225,12 +238,14 @@ def evaluate_surrogate(folder: str | Path, store_path: str | Path, out_dir: str 
     if geometry is not None:
         state, truth, pred, clim = (scored.cat(k) for k in ("state", "truth", "pred", "clim"))
         params = scored.cat("params")
+        declared = len(scored.heating) == len(windows)
+        heating, torque = (scored.cat("heating"), scored.cat("torque")) if declared else (None, None)
+        result["forcing"] = "declared (stored with the runs)" if declared else "estimated from the states"
         projected = project(pred, state, geometry, params)
         result["rmse_projected"] = _by_variable(cube, rmse(projected, truth, weights), True)
         result["acc_projected"] = _by_variable(cube, acc(projected, truth, clim, weights))
-        result["violations"] = _mean_violations(state, pred, geometry, params)
-        result["violations_projected"] = _mean_violations(state, projected, geometry, params)
-        result["violations_truth"] = _mean_violations(state, truth, geometry, params)
+        for key, forecast in (("violations", pred), ("violations_projected", projected), ("violations_truth", truth)):
+            result[key] = _mean_violations(state, forecast, geometry, params, heating, torque)
     if rollouts["model"]:
         steps = min(len(e) for e in rollouts["model"])
         curves = {k: torch.stack([e[:steps] for e in v]).mean(0) for k, v in rollouts.items()}
@@ -270,19 +285,35 @@ def _skill(cube: CubeModelConfig, weights: torch.Tensor, scored: Scored, mask: n
         out[f"rmse{suffix}"] = _by_variable(cube, rmse(forecast, truth, weights), True)
         if name != "climatology":
             out[f"acc{suffix}"] = _by_variable(cube, acc(forecast, truth, clim, weights))
-    for name in forecasts:
+    runs = np.asarray(scored.run) if mask is None else np.asarray(scored.run)[mask]
+    model_mse = run_mse(weighted_mse(pred, truth, weights), runs)
+    for name, forecast in forecasts.items():
         if name:
-            out[f"skill_vs_{name}"] = {k: 1 - out["rmse"][k] / max(out[f"rmse_{name}"][k], 1e-30)
-                                       for k in cube.variables}
-    model_mse = weighted_mse(pred, truth, weights).mean(0).double()
-    persist_mse = weighted_mse(state, truth, weights).mean(0).double()
-    ratio = model_mse / persist_mse.clamp_min(1e-30)
-    out["mse_over_persistence"] = {}
+            ratios = channel_mse_ratios(cube, model_mse, run_mse(weighted_mse(forecast, truth, weights), runs))
+            out[f"skill_vs_{name}"] = {k: None if r is None else 1 - r**0.5 for k, r in ratios.items()}
+            if name == "persistence":
+                out["mse_over_persistence"] = ratios
+    skill = out["skill_vs_persistence"]
+    out["beats_persistence_every_variable"] = all(v is not None and v > 0 for v in skill.values())
+    return out
+
+
+def run_mse(case_mse: torch.Tensor, runs: np.ndarray) -> torch.Tensor:
+    """``[cases, channels]`` -> the time mean per run ``[runs, channels]`` (runs in sorted order)."""
+    return torch.stack([case_mse[torch.from_numpy(runs == r)].double().mean(0) for r in np.unique(runs)])
+
+
+def channel_mse_ratios(cube: CubeModelConfig, model_mse: torch.Tensor, baseline_mse: torch.Tensor
+                       ) -> dict[str, float | None]:
+    """Per variable: the mean over runs and over its channels of MSE_model / MSE_baseline (``[runs, channels]``
+    each), every run and channel in its own units (a planet with large changes, or a level with large values,
+    does not outweigh the others); None when the baseline is exact everywhere on the variable."""
+    ratio = model_mse / baseline_mse.clamp_min(1e-30)
+    out: dict[str, float | None] = {}
     for name in cube.variables:
         sl = cube.channel_slice(name)
-        nonzero = persist_mse[sl] > 0
-        out["mse_over_persistence"][name] = float(ratio[sl][nonzero].mean()) if nonzero.any() else None
-    out["beats_persistence_every_variable"] = all(v > 0 for v in out["skill_vs_persistence"].values())
+        scored = baseline_mse[:, sl] > 0
+        out[name] = float(ratio[:, sl][scored].mean()) if scored.any() else None
     return out
 
 
@@ -343,14 +374,14 @@ def print_summary(result: dict[str, Any]) -> None:
                f"{result['rmse_persistence'][name]:.3g}", f"{result['rmse_climatology'][name]:.3g}"]
         if advect:
             row.append(f"{result['rmse_advective_persistence'][name]:.3g}")
-        row += [f"{result['skill_vs_persistence'][name]:+.3f}", f"{result['skill_vs_climatology'][name]:+.3f}"]
+        row += [_signed(result['skill_vs_persistence'][name]), _signed(result['skill_vs_climatology'][name])]
         table.add_row(*row)
     console = Console()
     console.print(f"{result['samples']} held-out cases on {result['grid']}; held-out runs {result['held_out_runs']}, "
                   f"holdout_time {result['held_out']['holdout_time']}", highlight=False)
     console.print(table)
     for name, group in result["groups"].items():
-        skill = ", ".join(f"{k} {v:+.3f}" for k, v in group["skill_vs_persistence"].items())
+        skill = ", ".join(f"{k} {_signed(v)}" for k, v in group["skill_vs_persistence"].items())
         console.print(f"{name} (runs {group['runs']}): skill vs persistence {skill}", highlight=False)
     for kind in ("constraints", "baselines"):
         statuses: dict[str, list[str]] = {}
@@ -362,10 +393,17 @@ def print_summary(result: dict[str, Any]) -> None:
         if result[key]:
             shown = ", ".join(f"{k} {v:.3g} {UNITS.get(k, '')}".rstrip() for k, v in result[key].items())
             console.print(f"{key}: {shown}")
+    if result.get("forcing"):
+        console.print(f"energy and angular momentum held to the heating and torque {result['forcing']}",
+                      highlight=False)
     console.print(skill_sentence(result), highlight=False)
     r = result.get("rollout")
     if r:
         console.print(rollout_sentence(r), highlight=False)
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
 
 
 def skill_sentence(result: dict[str, Any]) -> str:
@@ -374,7 +412,7 @@ def skill_sentence(result: dict[str, Any]) -> str:
 
 
 def _climatology_sentence(result: dict[str, Any]) -> str:
-    skill = result.get("skill_vs_climatology") or {}
+    skill = {k: v for k, v in (result.get("skill_vs_climatology") or {}).items() if v is not None}
     ahead = [name for name, value in skill.items() if value > 0]
     if not skill:
         return ""
@@ -385,10 +423,11 @@ def _climatology_sentence(result: dict[str, Any]) -> str:
 
 
 def _persistence_sentence(result: dict[str, Any]) -> str:
-    skill = result["skill_vs_persistence"]
+    skill = {k: v for k, v in result["skill_vs_persistence"].items() if v is not None}
     ahead = [name for name, value in skill.items() if value > 0]
     behind = [name for name, value in skill.items() if value <= 0]
-    definition = "skill = 1 - RMSE / RMSE of the baseline: above 0 beats it, 1 is perfect"
+    definition = (
+        "skill = 1 - RMSE / RMSE of the baseline, per held-out run and level: above 0 beats it, 1 is perfect")
     if not behind:
         return (f"The surrogate beats persistence on every variable (skill {min(skill.values()):+.2f} to "
                 f"{max(skill.values()):+.2f}; {definition}).")

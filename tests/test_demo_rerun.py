@@ -10,7 +10,7 @@ import sys
 import pytest
 
 
-def demo(out, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def demo(out, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="100")
     return subprocess.run([sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)

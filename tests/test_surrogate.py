@@ -43,9 +43,10 @@ def test_training_beats_persistence_on_held_out_planets(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert result["held_out_runs"] == [13, 14, 15]
+    # skill is per held-out planet and level in its own units; persistence itself scores exactly 0
+    # (tests/test_eval_skill.py); per-variable wins need ~20 training planets (the demo, measured in the notes)
     mean_skill = sum(result["skill_vs_persistence"].values()) / len(result["skill_vs_persistence"])
     assert mean_skill > 0, result["skill_vs_persistence"]
-    # per-variable skill against persistence on the primitive-equation simulator is issue 13 item 5 (the
-    # surrogate); this smoke test asserts the pipeline learns (mean skill) and the physics it reports
+    assert all(v > 0 for v in result["skill_vs_climatology"].values()), result["skill_vs_climatology"]
     assert result["violations_projected"]["mass"] < 0.05  # Pa
     assert (tmp_path / "eval" / "eval.json").exists() and (tmp_path / "eval" / "rollout.png").exists()

@@ -47,6 +47,7 @@ from sapwood.data.store import (
 )
 from sapwood.errors import SapwoodError
 
+DECLARED_FORCING = {"heating": "W m-2", "torque": "N m"}  # per-time scalars a run may carry (the simulator's)
 DEFAULT_VARIABLES = CUBE_VARIABLES  # the simulator's variables (prepare takes every variable when none are named)
 BLOCK_BYTES = 64 << 20  # bytes converted per block
 
@@ -411,10 +412,32 @@ def _close_segment(writer: _Writer, segment: list[RunPart], first_row: int, entr
 def _run_entry(segment: list[RunPart], first_row: int, times: int) -> dict[str, Any]:
     days = np.concatenate([p.layout.time.days[p.start:p.stop] for p in segment])
     first = segment[0].layout
-    return {"source": str(first.path), "sources": [str(p.layout.path) for p in segment], "first_row": first_row,
-            "times": times, "days": days.tolist(), "calendar": first.time.calendar,
-            "monthly": bool(first.time.monthly or (days.size > 1 and np.all(np.diff(days) >= 27.5))),
-            "params": first.params.tolist()}
+    entry = {"source": str(first.path), "sources": [str(p.layout.path) for p in segment], "first_row": first_row,
+             "times": times, "days": days.tolist(), "calendar": first.time.calendar,
+             "monthly": bool(first.time.monthly or (days.size > 1 and np.all(np.diff(days) >= 27.5))),
+             "params": first.params.tolist()}
+    forcing = _declared_forcing(segment)
+    if forcing:
+        entry["declared_forcing"] = forcing
+    return entry
+
+
+def _declared_forcing(segment: list[RunPart]) -> dict[str, list[float]]:
+    """The declared forcing of every stored time (over the interval before it; the simulator's ``heating`` in
+    W m-2 and ``torque`` in N m, 1-D along time), when every input of the run carries it; else empty."""
+    out: dict[str, list[float]] = {name: [] for name in DECLARED_FORCING}
+    for part in segment:
+        ds = open_input(part.layout.path)
+        try:
+            for name, units in DECLARED_FORCING.items():
+                variable = ds.variables.get(name)
+                if (variable is None or variable.ndim != 1 or variable.attrs.get("units") != units
+                        or variable.shape[0] != part.layout.time.days.size):
+                    return {}
+                out[name].extend(np.asarray(variable.values[part.start:part.stop], dtype=np.float64).tolist())
+        finally:
+            ds.close()
+    return out
 
 
 def _note_orientation(reference: InputLayout, report: PrepareReport) -> None:

@@ -13,15 +13,16 @@ from sapwood.data.loader import CubeLoader, split_store
 from sapwood.data.simulate import Grid, simulate_ensemble
 from sapwood.data.store import CubeStore
 
-HELD_OUT_RUNS = 2  # the surrogate stage holds out the same runs (sapwood.data.loader.split_store)
+HELD_OUT_RUNS = 4  # the surrogate stage holds out the same runs (sapwood.data.loader.split_store)
+PLANETS = 24  # 20 training planets: enough for the surrogate to forecast planets it never saw
 
 
 def cube_stage(out: Path) -> None:
     """Leaves ``out/cubes/runs/*.nc`` and the store ``out/cubes/store`` for the surrogate stage."""
     console = Console()
     start = time.perf_counter()
-    grid = Grid(levels=4, nlat=16, nlon=32, times=33)  # relaxed primitive-equation runs: ~5-20 s per planet
-    runs = simulate_ensemble(out / "cubes" / "runs", runs=12, grid=grid, seed=0, progress=False)
+    grid = Grid(levels=4, nlat=16, nlon=32, times=12)  # relaxed primitive-equation runs: ~5-20 s per planet
+    runs = simulate_ensemble(out / "cubes" / "runs", runs=PLANETS, grid=grid, seed=0, progress=False)
     size = sum(p.stat().st_size for p in runs)
     shape = f"{grid.levels}x{grid.nlat}x{grid.nlon}"
     console.print(f"simulated {len(runs)} planets x {grid.times} times on {shape}: "

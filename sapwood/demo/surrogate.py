@@ -22,8 +22,8 @@ def surrogate_stage(out: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a small, shared CPU
     try:
-        config = surrogate_config(store, Path(out) / "surrogate" / "run", steps=200, hidden=64, layers=2,
-                                  patch=8, val_runs=HELD_OUT_RUNS)
+        config = surrogate_config(store, Path(out) / "surrogate" / "run", steps=300, hidden=64, layers=2,
+                                  patch=4, val_runs=HELD_OUT_RUNS)
         summary = train(config)
         result = evaluate_surrogate(summary["final"], store, Path(out) / "surrogate" / "eval",
                                     rollout_steps=10)

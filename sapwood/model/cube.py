@@ -12,9 +12,21 @@ ocean field, missing values) enter the network as 0 in normalized units and are 
 
 Tokens: one per ``patch x patch`` tile of the padded grid (all channels of the tile in one vector) plus one
 conditioning token per planet parameter (``value * weight_p + bias_p``; none when the store has no planet
-parameters). Position is a learned
-embedding per tile; rotary embedding is the identity here (cos = 1, sin = 0), so the blocks are exactly
-:class:`sapwood.model.transformer.Block` with ``causal=False``.
+parameters). The blocks are exactly :class:`sapwood.model.transformer.Block` with ``causal=False``.
+
+Two input scalings, chosen by the normalization the model was trained with:
+
+- **per sample** (``cube.normalization.anomaly_std`` given; every store-trained surrogate): each sample's
+  channels enter as anomalies from their own mean over the valid cells, in units of the per-channel anomaly
+  std, so planets with very different surface pressures or temperatures present their weather on one
+  scale; the spatial means (in state-std units), the log spatial stds (in anomaly-std units) and the planet
+  parameters are added to every tile through one linear layer (conditioning), and through another set a
+  per-sample, per-channel gain of the predicted tendency (quiet and vigorous planets differ 100-fold).
+  Position: a learned embedding per tile row (latitude) and a rotary embedding periodic in longitude
+  (integer wave numbers around the tile columns), so attention sees relative, periodic east-west offsets
+  and the network is equivariant to zonal shifts by whole tiles.
+- **global** (no anomaly statistics): states in units of the per-channel state mean/std over the store; a
+  learned embedding per tile and no rotary embedding (cos = 1, sin = 0).
 """
 
 from __future__ import annotations
@@ -73,6 +85,18 @@ def padded(size: int, patch: int) -> int:
     return -(-size // patch) * patch
 
 
+def periodic_rope(rows: int, columns: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary ``(cos, sin)`` ``[rows * columns, head_dim]`` for tiles in row-major order: pair ``i`` turns by
+    ``k_i * 2 pi * column / columns`` with integer wave numbers ``k_i = 1 + i mod max(columns // 2, 1)``, so
+    every rotation is periodic in longitude and attention depends only on the east-west offset."""
+    pairs = head_dim // 2
+    wave = 1 + torch.arange(pairs, dtype=torch.float64) % max(columns // 2, 1)
+    column = torch.arange(columns, dtype=torch.float64).repeat(rows)
+    angle = column[:, None] * wave[None] * (2 * torch.pi / columns)
+    angle = torch.cat((angle, angle), dim=-1)
+    return angle.cos().float(), angle.sin().float()
+
+
 class CubeSurrogate(nn.Module):
     """``model(state, planet_params)`` -> next state, both ``[batch, channels, lat, lon]``."""
 
@@ -84,8 +108,14 @@ class CubeSurrogate(nn.Module):
         self.padded_lat, self.padded_lon = padded(cube.lat, patch), padded(cube.lon, patch)
         self.grid_tokens = (self.padded_lat // patch) * (self.padded_lon // patch)
         self.cond_tokens = len(cube.planet_params)
+        stats = cube.normalization
+        self.per_sample = bool(stats is not None and stats.anomaly_std)
         self.patch_embed = nn.Linear(channels * patch * patch, cfg.hidden)
-        self.pos_embed = nn.Parameter(torch.empty(self.grid_tokens, cfg.hidden))
+        rows = self.padded_lat // patch
+        self.pos_embed = nn.Parameter(torch.empty(rows if self.per_sample else self.grid_tokens, cfg.hidden))
+        if self.per_sample:
+            self.global_embed = nn.Linear(2 * channels + self.cond_tokens, cfg.hidden)
+            self.tendency_gain = nn.Linear(2 * channels + self.cond_tokens, channels)
         self.param_weight = nn.Parameter(torch.empty(max(self.cond_tokens, 1), cfg.hidden))
         self.param_bias = nn.Parameter(torch.empty(max(self.cond_tokens, 1), cfg.hidden))
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.layers)})
@@ -97,6 +127,8 @@ class CubeSurrogate(nn.Module):
         self.register_buffer("tendency_std", torch.ones(channels))
         self.register_buffer("param_mean", torch.zeros(max(self.cond_tokens, 1)))
         self.register_buffer("param_std", torch.ones(max(self.cond_tokens, 1)))
+        if self.per_sample:
+            self.register_buffer("anomaly_std", torch.ones(channels))
         self.register_buffer("valid", torch.ones(channels, cube.lat, cube.lon), persistent=False)
         seq = self.grid_tokens + self.cond_tokens
         self.register_buffer("rope_cos", torch.ones(1, seq, cfg.head_dim), persistent=False)
@@ -111,6 +143,11 @@ class CubeSurrogate(nn.Module):
         with torch.no_grad():
             self.rope_cos.fill_(1.0)
             self.rope_sin.zero_()
+            if self.per_sample:
+                cos, sin = periodic_rope(self.padded_lat // self.cube.patch, self.padded_lon // self.cube.patch,
+                                         self.cfg.head_dim)
+                self.rope_cos[0, self.cond_tokens:] = cos
+                self.rope_sin[0, self.cond_tokens:] = sin
             self.state_mean.zero_()
             self.state_std.fill_(1.0)
             self.tendency_std.fill_(1.0)
@@ -125,11 +162,18 @@ class CubeSurrogate(nn.Module):
                     as_tensor(stats.param_mean) if stats.param_mean else None,
                     as_tensor(stats.param_std) if stats.param_std else None,
                 )
+                if self.per_sample:
+                    self.anomaly_std.copy_(as_tensor(stats.anomaly_std).clamp_min(1e-12))
             nn.init.normal_(self.patch_embed.weight, 0.0, std, generator=generator)
             nn.init.zeros_(self.patch_embed.bias)
             nn.init.normal_(self.pos_embed, 0.0, std, generator=generator)
             nn.init.normal_(self.param_weight, 0.0, std, generator=generator)
             nn.init.normal_(self.param_bias, 0.0, std, generator=generator)
+            if self.per_sample:
+                nn.init.normal_(self.global_embed.weight, 0.0, std, generator=generator)
+                nn.init.zeros_(self.global_embed.bias)
+                nn.init.zeros_(self.tendency_gain.weight)  # gain 1 at the start
+                nn.init.zeros_(self.tendency_gain.bias)
             for block in self.layers.values():
                 block.init_weights(self.cfg, generator)
             self.norm.reset_parameters()
@@ -165,14 +209,32 @@ class CubeSurrogate(nn.Module):
     def forward(self, state: torch.Tensor, planet_params: torch.Tensor | None = None) -> torch.Tensor:
         """The next state in physical units (same shape and dtype as ``state``)."""
         dtype = self.patch_embed.weight.dtype
-        mean = self.state_mean[:, None, None]
-        normed = ((state.float() - mean) / self.state_std[:, None, None] * self.valid).to(dtype)
+        if self.cond_tokens and planet_params is None:
+            raise ValueError(f"this surrogate needs planet parameters {self.cube.planet_params}")
+        params = ((planet_params.float() - self.param_mean) / self.param_std).to(dtype) if self.cond_tokens else None
+        x = state.float()
+        conditions = None
+        if self.per_sample:
+            cells = self.valid.sum((-2, -1)).clamp_min(1)
+            own_mean = (x * self.valid).sum((-2, -1)) / cells  # [batch, channels]
+            anomaly = (x - own_mean[..., None, None]) * self.valid
+            own_std = (anomaly.pow(2).sum((-2, -1)) / cells).sqrt()
+            normed = (anomaly / self.anomaly_std[:, None, None]).to(dtype)
+            conditions = torch.cat(((own_mean - self.state_mean) / self.state_std,
+                                    torch.log(own_std / self.anomaly_std).clamp(-4, 4)), dim=-1).to(dtype)
+            if params is not None:
+                conditions = torch.cat((conditions, params), dim=-1)
+        else:
+            normed = ((x - self.state_mean[:, None, None]) / self.state_std[:, None, None] * self.valid).to(dtype)
         pad = (0, self.padded_lon - self.cube.lon, 0, self.padded_lat - self.cube.lat)
-        h = self.patch_embed(self.patchify(F.pad(normed, pad) if any(pad) else normed)) + self.pos_embed
+        h = self.patch_embed(self.patchify(F.pad(normed, pad) if any(pad) else normed))
+        if self.per_sample:
+            columns = self.padded_lon // self.cube.patch
+            h = h + self.pos_embed.repeat_interleave(columns, dim=0)
+            h = h + self.global_embed(conditions).unsqueeze(1)
+        else:
+            h = h + self.pos_embed
         if self.cond_tokens:
-            if planet_params is None:
-                raise ValueError(f"this surrogate needs planet parameters {self.cube.planet_params}")
-            params = ((planet_params.float() - self.param_mean) / self.param_std).to(dtype)
             cond = params.unsqueeze(-1) * self.param_weight + self.param_bias
             h = torch.cat((cond, h), dim=1)
         seq = h.shape[1]
@@ -181,7 +243,10 @@ class CubeSurrogate(nn.Module):
             h = block(h, cos, sin, None, int(name), causal=False)
         h = self.norm(h[:, self.cond_tokens:])
         tendency = self.unpatchify(self.head(h))[..., :self.cube.lat, :self.cube.lon].float()
-        tendency = tendency * (self.tendency_std[:, None, None] * self.valid)
+        scale = self.tendency_std[:, None, None] * self.valid
+        if conditions is not None:
+            scale = scale * torch.exp(self.tendency_gain(conditions).float().clamp(-12, 6))[..., None, None]
+        tendency = tendency * scale
         return (state.float() + tendency).to(state.dtype)
 
     @torch.no_grad()

@@ -9,8 +9,9 @@ definition). Normalization statistics come from the training frames only (per-ch
 valid cells, per-channel std of one-step tendencies, planet-parameter mean/std over the training runs) and
 are written into ``config.cube.normalization`` so the checkpoint carries them.
 
-Loss = data loss + physics loss. Data loss: the area-weighted mean squared error of the predicted next
-state over valid cells, in units of the per-channel tendency std. Physics loss:
+Loss = data loss + physics loss. Data loss (:func:`data_loss`): per sample and channel, the area-weighted
+mean squared error of the predicted next state over valid cells divided by the sample's own one-step change
+(its persistence error, floored), through ``log(1 + r)``: each planet and level counts alike. Physics loss:
 :func:`sapwood.physics.physics_loss` with the weights of ``cube.physics``, where the store supports the
 constraints (:func:`physics_support`); otherwise skipped.
 """
@@ -43,6 +44,7 @@ from sapwood.physics import Geometry, physics_loss, violations
 
 SIGMA_COORDINATE = "atmosphere_sigma_coordinate"
 STATS_BLOCK = 64  # frames read at once for the normalization statistics
+PERSISTENCE_FLOOR = 0.05  # data loss: a sample's own change below this many tendency stds counts as this
 PHYSICS_NAMES = {  # CF standard_name -> the name sapwood.physics uses, and whether the variable has levels
     "air_temperature": ("T", True), "eastward_wind": ("u", True), "northward_wind": ("v", True),
     "specific_humidity": ("q", True), "air_density": ("rho", True), "geopotential_height": ("zg", True),
@@ -112,12 +114,14 @@ def check_store_matches(config: Config, store: CubeStore) -> None:
 
 # --- statistics from training frames only --------------------------------------------------------------------------
 def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -> CubeNormalization:
-    """State mean/std and tendency std per channel over the valid cells of the training ``windows`` only, and
-    planet-parameter mean/std over their runs (float64 accumulation)."""
+    """State mean/std, anomaly std (states minus their own mean over the grid) and tendency std per channel over
+    the valid cells of the training ``windows`` only, and planet-parameter mean/std over their runs (float64
+    accumulation)."""
     frames = store.memmap()
     valid = store.valid.astype(np.float64)
     cells = np.maximum(valid.sum(axis=(1, 2)), 1)
     total, total_sq, count = np.zeros(store.shape[1]), np.zeros(store.shape[1]), 0
+    anomaly_sq = np.zeros(store.shape[1])
     diff_sum, diff_sq, pairs = np.zeros(store.shape[1]), np.zeros(store.shape[1]), 0
     for run, start, stop in windows:
         first = int(store.run_rows[run])
@@ -127,6 +131,8 @@ def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -
             states = block if end == stop else block[:-1]  # each frame counted once
             total += states.sum(axis=(0, 2, 3))
             total_sq += (states**2).sum(axis=(0, 2, 3))
+            own_mean = states.sum(axis=(2, 3), keepdims=True) / cells[:, None, None]
+            anomaly_sq += (((states - own_mean) * valid) ** 2).sum(axis=(0, 2, 3))
             count += states.shape[0]
             diff = block[1:] - block[:-1]
             diff_sum += diff.sum(axis=(0, 2, 3))
@@ -135,6 +141,8 @@ def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -
     mean = total / (count * cells)
     std = np.sqrt(np.maximum(total_sq / (count * cells) - mean**2, 0))
     std = np.where(std > 0, std, 1.0)
+    anomaly_std = np.sqrt(anomaly_sq / (count * cells))
+    anomaly_std = np.where(anomaly_std > 1e-6 * std, anomaly_std, std)
     tendency_mean = diff_sum / (max(pairs, 1) * cells)
     tendency_std = np.sqrt(np.maximum(diff_sq / (max(pairs, 1) * cells) - tendency_mean**2, 0)) + 1e-6 * std
     runs = sorted({run for run, _, _ in windows})
@@ -143,6 +151,7 @@ def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -
         state_mean=mean.tolist(), state_std=std.tolist(), tendency_std=tendency_std.tolist(),
         param_mean=params.mean(0).tolist() if params.size else [],
         param_std=np.maximum(params.std(0), 1e-6 * np.abs(params.mean(0))).tolist() if params.size else [],
+        anomaly_std=anomaly_std.tolist(),
     )
 
 
@@ -301,7 +310,7 @@ class CubeTask:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         state, target, params = batch["state"], batch["next"], batch["params"]
         prediction = model(state, params if params.numel() else None).float()
-        data = data_loss(prediction, target, model.tendency_std, self.weights(state.device))
+        data = data_loss(prediction, target, model.tendency_std, self.weights(state.device), state)
         geometry = self.geometry(state.device)
         if geometry is None:
             return data, {"data_loss": float(data.detach())}
@@ -326,7 +335,7 @@ class CubeTask:
             prediction = model(state, params).float()
             model_sq += ((prediction - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
             persist_sq += ((state - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
-            values = {"val_loss": float(data_loss(prediction, target, model.get_buffer("tendency_std"), weights))}
+            values = {"val_loss": float(data_loss(prediction, target, model.get_buffer("tendency_std"), weights, state))}
             if geometry is not None:
                 v = violations(state, prediction, geometry, params)
                 values.update({f"val_violation_{k}": float(v[k].mean()) for k in ("mass", "energy", "momentum",
@@ -370,11 +379,20 @@ def held_out_chunks(store: CubeStore, windows: list[tuple[int, int, int]], size:
 
 
 def data_loss(prediction: torch.Tensor, target: torch.Tensor, tendency_std: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
-    """Area- and mask-weighted MSE in units of the per-channel tendency std (float32); ``weights`` from
-    :func:`cell_weights` (``[channels, lat, lon]``)."""
-    error = (prediction.float() - target.float()) / tendency_std.float()[:, None, None]
-    return (error.pow(2) * weights.to(prediction.device)).mean()
+              weights: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+    """Area- and mask-weighted MSE (float32); ``weights`` from :func:`cell_weights` (``[channels, lat, lon]``).
+
+    Without ``state``: in units of the per-channel tendency std. With ``state``: per sample and channel the ratio
+    r of the MSE to that sample's own one-step change of the channel (its persistence MSE) plus
+    ``(PERSISTENCE_FLOOR * tendency std)^2``, and the mean of ``log(1 + r)``: quiet and vigorous planets and every
+    level count alike (persistence scores log 2), and a sample far off early in training cannot swamp the step."""
+    w = weights.to(prediction.device)
+    scale = tendency_std.float()[:, None, None]
+    error = ((prediction.float() - target.float()) / scale).pow(2)
+    if state is None:
+        return (error * w).mean()
+    change = ((state.float() - target.float()) / scale).pow(2)
+    return torch.log1p((error * w).mean((-2, -1)) / ((change * w).mean((-2, -1)) + PERSISTENCE_FLOOR**2)).mean()
 
 
 def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: int = 16, nlon: int = 32,
