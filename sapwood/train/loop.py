@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from sapwood.config import Config
+from sapwood.data.loader import DeviceFeed
 from sapwood.errors import ConfigError, SapwoodError, SapwoodWarning
 from sapwood.model import save_folder
 from sapwood.model.folder import materialize
@@ -200,7 +201,8 @@ class Trainer:
         else:
             self.scheduler = warmup_cosine(self.optimizer, t.lr, t.min_lr, t.warmup_steps, t.steps)
         self.scaler = self.precision.grad_scaler()
-        self.batches = self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp)
+        self.batches = DeviceFeed(self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp),
+                                  self.device)  # on CUDA: the copy of the next batch overlaps this step
 
     def model_changed(self) -> None:
         """Call after replacing blocks/parameters: re-applies activation checkpointing to new blocks."""
@@ -279,7 +281,22 @@ class Trainer:
     # --- steps -------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step; returns its metrics (``skipped`` True when the loss was not finite)."""
+        """One optimizer step; returns its metrics (``skipped`` True when the loss was not finite), with
+        ``data_wait_s``, the seconds the step waited for its batches, and ``data_wait_fraction`` of the step."""
+        start = time.perf_counter()
+        self._data_wait = 0.0
+        metrics = self._train_step()
+        elapsed = time.perf_counter() - start
+        metrics.update(data_wait_s=self._data_wait, data_wait_fraction=self._data_wait / elapsed if elapsed > 0 else 0.0)
+        return metrics
+
+    def _next_batch(self) -> Any:
+        tick = time.perf_counter()
+        batch = _to_device(next(self.batches), self.device)
+        self._data_wait += time.perf_counter() - tick
+        return batch
+
+    def _train_step(self) -> dict[str, Any]:
         t = self.config.train
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -288,7 +305,7 @@ class Trainer:
         extra: dict[str, float] = {}
         in_backward = isinstance(self.optimizer, OptimizerInBackward)
         for index in range(self.accumulation):
-            batch = _to_device(next(self.batches), self.device)
+            batch = self._next_batch()
             units += self.task.count_units(batch)
             pipeline = getattr(self.model, "pipeline", None)  # set by sapwood.train.parallel when pp > 1
             if pipeline is not None:  # the schedule runs backward itself: scale its loss as the scaler would
