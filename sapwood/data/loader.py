@@ -17,7 +17,7 @@ shuffling, a pure function of ``seed`` and the epoch) and ``segments_per_batch``
 of the window (``k = 0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of
 ``L`` rows straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads (``segments_per_batch`` defaults
 to the largest of 4, 3, 2, 1 dividing ``batch_size``) and
-no per-sample Python work. The reads of a batch run on ``read_threads`` threads (page-cache copies in parallel).
+no per-sample Python work. While iterating, the reads of a batch run on ``read_threads`` threads (page-cache copies in parallel).
 Frame buffers are recycled once no batch made from them is referenced any more
 (so a batch you keep stays valid). A background thread prefetches ``prefetch`` batches (pinned memory when CUDA is
 available); normalization, when asked for, is applied in place in that thread.
@@ -192,9 +192,7 @@ class CubeLoader:
         first_rows = store.run_rows[run] + first_time
         reads = [(first_row + k, frames[k, segment * length:(segment + 1) * length])
                  for segment, first_row in enumerate(first_rows.tolist()) for k in range(self.window)]
-        if self.read_threads > 1:  # positional reads release the GIL: the page-cache copies run in parallel
-            if self._readers is None:
-                self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="sapwood-cube-read")
+        if self._readers is not None:  # positional reads release the GIL: the page-cache copies run in parallel
             for done in self._readers.map(lambda read: store.read_rows_into(*read), reads):
                 del done
         else:
@@ -248,6 +246,8 @@ class CubeLoader:
                 ready.put(exc)
             ready.put(None)
 
+        if self.read_threads > 1 and self._readers is None:
+            self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="sapwood-cube-read")
         worker = threading.Thread(target=produce, name="sapwood-cube-prefetch", daemon=True)
         worker.start()
         try:
@@ -272,6 +272,9 @@ class CubeLoader:
                 except queue.Empty:
                     pass
             worker.join()
+            if self._readers is not None:
+                self._readers.shutdown(wait=True)
+                self._readers = None
 
     # --- resumable position ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
