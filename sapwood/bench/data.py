@@ -9,6 +9,9 @@ grid; the batch size in bytes is what the model receives.
   needs (each file holds two segments' worth of times), then per sample ``numpy`` stacking of the variables.
 * sapwood: :class:`sapwood.data.loader.CubeLoader` iterating the same plan (prefetch thread, ``preadv`` into tensors).
 * raw: ``readinto`` of ``batch bytes`` from the store's frames file into a preallocated buffer, sequentially.
+* memcpy: ``copy_`` of the batch's bytes between two preallocated tensors (the memory limit of this machine).
+* zarr (unless ``zarr=False``): the same data prepared with ``--format zarr``, read by the loader (direct shard
+  reads) and through zarr-python, against the raw layout's ``read_batch``.
 
 Reads are *warm*: the files were just written or read, and dropping the page cache needs root, so all three read
 from memory; the figures compare software overhead against the memory-copy limit, not disk speed.
@@ -125,8 +128,46 @@ def timed_epoch(loader: CubeLoader, epoch: int, batches: int) -> float:
     return elapsed / batches
 
 
+def zarr_results(work: Path, loader: CubeLoader, timed: int, direct_s: float, params: dict[str, Any],
+                 progress: bool) -> list[Result]:
+    """The Zarr v3 layout of the same data: the loader's batch reads (direct shard reads) and the same rows through
+    zarr-python, against the raw layout's ``read_batch``."""
+    from sapwood.data.zarr_store import ZarrRows
+
+    folder = work / "store-zarr"
+    if not (folder / "sapwood" / "index.json").exists():
+        prepare([work / "runs"], folder, progress=progress, force=True, layout="zarr")
+    store = CubeStore(folder)
+    zarr_loader = CubeLoader(store, batch_size=loader.batch_size, segments_per_batch=loader.segments_per_batch,
+                             seed=loader.seed, pin_memory=False)
+    zarr_loader.read_batch(1, 0)
+    start = time.perf_counter()
+    for index in range(timed):
+        zarr_loader.read_batch(1, index)
+    zarr_s = (time.perf_counter() - start) / timed
+    runs, first_times = loader.epoch_plan(1)
+    rows = ZarrRows(folder, store.variables, store.shape, direct=False)
+    frames = torch.empty((loader.window, loader.batch_size, *store.row_shape), dtype=torch.float32).numpy()
+    length = loader.segment_length
+    start = time.perf_counter()
+    for segment in range(timed * loader.segments_per_batch):
+        first_row = int(store.run_rows[runs[segment]] + first_times[segment])
+        s = segment % loader.segments_per_batch
+        for k in range(loader.window):
+            rows.read_into(first_row + k, frames[k, s * length:(s + 1) * length])
+    zarr_python_s = (time.perf_counter() - start) / timed
+    gigabytes = params["batch_gb"]
+    rates = {"zarr_s": zarr_s, "zarr_python_s": zarr_python_s, "raw_layout_s": direct_s,
+             "zarr_GBps": gigabytes / zarr_s, "zarr_python_GBps": gigabytes / zarr_python_s}
+    baseline = "loader.read_batch on the raw frames layout"
+    return [Result("zarr layout read_batch (direct shard reads) vs raw layout", zarr_s, "s/batch", direct_s,
+                   {**params, **rates}, baseline=baseline),
+            Result("zarr layout through zarr-python vs raw layout", zarr_python_s, "s/batch", direct_s,
+                   {**params, **rates}, baseline=baseline)]
+
+
 def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, levels: int = 8, nlat: int = 32,
-                   nlon: int = 64, batches: int = 4, progress: bool = True) -> list[Result]:
+                   nlon: int = 64, batches: int = 4, progress: bool = True, zarr: bool = True) -> list[Result]:
     work = work or out / "data-bench-work"
     channels = 6 * levels + 1
     row_bytes = 4 * channels * nlat * nlon
@@ -190,6 +231,8 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
         Result("raw read GB/s vs memcpy GB/s", gigabytes / raw_s, "GB/s", gigabytes / memcpy_s, {**params, **rates},
                baseline="copy_ between two preallocated tensors of the batch size (the memory limit)"),
     ]
+    if zarr:
+        results += zarr_results(work, loader, timed, direct_s, params, progress)
     write_suite("data", results, out, extra={"cache": "warm (page cache; dropping it needs root)",
                                              "batch_gb": gigabytes})
     return results
