@@ -1,9 +1,15 @@
-"""Physics-aware augmentation of datacube batches, vectorized over the batch, on the batch's device.
+"""Physics-aware augmentation of datacube batches, fused into one pass over the batch, on the batch's device.
 
 Every transform takes ``frames [window, B, C, lat, lon]`` (:attr:`sapwood.data.loader.Batch.frames`; the same
 random draw is applied to all frames of a sample, so a state and its successor stay a valid pair) and returns
-the augmented frames (possibly the same tensor, modified in place). :class:`Augment` composes them. Per-channel behaviour comes from
-:class:`ChannelRoles` (built once from the variable list); there is no Python loop over samples or variables.
+the augmented frames (possibly the same tensor, modified in place). :class:`Augment` composes them; roll, flip
+(with the sign change of ``v``), noise and positivity run as one pass that reads and writes each element once
+(:func:`augment_planes`: a numba kernel on the CPU, :func:`reference_augment` elsewhere; the two agree to
+round-off). Per-channel behaviour comes from :class:`ChannelRoles` (built once from the variable list).
+
+Random numbers: the roll and flip are drawn per sample (a handful of draws from a CPU generator); the noise is a
+counter-based hash of each element's position (:func:`hash_uniform`), computed inside the pass, so no random
+field is stored and the result does not depend on the device or the number of threads.
 
 Each transform declares in ``preserves`` which properties of the truth it keeps:
 
