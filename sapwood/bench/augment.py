@@ -66,6 +66,7 @@ def run_augment_bench(out: Path, batch_gb: float = 0.05, levels: int = 8, nlat: 
     in_place = Augment(roles, seed=0, in_place=True)
     fused_in_place = time_fn(lambda: in_place(work), warmup=1, repeats=repeats)
     cpu_in_place = cpu_seconds(lambda: in_place(work), repeats)
+    cpu_numpy = cpu_seconds(lambda: numpy_loop_augment(array, variables, seed=0), max(1, repeats // 2))
     new_buffer = Augment(roles, seed=0)
     fused_new = time_fn(lambda: new_buffer(frames), warmup=1, repeats=repeats)
     torch.set_num_threads(1)
@@ -83,6 +84,9 @@ def run_augment_bench(out: Path, batch_gb: float = 0.05, levels: int = 8, nlat: 
                {**params, **spread(fused_new), "device": "cpu"}, baseline=loop),
         Result("fused augment, 1 thread, vs numpy loop", one_thread.median, "s/batch", baseline.median,
                {**params, **spread(one_thread), "threads": 1, "device": "cpu"}, baseline=loop),
+        Result("fused augment CPU seconds vs numpy loop CPU seconds", cpu_in_place, "s/batch", cpu_numpy,
+               {**params, "device": "cpu", "measure": "process CPU time, all threads (robust to other load)"},
+               baseline=loop),
         Result("fused augment GB/s vs memcpy GB/s (cpu)", gigabytes / fused_in_place.median, "GB/s",
                gigabytes / memcpy.median, {**params, "memcpy_s": memcpy.median, "augment_s": fused_in_place.median,
                                            "device": "cpu"},
