@@ -504,11 +504,12 @@ def bench_data(
     nlon: int = typer.Option(64, help="longitudes"),
     batches: int = typer.Option(4, help="timed batches"),
     work: Path = typer.Option(None, "--work", help="where simulated data and the store live (reused)"),
+    zarr: bool = typer.Option(True, "--zarr/--no-zarr", help="also time the Zarr v3 layout of the same data"),
 ) -> None:
     """Seconds per cube batch: sapwood loader vs naive xarray loading vs a raw read of the same bytes."""
     from sapwood.bench.data import run_data_bench
 
-    _show_bench(run_data_bench(out, work, batch_gb, levels, nlat, nlon, batches))
+    _show_bench(run_data_bench(out, work, batch_gb, levels, nlat, nlon, batches, zarr=zarr))
 
 
 @bench_app.command("augment")

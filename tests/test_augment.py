@@ -1,4 +1,5 @@
-"""Augmentation: exact symmetries (roll round trip, double flip), positivity, budgets kept, raw == normalized."""
+"""Augmentation: exact symmetries (roll round trip, double flip), positivity, budgets kept, raw == normalized;
+the fused one-pass kernel equals the reference transforms (separate passes) to round-off."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from sapwood.data.augment import (
     Noise,
     RollAndFlip,
     TimeCrop,
+    augment_planes,
+    hash_uniform,
     numpy_loop_augment,
+    reference_augment,
     roll_and_flip,
 )
 from sapwood.data.loader import CubeLoader
@@ -183,3 +187,108 @@ def test_sapwood_physics_budgets_and_thermo_unchanged_by_roll_and_flip(batch, st
         thermo_after = physics.thermo_residuals(augmented[k], geometry, batch.params)
         torch.testing.assert_close(thermo_after["thermo"], thermo_before["thermo"], rtol=1e-3, atol=1e-5)
         assert float(thermo_before["ideal_gas"].max()) < 1e-3  # truth: ideal gas to round-off (in %)
+
+
+def draws(frames: torch.Tensor, roles: ChannelRoles, seed: int, noise: Noise | None = None):
+    generator = torch.Generator().manual_seed(seed)
+    shifts, flips = RollAndFlip().draw(frames, generator)
+    return shifts, flips, (noise or Noise()).draw(frames, roles, generator)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fused_pass_equals_the_reference_transforms(store, normalized, in_place):
+    loader = CubeLoader(store, batch_size=6, segments_per_batch=2, window=3, seed=1, normalize=normalized)
+    frames = next(iter(loader)).frames.clone()
+    roles = ChannelRoles.from_store(store, normalized=normalized, noise={"q": 0.3, "u": 2.0})
+    shifts, flips, noise = draws(frames, roles, seed=5, noise=Noise(frames_to_perturb=(0, 2)))
+    assert flips.any() and not flips.all() and shifts.unique().numel() > 1
+    expected = reference_augment(frames, roles, shifts, flips, noise)
+    source = frames.clone()
+    fused = augment_planes(source, roles, shifts, flips, noise, in_place=in_place)
+    assert (fused.data_ptr() == source.data_ptr()) == in_place
+    torch.testing.assert_close(fused, expected, rtol=2e-6, atol=2e-6)
+    assert not torch.equal(fused[1], frames[1]) and torch.equal(  # frame 1 only rolled and flipped
+        fused[1], roll_and_flip(frames, shifts, flips, roles)[1])
+    without_noise = augment_planes(frames.clone(), roles, shifts, flips, None)
+    assert torch.equal(without_noise, roll_and_flip(frames, shifts, flips, roles))  # a permutation: exact
+
+
+def test_fused_pass_handles_odd_grids_and_every_shift():
+    roles = ChannelRoles.from_variables([("T", 1), ("v", 2), ("ps", 0)])
+    frames = torch.rand(2, 9, 4, 5, 7) + 0.5
+    shifts = torch.arange(9) - 1  # -1 .. 7: negative and beyond the grid as torch.roll takes them
+    flips = torch.tensor([True, False] * 4 + [True])
+    fused = augment_planes(frames, roles, shifts, flips, None)
+    for b in range(9):
+        expected = torch.roll(frames[:, b], int(shifts[b]), dims=-1)
+        if flips[b]:
+            expected = expected.flip(-2)
+            expected[:, 1:3] = -expected[:, 1:3]
+        assert torch.equal(fused[:, b], expected)
+
+
+def test_the_noise_field_is_uniform_independent_and_thread_count_free(store):
+    field = hash_uniform(7, (2, 16, 8, 32, 64), (0,))
+    assert field.shape == (1, 16, 8, 32, 64)
+    assert float(field.min()) > -0.5 and float(field.max()) < 0.5
+    assert abs(float(field.mean())) < 0.002 and abs(float(field.std()) - 12**-0.5) < 0.002
+    neighbours = torch.corrcoef(torch.stack([field[..., :-1].flatten(), field[..., 1:].flatten()]))[0, 1]
+    planes = torch.corrcoef(torch.stack([field[0, :, 0].flatten(), field[0, :, 1].flatten()]))[0, 1]
+    # independent values: sample correlations within 5 standard errors (1/sqrt(n)) of 0 (fixed seed: no chance)
+    assert abs(float(neighbours)) < 5 / (16 * 8 * 32 * 63) ** 0.5 and abs(float(planes)) < 5 / (16 * 32 * 64) ** 0.5
+    assert not torch.equal(hash_uniform(8, (2, 16, 8, 32, 64), (0,)), field)
+    roles = ChannelRoles.from_store(store, normalized=False)
+    frames = next(iter(CubeLoader(store, batch_size=6, segments_per_batch=2, seed=0))).frames
+    shifts, flips, noise = draws(frames, roles, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(augment_planes(frames, roles, shifts, flips, noise))
+            results[-1] = results[-1].clone()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def test_other_devices_and_dtypes_take_the_reference_path_with_the_same_draws(batch, store):
+    roles = ChannelRoles.from_store(store, normalized=False)
+    fused = Augment(roles, seed=4)(batch.frames.clone())
+    on_reference = Augment(roles, seed=4)(batch.frames.double())
+    torch.testing.assert_close(on_reference.float(), fused, rtol=2e-6, atol=2e-6)
+    if torch.cuda.is_available():  # the GPU feed's device augmentation: the same numbers
+        on_gpu = Augment(roles, seed=4)(batch.frames.cuda())
+        torch.testing.assert_close(on_gpu.cpu(), fused, rtol=2e-6, atol=2e-6)
+
+
+def test_augment_fuses_roll_flip_and_noise_with_the_draws_of_the_separate_transforms(batch, store):
+    roles = ChannelRoles.from_store(store, normalized=False)
+    frames = batch.frames.clone()
+    fused = Augment(roles, [RollAndFlip(), Noise()], seed=11)(frames)
+    generator = torch.Generator().manual_seed(11)
+    step = RollAndFlip()(frames, roles, generator)
+    step = Noise()(step, roles, generator)
+    torch.testing.assert_close(fused, step, rtol=2e-6, atol=2e-6)
+    assert torch.equal(frames, batch.frames)  # out of place by default
+    in_place = Augment(roles, seed=11, in_place=True)(frames)
+    assert in_place.data_ptr() == frames.data_ptr()
+    torch.testing.assert_close(in_place, fused, rtol=0, atol=0)
+
+
+def test_noise_leaves_budgets_unbiased_to_its_declared_spread(batch, store):
+    """Independent per-cell noise moves a global integral by about ``s / sqrt(cells)``, not by ``s``."""
+    scale = 0.05
+    roles = ChannelRoles.from_store(store, normalized=False, noise={"ps": scale})
+    frames = batch.frames.clone()
+    out = Augment(roles, [Noise()], seed=0)(frames.clone())
+    before = global_budgets(batch.frames, store, batch.params)["mass"][0]
+    after = global_budgets(out, store, batch.params)["mass"][0]
+    cells = batch.frames.shape[-1] * batch.frames.shape[-2]
+    change = (after / before - 1).abs()
+    assert float(change.max()) < 5 * scale / cells**0.5
+    assert float(change.max()) > 0  # it did perturb ps
+    ps = out[0, :, store.channel_slice("ps")]
+    relative = ps / batch.frames[0, :, store.channel_slice("ps")] - 1
+    assert float(relative.abs().max()) <= scale * 3**0.5 * (1 + 1e-5)

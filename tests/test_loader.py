@@ -122,3 +122,105 @@ def test_kept_batches_stay_valid_while_buffers_are_recycled(store):
     for batch in loader:  # batches dropped at once: their buffers are reused
         pointers.add(batch.frames.data_ptr())
     assert len(pointers) < len(loader)
+
+
+def test_endless_batches_cross_epochs_in_order_and_resume(store):
+    reference = CubeLoader(store, batch_size=6, segments_per_batch=2, seed=4)
+    expected = [signature(b) for _ in range(3) for b in reference]  # three epochs, one iterator each
+    loader = CubeLoader(store, batch_size=6, segments_per_batch=2, seed=4)
+    stream = loader.batches(endless=True)
+    got, states = [], []
+    for _ in range(len(expected)):
+        got.append(signature(next(stream)))
+        states.append(loader.state_dict())
+    stream.close()
+    assert got == expected
+    per_epoch = len(reference)
+    assert states[per_epoch - 1] == {"epoch": 1, "batch": 0, "seed": 4}  # after the last batch of epoch 0
+    assert states[per_epoch] == {"epoch": 1, "batch": 1, "seed": 4}
+    resumed = CubeLoader(store, batch_size=6, segments_per_batch=2, seed=4)
+    resumed.load_state_dict(states[per_epoch + 2])
+    assert signature(next(iter(resumed))) == expected[per_epoch + 3]
+
+
+def test_the_prefetch_thread_reads_the_next_epoch_before_it_is_asked_for(store):
+    class Recording(CubeLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.next_epoch_read = threading.Event()
+
+        def read_batch(self, epoch, index):
+            batch = super().read_batch(epoch, index)
+            if (epoch, index) == (1, 0):
+                self.next_epoch_read.set()
+            return batch
+
+    loader = Recording(store, batch_size=6, segments_per_batch=2, seed=0, prefetch=2)
+    stream = loader.batches(endless=True)
+    for _ in range(len(loader)):  # the whole of epoch 0; the consumer asks for nothing more
+        next(stream)
+    assert loader.next_epoch_read.wait(timeout=120)  # read by the thread, not on demand
+    stream.close()
+
+
+def test_parallel_reads_equal_serial_reads(store):
+    serial = CubeLoader(store, batch_size=6, segments_per_batch=3, seed=2, read_threads=1)
+    parallel = CubeLoader(store, batch_size=6, segments_per_batch=3, seed=2, read_threads=3)
+    before = threading.active_count()
+    for index, batch in enumerate(parallel):
+        assert parallel._readers is not None
+        assert torch.equal(batch.frames, serial.read_batch(0, index).frames)
+    assert index == len(serial) - 1 and threading.active_count() == before
+
+
+def test_device_feed_stages_ahead_and_resumes_exactly(store):
+    from sapwood.data.loader import DeviceFeed
+
+    def batches(state=None):
+        loader = CubeLoader(store, batch_size=4, segments_per_batch=2, seed=6)
+        if state is not None:
+            loader.load_state_dict(state)
+
+        class Endless:
+            def __init__(self):
+                self.stream = loader.batches(endless=True)
+
+            def __next__(self):
+                return next(self.stream)
+
+            def state_dict(self):
+                return loader.state_dict()
+
+            def load_state_dict(self, state):
+                loader.load_state_dict(state)
+                self.stream = loader.batches(endless=True)
+
+        return Endless()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain = DeviceFeed(batches(), "cpu")
+    expected = [next(plain).frames.clone() for _ in range(12)]
+    feed = DeviceFeed(batches(), device, ahead=True)
+    got = [next(feed).frames.cpu() for _ in range(5)]
+    state = feed.state_dict()
+    assert state == {"epoch": 0, "batch": 5, "seed": 6}  # the staged sixth batch is not counted
+    resumed = DeviceFeed(batches(state), device, ahead=True)
+    got += [next(resumed).frames.cpu() for _ in range(7)]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cube_training_logs_the_time_each_step_waited_for_data(tmp_path):
+    from sapwood.train.cube_task import simulated_store, surrogate_config
+    from sapwood.train.loop import train
+    from sapwood.train.metrics import read_events
+
+    store = simulated_store(tmp_path / "data", runs=3, levels=2, nlat=8, nlon=16, times=6, spinup_days=1)
+    config = surrogate_config(store, tmp_path / "run", steps=4, hidden=32, layers=1, heads=2, patch=4,
+                              batch_size=4, val_runs=1)
+    config.train.log_every = 1
+    train(config)
+    steps = read_events(tmp_path / "run" / "metrics.jsonl", "train")
+    assert len(steps) == 4
+    for record in steps:
+        assert 0 <= record["data_wait_s"] and 0 <= record["data_wait_fraction"] <= 1

@@ -1,14 +1,17 @@
 """``sapwood bench data``: seconds per training batch for the sapwood cube loader vs naive xarray loading,
 and vs a raw sequential read of the same number of bytes (the physical limit of the disk / page cache).
 
-The data are simulated (:mod:`sapwood.data.simulate`) and prepared once into ``WORK`` (re-used when the sizes
-match). A *batch* is ``2 x batch_size`` frames (state and next state), each frame all variables and levels on the
+The data are synthetic CF-convention NetCDF runs (:func:`write_synthetic_runs`, the simulator's variables and
+attributes) prepared once into ``WORK`` (re-used when the sizes match). A *batch* is ``2 x batch_size`` frames (state and next state), each frame all variables and levels on the
 grid; the batch size in bytes is what the model receives.
 
 * naive (what a user writes first): for every batch, ``xarray.open_dataset(file).load()`` of each run file the batch
   needs (each file holds two segments' worth of times), then per sample ``numpy`` stacking of the variables.
 * sapwood: :class:`sapwood.data.loader.CubeLoader` iterating the same plan (prefetch thread, ``preadv`` into tensors).
 * raw: ``readinto`` of ``batch bytes`` from the store's frames file into a preallocated buffer, sequentially.
+* memcpy: ``copy_`` of the batch's bytes between two preallocated tensors (the memory limit of this machine).
+* zarr (unless ``zarr=False``): the same data prepared with ``--format zarr``, read by the loader (direct shard
+  reads) and through zarr-python, against the raw layout's ``read_batch``.
 
 Reads are *warm*: the files were just written or read, and dropping the page cache needs root, so all three read
 from memory; the figures compare software overhead against the memory-copy limit, not disk speed.
@@ -23,20 +26,59 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from sapwood.bench.harness import Result, write_suite
+from sapwood.bench.harness import Result, time_fn, write_suite
 from sapwood.data.cubes import DEFAULT_VARIABLES, prepare
 from sapwood.data.loader import CubeLoader
-from sapwood.data.simulate import Grid, simulate_ensemble
 from sapwood.data.store import CubeStore
 
 
-def ensure_data(work: Path, grid: Grid, runs: int, progress: bool = True) -> CubeStore:
-    """Simulate and prepare the bench data in ``work`` unless a previous run left the same sizes there."""
+def write_synthetic_runs(folder: Path, runs: int, levels: int, nlat: int, nlon: int, times: int) -> list[Path]:
+    """``runs`` CF-convention NetCDF files ``run_NNNN.nc`` of smooth random fields for the 7 cube variables
+    (the bytes of a batch matter here, not the climate: simulating GBs would take hours)."""
+    import xarray as xr
+
+    from sapwood.data.simulate import VARIABLE_ATTRS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    scales = {"T": 250.0, "u": 20.0, "v": 10.0, "q": 0.01, "ps": 1e5, "rho": 1.0, "zg": 5000.0}
+    coords = {
+        "time": ("time", np.arange(times) * 6.0, {"standard_name": "time", "units": "hours since 2000-01-01",
+                                                  "calendar": "proleptic_gregorian", "axis": "T"}),
+        "lev": ("lev", (np.arange(levels) + 0.5) / levels, {"standard_name": "atmosphere_sigma_coordinate",
+                                                            "units": "1", "positive": "down", "axis": "Z"}),
+        "lat": ("lat", np.linspace(-90 + 90 / nlat, 90 - 90 / nlat, nlat),
+                {"standard_name": "latitude", "units": "degrees_north", "axis": "Y"}),
+        "lon": ("lon", np.arange(nlon) * 360 / nlon, {"standard_name": "longitude", "units": "degrees_east",
+                                                        "axis": "X"}),
+    }
+    paths = []
+    for run in range(runs):
+        data = {}
+        for name, attrs in VARIABLE_ATTRS.items():
+            dims = ("time", "lat", "lon") if name == "ps" else ("time", "lev", "lat", "lon")
+            shape = tuple(len(coords[d][1]) for d in dims)
+            values = rng.random(shape, dtype=np.float32)
+            values += np.float32(0.5)
+            values *= np.float32(scales[name])
+            data[name] = (dims, values, attrs)
+        path = folder / f"run_{run:04d}.nc"
+        xr.Dataset(data, coords=coords, attrs={"Conventions": "CF-1.10"}).to_netcdf(path, engine="netcdf4")
+        paths.append(path)
+    return paths
+
+
+def ensure_data(work: Path, levels: int, nlat: int, nlon: int, times: int, runs: int,
+                progress: bool = True) -> CubeStore:
+    """Write and prepare the bench data in ``work`` unless a previous run left the same sizes there."""
     stamp = work / "sizes.json"
-    wanted = {"grid": grid.__dict__, "runs": runs}
+    wanted = {"levels": levels, "nlat": nlat, "nlon": nlon, "times": times, "runs": runs, "kind": "synthetic"}
     if not (stamp.exists() and json.loads(stamp.read_text()) == wanted and (work / "store" / "index.json").exists()):
-        simulate_ensemble(work / "runs", runs=runs, grid=grid, seed=0, progress=progress)
+        for old in (work / "runs").glob("run_*.nc"):
+            old.unlink()
+        write_synthetic_runs(work / "runs", runs, levels, nlat, nlon, times)
         prepare([work / "runs"], work / "store", progress=progress, force=True)
         stamp.write_text(json.dumps(wanted))
     return CubeStore(work / "store")
@@ -73,8 +115,59 @@ def raw_read(path: Path, nbytes: int, buffer: bytearray, offset: int) -> None:
             done += got
 
 
+def timed_epoch(loader: CubeLoader, epoch: int, batches: int) -> float:
+    """Seconds per batch until the first ``batches`` batches of ``epoch`` have arrived through the prefetching
+    iterator (thread start included; stopping the thread afterwards is not)."""
+    loader.load_state_dict({"epoch": epoch, "batch": 0, "seed": loader.seed})
+    iterator = loader.batches(endless=True)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    elapsed = time.perf_counter() - start
+    iterator.close()
+    return elapsed / batches
+
+
+def zarr_results(work: Path, loader: CubeLoader, timed: int, direct_s: float, params: dict[str, Any],
+                 progress: bool) -> list[Result]:
+    """The Zarr v3 layout of the same data: the loader's batch reads (direct shard reads) and the same rows through
+    zarr-python, against the raw layout's ``read_batch``."""
+    from sapwood.data.zarr_store import ZarrRows
+
+    folder = work / "store-zarr"
+    if not (folder / "sapwood" / "index.json").exists():
+        prepare([work / "runs"], folder, progress=progress, force=True, layout="zarr")
+    store = CubeStore(folder)
+    zarr_loader = CubeLoader(store, batch_size=loader.batch_size, segments_per_batch=loader.segments_per_batch,
+                             seed=loader.seed, pin_memory=False)
+    zarr_loader.read_batch(1, 0)
+    start = time.perf_counter()
+    for index in range(timed):
+        zarr_loader.read_batch(1, index)
+    zarr_s = (time.perf_counter() - start) / timed
+    runs, first_times = loader.epoch_plan(1)
+    rows = ZarrRows(folder, store.variables, store.shape, direct=False)
+    frames = torch.empty((loader.window, loader.batch_size, *store.row_shape), dtype=torch.float32).numpy()
+    length = loader.segment_length
+    start = time.perf_counter()
+    for segment in range(timed * loader.segments_per_batch):
+        first_row = int(store.run_rows[runs[segment]] + first_times[segment])
+        s = segment % loader.segments_per_batch
+        for k in range(loader.window):
+            rows.read_into(first_row + k, frames[k, s * length:(s + 1) * length])
+    zarr_python_s = (time.perf_counter() - start) / timed
+    gigabytes = params["batch_gb"]
+    rates = {"zarr_s": zarr_s, "zarr_python_s": zarr_python_s, "raw_layout_s": direct_s,
+             "zarr_GBps": gigabytes / zarr_s, "zarr_python_GBps": gigabytes / zarr_python_s}
+    baseline = "loader.read_batch on the raw frames layout"
+    return [Result("zarr layout read_batch (direct shard reads) vs raw layout", zarr_s, "s/batch", direct_s,
+                   {**params, **rates}, baseline=baseline),
+            Result("zarr layout through zarr-python vs raw layout", zarr_python_s, "s/batch", direct_s,
+                   {**params, **rates}, baseline=baseline)]
+
+
 def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, levels: int = 8, nlat: int = 32,
-                   nlon: int = 64, batches: int = 4, progress: bool = True) -> list[Result]:
+                   nlon: int = 64, batches: int = 4, progress: bool = True, zarr: bool = True) -> list[Result]:
     work = work or out / "data-bench-work"
     channels = 6 * levels + 1
     row_bytes = 4 * channels * nlat * nlon
@@ -82,17 +175,17 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
     length = batch_size // 4
     segments_needed = 4 * (batches + 1)
     runs = max(2, math.ceil(segments_needed / 2))
-    grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=2 * length + 1, spinup_days=0)  # bytes, not climate
-    store = ensure_data(work, grid, runs, progress)
+    store = ensure_data(work, levels, nlat, nlon, 2 * length + 1, runs, progress)
     files = sorted((work / "runs").glob("run_*.nc"))
-    loader = CubeLoader(store, batch_size=batch_size, segments_per_batch=4, seed=0)
+    loader = CubeLoader(store, batch_size=batch_size, segments_per_batch=4, seed=0, pin_memory=False)
     batch_bytes = loader.batch_bytes
+    gigabytes = batch_bytes / 1e9
     plan_runs, plan_first = loader.epoch_plan(0)
     timed = min(batches, len(loader) - 1)
 
-    # warm everything once (page cache, imports), then time
+    # warm everything once (page cache, imports, buffer pool), then time
     naive_batch(files, plan_runs[:4], plan_first[:4], length)
-    loader.read_batch(0, 0)
+    timed_epoch(loader, 0, len(loader))
 
     start = time.perf_counter()
     for index in range(1, timed + 1):
@@ -100,15 +193,7 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
         naive_batch(files, plan_runs[chosen], plan_first[chosen], length)
     naive_s = (time.perf_counter() - start) / timed
 
-    for _ in loader:  # epoch 0 warms the buffer pool and the page cache
-        pass
-    start, count = time.perf_counter(), 0
-    for _ in loader:  # epoch 1, timed
-        count += 1
-        if count == timed:
-            break
-    loader_s = (time.perf_counter() - start) / timed
-
+    loader_s = timed_epoch(loader, 1, timed)
     start = time.perf_counter()
     for index in range(timed):
         loader.read_batch(1, index)
@@ -116,25 +201,38 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
 
     buffer = bytearray(batch_bytes)
     raw_read(store.frames_path, batch_bytes, buffer, 0)
-    start = time.perf_counter()
     total_bytes = store.rows * store.row_bytes
+    start = time.perf_counter()
     for index in range(timed):
         raw_read(store.frames_path, batch_bytes, buffer, (index * batch_bytes) % max(1, total_bytes - batch_bytes))
     raw_s = (time.perf_counter() - start) / timed
+    del buffer
 
-    params: dict[str, Any] = {"batch_bytes": batch_bytes, "batch_gb": batch_bytes / 1e9, "batch_size": batch_size,
+    copies = torch.empty((2, batch_bytes // 4), dtype=torch.float32).fill_(1.0)  # the memory limit
+    memcpy_s = time_fn(lambda: copies[1].copy_(copies[0]), warmup=1, repeats=max(3, timed)).median
+
+    params: dict[str, Any] = {"batch_bytes": batch_bytes, "batch_gb": gigabytes, "batch_size": batch_size,
                               "grid": f"{channels}x{nlat}x{nlon}", "timed_batches": timed, "cache": "warm",
-                              "store_gb": total_bytes / 1e9}
-    gbps = {"naive_GBps": batch_bytes / naive_s / 1e9, "loader_GBps": batch_bytes / loader_s / 1e9,
-            "raw_GBps": batch_bytes / raw_s / 1e9, "loader_no_prefetch_s": direct_s}
+                              "store_gb": total_bytes / 1e9, "threads": torch.get_num_threads()}
+    rates = {"naive_GBps": gigabytes / naive_s, "loader_GBps": gigabytes / loader_s,
+             "read_batch_GBps": gigabytes / direct_s, "raw_GBps": gigabytes / raw_s,
+             "memcpy_GBps": gigabytes / memcpy_s, "loader_s": loader_s, "read_batch_s": direct_s, "raw_s": raw_s,
+             "memcpy_s": memcpy_s, "naive_s": naive_s}
+    raw_baseline = "raw readinto of the same number of bytes (the read limit)"
     results = [
-        Result("loader vs naive xarray", loader_s, "s/batch", naive_s, {**params, **gbps},
+        Result("loader vs naive xarray", loader_s, "s/batch", naive_s, {**params, **rates},
                baseline="xarray open_dataset().load() of needed files per batch, numpy stacking"),
-        Result("loader vs raw sequential read", loader_s, "s/batch", raw_s, {**params, **gbps},
-               baseline="raw readinto of the same number of bytes"),
-        Result("loader.read_batch (no prefetch thread) vs raw read", direct_s, "s/batch", raw_s, {**params, **gbps},
-               baseline="raw readinto of the same number of bytes"),
+        Result("loader with prefetch thread vs raw read", loader_s, "s/batch", raw_s, {**params, **rates},
+               baseline=raw_baseline),
+        Result("loader.read_batch (no prefetch thread) vs raw read", direct_s, "s/batch", raw_s, {**params, **rates},
+               baseline=raw_baseline),
+        Result("loader GB/s vs memcpy GB/s", gigabytes / loader_s, "GB/s", gigabytes / memcpy_s, {**params, **rates},
+               baseline="copy_ between two preallocated tensors of the batch size (the memory limit)"),
+        Result("raw read GB/s vs memcpy GB/s", gigabytes / raw_s, "GB/s", gigabytes / memcpy_s, {**params, **rates},
+               baseline="copy_ between two preallocated tensors of the batch size (the memory limit)"),
     ]
+    if zarr:
+        results += zarr_results(work, loader, timed, direct_s, params, progress)
     write_suite("data", results, out, extra={"cache": "warm (page cache; dropping it needs root)",
-                                             "batch_gb": batch_bytes / 1e9})
+                                             "batch_gb": gigabytes})
     return results

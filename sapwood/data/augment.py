@@ -1,9 +1,15 @@
-"""Physics-aware augmentation of datacube batches, vectorized over the batch, on the batch's device.
+"""Physics-aware augmentation of datacube batches, fused into one pass over the batch, on the batch's device.
 
 Every transform takes ``frames [window, B, C, lat, lon]`` (:attr:`sapwood.data.loader.Batch.frames`; the same
 random draw is applied to all frames of a sample, so a state and its successor stay a valid pair) and returns
-the augmented frames (possibly the same tensor, modified in place). :class:`Augment` composes them. Per-channel behaviour comes from
-:class:`ChannelRoles` (built once from the variable list); there is no Python loop over samples or variables.
+the augmented frames (possibly the same tensor, modified in place). :class:`Augment` composes them; roll, flip
+(with the sign change of ``v``), noise and positivity run as one pass that reads and writes each element once
+(:func:`augment_planes`: a numba kernel on the CPU, :func:`reference_augment` elsewhere; the two agree to
+round-off). Per-channel behaviour comes from :class:`ChannelRoles` (built once from the variable list).
+
+Random numbers: the roll and flip are drawn per sample (a handful of draws from a CPU generator); the noise is a
+counter-based hash of each element's position (:func:`hash_uniform`), computed inside the pass, so no random
+field is stored and the result does not depend on the device or the number of threads.
 
 Each transform declares in ``preserves`` which properties of the truth it keeps:
 
@@ -80,14 +86,57 @@ class ChannelRoles:
         return ChannelRoles(*(cast(t) for t in (self.sign, self.positive, self.noise, self.mean_over_std, self.std)))
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """``lowbias32`` (C. Wellons' 32-bit integer hash) of int64 tensors holding unsigned 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def seed_key(seed: int) -> int:
+    """The hashed noise seed that keys every plane's noise."""
+    return int(mix32(torch.tensor([seed & MASK32], dtype=torch.int64))[0])
+
+
+def hash_uniform(seed: int, shape: Sequence[int], frames: Sequence[int], device: torch.device | str = "cpu"
+                 ) -> torch.Tensor:
+    """The noise field of :class:`Noise`: uniform values in ``(-1/2, 1/2)`` (24 bits, symmetric, mean exactly 0
+    over the lattice) for frames ``frames`` of a batch of ``shape [window, B, C, lat, lon]``.
+
+    Counter-based: the value at ``(k, b, c, j, i)`` is ``mix32(mix32(seed_key(seed) ^ plane) ^ cell)`` with
+    ``plane = (k B + b) C + c`` and ``cell = j lon + i``, a pure function of its position, so the CPU kernel
+    (:mod:`sapwood.data.augment_cpu`) computes it inline, bit-identical, in any order and any number of threads.
+    Returns float32 ``[len(frames), B, C, lat, lon]``."""
+    window, batch, channels, nlat, nlon = shape
+    plane = torch.arange(window * batch * channels, device=device, dtype=torch.int64).reshape(window, batch, channels)
+    key = mix32(seed_key(seed) ^ plane[list(frames)])
+    cell = torch.arange(nlat * nlon, device=device, dtype=torch.int64)
+    h = mix32(key[..., None] ^ cell)
+    centered = ((h >> 8).to(torch.float32) - 8388607.5) * 2.0**-24
+    return centered.reshape(len(frames), batch, channels, nlat, nlon)
+
+
+@dataclass
+class NoiseDraw:
+    """What one :class:`Noise` call applies: per-channel ``slope``/``intercept`` (float32 ``[C]``; the change is
+    ``x += u (slope x + intercept)`` with ``u`` from :func:`hash_uniform` of ``seed``) on ``frames``."""
+
+    seed: int
+    slope: torch.Tensor
+    intercept: torch.Tensor
+    frames: tuple[int, ...]
 
 
 class RollAndFlip:
     """Per sample: shift longitude by a random whole number of cells (periodic) when ``roll``, and with probability
     ``flip_p`` mirror latitude (north <-> south) with the meridional wind negated. Both are index permutations of
-    the grid, so they are applied together as one gather over the flattened (lat, lon) plane."""
+    the grid; one random draw per sample is shared by every frame and channel, which is what keeps the budgets,
+    the diagnostic relations and the dynamics (a per-channel draw would break them)."""
 
     preserves = ALL_PROPERTIES
 
@@ -96,12 +145,17 @@ class RollAndFlip:
             raise SapwoodError(f"flip_p={flip_p}: allowed range is [0, 1]")
         self.roll, self.flip_p = roll, flip_p
 
+    def draw(self, frames: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shifts [B] int64, flips [B] bool)`` from ``generator`` (on its device; CPU in :class:`Augment`)."""
+        batch, nlon = frames.shape[1], frames.shape[-1]
+        shifts = (torch.randint(0, nlon, (batch,), generator=generator, device=generator.device) if self.roll
+                  else torch.zeros(batch, dtype=torch.long, device=generator.device))
+        flips = torch.rand(batch, generator=generator, device=generator.device) < self.flip_p
+        return shifts, flips
+
     def __call__(self, frames: torch.Tensor, roles: ChannelRoles, generator: torch.Generator) -> torch.Tensor:
-        batch, nlon, device = frames.shape[1], frames.shape[-1], frames.device
-        shifts = (torch.randint(0, nlon, (batch,), generator=generator, device=device) if self.roll
-                  else torch.zeros(batch, dtype=torch.long, device=device))
-        flips = torch.rand(batch, generator=generator, device=device) < self.flip_p
-        return roll_and_flip(frames, shifts, flips, roles)
+        shifts, flips = self.draw(frames, generator)
+        return augment_planes(frames, roles, shifts, flips, None)
 
 
 def LongitudeRoll() -> RollAndFlip:  # noqa: N802 - a named configuration of RollAndFlip
@@ -118,19 +172,17 @@ _OUTPUTS = BufferPool(capacity=4)
 
 
 def roll_and_flip(frames: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, roles: ChannelRoles) -> torch.Tensor:
-    """``frames [window, B, C, lat, lon]`` with sample b rolled by ``shifts[b]`` longitudes (as ``torch.roll``)
-    and, where ``flips[b]``, mirrored in latitude with ``v`` negated (in physical units). Returns a new tensor."""
+    """The reference roll and flip (any device): ``frames [window, B, C, lat, lon]`` with sample b rolled by
+    ``shifts[b]`` longitudes (as ``torch.roll``) and, where ``flips[b]``, mirrored in latitude with ``v`` negated
+    (in physical units). One gather over the flattened (lat, lon) plane; returns a new tensor."""
     nlat, nlon, device = frames.shape[-2], frames.shape[-1], frames.device
+    shifts, flips = shifts.to(device), flips.to(device)
     lon_source = (torch.arange(nlon, device=device)[None] - shifts[:, None]) % nlon  # [B, lon]
     lat = torch.arange(nlat, device=device)[None]
     lat_source = torch.where(flips[:, None], nlat - 1 - lat, lat)  # [B, lat]
     plane_source = (lat_source[:, :, None] * nlon + lon_source[:, None, :]).reshape(1, -1, 1, nlat * nlon)
     flat = frames.reshape(*frames.shape[:3], nlat * nlon)
-    if frames.device.type == "cpu" and frames.dtype == torch.float32:  # recycled output: no fresh page faults
-        out = _OUTPUTS.take(tuple(frames.shape))
-        torch.gather(flat, -1, plane_source.expand(flat.shape), out=out.view(flat.shape))
-    else:
-        out = torch.gather(flat, -1, plane_source.expand(flat.shape)).reshape(frames.shape)
+    out = torch.gather(flat, -1, plane_source.expand(flat.shape)).reshape(frames.shape)
     flipped = flips.nonzero().flatten()
     negated = (roles.sign < 0).nonzero().flatten().to(device)
     if flipped.numel() and negated.numel():
@@ -140,55 +192,91 @@ def roll_and_flip(frames: torch.Tensor, shifts: torch.Tensor, flips: torch.Tenso
     return out
 
 
+def add_noise(frames: torch.Tensor, noise: NoiseDraw) -> torch.Tensor:
+    """The reference noise (any device): ``x += u (slope x + intercept)`` on ``noise.frames``, in place."""
+    uniform = hash_uniform(noise.seed, frames.shape, noise.frames, frames.device)
+    slope = noise.slope.to(frames.device, frames.dtype).reshape(-1, 1, 1)
+    intercept = noise.intercept.to(frames.device, frames.dtype).reshape(-1, 1, 1)
+    for i, k in enumerate(noise.frames):
+        x = frames[k]
+        x.addcmul_(uniform[i], torch.addcmul(intercept, x, slope))
+    return frames
+
+
+def reference_augment(frames: torch.Tensor, roles: ChannelRoles, shifts: torch.Tensor, flips: torch.Tensor,
+                      noise: NoiseDraw | None) -> torch.Tensor:
+    """Roll and flip, then noise, as separate passes: what the fused kernel must equal (a new tensor)."""
+    out = roll_and_flip(frames, shifts, flips, roles)
+    return add_noise(out, noise) if noise is not None else out
+
+
+def augment_planes(frames: torch.Tensor, roles: ChannelRoles, shifts: torch.Tensor, flips: torch.Tensor,
+                   noise: NoiseDraw | None, in_place: bool = False) -> torch.Tensor:
+    """Roll, flip (with the sign change) and noise in one pass: on the CPU (float32) the numba kernel of
+    :mod:`sapwood.data.augment_cpu`, reading and writing each element once (into ``frames`` when ``in_place``,
+    else into a recycled buffer); elsewhere :func:`reference_augment`. Equal to :func:`reference_augment` to
+    round-off."""
+    if frames.device.type != "cpu" or frames.dtype != torch.float32:
+        out = reference_augment(frames, roles, shifts, flips, noise)
+        return frames.copy_(out) if in_place else out
+    from sapwood.data import augment_cpu
+
+    frames = frames.contiguous()
+    out = frames if in_place else _OUTPUTS.take(tuple(frames.shape))
+    channels, window = frames.shape[2], frames.shape[0]
+    sign = torch.where(roles.sign < 0, -1.0, 1.0).float()
+    offset = torch.where(roles.sign < 0, -2 * roles.mean_over_std.float(), torch.zeros(channels))
+    perturb = torch.zeros(window, dtype=torch.bool)
+    if noise is not None:
+        perturb[list(noise.frames)] = True
+        slope, intercept, key = noise.slope.float(), noise.intercept.float(), seed_key(noise.seed)
+    else:
+        slope, intercept, key = torch.zeros(channels), torch.zeros(channels), 0
+    augment_cpu.set_threads(torch.get_num_threads())
+    augment_cpu.fused_planes(frames.numpy(), out.numpy(), shifts.to(torch.int64).cpu().numpy(),
+                             flips.cpu().numpy(), sign.numpy(), offset.numpy(), slope.contiguous().numpy(),
+                             intercept.contiguous().numpy(), perturb.numpy(), np.uint64(key))
+    return out
+
+
 class Noise:
     """Per-variable random perturbation of the frames in ``frames_to_perturb`` (default: the input state only).
 
-    With ``u`` uniform on ``[-sqrt(3), sqrt(3)]`` (zero mean, unit variance, bounded; on the CPU drawn as 16-bit
-    words, four per 64-bit random draw, which is 4x fewer generator calls than float draws): positive variables get
-    multiplicative noise ``x * (1 + s u)`` with relative scale ``s < 1/sqrt(3)``, so they stay strictly positive;
-    the others additive noise ``x + s u`` with ``s`` in physical units. Only ``positivity`` is preserved.
+    With ``u`` uniform on ``[-sqrt(3), sqrt(3)]`` (zero mean, unit variance, bounded), independent per cell:
+    positive variables get multiplicative noise ``x * (1 + s u)`` with relative scale ``s < 1/sqrt(3)``, so they
+    stay strictly positive; the others additive noise ``x + s u`` with ``s`` in physical units. Only
+    ``positivity`` is preserved exactly; being independent per cell with mean zero, the noise leaves the global
+    integrals unbiased with a relative spread of ``s / sqrt(cells)`` (noise drawn per channel or on a coarse grid
+    would move them by ``s`` itself). ``u`` comes from the counter-based :func:`hash_uniform`: one seed drawn per
+    call, no stored random numbers.
     """
 
     preserves = frozenset({"positivity"})
 
     def __init__(self, scale: float = 1.0, frames_to_perturb: Sequence[int] = (0,)) -> None:
         self.scale, self.frames_to_perturb = scale, tuple(frames_to_perturb)
-        self._scratch: dict[str, torch.Tensor] = {}
 
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Scratch kept between calls (never returned), so large temporaries do not page-fault every call."""
-        buffer = self._scratch.get(name)
-        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
-            buffer = self._scratch[name] = torch.empty(shape, dtype=dtype, device=device)
-        return buffer
-
-    def __call__(self, frames: torch.Tensor, roles: ChannelRoles, generator: torch.Generator) -> torch.Tensor:
-        r = roles.on(frames)
-        relative = torch.where(r.positive, r.noise * self.scale, torch.zeros_like(r.noise))
+    def draw(self, frames: torch.Tensor, roles: ChannelRoles, generator: torch.Generator) -> NoiseDraw:
+        window = frames.shape[0]
+        chosen = sorted({k % window for k in self.frames_to_perturb if -window <= k < window})
+        if len(chosen) != len(self.frames_to_perturb):
+            raise SapwoodError(f"frames_to_perturb={list(self.frames_to_perturb)}: allowed frame indices are "
+                               f"{-window}..{window - 1}, each once")
+        relative = torch.where(roles.positive, roles.noise * self.scale, torch.zeros_like(roles.noise)).float()
         if float(relative.max()) * 3**0.5 >= 1:
             raise SapwoodError(f"relative noise scale {float(relative.max()):g} would allow negative values; "
                                f"keep it below {1 / 3**0.5:.3f}")
-        absolute = torch.where(r.positive, torch.zeros_like(r.noise), r.noise * self.scale / r.std)
-        # x' = x + u * (relative * (x + mean/std) + absolute), u uniform on [-sqrt(3), sqrt(3)]
-        if frames.device.type == "cpu":
-            # 16-bit uniform words, four per 64-bit draw: u = (k + 1/2) * sqrt(3) / 32768, k in [-32768, 32767]
-            step = 3**0.5 / 32768
-            slope, intercept = relative * step, (relative * r.mean_over_std + absolute) * step
-        else:
-            width = 2 * 3**0.5
-            slope, intercept = relative * width, (relative * r.mean_over_std + absolute) * width
-        for k in self.frames_to_perturb:  # a loop over frames (1 by default), not over samples or variables
-            x = frames[k]
-            amplitude = self._buffer("amplitude", tuple(x.shape), x.dtype, x.device)
-            torch.addcmul(intercept, x, slope, out=amplitude)
-            if x.device.type == "cpu":
-                words = self._buffer("words", ((x.numel() + 3) // 4,), torch.int64, x.device)
-                words.random_(-2**63, None, generator=generator)
-                x.addcmul_(words.view(torch.int16)[: x.numel()].view(x.shape), amplitude).add_(amplitude, alpha=0.5)
-            else:
-                uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).sub_(0.5)
-                x.addcmul_(uniform, amplitude)
-        return frames
+        absolute = torch.where(roles.positive, torch.zeros_like(roles.noise), roles.noise * self.scale / roles.std)
+        width = 2 * 3**0.5  # u = width * (uniform in (-1/2, 1/2))
+        slope = (relative * width).float()
+        intercept = ((relative * roles.mean_over_std + absolute) * width).float()
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+        return NoiseDraw(seed, slope, intercept, tuple(chosen))
+
+    def __call__(self, frames: torch.Tensor, roles: ChannelRoles, generator: torch.Generator) -> torch.Tensor:
+        noise = self.draw(frames, roles, generator)
+        zero = torch.zeros(frames.shape[1], dtype=torch.long)
+        return augment_planes(frames, roles, zero, zero.bool(), noise, in_place=True)
 
 
 class TimeCrop:
@@ -211,17 +299,20 @@ class TimeCrop:
 
 
 class Augment:
-    """Apply ``transforms`` in order with a deterministic random stream: call ``n`` uses ``seed + n``.
+    """Apply ``transforms`` in order with a deterministic random stream: call ``n`` draws from a CPU generator
+    seeded ``seed + n`` (the same augmentation on every device).
 
-    :class:`RollAndFlip` writes a new tensor (on the CPU from a recycled buffer pool: reused only once nothing
-    references it); :class:`Noise` then perturbs that in place. The input ``frames`` are left unchanged unless
-    :class:`Noise` comes first.
+    A :class:`RollAndFlip` followed by a :class:`Noise` (the default) runs as one fused pass
+    (:func:`augment_planes`): each element read and written once. Output: a new tensor (on the CPU a recycled
+    buffer, reused only once nothing references it), or ``frames`` itself with ``in_place=True`` (for batches that
+    are not kept elsewhere, such as the loader's). A lone :class:`Noise` works in place.
     """
 
-    def __init__(self, roles: ChannelRoles, transforms: Sequence[object] | None = None, seed: int = 0) -> None:
+    def __init__(self, roles: ChannelRoles, transforms: Sequence[object] | None = None, seed: int = 0,
+                 in_place: bool = False) -> None:
         self.roles = roles
         self.transforms = list(transforms if transforms is not None else (RollAndFlip(), Noise()))
-        self.seed, self.calls = seed, 0
+        self.seed, self.calls, self.in_place = seed, 0, in_place
 
     @property
     def preserves(self) -> frozenset[str]:
@@ -233,10 +324,25 @@ class Augment:
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         if frames.dim() != 5:
             raise SapwoodError(f"frames must be [window, batch, channels, lat, lon], got shape {tuple(frames.shape)}")
-        generator = _generator(frames.device, self.seed + self.calls)
+        generator = torch.Generator().manual_seed(self.seed + self.calls)
         self.calls += 1
-        for transform in self.transforms:
-            frames = transform(frames, self.roles, generator)  # type: ignore[operator]
+        roles = self.roles
+        index = 0
+        while index < len(self.transforms):
+            transform = self.transforms[index]
+            following = self.transforms[index + 1] if index + 1 < len(self.transforms) else None
+            if isinstance(transform, RollAndFlip) and isinstance(following, Noise):
+                shifts, flips = transform.draw(frames, generator)
+                noise = following.draw(frames, roles, generator)
+                frames = augment_planes(frames, roles, shifts, flips, noise, in_place=self.in_place)
+                index += 2
+                continue
+            if isinstance(transform, RollAndFlip) and self.in_place:
+                shifts, flips = transform.draw(frames, generator)
+                frames = augment_planes(frames, roles, shifts, flips, None, in_place=True)
+            else:
+                frames = transform(frames, roles, generator)  # type: ignore[operator]
+            index += 1
         return frames
 
 

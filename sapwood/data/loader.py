@@ -17,16 +17,19 @@ shuffling, a pure function of ``seed`` and the epoch) and ``segments_per_batch``
 of the window (``k = 0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of
 ``L`` rows straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads (``segments_per_batch`` defaults
 to the largest of 4, 3, 2, 1 dividing ``batch_size``) and
-no per-sample Python work. Frame buffers are recycled once no batch made from them is referenced any more
+no per-sample Python work. While iterating, the reads of a batch run on ``read_threads`` threads (page-cache copies in parallel).
+Frame buffers are recycled once no batch made from them is referenced any more
 (so a batch you keep stays valid). A background thread prefetches ``prefetch`` batches (pinned memory when CUDA is
 available); normalization, when asked for, is applied in place in that thread.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +115,7 @@ class CubeLoader:
                  segments_per_batch: int | None = None, runs: Sequence[int] | None = None,
                  windows: Sequence[Window] | None = None, seed: int = 0,
                  shuffle: bool = True, normalize: bool = False, prefetch: int = 2,
-                 pin_memory: bool | None = None) -> None:
+                 pin_memory: bool | None = None, read_threads: int | None = None) -> None:
         self.store = store if isinstance(store, CubeStore) else CubeStore(store)
         if segments_per_batch is None:  # the largest of 4, 3, 2, 1 that divides the batch
             segments_per_batch = next(s for s in (4, 3, 2, 1) if batch_size % s == 0) if batch_size > 0 else 1
@@ -146,6 +149,8 @@ class CubeLoader:
         self.epoch, self.batch = 0, 0
         self._params = torch.as_tensor(self.store.params, dtype=torch.float32)
         self._pool = BufferPool(capacity=self.prefetch + 3)
+        self.read_threads = max(1, min(4, os.cpu_count() or 1) if read_threads is None else read_threads)
+        self._readers: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -185,9 +190,14 @@ class CubeLoader:
         else:
             frames = self._pool.take((self.window, self.batch_size, *store.row_shape))
         first_rows = store.run_rows[run] + first_time
-        for segment, first_row in enumerate(first_rows.tolist()):
-            for k in range(self.window):
-                store.read_rows_into(first_row + k, frames[k, segment * length:(segment + 1) * length])
+        reads = [(first_row + k, frames[k, segment * length:(segment + 1) * length])
+                 for segment, first_row in enumerate(first_rows.tolist()) for k in range(self.window)]
+        if self._readers is not None:  # positional reads release the GIL: the page-cache copies run in parallel
+            for done in self._readers.map(lambda read: store.read_rows_into(*read), reads):
+                del done
+        else:
+            for first_row, out in reads:
+                store.read_rows_into(first_row, out)
         if self.normalize:
             store.normalize(frames)
         sample_run = torch.from_numpy(np.repeat(run, length))
@@ -196,6 +206,13 @@ class CubeLoader:
 
     # --- iteration with background prefetch --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
+        """One epoch from the current position."""
+        return self.batches(endless=False)
+
+    def batches(self, endless: bool = False) -> Iterator[Batch]:
+        """Batches from the current position to the end of the epoch, or, with ``endless``, on through every
+        following epoch: the prefetch thread then reads the first batches of the next epoch while the last ones of
+        this epoch are used, so no step waits at an epoch boundary. ``state_dict()`` follows the batches yielded."""
         epoch, start, total = self.epoch, self.batch, len(self)
         if start >= total:
             epoch, start = epoch + 1, 0
@@ -203,22 +220,34 @@ class CubeLoader:
         ready: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
+        def plan() -> Iterator[tuple[int, int]]:
+            current, first = epoch, start
+            while True:
+                for index in range(first, total):
+                    yield current, index
+                if not endless:
+                    return
+                current, first = current + 1, 0
+
         def produce() -> None:
             try:
-                for index in range(start, total):
+                for position in plan():
                     if stop.is_set():
                         return
-                    item = self.read_batch(epoch, index)
+                    item = (position, self.read_batch(*position))
                     while not stop.is_set():
                         try:
                             ready.put(item, timeout=0.1)
                             break
                         except queue.Full:
                             continue
+                    del item  # the consumer holds the only reference: its buffer can be recycled after use
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
                 ready.put(exc)
             ready.put(None)
 
+        if self.read_threads > 1 and self._readers is None:
+            self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="sapwood-cube-read")
         worker = threading.Thread(target=produce, name="sapwood-cube-prefetch", daemon=True)
         worker.start()
         try:
@@ -228,8 +257,12 @@ class CubeLoader:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                self.batch += 1
-                yield item
+                (done_epoch, index), batch = item
+                del item
+                self.epoch, self.batch = (done_epoch + 1, 0) if index + 1 == total and endless else (done_epoch,
+                                                                                                     index + 1)
+                yield batch
+                del batch
             self.epoch, self.batch = epoch + 1, 0
         finally:
             stop.set()
@@ -239,6 +272,9 @@ class CubeLoader:
                 except queue.Empty:
                     pass
             worker.join()
+            if self._readers is not None:
+                self._readers.shutdown(wait=True)
+                self._readers = None
 
     # --- resumable position ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
@@ -249,3 +285,78 @@ class CubeLoader:
         if int(state.get("seed", self.seed)) != self.seed:
             raise SapwoodError(f"loader state has seed={state['seed']}, this loader seed={self.seed}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
+    """``batch`` (a tensor, :class:`Batch`, dict, list or tuple of them) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Batch):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, Batch):
+        yield from (batch.frames, batch.params, batch.run, batch.time)
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            yield from _tensors(value)
+
+
+class DeviceFeed:
+    """The GPU feed: an endless, resumable batch iterator (``next``, ``state_dict``, ``load_state_dict``, such as a
+    training task's batches) whose batches arrive on ``device``, the copy of batch k+1 overlapping the compute on
+    batch k.
+
+    With ``ahead`` (the default on CUDA), each call hands out the batch staged by the previous call and stages the
+    next one: its host-to-device copy is issued with ``non_blocking=True`` on a side stream (from pinned memory, as
+    :class:`CubeLoader` allocates when CUDA is available), and the compute stream waits for that copy only when the
+    batch is handed out. ``state_dict()`` is the position after the batches handed out (not the staged one), so a
+    resume continues exactly. Without ``ahead`` (the default on the CPU) it is a plain pass-through.
+    """
+
+    def __init__(self, batches: Any, device: torch.device | str, ahead: bool | None = None) -> None:
+        self.batches, self.device = batches, torch.device(device)
+        self.ahead = self.device.type == "cuda" if ahead is None else ahead
+        self.stream = torch.cuda.Stream(self.device) if self.ahead and self.device.type == "cuda" else None
+        self._staged: tuple[Any, dict[str, Any]] | None = None
+        self._state: dict[str, Any] | None = None
+
+    def __iter__(self) -> DeviceFeed:
+        return self
+
+    def _stage(self) -> tuple[Any, dict[str, Any]]:
+        host = next(self.batches)
+        state = self.batches.state_dict()
+        if self.stream is None:
+            return to_device(host, self.device), state
+        with torch.cuda.stream(self.stream):
+            return to_device(host, self.device, non_blocking=True), state
+
+    def __next__(self) -> Any:
+        if not self.ahead:
+            return to_device(next(self.batches), self.device)
+        batch, self._state = self._staged if self._staged is not None else self._stage()
+        if self.stream is not None:  # the compute stream waits for this batch's copy, and owns its memory
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            for tensor in _tensors(batch):
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+        self._staged = self._stage()
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state) if self.ahead and self._state is not None else self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._staged, self._state = None, None
+        self.batches.load_state_dict(state)

@@ -11,6 +11,9 @@ subgroup, so Zarr readers meet only Zarr members.
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -76,27 +79,142 @@ def _coordinate(root: Any, name: str, values: np.ndarray, dims: tuple[str, ...],
     root.create_array(name, data=values, chunks=values.shape, dimension_names=dims, attributes=attrs)
 
 
+MISSING = np.uint64(0xFFFFFFFFFFFFFFFF)  # a shard-index entry of a chunk that was never written
+
+
+class ShardedFrames:
+    """Direct reads of one array written by :func:`write_zarr`, following the Zarr v3 sharding codec
+    (``sharding_indexed``): uncompressed little-endian float32 inner chunks of one frame, the shard index
+    (``[frames_per_shard, 2]`` uint64 offset/nbytes, then a crc32c) at the end of each shard file. Frames that
+    follow each other in a shard are read with one ``preadv`` straight into the destination rows.
+    :meth:`from_metadata` returns None for any other layout (the reader then falls back to zarr-python)."""
+
+    def __init__(self, folder: Path, shape: tuple[int, ...], frames_per_shard: int, index_bytes: int,
+                 index_at_end: bool) -> None:
+        self.folder, self.shape, self.frames_per_shard = folder, shape, frames_per_shard
+        self.index_bytes, self.index_at_end = index_bytes, index_at_end
+        self.chunk_bytes = 4 * int(np.prod(shape[1:]))
+        self._files: dict[int, tuple[int, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_metadata(cls, folder: Path) -> ShardedFrames | None:
+        meta = json.loads((folder / "zarr.json").read_text())
+        shape = tuple(meta.get("shape", ()))
+        codecs = meta.get("codecs", [])
+        if (meta.get("zarr_format") != 3 or meta.get("data_type") != "float32" or len(codecs) != 1
+                or codecs[0].get("name") != "sharding_indexed" or meta.get("storage_transformers")
+                or meta.get("chunk_key_encoding", {}).get("name") != "default"):
+            return None
+        config = codecs[0]["configuration"]
+        outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        little = [{"name": "bytes", "configuration": {"endian": "little"}}]
+        index_codecs = config.get("index_codecs", little)
+        if (list(config["chunk_shape"]) != [1, *shape[1:]] or list(outer[1:]) != list(shape[1:])
+                or config.get("codecs") != little or index_codecs not in (little, [*little, {"name": "crc32c"}])
+                or meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") != "/"):
+            return None
+        checksum = 4 if len(index_codecs) == 2 else 0
+        return cls(folder, shape, int(outer[0]), 16 * int(outer[0]) + checksum,
+                   config.get("index_location", "end") == "end")
+
+    def _shard(self, number: int) -> tuple[int, np.ndarray] | None:
+        with self._lock:
+            return self._files[number] if number in self._files else self._open(number)
+
+    def _open(self, number: int) -> tuple[int, np.ndarray] | None:
+        if number not in self._files:
+            path = self.folder / "c" / "/".join([str(number)] + ["0"] * (len(self.shape) - 1))
+            if not path.exists():
+                return None
+            fd = os.open(path, os.O_RDONLY)
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, self.index_bytes, size - self.index_bytes if self.index_at_end else 0)
+            self._files[number] = (fd, np.frombuffer(raw[:16 * self.frames_per_shard], "<u8").reshape(-1, 2))
+        return self._files[number]
+
+    def read_into(self, first: int, rows: list[np.ndarray]) -> None:
+        """Frames ``first .. first + len(rows)`` into ``rows`` (contiguous float32 buffers of one frame each;
+        frames never written hold the fill value, NaN)."""
+        done = 0
+        while done < len(rows):
+            frame = first + done
+            number, inner = divmod(frame, self.frames_per_shard)
+            count = min(len(rows) - done, self.frames_per_shard - inner)
+            shard = self._shard(number)
+            if shard is None:
+                for row in rows[done:done + count]:
+                    row.fill(np.nan)
+                done += count
+                continue
+            fd, index = shard
+            start = 0
+            while start < count:  # runs of chunks stored back to back: one preadv each
+                offset, nbytes = index[inner + start]
+                if offset == MISSING:
+                    rows[done + start].fill(np.nan)
+                    start += 1
+                    continue
+                if nbytes != self.chunk_bytes:
+                    raise OSError(f"{self.folder}: chunk of frame {frame + start} has {nbytes} bytes, "
+                                  f"expected {self.chunk_bytes}")
+                stop = start + 1
+                while (stop < count and stop - start < 512 and index[inner + stop, 0] == index[inner + stop - 1, 0] + nbytes
+                       and index[inner + stop, 1] == nbytes):
+                    stop += 1
+                views = [memoryview(row).cast("B") for row in rows[done + start:done + stop]]
+                wanted, got = (stop - start) * self.chunk_bytes, os.preadv(fd, views, int(offset))
+                if got != wanted:
+                    raise OSError(f"{self.folder}: short read of frames {frame + start}..{frame + stop}")
+                start = stop
+            done += count
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
 class ZarrRows:
     """Row access to a Zarr-layout store with the raw layout's shape ``[rows, channels, y, x]`` (masked cells
-    0)."""
+    0): direct shard reads (:class:`ShardedFrames`) where the arrays have the layout :func:`write_zarr` writes,
+    zarr-python otherwise (``direct=False`` forces it)."""
 
     def __init__(self, folder: Path, variables: list[dict[str, Any]],
-                 shape: tuple[int, int, int, int]) -> None:
+                 shape: tuple[int, int, int, int], direct: bool = True) -> None:
         import zarr
+
+        from sapwood.data.store import GRID_FILE, ZARR_META
 
         group = zarr.open_group(folder, mode="r")
         self.arrays = [(group[v["name"]], bool(v["levels"]), v["levels"] or 1) for v in variables]
+        self.direct = [ShardedFrames.from_metadata(folder / v["name"]) if direct else None for v in variables]
         self.shape = shape
         self.dtype = np.dtype("float32")
+        with np.load(folder / ZARR_META / GRID_FILE) as grid:
+            self.masked = not bool(grid["valid"].all())
 
     def read_into(self, first: int, out: np.ndarray) -> None:
         n = out.shape[0]
         start = 0
-        for array, layered, count in self.arrays:
-            block = array[first:first + n]
-            out[:, start:start + count] = block if layered else block[:, None]
+        for (array, layered, count), direct in zip(self.arrays, self.direct, strict=True):
+            if direct is not None:
+                direct.read_into(first, [out[r, start:start + count] for r in range(n)])
+            else:
+                block = array[first:first + n]
+                out[:, start:start + count] = block if layered else block[:, None]
             start += count
-        np.nan_to_num(out, copy=False, nan=0.0)
+        if self.masked or any(d is None for d in self.direct):
+            np.nan_to_num(out, copy=False, nan=0.0)
+
+    def close(self) -> None:
+        for direct in self.direct:
+            if direct is not None:
+                direct.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "direct"):
+            self.close()
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         first, stop, step = rows.indices(self.shape[0])

@@ -241,7 +241,7 @@ class CubeBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         while True:
             if self._iterator is None:
-                self._iterator = iter(self.loader)
+                self._iterator = self.loader.batches(endless=True)  # prefetch runs across epoch ends
             try:
                 batch = next(self._iterator)
                 return {"state": batch.state, "next": batch.next_state, "params": batch.params}

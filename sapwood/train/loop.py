@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sapwood.config import Config
+from sapwood.data.loader import DeviceFeed
 from sapwood.errors import ConfigError, SapwoodError, SapwoodWarning
 from sapwood.model import save_folder
 from sapwood.model.folder import materialize
@@ -213,7 +214,8 @@ class Trainer:
         else:
             self.scheduler = warmup_cosine(self.optimizer, t.lr, t.min_lr, t.warmup_steps, t.steps)
         self.scaler = self.precision.grad_scaler(distributed=self.world_size > 1)
-        self.batches = self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp)
+        self.batches = DeviceFeed(self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp),
+                                  self.device)  # on CUDA: the copy of the next batch overlaps this step
 
     def model_changed(self) -> None:
         """Call after replacing blocks/parameters: activation checkpointing and compile reach new blocks."""
@@ -296,7 +298,22 @@ class Trainer:
     # --- steps -------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step; returns its metrics (``skipped`` True when the loss was not finite)."""
+        """One optimizer step; returns its metrics (``skipped`` True when the loss was not finite), with
+        ``data_wait_s``, the seconds the step waited for its batches, and ``data_wait_fraction`` of the step."""
+        start = time.perf_counter()
+        self._data_wait = 0.0
+        metrics = self._train_step()
+        elapsed = time.perf_counter() - start
+        metrics.update(data_wait_s=self._data_wait, data_wait_fraction=self._data_wait / elapsed if elapsed > 0 else 0.0)
+        return metrics
+
+    def _next_batch(self) -> Any:
+        tick = time.perf_counter()
+        batch = _to_device(next(self.batches), self.device)
+        self._data_wait += time.perf_counter() - tick
+        return batch
+
+    def _train_step(self) -> dict[str, Any]:
         t = self.config.train
         self.parallel.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -305,7 +322,7 @@ class Trainer:
         extra: dict[str, float] = {}
         in_backward = isinstance(self.optimizer, OptimizerInBackward)
         for index in range(self.accumulation):
-            batch = _to_device(next(self.batches), self.device)
+            batch = self._next_batch()
             units += self.task.count_units(batch)
             if self.parallel.pipelined:  # the schedule runs backward itself: scale its loss as the scaler would
                 scale = float(self.scaler.scale(torch.ones((), device=self.device)))  # 1 unless fp16
