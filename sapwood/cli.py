@@ -186,6 +186,8 @@ def size(
     loss_chunk: int = typer.Option(None, "--loss-chunk", help="tokens per chunk of the loss (default: train section)"),
     measure: bool = typer.Option(False, "--measure", help="also run one training step on fake tensors under torch's "
                                  "memory tracker and print the measured peak next to the prediction"),
+    device_gb: float = typer.Option(80.0, "--device-gb", help="memory of one serving device in GB, for the KV "
+                                    "plan (longest context per device under the preset's TP x PP split)"),
 ) -> None:
     """Parameters, training memory per GPU and FLOPs per token, without allocating weights."""
     import json
@@ -195,7 +197,7 @@ def size(
 
     loaded = load_config(config)
     report = size_report(loaded, precision, optimizer, checkpointing, seq, micro_batch, optimizer_in_backward,
-                         loss_chunk)
+                         loss_chunk, device_gb=device_gb)
     if measure and "memory_per_gpu" in report:
         from sapwood.sizing.measure import measure_training_step
 

@@ -141,17 +141,24 @@ class ParallelConfig(Section):
     dp_shard: int = Field(1, ge=1, description="FSDP2 shard degree")
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
+    cp: int = Field(1, ge=1, description="context-parallel degree: each sequence split over cp ranks, exact ring "
+                    "attention (sapwood.train.context_parallel); FSDP shards over dp_shard x cp")
     pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     pp_microbatches: int = Field(1, ge=1)
     cpu_offload: bool = False
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
 
     @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_shard(self) -> int:
+        """Ranks FSDP2 shards each parameter over: ``dp_shard x cp`` (cp ranks hold the same weights)."""
+        return self.dp_shard * self.cp
 
 
 class PhysicsLossConfig(Section):
