@@ -5,9 +5,9 @@ A served model keeps, per token and layer, one key and one value vector per KV h
 2 x 96 x 12 x 128 x 2 = 589,824 bytes, ~0.59 MB per token, ~1.24 TB for 2,097,152 tokens).
 
 Under the preset's serving plan one replica is a TP x PP group: pipeline rank ``p`` keeps the KV of its
-stage's layers, tensor rank ``t`` that of its KV heads (``ceil(kv_heads / tp)``: when ``tp`` does not
-divide ``kv_heads`` the heads are padded / replicated up to a multiple, as vLLM does when ``tp`` exceeds
-them). The device's weights are its bf16 share of the model (:func:`sapwood.sizing.rank_params` with
+stage's layers, tensor rank ``t`` that of the KV heads its query heads read (:func:`kv_heads_per_tp_rank`:
+``kv_heads / tp`` when ``tp`` divides them, otherwise some KV heads are kept on two ranks, as vLLM
+replicates them when ``tp`` exceeds them). The device's weights are its bf16 share of the model (:func:`sapwood.sizing.rank_params` with
 the TP x PP split, no FSDP: every replica holds a whole model). What remains of ``device_gb`` after the
 weights and ``reserve`` (activations, workspace; vLLM's default ``gpu_memory_utilization`` 0.9 leaves
 10 %) is the KV budget; the longest context is that budget over the device's KV bytes per token (one
@@ -31,6 +31,19 @@ DEFAULT_RESERVE = 0.10
 def kv_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
     """Keys + values of every layer for one token (the whole model, no parallelism)."""
     return 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * bytes_per_element
+
+
+def kv_heads_per_tp_rank(cfg: ModelConfig, tp: int) -> int:
+    """KV heads the busiest tensor rank keeps: those of its ``heads / tp`` query heads (query head ``i``
+    reads KV head ``i // (heads / kv_heads)``). ``kv_heads / tp`` when ``tp`` divides ``kv_heads``; more
+    when a rank's query heads straddle KV heads (12 KV heads over tp 8: 2 per rank, some kept twice)."""
+    per_rank = math.ceil(cfg.heads / tp)
+    touched = 0
+    for rank in range(tp):
+        first, last = rank * per_rank, min(cfg.heads, (rank + 1) * per_rank) - 1
+        if first <= last:
+            touched = max(touched, last // cfg.kv_groups - first // cfg.kv_groups + 1)
+    return touched
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,7 @@ def kv_plan(cfg: ModelConfig, parallel: ParallelConfig, device_gb: float = DEFAU
         weights = sum(n for _, n in rank_params(cfg, serving, pp_rank=pp_rank)) * bytes_per_element
         if (layers, weights) > (worst_layers, worst_weights):
             worst_layers, worst_weights = layers, weights
-    heads = math.ceil(cfg.kv_heads / parallel.tp)
+    heads = kv_heads_per_tp_rank(cfg, parallel.tp)
     per_device = 2 * worst_layers * heads * cfg.head_dim * bytes_per_element
     device_bytes = int(device_gb * 1e9)
     reserve_bytes = int(device_bytes * reserve)

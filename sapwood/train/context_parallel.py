@@ -14,9 +14,10 @@ accumulators, which arrive back at their owner after ``cp`` hops. A block no que
 see (all of its keys lie in the causal future) is skipped. Runs on any backend with point-to-point
 sends (gloo on the CPU, NCCL on GPUs).
 
-torch's own ``torch.distributed.tensor.experimental.context_parallel`` dispatches the CUDA SDPA kernels
-(flash, efficient, cuDNN) only; on the CPU, SDPA is ``_scaled_dot_product_flash_attention_for_cpu``,
-which it does not intercept. This module is the implementation sapwood uses on every device.
+torch's own ``torch.distributed.tensor.experimental.context_parallel`` handles the CUDA SDPA kernels
+(flash, efficient, cuDNN) only: on CPU gloo (torch 2.13) it fails with "Operator
+aten._scaled_dot_product_flash_attention_for_cpu.default does not have a sharding strategy registered".
+This module is the implementation sapwood uses on every device.
 
 **The model hooks** (:func:`apply_context_parallel`): a forward pre-hook shards the tokens of a full
 batch ``[batch, S]`` to the rank's ``[batch, S / cp]`` and passes their global positions; each attention
