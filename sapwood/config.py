@@ -366,6 +366,19 @@ class GrowthConfig(Section):
     log_file: str = Field("growth.jsonl", description="JSONL of growth events, in the training out_dir")
 
 
+class ContextExtension(Section):
+    """Extend a trained checkpoint to a longer context (the YaRN / LongRoPE recipe): start from
+    ``init_from``'s weights and shape, set the RoPE scaling, and fine-tune (``train.steps``) on sequences of
+    ``seq_len`` tokens. ``trained_context`` stays the original length (the scalings' reference, Hugging
+    Face's ``original_max_position_embeddings``); ``max_context`` becomes ``trained_context x factor``
+    unless given."""
+
+    init_from: str = Field(description="checkpoint folder to extend (config.yaml + weights)")
+    rope_scaling: RopeScaling = Field(description="e.g. {type: yarn, factor: 4}")
+    seq_len: int = Field(ge=2, description="tokens per fine-tuning sequence (the task's window length)")
+    max_context: int | None = Field(None, ge=1, description="longest context served; default trained_context x factor")
+
+
 class Config(Section):
     """The root config: the model shape, the parallel plan and one optional section per stage."""
 
@@ -377,6 +390,35 @@ class Config(Section):
     data: TextDataConfig | None = None
     cube: CubeModelConfig | None = None
     growth: GrowthConfig | None = None
+    context: ContextExtension | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_the_checkpoint_to_extend(cls, data: Any) -> Any:
+        """With ``context.init_from`` and no ``model:``, the shape is the checkpoint's."""
+        if isinstance(data, dict) and isinstance(data.get("context"), dict) and "model" not in data:
+            source = data["context"].get("init_from")
+            if isinstance(source, str):
+                saved = Path(source) / "config.yaml"
+                if not saved.exists():
+                    raise ValueError(f"context.init_from={source!r} has no config.yaml; give a checkpoint folder "
+                                     "(e.g. a run's final/)")
+                data = dict(data, model=_read_yaml(saved).get("model"))
+        return data
+
+    @model_validator(mode="after")
+    def _extended_context(self) -> Config:
+        """``context:`` sets the model's RoPE scaling and max_context."""
+        ext = self.context
+        if ext is not None:
+            longest = ext.max_context or int(self.model.trained_context * ext.rope_scaling.factor)
+            if ext.seq_len > longest:
+                raise ValueError(f"context.seq_len={ext.seq_len} is above the extended max_context={longest}; "
+                                 "raise rope_scaling.factor or context.max_context")
+            model = self.model.model_dump(exclude={"rope_scaling", "max_context"})
+            self.__dict__["model"] = ModelConfig(**model, rope_scaling=ext.rope_scaling,
+                                                 max_context=max(longest, self.model.trained_context))
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -56,21 +56,30 @@ def validation_windows(data: Path, length: int, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts]))
 
 
-@torch.inference_mode()
-def perplexity(folder: Path, scaling: RopeScaling, windows: torch.Tensor) -> float:
-    """Perplexity of the checkpoint's weights with ``scaling`` applied, as served at this length."""
+def scaled_model(folder: Path, scaling: RopeScaling | None, total_tokens: int) -> torch.nn.Module:
+    """The checkpoint's weights with ``scaling`` (None: the checkpoint's own) as served to a request of
+    ``total_tokens`` positions (per-request frequencies for dynamic NTK / LongRoPE)."""
     from sapwood.config import load_config
     from sapwood.infer.context import ContextPolicy
     from sapwood.model.folder import read_weights
     from sapwood.model.transformer import Decoder
 
-    cfg = load_config(folder).model.model_copy(update={"rope_scaling": scaling})
+    cfg = load_config(folder).model
+    if scaling is not None:
+        cfg = cfg.model_copy(update={"rope_scaling": scaling})
     model = Decoder(cfg)  # built tied when configured; loading copies into the shared weight
     model.load_state_dict(read_weights(folder), strict=False)
     model.eval()
-    plan = ContextPolicy(cfg).rope_for(windows.shape[1] - 1)  # per-request frequencies (dynamic NTK)
+    plan = ContextPolicy(cfg).rope_for(total_tokens)
     model.inv_freq.copy_(plan.inv_freq)
     model.attention_factor = plan.attention_factor
+    return model
+
+
+@torch.inference_mode()
+def perplexity(folder: Path, scaling: RopeScaling, windows: torch.Tensor) -> float:
+    """Perplexity of the checkpoint's weights with ``scaling`` applied, as served at this length."""
+    model = scaled_model(folder, scaling, windows.shape[1] - 1)
     losses = []
     for window in windows.split(4):
         logits = model(window[:, :-1])
