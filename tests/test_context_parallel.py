@@ -33,12 +33,13 @@ REL_TOL = 1e-5
 
 def torchrun(nproc: int, out: Path, *args: str) -> None:
     """``cp_worker.py`` under torchrun with ``nproc`` gloo processes; fails with its output on error."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
+    # PYTHONFAULTHANDLER: a rank killed by a signal prints every thread's Python stack into the output
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent), PYTHONFAULTHANDLER="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(HERE / "cp_worker.py"), "--out", str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-12000:]}"
 
 
 def assert_losses_match(got: list[float], want: list[float]) -> None:
