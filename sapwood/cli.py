@@ -370,6 +370,23 @@ def bench_context(
     _show_bench(*run_context_bench(out, trained_context, steps, factors))
 
 
+@bench_app.command("window")
+def bench_window(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for window.json and window.png"),
+    trained_context: int = typer.Option(64, "--trained-context", help="context the tiny model trains at"),
+    steps: int = typer.Option(300, help="training steps"),
+    multiples: str = typer.Option("1,4", help="evaluation lengths as multiples of the trained context"),
+    window_sizes: str = typer.Option("", "--windows", help="sliding-window sizes (default: trained/4, trained/2)"),
+    sinks: int = typer.Option(4, help="attention-sink tokens kept at the start"),
+) -> None:
+    """Perplexity streaming with attention sinks + a sliding window (bounded memory) vs full attention."""
+    from sapwood.bench.context import run_window_bench
+
+    factors = [int(m) for m in multiples.split(",") if m.strip()]
+    sizes = [int(w) for w in window_sizes.split(",") if w.strip()] or None
+    _show_bench(*run_window_bench(out, trained_context, steps, factors, sizes, sinks))
+
+
 @bench_app.command("passkey")
 def bench_passkey(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for passkey.json and passkey.png"),
