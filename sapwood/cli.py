@@ -407,8 +407,8 @@ def bench_passkey(
 def eval_context(
     folder: Path = typer.Argument(..., help="checkpoint folder of a model trained on the passkey task"),
     multiples: str = typer.Option("1,4,8,16", help="lengths as multiples of the model's trained_context"),
-    methods: str = typer.Option("model,none,linear,ntk,yarn", help="RoPE scalings to apply (model = the "
-                                "checkpoint's own)"),
+    methods: str = typer.Option("model,none,linear,ntk,yarn,yarn_by_length", help="RoPE scalings to apply "
+                                "(model = the checkpoint's own; METHOD_by_length = rope_policy by_length)"),
     factor: float = typer.Option(None, help="scaling factor (default: the largest multiple)"),
     samples: int = typer.Option(64, help="passkeys per length (depths evenly spread)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),

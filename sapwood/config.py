@@ -79,6 +79,9 @@ class ModelConfig(Section):
     trained_context: int = Field(2048, ge=1, description="context length the model is trained at")
     max_context: int | None = Field(None, ge=1, description="longest context served; defaults to trained_context")
     rope_scaling: RopeScaling = RopeScaling()
+    rope_policy: Literal["static", "by_length"] = Field(
+        "static", description="serving: static = rope_scaling for every request (Hugging Face semantics); by_length "
+        "= plain RoPE within trained_context, past it the scaling with factor min(factor, length / trained_context)")
     tied_embeddings: bool = False
     init_std: float = Field(0.02, gt=0)
     qkv_bias: bool = Field(False, description="bias on the q, k, v projections (Qwen2; Llama attention_bias)")

@@ -110,5 +110,26 @@ def test_eval_context_cli_prints_every_method_and_length(base):
 
 
 def test_an_unknown_method_is_refused_before_any_work(base):
-    with pytest.raises(SapwoodError, match=r"^method 'rope9' is not one of none, linear, ntk, yarn, dynamic_ntk, model$"):
+    with pytest.raises(SapwoodError, match=r"^method 'rope9' is not one of none, linear, ntk, yarn, dynamic_ntk, model, linear_by_length, "
+                       r"ntk_by_length, yarn_by_length$"):
         passkey_table(base, 16, [1], ["none", "rope9"], 4.0, samples=4)
+
+
+def test_by_length_policy_keeps_plain_rope_within_the_trained_context_and_stretches_as_needed():
+    from sapwood.config import ModelConfig, RopeScaling
+    from sapwood.infer.context import ContextPolicy
+    from sapwood.model.rope import scaled_inv_freq
+
+    cfg = ModelConfig(vocab_size=32, hidden=64, layers=1, heads=4, ffn=64, trained_context=32, max_context=512,
+                      rope_scaling=RopeScaling(type="yarn", factor=16), rope_policy="by_length")
+    policy = ContextPolicy(cfg)
+
+    def want(factor: float) -> torch.Tensor:
+        return scaled_inv_freq(16, cfg.rope_theta, 32, RopeScaling(type="yarn", factor=factor))[0]
+
+    plain = scaled_inv_freq(16, cfg.rope_theta, 32, RopeScaling())[0]
+    assert torch.equal(policy.rope_for(20).inv_freq, plain) and policy.rope_for(32).attention_factor == 1.0
+    assert torch.equal(policy.rope_for(128).inv_freq, want(4.0))
+    assert torch.equal(policy.rope_for(512).inv_freq, want(16.0))
+    static = ContextPolicy(cfg.model_copy(update={"rope_policy": "static"}))
+    assert torch.equal(static.rope_for(20).inv_freq, want(16.0))  # Hugging Face semantics: always stretched

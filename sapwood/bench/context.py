@@ -56,9 +56,10 @@ def validation_windows(data: Path, length: int, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts]))
 
 
-def scaled_model(folder: Path, scaling: RopeScaling | None, total_tokens: int) -> torch.nn.Module:
-    """The checkpoint's weights with ``scaling`` (None: the checkpoint's own) as served to a request of
-    ``total_tokens`` positions (per-request frequencies for dynamic NTK / LongRoPE)."""
+def scaled_model(folder: Path, scaling: RopeScaling | None, total_tokens: int,
+                 rope_policy: str | None = None) -> torch.nn.Module:
+    """The checkpoint's weights with ``scaling`` (None: the checkpoint's own) and ``rope_policy`` (None: the
+    checkpoint's) as served to a request of ``total_tokens`` positions (per-request frequencies)."""
     from sapwood.config import load_config
     from sapwood.infer.context import ContextPolicy
     from sapwood.model.folder import read_weights
@@ -67,6 +68,8 @@ def scaled_model(folder: Path, scaling: RopeScaling | None, total_tokens: int) -
     cfg = load_config(folder).model
     if scaling is not None:
         cfg = cfg.model_copy(update={"rope_scaling": scaling})
+    if rope_policy is not None:
+        cfg = cfg.model_copy(update={"rope_policy": rope_policy})
     model = Decoder(cfg)  # built tied when configured; loading copies into the shared weight
     model.load_state_dict(read_weights(folder), strict=False)
     model.eval()

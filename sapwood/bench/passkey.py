@@ -20,26 +20,30 @@ from sapwood.errors import SapwoodError
 
 METHODS = ("none", "linear", "ntk", "yarn")
 FINETUNED = "yarn+finetune"
+ADAPTIVE = ("linear_by_length", "ntk_by_length", "yarn_by_length")  # model.rope_policy: by_length
 
 
 def passkey_table(folder: Path, trained_context: int, multiples: list[int], methods: list[str], factor: float,
                   samples: int, seed: int = 0) -> dict[str, dict[int, float]]:
     """Accuracy per method and multiple of ``trained_context``; method ``model`` = the checkpoint's own
-    scaling (e.g. after a context-extension fine-tune)."""
+    scaling (e.g. after a context-extension fine-tune); ``*_by_length`` = that method under
+    ``rope_policy: by_length`` (plain RoPE within the trained context, stretched only as far as needed)."""
     from sapwood.bench.context import scaled_model
     from sapwood.train.passkey_task import passkey_accuracy
 
-    known = (*METHODS, "dynamic_ntk", "model")
+    known = (*METHODS, "dynamic_ntk", "model", *ADAPTIVE)
     for method in methods:
         if method not in known:
             raise SapwoodError(f"method {method!r} is not one of {', '.join(known)}")
     table: dict[str, dict[int, float]] = {}
     for method in methods:
-        scaling = None if method == "model" else RopeScaling(type=method, factor=factor if method != "none" else 1.0)
+        kind = method.removesuffix("_by_length")
+        scaling = None if kind == "model" else RopeScaling(type=kind, factor=factor if kind != "none" else 1.0)
+        policy = "by_length" if method in ADAPTIVE else None
         table[method] = {}
         for multiple in multiples:
             length = trained_context * multiple
-            model = scaled_model(folder, scaling, length)
+            model = scaled_model(folder, scaling, length, policy)
             table[method][multiple] = passkey_accuracy(model, length, samples, seed)
     return table
 
@@ -81,7 +85,7 @@ def run_passkey_bench(out: Path, trained_context: int = 32, steps: int = 1000, f
     work = Path(tempfile.mkdtemp(prefix="sapwood-bench-passkey-"))
     console.print(f"training the passkey model at context {trained_context} for {steps} steps (plain RoPE)")
     base = Path(train(tiny_passkey_config(work / "base", trained_context, steps))["final"])
-    table = passkey_table(base, trained_context, multiples, list(METHODS), factor, samples)
+    table = passkey_table(base, trained_context, multiples, [*METHODS, "yarn_by_length"], factor, samples)
     finetune_len = trained_context * min(4, int(factor))
     console.print(f"fine-tuning with YaRN x{factor:g} at {finetune_len} tokens for {finetune_steps} steps")
     extended = Path(train(extend_config(base, work / "extended", factor, finetune_len, finetune_steps))["final"])
