@@ -133,3 +133,14 @@ def test_by_length_policy_keeps_plain_rope_within_the_trained_context_and_stretc
     assert torch.equal(policy.rope_for(512).inv_freq, want(16.0))
     static = ContextPolicy(cfg.model_copy(update={"rope_policy": "static"}))
     assert torch.equal(static.rope_for(20).inv_freq, want(16.0))  # Hugging Face semantics: always stretched
+
+
+def test_by_length_policy_is_refused_by_hugging_face_export_in_one_line():
+    from sapwood.config import ModelConfig, RopeScaling
+    from sapwood.model.hf import hf_config_from_sapwood
+
+    cfg = ModelConfig(vocab_size=32, hidden=64, layers=1, heads=4, ffn=64, trained_context=32,
+                      rope_scaling=RopeScaling(type="yarn", factor=4), rope_policy="by_length")
+    with pytest.raises(SapwoodError, match=r"^model.rope_policy='by_length' has no Hugging Face equivalent"):
+        hf_config_from_sapwood(cfg)
+    assert hf_config_from_sapwood(cfg.model_copy(update={"rope_policy": "static"}))["rope_scaling"]["factor"] == 4
