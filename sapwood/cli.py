@@ -194,6 +194,8 @@ def size(
     loss_chunk: int = typer.Option(None, "--loss-chunk", help="tokens per chunk of the loss (default: train section)"),
     measure: bool = typer.Option(False, "--measure", help="also run one training step on fake tensors under torch's "
                                  "memory tracker and print the measured peak next to the prediction"),
+    device_gb: float = typer.Option(80.0, "--device-gb", help="memory of one serving device in GB, for the KV "
+                                    "plan (longest context per device under the preset's TP x PP split)"),
 ) -> None:
     """Parameters, training memory per GPU and FLOPs per token, without allocating weights."""
     import json
@@ -203,7 +205,7 @@ def size(
 
     loaded = load_config(config)
     report = size_report(loaded, precision, optimizer, checkpointing, seq, micro_batch, optimizer_in_backward,
-                         loss_chunk)
+                         loss_chunk, device_gb=device_gb)
     if measure and "memory_per_gpu" in report:
         from sapwood.sizing.measure import measure_training_step
 
@@ -390,6 +392,72 @@ def bench_context(
 
     factors = [int(m) for m in multiples.split(",") if m.strip()]
     _show_bench(*run_context_bench(out, trained_context, steps, factors))
+
+
+@bench_app.command("window")
+def bench_window(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for window.json and window.png"),
+    trained_context: int = typer.Option(64, "--trained-context", help="context the tiny model trains at"),
+    steps: int = typer.Option(300, help="training steps"),
+    multiples: str = typer.Option("1,4", help="evaluation lengths as multiples of the trained context"),
+    window_sizes: str = typer.Option("", "--windows", help="sliding-window sizes (default: trained/4, trained/2)"),
+    sinks: int = typer.Option(4, help="attention-sink tokens kept at the start"),
+) -> None:
+    """Perplexity streaming with attention sinks + a sliding window (bounded memory) vs full attention."""
+    from sapwood.bench.context import run_window_bench
+
+    factors = [int(m) for m in multiples.split(",") if m.strip()]
+    sizes = [int(w) for w in window_sizes.split(",") if w.strip()] or None
+    _show_bench(*run_window_bench(out, trained_context, steps, factors, sizes, sinks))
+
+
+@bench_app.command("passkey")
+def bench_passkey(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for passkey.json and passkey.png"),
+    trained_context: int = typer.Option(32, "--trained-context", help="context the tiny model trains at"),
+    steps: int = typer.Option(1000, help="training steps of the base model"),
+    finetune_steps: int = typer.Option(100, "--finetune-steps", help="steps of the YaRN context-extension fine-tune"),
+    multiples: str = typer.Option("1,4,8,16", help="evaluation lengths as multiples of the trained context"),
+    samples: int = typer.Option(64, help="passkeys per length (depths evenly spread)"),
+) -> None:
+    """Passkey retrieval past the trained length: each RoPE scaling, and YaRN after a short fine-tune."""
+    from sapwood.bench.passkey import run_passkey_bench
+
+    factors = [int(m) for m in multiples.split(",") if m.strip()]
+    _show_bench(*run_passkey_bench(out, trained_context, steps, finetune_steps, factors, samples))
+
+
+@app.command("eval-context")
+def eval_context(
+    folder: Path = typer.Argument(..., help="checkpoint folder of a model trained on the passkey task"),
+    multiples: str = typer.Option("1,4,8,16", help="lengths as multiples of the model's trained_context"),
+    methods: str = typer.Option("model,none,linear,ntk,yarn,yarn_by_length", help="RoPE scalings to apply "
+                                "(model = the checkpoint's own; METHOD_by_length = rope_policy by_length)"),
+    factor: float = typer.Option(None, help="scaling factor (default: the largest multiple)"),
+    samples: int = typer.Option(64, help="passkeys per length (depths evenly spread)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Passkey retrieval accuracy of a checkpoint at multiples of its trained context, per RoPE scaling."""
+    import json
+
+    from rich.table import Table
+
+    from sapwood.bench.passkey import passkey_table
+    from sapwood.config import load_config
+
+    lengths = [int(m) for m in multiples.split(",") if m.strip()]
+    if not lengths or min(lengths) < 1:
+        raise SapwoodError(f"--multiples {multiples!r}: give integers >= 1, e.g. 1,4,8,16")
+    trained = load_config(folder).model.trained_context
+    table = passkey_table(folder, trained, lengths, [m.strip() for m in methods.split(",") if m.strip()],
+                          factor or float(max(lengths)), samples)
+    if as_json:
+        print(json.dumps({"trained_context": trained, "accuracy": table}))
+        return
+    view = Table("method", *[f"{m}x ({m * trained} tokens)" for m in lengths], title=f"passkey accuracy: {folder}")
+    for method, row in table.items():
+        view.add_row(method, *[f"{row[m]:.2f}" for m in lengths])
+    console.print(view)
 
 
 @app.command()

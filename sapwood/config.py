@@ -79,6 +79,9 @@ class ModelConfig(Section):
     trained_context: int = Field(2048, ge=1, description="context length the model is trained at")
     max_context: int | None = Field(None, ge=1, description="longest context served; defaults to trained_context")
     rope_scaling: RopeScaling = RopeScaling()
+    rope_policy: Literal["static", "by_length"] = Field(
+        "static", description="serving: static = rope_scaling for every request (Hugging Face semantics); by_length "
+        "= plain RoPE within trained_context, past it the scaling with factor min(factor, length / trained_context)")
     tied_embeddings: bool = False
     init_std: float = Field(0.02, gt=0)
     qkv_bias: bool = Field(False, description="bias on the q, k, v projections (Qwen2; Llama attention_bias)")
@@ -141,17 +144,24 @@ class ParallelConfig(Section):
     dp_shard: int = Field(1, ge=1, description="FSDP2 shard degree")
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
+    cp: int = Field(1, ge=1, description="context-parallel degree: each sequence split over cp ranks, exact ring "
+                    "attention (sapwood.train.context_parallel); FSDP shards over dp_shard x cp")
     pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     pp_microbatches: int = Field(1, ge=1)
     cpu_offload: bool = False
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
 
     @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_shard(self) -> int:
+        """Ranks FSDP2 shards each parameter over: ``dp_shard x cp`` (cp ranks hold the same weights)."""
+        return self.dp_shard * self.cp
 
 
 class PhysicsLossConfig(Section):
@@ -370,6 +380,19 @@ class GrowthConfig(Section):
                               "of the schedule's value back to it over this many steps (0 = no re-warm-up)")
 
 
+class ContextExtension(Section):
+    """Extend a trained checkpoint to a longer context (the YaRN / LongRoPE recipe): start from
+    ``init_from``'s weights and shape, set the RoPE scaling, and fine-tune (``train.steps``) on sequences of
+    ``seq_len`` tokens. ``trained_context`` stays the original length (the scalings' reference, Hugging
+    Face's ``original_max_position_embeddings``); ``max_context`` becomes ``trained_context x factor``
+    unless given."""
+
+    init_from: str = Field(description="checkpoint folder to extend (config.yaml + weights)")
+    rope_scaling: RopeScaling = Field(description="e.g. {type: yarn, factor: 4}")
+    seq_len: int = Field(ge=2, description="tokens per fine-tuning sequence (the task's window length)")
+    max_context: int | None = Field(None, ge=1, description="longest context served; default trained_context x factor")
+
+
 class Config(Section):
     """The root config: the model shape, the parallel plan and one optional section per stage."""
 
@@ -381,6 +404,35 @@ class Config(Section):
     data: TextDataConfig | None = None
     cube: CubeModelConfig | None = None
     growth: GrowthConfig | None = None
+    context: ContextExtension | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_the_checkpoint_to_extend(cls, data: Any) -> Any:
+        """With ``context.init_from`` and no ``model:``, the shape is the checkpoint's."""
+        if isinstance(data, dict) and isinstance(data.get("context"), dict) and "model" not in data:
+            source = data["context"].get("init_from")
+            if isinstance(source, str):
+                saved = Path(source) / "config.yaml"
+                if not saved.exists():
+                    raise ValueError(f"context.init_from={source!r} has no config.yaml; give a checkpoint folder "
+                                     "(e.g. a run's final/)")
+                data = dict(data, model=_read_yaml(saved).get("model"))
+        return data
+
+    @model_validator(mode="after")
+    def _extended_context(self) -> Config:
+        """``context:`` sets the model's RoPE scaling and max_context."""
+        ext = self.context
+        if ext is not None:
+            longest = ext.max_context or int(self.model.trained_context * ext.rope_scaling.factor)
+            if ext.seq_len > longest:
+                raise ValueError(f"context.seq_len={ext.seq_len} is above the extended max_context={longest}; "
+                                 "raise rope_scaling.factor or context.max_context")
+            model = self.model.model_dump(exclude={"rope_scaling", "max_context"})
+            self.__dict__["model"] = ModelConfig(**model, rope_scaling=ext.rope_scaling,
+                                                 max_context=max(longest, self.model.trained_context))
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -276,7 +276,7 @@ def test_cpu_offload_on_a_cpu_run_is_a_clear_error():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("plan", ["{pp: 2, pp_microbatches: 2}", "{dp_shard: 2}"])
+@pytest.mark.parametrize("plan", ["{pp: 2, pp_microbatches: 2}", "{dp_shard: 2}", "{cp: 2}"])
 def test_sapwood_train_under_torchrun(tmp_path, plan):
     """The real CLI under torchrun: trains, evaluates, checkpoints (sharded) and writes final/, whose
     weights equal the consolidated last checkpoint."""

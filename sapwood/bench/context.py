@@ -56,21 +56,33 @@ def validation_windows(data: Path, length: int, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts]))
 
 
-@torch.inference_mode()
-def perplexity(folder: Path, scaling: RopeScaling, windows: torch.Tensor) -> float:
-    """Perplexity of the checkpoint's weights with ``scaling`` applied, as served at this length."""
+def scaled_model(folder: Path, scaling: RopeScaling | None, total_tokens: int,
+                 rope_policy: str | None = None) -> torch.nn.Module:
+    """The checkpoint's weights with ``scaling`` (None: the checkpoint's own) and ``rope_policy`` (None: the
+    checkpoint's) as served to a request of ``total_tokens`` positions (per-request frequencies)."""
     from sapwood.config import load_config
     from sapwood.infer.context import ContextPolicy
     from sapwood.model.folder import read_weights
     from sapwood.model.transformer import Decoder
 
-    cfg = load_config(folder).model.model_copy(update={"rope_scaling": scaling})
+    cfg = load_config(folder).model
+    if scaling is not None:
+        cfg = cfg.model_copy(update={"rope_scaling": scaling})
+    if rope_policy is not None:
+        cfg = cfg.model_copy(update={"rope_policy": rope_policy})
     model = Decoder(cfg)  # built tied when configured; loading copies into the shared weight
     model.load_state_dict(read_weights(folder), strict=False)
     model.eval()
-    plan = ContextPolicy(cfg).rope_for(windows.shape[1] - 1)  # per-request frequencies (dynamic NTK)
+    plan = ContextPolicy(cfg).rope_for(total_tokens)
     model.inv_freq.copy_(plan.inv_freq)
     model.attention_factor = plan.attention_factor
+    return model
+
+
+@torch.inference_mode()
+def perplexity(folder: Path, scaling: RopeScaling, windows: torch.Tensor) -> float:
+    """Perplexity of the checkpoint's weights with ``scaling`` applied, as served at this length."""
+    model = scaled_model(folder, scaling, windows.shape[1] - 1)
     losses = []
     for window in windows.split(4):
         logits = model(window[:, :-1])
@@ -118,4 +130,41 @@ def run_context_bench(
 
     path = write_suite("context", results, out, plot, extra={"perplexity": {m: table[m] for m in METHODS},
                                                               "checkpoint": str(folder)})
+    return results, path
+
+
+def run_window_bench(
+    out: Path, trained_context: int = 64, steps: int = 300, multiples: list[int] | None = None,
+    window_sizes: list[int] | None = None, sinks: int = 4, windows: int = 8,
+) -> tuple[list[Result], Path]:
+    """Perplexity streaming with attention sinks + a sliding window (:mod:`sapwood.infer.window`, one token
+    at a time, bounded cache) vs full attention on the same held-out windows, within the trained length
+    (1x) and past it (full attention with no scaling; the stream's positions never pass sinks + window)."""
+    from rich.console import Console
+
+    from sapwood.infer.window import streaming_nll
+
+    console = Console()
+    multiples = multiples or [1, 4]
+    window_sizes = window_sizes or [trained_context // 4, trained_context // 2]
+    if min(multiples) < 1 or min(window_sizes) < 1 or sinks < 0:
+        raise SapwoodError(f"multiples {multiples}, windows {window_sizes}, sinks {sinks}: need positive lengths")
+    work = Path(tempfile.mkdtemp(prefix="sapwood-bench-window-"))
+    console.print(f"training a tiny model at context {trained_context} for {steps} steps (plain RoPE)")
+    folder = train_short_context_model(work, trained_context, max(multiples), steps)
+    model = scaled_model(folder, RopeScaling(), trained_context)
+    table: dict[str, dict[int, float]] = {"full": {}}
+    for multiple in multiples:
+        batch = validation_windows(work / "data", trained_context * multiple, windows)
+        table["full"][multiple] = perplexity(folder, RopeScaling(), batch)
+        for size in window_sizes:
+            nll = torch.cat([streaming_nll(model, row, sinks, size) for row in batch])
+            table.setdefault(f"sinks{sinks}+window{size}", {})[multiple] = math.exp(nll.mean().item())
+        console.print(f"{multiple}x ({trained_context * multiple} tokens): "
+                      + ", ".join(f"{name} {row[multiple]:.2f}" for name, row in table.items()))
+    results = [Result(f"ppl {name} @{m}x", row[m], "ppl", table["full"][m],
+                      params={"trained_context": trained_context, "eval_tokens": trained_context * m, "sinks": sinks,
+                              "steps": steps, "windows": windows}, baseline="full attention")
+               for name, row in table.items() if name != "full" for m in multiples]
+    path = write_suite("window", results, out, extra={"perplexity": table, "checkpoint": str(folder)})
     return results, path

@@ -7,6 +7,9 @@ The limit is ``model.max_context`` (prompt + new tokens); a longer request is re
 stretches theta per request by ``total_length / trained_context`` once a request runs past the trained
 context, and leaves shorter requests on plain RoPE; ``longrope`` likewise gives a request that will run
 past the trained context the long factors for all its positions, a shorter one the short factors.
+With ``model.rope_policy: by_length`` (an adaptive window) a ``linear`` / ``ntk`` / ``yarn`` model gives a
+request within the trained context plain RoPE and a longer one the method stretched by
+``min(factor, length / trained_context)``, so short requests keep their trained quality.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sapwood.config import ModelConfig
+from sapwood.config import ModelConfig, RopeScaling
 from sapwood.errors import SapwoodError
 from sapwood.model.rope import LENGTH_DEPENDENT, rope_cos_sin, scaled_inv_freq
+
+# Static scalings a ``rope_policy: by_length`` model applies per request, stretched to the request's length.
+BY_LENGTH = ("linear", "ntk", "yarn")
 
 
 class ContextLengthError(SapwoodError):
@@ -57,6 +63,8 @@ class ContextPolicy:
     def rope_for(self, total_tokens: int) -> RopePlan:
         """The rotary frequencies for a request that will reach ``total_tokens`` positions."""
         scaling = self.cfg.rope_scaling
+        if self.cfg.rope_policy == "by_length" and scaling.type in BY_LENGTH:
+            return self._by_length(total_tokens)
         if scaling.type not in LENGTH_DEPENDENT or total_tokens <= self.trained_context:
             return self.default
         plan = self._dynamic.get(total_tokens)
@@ -66,6 +74,23 @@ class ContextPolicy:
             )
             plan = self._dynamic[total_tokens] = RopePlan(inv_freq.to(self.device), factor)
         return plan
+
+    def _by_length(self, total_tokens: int) -> RopePlan:
+        key = max(total_tokens, self.trained_context)  # every request within the trained context: plain RoPE
+        plan = self._dynamic.get(key)
+        if plan is None:
+            plan = self._dynamic[key] = _by_length_plan(self.cfg, key, self.device)
+        return plan
+
+
+def _by_length_plan(cfg: ModelConfig, total_tokens: int, device: str | torch.device) -> RopePlan:
+    """``rope_policy: by_length``: plain RoPE within the trained context; past it the configured method
+    stretched only as far as the request needs, ``min(factor, total_tokens / trained_context)``."""
+    factor = min(cfg.rope_scaling.factor, max(1.0, total_tokens / cfg.trained_context))
+    scaling = cfg.rope_scaling if factor > 1.0 else RopeScaling()
+    inv_freq, attention = scaled_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.trained_context,
+                                          scaling.model_copy(update={"factor": factor}))
+    return RopePlan(inv_freq.to(device), attention)
 
 
 def rope_tables(

@@ -55,13 +55,20 @@ class KVBudget:
     def fits(self, rows: int, longest: int) -> bool:
         return self.bytes_for(rows, longest) <= self.max_bytes
 
+    def longest_alone(self) -> int:
+        """The most positions (prompt + max_tokens) one request may have and still fit the budget alone."""
+        rows = self.shape(1, 1)[0]
+        room = self.max_bytes // (rows * self.bytes_per_position)
+        return self.max_capacity if room >= self.max_capacity else room // POSITION_BLOCK * POSITION_BLOCK
+
     def check_alone(self, positions: int) -> None:
         """Raise :class:`KVBudgetError` when one request of ``positions`` positions can never fit."""
         needed = self.bytes_for(1, positions)
         if needed > self.max_bytes:
             raise KVBudgetError(
                 f"the request needs {needed / 2**20:.1f} MiB of KV cache ({positions} positions); the server's "
-                f"KV budget is {self.max_bytes / 2**20:.1f} MiB (--kv-memory-gb); lower max_tokens or the prompt"
+                f"KV budget is {self.max_bytes / 2**20:.1f} MiB (--kv-memory-gb), room for {self.longest_alone()} "
+                f"positions at {self.bytes_per_position:,} bytes each; lower max_tokens or the prompt"
             )
 
 

@@ -337,6 +337,9 @@ def hf_family(cfg: ModelConfig) -> str:
 def _hf_rope(cfg: ModelConfig) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) for config.json."""
     scaling, theta = cfg.rope_scaling, cfg.rope_theta
+    if cfg.rope_policy != "static" and scaling.type != "none":
+        raise SapwoodError(f"model.rope_policy={cfg.rope_policy!r} has no Hugging Face equivalent (transformers "
+                           "applies rope_scaling at every length); set rope_policy: static to export")
     if scaling.type == "none" or (scaling.factor == 1.0 and scaling.type not in ("dynamic_ntk", "longrope")):
         return theta, None
     if scaling.type == "linear":

@@ -131,6 +131,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.sliding_window = cfg.sliding_window
+        self.context_parallel = None  # set by sapwood.train.context_parallel: ring attention over cp ranks
 
     def forward(
         self,
@@ -152,6 +153,9 @@ class Attention(nn.Module):
         mask = None
         if kv_cache is not None:
             k, v, mask = kv_cache.update(layer_index, k, v)
+        if self.context_parallel is not None and mask is None and causal:
+            out = self.context_parallel.attention(q, k, v, self.sliding_window)
+            return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
         keys = k.shape[2]
         if self.sliding_window is not None and keys > self.sliding_window and causal:
             if mask is None:  # causal, the queries being the last ``seq`` of the ``keys`` positions

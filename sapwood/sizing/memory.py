@@ -124,8 +124,8 @@ def rank_params(
         shape = list(spec.shape)
         if spec.tp_dim is not None and parallel.tp > 1:
             shape[spec.tp_dim] = shard_length(shape[spec.tp_dim], parallel.tp, tp_rank)
-        if parallel.dp_shard > 1:
-            shape[0] = shard_length(shape[0], parallel.dp_shard, dp_shard_rank)
+        if parallel.fsdp_shard > 1:
+            shape[0] = shard_length(shape[0], parallel.fsdp_shard, dp_shard_rank)
         held.append((spec, math.prod(shape)))
     return held
 
@@ -137,7 +137,7 @@ def padded_param_numel(cfg: ModelConfig, parallel: ParallelConfig, pp_rank: int 
         shape = list(spec.shape)
         if spec.tp_dim is not None and parallel.tp > 1:
             shape[spec.tp_dim] = shard_length(shape[spec.tp_dim], parallel.tp, tp_rank)
-        shape[0] = math.ceil(shape[0] / parallel.dp_shard)
+        shape[0] = math.ceil(shape[0] / parallel.fsdp_shard)
         total += math.prod(shape)
     return total
 
@@ -281,10 +281,15 @@ def memory_plan(
     optimizer_in_backward: bool = False,
     loss_chunk: int | None = None,
 ) -> MemoryPlan:
-    """Per-GPU training memory of ``cfg`` under ``parallel`` (sequence parallel on whenever tp > 1)."""
+    """Per-GPU training memory of ``cfg`` under ``parallel`` (sequence parallel on whenever tp > 1).
+
+    Context parallelism (``parallel.cp``) divides the layers' activations by ``cp`` (each rank holds
+    ``seq / cp`` positions; the ring's key/value blocks in flight are two blocks of one layer) and shards
+    the weights over ``dp_shard x cp``; the loss still sees the gathered ``[seq x vocab]`` logits."""
     seq = seq or cfg.trained_context
     act_bytes = 4 if precision == "fp32" else 2
-    per_layer = {mode: activation_bytes_per_layer(cfg, seq, micro_batch, parallel.tp, mode, True, act_bytes)
+    local_seq = math.ceil(seq / parallel.cp)
+    per_layer = {mode: activation_bytes_per_layer(cfg, local_seq, micro_batch, parallel.tp, mode, True, act_bytes)
                  for mode in ("none", "selective", "full")}
     # SDPA never materializes the attention matrix, so "none" costs the selective figure in practice.
     stored = per_layer["full"] if checkpointing == "full" else per_layer["selective"]
@@ -297,9 +302,9 @@ def memory_plan(
         layers_here = stage_layers(cfg.layers, parallel.pp, pp_rank, interleaved)
         compute_copy = 0
         if precision in ("bf16", "fp16"):
-            if parallel.dp_shard > 1:
+            if parallel.fsdp_shard > 1:
                 block = sum(n for spec, n in held if spec.layer == (layers_here[0] if layers_here else -1))
-                compute_copy = 2 * 2 * block * parallel.dp_shard
+                compute_copy = 2 * 2 * block * parallel.fsdp_shard
             else:
                 compute_copy = 2 * sum(n for _, n in held)
         activations = stored * len(layers_here) * pipeline_in_flight(parallel, pp_rank)

@@ -9,16 +9,17 @@ from sapwood.config import Config, ParallelConfig
 from sapwood.errors import ConfigError
 from sapwood.sizing.count import config_param_counts, config_param_specs
 from sapwood.sizing.flops import flops_per_token
+from sapwood.sizing.kv import DEFAULT_DEVICE_GB, kv_plan
 from sapwood.sizing.memory import StateBytes, memory_plan, rank_state_bytes
 
 
 def size_report(
     config: Config, precision: str | None = None, optimizer: str = "adamw", checkpointing: str | None = None,
     seq: int | None = None, micro_batch: int | None = None, optimizer_in_backward: bool | None = None,
-    loss_chunk: int | None = None,
+    loss_chunk: int | None = None, device_gb: float = DEFAULT_DEVICE_GB,
 ) -> dict[str, Any]:
     """Everything ``sapwood size`` prints, as one JSON-ready mapping (memory options not given come
-    from the config's ``train`` section)."""
+    from the config's ``train`` section; ``device_gb``: the serving device's memory for the KV plan)."""
     train = getattr(config, "train", None)
     precision = precision or (train.precision if train is not None else "bf16")
     if checkpointing is None:  # the training section's choice; full recomputation when there is none
@@ -41,7 +42,7 @@ def size_report(
                   "head_dim": cfg.head_dim, "ffn": cfg.ffn, "vocab_size": cfg.vocab_size,
                   "tied_embeddings": cfg.tied_embeddings, "max_context": cfg.max_context},
         "parallel": {"dp_replicate": parallel.dp_replicate, "dp_shard": parallel.dp_shard, "tp": parallel.tp,
-                     "pp": parallel.pp, "world_size": parallel.world_size},
+                     "pp": parallel.pp, "cp": parallel.cp, "world_size": parallel.world_size},
         "training_state_bytes_single_device": {
             f"{p}+{o}": _state_dict(rank_state_bytes(cfg, ParallelConfig(), p, o, specs=specs),
                                     compute_copy=2 * counts.total if p in ("bf16", "fp16") else 0)
@@ -57,6 +58,7 @@ def size_report(
         report["activation_bytes_per_layer"] = {k: int(v) for k, v in plan.activation_per_layer.items()}
         report["flops_per_token"] = flops_per_token(cfg, seq)
         report["seq"] = seq
+        report["kv_cache"] = kv_plan(cfg, parallel, device_gb).as_dict()
     return report
 
 
@@ -117,6 +119,19 @@ def print_size_report(report: dict[str, Any], console: Any = None) -> None:
                       f"{_gb(mem['activations'])}, peak with max(logits {_gb(mem['logits'])}, grads) = "
                       f"{_gb(mem['total'])}")
         table.add_row("training FLOPs per token", f"{report['flops_per_token']:.4g}")
+    if "kv_cache" in report:
+        kv = report["kv_cache"]
+        table.add_row("KV cache per token (bf16, whole model)",
+                      f"{kv['bytes_per_token']:,} bytes; max_context {kv['max_context']:,} tokens = "
+                      f"{_gb(kv['max_context_kv_bytes_total'])}")
+        table.add_row(f"KV per device (serving tp{kv['tp']} x pp{kv['pp']}: {kv['layers_per_device']} layers x "
+                      f"{kv['kv_heads_per_device']} KV heads)",
+                      f"{kv['bytes_per_token_per_device']:,} bytes/token; {_gb(kv['device_bytes'])} device - "
+                      f"weights {_gb(kv['weight_bytes_per_device'])} - reserve {_gb(kv['reserve_bytes'])} = "
+                      f"KV budget {_gb(kv['kv_budget_bytes'])}")
+        verdict = "fits" if kv["max_context_fits"] else "does NOT fit"
+        table.add_row("longest context per device (one request)",
+                      f"{kv['longest_context_per_device']:,} tokens (max_context {kv['max_context']:,} {verdict})")
     if "measured" in report:
         got, mem = report["measured"], report["memory_per_gpu"]
         table.add_row(f"measured peak (fake tensors, MemTracker, {got['seconds']:.0f} s)",

@@ -46,6 +46,7 @@ class Callback:
 # package never imports e.g. ``sapwood.grow`` statically. Owners add one line here.
 CALLBACK_BUILDERS: dict[str, str] = {
     "growth": "sapwood.grow.callback:growth_callbacks",
+    "context": "sapwood.train.context_extension:context_callbacks",
 }
 
 

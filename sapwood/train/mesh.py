@@ -3,8 +3,10 @@
 ``torchrun`` (single node, or ``--nnodes`` with c10d rendezvous) sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK``; :func:`init_distributed` reads them and starts one process group, NCCL when CUDA is
 there and gloo otherwise. :func:`build_parallel_dims` checks the config's degrees against the world
-size and builds the 4-D mesh ``(pp, dp_replicate, dp_shard, tp)`` with a flattened ``dp`` dimension
-(data loading and loss averaging) and a flattened ``dp_shard_tp`` dimension (no sharding crosses it).
+size and builds the 5-D mesh ``(pp, dp_replicate, dp_shard, cp, tp)`` with a flattened ``dp`` dimension
+(data loading and loss averaging), a flattened ``dp_shard_tp`` dimension (no sharding crosses it) and,
+with context parallelism, a flattened ``dp_shard_cp`` dimension (what FSDP2 shards over: the cp ranks
+of one data-parallel replica hold the same weights and average their gradients).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from sapwood.config import ParallelConfig
 from sapwood.errors import ConfigError
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def check_world_size(parallel: ParallelConfig, world_size: int) -> None:
     dp = f"dp={parallel.dp}"
     if parallel.dp_replicate > 1:
         dp += f" (dp_replicate={parallel.dp_replicate} × dp_shard={parallel.dp_shard})"
+    if parallel.cp > 1:
+        dp += f" × cp={parallel.cp}"
     raise ConfigError(
         f"tp={parallel.tp} × pp={parallel.pp} × {dp} = {parallel.world_size} but WORLD_SIZE={world_size}; "
         "the parallel degrees must multiply to the number of processes"
@@ -153,9 +157,18 @@ class ParallelDims:
         return self.parallel.dp
 
     @property
+    def cp(self) -> int:
+        return self.parallel.cp
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
     def fsdp_enabled(self) -> bool:
-        """FSDP2 wraps the model whenever there is data parallelism (HSDP when both dp degrees > 1)."""
-        return self.dp > 1
+        """FSDP2 wraps the model whenever there is data or context parallelism (HSDP when both dp degrees
+        > 1; the cp ranks' gradients are averaged by FSDP's reduce-scatter)."""
+        return self.dp > 1 or self.cp > 1
 
     @property
     def tp_enabled(self) -> bool:
@@ -166,18 +179,20 @@ class ParallelDims:
         return self.pp > 1
 
     def submesh(self, name: str) -> DeviceMesh:
-        """The 1-D mesh of ``name`` (one of MESH_DIMS, ``dp`` or ``dp_shard_tp``)."""
+        """The 1-D mesh of ``name`` (one of MESH_DIMS, ``dp``, ``dp_shard_tp`` or, with cp, ``dp_shard_cp``)."""
         if self.mesh is None:
             raise RuntimeError("no device mesh: this is a single-process run")
         return self.flattened[name] if name in self.flattened else self.mesh[name]
 
     def fsdp_mesh(self) -> DeviceMesh:
-        """The mesh FSDP2 shards over: 2-D ``(dp_replicate, dp_shard)`` for HSDP, else ``dp_shard``."""
+        """The mesh FSDP2 shards over: 2-D ``(dp_replicate, dp_shard)`` for HSDP, else ``dp_shard``;
+        ``dp_shard`` is ``dp_shard_cp`` (flattened) under context parallelism."""
         if self.mesh is None:
             raise RuntimeError("no device mesh: this is a single-process run")
+        shard = "dp_shard_cp" if self.cp_enabled else "dp_shard"
         if self.dp_replicate > 1:  # HSDP: replicate across dim 0, shard across dim 1 (size 1 = pure DDP)
-            return self.mesh["dp_replicate", "dp_shard"]
-        return self.mesh["dp_shard"]
+            return self.mesh["dp_replicate", shard]
+        return self.mesh[shard]
 
     @property
     def dp_rank(self) -> int:
@@ -201,12 +216,14 @@ def build_parallel_dims(parallel: ParallelConfig, world_size: int | None = None,
         return ParallelDims(parallel=parallel, world_size=1)
     if not dist.is_initialized():
         raise ConfigError(f"WORLD_SIZE={world_size} but no process group; launch with torchrun --nproc-per-node N")
-    degrees = (parallel.pp, parallel.dp_replicate, parallel.dp_shard, parallel.tp)
+    degrees = (parallel.pp, parallel.dp_replicate, parallel.dp_shard, parallel.cp, parallel.tp)
     mesh = init_device_mesh(device_type, degrees, mesh_dim_names=MESH_DIMS)
     flattened = {
         "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
         "dp_shard_tp": mesh["dp_shard", "tp"]._flatten("dp_shard_tp"),
     }
+    if parallel.cp > 1:
+        flattened["dp_shard_cp"] = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     return ParallelDims(parallel=parallel, world_size=world_size, mesh=mesh, flattened=flattened)
 
 

@@ -36,6 +36,7 @@ from sapwood.config import Config, ModelConfig
 from sapwood.errors import ConfigError
 from sapwood.model.transformer import tie_head
 from sapwood.train.activation import apply_activation_checkpointing
+from sapwood.train.context_parallel import apply_context_parallel, check_divisible
 from sapwood.train.mesh import ParallelDims, parallel_dims_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,6 +49,9 @@ PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def check_parallel_fits_model(cfg: ModelConfig, dims: ParallelDims) -> None:
     """One-line :class:`ConfigError` when the model's shape cannot be split by the degrees."""
     tp, pp = dims.tp, dims.pp
+    if dims.parallel.cp > 1 and pp > 1:
+        raise ConfigError(f"parallel.cp={dims.parallel.cp} with parallel.pp={pp} is not supported (a pipeline stage "
+                          "without the embedding cannot shard its sequence); use cp with dp_shard and tp")
     if tp > 1:
         for name, value in (("kv_heads", cfg.kv_heads), ("heads", cfg.heads), ("ffn", cfg.ffn),
                             ("vocab_size", cfg.vocab_size)):
@@ -371,6 +375,8 @@ def parallelize(
                           "set cpu_offload: false for a CPU run")
 
     def transform(part: nn.Module) -> None:
+        if dims.parallel.cp > 1:  # before TP: its input hook shards the tokens and sets their positions
+            apply_context_parallel(part, dims.submesh("cp").get_group())
         if dims.tp_enabled:
             apply_tensor_parallel(part, dims.submesh("tp"))
         apply_activation_checkpointing(part, activation_checkpointing, checkpoint_every_k)
@@ -397,6 +403,12 @@ def apply_training_parallelism(model: nn.Module, config: Config, device: torch.d
         raise ConfigError(f"parallel.pp={config.parallel.pp}: train.task={train.task!r} has no per-output loss "
                           "(split_batch / output_loss) for a pipeline's last stage; set pp: 1")
     dims = parallel_dims_for(config.parallel, device.type)
+    if config.parallel.cp > 1:
+        if getattr(config, "cube", None) is not None:
+            raise ConfigError(f"parallel.cp={config.parallel.cp}: the cube surrogate attends without a causal "
+                              "mask; context parallelism is for the language model")
+        data = getattr(config, "data", None)
+        check_divisible((data.seq_len if data is not None else None) or config.model.trained_context, config.parallel.cp)
     pm = parallelize(model, dims, loss_fn, device, precision=train.precision,
                      activation_checkpointing=train.activation_checkpointing,
                      checkpoint_every_k=train.checkpoint_every_k, compile=train.compile)

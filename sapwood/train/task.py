@@ -51,6 +51,7 @@ from sapwood.errors import ConfigError
 TASKS: dict[str, str] = {
     "text": "sapwood.train.text_task:TextTask",
     "cube": "sapwood.train.cube_task:CubeTask",
+    "passkey": "sapwood.train.passkey_task:PasskeyTask",
 }
 
 

@@ -25,7 +25,9 @@ class TextTask:
         self.config = config
         self.folder = Path(config.data.path)
         self.meta = read_meta(self.folder)
-        self.seq_len = config.data.seq_len or config.model.trained_context
+        extension = getattr(config, "context", None)  # a context-extension fine-tune trains at its length
+        self.seq_len = config.data.seq_len or (extension.seq_len if extension is not None else None) \
+            or config.model.trained_context
         if self.meta["vocab_size"] > config.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
