@@ -23,6 +23,9 @@ surrogate: a task is picked by ``train.task`` in the config, either a registered
     Units of work in a batch for throughput (tokens for text); logged as ``units_per_s``.
 ``tokenizer_file() -> Path | None``
     Copied into the final checkpoint folder.
+``save_final(model, config, folder)`` (optional)
+    Writes the final folder's files into ``folder`` (a staging folder published atomically) instead of the
+    default checkpoint folder; ``model`` is the plain model built by ``build_model`` with the trained weights.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from sapwood.errors import ConfigError
 TASKS: dict[str, str] = {
     "text": "sapwood.train.text_task:TextTask",
     "cube": "sapwood.train.cube_task:CubeTask",
+    "sft": "sapwood.train.sft:SFTTask",
 }
 
 
