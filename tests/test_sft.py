@@ -2,8 +2,6 @@
 masked loss, a fine-tuning run that learns, exact resume, and the CLI."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -102,10 +100,10 @@ def test_packed_rows_never_attend_across_examples(lm_folder):
     tokenizer = TextTokenizer.from_folder(lm_folder)
     examples = [render_example(tokenizer, [{"role": "user", "content": f"Convert {v} km to m."},
                                            {"role": "assistant", "content": f"{v}000"}]) for v in (7, 42, 913)]
-    rows = pack(examples, [0, 1, 2], seq_len=64, packed=True)
-    assert len(rows) == 1
-    row = rows[0]
     lengths = [len(e.ids) - 1 for e in examples]
+    rows = pack(examples, [0, 1, 2], seq_len=sum(lengths) + 5, packed=True)
+    assert len(rows) == 1 and sum(lengths) + 5 <= 160  # within the test model's max_context
+    row = rows[0]
     assert row.positions[: sum(lengths)].tolist() == [p for n in lengths for p in range(n)]
     mask = document_mask(row.documents[None])[0, 0]
     assert not mask[lengths[0], : lengths[0]].any() and mask[lengths[0], lengths[0]]  # 2nd doc starts fresh
@@ -188,7 +186,7 @@ def test_the_loss_is_the_mean_over_assistant_tokens(tmp_path, lm_folder, instruc
                 total += float(F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum"))
                 count += int((targets != IGNORE).sum())
     assert count == metrics["assistant_tokens"] > 0
-    assert float(loss) == pytest.approx(total / count, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(total / count, rel=1e-5)
 
 
 def test_finetune_learns_writes_a_servable_folder_and_resumes_exactly(tmp_path, lm_folder, instructions, one_thread,
@@ -214,18 +212,22 @@ def test_finetune_learns_writes_a_servable_folder_and_resumes_exactly(tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sapwood.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+def run_cli(capsys, *args):
+    """``sapwood ARGS`` in this process: (exit status, stderr)."""
+    from sapwood.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code, capsys.readouterr().err
 
 
-def test_cli_refuses_bad_finetune_configs_in_one_line(tmp_path, lm_folder, instructions):
+def test_cli_refuses_bad_finetune_configs_in_one_line(tmp_path, lm_folder, instructions, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(json.dumps({"sft": {"base": str(tmp_path / "nowhere"), "data": str(instructions)},
                                 "train": {"steps": 1}}))
-    proc = run_cli("finetune", str(path))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a sapwood checkpoint folder" in proc.stderr
+    status, err = run_cli(capsys, "finetune", str(path))
+    assert status == 2 and err.count("\n") == 1 and "not a sapwood checkpoint folder" in err
     path.write_text(json.dumps({"sft": {"base": str(lm_folder), "data": str(instructions),
                                         "lora": {"rank": 4, "targets": ["wq", "qv"]}}, "train": {"steps": 1}}))
-    proc = run_cli("finetune", str(path))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "sft.lora.targets.1" in proc.stderr
+    status, err = run_cli(capsys, "finetune", str(path))
+    assert status == 2 and err.count("\n") == 1 and "sft.lora.targets.1" in err

@@ -151,6 +151,7 @@ class SFTTask:
         total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         return total / max(count, 1), {"assistant_tokens": float(count)}
 
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, micro_batch_size: int, batches: int = 8) -> dict[str, float]:
         """``val_loss`` (nats per assistant token) on every held-out example and ``exact_match`` on the first
         ``sft.eval_examples`` of them."""
