@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from sapwood.errors import SapwoodError
+from sapwood.errors import ConfigError, SapwoodError
 from sapwood.model import lora
 from sapwood.model.folder import load, read_weights
 
@@ -139,17 +139,27 @@ def test_lora_finetune_trains_only_the_adapter_and_merges(tmp_path, lm_folder, o
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversion_records(40, seed=1)))
     runs = {}
-    for name, extra in {"full": {}, "lora": {"lora": {"rank": 4, "alpha": 8, "targets": ["wq", "wv"]}}}.items():
+    adapter = {"rank": 4, "alpha": 8, "targets": ["wq", "wv"]}
+    for name, extra, precision in (("full", {}, "fp32"), ("lora", {"lora": adapter}, "fp32"),
+                                   ("lora-bf16", {"lora": {**adapter, "base_dtype": "bf16"}}, "bf16")):
         config = {"sft": {"base": str(lm_folder), "data": str(data), "seq_len": 48, "eval_examples": 4,
                           "max_new_tokens": 4, **extra},
                   "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2, "min_lr": 1e-3,
                             "eval_every": 100, "save_every": 100, "progress": False, "device": "cpu",
-                            "out_dir": str(tmp_path / name)}}
+                            "precision": precision, "out_dir": str(tmp_path / name)}}
         (tmp_path / f"{name}.yaml").write_text(json.dumps(config))
         trainer = Trainer(finetune_config(tmp_path / f"{name}.yaml"))
         summary = trainer.fit()
         runs[name] = {**summary, **training_state_bytes(trainer.model, trainer.optimizer)}
     assert runs["lora"]["state_bytes"] < runs["full"]["state_bytes"] / 10
+    assert runs["lora-bf16"]["state_bytes"] == runs["lora"]["state_bytes"]  # fp32 adapters either way
+    assert runs["lora-bf16"]["weight_bytes"] < 0.6 * runs["lora"]["weight_bytes"]
+    assert lora.read_adapter(tmp_path / "lora-bf16" / "final")[1]["layers.0.attention.wq.lora_A.weight"].dtype \
+        == torch.float32
+    config["train"]["precision"] = "fp32"
+    (tmp_path / "bad.yaml").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="base_dtype='bf16' needs train.precision: bf16"):
+        Trainer(finetune_config(tmp_path / "bad.yaml"))
     final = tmp_path / "lora" / "final"
     assert sorted(p.name for p in final.iterdir()) == [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]
     _, state, base = lora.read_adapter(final)

@@ -70,8 +70,8 @@ class BaseInitialized(Decoder):
     """A Decoder whose ``init_weights`` loads the base checkpoint's weights into it (adapters, if injected, get
     PEFT's initialization)."""
 
-    def __init__(self, cfg, base_folder: Path):
-        self.base_folder = base_folder
+    def __init__(self, cfg, base_folder: Path, frozen_dtype: torch.dtype | None = None):
+        self.base_folder, self.frozen_dtype = base_folder, frozen_dtype
         super().__init__(cfg)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -80,6 +80,10 @@ class BaseInitialized(Decoder):
             return
         lora.load_base_state(self, read_weights(self.base_folder))
         lora.reset_adapters(self)
+        if self.frozen_dtype is not None:  # the frozen base in a smaller dtype; the adapters stay fp32
+            for param in self.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(self.frozen_dtype)
 
 
 class SFTTask:
@@ -107,6 +111,10 @@ class SFTTask:
                               f"model.vocab_size={config.model.vocab_size}")
         if sft.lora is not None:
             lora.check_family(config.model)
+            precision = config.train.precision if config.train else "fp32"
+            if sft.lora.base_dtype == "bf16" and precision != "bf16":
+                raise ConfigError(f"sft.lora.base_dtype='bf16' needs train.precision: bf16 (got {precision!r}): the "
+                                  "bf16 base runs under bf16 autocast")
         conversations = read_conversations(sft.data)
         if sft.val_data:
             train, held_out = conversations, read_conversations(sft.val_data)
@@ -122,7 +130,8 @@ class SFTTask:
         return lora.peft_config(spec.rank, spec.alpha, spec.dropout, spec.targets, str(self.base))
 
     def build_model(self, config: Config) -> nn.Module:
-        model = BaseInitialized(config.model, self.base)
+        frozen = torch.bfloat16 if self.sft.lora is not None and self.sft.lora.base_dtype == "bf16" else None
+        model = BaseInitialized(config.model, self.base, frozen)
         if self.sft.lora is not None:
             lora.add_adapter(model, ADAPTER, self.lora_config())
         return model
@@ -245,12 +254,14 @@ def write_with_base_files(model: nn.Module, config: Config, folder: Path, base: 
 
 
 def training_state_bytes(model: nn.Module, optimizer: Any) -> dict[str, int]:
-    """Measured from a run's live objects: trainable parameters, and the bytes of their gradients plus every
-    optimizer state tensor (AdamW's two moments) -- what full fine-tuning needs for every weight and LoRA only for
-    the adapters."""
+    """Measured from a run's live objects: trainable parameters, the bytes of their gradients plus every optimizer
+    state tensor (AdamW's two moments) -- what full fine-tuning needs for every weight and LoRA only for the
+    adapters --, and the bytes of all weights (a bf16 frozen base halves those)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
     optimizers = getattr(optimizer, "optimizers", [optimizer])
     states = sum(t.numel() * t.element_size() for o in optimizers for state in o.state.values()
                  for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
-    return {"trainable_parameters": sum(p.numel() for p in trainable), "state_bytes": grads + states}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"trainable_parameters": sum(p.numel() for p in trainable), "state_bytes": grads + states,
+            "weight_bytes": weights}
