@@ -231,3 +231,21 @@ def test_cli_refuses_bad_finetune_configs_in_one_line(tmp_path, lm_folder, instr
                                         "lora": {"rank": 4, "targets": ["wq", "qv"]}}, "train": {"steps": 1}}))
     status, err = run_cli(capsys, "finetune", str(path))
     assert status == 2 and err.count("\n") == 1 and "sft.lora.targets.1" in err
+
+
+def test_the_demo_instruction_set_is_checkable_and_its_held_out_questions_are_unseen(tmp_path):
+    import re
+
+    from sapwood.demo.sft import CONVERSIONS, write_instruction_set
+
+    train_path, val_path = write_instruction_set(tmp_path, train=300, val=40)
+    powers = {(a, b): p for a, b, p in CONVERSIONS}
+    seen = set()
+    for path in (train_path, val_path):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        questions = {r["instruction"] for r in records}
+        assert len(questions) == len(records) and not questions & seen
+        seen |= questions
+        for r in records:
+            value, source, target = re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", r["instruction"]).groups()
+            assert r["output"] == str(int(value) * 10 ** powers[source, target])
