@@ -41,8 +41,8 @@ def create(preset: str, out: Path = typer.Option(..., "--out", help="checkpoint 
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="folder for everything the demo writes (a rerun "
                              "replaces the earlier demo there)"),
-    only: str = typer.Option(None, "--only", help="comma-separated stages: sizing, lm, serving, cubes, surrogate "
-                             "(serving needs lm, surrogate needs cubes, run before)"),
+    only: str = typer.Option(None, "--only", help="comma-separated stages: sizing, lm, serving, sft, cubes, "
+                             "surrogate (serving and sft need lm, surrogate needs cubes, run before)"),
 ) -> None:
     """Run the whole pipeline end to end on embedded defaults (CPU, minutes)."""
     from sapwood.demo import run_demo
@@ -334,6 +334,8 @@ def serve(
     kv_memory_gb: float = typer.Option(None, "--kv-memory-gb",
                                        help="KV-cache budget in GB (default: half the memory free after loading)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    lora: list[str] = typer.Option(None, "--lora", help="NAME=ADAPTER_DIR: serve a LoRA adapter (PEFT folder) on "
+                                   "this base as model NAME (repeatable; batches mix adapters)"),
 ) -> None:
     """OpenAI-compatible HTTP server (completions, chat, streaming, /health, /metrics; /v1/predict for cubes)."""
     from sapwood.config import validate
@@ -342,7 +344,8 @@ def serve(
 
     settings = validate(ServeSettings, dict(host=host, port=port, model_name=model_name, max_batch=max_batch,
                                             max_queue=max_queue, request_timeout_s=request_timeout,
-                                            kv_memory_gb=kv_memory_gb), "serve: ")
+                                            kv_memory_gb=kv_memory_gb, lora_adapters=lora_pairs(lora or [])),
+                        "serve: ")
     run_server(folder, settings, device=device)
 
 
@@ -690,6 +693,59 @@ def bench_list() -> None:
         if name != "list":
             console.print(f"{name:10} {group.get_command(context, name).get_short_help_str(100)}",
                           markup=False, highlight=False)
+
+
+@app.command()
+def finetune(
+    config: str = typer.Argument(..., help="fine-tuning YAML (sft: {base, data, lora?}, train:)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
+) -> None:
+    """Supervised fine-tuning of a checkpoint on chat / instruction JSONL (full or LoRA); final/ in train.out_dir."""
+    import math
+
+    from sapwood.train.loop import TrainingInterrupted
+    from sapwood.train.loop import train as run_training
+    from sapwood.train.mesh import shutdown_distributed
+    from sapwood.train.sft import finetune_config
+
+    try:
+        summary = run_training(finetune_config(config), resume=resume)
+    except TrainingInterrupted as exc:
+        shutdown_distributed()
+        print(f"{exc}; to continue: sapwood finetune {config} --resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    shutdown_distributed()
+    shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()
+             if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
+    console.print(" ".join(f"{k}={v}" for k, v in shown.items()), soft_wrap=True)
+
+
+@app.command("merge-lora")
+def merge_lora(
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder (a LoRA run's final/)"),
+    out: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
+    base: Path = typer.Option(None, "--base", help="base checkpoint (default: the adapter's base_model_name_or_path)"),
+    force: bool = typer.Option(False, "--force", help="replace --out when it already holds files"),
+) -> None:
+    """Merge a LoRA adapter into its base: a normal checkpoint folder (W + alpha/r * B A)."""
+    from sapwood.train.sft import merge_lora_folder
+
+    refuse_existing_out(out, force)
+    merged = merge_lora_folder(adapter, out, base)
+    console.print(f"wrote {merged}")
+
+
+def lora_pairs(values: list[str]) -> dict[str, str]:
+    """``NAME=DIR`` options as a mapping; one-line error for a malformed or repeated one."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise SapwoodError(f"--lora {value!r}: expected NAME=ADAPTER_DIR")
+        if name in pairs:
+            raise SapwoodError(f"--lora {name}=...: the name is given twice")
+        pairs[name.strip()] = folder.strip()
+    return pairs
 
 
 def refuse_existing_out(out: Path, force: bool) -> None:

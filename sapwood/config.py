@@ -313,6 +313,37 @@ class TrainConfig(Section):
         return self
 
 
+
+class LoraConfig(Section):
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the blocks' linear layers, trained with the base frozen:
+    ``W x + (alpha / rank) * B A x`` with ``A`` ``[rank, in]`` and ``B`` ``[out, rank]`` (``B`` starts at zero)."""
+
+    rank: int = Field(8, ge=1, description="rank r of A and B")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: updates are scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    targets: list[Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]] = Field(
+        default_factory=lambda: ["wq", "wv"], min_length=1,
+        description="linear layers to adapt: wq wk wv wo (attention), w1 w3 w2 (gate, up, down)")
+    base_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the frozen base weights; bf16 halves "
+                                                "their memory (needs train.precision: bf16)")
+
+
+class SFTConfig(Section):
+    """Supervised fine-tuning (``sapwood finetune``): a base checkpoint trained on chat or instruction JSONL
+    rendered with the base's chat template, the loss on assistant tokens only."""
+
+    base: str = Field(description="sapwood checkpoint folder to fine-tune (its tokenizer and chat template)")
+    data: str = Field(description='training JSONL: {"messages": [{"role", "content"}, ...]} or '
+                      '{"instruction", "input", "output"} per line')
+    val_data: str | None = Field(None, description="held-out JSONL; default: the last val_fraction of data")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of data held out when val_data is not set")
+    seq_len: int | None = Field(None, ge=2, description="tokens per packed row; default model.trained_context")
+    pack: bool = Field(True, description="pack several examples per row (attention never crosses examples)")
+    eval_examples: int = Field(64, ge=0, description="held-out examples answered greedily for exact match")
+    max_new_tokens: int = Field(32, ge=1, description="answer length limit for exact match")
+    lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of every weight")
+
+
 class GrowthAmounts(Section):
     """What one growth event adds to the model (each 0 = leave that dimension alone)."""
 
@@ -405,6 +436,7 @@ class Config(Section):
     cube: CubeModelConfig | None = None
     growth: GrowthConfig | None = None
     context: ContextExtension | None = None
+    sft: SFTConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -449,6 +481,12 @@ class Config(Section):
     def _cube_task_by_default(self) -> Config:
         if self.cube is not None and self.train is not None and "task" not in self.train.model_fields_set:
             self.train.task = "cube"
+        return self
+
+    @model_validator(mode="after")
+    def _sft_task_by_default(self) -> Config:
+        if self.sft is not None and self.train is not None and "task" not in self.train.model_fields_set:
+            self.train.task = "sft"
         return self
 
     def save(self, path: str | Path) -> None:

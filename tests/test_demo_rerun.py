@@ -28,7 +28,7 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
 def test_an_unknown_stage_names_the_stages(tmp_path):
     proc = demo(tmp_path / "out", "--only", "sizing,trian")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --only trian: unknown stage; stages: sizing, lm, serving, cubes, surrogate"
+    assert proc.stderr.strip() == "error: --only trian: unknown stage; stages: sizing, lm, serving, sft, cubes, surrogate"
 
 
 def test_a_second_demo_into_the_same_folder_replaces_the_first(tmp_path):

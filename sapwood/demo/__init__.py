@@ -41,6 +41,9 @@ STAGES = [
     Stage("serving", "generation and serving", "Samples from the trained model, then the OpenAI-compatible "
           "server and one request through the openai client.",
           "sapwood.serve.demo:generation_and_serving_stage"),
+    Stage("sft", "fine-tuning", "Teach the language model generated unit conversions, by full fine-tuning and "
+          "with LoRA adapters: held-out exact match before and after, training-state memory, both served by one "
+          "server.", "sapwood.demo.sft:sft_stage", ("sft",)),
     Stage("cubes", "datacubes", "Simulate planets, prepare a store, load and augment batches.",
           "sapwood.demo.cubes:cube_stage", ("cubes",)),
     Stage("surrogate", "surrogate", "Train a tiny datacube surrogate, then its skill and physics on the "

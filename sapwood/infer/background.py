@@ -70,14 +70,15 @@ class EngineLoop:
     def running(self) -> int:
         return self.engine.scheduler.running_count
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: OutputCallback) -> Request:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: OutputCallback,
+               adapter: str | None = None) -> Request:
         """Queue a request. Raised here, synchronously: ContextLengthError, QueueFullError, KVBudgetError,
         EngineUnavailableError, SapwoodError (a value this model cannot take)."""
         if self.failure is not None:
             raise EngineUnavailableError(f"the inference engine is down ({self.failure}); retry on another replica")
         if self._stopping:
             raise QueueFullError("the server is shutting down; retry on another replica")
-        request = self.engine.make_request(prompt_ids, params)
+        request = self.engine.make_request(prompt_ids, params, adapter)
         with self._wake:
             self._callbacks[request.request_id] = (request, on_output)
             try:

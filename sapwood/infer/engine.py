@@ -51,6 +51,7 @@ class Engine:
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         self.eos_ids = tokenizer.eos_ids if tokenizer is not None else frozenset()
         self.sampling_defaults: dict[str, float | int] = {}  # generation_config.json's, for unset request fields
+        self.adapters: dict[str, str] = {}  # LoRA adapter name -> its folder (see load_adapter)
         self.tokens_generated = 0
         self.steps = 0
         self.failures = 0
@@ -75,10 +76,26 @@ class Engine:
         engine.sampling_defaults = generation_config_defaults(folder)
         return engine
 
+    def load_adapter(self, name: str, folder: str | Path) -> None:
+        """Serve the LoRA adapter in ``folder`` (PEFT format) on this engine's base model as ``name``; requests
+        pick it by name and batches mix adapters (:func:`sapwood.model.lora.selecting`)."""
+        from sapwood.model.lora import load_adapter
+
+        if name in self.adapters:
+            raise SapwoodError(f"adapter name {name!r} is given twice")
+        load_adapter(self.model, folder, name)
+        self.model.eval()
+        self.adapters[name] = str(folder)
+
+    def _row_adapters(self, requests: list[Request]) -> list[str | None] | None:
+        return [r.adapter for r in requests] if self.adapters else None
+
     # --- requests -------------------------------------------------------------------------------
-    def make_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def make_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Request:
         """A validated request (raises ContextLengthError past max_context, SapwoodError for token ids or
-        sampling values this model cannot take); not yet queued."""
+        sampling values this model cannot take, or an adapter it does not serve); not yet queued."""
+        if adapter is not None and adapter not in self.adapters:
+            raise SapwoodError(f"adapter {adapter!r} is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
         self.policy.check(len(prompt_ids), params.max_tokens)
         vocab = self.cfg.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
@@ -90,6 +107,7 @@ class Engine:
         if bad_bias:
             raise SapwoodError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary [0, {vocab})")
         request = Request(list(prompt_ids), params, self.policy.rope_for(len(prompt_ids) + params.max_tokens))
+        request.adapter = adapter
         request.generator = params.make_generator()
         device = self.runner.device
         if params.repetition_penalty != 1.0:
@@ -142,7 +160,8 @@ class Engine:
         running = list(scheduler.running)
         if running:
             logits = self.runner.decode(
-                [r.output_ids[-1] for r in running], [r.length - 1 for r in running], [r.rope for r in running]
+                [r.output_ids[-1] for r in running], [r.length - 1 for r in running], [r.rope for r in running],
+                self._row_adapters(running),
             )
             outputs += self._accept(running, logits)
         admitted = self._admitting = schedule.admitted
@@ -152,7 +171,7 @@ class Engine:
             first_row = scheduler.start(admitted)
             logits, prompt_logits = self.runner.prefill(
                 first_row, [r.prompt_ids for r in admitted], [r.rope for r in admitted],
-                [r.params.prompt_logprobs for r in admitted],
+                [r.params.prompt_logprobs for r in admitted], self._row_adapters(admitted),
             )
             for request, scored in zip(admitted, prompt_logits, strict=True):
                 if scored is not None:
@@ -275,10 +294,14 @@ class Engine:
             self.runner.cache.move_slot(source, target)
 
     # --- offline use ----------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
-        """Run ``prompts`` to completion (all submitted at once) and return their finished requests."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[Request]:
+        """Run ``prompts`` to completion (all submitted at once; prompt ``i`` through LoRA adapter
+        ``adapters[i]`` when given) and return their finished requests."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        requests = [self.add_request(self.make_request(p, sp)) for p, sp in zip(prompts, params_list, strict=True)]
+        adapter_list = adapters if adapters is not None else [None] * len(prompts)
+        requests = [self.add_request(self.make_request(p, sp, a))
+                    for p, sp, a in zip(prompts, params_list, adapter_list, strict=True)]
         while self.has_work:
             self.step()
         return requests

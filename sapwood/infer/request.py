@@ -42,6 +42,7 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     stream: object | None = None  # a TextStream when the engine has a tokenizer
+    adapter: str | None = None  # the LoRA adapter this request runs through (None: the base model)
 
     @property
     def total_tokens(self) -> int:

@@ -6,6 +6,9 @@ scored.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
+
 import torch
 
 from sapwood.infer.context import RopePlan, rope_tables
@@ -20,11 +23,21 @@ class ModelRunner:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.cache = SlotKVCache(cfg.layers, cfg.kv_heads, cfg.head_dim, budget, self.dtype, self.device)
 
+    def adapters_of_rows(self, adapters: Sequence[str | None] | None):
+        """Row ``i`` through LoRA adapter ``adapters[i]`` (None: the base) for one forward; no-op without."""
+        if not adapters:
+            return contextlib.nullcontext()
+        from sapwood.model.lora import selecting
+
+        return selecting(self.model, adapters)
+
     @torch.inference_mode()
     def prefill(
-        self, first_row: int, prompts: list[list[int]], plans: list[RopePlan], score_prompt: list[bool]
+        self, first_row: int, prompts: list[list[int]], plans: list[RopePlan], score_prompt: list[bool],
+        adapters: Sequence[str | None] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Run the prompts (right-padded to the longest) into rows ``first_row..``.
+        """Run the prompts (right-padded to the longest) into rows ``first_row..`` (row ``i`` through LoRA
+        adapter ``adapters[i]`` when given).
 
         Returns the next-token logits ``[batch, vocab]`` and, for each row with ``score_prompt``, the
         logits at every prompt position ``[len, vocab]`` (None for the others)."""
@@ -42,19 +55,22 @@ class ModelRunner:
             spans.append((start, len(at)) if score else None)
             last.append(len(at) - 1)
         self.cache.begin_prefill(first_row, len(prompts), width)
-        logits = self.model(tokens, kv_cache=self.cache, rope=rope_tables(positions, plans),
-                            logits_at=torch.tensor(at, device=self.device))
+        with self.adapters_of_rows(adapters):
+            logits = self.model(tokens, kv_cache=self.cache, rope=rope_tables(positions, plans),
+                                logits_at=torch.tensor(at, device=self.device))
         if not any(score_prompt):
             return logits, [None] * len(prompts)
         return logits[last], [logits[span[0]:span[1]] if span else None for span in spans]
 
     @torch.inference_mode()
-    def decode(self, last_tokens: list[int], positions: list[int], plans: list[RopePlan]) -> torch.Tensor:
-        """One token for each of rows ``0..n-1`` at its own position; logits ``[n, vocab]``."""
+    def decode(self, last_tokens: list[int], positions: list[int], plans: list[RopePlan],
+               adapters: Sequence[str | None] | None = None) -> torch.Tensor:
+        """One token for each of rows ``0..n-1`` at its own position (and LoRA adapter); logits ``[n, vocab]``."""
         tokens = torch.tensor(last_tokens, dtype=torch.long).to(self.device)[:, None]
         position_tensor = torch.tensor(positions, dtype=torch.long).to(self.device)
         highest = max(positions)
         self.cache.begin_decode(position_tensor, highest + 1, uniform=highest == min(positions))
-        return self.model(tokens, kv_cache=self.cache, rope=rope_tables(position_tensor[:, None], plans),
-                          logits_at=torch.arange(len(last_tokens), device=self.device))
+        with self.adapters_of_rows(adapters):
+            return self.model(tokens, kv_cache=self.cache, rope=rope_tables(position_tensor[:, None], plans),
+                              logits_at=torch.arange(len(last_tokens), device=self.device))
 

@@ -74,12 +74,18 @@ class TextTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for the assistant's next turn (the conversation, then the generation prompt)."""
+        return self.render_chat(messages, add_generation_prompt=True)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """``messages`` rendered with the chat template in a sandboxed Jinja environment (the one renderer,
+        for serving and for fine-tuning data)."""
         if self._template is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             self._template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=True, raise_exception=_raise_exception,
-                                     **self.special_tokens)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     raise_exception=_raise_exception, **self.special_tokens)
 
 
 def _raise_exception(message: str) -> None:

@@ -70,7 +70,10 @@ def build_engine(folder: Path, settings: ServeSettings, device: str = "cpu") -> 
     kv_bytes = int(settings.kv_memory_gb * 1e9) if settings.kv_memory_gb else None
     scheduler = SchedulerConfig(max_batch=settings.max_batch, max_waiting=settings.max_queue,
                                 kv_memory_bytes=kv_bytes)
-    return Engine.from_folder(folder, scheduler, device=device)
+    engine = Engine.from_folder(folder, scheduler, device=device)
+    for name, adapter in settings.lora_adapters.items():
+        engine.load_adapter(name, adapter)
+    return engine
 
 
 def create_app(
@@ -86,6 +89,9 @@ def create_app(
     keys = api_keys_from_env() if api_keys is None else api_keys
     model_name = settings.model_name or default_model_name(folder)
     cube = is_cube_checkpoint(folder)
+    if settings.lora_adapters and (cube or model_name in settings.lora_adapters):
+        raise SapwoodError(f"--lora {model_name}=...: an adapter needs a name other than the base model's"
+                           if not cube else "--lora: LoRA adapters are served on language models, not cube surrogates")
     loop = None if cube else EngineLoop(engine or build_engine(folder, settings, device))
     metrics = ServerMetrics(
         queue_depth=lambda: loop.queue_depth if loop else 0,

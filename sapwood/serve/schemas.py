@@ -176,6 +176,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "sapwood"
     max_context: int | None = None
+    parent: str | None = Field(None, description="for a LoRA adapter: the base model it runs on")
 
 
 class ModelList(BaseModel):

@@ -29,6 +29,8 @@ class ServeSettings(Section):
     predict_workers: int = Field(2, ge=1, description="threads running /v1/predict work")
     predict_queue: int = Field(8, ge=1, description="/v1/predict requests waiting or running before 429")
     predict_timeout_s: float = Field(60.0, gt=0, description="seconds before a /v1/predict request gets 504")
+    lora_adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapter name -> PEFT adapter "
+                                          "folder, served on the base model (requests pick one by model name)")
 
 
 def api_keys_from_env() -> frozenset[str]:

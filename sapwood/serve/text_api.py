@@ -69,11 +69,16 @@ class TextService:
         self.created = int(time.time())
         self.token_text = lru_cache(maxsize=1 << 16)(lambda token: self.tokenizer.decode([token]))
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            shown = name if len(name) <= 64 else name[:64] + "…"
-            raise APIError(404, f"model {shown!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); 404 for any other name."""
+        if name is None or name == self.model_name:
+            return None
+        if name in self.engine.adapters:
+            return name
+        shown = name if len(name) <= 64 else name[:64] + "…"
+        served = ", ".join(repr(n) for n in [self.model_name, *self.engine.adapters])
+        raise APIError(404, f"model {shown!r} does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
 
     def prompt_ids(self, prompt: str | list[int] | list[str]) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -97,9 +102,9 @@ class TextService:
             raise APIError(400, str(exc)) from None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               queue: asyncio.Queue[StepOutput]) -> Request:
+               queue: asyncio.Queue[StepOutput], adapter: str | None = None) -> Request:
         try:
-            return self.loop.submit(prompt_ids, params, queue.put_nowait)
+            return self.loop.submit(prompt_ids, params, queue.put_nowait, adapter)
         except ContextLengthError as exc:
             self.metrics.rejected.labels("context_length").inc()
             raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
@@ -116,13 +121,14 @@ class TextService:
         except SapwoodError as exc:
             raise APIError(400, str(exc)) from None
 
-    async def outputs(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
+    async def outputs(self, prompt_ids: list[int], params: SamplingParams,
+                      adapter: str | None = None) -> AsyncIterator[StepOutput]:
         """Submit and yield the request's step outputs until it finishes (cancelled if abandoned). Outputs
         that arrived together are merged into one (a client that reads slower than the engine steps gets
         fewer, larger events)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        request = self.submit(prompt_ids, params, queue)
+        request = self.submit(prompt_ids, params, queue, adapter)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         deadline = loop.time() + self.settings.request_timeout_s
         finished = first_seen = False
@@ -154,9 +160,9 @@ class TextService:
         if output.finished and request.finish_reason == "cancelled":
             raise APIError(503, "the request was cancelled because the server is shutting down")
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Generation:
         text, request = [], None
-        async for output in self.outputs(prompt_ids, params):
+        async for output in self.outputs(prompt_ids, params, adapter):
             text.append(output.text_delta)
             request = output.request
         return Generation("".join(text), prompt_ids, request.output_ids, request.finish_reason or "length",
@@ -241,11 +247,12 @@ class StreamFormat:
     def __init__(self, service: TextService, prefix: str, include_usage: bool):
         self.service, self.include_usage = service, include_usage
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.model_name = service.model_name  # the adapter's name for a request to a LoRA adapter
 
     def event(self, choices: list[dict], usage_: schemas.Usage | None = None) -> bytes:
         """One chunk: the fields every OpenAI response carries, then ``choices`` (and ``usage``)."""
         payload = {"id": self.id, "object": self.object_name, "created": self.created,
-                   "model": self.service.model_name, "choices": choices}
+                   "model": self.model_name, "choices": choices}
         if usage_ is not None:
             payload["usage"] = usage_.model_dump()
         return sse(payload)
@@ -317,9 +324,11 @@ class ChatStream(StreamFormat):
 
 
 async def stream_response(service: TextService, prompt_ids: list[int], params: SamplingParams,
-                          fmt: StreamFormat) -> StreamingResponse:
+                          fmt: StreamFormat, adapter: str | None = None) -> StreamingResponse:
     """Server-sent events of one request; errors before the first output are plain HTTP errors."""
-    outputs = service.outputs(prompt_ids, params)
+    if adapter is not None:
+        fmt.model_name = adapter
+    outputs = service.outputs(prompt_ids, params, adapter)
     first = await anext(outputs)
 
     async def all_outputs() -> AsyncIterator[StepOutput]:
@@ -353,16 +362,19 @@ def build_text_router(service: TextService) -> APIRouter:
 
     @router.get("/v1/models")
     async def list_models() -> schemas.ModelList:
-        """The one model this server serves (its name is what requests may give as ``model``)."""
-        card = schemas.ModelCard(id=service.model_name, created=service.created,
-                                 max_context=service.engine.cfg.max_context)
-        return schemas.ModelList(data=[card])
+        """The base model and each LoRA adapter served on it (``parent``: the base); a request's ``model`` picks
+        one."""
+        max_context = service.engine.cfg.max_context
+        cards = [schemas.ModelCard(id=service.model_name, created=service.created, max_context=max_context)]
+        cards += [schemas.ModelCard(id=name, created=service.created, max_context=max_context,
+                                    parent=service.model_name) for name in service.engine.adapters]
+        return schemas.ModelList(data=cards)
 
     @router.post("/v1/completions", response_model=schemas.CompletionResponse,
                  responses={200: {"content": {"text/event-stream": {}}}})
     async def completions(body: schemas.CompletionRequest, request: HTTPRequest):
         """Text completion (OpenAI legacy completions): ``logprobs`` and ``echo`` for evaluation harnesses."""
-        service.check_model(body.model)
+        adapter = service.check_model(body.model)
         prompt_ids = service.prompt_ids(body.prompt)
         score_prompt = body.echo and (body.logprobs is not None or body.max_tokens == 0)
         params = service.sampling(body, len(prompt_ids), body.max_tokens, service.settings.default_max_tokens,
@@ -370,8 +382,8 @@ def build_text_router(service: TextService) -> APIRouter:
         if body.stream:
             fmt = CompletionStream(service, _include_usage(body), body.logprobs is not None,
                                    prompt_ids if body.echo else None)
-            return await stream_response(service, prompt_ids, params, fmt)
-        result = await until_disconnect(request, service.generate(prompt_ids, params))
+            return await stream_response(service, prompt_ids, params, fmt, adapter)
+        result = await until_disconnect(request, service.generate(prompt_ids, params, adapter))
         if isinstance(result, Response):
             return result
         text = (service.tokenizer.decode(prompt_ids) if body.echo else "") + result.text
@@ -382,13 +394,13 @@ def build_text_router(service: TextService) -> APIRouter:
             logprobs = service.completion_logprobs(ids, scored)
         choice = schemas.CompletionChoice(text=text, logprobs=logprobs, finish_reason=result.finish_reason)
         return schemas.CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
-                                          model=service.model_name, choices=[choice], usage=result.usage)
+                                          model=adapter or service.model_name, choices=[choice], usage=result.usage)
 
     @router.post("/v1/chat/completions", response_model=schemas.ChatCompletionResponse,
                  responses={200: {"content": {"text/event-stream": {}}}})
     async def chat(body: schemas.ChatCompletionRequest, request: HTTPRequest):
         """Chat completion over the checkpoint's chat template (``logprobs`` / ``top_logprobs`` supported)."""
-        service.check_model(body.model)
+        adapter = service.check_model(body.model)
         messages = [m.model_dump() for m in body.messages]
         prompt_ids = service.tokenizer.encode(service.tokenizer.apply_chat_template(messages))
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -396,15 +408,16 @@ def build_text_router(service: TextService) -> APIRouter:
                                   service.settings.default_chat_max_tokens, top)
         if body.stream:
             return await stream_response(service, prompt_ids, params,
-                                         ChatStream(service, _include_usage(body), body.logprobs))
-        result = await until_disconnect(request, service.generate(prompt_ids, params))
+                                         ChatStream(service, _include_usage(body), body.logprobs), adapter)
+        result = await until_disconnect(request, service.generate(prompt_ids, params, adapter))
         if isinstance(result, Response):
             return result
         logprobs = service.chat_logprobs(result.output_ids, result.output_logprobs) if body.logprobs else None
         choice = schemas.ChatChoice(message=schemas.ChatMessageOut(content=result.text), logprobs=logprobs,
                                     finish_reason=result.finish_reason)
         return schemas.ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
-                                              model=service.model_name, choices=[choice], usage=result.usage)
+                                              model=adapter or service.model_name, choices=[choice],
+                                              usage=result.usage)
 
     return router
 

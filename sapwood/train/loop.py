@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sapwood import fsutil
 from sapwood.config import Config
 from sapwood.data.loader import DeviceFeed
 from sapwood.errors import ConfigError, SapwoodError, SapwoodWarning
@@ -470,8 +471,13 @@ class Trainer:
             with torch.device("meta"):
                 plain = self.task.build_model(self.config)
             materialize(plain, "cpu").load_state_dict(state)
+            save_final = getattr(self.task, "save_final", None)  # a task with its own final folder (sft)
             with protected():
-                save_folder(plain, self.config, out, tokenizer_file=self.task.tokenizer_file())
+                if save_final is None:
+                    save_folder(plain, self.config, out, tokenizer_file=self.task.tokenizer_file())
+                else:
+                    with fsutil.staged_dir(out) as staged:
+                        save_final(plain, self.config, staged)
         ckpt.barrier()
         return out
 

@@ -35,6 +35,9 @@ under pipeline parallelism (``parallel.pp > 1``), where the last stage computes 
 ``evaluate`` receives the trainer's :class:`~sapwood.train.parallel.ParallelModel`: call it like the
 model (``model(inputs)``; under pipeline parallelism the whole pipeline's forward), and use
 ``parameters()`` and ``get_buffer(name)`` as on a module.
+``save_final(model, config, folder)`` (optional)
+    Writes the final folder's files into ``folder`` (a staging folder published atomically) instead of the
+    default checkpoint folder; ``model`` is the plain model built by ``build_model`` with the trained weights.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ TASKS: dict[str, str] = {
     "text": "sapwood.train.text_task:TextTask",
     "cube": "sapwood.train.cube_task:CubeTask",
     "passkey": "sapwood.train.passkey_task:PasskeyTask",
+    "sft": "sapwood.train.sft:SFTTask",
 }
 
 
