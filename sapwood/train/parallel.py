@@ -18,6 +18,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -224,14 +225,16 @@ class ParallelModel:
         """True when a pipeline schedule steps this model (``parallel.pp > 1``)."""
         return self.schedule is not None
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """The whole model's forward on every layout: the model itself, or the pipeline's
-        forward-only schedule (every pipeline rank passes the same inputs and gets the same output)."""
+    def __call__(self, *inputs: torch.Tensor, **options: Any) -> torch.Tensor:
+        """The whole model's forward on every layout: the model itself (with its keyword options, e.g.
+        ``positions``), or the pipeline's forward-only schedule (every pipeline rank passes the same
+        single input tensor and gets the same output)."""
         if self.pipelined:
-            if len(inputs) != 1:
-                raise ValueError(f"a pipeline forward takes one input tensor, got {len(inputs)}")
+            if len(inputs) != 1 or options:
+                raise ValueError(f"a pipeline forward takes one input tensor and no options, got {len(inputs)} "
+                                 f"inputs and options {sorted(options)}")
             return self.forward_only(inputs[0])
-        return self.model(*inputs)
+        return self.model(*inputs, **options)
 
     def get_buffer(self, name: str) -> torch.Tensor:
         """The buffer ``name`` (as ``nn.Module.get_buffer``) from the part that holds it."""

@@ -29,6 +29,7 @@ from sapwood.model import lora
 from sapwood.model.folder import read_weights, write_folder_files
 from sapwood.model.hf import SIDECAR_FILES
 from sapwood.model.transformer import Decoder
+from sapwood.train.parallel import ParallelModel
 from sapwood.train.sft_data import (
     IGNORE,
     DocumentMask,
@@ -178,7 +179,9 @@ class SFTTask:
             count += int((batch["targets"] != IGNORE).sum())
         metrics = {"val_loss": float(total / max(count, 1))}
         if self.sft.eval_examples:
-            metrics["exact_match"] = exact_match(model, self.tokenizer, self.val_examples[: self.sft.eval_examples],
+            # generation runs the inference engine on the plain module the trainer's ParallelModel holds
+            plain = model.model if isinstance(model, ParallelModel) else model
+            metrics["exact_match"] = exact_match(plain, self.tokenizer, self.val_examples[: self.sft.eval_examples],
                                                  self.sft.max_new_tokens)
         return metrics
 
