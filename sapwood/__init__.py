@@ -2,7 +2,6 @@
 
 from typing import Any
 
-from sapwood.config import load_config
 from sapwood.errors import ConfigError, SapwoodError
 
 __all__ = ["ConfigError", "SapwoodError", "load", "load_config"]
@@ -10,9 +9,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """``sapwood.load`` imports torch only when used, so commands like ``sapwood size`` start fast."""
+    """``sapwood.load`` imports torch and ``sapwood.load_config`` pydantic only when used, so commands start
+    fast (and ``sapwood`` takes over Ctrl-C early, see :mod:`sapwood.cli`)."""
     if name == "load":
         from sapwood.model import load
 
         return load
+    if name == "load_config":
+        from sapwood.config import load_config
+
+        return load_config
     raise AttributeError(f"module 'sapwood' has no attribute {name!r}")

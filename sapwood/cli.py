@@ -6,13 +6,27 @@ Imports of heavy modules happen inside commands so ``sapwood --help`` stays fast
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
-import typer
-from rich.console import Console
 
-from sapwood.errors import SapwoodError
+def _ctrl_c_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C while ``sapwood`` imports its modules and parses its arguments: one line and exit 130 (not a
+    traceback); :func:`end_start_up` hands Ctrl-C back to Python before a command runs, and each command
+    decides."""
+    os.write(2, b"interrupted while sapwood was starting; nothing was written\n")
+    raise SystemExit(130)
+
+
+if __name__ == "__main__" or Path(sys.argv[0]).name == "sapwood":  # the program, not an import
+    signal.signal(signal.SIGINT, _ctrl_c_while_starting)
+
+import typer  # noqa: E402 (after the Ctrl-C handler: these imports are most of the start-up time)
+from rich.console import Console  # noqa: E402
+
+from sapwood.errors import SapwoodError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Size, build, grow, train and serve large transformers.")
@@ -760,6 +774,7 @@ def _global_options(
     verbose: bool = typer.Option(False, "--verbose", help="also show third-party warnings (torch, ...)"),
 ) -> None:
     quiet_warnings(verbose)
+    end_start_up()
 
 
 # --- commands are added above this line, one per concept, each delegating to its module ---
@@ -789,6 +804,12 @@ def quiet_other_ranks() -> None:
         import warnings
 
         warnings.simplefilter("ignore")
+
+
+def end_start_up() -> None:
+    """The command is about to run: Ctrl-C is Python's again (a command may take it over)."""
+    if signal.getsignal(signal.SIGINT) is _ctrl_c_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> None:

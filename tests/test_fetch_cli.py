@@ -34,10 +34,16 @@ def sapwood(*args, env_extra=None, unset=()):
                           timeout=300)
 
 
+HELD_PORTS: list[socket.socket] = []
+
+
 def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that refuses connections for the rest of the session: bound here (so no other
+    process's server or outgoing connection can take it) and never listening."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    HELD_PORTS.append(sock)
+    return sock.getsockname()[1]
 
 
 def test_a_credential_in_the_environment_never_appears_in_logs_or_errors(tmp_path):

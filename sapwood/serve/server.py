@@ -85,10 +85,14 @@ class BackgroundServer:
 
     def __init__(self, app, settings: ServeSettings | None = None, port: int | None = None):
         self.settings = settings or ServeSettings()
-        self.port = port or free_port()
+        # bound here and handed to uvicorn: a port looked up first and bound later can be taken in between
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", port or 0))
+        self.port = self.socket.getsockname()[1]
         self.server = uvicorn.Server(uvicorn_config(app, self.settings, "127.0.0.1", self.port))
         self.server.install_signal_handlers = lambda: None  # not the main thread
-        self.thread = threading.Thread(target=self.server.run, name="sapwood-uvicorn", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                       name="sapwood-uvicorn", daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> BackgroundServer:
@@ -103,6 +107,7 @@ class BackgroundServer:
     def stop(self, timeout: float = 60.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout)
+        self.socket.close()
 
     def __enter__(self) -> BackgroundServer:
         return self.start()
