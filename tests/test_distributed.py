@@ -36,14 +36,16 @@ SAVE_AFTER = 3
 
 def torchrun(nproc: int, out: Path, *args: str) -> None:
     """Run the worker under torchrun with ``nproc`` gloo processes; fail with its output on error."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
+    # PYTHONFAULTHANDLER: a rank that dies of a signal prints every thread's Python stack into the
+    # output this assertion shows, so a crash names where it happened.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent), PYTHONFAULTHANDLER="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(HERE / "worker.py"), "--out", str(out), *args]
     if nproc == 1:
         cmd = [sys.executable, str(HERE / "worker.py"), "--out", str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-12000:]}"
 
 
 def read(out: Path, name: str) -> dict:
