@@ -40,10 +40,10 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELI
 cat "$OUT_DIR/env.txt"
 
 status=0
-# 1. training: astro-13b under the memory plan, then the MFU models (each started only within 300 s)
-timeout 330 "$PY" -m sapwood.cli bench gpu --out "$OUT_DIR" --budget-s 300 || status=$?
+# 1. training: astro-13b under the memory plan, then the MFU models (none started after 320 s)
+timeout 360 "$PY" -m sapwood.cli bench gpu --out "$OUT_DIR" --budget-s 320 || status=$?
 # 2. serving on the GPU: research-799m with random weights, 16 and 64 concurrent requests
-timeout 110 "$PY" -m sapwood.cli bench serve --device cuda --preset research-799m --concurrency 16,64 \
+timeout 100 "$PY" -m sapwood.cli bench serve --device cuda --preset research-799m --concurrency 16,64 \
     --max-tokens 32 --repeats 1 --out "$OUT_DIR" || status=$?
 ls -l "$OUT_DIR"
 exit "$status"

@@ -52,6 +52,37 @@ def test_evaluation_calls_the_parallel_model_like_the_model(tokens_dir, tmp_path
     assert set(trainer.evaluate()) == {"val_loss", "val_perplexity", "val_accuracy"}
 
 
+def test_blocks_compiled_with_checkpointing_share_one_graph():
+    """Per-block compile over activation-checkpointed blocks traces one frame for all of them (no
+    recompilation per block, which would hit dynamo's cache limit at 8 blocks on a 56-layer model)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from sapwood.model.transformer import Decoder
+    from sapwood.train.activation import apply_activation_checkpointing
+    from sapwood.train.parallel import apply_compile
+
+    cfg = validate(Config, {"model": dict(MODEL, layers=4)}).model
+    torch.manual_seed(0)
+    eager, compiled = Decoder(cfg), Decoder(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    for model in (eager, compiled):
+        apply_activation_checkpointing(model, "every_layer")
+    torch._dynamo.reset()
+    counters.clear()
+    assert len(apply_compile(compiled, backend="eager")) == 4
+    tokens = torch.randint(0, MODEL["vocab_size"], (2, 16))
+    for _ in range(2):
+        loss_eager, loss_compiled = eager(tokens).square().mean(), compiled(tokens).square().mean()
+        loss_eager.backward()
+        loss_compiled.backward()
+        assert torch.allclose(loss_eager, loss_compiled)
+    assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1
+    grads = [(a.grad, b.grad) for a, b in zip(eager.parameters(), compiled.parameters(), strict=True)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in grads)
+    torch._dynamo.reset()
+
+
 def test_growth_compiles_the_blocks_it_adds(tokens_dir, tmp_path):
     from sapwood.model.transformer import Block
 

@@ -148,9 +148,6 @@ def run_steps(plan: StepPlan, device: torch.device) -> StepFigures:
                           planned_gb=planned_peak_gb(plan),
                           attention_kernel=attention_kernel(plan.model, plan.seq, compute_dtype, device),
                           options={k: v for k, v in asdict(plan).items() if k != "model"})
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Decoder(plan.model)
@@ -164,6 +161,9 @@ def run_steps(plan: StepPlan, device: torch.device) -> StepFigures:
     optimizer = build_optimizer(model, train, device)
     in_backward = isinstance(optimizer, OptimizerInBackward)
     model.train()
+    if device.type == "cuda":  # the steps' peak, not the fp32 initialization's before the bf16 cast
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -207,6 +207,16 @@ def run_steps(plan: StepPlan, device: torch.device) -> StepFigures:
         figures.mfu = MfuMeter(plan.model, plan.seq, torch.cuda.get_device_name(device), plan.precision)(
             figures.tokens_per_s)
     return figures
+
+
+def release_memory() -> None:
+    """Free the last model before the next one: compiled graphs, reference cycles, cached blocks."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def figure_results(f: StepFigures) -> list[Result]:
@@ -257,8 +267,10 @@ def run_gpu_bench(out: Path, smoke: bool = False, models: list[str] | None = Non
         try:
             figures = run_steps(plan, device)
         except torch.OutOfMemoryError as exc:  # recorded, and the next model still runs
-            extra["models"][plan.name] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-            torch.cuda.empty_cache()
+            figures, error = None, f"out of memory: {str(exc).splitlines()[0]}"
+        release_memory()  # outside the except block: its traceback holds the failed model's frames
+        if figures is None:
+            extra["models"][plan.name] = {"error": error}
             continue
         extra["models"][plan.name] = asdict(figures)
         results += figure_results(figures)

@@ -12,9 +12,9 @@ split, tensor parallel, activation checkpointing, compile per block and FSDP2 fr
 ``config.parallel``, for one process too), then materialized with ``to_empty`` and initialized. The
 trainer holds the result, a :class:`~sapwood.train.parallel.ParallelModel`, as ``parallel``: under
 pipeline parallelism its schedule runs forward and backward with the task's ``output_loss``, and
-evaluation calls it like the model (the whole pipeline's forward). What the trainer exposes to callbacks: ``model``, ``optimizer``,
-``scheduler``, ``scaler``, ``config`` (current; ``config.model`` is the current shape), ``step``,
-``log_event(event, **fields)``, ``model_changed()``, ``out_dir``.
+evaluation calls it like the model (the whole pipeline's forward). What the trainer exposes to
+callbacks: ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``config`` (current; ``config.model``
+is the current shape), ``step``, ``log_event(event, **fields)``, ``model_changed()``, ``out_dir``.
 """
 
 from __future__ import annotations

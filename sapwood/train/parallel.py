@@ -157,13 +157,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     model.register_forward_pre_hook(_full_positions_hook(tp_mesh.size()), with_kwargs=True)
 
 
-def apply_compile(model: nn.Module) -> list[str]:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> list[str]:
     """``torch.compile`` each block in place (same names; the blocks are identical so one graph).
     Idempotent: blocks already compiled are left alone, so it can run again after growth adds
     blocks. Returns the names of the compiled blocks."""
     for block in model.layers.values():
         if not is_compiled(block):
-            block.compile(fullgraph=False)
+            block.compile(fullgraph=False, backend=backend)
     return [name for name, block in model.layers.items() if is_compiled(block)]
 
 
