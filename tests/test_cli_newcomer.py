@@ -40,7 +40,7 @@ def test_an_unknown_key_with_no_near_match_lists_the_allowed_keys(tmp_path):
     proc = sapwood("size", str(config))
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "error: run.yaml: unknown key 'parallel.zzzz'; allowed keys here: dp_replicate, dp_shard, tp, pp, "
+        "error: run.yaml: unknown key 'parallel.zzzz'; allowed keys here: dp_replicate, dp_shard, tp, pp, cp, "
         "pp_schedule, pp_microbatches, cpu_offload")
 
 
