@@ -14,15 +14,16 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-def random_adapter(model, name, targets=("wq", "wv", "w2"), rank=4, alpha=8.0, seed=0):
-    """Adapter ``name`` with B drawn at random (PEFT starts B at zero, which would make every test trivial)."""
+def random_adapter(model, name, targets=("wq", "wv", "w2"), rank=4, alpha=8.0, seed=0, scale=0.05):
+    """Adapter ``name`` with B drawn at random with std ``scale`` (PEFT starts B at zero, which would make every
+    test trivial)."""
     lora.add_adapter(model, name, lora.peft_config(rank, alpha, 0.0, list(targets)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
             if name in layer.lora_B:
                 weight = layer.lora_B[name].weight
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
+                weight.copy_(torch.randn(weight.shape, generator=generator) * scale)
     return model
 
 

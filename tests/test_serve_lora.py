@@ -24,8 +24,10 @@ def adapters(tmp_path_factory, lm_folder):
     from sapwood.model.folder import load
 
     root = tmp_path_factory.mktemp("served-adapters")
-    return {name: lora.save_adapter(random_adapter(load(lm_folder), name, targets, seed=seed), name, root / name,
-                                    lm_folder)
+    # B at std 0.5: each adapter moves the greedy continuation of PROMPT well away from the base's, so a
+    # request served through the wrong adapter (or none) cannot match by a near-tie
+    return {name: lora.save_adapter(random_adapter(load(lm_folder), name, targets, seed=seed, scale=0.5), name,
+                                    root / name, lm_folder)
             for seed, (name, targets) in enumerate({"math": ("wq", "wv", "w2"), "poem": ("wk", "wo")}.items(), 7)}
 
 

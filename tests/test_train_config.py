@@ -47,7 +47,7 @@ def config_file(tmp_path, tokens_dir, model=None, data="default", **train) -> st
         ({"batch_size": 6, "micro_batch_size": 4}, "batch_size=6 is not divisible by micro_batch_size=4"),
         ({"precision": "fp8"}, "train.precision='fp8': Input should be 'fp32', 'bf16', 'fp16' or 'bf16-pure'"),
         ({"activation_checkpointing": "some"}, "train.activation_checkpointing='some'"),
-        ({"task": "speech"}, "train.task='speech' is unknown; registered tasks: cube, passkey, text"),
+        ({"task": "speech"}, "train.task='speech' is unknown; registered tasks: cube, passkey, sft, text"),
         ({"lr": -1}, "train.lr=-1: Input should be greater than 0"),
         ({"model": {**MODEL, "vocab_size": 100}}, "model.vocab_size=100 is smaller than the tokenizer's"),
     ],
