@@ -20,7 +20,20 @@ from sapwood.train.metrics import read_events
 
 MODEL = {"vocab_size": 320, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64, "trained_context": 16}
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "python_default_sigint")
+
+
+@pytest.fixture
+def python_default_sigint():
+    """Python's own Ctrl-C handler for the test, as in an interactive ``sapwood train``. A process started
+    with SIGINT ignored (a background job of a non-interactive shell, ``nohup``) keeps it ignored, and
+    sapwood rightly leaves that alone; these tests press Ctrl-C, so they set the interactive disposition
+    whatever the test runner inherited, and restore it afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def make_config(tokens_dir, out_dir, steps: int) -> Config:
