@@ -92,7 +92,8 @@ def gather(obj: object, world_size: int) -> list:
     return out
 
 
-def run_scenario(name: str, steps: int, out: Path, save_after: int | None, load: Path | None) -> dict:
+def run_scenario(name: str, steps: int, out: Path, save_after: int | None,
+                 load: Path | None) -> tuple[dict, list[dist.ProcessGroup]]:
     world_size, parallel, tied = scenarios.SCENARIOS[name]
     dims = build_parallel_dims(parallel, world_size)
     pm = parallelize(scenarios.build_model(tied), dims, scenarios.loss_fn)
