@@ -27,7 +27,7 @@ MODEL = {
 }
 STEPS = 40
 # Loss of each option at the end of STEPS steps vs plain AdamW (fp32). At 300 steps every option
-# lands within 1.4% of plain AdamW (notes/issue-15.md, scripts/memory_parity.py); 3% over 40 steps
+# lands within 1.4% of plain AdamW (`python scripts/memory_parity.py --steps 300`); 3% over 40 steps
 # catches a broken option (a run that does not learn stays ~5% above plain AdamW's loss here).
 PARITY = 0.03
 
