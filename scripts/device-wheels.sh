@@ -4,7 +4,9 @@
 # `echo /.whl/ >> .git/info/exclude`) and travel with the device call (`carry: [".whl"]`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES=(torchao pydantic pydantic-core annotated-types typing-inspection fastapi starlette uvicorn
+# torchao 0.18 is the release built for torch 2.11 (it dropped the code paths for older torch); the same
+# release runs on this machine's CPU torch.
+PACKAGES=(torchao==0.18.0 pydantic pydantic-core annotated-types typing-inspection fastapi starlette uvicorn
           cf-xarray cftime netCDF4 h5netcdf zarr numcodecs donfig crc32c)
 PLATFORMS=()
 for n in 17 27 28 31 34 35; do PLATFORMS+=(--platform "manylinux_2_${n}_x86_64"); done
