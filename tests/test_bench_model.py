@@ -18,18 +18,8 @@ from sapwood.model.transformer import Decoder
 @pytest.mark.parametrize("scaling", [{"type": "none"}, {"type": "yarn", "factor": 4.0}], ids=["rope", "yarn"])
 def test_reference_matches_decoder_values_and_gradients(tied, scaling):
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=53,
-        hidden=32,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        ffn=64,
-        tied_embeddings=tied,
-        trained_context=8,
-        max_context=32,
-        rope_scaling=scaling,
-    )
+    cfg = ModelConfig(vocab_size=53, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, tied_embeddings=tied,
+                      trained_context=8, max_context=32, rope_scaling=scaling)
     model = Decoder(cfg)
     reference = ReferenceDecoder(model)
     tokens = torch.randint(0, 53, (2, 24))
@@ -44,22 +34,13 @@ def test_reference_matches_decoder_values_and_gradients(tied, scaling):
 
 def test_suite_writes_json_and_png(tmp_path):
     preset = tmp_path / "small.yaml"
-    preset.write_text(
-        yaml.safe_dump(
-            {
-                "name": "small",
-                "model": {"vocab_size": 64, "hidden": 32, "layers": 1, "heads": 4, "kv_heads": 2, "ffn": 64},
-            }
-        )
-    )
+    preset.write_text(yaml.safe_dump({"name": "small", "model": {"vocab_size": 64, "hidden": 32, "layers": 1,
+                                                                 "heads": 4, "kv_heads": 2, "ffn": 64}}))
     results, path = run_model_bench(tmp_path / "out", str(preset), batch=1, seq=16, repeats=1, device="cpu")
     payload = json.loads(path.read_text())
     assert path.name == "model.json" and (tmp_path / "out" / "model.png").stat().st_size > 0
     assert payload["suite"] == "model" and payload["device"].startswith("cpu")
-    assert [r["name"] for r in payload["results"]] == [
-        "fwd+bwd small b1 s16 float32",
-        "forward small b1 s16 float32",
-    ]
+    assert [r["name"] for r in payload["results"]] == ["fwd+bwd small b1 s16 float32", "forward small b1 s16 float32"]
     for r in payload["results"]:
         assert set(r) >= {"name", "value", "unit", "baseline_value", "ratio", "params"}
         assert r["unit"] == "tokens/s" and r["value"] > 0 and r["baseline_value"] > 0

@@ -40,17 +40,8 @@ def torchrun(nproc: int, out: Path, *args: str) -> None:
     # output this assertion shows, so a crash names where it happened.
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent), PYTHONFAULTHANDLER="1")
     env.pop("WORLD_SIZE", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(HERE / "worker.py"),
-        "--out",
-        str(out),
-        *args,
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(HERE / "worker.py"), "--out", str(out), *args]
     if nproc == 1:
         cmd = [sys.executable, str(HERE / "worker.py"), "--out", str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -77,17 +68,7 @@ def reference() -> dict[bool, list[float]]:
 def four_ranks(tmp_path_factory) -> Path:
     """FSDP×TP, PP×FSDP and PP×TP on 4 ranks; each saves a checkpoint after step 3."""
     out = tmp_path_factory.mktemp("four_ranks")
-    torchrun(
-        4,
-        out,
-        "--steps",
-        str(STEPS + 1),
-        "--save-after",
-        str(SAVE_AFTER),
-        "fsdp2_tp2",
-        "pp2_fsdp2",
-        "pp2_tp2",
-    )
+    torchrun(4, out, "--steps", str(STEPS + 1), "--save-after", str(SAVE_AFTER), "fsdp2_tp2", "pp2_fsdp2", "pp2_tp2")
     return out
 
 
@@ -95,18 +76,8 @@ def four_ranks(tmp_path_factory) -> Path:
 def two_ranks(tmp_path_factory) -> Path:
     """FSDP, HSDP (replicate), TP and the three pipeline schedules on 2 ranks."""
     out = tmp_path_factory.mktemp("two_ranks")
-    torchrun(
-        2,
-        out,
-        "--steps",
-        str(STEPS),
-        "fsdp2",
-        "hsdp_replicate2",
-        "tp2",
-        "pp2_1f1b",
-        "pp2_gpipe",
-        "pp2_interleaved",
-    )
+    torchrun(2, out, "--steps", str(STEPS), "fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe",
+             "pp2_interleaved")
     return out
 
 
@@ -118,33 +89,10 @@ def resharded(four_ranks, tmp_path_factory) -> Path:
     step = f"step_{SAVE_AFTER:08d}"
     two_d = four_ranks / "fsdp2_tp2.ckpt" / step
     pipeline = four_ranks / "pp2_fsdp2.ckpt" / step
-    torchrun(
-        2,
-        out,
-        "--steps",
-        "2",
-        "--load",
-        f"fsdp2={two_d}",
-        "--load",
-        f"tp2={two_d}",
-        "--load",
-        f"pp2_1f1b={pipeline}",
-        "fsdp2",
-        "tp2",
-        "pp2_1f1b",
-    )
-    torchrun(
-        1,
-        out,
-        "--steps",
-        "2",
-        "--load",
-        f"single_tied={two_d}",
-        "--load",
-        f"single_untied={pipeline}",
-        "single_tied",
-        "single_untied",
-    )
+    torchrun(2, out, "--steps", "2", "--load", f"fsdp2={two_d}", "--load", f"tp2={two_d}",
+             "--load", f"pp2_1f1b={pipeline}", "fsdp2", "tp2", "pp2_1f1b")
+    torchrun(1, out, "--steps", "2", "--load", f"single_tied={two_d}", "--load", f"single_untied={pipeline}",
+             "single_tied", "single_untied")
     return out
 
 
@@ -186,10 +134,8 @@ def test_pipeline_needs_a_layer_per_stage_and_an_untied_head():
         check_parallel_fits_model(tied, ParallelDims(ParallelConfig(pp=2), 2))
 
 
-@pytest.mark.parametrize(
-    "layers,pp,interleaved",
-    [(4, 2, False), (5, 2, False), (7, 3, False), (8, 2, True), (9, 2, True), (126, 8, False)],
-)
+@pytest.mark.parametrize("layers,pp,interleaved", [(4, 2, False), (5, 2, False), (7, 3, False), (8, 2, True),
+                                                    (9, 2, True), (126, 8, False)])
 def test_stage_split_agrees_with_sizing(layers, pp, interleaved):
     schedule = "interleaved_1f1b" if interleaved else "1f1b"
     stages = stage_layer_ids(layers, pp * (2 if interleaved else 1))
@@ -209,9 +155,7 @@ def test_reference_run_learns(reference):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "name", ["fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved"]
-)
+@pytest.mark.parametrize("name", ["fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved"])
 def test_two_rank_layouts_match_single_process(two_ranks, reference, name):
     tied = scenarios.SCENARIOS[name][2]
     assert_losses_match(read(two_ranks, name)["losses"], reference[tied][:STEPS])
@@ -230,9 +174,7 @@ def test_four_rank_compositions_match_single_process(four_ranks, reference, name
 def test_sizing_predicts_each_ranks_bytes_exactly(four_ranks, name):
     result = read(four_ranks, name)
     assert result["measured"] == result["predicted"]
-    assert (
-        len({json.dumps(c, sort_keys=True) for c in result["coordinates"]}) == 4
-    )  # really 4 distinct shards
+    assert len({json.dumps(c, sort_keys=True) for c in result["coordinates"]}) == 4  # really 4 distinct shards
 
 
 @pytest.mark.distributed
@@ -243,13 +185,10 @@ def test_sizing_predicts_two_rank_bytes_exactly(two_ranks, name):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "saved,loaders",
-    [
-        ("fsdp2_tp2", ["fsdp2", "tp2", "single_tied"]),
-        ("pp2_fsdp2", ["pp2_1f1b", "single_untied"]),
-    ],
-)
+@pytest.mark.parametrize("saved,loaders", [
+    ("fsdp2_tp2", ["fsdp2", "tp2", "single_tied"]),
+    ("pp2_fsdp2", ["pp2_1f1b", "single_untied"]),
+])
 def test_checkpoint_reshards_to_two_ranks_and_one_process(four_ranks, resharded, saved, loaders):
     """Saved by 4 ranks after step 3: every loader holds bit-identical weights and continues with the
     losses the 4-rank run had for steps 4 and 5 (so optimizer state came back too)."""
@@ -262,7 +201,7 @@ def test_checkpoint_reshards_to_two_ranks_and_one_process(four_ranks, resharded,
         assert loaded.keys() == saved_weights.keys()
         for key, tensor in saved_weights.items():
             assert torch.equal(loaded[key], tensor), f"{name}: {key} differs after resharding"
-        assert_losses_match(result["losses"], original["losses"][SAVE_AFTER : SAVE_AFTER + 2])
+        assert_losses_match(result["losses"], original["losses"][SAVE_AFTER:SAVE_AFTER + 2])
 
 
 @pytest.mark.distributed
@@ -280,13 +219,9 @@ def test_no_gloo_thread_outlives_shutdown(request, fixture, ranks):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "fixture,names",
-    [
-        ("two_ranks", ["fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved"]),
-        ("four_ranks", ["fsdp2_tp2", "pp2_fsdp2", "pp2_tp2"]),
-    ],
-)
+@pytest.mark.parametrize("fixture,names", [
+    ("two_ranks", ["fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved"]),
+    ("four_ranks", ["fsdp2_tp2", "pp2_fsdp2", "pp2_tp2"])])
 def test_each_layout_starts_with_only_the_default_groups_threads(request, fixture, names):
     """A worker runs its layouts one after another; each layout's process groups are destroyed at its
     end on every rank at once, so every later layout starts with the default group's gloo threads
@@ -316,24 +251,17 @@ def test_sapwood_train_with_a_mesh_for_more_processes_exits_2_with_one_line(tmp_
     config = tmp_path / "run.yaml"
     config.write_text(
         "model: {vocab_size: 64, hidden: 32, layers: 2, heads: 4, ffn: 64, trained_context: 16}\n"
-        f"train: {{steps: 1, batch_size: 2, micro_batch_size: 2, out_dir: {tmp_path / 'out'}, progress: "
-        f"false}}\n"
+        f"train: {{steps: 1, batch_size: 2, micro_batch_size: 2, out_dir: {tmp_path / 'out'}, progress: false}}\n"
         f"data: {{path: {tmp_path / 'tokens'}}}\n"
         "parallel: {tp: 2, dp_shard: 2}\n"
     )
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "sapwood.cli", "train", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "train", str(config)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: tp=2 × pp=1 × dp=2 = 4 but WORLD_SIZE=1; the parallel degrees must multiply to the number of "
-        "processes"
+        "error: tp=2 × pp=1 × dp=2 = 4 but WORLD_SIZE=1; the parallel degrees must multiply to the number of processes"
     ]
 
 
@@ -360,33 +288,17 @@ def test_sapwood_train_under_torchrun(tmp_path, plan):
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(
-        "model: {vocab_size: 320, hidden: 32, layers: 4, heads: 4, kv_heads: 2, ffn: 64, trained_context: "
-        "32}\n"
-        f"train: {{steps: 4, batch_size: 8, micro_batch_size: 4, eval_every: 2, eval_batches: 2, save_every: "
-        f"2,"
+        "model: {vocab_size: 320, hidden: 32, layers: 4, heads: 4, kv_heads: 2, ffn: 64, trained_context: 32}\n"
+        f"train: {{steps: 4, batch_size: 8, micro_batch_size: 4, eval_every: 2, eval_batches: 2, save_every: 2,"
         f" log_every: 1, progress: false, device: cpu, out_dir: {out}}}\n"
         f"data: {{path: {tmp_path / 'tokens'}, seq_len: 32}}\n"
         f"parallel: {plan}\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "sapwood.cli",
-            "train",
-            str(config),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "sapwood.cli", "train", str(config)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_losses = [e["loss"] for e in events if e["event"] == "train"]

@@ -31,40 +31,20 @@ def eutils():
 @pytest.fixture
 def catalog(tmp_path, eutils, monkeypatch):
     monkeypatch.setenv("NCBI_API_KEY", "loopback-ncbi-key-0123")  # 10 requests/s instead of 3: a shorter test
-    return write_catalog(
-        tmp_path / "sources.yaml",
-        {
-            "loop-pubmed": {
-                "protocol": "ncbi",
-                "endpoint": f"{eutils.url}/entrez/eutils",
-                "db": "pubmed",
-                "term": "exoplanet atmosphere",
-                "retmax": 50,
-                "batch_size": 4,
-                "rate_limit": 0,
-                "concurrency": 2,
-                "credentials": ["NCBI_API_KEY"],
-            },
-        },
-    )
+    return write_catalog(tmp_path / "sources.yaml", {
+        "loop-pubmed": {"protocol": "ncbi", "endpoint": f"{eutils.url}/entrez/eutils", "db": "pubmed",
+                        "term": "exoplanet atmosphere", "retmax": 50, "batch_size": 4, "rate_limit": 0,
+                        "concurrency": 2, "credentials": ["NCBI_API_KEY"]},
+    })
 
 
 def test_abstracts_become_one_text_file_per_article(tmp_path, eutils, catalog, monkeypatch):
     monkeypatch.delenv("NCBI_API_KEY", raising=False)
     out = tmp_path / "corpus"
     reports = []
-    [result] = fetch_sources(
-        ["loop-pubmed"],
-        out,
-        [catalog],
-        policy=fast_policy(),
-        report=lambda *progress: reports.append(progress),
-    )
-    assert reports[0] == ("loop-pubmed", 0, 10) and reports[-1] == (
-        "loop-pubmed",
-        10,
-        10,
-    )  # records, for a bar
+    [result] = fetch_sources(["loop-pubmed"], out, [catalog], policy=fast_policy(),
+                             report=lambda *progress: reports.append(progress))
+    assert reports[0] == ("loop-pubmed", 0, 10) and reports[-1] == ("loop-pubmed", 10, 10)  # records, for a bar
     files = sorted(p.name for p in (out / "loop-pubmed").iterdir())
     assert files == sorted(f"{pmid}.txt" for pmid, (_, abstract) in RECORDS.items() if abstract)
     text = (out / "loop-pubmed" / "38000001.txt").read_text()
@@ -72,11 +52,7 @@ def test_abstracts_become_one_text_file_per_article(tmp_path, eutils, catalog, m
     assert "BACKGROUND: Transmission spectra of exoplanet 1" in text and "RESULTS: We detect water" in text
     search = eutils.requests_to("esearch.fcgi")[0].query
     assert (search["db"], search["term"], search["retmode"], search["tool"]) == (
-        "pubmed",
-        "exoplanet atmosphere",
-        "json",
-        "sapwood",
-    ) and "api_key" not in search
+        "pubmed", "exoplanet atmosphere", "json", "sapwood") and "api_key" not in search
     batches = [r.form()["id"].split(",") for r in eutils.requests_to("efetch.fcgi")]
     assert sorted(i for b in batches for i in b) == sorted(RECORDS) and max(len(b) for b in batches) == 4
     assert_clean(out)
@@ -102,27 +78,16 @@ def test_api_key_is_sent_and_raises_the_rate_to_ncbis_published_limit(tmp_path, 
     assert allowed_rate(0, has_key=False) == 3 and allowed_rate(2, has_key=True) == 2
 
 
-@pytest.mark.parametrize(
-    "fault",
-    [
-        Fault("status", "esearch", status=500),
-        Fault("status", "efetch", status=502),
-        Fault("status", "efetch", status=429, headers={"Retry-After": "2"}),
-        Fault("hang", "efetch", seconds=2.5),
-        Fault("drop", "efetch", keep=0.5),
-        Fault("short", "efetch", keep=0.7),
-        Fault("short", "esearch", keep=0.5),
-    ],
-    ids=[
-        "esearch-500",
-        "efetch-502",
-        "efetch-429",
-        "efetch-timeout",
-        "efetch-dropped",
-        "efetch-truncated-xml",
-        "esearch-truncated-json",
-    ],
-)
+@pytest.mark.parametrize("fault", [
+    Fault("status", "esearch", status=500),
+    Fault("status", "efetch", status=502),
+    Fault("status", "efetch", status=429, headers={"Retry-After": "2"}),
+    Fault("hang", "efetch", seconds=2.5),
+    Fault("drop", "efetch", keep=0.5),
+    Fault("short", "efetch", keep=0.7),
+    Fault("short", "esearch", keep=0.5),
+], ids=["esearch-500", "efetch-502", "efetch-429", "efetch-timeout", "efetch-dropped", "efetch-truncated-xml",
+        "esearch-truncated-json"])
 def test_faults_are_retried_and_the_corpus_is_complete(tmp_path, eutils, catalog, fault):
     out = tmp_path / "corpus"
     fetch_through_fault(eutils, fault, "loop-pubmed", out, catalog)

@@ -68,20 +68,9 @@ def s3(moto_port, aws_env):
 @pytest.fixture
 def catalog(tmp_path, s3):
     proxy, _, bucket = s3
-    return write_catalog(
-        tmp_path / "sources.yaml",
-        {
-            "loop-s3": {
-                "protocol": "s3",
-                "endpoint": proxy.url,
-                "bucket": bucket,
-                "prefix": "era5/",
-                "suffixes": [".nc", ".zarr"],
-                "rate_limit": 0,
-                "concurrency": 3,
-            }
-        },
-    )
+    return write_catalog(tmp_path / "sources.yaml", {
+        "loop-s3": {"protocol": "s3", "endpoint": proxy.url, "bucket": bucket, "prefix": "era5/",
+                    "suffixes": [".nc", ".zarr"], "rate_limit": 0, "concurrency": 3}})
 
 
 def object_gets(proxy, bucket):
@@ -89,11 +78,8 @@ def object_gets(proxy, bucket):
 
 
 def expected_files(out):
-    return {
-        out / "loop-s3" / key.removeprefix("era5/"): data
-        for key, data in OBJECTS.items()
-        if key.startswith("era5/") and not key.endswith(".txt")
-    }
+    return {out / "loop-s3" / key.removeprefix("era5/"): data for key, data in OBJECTS.items()
+            if key.startswith("era5/") and not key.endswith(".txt")}
 
 
 def test_prefix_is_mirrored_with_zarr_stores_whole_and_verified(tmp_path, s3, catalog, monkeypatch):
@@ -144,17 +130,13 @@ def test_object_dropped_mid_transfer_resumes_with_a_range(tmp_path, s3, catalog)
     assert_clean(out)
 
 
-@pytest.mark.parametrize(
-    "fault",
-    [
-        Fault("status", f"/{BUCKET}", status=500),
-        Fault("status", "/sp.nc", status=503),
-        Fault("status", "/sp.nc", status=429, headers={"Retry-After": "5"}),
-        Fault("hang", "/sp.nc", seconds=2.5),
-        Fault("short", "/t2m.nc", keep=0.25),
-    ],
-    ids=["list-500", "get-503", "get-429", "get-timeout", "get-truncated-body"],
-)
+@pytest.mark.parametrize("fault", [
+    Fault("status", f"/{BUCKET}", status=500),
+    Fault("status", "/sp.nc", status=503),
+    Fault("status", "/sp.nc", status=429, headers={"Retry-After": "5"}),
+    Fault("hang", "/sp.nc", seconds=2.5),
+    Fault("short", "/t2m.nc", keep=0.25),
+], ids=["list-500", "get-503", "get-429", "get-timeout", "get-truncated-body"])
 def test_faults_are_retried_and_nothing_corrupt_is_left(tmp_path, s3, catalog, fault):
     proxy, _, bucket = s3
     out = tmp_path / "mirror"
@@ -194,13 +176,8 @@ def test_anonymous_access_sends_unsigned_requests(tmp_path, s3, catalog, monkeyp
             client.put_object_acl(Bucket=bucket, Key=key, ACL="public-read")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    fetch_sources(
-        ["loop-s3"],
-        tmp_path / "mirror",
-        [catalog],
-        {"anonymous": True, "prefix": "era5/2020/"},
-        policy=fast_policy(),
-    )
+    fetch_sources(["loop-s3"], tmp_path / "mirror", [catalog], {"anonymous": True, "prefix": "era5/2020/"},
+                  policy=fast_policy())
     assert all("authorization" not in r.headers for r in proxy.log)
     assert (tmp_path / "mirror" / "loop-s3" / "01" / "sp.nc").read_bytes() == OBJECTS["era5/2020/01/sp.nc"]
 
@@ -210,13 +187,8 @@ def test_fetched_netcdf_runs_go_through_prepare(tmp_path, s3, catalog):
     from sapwood.data.simulate import Grid, simulate_ensemble
 
     proxy, client, bucket = s3
-    runs = simulate_ensemble(
-        tmp_path / "sim",
-        runs=2,
-        grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1),
-        seed=2,
-        progress=False,
-    )
+    runs = simulate_ensemble(tmp_path / "sim", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=2,
+                             progress=False)
     for path in runs:
         client.upload_file(str(path), bucket, f"ensembles/e1/{path.name}")
     out = tmp_path / "cubes"

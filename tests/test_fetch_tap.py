@@ -33,18 +33,10 @@ def tap():
 
 @pytest.fixture
 def catalog(tmp_path, tap):
-    return write_catalog(
-        tmp_path / "sources.yaml",
-        {
-            "loop-exoplanets": {
-                "protocol": "tap",
-                "endpoint": f"{tap.url}/TAP",
-                "query": QUERY,
-                "rate_limit": 0,
-                "named_queries": {"small": "SELECT pl_name, pl_rade FROM pscomppars WHERE pl_rade < 1.2"},
-            },
-        },
-    )
+    return write_catalog(tmp_path / "sources.yaml", {
+        "loop-exoplanets": {"protocol": "tap", "endpoint": f"{tap.url}/TAP", "query": QUERY, "rate_limit": 0,
+                            "named_queries": {"small": "SELECT pl_name, pl_rade FROM pscomppars WHERE pl_rade < 1.2"}},
+    })
 
 
 def read_csv(path):
@@ -72,16 +64,9 @@ def test_named_query_and_parquet(tmp_path, tap, catalog):
     import pyarrow.parquet as pq
 
     out = tmp_path / "out"
-    fetch_sources(
-        ["loop-exoplanets"], out, [catalog], {"query": "small", "format": "parquet"}, policy=fast_policy()
-    )
+    fetch_sources(["loop-exoplanets"], out, [catalog], {"query": "small", "format": "parquet"}, policy=fast_policy())
     table = pq.read_table(out / "loop-exoplanets.parquet").to_pylist()
-    assert sorted(r["pl_name"] for r in table) == [
-        "Proxima Cen b",
-        "TRAPPIST-1 b",
-        "TRAPPIST-1 e",
-        "TRAPPIST-1 f",
-    ]
+    assert sorted(r["pl_name"] for r in table) == ["Proxima Cen b", "TRAPPIST-1 b", "TRAPPIST-1 e", "TRAPPIST-1 f"]
     assert all(isinstance(r["pl_rade"], float) and math.isfinite(r["pl_rade"]) for r in table)
 
 
@@ -102,17 +87,13 @@ def test_rerun_is_served_by_the_cache_without_any_request(tmp_path, tap, catalog
     assert_clean(out)
 
 
-@pytest.mark.parametrize(
-    "fault",
-    [
-        Fault("status", "/sync", status=500),
-        Fault("status", "/sync", status=503),
-        Fault("hang", "/sync", seconds=2.5),
-        Fault("drop", "/sync", keep=0.4),
-        Fault("short", "/sync", keep=0.6),
-    ],
-    ids=["500", "503", "timeout", "dropped-mid-body", "truncated-votable"],
-)
+@pytest.mark.parametrize("fault", [
+    Fault("status", "/sync", status=500),
+    Fault("status", "/sync", status=503),
+    Fault("hang", "/sync", seconds=2.5),
+    Fault("drop", "/sync", keep=0.4),
+    Fault("short", "/sync", keep=0.6),
+], ids=["500", "503", "timeout", "dropped-mid-body", "truncated-votable"])
 def test_transient_faults_are_retried_and_the_output_is_complete(tmp_path, tap, catalog, fault):
     out = tmp_path / "out"
     fetch_through_fault(tap, fault, "loop-exoplanets", out, catalog)
@@ -149,18 +130,13 @@ def test_backoff_grows_exponentially_with_jitter(tmp_path, tap, catalog):
     tap.plan.add(*[Fault("status", "/sync", status=502)] * 3)
     fetch_sources(["loop-exoplanets"], tmp_path / "out", [catalog], policy=policy)
     waits = policy.sleep.waits
-    assert len(waits) == 3 and all(0 <= w <= 2**i for i, w in enumerate(waits))
+    assert len(waits) == 3 and all(0 <= w <= 2 ** i for i, w in enumerate(waits))
 
 
 def test_query_rejected_by_the_service_is_one_line_and_not_retried(tmp_path, tap, catalog):
     with pytest.raises(SapwoodError, match="rejected the query") as raised:
-        fetch_sources(
-            ["loop-exoplanets"],
-            tmp_path / "out",
-            [catalog],
-            {"query": "SELECT x FROM nowhere"},
-            policy=fast_policy(),
-        )
+        fetch_sources(["loop-exoplanets"], tmp_path / "out", [catalog], {"query": "SELECT x FROM nowhere"},
+                      policy=fast_policy())
     assert "\n" not in str(raised.value) and len(tap.requests_to("/sync")) == 1
 
 

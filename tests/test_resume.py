@@ -56,30 +56,11 @@ RUNNER = textwrap.dedent(
 
 def write_config(tokens_dir, out_dir) -> str:
     config = {
-        "model": {
-            "vocab_size": 320,
-            "hidden": 32,
-            "layers": 2,
-            "heads": 4,
-            "kv_heads": 2,
-            "ffn": 64,
-            "trained_context": 16,
-            "tied_embeddings": True,
-        },
-        "train": {
-            "steps": STEPS,
-            "batch_size": 4,
-            "micro_batch_size": 2,
-            "lr": 3e-3,
-            "warmup_steps": 3,
-            "save_every": SAVE_EVERY,
-            "keep_checkpoints": 3,
-            "eval_every": 6,
-            "eval_batches": 1,
-            "log_every": 1,
-            "out_dir": str(out_dir),
-            "progress": False,
-        },
+        "model": {"vocab_size": 320, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64,
+                  "trained_context": 16, "tied_embeddings": True},
+        "train": {"steps": STEPS, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 3,
+                  "save_every": SAVE_EVERY, "keep_checkpoints": 3, "eval_every": 6, "eval_batches": 1,
+                  "log_every": 1, "out_dir": str(out_dir), "progress": False},
         "data": {"path": str(tokens_dir)},
     }
     path = out_dir.parent / f"{out_dir.name}.yaml"
@@ -93,10 +74,7 @@ def run(tmp_path, config: str, fault: str = "none", fault_step: int = 0, resume:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(script), config, fault, str(fault_step), "resume" if resume else "fresh"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+        capture_output=True, text=True, env=env, timeout=300,
     )
 
 

@@ -92,16 +92,10 @@ def test_shard_length_is_torch_chunk():
             assert [shard_length(size, parts, i) for i in range(parts)] == expected
 
 
-@pytest.mark.parametrize(
-    "parallel",
-    [
-        ParallelConfig(dp_shard=4),
-        ParallelConfig(dp_shard=3, tp=2),
-        ParallelConfig(pp=2, dp_shard=2),
-        ParallelConfig(pp=2, pp_schedule="interleaved_1f1b", tp=2),
-        ParallelConfig(tp=2, pp=3, dp_shard=5),
-    ],
-)
+@pytest.mark.parametrize("parallel", [
+    ParallelConfig(dp_shard=4), ParallelConfig(dp_shard=3, tp=2), ParallelConfig(pp=2, dp_shard=2),
+    ParallelConfig(pp=2, pp_schedule="interleaved_1f1b", tp=2), ParallelConfig(tp=2, pp=3, dp_shard=5),
+])
 def test_rank_shards_partition_the_model_like_torch_chunk(parallel):
     """Every element is on exactly one (pp, tp, dp_shard) rank, and each local shape is what torch.chunk
     of the tensor-parallel local tensor gives (FSDP2's dim-0 split)."""
@@ -114,9 +108,7 @@ def test_rank_shards_partition_the_model_like_torch_chunk(parallel):
                     tensor = torch.empty(spec.shape, device="meta")
                     if specs[spec.name].tp_dim is not None and parallel.tp > 1:
                         pieces = tensor.chunk(parallel.tp, dim=spec.tp_dim)
-                        tensor = (
-                            pieces[tp_rank] if tp_rank < len(pieces) else tensor.narrow(spec.tp_dim, 0, 0)
-                        )
+                        tensor = pieces[tp_rank] if tp_rank < len(pieces) else tensor.narrow(spec.tp_dim, 0, 0)
                     pieces = tensor.chunk(parallel.dp_shard, dim=0)
                     local = pieces[dp_rank] if dp_rank < len(pieces) else tensor.narrow(0, 0, 0)
                     assert numel == local.numel(), (spec.name, pp_rank, tp_rank, dp_rank)
@@ -129,9 +121,8 @@ def test_fsdp_uneven_rows_and_padding():
     parallel = ParallelConfig(dp_shard=5)
     last = dict((s.name, n) for s, n in rank_params(SMALL, parallel, dp_shard_rank=4))
     assert last["norm.weight"] == 8 and last["tok_embeddings.weight"] == 17 * 48  # 101 rows: 21,21,21,21,17
-    assert padded_param_numel(SMALL, parallel) == sum(
-        math.ceil(s.shape[0] / 5) * s.numel // s.shape[0] for s in parameter_shapes(SMALL)
-    )
+    assert padded_param_numel(SMALL, parallel) == sum(math.ceil(s.shape[0] / 5) * s.numel // s.shape[0]
+                                                      for s in parameter_shapes(SMALL))
 
 
 def test_adamw_state_bytes_match_a_real_optimizer(tiny_config):
@@ -144,11 +135,7 @@ def test_adamw_state_bytes_match_a_real_optimizer(tiny_config):
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     predicted = rank_state_bytes(tiny_config.model, ParallelConfig(), "fp32", "adamw")
-    assert (predicted.weights, predicted.grads, predicted.optimizer) == (
-        weight_bytes,
-        grad_bytes,
-        state_bytes,
-    )
+    assert (predicted.weights, predicted.grads, predicted.optimizer) == (weight_bytes, grad_bytes, state_bytes)
     assert training_memory_bytes(tiny_config.model) == weight_bytes + grad_bytes + state_bytes
 
 
@@ -172,13 +159,10 @@ def test_activation_formulas_korthikanti():
     assert activation_bytes_per_layer(cfg, s, b) == s * b * h * (34 + 5 * a * s / h)
     assert activation_bytes_per_layer(cfg, s, b, tp=8) == s * b * h / 8 * (34 + 5 * a * s / h)
     assert activation_bytes_per_layer(cfg, s, b, tp=8, sequence_parallel=False) == s * b * h * (
-        10 + 24 / 8 + 5 * a * s / (h * 8)
-    )
+        10 + 24 / 8 + 5 * a * s / (h * 8))
     assert activation_bytes_per_layer(cfg, s, b, tp=8, checkpointing="selective") == s * b * h * 34 / 8
     assert activation_bytes_per_layer(cfg, s, b, checkpointing="full") == 2 * s * b * h
-    assert (
-        activation_bytes_per_layer(cfg, s, b, checkpointing="full", bytes_per_activation=4) == 4 * s * b * h
-    )
+    assert activation_bytes_per_layer(cfg, s, b, checkpointing="full", bytes_per_activation=4) == 4 * s * b * h
 
 
 def test_flops_per_token_and_mfu():
@@ -197,9 +181,7 @@ def test_memory_plan_shards_with_parallelism():
     s, h, t = 32768, 12288, 8  # rank 0 of 1F1B holds pp=8 micro-batches of its 12 checkpointed layers
     assert plan.worst_pp_rank == 0
     assert plan.activations == int(2 * s * h / t * 12 * 8 + 34 * s * h / t)
-    more_shards = memory_plan(
-        cfg.model, cfg.parallel.model_copy(update={"dp_shard": 8}), "bf16", "adamw", "full"
-    )
+    more_shards = memory_plan(cfg.model, cfg.parallel.model_copy(update={"dp_shard": 8}), "bf16", "adamw", "full")
     assert more_shards.optimizer_state < plan.optimizer_state
 
 
@@ -217,11 +199,8 @@ def test_solver_astro_and_refusals():
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    target=st.floats(5e7, 5e10),
-    layers=st.one_of(st.none(), st.integers(4, 96)),
-    heads=st.one_of(st.none(), st.sampled_from([8, 16, 32, 64])),
-)
+@given(target=st.floats(5e7, 5e10), layers=st.one_of(st.none(), st.integers(4, 96)),
+       heads=st.one_of(st.none(), st.sampled_from([8, 16, 32, 64])))
 def test_solver_returns_valid_shapes_within_tolerance(target, layers, heads):
     try:
         result = solve(SolveRequest(target, layers=layers, heads=heads, tolerance=2e-3))

@@ -1,5 +1,4 @@
-"""Exoplanet catalog -> planet parameters for `sapwood simulate --planets`: the documented mapping and
-filling."""
+"""Exoplanet catalog -> planet parameters for `sapwood simulate --planets`: the documented mapping and filling."""
 
 from __future__ import annotations
 
@@ -41,13 +40,8 @@ def test_measured_values_are_converted_to_si():
     assert planet.values["rotation_rate"] == pytest.approx(2 * math.pi / (6.1010 * 86400))  # tidally locked
     assert planet.values["stellar_flux"] == pytest.approx(0.646 * 1361)
     assert planet.values["surface_pressure"] == 1e5
-    assert planet.origin == {
-        "radius": "measured",
-        "gravity": "measured",
-        "rotation_rate": "derived",
-        "stellar_flux": "measured",
-        "surface_pressure": "filled",
-    }
+    assert planet.origin == {"radius": "measured", "gravity": "measured", "rotation_rate": "derived",
+                             "stellar_flux": "measured", "surface_pressure": "filled"}
 
 
 def test_unknowns_are_filled_as_documented():
@@ -58,9 +52,7 @@ def test_unknowns_are_filled_as_documented():
     assert chen_kipping_mass(2.61) == pytest.approx((2.61 / 0.808) ** (1 / 0.589))  # Neptunian branch
     kepler452 = planet_from_row(ROWS["Kepler-452 b"])  # no insolation, long orbit
     semi_major = (1.037 * (384.843 / 365.25) ** 2) ** (1 / 3)
-    assert kepler452.values["stellar_flux"] == pytest.approx(
-        1361 * 1.11**2 * (5757 / 5772) ** 4 / semi_major**2
-    )
+    assert kepler452.values["stellar_flux"] == pytest.approx(1361 * 1.11**2 * (5757 / 5772) ** 4 / semi_major**2)
     assert kepler452.values["rotation_rate"] == 7.292e-5 and kepler452.origin["rotation_rate"] == "filled"
     trappist_f = planet_from_row(ROWS["TRAPPIST-1 f"])  # no insolation: from the star and Kepler's law
     assert trappist_f.origin["stellar_flux"] == "derived"
@@ -68,12 +60,8 @@ def test_unknowns_are_filled_as_documented():
     assert only_teq.values["stellar_flux"] == pytest.approx(4 * 5.670374e-8 * 255.0**4 / 0.7)
     bare = planet_from_row({"pl_name": "y", "pl_rade": 1.0})
     assert bare.values["stellar_flux"] == 1361 and bare.origin["stellar_flux"] == "filled"
-    assert (
-        planet_from_row({"pl_name": "z", "pl_rade": 1.0, "surface_pressure": 9.2e6}).values[
-            "surface_pressure"
-        ]
-        == 9.2e6
-    )
+    assert planet_from_row({"pl_name": "z", "pl_rade": 1.0, "surface_pressure": 9.2e6}).values[
+        "surface_pressure"] == 9.2e6
 
 
 def test_draw_is_seeded_clipped_and_skips_rows_without_radius(catalog_csv):
@@ -103,10 +91,8 @@ def test_simulator_is_stable_at_every_corner_of_the_supported_range():
     from sapwood.data.simulate import Grid, PlanetParams, Simulation
 
     for corner in itertools.product(*(SUPPORTED[f] for f in FIELDS)):
-        simulation = Simulation(
-            PlanetParams(**dict(zip(FIELDS, corner, strict=True))),
-            Grid(levels=2, nlat=8, nlon=16, times=2, spinup_days=1),
-        )
+        simulation = Simulation(PlanetParams(**dict(zip(FIELDS, corner, strict=True))),
+                                Grid(levels=2, nlat=8, nlon=16, times=2, spinup_days=1))
         for _ in range(2):
             simulation.advance()
         assert np.isfinite(simulation.temperature).all() and (simulation.temperature > 0).all(), corner

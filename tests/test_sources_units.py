@@ -1,5 +1,4 @@
-"""The pieces every source shares: catalog, retry policy, rate limiter, redaction, resumable download,
-cache."""
+"""The pieces every source shares: catalog, retry policy, rate limiter, redaction, resumable download, cache."""
 
 from __future__ import annotations
 
@@ -28,15 +27,8 @@ from sapwood.errors import ConfigError
 
 def test_packaged_catalog_validates_and_names_its_credentials():
     catalog = Catalog.load()
-    assert {
-        "nasa-exoplanets",
-        "gaia-dr3",
-        "eso-obscore",
-        "mast-jwst-trappist1",
-        "cds-era5-single-levels",
-        "ncbi-pubmed-exoplanets",
-        "s3-era5-pds",
-    } <= set(catalog.names)
+    assert {"nasa-exoplanets", "gaia-dr3", "eso-obscore", "mast-jwst-trappist1", "cds-era5-single-levels",
+            "ncbi-pubmed-exoplanets", "s3-era5-pds"} <= set(catalog.names)
     protocols = {catalog.get(n).protocol for n in catalog.names}
     assert protocols == {"tap", "mast", "cds", "ncbi", "s3"}
     assert catalog.get("cds-era5-single-levels").credentials == ["CDSAPI_KEY"]
@@ -45,18 +37,9 @@ def test_packaged_catalog_validates_and_names_its_credentials():
 
 
 def test_user_catalog_adds_and_overrides_field_by_field(tmp_path, monkeypatch):
-    mine = write_catalog(
-        tmp_path / "mine.yaml",
-        {
-            "nasa-exoplanets": {"endpoint": "http://127.0.0.1:9/TAP"},
-            "my-bucket": {
-                "protocol": "s3",
-                "endpoint": "http://minio.local:9000",
-                "bucket": "runs",
-                "prefix": "a/",
-            },
-        },
-    )
+    mine = write_catalog(tmp_path / "mine.yaml", {
+        "nasa-exoplanets": {"endpoint": "http://127.0.0.1:9/TAP"},
+        "my-bucket": {"protocol": "s3", "endpoint": "http://minio.local:9000", "bucket": "runs", "prefix": "a/"}})
     monkeypatch.setenv("SAPWOOD_SOURCES", str(mine))
     catalog = Catalog.load()
     exoplanets = catalog.get("nasa-exoplanets")
@@ -64,15 +47,12 @@ def test_user_catalog_adds_and_overrides_field_by_field(tmp_path, monkeypatch):
     assert catalog.get("my-bucket").bucket == "runs"
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"maxrec": -1}, "source 'nasa-exoplanets': maxrec=-1: Input should be greater than or equal to 1"),
-        ({"format": "xlsx"}, "source 'nasa-exoplanets': format='xlsx'"),
-        ({"protocol": "ftp"}, "protocol='ftp'; allowed: tap, mast, cds, ncbi, s3"),
-        ({"colour": "red"}, "colour='red': Extra inputs are not permitted"),
-    ],
-)
+@pytest.mark.parametrize("overrides, message", [
+    ({"maxrec": -1}, "source 'nasa-exoplanets': maxrec=-1: Input should be greater than or equal to 1"),
+    ({"format": "xlsx"}, "source 'nasa-exoplanets': format='xlsx'"),
+    ({"protocol": "ftp"}, "protocol='ftp'; allowed: tap, mast, cds, ncbi, s3"),
+    ({"colour": "red"}, "colour='red': Extra inputs are not permitted"),
+])
 def test_bad_fields_are_one_line_errors_naming_the_field(overrides, message):
     with pytest.raises(ConfigError) as raised:
         Catalog.load().get("nasa-exoplanets", overrides)
@@ -88,11 +68,8 @@ def test_set_and_request_overrides(tmp_path):
     request = tmp_path / "r.yaml"
     request.write_text("dataset: reanalysis-era5-pressure-levels\nrequest: {variable: [temperature]}\n")
     assert parse_overrides(request, ["maxrec=5", "query=SELECT 1"]) == {
-        "dataset": "reanalysis-era5-pressure-levels",
-        "request": {"variable": ["temperature"]},
-        "maxrec": 5,
-        "query": "SELECT 1",
-    }
+        "dataset": "reanalysis-era5-pressure-levels", "request": {"variable": ["temperature"]}, "maxrec": 5,
+        "query": "SELECT 1"}
     with pytest.raises(ConfigError, match="FIELD=VALUE"):
         parse_overrides(None, ["maxrec"])
 
@@ -107,9 +84,7 @@ def test_retry_after_header_forms():
     wrapped.__cause__ = requests.HTTPError("429", response=response)
     assert retry_after_seconds(wrapped) == 9.0 and is_transient(wrapped)
     botocore_style = Exception("SlowDown")
-    botocore_style.response = {
-        "ResponseMetadata": {"HTTPStatusCode": 503, "HTTPHeaders": {"retry-after": "2"}}
-    }
+    botocore_style.response = {"ResponseMetadata": {"HTTPStatusCode": 503, "HTTPHeaders": {"retry-after": "2"}}}
     assert retry_after_seconds(botocore_style) == 2.0 and is_transient(botocore_style)
 
 
@@ -185,10 +160,7 @@ def test_rate_limiter_gives_concurrent_threads_distinct_slots():
 def test_redactor_and_log_records_of_any_logger(monkeypatch):
     monkeypatch.setenv("NCBI_API_KEY", "s3cr3t/value+1")
     redactor = Redactor.from_environment()
-    assert (
-        redactor("GET /efetch?api_key=s3cr3t%2Fvalue%2B1 and s3cr3t/value+1")
-        == "GET /efetch?api_key=*** and ***"
-    )
+    assert redactor("GET /efetch?api_key=s3cr3t%2Fvalue%2B1 and s3cr3t/value+1") == "GET /efetch?api_key=*** and ***"
     lines = []
 
     class Collect(logging.Handler):
@@ -244,13 +216,8 @@ def test_download_resumes_a_part_file_and_verifies_the_checksum(tmp_path, blob_s
     session = dropped_download(server, "/blob", dest, len(data))
     on_disk = part_path(dest).stat().st_size
     assert not dest.exists() and 0 < on_disk <= 100_000  # a .part, never the final name
-    download(
-        session,
-        f"{server.url}/blob",
-        dest,
-        expected_size=len(data),
-        checksum=("sha256", hashlib.sha256(data).hexdigest()),
-    )
+    download(session, f"{server.url}/blob", dest, expected_size=len(data),
+             checksum=("sha256", hashlib.sha256(data).hexdigest()))
     assert dest.read_bytes() == data and not part_path(dest).exists()
     assert server.log[-1].headers["range"] == f"bytes={on_disk}-"  # only the missing bytes were asked for
 
@@ -289,9 +256,7 @@ def test_a_part_from_another_origin_is_never_spliced(tmp_path, blob_server):
 def test_s3_keys_land_below_the_prefix_folder(tmp_path):
     from sapwood.data.sources.s3 import local_path
 
-    assert (
-        local_path(tmp_path, "2020/01/data/air_pressure", "2020/01/data/air_pressure_at_msl.nc")
-        == tmp_path / "air_pressure_at_msl.nc"
-    )
+    assert local_path(tmp_path, "2020/01/data/air_pressure", "2020/01/data/air_pressure_at_msl.nc") == \
+        tmp_path / "air_pressure_at_msl.nc"
     assert local_path(tmp_path, "era5/", "era5/2020/01/t2m.nc") == tmp_path / "2020" / "01" / "t2m.nc"
     assert local_path(tmp_path, "", "a/../../b.nc") == tmp_path / "a" / "b.nc"  # never outside the folder

@@ -25,10 +25,8 @@ def count_attention_calls(model: torch.nn.Module) -> dict[str, int]:
     """Forward calls of each block's attention module (a recomputed block calls it twice per step)."""
     calls = dict.fromkeys(model.layers, 0)
     for name, block in model.layers.items():
-
         def hook(module, args, name=name):
             calls[name] += 1
-
         block.attention.register_forward_pre_hook(hook)
     return calls
 

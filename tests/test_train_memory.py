@@ -16,15 +16,7 @@ from sapwood.train.metrics import read_events
 from sapwood.train.optim import OptimizerInBackward
 
 # hidden 64: the attention and FFN matrices have >= 4096 elements, so torchao quantizes their states.
-MODEL = {
-    "vocab_size": 320,
-    "hidden": 64,
-    "layers": 2,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 128,
-    "trained_context": 32,
-}
+MODEL = {"vocab_size": 320, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128, "trained_context": 32}
 STEPS = 40
 # Loss of each option at the end of STEPS steps vs plain AdamW (fp32). At 300 steps every option
 # lands within 1.4% of plain AdamW (`python scripts/memory_parity.py --steps 300`); 3% over 40 steps
@@ -36,20 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(tokens_dir, out_dir, **train) -> Config:
-    settings = {
-        "steps": STEPS,
-        "batch_size": 8,
-        "micro_batch_size": 4,
-        "lr": 3e-3,
-        "warmup_steps": 4,
-        "eval_every": 1000,
-        "eval_batches": 2,
-        "save_every": 1000,
-        "log_every": 1,
-        "device": "cpu",
-        "out_dir": str(out_dir),
-        "progress": False,
-    }
+    settings = {"steps": STEPS, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 4,
+                "eval_every": 1000, "eval_batches": 2, "save_every": 1000, "log_every": 1, "device": "cpu",
+                "out_dir": str(out_dir), "progress": False}
     settings.update(train)
     return validate(Config, {"model": dict(MODEL), "train": settings, "data": {"path": str(tokens_dir)}})
 
@@ -141,14 +122,8 @@ def test_stochastic_rounding_moves_a_weight_by_updates_below_bf16_spacing():
     moved = {}
     for precision in ("bf16", "bf16-pure"):  # plain AdamW on bf16 weights vs the stochastic-rounding update
         weights = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
-        optimizer = make_optimizer(
-            [{"params": [weights], "weight_decay": 0.0}],
-            "adamw",
-            precision,
-            torch.device("cpu"),
-            lr=1e-4,
-            betas=(0.9, 0.95),
-        )
+        optimizer = make_optimizer([{"params": [weights], "weight_decay": 0.0}], "adamw", precision,
+                                   torch.device("cpu"), lr=1e-4, betas=(0.9, 0.95))
         for _ in range(50):
             weights.grad = torch.ones_like(weights)
             optimizer.step()
@@ -159,9 +134,7 @@ def test_stochastic_rounding_moves_a_weight_by_updates_below_bf16_spacing():
 
 def test_optimizer_in_backward_equals_adamw_with_accumulation(tokens_dir, tmp_path):
     expected = train_losses(make_config(tokens_dir, tmp_path / "a", steps=6, grad_clip=None))
-    fused = train_losses(
-        make_config(tokens_dir, tmp_path / "b", steps=6, grad_clip=None, optimizer_in_backward=True)
-    )
+    fused = train_losses(make_config(tokens_dir, tmp_path / "b", steps=6, grad_clip=None, optimizer_in_backward=True))
     assert fused == pytest.approx(expected, rel=1e-5)
 
 
@@ -171,9 +144,7 @@ def record_live_gradients(trainer: Trainer) -> list[int]:
     params = list(trainer.model.parameters())
     counts: list[int] = []
     for param in params:
-        param.register_post_accumulate_grad_hook(
-            lambda _: counts.append(sum(q.grad is not None for q in params))
-        )
+        param.register_post_accumulate_grad_hook(lambda _: counts.append(sum(q.grad is not None for q in params)))
     return counts
 
 
@@ -181,11 +152,8 @@ def test_optimizer_in_backward_frees_each_gradient_as_it_steps(tokens_dir, tmp_p
     """One micro-batch per step: when any parameter's gradient completes, no other gradient exists
     (those done earlier in backward were stepped and freed), so no full set of gradients is ever alive;
     plain AdamW holds all of them at the end of backward."""
-    fused = Trainer(
-        make_config(
-            tokens_dir, tmp_path / "fused", steps=2, batch_size=4, grad_clip=None, optimizer_in_backward=True
-        )
-    )
+    fused = Trainer(make_config(tokens_dir, tmp_path / "fused", steps=2, batch_size=4, grad_clip=None,
+                                optimizer_in_backward=True))
     assert isinstance(fused.optimizer, OptimizerInBackward)
     fused_counts = record_live_gradients(fused)
     fused.fit()
@@ -208,12 +176,7 @@ def test_memory_options_save_and_resume_exactly(tokens_dir, tmp_path):
     resumed from its step-4 checkpoint, a run repeats its own steps 5..8 exactly."""
     import shutil
 
-    options = {
-        "optimizer": "adamw8bit",
-        "precision": "bf16-pure",
-        "optimizer_in_backward": True,
-        "grad_clip": None,
-    }
+    options = {"optimizer": "adamw8bit", "precision": "bf16-pure", "optimizer_in_backward": True, "grad_clip": None}
     config = make_config(tokens_dir, tmp_path, steps=8, save_every=4, **options)
     whole = train_losses(config)
     shutil.rmtree(tmp_path / "checkpoints" / "step_00000008")
@@ -240,12 +203,8 @@ def test_tensorboard_option_writes_the_logged_scalars(tokens_dir, tmp_path):
 def test_cube_surrogate_with_tensor_or_pipeline_parallel_is_one_line_error(tmp_path, plan):
     from sapwood.config import CubeModelConfig, ParallelConfig, TrainConfig
 
-    config = Config(
-        model=dict(MODEL, vocab_size=1),
-        cube=CubeModelConfig(levels=3, lat=8, lon=16, patch=2),
-        parallel=ParallelConfig(**plan),
-        train=TrainConfig(task="cube", steps=1, out_dir=str(tmp_path)),
-    )
+    config = Config(model=dict(MODEL, vocab_size=1), cube=CubeModelConfig(levels=3, lat=8, lon=16, patch=2),
+                    parallel=ParallelConfig(**plan), train=TrainConfig(task="cube", steps=1, out_dir=str(tmp_path)))
     with pytest.raises(ConfigError) as info:
         Trainer(config)
     message = str(info.value)

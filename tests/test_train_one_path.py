@@ -19,33 +19,15 @@ from sapwood.train.loop import Trainer
 from sapwood.train.parallel import ParallelModel, apply_training_parallelism, is_compiled
 from sapwood.train.task import PipelinedTask, build_task
 
-MODEL = {
-    "vocab_size": 320,
-    "hidden": 32,
-    "layers": 3,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 64,
-    "trained_context": 16,
-}
+MODEL = {"vocab_size": 320, "hidden": 32, "layers": 3, "heads": 4, "kv_heads": 2, "ffn": 64, "trained_context": 16}
 WORKERS = Path(__file__).parent / "train_workers"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(tokens_dir, out_dir, parallel=None, **train) -> Config:
-    settings = {
-        "steps": 2,
-        "batch_size": 4,
-        "micro_batch_size": 2,
-        "eval_every": 2,
-        "eval_batches": 1,
-        "save_every": 1000,
-        "log_every": 1,
-        "device": "cpu",
-        "out_dir": str(out_dir),
-        "progress": False,
-    }
+    settings = {"steps": 2, "batch_size": 4, "micro_batch_size": 2, "eval_every": 2, "eval_batches": 1,
+                "save_every": 1000, "log_every": 1, "device": "cpu", "out_dir": str(out_dir), "progress": False}
     settings.update(train)
     raw = {"model": dict(MODEL), "train": settings, "data": {"path": str(tokens_dir)}}
     if parallel:
@@ -143,16 +125,8 @@ def test_fp16_pipeline_scales_the_loss_before_unscaling(tokens_dir, tmp_path):
     would divide true gradients by 65536 and the norm would be 65536x smaller."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
     env.pop("WORLD_SIZE", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(WORKERS / "pipeline_fp16.py"),
-        str(tokens_dir),
-        str(tmp_path),
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(WORKERS / "pipeline_fp16.py"), str(tokens_dir), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     fp32 = json.loads((tmp_path / "pp_fp32.json").read_text())

@@ -38,28 +38,21 @@ def _simulated_state(cube) -> tuple[np.ndarray, np.ndarray]:
     from sapwood.data.simulate import PLANET_VARIABLES, Grid, PlanetParams, run_states
 
     planet = PlanetParams()
-    fields, _ = next(
-        iter(
-            run_states(planet, Grid(levels=cube.levels, nlat=cube.lat, nlon=cube.lon, times=2, spinup_days=1))
-        )
-    )
-    frame = np.concatenate(
-        [fields[v][None] if v in cube.surface_variables else fields[v] for v in cube.variables]
-    )
+    fields, _ = next(iter(run_states(planet, Grid(levels=cube.levels, nlat=cube.lat, nlon=cube.lon, times=2,
+                                                             spinup_days=1))))
+    frame = np.concatenate([fields[v][None] if v in cube.surface_variables else fields[v] for v in cube.variables])
     values = {name: getattr(planet, field) for name, (field, _, _) in PLANET_VARIABLES.items()}
     params = [values[name] for name in cube.planet_params] or [1.0]
     return frame.astype(np.float32)[None], np.asarray([params], dtype=np.float32)
 
 
-def run_predict_bench(
-    out_dir: Path, source: str = "cube-small", repeats: int = 300, device: str = "auto", compile: bool = False
-) -> list[Result]:
+def run_predict_bench(out_dir: Path, source: str = "cube-small", repeats: int = 300, device: str = "auto",
+                      compile: bool = False) -> list[Result]:
     """Time both paths on a checkpoint folder or a cube preset (randomly initialized)."""
     from sapwood.physics import Geometry, mass_fix
 
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
     if Path(source).is_dir():
         model = load(source, device=dev)
         config: Config = load_config(Path(source) / "config.yaml")
@@ -91,34 +84,14 @@ def run_predict_bench(
     torch.testing.assert_close(ours(), baseline(), rtol=1e-4, atol=1e-3)
     ours_ms = _latencies(ours, repeats, dev)
     base_ms = _latencies(baseline, repeats, dev)
-    params = {
-        "source": source,
-        "device": str(dev),
-        "repeats": repeats,
-        "channels": cube.channels,
-        "grid": f"{cube.lat}x{cube.lon}",
-        "hidden": config.model.hidden,
-        "layers": config.model.layers,
-        "cuda_graph": predictor.graph is not None,
-        "compile": compile,
-    }
+    params = {"source": source, "device": str(dev), "repeats": repeats, "channels": cube.channels,
+              "grid": f"{cube.lat}x{cube.lon}", "hidden": config.model.hidden, "layers": config.model.layers,
+              "cuda_graph": predictor.graph is not None, "compile": compile}
     results = [
-        Result(
-            "p50 latency, batch of one",
-            float(np.percentile(ours_ms, 50)),
-            "ms",
-            float(np.percentile(base_ms, 50)),
-            params=params,
-            baseline="eager, fresh tensors",
-        ),
-        Result(
-            "p99 latency, batch of one",
-            float(np.percentile(ours_ms, 99)),
-            "ms",
-            float(np.percentile(base_ms, 99)),
-            params=params,
-            baseline="eager, fresh tensors",
-        ),
+        Result("p50 latency, batch of one", float(np.percentile(ours_ms, 50)), "ms",
+               float(np.percentile(base_ms, 50)), params=params, baseline="eager, fresh tensors"),
+        Result("p99 latency, batch of one", float(np.percentile(ours_ms, 99)), "ms",
+               float(np.percentile(base_ms, 99)), params=params, baseline="eager, fresh tensors"),
     ]
     write_suite("predict", results, out_dir)
     print_results(results)

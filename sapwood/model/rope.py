@@ -75,7 +75,6 @@ def scaled_inv_freq(
             stretched_theta = theta * factor ** (head_dim / (head_dim - 2))
             inv_freq = base_inv_freq(head_dim, stretched_theta)
     elif kind == "yarn":
-
         def correction_dim(rotations: float) -> float:
             return head_dim * math.log(trained_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
@@ -105,7 +104,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``[batch, heads, seq, head_dim]``; cos/sin are ``[batch or 1, seq,
-    head_dim]``."""
+    """Rotate ``x`` of shape ``[batch, heads, seq, head_dim]``; cos/sin are ``[batch or 1, seq, head_dim]``."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (x * cos + rotate_half(x) * sin).to(x.dtype)

@@ -35,11 +35,7 @@ def parameter_shapes(cfg: ModelConfig) -> list[ParamSpec]:
     def linear(name: str, out_dim: int, in_dim: int, tp_dim: int, bias: bool, layer: int) -> list[ParamSpec]:
         """Weight, then bias (sharded with the output rows when column-parallel, else replicated)."""
         weight = ParamSpec(name + ".weight", (out_dim, in_dim), tp_dim, layer)
-        return (
-            [weight, ParamSpec(name + ".bias", (out_dim,), 0 if tp_dim == 0 else None, layer)]
-            if bias
-            else [weight]
-        )
+        return [weight, ParamSpec(name + ".bias", (out_dim,), 0 if tp_dim == 0 else None, layer)] if bias else [weight]
 
     specs = [ParamSpec("tok_embeddings.weight", (cfg.vocab_size, h), 0, None)]
     for i in range(cfg.layers):
@@ -52,10 +48,8 @@ def parameter_shapes(cfg: ModelConfig) -> list[ParamSpec]:
             *linear(p + "attention.wo", h, q_dim, 1, cfg.attention_out_bias, i),
         ]
         if cfg.qk_norm:
-            specs += [
-                ParamSpec(p + "attention.q_norm.weight", (cfg.head_dim,), None, i),
-                ParamSpec(p + "attention.k_norm.weight", (cfg.head_dim,), None, i),
-            ]
+            specs += [ParamSpec(p + "attention.q_norm.weight", (cfg.head_dim,), None, i),
+                      ParamSpec(p + "attention.k_norm.weight", (cfg.head_dim,), None, i)]
         specs += [
             ParamSpec(p + "ffn_norm.weight", (h,), None, i),
             *linear(p + "feed_forward.w1", cfg.ffn, h, 0, cfg.mlp_bias, i),
@@ -83,12 +77,8 @@ def layer_params(cfg: ModelConfig) -> int:
     """One block: 2h (norms) + h*(q + 2 kv + q) (attention) + 3 h ffn (SwiGLU), plus the family options:
     q + 2 kv (q/k/v biases), h (output bias), 2 head_dim (q/k norms), 2 ffn + h (FFN biases)."""
     q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    options = (
-        (q_dim + 2 * kv_dim) * cfg.qkv_bias
-        + cfg.hidden * cfg.attention_out_bias
-        + 2 * cfg.head_dim * cfg.qk_norm
-        + (2 * cfg.ffn + cfg.hidden) * cfg.mlp_bias
-    )
+    options = ((q_dim + 2 * kv_dim) * cfg.qkv_bias + cfg.hidden * cfg.attention_out_bias
+               + 2 * cfg.head_dim * cfg.qk_norm + (2 * cfg.ffn + cfg.hidden) * cfg.mlp_bias)
     return 2 * cfg.hidden + cfg.hidden * (2 * q_dim + 2 * kv_dim) + 3 * cfg.hidden * cfg.ffn + options
 
 
@@ -127,6 +117,4 @@ def config_param_counts(config: Config) -> ParamCounts:
     total = sum(s.numel for s in specs)
     blocks = sum(s.numel for s in specs if s.layer is not None)
     final_norm = sum(s.numel for s in specs if s.name.startswith("norm."))
-    return ParamCounts(
-        total, total - blocks - final_norm, blocks + final_norm, blocks // max(config.model.layers, 1)
-    )
+    return ParamCounts(total, total - blocks - final_norm, blocks + final_norm, blocks // max(config.model.layers, 1))

@@ -7,8 +7,7 @@ A served model keeps, per token and layer, one key and one value vector per KV h
 Under the preset's serving plan one replica is a TP x PP group: pipeline rank ``p`` keeps the KV of its
 stage's layers, tensor rank ``t`` that of the KV heads its query heads read (:func:`kv_heads_per_tp_rank`:
 ``kv_heads / tp`` when ``tp`` divides them, otherwise some KV heads are kept on two ranks, as vLLM
-replicates them when ``tp`` exceeds them). The device's weights are its bf16 share of the model
-(:func:`sapwood.sizing.rank_params` with
+replicates them when ``tp`` exceeds them). The device's weights are its bf16 share of the model (:func:`sapwood.sizing.rank_params` with
 the TP x PP split, no FSDP: every replica holds a whole model). What remains of ``device_gb`` after the
 weights and ``reserve`` (activations, workspace; vLLM's default ``gpu_memory_utilization`` 0.9 leaves
 10 %) is the KV budget; the longest context is that budget over the device's KV bytes per token (one
@@ -69,21 +68,13 @@ class KVPlan:
         return self.longest_context_per_device >= self.max_context
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "max_context_fits": self.max_context_fits,
-            "max_context_kv_bytes_per_device": self.max_context * self.bytes_per_token_per_device,
-            "max_context_kv_bytes_total": self.max_context * self.bytes_per_token,
-        }
+        return {**asdict(self), "max_context_fits": self.max_context_fits,
+                "max_context_kv_bytes_per_device": self.max_context * self.bytes_per_token_per_device,
+                "max_context_kv_bytes_total": self.max_context * self.bytes_per_token}
 
 
-def kv_plan(
-    cfg: ModelConfig,
-    parallel: ParallelConfig,
-    device_gb: float = DEFAULT_DEVICE_GB,
-    bytes_per_element: int = 2,
-    reserve: float = DEFAULT_RESERVE,
-) -> KVPlan:
+def kv_plan(cfg: ModelConfig, parallel: ParallelConfig, device_gb: float = DEFAULT_DEVICE_GB,
+            bytes_per_element: int = 2, reserve: float = DEFAULT_RESERVE) -> KVPlan:
     """The per-device KV plan of ``cfg`` served with ``parallel``'s TP x PP split (bf16 weights and KV
     by default; ``reserve``: the fraction of ``device_gb`` kept for activations and workspace)."""
     if device_gb <= 0:
@@ -102,17 +93,7 @@ def kv_plan(
     device_bytes = int(device_gb * 1e9)
     reserve_bytes = int(device_bytes * reserve)
     budget = max(0, device_bytes - reserve_bytes - worst_weights)
-    return KVPlan(
-        kv_bytes_per_token(cfg, bytes_per_element),
-        parallel.tp,
-        parallel.pp,
-        heads,
-        worst_layers,
-        per_device,
-        device_bytes,
-        worst_weights,
-        reserve_bytes,
-        budget,
-        budget // per_device,
-        cfg.max_context,
-    )
+    return KVPlan(kv_bytes_per_token(cfg, bytes_per_element), parallel.tp, parallel.pp, heads, worst_layers,
+                  per_device, device_bytes, worst_weights, reserve_bytes, budget, budget // per_device,
+                  cfg.max_context)
+

@@ -24,16 +24,8 @@ import torch
 from sapwood.config import Config
 from sapwood.errors import ConfigError
 
-CATEGORIES = {
-    "PARAM": "params",
-    "BUFFER": "buffers",
-    "GRAD": "grads",
-    "OPT": "optimizer",
-    "ACT": "activations",
-    "TEMP": "temporaries",
-    "INP": "inputs",
-    "OTH": "other",
-}
+CATEGORIES = {"PARAM": "params", "BUFFER": "buffers", "GRAD": "grads", "OPT": "optimizer", "ACT": "activations",
+              "TEMP": "temporaries", "INP": "inputs", "OTH": "other"}
 
 
 @dataclass
@@ -77,25 +69,18 @@ def measure_training_step(
     from sapwood.train.precision import DTYPES, cast_parameters
 
     if getattr(config, "cube", None) is not None:
-        raise ConfigError(
-            "sapwood size --measure measures the language model (Decoder) configs; this one is a "
-            "cube surrogate"
-        )
+        raise ConfigError("sapwood size --measure measures the language model (Decoder) configs; this one is a "
+                          "cube surrogate")
     if checkpointing not in ("none", "full"):
-        raise ConfigError(
-            f"--checkpointing {checkpointing} cannot be measured; use none or full (every block)"
-        )
+        raise ConfigError(f"--checkpointing {checkpointing} cannot be measured; use none or full (every block)")
     cfg = config.model
     seq = seq or cfg.trained_context
     started = time.perf_counter()
     _warm_code_books()
     betas = (0.9, 0.95)
     device = torch.device("cpu")
-    autocast = (
-        torch.autocast("cpu", dtype=DTYPES[precision])
-        if precision in ("bf16", "fp16")
-        else contextlib.nullcontext()
-    )
+    autocast = (torch.autocast("cpu", dtype=DTYPES[precision]) if precision in ("bf16", "fp16")
+                else contextlib.nullcontext())
     with FakeTensorMode():
         model = Decoder(cfg)
         apply_activation_checkpointing(model, "every_layer" if checkpointing == "full" else "none")
@@ -165,21 +150,17 @@ def _warm_code_books() -> None:
         module.get_qmap_unsigned()
 
 
-def _flash_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
-):
+def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False):
     """``scaled_dot_product_attention`` through the CPU flash-attention kernel: it keeps the output and
     the log-sum-exp rows for backward, as the CUDA flash / memory-efficient kernels do."""
     if attn_mask is not None:
-        raise ConfigError(
-            "the measured step has an attention mask; the fused kernels take causal masking only"
-        )
+        raise ConfigError("the measured step has an attention mask; the fused kernels take causal masking only")
     if enable_gqa and key.shape[1] != query.shape[1]:
         repeat = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
     out, _logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, dropout_p, is_causal, scale=scale
-    )
+        query, key, value, dropout_p, is_causal, scale=scale)
     return out
 
 

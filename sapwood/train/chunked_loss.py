@@ -24,9 +24,8 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
-) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk`` tokens at a time.
 
     ``hidden``: ``[..., hidden]`` final (normed) hidden states; ``weight``: the head ``[vocab, hidden]``;
@@ -37,9 +36,8 @@ def chunked_cross_entropy(
     total = flat_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, flat_targets.numel(), chunk):
         stop = start + chunk
-        total = total + checkpoint(
-            _chunk_loss_sum, flat_hidden[start:stop], weight, flat_targets[start:stop], use_reentrant=False
-        )
+        total = total + checkpoint(_chunk_loss_sum, flat_hidden[start:stop], weight, flat_targets[start:stop],
+                                   use_reentrant=False)
     return total / flat_targets.numel()
 
 
@@ -55,9 +53,7 @@ def head_detached(model: nn.Module) -> Iterator[nn.Module]:
         model.output = head
 
 
-def lm_loss_chunked(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int
-) -> torch.Tensor:
+def lm_loss_chunked(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """Next-token loss of a Decoder with the head applied chunk by chunk."""
     with head_detached(model) as head:
         hidden = model(inputs)

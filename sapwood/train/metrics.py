@@ -36,11 +36,7 @@ class EventLog:
                 f.write(strict_json(record) + "\n")
             if self.tensorboard is not None:
                 for key, value in fields.items():
-                    if (
-                        isinstance(value, (int, float))
-                        and not isinstance(value, bool)
-                        and math.isfinite(value)
-                    ):
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                         self.tensorboard.add_scalar(f"{event}/{key}", value, step, walltime=record["time"])
                 if event in ("eval", "checkpoint", "done"):
                     self.tensorboard.flush()
@@ -114,10 +110,8 @@ def plot_loss(metrics_path: str | Path, out_png: str | Path, baseline: float | N
         ax.plot(steps, values, color="tab:blue", alpha=0.35, lw=1, label="train loss")
         if len(values) >= 8:
             width = max(len(values) // 10, 2)
-            smooth = [
-                sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1])
-                for i in range(len(values))
-            ]
+            smooth = [sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1])
+                      for i in range(len(values))]
             ax.plot(steps, smooth, color="tab:blue", lw=1.5, label=f"train loss (mean of {width} logs)")
     if val:
         steps = sorted(val)

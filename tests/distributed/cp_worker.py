@@ -28,7 +28,6 @@ from worker import gather, measured_state_bytes, native_thread_names, train_step
 from sapwood.config import ParallelConfig  # noqa: E402
 from sapwood.sizing import rank_state_bytes  # noqa: E402
 from sapwood.train.context_parallel import Ring, ring_attention, shard_positions, shard_sequence  # noqa: E402
-
 from sapwood.train.mesh import ParallelDims, build_parallel_dims, init_distributed, shutdown_distributed  # noqa: E402
 from sapwood.train.parallel import parallelize  # noqa: E402
 
@@ -66,27 +65,20 @@ def ring_check(window: int | None) -> dict[str, float]:
     def diff(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - shard_sequence(b, cp, rank, dim=2)).abs().max())
 
-    return {
-        "out": diff(got.detach(), want.detach()),
-        **{f"grad_{n}": diff(lo.grad, fu.grad) for n, lo, fu in zip("qkv", local, full, strict=True)},
-    }
+    return {"out": diff(got.detach(), want.detach()),
+            **{f"grad_{n}": diff(lo.grad, fu.grad) for n, lo, fu in zip("qkv", local, full, strict=True)}}
 
 
 def rank_coordinates(dims: ParallelDims) -> dict[str, int]:
     """Pipeline / tensor rank and the index among the dp_shard x cp ranks FSDP shards over."""
-    return {
-        "pp_rank": dims.pp_rank,
-        "tp_rank": dims.submesh("tp").get_local_rank(),
-        "dp_shard_rank": dims.submesh("dp_shard_cp").get_local_rank(),
-    }
+    return {"pp_rank": dims.pp_rank, "tp_rank": dims.submesh("tp").get_local_rank(),
+            "dp_shard_rank": dims.submesh("dp_shard_cp").get_local_rank()}
 
 
 def run_layout(name: str, steps: int) -> dict:
     world_size, parallel, tied, checkpointing = LAYOUTS[name]
     dims = build_parallel_dims(parallel, world_size)
-    pm = parallelize(
-        scenarios.build_model(tied), dims, scenarios.loss_fn, activation_checkpointing=checkpointing
-    )
+    pm = parallelize(scenarios.build_model(tied), dims, scenarios.loss_fn, activation_checkpointing=checkpointing)
     optimizer = scenarios.make_optimizer(pm.parameters())
     losses = [train_step(pm, optimizer, step) for step in range(steps)]
     with torch.no_grad():  # the model returns the full sequence's logits on every cp rank
@@ -94,17 +86,11 @@ def run_layout(name: str, steps: int) -> dict:
     coordinates = rank_coordinates(dims)
     predicted = rank_state_bytes(scenarios.tiny_model_config(tied), parallel, "fp32", "adamw", **coordinates)
     ring_layers = sum(block.attention.context_parallel is not None for block in pm.model.layers.values())
-    return {
-        "losses": losses,
-        "logits_shape": list(logits.shape),
-        "ring_layers": ring_layers,
-        "measured": gather(measured_state_bytes(pm, optimizer), world_size),
-        "predicted": gather(
-            {"weights": predicted.weights, "grads": predicted.grads, "optimizer": predicted.optimizer},
-            world_size,
-        ),
-        "coordinates": gather(coordinates, world_size),
-    }
+    return {"losses": losses, "logits_shape": list(logits.shape), "ring_layers": ring_layers,
+            "measured": gather(measured_state_bytes(pm, optimizer), world_size),
+            "predicted": gather({"weights": predicted.weights, "grads": predicted.grads,
+                                 "optimizer": predicted.optimizer}, world_size),
+            "coordinates": gather(coordinates, world_size)}
 
 
 def main() -> None:
@@ -118,10 +104,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.names:
         if name == "ring":
-            result = {
-                "causal": gather(ring_check(None), env.world_size),
-                "window5": gather(ring_check(5), env.world_size),
-            }
+            result = {"causal": gather(ring_check(None), env.world_size),
+                      "window5": gather(ring_check(5), env.world_size)}
         else:
             result = run_layout(name, args.steps)
         if env.is_main:

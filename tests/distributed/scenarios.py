@@ -16,16 +16,8 @@ GRAD_CLIP = 1.0
 
 
 def tiny_model_config(tied: bool) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=64,
-        hidden=32,
-        layers=4,
-        heads=4,
-        kv_heads=2,
-        ffn=64,
-        trained_context=SEQ,
-        tied_embeddings=tied,
-    )
+    return ModelConfig(vocab_size=64, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64, trained_context=SEQ,
+                       tied_embeddings=tied)
 
 
 def build_model(tied: bool) -> torch.nn.Module:

@@ -65,11 +65,8 @@ def measured_state_bytes(pm: ParallelModel, optimizer: torch.optim.Optimizer) ->
     pm.forward_backward(inputs[rows], targets[rows])
     params = list({id(p): p for p in pm.parameters()}.values())
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    sizes = {
-        "weights": _local_bytes(params),
-        "grads": _local_bytes(p.grad for p in params if p.grad is not None),
-        "optimizer": _local_bytes(state),
-    }
+    sizes = {"weights": _local_bytes(params), "grads": _local_bytes(p.grad for p in params if p.grad is not None),
+             "optimizer": _local_bytes(state)}
     optimizer.zero_grad()
     return sizes
 
@@ -77,17 +74,13 @@ def measured_state_bytes(pm: ParallelModel, optimizer: torch.optim.Optimizer) ->
 def rank_coordinates(dims: ParallelDims) -> dict[str, int]:
     if dims.mesh is None:
         return {"pp_rank": 0, "tp_rank": 0, "dp_shard_rank": 0}
-    return {
-        "pp_rank": dims.pp_rank,
-        "tp_rank": dims.submesh("tp").get_local_rank(),
-        "dp_shard_rank": dims.submesh("dp_shard").get_local_rank(),
-    }
+    return {"pp_rank": dims.pp_rank, "tp_rank": dims.submesh("tp").get_local_rank(),
+            "dp_shard_rank": dims.submesh("dp_shard").get_local_rank()}
 
 
 def predicted_state_bytes(dims: ParallelDims, tied: bool) -> dict[str, int]:
-    predicted = rank_state_bytes(
-        scenarios.tiny_model_config(tied), dims.parallel, "fp32", "adamw", **rank_coordinates(dims)
-    )
+    predicted = rank_state_bytes(scenarios.tiny_model_config(tied), dims.parallel, "fp32", "adamw",
+                                 **rank_coordinates(dims))
     return {"weights": predicted.weights, "grads": predicted.grads, "optimizer": predicted.optimizer}
 
 
@@ -99,9 +92,8 @@ def gather(obj: object, world_size: int) -> list:
     return out
 
 
-def run_scenario(
-    name: str, steps: int, out: Path, save_after: int | None, load: Path | None
-) -> tuple[dict, list[dist.ProcessGroup]]:
+def run_scenario(name: str, steps: int, out: Path, save_after: int | None,
+                 load: Path | None) -> tuple[dict, list[dist.ProcessGroup]]:
     world_size, parallel, tied = scenarios.SCENARIOS[name]
     dims = build_parallel_dims(parallel, world_size)
     pm = parallelize(scenarios.build_model(tied), dims, scenarios.loss_fn)
@@ -116,9 +108,7 @@ def run_scenario(
     for step in range(first, first + steps):
         losses.append(train_step(pm, optimizer, step))
         if save_after is not None and step + 1 == save_after:
-            ckpt.save_checkpoint(
-                out / f"{name}.ckpt", step + 1, pm.model, optimizer, {"step": step + 1}, config, 1
-            )
+            ckpt.save_checkpoint(out / f"{name}.ckpt", step + 1, pm.model, optimizer, {"step": step + 1}, config, 1)
             result["saved_weights"] = _save_full_weights(pm, out / f"{name}.saved.pt")
     result["first_step"] = first
     result["losses"] = losses

@@ -35,15 +35,9 @@ def _fetchers() -> dict[str, Callable]:
     return {"tap": tap.fetch, "mast": mast.fetch, "cds": cds.fetch, "ncbi": ncbi.fetch, "s3": s3.fetch}
 
 
-def fetch_sources(
-    names: Iterable[str],
-    out: Path,
-    catalogs: Iterable[Path] = (),
-    overrides: dict[str, Any] | None = None,
-    refresh: bool = False,
-    policy=None,
-    report: Callable[[str, int, int | None], None] | None = None,
-) -> list[FetchResult]:
+def fetch_sources(names: Iterable[str], out: Path, catalogs: Iterable[Path] = (),
+                  overrides: dict[str, Any] | None = None, refresh: bool = False, policy=None,
+                  report: Callable[[str, int, int | None], None] | None = None) -> list[FetchResult]:
     """Fetch each named source into ``out``; a request already completed there is not fetched again.
 
     ``overrides`` replace catalog fields of every named source (e.g. ``{"query": "SELECT ..."}``);
@@ -56,9 +50,7 @@ def fetch_sources(
     from sapwood.data.sources.reliability import RetryPolicy, describe
 
     catalog = Catalog.load(catalogs)
-    sources = [
-        catalog.get(name, overrides) for name in names
-    ]  # every name checked before anything is fetched
+    sources = [catalog.get(name, overrides) for name in names]  # every name checked before anything is fetched
     if not sources:
         raise SapwoodError(f"no source named; known: {', '.join(catalog.names)}")
     policy = policy or RetryPolicy.from_environment()

@@ -14,15 +14,8 @@ from sapwood.errors import SapwoodError
 
 # Variables whose values are secret wherever they appear (the sources' catalog entries add their own).
 KNOWN_SECRET_VARIABLES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "CDSAPI_KEY",
-    "ECMWF_DATASTORES_KEY",
-    "MAST_API_TOKEN",
-    "NCBI_API_KEY",
-    "ESO_TOKEN",
-    "GAIA_TOKEN",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "CDSAPI_KEY", "ECMWF_DATASTORES_KEY",
+    "MAST_API_TOKEN", "NCBI_API_KEY", "ESO_TOKEN", "GAIA_TOKEN",
 )
 REDACTED = "***"
 MIN_SECRET_LENGTH = 4  # shorter values would redact ordinary words
@@ -37,9 +30,7 @@ def require_env(variable: str, source: str, hint: str = "") -> str:
     value = os.environ.get(variable, "").strip()
     if not value:
         extra = f" ({hint})" if hint else ""
-        raise MissingCredentialError(
-            f"source {source!r} needs a credential: set the environment variable {variable}{extra}"
-        )
+        raise MissingCredentialError(f"source {source!r} needs a credential: set the environment variable {variable}{extra}")
     return value
 
 

@@ -1,8 +1,7 @@
 """Retries, rate limits and HTTP sessions shared by every source.
 
 * :class:`RetryPolicy`: exponential backoff with full jitter (tenacity), ``Retry-After`` honoured, a bounded
-  number of attempts; its numbers come from ``SAPWOOD_FETCH_*`` environment variables so tests can shrink
-  them.
+  number of attempts; its numbers come from ``SAPWOOD_FETCH_*`` environment variables so tests can shrink them.
 * :class:`RateLimiter`: at most ``rate`` requests per second per source, shared by all its threads.
 * :class:`HttpSession`: a ``requests.Session`` that waits for the source's rate limiter before every request
   and always has a timeout; the clients that accept a session (pyvo, astroquery, cdsapi) are given one.
@@ -69,12 +68,9 @@ class RetryPolicy:
         attempts = int(_env_float("SAPWOOD_FETCH_ATTEMPTS", 6))
         if attempts < 1:
             raise SapwoodError(f"SAPWOOD_FETCH_ATTEMPTS={attempts} must be >= 1")
-        return cls(
-            attempts=attempts,
-            backoff=_env_float("SAPWOOD_FETCH_BACKOFF", 1.0),
-            max_wait=_env_float("SAPWOOD_FETCH_MAX_WAIT", 60.0),
-            timeout=_env_float("SAPWOOD_FETCH_TIMEOUT", 60.0) or 60.0,
-        )
+        return cls(attempts=attempts, backoff=_env_float("SAPWOOD_FETCH_BACKOFF", 1.0),
+                   max_wait=_env_float("SAPWOOD_FETCH_MAX_WAIT", 60.0),
+                   timeout=_env_float("SAPWOOD_FETCH_TIMEOUT", 60.0) or 60.0)
 
     def wait_seconds(self, attempt: int, error: BaseException | None) -> float:
         """Full-jitter exponential backoff, or the server's ``Retry-After`` when it gave one (capped)."""
@@ -93,36 +89,19 @@ class RetryPolicy:
 
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "%s: attempt %d/%d failed (%s); retrying in %.2f s",
-                what,
-                state.attempt_number,
-                self.attempts,
-                describe(error),
-                state.upcoming_sleep,
-            )
+            log.warning("%s: attempt %d/%d failed (%s); retrying in %.2f s", what, state.attempt_number,
+                        self.attempts, describe(error), state.upcoming_sleep)
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self.attempts),
-            wait=wait,
-            sleep=self.sleep,
-            retry=retry_if_exception(is_transient),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+        retrying = Retrying(stop=stop_after_attempt(self.attempts), wait=wait, sleep=self.sleep,
+                            retry=retry_if_exception(is_transient), before_sleep=before_sleep, reraise=True)
         return retrying(function)
 
 
 class RateLimiter:
-    """At most ``rate`` acquisitions per second (evenly spaced), shared by threads; ``rate <= 0``:
-    unlimited."""
+    """At most ``rate`` acquisitions per second (evenly spaced), shared by threads; ``rate <= 0``: unlimited."""
 
-    def __init__(
-        self,
-        rate: float,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.rate = rate
         self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
@@ -163,9 +142,7 @@ def check_response(response: requests.Response, what: str) -> requests.Response:
         return response
     reason = f"HTTP {response.status_code} {response.reason or ''}".strip()
     if response.status_code in RETRYABLE_STATUS:
-        raise TransientError(
-            f"{what}: {reason}", retry_after=parse_retry_after(response.headers.get("Retry-After"))
-        )
+        raise TransientError(f"{what}: {reason}", retry_after=parse_retry_after(response.headers.get("Retry-After")))
     detail = response.text[:200] if response.text else ""
     raise SapwoodError(f"{what}: {reason} {detail}".strip())
 
@@ -198,14 +175,8 @@ def error_chain(error: BaseException | None) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        stack.extend(
-            [
-                current.__cause__,
-                current.__context__,
-                getattr(current, "cause", None),
-                getattr(current, "reason", None),
-            ]
-        )
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None),
+                      getattr(current, "reason", None)])
 
 
 def _status_and_headers(error: BaseException) -> tuple[int | None, dict[str, str]]:
@@ -214,9 +185,7 @@ def _status_and_headers(error: BaseException) -> tuple[int | None, dict[str, str
         return response.status_code, dict(response.headers)
     if isinstance(response, dict):  # botocore ClientError
         metadata = response.get("ResponseMetadata", {})
-        return metadata.get("HTTPStatusCode"), {
-            k.lower(): v for k, v in metadata.get("HTTPHeaders", {}).items()
-        }
+        return metadata.get("HTTPStatusCode"), {k.lower(): v for k, v in metadata.get("HTTPHeaders", {}).items()}
     return None, {}
 
 
@@ -237,35 +206,19 @@ def _is_transient_one(error: BaseException) -> bool:
         return True
     if isinstance(error, json.JSONDecodeError):  # a reply cut short; retried a bounded number of times
         return True
-    if isinstance(
-        error,
-        requests.ConnectionError
-        | requests.Timeout
-        | requests.exceptions.ChunkedEncodingError
-        | requests.exceptions.ContentDecodingError,
-    ):
+    if isinstance(error, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError |
+                  requests.exceptions.ContentDecodingError):
         return True
     status, _ = _status_and_headers(error)
     if status is not None and status in RETRYABLE_STATUS:
         return True
     module = type(error).__module__
     if module.startswith("urllib3") and type(error).__name__ in (
-        "ProtocolError",
-        "ReadTimeoutError",
-        "IncompleteRead",
-        "NewConnectionError",
-        "ConnectTimeoutError",
-    ):
+            "ProtocolError", "ReadTimeoutError", "IncompleteRead", "NewConnectionError", "ConnectTimeoutError"):
         return True
     if module.startswith("botocore") and type(error).__name__ in (
-        "EndpointConnectionError",
-        "ConnectionClosedError",
-        "ReadTimeoutError",
-        "ConnectTimeoutError",
-        "IncompleteReadError",
-        "ResponseStreamingError",
-        "ConnectionError",
-    ):
+            "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+            "IncompleteReadError", "ResponseStreamingError", "ConnectionError"):
         return True
     # pyvo: a VOTable cut off mid-stream fails to parse
     return module.startswith("pyvo") and type(error).__name__ == "DALFormatError"

@@ -1,8 +1,7 @@
 """IVOA Table Access Protocol services (NASA Exoplanet Archive, ESA Gaia, ESO, ...) through pyvo.
 
 A synchronous ADQL query (``POST {endpoint}/sync`` with ``REQUEST=doQuery, LANG=ADQL, QUERY=...``, as the
-TAP 1.1 recommendation defines it) returns a VOTable, which is written as ``OUT/NAME.csv`` or
-``OUT/NAME.parquet``.
+TAP 1.1 recommendation defines it) returns a VOTable, which is written as ``OUT/NAME.csv`` or ``OUT/NAME.parquet``.
 """
 
 from __future__ import annotations
@@ -31,9 +30,7 @@ class TapSource(SourceBase):
         text = self.named_queries.get(self.query, self.query).strip()
         if not text:
             names = ", ".join(sorted(self.named_queries)) or "none defined"
-            raise SapwoodError(
-                f"source {self.name!r} has no query: set query to ADQL text or a named query ({names})"
-            )
+            raise SapwoodError(f"source {self.name!r} has no query: set query to ADQL text or a named query ({names})")
         return text
 
 
@@ -50,11 +47,8 @@ def fetch(source: TapSource, ctx: FetchContext) -> list[Path]:
             results = service.run_sync(query, language=source.language, maxrec=source.maxrec)
         table = results.to_table()
         if str(results.query_status).upper() == "OVERFLOW":  # the service says QUERY_STATUS=OVERFLOW
-            log.warning(
-                "%s: the result was truncated at the row limit (%d rows); raise maxrec",
-                source.name,
-                len(table),
-            )
+            log.warning("%s: the result was truncated at the row limit (%d rows); raise maxrec", source.name,
+                        len(table))
         return table
 
     try:
