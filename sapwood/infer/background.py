@@ -99,6 +99,8 @@ class EngineLoop:
             self._stopping = True
             if not drain:
                 self.engine.scheduler.cancel_all()
+                if self.engine.windowed is not None:
+                    self.engine.windowed.cancel_all()
             self._wake.notify()
         self._thread.join(timeout)
 
@@ -123,6 +125,8 @@ class EngineLoop:
     def _fail_pending(self, reason: str) -> None:
         with self._wake:
             self.engine.scheduler.abort_all("error")
+            if self.engine.windowed is not None:
+                self.engine.windowed.abort_all("error")
             pending, self._callbacks = list(self._callbacks.values()), {}
         try:
             self.engine.runner.cache.fit(0, 0)

@@ -45,6 +45,7 @@ class ContextPolicy:
         self.default = RopePlan(inv_freq.to(device), factor)
         self.device = device
         self._dynamic: dict[int, RopePlan] = {}
+        self.overflow = False  # True: requests past max_context are served through a sink + window cache
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens < 1:
@@ -57,7 +58,9 @@ class ContextPolicy:
             )
 
     def default_max_tokens(self, prompt_tokens: int, wanted: int) -> int:
-        """``wanted`` clipped to the room left after the prompt (at least 1)."""
+        """``wanted`` clipped to the room left after the prompt (at least 1); ``wanted`` with ``overflow``."""
+        if self.overflow:
+            return wanted
         return max(1, min(wanted, self.max_context - prompt_tokens))
 
     def rope_for(self, total_tokens: int) -> RopePlan:
