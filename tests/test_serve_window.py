@@ -73,7 +73,7 @@ def test_past_max_context_is_refused_without_the_option_and_served_with_it(plain
 
 
 def test_chat_past_max_context_streaming_equals_non_streaming(plain_server, windowed_server):
-    messages = [{"role": "user", "content": " ".join(f"word{i}" for i in range(120))}]
+    messages = [{"role": "user", "content": " ".join(f"word{i}" for i in range(60))}]
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client(plain_server).chat.completions.create(model="tiny-lm", messages=messages, max_tokens=40, **GREEDY)
     windowed = windowed_server.engine.windowed
@@ -143,12 +143,14 @@ def test_a_client_that_leaves_mid_stream_frees_its_window(windowed_server):
     with httpx.stream("POST", f"{windowed_server.url}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
-            if line.startswith("data: {"):
-                break  # one event is enough: leave
+            if line.startswith("data: {"):  # generating: counted as running
+                assert httpx.get(f"{windowed_server.url}/health").json()["running"] == 1
+                break  # leaving the loop closes the stream: the client is gone
     windowed, deadline = windowed_server.engine.windowed, time.monotonic() + 30
     while windowed.count:  # the server sees the disconnect, the next engine step drops the request
         assert time.monotonic() < deadline, "the windowed request still runs after its client left"
         time.sleep(0.05)
+    assert "sapwood_running_requests 0.0" in httpx.get(f"{windowed_server.url}/metrics").text
     result = client(windowed_server).completions.create(model=None, prompt=LONG_PROMPT, max_tokens=12, **GREEDY)
     assert result.usage.completion_tokens == 12
 

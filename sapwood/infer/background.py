@@ -68,7 +68,8 @@ class EngineLoop:
 
     @property
     def running(self) -> int:
-        return self.engine.scheduler.running_count
+        windowed = self.engine.windowed
+        return self.engine.scheduler.running_count + (windowed.count if windowed is not None else 0)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: OutputCallback,
                adapter: str | None = None) -> Request:
