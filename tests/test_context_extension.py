@@ -144,3 +144,26 @@ def test_by_length_policy_is_refused_by_hugging_face_export_in_one_line():
     with pytest.raises(SapwoodError, match=r"^model.rope_policy='by_length' has no Hugging Face equivalent"):
         hf_config_from_sapwood(cfg)
     assert hf_config_from_sapwood(cfg.model_copy(update={"rope_policy": "static"}))["rope_scaling"]["factor"] == 4
+
+
+def test_mixed_lengths_fine_tune_draws_each_micro_batch_length_from_the_list(base, tmp_path):
+    from sapwood.train.passkey_task import PasskeyTask
+
+    config = extend_config(base, tmp_path / "ext", factor=4, seq_len=64, steps=1, mixed_lengths=[16, 32, 64])
+    batches = PasskeyTask(config).train_batches(micro_batch_size=2)
+    lengths = [next(batches)[0].shape[1] for _ in range(30)]
+    assert set(lengths) == {16, 32, 64}
+    again = PasskeyTask(config).train_batches(micro_batch_size=2)
+    assert [next(again)[0].shape[1] for _ in range(30)] == lengths  # seeded
+    single = PasskeyTask(extend_config(base, tmp_path / "one", factor=4, seq_len=64, steps=1)).train_batches(2)
+    assert {next(single)[0].shape[1] for _ in range(5)} == {64}
+
+
+def test_bad_mixed_lengths_are_one_line_errors(base, tmp_path):
+    recipe = f"context: {{init_from: {base}, rope_scaling: {{type: yarn, factor: 4}}, seq_len: 64"
+    with pytest.raises(ConfigError, match=r"context.mixed_lengths has 128: each length must be in 2..64"):
+        load_yaml(tmp_path, recipe + ", mixed_lengths: [16, 128]}")
+    path = tmp_path / "text.yaml"
+    path.write_text(recipe + ", mixed_lengths: [16, 64]}\ntrain: {task: text, steps: 1}\ndata: {path: tokens}\n")
+    with pytest.raises(ConfigError, match=r"context.mixed_lengths is read by train.task passkey only, not 'text'"):
+        load_config(path)

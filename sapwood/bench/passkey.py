@@ -5,7 +5,8 @@ with plain RoPE through the real training loop, then scores retrieval at 1x, 4x,
 (keys at evenly spaced depths) for each RoPE scaling applied without training (``none``, ``linear``,
 ``ntk``, ``yarn``; factor = the largest multiple), and for YaRN after the short fine-tune of the
 ``context:`` recipe (``sapwood train`` with ``context: {init_from, rope_scaling, seq_len}``; the
-fine-tune length is 4x the trained one). The baseline of every row is the same weights without scaling.
+fine-tune length is 4x the trained one), and after the same fine-tune at lengths mixed from 1x, 2x and 4x
+(``context.mixed_lengths``, so the trained length is not forgotten). The baseline of every row is the same weights without scaling.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sapwood.errors import SapwoodError
 
 METHODS = ("none", "linear", "ntk", "yarn")
 FINETUNED = "yarn+finetune"
+FINETUNED_MIXED = "yarn+finetune mixed"  # fine-tuned at lengths 1x, 2x and 4x the trained one
 ADAPTIVE = ("linear_by_length", "ntk_by_length", "yarn_by_length")  # model.rope_policy: by_length
 
 
@@ -63,10 +65,12 @@ def _train_section(out: Path, steps: int, seed: int, lr: float = 5e-3) -> TrainC
                        progress=False)
 
 
-def extend_config(base: Path, out: Path, factor: float, seq_len: int, steps: int, seed: int = 0) -> Config:
-    """The ``context:`` recipe: YaRN ``factor`` on ``base``'s weights, fine-tuned at ``seq_len``."""
+def extend_config(base: Path, out: Path, factor: float, seq_len: int, steps: int, seed: int = 0,
+                  mixed_lengths: list[int] | None = None) -> Config:
+    """The ``context:`` recipe: YaRN ``factor`` on ``base``'s weights, fine-tuned at ``seq_len`` (or at lengths
+    drawn per micro-batch from ``mixed_lengths``)."""
     context = ContextExtension(init_from=str(base), rope_scaling=RopeScaling(type="yarn", factor=factor),
-                               seq_len=seq_len)
+                               seq_len=seq_len, mixed_lengths=mixed_lengths)
     return Config.model_validate({"name": "passkey-extended", "context": context.model_dump(),
                                   "train": _train_section(out, steps, seed, lr=1e-3).model_dump()})
 
@@ -90,10 +94,17 @@ def run_passkey_bench(out: Path, trained_context: int = 32, steps: int = 1000, f
     console.print(f"fine-tuning with YaRN x{factor:g} at {finetune_len} tokens for {finetune_steps} steps")
     extended = Path(train(extend_config(base, work / "extended", factor, finetune_len, finetune_steps))["final"])
     table[FINETUNED] = passkey_table(extended, trained_context, multiples, ["model"], factor, samples)["model"]
+    mixed = sorted({trained_context, trained_context * 2, finetune_len})
+    console.print(f"fine-tuning with YaRN x{factor:g} at mixed lengths {mixed} for {finetune_steps} steps")
+    extended_mixed = Path(train(extend_config(base, work / "extended-mixed", factor, finetune_len, finetune_steps,
+                                              mixed_lengths=mixed))["final"])
+    table[FINETUNED_MIXED] = passkey_table(extended_mixed, trained_context, multiples, ["model"], factor,
+                                           samples)["model"]
     for method, row in table.items():
         console.print(f"{method:14} " + "  ".join(f"{m}x {row[m]:.2f}" for m in multiples))
     params: dict[str, Any] = {"trained_context": trained_context, "factor": factor, "steps": steps,
-                              "finetune_steps": finetune_steps, "finetune_len": finetune_len, "samples": samples}
+                              "finetune_steps": finetune_steps, "finetune_len": finetune_len,
+                              "finetune_mixed_lengths": mixed, "samples": samples}
     results = [Result(f"passkey {method} @{m}x", table[method][m], "accuracy", table["none"][m],
                       params={**params, "eval_tokens": trained_context * m}, baseline="no scaling")
                for method in table if method != "none" for m in multiples]
@@ -108,5 +119,6 @@ def run_passkey_bench(out: Path, trained_context: int = 32, steps: int = 1000, f
         ax.legend()
 
     path = write_suite("passkey", results, out, plot, extra={"accuracy": table, "base": str(base),
-                                                              "extended": str(extended)})
+                                                              "extended": str(extended),
+                                                              "extended_mixed": str(extended_mixed)})
     return results, path
