@@ -26,6 +26,11 @@ so the loss, the evaluation and the training loop see the same logits as without
 Every cp rank computes the same loss on the same gathered logits, so the gradient a reduce-scatter of
 the gathered logits' gradients would return is ``cp`` times this rank's own slice; FSDP then averages
 the parameter gradients over the ``dp_shard x cp`` ranks it shards across.
+
+**Memory.** Activations and attention per rank are divided by ``cp``; the loss is not: the gathered
+``[batch, S, vocab]`` logits (and the loss's fp32 copy and gradient of them) are whole on every cp rank,
+as in one process (``sizing.memory.memory_plan`` counts them so). At long ``S`` with a large vocabulary they
+dominate: research-799m at 131,072 tokens holds 41.9 GB of logits per rank at any ``cp``.
 """
 
 from __future__ import annotations
