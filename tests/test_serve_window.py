@@ -161,3 +161,17 @@ def test_bad_window_settings_are_one_line_errors(lm_folder):
         engine.enable_window(4, 157)
     with pytest.raises(ConfigError, match="context_overflow"):
         validate(ServeSettings, {"context_overflow": "slide"}, "serve: ")
+
+
+def test_a_request_past_the_whole_kv_budget_is_windowed_too(lm_folder):
+    """512 bytes per position and row, a budget of 4 rows x 64 positions: 100 positions never fit the batched
+    cache (a 413 without the window), so the request runs through the window instead."""
+    from sapwood.infer.scheduler import SchedulerConfig
+
+    engine = Engine.from_folder(lm_folder, SchedulerConfig(kv_memory_bytes=131_072))
+    engine.enable_window(SINKS, WINDOW)
+    short, long = SamplingParams(8, temperature=0), SamplingParams(90, temperature=0)
+    assert not engine.windowed.takes(10, short) and engine.windowed.takes(10, long)
+    requests = engine.generate([LONG_PROMPT[:10], LONG_PROMPT[:10]], [short, long])
+    assert [len(r.output_ids) for r in requests] == [8, 90] and engine.windowed.served == 1
+    assert requests[1].output_ids[:8] == requests[0].output_ids  # no eviction yet: the batched path's tokens

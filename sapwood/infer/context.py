@@ -64,7 +64,9 @@ class ContextPolicy:
         return max(1, min(wanted, self.max_context - prompt_tokens))
 
     def rope_for(self, total_tokens: int) -> RopePlan:
-        """The rotary frequencies for a request that will reach ``total_tokens`` positions."""
+        """The rotary frequencies for a request that will reach ``total_tokens`` positions (at most
+        ``max_context``: a longer, windowed request never has more positions)."""
+        total_tokens = min(total_tokens, self.max_context)
         scaling = self.cfg.rope_scaling
         if self.cfg.rope_policy == "by_length" and scaling.type in BY_LENGTH:
             return self._by_length(total_tokens)
