@@ -62,12 +62,15 @@ def test_past_max_context_is_refused_without_the_option_and_served_with_it(plain
         client(plain_server).completions.create(model=None, prompt=LONG_PROMPT, max_tokens=30, **GREEDY)
     windowed = windowed_server.engine.windowed
     windowed.peak_positions = 0
-    result = client(windowed_server).completions.create(model=None, prompt=LONG_PROMPT, max_tokens=30, **GREEDY)
+    result = client(windowed_server).completions.create(
+        model=None, prompt=LONG_PROMPT, max_tokens=30, **GREEDY
+    )
     assert result.usage.prompt_tokens == 150 and result.usage.completion_tokens == 30
     assert result.choices[0].finish_reason == "length"
     assert windowed.peak_positions == CAPACITY  # the window filled, and never held more
-    chunks = client(windowed_server).completions.create(model=None, prompt=LONG_PROMPT, max_tokens=30,
-                                                        stream=True, **GREEDY)
+    chunks = client(windowed_server).completions.create(
+        model=None, prompt=LONG_PROMPT, max_tokens=30, stream=True, **GREEDY
+    )
     assert "".join(c.choices[0].text for c in chunks) == result.choices[0].text
     assert windowed.count == 0 and windowed_server.engine.runner.cache.bytes_allocated == 0
 
@@ -75,33 +78,48 @@ def test_past_max_context_is_refused_without_the_option_and_served_with_it(plain
 def test_chat_past_max_context_streaming_equals_non_streaming(plain_server, windowed_server):
     messages = [{"role": "user", "content": " ".join(f"word{i}" for i in range(60))}]
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
-        client(plain_server).chat.completions.create(model="tiny-lm", messages=messages, max_tokens=40, **GREEDY)
+        client(plain_server).chat.completions.create(
+            model="tiny-lm", messages=messages, max_tokens=40, **GREEDY
+        )
     windowed = windowed_server.engine.windowed
     windowed.peak_positions = 0
-    result = client(windowed_server).chat.completions.create(model="tiny-lm", messages=messages, max_tokens=40, **GREEDY)
+    result = client(windowed_server).chat.completions.create(
+        model="tiny-lm", messages=messages, max_tokens=40, **GREEDY
+    )
     assert result.usage.prompt_tokens + 40 > 160 and result.usage.completion_tokens == 40
     assert 0 < windowed.peak_positions <= CAPACITY
-    chunks = client(windowed_server).chat.completions.create(model="tiny-lm", messages=messages, max_tokens=40,
-                                                             stream=True, **GREEDY)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == result.choices[0].message.content
+    chunks = client(windowed_server).chat.completions.create(
+        model="tiny-lm", messages=messages, max_tokens=40, stream=True, **GREEDY
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == result.choices[0].message.content
+    )
 
 
-def test_while_the_request_fits_the_window_greedy_output_equals_the_normal_path(plain_server, windowed_server):
+def test_while_the_request_fits_the_window_greedy_output_equals_the_normal_path(
+    plain_server, windowed_server
+):
     prompt = LONG_PROMPT[:10]
     fits = CAPACITY - len(prompt) + 1  # tokens generated before the first eviction
-    normal = client(plain_server).completions.create(model=None, prompt=prompt, max_tokens=fits, logprobs=0,
-                                                     **GREEDY)
-    long = client(windowed_server).completions.create(model=None, prompt=prompt, max_tokens=200, logprobs=0,
-                                                      **GREEDY)
+    normal = client(plain_server).completions.create(
+        model=None, prompt=prompt, max_tokens=fits, logprobs=0, **GREEDY
+    )
+    long = client(windowed_server).completions.create(
+        model=None, prompt=prompt, max_tokens=200, logprobs=0, **GREEDY
+    )
     assert long.usage.completion_tokens == 200  # 210 positions > 160: windowed
     assert long.choices[0].logprobs.tokens[:fits] == normal.choices[0].logprobs.tokens
     assert long.choices[0].logprobs.token_logprobs[:fits] == pytest.approx(
-        normal.choices[0].logprobs.token_logprobs, abs=1e-4)
+        normal.choices[0].logprobs.token_logprobs, abs=1e-4
+    )
 
 
 def test_served_tokens_are_streamingllm_greedy_and_the_cache_stays_bounded(engine):
     """Token by token against :func:`stream_logits` over prompt + output (the reference streaming loop)."""
-    request = engine.add_request(engine.make_request(LONG_PROMPT, SamplingParams(40, temperature=0, logprobs=0)))
+    request = engine.add_request(
+        engine.make_request(LONG_PROMPT, SamplingParams(40, temperature=0, logprobs=0))
+    )
     held = []
     while engine.has_work:
         engine.step()
@@ -131,7 +149,9 @@ def test_cancelling_a_windowed_request_frees_it_at_the_next_step_and_the_bound_g
     engine.step()
     engine.cancel(requests[0])
     outputs = engine.step()
-    assert [o.request for o in outputs if o.finished] == [requests[0]] and requests[0].finish_reason == "cancelled"
+    assert [o.request for o in outputs if o.finished] == [requests[0]] and requests[
+        0
+    ].finish_reason == "cancelled"
     assert engine.windowed.count == 1
     engine.cancel(requests[1])
     engine.step()
@@ -151,7 +171,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_window(windowed_server):
         assert time.monotonic() < deadline, "the windowed request still runs after its client left"
         time.sleep(0.05)
     assert "sapwood_running_requests 0.0" in httpx.get(f"{windowed_server.url}/metrics").text
-    result = client(windowed_server).completions.create(model=None, prompt=LONG_PROMPT, max_tokens=12, **GREEDY)
+    result = client(windowed_server).completions.create(
+        model=None, prompt=LONG_PROMPT, max_tokens=12, **GREEDY
+    )
     assert result.usage.completion_tokens == 12
 
 

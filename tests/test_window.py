@@ -16,8 +16,16 @@ from sapwood.model.transformer import Decoder
 
 def model(layers: int) -> Decoder:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, hidden=32, layers=layers, heads=4, kv_heads=2, ffn=64, trained_context=16,
-                      rope_theta=100.0)
+    cfg = ModelConfig(
+        vocab_size=50,
+        hidden=32,
+        layers=layers,
+        heads=4,
+        kv_heads=2,
+        ffn=64,
+        trained_context=16,
+        rope_theta=100.0,
+    )
     return Decoder(cfg).eval()
 
 
@@ -56,7 +64,9 @@ def test_after_evictions_the_window_is_a_fresh_forward_over_sinks_and_recent_tok
 
 
 def test_bad_window_is_one_line_error():
-    with pytest.raises(SapwoodError, match=r"attention sinks=-1 and window=0: need sinks >= 0 and window >= 1"):
+    with pytest.raises(
+        SapwoodError, match=r"attention sinks=-1 and window=0: need sinks >= 0 and window >= 1"
+    ):
         SinkWindowCache(1, -1, 0, torch.ones(4))
 
 

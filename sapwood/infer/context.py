@@ -3,8 +3,8 @@
 The limit is ``model.max_context`` (prompt + new tokens); a longer request is refused with a
 :class:`ContextLengthError` naming the limit. Rotary scaling follows the Hugging Face semantics of
 ``model.rope_scaling`` so served outputs match the trained and exported model: the static methods
-(``linear``, ``ntk``, ``yarn``, ``llama3``) are part of the model's frequencies at every length; ``dynamic_ntk``
-stretches theta per request by ``total_length / trained_context`` once a request runs past the trained
+(``linear``, ``ntk``, ``yarn``, ``llama3``) are part of the model's frequencies at every length;
+``dynamic_ntk`` stretches theta per request by ``total_length / trained_context`` once a request runs past the trained
 context, and leaves shorter requests on plain RoPE; ``longrope`` likewise gives a request that will run
 past the trained context the long factors for all its positions, a shorter one the short factors.
 With ``model.rope_policy: by_length`` (an adaptive window) a ``linear`` / ``ntk`` / ``yarn`` model gives a
@@ -41,7 +41,9 @@ class ContextPolicy:
         self.cfg = cfg
         self.max_context = cfg.max_context
         self.trained_context = cfg.trained_context
-        inv_freq, factor = scaled_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling)
+        inv_freq, factor = scaled_inv_freq(
+            cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling
+        )
         self.default = RopePlan(inv_freq.to(device), factor)
         self.device = device
         self._dynamic: dict[int, RopePlan] = {}
@@ -53,8 +55,9 @@ class ContextPolicy:
         total = prompt_tokens + max_tokens
         if total > self.max_context:
             raise ContextLengthError(
-                f"this model's maximum context length is {self.max_context} tokens; the request needs {total} "
-                f"({prompt_tokens} in the prompt, {max_tokens} for the completion); shorten the prompt or max_tokens"
+                f"this model's maximum context length is {self.max_context} tokens; the request needs "
+                f"{total} ({prompt_tokens} in the prompt, {max_tokens} for the completion); shorten the "
+                "prompt or max_tokens"
             )
 
     def default_max_tokens(self, prompt_tokens: int, wanted: int) -> int:
@@ -93,14 +96,13 @@ def _by_length_plan(cfg: ModelConfig, total_tokens: int, device: str | torch.dev
     stretched only as far as the request needs, ``min(factor, total_tokens / trained_context)``."""
     factor = min(cfg.rope_scaling.factor, max(1.0, total_tokens / cfg.trained_context))
     scaling = cfg.rope_scaling if factor > 1.0 else RopeScaling()
-    inv_freq, attention = scaled_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.trained_context,
-                                          scaling.model_copy(update={"factor": factor}))
+    inv_freq, attention = scaled_inv_freq(
+        cfg.head_dim, cfg.rope_theta, cfg.trained_context, scaling.model_copy(update={"factor": factor})
+    )
     return RopePlan(inv_freq.to(device), attention)
 
 
-def rope_tables(
-    positions: torch.Tensor, plans: list[RopePlan]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(positions: torch.Tensor, plans: list[RopePlan]) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``[batch, seq, head_dim]`` for ``positions`` ``[batch, seq]``, one plan per row."""
     first = plans[0]
     if all(plan is first for plan in plans):

@@ -46,17 +46,26 @@ class _Windowed:
 class WindowedRequests:
     """The requests an :class:`~sapwood.infer.engine.Engine` serves past its maximum context."""
 
-    def __init__(self, engine, sinks: int = 4, window: int | None = None, max_requests: int = 4,
-                 prefill_tokens_per_step: int = 64):
+    def __init__(
+        self,
+        engine,
+        sinks: int = 4,
+        window: int | None = None,
+        max_requests: int = 4,
+        prefill_tokens_per_step: int = 64,
+    ):
         max_context = engine.cfg.max_context
         window = max_context - sinks if window is None else window
         if sinks < 0 or window < 1 or sinks + window > max_context:
             raise SapwoodError(
                 f"--sinks {sinks} --window {window}: need sinks >= 0, window >= 1 and sinks + window <= "
-                f"{max_context} (the model's maximum context)")
+                f"{max_context} (the model's maximum context)"
+            )
         if max_requests < 1 or prefill_tokens_per_step < 1:
-            raise SapwoodError(f"windowed max_requests={max_requests} and prefill_tokens_per_step="
-                               f"{prefill_tokens_per_step}: both must be >= 1")
+            raise SapwoodError(
+                f"windowed max_requests={max_requests} and prefill_tokens_per_step="
+                f"{prefill_tokens_per_step}: both must be >= 1"
+            )
         self.engine = engine
         self.sinks, self.window, self.capacity = sinks, window, sinks + window
         self.max_requests, self.prefill_tokens_per_step = max_requests, prefill_tokens_per_step
@@ -80,8 +89,10 @@ class WindowedRequests:
         cache = SinkWindowCache(self.engine.cfg.layers, self.sinks, self.window, self.plan.inv_freq)
         with self._lock:
             if len(self._active) >= self.max_requests:
-                raise QueueFullError(f"{self.max_requests} requests past the maximum context are running "
-                                     "(--window-requests); retry later")
+                raise QueueFullError(
+                    f"{self.max_requests} requests past the maximum context are running "
+                    "(--window-requests); retry later"
+                )
             request.status = Status.RUNNING
             self._active.append(_Windowed(request, cache))
             self.served += 1
@@ -128,7 +139,9 @@ class WindowedRequests:
             if logits is not None:
                 ready.append((entry, logits))
         if ready:
-            outputs += self.engine._accept([e.request for e, _ in ready], torch.stack([lg for _, lg in ready]))
+            outputs += self.engine._accept(
+                [e.request for e, _ in ready], torch.stack([lg for _, lg in ready])
+            )
         finished = {id(o.request) for o in outputs if o.finished}
         if finished:
             with self._lock:
@@ -140,7 +153,8 @@ class WindowedRequests:
 
     @torch.inference_mode()
     def _advance(self, entry: _Windowed) -> torch.Tensor | None:
-        """Feed the next prompt chunk or the last sampled token; the next-token logits once the prompt is in."""
+        """Feed the next prompt chunk or the last sampled token; the next-token logits once the prompt
+        is in."""
         request, cache = entry.request, entry.cache
         prompt = request.prompt_ids
         if entry.fed == len(prompt):
@@ -158,7 +172,8 @@ class WindowedRequests:
         return logits[-1] if entry.fed == len(prompt) else None
 
     def _forward(self, entry: _Windowed, tokens: list[int], scored: bool) -> torch.Tensor:
-        """Run ``tokens`` into the request's window; logits ``[len(tokens) or 1, vocab]`` (all when scored)."""
+        """Run ``tokens`` into the request's window; logits ``[len(tokens) or 1, vocab]`` (all when
+        scored)."""
         engine, cache = self.engine, entry.cache
         device = engine.runner.device
         if len(tokens) == 1:
@@ -169,8 +184,12 @@ class WindowedRequests:
         at = torch.arange(len(tokens) if scored else 1, device=device) + (0 if scored else len(tokens) - 1)
         adapters = [entry.request.adapter] if engine.adapters else None
         with engine.runner.adapters_of_rows(adapters):
-            logits = engine.model(torch.tensor([tokens], device=device), kv_cache=cache,
-                                  rope=rope_tables(positions, [self.plan]), logits_at=at)
+            logits = engine.model(
+                torch.tensor([tokens], device=device),
+                kv_cache=cache,
+                rope=rope_tables(positions, [self.plan]),
+                logits_at=at,
+            )
         self.peak_positions = max(self.peak_positions, cache.length)
         return logits
 
@@ -181,5 +200,6 @@ class WindowedRequests:
         chosen = request.prompt_ids[start : start + len(logits)]
         if request.prompt_logprobs is None:
             request.prompt_logprobs = []
-        request.prompt_logprobs += self.engine._logprobs(logits[: len(chosen)], chosen,
-                                                         request.params.logprobs or 0)
+        request.prompt_logprobs += self.engine._logprobs(
+            logits[: len(chosen)], chosen, request.params.logprobs or 0
+        )
