@@ -197,3 +197,41 @@ def test_a_request_past_the_whole_kv_budget_is_windowed_too(lm_folder):
     requests = engine.generate([LONG_PROMPT[:10], LONG_PROMPT[:10]], [short, long])
     assert [len(r.output_ids) for r in requests] == [8, 90] and engine.windowed.served == 1
     assert requests[1].output_ids[:8] == requests[0].output_ids  # no eviction yet: the batched path's tokens
+
+
+def test_the_engine_loop_cancels_windowed_requests_at_shutdown_and_fails_them_when_a_step_fails(lm_folder):
+    import threading
+
+    from sapwood.infer.background import EngineLoop
+
+    engine = Engine.from_folder(lm_folder)
+    engine.enable_window(SINKS, WINDOW)
+    step, broken = engine.step, threading.Event()
+
+    def step_that_may_fail():
+        if broken.is_set():
+            broken.clear()
+            raise RuntimeError("injected step failure")
+        return step()
+
+    engine.step = step_that_may_fail
+    loop = EngineLoop(engine).start()
+    try:
+        for ending in ("error", "cancelled"):
+            started, finished = threading.Event(), threading.Event()
+
+            def on_output(output, started=started, finished=finished):
+                started.set()
+                if output.finished:
+                    finished.set()
+
+            request = loop.submit(LONG_PROMPT, SamplingParams(100_000), on_output)
+            assert started.wait(60) and engine.windowed.count == 1
+            if ending == "error":
+                broken.set()  # the next step raises: the loop fails every pending request and restarts
+            else:
+                loop.stop(drain=False, timeout=60)  # shutting down: windowed requests are cancelled too
+            assert finished.wait(60) and request.finish_reason == ending
+            assert engine.windowed.count == 0
+    finally:
+        loop.stop(drain=False, timeout=60)
