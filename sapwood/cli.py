@@ -350,6 +350,15 @@ def serve(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     lora: list[str] = typer.Option(None, "--lora", help="NAME=ADAPTER_DIR: serve a LoRA adapter (PEFT folder) on "
                                    "this base as model NAME (repeatable; batches mix adapters)"),
+    context_overflow: str = typer.Option("refuse", "--context-overflow",
+                                         help="refuse: a request past the model's maximum context gets 400 (413 "
+                                         "past the KV budget); window: it is served through attention sinks + a "
+                                         "sliding window (StreamingLLM), sinks + window positions per request"),
+    sinks: int = typer.Option(4, "--sinks", help="attention-sink tokens kept (--context-overflow window)"),
+    window: int = typer.Option(None, "--window", help="recent tokens kept (--context-overflow window; default: "
+                               "max_context - sinks)"),
+    window_requests: int = typer.Option(4, "--window-requests",
+                                        help="windowed requests at once before 429 (--context-overflow window)"),
 ) -> None:
     """OpenAI-compatible HTTP server (completions, chat, streaming, /health, /metrics; /v1/predict for cubes)."""
     from sapwood.config import validate
@@ -358,7 +367,9 @@ def serve(
 
     settings = validate(ServeSettings, dict(host=host, port=port, model_name=model_name, max_batch=max_batch,
                                             max_queue=max_queue, request_timeout_s=request_timeout,
-                                            kv_memory_gb=kv_memory_gb, lora_adapters=lora_pairs(lora or [])),
+                                            kv_memory_gb=kv_memory_gb, lora_adapters=lora_pairs(lora or []),
+                                            context_overflow=context_overflow, sinks=sinks, window=window,
+                                            window_requests=window_requests),
                         "serve: ")
     run_server(folder, settings, device=device)
 

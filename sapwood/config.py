@@ -421,6 +421,9 @@ class ContextExtension(Section):
     init_from: str = Field(description="checkpoint folder to extend (config.yaml + weights)")
     rope_scaling: RopeScaling = Field(description="e.g. {type: yarn, factor: 4}")
     seq_len: int = Field(ge=2, description="tokens per fine-tuning sequence (the task's window length)")
+    mixed_lengths: list[int] | None = Field(
+        None, min_length=1, description="passkey task: each fine-tuning micro-batch's length drawn (seeded) from "
+        "this list instead of seq_len, so the original length is kept while the long one is learnt")
     max_context: int | None = Field(None, ge=1, description="longest context served; default trained_context x factor")
 
 
@@ -461,6 +464,13 @@ class Config(Section):
             if ext.seq_len > longest:
                 raise ValueError(f"context.seq_len={ext.seq_len} is above the extended max_context={longest}; "
                                  "raise rope_scaling.factor or context.max_context")
+            for length in ext.mixed_lengths or []:
+                if not 2 <= length <= longest:
+                    raise ValueError(f"context.mixed_lengths has {length}: each length must be in 2..{longest} "
+                                     "(the extended max_context)")
+            if ext.mixed_lengths and self.train is not None and self.train.task != "passkey":
+                raise ValueError(f"context.mixed_lengths is read by train.task passkey only, not "
+                                 f"{self.train.task!r}; use context.seq_len")
             model = self.model.model_dump(exclude={"rope_scaling", "max_context"})
             self.__dict__["model"] = ModelConfig(**model, rope_scaling=ext.rope_scaling,
                                                  max_context=max(longest, self.model.trained_context))

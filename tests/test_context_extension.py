@@ -58,9 +58,13 @@ def test_context_section_takes_the_checkpoints_shape_and_sets_the_scaling(base, 
     assert config.model.rope_scaling.type == "yarn" and config.model.rope_scaling.factor == 4
     assert config.model.max_context == 64
     with pytest.raises(ConfigError, match=r"context.seq_len=128 is above the extended max_context=64"):
-        load_yaml(tmp_path, f"context: {{init_from: {base}, rope_scaling: {{type: yarn, factor: 4}}, seq_len: 128}}")
+        load_yaml(
+            tmp_path, f"context: {{init_from: {base}, rope_scaling: {{type: yarn, factor: 4}}, seq_len: 128}}"
+        )
     with pytest.raises(ConfigError, match=r"context.init_from='nowhere' has no config.yaml"):
-        load_yaml(tmp_path, "context: {init_from: nowhere, rope_scaling: {type: linear, factor: 2}, seq_len: 8}")
+        load_yaml(
+            tmp_path, "context: {init_from: nowhere, rope_scaling: {type: linear, factor: 2}, seq_len: 8}"
+        )
 
 
 def load_yaml(tmp_path: Path, text: str) -> Config:
@@ -98,9 +102,25 @@ def test_passkey_accuracy_is_reproducible_and_a_fraction(base):
 
 
 def test_eval_context_cli_prints_every_method_and_length(base):
-    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "eval-context", str(base), "--multiples", "1,4",
-                           "--methods", "none,yarn", "--samples", "4", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sapwood.cli",
+            "eval-context",
+            str(base),
+            "--multiples",
+            "1,4",
+            "--methods",
+            "none,yarn",
+            "--samples",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["trained_context"] == 16
@@ -110,8 +130,11 @@ def test_eval_context_cli_prints_every_method_and_length(base):
 
 
 def test_an_unknown_method_is_refused_before_any_work(base):
-    with pytest.raises(SapwoodError, match=r"^method 'rope9' is not one of none, linear, ntk, yarn, dynamic_ntk, model, linear_by_length, "
-                       r"ntk_by_length, yarn_by_length$"):
+    with pytest.raises(
+        SapwoodError,
+        match=r"^method 'rope9' is not one of none, linear, ntk, yarn, dynamic_ntk, model, linear_by_length, "
+        r"ntk_by_length, yarn_by_length$",
+    ):
         passkey_table(base, 16, [1], ["none", "rope9"], 4.0, samples=4)
 
 
@@ -120,8 +143,17 @@ def test_by_length_policy_keeps_plain_rope_within_the_trained_context_and_stretc
     from sapwood.infer.context import ContextPolicy
     from sapwood.model.rope import scaled_inv_freq
 
-    cfg = ModelConfig(vocab_size=32, hidden=64, layers=1, heads=4, ffn=64, trained_context=32, max_context=512,
-                      rope_scaling=RopeScaling(type="yarn", factor=16), rope_policy="by_length")
+    cfg = ModelConfig(
+        vocab_size=32,
+        hidden=64,
+        layers=1,
+        heads=4,
+        ffn=64,
+        trained_context=32,
+        max_context=512,
+        rope_scaling=RopeScaling(type="yarn", factor=16),
+        rope_policy="by_length",
+    )
     policy = ContextPolicy(cfg)
 
     def want(factor: float) -> torch.Tensor:
@@ -139,8 +171,48 @@ def test_by_length_policy_is_refused_by_hugging_face_export_in_one_line():
     from sapwood.config import ModelConfig, RopeScaling
     from sapwood.model.hf import hf_config_from_sapwood
 
-    cfg = ModelConfig(vocab_size=32, hidden=64, layers=1, heads=4, ffn=64, trained_context=32,
-                      rope_scaling=RopeScaling(type="yarn", factor=4), rope_policy="by_length")
+    cfg = ModelConfig(
+        vocab_size=32,
+        hidden=64,
+        layers=1,
+        heads=4,
+        ffn=64,
+        trained_context=32,
+        rope_scaling=RopeScaling(type="yarn", factor=4),
+        rope_policy="by_length",
+    )
     with pytest.raises(SapwoodError, match=r"^model.rope_policy='by_length' has no Hugging Face equivalent"):
         hf_config_from_sapwood(cfg)
-    assert hf_config_from_sapwood(cfg.model_copy(update={"rope_policy": "static"}))["rope_scaling"]["factor"] == 4
+    assert (
+        hf_config_from_sapwood(cfg.model_copy(update={"rope_policy": "static"}))["rope_scaling"]["factor"]
+        == 4
+    )
+
+
+def test_mixed_lengths_fine_tune_draws_each_micro_batch_length_from_the_list(base, tmp_path):
+    from sapwood.train.passkey_task import PasskeyTask
+
+    config = extend_config(base, tmp_path / "ext", factor=4, seq_len=64, steps=1, mixed_lengths=[16, 32, 64])
+    batches = PasskeyTask(config).train_batches(micro_batch_size=2)
+    lengths = [next(batches)[0].shape[1] for _ in range(30)]
+    assert set(lengths) == {16, 32, 64}
+    again = PasskeyTask(config).train_batches(micro_batch_size=2)
+    assert [next(again)[0].shape[1] for _ in range(30)] == lengths  # seeded
+    single = PasskeyTask(extend_config(base, tmp_path / "one", factor=4, seq_len=64, steps=1)).train_batches(
+        2
+    )
+    assert {next(single)[0].shape[1] for _ in range(5)} == {64}
+
+
+def test_bad_mixed_lengths_are_one_line_errors(base, tmp_path):
+    recipe = f"context: {{init_from: {base}, rope_scaling: {{type: yarn, factor: 4}}, seq_len: 64"
+    with pytest.raises(ConfigError, match=r"context.mixed_lengths has 128: each length must be in 2..64"):
+        load_yaml(tmp_path, recipe + ", mixed_lengths: [16, 128]}")
+    path = tmp_path / "text.yaml"
+    path.write_text(
+        recipe + ", mixed_lengths: [16, 64]}\ntrain: {task: text, steps: 1}\ndata: {path: tokens}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"context.mixed_lengths is read by train.task passkey only, not 'text'"
+    ):
+        load_config(path)

@@ -36,8 +36,17 @@ def torchrun(nproc: int, out: Path, *args: str) -> None:
     # PYTHONFAULTHANDLER: a rank killed by a signal prints every thread's Python stack into the output
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent), PYTHONFAULTHANDLER="1")
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(HERE / "cp_worker.py"), "--out", str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(HERE / "cp_worker.py"),
+        "--out",
+        str(out),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-12000:]}"
 
@@ -68,7 +77,9 @@ def test_unshard_inverts_shard():
 
 
 def test_sequence_not_divisible_by_two_cp_is_one_line_error():
-    with pytest.raises(ConfigError, match=r"^sequence length 30 is not divisible by 2 x parallel.cp = 4;") as info:
+    with pytest.raises(
+        ConfigError, match=r"^sequence length 30 is not divisible by 2 x parallel.cp = 4;"
+    ) as info:
         shard_positions(30, 2, 0)
     assert "\n" not in str(info.value)
 
@@ -90,7 +101,8 @@ def test_fsdp_shards_over_dp_shard_times_cp():
     four_way = rank_params(cfg, ParallelConfig(dp_shard=4), dp_shard_rank=3)
     assert [n for _, n in with_cp] == [n for _, n in four_way]
     assert rank_state_bytes(cfg, ParallelConfig(cp=2)).total * 2 == pytest.approx(
-        rank_state_bytes(cfg, ParallelConfig()).total, rel=0.01)
+        rank_state_bytes(cfg, ParallelConfig()).total, rel=0.01
+    )
 
 
 def test_activation_memory_per_rank_divides_by_cp():
@@ -153,7 +165,9 @@ def test_cp_composes_with_fsdp_and_tp(four_ranks, reference, name, tied):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("fixture,name", [("two_ranks", "cp2"), ("four_ranks", "cp2_fsdp2"), ("four_ranks", "cp2_tp2")])
+@pytest.mark.parametrize(
+    "fixture,name", [("two_ranks", "cp2"), ("four_ranks", "cp2_fsdp2"), ("four_ranks", "cp2_tp2")]
+)
 def test_sizing_predicts_cp_rank_bytes_exactly(request, fixture, name):
     result = _read(request.getfixturevalue(fixture), name)
     assert result["measured"] == result["predicted"]

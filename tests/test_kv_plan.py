@@ -25,15 +25,19 @@ def test_enterprise_200b_kv_per_token_is_the_published_shape():
     assert plan.as_dict()["max_context_kv_bytes_total"] == 589_824 * TWO_M  # ~1.24 TB for 2M tokens
 
 
-@pytest.mark.parametrize("heads,kv_heads,tp,want", [(96, 12, 8, 2), (128, 16, 8, 2), (32, 8, 8, 1), (8, 2, 8, 1),
-                                                     (32, 8, 1, 8), (24, 6, 4, 2)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,tp,want",
+    [(96, 12, 8, 2), (128, 16, 8, 2), (32, 8, 8, 1), (8, 2, 8, 1), (32, 8, 1, 8), (24, 6, 4, 2)],
+)
 def test_kv_heads_a_tensor_rank_keeps(heads, kv_heads, tp, want):
     cfg = ModelConfig(vocab_size=64, hidden=heads * 8, layers=1, heads=heads, kv_heads=kv_heads, ffn=64)
     assert kv_heads_per_tp_rank(cfg, tp) == want
 
 
 def test_longest_context_is_the_budget_over_the_devices_kv_per_token():
-    cfg = ModelConfig(vocab_size=1000, hidden=512, layers=6, heads=8, kv_heads=4, ffn=1024, max_context=1 << 20)
+    cfg = ModelConfig(
+        vocab_size=1000, hidden=512, layers=6, heads=8, kv_heads=4, ffn=1024, max_context=1 << 20
+    )
     plan = kv_plan(cfg, ParallelConfig(tp=2, pp=3), device_gb=1.0, reserve=0.25)
     # pipeline stages of 2 layers; 2 KV heads of 64 per tensor rank; bf16
     assert plan.bytes_per_token_per_device == 2 * 2 * 2 * 64 * 2
@@ -42,13 +46,19 @@ def test_longest_context_is_the_budget_over_the_devices_kv_per_token():
     # replicated norms), the final norm and half of the 1000x512 head; 2 bytes each
     block = (2 * 512 * 512 + 2 * 256 * 512) // 2 + 3 * 512 * 1024 // 2 + 2 * 512
     assert weights == 2 * (2 * block + 512 + 1000 * 512 // 2)
-    assert plan.longest_context_per_device == (10**9 - 250_000_000 - weights) // plan.bytes_per_token_per_device
+    assert (
+        plan.longest_context_per_device == (10**9 - 250_000_000 - weights) // plan.bytes_per_token_per_device
+    )
     assert not plan.max_context_fits
 
 
 def _size_json(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "size", *args, "--json"], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", "size", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["kv_cache"]
 

@@ -16,8 +16,16 @@ from sapwood.model.transformer import Decoder
 
 def model(layers: int) -> Decoder:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, hidden=32, layers=layers, heads=4, kv_heads=2, ffn=64, trained_context=16,
-                      rope_theta=100.0)
+    cfg = ModelConfig(
+        vocab_size=50,
+        hidden=32,
+        layers=layers,
+        heads=4,
+        kv_heads=2,
+        ffn=64,
+        trained_context=16,
+        rope_theta=100.0,
+    )
     return Decoder(cfg).eval()
 
 
@@ -56,5 +64,19 @@ def test_after_evictions_the_window_is_a_fresh_forward_over_sinks_and_recent_tok
 
 
 def test_bad_window_is_one_line_error():
-    with pytest.raises(SapwoodError, match=r"attention sinks=-1 and window=0: need sinks >= 0 and window >= 1"):
+    with pytest.raises(
+        SapwoodError, match=r"attention sinks=-1 and window=0: need sinks >= 0 and window >= 1"
+    ):
         SinkWindowCache(1, -1, 0, torch.ones(4))
+
+
+def test_a_chunk_after_cached_tokens_is_causal_from_the_end():
+    """Feeding 5 tokens, then a chunk of 4, equals one forward over all 9 (no eviction)."""
+    decoder = model(2)
+    tokens = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(4))
+    cache = SinkWindowCache(2, sinks=2, window=10, inv_freq=decoder.inv_freq)
+    with torch.inference_mode():
+        decoder(tokens[None, :5], positions=torch.arange(5)[None], kv_cache=cache)
+        chunk = decoder(tokens[None, 5:], positions=torch.arange(5, 9)[None], kv_cache=cache)[0]
+        full = decoder(tokens[None])[0, 5:]
+    assert cache.length == 9 and torch.allclose(chunk, full, atol=1e-5)

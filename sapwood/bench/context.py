@@ -31,14 +31,34 @@ def train_short_context_model(work: Path, trained_context: int, max_multiple: in
     from sapwood.train.loop import train
 
     meta = tokenize_corpus(stdlib_corpus(120), work / "data", vocab_size=1024, val_fraction=0.1)
-    model = ModelConfig(vocab_size=meta["vocab_size"], hidden=128, layers=3, heads=4, kv_heads=2, ffn=352,
-                        trained_context=trained_context, max_context=trained_context * max_multiple,
-                        tied_embeddings=True)
+    model = ModelConfig(
+        vocab_size=meta["vocab_size"],
+        hidden=128,
+        layers=3,
+        heads=4,
+        kv_heads=2,
+        ffn=352,
+        trained_context=trained_context,
+        max_context=trained_context * max_multiple,
+        tied_embeddings=True,
+    )
     config = Config(
-        name="bench-context", model=model,
-        train=TrainConfig(steps=steps, batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20,
-                          device="cpu", out_dir=str(work / "run"), eval_every=steps, save_every=steps,
-                          log_every=max(1, steps // 10), progress=False),
+        name="bench-context",
+        model=model,
+        train=TrainConfig(
+            steps=steps,
+            batch_size=16,
+            micro_batch_size=16,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=20,
+            device="cpu",
+            out_dir=str(work / "run"),
+            eval_every=steps,
+            save_every=steps,
+            log_every=max(1, steps // 10),
+            progress=False,
+        ),
         data=TextDataConfig(path=str(work / "data"), seq_len=trained_context),
     )
     summary = train(config)
@@ -56,8 +76,9 @@ def validation_windows(data: Path, length: int, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts]))
 
 
-def scaled_model(folder: Path, scaling: RopeScaling | None, total_tokens: int,
-                 rope_policy: str | None = None) -> torch.nn.Module:
+def scaled_model(
+    folder: Path, scaling: RopeScaling | None, total_tokens: int, rope_policy: str | None = None
+) -> torch.nn.Module:
     """The checkpoint's weights with ``scaling`` (None: the checkpoint's own) and ``rope_policy`` (None: the
     checkpoint's) as served to a request of ``total_tokens`` positions (per-request frequencies)."""
     from sapwood.config import load_config
@@ -86,12 +107,18 @@ def perplexity(folder: Path, scaling: RopeScaling, windows: torch.Tensor) -> flo
     losses = []
     for window in windows.split(4):
         logits = model(window[:, :-1])
-        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten(), reduction="none"))
+        losses.append(
+            F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten(), reduction="none")
+        )
     return math.exp(torch.cat(losses).mean().item())
 
 
 def run_context_bench(
-    out: Path, trained_context: int = 64, steps: int = 300, multiples: list[int] | None = None, windows: int = 16
+    out: Path,
+    trained_context: int = 64,
+    steps: int = 300,
+    multiples: list[int] | None = None,
+    windows: int = 16,
 ) -> tuple[list[Result], Path]:
     from rich.console import Console
 
@@ -109,13 +136,28 @@ def run_context_bench(
         for method in METHODS:
             scaling = RopeScaling(type=method, factor=factor if method != "none" else 1.0)
             table[method][multiple] = perplexity(folder, scaling, batch)
-        console.print(f"{multiple}x ({trained_context * multiple} tokens): "
-                      + ", ".join(f"{m} {table[m][multiple]:.2f}" for m in METHODS))
+        console.print(
+            f"{multiple}x ({trained_context * multiple} tokens): "
+            + ", ".join(f"{m} {table[m][multiple]:.2f}" for m in METHODS)
+        )
     results = [
-        Result(f"ppl {method} @{multiple}x", table[method][multiple], "ppl", table["none"][multiple],
-               params={"trained_context": trained_context, "eval_tokens": trained_context * multiple,
-                       "factor": factor, "steps": steps, "windows": windows}, baseline="no scaling")
-        for multiple in [1, *multiples] for method in METHODS if method != "none"
+        Result(
+            f"ppl {method} @{multiple}x",
+            table[method][multiple],
+            "ppl",
+            table["none"][multiple],
+            params={
+                "trained_context": trained_context,
+                "eval_tokens": trained_context * multiple,
+                "factor": factor,
+                "steps": steps,
+                "windows": windows,
+            },
+            baseline="no scaling",
+        )
+        for multiple in [1, *multiples]
+        for method in METHODS
+        if method != "none"
     ]
 
     def plot(ax) -> None:
@@ -128,14 +170,24 @@ def run_context_bench(
         ax.set_ylabel("validation perplexity")
         ax.legend()
 
-    path = write_suite("context", results, out, plot, extra={"perplexity": {m: table[m] for m in METHODS},
-                                                              "checkpoint": str(folder)})
+    path = write_suite(
+        "context",
+        results,
+        out,
+        plot,
+        extra={"perplexity": {m: table[m] for m in METHODS}, "checkpoint": str(folder)},
+    )
     return results, path
 
 
 def run_window_bench(
-    out: Path, trained_context: int = 64, steps: int = 300, multiples: list[int] | None = None,
-    window_sizes: list[int] | None = None, sinks: int = 4, windows: int = 8,
+    out: Path,
+    trained_context: int = 64,
+    steps: int = 300,
+    multiples: list[int] | None = None,
+    window_sizes: list[int] | None = None,
+    sinks: int = 4,
+    windows: int = 8,
 ) -> tuple[list[Result], Path]:
     """Perplexity streaming with attention sinks + a sliding window (:mod:`sapwood.infer.window`, one token
     at a time, bounded cache) vs full attention on the same held-out windows, within the trained length
@@ -148,7 +200,9 @@ def run_window_bench(
     multiples = multiples or [1, 4]
     window_sizes = window_sizes or [trained_context // 4, trained_context // 2]
     if min(multiples) < 1 or min(window_sizes) < 1 or sinks < 0:
-        raise SapwoodError(f"multiples {multiples}, windows {window_sizes}, sinks {sinks}: need positive lengths")
+        raise SapwoodError(
+            f"multiples {multiples}, windows {window_sizes}, sinks {sinks}: need positive lengths"
+        )
     work = Path(tempfile.mkdtemp(prefix="sapwood-bench-window-"))
     console.print(f"training a tiny model at context {trained_context} for {steps} steps (plain RoPE)")
     folder = train_short_context_model(work, trained_context, max(multiples), steps)
@@ -160,11 +214,28 @@ def run_window_bench(
         for size in window_sizes:
             nll = torch.cat([streaming_nll(model, row, sinks, size) for row in batch])
             table.setdefault(f"sinks{sinks}+window{size}", {})[multiple] = math.exp(nll.mean().item())
-        console.print(f"{multiple}x ({trained_context * multiple} tokens): "
-                      + ", ".join(f"{name} {row[multiple]:.2f}" for name, row in table.items()))
-    results = [Result(f"ppl {name} @{m}x", row[m], "ppl", table["full"][m],
-                      params={"trained_context": trained_context, "eval_tokens": trained_context * m, "sinks": sinks,
-                              "steps": steps, "windows": windows}, baseline="full attention")
-               for name, row in table.items() if name != "full" for m in multiples]
+        console.print(
+            f"{multiple}x ({trained_context * multiple} tokens): "
+            + ", ".join(f"{name} {row[multiple]:.2f}" for name, row in table.items())
+        )
+    results = [
+        Result(
+            f"ppl {name} @{m}x",
+            row[m],
+            "ppl",
+            table["full"][m],
+            params={
+                "trained_context": trained_context,
+                "eval_tokens": trained_context * m,
+                "sinks": sinks,
+                "steps": steps,
+                "windows": windows,
+            },
+            baseline="full attention",
+        )
+        for name, row in table.items()
+        if name != "full"
+        for m in multiples
+    ]
     path = write_suite("window", results, out, extra={"perplexity": table, "checkpoint": str(folder)})
     return results, path

@@ -68,7 +68,8 @@ class EngineLoop:
 
     @property
     def running(self) -> int:
-        return self.engine.scheduler.running_count
+        windowed = self.engine.windowed
+        return self.engine.scheduler.running_count + (windowed.count if windowed is not None else 0)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: OutputCallback,
                adapter: str | None = None) -> Request:
@@ -99,6 +100,8 @@ class EngineLoop:
             self._stopping = True
             if not drain:
                 self.engine.scheduler.cancel_all()
+                if self.engine.windowed is not None:
+                    self.engine.windowed.cancel_all()
             self._wake.notify()
         self._thread.join(timeout)
 
@@ -123,6 +126,8 @@ class EngineLoop:
     def _fail_pending(self, reason: str) -> None:
         with self._wake:
             self.engine.scheduler.abort_all("error")
+            if self.engine.windowed is not None:
+                self.engine.windowed.abort_all("error")
             pending, self._callbacks = list(self._callbacks.values()), {}
         try:
             self.engine.runner.cache.fit(0, 0)

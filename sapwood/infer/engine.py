@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from sapwood.infer.runner import ModelRunner
 from sapwood.infer.sampling import SamplingParams, generation_config_defaults, sample_next_tokens
 from sapwood.infer.scheduler import Scheduler, SchedulerConfig
 from sapwood.infer.tokenizer import TextStream, TextTokenizer
+
+if TYPE_CHECKING:
+    from sapwood.infer.windowed import WindowedRequests
 
 log = logging.getLogger("sapwood.infer")
 TokenLogprobs = tuple[float, list[tuple[int, float]]]
@@ -56,6 +60,7 @@ class Engine:
         self.steps = 0
         self.failures = 0
         self._admitting: list[Request] = []
+        self.windowed: WindowedRequests | None = None  # requests past max_context (see enable_window)
 
     @classmethod
     def from_folder(
@@ -87,6 +92,13 @@ class Engine:
         self.model.eval()
         self.adapters[name] = str(folder)
 
+    def enable_window(self, sinks: int, window: int | None = None, max_requests: int = 4) -> None:
+        """Serve requests past the maximum context through attention sinks + a sliding window."""
+        from sapwood.infer.windowed import WindowedRequests
+
+        self.windowed = WindowedRequests(self, sinks, window, max_requests)
+        self.policy.overflow = True
+
     def _row_adapters(self, requests: list[Request]) -> list[str | None] | None:
         return [r.adapter for r in requests] if self.adapters else None
 
@@ -96,7 +108,8 @@ class Engine:
         sampling values this model cannot take, or an adapter it does not serve); not yet queued."""
         if adapter is not None and adapter not in self.adapters:
             raise SapwoodError(f"adapter {adapter!r} is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
-        self.policy.check(len(prompt_ids), params.max_tokens)
+        if self.windowed is None or not self.windowed.takes(len(prompt_ids), params):
+            self.policy.check(len(prompt_ids), params.max_tokens)
         vocab = self.cfg.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -122,6 +135,8 @@ class Engine:
 
     def add_request(self, request: Request) -> Request:
         """Queue a request (QueueFullError at the queue bound, KVBudgetError when it can never fit)."""
+        if self.windowed is not None and self.windowed.takes(len(request.prompt_ids), request.params):
+            return self.windowed.add(request)
         self.scheduler.add(request)
         return request
 
@@ -131,7 +146,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or (self.windowed is not None and self.windowed.has_work)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -180,6 +195,8 @@ class Engine:
             outputs += self._accept(admitted, logits)
         self._retire([o.request for o in outputs if o.finished and o.request.status is Status.RUNNING])
         cache.fit(scheduler.running_count, scheduler.longest_running())
+        if self.windowed is not None:
+            outputs += self.windowed.step()
         return outputs
 
     def _fail_batch(self, exc: Exception) -> list[StepOutput]:

@@ -32,7 +32,9 @@ class SinkWindowCache:
 
     def __init__(self, layers: int, sinks: int, window: int, inv_freq: torch.Tensor):
         if sinks < 0 or window < 1:
-            raise SapwoodError(f"attention sinks={sinks} and window={window}: need sinks >= 0 and window >= 1")
+            raise SapwoodError(
+                f"attention sinks={sinks} and window={window}: need sinks >= 0 and window >= 1"
+            )
         self.sinks, self.window = sinks, window
         self.capacity = sinks + window
         self.keys: list[torch.Tensor | None] = [None] * layers
@@ -55,14 +57,20 @@ class SinkWindowCache:
         return self.length
 
     def update(self, layer_index: int, k: torch.Tensor, v: torch.Tensor):
+        """Append ``k``, ``v`` ``[1, kv_heads, seq, head_dim]``; a chunk of several tokens after cached ones
+        gets the causal mask aligned to the end (each new token sees the cache and the chunk up to itself)."""
         if self.keys[layer_index] is None:
             self.keys[layer_index], self.values[layer_index] = k, v
         else:
             self.keys[layer_index] = torch.cat((self.keys[layer_index], k), dim=2)
             self.values[layer_index] = torch.cat((self.values[layer_index], v), dim=2)
+        keys, seq = self.keys[layer_index].shape[2], k.shape[2]
         if layer_index == len(self.keys) - 1:
-            self.length = self.keys[layer_index].shape[2]
-        return self.keys[layer_index], self.values[layer_index], None
+            self.length = keys
+        mask = None
+        if 1 < seq < keys:
+            mask = torch.ones(seq, keys, dtype=torch.bool, device=k.device).tril(keys - seq)
+        return self.keys[layer_index], self.values[layer_index], mask
 
 
 def _stream(model: nn.Module, tokens: torch.Tensor, sinks: int, window: int) -> Iterator[torch.Tensor]:
@@ -70,8 +78,11 @@ def _stream(model: nn.Module, tokens: torch.Tensor, sinks: int, window: int) -> 
     cache = SinkWindowCache(len(model.layers), sinks, window, model.inv_freq)
     for token in tokens.tolist():
         position = cache.next_position()
-        logits = model(torch.tensor([[token]], device=model.inv_freq.device),
-                       positions=torch.tensor([[position]], device=model.inv_freq.device), kv_cache=cache)
+        logits = model(
+            torch.tensor([[token]], device=model.inv_freq.device),
+            positions=torch.tensor([[position]], device=model.inv_freq.device),
+            kv_cache=cache,
+        )
         yield logits[0, -1]
 
 

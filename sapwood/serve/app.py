@@ -73,6 +73,8 @@ def build_engine(folder: Path, settings: ServeSettings, device: str = "cpu") -> 
     engine = Engine.from_folder(folder, scheduler, device=device)
     for name, adapter in settings.lora_adapters.items():
         engine.load_adapter(name, adapter)
+    if settings.context_overflow == "window":
+        engine.enable_window(settings.sinks, settings.window, settings.window_requests)
     return engine
 
 

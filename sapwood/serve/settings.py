@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import Field
 
@@ -29,6 +30,13 @@ class ServeSettings(Section):
     predict_workers: int = Field(2, ge=1, description="threads running /v1/predict work")
     predict_queue: int = Field(8, ge=1, description="/v1/predict requests waiting or running before 429")
     predict_timeout_s: float = Field(60.0, gt=0, description="seconds before a /v1/predict request gets 504")
+    context_overflow: Literal["refuse", "window"] = Field(
+        "refuse", description="a request past the model's maximum context (or the whole KV budget): refused "
+        "(400/413), or served through attention sinks + a sliding window with bounded memory")
+    sinks: int = Field(4, ge=0, description="attention-sink tokens kept with --context-overflow window")
+    window: int | None = Field(None, ge=1, description="recent tokens kept with --context-overflow window "
+                               "(default: max_context - sinks)")
+    window_requests: int = Field(4, ge=1, description="windowed requests at once before 429")
     lora_adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapter name -> PEFT adapter "
                                           "folder, served on the base model (requests pick one by model name)")
 

@@ -26,6 +26,11 @@ so the loss, the evaluation and the training loop see the same logits as without
 Every cp rank computes the same loss on the same gathered logits, so the gradient a reduce-scatter of
 the gathered logits' gradients would return is ``cp`` times this rank's own slice; FSDP then averages
 the parameter gradients over the ``dp_shard x cp`` ranks it shards across.
+
+**Memory.** Activations and attention per rank are divided by ``cp``; the loss is not: the gathered
+``[batch, S, vocab]`` logits (and the loss's fp32 copy and gradient of them) are whole on every cp rank,
+as in one process (``sizing.memory.memory_plan`` counts them so). At long ``S`` with a large vocabulary they
+dominate: research-799m at 131,072 tokens holds 41.9 GB of logits per rank at any ``cp``.
 """
 
 from __future__ import annotations
@@ -52,8 +57,10 @@ def shard_positions(seq_len: int, cp: int, rank: int, device: torch.device | str
 
 def check_divisible(seq_len: int, cp: int) -> None:
     if seq_len % (2 * cp):
-        raise ConfigError(f"sequence length {seq_len} is not divisible by 2 x parallel.cp = {2 * cp}; "
-                          "context parallelism splits each sequence into 2 x cp equal chunks")
+        raise ConfigError(
+            f"sequence length {seq_len} is not divisible by 2 x parallel.cp = {2 * cp}; "
+            "context parallelism splits each sequence into 2 x cp equal chunks"
+        )
 
 
 def shard_sequence(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
@@ -85,7 +92,10 @@ class Ring:
         """Send ``tensor`` to the next rank and receive the previous rank's into a new buffer (started
         now; :meth:`finish` waits)."""
         received = torch.empty_like(tensor)
-        works = [dist.isend(tensor, self.next, group=self.group), dist.irecv(received, self.previous, group=self.group)]
+        works = [
+            dist.isend(tensor, self.next, group=self.group),
+            dist.irecv(received, self.previous, group=self.group),
+        ]
         return received, works
 
     @staticmethod
@@ -148,7 +158,9 @@ class _RingAttention(torch.autograd.Function):
                 row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
                 weights = (scores - row_max).exp()
                 total = weights.sum(-1, keepdim=True)
-                block_out = (weights @ _expand(v_blk, groups)) / total.clamp_min(torch.finfo(torch.float32).tiny)
+                block_out = (weights @ _expand(v_blk, groups)) / total.clamp_min(
+                    torch.finfo(torch.float32).tiny
+                )
                 block_lse = (row_max + total.log()).squeeze(-1)
                 merged = torch.logaddexp(lse, block_lse)
                 safe = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
@@ -194,8 +206,14 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, ring: Ring,
-                   window: int | None = None) -> torch.Tensor:
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    ring: Ring,
+    window: int | None = None,
+) -> torch.Tensor:
     """Exact causal attention of this rank's queries over the keys of every rank in ``ring``.
 
     ``q`` ``[batch, heads, s, head_dim]``, ``k``/``v`` ``[batch, kv_heads, s, head_dim]`` (GQA when fewer
@@ -222,11 +240,14 @@ class ContextParallel:
         key = (local_len, str(device))
         if key not in self._positions:
             seq_len = local_len * self.ring.size
-            self._positions[key] = torch.stack([shard_positions(seq_len, self.ring.size, r, device)
-                                                for r in range(self.ring.size)])
+            self._positions[key] = torch.stack(
+                [shard_positions(seq_len, self.ring.size, r, device) for r in range(self.ring.size)]
+            )
         return self._positions[key]
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
         return ring_attention(q, k, v, self.positions(q.shape[2], q.device), self.ring, window)
 
 
@@ -249,9 +270,13 @@ class _GatherSequence(torch.autograd.Function):
 
 def _shard_inputs_hook(context: ContextParallel) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if len(args) != 1 or any(kwargs.get(name) is not None for name in ("positions", "kv_cache", "rope", "logits_at")):
-            raise ConfigError("a context-parallel model takes whole token batches only (no positions, KV cache, "
-                              "rope or logits_at); serve or score the consolidated checkpoint instead")
+        if len(args) != 1 or any(
+            kwargs.get(name) is not None for name in ("positions", "kv_cache", "rope", "logits_at")
+        ):
+            raise ConfigError(
+                "a context-parallel model takes whole token batches only (no positions, KV cache, "
+                "rope or logits_at); serve or score the consolidated checkpoint instead"
+            )
         tokens = args[0]
         ring = context.ring
         local = shard_sequence(tokens, ring.size, ring.rank, dim=1)

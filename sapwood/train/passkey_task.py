@@ -5,7 +5,8 @@ A sequence is filler, a ``KEY`` token followed by the passkey's digits hidden at
 and at the end a ``QUERY`` token followed by the same digits. The model is trained (and scored) on the
 answer only: every digit after ``QUERY``. Tokens: ``0..9`` digits, :data:`KEY`, :data:`QUERY`, then
 :data:`FILLER` filler tokens drawn uniformly (vocabulary :data:`VOCAB`). Sequences have the task's
-``seq_len`` tokens: ``context.seq_len`` for a context-extension fine-tune, else ``model.trained_context``.
+``seq_len`` tokens: ``context.seq_len`` for a context-extension fine-tune (or, per micro-batch, one of
+``context.mixed_lengths``), else ``model.trained_context``.
 :func:`passkey_accuracy` scores a model at any length and depth: a sample counts when every answer digit
 is the argmax (teacher forcing, so equal to greedy decoding whenever it counts).
 """
@@ -68,10 +69,12 @@ def passkey_accuracy(model: nn.Module, length: int, samples: int = 32, seed: int
 
 
 class PasskeyBatches:
-    """Endless random passkey micro-batches, reproducible from the seed and the count drawn so far."""
+    """Endless random passkey micro-batches, reproducible from the seed and the count drawn so far; with
+    ``lengths`` each micro-batch's length is drawn from that list (mixed-length fine-tuning)."""
 
-    def __init__(self, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, seq_len: int, batch_size: int, seed: int, lengths: list[int] | None = None):
         self.seq_len, self.batch_size, self.seed, self.drawn = seq_len, batch_size, seed, 0
+        self.lengths = list(lengths) if lengths else None
 
     def __iter__(self) -> PasskeyBatches:
         return self
@@ -79,7 +82,10 @@ class PasskeyBatches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.drawn)
         self.drawn += 1
-        return passkey_batch(self.seq_len, torch.rand(self.batch_size, generator=generator), generator)
+        length = self.seq_len
+        if self.lengths is not None:
+            length = self.lengths[int(torch.randint(len(self.lengths), (1,), generator=generator))]
+        return passkey_batch(length, torch.rand(self.batch_size, generator=generator), generator)
 
     def state_dict(self) -> dict[str, Any]:
         return {"drawn": self.drawn}
@@ -98,6 +104,7 @@ class PasskeyTask:
             raise ConfigError(f"model.vocab_size={config.model.vocab_size} is below the passkey task's {VOCAB} tokens")
         extension = getattr(config, "context", None)
         self.seq_len = extension.seq_len if extension is not None else config.model.trained_context
+        self.lengths = extension.mixed_lengths if extension is not None else None
         self.seed = config.train.seed if config.train is not None else 0
 
     def build_model(self, config: Any) -> nn.Module:
@@ -106,7 +113,7 @@ class PasskeyTask:
         return build_model(config, "meta")
 
     def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> PasskeyBatches:
-        return PasskeyBatches(self.seq_len, micro_batch_size, self.seed + 7919 * rank)
+        return PasskeyBatches(self.seq_len, micro_batch_size, self.seed + 7919 * rank, self.lengths)
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch
