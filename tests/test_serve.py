@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import threading
 
 import httpx
 import openai
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sapwood.infer import Engine, SamplingParams
-from sapwood.serve.app import create_app
+from sapwood.serve.app import build_engine, create_app
 from sapwood.serve.server import BackgroundServer, resolve_host
 from sapwood.serve.settings import ServeSettings
 
@@ -159,7 +159,8 @@ fields = st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperat
                           "seed", "stream", "n", "repetition_penalty", "stream_options", "max_completion_tokens"])
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, database=None, derandomize=True,  # the same cases every run
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
        body=st.dictionaries(fields, json_values, max_size=6),
        valid_base=st.booleans())
@@ -191,11 +192,13 @@ def test_health_and_docs_follow_the_key_policy(server):
 
 
 def test_metrics(server):
-    before = httpx.get(f"{server.url}/metrics").text
+    refused = httpx.get(f"{server.url}/metrics")  # keys are set: the scrape needs one too
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key"
+    before = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     generated_before = _metric(before, "sapwood_generated_tokens_total")
     httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-lm", "prompt": "x", "max_tokens": 5,
                                                      "temperature": 0}, headers=AUTH)
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert _metric(text, "sapwood_generated_tokens_total") == generated_before + 5
     for name in ("sapwood_requests_total", "sapwood_request_latency_seconds_bucket",
                  "sapwood_time_to_first_token_seconds_count", "sapwood_queue_depth", "sapwood_kv_cache_usage_ratio"):
@@ -207,39 +210,64 @@ def _metric(text: str, name: str) -> float:
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
+class EngineGate:
+    """Test instrumentation on a real engine: after each step its thread waits until ``release`` is set, and
+    ``added`` is set once a request has been queued, so a test orders events without timing."""
+
+    def __init__(self, engine: Engine):
+        self.stepped, self.added, self.release = threading.Event(), threading.Event(), threading.Event()
+        step, add_request = engine.step, engine.add_request
+
+        def gated_step():
+            outputs = step()
+            self.stepped.set()
+            self.release.wait()
+            return outputs
+
+        def noted_add(request):
+            queued = add_request(request)
+            self.added.set()
+            return queued
+
+        engine.step, engine.add_request = gated_step, noted_add
+
+
 def test_full_queue_gives_429_with_retry_after_and_timeouts_give_504(lm_folder):
-    settings = ServeSettings(max_batch=1, max_queue=1, request_timeout_s=30)
-    with BackgroundServer(create_app(lm_folder, settings, api_keys=frozenset()), settings) as server:
+    settings = ServeSettings(max_batch=1, max_queue=1, request_timeout_s=120)
+    engine = build_engine(lm_folder, settings)
+    gate = EngineGate(engine)
+    with BackgroundServer(create_app(lm_folder, settings, api_keys=frozenset(), engine=engine), settings) as server:
         long_request = {"model": "tiny-lm", "prompt": "x", "max_tokens": 150, "temperature": 0}
 
-        async def scenario() -> tuple[int, httpx.Response, list[int]]:
+        async def scenario() -> tuple[httpx.Response, list[int]]:
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
                 first = asyncio.create_task(http.post("/v1/completions", json=long_request))
-                await _until(http, lambda h: h["running"] == 1)
+                await asyncio.to_thread(gate.stepped.wait)  # the first runs; the engine holds after its step
+                gate.added.clear()
                 second = asyncio.create_task(http.post("/v1/completions", json=long_request))
-                await _until(http, lambda h: h["queued"] == 1)
-                third = await http.post("/v1/completions", json=long_request)
+                await asyncio.to_thread(gate.added.wait)  # the second waits in the queue (max_batch 1)
+                third = await http.post("/v1/completions", json=long_request)  # the queue is full
+                gate.release.set()
                 done = await asyncio.gather(first, second)
-                return third.status_code, third, [r.status_code for r in done]
+                return third, [r.status_code for r in done]
 
-        status, third, others = asyncio.run(scenario())
-        assert status == 429 and third.headers["Retry-After"] == "1"
+        try:
+            third, others = asyncio.run(scenario())
+        finally:
+            gate.release.set()
+        assert third.status_code == 429 and third.headers["Retry-After"] == "1"
         assert "queue is full" in third.json()["error"]["message"]
         assert others == [200, 200]
-        settings_timeout = ServeSettings(request_timeout_s=0.05)
-        app = create_app(lm_folder, settings_timeout, api_keys=frozenset())
-    with BackgroundServer(app, settings_timeout) as slow:
-        response = httpx.post(f"{slow.url}/v1/completions", json=long_request, timeout=60)
-        assert response.status_code == 504 and "timed out" in response.json()["error"]["message"]
-        assert httpx.get(f"{slow.url}/health").status_code == 200
-
-
-async def _until(http: httpx.AsyncClient, condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition((await http.get("/health")).json()):
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.005)
+    settings = ServeSettings(request_timeout_s=0.05)
+    engine = build_engine(lm_folder, settings)
+    gate = EngineGate(engine)  # held after the first step: the request cannot finish before its deadline
+    with BackgroundServer(create_app(lm_folder, settings, api_keys=frozenset(), engine=engine), settings) as slow:
+        try:
+            response = httpx.post(f"{slow.url}/v1/completions", json=long_request, timeout=60)
+            assert response.status_code == 504 and "timed out" in response.json()["error"]["message"]
+            assert httpx.get(f"{slow.url}/health").status_code == 200
+        finally:
+            gate.release.set()
 
 
 def test_no_keys_binds_loopback_only(caplog):

@@ -254,7 +254,7 @@ def test_64_clients_with_disconnects_leave_no_5xx_and_free_every_slot(lm_folder)
         assert all(status == 200 for status in result["statuses"]), result["statuses"]
         deadline = time.monotonic() + 30
         while True:  # the disconnected requests leave within one engine step each
-            text = httpx.get(f"{running.url}/metrics").text
+            text = httpx.get(f"{running.url}/metrics", headers=AUTH).text
             if metric(text, "sapwood_running_requests") == 0 and metric(text, "sapwood_queue_depth") == 0:
                 break
             assert time.monotonic() < deadline, "slots still taken after the clients left"

@@ -19,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,32 +76,37 @@ def bench_prompts(count: int, tokenizer_path: Path) -> list[str]:
 
 
 class ServerProcess:
-    """``sapwood serve FOLDER`` on a free loopback port, in a child process."""
+    """``sapwood serve FOLDER`` on a loopback port the system picks (``--port 0``), in a child process; its
+    address comes from its log, written once it listens."""
 
     def __init__(self, folder: Path, max_batch: int, device: str = "cpu"):
-        from sapwood.serve.server import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k != "SAPWOOD_API_KEYS"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sapwood.cli", "serve", str(folder), "--port", str(self.port),
+            [sys.executable, "-m", "sapwood.cli", "serve", str(folder), "--port", "0",
              "--max-batch", str(max_batch), "--model-name", "bench", "--device", device],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
+        self.url: str | None = None
+        self._address: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read_log, daemon=True).start()
+
+    def _read_log(self) -> None:
+        """Find the address in the log, then keep draining it (a full pipe would stall the server)."""
+        for line in self.process.stderr:
+            found = re.search(r"sapwood serve on (http://\S+:\d+)", line)
+            if found:
+                self._address.put(found.group(1))
+        self._address.put(None)
 
     def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SapwoodError("sapwood serve exited during start-up (run it by hand to see why)")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise SapwoodError(f"sapwood serve did not become ready within {timeout:g} s")
+        try:
+            self.url = self._address.get(timeout=timeout)
+        except queue.Empty:
+            raise SapwoodError(f"sapwood serve did not start within {timeout:g} s") from None
+        if self.url is None:
+            raise SapwoodError("sapwood serve exited during start-up (run it by hand to see why)")
+        if httpx.get(f"{self.url}/health", timeout=timeout).status_code != 200:
+            raise SapwoodError("sapwood serve started but /health is not 200")
 
     def stop(self) -> None:
         self.process.terminate()
