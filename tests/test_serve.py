@@ -87,6 +87,35 @@ def test_streaming_equals_non_streaming(server, reference):
     assert parts[-1].choices[0].finish_reason == "length"
 
 
+def test_response_wire_format_keys_in_openai_order(server):
+    """The JSON of every response shape, key by key and in order (what clients parsing by hand see)."""
+    head = ["id", "object", "created", "model", "choices"]
+    for route, extra, choice_keys, streamed_keys, name in (
+        ("/v1/completions", {"prompt": "x"}, ["index", "text", "logprobs", "finish_reason"],
+         ["index", "text", "logprobs", "finish_reason"], "text_completion"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]},
+         ["index", "message", "logprobs", "finish_reason"], ["index", "delta", "logprobs", "finish_reason"],
+         "chat.completion"),
+    ):
+        body = {"model": "tiny-lm", "max_tokens": 3, "temperature": 0} | extra
+        full = httpx.post(f"{server.url}{route}", json=body, headers=AUTH, timeout=120).json()
+        assert list(full) == [*head, "usage"] and full["object"] == name
+        assert list(full["choices"][0]) == choice_keys
+        assert list(full["usage"]) == ["prompt_tokens", "completion_tokens", "total_tokens"]
+        if "message" in choice_keys:
+            assert list(full["choices"][0]["message"]) == ["role", "content"]
+        stream = body | {"stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{server.url}{route}", json=stream, headers=AUTH, timeout=120) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        for chunk in chunks[:-1]:
+            assert list(chunk) == head and list(chunk["choices"][0]) == streamed_keys
+            assert chunk["object"] == ("text_completion" if name == "text_completion" else "chat.completion.chunk")
+            assert chunk["id"] == chunks[0]["id"] and chunk["created"] == chunks[0]["created"]
+        assert list(chunks[-1]) == [*head, "usage"] and chunks[-1]["choices"] == []
+
+
 def test_32_concurrent_greedy_requests_equal_single_requests(server, reference):
     _, greedy_text = reference
     prompts = [f"def function_{i}(x):\n    return x * {i}" for i in range(32)]

@@ -11,6 +11,10 @@ same run, same prompts, same new-token count, on the ``export-hf`` copy of the s
 * ``hf static batch``: all requests of a level in one left-padded ``generate`` call (best case for
   ``generate``; no HTTP, every request waits for the whole batch).
 
+Beside the HTTP rows, ``engine in-process`` submits the same requests as the static batch to a sapwood
+``Engine`` in the bench's own process: continuous batching against the static batch without HTTP and
+without the clients, which share the machine with the server; wall and CPU seconds.
+
 Every request generates exactly ``max_tokens`` tokens (``ignore_eos``; ``eos_token_id=None`` in HF).
 """
 
@@ -34,6 +38,8 @@ import torch
 
 from sapwood.bench.harness import Result, write_suite
 from sapwood.errors import SapwoodError
+from sapwood.infer.engine import Engine
+from sapwood.infer.scheduler import SchedulerConfig
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -118,24 +124,30 @@ class ServerProcess:
 
 async def _one_streaming_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict[str, float]:
     """Time to first token, latency, mean inter-token latency and completion tokens of one streamed
-    completion."""
+    completion. Events are timed as their bytes arrive and only the usage event is parsed as JSON, so the
+    clients, which share the machine with the server, take as little of it as they can."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = last = None
     tokens = 0
+    pending = b""
     async with http.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise SapwoodError(f"bench request failed: {response.status_code} {await response.aread()!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("choices"):
-                last = time.perf_counter() - start
-                first = last if first is None else first
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+        async for chunk in response.aiter_raw():
+            now = time.perf_counter() - start
+            *events, pending = (pending + chunk).split(b"\n\n")
+            for event in events:
+                if event.startswith(b'data: {"error"'):
+                    raise SapwoodError(f"bench request failed while streaming: {event[6:]!r}")
+                if not event.startswith(b"data: {"):
+                    continue
+                if b'"choices":[]' in event:  # the closing usage event
+                    tokens = json.loads(event[6:])["usage"]["completion_tokens"]
+                else:
+                    last = now
+                    first = now if first is None else first
     first, last = first or 0.0, last or 0.0
     itl = (last - first) / (tokens - 1) if tokens > 1 else 0.0
     return {"ttft": first, "latency": time.perf_counter() - start, "itl": itl, "tokens": tokens}
@@ -231,16 +243,33 @@ def run_hf_static_batch(hf, tokenizer, prompts: list[str], max_tokens: int | lis
         mask[row, width - len(e):] = 1
     ids, mask = ids.to(hf.device), mask.to(hf.device)
     timer = _FirstTokenTimer()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                           do_sample=False, eos_token_id=None, pad_token_id=0, streamer=timer)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert out.shape[1] == width + max_tokens
     ttft = timer.first - start
     summary = summarize(wall, sum(lengths), [ttft] * len(prompts), [wall] * len(prompts))
     itl = (wall - ttft) / max(1, max_tokens - 1)
-    return summary | {"ttft_p99_ms": 1000 * ttft, "itl_p50_ms": 1000 * itl, "itl_p99_ms": 1000 * itl}
+    return summary | {"ttft_p99_ms": 1000 * ttft, "itl_p50_ms": 1000 * itl, "itl_p99_ms": 1000 * itl, "cpu_s": cpu}
+
+
+def run_engine_in_process(engine, prompts: list[str], max_tokens: int | list[int]) -> dict[str, float]:
+    """The same requests submitted together to a sapwood :class:`Engine` in this process (no HTTP, no
+    clients): the engine against the static batch, wall and CPU seconds."""
+    from sapwood.infer.sampling import SamplingParams
+
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    ids = [engine.tokenizer.encode(p) for p in prompts]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+    start, cpu = time.perf_counter(), time.process_time()
+    requests = engine.generate(ids, params)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    tokens = sum(len(r.output_ids) for r in requests)
+    if tokens != sum(lengths):
+        raise SapwoodError(f"expected {sum(lengths)} generated tokens in process, got {tokens}")
+    return {"tokens_per_s": tokens / wall, "wall_s": wall, "cpu_s": cpu}
 
 
 def mixed_lengths(count: int, max_tokens: int) -> list[int]:
@@ -288,29 +317,35 @@ def run_serve_bench(
     server = ServerProcess(folder, max_batch=max(levels), device=device)
     measured: dict[str, dict[str, list[dict[str, float]] | dict[str, float]]] = {}
     top = max(levels)
+    engine = Engine.from_folder(folder, SchedulerConfig(max_batch=top), device=device)
     try:
         server.wait_ready()
         run_hf_one_at_a_time(hf, tokenizer, prompts[:1], 2)  # warm-up
+        run_engine_in_process(engine, prompts[:4], 2)
         for c in levels:
             level_prompts = prompts[: count[c]]
             static_prompts = level_prompts[:c]
             console.print(f"concurrency {c}: {len(level_prompts)} requests x {max_tokens} tokens, x{repeats}")
-            ours, static = [], []
+            ours, in_process, static = [], [], []
             for _ in range(repeats):
                 ours.append(run_ours(server.url, level_prompts, c, max_tokens))
+                in_process.append(run_engine_in_process(engine, static_prompts, max_tokens))
                 static.append(run_hf_static_batch(hf, tokenizer, static_prompts, max_tokens))
             sequential = run_hf_one_at_a_time(hf, tokenizer, level_prompts, max_tokens)
-            measured[str(c)] = {"sapwood": ours, "hf_static_batch": static, "hf_one_at_a_time": sequential}
+            measured[str(c)] = {"sapwood": ours, "engine_in_process": in_process, "hf_static_batch": static,
+                                "hf_one_at_a_time": sequential}
             console.print(f"  sapwood {statistics.median(r['tokens_per_s'] for r in ours):.0f} tok/s, "
+                          f"engine in-process {statistics.median(r['tokens_per_s'] for r in in_process):.0f}, "
                           f"hf static batch {statistics.median(r['tokens_per_s'] for r in static):.0f}, "
                           f"hf one-at-a-time {sequential['tokens_per_s']:.0f}")
         lengths = mixed_lengths(top, max_tokens)
         console.print(f"mixed lengths @{top}: {min(lengths)}..{max(lengths)} new tokens, x{repeats}")
-        ours, static = [], []
+        ours, in_process, static = [], [], []
         for _ in range(repeats):
             ours.append(run_ours(server.url, prompts[:top], top, lengths))
+            in_process.append(run_engine_in_process(engine, prompts[:top], lengths))
             static.append(run_hf_static_batch(hf, tokenizer, prompts[:top], lengths))
-        measured[f"mixed@{top}"] = {"sapwood": ours, "hf_static_batch": static}
+        measured[f"mixed@{top}"] = {"sapwood": ours, "engine_in_process": in_process, "hf_static_batch": static}
     finally:
         server.stop()
     results = []
@@ -331,8 +366,12 @@ def run_serve_bench(
         params = {**params_common, "concurrency": c, "requests": count[c]}
         ours, static, seq = m["sapwood"], m["hf_static_batch"], m["hf_one_at_a_time"]
         ours_tps, _ = _median_and_spread(ours, "tokens_per_s")
+        in_process = m["engine_in_process"]
         results += [
             ratio_row(f"tokens/s @{c} vs hf static batch", ours, static, "tokens_per_s", "tokens/s", params),
+            ratio_row(f"tokens/s @{c} engine in-process vs hf static batch", in_process, static, "tokens_per_s",
+                      "tokens/s", params),
+            ratio_row(f"CPU s @{c} engine in-process vs hf static batch", in_process, static, "cpu_s", "s", params),
             Result(f"tokens/s @{c} vs hf one-at-a-time", ours_tps, "tokens/s", seq["tokens_per_s"], params=params,
                    baseline=sequential_name),
             Result(f"TTFT p50 @{c}", _median_and_spread(ours, "ttft_p50_ms")[0], "ms", seq["ttft_p50_ms"],
@@ -342,8 +381,14 @@ def run_serve_bench(
         ]
     mixed = measured[f"mixed@{top}"]
     params = {**params_common, "concurrency": top, "requests": top, "new_tokens": [min(lengths), max(lengths)]}
-    results.append(ratio_row(f"tokens/s mixed lengths @{top} vs hf static batch", mixed["sapwood"],
-                             mixed["hf_static_batch"], "tokens_per_s", "tokens/s", params))
+    results += [
+        ratio_row(f"tokens/s mixed lengths @{top} vs hf static batch", mixed["sapwood"], mixed["hf_static_batch"],
+                  "tokens_per_s", "tokens/s", params),
+        ratio_row(f"tokens/s mixed lengths @{top} engine in-process vs hf static batch", mixed["engine_in_process"],
+                  mixed["hf_static_batch"], "tokens_per_s", "tokens/s", params),
+        ratio_row(f"CPU s mixed lengths @{top} engine in-process vs hf static batch", mixed["engine_in_process"],
+                  mixed["hf_static_batch"], "cpu_s", "s", params),
+    ]
     load = measured[str(top)]
     params = {**params_common, "concurrency": top, "requests": count[top], "clients": "streaming"}
     for key, label in (("tokens_per_s", "tokens/s"), ("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"),
