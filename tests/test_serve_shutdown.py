@@ -34,7 +34,10 @@ def test_sigterm_drains_in_flight_requests(lm_folder):
     # --port 0: the server binds a port the system picks and logs the address once it listens
     process = subprocess.Popen(
         [sys.executable, "-m", "sapwood.cli", "serve", str(lm_folder), "--port", "0"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     log = []
     try:
@@ -47,8 +50,14 @@ def test_sigterm_drains_in_flight_requests(lm_folder):
             found = re.search(r"sapwood serve on (http://127\.0\.0\.1:\d+)", line)
             url = found.group(1) if found else None
         assert not url.endswith(":0")
-        body = {"model": "tiny-lm", "prompt": "x", "max_tokens": 150, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": "tiny-lm",
+            "prompt": "x",
+            "max_tokens": 150,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         events = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
             assert response.status_code == 200

@@ -88,9 +88,25 @@ class ServerProcess:
     def __init__(self, folder: Path, max_batch: int, device: str = "cpu"):
         env = {k: v for k, v in os.environ.items() if k != "SAPWOOD_API_KEYS"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sapwood.cli", "serve", str(folder), "--port", "0",
-             "--max-batch", str(max_batch), "--model-name", "bench", "--device", device],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "sapwood.cli",
+                "serve",
+                str(folder),
+                "--port",
+                "0",
+                "--max-batch",
+                str(max_batch),
+                "--model-name",
+                "bench",
+                "--device",
+                device,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.url: str | None = None
         self._address: queue.Queue[str | None] = queue.Queue()
@@ -126,8 +142,15 @@ async def _one_streaming_request(http: httpx.AsyncClient, prompt: str, max_token
     """Time to first token, latency, mean inter-token latency and completion tokens of one streamed
     completion. Events are timed as their bytes arrive and only the usage event is parsed as JSON, so the
     clients, which share the machine with the server, take as little of it as they can."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first = last = None
     tokens = 0
@@ -178,13 +201,21 @@ def run_ours(url: str, prompts: list[str], concurrency: int, max_tokens: int | l
     summary = summarize(wall, tokens, [r["ttft"] for r in results], [r["latency"] for r in results])
     itls = [r["itl"] for r in results]
     ttfts = [r["ttft"] for r in results]
-    return summary | {"ttft_p99_ms": 1000 * percentile(ttfts, 99), "itl_p50_ms": 1000 * percentile(itls, 50),
-                      "itl_p99_ms": 1000 * percentile(itls, 99)}
+    return summary | {
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99),
+        "itl_p50_ms": 1000 * percentile(itls, 50),
+        "itl_p99_ms": 1000 * percentile(itls, 99),
+    }
 
 
 def summarize(wall: float, tokens: int, ttfts: list[float], latencies: list[float]) -> dict[str, float]:
-    return {"tokens_per_s": tokens / wall, "wall_s": wall, "ttft_p50_ms": 1000 * statistics.median(ttfts),
-            "latency_p50_ms": 1000 * percentile(latencies, 50), "latency_p99_ms": 1000 * percentile(latencies, 99)}
+    return {
+        "tokens_per_s": tokens / wall,
+        "wall_s": wall,
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "latency_p50_ms": 1000 * percentile(latencies, 50),
+        "latency_p99_ms": 1000 * percentile(latencies, 99),
+    }
 
 
 class _FirstTokenTimer:
@@ -202,7 +233,9 @@ class _FirstTokenTimer:
         pass
 
 
-def run_hf_one_at_a_time(hf, tokenizer, prompts: list[str], max_tokens: int, measured: int = 4) -> dict[str, float]:
+def run_hf_one_at_a_time(
+    hf, tokenizer, prompts: list[str], max_tokens: int, measured: int = 4
+) -> dict[str, float]:
     """All requests arrive at t=0 and are served one after another with batch-1 generate.
 
     Only the first ``measured`` requests are generated (each timed: service time and first-token time);
@@ -215,9 +248,16 @@ def run_hf_one_at_a_time(hf, tokenizer, prompts: list[str], max_tokens: int, mea
         timer = _FirstTokenTimer()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                              min_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                              streamer=timer)
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                streamer=timer,
+            )
         service.append(time.perf_counter() - start)
         first_token.append(timer.first - start)
         assert out.shape[1] == ids.shape[1] + max_tokens
@@ -239,20 +279,33 @@ def run_hf_static_batch(hf, tokenizer, prompts: list[str], max_tokens: int | lis
     ids = torch.zeros(len(encoded), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, e in enumerate(encoded):
-        ids[row, width - len(e):] = torch.tensor(e)
-        mask[row, width - len(e):] = 1
+        ids[row, width - len(e) :] = torch.tensor(e)
+        mask[row, width - len(e) :] = 1
     ids, mask = ids.to(hf.device), mask.to(hf.device)
     timer = _FirstTokenTimer()
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                          do_sample=False, eos_token_id=None, pad_token_id=0, streamer=timer)
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            streamer=timer,
+        )
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert out.shape[1] == width + max_tokens
     ttft = timer.first - start
     summary = summarize(wall, sum(lengths), [ttft] * len(prompts), [wall] * len(prompts))
     itl = (wall - ttft) / max(1, max_tokens - 1)
-    return summary | {"ttft_p99_ms": 1000 * ttft, "itl_p50_ms": 1000 * itl, "itl_p99_ms": 1000 * itl, "cpu_s": cpu}
+    return summary | {
+        "ttft_p99_ms": 1000 * ttft,
+        "itl_p50_ms": 1000 * itl,
+        "itl_p99_ms": 1000 * itl,
+        "cpu_s": cpu,
+    }
 
 
 def run_engine_in_process(engine, prompts: list[str], max_tokens: int | list[int]) -> dict[str, float]:
@@ -288,8 +341,14 @@ def _median_and_spread(runs: list[dict[str, float]], key: str) -> tuple[float, l
 
 
 def run_serve_bench(
-    out: Path, levels: list[int], max_tokens: int = 32, requests_per_level: int = 0, preset: str = "tiny",
-    folder: Path | None = None, repeats: int = 3, device: str = "cpu",
+    out: Path,
+    levels: list[int],
+    max_tokens: int = 32,
+    requests_per_level: int = 0,
+    preset: str = "tiny",
+    folder: Path | None = None,
+    repeats: int = 3,
+    device: str = "cpu",
 ) -> tuple[list[Result], Path]:
     """Each level ``repeats`` times (ours and the static batch alternate); the figures are medians and each
     ratio row states its spread (min, max over the repeats) in ``params``. Two extra rows at the largest
@@ -332,12 +391,18 @@ def run_serve_bench(
                 in_process.append(run_engine_in_process(engine, static_prompts, max_tokens))
                 static.append(run_hf_static_batch(hf, tokenizer, static_prompts, max_tokens))
             sequential = run_hf_one_at_a_time(hf, tokenizer, level_prompts, max_tokens)
-            measured[str(c)] = {"sapwood": ours, "engine_in_process": in_process, "hf_static_batch": static,
-                                "hf_one_at_a_time": sequential}
-            console.print(f"  sapwood {statistics.median(r['tokens_per_s'] for r in ours):.0f} tok/s, "
-                          f"engine in-process {statistics.median(r['tokens_per_s'] for r in in_process):.0f}, "
-                          f"hf static batch {statistics.median(r['tokens_per_s'] for r in static):.0f}, "
-                          f"hf one-at-a-time {sequential['tokens_per_s']:.0f}")
+            measured[str(c)] = {
+                "sapwood": ours,
+                "engine_in_process": in_process,
+                "hf_static_batch": static,
+                "hf_one_at_a_time": sequential,
+            }
+            console.print(
+                f"  sapwood {statistics.median(r['tokens_per_s'] for r in ours):.0f} tok/s, "
+                f"engine in-process {statistics.median(r['tokens_per_s'] for r in in_process):.0f}, "
+                f"hf static batch {statistics.median(r['tokens_per_s'] for r in static):.0f}, "
+                f"hf one-at-a-time {sequential['tokens_per_s']:.0f}"
+            )
         lengths = mixed_lengths(top, max_tokens)
         console.print(f"mixed lengths @{top}: {min(lengths)}..{max(lengths)} new tokens, x{repeats}")
         ours, in_process, static = [], [], []
@@ -345,21 +410,38 @@ def run_serve_bench(
             ours.append(run_ours(server.url, prompts[:top], top, lengths))
             in_process.append(run_engine_in_process(engine, prompts[:top], lengths))
             static.append(run_hf_static_batch(hf, tokenizer, prompts[:top], lengths))
-        measured[f"mixed@{top}"] = {"sapwood": ours, "engine_in_process": in_process, "hf_static_batch": static}
+        measured[f"mixed@{top}"] = {
+            "sapwood": ours,
+            "engine_in_process": in_process,
+            "hf_static_batch": static,
+        }
     finally:
         server.stop()
     results = []
-    params_common = {"max_tokens": max_tokens, "preset": preset if given_folder is None else str(given_folder),
-                     "threads": torch.get_num_threads(), "repeats": repeats}
+    params_common = {
+        "max_tokens": max_tokens,
+        "preset": preset if given_folder is None else str(given_folder),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+    }
     static_name = "transformers generate, one left-padded batch"
     sequential_name = "transformers generate, batch 1, sequential"
 
-    def ratio_row(name: str, ours: list[dict], static: list[dict], key: str, unit: str, params: dict) -> Result:
-        ratios = [_ratio(o[key], s[key]) if unit == "tokens/s" else _ratio(s[key], o[key])
-                  for o, s in zip(ours, static, strict=True)]
-        return Result(name, statistics.median(o[key] for o in ours), unit, statistics.median(s[key] for s in static),
-                      params=params | {"ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)]},
-                      baseline=static_name)
+    def ratio_row(
+        name: str, ours: list[dict], static: list[dict], key: str, unit: str, params: dict
+    ) -> Result:
+        ratios = [
+            _ratio(o[key], s[key]) if unit == "tokens/s" else _ratio(s[key], o[key])
+            for o, s in zip(ours, static, strict=True)
+        ]
+        return Result(
+            name,
+            statistics.median(o[key] for o in ours),
+            unit,
+            statistics.median(s[key] for s in static),
+            params=params | {"ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)]},
+            baseline=static_name,
+        )
 
     for c in levels:
         m = measured[str(c)]
@@ -369,41 +451,109 @@ def run_serve_bench(
         in_process = m["engine_in_process"]
         results += [
             ratio_row(f"tokens/s @{c} vs hf static batch", ours, static, "tokens_per_s", "tokens/s", params),
-            ratio_row(f"tokens/s @{c} engine in-process vs hf static batch", in_process, static, "tokens_per_s",
-                      "tokens/s", params),
-            ratio_row(f"CPU s @{c} engine in-process vs hf static batch", in_process, static, "cpu_s", "s", params),
-            Result(f"tokens/s @{c} vs hf one-at-a-time", ours_tps, "tokens/s", seq["tokens_per_s"], params=params,
-                   baseline=sequential_name),
-            Result(f"TTFT p50 @{c}", _median_and_spread(ours, "ttft_p50_ms")[0], "ms", seq["ttft_p50_ms"],
-                   params=params, baseline=sequential_name),
-            Result(f"latency p99 @{c}", _median_and_spread(ours, "latency_p99_ms")[0], "ms", seq["latency_p99_ms"],
-                   params=params, baseline=sequential_name),
+            ratio_row(
+                f"tokens/s @{c} engine in-process vs hf static batch",
+                in_process,
+                static,
+                "tokens_per_s",
+                "tokens/s",
+                params,
+            ),
+            ratio_row(
+                f"CPU s @{c} engine in-process vs hf static batch", in_process, static, "cpu_s", "s", params
+            ),
+            Result(
+                f"tokens/s @{c} vs hf one-at-a-time",
+                ours_tps,
+                "tokens/s",
+                seq["tokens_per_s"],
+                params=params,
+                baseline=sequential_name,
+            ),
+            Result(
+                f"TTFT p50 @{c}",
+                _median_and_spread(ours, "ttft_p50_ms")[0],
+                "ms",
+                seq["ttft_p50_ms"],
+                params=params,
+                baseline=sequential_name,
+            ),
+            Result(
+                f"latency p99 @{c}",
+                _median_and_spread(ours, "latency_p99_ms")[0],
+                "ms",
+                seq["latency_p99_ms"],
+                params=params,
+                baseline=sequential_name,
+            ),
         ]
     mixed = measured[f"mixed@{top}"]
-    params = {**params_common, "concurrency": top, "requests": top, "new_tokens": [min(lengths), max(lengths)]}
+    params = {
+        **params_common,
+        "concurrency": top,
+        "requests": top,
+        "new_tokens": [min(lengths), max(lengths)],
+    }
     results += [
-        ratio_row(f"tokens/s mixed lengths @{top} vs hf static batch", mixed["sapwood"], mixed["hf_static_batch"],
-                  "tokens_per_s", "tokens/s", params),
-        ratio_row(f"tokens/s mixed lengths @{top} engine in-process vs hf static batch", mixed["engine_in_process"],
-                  mixed["hf_static_batch"], "tokens_per_s", "tokens/s", params),
-        ratio_row(f"CPU s mixed lengths @{top} engine in-process vs hf static batch", mixed["engine_in_process"],
-                  mixed["hf_static_batch"], "cpu_s", "s", params),
+        ratio_row(
+            f"tokens/s mixed lengths @{top} vs hf static batch",
+            mixed["sapwood"],
+            mixed["hf_static_batch"],
+            "tokens_per_s",
+            "tokens/s",
+            params,
+        ),
+        ratio_row(
+            f"tokens/s mixed lengths @{top} engine in-process vs hf static batch",
+            mixed["engine_in_process"],
+            mixed["hf_static_batch"],
+            "tokens_per_s",
+            "tokens/s",
+            params,
+        ),
+        ratio_row(
+            f"CPU s mixed lengths @{top} engine in-process vs hf static batch",
+            mixed["engine_in_process"],
+            mixed["hf_static_batch"],
+            "cpu_s",
+            "s",
+            params,
+        ),
     ]
     load = measured[str(top)]
     params = {**params_common, "concurrency": top, "requests": count[top], "clients": "streaming"}
-    for key, label in (("tokens_per_s", "tokens/s"), ("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"),
-                       ("itl_p50_ms", "ITL p50"), ("itl_p99_ms", "ITL p99")):
+    for key, label in (
+        ("tokens_per_s", "tokens/s"),
+        ("ttft_p50_ms", "TTFT p50"),
+        ("ttft_p99_ms", "TTFT p99"),
+        ("itl_p50_ms", "ITL p50"),
+        ("itl_p99_ms", "ITL p99"),
+    ):
         unit = "tokens/s" if key == "tokens_per_s" else "ms"
-        results.append(ratio_row(f"load @{top} clients: {label}", load["sapwood"], load["hf_static_batch"], key, unit,
-                                 params))
+        results.append(
+            ratio_row(
+                f"load @{top} clients: {label}", load["sapwood"], load["hf_static_batch"], key, unit, params
+            )
+        )
 
     def plot(ax) -> None:
         xs = levels
-        for key, label in (("sapwood", "sapwood serve (HTTP)"), ("hf_static_batch", "HF generate, static batch")):
-            ax.plot(xs, [statistics.median(r["tokens_per_s"] for r in measured[str(c)][key]) for c in xs], marker="o",
-                    label=label)
-        ax.plot(xs, [measured[str(c)]["hf_one_at_a_time"]["tokens_per_s"] for c in xs], marker="o",
-                label="HF generate, one at a time")
+        for key, label in (
+            ("sapwood", "sapwood serve (HTTP)"),
+            ("hf_static_batch", "HF generate, static batch"),
+        ):
+            ax.plot(
+                xs,
+                [statistics.median(r["tokens_per_s"] for r in measured[str(c)][key]) for c in xs],
+                marker="o",
+                label=label,
+            )
+        ax.plot(
+            xs,
+            [measured[str(c)]["hf_one_at_a_time"]["tokens_per_s"] for c in xs],
+            marker="o",
+            label="HF generate, one at a time",
+        )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel("generated tokens/s")

@@ -75,7 +75,9 @@ class Scheduler:
         self.budget.check_alone(request.total_tokens)
         with self._lock:
             if len(self._waiting) >= self.config.max_waiting:
-                raise QueueFullError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
+                raise QueueFullError(
+                    f"the request queue is full ({self.config.max_waiting} waiting); retry later"
+                )
             request.status = Status.WAITING
             self._waiting.append(request)
 
@@ -123,8 +125,10 @@ class Scheduler:
                 if admitted and width * (len(admitted) + 1) > self.config.max_prefill_tokens:
                     break
                 # the cancelled rows are still allocated until retired this step: count them
-                if not self.budget.fits(len(self._running) + len(admitted) + 1,
-                                        max(new_longest, max((r.total_tokens for r in self._running), default=0))):
+                if not self.budget.fits(
+                    len(self._running) + len(admitted) + 1,
+                    max(new_longest, max((r.total_tokens for r in self._running), default=0)),
+                ):
                     break
                 self._waiting.popleft()
                 admitted.append(candidate)

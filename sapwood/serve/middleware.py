@@ -3,7 +3,8 @@
 The key check runs before the body is read, so an unauthenticated client learns nothing about the
 request schema: with keys set, ``/v1/*``, ``/docs``, ``/redoc``, ``/openapi.json`` and ``/metrics`` need a
 key (a Prometheus scrape job sends it as its bearer token). ``/health`` stays open for probes but tells a
-client without a key only up or down (the handler reads ``scope["state"]["authenticated"]``). JSON bodies (and bodies
+client without a key only up or down (the handler reads ``scope["state"]["authenticated"]``). JSON bodies
+(and bodies
 without a content type, which FastAPI parses as JSON) are checked against :mod:`sapwood.serve.json_limits`
 before any handler parses them.
 """
@@ -20,8 +21,17 @@ from sapwood.serve.errors import APIError, error_body
 from sapwood.serve.json_limits import JSONLimitError, check_json
 from sapwood.serve.metrics import ServerMetrics
 
-KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/predict", "/health", "/metrics",
-                "/docs", "/redoc", "/openapi.json")
+KNOWN_ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/v1/predict",
+    "/health",
+    "/metrics",
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+)
 KEYED_ROUTES = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics")  # besides /v1/*
 JSON_CHECK_IN_THREAD_BYTES = 64 * 1024
 
@@ -33,8 +43,9 @@ def is_json(content_type: bytes | None) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
-async def send_json_error(send: Any, status: int, message: str, code: str | None = None,
-                          headers: dict[str, str] | None = None) -> None:
+async def send_json_error(
+    send: Any, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> None:
     body = json.dumps(error_body(status, message, code=code)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]

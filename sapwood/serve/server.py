@@ -37,8 +37,15 @@ def resolve_host(host: str, keys: frozenset[str]) -> str:
 
 
 def uvicorn_config(app, settings: ServeSettings, host: str, port: int) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on")
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        lifespan="on",
+    )
 
 
 def run_server(folder: str | Path, settings: ServeSettings, device: str = "cpu") -> None:
@@ -52,7 +59,9 @@ def run_server(folder: str | Path, settings: ServeSettings, device: str = "cpu")
     # the address can connect at once; its connection waits in the backlog until uvicorn accepts it
     sock = config.bind_socket()
     sock.listen(config.backlog)
-    log.info("sapwood serve on http://%s:%d (%d API key(s) configured)", host, sock.getsockname()[1], len(keys))
+    log.info(
+        "sapwood serve on http://%s:%d (%d API key(s) configured)", host, sock.getsockname()[1], len(keys)
+    )
     # uvicorn drains, then re-raises the captured SIGTERM/SIGINT to the previous handler: make that a
     # no-op so a graceful shutdown exits with status 0 instead of dying by the signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -90,8 +99,9 @@ class BackgroundServer:
         self.port = self.socket.getsockname()[1]
         self.server = uvicorn.Server(uvicorn_config(app, self.settings, "127.0.0.1", self.port))
         self.server.install_signal_handlers = lambda: None  # not the main thread
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
-                                       name="sapwood-uvicorn", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="sapwood-uvicorn", daemon=True
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> BackgroundServer:
