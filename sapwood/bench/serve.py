@@ -138,39 +138,53 @@ class ServerProcess:
             self.process.kill()
 
 
-async def _one_streaming_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict[str, float]:
+async def _one_streaming_request(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
     """Time to first token, latency, mean inter-token latency and completion tokens of one streamed
-    completion. Events are timed as their bytes arrive and only the usage event is parsed as JSON, so the
-    clients, which share the machine with the server, take as little of it as they can."""
-    body = {
-        "model": "bench",
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
-    }
+    completion, on its own connection. The client is a plain socket reader: events are timed as their bytes
+    arrive and only the closing usage event is parsed, so the clients, which share the machine with the
+    server, take as little of it as they can (an HTTP library costs them several times more per event)."""
+    body = json.dumps(
+        {
+            "model": "bench",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    address = httpx.URL(url)
     start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (address.host.encode(), len(body), body)
+    )
     first = last = None
     tokens = 0
-    pending = b""
-    async with http.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise SapwoodError(f"bench request failed: {response.status_code} {await response.aread()!r}")
-        async for chunk in response.aiter_raw():
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise SapwoodError(f"bench request failed: {head[:200]!r} {await reader.read(2000)!r}")
+        pending = b""
+        while chunk := await reader.read(1 << 16):
             now = time.perf_counter() - start
+            # chunked transfer framing sits between events; each event is one "data: ...\n\n"
             *events, pending = (pending + chunk).split(b"\n\n")
             for event in events:
-                if event.startswith(b'data: {"error"'):
-                    raise SapwoodError(f"bench request failed while streaming: {event[6:]!r}")
-                if not event.startswith(b"data: {"):
+                data = event[event.find(b"data: ") + 6 :] if b"data: " in event else b""
+                if data.startswith(b'{"error"'):
+                    raise SapwoodError(f"bench request failed while streaming: {data!r}")
+                if not data.startswith(b"{"):
                     continue
-                if b'"choices":[]' in event:  # the closing usage event
-                    tokens = json.loads(event[6:])["usage"]["completion_tokens"]
+                if b'"choices":[]' in data:  # the closing usage event
+                    tokens = json.loads(data)["usage"]["completion_tokens"]
                 else:
                     last = now
                     first = now if first is None else first
+    finally:
+        writer.close()
     first, last = first or 0.0, last or 0.0
     itl = (last - first) / (tokens - 1) if tokens > 1 else 0.0
     return {"ttft": first, "latency": time.perf_counter() - start, "itl": itl, "tokens": tokens}
@@ -181,18 +195,16 @@ def run_ours(url: str, prompts: list[str], concurrency: int, max_tokens: int | l
     lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
 
     async def level() -> tuple[float, list[dict[str, float]]]:
-        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-            await _one_streaming_request(http, prompts[0], 4)  # warm-up
-            gate = asyncio.Semaphore(concurrency)
+        await _one_streaming_request(url, prompts[0], 4)  # warm-up
+        gate = asyncio.Semaphore(concurrency)
 
-            async def gated(prompt: str, tokens: int) -> dict[str, float]:
-                async with gate:
-                    return await _one_streaming_request(http, prompt, tokens)
+        async def gated(prompt: str, tokens: int) -> dict[str, float]:
+            async with gate:
+                return await asyncio.wait_for(_one_streaming_request(url, prompt, tokens), 600)
 
-            start = time.perf_counter()
-            results = await asyncio.gather(*[gated(p, n) for p, n in zip(prompts, lengths, strict=True)])
-            return time.perf_counter() - start, results
+        start = time.perf_counter()
+        results = await asyncio.gather(*[gated(p, n) for p, n in zip(prompts, lengths, strict=True)])
+        return time.perf_counter() - start, results
 
     wall, results = asyncio.run(level())
     tokens = sum(r["tokens"] for r in results)
