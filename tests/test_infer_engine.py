@@ -3,6 +3,8 @@ sampling, stop strings, cancellation, per-request context and the KV cache sized
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -15,7 +17,9 @@ from sapwood.infer import (
     SamplingParams,
     SchedulerConfig,
 )
+from sapwood.infer.request import Request
 from sapwood.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
+from sapwood.infer.scheduler import prefill_groups
 from sapwood.model.transformer import Decoder
 
 SMALL = dict(
@@ -306,3 +310,48 @@ def test_stop_hold_back_is_linear_in_the_text():
     ids.append(1)  # "b" completes the first stop
     stream.push(ids)
     assert stream.stopped and stream.text == "a" * (2001 - 256)
+
+
+def _cost(groups: list[list[Request]], call_tokens: int) -> int:
+    return sum(len(g) * max(len(r.prompt_ids) for r in g) + call_tokens for g in groups)
+
+
+def test_prefill_groups_are_the_cheapest_split_of_the_sorted_prompts():
+    def requests(lengths: list[int]) -> list[Request]:
+        return [Request([0] * n, SamplingParams(), None) for n in lengths]
+
+    assert len(prefill_groups(requests([20] * 8))) == 1  # equal lengths: one batch
+    split = prefill_groups(requests([60, 4, 61, 3, 5, 59]), call_tokens=32)
+    assert [[len(r.prompt_ids) for r in g] for g in split] == [[3, 4, 5], [59, 60, 61]]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # exact: no split of the sorted order into contiguous batches costs less
+        batch = requests(torch.randint(1, 80, (7,), generator=g).tolist())
+        groups = prefill_groups(batch, call_tokens=16)
+        ordered = sorted(batch, key=lambda r: len(r.prompt_ids))
+        assert [r for group in groups for r in group] == ordered
+        cheapest = min(
+            _cost([ordered[a:b] for a, b in itertools.pairwise([0, *cuts, 7])], 16)
+            for k in range(7)
+            for cuts in itertools.combinations(range(1, 7), k)
+        )
+        assert _cost(groups, 16) == cheapest
+
+
+def test_prompts_of_very_different_lengths_prefill_in_separate_batches():
+    model = small_model(seed=4)
+    engine = Engine(model, scheduler_config=SchedulerConfig(max_batch=8))
+    widths = []
+    prefill = engine.runner.prefill
+
+    def recorded(first_row, prompts, *args, **kwargs):
+        widths.append([len(p) for p in prompts])
+        return prefill(first_row, prompts, *args, **kwargs)
+
+    engine.runner.prefill = recorded
+    prompts = random_prompts(2, 128, seed=6, longest=3) + random_prompts(2, 128, seed=7, longest=3)
+    prompts[2:] = [p * 20 for p in prompts[2:]]  # two short prompts, two long ones
+    requests = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    assert len(widths) == 2
+    assert max(widths[0]) <= 3 < min(widths[1])
+    for prompt, request in zip(prompts, requests, strict=True):
+        assert request.output_ids == naive_greedy(model, prompt, 6)
