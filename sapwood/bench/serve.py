@@ -190,11 +190,20 @@ async def _one_streaming_request(url: str, prompt: str, max_tokens: int) -> dict
     return {"ttft": first, "latency": time.perf_counter() - start, "itl": itl, "tokens": tokens}
 
 
-def run_ours(url: str, prompts: list[str], concurrency: int, max_tokens: int | list[int]) -> dict[str, float]:
-    """Clients at ``concurrency`` over ``prompts``; ``max_tokens`` per request or one for all."""
-    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+def run_ours(
+    url: str, prompts: list[str], concurrency: int, max_tokens: int | list[int], server_pid: int | None = None
+) -> dict[str, float]:
+    """Clients at ``concurrency`` over ``prompts``; ``max_tokens`` per request or one for all. With
+    ``server_pid``, ``cpu_s`` is the CPU seconds of the server process and of these clients together."""
+    import psutil
 
-    async def level() -> tuple[float, list[dict[str, float]]]:
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    server = psutil.Process(server_pid) if server_pid is not None else None
+
+    def cpu_now() -> float:
+        return time.process_time() + (sum(server.cpu_times()[:2]) if server is not None else 0.0)
+
+    async def level() -> tuple[float, float, list[dict[str, float]]]:
         await _one_streaming_request(url, prompts[0], 4)  # warm-up
         gate = asyncio.Semaphore(concurrency)
 
@@ -202,11 +211,11 @@ def run_ours(url: str, prompts: list[str], concurrency: int, max_tokens: int | l
             async with gate:
                 return await asyncio.wait_for(_one_streaming_request(url, prompt, tokens), 600)
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_now()
         results = await asyncio.gather(*[gated(p, n) for p, n in zip(prompts, lengths, strict=True)])
-        return time.perf_counter() - start, results
+        return time.perf_counter() - start, cpu_now() - cpu, results
 
-    wall, results = asyncio.run(level())
+    wall, cpu, results = asyncio.run(level())
     tokens = sum(r["tokens"] for r in results)
     if tokens != sum(lengths):
         raise SapwoodError(f"expected {sum(lengths)} generated tokens, got {tokens}")
@@ -217,6 +226,7 @@ def run_ours(url: str, prompts: list[str], concurrency: int, max_tokens: int | l
         "ttft_p99_ms": 1000 * percentile(ttfts, 99),
         "itl_p50_ms": 1000 * percentile(itls, 50),
         "itl_p99_ms": 1000 * percentile(itls, 99),
+        "cpu_s": cpu,
     }
 
 
@@ -396,7 +406,7 @@ def run_serve_bench(
             console.print(f"concurrency {c}: {len(level_prompts)} requests x {max_tokens} tokens, x{repeats}")
             ours, in_process, static = [], [], []
             for _ in range(repeats):
-                ours.append(run_ours(server.url, level_prompts, c, max_tokens))
+                ours.append(run_ours(server.url, level_prompts, c, max_tokens, server.process.pid))
                 in_process.append(run_engine_in_process(engine, static_prompts, max_tokens))
                 static.append(run_hf_static_batch(hf, tokenizer, static_prompts, max_tokens))
             sequential = run_hf_one_at_a_time(hf, tokenizer, level_prompts, max_tokens)
@@ -416,7 +426,7 @@ def run_serve_bench(
         console.print(f"mixed lengths @{top}: {min(lengths)}..{max(lengths)} new tokens, x{repeats}")
         ours, in_process, static = [], [], []
         for _ in range(repeats):
-            ours.append(run_ours(server.url, prompts[:top], top, lengths))
+            ours.append(run_ours(server.url, prompts[:top], top, lengths, server.process.pid))
             in_process.append(run_engine_in_process(engine, prompts[:top], lengths))
             static.append(run_hf_static_batch(hf, tokenizer, prompts[:top], lengths))
         measured[f"mixed@{top}"] = {
@@ -460,6 +470,7 @@ def run_serve_bench(
         in_process = m["engine_in_process"]
         results += [
             ratio_row(f"tokens/s @{c} vs hf static batch", ours, static, "tokens_per_s", "tokens/s", params),
+            ratio_row(f"CPU s @{c} server + clients vs hf static batch", ours, static, "cpu_s", "s", params),
             ratio_row(
                 f"tokens/s @{c} engine in-process vs hf static batch",
                 in_process,
@@ -505,6 +516,14 @@ def run_serve_bench(
             mixed["hf_static_batch"],
             "tokens_per_s",
             "tokens/s",
+            params,
+        ),
+        ratio_row(
+            f"CPU s mixed lengths @{top} server + clients vs hf static batch",
+            mixed["sapwood"],
+            mixed["hf_static_batch"],
+            "cpu_s",
+            "s",
             params,
         ),
         ratio_row(
