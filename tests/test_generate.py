@@ -9,8 +9,9 @@ from sapwood.infer import Engine, SamplingParams
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sapwood.cli", "generate", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", "generate", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_generate_greedy_seeded_and_errors(lm_folder):
@@ -19,8 +20,23 @@ def test_generate_greedy_seeded_and_errors(lm_folder):
     greedy = run_cli(str(lm_folder), "--prompt", "def f(x):", "--max-new-tokens", "12", "--greedy")
     assert greedy.returncode == 0, greedy.stderr
     assert greedy.stdout == "def f(x):" + expected + "\n"
-    args = [str(lm_folder), "--prompt", "import", "--max-new-tokens", "10", "--temperature", "0.9", "--top-k", "50",
-            "--top-p", "0.9", "--repetition-penalty", "1.2", "--seed", "7"]
+    args = [
+        str(lm_folder),
+        "--prompt",
+        "import",
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.2",
+        "--seed",
+        "7",
+    ]
     first, second = run_cli(*args), run_cli(*args)
     assert first.returncode == 0 and first.stdout == second.stdout
     bad = run_cli(str(lm_folder), "--prompt", "x", "--temperature", "3")

@@ -3,6 +3,8 @@ sampling, stop strings, cancellation, per-request context and the KV cache sized
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -15,11 +17,22 @@ from sapwood.infer import (
     SamplingParams,
     SchedulerConfig,
 )
+from sapwood.infer.request import Request
 from sapwood.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
+from sapwood.infer.scheduler import prefill_groups
 from sapwood.model.transformer import Decoder
 
-SMALL = dict(vocab_size=128, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, trained_context=32,
-             max_context=96, init_std=0.25)
+SMALL = dict(
+    vocab_size=128,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    ffn=128,
+    trained_context=32,
+    max_context=96,
+    init_std=0.25,
+)
 
 
 def small_model(seed: int = 0, **overrides) -> Decoder:
@@ -33,7 +46,7 @@ def naive_greedy(model: Decoder, prompt: list[int], new_tokens: int) -> list[int
     with torch.no_grad():
         for _ in range(new_tokens):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def random_prompts(count: int, vocab: int, seed: int = 1, longest: int = 24) -> list[list[int]]:
@@ -63,7 +76,9 @@ def test_mixed_lengths_and_late_arrivals_keep_exact_outputs():
     lengths = [3, 17, 9, 30, 1, 12, 25, 6, 14, 2]
     requests = []
     for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
-        requests.append(engine.add_request(engine.make_request(prompt, SamplingParams(max_tokens=n, temperature=0))))
+        requests.append(
+            engine.add_request(engine.make_request(prompt, SamplingParams(max_tokens=n, temperature=0)))
+        )
         for _ in range(i % 3):  # new requests arrive while others are mid-generation
             engine.step()
     while engine.has_work:
@@ -87,18 +102,28 @@ def test_greedy_matches_transformers_generate_on_exported_weights(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     prompts = random_prompts(6, 128, seed=11)
     new_tokens = 40  # prompts + 40 run past trained_context=32 into the YaRN-scaled range
-    ours = Engine(load(tmp_path / "ck")).generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0))
+    ours = Engine(load(tmp_path / "ck")).generate(
+        prompts, SamplingParams(max_tokens=new_tokens, temperature=0)
+    )
     for prompt, request in zip(prompts, ours, strict=True):
         ids = torch.tensor([prompt])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-        assert out[0, len(prompt):].tolist() == request.output_ids
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        assert out[0, len(prompt) :].tolist() == request.output_ids
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch():
     model = small_model()
     prompts = random_prompts(6, 128, seed=2)
-    params = SamplingParams(max_tokens=15, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2, seed=123)
+    params = SamplingParams(
+        max_tokens=15, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2, seed=123
+    )
     together = Engine(model).generate(prompts, params)
     alone = Engine(model).generate([prompts[3]], params)[0]
     assert together[3].output_ids == alone.output_ids
@@ -111,7 +136,9 @@ def test_top_k_one_and_tiny_top_p_equal_greedy():
     prompts = random_prompts(4, 128, seed=8)
     greedy = Engine(model).generate(prompts, SamplingParams(max_tokens=12, temperature=0))
     top1 = Engine(model).generate(prompts, SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=0))
-    nucleus = Engine(model).generate(prompts, SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6, seed=0))
+    nucleus = Engine(model).generate(
+        prompts, SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6, seed=0)
+    )
     assert [r.output_ids for r in greedy] == [r.output_ids for r in top1] == [r.output_ids for r in nucleus]
 
 
@@ -121,8 +148,9 @@ def test_filters_and_repetition_penalty_exact():
     inf = float("-inf")
     assert out.tolist() == [[inf, 3.0, 2.0, inf], [inf, inf, 5.0, inf]]
     seen = torch.tensor([[True, False, True, True], [False] * 4])
-    penalized = apply_repetition_penalty(torch.tensor([[2.0, 1.0, -1.0, 0.5], [2.0, 1.0, -1.0, 0.5]]), seen,
-                                         torch.tensor([2.0, 2.0]))
+    penalized = apply_repetition_penalty(
+        torch.tensor([[2.0, 1.0, -1.0, 0.5], [2.0, 1.0, -1.0, 0.5]]), seen, torch.tensor([2.0, 2.0])
+    )
     assert penalized.tolist() == [[1.0, 1.0, -2.0, 0.25], [2.0, 1.0, -1.0, 0.5]]
 
 
@@ -138,8 +166,12 @@ def test_repetition_penalty_matches_transformers_processor():
 
 
 def test_bad_sampling_values_name_the_value():
-    for kwargs, text in [({"max_tokens": 0}, "max_tokens=0"), ({"temperature": 2.5}, "temperature=2.5"),
-                         ({"top_p": 0.0}, "top_p=0.0"), ({"top_k": -1}, "top_k=-1")]:
+    for kwargs, text in [
+        ({"max_tokens": 0}, "max_tokens=0"),
+        ({"temperature": 2.5}, "temperature=2.5"),
+        ({"top_p": 0.0}, "top_p=0.0"),
+        ({"top_k": -1}, "top_k=-1"),
+    ]:
         with pytest.raises(Exception, match=text):
             SamplingParams(**kwargs)
 
@@ -215,10 +247,14 @@ def test_kv_cache_is_sized_to_need_and_shrinks_back():
     short = engine.add_request(engine.make_request([1, 2, 3], SamplingParams(max_tokens=10, temperature=0)))
     engine.step()
     assert (cache.rows, cache.capacity) == (4, 64)  # one row block, one position block; not 4096 positions
-    long = engine.add_request(engine.make_request(list(range(70)), SamplingParams(max_tokens=80, temperature=0)))
+    long = engine.add_request(
+        engine.make_request(list(range(70)), SamplingParams(max_tokens=80, temperature=0))
+    )
     engine.step()
     assert cache.capacity == 192  # 150 positions rounded up to whole 64-position blocks
-    assert cache.bytes_allocated == 2 * 2 * 4 * 2 * 192 * 16 * 4  # k+v, layers, rows, kv_heads, positions, dim
+    assert (
+        cache.bytes_allocated == 2 * 2 * 4 * 2 * 192 * 16 * 4
+    )  # k+v, layers, rows, kv_heads, positions, dim
     while short.finish_reason is None:
         engine.step()
     while long.finish_reason is None:
@@ -227,14 +263,17 @@ def test_kv_cache_is_sized_to_need_and_shrinks_back():
 
 
 def test_kv_budget_is_never_exceeded_and_refuses_what_cannot_fit():
-    """A budget of one row block (4 rows) x 64 positions: requests wait for room instead of exceeding it, outputs
+    """A budget of one row block (4 rows) x 64 positions: requests wait for room instead of exceeding it,
+    outputs
     stay exact, and a request that could never fit is refused when it is queued (the first one too)."""
     model = small_model()
     per_position = 2 * 2 * 2 * 16 * 4  # k+v, layers, kv_heads, head_dim, float32
     budget = 4 * 64 * per_position
     engine = Engine(model, scheduler_config=SchedulerConfig(max_batch=16, kv_memory_bytes=budget))
     with pytest.raises(KVBudgetError, match="needs .* MiB of KV cache"):
-        engine.add_request(engine.make_request(list(range(60)), SamplingParams(max_tokens=36)))  # 96 positions
+        engine.add_request(
+            engine.make_request(list(range(60)), SamplingParams(max_tokens=36))
+        )  # 96 positions
     prompts = random_prompts(8, 128, seed=4)
     params = SamplingParams(max_tokens=20, temperature=0)
     requests = [engine.add_request(engine.make_request(p, params)) for p in prompts]
@@ -271,3 +310,48 @@ def test_stop_hold_back_is_linear_in_the_text():
     ids.append(1)  # "b" completes the first stop
     stream.push(ids)
     assert stream.stopped and stream.text == "a" * (2001 - 256)
+
+
+def _cost(groups: list[list[Request]], call_tokens: int) -> int:
+    return sum(len(g) * max(len(r.prompt_ids) for r in g) + call_tokens for g in groups)
+
+
+def test_prefill_groups_are_the_cheapest_split_of_the_sorted_prompts():
+    def requests(lengths: list[int]) -> list[Request]:
+        return [Request([0] * n, SamplingParams(), None) for n in lengths]
+
+    assert len(prefill_groups(requests([20] * 8))) == 1  # equal lengths: one batch
+    split = prefill_groups(requests([60, 4, 61, 3, 5, 59]), call_tokens=32)
+    assert [[len(r.prompt_ids) for r in g] for g in split] == [[3, 4, 5], [59, 60, 61]]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # exact: no split of the sorted order into contiguous batches costs less
+        batch = requests(torch.randint(1, 80, (7,), generator=g).tolist())
+        groups = prefill_groups(batch, call_tokens=16)
+        ordered = sorted(batch, key=lambda r: len(r.prompt_ids))
+        assert [r for group in groups for r in group] == ordered
+        cheapest = min(
+            _cost([ordered[a:b] for a, b in itertools.pairwise([0, *cuts, 7])], 16)
+            for k in range(7)
+            for cuts in itertools.combinations(range(1, 7), k)
+        )
+        assert _cost(groups, 16) == cheapest
+
+
+def test_prompts_of_very_different_lengths_prefill_in_separate_batches():
+    model = small_model(seed=4)
+    engine = Engine(model, scheduler_config=SchedulerConfig(max_batch=8))
+    widths = []
+    prefill = engine.runner.prefill
+
+    def recorded(first_row, prompts, *args, **kwargs):
+        widths.append([len(p) for p in prompts])
+        return prefill(first_row, prompts, *args, **kwargs)
+
+    engine.runner.prefill = recorded
+    prompts = random_prompts(2, 128, seed=6, longest=3) + random_prompts(2, 128, seed=7, longest=3)
+    prompts[2:] = [p * 20 for p in prompts[2:]]  # two short prompts, two long ones
+    requests = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    assert len(widths) == 2
+    assert max(widths[0]) <= 3 < min(widths[1])
+    for prompt, request in zip(prompts, requests, strict=True):
+        assert request.output_ids == naive_greedy(model, prompt, 6)

@@ -16,15 +16,22 @@ from sapwood.serve.server import BackgroundServer
 PARAMS = ["planet_radius", "gravity", "rotation_rate", "stellar_flux", "mean_surface_pressure"]
 GRID = Grid(levels=4, nlat=16, nlon=32, times=3, spinup_days=1)
 PLANET = sample_planets(2, seed=0)[0]
-PLANET_JSON = dict(zip(PARAMS, [PLANET.radius, PLANET.gravity, PLANET.rotation_rate, PLANET.stellar_flux,
-                                PLANET.surface_pressure], strict=True))
+PLANET_JSON = dict(
+    zip(
+        PARAMS,
+        [PLANET.radius, PLANET.gravity, PLANET.rotation_rate, PLANET.stellar_flux, PLANET.surface_pressure],
+        strict=True,
+    )
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("predict") / "surrogate"
-    config = Config(model=ModelConfig(vocab_size=1, hidden=32, layers=1, heads=2, ffn=64),
-                    cube=CubeModelConfig(levels=4, lat=16, lon=32, patch=4, planet_params=PARAMS))
+    config = Config(
+        model=ModelConfig(vocab_size=1, hidden=32, layers=1, heads=2, ffn=64),
+        cube=CubeModelConfig(levels=4, lat=16, lon=32, patch=4, planet_params=PARAMS),
+    )
     torch.manual_seed(0)
     save_folder(build_model(config), config, folder)
     with BackgroundServer(create_app(folder)) as running:
@@ -65,11 +72,14 @@ def test_json_prediction_with_projection_conserves_mass(server, state):
 
 def test_npy_and_netcdf_uploads_give_the_same_prediction(server, state, tmp_path):
     running, folder = server
-    frame = np.concatenate([state[v][None] if v == "ps" else state[v] for v in ["T", "u", "v", "q", "ps", "rho", "zg"]])
+    frame = np.concatenate(
+        [state[v][None] if v == "ps" else state[v] for v in ["T", "u", "v", "q", "ps", "rho", "zg"]]
+    )
     buffer = io.BytesIO()
     np.save(buffer, frame)
-    npy = post(server, content=buffer.getvalue(), headers={"content-type": "application/x-npy"},
-               params=PLANET_JSON)
+    npy = post(
+        server, content=buffer.getvalue(), headers={"content-type": "application/x-npy"}, params=PLANET_JSON
+    )
     assert npy.status_code == 200, npy.text
     path = write_run(tmp_path / "one.nc", PLANET, Grid(levels=4, nlat=16, nlon=32, times=2, spinup_days=1))
     import xarray as xr
@@ -84,23 +94,32 @@ def test_npy_and_netcdf_uploads_give_the_same_prediction(server, state, tmp_path
     np.testing.assert_allclose(npy.json()["states"][0]["zg"], reference.json()["states"][0]["zg"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("mutate, status, words", [
-    (lambda b: b["state"].update(T=np.zeros((3, 16, 32)).tolist()), 422, ["state.T", "[3, 16, 32]", "[4, 16, 32]"]),
-    (lambda b: b["state"].pop("q"), 422, ["missing required field 'state.q'"]),
-    (lambda b: b["state"].update(w=[[0.0]]), 422, ["unknown field 'state.w'"]),
-    (lambda b: b.update(units={"T": "degC"}), 422, ["units of T", "degC", "K"]),
-    (lambda b: b["planet"].pop("gravity"), 422, ["gravity"]),
-    (lambda b: b.update(steps=0), 422, ["steps=0", "greater than or equal to 1"]),
-    (lambda b: b["state"]["ps"][0].__setitem__(0, float("nan")), 400, ["NaN", "finite"]),
-    (lambda b: b.update(params=b.pop("planet")), 422, ["unknown field 'params'"]),
-])
+@pytest.mark.parametrize(
+    "mutate, status, words",
+    [
+        (
+            lambda b: b["state"].update(T=np.zeros((3, 16, 32)).tolist()),
+            422,
+            ["state.T", "[3, 16, 32]", "[4, 16, 32]"],
+        ),
+        (lambda b: b["state"].pop("q"), 422, ["missing required field 'state.q'"]),
+        (lambda b: b["state"].update(w=[[0.0]]), 422, ["unknown field 'state.w'"]),
+        (lambda b: b.update(units={"T": "degC"}), 422, ["units of T", "degC", "K"]),
+        (lambda b: b["planet"].pop("gravity"), 422, ["gravity"]),
+        (lambda b: b.update(steps=0), 422, ["steps=0", "greater than or equal to 1"]),
+        (lambda b: b["state"]["ps"][0].__setitem__(0, float("nan")), 400, ["NaN", "finite"]),
+        (lambda b: b.update(params=b.pop("planet")), 422, ["unknown field 'params'"]),
+    ],
+)
 def test_bad_json_inputs_are_clear_4xx(server, state, mutate, status, words):
     body = json_body(state)
     body["planet"] = dict(body["planet"])
     mutate(body)
     import json
 
-    reply = post(server, content=json.dumps(body).replace("NaN", "NaN"), headers={"content-type": "application/json"})
+    reply = post(
+        server, content=json.dumps(body).replace("NaN", "NaN"), headers={"content-type": "application/json"}
+    )
     assert reply.status_code == status, reply.text
     message = reply.json()["error"]["message"]
     assert "\n" not in message
@@ -111,12 +130,16 @@ def test_bad_json_inputs_are_clear_4xx(server, state, mutate, status, words):
 def test_unreadable_bodies(server):
     assert post(server, content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
     assert post(server, content=b"garbage", headers={"content-type": "application/x-npy"}).status_code == 400
-    assert post(server, content=b"garbage", headers={"content-type": "application/x-netcdf"}).status_code == 400
+    assert (
+        post(server, content=b"garbage", headers={"content-type": "application/x-netcdf"}).status_code == 400
+    )
     reply = post(server, content=b"x", headers={"content-type": "text/plain"})
     assert reply.status_code == 415 and "application/json" in reply.json()["error"]["message"]
     buffer = io.BytesIO()
     np.save(buffer, np.zeros((25, 16, 31), dtype=np.float32))
-    bad = post(server, content=buffer.getvalue(), headers={"content-type": "application/x-npy"}, params=PLANET_JSON)
+    bad = post(
+        server, content=buffer.getvalue(), headers={"content-type": "application/x-npy"}, params=PLANET_JSON
+    )
     assert bad.status_code == 422 and "[25, 16, 32]" in bad.json()["error"]["message"]
 
 
@@ -137,21 +160,55 @@ def npy_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("name, make_body, content_type, query, status, words", [
-    ("NetCDF declaring 4000 x 4000", lambda tmp: hostile_netcdf(tmp / "big.nc"), "application/x-netcdf", {}, 413,
-     "declares 16000000 values"),
-    ("steps: Infinity", lambda tmp: b'{"state": {}, "planet": {}, "steps": Infinity}', "application/json", {}, 400,
-     "Infinity is not a JSON number"),
-    ("an .npz archive", lambda tmp: _npz(), "application/x-npy", PLANET_JSON, 400, "an .npz archive?"),
-    ("a complex array", lambda tmp: npy_bytes(np.zeros((25, 16, 32), np.complex64)), "application/x-npy",
-     PLANET_JSON, 422, "dtype complex64"),
-    ("an object array", lambda tmp: npy_bytes(np.array([None] * 4, dtype=object)), "application/x-npy",
-     PLANET_JSON, 422, "dtype object"),
-    ("a header declaring more than the body", lambda tmp: npy_bytes(np.zeros((25, 16, 32), np.float32))[:-100],
-     "application/x-npy", PLANET_JSON, 400, "its header declares"),
-])
-def test_hostile_predict_bodies_get_a_4xx_and_the_server_keeps_serving(server, state, tmp_path, name, make_body,
-                                                                     content_type, query, status, words):
+@pytest.mark.parametrize(
+    "name, make_body, content_type, query, status, words",
+    [
+        (
+            "NetCDF declaring 4000 x 4000",
+            lambda tmp: hostile_netcdf(tmp / "big.nc"),
+            "application/x-netcdf",
+            {},
+            413,
+            "declares 16000000 values",
+        ),
+        (
+            "steps: Infinity",
+            lambda tmp: b'{"state": {}, "planet": {}, "steps": Infinity}',
+            "application/json",
+            {},
+            400,
+            "Infinity is not a JSON number",
+        ),
+        ("an .npz archive", lambda tmp: _npz(), "application/x-npy", PLANET_JSON, 400, "an .npz archive?"),
+        (
+            "a complex array",
+            lambda tmp: npy_bytes(np.zeros((25, 16, 32), np.complex64)),
+            "application/x-npy",
+            PLANET_JSON,
+            422,
+            "dtype complex64",
+        ),
+        (
+            "an object array",
+            lambda tmp: npy_bytes(np.array([None] * 4, dtype=object)),
+            "application/x-npy",
+            PLANET_JSON,
+            422,
+            "dtype object",
+        ),
+        (
+            "a header declaring more than the body",
+            lambda tmp: npy_bytes(np.zeros((25, 16, 32), np.float32))[:-100],
+            "application/x-npy",
+            PLANET_JSON,
+            400,
+            "its header declares",
+        ),
+    ],
+)
+def test_hostile_predict_bodies_get_a_4xx_and_the_server_keeps_serving(
+    server, state, tmp_path, name, make_body, content_type, query, status, words
+):
     reply = post(server, content=make_body(tmp_path), headers={"content-type": content_type}, params=query)
     assert reply.status_code == status, reply.text[:300]
     assert words in reply.json()["error"]["message"]

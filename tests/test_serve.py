@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import threading
 
 import httpx
 import openai
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sapwood.infer import Engine, SamplingParams
-from sapwood.serve.app import create_app
+from sapwood.serve.app import build_engine, create_app
 from sapwood.serve.server import BackgroundServer, resolve_host
 from sapwood.serve.settings import ServeSettings
 
@@ -35,7 +35,9 @@ def reference(lm_folder):
     engine = Engine.from_folder(lm_folder)
 
     def greedy_text(prompt: str, max_tokens: int) -> tuple[str, int, int]:
-        request = engine.generate([engine.tokenizer.encode(prompt)], SamplingParams(max_tokens, temperature=0))[0]
+        request = engine.generate(
+            [engine.tokenizer.encode(prompt)], SamplingParams(max_tokens, temperature=0)
+        )[0]
         return request.stream.text, len(request.prompt_ids), len(request.output_ids)
 
     return engine, greedy_text
@@ -70,15 +72,25 @@ def test_streaming_equals_non_streaming(server, reference):
     _, greedy_text = reference
     c = client(server)
     prompt = "import os\n"
-    chunks = list(c.completions.create(model="tiny-lm", prompt=prompt, max_tokens=15, temperature=0, stream=True,
-                                       stream_options={"include_usage": True}))
+    chunks = list(
+        c.completions.create(
+            model="tiny-lm",
+            prompt=prompt,
+            max_tokens=15,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == greedy_text(prompt, 15)[0]
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 15
 
     messages = [{"role": "user", "content": "count"}]
-    stream = c.chat.completions.create(model="tiny-lm", messages=messages, max_tokens=9, temperature=0, stream=True)
+    stream = c.chat.completions.create(
+        model="tiny-lm", messages=messages, max_tokens=9, temperature=0, stream=True
+    )
     parts = list(stream)
     assert parts[0].choices[0].delta.role == "assistant"
     streamed = "".join(p.choices[0].delta.content or "" for p in parts)
@@ -87,17 +99,61 @@ def test_streaming_equals_non_streaming(server, reference):
     assert parts[-1].choices[0].finish_reason == "length"
 
 
+def test_response_wire_format_keys_in_openai_order(server):
+    """The JSON of every response shape, key by key and in order (what clients parsing by hand see)."""
+    head = ["id", "object", "created", "model", "choices"]
+    for route, extra, choice_keys, streamed_keys, name in (
+        (
+            "/v1/completions",
+            {"prompt": "x"},
+            ["index", "text", "logprobs", "finish_reason"],
+            ["index", "text", "logprobs", "finish_reason"],
+            "text_completion",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}]},
+            ["index", "message", "logprobs", "finish_reason"],
+            ["index", "delta", "logprobs", "finish_reason"],
+            "chat.completion",
+        ),
+    ):
+        body = {"model": "tiny-lm", "max_tokens": 3, "temperature": 0} | extra
+        full = httpx.post(f"{server.url}{route}", json=body, headers=AUTH, timeout=120).json()
+        assert list(full) == [*head, "usage"] and full["object"] == name
+        assert list(full["choices"][0]) == choice_keys
+        assert list(full["usage"]) == ["prompt_tokens", "completion_tokens", "total_tokens"]
+        if "message" in choice_keys:
+            assert list(full["choices"][0]["message"]) == ["role", "content"]
+        stream = body | {"stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{server.url}{route}", json=stream, headers=AUTH, timeout=120) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        for chunk in chunks[:-1]:
+            assert list(chunk) == head and list(chunk["choices"][0]) == streamed_keys
+            assert chunk["object"] == (
+                "text_completion" if name == "text_completion" else "chat.completion.chunk"
+            )
+            assert chunk["id"] == chunks[0]["id"] and chunk["created"] == chunks[0]["created"]
+        assert list(chunks[-1]) == [*head, "usage"] and chunks[-1]["choices"] == []
+
+
 def test_32_concurrent_greedy_requests_equal_single_requests(server, reference):
     _, greedy_text = reference
     prompts = [f"def function_{i}(x):\n    return x * {i}" for i in range(32)]
 
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as http:
-            return await asyncio.gather(*[
-                http.post("/v1/completions", json={"model": "tiny-lm", "prompt": p, "max_tokens": 10 + i % 7,
-                                                   "temperature": 0})
-                for i, p in enumerate(prompts)
-            ])
+            return await asyncio.gather(
+                *[
+                    http.post(
+                        "/v1/completions",
+                        json={"model": "tiny-lm", "prompt": p, "max_tokens": 10 + i % 7, "temperature": 0},
+                    )
+                    for i, p in enumerate(prompts)
+                ]
+            )
 
     responses = asyncio.run(fire())
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
@@ -117,7 +173,12 @@ BAD_REQUESTS = [
     ({"model": "tiny-lm"}, AUTH, 422, "missing required field 'prompt'"),
     ({"model": "gpt-4", "prompt": "x"}, AUTH, 404, "model 'gpt-4' does not exist"),
     ({"model": "tiny-lm", "prompt": "word " * 400}, AUTH, 400, "maximum context length is 160 tokens"),
-    ({"model": "tiny-lm", "prompt": "x", "max_tokens": 500}, AUTH, 400, "maximum context length is 160 tokens"),
+    (
+        {"model": "tiny-lm", "prompt": "x", "max_tokens": 500},
+        AUTH,
+        400,
+        "maximum context length is 160 tokens",
+    ),
     ({"model": "tiny-lm", "prompt": [0, 99999]}, AUTH, 400, "outside the vocabulary"),
     ({"model": "tiny-lm", "prompt": "x" * 70_000}, AUTH, 413, "exceeds the limit of 65536 bytes"),
     ({"model": "tiny-lm", "prompt": "x"}, {}, 401, "missing API key"),
@@ -129,14 +190,22 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("body,headers,status,words", BAD_REQUESTS)
 def test_bad_requests_get_the_right_4xx_and_the_server_keeps_serving(server, body, headers, status, words):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(f"{server.url}/v1/completions", content=content,
-                          headers={**headers, "Content-Type": "application/json"}, timeout=60)
+    response = httpx.post(
+        f"{server.url}/v1/completions",
+        content=content,
+        headers={**headers, "Content-Type": "application/json"},
+        timeout=60,
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error["message"] and error["type"]
     assert KEY not in response.text
-    ok = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-lm", "prompt": "x", "max_tokens": 2},
-                    headers=AUTH, timeout=60)
+    ok = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "tiny-lm", "prompt": "x", "max_tokens": 2},
+        headers=AUTH,
+        timeout=60,
+    )
     assert ok.status_code == 200
 
 
@@ -144,29 +213,65 @@ def test_chat_validation_and_unknown_route(server):
     bad_role = {"model": "tiny-lm", "messages": [{"role": "wizard", "content": "hi"}]}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=bad_role, headers=AUTH)
     assert response.status_code == 422 and "messages.0.role" in response.json()["error"]["message"]
-    empty = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny-lm", "messages": []}, headers=AUTH)
+    empty = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": "tiny-lm", "messages": []}, headers=AUTH
+    )
     assert empty.status_code == 422
     missing = httpx.get(f"{server.url}/v1/engines", headers=AUTH)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
     max_leaves=6,
 )
-fields = st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop",
-                          "seed", "stream", "n", "repetition_penalty", "stream_options", "max_completion_tokens"])
+fields = st.sampled_from(
+    [
+        "model",
+        "prompt",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop",
+        "seed",
+        "stream",
+        "n",
+        "repetition_penalty",
+        "stream_options",
+        "max_completion_tokens",
+    ]
+)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
-       body=st.dictionaries(fields, json_values, max_size=6),
-       valid_base=st.booleans())
+@settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    derandomize=True,  # the same cases every run
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    body=st.dictionaries(fields, json_values, max_size=6),
+    valid_base=st.booleans(),
+)
 def test_fuzzed_request_schema_never_gives_5xx(server, route, body, valid_base):
     if valid_base:  # start from a valid request so the fuzz also reaches deeper checks
         base = {"model": "tiny-lm", "max_tokens": 3}
-        base |= {"prompt": "hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+        base |= (
+            {"prompt": "hi"}
+            if route == "/v1/completions"
+            else {"messages": [{"role": "user", "content": "hi"}]}
+        )
         body = base | body
     response = httpx.post(f"{server.url}{route}", json=body, headers=AUTH, timeout=120)
     assert response.status_code < 500, response.text
@@ -177,28 +282,44 @@ def test_fuzzed_request_schema_never_gives_5xx(server, route, body, valid_base):
 def test_health_and_docs_follow_the_key_policy(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # without a key: up or down only
     health = httpx.get(f"{server.url}/health", headers=AUTH)
-    assert health.status_code == 200 and health.json()["ready"] is True and health.json()["model"] == "tiny-lm"
+    assert (
+        health.status_code == 200 and health.json()["ready"] is True and health.json()["model"] == "tiny-lm"
+    )
     for path in ("/docs", "/redoc", "/openapi.json"):
         refused = httpx.get(f"{server.url}{path}")
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key"
         assert httpx.get(f"{server.url}{path}", headers=AUTH).status_code == 200
     document = httpx.get(f"{server.url}/openapi.json", headers=AUTH).json()
-    body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
     assert body == {"$ref": "#/components/schemas/CompletionRequest"}
     fields = document["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"prompt", "logprobs", "echo", "logit_bias", "top_k", "seed", "stop"} <= set(fields)
-    assert fields["top_k"]["maximum"] == 2**31 - 1 and fields["seed"]["anyOf"][0]["maximum"] == float(2**64 - 1)
+    assert fields["top_k"]["maximum"] == 2**31 - 1 and fields["seed"]["anyOf"][0]["maximum"] == float(
+        2**64 - 1
+    )
 
 
 def test_metrics(server):
-    before = httpx.get(f"{server.url}/metrics").text
+    refused = httpx.get(f"{server.url}/metrics")  # keys are set: the scrape needs one too
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key"
+    before = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     generated_before = _metric(before, "sapwood_generated_tokens_total")
-    httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-lm", "prompt": "x", "max_tokens": 5,
-                                                     "temperature": 0}, headers=AUTH)
-    text = httpx.get(f"{server.url}/metrics").text
+    httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "tiny-lm", "prompt": "x", "max_tokens": 5, "temperature": 0},
+        headers=AUTH,
+    )
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert _metric(text, "sapwood_generated_tokens_total") == generated_before + 5
-    for name in ("sapwood_requests_total", "sapwood_request_latency_seconds_bucket",
-                 "sapwood_time_to_first_token_seconds_count", "sapwood_queue_depth", "sapwood_kv_cache_usage_ratio"):
+    for name in (
+        "sapwood_requests_total",
+        "sapwood_request_latency_seconds_bucket",
+        "sapwood_time_to_first_token_seconds_count",
+        "sapwood_queue_depth",
+        "sapwood_kv_cache_usage_ratio",
+    ):
         assert name in text
     assert 'sapwood_requests_total{route="/v1/completions",status="200"}' in text
 
@@ -207,39 +328,68 @@ def _metric(text: str, name: str) -> float:
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
+class EngineGate:
+    """Test instrumentation on a real engine: after each step its thread waits until ``release`` is set, and
+    ``added`` is set once a request has been queued, so a test orders events without timing."""
+
+    def __init__(self, engine: Engine):
+        self.stepped, self.added, self.release = threading.Event(), threading.Event(), threading.Event()
+        step, add_request = engine.step, engine.add_request
+
+        def gated_step():
+            outputs = step()
+            self.stepped.set()
+            self.release.wait()
+            return outputs
+
+        def noted_add(request):
+            queued = add_request(request)
+            self.added.set()
+            return queued
+
+        engine.step, engine.add_request = gated_step, noted_add
+
+
 def test_full_queue_gives_429_with_retry_after_and_timeouts_give_504(lm_folder):
-    settings = ServeSettings(max_batch=1, max_queue=1, request_timeout_s=30)
-    with BackgroundServer(create_app(lm_folder, settings, api_keys=frozenset()), settings) as server:
+    settings = ServeSettings(max_batch=1, max_queue=1, request_timeout_s=120)
+    engine = build_engine(lm_folder, settings)
+    gate = EngineGate(engine)
+    with BackgroundServer(
+        create_app(lm_folder, settings, api_keys=frozenset(), engine=engine), settings
+    ) as server:
         long_request = {"model": "tiny-lm", "prompt": "x", "max_tokens": 150, "temperature": 0}
 
-        async def scenario() -> tuple[int, httpx.Response, list[int]]:
+        async def scenario() -> tuple[httpx.Response, list[int]]:
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
                 first = asyncio.create_task(http.post("/v1/completions", json=long_request))
-                await _until(http, lambda h: h["running"] == 1)
+                await asyncio.to_thread(gate.stepped.wait)  # the first runs; the engine holds after its step
+                gate.added.clear()
                 second = asyncio.create_task(http.post("/v1/completions", json=long_request))
-                await _until(http, lambda h: h["queued"] == 1)
-                third = await http.post("/v1/completions", json=long_request)
+                await asyncio.to_thread(gate.added.wait)  # the second waits in the queue (max_batch 1)
+                third = await http.post("/v1/completions", json=long_request)  # the queue is full
+                gate.release.set()
                 done = await asyncio.gather(first, second)
-                return third.status_code, third, [r.status_code for r in done]
+                return third, [r.status_code for r in done]
 
-        status, third, others = asyncio.run(scenario())
-        assert status == 429 and third.headers["Retry-After"] == "1"
+        try:
+            third, others = asyncio.run(scenario())
+        finally:
+            gate.release.set()
+        assert third.status_code == 429 and third.headers["Retry-After"] == "1"
         assert "queue is full" in third.json()["error"]["message"]
         assert others == [200, 200]
-        settings_timeout = ServeSettings(request_timeout_s=0.05)
-        app = create_app(lm_folder, settings_timeout, api_keys=frozenset())
-    with BackgroundServer(app, settings_timeout) as slow:
-        response = httpx.post(f"{slow.url}/v1/completions", json=long_request, timeout=60)
-        assert response.status_code == 504 and "timed out" in response.json()["error"]["message"]
-        assert httpx.get(f"{slow.url}/health").status_code == 200
-
-
-async def _until(http: httpx.AsyncClient, condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition((await http.get("/health")).json()):
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.005)
+    settings = ServeSettings(request_timeout_s=0.05)
+    engine = build_engine(lm_folder, settings)
+    gate = EngineGate(engine)  # held after the first step: the request cannot finish before its deadline
+    with BackgroundServer(
+        create_app(lm_folder, settings, api_keys=frozenset(), engine=engine), settings
+    ) as slow:
+        try:
+            response = httpx.post(f"{slow.url}/v1/completions", json=long_request, timeout=60)
+            assert response.status_code == 504 and "timed out" in response.json()["error"]["message"]
+            assert httpx.get(f"{slow.url}/health").status_code == 200
+        finally:
+            gate.release.set()
 
 
 def test_no_keys_binds_loopback_only(caplog):
@@ -284,20 +434,28 @@ def test_echo_and_logprobs_equal_transformers_log_softmax(server, reference, hf_
         assert abs(max(lp.top_logprobs[i].values()) - top3[0]) < 1e-4
         assert all(min(abs(v - t) for t in top3) < 1e-4 for v in lp.top_logprobs[i].values())
 
-    generated = c.completions.create(model="tiny-lm", prompt=ids, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    generated = c.completions.create(
+        model="tiny-lm", prompt=ids, max_tokens=6, temperature=0, logprobs=2, echo=True
+    )
     lp = generated.choices[0].logprobs
     assert len(lp.tokens) == len(ids) + 6
     full = ids + engine.generate([ids], SamplingParams(max_tokens=6, temperature=0))[0].output_ids
-    assert "".join(lp.tokens[len(ids):]) == generated.choices[0].text[len(prompt):]
+    assert "".join(lp.tokens[len(ids) :]) == generated.choices[0].text[len(prompt) :]
     expected = hf_logprobs(hf_model, full)
     for i in range(1, len(ids) + 6):
-        assert abs(lp.token_logprobs[i] - float(expected[i - 1].max() if i >= len(ids) else
-                                                 expected[i - 1, full[i]])) < 1e-4
+        assert (
+            abs(
+                lp.token_logprobs[i]
+                - float(expected[i - 1].max() if i >= len(ids) else expected[i - 1, full[i]])
+            )
+            < 1e-4
+        )
         assert abs(max(lp.top_logprobs[i].values()) - float(expected[i - 1].max())) < 1e-4
 
     messages = [{"role": "user", "content": "hello"}]
-    chat = c.chat.completions.create(model="tiny-lm", messages=messages, max_tokens=5, temperature=0, logprobs=True,
-                                     top_logprobs=2)
+    chat = c.chat.completions.create(
+        model="tiny-lm", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = chat.choices[0].logprobs.content
     rendered = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages))
     assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
@@ -323,8 +481,16 @@ def test_serve_help_lists_the_endpoints_and_the_default_model_name(tmp_path):
 
     result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for text in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/predict", "/health", "/metrics",
-                 "SAPWOOD_API_KEYS", "--kv-memory-gb"):
+    for text in (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/predict",
+        "/health",
+        "/metrics",
+        "SAPWOOD_API_KEYS",
+        "--kv-memory-gb",
+    ):
         assert text in result.output, text
     assert default_model_name(tmp_path / "astro" / "final") == "astro"
     assert default_model_name(tmp_path / "astro" / "checkpoints" / "step_300") == "astro"

@@ -61,9 +61,18 @@ HOSTILE = [
     ("Infinity literal", b'{"prompt": "x", "top_p": Infinity}', 400, "Infinity is not a JSON number"),
     ("junk logit_bias key", {"prompt": "x", "logit_bias": {"junk": 1}}, 422, "logit_bias.junk"),
     ("huge logit_bias value", {"prompt": "x", "logit_bias": {"5": 1e30}}, 422, "logit_bias.5"),
-    ("logit_bias outside the vocabulary", {"prompt": "x", "logit_bias": {"999999": 1}}, 400, "outside the vocabulary"),
-    ("four 200,000-character stop strings", {"prompt": "x", "stop": ["ab" * 100_000] * 4}, 422,
-     "at most 256 characters"),
+    (
+        "logit_bias outside the vocabulary",
+        {"prompt": "x", "logit_bias": {"999999": 1}},
+        400,
+        "outside the vocabulary",
+    ),
+    (
+        "four 200,000-character stop strings",
+        {"prompt": "x", "stop": ["ab" * 100_000] * 4},
+        422,
+        "at most 256 characters",
+    ),
     ("one 300-character stop string", {"prompt": "x", "stop": ["s" * 300]}, 422, "at most 256 characters"),
     ("five stop strings", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "at most 4 strings"),
     ("n=2", {"prompt": "x", "n": 2}, 422, "n=2"),
@@ -86,8 +95,12 @@ def test_hostile_input_gets_a_4xx_and_the_server_keeps_serving(server, name, bod
     if body is None:
         route, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 5000}
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(f"{server.url}{route}", content=content,
-                          headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    response = httpx.post(
+        f"{server.url}{route}",
+        content=content,
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=60,
+    )
     assert response.status_code == status, response.text[:300]
     message = response.json()["error"]["message"]
     assert words in message and "\n" not in message and len(message) < 400, message
@@ -97,13 +110,19 @@ def test_hostile_input_gets_a_4xx_and_the_server_keeps_serving(server, name, bod
 def test_temperature_below_epsilon_is_greedy(server, lm_folder):
     """temperature 1e-300 is 0 in float32 (NaN probabilities if divided); it is served as argmax."""
     engine = Engine.from_folder(lm_folder)
-    greedy = engine.generate([engine.tokenizer.encode("def main():")], SamplingParams(max_tokens=8, temperature=0))
-    response = httpx.post(f"{server.url}/v1/completions", headers=AUTH, timeout=60,
-                          json={**NORMAL, "max_tokens": 8, "temperature": 1e-300})
+    greedy = engine.generate(
+        [engine.tokenizer.encode("def main():")], SamplingParams(max_tokens=8, temperature=0)
+    )
+    response = httpx.post(
+        f"{server.url}/v1/completions",
+        headers=AUTH,
+        timeout=60,
+        json={**NORMAL, "max_tokens": 8, "temperature": 1e-300},
+    )
     assert response.status_code == 200 and response.json()["choices"][0]["text"] == greedy[0].stream.text
 
 
-# --- the OpenAPI-driven fuzzer --------------------------------------------------------------------------------
+# --- the OpenAPI-driven fuzzer ------------------------------------------------------------------------------
 
 
 def fuzz_operations(url: str, headers: dict[str, str]):
@@ -118,8 +137,13 @@ def run_fuzzer(url: str, headers: dict[str, str], examples: int) -> list[str]:
     for operation in fuzz_operations(url, headers):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-            @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=examples,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=operation.as_strategy(generation_mode=mode))
             def fuzz(case) -> None:
                 response = case.call(base_url=url, headers=headers, timeout=60)
@@ -141,7 +165,9 @@ def test_openapi_fuzzer_finds_no_server_error_on_the_text_api(tmp_path):
     settings = ServeSettings()
     with BackgroundServer(create_app(folder, settings, api_keys=frozenset({KEY})), settings) as running:
         ran = run_fuzzer(running.url, AUTH, examples=30)
-        assert {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health"} <= set(ran)
+        assert {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health"} <= set(
+            ran
+        )
         still_serving(running.url)
 
 
@@ -150,8 +176,10 @@ def test_openapi_fuzzer_finds_no_server_error_on_predict(tmp_path):
     from sapwood.model import build_model, save_folder
 
     params = ["planet_radius", "gravity", "rotation_rate", "stellar_flux", "mean_surface_pressure"]
-    config = Config(model=ModelConfig(vocab_size=1, hidden=32, layers=1, heads=2, ffn=64),
-                    cube=CubeModelConfig(levels=2, lat=4, lon=8, patch=2, planet_params=params))
+    config = Config(
+        model=ModelConfig(vocab_size=1, hidden=32, layers=1, heads=2, ffn=64),
+        cube=CubeModelConfig(levels=2, lat=4, lon=8, patch=2, planet_params=params),
+    )
     folder = save_folder(build_model(config), config, tmp_path / "surrogate")
     settings = ServeSettings()
     with BackgroundServer(create_app(folder, settings, api_keys=frozenset({KEY})), settings) as running:
@@ -160,7 +188,7 @@ def test_openapi_fuzzer_finds_no_server_error_on_predict(tmp_path):
         assert httpx.get(f"{running.url}/health", headers=AUTH).status_code == 200
 
 
-# --- fault isolation --------------------------------------------------------------------------------------------
+# --- fault isolation ----------------------------------------------------------------------------------------
 
 
 def test_a_failing_step_fails_only_its_batch_and_a_dead_loop_says_why(lm_folder):
@@ -201,7 +229,7 @@ def test_a_failing_step_fails_only_its_batch_and_a_dead_loop_says_why(lm_folder)
         assert time.monotonic() - started < 5
 
 
-# --- load ---------------------------------------------------------------------------------------------------------
+# --- load ---------------------------------------------------------------------------------------------------
 
 
 def metric(text: str, name: str) -> float:
@@ -216,8 +244,13 @@ async def load(url: str, clients: int, max_tokens: int) -> dict:
 
         async def client(i: int) -> None:
             nonlocal disconnected
-            body = {**NORMAL, "prompt": f"def function_{i}(x):", "max_tokens": max_tokens, "ignore_eos": True,
-                    "stream": i % 2 == 0}
+            body = {
+                **NORMAL,
+                "prompt": f"def function_{i}(x):",
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": i % 2 == 0,
+            }
             leave = i % 4 == 3
             if body["stream"]:
                 async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -254,7 +287,7 @@ def test_64_clients_with_disconnects_leave_no_5xx_and_free_every_slot(lm_folder)
         assert all(status == 200 for status in result["statuses"]), result["statuses"]
         deadline = time.monotonic() + 30
         while True:  # the disconnected requests leave within one engine step each
-            text = httpx.get(f"{running.url}/metrics").text
+            text = httpx.get(f"{running.url}/metrics", headers=AUTH).text
             if metric(text, "sapwood_running_requests") == 0 and metric(text, "sapwood_queue_depth") == 0:
                 break
             assert time.monotonic() < deadline, "slots still taken after the clients left"
@@ -273,8 +306,9 @@ def test_a_request_that_can_never_fit_the_kv_budget_is_a_413_even_first(lm_folde
     a budget of 4 rows x 64 positions (131,072 bytes) holds short requests but never one of 100 positions."""
     settings = ServeSettings(kv_memory_gb=131_072 / 1e9)
     with BackgroundServer(create_app(lm_folder, settings, api_keys=frozenset()), settings) as running:
-        refused = httpx.post(f"{running.url}/v1/completions", timeout=60,
-                             json={**NORMAL, "prompt": [5] * 40, "max_tokens": 60})
+        refused = httpx.post(
+            f"{running.url}/v1/completions", timeout=60, json={**NORMAL, "prompt": [5] * 40, "max_tokens": 60}
+        )
         assert refused.status_code == 413, refused.text
         error = refused.json()["error"]
         assert error["code"] == "kv_budget_exceeded" and "MiB of KV cache (100 positions)" in error["message"]

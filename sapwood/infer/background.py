@@ -71,12 +71,19 @@ class EngineLoop:
         windowed = self.engine.windowed
         return self.engine.scheduler.running_count + (windowed.count if windowed is not None else 0)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: OutputCallback,
-               adapter: str | None = None) -> Request:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_output: OutputCallback,
+        adapter: str | None = None,
+    ) -> Request:
         """Queue a request. Raised here, synchronously: ContextLengthError, QueueFullError, KVBudgetError,
         EngineUnavailableError, SapwoodError (a value this model cannot take)."""
         if self.failure is not None:
-            raise EngineUnavailableError(f"the inference engine is down ({self.failure}); retry on another replica")
+            raise EngineUnavailableError(
+                f"the inference engine is down ({self.failure}); retry on another replica"
+            )
         if self._stopping:
             raise QueueFullError("the server is shutting down; retry on another replica")
         request = self.engine.make_request(prompt_ids, params, adapter)
@@ -116,12 +123,17 @@ class EngineLoop:
                 now = time.monotonic()
                 self.restarts = [t for t in self.restarts if now - t < self.restart_window_s] + [now]
                 if len(self.restarts) > self.max_restarts or not isinstance(exc, Exception):
-                    self.failure = (f"engine loop failed {len(self.restarts)} times in {self.restart_window_s:g} s; "
-                                    f"last: {type(exc).__name__}")
+                    self.failure = (
+                        f"engine loop failed {len(self.restarts)} times in {self.restart_window_s:g} s; "
+                        f"last: {type(exc).__name__}"
+                    )
                     log.error("engine loop stays down: %s", self.failure)
                     return
-                log.warning("restarting the engine loop (%d in the last %g s)", len(self.restarts),
-                            self.restart_window_s)
+                log.warning(
+                    "restarting the engine loop (%d in the last %g s)",
+                    len(self.restarts),
+                    self.restart_window_s,
+                )
 
     def _fail_pending(self, reason: str) -> None:
         with self._wake:
@@ -153,7 +165,11 @@ class EngineLoop:
             with self._wake:
                 for output in outputs:
                     request_id = output.request.request_id
-                    entry = self._callbacks.pop(request_id, None) if output.finished else self._callbacks.get(request_id)
+                    entry = (
+                        self._callbacks.pop(request_id, None)
+                        if output.finished
+                        else self._callbacks.get(request_id)
+                    )
                     if entry is not None:
                         items.append((entry[1], output))
             if items:

@@ -1,9 +1,9 @@
 """The engine: continuous batching of many requests over one model.
 
 ``step()`` asks the scheduler what to run, decodes one token for every running request, prefills the
-newly admitted ones (they join the running batch), samples, and retires finished or cancelled requests
-(their cache rows are reused at once; the cache shrinks back when long requests leave). ``generate`` is
-the offline helper.
+newly admitted ones (in batches of similar prompt length; they join the running batch), samples, and
+retires finished or cancelled requests (their cache rows are reused at once; the cache shrinks back when
+long requests leave). ``generate`` is the offline helper.
 
 Fault isolation: an error in one request's sampling or text handling fails that request only
 (``finish_reason == "error"``); an error in the batched forward fails the requests of that batch and
@@ -183,11 +183,17 @@ class Engine:
         if admitted:
             longest = max(scheduler.longest_running(), max(r.total_tokens for r in admitted))
             cache.fit(len(running) + len(admitted), longest, shrink=False)
-            first_row = scheduler.start(admitted)
-            logits, prompt_logits = self.runner.prefill(
-                first_row, [r.prompt_ids for r in admitted], [r.rope for r in admitted],
-                [r.params.prompt_logprobs for r in admitted], self._row_adapters(admitted),
-            )
+            row = scheduler.start(admitted)
+            parts, prompt_logits = [], []
+            for group in schedule.prefill:  # batches of similar prompt length, in row order
+                logits, scored = self.runner.prefill(
+                    row, [r.prompt_ids for r in group], [r.rope for r in group],
+                    [r.params.prompt_logprobs for r in group], self._row_adapters(group),
+                )
+                parts.append(logits)
+                prompt_logits += scored
+                row += len(group)
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)
             for request, scored in zip(admitted, prompt_logits, strict=True):
                 if scored is not None:
                     request.prompt_logprobs = self._logprobs(scored[:-1], request.prompt_ids[1:],

@@ -45,8 +45,10 @@ class KVBudget:
         """(rows, capacity) allocated for ``rows`` requests of which the longest reaches ``longest``."""
         if rows == 0:
             return 0, 0
-        return (min(_round_up(rows, ROW_BLOCK), self.max_rows),
-                max(longest, min(_round_up(longest, POSITION_BLOCK), self.max_capacity)))
+        return (
+            min(_round_up(rows, ROW_BLOCK), self.max_rows),
+            max(longest, min(_round_up(longest, POSITION_BLOCK), self.max_capacity)),
+        )
 
     def bytes_for(self, rows: int, longest: int) -> int:
         allocated_rows, capacity = self.shape(rows, longest)
@@ -66,8 +68,10 @@ class KVBudget:
         needed = self.bytes_for(1, positions)
         if needed > self.max_bytes:
             raise KVBudgetError(
-                f"the request needs {needed / 2**20:.1f} MiB of KV cache ({positions} positions); the server's "
-                f"KV budget is {self.max_bytes / 2**20:.1f} MiB (--kv-memory-gb), room for {self.longest_alone()} "
+                f"the request needs {needed / 2**20:.1f} MiB of KV cache ({positions} positions); the "
+                f"server's "
+                f"KV budget is {self.max_bytes / 2**20:.1f} MiB (--kv-memory-gb), room for "
+                f"{self.longest_alone()} "
                 f"positions at {self.bytes_per_position:,} bytes each; lower max_tokens or the prompt"
             )
 
@@ -83,8 +87,15 @@ def default_kv_bytes(device: torch.device, fraction: float = 0.5) -> int:
 
 
 class SlotKVCache:
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, budget: KVBudget,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        budget: KVBudget,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.budget = budget
         self.dtype, self.device = dtype, torch.device(device)
@@ -132,8 +143,10 @@ class SlotKVCache:
     def begin_prefill(self, first_row: int, rows: int, seq: int) -> None:
         """Rows ``first_row..+rows`` start from position 0 and get ``seq`` (padded) tokens: plain causal."""
         if first_row + rows > self.rows or seq > self.capacity:
-            raise RuntimeError(f"prefill of rows {first_row}..{first_row + rows} x {seq} positions outside the "
-                               f"cache ({self.rows} x {self.capacity})")
+            raise RuntimeError(
+                f"prefill of rows {first_row}..{first_row + rows} x {seq} positions outside the "
+                f"cache ({self.rows} x {self.capacity})"
+            )
         self._step = (first_row, rows, None, seq, None)
 
     def begin_decode(self, positions: torch.Tensor, kv_len: int, uniform: bool) -> None:
@@ -141,8 +154,10 @@ class SlotKVCache:
         ``uniform``: every row is at the same position)."""
         rows = positions.shape[0]
         if rows > self.rows or kv_len > self.capacity:
-            raise RuntimeError(f"decode of {rows} rows to {kv_len} positions outside the cache "
-                               f"({self.rows} x {self.capacity})")
+            raise RuntimeError(
+                f"decode of {rows} rows to {kv_len} positions outside the cache "
+                f"({self.rows} x {self.capacity})"
+            )
         mask = None
         if not uniform:
             keys = torch.arange(kv_len, device=self.device)

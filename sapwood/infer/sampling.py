@@ -50,31 +50,49 @@ class SamplingParams:
     def __post_init__(self) -> None:
         stop_shown = repr(self.stop) if len(repr(self.stop)) < 80 else f"{len(self.stop)} strings"
         checks = [
-            (self.max_tokens >= (0 if self.prompt_logprobs else 1),
-             f"max_tokens={self.max_tokens}: must be >= 1 (0 only with echo/prompt logprobs)"),
-            (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0,
-             f"temperature={self.temperature}: must be in [0, 2]"),
+            (
+                self.max_tokens >= (0 if self.prompt_logprobs else 1),
+                f"max_tokens={self.max_tokens}: must be >= 1 (0 only with echo/prompt logprobs)",
+            ),
+            (
+                math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0,
+                f"temperature={self.temperature}: must be in [0, 2]",
+            ),
             (self.top_k >= 0, f"top_k={self.top_k}: must be >= 0 (0 = off)"),
             (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p={self.top_p}: must be in (0, 1]"),
-            (math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
-             f"repetition_penalty={self.repetition_penalty}: must be in (0, 10]"),
-            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
-             f"seed={self.seed}: must be an integer in [-2**63, 2**64 - 1]"),
-            (len(self.stop) <= MAX_STOP_STRINGS
-             and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
-             f"stop={stop_shown}: at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"logprobs={self.logprobs}: must be in 0..{MAX_LOGPROBS}"),
-            (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias has {len(self.logit_bias)} entries; at most "
-             f"{MAX_LOGIT_BIAS}"),
+            (
+                math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+                f"repetition_penalty={self.repetition_penalty}: must be in (0, 10]",
+            ),
+            (
+                self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                f"seed={self.seed}: must be an integer in [-2**63, 2**64 - 1]",
+            ),
+            (
+                len(self.stop) <= MAX_STOP_STRINGS
+                and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+                f"stop={stop_shown}: at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                f"{MAX_STOP_CHARS} characters",
+            ),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs={self.logprobs}: must be in 0..{MAX_LOGPROBS}",
+            ),
+            (
+                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise SapwoodError(message)
         for token, bias in self.logit_bias.items():
-            if not (isinstance(token, int) and token >= 0 and math.isfinite(bias) and -100.0 <= bias <= 100.0):
-                raise SapwoodError(f"logit_bias {{{token!r}: {bias!r}}}: keys are token ids >= 0, values in "
-                                   "[-100, 100]")
+            if not (
+                isinstance(token, int) and token >= 0 and math.isfinite(bias) and -100.0 <= bias <= 100.0
+            ):
+                raise SapwoodError(
+                    f"logit_bias {{{token!r}: {bias!r}}}: keys are token ids >= 0, values in [-100, 100]"
+                )
 
     @property
     def is_greedy(self) -> bool:
@@ -164,9 +182,9 @@ def sample_next_tokens(
     top_p = torch.tensor([p.top_p for p in params], device=device)
     filtered = filter_top_k_top_p(logits / temperature[:, None], top_k, top_p)
     cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
-    uniform = torch.stack([
-        torch.rand((), generator=g) if g is not None else torch.zeros(()) for g in generators
-    ]).to(device)
+    uniform = torch.stack(
+        [torch.rand((), generator=g) if g is not None else torch.zeros(()) for g in generators]
+    ).to(device)
     uniform = uniform * cdf[:, -1]
     sampled = torch.searchsorted(cdf, uniform[:, None], right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
     return torch.where(greedy, argmax, sampled)

@@ -3,7 +3,8 @@
 It holds the waiting queue (bounded: :class:`QueueFullError` past ``max_waiting``, the one place that
 bound lives) and the running batch (``running[i]`` lives in KV-cache row ``i``). Each step it drops
 cancelled requests, then admits waiting ones (first come, first served) while there is a free row,
-the KV budget holds and the step's prefill budget is not spent. ``finish`` retires requests and says
+the KV budget holds and the step's prefill budget is not spent, and groups them into prefill batches of
+similar prompt length (:func:`prefill_groups`, less padding). ``finish`` retires requests and says
 which cache rows moved. Nobody else edits ``waiting`` or ``running``. Thread-safe: requests are added
 and cancelled from other threads while the engine thread schedules. It knows nothing of tensors.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sapwood.errors import SapwoodError
 from sapwood.infer.kv_cache import KVBudget
@@ -33,8 +34,31 @@ class SchedulerConfig:
 
 @dataclass
 class Schedule:
-    admitted: list[Request]
+    admitted: list[Request]  # in prefill order: ``prefill`` flattened
     cancelled: list[Request]
+    prefill: list[list[Request]] = field(default_factory=list)  # one padded forward each
+
+
+PREFILL_CALL_TOKENS = 32  # one more prefill forward costs about as much as this many more padded tokens
+
+
+def prefill_groups(requests: list[Request], call_tokens: int = PREFILL_CALL_TOKENS) -> list[list[Request]]:
+    """``requests`` in prefill batches of similar prompt length: sorted by length, then cut so that the padded
+    tokens (each batch is as wide as its longest prompt) plus ``call_tokens`` per batch are fewest (exact, by
+    dynamic programming over the sorted order)."""
+    ordered = sorted(requests, key=lambda r: len(r.prompt_ids))
+    lengths = [len(r.prompt_ids) for r in ordered]
+    best, cut = [0] + [float("inf")] * len(ordered), [0] * (len(ordered) + 1)
+    for end in range(1, len(ordered) + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * lengths[end - 1] + call_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(ordered)
+    while end:
+        groups.append(ordered[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
 
 
 class Scheduler:
@@ -51,7 +75,9 @@ class Scheduler:
         self.budget.check_alone(request.total_tokens)
         with self._lock:
             if len(self._waiting) >= self.config.max_waiting:
-                raise QueueFullError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
+                raise QueueFullError(
+                    f"the request queue is full ({self.config.max_waiting} waiting); retry later"
+                )
             request.status = Status.WAITING
             self._waiting.append(request)
 
@@ -99,13 +125,16 @@ class Scheduler:
                 if admitted and width * (len(admitted) + 1) > self.config.max_prefill_tokens:
                     break
                 # the cancelled rows are still allocated until retired this step: count them
-                if not self.budget.fits(len(self._running) + len(admitted) + 1,
-                                        max(new_longest, max((r.total_tokens for r in self._running), default=0))):
+                if not self.budget.fits(
+                    len(self._running) + len(admitted) + 1,
+                    max(new_longest, max((r.total_tokens for r in self._running), default=0)),
+                ):
                     break
                 self._waiting.popleft()
                 admitted.append(candidate)
                 longest, prefill_width, rows = new_longest, width, rows + 1
-        return Schedule(admitted, cancelled)
+        groups = prefill_groups(admitted)
+        return Schedule([r for group in groups for r in group], cancelled, groups)
 
     def start(self, admitted: list[Request]) -> int:
         """Append ``admitted`` to the running batch; returns the first row they occupy."""

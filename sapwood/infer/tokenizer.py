@@ -6,7 +6,8 @@ has one, else the first of :data:`EOS_CANDIDATES` in the vocabulary.
 
 Chat template: a Jinja ``chat_template`` from ``tokenizer_config.json`` or ``chat_template.jinja`` in the
 checkpoint folder when there is one, rendered as transformers does (with ``bos_token``, ``eos_token``...
-of ``tokenizer_config.json`` and ``raise_exception``); otherwise the documented default :data:`DEFAULT_CHAT_TEMPLATE`,
+of ``tokenizer_config.json`` and ``raise_exception``); otherwise the documented default
+:data:`DEFAULT_CHAT_TEMPLATE`,
 one ``"<role>: <content>\\n"`` line per message followed by ``"assistant:"``.
 """
 
@@ -28,8 +29,13 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None, eos_ids: list[int] | None = None,
-                 special_tokens: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: str | None = None,
+        eos_ids: list[int] | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
         self.special_tokens = special_tokens or {}  # bos_token, eos_token, ... as chat templates use them
@@ -46,7 +52,9 @@ class TextTokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.exists():
-            raise SapwoodError(f"{folder}: no tokenizer.json; text generation needs the checkpoint's tokenizer")
+            raise SapwoodError(
+                f"{folder}: no tokenizer.json; text generation needs the checkpoint's tokenizer"
+            )
         template = None
         config = {}
         if (folder / "tokenizer_config.json").exists():
@@ -64,8 +72,12 @@ class TextTokenizer:
         if (folder / "generation_config.json").exists():
             eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
             eos_ids = [eos] if isinstance(eos, int) else eos
-        return cls(Tokenizer.from_file(str(path)), template if isinstance(template, str) else None, eos_ids,
-                   special_tokens)
+        return cls(
+            Tokenizer.from_file(str(path)),
+            template if isinstance(template, str) else None,
+            eos_ids,
+            special_tokens,
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -84,8 +96,12 @@ class TextTokenizer:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             self._template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     raise_exception=_raise_exception, **self.special_tokens)
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            raise_exception=_raise_exception,
+            **self.special_tokens,
+        )
 
 
 def _raise_exception(message: str) -> None:

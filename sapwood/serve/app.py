@@ -68,8 +68,9 @@ def mount_predict_routes(app: FastAPI, folder: Path, settings: ServeSettings, de
 
 def build_engine(folder: Path, settings: ServeSettings, device: str = "cpu") -> Engine:
     kv_bytes = int(settings.kv_memory_gb * 1e9) if settings.kv_memory_gb else None
-    scheduler = SchedulerConfig(max_batch=settings.max_batch, max_waiting=settings.max_queue,
-                                kv_memory_bytes=kv_bytes)
+    scheduler = SchedulerConfig(
+        max_batch=settings.max_batch, max_waiting=settings.max_queue, kv_memory_bytes=kv_bytes
+    )
     engine = Engine.from_folder(folder, scheduler, device=device)
     for name, adapter in settings.lora_adapters.items():
         engine.load_adapter(name, adapter)
@@ -92,8 +93,11 @@ def create_app(
     model_name = settings.model_name or default_model_name(folder)
     cube = is_cube_checkpoint(folder)
     if settings.lora_adapters and (cube or model_name in settings.lora_adapters):
-        raise SapwoodError(f"--lora {model_name}=...: an adapter needs a name other than the base model's"
-                           if not cube else "--lora: LoRA adapters are served on language models, not cube surrogates")
+        raise SapwoodError(
+            f"--lora {model_name}=...: an adapter needs a name other than the base model's"
+            if not cube
+            else "--lora: LoRA adapters are served on language models, not cube surrogates"
+        )
     loop = None if cube else EngineLoop(engine or build_engine(folder, settings, device))
     metrics = ServerMetrics(
         queue_depth=lambda: loop.queue_depth if loop else 0,
@@ -111,15 +115,20 @@ def create_app(
         if loop is not None:  # uvicorn has already drained in-flight requests; let the engine finish too
             loop.stop(drain=True, timeout=settings.graceful_shutdown_s)
 
-    app = FastAPI(title="sapwood", version="0.1.0", lifespan=lifespan,
-                  description=f"sapwood serving {model_name!r}. Errors are OpenAI-shaped: "
-                              '{"error": {"message", "type", "param", "code"}}.')
+    app = FastAPI(
+        title="sapwood",
+        version="0.1.0",
+        lifespan=lifespan,
+        description=f"sapwood serving {model_name!r}. Errors are OpenAI-shaped: "
+        '{"error": {"message", "type", "param", "code"}}.',
+    )
     app.state.settings, app.state.metrics, app.state.engine_loop = settings, metrics, loop
     app.state.openapi_components = {}
     _with_extra_components(app)
     install_error_handlers(app)
-    app.add_middleware(GatewayMiddleware, auth=APIKeyAuth(keys), metrics=metrics,
-                       max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GatewayMiddleware, auth=APIKeyAuth(keys), metrics=metrics, max_body_bytes=settings.max_body_bytes
+    )
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -127,9 +136,14 @@ def create_app(
         ready = loop.alive if loop is not None else True
         body: dict = {"status": "ok" if ready else "unavailable"}
         if request.scope.get("state", {}).get("authenticated", True):
-            body |= {"live": True, "ready": ready, "model": model_name,
-                     "running": loop.running if loop else 0, "queued": loop.queue_depth if loop else 0,
-                     "time": time.time()}
+            body |= {
+                "live": True,
+                "ready": ready,
+                "model": model_name,
+                "running": loop.running if loop else 0,
+                "queued": loop.queue_depth if loop else 0,
+                "time": time.time(),
+            }
             if loop is not None and loop.failure:
                 body["reason"] = loop.failure
         return JSONResponse(body, status_code=200 if ready else 503)

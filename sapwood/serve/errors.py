@@ -39,26 +39,45 @@ NOT_AN_OBJECT = ("missing", "model_attributes_type", "model_type", "dict_type")
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def validation_message(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
     """One line naming the first bad field, its value and what is allowed; and the field's name."""
     # unknown fields first; in a union, a broken constraint before "not this type" of the other members
-    errors = sorted(exc.errors(), key=lambda e: (e.get("type") != "extra_forbidden", e.get("type", "").endswith("_type")))
+    errors = sorted(
+        exc.errors(), key=lambda e: (e.get("type") != "extra_forbidden", e.get("type", "").endswith("_type"))
+    )
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
     param = ".".join(loc) or None

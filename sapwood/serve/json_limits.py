@@ -17,8 +17,9 @@ class JSONLimitError(ValueError):
 
 def _integer(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
-        raise JSONLimitError(f"an integer of {len(text.lstrip('-'))} digits exceeds the limit of "
-                             f"{MAX_INTEGER_DIGITS} digits")
+        raise JSONLimitError(
+            f"an integer of {len(text.lstrip('-'))} digits exceeds the limit of {MAX_INTEGER_DIGITS} digits"
+        )
     return int(text)
 
 

@@ -1,9 +1,10 @@
 """Pure ASGI middleware: API-key gate (401), body-size limit (413), JSON limits (400), request metrics.
 
 The key check runs before the body is read, so an unauthenticated client learns nothing about the
-request schema: with keys set, ``/v1/*``, ``/docs``, ``/redoc`` and ``/openapi.json`` need a key.
-``/health`` stays open for probes but tells a client without a key only up or down (the handler reads
-``scope["state"]["authenticated"]``); ``/metrics`` stays open for scrapers. JSON bodies (and bodies
+request schema: with keys set, ``/v1/*``, ``/docs``, ``/redoc``, ``/openapi.json`` and ``/metrics`` need a
+key (a Prometheus scrape job sends it as its bearer token). ``/health`` stays open for probes but tells a
+client without a key only up or down (the handler reads ``scope["state"]["authenticated"]``). JSON bodies
+(and bodies
 without a content type, which FastAPI parses as JSON) are checked against :mod:`sapwood.serve.json_limits`
 before any handler parses them.
 """
@@ -20,9 +21,18 @@ from sapwood.serve.errors import APIError, error_body
 from sapwood.serve.json_limits import JSONLimitError, check_json
 from sapwood.serve.metrics import ServerMetrics
 
-KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/predict", "/health", "/metrics",
-                "/docs", "/redoc", "/openapi.json")
-DOC_ROUTES = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+KNOWN_ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/v1/predict",
+    "/health",
+    "/metrics",
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+)
+KEYED_ROUTES = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics")  # besides /v1/*
 JSON_CHECK_IN_THREAD_BYTES = 64 * 1024
 
 
@@ -33,8 +43,9 @@ def is_json(content_type: bytes | None) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
-async def send_json_error(send: Any, status: int, message: str, code: str | None = None,
-                          headers: dict[str, str] | None = None) -> None:
+async def send_json_error(
+    send: Any, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> None:
     body = json.dumps(error_body(status, message, code=code)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -76,7 +87,7 @@ class GatewayMiddleware:
                 self.auth.check(headers.get("authorization", ""))
             except APIError as exc:
                 authenticated = False
-                if path.startswith("/v1/") or path in DOC_ROUTES:
+                if path.startswith("/v1/") or path in KEYED_ROUTES:
                     self.metrics.rejected.labels("auth").inc()
                     await send_json_error(send, exc.status, exc.message, exc.code)
                     return

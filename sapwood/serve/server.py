@@ -37,8 +37,15 @@ def resolve_host(host: str, keys: frozenset[str]) -> str:
 
 
 def uvicorn_config(app, settings: ServeSettings, host: str, port: int) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on")
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        lifespan="on",
+    )
 
 
 def run_server(folder: str | Path, settings: ServeSettings, device: str = "cpu") -> None:
@@ -47,16 +54,23 @@ def run_server(folder: str | Path, settings: ServeSettings, device: str = "cpu")
     keys = api_keys_from_env()
     host = resolve_host(settings.host, keys)
     app = create_app(folder, settings, keys, device=device)
-    log.info("sapwood serve on http://%s:%d (%d API key(s) configured)", host, settings.port, len(keys))
+    config = uvicorn_config(app, settings, host, settings.port)
+    # bound and listening before the address is logged (port 0: the system picks one): a client that reads
+    # the address can connect at once; its connection waits in the backlog until uvicorn accepts it
+    sock = config.bind_socket()
+    sock.listen(config.backlog)
+    log.info(
+        "sapwood serve on http://%s:%d (%d API key(s) configured)", host, sock.getsockname()[1], len(keys)
+    )
     # uvicorn drains, then re-raises the captured SIGTERM/SIGINT to the previous handler: make that a
     # no-op so a graceful shutdown exits with status 0 instead of dying by the signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
-    server = uvicorn.Server(uvicorn_config(app, settings, host, settings.port))
+    server = uvicorn.Server(config)
     engine_loop = app.state.engine_loop
     if engine_loop is not None:
         threading.Thread(target=_exit_when_engine_down, args=(server, engine_loop), daemon=True).start()
-    server.run()
+    server.run(sockets=[sock])
     if engine_loop is not None and engine_loop.failure:
         log.error("sapwood serve stopped: %s", engine_loop.failure)
         raise SystemExit(ENGINE_DOWN_EXIT)
@@ -69,12 +83,6 @@ def _exit_when_engine_down(server: uvicorn.Server, engine_loop) -> None:
             server.should_exit = True
             return
         time.sleep(0.5)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class BackgroundServer:
@@ -91,8 +99,9 @@ class BackgroundServer:
         self.port = self.socket.getsockname()[1]
         self.server = uvicorn.Server(uvicorn_config(app, self.settings, "127.0.0.1", self.port))
         self.server.install_signal_handlers = lambda: None  # not the main thread
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
-                                       name="sapwood-uvicorn", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="sapwood-uvicorn", daemon=True
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> BackgroundServer:

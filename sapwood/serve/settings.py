@@ -19,8 +19,12 @@ class ServeSettings(Section):
     model_name: str | None = Field(None, description="name in /v1/models; default: see default_model_name")
     max_batch: int = Field(64, ge=1, description="requests decoded together (KV-cache slots)")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
-    kv_memory_gb: float | None = Field(None, gt=0, description="KV-cache budget in GB (1e9 bytes); default: half "
-                                       "the memory free after loading the model")
+    kv_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="KV-cache budget in GB (1e9 bytes); default: half "
+        "the memory free after loading the model",
+    )
     request_timeout_s: float = Field(300.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     default_max_tokens: int = Field(16, ge=1, description="completions without max_tokens")
@@ -37,8 +41,11 @@ class ServeSettings(Section):
     window: int | None = Field(None, ge=1, description="recent tokens kept with --context-overflow window "
                                "(default: max_context - sinks)")
     window_requests: int = Field(4, ge=1, description="windowed requests at once before 429")
-    lora_adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapter name -> PEFT adapter "
-                                          "folder, served on the base model (requests pick one by model name)")
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapter name -> PEFT adapter "
+        "folder, served on the base model (requests pick one by model name)",
+    )
 
 
 def api_keys_from_env() -> frozenset[str]:

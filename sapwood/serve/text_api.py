@@ -12,7 +12,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TypeVar
@@ -102,9 +102,9 @@ class TextService:
             raise APIError(400, str(exc)) from None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               queue: asyncio.Queue[StepOutput], adapter: str | None = None) -> Request:
+               on_output: Callable[[StepOutput], None], adapter: str | None = None) -> Request:
         try:
-            return self.loop.submit(prompt_ids, params, queue.put_nowait, adapter)
+            return self.loop.submit(prompt_ids, params, on_output, adapter)
         except ContextLengthError as exc:
             self.metrics.rejected.labels("context_length").inc()
             raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
@@ -126,21 +126,17 @@ class TextService:
         """Submit and yield the request's step outputs until it finishes (cancelled if abandoned). Outputs
         that arrived together are merged into one (a client that reads slower than the engine steps gets
         fewer, larger events)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        request = self.submit(prompt_ids, params, queue, adapter)
+        box = OutputBox(self.settings.request_timeout_s)
+        request = self.submit(prompt_ids, params, box.put, adapter)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        deadline = loop.time() + self.settings.request_timeout_s
         finished = first_seen = False
         try:
             while not finished:
                 try:
-                    ready = [await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - loop.time()))]
+                    ready = await box.take()
                 except TimeoutError:
                     raise APIError(504, f"request timed out after {self.settings.request_timeout_s:g} s",
                                    code="timeout") from None
-                while not queue.empty():
-                    ready.append(queue.get_nowait())
                 output = merge_outputs(ready)
                 finished = output.finished
                 if not first_seen and request.first_token_time is not None:
@@ -149,6 +145,7 @@ class TextService:
                 self._observe(request, output)
                 yield output
         finally:
+            box.close()
             if not finished:
                 self.loop.cancel(request)
 
@@ -201,6 +198,47 @@ class TextService:
             schemas.ChatTokenLogprob(**entry(t, lp), top_logprobs=[schemas.TopLogprob(**entry(i, v)) for i, v in top])
             for t, (lp, top) in zip(token_ids, scored, strict=True)
         ])
+
+
+class OutputBox:
+    """The step outputs of one request on their way from the engine's deliveries (on the event loop) to its
+    handler: a list and at most one waiting future, and one timer for the request's deadline (an
+    ``asyncio.Queue`` read through ``wait_for`` costs a task and a timer per token)."""
+
+    def __init__(self, timeout_s: float):
+        self._loop = asyncio.get_running_loop()
+        self._items: list[StepOutput] = []
+        self._waiter: asyncio.Future | None = None
+        self.expired = False
+        self._timer = self._loop.call_later(timeout_s, self._expire)
+
+    def put(self, output: StepOutput) -> None:
+        self._items.append(output)
+        self._wake()
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> list[StepOutput]:
+        """Every output delivered since the last take, waiting for one; TimeoutError past the deadline."""
+        while not self._items:
+            if self.expired:
+                raise TimeoutError
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
+
+    def close(self) -> None:
+        self._timer.cancel()
 
 
 def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
