@@ -13,7 +13,9 @@ Loss = data loss + physics loss. Data loss (:func:`data_loss`): per sample and c
 mean squared error of the predicted next state over valid cells divided by the sample's own one-step change
 (its persistence error, floored), through ``log(1 + r)``: each planet and level counts alike. Physics loss:
 :func:`sapwood.physics.physics_loss` with the weights of ``cube.physics``, where the store supports the
-constraints (:func:`physics_support`); otherwise skipped.
+constraints (:func:`physics_support`); otherwise skipped. Its energy and angular-momentum budgets use the
+store's declared forcing of each pair (:class:`DeclaredForcing`) when every run carries it, else the forcing
+estimated from the states. Training pairs are augmented as ``cube.augment`` says (:class:`PairAugment`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from sapwood.config import (
     PhysicsLossConfig,
     TrainConfig,
 )
+from sapwood.data.augment import Augment, ChannelRoles, Noise, RollAndFlip
 from sapwood.data.loader import CubeLoader, Split, split_store
 from sapwood.data.store import CubeStore
 from sapwood.errors import ConfigError
@@ -228,11 +231,106 @@ def store_geometry(cube: CubeModelConfig, device: torch.device | str = "cpu") ->
                               sigma=sigma)
 
 
-class CubeBatches:
-    """Endless micro-batches ``{"state", "next", "params"}`` from a :class:`CubeLoader` (resumable)."""
+class PairAugment:
+    """The augmentation of ``cube.augment`` on training pairs: one fused pass (:class:`sapwood.data.augment.Augment`)
+    over ``[state, next, state]`` with one roll and flip draw per sample shared by the three frames and noise on
+    frame 0 only. Returns ``(input, target, clean)``: the noisy input the model sees, the target, and the same
+    rolled/flipped state without noise, which the loss measures the persistence error and the budgets against
+    (noise of one cell's size moves a global mean by more than the mass goal; the target stays exact so the
+    model learns the truth's tendency and not the noise). Without noise the input is the clean state.
 
-    def __init__(self, loader: CubeLoader):
+    Random draws: call ``n`` uses a CPU generator seeded ``seed + n`` (:class:`Augment`), so a run is
+    reproducible and resumes exactly from ``calls``."""
+
+    def __init__(self, cube: CubeModelConfig, seed: int = 0):
+        options = cube.augment
+        view = physics_view(cube)
+        check_augment_grid(cube)
+        variables = [(name, 0 if name in view.surface_variables else view.levels) for name in view.variables]
+        roles = ChannelRoles.from_variables(variables)
+        transforms: list[object] = []
+        if options.roll or options.flip:
+            transforms.append(RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0))
+        if options.noise > 0:
+            transforms.append(Noise(scale=options.noise, frames_to_perturb=(0,)))
+        self.noisy = options.noise > 0
+        self.augment = Augment(roles, transforms, seed=seed, in_place=True)
+
+    @property
+    def calls(self) -> int:
+        return self.augment.calls
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self.augment.calls = int(value)
+
+    def __call__(self, state: torch.Tensor, target: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        parts = [state, target, state] if self.noisy else [state, target]
+        frames = self.augment(torch.stack(parts).float().contiguous())
+        return frames[0], frames[1], frames[-1] if self.noisy else frames[0]
+
+
+def augment_enabled(cube: CubeModelConfig) -> bool:
+    return cube.augment.roll or cube.augment.flip or cube.augment.noise > 0
+
+
+def check_augment_grid(cube: CubeModelConfig) -> None:
+    """One-line :class:`ConfigError` when ``cube.augment`` asks for a roll or flip the grid does not allow: a roll
+    needs a global, periodic latitude-longitude grid, a flip latitudes symmetric about the equator; neither may
+    move masked cells."""
+    options, grid = cube.augment, cube.grid
+    if grid is None or not (options.roll or options.flip):
+        return
+    where = f"the store's grid is {grid.description}"
+    if grid.curvilinear or not grid.global_grid:
+        raise ConfigError(f"cube.augment roll/flip need a global latitude-longitude grid; {where}")
+    valid = grid_valid(cube)
+    if options.roll and not (valid == valid[:, :, :1]).all():
+        raise ConfigError(f"cube.augment.roll=true moves masked cells (the mask varies with longitude); {where}")
+    if options.flip:
+        lat = np.asarray(grid.lat, dtype=np.float64)
+        if not np.allclose(lat, -lat[::-1], atol=1e-4):
+            raise ConfigError(f"cube.augment.flip=true needs latitudes symmetric about the equator; {where}")
+        if not (valid == valid[:, ::-1]).all():
+            raise ConfigError(f"cube.augment.flip=true moves masked cells (the mask is not north-south "
+                              f"symmetric); {where}")
+
+
+class DeclaredForcing:
+    """The store's ``declared_forcing {heating, torque}`` per run (written by ``sapwood prepare`` when the inputs
+    carry them): the global-mean heating (W m-2) and friction torque (N m) of the transition into each frame."""
+
+    def __init__(self, store: CubeStore):
+        runs = store.index["runs"]
+        self.present = all(run.get("declared_forcing") for run in runs)
+        self.heating = self.torque = None
+        if self.present:
+            width = int(max(store.run_times))
+            self.heating, self.torque = (
+                torch.tensor(np.stack([np.pad(np.asarray(run["declared_forcing"][key], dtype=np.float64),
+                                              (0, width - len(run["declared_forcing"][key])))
+                                       for run in runs]))
+                for key in ("heating", "torque"))
+
+    def of_pairs(self, run: torch.Tensor, time: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"heating", "torque"}`` ``[B]`` (float64) of the pairs ``(run, time) -> time + 1``; empty when the
+        store has none."""
+        if not self.present:
+            return {}
+        return {"heating": self.heating[run, time + 1], "torque": self.torque[run, time + 1]}
+
+
+class CubeBatches:
+    """Endless micro-batches ``{"state", "next", "params"}`` from a :class:`CubeLoader` (resumable), with the
+    declared ``"heating"`` and ``"torque"`` of each pair when ``forcing`` has them; with an ``augment``, the
+    pairs are augmented (:class:`PairAugment`) and ``"clean"`` holds the state without noise."""
+
+    def __init__(self, loader: CubeLoader, augment: PairAugment | None = None,
+                 forcing: DeclaredForcing | None = None):
         self.loader = loader
+        self.augment = augment
+        self.forcing = forcing
         self._iterator: Any = None
 
     def __iter__(self) -> CubeBatches:
@@ -244,16 +342,31 @@ class CubeBatches:
                 self._iterator = self.loader.batches(endless=True)  # prefetch runs across epoch ends
             try:
                 batch = next(self._iterator)
-                return {"state": batch.state, "next": batch.next_state, "params": batch.params}
             except StopIteration:
                 self._iterator = None
+                continue
+            declared = self.forcing.of_pairs(batch.run, batch.time) if self.forcing is not None else {}
+            if self.augment is None:
+                return {"state": batch.state, "next": batch.next_state, "params": batch.params, **declared}
+            state, target, clean = self.augment(batch.state, batch.next_state)
+            return {"state": state, "next": target, "params": batch.params, "clean": clean, **declared}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        state: dict[str, Any] = dict(self.loader.state_dict())
+        if self.augment is not None:
+            state["augment_calls"] = self.augment.calls
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._iterator = None
         self.loader.load_state_dict(state)
+        if self.augment is not None:
+            self.augment.calls = int(state.get("augment_calls", 0))
+
+
+def augment_seed(seed: int, rank: int) -> int:
+    """The augmentation's base seed for data-parallel ``rank`` (independent streams per rank and seed)."""
+    return int(np.random.SeedSequence([seed, rank, 0xA06]).generate_state(1)[0] >> 1)
 
 
 def task_split(config: Config, store: CubeStore) -> Split:
@@ -282,6 +395,8 @@ class CubeTask:
             config.cube.normalization = store_normalization(self.store, self.split.train)
         self.seed = config.train.seed if config.train else 0
         self.constraints = physics_support(config.cube)
+        check_augment_grid(config.cube)
+        self.forcing = DeclaredForcing(self.store)
         self._device: torch.device | None = None
         self._geometry: Geometry | None = None
         self._weights: torch.Tensor | None = None
@@ -305,17 +420,21 @@ class CubeTask:
 
     def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> CubeBatches:
         loader = CubeLoader(self.store, micro_batch_size, windows=self.split.train, seed=self.seed + rank)
-        return CubeBatches(loader)
+        cube = self.config.cube
+        augment = PairAugment(cube, seed=augment_seed(self.seed, rank)) if augment_enabled(cube) else None
+        return CubeBatches(loader, augment, self.forcing)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         state, target, params = batch["state"], batch["next"], batch["params"]
         prediction = model(state, params if params.numel() else None).float()
+        state = batch.get("clean", state)  # augmented: persistence error and budgets against the noise-free state
         data = data_loss(prediction, target, model.tendency_std, self.weights(state.device), state)
         geometry = self.geometry(state.device)
         if geometry is None:
             return data, {"data_loss": float(data.detach())}
         physics, metrics = physics_loss(state, prediction, geometry, self.config.cube.physics,
-                                        params if params.numel() else None)
+                                        params if params.numel() else None, batch.get("heating"),
+                                        batch.get("torque"))
         metrics["data_loss"] = float(data.detach())
         return data + physics, metrics
 

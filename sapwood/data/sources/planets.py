@@ -36,15 +36,15 @@ from typing import Any
 
 import numpy as np
 
+from sapwood.constants import EARTH, STEFAN_BOLTZMANN
 from sapwood.errors import SapwoodError
 
-EARTH_RADIUS = 6.371e6  # m
-EARTH_GRAVITY = 9.81  # m s-2
-EARTH_ROTATION = 7.292e-5  # s-1
-EARTH_FLUX = 1361.0  # W m-2
-EARTH_PRESSURE = 1.0e5  # Pa
+EARTH_RADIUS = EARTH["planet_radius"]  # m
+EARTH_GRAVITY = EARTH["gravity"]  # m s-2
+EARTH_ROTATION = EARTH["rotation_rate"]  # s-1
+EARTH_FLUX = EARTH["stellar_flux"]  # W m-2
+EARTH_PRESSURE = EARTH["mean_surface_pressure"]  # Pa
 SUN_TEFF = 5772.0  # K, IAU 2015 nominal
-STEFAN_BOLTZMANN = 5.670374e-8
 BOND_ALBEDO = 0.3
 TIDAL_LOCK_DAYS = 100.0
 DAY = 86400.0
