@@ -82,7 +82,9 @@ DEFINITIONS = {
     "violations_truth": "the same for the true next states (the data's own residuals)",
     "rollout": "from the first state of each held-out window: per-step RMSE in units of the per-channel state "
                "std (mean over channels, area-weighted, valid cells) of the surrogate, persistence of the first "
-               "state and the climatology; blow_up_step: first step non-finite or above 10x the climatology's",
+               "state and the climatology; blow_up_step: first step non-finite or above 10x the climatology's; steps: "
+               "the rollout length every window allows (at most requested_steps); max_over_climatology: the "
+               "largest ratio of the surrogate's curve to the climatology's (bounded error stays near or below 1)",
 }
 
 
@@ -280,10 +282,13 @@ def evaluate_surrogate(folder: str | Path, store_path: str | Path, out_dir: str 
         curves = {k: torch.stack([e[:steps] for e in v]).mean(0) for k, v in rollouts.items()}
         bad = (~torch.isfinite(curves["model"])) | (curves["model"] > 10 * curves["climatology"])
         result["rollout"] = {
-            "steps": steps, "rmse_std_units": curves["model"].tolist(), "persistence": curves["persistence"].tolist(),
+            "steps": steps, "requested_steps": rollout_steps, "runs": len(rollouts["model"]),
+            "rmse_std_units": curves["model"].tolist(), "persistence": curves["persistence"].tolist(),
             "climatology": curves["climatology"].tolist(),
             "blow_up_step": int(bad.nonzero()[0, 0]) + 1 if bad.any() else None,
             "beats_persistence_until_step": int((curves["model"] < curves["persistence"]).long().cumprod(0).sum()),
+            "steps_beating_persistence": int((curves["model"] < curves["persistence"]).sum()),
+            "max_over_climatology": float((curves["model"] / curves["climatology"].clamp_min(1e-30)).max()),
         }
     if out_dir is not None:
         out = Path(out_dir)
@@ -470,7 +475,9 @@ def _persistence_sentence(result: dict[str, Any]) -> str:
 def rollout_sentence(rollout: dict[str, Any]) -> str:
     """The autoregressive rollout in words: final error against persistence, blow-up, steps ahead."""
     steps, ahead = rollout["steps"], rollout["beats_persistence_until_step"]
-    text = (f"Rollout of {steps} steps: final error {rollout['rmse_std_units'][-1]:.3g} state-std units "
+    requested = rollout.get("requested_steps", steps)
+    cut = f" (of {requested} requested: the held-out windows are shorter)" if requested > steps else ""
+    text = (f"Rollout of {steps} steps{cut}: final error {rollout['rmse_std_units'][-1]:.3g} state-std units "
             f"(persistence {rollout['persistence'][-1]:.3g}); ")
     blow_up = rollout["blow_up_step"]
     text += "no blow-up" if blow_up is None else f"blows up at step {blow_up}"

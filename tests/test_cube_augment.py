@@ -16,6 +16,8 @@ from sapwood.physics import transition_residuals
 from sapwood.train.cube_task import CubeTask, augment_seed, simulated_store, surrogate_config
 from sapwood.train.loop import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -25,7 +27,7 @@ def store(tmp_path_factory):
 def augmented_config(store, out, steps=1, noise=1.0, seed=3):
     config = surrogate_config(store, out, steps=steps, hidden=32, layers=1, heads=2, batch_size=4, val_runs=1,
                               seed=seed)
-    config.train.save_every = 2
+    config.train.save_every, config.train.eval_every = 2, 100
     config.cube.augment = CubeAugmentConfig(roll=True, flip=True, noise=noise)
     return config
 
@@ -71,7 +73,8 @@ def test_declared_forcing_of_each_training_pair_comes_from_the_store(store, tmp_
     raw = CubeLoader(task.store, 4, windows=task.split.train, seed=task.seed).batches(endless=True)
     batch, plain = next(batches), next(raw)
     runs = task.store.index["runs"]
-    expected = [runs[int(r)]["declared_forcing"]["heating"][int(t) + 1] for r, t in zip(plain.run, plain.time)]
+    pairs = zip(plain.run.tolist(), plain.time.tolist(), strict=True)
+    expected = [runs[r]["declared_forcing"]["heating"][t + 1] for r, t in pairs]
     assert batch["heating"].tolist() == pytest.approx(expected)
     assert "clean" in batch and torch.equal(batch["state"], batch["clean"])  # no noise: the input is the clean state
 

@@ -243,3 +243,19 @@ def test_extreme_catalog_planets_stay_stable():
     sim.spin_up()
     assert np.isfinite(sim.u).all() and sim.temperature.min() > 50 and sim.humidity.min() >= 0
     assert sim._stable_step() * 2 * planet.rotation_rate <= 1.0
+
+
+def test_an_earth_catalog_row_is_the_simulators_earth():
+    """The catalog mapping and the simulator take Earth from sapwood.constants: an Earth-like row (1 Earth
+    radius, mass and insolation, no rotation period or pressure) gives the simulator's default planet."""
+    from dataclasses import asdict
+
+    from sapwood import constants
+    from sapwood.data.sources import planets
+
+    row = {"pl_name": "Earth", "pl_rade": "1", "pl_bmasse": "1", "pl_insol": "1"}
+    assert planets.planet_from_row(row).values == pytest.approx(asdict(PlanetParams()), rel=1e-12)
+    names = {"EARTH_RADIUS": "planet_radius", "EARTH_GRAVITY": "gravity", "EARTH_ROTATION": "rotation_rate",
+             "EARTH_FLUX": "stellar_flux", "EARTH_PRESSURE": "mean_surface_pressure"}
+    assert {name: getattr(planets, name) for name in names} == {n: constants.EARTH[k] for n, k in names.items()}
+    assert planets.STEFAN_BOLTZMANN is constants.STEFAN_BOLTZMANN

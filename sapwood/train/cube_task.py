@@ -37,7 +37,7 @@ from sapwood.config import (
     PhysicsLossConfig,
     TrainConfig,
 )
-from sapwood.data.augment import Augment, ChannelRoles, Noise, RollAndFlip
+from sapwood.data.augment import ChannelRoles, Noise, RollAndFlip, reference_augment
 from sapwood.data.loader import CubeLoader, Split, split_store
 from sapwood.data.store import CubeStore
 from sapwood.errors import ConfigError
@@ -232,43 +232,38 @@ def store_geometry(cube: CubeModelConfig, device: torch.device | str = "cpu") ->
 
 
 class PairAugment:
-    """The augmentation of ``cube.augment`` on training pairs: one fused pass (:class:`sapwood.data.augment.Augment`)
-    over ``[state, next, state]`` with one roll and flip draw per sample shared by the three frames and noise on
-    frame 0 only. Returns ``(input, target, clean)``: the noisy input the model sees, the target, and the same
-    rolled/flipped state without noise, which the loss measures the persistence error and the budgets against
-    (noise of one cell's size moves a global mean by more than the mass goal; the target stays exact so the
-    model learns the truth's tendency and not the noise). Without noise the input is the clean state.
+    """The augmentation of ``cube.augment`` on training pairs, over ``[state, next, state]`` with one roll and flip
+    draw per sample shared by the three frames and noise on frame 0 only. Returns ``(input, target, clean)``:
+    the noisy input the model sees, the target, and the same rolled/flipped state without noise, which the loss
+    measures the persistence error and the budgets against (noise of one cell's size moves a global mean by more
+    than the mass goal; the target stays exact so the model learns the truth's tendency and not the noise).
+    Without noise the input is the clean state.
 
-    Random draws: call ``n`` uses a CPU generator seeded ``seed + n`` (:class:`Augment`), so a run is
-    reproducible and resumes exactly from ``calls``."""
+    The draws are those of :class:`sapwood.data.augment.Augment` (call ``n``: a CPU generator seeded
+    ``seed + n``, roll/flip then noise), so a run is reproducible and resumes exactly from ``calls``. The
+    transform is :func:`sapwood.data.augment.reference_augment` (torch, on the batch's device, no thread pool of
+    its own): on a shared CPU the fused numba kernel's worker threads slowed each training step about 7x for
+    batches of a few MB, where the two agree to round-off."""
 
     def __init__(self, cube: CubeModelConfig, seed: int = 0):
         options = cube.augment
         view = physics_view(cube)
         check_augment_grid(cube)
         variables = [(name, 0 if name in view.surface_variables else view.levels) for name in view.variables]
-        roles = ChannelRoles.from_variables(variables)
-        transforms: list[object] = []
-        if options.roll or options.flip:
-            transforms.append(RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0))
-        if options.noise > 0:
-            transforms.append(Noise(scale=options.noise, frames_to_perturb=(0,)))
-        self.noisy = options.noise > 0
-        self.augment = Augment(roles, transforms, seed=seed, in_place=True)
-
-    @property
-    def calls(self) -> int:
-        return self.augment.calls
-
-    @calls.setter
-    def calls(self, value: int) -> None:
-        self.augment.calls = int(value)
+        self.roles = ChannelRoles.from_variables(variables)
+        self.roll_flip = RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0)
+        self.noise = Noise(scale=options.noise, frames_to_perturb=(0,)) if options.noise > 0 else None
+        self.seed, self.calls = seed, 0
 
     def __call__(self, state: torch.Tensor, target: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        parts = [state, target, state] if self.noisy else [state, target]
-        frames = self.augment(torch.stack(parts).float().contiguous())
-        return frames[0], frames[1], frames[-1] if self.noisy else frames[0]
+        frames = torch.stack([state, target, state] if self.noise is not None else [state, target]).float()
+        generator = torch.Generator().manual_seed(self.seed + self.calls)
+        self.calls += 1
+        shifts, flips = self.roll_flip.draw(frames, generator)
+        noise = self.noise.draw(frames, self.roles, generator) if self.noise is not None else None
+        frames = reference_augment(frames, self.roles, shifts, flips, noise)
+        return frames[0], frames[1], frames[-1] if self.noise is not None else frames[0]
 
 
 def augment_enabled(cube: CubeModelConfig) -> bool:
@@ -515,15 +510,16 @@ def data_loss(prediction: torch.Tensor, target: torch.Tensor, tendency_std: torc
 
 
 def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: int = 16, nlon: int = 32,
-                    times: int = 12, seed: int = 0, spinup_days: float | None = None) -> Path:
-    """A cube store of a simulated ensemble at ``folder/store`` (built once; NetCDF in ``folder/nc``)."""
+                    times: int = 12, seed: int = 0, spinup_days: float | None = None, dt_hours: float = 6.0) -> Path:
+    """A cube store of a simulated ensemble at ``folder/store`` (built once; NetCDF in ``folder/nc``), one
+    output every ``dt_hours``."""
     from sapwood.data.cubes import prepare
     from sapwood.data.simulate import Grid, simulate_ensemble
 
     folder = Path(folder)
     store = folder / "store"
     if not (store / "index.json").exists():
-        grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, spinup_days=spinup_days)
+        grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, spinup_days=spinup_days, dt_hours=dt_hours)
         simulate_ensemble(folder / "nc", runs=runs, grid=grid, seed=seed, progress=False)
         prepare([folder / "nc"], store, progress=False)
     return store
