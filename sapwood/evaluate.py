@@ -97,32 +97,6 @@ def predict_all(model: torch.nn.Module, states: torch.Tensor, params: torch.Tens
     return torch.cat(out)
 
 
-PROJECTION_PAIRS = 64  # training pairs whose one-step errors weigh T, zg and rho in the projection
-
-
-def projection_error_std(model: torch.nn.Module, store: CubeStore, windows: list[tuple[int, int, int]],
-                         pairs: int = PROJECTION_PAIRS) -> tuple[torch.Tensor | None, str]:
-    """The per-channel one-step RMSE ``[C]`` of ``model`` on up to ``pairs`` training pairs, spread over the
-    training windows (never held-out frames), and a line saying what it is; ``(None, ...)`` without training
-    windows (the projection then weighs by the predicted tendencies)."""
-    from sapwood.train.cube_task import held_out_chunks
-
-    if not windows:
-        return None, "none: the predicted tendencies (no training frames)"
-    per_window = max(1, pairs // len(windows))
-    squares = magnitude = torch.zeros(store.shape[1], dtype=torch.float64)
-    count = 0
-    for window in windows:
-        for state, target, params in held_out_chunks(store, [window], per_window, 1):
-            squares = squares + (predict_all(model, state, params) - target).double().pow(2).mean((2, 3)).sum(0)
-            magnitude = magnitude + target.double().abs().mean((2, 3)).sum(0)
-            count += state.shape[0]
-        if count >= pairs:
-            break
-    std = (squares / count).sqrt().maximum(1e-6 * magnitude / count).clamp_min(1e-30).float()
-    return std, f"one-step RMSE of the model on {count} training pairs"
-
-
 def _mean_violations(state: torch.Tensor, prediction: torch.Tensor, geometry: Geometry,
                      params: torch.Tensor | None, heating: torch.Tensor | None = None,
                      torque: torch.Tensor | None = None) -> dict[str, float]:
@@ -271,8 +245,10 @@ def evaluate_surrogate(folder: str | Path, store_path: str | Path, out_dir: str 
         declared = len(scored.heating) == len(windows)
         heating, torque = (scored.cat("heating"), scored.cat("torque")) if declared else (None, None)
         result["forcing"] = "declared (stored with the runs)" if declared else "estimated from the states"
-        error_std, result["projection_error_std"] = projection_error_std(model, store, split.train)
-        projected = project(pred, state, geometry, params, heating=heating, torque=torque, error_std=error_std)
+        # T, zg and rho weighed by the predicted tendencies (physics.tendency_scale): the model's one-step errors
+        # on training pairs underestimate its held-out errors unevenly and made projected T and zg worse
+        projected = project(pred, state, geometry, params, heating=heating, torque=torque)
+        result["projection_error_std"] = "per-channel RMS of the predicted one-step change (tendency_scale)"
         result["rmse_projected"] = _by_variable(cube, rmse(projected, truth, weights), True)
         result["acc_projected"] = _by_variable(cube, acc(projected, truth, clim, weights))
         for key, forecast in (("violations", pred), ("violations_projected", projected), ("violations_truth", truth)):

@@ -47,6 +47,9 @@ def test_persistence_scores_zero_and_is_not_called_a_win(small_store, tmp_path):
     assert result["forcing"].startswith("declared")
     assert result["violations_truth"]["energy"] < 0.1  # W m-2; float32 files (simulate.py documents < 0.05)
     assert result["violations_truth"]["momentum"] < 1e-3  # m s-1
+    # the projection closes the energy and angular-momentum budgets to the same declared forcing
+    assert result["violations_projected"]["energy"] < 0.1
+    assert result["violations_projected"]["momentum"] < 1e-3
 
 
 def test_prepare_keeps_the_declared_forcing_of_each_run(small_store):
