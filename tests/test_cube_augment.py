@@ -1,4 +1,5 @@
-"""Augmented surrogate training (``cube.augment``): the training pairs are the reference roll/flip/noise of the
+"""Augmented surrogate training (``cube.augment``): the training pairs are the reference roll/flip/noise of
+the
 loader's pairs (same roll and flip on input and target, noise on the input only), the budgets of the pair and
 its declared forcing are unchanged, and an augmented run is reproducible and resumes exactly."""
 
@@ -26,8 +27,9 @@ def store(tmp_path_factory):
 
 
 def augmented_config(store, out, steps=1, noise=1.0, seed=3):
-    config = surrogate_config(store, out, steps=steps, hidden=32, layers=1, heads=2, batch_size=4, val_runs=1,
-                              seed=seed)
+    config = surrogate_config(
+        store, out, steps=steps, hidden=32, layers=1, heads=2, batch_size=4, val_runs=1, seed=seed
+    )
     config.train.save_every, config.train.eval_every = 2, 100
     config.cube.augment = CubeAugmentConfig(roll=True, flip=True, noise=noise)
     return config
@@ -38,8 +40,9 @@ def test_augmented_batches_are_the_reference_transform_of_the_loader_batches(sto
     task = CubeTask(config)
     batches = task.train_batches(4)
     raw = CubeLoader(task.store, 4, windows=task.split.train, seed=task.seed).batches(endless=True)
-    roles = ChannelRoles.from_variables([(n, 0 if n in config.cube.surface_variables else config.cube.levels)
-                                         for n in config.cube.variables])
+    roles = ChannelRoles.from_variables(
+        [(n, 0 if n in config.cube.surface_variables else config.cube.levels) for n in config.cube.variables]
+    )
     flipped_any = False
     for call in range(3):
         batch, plain = next(batches), next(raw)
@@ -59,11 +62,17 @@ def test_augmented_batches_are_the_reference_transform_of_the_loader_batches(sto
         # the declared physics of the pair: the budgets and their forcing are those of the raw pair
         geometry = task.geometry(torch.device("cpu"))
         forcing = {"heating": batch["heating"], "torque": batch["torque"]}
-        before = transition_residuals(plain.state.double(), plain.next_state.double(), geometry, plain.params,
-                                      **forcing)
-        after = transition_residuals(batch["clean"].double(), batch["next"].double(), geometry, batch["params"],
-                                     **forcing)
-        for key, tolerance in (("mass_pa", 0.05), ("energy_wm2", 0.05), ("momentum_ms", 1e-4)):  # float32 sums
+        before = transition_residuals(
+            plain.state.double(), plain.next_state.double(), geometry, plain.params, **forcing
+        )
+        after = transition_residuals(
+            batch["clean"].double(), batch["next"].double(), geometry, batch["params"], **forcing
+        )
+        for key, tolerance in (
+            ("mass_pa", 0.05),
+            ("energy_wm2", 0.05),
+            ("momentum_ms", 1e-4),
+        ):  # float32 sums
             torch.testing.assert_close(after[key].double(), before[key].double(), rtol=0, atol=tolerance)
     assert flipped_any
 
@@ -77,15 +86,24 @@ def test_declared_forcing_of_each_training_pair_comes_from_the_store(store, tmp_
     pairs = zip(plain.run.tolist(), plain.time.tolist(), strict=True)
     expected = [runs[r]["declared_forcing"]["heating"][t + 1] for r, t in pairs]
     assert batch["heating"].tolist() == pytest.approx(expected)
-    assert "clean" in batch and torch.equal(batch["state"], batch["clean"])  # no noise: the input is the clean state
-    # the loss holds the energy and momentum terms to that declared forcing, not to an estimate from the states
+    assert "clean" in batch and torch.equal(
+        batch["state"], batch["clean"]
+    )  # no noise: the input is the clean state
+    # the loss holds the energy and momentum terms to that declared forcing, not to an estimate from the
+    # states
     torch.manual_seed(0)
     model = build_model(task.config)
     with torch.no_grad():
         prediction = model(batch["state"], batch["params"]).float()
-        _, expected = physics_loss(batch["clean"], prediction, task.geometry(torch.device("cpu")),
-                                               task.config.cube.physics, batch["params"], batch["heating"],
-                                               batch["torque"])
+        _, expected = physics_loss(
+            batch["clean"],
+            prediction,
+            task.geometry(torch.device("cpu")),
+            task.config.cube.physics,
+            batch["params"],
+            batch["heating"],
+            batch["torque"],
+        )
         _, metrics = task.loss(model, batch)
         _, estimated = task.loss(model, {k: v for k, v in batch.items() if k not in ("heating", "torque")})
     assert metrics["physics_energy"] == pytest.approx(expected["physics_energy"], rel=1e-5)

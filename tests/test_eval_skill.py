@@ -21,7 +21,8 @@ def small_store(tmp_path_factory):
 
 
 def checkpoint(store, folder, corrupt: str | None = None):
-    """A fresh surrogate (zero head: exactly persistence), or one whose tendency of ``corrupt`` is a constant."""
+    """A fresh surrogate (zero head: exactly persistence), or one whose tendency of ``corrupt`` is a
+    constant."""
     config = surrogate_config(store, folder / "run", steps=1, hidden=32, layers=1, heads=2, val_runs=2)
     CubeTask(config)  # fills variables, grid and the training-only normalization into the config
     torch.manual_seed(0)
