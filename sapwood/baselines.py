@@ -42,7 +42,7 @@ class Climatology:
                 end = min(stop, begin + BLOCK_FRAMES)
                 keys = run_keys[begin:end]
                 first = int(store.run_rows[run]) + begin
-                block = np.asarray(frames[first:first + end - begin], dtype=np.float64)
+                block = np.asarray(frames[first : first + end - begin], dtype=np.float64)
                 for key in np.unique(keys):
                     chosen = block[keys == key]
                     sums[int(key)] = sums.get(int(key), 0) + chosen.sum(0)
@@ -84,8 +84,10 @@ def advection_channel(store: CubeStore) -> slice | None:
 def advective_persistence_support(store: CubeStore) -> str:
     """``"applied"`` or ``"skipped: <reason>"``."""
     if store.step_hours > MAX_ADVECTION_HOURS:
-        return (f"skipped: the time step is {store.step_hours:g} h; advection by the mean wind over more "
-                f"than {MAX_ADVECTION_HOURS} h is not a forecast")
+        return (
+            f"skipped: the time step is {store.step_hours:g} h; advection by the mean wind over more "
+            f"than {MAX_ADVECTION_HOURS} h is not a forecast"
+        )
     if advection_channel(store) is None:
         return "skipped: needs an eastward wind (u or standard_name eastward_wind)"
     if store.curvilinear:
@@ -97,8 +99,9 @@ def advective_persistence_support(store: CubeStore) -> str:
     return "applied"
 
 
-def advective_persistence(state: torch.Tensor, store: CubeStore, dt_seconds: float,
-                          radius: torch.Tensor | float = EARTH_RADIUS) -> torch.Tensor:
+def advective_persistence(
+    state: torch.Tensor, store: CubeStore, dt_seconds: float, radius: torch.Tensor | float = EARTH_RADIUS
+) -> torch.Tensor:
     """States ``[N, C, H, W]`` advected one step by their zonal-mean eastward wind (see the module docstring);
     ``radius`` per sample ``[N]`` or one value."""
     wind = advection_channel(store)

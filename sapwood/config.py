@@ -207,6 +207,17 @@ class CubeGrid(Section):
     standard_names: dict[str, str] = Field(default_factory=dict, description="variable -> CF standard_name")
 
 
+class CubeAugmentConfig(Section):
+    """Augmentation of a surrogate's training pairs (:mod:`sapwood.data.augment`, one fused pass per batch): the
+    same longitude roll and hemispheric flip (``v`` negated) on the input state and its target, noise on the input
+    only. Roll and flip map a solution of the simulator's equations to another one and keep every budget."""
+
+    roll: bool = Field(False, description="shift each training pair by a random whole number of longitudes")
+    flip: bool = Field(False, description="mirror each training pair north-south with probability 1/2")
+    noise: float = Field(0.0, ge=0, le=10, description="input noise, a multiple of sapwood.data.augment's "
+                         "DEFAULT_NOISE scales (0: none)")
+
+
 class CubeModelConfig(Section):
     """A datacube surrogate: ``model`` gives the transformer blocks, this section the cube around them.
 
@@ -228,6 +239,7 @@ class CubeModelConfig(Section):
     val_runs: int = Field(1, ge=0, description="runs (planets) held out of training, the last ones of the store")
     holdout_time: float = Field(0.0, ge=0, lt=1, description="final fraction of every run held out of training")
     physics: PhysicsLossConfig = PhysicsLossConfig()
+    augment: CubeAugmentConfig = CubeAugmentConfig()
     normalization: CubeNormalization | None = None
     grid: CubeGrid | None = Field(None, description="the store's grid (filled from the store when training)")
 

@@ -62,12 +62,26 @@ import torch
 from sapwood.config import CubeModelConfig, PhysicsLossConfig
 from sapwood.constants import EARTH, GAS_CONSTANT, SPECIFIC_HEAT, VIRTUAL_FACTOR
 
-EARTH_DEFAULTS = {k: EARTH[k] for k in ("planet_radius", "gravity", "rotation_rate", "stellar_flux",
-                                        "mean_surface_pressure")}
+EARTH_DEFAULTS = {
+    k: EARTH[k]
+    for k in ("planet_radius", "gravity", "rotation_rate", "stellar_flux", "mean_surface_pressure")
+}
 LOSS_GOALS = {"mass": 1.0, "energy": 1.0, "momentum": 0.01, "thermo": 2.0}  # Pa, W m-2, m s-1, %
-UNITS = {"mass": "Pa", "mass_pa": "Pa", "ps_change": "Pa", "water": "kg m-2", "energy": "W m-2",
-         "energy_wm2": "W m-2", "momentum": "m s-1", "momentum_ms": "m s-1", "ideal_gas": "%",
-         "hydrostatic": "%", "hydrostatic_m": "m", "negative_q": "%", "thermo": "%"}
+UNITS = {
+    "mass": "Pa",
+    "mass_pa": "Pa",
+    "ps_change": "Pa",
+    "water": "kg m-2",
+    "energy": "W m-2",
+    "energy_wm2": "W m-2",
+    "momentum": "m s-1",
+    "momentum_ms": "m s-1",
+    "ideal_gas": "%",
+    "hydrostatic": "%",
+    "hydrostatic_m": "m",
+    "negative_q": "%",
+    "thermo": "%",
+}
 
 
 @dataclass
@@ -98,8 +112,15 @@ class Geometry:
         return cls.from_grid(cube, sigma_edges, lat, weight[:, None], device)
 
     @classmethod
-    def from_grid(cls, cube: CubeModelConfig, sigma_edges, lat, cell_weight,
-                  device: str | torch.device = "cpu", sigma=None) -> Geometry:
+    def from_grid(
+        cls,
+        cube: CubeModelConfig,
+        sigma_edges,
+        lat,
+        cell_weight,
+        device: str | torch.device = "cpu",
+        sigma=None,
+    ) -> Geometry:
         """A geometry from layer edges in sigma ``[L+1]``, latitudes in radians ``[H]`` and cell areas over
         a^2 (``[H, 1]`` on a regular grid, ``[H, W]`` on any other), and the layer midpoints ``sigma``
         (halfway between the edges when not given); the hydrostatic integration matrix and the declared
@@ -122,10 +143,20 @@ class Geometry:
         def put(t) -> torch.Tensor:
             return torch.as_tensor(t).float().to(device)
 
-        return cls(cube=cube, sigma=put(sigma), dsigma=put(torch.diff(sigma_edges)), sigma_edges=put(sigma_edges),
-                   lat=put(lat), cell_weight=put(cell_weight), dt_seconds=cube.dt_hours * 3600.0,
-                   coslat=put(torch.cos(lat)), hydrostatic_matrix=put(depth), t_eq=put(profiles["t_eq"]),
-                   k_t=put(profiles["k_t"]), k_v=put(profiles["k_v"]))
+        return cls(
+            cube=cube,
+            sigma=put(sigma),
+            dsigma=put(torch.diff(sigma_edges)),
+            sigma_edges=put(sigma_edges),
+            lat=put(lat),
+            cell_weight=put(cell_weight),
+            dt_seconds=cube.dt_hours * 3600.0,
+            coslat=put(torch.cos(lat)),
+            hydrostatic_matrix=put(depth),
+            t_eq=put(profiles["t_eq"]),
+            k_t=put(profiles["k_t"]),
+            k_v=put(profiles["k_v"]),
+        )
 
     def has(self, variable: str) -> bool:
         return variable in self.cube.variables
@@ -156,7 +187,7 @@ def _full_precision(function):
     return wrapper
 
 
-# --- one pass over a state -----------------------------------------------------------------------------------
+# --- one pass over a state ----------------------------------------------------------------------------------
 
 
 def _zonal_mass_sums(field: torch.Tensor, ps_weight: torch.Tensor) -> torch.Tensor:
@@ -179,8 +210,12 @@ class StateSums:
 
 
 @_full_precision
-def state_sums(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None = None,
-               work: torch.Tensor | None = None) -> StateSums:
+def state_sums(
+    x: torch.Tensor,
+    geometry: Geometry,
+    planet_params: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
+) -> StateSums:
     """All global sums of states ``[..., C, H, W]`` with one reduction pass per field (``work``: an optional
     scratch tensor shaped like one 3-D field, so no large temporary is allocated)."""
     x = x.float()
@@ -196,8 +231,9 @@ def state_sums(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor 
     arm = (zonal_psw * coslat**2).sum(-1) * geometry.dsigma.sum() / (gravity * total_weight)
     water = energy = momentum = heating = torque = None
     if geometry.has("q"):
-        water = (_zonal_mass_sums(geometry.field(x, "q"), ps_weight) * dsigma_h).sum((-2, -1)) \
-            / (gravity * total_weight)
+        water = (_zonal_mass_sums(geometry.field(x, "q"), ps_weight) * dsigma_h).sum((-2, -1)) / (
+            gravity * total_weight
+        )
     if geometry.has("T"):
         t_sums = _zonal_mass_sums(geometry.field(x, "T"), ps_weight)  # [..., L, H]
         enthalpy = SPECIFIC_HEAT * (t_sums * dsigma_h).sum((-2, -1))
@@ -213,22 +249,33 @@ def state_sums(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor 
         from sapwood.data.simulate import radiative_time_factor, temperature_scale
 
         flux = geometry.planet(planet_params, "stellar_flux", gravity)
-        slow = radiative_time_factor(geometry.planet(planet_params, "mean_surface_pressure", gravity), gravity, flux)
+        slow = radiative_time_factor(
+            geometry.planet(planet_params, "mean_surface_pressure", gravity), gravity, flux
+        )
         weights = geometry.k_t * dsigma_h  # [L, H]
-        equilibrium = temperature_scale(flux) * ((weights * geometry.t_eq) * zonal_psw[..., None, :]).sum((-2, -1))
-        heating = SPECIFIC_HEAT * (equilibrium - (t_sums * weights).sum((-2, -1))) / (slow * gravity * total_weight)
+        equilibrium = temperature_scale(flux) * ((weights * geometry.t_eq) * zonal_psw[..., None, :]).sum(
+            (-2, -1)
+        )
+        heating = (
+            SPECIFIC_HEAT * (equilibrium - (t_sums * weights).sum((-2, -1))) / (slow * gravity * total_weight)
+        )
     if geometry.has("u"):
         u_sums = _zonal_mass_sums(geometry.field(x, "u"), ps_weight)  # [..., L, H]
         omega = geometry.planet(planet_params, "rotation_rate", gravity)
         relative = (u_sums * dsigma_h * coslat).sum((-2, -1)) * radius
         planetary = omega * radius**2 * (zonal_psw * coslat**2).sum(-1) * geometry.dsigma.sum()
         momentum = (relative + planetary) / (gravity * total_weight)
-        torque = -radius * (u_sums * (geometry.k_v[:, None] * dsigma_h) * coslat).sum((-2, -1)) \
+        torque = (
+            -radius
+            * (u_sums * (geometry.k_v[:, None] * dsigma_h) * coslat).sum((-2, -1))
             / (gravity * total_weight)
+        )
     return StateSums(mean_ps, mean_ps, water, energy, momentum, arm, heating, torque)
 
 
-def budgets(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def budgets(
+    x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Global means of states ``[..., C, H, W]``: ``mass`` (= <ps>, Pa), ``water`` (kg m-2), ``energy``
     (J m-2), ``momentum`` (axial angular momentum per m2), float32 ``[...]`` each."""
     sums = state_sums(x, geometry, planet_params)
@@ -239,16 +286,28 @@ def budgets(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | N
     return out
 
 
-def declared_forcing(state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry,
-                     planet_params: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def declared_forcing(
+    state: torch.Tensor,
+    next_state: torch.Tensor,
+    geometry: Geometry,
+    planet_params: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Estimated declared ``heating`` (W m-2) and ``torque`` (N m) of ``state -> next_state``: the simulator's
     Newtonian cooling and Rayleigh friction, trapezoid rule over the step."""
-    before, after = state_sums(state, geometry, planet_params), state_sums(next_state, geometry, planet_params)
+    before, after = (
+        state_sums(state, geometry, planet_params),
+        state_sums(next_state, geometry, planet_params),
+    )
     return _declared(before, after, geometry, planet_params, state)
 
 
-def _declared(before: StateSums, after: StateSums, geometry: Geometry, planet_params: torch.Tensor | None,
-              like: torch.Tensor) -> dict[str, torch.Tensor]:
+def _declared(
+    before: StateSums,
+    after: StateSums,
+    geometry: Geometry,
+    planet_params: torch.Tensor | None,
+    like: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     out = {}
     if before.heating is not None:
         out["heating"] = 0.5 * (before.heating + after.heating)
@@ -258,8 +317,15 @@ def _declared(before: StateSums, after: StateSums, geometry: Geometry, planet_pa
     return out
 
 
-def _residuals(before: StateSums, after: StateSums, geometry: Geometry, planet_params: torch.Tensor | None,
-               heating: torch.Tensor | None, torque: torch.Tensor | None, like: torch.Tensor) -> dict[str, torch.Tensor]:
+def _residuals(
+    before: StateSums,
+    after: StateSums,
+    geometry: Geometry,
+    planet_params: torch.Tensor | None,
+    heating: torch.Tensor | None,
+    torque: torch.Tensor | None,
+    like: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """Signed residuals in physical units (``mass_pa``, ``water_kgm2``, ``energy_wm2``, ``momentum_ms``)."""
     dt = geometry.dt_seconds
     declared = None
@@ -282,19 +348,32 @@ def _residuals(before: StateSums, after: StateSums, geometry: Geometry, planet_p
     return out
 
 
-def transition_residuals(state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry,
-                         planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None,
-                         torque: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Signed budget residuals of ``state -> next_state`` in physical units ``[...]`` (see the module table)."""
-    before, after = state_sums(state, geometry, planet_params), state_sums(next_state, geometry, planet_params)
+def transition_residuals(
+    state: torch.Tensor,
+    next_state: torch.Tensor,
+    geometry: Geometry,
+    planet_params: torch.Tensor | None = None,
+    heating: torch.Tensor | None = None,
+    torque: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Signed budget residuals of ``state -> next_state`` in physical units ``[...]`` (see the module
+    table)."""
+    before, after = (
+        state_sums(state, geometry, planet_params),
+        state_sums(next_state, geometry, planet_params),
+    )
     return _residuals(before, after, geometry, planet_params, heating, torque, state)
 
 
 @_full_precision
-def hydrostatic_height(temperature_v: torch.Tensor, geometry: Geometry, gravity: torch.Tensor) -> torch.Tensor:
+def hydrostatic_height(
+    temperature_v: torch.Tensor, geometry: Geometry, gravity: torch.Tensor
+) -> torch.Tensor:
     """Full-level geopotential height ``[..., L, H, W]`` from the virtual temperature (flat surface at
     sigma = 1), as the simulator diagnoses it; ``gravity`` broadcastable to ``[..., 1, 1, 1]``."""
-    return GAS_CONSTANT * torch.einsum("kl,...lhw->...khw", geometry.hydrostatic_matrix, temperature_v) / gravity
+    return (
+        GAS_CONSTANT * torch.einsum("kl,...lhw->...khw", geometry.hydrostatic_matrix, temperature_v) / gravity
+    )
 
 
 def virtual_temperature(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -310,8 +389,12 @@ def saturation_humidity(temperature: torch.Tensor, pressure: torch.Tensor) -> to
 
 
 @_full_precision
-def thermo_residuals(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None = None,
-                     work: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def thermo_residuals(
+    x: torch.Tensor,
+    geometry: Geometry,
+    planet_params: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Thermodynamic-consistency violations of states ``[..., C, H, W]`` -> ``[...]`` each (module table).
     Each mass-weighted mean is one fused pass (``sum_lhw r dsigma_l w_h ps_hw`` as an einsum); temporaries
     live in two scratch fields (``work`` may supply one)."""
@@ -330,28 +413,44 @@ def thermo_residuals(x: torch.Tensor, geometry: Geometry, planet_params: torch.T
     out: dict[str, torch.Tensor] = {}
     if geometry.has("T"):
         temperature = geometry.field(x, "T")
-        temperature_v = torch.addcmul(temperature, temperature, geometry.field(x, "q"), value=VIRTUAL_FACTOR) \
-            if geometry.has("q") else temperature
+        temperature_v = (
+            torch.addcmul(temperature, temperature, geometry.field(x, "q"), value=VIRTUAL_FACTOR)
+            if geometry.has("q")
+            else temperature
+        )
         if geometry.has("rho"):
             # |rho R T_v / p - 1| dp w = |rho R T_v - p| (dsigma / sigma) w: ps cancels
             torch.mul(geometry.sigma[:, None, None], ps.unsqueeze(-3), out=work).neg_()
             misfit = work.addcmul_(geometry.field(x, "rho"), temperature_v, value=GAS_CONSTANT).abs_()
-            out["ideal_gas"] = 100 * torch.einsum("...lhw,...hw,l->...", misfit, geometry.cell_weight.expand_as(ps),
-                                                  geometry.dsigma / geometry.sigma) / total
+            out["ideal_gas"] = (
+                100
+                * torch.einsum(
+                    "...lhw,...hw,l->...",
+                    misfit,
+                    geometry.cell_weight.expand_as(ps),
+                    geometry.dsigma / geometry.sigma,
+                )
+                / total
+            )
         if geometry.has("zg"):
             gravity = geometry.planet(planet_params, "gravity", total)
             columns = temperature_v.flatten(-2)
-            height = torch.matmul(geometry.hydrostatic_matrix, columns, out=work.view(columns.shape)).view(shape)
+            height = torch.matmul(geometry.hydrostatic_matrix, columns, out=work.view(columns.shape)).view(
+                shape
+            )
             height.mul_((GAS_CONSTANT / gravity)[..., None, None, None])
             error = height.sub_(geometry.field(x, "zg")).abs_()
             out["hydrostatic_m"] = mass_mean(error, geometry.dsigma)
-            out["hydrostatic"] = 100 / GAS_CONSTANT * gravity * mass_mean(error.div_(temperature_v), geometry.dsigma)
+            out["hydrostatic"] = (
+                100 / GAS_CONSTANT * gravity * mass_mean(error.div_(temperature_v), geometry.dsigma)
+            )
     if geometry.has("q"):
         q = geometry.field(x, "q")
         negative = mass_mean(torch.neg(q, out=work).clamp_(min=0), geometry.dsigma)
         out["negative_q"] = 100 * negative / (mass_mean(q, geometry.dsigma) + 2 * negative).clamp_min(1e-30)
-    out["thermo"] = sum((out[k] for k in ("ideal_gas", "hydrostatic", "negative_q") if k in out),
-                        torch.zeros_like(total))
+    out["thermo"] = sum(
+        (out[k] for k in ("ideal_gas", "hydrostatic", "negative_q") if k in out), torch.zeros_like(total)
+    )
     return out
 
 
@@ -359,9 +458,17 @@ def _needs_graph(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
-def _thermo_differentiable(x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None,
-                           ps: torch.Tensor, ps_weight: torch.Tensor, total: torch.Tensor) -> dict[str, torch.Tensor]:
-    """:func:`thermo_residuals` without in-place scratch fields, for the loss (autograd records every step)."""
+def _thermo_differentiable(
+    x: torch.Tensor,
+    geometry: Geometry,
+    planet_params: torch.Tensor | None,
+    ps: torch.Tensor,
+    ps_weight: torch.Tensor,
+    total: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """:func:`thermo_residuals` without in-place scratch fields, for the loss (autograd records every
+    step)."""
+
     def mass_mean(values: torch.Tensor) -> torch.Tensor:
         return torch.einsum("...lhw,...hw,l->...", values, ps_weight, geometry.dsigma) / total
 
@@ -370,20 +477,24 @@ def _thermo_differentiable(x: torch.Tensor, geometry: Geometry, planet_params: t
         temperature_v = virtual_temperature(x, geometry)
         if geometry.has("rho"):
             pressure = geometry.sigma[:, None, None] * ps.unsqueeze(-3)
-            out["ideal_gas"] = 100 * mass_mean((geometry.field(x, "rho") * GAS_CONSTANT * temperature_v / pressure
-                                                - 1).abs())
+            out["ideal_gas"] = 100 * mass_mean(
+                (geometry.field(x, "rho") * GAS_CONSTANT * temperature_v / pressure - 1).abs()
+            )
         if geometry.has("zg"):
             gravity = geometry.planet(planet_params, "gravity", total)
-            error = (geometry.field(x, "zg") - hydrostatic_height(temperature_v, geometry,
-                                                                  gravity[..., None, None, None])).abs()
+            error = (
+                geometry.field(x, "zg")
+                - hydrostatic_height(temperature_v, geometry, gravity[..., None, None, None])
+            ).abs()
             out["hydrostatic_m"] = mass_mean(error)
             out["hydrostatic"] = 100 / GAS_CONSTANT * gravity * mass_mean(error / temperature_v)
     if geometry.has("q"):
         q = geometry.field(x, "q")
         negative = mass_mean(torch.relu(-q))
         out["negative_q"] = 100 * negative / (mass_mean(q) + 2 * negative).clamp_min(1e-30)
-    out["thermo"] = sum((out[k] for k in ("ideal_gas", "hydrostatic", "negative_q") if k in out),
-                        torch.zeros_like(total))
+    out["thermo"] = sum(
+        (out[k] for k in ("ideal_gas", "hydrostatic", "negative_q") if k in out), torch.zeros_like(total)
+    )
     return out
 
 
@@ -395,13 +506,21 @@ def supersaturation(x: torch.Tensor, geometry: Geometry, tolerance: float = 0.01
     pressure = geometry.sigma[:, None, None] * ps.unsqueeze(-3)
     mass_weight = geometry.dsigma[:, None, None] * (ps * geometry.cell_weight).unsqueeze(-3)
     limit = saturation_humidity(geometry.field(x, "T"), pressure) * (1 + tolerance)
-    return 100 * ((geometry.field(x, "q") > limit).float() * mass_weight).sum((-3, -2, -1)) \
+    return (
+        100
+        * ((geometry.field(x, "q") > limit).float() * mass_weight).sum((-3, -2, -1))
         / mass_weight.sum((-3, -2, -1))
+    )
 
 
-def violations(state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry,
-               planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None,
-               torque: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def violations(
+    state: torch.Tensor,
+    next_state: torch.Tensor,
+    geometry: Geometry,
+    planet_params: torch.Tensor | None = None,
+    heating: torch.Tensor | None = None,
+    torque: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """All violations of ``state -> next_state`` per sample ``[...]``, in the units of the module table."""
     ps = geometry.field(next_state, "ps")
     work = torch.empty(ps.shape[:-2] + (geometry.cube.levels,) + ps.shape[-2:], device=ps.device)
@@ -422,15 +541,24 @@ def violations(state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry
     return out
 
 
-def physics_loss(state: torch.Tensor, prediction: torch.Tensor, geometry: Geometry, weights: PhysicsLossConfig,
-                 planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None,
-                 torque: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def physics_loss(
+    state: torch.Tensor,
+    prediction: torch.Tensor,
+    geometry: Geometry,
+    weights: PhysicsLossConfig,
+    planet_params: torch.Tensor | None = None,
+    heating: torch.Tensor | None = None,
+    torque: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Differentiable ``sum_c weight_c (residual_c / goal_c)^2`` (batch mean) over the same residuals as
     :func:`violations`, and each term as a metric (``physics_<name>``: 1 means at the goal)."""
     residuals = transition_residuals(state, prediction, geometry, planet_params, heating, torque)
-    terms = {"mass": residuals["mass_pa"], "energy": residuals.get("energy_wm2"),
-             "momentum": residuals.get("momentum_ms"),
-             "thermo": thermo_residuals(prediction, geometry, planet_params)["thermo"]}
+    terms = {
+        "mass": residuals["mass_pa"],
+        "energy": residuals.get("energy_wm2"),
+        "momentum": residuals.get("momentum_ms"),
+        "thermo": thermo_residuals(prediction, geometry, planet_params)["thermo"],
+    }
     loss = torch.zeros((), device=prediction.device)
     metrics: dict[str, float] = {}
     for name, residual in terms.items():
@@ -454,13 +582,16 @@ def mass_fix(prediction: torch.Tensor, state: torch.Tensor, geometry: Geometry) 
     out[..., geometry.cube.channel_slice("ps"), :, :] *= (before.ps / after.ps)[..., None, None, None]
     if geometry.has("q"):
         water = state_sums(out, geometry).water
-        out[..., geometry.cube.channel_slice("q"), :, :] *= (before.water / water.clamp_min(1e-30))[..., None, None, None]
+        out[..., geometry.cube.channel_slice("q"), :, :] *= (before.water / water.clamp_min(1e-30))[
+            ..., None, None, None
+        ]
     return out
 
 
 @_full_precision
-def _thermo_least_squares(out: torch.Tensor, geometry: Geometry, gravity: torch.Tensor,
-                          error_std: torch.Tensor) -> None:
+def _thermo_least_squares(
+    out: torch.Tensor, geometry: Geometry, gravity: torch.Tensor, error_std: torch.Tensor
+) -> None:
     """In place: per column, the ``T`` minimizing the error-variance-weighted misfit to the predicted ``T``,
     ``zg`` (hydrostatic, linear in ``T``) and ``rho`` (ideal gas, linearized at the predicted ``T``); then
     ``zg`` and ``rho`` recomputed from it exactly."""
@@ -468,7 +599,9 @@ def _thermo_least_squares(out: torch.Tensor, geometry: Geometry, gravity: torch.
     std = error_std.float().to(out.device)
     temperature = geometry.field(out, "T")
     columns = temperature.movedim(-3, -1)  # [..., H, W, L]
-    virtual = (1 + VIRTUAL_FACTOR * geometry.field(out, "q")) if geometry.has("q") else torch.ones_like(temperature)
+    virtual = (
+        (1 + VIRTUAL_FACTOR * geometry.field(out, "q")) if geometry.has("q") else torch.ones_like(temperature)
+    )
     virtual = virtual.movedim(-3, -1)
     precision_t = 1 / std[cube.channel_slice("T")] ** 2  # [L]
     normal = torch.diag_embed(precision_t.expand(columns.shape)).clone()  # [..., H, W, L, L]
@@ -494,8 +627,9 @@ def _thermo_least_squares(out: torch.Tensor, geometry: Geometry, gravity: torch.
     _set_temperature(out, geometry, new_t.movedim(-1, -3), gravity, consistent=True)
 
 
-def _set_temperature(out: torch.Tensor, geometry: Geometry, temperature: torch.Tensor, gravity: torch.Tensor,
-                     consistent: bool) -> None:
+def _set_temperature(
+    out: torch.Tensor, geometry: Geometry, temperature: torch.Tensor, gravity: torch.Tensor, consistent: bool
+) -> None:
     """Write ``T`` into ``out``; with ``consistent``, also ``zg`` and ``rho`` diagnosed from it."""
     out[..., geometry.cube.channel_slice("T"), :, :] = temperature
     if not consistent:
@@ -503,7 +637,8 @@ def _set_temperature(out: torch.Tensor, geometry: Geometry, temperature: torch.T
     temperature_v = virtual_temperature(out, geometry)
     if geometry.has("zg"):
         out[..., geometry.cube.channel_slice("zg"), :, :] = hydrostatic_height(
-            temperature_v, geometry, gravity[..., None, None, None])
+            temperature_v, geometry, gravity[..., None, None, None]
+        )
     if geometry.has("rho"):
         pressure = geometry.sigma[:, None, None] * geometry.field(out, "ps").unsqueeze(-3)
         out[..., geometry.cube.channel_slice("rho"), :, :] = pressure / (GAS_CONSTANT * temperature_v)
@@ -518,12 +653,21 @@ def tendency_scale(prediction: torch.Tensor, state: torch.Tensor) -> torch.Tenso
     return change.pow(2).mean(1).sqrt().clamp_min(1e-30).maximum(1e-6 * magnitude)
 
 
-def project(prediction: torch.Tensor, state: torch.Tensor, geometry: Geometry,
-            planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None,
-            energy: bool = True, diagnose: bool = True, error_std: torch.Tensor | None = None,
-            torque: torch.Tensor | None = None, momentum: bool = True) -> torch.Tensor:
+def project(
+    prediction: torch.Tensor,
+    state: torch.Tensor,
+    geometry: Geometry,
+    planet_params: torch.Tensor | None = None,
+    heating: torch.Tensor | None = None,
+    energy: bool = True,
+    diagnose: bool = True,
+    error_std: torch.Tensor | None = None,
+    torque: torch.Tensor | None = None,
+    momentum: bool = True,
+) -> torch.Tensor:
     """Mass/water fixer; (``momentum``) a solid-body ``u`` increment closing the angular-momentum budget;
-    (``diagnose``) the weighted least-squares ``T`` of each column from the predicted ``T``, ``zg``, ``rho`` by
+    (``diagnose``) the weighted least-squares ``T`` of each column from the predicted ``T``, ``zg``, ``rho``
+    by
     their error standard deviations ``error_std [C]`` (default :func:`tendency_scale`; pass measured
     errors or the model's tendency std when known), with ``zg``, ``rho`` then exact; (``energy``) a uniform
     ``T`` shift closing the energy budget (``zg``, ``rho`` follow it when diagnosed). With
@@ -540,7 +684,9 @@ def project(prediction: torch.Tensor, state: torch.Tensor, geometry: Geometry,
         after = state_sums(out, geometry, planet_params)
         target = before.momentum + torque.float() / (4 * math.pi * radius**2) * geometry.dt_seconds
         wind = (target - after.momentum) / (radius * after.arm)
-        out[..., geometry.cube.channel_slice("u"), :, :] += wind[..., None, None, None] * geometry.coslat[:, None]
+        out[..., geometry.cube.channel_slice("u"), :, :] += (
+            wind[..., None, None, None] * geometry.coslat[:, None]
+        )
     consistent = diagnose and geometry.has("T") and (geometry.has("zg") or geometry.has("rho"))
     if consistent:
         if error_std is None:
@@ -550,5 +696,7 @@ def project(prediction: torch.Tensor, state: torch.Tensor, geometry: Geometry,
         after = state_sums(out, geometry, planet_params)
         missing = before.energy + geometry.dt_seconds * heating.float() - after.energy  # J m-2
         shift = missing * gravity / (SPECIFIC_HEAT * after.ps * geometry.dsigma.sum())
-        _set_temperature(out, geometry, geometry.field(out, "T") + shift[..., None, None, None], gravity, consistent)
+        _set_temperature(
+            out, geometry, geometry.field(out, "T") + shift[..., None, None, None], gravity, consistent
+        )
     return out

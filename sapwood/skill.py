@@ -51,8 +51,9 @@ def rmse(forecast: torch.Tensor, truth: torch.Tensor, weights: torch.Tensor) -> 
     return weighted_mse(forecast, truth, weights).mean(0).sqrt()
 
 
-def acc(forecast: torch.Tensor, truth: torch.Tensor, climatology: torch.Tensor,
-        weights: torch.Tensor) -> torch.Tensor:
+def acc(
+    forecast: torch.Tensor, truth: torch.Tensor, climatology: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """WB2 anomaly correlation coefficient per channel ``[channels]``; ``climatology`` broadcasts to the
     fields (e.g. ``[channels, lat, lon]`` or ``[time, channels, lat, lon]``)."""
     w = _weights(weights, forecast).double()
@@ -63,8 +64,9 @@ def acc(forecast: torch.Tensor, truth: torch.Tensor, climatology: torch.Tensor,
     return (num / den).mean(0).float()
 
 
-def per_variable(values: torch.Tensor, names: list[str], levels: int, variables_3d: list[str],
-                 reduce_sqrt: bool = False) -> dict[str, float]:
+def per_variable(
+    values: torch.Tensor, names: list[str], levels: int, variables_3d: list[str], reduce_sqrt: bool = False
+) -> dict[str, float]:
     """Group a per-channel vector into per-variable numbers (3-D variables average their levels).
 
     With ``reduce_sqrt`` the values are RMSEs: their squares are averaged, then the root taken.
@@ -73,7 +75,7 @@ def per_variable(values: torch.Tensor, names: list[str], levels: int, variables_
     start = 0
     for name in names:
         width = levels if name in variables_3d else 1
-        chunk = values[start:start + width].double()
+        chunk = values[start : start + width].double()
         out[name] = float(chunk.pow(2).mean().sqrt() if reduce_sqrt else chunk.mean())
         start += width
     return out

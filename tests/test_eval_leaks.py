@@ -71,8 +71,9 @@ def test_climatology_equals_training_month_means_from_the_files(tmp_path):
     ta = xr.concat([xr.open_dataset(f, decode_times=coder).ta for f in files], "time")
     expected = ta.groupby("time.month").mean().values[:, ::-1]  # plev top-down in the store
     for month in range(1, 13):
-        np.testing.assert_allclose(climatology.means[month][store.channel_slice("ta")], expected[month - 1],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            climatology.means[month][store.channel_slice("ta")], expected[month - 1], rtol=1e-6
+        )
 
 
 def test_masked_metrics_equal_numpy():
@@ -88,14 +89,21 @@ def test_masked_metrics_equal_numpy():
         mse = [(w * (forecast[t, c] - truth[t, c]) ** 2).sum() / w.sum() for t in range(5)]
         assert got_rmse[c] == pytest.approx(math.sqrt(np.mean(mse)), rel=1e-5)
         f, o = forecast[:, c] - clim[:, c], truth[:, c] - clim[:, c]
-        per_time = [(w * f[t] * o[t]).sum() / math.sqrt((w * f[t] ** 2).sum() * (w * o[t] ** 2).sum())
-                    for t in range(5)]
+        per_time = [
+            (w * f[t] * o[t]).sum() / math.sqrt((w * f[t] ** 2).sum() * (w * o[t] ** 2).sum())
+            for t in range(5)
+        ]
         assert got_acc[c] == pytest.approx(np.mean(per_time), rel=1e-5)
 
 
 def test_planet_groups_inside_and_outside_the_training_range(tmp_path):
-    runs = simulate_ensemble(tmp_path / "runs", runs=6, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=5,
-                             progress=False)
+    runs = simulate_ensemble(
+        tmp_path / "runs",
+        runs=6,
+        grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1),
+        seed=5,
+        progress=False,
+    )
     prepare(runs, tmp_path / "store", progress=False)
     store = CubeStore(tmp_path / "store")
     split = split_store(store, val_runs=2)
@@ -116,19 +124,29 @@ def test_advective_persistence_is_exact_for_pure_advection(tmp_path):
     tracer0 = np.random.default_rng(1).standard_normal((3, 12))
     tracer = np.stack([np.roll(tracer0, t, axis=1) for t in range(4)])
     ds = xr.Dataset(
-        {"ua": (("time", "lev", "lat", "lon"), np.broadcast_to(u[None, None, :, None], (4, 1, 3, 12)).copy(),
-                {"standard_name": "eastward_wind", "units": "m s-1"}),
-         "tr": (("time", "lev", "lat", "lon"), tracer[:, None], {"units": "1"})},
-        coords={"time": ("time", np.arange(4.0), {"units": "hours since 2000-01-01", "calendar": "standard"}),
-                "lev": ("lev", [50000.0], {"units": "Pa", "positive": "down"}),
-                "lat": ("lat", lat, {"units": "degrees_north"}), "lon": ("lon", lon, {"units": "degrees_east"})})
+        {
+            "ua": (
+                ("time", "lev", "lat", "lon"),
+                np.broadcast_to(u[None, None, :, None], (4, 1, 3, 12)).copy(),
+                {"standard_name": "eastward_wind", "units": "m s-1"},
+            ),
+            "tr": (("time", "lev", "lat", "lon"), tracer[:, None], {"units": "1"}),
+        },
+        coords={
+            "time": ("time", np.arange(4.0), {"units": "hours since 2000-01-01", "calendar": "standard"}),
+            "lev": ("lev", [50000.0], {"units": "Pa", "positive": "down"}),
+            "lat": ("lat", lat, {"units": "degrees_north"}),
+            "lon": ("lon", lon, {"units": "degrees_east"}),
+        },
+    )
     ds.to_netcdf(tmp_path / "advect.nc")
     prepare([tmp_path / "advect.nc"], tmp_path / "store", progress=False)
     store = CubeStore(tmp_path / "store")
     frames = store.read_rows(0, 4)
     moved = advective_persistence(frames[:-1], store, dt, radius)
-    torch.testing.assert_close(moved[:, store.channel_slice("tr")], frames[1:, store.channel_slice("tr")],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        moved[:, store.channel_slice("tr")], frames[1:, store.channel_slice("tr")], rtol=0, atol=1e-5
+    )
 
 
 def test_normalization_is_the_masked_training_statistics_in_any_block_size(tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ def small_store(tmp_path_factory):
 
 
 def checkpoint(store, folder, corrupt: str | None = None):
-    """A fresh surrogate (zero head: exactly persistence), or one whose tendency of ``corrupt`` is a constant."""
+    """A fresh surrogate (zero head: exactly persistence), or one whose tendency of ``corrupt`` is a
+    constant."""
     config = surrogate_config(store, folder / "run", steps=1, hidden=32, layers=1, heads=2, val_runs=2)
     CubeTask(config)  # fills variables, grid and the training-only normalization into the config
     torch.manual_seed(0)
@@ -47,6 +48,9 @@ def test_persistence_scores_zero_and_is_not_called_a_win(small_store, tmp_path):
     assert result["forcing"].startswith("declared")
     assert result["violations_truth"]["energy"] < 0.1  # W m-2; float32 files (simulate.py documents < 0.05)
     assert result["violations_truth"]["momentum"] < 1e-3  # m s-1
+    # the projection closes the energy and angular-momentum budgets to the same declared forcing
+    assert result["violations_projected"]["energy"] < 0.1
+    assert result["violations_projected"]["momentum"] < 1e-3
 
 
 def test_prepare_keeps_the_declared_forcing_of_each_run(small_store):

@@ -30,13 +30,19 @@ def grid() -> dict[str, np.ndarray]:
     """The simulator's grid, written out from its definition (uniform sigma layers and latitude cells)."""
     edges = np.linspace(-np.pi / 2, np.pi / 2, NLAT + 1)
     sigma_edges = np.arange(LEVELS + 1) / LEVELS
-    return {"lat": 0.5 * (edges[1:] + edges[:-1]), "weight": (2 * np.pi / NLON) * np.diff(np.sin(edges)),
-            "sigma": 0.5 * (sigma_edges[1:] + sigma_edges[:-1]), "sigma_edges": sigma_edges,
-            "dsigma": np.diff(sigma_edges), "lon": np.arange(NLON) * 2 * np.pi / NLON}
+    return {
+        "lat": 0.5 * (edges[1:] + edges[:-1]),
+        "weight": (2 * np.pi / NLON) * np.diff(np.sin(edges)),
+        "sigma": 0.5 * (sigma_edges[1:] + sigma_edges[:-1]),
+        "sigma_edges": sigma_edges,
+        "dsigma": np.diff(sigma_edges),
+        "lon": np.arange(NLON) * 2 * np.pi / NLON,
+    }
 
 
 def hydrostatic_numpy(temperature_v: np.ndarray, g: float) -> np.ndarray:
-    """zg_k = sum_{m>k} (R T_v,m / g) ln(s_{m+1/2}/s_{m-1/2}) + (R T_v,k / g) ln(s_{k+1/2}/s_k), flat surface."""
+    """zg_k = sum_{m>k} (R T_v,m / g) ln(s_{m+1/2}/s_{m-1/2}) + (R T_v,k / g) ln(s_{k+1/2}/s_k), flat
+    surface."""
     geo = grid()
     s, e = geo["sigma"], geo["sigma_edges"]
     zg = np.zeros_like(temperature_v)
@@ -52,7 +58,11 @@ def known_states(samples: int = 3, seed: int = 0) -> np.ndarray:
     zg from the ideal gas and hydrostatics with the virtual temperature."""
     rng = np.random.default_rng(seed)
     geo = grid()
-    lat, lon, sigma = geo["lat"][None, None, :, None], geo["lon"][None, None, None, :], geo["sigma"][None, :, None, None]
+    lat, lon, sigma = (
+        geo["lat"][None, None, :, None],
+        geo["lon"][None, None, None, :],
+        geo["sigma"][None, :, None, None],
+    )
     shape = (samples, LEVELS, NLAT, NLON)
     temperature = (220 + 70 * np.cos(lat) ** 2) * sigma**0.2 + rng.normal(0, 2, shape)
     q = 0.014 * sigma**3 * np.cos(lat) ** 2 * np.exp(rng.normal(0, 0.1, shape))
@@ -83,13 +93,19 @@ def test_global_mean_ps_drift_is_reported_in_pa_exactly(setup):
         y = x.clone()
         y[:, channels(cube, "ps")] += drift
         v = violations(x, y, geometry, params, ZERO, ZERO)
-        torch.testing.assert_close(v["mass_pa"], torch.full((3,), drift, dtype=torch.float32), atol=0.02, rtol=0)
-        torch.testing.assert_close(v["mass"], torch.full((3,), abs(drift), dtype=torch.float32), atol=0.02, rtol=0)
-        torch.testing.assert_close(v["ps_change"], torch.full((3,), abs(drift), dtype=torch.float32), atol=0.02, rtol=0)
+        torch.testing.assert_close(
+            v["mass_pa"], torch.full((3,), drift, dtype=torch.float32), atol=0.02, rtol=0
+        )
+        torch.testing.assert_close(
+            v["mass"], torch.full((3,), abs(drift), dtype=torch.float32), atol=0.02, rtol=0
+        )
+        torch.testing.assert_close(
+            v["ps_change"], torch.full((3,), abs(drift), dtype=torch.float32), atol=0.02, rtol=0
+        )
     # a drift that redistributes mass without changing the mean is no mass violation, but a large ps change
     y = x.clone()
     y[:, channels(cube, "ps"), : NLAT // 2] += 100.0
-    y[:, channels(cube, "ps"), NLAT // 2:] -= 100.0
+    y[:, channels(cube, "ps"), NLAT // 2 :] -= 100.0
     v = violations(x, y, geometry, params, ZERO, ZERO)
     assert float(v["mass"].max()) < 0.02 and float(v["ps_change"].min()) > 99
 
@@ -106,7 +122,8 @@ def test_angular_momentum_equals_a_direct_numpy_computation(setup):
     total = ((u + omega * arm) * arm * dp * area).sum(axis=(1, 2, 3)) / g  # kg m2 s-1
     got = budgets(torch.from_numpy(x), geometry, params)["momentum"].double() * 4 * math.pi * a * a
     np.testing.assert_allclose(got.numpy(), total, rtol=2e-6)
-    # the relative part alone is ~1e-2 of the total here: check it separately so Omega a cos(phi) cannot hide it
+    # the relative part alone is ~1e-2 of the total here: check it separately so Omega a cos(phi) cannot hide
+    # it
     relative = (u * arm * dp * area).sum(axis=(1, 2, 3)) / g
     planetary = ((omega * arm) * arm * dp * area).sum(axis=(1, 2, 3)) / g
     np.testing.assert_allclose(got.numpy() - planetary, relative, rtol=5e-3)
@@ -147,10 +164,16 @@ def test_virtual_temperature_in_the_ideal_gas_and_hydrostatic_checks(setup):
     geo = grid()
     pressure = geo["sigma"][None, :, None, None] * dry[:, channels(cube, "ps")]
     dry[:, channels(cube, "rho")] = pressure / (GAS_CONSTANT * dry[:, channels(cube, "T")])
-    dry[:, channels(cube, "zg")] = hydrostatic_numpy(dry[:, channels(cube, "T")] * (1 + VIRTUAL_FACTOR * 0.01), PLANET[1])
+    dry[:, channels(cube, "zg")] = hydrostatic_numpy(
+        dry[:, channels(cube, "T")] * (1 + VIRTUAL_FACTOR * 0.01), PLANET[1]
+    )
     residual = thermo_residuals(torch.from_numpy(dry), geometry, params)
-    torch.testing.assert_close(residual["ideal_gas"].double(), torch.full((3,), 100 * VIRTUAL_FACTOR * 0.01,
-                                                                          dtype=torch.float64), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        residual["ideal_gas"].double(),
+        torch.full((3,), 100 * VIRTUAL_FACTOR * 0.01, dtype=torch.float64),
+        rtol=1e-4,
+        atol=0,
+    )
     assert float(residual["hydrostatic"].max()) < 1e-4
 
 
@@ -200,10 +223,17 @@ def test_projection_closes_every_budget_and_never_degrades_zg(setup):
     kept = project(noisy, state, geometry, params, heating, torque=torque, diagnose=False)
     torch.testing.assert_close(kept[:, channels(cube, "zg")], noisy[:, channels(cube, "zg")].float())
     torch.testing.assert_close(kept[:, channels(cube, "rho")], noisy[:, channels(cube, "rho")].float())
-    default = violations(state, project(noisy, state, geometry, params, heating, torque=torque), geometry,
-                         params, heating, torque)
+    default = violations(
+        state,
+        project(noisy, state, geometry, params, heating, torque=torque),
+        geometry,
+        params,
+        heating,
+        torque,
+    )
     assert float(default["thermo"].max()) < 1e-3 and float(default["energy"].max()) < 0.1
-    # the old diagnosis (zg from the predicted T) integrates T errors up the column and is worse than the prediction
+    # the old diagnosis (zg from the predicted T) integrates T errors up the column and is worse than the
+    # prediction
     temperature_v = noisy[:, channels(cube, "T")] * (1 + VIRTUAL_FACTOR * noisy[:, channels(cube, "q")])
     diagnosed = torch.from_numpy(hydrostatic_numpy(temperature_v.numpy(), PLANET[1]))
     assert float((diagnosed - truth[:, channels(cube, "zg")]).pow(2).mean().sqrt()) > rmse(noisy, "zg")
@@ -222,11 +252,28 @@ def test_declared_forcing_estimate_is_the_trapezoid_of_the_simulator_formulas(se
     area = a * a * geo["weight"][:, None]
     rates = []
     for frame in x[:2]:
-        temperature, ps, u = frame[channels(cube, "T")], frame[channels(cube, "ps")][0], frame[channels(cube, "u")]
+        temperature, ps, u = (
+            frame[channels(cube, "T")],
+            frame[channels(cube, "ps")][0],
+            frame[channels(cube, "u")],
+        )
         dp = geo["dsigma"][:, None, None] * ps[None]
-        heat = (SPECIFIC_HEAT * profiles["k_t"][:, :, None] / r * (s * profiles["t_eq"][:, :, None] - temperature)
-                * dp * area).sum() / g / (4 * np.pi * a * a)
-        torque = -(profiles["k_v"][:, None, None] * u * a * np.cos(geo["lat"])[None, :, None] * dp * area).sum() / g
+        heat = (
+            (
+                SPECIFIC_HEAT
+                * profiles["k_t"][:, :, None]
+                / r
+                * (s * profiles["t_eq"][:, :, None] - temperature)
+                * dp
+                * area
+            ).sum()
+            / g
+            / (4 * np.pi * a * a)
+        )
+        torque = (
+            -(profiles["k_v"][:, None, None] * u * a * np.cos(geo["lat"])[None, :, None] * dp * area).sum()
+            / g
+        )
         rates.append((heat, torque))
     got = declared_forcing(torch.from_numpy(x[:1]), torch.from_numpy(x[1:2]), geometry, params[:1])
     assert float(got["heating"][0]) == pytest.approx(0.5 * (rates[0][0] + rates[1][0]), rel=1e-4)
@@ -242,7 +289,10 @@ def test_bf16_and_fp16_are_reduced_in_float32(setup):
     for key, value in low.items():
         assert torch.isfinite(value).all() and torch.equal(value, ref[key]), key
     prediction = (x * 1.0001).requires_grad_()
-    graph, scratch = thermo_residuals(prediction, geometry, params), thermo_residuals(prediction.detach(), geometry, params)
+    graph, scratch = (
+        thermo_residuals(prediction, geometry, params),
+        thermo_residuals(prediction.detach(), geometry, params),
+    )
     for key, value in scratch.items():  # the differentiable path and the in-place one are the same numbers
         torch.testing.assert_close(graph[key].detach(), value, rtol=1e-4, atol=1e-3)  # float32 round-off
     loss32, _ = physics_loss(x, prediction, geometry, PhysicsLossConfig(), params)
@@ -267,7 +317,13 @@ def test_bench_baseline_computes_the_same_violations(setup):
     y[:, channels(cube, "u")] += 0.1
     ours = violations(x, y, geometry, params)
     naive = naive_violations(x, y, cube, geometry, params.float())
-    round_off = {"mass": 0.05, "water": 1e-4, "energy": 0.05, "momentum": 1e-3, "thermo": 1e-3}  # float32 sums
+    round_off = {
+        "mass": 0.05,
+        "water": 1e-4,
+        "energy": 0.05,
+        "momentum": 1e-3,
+        "thermo": 1e-3,
+    }  # float32 sums
     for key, value in naive.items():
         torch.testing.assert_close(ours[key], value, rtol=2e-3, atol=round_off[key], msg=key)
     assert float(ours["mass"].min()) > 4.9 and float(ours["energy"].min()) > 1

@@ -23,7 +23,8 @@ def ensemble(tmp_path_factory):
 
 
 def budgets(ds: xr.Dataset) -> dict[str, np.ndarray]:
-    """Global integrals per output time in float64 from a run's file (the formulas of the simulate docstring)."""
+    """Global integrals per output time in float64 from a run's file (the formulas of the simulate
+    docstring)."""
     g, a, omega = float(ds.gravity), float(ds.planet_radius), float(ds.rotation_rate)
     area = ds.cell_area.values
     dsigma = np.diff(ds.lev_bnds.values, axis=1)[:, 0]
@@ -51,8 +52,15 @@ def relative_steps(series: np.ndarray) -> np.ndarray:
 def test_files_are_cf_netcdf_with_planet_parameters(ensemble):
     ds = xr.open_dataset(ensemble[0])
     assert ds.attrs["Conventions"].startswith("CF-")
-    for name, units in {"T": "K", "u": "m s-1", "v": "m s-1", "q": "kg kg-1", "ps": "Pa", "rho": "kg m-3",
-                        "zg": "m"}.items():
+    for name, units in {
+        "T": "K",
+        "u": "m s-1",
+        "v": "m s-1",
+        "q": "kg kg-1",
+        "ps": "Pa",
+        "rho": "kg m-3",
+        "zg": "m",
+    }.items():
         assert ds[name].attrs["units"] == units
         assert "standard_name" in ds[name].attrs
     assert ds.T.dims == ("time", "lev", "lat", "lon") and ds.ps.dims == ("time", "lat", "lon")
@@ -169,7 +177,9 @@ def test_planets_cover_each_parameter_range_evenly():
     planets = sample_planets(20, seed=7)
     radius = np.array([p.radius for p in planets])
     strata = np.floor(20 * np.log(radius / (0.5 * 6.371e6)) / math.log(4)).astype(int)
-    assert sorted(strata) == list(range(20))  # a Latin hypercube: one planet in each twentieth of the log range
+    assert sorted(strata) == list(
+        range(20)
+    )  # a Latin hypercube: one planet in each twentieth of the log range
     gravity = np.array([p.gravity for p in planets])
     assert gravity.min() >= 5 and gravity.max() <= 25 and np.ptp(np.log(gravity)) > 0.9 * math.log(5)
 
@@ -184,8 +194,9 @@ def test_same_seed_same_data_and_different_planets(tmp_path):
     assert not (tmp_path / "a" / "run_0000.nc.tmp").exists()
 
 
-@pytest.mark.parametrize("bad", [{"nlat": 7}, {"nlon": 8}, {"levels": 1}, {"times": 1}, {"dt_hours": 0},
-                                 {"spinup_days": -1}])
+@pytest.mark.parametrize(
+    "bad", [{"nlat": 7}, {"nlon": 8}, {"levels": 1}, {"times": 1}, {"dt_hours": 0}, {"spinup_days": -1}]
+)
 def test_bad_grids_are_refused_with_the_value(bad):
     with pytest.raises(SapwoodError, match=next(iter(bad))):
         Grid(**bad).validate()
@@ -195,8 +206,25 @@ def test_cli_simulate_writes_files_and_rejects_bad_sizes(tmp_path, capsys):
     from sapwood.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["simulate", "--out", str(tmp_path), "--runs", "1", "--times", "2", "--levels", "2",
-              "--nlat", "8", "--nlon", "16", "--spinup-days", "0.5"])
+        main(
+            [
+                "simulate",
+                "--out",
+                str(tmp_path),
+                "--runs",
+                "1",
+                "--times",
+                "2",
+                "--levels",
+                "2",
+                "--nlat",
+                "8",
+                "--nlon",
+                "16",
+                "--spinup-days",
+                "0.5",
+            ]
+        )
     assert exit_info.value.code in (0, None)
     assert (tmp_path / "run_0000.nc").exists()
     with pytest.raises(SystemExit) as exit_info:
@@ -213,12 +241,14 @@ def test_truth_passes_sapwood_physics_checks(ensemble):
 
     ds = xr.open_dataset(ensemble[2])
     variables = ["T", "u", "v", "q", "ps", "rho", "zg"]
-    frames = torch.from_numpy(np.concatenate(
-        [ds[v].values[:, None] if v == "ps" else ds[v].values for v in variables], axis=1))
+    frames = torch.from_numpy(
+        np.concatenate([ds[v].values[:, None] if v == "ps" else ds[v].values for v in variables], axis=1)
+    )
     names = ["planet_radius", "gravity", "rotation_rate", "stellar_flux", "mean_surface_pressure"]
     params = torch.tensor([[float(ds[n]) for n in names]] * (frames.shape[0] - 1))
-    cube = CubeModelConfig(levels=GRID.levels, lat=GRID.nlat, lon=GRID.nlon, planet_params=names,
-                           dt_hours=GRID.dt_hours)
+    cube = CubeModelConfig(
+        levels=GRID.levels, lat=GRID.nlat, lon=GRID.nlon, planet_params=names, dt_hours=GRID.dt_hours
+    )
     geometry = physics.Geometry.default(cube)
     heating, torque = torch.from_numpy(ds.heating.values[1:]), torch.from_numpy(ds.torque.values[1:])
     v = physics.violations(frames[:-1], frames[1:], geometry, params, heating, torque)
@@ -243,3 +273,26 @@ def test_extreme_catalog_planets_stay_stable():
     sim.spin_up()
     assert np.isfinite(sim.u).all() and sim.temperature.min() > 50 and sim.humidity.min() >= 0
     assert sim._stable_step() * 2 * planet.rotation_rate <= 1.0
+
+
+def test_an_earth_catalog_row_is_the_simulators_earth():
+    """The catalog mapping and the simulator take Earth from sapwood.constants: an Earth-like row (1 Earth
+    radius, mass and insolation, no rotation period or pressure) gives the simulator's default planet."""
+    from dataclasses import asdict
+
+    from sapwood import constants
+    from sapwood.data.sources import planets
+
+    row = {"pl_name": "Earth", "pl_rade": "1", "pl_bmasse": "1", "pl_insol": "1"}
+    assert planets.planet_from_row(row).values == pytest.approx(asdict(PlanetParams()), rel=1e-12)
+    names = {
+        "EARTH_RADIUS": "planet_radius",
+        "EARTH_GRAVITY": "gravity",
+        "EARTH_ROTATION": "rotation_rate",
+        "EARTH_FLUX": "stellar_flux",
+        "EARTH_PRESSURE": "mean_surface_pressure",
+    }
+    assert {name: getattr(planets, name) for name in names} == {
+        n: constants.EARTH[k] for n, k in names.items()
+    }
+    assert planets.STEFAN_BOLTZMANN is constants.STEFAN_BOLTZMANN

@@ -12,8 +12,10 @@ from sapwood.train.loop import train
 
 
 def test_patchify_roundtrip_and_folder_load(tmp_path):
-    config = Config(model=ModelConfig(vocab_size=1, hidden=32, layers=2, heads=2, ffn=64),
-                    cube=CubeModelConfig(levels=3, lat=8, lon=16, patch=2, planet_params=["gravity", "planet_radius"]))
+    config = Config(
+        model=ModelConfig(vocab_size=1, hidden=32, layers=2, heads=2, ffn=64),
+        cube=CubeModelConfig(levels=3, lat=8, lon=16, patch=2, planet_params=["gravity", "planet_radius"]),
+    )
     torch.manual_seed(0)
     model = build_model(config)
     state = torch.randn(2, config.cube.channels, 8, 16)
@@ -44,7 +46,8 @@ def test_training_beats_persistence_on_held_out_planets(tmp_path):
         torch.set_num_threads(threads)
     assert result["held_out_runs"] == [13, 14, 15]
     # skill is per held-out planet and level in its own units; persistence itself scores exactly 0
-    # (tests/test_eval_skill.py); per-variable wins need ~20 training planets (the demo, measured in the notes)
+    # (tests/test_eval_skill.py); per-variable wins need ~20 training planets (the demo, measured in the
+    # notes)
     mean_skill = sum(result["skill_vs_persistence"].values()) / len(result["skill_vs_persistence"])
     assert mean_skill > 0, result["skill_vs_persistence"]
     assert all(v > 0 for v in result["skill_vs_climatology"].values()), result["skill_vs_climatology"]

@@ -42,7 +42,8 @@ Forcing (Held & Suarez 1994; temperatures scaled by ``s = (S / 1361 W m-2)^(1/4)
     * seasonal cycle (hemispheric asymmetry): ``+ k_T 20 s (sin delta / sin 23.44 deg) sin phi sigma^kappa``
       with declination ``delta = 23.44 deg sin(2 pi t / 360 d + season)``, minus its mass-weighted global
       mean at every step, so it moves heat between hemispheres and the global heating stays
-      ``c_p/g sum k_T (T_eq - T) dp A`` (computable from the state; :func:`sapwood.physics.declared_forcing` does);
+      ``c_p/g sum k_T (T_eq - T) dp A`` (computable from the state; :func:`sapwood.physics.declared_forcing`
+      does);
     * Rayleigh friction ``F = -k_v V`` with ``k_v = max(0, (sigma - 0.7)/0.3) / (1 d)``; the kinetic energy
       it removes is returned as heat, so friction moves axial angular momentum but not total energy.
     * Fixers (as CAM's energy fixer): after each output interval a solid-body zonal wind ``c cos(phi)`` and
@@ -68,7 +69,8 @@ Diagnosed variables (virtual temperature, :mod:`sapwood.constants`)
     * ideal gas ``rho = sigma_k ps / (R_d T_v)``;
     * hydrostatic geopotential height at full levels (flat surface ``z = 0`` at ``sigma = 1``)::
 
-          zg_k = sum_{m > k} (R_d T_v,m / g) ln(sigma_{m+1/2} / sigma_{m-1/2}) + (R_d T_v,k / g) ln(sigma_{k+1/2} / sigma_k)
+          zg_k = sum_{m > k} (R_d T_v,m / g) ln(sigma_{m+1/2} / sigma_{m-1/2}) + (R_d T_v,k / g)
+          ln(sigma_{k+1/2} / sigma_k)
 
 Budgets of the stored fields (``u``, ``v`` at cell centres; sums over cells and layers, ``dp = dsigma ps``)
     * mass ``sum ps A``: conserved to round-off (relative change < 1e-12 per output in float64; < 1e-6, i.e.
@@ -109,8 +111,19 @@ from sapwood.constants import (
 )
 from sapwood.errors import SapwoodError
 
-__all__ = ["GAS_CONSTANT", "SPECIFIC_HEAT", "STEFAN_BOLTZMANN", "Grid", "PlanetParams", "Simulation",
-           "declared_heating_profiles", "sample_planets", "simulate_ensemble", "run_states", "write_run"]
+__all__ = [
+    "GAS_CONSTANT",
+    "SPECIFIC_HEAT",
+    "STEFAN_BOLTZMANN",
+    "Grid",
+    "PlanetParams",
+    "Simulation",
+    "declared_heating_profiles",
+    "sample_planets",
+    "simulate_ensemble",
+    "run_states",
+    "write_run",
+]
 
 DAY = 86400.0
 YEAR_DAYS = 360.0
@@ -123,7 +136,9 @@ RELAX_SURFACE = 1 / (1.5 * DAY)
 SPINUP_RELAXATION_TIMES = 4.0
 GRID_DAMPING_SECONDS = 6 * 3600.0
 COURANT_GRAVITY = 1.0
-BALANCE_DAYS = 2.0  # first days of the spin-up: v damped in 2 h, so u adjusts to the mass field without sloshing
+BALANCE_DAYS = (
+    2.0  # first days of the spin-up: v damped in 2 h, so u adjusts to the mass field without sloshing
+)
 BALANCE_RATE = 1 / 7200.0
 DIVERGENCE_DAMPING = 0.04  # nu_d = 0.04 dx^2 / dt: damps gravity waves (divergent flow), not vortical flow
 COURANT_ADVECTION = 0.7
@@ -195,18 +210,24 @@ def temperature_scale(stellar_flux):
 
 def radiative_time_factor(surface_pressure, gravity, stellar_flux):
     """``r``: relaxation times relative to Earth's, ``(p0/1 bar)(9.81/g)/s^3`` clipped to [0.5, 2]."""
-    raw = (surface_pressure / EARTH["mean_surface_pressure"]) * (EARTH["gravity"] / gravity) \
+    raw = (
+        (surface_pressure / EARTH["mean_surface_pressure"])
+        * (EARTH["gravity"] / gravity)
         / temperature_scale(stellar_flux) ** 3
+    )
     return raw.clamp(0.5, 2.0) if hasattr(raw, "clamp") else np.clip(raw, 0.5, 2.0)
 
 
 def forcing_profiles(lat, sigma) -> dict[str, np.ndarray]:
     """Earth profiles on a grid (float64): ``t_eq [L, H]`` (K; times ``s`` for a planet), ``k_t [L, H]``
-    (s-1; divided by ``r``), ``k_v [L]`` (s-1) and ``season [L, H]`` (K per unit sin(declination)/sin(obliquity),
+    (s-1; divided by ``r``), ``k_v [L]`` (s-1) and ``season [L, H]`` (K per unit
+    sin(declination)/sin(obliquity),
     times ``s``). ``lat`` in radians, ``sigma`` the layer midpoints."""
     lat, sigma = np.asarray(lat, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     sin2, cos2 = np.sin(lat) ** 2, np.cos(lat) ** 2
-    bracket = (315.0 - 60.0 * sin2[None] - 10.0 * np.log(sigma)[:, None] * cos2[None]) * sigma[:, None] ** KAPPA
+    bracket = (315.0 - 60.0 * sin2[None] - 10.0 * np.log(sigma)[:, None] * cos2[None]) * sigma[
+        :, None
+    ] ** KAPPA
     boundary = np.maximum(0.0, (sigma - SIGMA_BOUNDARY) / (1 - SIGMA_BOUNDARY))
     return {
         "t_eq": np.maximum(200.0, bracket),
@@ -224,12 +245,17 @@ def declared_heating_profiles(lat, sigma) -> dict[str, np.ndarray]:
 
 def sample_planets(runs: int, seed: int = 0) -> list[PlanetParams]:
     """``runs`` planets from a Latin hypercube over log-uniform ranges around Earth (radius 0.5-2x, gravity
-    5-25 m s-2, rotation 0.25-2x, flux 0.6-1.5x, surface pressure 0.5-2 bar): every parameter's range is covered
+    5-25 m s-2, rotation 0.25-2x, flux 0.6-1.5x, surface pressure 0.5-2 bar): every parameter's range is
+    covered
     evenly for any ``runs``; the draw is reproducible."""
     rng = np.random.default_rng(seed)
-    ranges = [(0.5 * EARTH["planet_radius"], 2.0 * EARTH["planet_radius"]), (5.0, 25.0),
-              (0.25 * EARTH["rotation_rate"], 2.0 * EARTH["rotation_rate"]),
-              (0.6 * EARTH["stellar_flux"], 1.5 * EARTH["stellar_flux"]), (0.5e5, 2.0e5)]
+    ranges = [
+        (0.5 * EARTH["planet_radius"], 2.0 * EARTH["planet_radius"]),
+        (5.0, 25.0),
+        (0.25 * EARTH["rotation_rate"], 2.0 * EARTH["rotation_rate"]),
+        (0.6 * EARTH["stellar_flux"], 1.5 * EARTH["stellar_flux"]),
+        (0.5e5, 2.0e5),
+    ]
     columns = []
     for low, high in ranges:
         strata = (rng.permutation(runs) + rng.uniform(size=runs)) / runs
@@ -292,8 +318,11 @@ class Simulation:
         self.k_t = profiles["k_t"][:, :, None] / slow
         self.k_v = profiles["k_v"][:, None, None]
         self.season = scale * profiles["season"][:, :, None] / math.sin(math.radians(OBLIQUITY_DEG))
-        self.spinup_days = grid.spinup_days if grid.spinup_days is not None else \
-            SPINUP_RELAXATION_TIMES * slow / (RELAX_FREE * DAY)
+        self.spinup_days = (
+            grid.spinup_days
+            if grid.spinup_days is not None
+            else SPINUP_RELAXATION_TIMES * slow / (RELAX_FREE * DAY)
+        )
 
         rng = np.random.default_rng(seed)
         self.time = -self.spinup_days * DAY
@@ -301,12 +330,19 @@ class Simulation:
         self.ps = np.full((nlat, nlon), planet.surface_pressure)
         self.u = np.zeros((levels, nlat, nlon))
         self.v = np.zeros((levels, nlat + 1, nlon))
-        temperature = self.t_eq + self.season * math.sin(self.declination(self.time)) \
+        temperature = (
+            self.t_eq
+            + self.season * math.sin(self.declination(self.time))
             + 1.0 * rng.standard_normal((levels, nlat, nlon))
+        )
         self.theta = temperature / self.exner()
         humidity_scale = 0.015 * (planet.stellar_flux / EARTH["stellar_flux"]) ** 1.5
-        self.humidity = (humidity_scale * self.sigma[:, None, None] ** 3
-                         * (0.2 + 0.8 * self.coslat[None, :, None] ** 2) * np.ones((1, 1, nlon)))
+        self.humidity = (
+            humidity_scale
+            * self.sigma[:, None, None] ** 3
+            * (0.2 + 0.8 * self.coslat[None, :, None] ** 2)
+            * np.ones((1, 1, nlon))
+        )
         self.energy_fixes: list[float] = []
         self.momentum_fixes: list[float] = []
         self._energy, self._momentum = self.energy(), self.angular_momentum()
@@ -378,8 +414,10 @@ class Simulation:
         theta_north[:, 1:-1] = 0.5 * (theta[:, 1:] + theta[:, :-1])
         theta_flux_v = vertical[1:-1] * 0.5 * (theta[1:] + theta[:-1])
         flux_east, flux_north = east * theta_east, north * theta_north
-        d_mass_theta = -(flux_east - _roll(flux_east, 1, axis=2) + flux_north[:, 1:] - flux_north[:, :-1]) \
+        d_mass_theta = (
+            -(flux_east - _roll(flux_east, 1, axis=2) + flux_north[:, 1:] - flux_north[:, :-1])
             / self.area[None]
+        )
         d_mass_theta[:-1] -= theta_flux_v / self.ds3[:-1]
         d_mass_theta[1:] += theta_flux_v / self.ds3[1:]
         # momentum
@@ -387,22 +425,48 @@ class Simulation:
         bernoulli = kinetic + np.einsum("kl,ljw->kjw", self.geopotential_matrix, temperature_v)
         log_ps = np.log(ps)
         dx = a * self.coslat[None, :, None] * self.dlon
-        pgf_u = -((_roll(bernoulli, -1, axis=2) - bernoulli)
-                  + GAS_CONSTANT * 0.5 * (temperature_v + _roll(temperature_v, -1, axis=2))
-                  * (_roll(log_ps, -1, axis=1) - log_ps)[None]) / dx
+        pgf_u = (
+            -(
+                (_roll(bernoulli, -1, axis=2) - bernoulli)
+                + GAS_CONSTANT
+                * 0.5
+                * (temperature_v + _roll(temperature_v, -1, axis=2))
+                * (_roll(log_ps, -1, axis=1) - log_ps)[None]
+            )
+            / dx
+        )
         dy = a * self.dlat
-        divergence = (u - _roll(u, 1, axis=2) + v[:, 1:] * self.face_length[None, 1:, None]
-                      - v[:, :-1] * self.face_length[None, :-1, None]) * (a * self.dlat) / self.area[None]
-        pgf_u = self._zonal_filter(pgf_u + self.divergence_damping * (_roll(divergence, -1, axis=2) - divergence) / dx)
-        pgf_v = -((bernoulli[:, 1:] - bernoulli[:, :-1])
-                  + GAS_CONSTANT * 0.5 * (temperature_v[:, 1:] + temperature_v[:, :-1])
-                  * (log_ps[1:] - log_ps[:-1])[None]) / dy \
+        divergence = (
+            (
+                u
+                - _roll(u, 1, axis=2)
+                + v[:, 1:] * self.face_length[None, 1:, None]
+                - v[:, :-1] * self.face_length[None, :-1, None]
+            )
+            * (a * self.dlat)
+            / self.area[None]
+        )
+        pgf_u = self._zonal_filter(
+            pgf_u + self.divergence_damping * (_roll(divergence, -1, axis=2) - divergence) / dx
+        )
+        pgf_v = (
+            -(
+                (bernoulli[:, 1:] - bernoulli[:, :-1])
+                + GAS_CONSTANT
+                * 0.5
+                * (temperature_v[:, 1:] + temperature_v[:, :-1])
+                * (log_ps[1:] - log_ps[:-1])[None]
+            )
+            / dy
             + self.divergence_damping * (divergence[:, 1:] - divergence[:, :-1]) / dy
+        )
         # relative vorticity at cell corners (lat edges x east faces), polar caps at the pole rows
         zeta = np.empty_like(v)
-        circulation = (u[:, :-1] * (a * self.coslat[:-1, None] * self.dlon)
-                       - u[:, 1:] * (a * self.coslat[1:, None] * self.dlon)
-                       + (_roll(v[:, 1:-1], -1, axis=2) - v[:, 1:-1]) * dy)
+        circulation = (
+            u[:, :-1] * (a * self.coslat[:-1, None] * self.dlon)
+            - u[:, 1:] * (a * self.coslat[1:, None] * self.dlon)
+            + (_roll(v[:, 1:-1], -1, axis=2) - v[:, 1:-1]) * dy
+        )
         zeta[:, 1:-1] = circulation / self.dual_area[None, :, None]
         cap_south = 2 * math.pi * a * a * (1 + math.sin(self.lat[0]))
         cap_north = 2 * math.pi * a * a * (1 - math.sin(self.lat[-1]))
@@ -428,8 +492,9 @@ class Simulation:
         dv[1:, 1:-1] -= term / (ps_v[None] * self.ds3[1:])
         return du, dv, dps, d_mass_theta
 
-    def _transport_humidity(self, dt: float, u: np.ndarray, v: np.ndarray, ps: np.ndarray,
-                            new_ps: np.ndarray) -> None:
+    def _transport_humidity(
+        self, dt: float, u: np.ndarray, v: np.ndarray, ps: np.ndarray, new_ps: np.ndarray
+    ) -> None:
         """First-order upwind transport of ``q`` with the mass fluxes of the last RK stage."""
         east, north, _, _, vertical = self._fluxes(u, v, ps)
         q = self.humidity
@@ -438,8 +503,12 @@ class Simulation:
         north_of_face = np.concatenate([q, q[:, -1:]], axis=1)
         q_north = np.where(north > 0, south_of_face, north_of_face)
         flux_east, flux_north = east * q_east, north * q_north
-        mass_q = q * self.ps[None] - dt * (flux_east - _roll(flux_east, 1, axis=2)
-                                           + flux_north[:, 1:] - flux_north[:, :-1]) / self.area[None]
+        mass_q = (
+            q * self.ps[None]
+            - dt
+            * (flux_east - _roll(flux_east, 1, axis=2) + flux_north[:, 1:] - flux_north[:, :-1])
+            / self.area[None]
+        )
         interface_q = np.where(vertical[1:-1] > 0, q[:-1], q[1:])
         flux_v = dt * vertical[1:-1] * interface_q
         mass_q[:-1] -= flux_v / self.ds3[:-1]
@@ -448,7 +517,8 @@ class Simulation:
 
     def _laplacian(self, field: np.ndarray, edges: bool = False) -> np.ndarray:
         """Grid-index Laplacian, conservative: zonal second difference plus the meridional divergence of
-        area-weighted differences (zero flux through the poles), so ``sum A L(field) = 0`` for centred fields."""
+        area-weighted differences (zero flux through the poles), so ``sum A L(field) = 0`` for centred
+        fields."""
         zonal = _roll(field, -1, -1) - 2 * field + _roll(field, 1, -1)
         if edges:  # v on the lat edges: plain second difference on the interior rows, poles stay zero
             inner = field[:, 1:-1]
@@ -462,7 +532,9 @@ class Simulation:
 
     def _hyperdiffusion(self, field: np.ndarray, dt: float, edges: bool = False) -> np.ndarray:
         """``field - dt nu del^4 field`` with the 2-grid wave damped in ``GRID_DAMPING_SECONDS``."""
-        return field - (dt / (64 * GRID_DAMPING_SECONDS)) * self._laplacian(self._laplacian(field, edges), edges)
+        return field - (dt / (64 * GRID_DAMPING_SECONDS)) * self._laplacian(
+            self._laplacian(field, edges), edges
+        )
 
     def step(self, dt: float) -> tuple[float, float]:
         """One time step: RK3 dynamics, humidity transport, then forcing and diffusion. Returns the enthalpy
@@ -472,8 +544,12 @@ class Simulation:
         for fraction in (1 / 3, 1 / 2, 1.0):
             last_u, last_v, last_ps = u, v, ps
             du, dv, dps, dm = self._tendencies(u, v, ps, m)
-            u, v, ps, m = u0 + fraction * dt * du, v0 + fraction * dt * dv, ps0 + fraction * dt * dps, \
-                m0 + fraction * dt * dm
+            u, v, ps, m = (
+                u0 + fraction * dt * du,
+                v0 + fraction * dt * dv,
+                ps0 + fraction * dt * dps,
+                m0 + fraction * dt * dm,
+            )
         self._transport_humidity(dt, last_u, last_v, last_ps, ps)
         self.u, self.v, self.ps, self.theta = u, v, ps, m / ps[None]
         self.time += dt
@@ -509,7 +585,9 @@ class Simulation:
         speed_v = float(np.abs(self.v).max()) + 1e-3
         gravity = COURANT_GRAVITY / ((wave + speed_u.max()) / dx_filtered + (wave + speed_v) / dy)
         advection = COURANT_ADVECTION / float((speed_u / (a * self.coslat * self.dlon)).max() + speed_v / dy)
-        inertial = 1.0 / (2 * self.planet.rotation_rate + max(self.k_v.max(), self.k_t.max()))  # f dt, k dt < 1
+        inertial = 1.0 / (
+            2 * self.planet.rotation_rate + max(self.k_v.max(), self.k_t.max())
+        )  # f dt, k dt < 1
         return min(gravity, advection, inertial)
 
     def advance(self, seconds: float | None = None) -> tuple[float, float]:
@@ -524,14 +602,20 @@ class Simulation:
         for _ in range(substeps):
             added_heat, added_momentum = self.step(dt)
             heat, torque = heat + added_heat, torque + added_momentum
-        if not (np.isfinite(self.u).all() and self.humidity.min() >= 0 and self.ps.min() > 0
-                and self.theta.min() > 0):
+        if not (
+            np.isfinite(self.u).all()
+            and self.humidity.min() >= 0
+            and self.ps.min() > 0
+            and self.theta.min() > 0
+        ):
             raise SapwoodError(f"simulation of {self.planet} became unstable at t={self.time / DAY:.2f} d")
         area_total = 4 * math.pi * self.planet.radius**2
         # angular momentum fixer: a solid-body zonal wind c cos(phi)
         missing = self._momentum + torque - self.angular_momentum()
         arm = self.planet.radius * self.coslat[None, :, None]
-        c = missing / float((self.coslat[None, :, None] * arm * self.layer_mass()).sum() / self.planet.gravity)
+        c = missing / float(
+            (self.coslat[None, :, None] * arm * self.layer_mass()).sum() / self.planet.gravity
+        )
         self.u = self.u + c * self.coslat[None, :, None]
         self.momentum_fixes.append(c)
         # energy fixer: a uniform temperature shift
@@ -553,13 +637,22 @@ class Simulation:
 
     # --- diagnostics -------------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, np.ndarray]:
-        """The cube variables at the current time, float64, dims ``[lev, lat, lon]`` (``ps``: ``[lat, lon]``)."""
+        """The cube variables at the current time, float64, dims ``[lev, lat, lon]`` (``ps``: ``[lat,
+        lon]``)."""
         temperature, ps, g = self.temperature, self.ps, self.planet.gravity
         temperature_v = virtual_temperature(temperature, self.humidity)
         rho = self.sigma[:, None, None] * ps[None] / (GAS_CONSTANT * temperature_v)
         zg = np.einsum("kl,ljw->kjw", self.geopotential_matrix, temperature_v) / g
         u, v = self.centred_winds()
-        return {"T": temperature, "u": u, "v": v, "q": self.humidity.copy(), "ps": ps.copy(), "rho": rho, "zg": zg}
+        return {
+            "T": temperature,
+            "u": u,
+            "v": v,
+            "q": self.humidity.copy(),
+            "ps": ps.copy(),
+            "rho": rho,
+            "zg": zg,
+        }
 
 
 @dataclass
@@ -571,8 +664,9 @@ class Output:
     torque: float  # N m
 
 
-def run_outputs(planet: PlanetParams, grid: Grid, phase: float = 0.0, seed: int = 0,
-                simulation: Simulation | None = None) -> Iterator[Output]:
+def run_outputs(
+    planet: PlanetParams, grid: Grid, phase: float = 0.0, seed: int = 0, simulation: Simulation | None = None
+) -> Iterator[Output]:
     """Spin up, then yield ``grid.times`` outputs (the first is the relaxed initial state, forcing 0)."""
     sim = simulation or Simulation(planet, grid, phase, seed)
     sim.spin_up()
@@ -582,7 +676,9 @@ def run_outputs(planet: PlanetParams, grid: Grid, phase: float = 0.0, seed: int 
         yield Output(sim.diagnostics(), heating, torque)
 
 
-def run_states(planet: PlanetParams, grid: Grid, phase: float = 0.0) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+def run_states(
+    planet: PlanetParams, grid: Grid, phase: float = 0.0
+) -> Iterator[tuple[dict[str, np.ndarray], float]]:
     """Yield ``(variables, heating)`` for each of ``grid.times`` outputs (the first is the initial state)."""
     for output in run_outputs(planet, grid, phase):
         yield output.variables, output.heating
@@ -594,14 +690,22 @@ VARIABLE_ATTRS = {
     "v": {"standard_name": "northward_wind", "units": "m s-1", "long_name": "northward wind"},
     "q": {"standard_name": "specific_humidity", "units": "kg kg-1", "long_name": "specific humidity"},
     "ps": {"standard_name": "surface_air_pressure", "units": "Pa", "long_name": "surface pressure"},
-    "rho": {"standard_name": "air_density", "units": "kg m-3", "long_name": "air density (ideal gas, virtual T)"},
-    "zg": {"standard_name": "geopotential_height", "units": "m",
-           "long_name": "geopotential height (hydrostatic, virtual T)"},
+    "rho": {
+        "standard_name": "air_density",
+        "units": "kg m-3",
+        "long_name": "air density (ideal gas, virtual T)",
+    },
+    "zg": {
+        "standard_name": "geopotential_height",
+        "units": "m",
+        "long_name": "geopotential height (hydrostatic, virtual T)",
+    },
 }
 
 
-def write_run(path: Path, planet: PlanetParams, grid: Grid, phase: float = 0.0, dtype: str = "float32",
-              run_id: int = 0) -> Path:
+def write_run(
+    path: Path, planet: PlanetParams, grid: Grid, phase: float = 0.0, dtype: str = "float32", run_id: int = 0
+) -> Path:
     """Simulate one planet and write it to ``path`` (NetCDF4, contiguous variables, CF attributes).
     ``phase``: the season at the first output (radians of the year). Written to ``path.tmp`` first and
     renamed, so a file with the final name is always complete."""
@@ -628,19 +732,49 @@ def write_run(path: Path, planet: PlanetParams, grid: Grid, phase: float = 0.0, 
         ds.createDimension("lon", grid.nlon)
         ds.createDimension("bnds", 2)
         coords = {
-            "time": (("time",), np.arange(grid.times) * grid.dt_hours,
-                     {"standard_name": "time", "units": "hours since 2000-01-01 00:00:00",
-                      "calendar": "proleptic_gregorian", "axis": "T"}),
-            "lev": (("lev",), sim.sigma,
-                    {"standard_name": "atmosphere_sigma_coordinate", "units": "1", "positive": "down",
-                     "axis": "Z", "bounds": "lev_bnds", "formula_terms": "sigma: lev ps: ps ptop: ptop"}),
-            "lat": (("lat",), np.degrees(sim.lat),
-                    {"standard_name": "latitude", "units": "degrees_north", "axis": "Y", "bounds": "lat_bnds"}),
-            "lon": (("lon",), np.degrees(sim.lon),
-                    {"standard_name": "longitude", "units": "degrees_east", "axis": "X", "bounds": "lon_bnds"}),
+            "time": (
+                ("time",),
+                np.arange(grid.times) * grid.dt_hours,
+                {
+                    "standard_name": "time",
+                    "units": "hours since 2000-01-01 00:00:00",
+                    "calendar": "proleptic_gregorian",
+                    "axis": "T",
+                },
+            ),
+            "lev": (
+                ("lev",),
+                sim.sigma,
+                {
+                    "standard_name": "atmosphere_sigma_coordinate",
+                    "units": "1",
+                    "positive": "down",
+                    "axis": "Z",
+                    "bounds": "lev_bnds",
+                    "formula_terms": "sigma: lev ps: ps ptop: ptop",
+                },
+            ),
+            "lat": (
+                ("lat",),
+                np.degrees(sim.lat),
+                {"standard_name": "latitude", "units": "degrees_north", "axis": "Y", "bounds": "lat_bnds"},
+            ),
+            "lon": (
+                ("lon",),
+                np.degrees(sim.lon),
+                {"standard_name": "longitude", "units": "degrees_east", "axis": "X", "bounds": "lon_bnds"},
+            ),
             "lev_bnds": (("lev", "bnds"), np.stack([sim.sigma_edges[:-1], sim.sigma_edges[1:]], 1), {}),
-            "lat_bnds": (("lat", "bnds"), np.degrees(np.stack([sim.lat_edges[:-1], sim.lat_edges[1:]], 1)), {}),
-            "lon_bnds": (("lon", "bnds"), np.degrees(np.stack([sim.lon - sim.dlon / 2, sim.lon + sim.dlon / 2], 1)), {}),
+            "lat_bnds": (
+                ("lat", "bnds"),
+                np.degrees(np.stack([sim.lat_edges[:-1], sim.lat_edges[1:]], 1)),
+                {},
+            ),
+            "lon_bnds": (
+                ("lon", "bnds"),
+                np.degrees(np.stack([sim.lon - sim.dlon / 2, sim.lon + sim.dlon / 2], 1)),
+                {},
+            ),
             "cell_area": (("lat", "lon"), sim.area, {"standard_name": "cell_area", "units": "m2"}),
         }
         for name, (dims, values, attrs) in coords.items():
@@ -659,11 +793,17 @@ def write_run(path: Path, planet: PlanetParams, grid: Grid, phase: float = 0.0, 
         for name, attrs in VARIABLE_ATTRS.items():
             dims = ("time", "lat", "lon") if name == "ps" else ("time", "lev", "lat", "lon")
             variables[name] = ds.createVariable(name, store_type, dims, contiguous=True)
-            variables[name].setncatts({**attrs, "coordinates": "time lev lat lon" if name != "ps" else "time lat lon"})
+            variables[name].setncatts(
+                {**attrs, "coordinates": "time lev lat lon" if name != "ps" else "time lat lon"}
+            )
         heating = ds.createVariable("heating", "f8", ("time",))
-        heating.setncatts({"units": "W m-2", "long_name": "global-mean diabatic heating over the preceding interval"})
+        heating.setncatts(
+            {"units": "W m-2", "long_name": "global-mean diabatic heating over the preceding interval"}
+        )
         torque = ds.createVariable("torque", "f8", ("time",))
-        torque.setncatts({"units": "N m", "long_name": "friction torque on the atmosphere over the preceding interval"})
+        torque.setncatts(
+            {"units": "N m", "long_name": "friction torque on the atmosphere over the preceding interval"}
+        )
         for index, output in enumerate(run_outputs(planet, grid, phase, simulation=sim)):
             for name, values in output.variables.items():
                 variables[name][index] = values
@@ -675,10 +815,17 @@ def write_run(path: Path, planet: PlanetParams, grid: Grid, phase: float = 0.0, 
     return path
 
 
-def simulate_ensemble(out: Path, runs: int = 4, grid: Grid | None = None, seed: int = 0,
-                      dtype: str = "float32", progress: bool = True,
-                      planets: list[PlanetParams] | None = None) -> list[Path]:
-    """Write ``runs`` NetCDF files ``out/run_NNNN.nc`` over ``planets`` (default: :func:`sample_planets`), each
+def simulate_ensemble(
+    out: Path,
+    runs: int = 4,
+    grid: Grid | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    progress: bool = True,
+    planets: list[PlanetParams] | None = None,
+) -> list[Path]:
+    """Write ``runs`` NetCDF files ``out/run_NNNN.nc`` over ``planets`` (default: :func:`sample_planets`),
+    each
     at a random season."""
     grid = grid or Grid()
     grid.validate()

@@ -25,8 +25,10 @@ def cube_stage(out: Path) -> None:
     runs = simulate_ensemble(out / "cubes" / "runs", runs=PLANETS, grid=grid, seed=0, progress=False)
     size = sum(p.stat().st_size for p in runs)
     shape = f"{grid.levels}x{grid.nlat}x{grid.nlon}"
-    console.print(f"simulated {len(runs)} planets x {grid.times} times on {shape}: "
-                  f"{size / 1e6:.1f} MB NetCDF in {time.perf_counter() - start:.1f} s")
+    console.print(
+        f"simulated {len(runs)} planets x {grid.times} times on {shape}: "
+        f"{size / 1e6:.1f} MB NetCDF in {time.perf_counter() - start:.1f} s"
+    )
     start = time.perf_counter()
     report = prepare(runs, out / "cubes" / "store", progress=False)
     console.print(f"prepared in {time.perf_counter() - start:.1f} s: {report.summary()}", highlight=False)
@@ -34,8 +36,10 @@ def cube_stage(out: Path) -> None:
     split = split_store(store, val_runs=HELD_OUT_RUNS)
     loader = CubeLoader(store, batch_size=16, windows=split.train, seed=0, normalize=True)
     augment = Augment(ChannelRoles.from_store(store, normalized=True), seed=0)
-    console.print(f"loader: {len(loader)} batches/epoch over training planets {split.train_runs} (held out "
-                  f"{split.held_out_runs}), {loader.batch_bytes / 1e6:.1f} MB per batch")
+    console.print(
+        f"loader: {len(loader)} batches/epoch over training planets {split.train_runs} (held out "
+        f"{split.held_out_runs}), {loader.batch_bytes / 1e6:.1f} MB per batch"
+    )
     load_s = augment_s = 0.0
     tick = time.perf_counter()
     for index, batch in enumerate(loader):
@@ -46,9 +50,14 @@ def cube_stage(out: Path) -> None:
         if index == 2:
             break
         tick = time.perf_counter()
-    console.print(f"3 batches: state {tuple(batch.state.shape)}, params {tuple(batch.params.shape)}; "
-                  f"load {load_s / 3 * 1e3:.1f} ms/batch, augment {augment_s / 3 * 1e3:.1f} ms/batch "
-                  f"(keeps {', '.join(sorted(augment.preserves))}; roll/flip keep all budgets)")
+    console.print(
+        f"3 batches: state {tuple(batch.state.shape)}, params {tuple(batch.params.shape)}; "
+        f"load {load_s / 3 * 1e3:.1f} ms/batch, augment {augment_s / 3 * 1e3:.1f} ms/batch "
+        f"(keeps {', '.join(sorted(augment.preserves))}; roll/flip keep all budgets)"
+    )
     means = ", ".join(f"{value:+.3f}" for value in frames[0].mean(dim=(0, 2, 3))[:4].tolist())
-    console.print(f"augmented batch, first 4 channel means: {means} (in units of each channel's std over the "
-                  "store, 0 = the store's mean)", highlight=False)
+    console.print(
+        f"augmented batch, first 4 channel means: {means} (in units of each channel's std over the "
+        "store, 0 = the store's mean)",
+        highlight=False,
+    )

@@ -4,7 +4,8 @@ un-patching to the next state.
 A state is ``[batch, channels, lat, lon]`` in physical units (the cube store's channel layout; see
 :class:`sapwood.config.CubeModelConfig`). The model normalizes internally with per-channel statistics
 kept as buffers (saved in the checkpoint and set from ``cube.normalization`` by ``init_weights``), so
-callers and the server speak physical units. It predicts the tendency ``next - state`` scaled by the per-channel tendency std.
+callers and the server speak physical units. It predicts the tendency ``next - state`` scaled by the
+per-channel tendency std.
 
 Any grid: the grid is padded with zeros up to a multiple of the patch size (padding is masked: it never
 reaches the output, which is cropped back). Masked cells (``cube.grid.valid``, from the store: land in an
@@ -53,7 +54,7 @@ def encode_array(values: np.ndarray, bits: bool = False) -> str:
 def decode_array(text: str, shape: tuple[int, ...], bits: bool = False) -> np.ndarray:
     raw = zlib.decompress(base64.b64decode(text))
     if bits:
-        return np.unpackbits(np.frombuffer(raw, np.uint8))[:int(np.prod(shape))].reshape(shape).astype(bool)
+        return np.unpackbits(np.frombuffer(raw, np.uint8))[: int(np.prod(shape))].reshape(shape).astype(bool)
     return np.frombuffer(raw, "<f4").reshape(shape).copy()
 
 
@@ -144,10 +145,11 @@ class CubeSurrogate(nn.Module):
             self.rope_cos.fill_(1.0)
             self.rope_sin.zero_()
             if self.per_sample:
-                cos, sin = periodic_rope(self.padded_lat // self.cube.patch, self.padded_lon // self.cube.patch,
-                                         self.cfg.head_dim)
-                self.rope_cos[0, self.cond_tokens:] = cos
-                self.rope_sin[0, self.cond_tokens:] = sin
+                cos, sin = periodic_rope(
+                    self.padded_lat // self.cube.patch, self.padded_lon // self.cube.patch, self.cfg.head_dim
+                )
+                self.rope_cos[0, self.cond_tokens :] = cos
+                self.rope_sin[0, self.cond_tokens :] = sin
             self.state_mean.zero_()
             self.state_std.fill_(1.0)
             self.tendency_std.fill_(1.0)
@@ -158,7 +160,9 @@ class CubeSurrogate(nn.Module):
             if stats is not None:
                 as_tensor = lambda values: torch.tensor(values, dtype=torch.float32)  # noqa: E731
                 self.set_normalization(
-                    as_tensor(stats.state_mean), as_tensor(stats.state_std), as_tensor(stats.tendency_std),
+                    as_tensor(stats.state_mean),
+                    as_tensor(stats.state_std),
+                    as_tensor(stats.tendency_std),
                     as_tensor(stats.param_mean) if stats.param_mean else None,
                     as_tensor(stats.param_std) if stats.param_std else None,
                 )
@@ -181,8 +185,14 @@ class CubeSurrogate(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     @torch.no_grad()
-    def set_normalization(self, state_mean: torch.Tensor, state_std: torch.Tensor, tendency_std: torch.Tensor,
-                          param_mean: torch.Tensor | None = None, param_std: torch.Tensor | None = None) -> None:
+    def set_normalization(
+        self,
+        state_mean: torch.Tensor,
+        state_std: torch.Tensor,
+        tendency_std: torch.Tensor,
+        param_mean: torch.Tensor | None = None,
+        param_std: torch.Tensor | None = None,
+    ) -> None:
         """Per-channel statistics of states and of one-step tendencies (and of planet parameters)."""
         self.state_mean.copy_(state_mean)
         self.state_std.copy_(state_std.clamp_min(1e-12))
@@ -192,7 +202,8 @@ class CubeSurrogate(nn.Module):
             self.param_std.copy_(param_std.clamp_min(1e-12))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """``[batch, channels, lat, lon]`` (the padded grid) -> ``[batch, tiles, channels * patch * patch]``."""
+        """``[batch, channels, lat, lon]`` (the padded grid) -> ``[batch, tiles, channels * patch *
+        patch]``."""
         batch, channels, lat, lon = x.shape
         p = self.cube.patch
         x = x.reshape(batch, channels, lat // p, p, lon // p, p)
@@ -211,7 +222,11 @@ class CubeSurrogate(nn.Module):
         dtype = self.patch_embed.weight.dtype
         if self.cond_tokens and planet_params is None:
             raise ValueError(f"this surrogate needs planet parameters {self.cube.planet_params}")
-        params = ((planet_params.float() - self.param_mean) / self.param_std).to(dtype) if self.cond_tokens else None
+        params = (
+            ((planet_params.float() - self.param_mean) / self.param_std).to(dtype)
+            if self.cond_tokens
+            else None
+        )
         x = state.float()
         conditions = None
         if self.per_sample:
@@ -220,12 +235,19 @@ class CubeSurrogate(nn.Module):
             anomaly = (x - own_mean[..., None, None]) * self.valid
             own_std = (anomaly.pow(2).sum((-2, -1)) / cells).sqrt()
             normed = (anomaly / self.anomaly_std[:, None, None]).to(dtype)
-            conditions = torch.cat(((own_mean - self.state_mean) / self.state_std,
-                                    torch.log(own_std / self.anomaly_std).clamp(-4, 4)), dim=-1).to(dtype)
+            conditions = torch.cat(
+                (
+                    (own_mean - self.state_mean) / self.state_std,
+                    torch.log(own_std / self.anomaly_std).clamp(-4, 4),
+                ),
+                dim=-1,
+            ).to(dtype)
             if params is not None:
                 conditions = torch.cat((conditions, params), dim=-1)
         else:
-            normed = ((x - self.state_mean[:, None, None]) / self.state_std[:, None, None] * self.valid).to(dtype)
+            normed = ((x - self.state_mean[:, None, None]) / self.state_std[:, None, None] * self.valid).to(
+                dtype
+            )
         pad = (0, self.padded_lon - self.cube.lon, 0, self.padded_lat - self.cube.lat)
         h = self.patch_embed(self.patchify(F.pad(normed, pad) if any(pad) else normed))
         if self.per_sample:
@@ -241,8 +263,8 @@ class CubeSurrogate(nn.Module):
         cos, sin = self.rope_cos[:, :seq], self.rope_sin[:, :seq]
         for name, block in self.layers.items():
             h = block(h, cos, sin, None, int(name), causal=False)
-        h = self.norm(h[:, self.cond_tokens:])
-        tendency = self.unpatchify(self.head(h))[..., :self.cube.lat, :self.cube.lon].float()
+        h = self.norm(h[:, self.cond_tokens :])
+        tendency = self.unpatchify(self.head(h))[..., : self.cube.lat, : self.cube.lon].float()
         scale = self.tendency_std[:, None, None] * self.valid
         if conditions is not None:
             scale = scale * torch.exp(self.tendency_gain(conditions).float().clamp(-12, 6))[..., None, None]
@@ -267,7 +289,9 @@ class CubePredictor:
     output buffer (valid until the next call; clone it to keep it).
     """
 
-    def __init__(self, model: CubeSurrogate, batch: int = 1, compile: bool = False, cuda_graph: bool | None = None):
+    def __init__(
+        self, model: CubeSurrogate, batch: int = 1, compile: bool = False, cuda_graph: bool | None = None
+    ):
         self.model = model.eval()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype

@@ -13,7 +13,9 @@ Loss = data loss + physics loss. Data loss (:func:`data_loss`): per sample and c
 mean squared error of the predicted next state over valid cells divided by the sample's own one-step change
 (its persistence error, floored), through ``log(1 + r)``: each planet and level counts alike. Physics loss:
 :func:`sapwood.physics.physics_loss` with the weights of ``cube.physics``, where the store supports the
-constraints (:func:`physics_support`); otherwise skipped.
+constraints (:func:`physics_support`); otherwise skipped. Its energy and angular-momentum budgets use the
+store's declared forcing of each pair (:class:`DeclaredForcing`) when every run carries it, else the forcing
+estimated from the states. Training pairs are augmented as ``cube.augment`` says (:class:`PairAugment`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from sapwood.config import (
     PhysicsLossConfig,
     TrainConfig,
 )
+from sapwood.data.augment import ChannelRoles, Noise, RollAndFlip, reference_augment
 from sapwood.data.loader import CubeLoader, Split, split_store
 from sapwood.data.store import CubeStore
 from sapwood.errors import ConfigError
@@ -46,29 +49,46 @@ SIGMA_COORDINATE = "atmosphere_sigma_coordinate"
 STATS_BLOCK = 64  # frames read at once for the normalization statistics
 PERSISTENCE_FLOOR = 0.05  # data loss: a sample's own change below this many tendency stds counts as this
 PHYSICS_NAMES = {  # CF standard_name -> the name sapwood.physics uses, and whether the variable has levels
-    "air_temperature": ("T", True), "eastward_wind": ("u", True), "northward_wind": ("v", True),
-    "specific_humidity": ("q", True), "air_density": ("rho", True), "geopotential_height": ("zg", True),
+    "air_temperature": ("T", True),
+    "eastward_wind": ("u", True),
+    "northward_wind": ("v", True),
+    "specific_humidity": ("q", True),
+    "air_density": ("rho", True),
+    "geopotential_height": ("zg", True),
     "surface_air_pressure": ("ps", False),
 }
-CONSTRAINT_NEEDS = {"mass": ("ps",), "water": ("ps", "q"), "energy": ("ps", "T"), "momentum": ("ps", "u"),
-                    "thermo": ("ps", "T")}
+CONSTRAINT_NEEDS = {
+    "mass": ("ps",),
+    "water": ("ps", "q"),
+    "energy": ("ps", "T"),
+    "momentum": ("ps", "u"),
+    "thermo": ("ps", "T"),
+}
 
 
-# --- the store's grid in the config ------------------------------------------------------------------------------
+# --- the store's grid in the config -------------------------------------------------------------------------
 def store_grid(store: CubeStore) -> CubeGrid:
     """The grid of ``store`` as the config section a checkpoint carries."""
     vertical = store.index.get("vertical") or {}
     lat, lon = (np.asarray([]), np.asarray([])) if store.curvilinear else (store.lat, store.lon)
-    return CubeGrid(description=store.describe_grid(), lat=lat.tolist(), lon=lon.tolist(),
-                    levels=store.levels.tolist(), vertical=vertical.get("standard_name", ""),
-                    curvilinear=store.curvilinear, global_grid=store.global_grid,
-                    area=encode_array(store.area), valid=encode_array(store.valid, bits=True),
-                    digest=grid_digest(store.lat, store.lon, store.levels, store.area),
-                    standard_names={v["name"]: v["standard_name"] for v in store.variables if v.get("standard_name")})
+    return CubeGrid(
+        description=store.describe_grid(),
+        lat=lat.tolist(),
+        lon=lon.tolist(),
+        levels=store.levels.tolist(),
+        vertical=vertical.get("standard_name", ""),
+        curvilinear=store.curvilinear,
+        global_grid=store.global_grid,
+        area=encode_array(store.area),
+        valid=encode_array(store.valid, bits=True),
+        digest=grid_digest(store.lat, store.lon, store.levels, store.area),
+        standard_names={v["name"]: v["standard_name"] for v in store.variables if v.get("standard_name")},
+    )
 
 
 def fill_from_store(cube: CubeModelConfig, store: CubeStore) -> None:
-    """Set what the cube section leaves out (variables, levels, grid, planet parameters, time step) from the store."""
+    """Set what the cube section leaves out (variables, levels, grid, planet parameters, time step) from the
+    store."""
     given = cube.model_fields_set
     if "variables" not in given:
         cube.surface_variables = []  # assignments are validated: surface variables must stay in variables
@@ -89,32 +109,42 @@ def fill_from_store(cube: CubeModelConfig, store: CubeStore) -> None:
 
 
 def check_store_matches(config: Config, store: CubeStore) -> None:
-    """One-line :class:`ConfigError` when the store's variables, channels, grid or planet parameters differ from
+    """One-line :class:`ConfigError` when the store's variables, channels, grid or planet parameters differ
+    from
     the config's (a checkpoint's or a training config's)."""
     cube = config.cube
     names = [v["name"] for v in store.variables]
     if names != cube.variables:
         raise ConfigError(f"cube.variables={cube.variables} do not match the store {store.path} ({names})")
     if store.row_shape != (cube.channels, cube.lat, cube.lon):
-        raise ConfigError(f"cube grid {(cube.channels, cube.lat, cube.lon)} (channels, lat, lon) does not match "
-                          f"the store {store.path} {store.row_shape}")
+        raise ConfigError(
+            f"cube grid {(cube.channels, cube.lat, cube.lon)} (channels, lat, lon) does not match "
+            f"the store {store.path} {store.row_shape}"
+        )
     if cube.grid is not None:
         digest = grid_digest(store.lat, store.lon, store.levels, store.area)
         if digest != cube.grid.digest:
-            raise ConfigError(f"the store {store.path} has grid {store.describe_grid()}; the model was trained on "
-                              f"{cube.grid.description}")
+            raise ConfigError(
+                f"the store {store.path} has grid {store.describe_grid()}; the model was trained on "
+                f"{cube.grid.description}"
+            )
     elif not store.curvilinear:
         expected = np.rad2deg(Geometry.default(cube).lat.double().numpy())
         if store.lat.shape != expected.shape or not np.allclose(store.lat, expected, atol=1e-4):
-            raise ConfigError(f"the store {store.path} has grid {store.describe_grid()}; the model assumes the "
-                              f"simulator's grid lat [{expected[0]:g} .. {expected[-1]:g}]")
+            raise ConfigError(
+                f"the store {store.path} has grid {store.describe_grid()}; the model assumes the "
+                f"simulator's grid lat [{expected[0]:g} .. {expected[-1]:g}]"
+            )
     if cube.planet_params and cube.planet_params != store.param_names:
-        raise ConfigError(f"cube.planet_params={cube.planet_params} do not match the store's {store.param_names}")
+        raise ConfigError(
+            f"cube.planet_params={cube.planet_params} do not match the store's {store.param_names}"
+        )
 
 
-# --- statistics from training frames only --------------------------------------------------------------------------
+# --- statistics from training frames only -------------------------------------------------------------------
 def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -> CubeNormalization:
-    """State mean/std, anomaly std (states minus their own mean over the grid) and tendency std per channel over
+    """State mean/std, anomaly std (states minus their own mean over the grid) and tendency std per channel
+    over
     the valid cells of the training ``windows`` only, and planet-parameter mean/std over their runs (float64
     accumulation)."""
     frames = store.memmap()
@@ -127,7 +157,7 @@ def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -
         first = int(store.run_rows[run])
         for begin in range(start, stop - 1, STATS_BLOCK):
             end = min(stop, begin + STATS_BLOCK + 1)  # one frame of overlap for the tendency across blocks
-            block = np.asarray(frames[first + begin:first + end], dtype=np.float64) * valid
+            block = np.asarray(frames[first + begin : first + end], dtype=np.float64) * valid
             states = block if end == stop else block[:-1]  # each frame counted once
             total += states.sum(axis=(0, 2, 3))
             total_sq += (states**2).sum(axis=(0, 2, 3))
@@ -148,14 +178,16 @@ def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -
     runs = sorted({run for run, _, _ in windows})
     params = store.params[runs] if store.param_names else np.zeros((0, 0))
     return CubeNormalization(
-        state_mean=mean.tolist(), state_std=std.tolist(), tendency_std=tendency_std.tolist(),
+        state_mean=mean.tolist(),
+        state_std=std.tolist(),
+        tendency_std=tendency_std.tolist(),
         param_mean=params.mean(0).tolist() if params.size else [],
         param_std=np.maximum(params.std(0), 1e-6 * np.abs(params.mean(0))).tolist() if params.size else [],
         anomaly_std=anomaly_std.tolist(),
     )
 
 
-# --- weights and physics on the store's grid ----------------------------------------------------------------------
+# --- weights and physics on the store's grid ----------------------------------------------------------------
 def cell_weights(cube: CubeModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
     """``[channels, lat, lon]``: cell-area weights times the mask, scaled so each channel's weights average 1
     over the grid (a weighted mean is ``(w * x).mean()``; fully masked channels weigh 0)."""
@@ -167,7 +199,8 @@ def cell_weights(cube: CubeModelConfig, device: torch.device | str = "cpu") -> t
 
 def physics_view(cube: CubeModelConfig) -> CubeModelConfig:
     """The cube with its variables under the names :mod:`sapwood.physics` uses (``T``, ``u``, ``v``, ``q``,
-    ``ps``, ``rho``, ``zg``), found by CF standard_name where the store's names differ (e.g. ``ta`` or ``sp``);
+    ``ps``, ``rho``, ``zg``), found by CF standard_name where the store's names differ (e.g. ``ta`` or
+    ``sp``);
     the channel layout is unchanged. A name already taken, or a variable with the wrong dimensionality (a 2-D
     ``air_temperature`` at 2 m), is left as it is."""
     if cube.grid is None or not cube.grid.standard_names:
@@ -181,13 +214,18 @@ def physics_view(cube: CubeModelConfig) -> CubeModelConfig:
             taken.add(canonical)
     if not renamed:
         return cube
-    return cube.model_copy(update={"variables": [renamed.get(n, n) for n in cube.variables],
-                                   "surface_variables": [renamed.get(n, n) for n in cube.surface_variables]})
+    return cube.model_copy(
+        update={
+            "variables": [renamed.get(n, n) for n in cube.variables],
+            "surface_variables": [renamed.get(n, n) for n in cube.surface_variables],
+        }
+    )
 
 
 def physics_support(cube: CubeModelConfig) -> dict[str, str]:
     """Each constraint of :mod:`sapwood.physics` -> ``"applied"`` or ``"skipped: <reason>"`` for this grid and
-    these variables (the budgets need ``ps`` and sigma levels on an unmasked global grid; variables are matched
+    these variables (the budgets need ``ps`` and sigma levels on an unmasked global grid; variables are
+    matched
     by name or CF standard_name, :func:`physics_view`)."""
     cube = physics_view(cube)
     grid = cube.grid
@@ -195,8 +233,11 @@ def physics_support(cube: CubeModelConfig) -> dict[str, str]:
     if grid is not None:
         if grid.curvilinear or not grid.global_grid:
             reason = "the budgets need a global latitude-longitude grid; this one is " + grid.description
-        elif grid.vertical != SIGMA_COORDINATE and any(n not in cube.surface_variables for n in cube.variables):
-            reason = f"the budgets need sigma levels ({SIGMA_COORDINATE}); the levels are {grid.vertical or 'unnamed'}"
+        elif grid.vertical != SIGMA_COORDINATE and any(
+            n not in cube.surface_variables for n in cube.variables
+        ):
+            levels = grid.vertical or "unnamed"
+            reason = f"the budgets need sigma levels ({SIGMA_COORDINATE}); the levels are {levels}"
         elif not grid_valid(cube).all():
             reason = "the store has masked cells; global budgets need every cell"
     if reason is None and "ps" in cube.variables and "ps" not in cube.surface_variables:
@@ -224,15 +265,129 @@ def store_geometry(cube: CubeModelConfig, device: torch.device | str = "cpu") ->
     sigma = np.asarray(cube.grid.levels, dtype=np.float64) if cube.grid.levels else np.asarray([0.5])
     edges = np.concatenate([[0.0], (sigma[1:] + sigma[:-1]) / 2, [1.0]])
     area = grid_area(cube)
-    return Geometry.from_grid(cube, edges, np.deg2rad(cube.grid.lat), area * 4 * math.pi / area.size, device,
-                              sigma=sigma)
+    return Geometry.from_grid(
+        cube, edges, np.deg2rad(cube.grid.lat), area * 4 * math.pi / area.size, device, sigma=sigma
+    )
+
+
+class PairAugment:
+    """The augmentation of ``cube.augment`` on training pairs, over ``[state, next, state]`` with one roll
+    and flip
+    draw per sample shared by the three frames and noise on frame 0 only. Returns ``(input, target, clean)``:
+    the noisy input the model sees, the target, and the same rolled/flipped state without noise, which the
+    loss
+    measures the persistence error and the budgets against (noise of one cell's size moves a global mean by
+    more
+    than the mass goal; the target stays exact so the model learns the truth's tendency and not the noise).
+    Without noise the input is the clean state.
+
+    The draws are those of :class:`sapwood.data.augment.Augment` (call ``n``: a CPU generator seeded
+    ``seed + n``, roll/flip then noise), so a run is reproducible and resumes exactly from ``calls``. The
+    transform is :func:`sapwood.data.augment.reference_augment` (torch, on the batch's device, no thread pool
+    of
+    its own): on a shared CPU the fused numba kernel's worker threads slowed each training step about 7x for
+    batches of a few MB, where the two agree to round-off."""
+
+    def __init__(self, cube: CubeModelConfig, seed: int = 0):
+        options = cube.augment
+        view = physics_view(cube)
+        check_augment_grid(cube)
+        variables = [(name, 0 if name in view.surface_variables else view.levels) for name in view.variables]
+        self.roles = ChannelRoles.from_variables(variables)
+        self.roll_flip = RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0)
+        self.noise = Noise(scale=options.noise, frames_to_perturb=(0,)) if options.noise > 0 else None
+        self.seed, self.calls = seed, 0
+
+    def __call__(
+        self, state: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        frames = torch.stack([state, target, state] if self.noise is not None else [state, target]).float()
+        generator = torch.Generator().manual_seed(self.seed + self.calls)
+        self.calls += 1
+        shifts, flips = self.roll_flip.draw(frames, generator)
+        noise = self.noise.draw(frames, self.roles, generator) if self.noise is not None else None
+        frames = reference_augment(frames, self.roles, shifts, flips, noise)
+        return frames[0], frames[1], frames[-1] if self.noise is not None else frames[0]
+
+
+def augment_enabled(cube: CubeModelConfig) -> bool:
+    return cube.augment.roll or cube.augment.flip or cube.augment.noise > 0
+
+
+def check_augment_grid(cube: CubeModelConfig) -> None:
+    """One-line :class:`ConfigError` when ``cube.augment`` asks for a roll or flip the grid does not allow: a
+    roll
+    needs a global, periodic latitude-longitude grid, a flip latitudes symmetric about the equator; neither
+    may
+    move masked cells."""
+    options, grid = cube.augment, cube.grid
+    if grid is None or not (options.roll or options.flip):
+        return
+    where = f"the store's grid is {grid.description}"
+    if grid.curvilinear or not grid.global_grid:
+        raise ConfigError(f"cube.augment roll/flip need a global latitude-longitude grid; {where}")
+    valid = grid_valid(cube)
+    if options.roll and not (valid == valid[:, :, :1]).all():
+        raise ConfigError(
+            f"cube.augment.roll=true moves masked cells (the mask varies with longitude); {where}"
+        )
+    if options.flip:
+        lat = np.asarray(grid.lat, dtype=np.float64)
+        if not np.allclose(lat, -lat[::-1], atol=1e-4):
+            raise ConfigError(f"cube.augment.flip=true needs latitudes symmetric about the equator; {where}")
+        if not (valid == valid[:, ::-1]).all():
+            raise ConfigError(
+                f"cube.augment.flip=true moves masked cells (the mask is not north-south symmetric); {where}"
+            )
+
+
+class DeclaredForcing:
+    """The store's ``declared_forcing {heating, torque}`` per run (written by ``sapwood prepare`` when the
+    inputs
+    carry them): the global-mean heating (W m-2) and friction torque (N m) of the transition into each
+    frame."""
+
+    def __init__(self, store: CubeStore):
+        runs = store.index["runs"]
+        self.present = all(run.get("declared_forcing") for run in runs)
+        self.heating = self.torque = None
+        if self.present:
+            width = int(max(store.run_times))
+            self.heating, self.torque = (
+                torch.tensor(
+                    np.stack(
+                        [
+                            np.pad(
+                                np.asarray(run["declared_forcing"][key], dtype=np.float64),
+                                (0, width - len(run["declared_forcing"][key])),
+                            )
+                            for run in runs
+                        ]
+                    )
+                )
+                for key in ("heating", "torque")
+            )
+
+    def of_pairs(self, run: torch.Tensor, time: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"heating", "torque"}`` ``[B]`` (float64) of the pairs ``(run, time) -> time + 1``; empty when
+        the
+        store has none."""
+        if not self.present:
+            return {}
+        return {"heating": self.heating[run, time + 1], "torque": self.torque[run, time + 1]}
 
 
 class CubeBatches:
-    """Endless micro-batches ``{"state", "next", "params"}`` from a :class:`CubeLoader` (resumable)."""
+    """Endless micro-batches ``{"state", "next", "params"}`` from a :class:`CubeLoader` (resumable), with the
+    declared ``"heating"`` and ``"torque"`` of each pair when ``forcing`` has them; with an ``augment``, the
+    pairs are augmented (:class:`PairAugment`) and ``"clean"`` holds the state without noise."""
 
-    def __init__(self, loader: CubeLoader):
+    def __init__(
+        self, loader: CubeLoader, augment: PairAugment | None = None, forcing: DeclaredForcing | None = None
+    ):
         self.loader = loader
+        self.augment = augment
+        self.forcing = forcing
         self._iterator: Any = None
 
     def __iter__(self) -> CubeBatches:
@@ -244,16 +399,31 @@ class CubeBatches:
                 self._iterator = self.loader.batches(endless=True)  # prefetch runs across epoch ends
             try:
                 batch = next(self._iterator)
-                return {"state": batch.state, "next": batch.next_state, "params": batch.params}
             except StopIteration:
                 self._iterator = None
+                continue
+            declared = self.forcing.of_pairs(batch.run, batch.time) if self.forcing is not None else {}
+            if self.augment is None:
+                return {"state": batch.state, "next": batch.next_state, "params": batch.params, **declared}
+            state, target, clean = self.augment(batch.state, batch.next_state)
+            return {"state": state, "next": target, "params": batch.params, "clean": clean, **declared}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        state: dict[str, Any] = dict(self.loader.state_dict())
+        if self.augment is not None:
+            state["augment_calls"] = self.augment.calls
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._iterator = None
         self.loader.load_state_dict(state)
+        if self.augment is not None:
+            self.augment.calls = int(state.get("augment_calls", 0))
+
+
+def augment_seed(seed: int, rank: int) -> int:
+    """The augmentation's base seed for data-parallel ``rank`` (independent streams per rank and seed)."""
+    return int(np.random.SeedSequence([seed, rank, 0xA06]).generate_state(1)[0] >> 1)
 
 
 def task_split(config: Config, store: CubeStore) -> Split:
@@ -271,7 +441,9 @@ class CubeTask:
 
     def __init__(self, config: Config):
         if config.cube is None or config.cube.data is None:
-            raise ConfigError("train.task='cube' needs a cube section with data: STORE (from `sapwood prepare`)")
+            raise ConfigError(
+                "train.task='cube' needs a cube section with data: STORE (from `sapwood prepare`)"
+            )
         self.config = config
         self.store = CubeStore(config.cube.data)
         fill_from_store(config.cube, self.store)
@@ -282,6 +454,8 @@ class CubeTask:
             config.cube.normalization = store_normalization(self.store, self.split.train)
         self.seed = config.train.seed if config.train else 0
         self.constraints = physics_support(config.cube)
+        check_augment_grid(config.cube)
+        self.forcing = DeclaredForcing(self.store)
         self._device: torch.device | None = None
         self._geometry: Geometry | None = None
         self._weights: torch.Tensor | None = None
@@ -305,22 +479,35 @@ class CubeTask:
 
     def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> CubeBatches:
         loader = CubeLoader(self.store, micro_batch_size, windows=self.split.train, seed=self.seed + rank)
-        return CubeBatches(loader)
+        cube = self.config.cube
+        augment = PairAugment(cube, seed=augment_seed(self.seed, rank)) if augment_enabled(cube) else None
+        return CubeBatches(loader, augment, self.forcing)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         state, target, params = batch["state"], batch["next"], batch["params"]
         prediction = model(state, params if params.numel() else None).float()
+        state = batch.get(
+            "clean", state
+        )  # augmented: persistence error and budgets against the noise-free state
         data = data_loss(prediction, target, model.tendency_std, self.weights(state.device), state)
         geometry = self.geometry(state.device)
         if geometry is None:
             return data, {"data_loss": float(data.detach())}
-        physics, metrics = physics_loss(state, prediction, geometry, self.config.cube.physics,
-                                        params if params.numel() else None)
+        physics, metrics = physics_loss(
+            state,
+            prediction,
+            geometry,
+            self.config.cube.physics,
+            params if params.numel() else None,
+            batch.get("heating"),
+            batch.get("torque"),
+        )
         metrics["data_loss"] = float(data.detach())
         return data + physics, metrics
 
     def evaluate(self, model: nn.Module, micro_batch_size: int, batches: int = 8) -> dict[str, float]:
-        """On held-out frames: data loss, the per-channel MSE ratio against persistence (mean over channels and
+        """On held-out frames: data loss, the per-channel MSE ratio against persistence (mean over channels
+        and
         per variable), and mean violations where the constraints apply."""
         device = next(model.parameters()).device
         weights = self.weights(device)
@@ -329,17 +516,28 @@ class CubeTask:
         persist_sq = torch.zeros_like(model_sq)
         totals: dict[str, float] = {}
         count = 0
-        for state, target, params in held_out_chunks(self.store, self.split.held_out, micro_batch_size, batches):
+        for state, target, params in held_out_chunks(
+            self.store, self.split.held_out, micro_batch_size, batches
+        ):
             state, target = state.to(device), target.to(device)
             params = params.to(device) if params is not None else None
             prediction = model(state, params).float()
             model_sq += ((prediction - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
             persist_sq += ((state - target) ** 2 * weights).mean(dim=(0, 2, 3)).double().cpu()
-            values = {"val_loss": float(data_loss(prediction, target, model.get_buffer("tendency_std"), weights, state))}
+            values = {
+                "val_loss": float(
+                    data_loss(prediction, target, model.get_buffer("tendency_std"), weights, state)
+                )
+            }
             if geometry is not None:
                 v = violations(state, prediction, geometry, params)
-                values.update({f"val_violation_{k}": float(v[k].mean()) for k in ("mass", "energy", "momentum",
-                                                                                   "thermo") if k in v})
+                values.update(
+                    {
+                        f"val_violation_{k}": float(v[k].mean())
+                        for k in ("mass", "energy", "momentum", "thermo")
+                        if k in v
+                    }
+                )
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value
             count += 1
@@ -363,7 +561,8 @@ class CubeTask:
 
 
 def held_out_chunks(store: CubeStore, windows: list[tuple[int, int, int]], size: int, limit: int):
-    """Up to ``limit`` chunks ``(state, next, params or None)`` of at most ``size`` consecutive pairs, in window
+    """Up to ``limit`` chunks ``(state, next, params or None)`` of at most ``size`` consecutive pairs, in
+    window
     order (deterministic; any window length works)."""
     produced = 0
     for run, start, stop in windows:
@@ -372,54 +571,110 @@ def held_out_chunks(store: CubeStore, windows: list[tuple[int, int, int]], size:
                 return
             count = min(size, stop - 1 - first)
             frames = store.read_rows(int(store.run_rows[run]) + first, count + 1)
-            params = (torch.as_tensor(store.params[run], dtype=torch.float32).expand(count, -1).contiguous()
-                      if store.param_names else None)
+            params = (
+                torch.as_tensor(store.params[run], dtype=torch.float32).expand(count, -1).contiguous()
+                if store.param_names
+                else None
+            )
             yield frames[:-1], frames[1:], params
             produced += 1
 
 
-def data_loss(prediction: torch.Tensor, target: torch.Tensor, tendency_std: torch.Tensor,
-              weights: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
-    """Area- and mask-weighted MSE (float32); ``weights`` from :func:`cell_weights` (``[channels, lat, lon]``).
+def data_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    tendency_std: torch.Tensor,
+    weights: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Area- and mask-weighted MSE (float32); ``weights`` from :func:`cell_weights` (``[channels, lat,
+    lon]``).
 
-    Without ``state``: in units of the per-channel tendency std. With ``state``: per sample and channel the ratio
+    Without ``state``: in units of the per-channel tendency std. With ``state``: per sample and channel the
+    ratio
     r of the MSE to that sample's own one-step change of the channel (its persistence MSE) plus
-    ``(PERSISTENCE_FLOOR * tendency std)^2``, and the mean of ``log(1 + r)``: quiet and vigorous planets and every
-    level count alike (persistence scores log 2), and a sample far off early in training cannot swamp the step."""
+    ``(PERSISTENCE_FLOOR * tendency std)^2``, and the mean of ``log(1 + r)``: quiet and vigorous planets and
+    every
+    level count alike (persistence scores log 2), and a sample far off early in training cannot swamp the
+    step."""
     w = weights.to(prediction.device)
     scale = tendency_std.float()[:, None, None]
     error = ((prediction.float() - target.float()) / scale).pow(2)
     if state is None:
         return (error * w).mean()
     change = ((state.float() - target.float()) / scale).pow(2)
-    return torch.log1p((error * w).mean((-2, -1)) / ((change * w).mean((-2, -1)) + PERSISTENCE_FLOOR**2)).mean()
+    return torch.log1p(
+        (error * w).mean((-2, -1)) / ((change * w).mean((-2, -1)) + PERSISTENCE_FLOOR**2)
+    ).mean()
 
 
-def simulated_store(folder: str | Path, runs: int = 32, levels: int = 4, nlat: int = 16, nlon: int = 32,
-                    times: int = 12, seed: int = 0, spinup_days: float | None = None) -> Path:
-    """A cube store of a simulated ensemble at ``folder/store`` (built once; NetCDF in ``folder/nc``)."""
+def simulated_store(
+    folder: str | Path,
+    runs: int = 32,
+    levels: int = 4,
+    nlat: int = 16,
+    nlon: int = 32,
+    times: int = 12,
+    seed: int = 0,
+    spinup_days: float | None = None,
+    dt_hours: float = 6.0,
+) -> Path:
+    """A cube store of a simulated ensemble at ``folder/store`` (built once; NetCDF in ``folder/nc``), one
+    output every ``dt_hours``."""
     from sapwood.data.cubes import prepare
     from sapwood.data.simulate import Grid, simulate_ensemble
 
     folder = Path(folder)
     store = folder / "store"
     if not (store / "index.json").exists():
-        grid = Grid(levels=levels, nlat=nlat, nlon=nlon, times=times, spinup_days=spinup_days)
+        grid = Grid(
+            levels=levels, nlat=nlat, nlon=nlon, times=times, spinup_days=spinup_days, dt_hours=dt_hours
+        )
         simulate_ensemble(folder / "nc", runs=runs, grid=grid, seed=seed, progress=False)
         prepare([folder / "nc"], store, progress=False)
     return store
 
 
-def surrogate_config(store_path: str | Path, out_dir: str | Path, steps: int, hidden: int = 128, layers: int = 3,
-                     heads: int = 4, patch: int = 4, batch_size: int = 16, lr: float = 2e-3, val_runs: int = 4,
-                     physics: PhysicsLossConfig | None = None, seed: int = 0, holdout_time: float = 0.0) -> Config:
+def surrogate_config(
+    store_path: str | Path,
+    out_dir: str | Path,
+    steps: int,
+    hidden: int = 128,
+    layers: int = 3,
+    heads: int = 4,
+    patch: int = 4,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    val_runs: int = 4,
+    physics: PhysicsLossConfig | None = None,
+    seed: int = 0,
+    holdout_time: float = 0.0,
+) -> Config:
     """A training config for a small surrogate on a store (demo, bench physics, tests); variables, grid and
     planet parameters come from the store."""
-    cube = CubeModelConfig(patch=patch, data=str(store_path), val_runs=val_runs, holdout_time=holdout_time,
-                           physics=physics or PhysicsLossConfig())
-    train = TrainConfig(task="sapwood.train.cube_task:CubeTask", out_dir=str(out_dir), steps=steps,
-                        batch_size=batch_size, micro_batch_size=batch_size, lr=lr, min_lr=lr / 20,
-                        warmup_steps=min(20, steps // 10), weight_decay=0.0, eval_every=max(steps // 2, 1),
-                        eval_batches=2, save_every=steps, seed=seed, progress=False, log_every=max(steps // 10, 1))
+    cube = CubeModelConfig(
+        patch=patch,
+        data=str(store_path),
+        val_runs=val_runs,
+        holdout_time=holdout_time,
+        physics=physics or PhysicsLossConfig(),
+    )
+    train = TrainConfig(
+        task="sapwood.train.cube_task:CubeTask",
+        out_dir=str(out_dir),
+        steps=steps,
+        batch_size=batch_size,
+        micro_batch_size=batch_size,
+        lr=lr,
+        min_lr=lr / 20,
+        warmup_steps=min(20, steps // 10),
+        weight_decay=0.0,
+        eval_every=max(steps // 2, 1),
+        eval_batches=2,
+        save_every=steps,
+        seed=seed,
+        progress=False,
+        log_every=max(steps // 10, 1),
+    )
     model = ModelConfig(vocab_size=1, hidden=hidden, layers=layers, heads=heads, ffn=2 * hidden)
     return Config(name="cube-surrogate", model=model, cube=cube, train=train)

@@ -1,7 +1,8 @@
 """Planet parameters for ``sapwood simulate --planets CATALOG`` from an exoplanet catalog.
 
 The catalog is a CSV or Parquet file with the NASA Exoplanet Archive's column names (what
-``sapwood fetch nasa-exoplanets`` writes). ``runs`` rows are drawn at random (seeded; without replacement while
+``sapwood fetch nasa-exoplanets`` writes). ``runs`` rows are drawn at random (seeded; without replacement
+while
 rows last) among the rows with a radius, and each becomes a :class:`~sapwood.data.simulate.PlanetParams`:
 
 ================  =====================================================================================
@@ -36,15 +37,15 @@ from typing import Any
 
 import numpy as np
 
+from sapwood.constants import EARTH, STEFAN_BOLTZMANN
 from sapwood.errors import SapwoodError
 
-EARTH_RADIUS = 6.371e6  # m
-EARTH_GRAVITY = 9.81  # m s-2
-EARTH_ROTATION = 7.292e-5  # s-1
-EARTH_FLUX = 1361.0  # W m-2
-EARTH_PRESSURE = 1.0e5  # Pa
+EARTH_RADIUS = EARTH["planet_radius"]  # m
+EARTH_GRAVITY = EARTH["gravity"]  # m s-2
+EARTH_ROTATION = EARTH["rotation_rate"]  # s-1
+EARTH_FLUX = EARTH["stellar_flux"]  # W m-2
+EARTH_PRESSURE = EARTH["mean_surface_pressure"]  # Pa
 SUN_TEFF = 5772.0  # K, IAU 2015 nominal
-STEFAN_BOLTZMANN = 5.670374e-8
 BOND_ALBEDO = 0.3
 TIDAL_LOCK_DAYS = 100.0
 DAY = 86400.0
@@ -70,7 +71,9 @@ class CatalogPlanet:
 def read_catalog(path: Path) -> list[dict[str, Any]]:
     """Rows of a CSV or Parquet table as dicts (empty cells are ``None``)."""
     if not path.is_file():
-        raise SapwoodError(f"planet catalog {str(path)!r} does not exist; fetch one with 'sapwood fetch nasa-exoplanets'")
+        raise SapwoodError(
+            f"planet catalog {str(path)!r} does not exist; fetch one with 'sapwood fetch nasa-exoplanets'"
+        )
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -90,7 +93,7 @@ def _number(row: dict[str, Any], column: str) -> float | None:
 
 def chen_kipping_mass(radius_earth: float) -> float:
     """Mass [Earth masses] from radius [Earth radii] (Chen & Kipping 2017, ApJ 834, 17; Terran/Neptunian)."""
-    if radius_earth < 1.008 * 2.04 ** 0.279:
+    if radius_earth < 1.008 * 2.04**0.279:
         return (radius_earth / 1.008) ** (1 / 0.279)
     return (radius_earth / 0.808) ** (1 / 0.589)
 
@@ -154,7 +157,9 @@ def draw_planets(path: Path, runs: int, seed: int = 0) -> list[CatalogPlanet]:
     """``runs`` planets drawn from the catalog at ``path`` (seeded), mapped and clipped."""
     rows = [row for row in read_catalog(path) if _number(row, "pl_rade") is not None]
     if not rows:
-        raise SapwoodError(f"planet catalog {str(path)!r} has no rows with pl_rade (planet radius in Earth radii)")
+        raise SapwoodError(
+            f"planet catalog {str(path)!r} has no rows with pl_rade (planet radius in Earth radii)"
+        )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(rows))
     picks = [int(order[i % len(rows)]) for i in range(runs)]
@@ -175,6 +180,11 @@ def write_provenance(planets: list[CatalogPlanet], path: Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["run", "name", *[c for f in FIELDS for c in (f, f"{f}_origin")]])
         for run, planet in enumerate(planets):
-            writer.writerow([run, planet.name, *[c for f in FIELDS for c in (f"{planet.values[f]:.6g}",
-                                                                          planet.origin[f])]])
+            writer.writerow(
+                [
+                    run,
+                    planet.name,
+                    *[c for f in FIELDS for c in (f"{planet.values[f]:.6g}", planet.origin[f])],
+                ]
+            )
     return path
