@@ -190,6 +190,65 @@ def test_store_damage_is_detected_and_rerunning_prepare_repairs_it(runs, tmp_pat
     assert prepare(runs[:1], tmp_path / "store", progress=False).up_to_date
 
 
+DEAD_PID = 4_194_305  # above Linux's largest pid_max: never a running process
+
+
+def damage_shard(store, kind: str) -> None:
+    shard = sorted(p for p in (store / "T" / "c").rglob("*") if p.is_file())[-1]
+    if kind == "delete":
+        shard.unlink()
+    elif kind == "truncate":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size - 40)
+    else:  # same size, other bytes
+        shard.write_bytes(bytes(shard.stat().st_size))
+
+
+@pytest.mark.parametrize("kind", ["delete", "truncate", "overwrite-grid"])
+def test_damaged_zarr_store_is_refused_and_a_plain_rerun_repairs_it(runs, tmp_path, kind):
+    store = tmp_path / "store"
+    prepare(runs[:2], store, progress=False, layout="zarr")
+    if kind == "overwrite-grid":
+        grid = store / "sapwood" / "grid.npz"
+        data = bytearray(grid.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        grid.write_bytes(bytes(data))
+    else:
+        damage_shard(store, kind)
+    with pytest.raises(SapwoodError, match="damaged, run `sapwood prepare` again") as raised:
+        CubeStore(store)
+    assert "\n" not in str(raised.value)
+    again = prepare(runs[:2], store, progress=False, layout="zarr")  # what the message says to do
+    assert not again.up_to_date
+    np.testing.assert_array_equal(CubeStore(store).read_rows(0, 6).numpy(), expected_frames(runs[0]))
+    assert prepare(runs[:2], store, progress=False, layout="zarr").up_to_date
+
+
+def test_raw_store_with_a_changed_grid_file_is_refused_and_rebuilt(runs, tmp_path):
+    store = tmp_path / "store"
+    prepare(runs[:1], store, progress=False)
+    grid = store / "grid.npz"
+    grid.write_bytes(bytes(grid.stat().st_size))  # same size, zeros: the crc32 in the index differs
+    with pytest.raises(SapwoodError, match="grid.npz: contents changed.*run `sapwood prepare` again"):
+        CubeStore(store)
+    assert not prepare(runs[:1], store, progress=False).up_to_date
+    np.testing.assert_array_equal(CubeStore(store).memmap(), expected_frames(runs[0]))
+
+
+def test_a_reader_restores_a_store_left_between_the_two_renames(runs, tmp_path):
+    store = tmp_path / "store"
+    prepare(runs[:1], store, progress=False)
+    store.rename(tmp_path / f"store.old-{DEAD_PID}")  # the writer died after moving the old store aside
+    (tmp_path / f"store.partial-{DEAD_PID}").mkdir()  # and before publishing its new one
+    reader = CubeStore(store)
+    assert reader.rows == 6 and not (tmp_path / f"store.old-{DEAD_PID}").exists()
+    assert (tmp_path / f"store.partial-{DEAD_PID}").exists()  # readers leave partial folders to writers
+    shutil.copytree(store, tmp_path / f"store.old-{DEAD_PID}")  # died before deleting the old one
+    assert CubeStore(store).rows == 6 and not (tmp_path / f"store.old-{DEAD_PID}").exists()
+    prepare(runs[:1], store, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # the next prepare tidies the rest
+
+
 def test_read_rows_into_checks_its_buffer(runs, tmp_path):
     prepare(runs[:1], tmp_path / "store", progress=False)
     store = CubeStore(tmp_path / "store")

@@ -22,6 +22,7 @@ intact, and rebuilds a damaged one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -33,9 +34,10 @@ from typing import Any
 import numpy as np
 
 from sapwood import fsutil
-from sapwood.data import cf
+from sapwood.data import cf, remote
 from sapwood.data.inputs import InputLayout, InputProblem, hdf5_truncation, inspect_input, open_input
 from sapwood.data.simulate import CUBE_VARIABLES, PLANET_VARIABLES
+from sapwood.data.sources.credentials import Redactor, redacted_logging
 from sapwood.data.store import (
     FRAMES_FILE,
     GRID_FILE,
@@ -44,6 +46,7 @@ from sapwood.data.store import (
     CubeStore,
     meta_folder,
     store_damage,
+    store_files,
 )
 from sapwood.errors import SapwoodError
 
@@ -162,9 +165,12 @@ def _missing_steps(last: float, first: float, calendar: str, monthly: bool, step
 
 
 # --- the store ------------------------------------------------------------------------------------------------
-def _fingerprint(inputs: list[Path], variables: tuple[str, ...] | None, layout: str) -> str:
+def _fingerprint(inputs: list[Any], variables: tuple[str, ...] | None, layout: str) -> str:
     h = hashlib.sha256(f"{STORE_FORMAT}|{layout}".encode())
     for path in inputs:
+        if isinstance(path, remote.RemoteZarr):
+            h.update(f"{path.url}|{remote.fingerprint(path)}\n".encode())
+            continue
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
             st = f.stat() if f.exists() else None
@@ -302,9 +308,10 @@ def _channel_name(channels: list[tuple[str, int]], index: int) -> str:
 STORE_LAYOUTS = ("raw", "zarr")
 
 
-def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = None,
+def prepare(inputs: list[Path | str], out: Path, variables: tuple[str, ...] | None = None,
             progress: bool = True, force: bool = False, layout: str = "raw") -> PrepareReport:
-    """Validate ``inputs`` (NetCDF files, Zarr stores, or folders of them) and write the store ``out``.
+    """Validate ``inputs`` (NetCDF files, Zarr stores, or folders of them; Zarr stores on S3 as ``s3://`` URLs,
+    :mod:`sapwood.data.remote`) and write the store ``out``.
 
     ``variables``: names or CF standard names to store; None takes every data variable on the grid of the first
     usable input (the report says which were taken and which left out, and why). ``layout``: ``raw`` (one
@@ -314,6 +321,14 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
     """
     if layout not in STORE_LAYOUTS:
         raise SapwoodError(f"format {layout!r}: allowed are {', '.join(STORE_LAYOUTS)}")
+    out = Path(out)
+    with (redacted_logging(Redactor.from_environment()) if any(remote.is_remote(p) for p in inputs)
+          else contextlib.nullcontext()):
+        return _prepare(inputs, out, variables, progress, force, layout)
+
+
+def _prepare(inputs: list[Path | str], out: Path, variables: tuple[str, ...] | None, progress: bool,
+             force: bool, layout: str) -> PrepareReport:
     files = expand_inputs(inputs)
     report = PrepareReport(store=out)
     wanted = tuple(variables) if variables else None
@@ -322,8 +337,9 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
     if not force and _existing_fingerprint(out) == fingerprint:
         store = CubeStore(out)
         report.up_to_date, report.rows, report.bytes = True, store.rows, store.rows * store.row_bytes
-        report.used = sorted({Path(s) for r in store.index["runs"] for s in r["sources"]})
-        report.problems = [InputProblem(Path(p["path"]), p["kind"], p["detail"]) for p in store.index["skipped"]]
+        report.used = sorted({remote.as_input(s) for r in store.index["runs"] for s in r["sources"]}, key=str)
+        report.problems = [InputProblem(remote.as_input(p["path"]), p["kind"], p["detail"])
+                           for p in store.index["skipped"]]
         report.variables = [v["name"] for v in store.variables]
         report.runs = store.runs
         return report
@@ -364,13 +380,14 @@ def prepare(inputs: list[Path], out: Path, variables: tuple[str, ...] | None = N
             rows = writer.rows()
         if not run_entries:
             raise SapwoodError("no usable inputs: " + "; ".join(str(p) for p in report.problems))
-        report.used = [Path(s) for entry in run_entries for s in entry["sources"]]
+        report.used = [remote.as_input(s) for entry in run_entries for s in entry["sources"]]
         index = _index(reference, writer, run_entries, rows, fingerprint, report)
         index["storage"] = layout
         meta = partial
         if layout == "zarr":
             meta = _frames_to_zarr(partial, index, reference, writer)
         _write_grid(meta, reference, writer)
+        index["files"] = store_files(partial)  # sizes (and crc32 of the small files): the integrity check
         (meta / INDEX_FILE).write_text(json.dumps(index))
         fsutil.publish_dir(partial, out)
     finally:
@@ -523,10 +540,14 @@ def _write_grid(folder: Path, reference: InputLayout, writer: _Writer) -> None:
         np.savez(f, **arrays)
 
 
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files and Zarr stores named directly, plus ``*.nc``/``*.nc4``/``*.zarr`` inside named folders, sorted."""
-    files: list[Path] = []
+def expand_inputs(inputs: list[Path | str]) -> list[Any]:
+    """Files and Zarr stores named directly, plus ``*.nc``/``*.nc4``/``*.zarr`` inside named folders, sorted;
+    ``s3://`` URLs become :class:`~sapwood.data.remote.RemoteZarr` stores (:func:`sapwood.data.remote.resolve`)."""
+    files: list[Any] = []
     for path in inputs:
+        if remote.is_remote(path):
+            files.extend(remote.resolve(str(path)))
+            continue
         path = Path(path)
         if path.is_dir() and not _is_zarr(path):
             found = sorted(p for p in path.iterdir() if p.suffix in (".nc", ".nc4", ".cdf") or _is_zarr(p))

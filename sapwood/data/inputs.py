@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sapwood.data import cf
+from sapwood.data import cf, remote
 from sapwood.data.simulate import PLANET_VARIABLES
 from sapwood.errors import SapwoodError
 
@@ -20,8 +20,9 @@ class InputProblem(SapwoodError):
     """One unusable input: ``kind`` is one of corrupt, truncated, missing, dims, units, coordinates, grid,
     shape, attributes, non-finite, too-short, overlap."""
 
-    def __init__(self, path: Path, kind: str, detail: str) -> None:
-        self.path, self.kind, self.detail = Path(path), kind, detail
+    def __init__(self, path: Path | remote.RemoteZarr, kind: str, detail: str) -> None:
+        self.path = path if isinstance(path, remote.RemoteZarr) else Path(path)
+        self.kind, self.detail = kind, detail
         super().__init__(f"{path}: {kind}: {detail}")
 
 
@@ -63,15 +64,20 @@ def _has_consolidated_v3(path: Path) -> bool:
         return False
 
 
-def open_input(path: Path) -> Any:
-    """Open a NetCDF file or a Zarr store with xarray (times left undecoded, masks and packing decoded)."""
+def open_input(path: Path | remote.RemoteZarr) -> Any:
+    """Open a NetCDF file or a Zarr store (local, or on S3: :mod:`sapwood.data.remote`) with xarray (times left
+    undecoded, masks and packing decoded)."""
     import xarray as xr
 
     try:
+        if isinstance(path, remote.RemoteZarr):
+            return _by_name(remote.open_zarr(path))
         if path.is_dir() or path.suffix == ".zarr":
             consolidated = (path / ".zmetadata").exists() or _has_consolidated_v3(path)
-            return xr.open_zarr(path, decode_times=False, consolidated=consolidated)
+            return _by_name(xr.open_zarr(path, decode_times=False, consolidated=consolidated))
         return xr.open_dataset(path, decode_times=False, cache=False)
+    except remote.RemoteInputError:
+        raise
     except (ValueError, TypeError) as exc:
         if path.is_file() and _has_netcdf_signature(path) and not hdf5_truncation(path):
             detail = f"cannot be decoded ({type(exc).__name__}: {str(exc)[:160]})"
@@ -81,7 +87,17 @@ def open_input(path: Path) -> Any:
         raise _unreadable(path, exc) from None
 
 
-def _unreadable(path: Path, exc: BaseException) -> InputProblem:
+def _by_name(ds: Any) -> Any:
+    """``ds`` with its data variables in name order: a Zarr group's members have no order of their own (a listing
+    of a folder or a bucket gives them in any order), and the store's channel order must not depend on it."""
+    ordered = ds[sorted(ds.data_vars)]
+    ordered.set_close(ds.close)
+    return ordered
+
+
+def _unreadable(path: Path | remote.RemoteZarr, exc: BaseException) -> InputProblem:
+    if isinstance(path, remote.RemoteZarr):
+        return InputProblem(path, "corrupt", f"cannot be opened ({remote.redact(f'{type(exc).__name__}: {exc}')[:160]})")
     truncation = hdf5_truncation(path) if path.is_file() else None
     if truncation:
         return InputProblem(path, "truncated", truncation)

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sapwood import fsutil
 from sapwood.errors import SapwoodError
 
 STORE_FORMAT = "sapwood-cubes-2"
@@ -51,11 +55,49 @@ def meta_folder(path: Path) -> Path:
     return path / ZARR_META if (path / ZARR_META / INDEX_FILE).exists() else path
 
 
+CHECKSUM_LIMIT = 4 << 20  # files up to this size get a crc32 in the index; larger ones (frames, shards) a size
+
+
+def store_files(folder: Path) -> dict[str, dict[str, int]]:
+    """What the index records of every file below ``folder`` (``index.json`` aside): ``{relative path: {"size",
+    and "crc32" for files up to CHECKSUM_LIMIT bytes}}``."""
+    files: dict[str, dict[str, int]] = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != INDEX_FILE):
+        entry = {"size": file.stat().st_size}
+        if entry["size"] <= CHECKSUM_LIMIT:
+            entry["crc32"] = zlib.crc32(file.read_bytes())
+        files[file.relative_to(folder).as_posix()] = entry
+    return files
+
+
+def _file_damage(path: Path, files: dict[str, dict[str, int]]) -> str | None:
+    for name, entry in files.items():
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            return f"{file} is missing"
+        if size != entry["size"]:
+            return f"{file}: size {size} bytes, index expects {entry['size']}"
+        if "crc32" in entry and zlib.crc32(file.read_bytes()) != entry["crc32"]:
+            return f"{file}: contents changed (crc32 differs from the index)"
+    return None
+
+
 def store_damage(path: Path, index: dict[str, Any]) -> str | None:
-    """Why the complete-looking store at ``path`` is damaged (None when its files match the index)."""
+    """Why the complete-looking store at ``path`` is damaged (None when its files match the index): every file
+    the index lists must have its recorded size (and crc32, for the small ones); stores written before the index
+    listed its files are checked by the frames file's size and the presence of the grid and Zarr arrays."""
+    if "files" in index:
+        return _file_damage(path, index["files"])
     grid_file = meta_folder(path) / GRID_FILE
     if not grid_file.exists():
         return f"{grid_file} is missing"
+    try:
+        with np.load(grid_file) as grid:
+            _ = (grid["area"], grid["valid"])  # reading the members checks their zip CRC
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        return f"{grid_file} cannot be read ({type(exc).__name__})"
     if index.get("storage") == "zarr":
         missing = [v["name"] for v in index.get("variables", []) if not (path / v["name"] / "zarr.json").exists()]
         return f"{path}: Zarr arrays {missing} are missing" if missing else None
@@ -85,6 +127,10 @@ class CubeStore:
     def __init__(self, path: str | Path) -> None:
         self._fd: int | None = None
         self.path = Path(path)
+        try:  # a writer killed between its two renames left the previous store as STORE.old-PID: restore it
+            fsutil.recover_stale(self.path.parent, re.escape(self.path.name), remove_partials=False)
+        except OSError:
+            pass  # a read-only folder: nothing to tidy here
         index_path = meta_folder(self.path) / INDEX_FILE
         if not index_path.exists():
             raise SapwoodError(f"{self.path} is not a complete sapwood cube store (no {INDEX_FILE}; "
@@ -100,11 +146,15 @@ class CubeStore:
         if damage is not None:
             raise SapwoodError(f"{damage}; the store is damaged, run `sapwood prepare` again (it rebuilds a "
                                "damaged store)")
-        with np.load(meta_folder(self.path) / GRID_FILE) as grid:
-            self.area: np.ndarray = grid["area"].astype(np.float64)  # [lat, lon], mean 1
-            self.valid: np.ndarray = grid["valid"].astype(bool)  # [channels, lat, lon]
-            self.lat = grid["lat"] if "lat" in grid else np.asarray(index["coords"]["lat"], dtype=np.float64)
-            self.lon = grid["lon"] if "lon" in grid else np.asarray(index["coords"]["lon"], dtype=np.float64)
+        try:
+            with np.load(meta_folder(self.path) / GRID_FILE) as grid:
+                self.area: np.ndarray = grid["area"].astype(np.float64)  # [lat, lon], mean 1
+                self.valid: np.ndarray = grid["valid"].astype(bool)  # [channels, lat, lon]
+                self.lat = grid["lat"] if "lat" in grid else np.asarray(index["coords"]["lat"], dtype=np.float64)
+                self.lon = grid["lon"] if "lon" in grid else np.asarray(index["coords"]["lon"], dtype=np.float64)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            raise SapwoodError(f"{meta_folder(self.path) / GRID_FILE} cannot be read ({type(exc).__name__}); the "
+                               "store is damaged, run `sapwood prepare` again (it rebuilds a damaged store)") from None
         self.variables: list[dict[str, Any]] = index["variables"]
         self._zarr = None
         if index.get("storage") == "zarr":
