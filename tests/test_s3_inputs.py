@@ -189,3 +189,24 @@ def test_missing_bucket_and_missing_store_are_one_line(tmp_path, bucket, capsys)
     code, _, err = run_cli(["prepare", f"s3://{name}/cubes/member1.zarr/ta", "--out", str(tmp_path / "s")], capsys)
     assert code == 2  # an array, not a dataset: no usable input
     assert f"s3://{name}/cubes/member1.zarr/ta" in one_line_without_secrets(err)
+
+
+def test_public_bucket_without_credentials_sends_unsigned_requests(tmp_path, bucket, moto_endpoint, monkeypatch):
+    from fetch_servers import FixtureServer, proxy_app
+
+    client, name = bucket
+    client.put_bucket_acl(Bucket=name, ACL="public-read")
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        for item in page["Contents"]:
+            client.put_object_acl(Bucket=name, Key=item["Key"], ACL="public-read")
+    proxy = FixtureServer(proxy_app(int(moto_endpoint.rsplit(":", 1)[1])))
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "YES")
+        report = prepare([f"s3://{name}/cubes/member2.zarr"], tmp_path / "store", progress=False)
+    finally:
+        proxy.close()
+    assert report.runs == 1 and report.rows == 14 and proxy.log
+    assert all("authorization" not in request.headers for request in proxy.log)

@@ -17,7 +17,8 @@ shuffling, a pure function of ``seed`` and the epoch) and ``segments_per_batch``
 of the window (``k = 0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of
 ``L`` rows straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads (``segments_per_batch`` defaults
 to the largest of 4, 3, 2, 1 dividing ``batch_size``) and
-no per-sample Python work. While iterating, the reads of a batch run on ``read_threads`` threads (page-cache copies in parallel).
+no per-sample Python work. While iterating, the reads of a batch are shared by ``read_threads`` threads, the prefetch thread
+and ``read_threads - 1`` readers (page-cache copies in parallel).
 Frame buffers are recycled once no batch made from them is referenced any more
 (so a batch you keep stays valid). A background thread prefetches ``prefetch`` batches (pinned memory when CUDA is
 available); normalization, when asked for, is applied in place in that thread.
@@ -29,7 +30,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,11 +194,16 @@ class CubeLoader:
         reads = [(first_row + k, frames[k, segment * length:(segment + 1) * length])
                  for segment, first_row in enumerate(first_rows.tolist()) for k in range(self.window)]
         if self._readers is not None:  # positional reads release the GIL: the page-cache copies run in parallel
-            for done in self._readers.map(lambda read: store.read_rows_into(*read), reads):
-                del done
+            shares = [reads[i::self.read_threads] for i in range(self.read_threads)]
+            pending = [self._readers.submit(_read_all, store, share) for share in shares[1:] if share]
+            try:
+                _read_all(store, shares[0])  # the calling thread takes a share: one hand-off fewer per batch
+            finally:
+                wait(pending)  # no read may still be writing into frames once this returns or raises
+            for future in pending:
+                future.result()
         else:
-            for first_row, out in reads:
-                store.read_rows_into(first_row, out)
+            _read_all(store, reads)
         if self.normalize:
             store.normalize(frames)
         sample_run = torch.from_numpy(np.repeat(run, length))
@@ -247,7 +253,7 @@ class CubeLoader:
             ready.put(None)
 
         if self.read_threads > 1 and self._readers is None:
-            self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="sapwood-cube-read")
+            self._readers = ThreadPoolExecutor(self.read_threads - 1, thread_name_prefix="sapwood-cube-read")
         worker = threading.Thread(target=produce, name="sapwood-cube-prefetch", daemon=True)
         worker.start()
         try:
@@ -285,6 +291,11 @@ class CubeLoader:
         if int(state.get("seed", self.seed)) != self.seed:
             raise SapwoodError(f"loader state has seed={state['seed']}, this loader seed={self.seed}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def _read_all(store: CubeStore, reads: list[tuple[int, torch.Tensor]]) -> None:
+    for first_row, out in reads:
+        store.read_rows_into(first_row, out)
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
