@@ -11,7 +11,12 @@ grid; the batch size in bytes is what the model receives.
   in the steady state: the clock starts once the first batch has arrived (``first_batch_s``: thread start and first
   read, paid once per training run) and stops at the last timed batch.
 * raw: ``readinto`` of ``batch bytes`` from the store's frames file into a preallocated buffer, sequentially.
-* memcpy: ``copy_`` of the batch's bytes between two preallocated tensors (the memory limit of this machine).
+* memcpy: ``copy_`` of the batch's bytes between two preallocated tensors, in copies of 512 MB (the memory limit of
+  this machine).
+
+The loader, ``read_batch`` alone, the raw read and memcpy are timed in ``rounds`` interleaved rounds (medians
+reported, and the loader/raw ratio of every round), so a change in a shared machine's load falls on all of them;
+process CPU seconds per batch (all threads) are reported too, as they hardly depend on the load.
 * zarr (unless ``zarr=False``): the same data prepared with ``--format zarr``, read by the loader (direct shard
   reads) and through zarr-python, against the raw layout's ``read_batch``.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -30,10 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from sapwood.bench.harness import Result, time_fn, write_suite
+from sapwood.bench.harness import Result, write_suite
 from sapwood.data.cubes import DEFAULT_VARIABLES, prepare
 from sapwood.data.loader import CubeLoader
 from sapwood.data.store import CubeStore
+
+MEMCPY_CHUNK_BYTES = 512 << 20  # the memcpy limit is measured in copies of this size (far past any cache)
 
 
 def write_synthetic_runs(folder: Path, runs: int, levels: int, nlat: int, nlon: int, times: int) -> list[Path]:
@@ -173,7 +181,8 @@ def zarr_results(work: Path, loader: CubeLoader, timed: int, direct_s: float, pa
 
 
 def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, levels: int = 8, nlat: int = 32,
-                   nlon: int = 64, batches: int = 4, progress: bool = True, zarr: bool = True) -> list[Result]:
+                   nlon: int = 64, batches: int = 4, progress: bool = True, zarr: bool = True,
+                   rounds: int = 5) -> list[Result]:
     work = work or out / "data-bench-work"
     channels = 6 * levels + 1
     row_bytes = 4 * channels * nlat * nlon
@@ -199,23 +208,40 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
         naive_batch(files, plan_runs[chosen], plan_first[chosen], length)
     naive_s = (time.perf_counter() - start) / timed
 
-    loader_s, first_batch_s = timed_epoch(loader, 1, timed)
-    start = time.perf_counter()
-    for index in range(timed):
-        loader.read_batch(1, index)
-    direct_s = (time.perf_counter() - start) / timed
-
     buffer = bytearray(batch_bytes)
     raw_read(store.frames_path, batch_bytes, buffer, 0)
     total_bytes = store.rows * store.row_bytes
-    start = time.perf_counter()
-    for index in range(timed):
-        raw_read(store.frames_path, batch_bytes, buffer, (index * batch_bytes) % max(1, total_bytes - batch_bytes))
-    raw_s = (time.perf_counter() - start) / timed
-    del buffer
+    chunk = min(batch_bytes // 4, MEMCPY_CHUNK_BYTES // 4)
+    copies = torch.empty((2, chunk), dtype=torch.float32).fill_(1.0)  # the memory limit, in chunks past LLC size
 
-    copies = torch.empty((2, batch_bytes // 4), dtype=torch.float32).fill_(1.0)  # the memory limit
-    memcpy_s = time_fn(lambda: copies[1].copy_(copies[0]), warmup=1, repeats=max(3, timed)).median
+    def direct_reads() -> None:
+        for index in range(timed):
+            loader.read_batch(1, index)
+
+    def raw_reads() -> None:
+        for index in range(timed):
+            raw_read(store.frames_path, batch_bytes, buffer, (index * batch_bytes) % max(1, total_bytes - batch_bytes))
+
+    def memcpys() -> None:
+        for _ in range(timed * math.ceil(batch_bytes / (4 * chunk))):
+            copies[1].copy_(copies[0])
+
+    walls: dict[str, list[float]] = {name: [] for name in ("loader", "first_batch", "read_batch", "raw", "memcpy")}
+    cpus: dict[str, list[float]] = {name: [] for name in ("loader", "read_batch", "raw")}
+    for _ in range(rounds):  # interleaved, so a change in the machine's load falls on every method alike
+        cpu = time.process_time()
+        per_batch, first = timed_epoch(loader, 1, timed)
+        cpus["loader"].append((time.process_time() - cpu) / (timed + 1))
+        walls["loader"].append(per_batch)
+        walls["first_batch"].append(first)
+        for name, fn in (("read_batch", direct_reads), ("raw", raw_reads), ("memcpy", memcpys)):
+            cpu, start = time.process_time(), time.perf_counter()
+            fn()
+            walls[name].append((time.perf_counter() - start) / timed)
+            if name in cpus:
+                cpus[name].append((time.process_time() - cpu) / timed)
+    loader_s, first_batch_s, direct_s, raw_s, memcpy_s = (statistics.median(walls[name]) for name in walls)
+    per_round = [a / b for a, b in zip(walls["raw"], walls["loader"], strict=True)]
 
     params: dict[str, Any] = {"batch_bytes": batch_bytes, "batch_gb": gigabytes, "batch_size": batch_size,
                               "grid": f"{channels}x{nlat}x{nlon}", "timed_batches": timed, "cache": "warm",
@@ -223,7 +249,11 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
     rates = {"naive_GBps": gigabytes / naive_s, "loader_GBps": gigabytes / loader_s,
              "read_batch_GBps": gigabytes / direct_s, "raw_GBps": gigabytes / raw_s,
              "memcpy_GBps": gigabytes / memcpy_s, "loader_s": loader_s, "read_batch_s": direct_s, "raw_s": raw_s,
-             "memcpy_s": memcpy_s, "naive_s": naive_s, "first_batch_s": first_batch_s}
+             "memcpy_s": memcpy_s, "naive_s": naive_s, "first_batch_s": first_batch_s, "rounds": rounds,
+             "loader_over_raw_GBps_per_round": per_round,
+             "loader_over_raw_GBps_range": [min(per_round), max(per_round)],
+             "cpu_s_per_batch": {name: statistics.median(values) for name, values in cpus.items()},
+             "wall_s_per_round": walls}
     raw_baseline = "raw readinto of the same number of bytes (the read limit)"
     results = [
         Result("loader vs naive xarray", loader_s, "s/batch", naive_s, {**params, **rates},
