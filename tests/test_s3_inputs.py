@@ -34,19 +34,39 @@ def cf_dataset(member: int, months: int = 14) -> xr.Dataset:
     tos[:, 2:4, 3:7] = np.nan  # land
     ps = 100000 + 500 * rng.standard_normal((months, 6, 12))
     ds = xr.Dataset(
-        {"ta": (("time", "plev", "lat", "lon"), ta, {"standard_name": "air_temperature", "units": "K"}),
-         "tos": (("time", "lat", "lon"), tos, {"standard_name": "sea_surface_temperature", "units": "K"}),
-         "ps": (("time", "lat", "lon"), ps, {"standard_name": "surface_air_pressure", "units": "Pa"})},
-        coords={"time": ("time", days, {"units": "days since 1850-01-01", "calendar": "noleap", "axis": "T",
-                                        "standard_name": "time"}),
-                "plev": ("plev", plev, {"units": "Pa", "axis": "Z", "positive": "down",
-                                        "standard_name": "air_pressure"}),
-                "lat": ("lat", lat, {"units": "degrees_north", "standard_name": "latitude", "axis": "Y"}),
-                "lon": ("lon", lon, {"units": "degrees_east", "standard_name": "longitude", "axis": "X"})},
-        attrs={"Conventions": "CF-1.7", "source_id": "TOY", "variant_label": f"r{member}i1p1f1"})
+        {
+            "ta": (("time", "plev", "lat", "lon"), ta, {"standard_name": "air_temperature", "units": "K"}),
+            "tos": (("time", "lat", "lon"), tos, {"standard_name": "sea_surface_temperature", "units": "K"}),
+            "ps": (("time", "lat", "lon"), ps, {"standard_name": "surface_air_pressure", "units": "Pa"}),
+        },
+        coords={
+            "time": (
+                "time",
+                days,
+                {
+                    "units": "days since 1850-01-01",
+                    "calendar": "noleap",
+                    "axis": "T",
+                    "standard_name": "time",
+                },
+            ),
+            "plev": (
+                "plev",
+                plev,
+                {"units": "Pa", "axis": "Z", "positive": "down", "standard_name": "air_pressure"},
+            ),
+            "lat": ("lat", lat, {"units": "degrees_north", "standard_name": "latitude", "axis": "Y"}),
+            "lon": ("lon", lon, {"units": "degrees_east", "standard_name": "longitude", "axis": "X"}),
+        },
+        attrs={"Conventions": "CF-1.7", "source_id": "TOY", "variant_label": f"r{member}i1p1f1"},
+    )
     ds["tos"].encoding = {"_FillValue": np.float32(1e20), "dtype": "float32"}
-    ds["ps"].encoding = {"dtype": "int16", "scale_factor": 0.5, "add_offset": 100000.0,
-                         "_FillValue": np.int16(-32767)}
+    ds["ps"].encoding = {
+        "dtype": "int16",
+        "scale_factor": 0.5,
+        "add_offset": 100000.0,
+        "_FillValue": np.int16(-32767),
+    }
     return ds
 
 
@@ -126,7 +146,9 @@ def test_zarr_v3_and_v2_on_s3_prepare_like_their_local_copies(tmp_path, bucket, 
     assert "2 inputs used, 0 skipped, 2 runs, 28 frames" in out, out
     local = prepare([local_stores["v3"], local_stores["v2"]], tmp_path / "from-disk", progress=False)
     assert local.runs == 2 and not local.problems
-    assert (tmp_path / "from-s3" / FRAMES_FILE).read_bytes() == (tmp_path / "from-disk" / FRAMES_FILE).read_bytes()
+    assert (tmp_path / "from-s3" / FRAMES_FILE).read_bytes() == (
+        tmp_path / "from-disk" / FRAMES_FILE
+    ).read_bytes()
     assert comparable_index(tmp_path / "from-s3") == comparable_index(tmp_path / "from-disk")
     with np.load(tmp_path / "from-s3" / GRID_FILE) as a, np.load(tmp_path / "from-disk" / GRID_FILE) as b:
         assert sorted(a.files) == sorted(b.files)
@@ -136,8 +158,11 @@ def test_zarr_v3_and_v2_on_s3_prepare_like_their_local_copies(tmp_path, bucket, 
     assert [r["sources"] for r in store.index["runs"]] == [[urls[0]], [urls[1]]]
     assert store.index["mask"]["tos"]["masked_cells"] == 8
     truth = cf_dataset(2)
-    np.testing.assert_allclose(store.read_rows(int(store.run_rows[1]), 14)[:, store.channel_slice("ta")].numpy(),
-                               truth.ta.values[:, ::-1, ::-1].astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(
+        store.read_rows(int(store.run_rows[1]), 14)[:, store.channel_slice("ta")].numpy(),
+        truth.ta.values[:, ::-1, ::-1].astype(np.float32),
+        rtol=1e-6,
+    )
 
     code, out, _ = run_cli(["prepare", *urls, "--out", str(tmp_path / "from-s3")], capsys)
     assert code == 0 and "up to date (2 inputs)" in out  # the listing (keys, sizes, ETags) is unchanged
@@ -146,14 +171,20 @@ def test_zarr_v3_and_v2_on_s3_prepare_like_their_local_copies(tmp_path, bucket, 
     code, out, _ = run_cli(["prepare", *urls, "--out", str(tmp_path / "from-s3")], capsys)
     assert code == 0 and "up to date" not in out and "2 inputs used" in out
     rebuilt = CubeStore(tmp_path / "from-s3")
-    np.testing.assert_allclose(rebuilt.read_rows(0, 14)[:, rebuilt.channel_slice("ta")].numpy(),
-                               cf_dataset(3).ta.values[:, ::-1, ::-1].astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(
+        rebuilt.read_rows(0, 14)[:, rebuilt.channel_slice("ta")].numpy(),
+        cf_dataset(3).ta.values[:, ::-1, ::-1].astype(np.float32),
+        rtol=1e-6,
+    )
 
 
 def test_a_prefix_takes_every_zarr_store_under_it(tmp_path, bucket):
     _, name = bucket
     report = prepare([f"s3://{name}/cubes/"], tmp_path / "store", progress=False)
-    assert [str(p) for p in report.used] == [f"s3://{name}/cubes/member1.zarr", f"s3://{name}/cubes/member2.zarr"]
+    assert [str(p) for p in report.used] == [
+        f"s3://{name}/cubes/member1.zarr",
+        f"s3://{name}/cubes/member2.zarr",
+    ]
     assert report.runs == 2 and report.rows == 28
 
 
@@ -166,7 +197,9 @@ def one_line_without_secrets(err: str) -> str:
 def test_missing_credentials_name_the_variables(tmp_path, bucket, capsys, monkeypatch):
     _, name = bucket
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    code, _, err = run_cli(["prepare", f"s3://{name}/cubes/member1.zarr", "--out", str(tmp_path / "s")], capsys)
+    code, _, err = run_cli(
+        ["prepare", f"s3://{name}/cubes/member1.zarr", "--out", str(tmp_path / "s")], capsys
+    )
     assert code == 2 and "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in one_line_without_secrets(err)
     assert not (tmp_path / "s").exists()
 
@@ -184,14 +217,20 @@ def test_missing_bucket_and_missing_store_are_one_line(tmp_path, bucket, capsys)
     _, name = bucket
     code, _, err = run_cli(["prepare", "s3://no-such-bucket/x.zarr", "--out", str(tmp_path / "s")], capsys)
     assert code == 2 and "bucket 'no-such-bucket' does not exist" in one_line_without_secrets(err)
-    code, _, err = run_cli(["prepare", f"s3://{name}/cubes/absent.zarr", "--out", str(tmp_path / "s")], capsys)
+    code, _, err = run_cli(
+        ["prepare", f"s3://{name}/cubes/absent.zarr", "--out", str(tmp_path / "s")], capsys
+    )
     assert code == 2 and "nothing stored under this key" in one_line_without_secrets(err)
-    code, _, err = run_cli(["prepare", f"s3://{name}/cubes/member1.zarr/ta", "--out", str(tmp_path / "s")], capsys)
+    code, _, err = run_cli(
+        ["prepare", f"s3://{name}/cubes/member1.zarr/ta", "--out", str(tmp_path / "s")], capsys
+    )
     assert code == 2  # an array, not a dataset: no usable input
     assert f"s3://{name}/cubes/member1.zarr/ta" in one_line_without_secrets(err)
 
 
-def test_public_bucket_without_credentials_sends_unsigned_requests(tmp_path, bucket, moto_endpoint, monkeypatch):
+def test_public_bucket_without_credentials_sends_unsigned_requests(
+    tmp_path, bucket, moto_endpoint, monkeypatch
+):
     from fetch_servers import FixtureServer, proxy_app
 
     client, name = bucket

@@ -45,11 +45,11 @@ class RemoteZarr:
 
     @property
     def bucket(self) -> str:
-        return self.url[len(SCHEME):].split("/", 1)[0]
+        return self.url[len(SCHEME) :].split("/", 1)[0]
 
     @property
     def key(self) -> str:
-        parts = self.url[len(SCHEME):].split("/", 1)
+        parts = self.url[len(SCHEME) :].split("/", 1)
         return parts[1] if len(parts) > 1 else ""
 
     @property
@@ -81,9 +81,9 @@ def is_remote(value: Any) -> bool:
 
 
 def normalize_url(url: str) -> str:
-    if not url.startswith(SCHEME) or not url[len(SCHEME):].strip("/"):
+    if not url.startswith(SCHEME) or not url[len(SCHEME) :].strip("/"):
         raise RemoteInputError(f"{url!r}: an S3 input is s3://BUCKET/KEY")
-    return SCHEME + url[len(SCHEME):].strip("/")
+    return SCHEME + url[len(SCHEME) :].strip("/")
 
 
 def as_input(text: str) -> Any:
@@ -93,7 +93,7 @@ def as_input(text: str) -> Any:
     return RemoteZarr(text) if is_remote(text) else Path(text)
 
 
-# --- configuration from the environment ------------------------------------------------------------------------
+# --- configuration from the environment ---------------------------------------------------------------------
 def _env(*names: str) -> str | None:
     for name in names:
         value = os.environ.get(name, "").strip()
@@ -112,8 +112,11 @@ def storage_options(url: str) -> dict[str, Any]:
     options: dict[str, Any] = {
         "use_listings_cache": False,
         "client_kwargs": {"region_name": _env("AWS_REGION", "AWS_DEFAULT_REGION") or "us-east-1"},
-        "config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
-                          "retries": {"max_attempts": 3, "mode": "standard"}},
+        "config_kwargs": {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            "retries": {"max_attempts": 3, "mode": "standard"},
+        },
     }
     if endpoint():
         options["endpoint_url"] = endpoint()
@@ -121,9 +124,11 @@ def storage_options(url: str) -> dict[str, Any]:
         return {**options, "anon": True}
     key, secret = _env("AWS_ACCESS_KEY_ID"), _env("AWS_SECRET_ACCESS_KEY")
     if not (key and secret):
-        raise RemoteInputError(f"{url}: no S3 credentials in the environment: set AWS_ACCESS_KEY_ID and "
-                               "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), or "
-                               "AWS_NO_SIGN_REQUEST=YES for a public bucket")
+        raise RemoteInputError(
+            f"{url}: no S3 credentials in the environment: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), or "
+            "AWS_NO_SIGN_REQUEST=YES for a public bucket"
+        )
     return {**options, "anon": False, "key": key, "secret": secret, "token": _env("AWS_SESSION_TOKEN")}
 
 
@@ -140,7 +145,9 @@ def filesystem(url: str) -> Any:
     try:
         import s3fs
     except ImportError:
-        raise RemoteInputError(f"{url}: reading s3:// inputs needs s3fs (pip install 'sapwood[sources]')") from None
+        raise RemoteInputError(
+            f"{url}: reading s3:// inputs needs s3fs (pip install 'sapwood[sources]')"
+        ) from None
     return s3fs.S3FileSystem(skip_instance_cache=True, **options)
 
 
@@ -148,12 +155,21 @@ def _failure(url: str, exc: BaseException, doing: str) -> RemoteInputError:
     where = endpoint() or "AWS S3"
     text = redact(f"{type(exc).__name__}: {exc}")
     names = {type(c).__name__ for c in _chain(exc)}
-    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
-                "ConnectionRefusedError", "ClientConnectionError", "ServerDisconnectedError"}:
+    if names & {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ClientConnectorError",
+        "ConnectionError",
+        "ConnectionRefusedError",
+        "ClientConnectionError",
+        "ServerDisconnectedError",
+    }:
         return RemoteInputError(f"{url}: endpoint {where} unreachable while {doing} ({text[:200]})")
     if isinstance(exc, PermissionError) or names & {"NoCredentialsError", "PartialCredentialsError"}:
-        return RemoteInputError(f"{url}: access refused by {where} while {doing}; check the credentials in "
-                                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({text[:200]})")
+        return RemoteInputError(
+            f"{url}: access refused by {where} while {doing}; check the credentials in "
+            f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({text[:200]})"
+        )
     return RemoteInputError(f"{url}: {doing} failed at {where} ({text[:240]})")
 
 
@@ -177,7 +193,7 @@ def resolve(url: str) -> list[RemoteZarr]:
     """The Zarr stores that ``url`` names: itself when it is a store, else its ``*.zarr`` children, sorted."""
     url = normalize_url(url)
     fs = filesystem(url)
-    target = url[len(SCHEME):]
+    target = url[len(SCHEME) :]
     try:
         names = {entry.rstrip("/").rsplit("/", 1)[-1]: entry for entry in fs.ls(target, detail=False)}
     except FileNotFoundError as exc:
@@ -186,8 +202,9 @@ def resolve(url: str) -> list[RemoteZarr]:
         except Exception as inner:  # noqa: BLE001 - any client failure becomes one line
             raise _failure(url, inner, "listing the bucket") from None
         if not exists:
-            raise RemoteInputError(f"{url}: bucket {target.split('/', 1)[0]!r} does not exist at "
-                                   f"{endpoint() or 'AWS S3'}") from None
+            raise RemoteInputError(
+                f"{url}: bucket {target.split('/', 1)[0]!r} does not exist at {endpoint() or 'AWS S3'}"
+            ) from None
         if "/" not in target:
             raise _failure(url, exc, "listing") from None
         raise RemoteInputError(f"{url}: nothing stored under this key") from None
@@ -195,11 +212,16 @@ def resolve(url: str) -> list[RemoteZarr]:
         raise _failure(url, exc, "listing") from None
     if any(marker in names for marker in STORE_MARKERS):
         return [RemoteZarr(url)]
-    stores = [RemoteZarr(SCHEME + entry.rstrip("/")) for name, entry in sorted(names.items())
-              if name.endswith(".zarr")]
+    stores = [
+        RemoteZarr(SCHEME + entry.rstrip("/"))
+        for name, entry in sorted(names.items())
+        if name.endswith(".zarr")
+    ]
     if not stores:
-        raise RemoteInputError(f"{url}: no Zarr store there (no zarr.json, .zgroup or .zarray, and no *.zarr "
-                               "inside); NetCDF files on S3 are fetched first with `sapwood fetch`")
+        raise RemoteInputError(
+            f"{url}: no Zarr store there (no zarr.json, .zgroup or .zarray, and no *.zarr "
+            "inside); NetCDF files on S3 are fetched first with `sapwood fetch`"
+        )
     return stores
 
 
@@ -207,7 +229,7 @@ def fingerprint(store: RemoteZarr) -> str:
     """A digest of every object of ``store`` (key, size, ETag): it changes when any object changes."""
     fs = filesystem(store.url)
     try:
-        found = fs.find(store.url[len(SCHEME):], detail=True)
+        found = fs.find(store.url[len(SCHEME) :], detail=True)
     except Exception as exc:  # noqa: BLE001 - any client failure becomes one line
         raise _failure(store.url, exc, "listing the store") from None
     h = hashlib.sha256(f"{endpoint() or ''}|{store.url}\n".encode())
@@ -223,7 +245,7 @@ def open_zarr(store: RemoteZarr) -> Any:
 
     options = storage_options(store.url)
     fs = filesystem(store.url)
-    root = store.url[len(SCHEME):]
+    root = store.url[len(SCHEME) :]
     try:
         consolidated = fs.exists(f"{root}/.zmetadata") or _consolidated_v3(fs, root)
     except Exception as exc:  # noqa: BLE001 - any client failure becomes one line
