@@ -13,15 +13,15 @@ Usage::
 How a batch is read: the samples of an epoch are cut into *segments* of ``L = batch_size /
 segments_per_batch`` consecutive times inside one time window ``(run, start, stop)`` (whole runs by default;
 consecutive rows of the store). Segments are shuffled per epoch (chunk-level shuffling, a pure function of
-``seed`` and the epoch) and ``segments_per_batch`` of them make a batch. Frame ``k`` of the window (``k = 0``
-the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of ``L`` rows straight into
-``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads (``segments_per_batch``
-defaults to the largest of 4, 3, 2, 1 dividing ``batch_size``) and no per-sample Python work. While
-iterating, the reads of a batch are shared by ``read_threads`` threads, the prefetch thread and
-``read_threads - 1`` readers (page-cache copies in parallel). Frame buffers are recycled once no batch made
-from them is referenced any more (so a batch you keep stays valid). A background thread prefetches
-``prefetch`` batches (pinned memory when CUDA is available); normalization, when asked for, is applied in
-place in that thread.
+``seed`` and the epoch) and ``segments_per_batch`` of them make a batch. Frame ``k`` of the window (``k =
+0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of ``L`` rows
+straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads
+(``segments_per_batch`` defaults to the largest of 4, 3, 2, 1 dividing ``batch_size``) and no per-sample
+Python work. While iterating, the reads of a batch are shared by ``read_threads`` threads, the prefetch
+thread and ``read_threads - 1`` readers (page-cache copies in parallel). Frame buffers are recycled once no
+batch made from them is referenced any more (so a batch you keep stays valid). A background thread
+prefetches ``prefetch`` batches (pinned memory when CUDA is available); normalization, when asked for, is
+applied in place in that thread.
 """
 
 from __future__ import annotations

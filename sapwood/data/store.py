@@ -17,8 +17,8 @@ run are consecutive and in time order, so a state and its successor are neighbou
 ``L`` consecutive samples is one contiguous read of ``L`` rows. ``index.json`` holds the variables (name,
 levels, units, standard_name), the coordinates, the runs (first row, times as days since 0001-01-01 in
 their calendar, planet parameters when the inputs carry them), per-channel statistics over every valid
-value, the variables left out and the notes of prepare (flips, gaps, overlaps), and ``files``: the size of every
-file of the store and a crc32 of the small ones. A store whose files differ from that list is damaged:
+value, the variables left out and the notes of prepare (flips, gaps, overlaps), and ``files``: the size of
+every file of the store and a crc32 of the small ones. A store whose files differ from that list is damaged:
 :class:`CubeStore` refuses it and ``sapwood prepare`` (the same check, :func:`store_damage`) rebuilds it.
 Opening a store also restores ``STORE.old-PID``, the previous store a writer killed between its two renames
 left aside (:func:`sapwood.fsutil.recover_stale`; ``STORE.partial-PID`` folders are left to writers).
