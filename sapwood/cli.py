@@ -123,7 +123,8 @@ def simulate(
 
 @app.command()
 def prepare(
-    inputs: list[Path] = typer.Argument(..., help="NetCDF files, Zarr stores, or folders of them"),
+    inputs: list[str] = typer.Argument(..., help="NetCDF files, Zarr stores, or folders of them; Zarr stores on "
+                                       "S3 as s3://BUCKET/KEY (credentials from the environment)"),
     out: Path = typer.Option(..., "--out", help="store folder to write"),
     variables: str = typer.Option(None, help="comma-separated variable names or CF standard names (default: every "
                                   "data variable on the grid; the summary lists what was left out and why)"),

@@ -142,10 +142,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def recover_stale(folder: Path, names: str) -> list[str]:
+def recover_stale(folder: Path, names: str, remove_partials: bool = True) -> list[str]:
     """Tidy the leftovers of dead writers in ``folder`` for targets whose names match the regular
-    expression ``names``: delete ``NAME.partial-PID``; delete ``NAME.old-PID`` when ``NAME`` exists,
-    otherwise rename it back to ``NAME``. Returns what was done, one line per entry."""
+    expression ``names``: delete ``NAME.partial-PID`` (unless ``remove_partials`` is false: readers leave
+    them to the next writer); delete ``NAME.old-PID`` when ``NAME`` exists, otherwise rename it back to
+    ``NAME``. Safe to run from several processes at once. Returns what was done, one line per entry."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -157,9 +158,14 @@ def recover_stale(folder: Path, names: str) -> list[str]:
             match = pattern.fullmatch(path.name)
             if match is None or match["kind"] != kind or pid_alive(int(match["pid"])):
                 continue
+            if kind == PARTIAL and not remove_partials:
+                continue
             target = folder / match["name"]
             if kind == OLD and not (target.exists() or target.is_symlink()):
-                os.replace(path, target)
+                try:
+                    os.replace(path, target)
+                except FileNotFoundError:  # another process restored it first
+                    continue
                 done.append(f"restored {target.name} from {path.name}")
             else:
                 remove(path)

@@ -131,8 +131,12 @@ def test_normalized_batches_augment_like_their_physical_values(store):
     raw = next(iter(CubeLoader(store, batch_size=6, segments_per_batch=2, seed=5)))
     normalized = next(iter(CubeLoader(store, batch_size=6, segments_per_batch=2, seed=5, normalize=True)))
     transforms = [RollAndFlip(flip_p=1.0), Noise()]
-    out_raw = Augment(ChannelRoles.from_store(store, normalized=False), transforms, seed=2)(raw.frames.clone())
-    out_norm = Augment(ChannelRoles.from_store(store, normalized=True), transforms, seed=2)(normalized.frames.clone())
+    out_raw = Augment(ChannelRoles.from_store(store, normalized=False), transforms, seed=2)(
+        raw.frames.clone()
+    )
+    out_norm = Augment(ChannelRoles.from_store(store, normalized=True), transforms, seed=2)(
+        normalized.frames.clone()
+    )
     torch.testing.assert_close(store.denormalize(out_norm), out_raw, rtol=1e-5, atol=1e-4)
 
 
@@ -181,7 +185,8 @@ def test_sapwood_physics_budgets_and_thermo_unchanged_by_roll_and_flip(batch, st
         after = physics.budgets(augmented[k], geometry, batch.params)
         for name in ("mass", "water", "energy"):
             torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=0)
-        # per-layer relative momentum changes sign under the flip only through v; u cos(phi) is mirror-symmetric
+        # per-layer relative momentum changes sign under the flip only through v; u cos(phi) is
+        # mirror-symmetric
         torch.testing.assert_close(after["momentum"], before["momentum"], rtol=1e-4, atol=1e-3)
         thermo_before = physics.thermo_residuals(batch.frames[k], geometry, batch.params)
         thermo_after = physics.thermo_residuals(augmented[k], geometry, batch.params)
@@ -209,7 +214,8 @@ def test_fused_pass_equals_the_reference_transforms(store, normalized, in_place)
     assert (fused.data_ptr() == source.data_ptr()) == in_place
     torch.testing.assert_close(fused, expected, rtol=2e-6, atol=2e-6)
     assert not torch.equal(fused[1], frames[1]) and torch.equal(  # frame 1 only rolled and flipped
-        fused[1], roll_and_flip(frames, shifts, flips, roles)[1])
+        fused[1], roll_and_flip(frames, shifts, flips, roles)[1]
+    )
     without_noise = augment_planes(frames.clone(), roles, shifts, flips, None)
     assert torch.equal(without_noise, roll_and_flip(frames, shifts, flips, roles))  # a permutation: exact
 
@@ -235,8 +241,12 @@ def test_the_noise_field_is_uniform_independent_and_thread_count_free(store):
     assert abs(float(field.mean())) < 0.002 and abs(float(field.std()) - 12**-0.5) < 0.002
     neighbours = torch.corrcoef(torch.stack([field[..., :-1].flatten(), field[..., 1:].flatten()]))[0, 1]
     planes = torch.corrcoef(torch.stack([field[0, :, 0].flatten(), field[0, :, 1].flatten()]))[0, 1]
-    # independent values: sample correlations within 5 standard errors (1/sqrt(n)) of 0 (fixed seed: no chance)
-    assert abs(float(neighbours)) < 5 / (16 * 8 * 32 * 63) ** 0.5 and abs(float(planes)) < 5 / (16 * 32 * 64) ** 0.5
+    # independent values: sample correlations within 5 standard errors (1/sqrt(n)) of 0 (fixed seed: no
+    # chance)
+    assert (
+        abs(float(neighbours)) < 5 / (16 * 8 * 32 * 63) ** 0.5
+        and abs(float(planes)) < 5 / (16 * 32 * 64) ** 0.5
+    )
     assert not torch.equal(hash_uniform(8, (2, 16, 8, 32, 64), (0,)), field)
     roles = ChannelRoles.from_store(store, normalized=False)
     frames = next(iter(CubeLoader(store, batch_size=6, segments_per_batch=2, seed=0))).frames

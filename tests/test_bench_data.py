@@ -1,4 +1,5 @@
-"""``sapwood bench data`` and ``sapwood bench augment`` at tiny sizes: every figure comes with its same-run limit."""
+"""``sapwood bench data`` and ``sapwood bench augment`` at tiny sizes: every figure comes with its same-run
+limit."""
 
 from __future__ import annotations
 
@@ -25,8 +26,16 @@ def test_bench_augment_reports_seconds_gbps_and_the_memcpy_limit(tmp_path):
 
 @pytest.mark.slow
 def test_bench_data_reports_raw_memcpy_and_zarr_in_the_same_run(tmp_path):
-    results = run_data_bench(tmp_path / "out", tmp_path / "work", batch_gb=0.002, levels=2, nlat=8, nlon=16,
-                             batches=2, progress=False)
+    results = run_data_bench(
+        tmp_path / "out",
+        tmp_path / "work",
+        batch_gb=0.002,
+        levels=2,
+        nlat=8,
+        nlon=16,
+        batches=2,
+        progress=False,
+    )
     by_name = {r.name: r for r in results}
     params = by_name["loader with prefetch thread vs raw read"].params
     for key in ("loader_GBps", "raw_GBps", "memcpy_GBps", "naive_GBps", "read_batch_GBps"):

@@ -31,7 +31,7 @@ def smooth_field(times: int, *shape: int, base: float = 0.0, scale: float = 1.0,
     return out
 
 
-# --- the families --------------------------------------------------------------------------------------------
+# --- the families -------------------------------------------------------------------------------------------
 def era5_like(path, times: int = 12) -> xr.Dataset:
     """ERA5-like: descending latitude including the poles, pressure levels 1000 -> 250 (millibars, no
     standard_name), int16 packing with scale_factor/add_offset and a _FillValue, hourly-based time units."""
@@ -39,21 +39,44 @@ def era5_like(path, times: int = 12) -> xr.Dataset:
     lon = np.arange(0, 360, 22.5)
     level = np.asarray([1000, 850, 500, 250], dtype=np.int32)
     ds = xr.Dataset(
-        {"t": (("time", "level", "latitude", "longitude"), smooth_field(times, 4, 9, 16, base=260, scale=15),
-               {"units": "K", "long_name": "Temperature", "standard_name": "air_temperature"}),
-         "u": (("time", "level", "latitude", "longitude"), smooth_field(times, 4, 9, 16, base=5, scale=10),
-               {"units": "m s**-1", "standard_name": "eastward_wind"}),
-         "sp": (("time", "latitude", "longitude"), smooth_field(times, 9, 16, base=98000, scale=900),
-                {"units": "Pa", "standard_name": "surface_air_pressure", "long_name": "Surface pressure"})},
-        coords={"time": ("time", 1_000_000 + 6 * np.arange(times),
-                         {"units": "hours since 1900-01-01 00:00:00.0", "calendar": "gregorian", "long_name": "time"}),
-                "level": ("level", level, {"units": "millibars", "long_name": "pressure_level"}),
-                "latitude": ("latitude", lat, {"units": "degrees_north", "long_name": "latitude"}),
-                "longitude": ("longitude", lon, {"units": "degrees_east", "long_name": "longitude"})},
-        attrs={"Conventions": "CF-1.6"})
-    encoding = {name: {"dtype": "int16", "scale_factor": float(np.ptp(ds[name].values) / 60000),
-                       "add_offset": float(ds[name].values.mean()), "_FillValue": np.int16(-32767)}
-                for name in ("t", "u", "sp")}
+        {
+            "t": (
+                ("time", "level", "latitude", "longitude"),
+                smooth_field(times, 4, 9, 16, base=260, scale=15),
+                {"units": "K", "long_name": "Temperature", "standard_name": "air_temperature"},
+            ),
+            "u": (
+                ("time", "level", "latitude", "longitude"),
+                smooth_field(times, 4, 9, 16, base=5, scale=10),
+                {"units": "m s**-1", "standard_name": "eastward_wind"},
+            ),
+            "sp": (
+                ("time", "latitude", "longitude"),
+                smooth_field(times, 9, 16, base=98000, scale=900),
+                {"units": "Pa", "standard_name": "surface_air_pressure", "long_name": "Surface pressure"},
+            ),
+        },
+        coords={
+            "time": (
+                "time",
+                1_000_000 + 6 * np.arange(times),
+                {"units": "hours since 1900-01-01 00:00:00.0", "calendar": "gregorian", "long_name": "time"},
+            ),
+            "level": ("level", level, {"units": "millibars", "long_name": "pressure_level"}),
+            "latitude": ("latitude", lat, {"units": "degrees_north", "long_name": "latitude"}),
+            "longitude": ("longitude", lon, {"units": "degrees_east", "long_name": "longitude"}),
+        },
+        attrs={"Conventions": "CF-1.6"},
+    )
+    encoding = {
+        name: {
+            "dtype": "int16",
+            "scale_factor": float(np.ptp(ds[name].values) / 60000),
+            "add_offset": float(ds[name].values.mean()),
+            "_FillValue": np.int16(-32767),
+        }
+        for name in ("t", "u", "sp")
+    }
     encoding["time"] = {"dtype": "int32"}
     ds.to_netcdf(path, encoding=encoding)
     return ds
@@ -67,7 +90,9 @@ def cmip6_like(folder, member: str = "r1i1p1f1", months: int = 24, offset: float
     lat = (lat_edges[1:] + lat_edges[:-1]) / 2
     lon = (lon_edges[1:] + lon_edges[:-1]) / 2
     plev = np.asarray([100000.0, 85000.0, 50000.0, 25000.0])
-    days = np.cumsum([0] + [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31] * (months // 12 + 1))[:months + 1]
+    days = np.cumsum([0] + [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31] * (months // 12 + 1))[
+        : months + 1
+    ]
     mid = (days[1:] + days[:-1]) / 2
     band = np.abs(np.diff(np.sin(np.deg2rad(lat_edges))))
     area = 6.371e6**2 * np.deg2rad(22.5) * band[:, None] * np.ones(16)[None]
@@ -75,29 +100,73 @@ def cmip6_like(folder, member: str = "r1i1p1f1", months: int = 24, offset: float
     seed = int(member[1])
     ta = smooth_field(months, 4, 8, 16, base=250, scale=8, seed=seed) + 10 * season + offset
     ds = xr.Dataset(
-        {"ta": (("time", "plev", "lat", "lon"), ta,
-                {"standard_name": "air_temperature", "units": "K", "cell_measures": "area: areacella"}),
-         "ua": (("time", "plev", "lat", "lon"), smooth_field(months, 4, 8, 16, base=3, scale=6, seed=seed) + offset,
-                {"standard_name": "eastward_wind", "units": "m s-1"}),
-         "ps": (("time", "lat", "lon"), smooth_field(months, 8, 16, base=100000, scale=500, seed=seed) + 100 * season[:, 0] + offset,
-                {"standard_name": "surface_air_pressure", "units": "Pa"}),
-         "areacella": (("lat", "lon"), area, {"standard_name": "cell_area", "units": "m2"}),
-         "time_bnds": (("time", "bnds"), np.stack([days[:-1], days[1:]], 1)),
-         "lat_bnds": (("lat", "bnds"), np.stack([lat_edges[:-1], lat_edges[1:]], 1)),
-         "lon_bnds": (("lon", "bnds"), np.stack([lon_edges[:-1], lon_edges[1:]], 1)),
-         "plev_bnds": (("plev", "bnds"), np.stack([plev + 5000, plev - 5000], 1))},
-        coords={"time": ("time", mid, {"units": "days since 1850-01-01", "calendar": "noleap", "axis": "T",
-                                       "standard_name": "time", "bounds": "time_bnds"}),
-                "plev": ("plev", plev, {"units": "Pa", "axis": "Z", "positive": "down", "standard_name": "air_pressure",
-                                        "bounds": "plev_bnds"}),
-                "lat": ("lat", lat, {"units": "degrees_north", "axis": "Y", "standard_name": "latitude",
-                                     "bounds": "lat_bnds"}),
-                "lon": ("lon", lon, {"units": "degrees_east", "axis": "X", "standard_name": "longitude",
-                                     "bounds": "lon_bnds"})},
-        attrs={"Conventions": "CF-1.7 CMIP-6.2", "source_id": "TOY", "experiment_id": "historical",
-               "variant_label": member})
-    ds.to_netcdf(folder / f"Amon_TOY_historical_{member}_gn_185001-{1850 + months // 12 - 1}12.nc",
-                 encoding={"time": {"dtype": "float64"}})
+        {
+            "ta": (
+                ("time", "plev", "lat", "lon"),
+                ta,
+                {"standard_name": "air_temperature", "units": "K", "cell_measures": "area: areacella"},
+            ),
+            "ua": (
+                ("time", "plev", "lat", "lon"),
+                smooth_field(months, 4, 8, 16, base=3, scale=6, seed=seed) + offset,
+                {"standard_name": "eastward_wind", "units": "m s-1"},
+            ),
+            "ps": (
+                ("time", "lat", "lon"),
+                smooth_field(months, 8, 16, base=100000, scale=500, seed=seed) + 100 * season[:, 0] + offset,
+                {"standard_name": "surface_air_pressure", "units": "Pa"},
+            ),
+            "areacella": (("lat", "lon"), area, {"standard_name": "cell_area", "units": "m2"}),
+            "time_bnds": (("time", "bnds"), np.stack([days[:-1], days[1:]], 1)),
+            "lat_bnds": (("lat", "bnds"), np.stack([lat_edges[:-1], lat_edges[1:]], 1)),
+            "lon_bnds": (("lon", "bnds"), np.stack([lon_edges[:-1], lon_edges[1:]], 1)),
+            "plev_bnds": (("plev", "bnds"), np.stack([plev + 5000, plev - 5000], 1)),
+        },
+        coords={
+            "time": (
+                "time",
+                mid,
+                {
+                    "units": "days since 1850-01-01",
+                    "calendar": "noleap",
+                    "axis": "T",
+                    "standard_name": "time",
+                    "bounds": "time_bnds",
+                },
+            ),
+            "plev": (
+                "plev",
+                plev,
+                {
+                    "units": "Pa",
+                    "axis": "Z",
+                    "positive": "down",
+                    "standard_name": "air_pressure",
+                    "bounds": "plev_bnds",
+                },
+            ),
+            "lat": (
+                "lat",
+                lat,
+                {"units": "degrees_north", "axis": "Y", "standard_name": "latitude", "bounds": "lat_bnds"},
+            ),
+            "lon": (
+                "lon",
+                lon,
+                {"units": "degrees_east", "axis": "X", "standard_name": "longitude", "bounds": "lon_bnds"},
+            ),
+        },
+        attrs={
+            "Conventions": "CF-1.7 CMIP-6.2",
+            "source_id": "TOY",
+            "experiment_id": "historical",
+            "variant_label": member,
+        },
+    )
+    ds.to_netcdf(
+        folder / f"Amon_TOY_historical_{member}_gn_185001-{1850 + months // 12 - 1}12.nc",
+        encoding={"time": {"dtype": "float64"}},
+    )
     return ds
 
 
@@ -107,14 +176,28 @@ def regional_360_day(path, days: int = 12) -> xr.Dataset:
     lat = np.linspace(30, 60, 7)
     lon = np.linspace(-20, 40, 10)
     ds = xr.Dataset(
-        {"tas": (("time", "y", "x"), smooth_field(days, 7, 10, base=285, scale=5),
-                 {"standard_name": "air_temperature", "units": "K"}),
-         "pr": (("time", "y", "x"), np.abs(smooth_field(days, 7, 10, base=0, scale=3e-5)),
-                {"standard_name": "precipitation_flux", "units": "kg m-2 s-1"})},
-        coords={"time": ("time", np.arange(days) + 0.5, {"units": "days since 1981-01-01", "calendar": "360_day",
-                                                        "standard_name": "time"}),
-                "latitude": ("y", lat, {"units": "degrees_north", "standard_name": "latitude"}),
-                "longitude": ("x", lon, {"units": "degrees_east", "standard_name": "longitude"})})
+        {
+            "tas": (
+                ("time", "y", "x"),
+                smooth_field(days, 7, 10, base=285, scale=5),
+                {"standard_name": "air_temperature", "units": "K"},
+            ),
+            "pr": (
+                ("time", "y", "x"),
+                np.abs(smooth_field(days, 7, 10, base=0, scale=3e-5)),
+                {"standard_name": "precipitation_flux", "units": "kg m-2 s-1"},
+            ),
+        },
+        coords={
+            "time": (
+                "time",
+                np.arange(days) + 0.5,
+                {"units": "days since 1981-01-01", "calendar": "360_day", "standard_name": "time"},
+            ),
+            "latitude": ("y", lat, {"units": "degrees_north", "standard_name": "latitude"}),
+            "longitude": ("x", lon, {"units": "degrees_east", "standard_name": "longitude"}),
+        },
+    )
     ds.to_netcdf(path)
     return ds
 
@@ -132,15 +215,34 @@ def ocean_monthly_files(folder, months: int = 12, skip: int | None = None) -> xr
     tos = np.where(land[0][None], np.nan, smooth_field(months, 6, 12, base=18, scale=5))
     so = np.where(land[None], 1e20, smooth_field(months, 3, 6, 12, base=35, scale=0.5))
     whole = xr.Dataset(
-        {"thetao": (("time_counter", "deptht", "y", "x"), thetao,
-                    {"standard_name": "sea_water_potential_temperature", "units": "degC"}),
-         "tos": (("time_counter", "y", "x"), tos, {"standard_name": "sea_surface_temperature", "units": "degC"}),
-         "so": (("time_counter", "deptht", "y", "x"), so, {"standard_name": "sea_water_salinity", "units": "0.001"})},
-        coords={"time_counter": ("time_counter", 15.0 + 30.4 * np.arange(months),
-                                 {"units": "days since 2000-01-01 00:00:00", "calendar": "gregorian", "axis": "T"}),
-                "deptht": ("deptht", depth, {"units": "m", "positive": "down", "axis": "Z"}),
-                "nav_lat": ("y", lat, {"units": "degrees_north", "standard_name": "latitude"}),
-                "nav_lon": ("x", lon, {"units": "degrees_east", "standard_name": "longitude"})})
+        {
+            "thetao": (
+                ("time_counter", "deptht", "y", "x"),
+                thetao,
+                {"standard_name": "sea_water_potential_temperature", "units": "degC"},
+            ),
+            "tos": (
+                ("time_counter", "y", "x"),
+                tos,
+                {"standard_name": "sea_surface_temperature", "units": "degC"},
+            ),
+            "so": (
+                ("time_counter", "deptht", "y", "x"),
+                so,
+                {"standard_name": "sea_water_salinity", "units": "0.001"},
+            ),
+        },
+        coords={
+            "time_counter": (
+                "time_counter",
+                15.0 + 30.4 * np.arange(months),
+                {"units": "days since 2000-01-01 00:00:00", "calendar": "gregorian", "axis": "T"},
+            ),
+            "deptht": ("deptht", depth, {"units": "m", "positive": "down", "axis": "Z"}),
+            "nav_lat": ("y", lat, {"units": "degrees_north", "standard_name": "latitude"}),
+            "nav_lon": ("x", lon, {"units": "degrees_east", "standard_name": "longitude"}),
+        },
+    )
     for month in range(months):
         if month == skip:
             continue
@@ -158,21 +260,46 @@ def curvilinear(path, times: int = 10) -> xr.Dataset:
     lon = -10 + 4 * i - 1.2 * j
     height = np.asarray([10.0, 1000.0, 3000.0])
     ds = xr.Dataset(
-        {"tas": (("time", "j", "i"), smooth_field(times, 6, 9, base=280, scale=3),
-                 {"standard_name": "air_temperature", "units": "K", "coordinates": "lat lon"}),
-         "ta": (("time", "height", "j", "i"), smooth_field(times, 3, 6, 9, base=270, scale=3),
-                {"standard_name": "air_temperature", "units": "K", "coordinates": "lat lon"})},
-        coords={"time": ("time", np.arange(times) * 3.0, {"units": "hours since 2020-06-01", "calendar": "standard"}),
-                "height": ("height", height, {"units": "m", "positive": "up", "axis": "Z"}),
-                "lat": (("j", "i"), lat, {"units": "degrees_north", "standard_name": "latitude"}),
-                "lon": (("j", "i"), lon, {"units": "degrees_east", "standard_name": "longitude"})})
+        {
+            "tas": (
+                ("time", "j", "i"),
+                smooth_field(times, 6, 9, base=280, scale=3),
+                {"standard_name": "air_temperature", "units": "K", "coordinates": "lat lon"},
+            ),
+            "ta": (
+                ("time", "height", "j", "i"),
+                smooth_field(times, 3, 6, 9, base=270, scale=3),
+                {"standard_name": "air_temperature", "units": "K", "coordinates": "lat lon"},
+            ),
+        },
+        coords={
+            "time": (
+                "time",
+                np.arange(times) * 3.0,
+                {"units": "hours since 2020-06-01", "calendar": "standard"},
+            ),
+            "height": ("height", height, {"units": "m", "positive": "up", "axis": "Z"}),
+            "lat": (("j", "i"), lat, {"units": "degrees_north", "standard_name": "latitude"}),
+            "lon": (("j", "i"), lon, {"units": "degrees_east", "standard_name": "longitude"}),
+        },
+    )
     ds.to_netcdf(path)
     return ds
 
 
 def train_and_eval(store, tmp_path, val_runs: int = 0, holdout_time: float = 0.25) -> dict:
-    config = surrogate_config(store, tmp_path / "run", steps=4, hidden=32, layers=1, heads=2, patch=4, batch_size=2,
-                              val_runs=val_runs, holdout_time=holdout_time)
+    config = surrogate_config(
+        store,
+        tmp_path / "run",
+        steps=4,
+        hidden=32,
+        layers=1,
+        heads=2,
+        patch=4,
+        batch_size=2,
+        val_runs=val_runs,
+        holdout_time=holdout_time,
+    )
     summary = train(config)
     assert np.isfinite(summary["loss"]) and np.isfinite(summary["val_loss"])
     result = evaluate_surrogate(summary["final"], store, tmp_path / "eval", rollout_steps=2)
@@ -180,7 +307,9 @@ def train_and_eval(store, tmp_path, val_runs: int = 0, holdout_time: float = 0.2
     for key in ("rmse", "acc", "rmse_persistence", "rmse_climatology", "constraints", "definitions"):
         assert key in saved
     assert all(np.isfinite(v) for v in result["rmse"].values())
-    assert set(result["definitions"]) >= {k for k in result if k not in ("checkpoint", "store", "grid", "definitions")}
+    assert set(result["definitions"]) >= {
+        k for k in result if k not in ("checkpoint", "store", "grid", "definitions")
+    }
     return result
 
 
@@ -192,7 +321,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# --- the tests ------------------------------------------------------------------------------------------------
+# --- the tests ----------------------------------------------------------------------------------------------
 def test_era5_like_packed_descending(tmp_path):
     path = tmp_path / "era5.nc"
     era5_like(path)
@@ -208,14 +337,19 @@ def test_era5_like_packed_descending(tmp_path):
         decoded = raw * nc["t"].scale_factor + nc["t"].add_offset
         raw_sp = nc["sp"][:].astype(np.float64) * nc["sp"].scale_factor + nc["sp"].add_offset
     frames = store.memmap()
-    np.testing.assert_allclose(frames[:, store.channel_slice("t")], decoded[:, ::-1, ::-1].astype(np.float32), rtol=1e-6)
-    np.testing.assert_allclose(frames[:, store.channel_slice("sp")][:, 0], raw_sp[:, ::-1].astype(np.float32),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        frames[:, store.channel_slice("t")], decoded[:, ::-1, ::-1].astype(np.float32), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        frames[:, store.channel_slice("sp")][:, 0], raw_sp[:, ::-1].astype(np.float32), rtol=1e-6
+    )
     by_standard_name = prepare([path], tmp_path / "store2", ("air_temperature", "sp"), progress=False)
     assert by_standard_name.variables == ["t", "sp"]
     result = train_and_eval(tmp_path / "store", tmp_path)
     assert result["held_out"]["windows"] == [[0, 9, 12]]
-    assert result["constraints"]["mass"].startswith("skipped: the budgets need sigma levels")  # pressure levels
+    assert result["constraints"]["mass"].startswith(
+        "skipped: the budgets need sigma levels"
+    )  # pressure levels
     assert result["baselines"]["advective_persistence"] == "applied"
 
 
@@ -234,8 +368,10 @@ def test_cmip6_like_noleap_bounds_and_cell_measures(tmp_path):
     ds = xr.open_dataset(sorted(folder.iterdir())[1])
     np.testing.assert_allclose(store.area, ds.areacella.values / ds.areacella.values.mean(), rtol=1e-12)
     first = int(store.run_rows[1])
-    np.testing.assert_array_equal(store.read_rows(first, 24)[:, store.channel_slice("ta")].numpy(),
-                                  ds.ta.values[:, ::-1].astype(np.float32))
+    np.testing.assert_array_equal(
+        store.read_rows(first, 24)[:, store.channel_slice("ta")].numpy(),
+        ds.ta.values[:, ::-1].astype(np.float32),
+    )
     result = train_and_eval(tmp_path / "store", tmp_path, val_runs=1, holdout_time=0.25)
     assert result["held_out_runs"] == [2] and result["climatology"]["key"] == "calendar month"
     assert result["climatology"]["fallback_lookups"] == 0  # 18 training months cover every month
@@ -277,7 +413,9 @@ def test_ocean_mask_monthly_files_gap_and_overlap(tmp_path):
     np.testing.assert_array_equal(frames[:, store.channel_slice("tos")][:, 0][ok], truth[ok])
     assert np.all(frames[:, store.channel_slice("tos")][:, 0][~ok] == 0)
     assert store.index["mask"]["thetao"]["masked_cells"] == int(np.isnan(whole.thetao.values[0]).sum())
-    prepare([folder], tmp_path / "zarr-store", progress=False, layout="zarr")  # masked cells are NaN for xarray
+    prepare(
+        [folder], tmp_path / "zarr-store", progress=False, layout="zarr"
+    )  # masked cells are NaN for xarray
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "zarr-store", consolidated=False).tos.values, truth)
     np.testing.assert_array_equal(CubeStore(tmp_path / "zarr-store").read_rows(0, 12).numpy(), frames)
     result = train_and_eval(tmp_path / "store", tmp_path, holdout_time=0.34)
@@ -300,7 +438,10 @@ def test_ocean_mask_monthly_files_gap_and_overlap(tmp_path):
 
     overlap = tmp_path / "overlap"
     overlap.mkdir()
-    for name, months in (("ocean_1m_200001-200006.nc", slice(0, 6)), ("ocean_1m_200005-200012.nc", slice(4, 12))):
+    for name, months in (
+        ("ocean_1m_200001-200006.nc", slice(0, 6)),
+        ("ocean_1m_200005-200012.nc", slice(4, 12)),
+    ):
         whole.isel(time_counter=months).to_netcdf(overlap / name)
     report = prepare([overlap], tmp_path / "overlap-store", progress=False)
     assert report.runs == 1 and report.rows == 12
@@ -314,8 +455,10 @@ def test_curvilinear_grid_carried_or_refused(tmp_path):
     store = CubeStore(tmp_path / "store")
     assert store.curvilinear and store.index["grid"]["area_source"] == "jacobian"
     assert store.levels.tolist() == [3000, 1000, 10]  # height positive up: top-down is descending
-    np.testing.assert_array_equal(store.memmap()[:, store.channel_slice("ta")],
-                                  xr.open_dataset(tmp_path / "curv.nc").ta.values[:, ::-1].astype(np.float32))
+    np.testing.assert_array_equal(
+        store.memmap()[:, store.channel_slice("ta")],
+        xr.open_dataset(tmp_path / "curv.nc").ta.values[:, ::-1].astype(np.float32),
+    )
     assert store.area.shape == (6, 9) and abs(store.area.mean() - 1) < 1e-12
     train_and_eval(tmp_path / "store", tmp_path)
 
@@ -330,9 +473,11 @@ def test_curvilinear_grid_carried_or_refused(tmp_path):
 
 def test_odd_attributes_are_named_problems_not_tracebacks(tmp_path, capsys):
     regional_360_day(tmp_path / "good.nc")
-    edits = {"calendar.nc": lambda ds: ds["time"].setncattr("calendar", "martian"),
-             "units.nc": lambda ds: ds["time"].setncattr("units", "days since the beginning"),
-             "scale.nc": lambda ds: ds["tas"].setncattr("scale_factor", "large")}
+    edits = {
+        "calendar.nc": lambda ds: ds["time"].setncattr("calendar", "martian"),
+        "units.nc": lambda ds: ds["time"].setncattr("units", "days since the beginning"),
+        "scale.nc": lambda ds: ds["tas"].setncattr("scale_factor", "large"),
+    }
     for name, edit in edits.items():
         regional_360_day(tmp_path / name)
         with netCDF4.Dataset(tmp_path / name, "a") as ds:
@@ -351,8 +496,17 @@ def test_store_grid_checked_against_checkpoint(tmp_path, capsys):
     folder.mkdir()
     cmip6_like(folder, months=12)
     prepare([folder], tmp_path / "store", progress=False)
-    config = surrogate_config(tmp_path / "store", tmp_path / "run", steps=1, hidden=32, layers=1, heads=2,
-                              batch_size=2, val_runs=0, holdout_time=0.25)
+    config = surrogate_config(
+        tmp_path / "store",
+        tmp_path / "run",
+        steps=1,
+        hidden=32,
+        layers=1,
+        heads=2,
+        batch_size=2,
+        val_runs=0,
+        holdout_time=0.25,
+    )
     final = train(config)["final"]
     other = xr.open_dataset(next(folder.iterdir())).load()
     other = other.assign_coords(lat=other.lat + 1.0)
@@ -379,7 +533,10 @@ def test_physics_support_names_what_is_missing(tmp_path):
 
     fill_from_store(config.cube, CubeStore(tmp_path / "store"))
     support = physics_support(config.cube)
-    assert support["mass"] == "skipped: the budgets need sigma levels (atmosphere_sigma_coordinate); the levels are air_pressure"
+    assert (
+        support["mass"]
+        == "skipped: the budgets need sigma levels (atmosphere_sigma_coordinate); the levels are air_pressure"
+    )
 
 
 def test_physics_finds_its_variables_by_standard_name(tmp_path):
@@ -388,8 +545,13 @@ def test_physics_finds_its_variables_by_standard_name(tmp_path):
     from sapwood.physics import violations
     from sapwood.train.cube_task import fill_from_store, store_geometry
 
-    (run,) = simulate_ensemble(tmp_path / "sim", runs=1, grid=Grid(levels=3, nlat=8, nlon=16, times=3, spinup_days=1), seed=2,
-                               progress=False)
+    (run,) = simulate_ensemble(
+        tmp_path / "sim",
+        runs=1,
+        grid=Grid(levels=3, nlat=8, nlon=16, times=3, spinup_days=1),
+        seed=2,
+        progress=False,
+    )
     names = {"T": "ta", "u": "ua", "v": "va", "q": "hus", "ps": "sp", "rho": "rhoa", "zg": "geoh"}
     xr.open_dataset(run, decode_times=False).rename(names).to_netcdf(tmp_path / "renamed.nc")
     reports = {}
@@ -400,8 +562,12 @@ def test_physics_finds_its_variables_by_standard_name(tmp_path):
         fill_from_store(cube, store)
         assert set(physics_support(cube).values()) == {"applied"}, physics_support(cube)
         frames = store.read_rows(0, 3)
-        reports[label] = violations(frames[:-1], frames[1:], store_geometry(cube),
-                                    torch.as_tensor(store.params[:1], dtype=torch.float32).expand(2, -1))
+        reports[label] = violations(
+            frames[:-1],
+            frames[1:],
+            store_geometry(cube),
+            torch.as_tensor(store.params[:1], dtype=torch.float32).expand(2, -1),
+        )
     assert CubeStore(tmp_path / "renamed").index["variables"][0]["name"] == "ta"
     for key, value in reports["simulator"].items():
         torch.testing.assert_close(reports["renamed"][key], value)

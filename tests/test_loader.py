@@ -216,8 +216,9 @@ def test_cube_training_logs_the_time_each_step_waited_for_data(tmp_path):
     from sapwood.train.metrics import read_events
 
     store = simulated_store(tmp_path / "data", runs=3, levels=2, nlat=8, nlon=16, times=6, spinup_days=1)
-    config = surrogate_config(store, tmp_path / "run", steps=4, hidden=32, layers=1, heads=2, patch=4,
-                              batch_size=4, val_runs=1)
+    config = surrogate_config(
+        store, tmp_path / "run", steps=4, hidden=32, layers=1, heads=2, patch=4, batch_size=4, val_runs=1
+    )
     config.train.log_every = 1
     train(config)
     steps = read_events(tmp_path / "run" / "metrics.jsonl", "train")

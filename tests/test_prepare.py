@@ -92,15 +92,27 @@ def test_bad_inputs_are_named_skipped_and_lose_nothing_else(runs, tmp_path):
     (folder / "truncated.nc").write_bytes(data[: len(data) // 2])
     write_variant(runs[2], folder / "inf.nc", lambda ds: ds["q"].__setitem__((2, 1, 3, 4), np.inf))
     write_variant(runs[2], folder / "units.nc", lambda ds: ds["T"].setncattr("units", "degC"))
-    write_variant(runs[2], folder / "time_order.nc", lambda ds: ds["time"].__setitem__(slice(None), ds["time"][::-1]))
-    simulate_ensemble(tmp_path / "other", runs=1, grid=Grid(levels=3, nlat=10, nlon=16, times=4, spinup_days=1),
-                      progress=False)
+    write_variant(
+        runs[2], folder / "time_order.nc", lambda ds: ds["time"].__setitem__(slice(None), ds["time"][::-1])
+    )
+    simulate_ensemble(
+        tmp_path / "other",
+        runs=1,
+        grid=Grid(levels=3, nlat=10, nlon=16, times=4, spinup_days=1),
+        progress=False,
+    )
     shutil.copy(tmp_path / "other" / "run_0000.nc", folder / "wrong_shape.nc")
 
     report = prepare([folder], tmp_path / "store", progress=False)
     kinds = {p.path.name: p.kind for p in report.problems}
-    assert kinds == {"corrupt.nc": "corrupt", "truncated.nc": "truncated", "inf.nc": "non-finite",
-                     "units.nc": "units", "time_order.nc": "coordinates", "wrong_shape.nc": "shape"}
+    assert kinds == {
+        "corrupt.nc": "corrupt",
+        "truncated.nc": "truncated",
+        "inf.nc": "non-finite",
+        "units.nc": "units",
+        "time_order.nc": "coordinates",
+        "wrong_shape.nc": "shape",
+    }
     assert sorted(p.name for p in report.used) == sorted(p.name for p in good)
     assert "q level 1 at time index 2" in next(str(p) for p in report.problems if p.kind == "non-finite")
     summary = report.summary()
@@ -110,7 +122,7 @@ def test_bad_inputs_are_named_skipped_and_lose_nothing_else(runs, tmp_path):
     whole = store.memmap()
     for run, path in enumerate(sorted(good)):
         first = store.run_rows[run]
-        np.testing.assert_array_equal(whole[first:first + 6], expected_frames(path))
+        np.testing.assert_array_equal(whole[first : first + 6], expected_frames(path))
 
 
 def test_nothing_usable_is_an_error_naming_the_files(tmp_path, capsys):
@@ -172,8 +184,12 @@ def test_zarr_and_netcdf_inputs_mix(runs, tmp_path):
     report = prepare([runs[0], zarr_path, zarr2_path], tmp_path / "store", progress=False)
     assert not report.problems and report.runs == 3, report.summary()
     store = CubeStore(tmp_path / "store")
-    np.testing.assert_array_equal(store.read_rows(int(store.run_rows[1]), 6).numpy(), expected_frames(runs[1]))
-    np.testing.assert_array_equal(store.read_rows(int(store.run_rows[2]), 6).numpy(), expected_frames(runs[2]))
+    np.testing.assert_array_equal(
+        store.read_rows(int(store.run_rows[1]), 6).numpy(), expected_frames(runs[1])
+    )
+    np.testing.assert_array_equal(
+        store.read_rows(int(store.run_rows[2]), 6).numpy(), expected_frames(runs[2])
+    )
 
 
 def test_store_damage_is_detected_and_rerunning_prepare_repairs_it(runs, tmp_path):
@@ -188,6 +204,65 @@ def test_store_damage_is_detected_and_rerunning_prepare_repairs_it(runs, tmp_pat
     (tmp_path / "store" / "grid.npz").unlink()
     assert not prepare(runs[:1], tmp_path / "store", progress=False).up_to_date
     assert prepare(runs[:1], tmp_path / "store", progress=False).up_to_date
+
+
+DEAD_PID = 4_194_305  # above Linux's largest pid_max: never a running process
+
+
+def damage_shard(store, kind: str) -> None:
+    shard = sorted(p for p in (store / "T" / "c").rglob("*") if p.is_file())[-1]
+    if kind == "delete":
+        shard.unlink()
+    elif kind == "truncate":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size - 40)
+    else:  # same size, other bytes
+        shard.write_bytes(bytes(shard.stat().st_size))
+
+
+@pytest.mark.parametrize("kind", ["delete", "truncate", "overwrite-grid"])
+def test_damaged_zarr_store_is_refused_and_a_plain_rerun_repairs_it(runs, tmp_path, kind):
+    store = tmp_path / "store"
+    prepare(runs[:2], store, progress=False, layout="zarr")
+    if kind == "overwrite-grid":
+        grid = store / "sapwood" / "grid.npz"
+        data = bytearray(grid.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        grid.write_bytes(bytes(data))
+    else:
+        damage_shard(store, kind)
+    with pytest.raises(SapwoodError, match="damaged, run `sapwood prepare` again") as raised:
+        CubeStore(store)
+    assert "\n" not in str(raised.value)
+    again = prepare(runs[:2], store, progress=False, layout="zarr")  # what the message says to do
+    assert not again.up_to_date
+    np.testing.assert_array_equal(CubeStore(store).read_rows(0, 6).numpy(), expected_frames(runs[0]))
+    assert prepare(runs[:2], store, progress=False, layout="zarr").up_to_date
+
+
+def test_raw_store_with_a_changed_grid_file_is_refused_and_rebuilt(runs, tmp_path):
+    store = tmp_path / "store"
+    prepare(runs[:1], store, progress=False)
+    grid = store / "grid.npz"
+    grid.write_bytes(bytes(grid.stat().st_size))  # same size, zeros: the crc32 in the index differs
+    with pytest.raises(SapwoodError, match="grid.npz: contents changed.*run `sapwood prepare` again"):
+        CubeStore(store)
+    assert not prepare(runs[:1], store, progress=False).up_to_date
+    np.testing.assert_array_equal(CubeStore(store).memmap(), expected_frames(runs[0]))
+
+
+def test_a_reader_restores_a_store_left_between_the_two_renames(runs, tmp_path):
+    store = tmp_path / "store"
+    prepare(runs[:1], store, progress=False)
+    store.rename(tmp_path / f"store.old-{DEAD_PID}")  # the writer died after moving the old store aside
+    (tmp_path / f"store.partial-{DEAD_PID}").mkdir()  # and before publishing its new one
+    reader = CubeStore(store)
+    assert reader.rows == 6 and not (tmp_path / f"store.old-{DEAD_PID}").exists()
+    assert (tmp_path / f"store.partial-{DEAD_PID}").exists()  # readers leave partial folders to writers
+    shutil.copytree(store, tmp_path / f"store.old-{DEAD_PID}")  # died before deleting the old one
+    assert CubeStore(store).rows == 6 and not (tmp_path / f"store.old-{DEAD_PID}").exists()
+    prepare(runs[:1], store, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # the next prepare tidies the rest
 
 
 def test_read_rows_into_checks_its_buffer(runs, tmp_path):
@@ -221,7 +296,9 @@ def test_zarr_layout_is_read_by_xarray_and_loads_like_the_raw_store(runs, tmp_pa
     assert ds["run"].values.tolist() == [0] * 6 + [1] * 6 + [2] * 6
     raw, zarr_store = CubeStore(tmp_path / "raw"), CubeStore(tmp_path / "zarr")
     assert not (tmp_path / "zarr" / "frames.f32").exists()
-    for a, b in zip(CubeLoader(raw, batch_size=4, seed=1), CubeLoader(zarr_store, batch_size=4, seed=1), strict=True):
+    for a, b in zip(
+        CubeLoader(raw, batch_size=4, seed=1), CubeLoader(zarr_store, batch_size=4, seed=1), strict=True
+    ):
         assert torch.equal(a.frames, b.frames) and torch.equal(a.run, b.run)
     assert prepare(runs, tmp_path / "zarr", progress=False, layout="zarr").up_to_date
     with pytest.raises(SapwoodError, match="format 'parquet': allowed are raw, zarr"):

@@ -1,5 +1,6 @@
-"""The Zarr v3 store layout, checked against the Zarr v3 specification (core metadata, the ``sharding_indexed``
-codec's binary shard format) and read back by xarray with CF decoding; direct shard reads equal zarr-python's."""
+"""The Zarr v3 store layout, checked against the Zarr v3 specification (core metadata, the
+``sharding_indexed`` codec's binary shard format) and read back by xarray with CF decoding; direct shard reads
+equal zarr-python's."""
 
 from __future__ import annotations
 
@@ -58,14 +59,14 @@ def test_shards_decode_by_the_spec_to_the_raw_frames(stores):
     meta = json.loads((zarr_store.path / "T" / "zarr.json").read_text())
     per_shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
     data = (zarr_store.path / "T" / "c" / "0" / "0" / "0" / "0").read_bytes()
-    index_bytes = data[-(16 * per_shard + 4):-4]
+    index_bytes = data[-(16 * per_shard + 4) : -4]
     crc32c = pytest.importorskip("google_crc32c")
     assert int.from_bytes(data[-4:], "little") == crc32c.value(index_bytes)
     index = np.frombuffer(index_bytes, "<u8").reshape(per_shard, 2)
     channels = raw.channel_slice("T")
     for frame in (0, 1, per_shard - 1):
         offset, nbytes = (int(v) for v in index[frame])
-        chunk = np.frombuffer(data[offset:offset + nbytes], "<f4").reshape(LEVELS, NLAT, NLON)
+        chunk = np.frombuffer(data[offset : offset + nbytes], "<f4").reshape(LEVELS, NLAT, NLON)
         np.testing.assert_array_equal(chunk, raw.read_rows(frame, 1)[0, channels].numpy())
 
 
@@ -74,7 +75,9 @@ def test_xarray_reads_cf_coordinates_and_masked_cells(stores):
     ds = xr.open_zarr(zarr_store.path, consolidated=False)
     source = xr.open_dataset(runs[1])
     second = slice(TIMES, 2 * TIMES)
-    assert ds["time"].values[second].tolist() == source["time"].values.tolist()  # decoded by CF units/calendar
+    assert (
+        ds["time"].values[second].tolist() == source["time"].values.tolist()
+    )  # decoded by CF units/calendar
     np.testing.assert_allclose(ds["lat"].values, source["lat"].values)
     np.testing.assert_allclose(ds["lon"].values, source["lon"].values)
     np.testing.assert_allclose(ds["lev"].values, source["lev"].values)
@@ -91,8 +94,8 @@ def test_direct_shard_reads_equal_zarr_python_and_the_raw_store(stores, read_thr
     fallback = ZarrRows(zarr_store.path, zarr_store.variables, zarr_store.shape, direct=False)
     for first, count in ((0, 3), (60, 10), (63, 70), (130, 10)):  # inside, across and after shard boundaries
         expected = raw.read_rows(first, count).numpy()
-        np.testing.assert_array_equal(rows[first:first + count], expected)
-        np.testing.assert_array_equal(fallback[first:first + count], expected)
+        np.testing.assert_array_equal(rows[first : first + count], expected)
+        np.testing.assert_array_equal(fallback[first : first + count], expected)
     loaders = [CubeLoader(s, batch_size=8, seed=3, read_threads=read_threads) for s in (raw, zarr_store)]
     for a, b in zip(*loaders, strict=True):
         assert torch.equal(a.frames, b.frames)

@@ -5,10 +5,10 @@ Both do the same work on the same batch of synthetic frames ``[2, B, C, lat, lon
 a random periodic longitude roll and a hemispheric flip (``v -> -v``) per sample on both frames, and bounded
 per-variable noise (multiplicative for positive variables) on the state. The baseline
 (:func:`sapwood.data.augment.numpy_loop_augment`) loops over samples and variables in numpy; sapwood
-(:class:`sapwood.data.augment.Augment`) is one fused pass that reads and writes each element once (in place, as
-in training, and into a recycled buffer). The limit: ``copy_`` of the batch into a preallocated buffer (one read
-and one write of every element, all threads). On a GPU, when present: the host-to-device copy of the batch from
-pinned memory and the augmentation on the device.
+(:class:`sapwood.data.augment.Augment`) is one fused pass that reads and writes each element once (in place,
+as in training, and into a recycled buffer). The limit: ``copy_`` of the batch into a preallocated buffer (one
+read and one write of every element, all threads). On a GPU, when present: the host-to-device copy of the
+batch from pinned memory and the augmentation on the device.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from sapwood.data.augment import Augment, ChannelRoles, numpy_loop_augment
 
 
 def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Process CPU seconds per call (all threads): less sensitive than wall time to other load on the machine."""
+    """Process CPU seconds per call (all threads): less sensitive than wall time to other load on the
+    machine."""
     fn()
     start = time.process_time()
     for _ in range(repeats):
@@ -37,15 +38,36 @@ def synthetic_frames(batch_size: int, levels: int, nlat: int, nlon: int, seed: i
     generator = torch.Generator().manual_seed(seed)
     channels = 6 * levels + 1
     frames = torch.rand((2, batch_size, channels, nlat, nlon), generator=generator)
-    scale = torch.tensor([250.0] * levels + [20.0] * levels + [10.0] * levels + [0.01] * levels + [1e5]
-                         + [1.0] * levels + [5000.0] * levels)
+    scale = torch.tensor(
+        [250.0] * levels
+        + [20.0] * levels
+        + [10.0] * levels
+        + [0.01] * levels
+        + [1e5]
+        + [1.0] * levels
+        + [5000.0] * levels
+    )
     return (frames + 0.5) * scale.reshape(-1, 1, 1)
 
 
-def run_augment_bench(out: Path, batch_gb: float = 0.05, levels: int = 8, nlat: int = 32, nlon: int = 64,
-                      repeats: int = 5, frames: torch.Tensor | None = None) -> list[Result]:
-    variables = [("T", levels), ("u", levels), ("v", levels), ("q", levels), ("ps", 0), ("rho", levels),
-                 ("zg", levels)]
+def run_augment_bench(
+    out: Path,
+    batch_gb: float = 0.05,
+    levels: int = 8,
+    nlat: int = 32,
+    nlon: int = 64,
+    repeats: int = 5,
+    frames: torch.Tensor | None = None,
+) -> list[Result]:
+    variables = [
+        ("T", levels),
+        ("u", levels),
+        ("v", levels),
+        ("q", levels),
+        ("ps", 0),
+        ("rho", levels),
+        ("zg", levels),
+    ]
     row_bytes = 4 * (6 * levels + 1) * nlat * nlon
     batch_size = max(1, round(batch_gb * 1e9 / (2 * row_bytes)))
     frames = synthetic_frames(batch_size, levels, nlat, nlon) if frames is None else frames
@@ -54,8 +76,13 @@ def run_augment_bench(out: Path, batch_gb: float = 0.05, levels: int = 8, nlat: 
     gigabytes = batch_bytes / 1e9
     array = frames.numpy()
     threads = torch.get_num_threads()
-    params = {"batch_gb": gigabytes, "batch_size": frames.shape[1], "grid": "x".join(map(str, frames.shape[2:])),
-              "threads": threads, "repeats": repeats}
+    params = {
+        "batch_gb": gigabytes,
+        "batch_size": frames.shape[1],
+        "grid": "x".join(map(str, frames.shape[2:])),
+        "threads": threads,
+        "repeats": repeats,
+    }
 
     def spread(timing: Timing) -> dict[str, float]:
         return {"min_s": timing.minimum, "max_s": timing.maximum, "GBps": gigabytes / timing.median}
@@ -77,24 +104,60 @@ def run_augment_bench(out: Path, batch_gb: float = 0.05, levels: int = 8, nlat: 
         torch.set_num_threads(threads)
     loop = "per-sample per-variable numpy loop"
     results = [
-        Result("fused augment in place vs numpy loop (cpu)", fused_in_place.median, "s/batch", baseline.median,
-               {**params, **spread(fused_in_place), "cpu_seconds": cpu_in_place, "numpy_GBps": gigabytes / baseline.median,
-                "device": "cpu"}, baseline=loop),
-        Result("fused augment into a new buffer vs numpy loop (cpu)", fused_new.median, "s/batch", baseline.median,
-               {**params, **spread(fused_new), "device": "cpu"}, baseline=loop),
-        Result("fused augment, 1 thread, vs numpy loop", one_thread.median, "s/batch", baseline.median,
-               {**params, **spread(one_thread), "threads": 1, "device": "cpu"}, baseline=loop),
-        Result("fused augment CPU seconds vs numpy loop CPU seconds", cpu_in_place, "s/batch", cpu_numpy,
-               {**params, "device": "cpu", "measure": "process CPU time, all threads (robust to other load)"},
-               baseline=loop),
-        Result("fused augment GB/s vs memcpy GB/s (cpu)", gigabytes / fused_in_place.median, "GB/s",
-               gigabytes / memcpy.median, {**params, "memcpy_s": memcpy.median, "augment_s": fused_in_place.median,
-                                           "device": "cpu"},
-               baseline="copy_ of the batch into a preallocated buffer (read + write once)"),
-        Result("fused augment GB/s vs memcpy GB/s, 1 thread", gigabytes / one_thread.median, "GB/s",
-               gigabytes / memcpy_one.median, {**params, "threads": 1, "memcpy_s": memcpy_one.median,
-                                               "device": "cpu"},
-               baseline="copy_ of the batch into a preallocated buffer, 1 thread"),
+        Result(
+            "fused augment in place vs numpy loop (cpu)",
+            fused_in_place.median,
+            "s/batch",
+            baseline.median,
+            {
+                **params,
+                **spread(fused_in_place),
+                "cpu_seconds": cpu_in_place,
+                "numpy_GBps": gigabytes / baseline.median,
+                "device": "cpu",
+            },
+            baseline=loop,
+        ),
+        Result(
+            "fused augment into a new buffer vs numpy loop (cpu)",
+            fused_new.median,
+            "s/batch",
+            baseline.median,
+            {**params, **spread(fused_new), "device": "cpu"},
+            baseline=loop,
+        ),
+        Result(
+            "fused augment, 1 thread, vs numpy loop",
+            one_thread.median,
+            "s/batch",
+            baseline.median,
+            {**params, **spread(one_thread), "threads": 1, "device": "cpu"},
+            baseline=loop,
+        ),
+        Result(
+            "fused augment CPU seconds vs numpy loop CPU seconds",
+            cpu_in_place,
+            "s/batch",
+            cpu_numpy,
+            {**params, "device": "cpu", "measure": "process CPU time, all threads (robust to other load)"},
+            baseline=loop,
+        ),
+        Result(
+            "fused augment GB/s vs memcpy GB/s (cpu)",
+            gigabytes / fused_in_place.median,
+            "GB/s",
+            gigabytes / memcpy.median,
+            {**params, "memcpy_s": memcpy.median, "augment_s": fused_in_place.median, "device": "cpu"},
+            baseline="copy_ of the batch into a preallocated buffer (read + write once)",
+        ),
+        Result(
+            "fused augment GB/s vs memcpy GB/s, 1 thread",
+            gigabytes / one_thread.median,
+            "GB/s",
+            gigabytes / memcpy_one.median,
+            {**params, "threads": 1, "memcpy_s": memcpy_one.median, "device": "cpu"},
+            baseline="copy_ of the batch into a preallocated buffer, 1 thread",
+        ),
     ]
     if torch.cuda.is_available():
         results += gpu_results(frames, roles, params, gigabytes, repeats, baseline.median)
@@ -102,8 +165,9 @@ def run_augment_bench(out: Path, batch_gb: float = 0.05, levels: int = 8, nlat: 
     return results
 
 
-def gpu_results(frames: torch.Tensor, roles: ChannelRoles, params: dict, gigabytes: float, repeats: int,
-                numpy_s: float) -> list[Result]:  # pragma: no cover - needs CUDA
+def gpu_results(
+    frames: torch.Tensor, roles: ChannelRoles, params: dict, gigabytes: float, repeats: int, numpy_s: float
+) -> list[Result]:  # pragma: no cover - needs CUDA
     """Host-to-device copy from pinned memory and augmentation on the device, per batch."""
     device = torch.device("cuda")
     pinned = frames.pin_memory()
@@ -114,8 +178,20 @@ def gpu_results(frames: torch.Tensor, roles: ChannelRoles, params: dict, gigabyt
     gpu = time_fn(lambda: augment(on_gpu), warmup=2, repeats=repeats, device="cuda")
     name = {**params, "device": torch.cuda.get_device_name(0)}
     return [
-        Result("augment on gpu vs numpy loop (cpu)", gpu.median, "s/batch", numpy_s,
-               {**name, "GBps": gigabytes / gpu.median}, baseline="per-sample per-variable numpy loop"),
-        Result("host-to-device copy, pinned vs pageable", gigabytes / copy.median, "GB/s", gigabytes / pageable.median,
-               {**name, "pinned_s": copy.median, "pageable_s": pageable.median}, baseline="pageable copy"),
+        Result(
+            "augment on gpu vs numpy loop (cpu)",
+            gpu.median,
+            "s/batch",
+            numpy_s,
+            {**name, "GBps": gigabytes / gpu.median},
+            baseline="per-sample per-variable numpy loop",
+        ),
+        Result(
+            "host-to-device copy, pinned vs pageable",
+            gigabytes / copy.median,
+            "GB/s",
+            gigabytes / pageable.median,
+            {**name, "pinned_s": copy.median, "pageable_s": pageable.median},
+            baseline="pageable copy",
+        ),
     ]

@@ -2,25 +2,35 @@
 and vs a raw sequential read of the same number of bytes (the physical limit of the disk / page cache).
 
 The data are synthetic CF-convention NetCDF runs (:func:`write_synthetic_runs`, the simulator's variables and
-attributes) prepared once into ``WORK`` (re-used when the sizes match). A *batch* is ``2 x batch_size`` frames (state and next state), each frame all variables and levels on the
-grid; the batch size in bytes is what the model receives.
+attributes) prepared once into ``WORK`` (re-used when the sizes match). A *batch* is ``2 x batch_size`` frames
+(state and next state), each frame all variables and levels on the grid; the batch size in bytes is what the
+model receives.
 
-* naive (what a user writes first): for every batch, ``xarray.open_dataset(file).load()`` of each run file the batch
-  needs (each file holds two segments' worth of times), then per sample ``numpy`` stacking of the variables.
-* sapwood: :class:`sapwood.data.loader.CubeLoader` iterating the same plan (prefetch thread, ``preadv`` into tensors).
+* naive (what a user writes first): for every batch, ``xarray.open_dataset(file).load()`` of each run file the
+  batch needs (each file holds two segments' worth of times), then per sample ``numpy`` stacking of the
+  variables.
+* sapwood: :class:`sapwood.data.loader.CubeLoader` iterating the same plan (prefetch thread, ``preadv`` into
+  tensors), in the steady state: the clock starts once the first batch has arrived (``first_batch_s``: thread
+  start and first read, paid once per training run) and stops at the last timed batch.
 * raw: ``readinto`` of ``batch bytes`` from the store's frames file into a preallocated buffer, sequentially.
-* memcpy: ``copy_`` of the batch's bytes between two preallocated tensors (the memory limit of this machine).
-* zarr (unless ``zarr=False``): the same data prepared with ``--format zarr``, read by the loader (direct shard
-  reads) and through zarr-python, against the raw layout's ``read_batch``.
+* memcpy: ``copy_`` of the batch's bytes between two preallocated tensors, in copies of 512 MB (the memory
+  limit of this machine).
+* zarr (unless ``zarr=False``): the same data prepared with ``--format zarr``, read by the loader (direct
+  shard reads) and through zarr-python, against the raw layout's ``read_batch``.
 
-Reads are *warm*: the files were just written or read, and dropping the page cache needs root, so all three read
-from memory; the figures compare software overhead against the memory-copy limit, not disk speed.
+The loader, ``read_batch`` alone, the raw read and memcpy are timed in ``rounds`` interleaved rounds (medians
+reported, and the loader/raw ratio of every round), so a change in a shared machine's load falls on all of
+them; process CPU seconds per batch (all threads) are reported too, as they hardly depend on the load.
+
+Reads are *warm*: the files were just written or read, and dropping the page cache needs root, so all three
+read from memory; the figures compare software overhead against the memory-copy limit, not disk speed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -28,13 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from sapwood.bench.harness import Result, time_fn, write_suite
+from sapwood.bench.harness import Result, write_suite
 from sapwood.data.cubes import DEFAULT_VARIABLES, prepare
 from sapwood.data.loader import CubeLoader
 from sapwood.data.store import CubeStore
 
+MEMCPY_CHUNK_BYTES = 512 << 20  # the memcpy limit is measured in copies of this size (far past any cache)
 
-def write_synthetic_runs(folder: Path, runs: int, levels: int, nlat: int, nlon: int, times: int) -> list[Path]:
+
+def write_synthetic_runs(
+    folder: Path, runs: int, levels: int, nlat: int, nlon: int, times: int
+) -> list[Path]:
     """``runs`` CF-convention NetCDF files ``run_NNNN.nc`` of smooth random fields for the 7 cube variables
     (the bytes of a batch matter here, not the climate: simulating GBs would take hours)."""
     import xarray as xr
@@ -45,14 +59,31 @@ def write_synthetic_runs(folder: Path, runs: int, levels: int, nlat: int, nlon: 
     rng = np.random.default_rng(0)
     scales = {"T": 250.0, "u": 20.0, "v": 10.0, "q": 0.01, "ps": 1e5, "rho": 1.0, "zg": 5000.0}
     coords = {
-        "time": ("time", np.arange(times) * 6.0, {"standard_name": "time", "units": "hours since 2000-01-01",
-                                                  "calendar": "proleptic_gregorian", "axis": "T"}),
-        "lev": ("lev", (np.arange(levels) + 0.5) / levels, {"standard_name": "atmosphere_sigma_coordinate",
-                                                            "units": "1", "positive": "down", "axis": "Z"}),
-        "lat": ("lat", np.linspace(-90 + 90 / nlat, 90 - 90 / nlat, nlat),
-                {"standard_name": "latitude", "units": "degrees_north", "axis": "Y"}),
-        "lon": ("lon", np.arange(nlon) * 360 / nlon, {"standard_name": "longitude", "units": "degrees_east",
-                                                        "axis": "X"}),
+        "time": (
+            "time",
+            np.arange(times) * 6.0,
+            {
+                "standard_name": "time",
+                "units": "hours since 2000-01-01",
+                "calendar": "proleptic_gregorian",
+                "axis": "T",
+            },
+        ),
+        "lev": (
+            "lev",
+            (np.arange(levels) + 0.5) / levels,
+            {"standard_name": "atmosphere_sigma_coordinate", "units": "1", "positive": "down", "axis": "Z"},
+        ),
+        "lat": (
+            "lat",
+            np.linspace(-90 + 90 / nlat, 90 - 90 / nlat, nlat),
+            {"standard_name": "latitude", "units": "degrees_north", "axis": "Y"},
+        ),
+        "lon": (
+            "lon",
+            np.arange(nlon) * 360 / nlon,
+            {"standard_name": "longitude", "units": "degrees_east", "axis": "X"},
+        ),
     }
     paths = []
     for run in range(runs):
@@ -70,12 +101,17 @@ def write_synthetic_runs(folder: Path, runs: int, levels: int, nlat: int, nlon: 
     return paths
 
 
-def ensure_data(work: Path, levels: int, nlat: int, nlon: int, times: int, runs: int,
-                progress: bool = True) -> CubeStore:
+def ensure_data(
+    work: Path, levels: int, nlat: int, nlon: int, times: int, runs: int, progress: bool = True
+) -> CubeStore:
     """Write and prepare the bench data in ``work`` unless a previous run left the same sizes there."""
     stamp = work / "sizes.json"
     wanted = {"levels": levels, "nlat": nlat, "nlon": nlon, "times": times, "runs": runs, "kind": "synthetic"}
-    if not (stamp.exists() and json.loads(stamp.read_text()) == wanted and (work / "store" / "index.json").exists()):
+    if not (
+        stamp.exists()
+        and json.loads(stamp.read_text()) == wanted
+        and (work / "store" / "index.json").exists()
+    ):
         for old in (work / "runs").glob("run_*.nc"):
             old.unlink()
         write_synthetic_runs(work / "runs", runs, levels, nlat, nlon, times)
@@ -84,7 +120,9 @@ def ensure_data(work: Path, levels: int, nlat: int, nlon: int, times: int, runs:
     return CubeStore(work / "store")
 
 
-def naive_batch(files: list[Path], runs: np.ndarray, first_times: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+def naive_batch(
+    files: list[Path], runs: np.ndarray, first_times: np.ndarray, length: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The baseline: ``xarray.open_dataset(file).load()`` of every file the batch needs, then numpy stacking
     of the variables per sample."""
     import xarray as xr
@@ -97,9 +135,14 @@ def naive_batch(files: list[Path], runs: np.ndarray, first_times: np.ndarray, le
     for run, first in zip(runs.tolist(), first_times.tolist(), strict=True):
         arrays = {name: loaded[run][name].values for name in DEFAULT_VARIABLES}
         for t in range(first, first + length):
-            states.append(np.concatenate([arrays[n][t][None] if n == "ps" else arrays[n][t] for n in DEFAULT_VARIABLES]))
-            next_states.append(np.concatenate([arrays[n][t + 1][None] if n == "ps" else arrays[n][t + 1]
-                                               for n in DEFAULT_VARIABLES]))
+            states.append(
+                np.concatenate([arrays[n][t][None] if n == "ps" else arrays[n][t] for n in DEFAULT_VARIABLES])
+            )
+            next_states.append(
+                np.concatenate(
+                    [arrays[n][t + 1][None] if n == "ps" else arrays[n][t + 1] for n in DEFAULT_VARIABLES]
+                )
+            )
     return np.stack(states), np.stack(next_states)
 
 
@@ -115,31 +158,41 @@ def raw_read(path: Path, nbytes: int, buffer: bytearray, offset: int) -> None:
             done += got
 
 
-def timed_epoch(loader: CubeLoader, epoch: int, batches: int) -> float:
-    """Seconds per batch until the first ``batches`` batches of ``epoch`` have arrived through the prefetching
-    iterator (thread start included; stopping the thread afterwards is not)."""
+def timed_epoch(loader: CubeLoader, epoch: int, batches: int) -> tuple[float, float]:
+    """``(seconds per batch, seconds to the first batch)`` through the prefetching iterator from the start of
+    ``epoch``. Per batch is the steady state a training run sees: the clock starts when the first batch has
+    arrived and stops when ``batches`` more have (the thread start and the first read, paid once per run, are
+    the second figure; stopping the thread afterwards is in neither)."""
     loader.load_state_dict({"epoch": epoch, "batch": 0, "seed": loader.seed})
     iterator = loader.batches(endless=True)
     start = time.perf_counter()
+    next(iterator)
+    first = time.perf_counter()
     for _ in range(batches):
         next(iterator)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - first
     iterator.close()
-    return elapsed / batches
+    return elapsed / batches, first - start
 
 
-def zarr_results(work: Path, loader: CubeLoader, timed: int, direct_s: float, params: dict[str, Any],
-                 progress: bool) -> list[Result]:
-    """The Zarr v3 layout of the same data: the loader's batch reads (direct shard reads) and the same rows through
-    zarr-python, against the raw layout's ``read_batch``."""
+def zarr_results(
+    work: Path, loader: CubeLoader, timed: int, direct_s: float, params: dict[str, Any], progress: bool
+) -> list[Result]:
+    """The Zarr v3 layout of the same data: the loader's batch reads (direct shard reads) and the same rows
+    through zarr-python, against the raw layout's ``read_batch``."""
     from sapwood.data.zarr_store import ZarrRows
 
     folder = work / "store-zarr"
     if not (folder / "sapwood" / "index.json").exists():
         prepare([work / "runs"], folder, progress=progress, force=True, layout="zarr")
     store = CubeStore(folder)
-    zarr_loader = CubeLoader(store, batch_size=loader.batch_size, segments_per_batch=loader.segments_per_batch,
-                             seed=loader.seed, pin_memory=False)
+    zarr_loader = CubeLoader(
+        store,
+        batch_size=loader.batch_size,
+        segments_per_batch=loader.segments_per_batch,
+        seed=loader.seed,
+        pin_memory=False,
+    )
     zarr_loader.read_batch(1, 0)
     start = time.perf_counter()
     for index in range(timed):
@@ -154,20 +207,49 @@ def zarr_results(work: Path, loader: CubeLoader, timed: int, direct_s: float, pa
         first_row = int(store.run_rows[runs[segment]] + first_times[segment])
         s = segment % loader.segments_per_batch
         for k in range(loader.window):
-            rows.read_into(first_row + k, frames[k, s * length:(s + 1) * length])
+            rows.read_into(first_row + k, frames[k, s * length : (s + 1) * length])
     zarr_python_s = (time.perf_counter() - start) / timed
     gigabytes = params["batch_gb"]
-    rates = {"zarr_s": zarr_s, "zarr_python_s": zarr_python_s, "raw_layout_s": direct_s,
-             "zarr_GBps": gigabytes / zarr_s, "zarr_python_GBps": gigabytes / zarr_python_s}
+    rates = {
+        "zarr_s": zarr_s,
+        "zarr_python_s": zarr_python_s,
+        "raw_layout_s": direct_s,
+        "zarr_GBps": gigabytes / zarr_s,
+        "zarr_python_GBps": gigabytes / zarr_python_s,
+    }
     baseline = "loader.read_batch on the raw frames layout"
-    return [Result("zarr layout read_batch (direct shard reads) vs raw layout", zarr_s, "s/batch", direct_s,
-                   {**params, **rates}, baseline=baseline),
-            Result("zarr layout through zarr-python vs raw layout", zarr_python_s, "s/batch", direct_s,
-                   {**params, **rates}, baseline=baseline)]
+    return [
+        Result(
+            "zarr layout read_batch (direct shard reads) vs raw layout",
+            zarr_s,
+            "s/batch",
+            direct_s,
+            {**params, **rates},
+            baseline=baseline,
+        ),
+        Result(
+            "zarr layout through zarr-python vs raw layout",
+            zarr_python_s,
+            "s/batch",
+            direct_s,
+            {**params, **rates},
+            baseline=baseline,
+        ),
+    ]
 
 
-def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, levels: int = 8, nlat: int = 32,
-                   nlon: int = 64, batches: int = 4, progress: bool = True, zarr: bool = True) -> list[Result]:
+def run_data_bench(
+    out: Path,
+    work: Path | None = None,
+    batch_gb: float = 0.05,
+    levels: int = 8,
+    nlat: int = 32,
+    nlon: int = 64,
+    batches: int = 4,
+    progress: bool = True,
+    zarr: bool = True,
+    rounds: int = 5,
+) -> list[Result]:
     work = work or out / "data-bench-work"
     channels = 6 * levels + 1
     row_bytes = 4 * channels * nlat * nlon
@@ -185,7 +267,7 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
 
     # warm everything once (page cache, imports, buffer pool), then time
     naive_batch(files, plan_runs[:4], plan_first[:4], length)
-    timed_epoch(loader, 0, len(loader))
+    timed_epoch(loader, 0, len(loader) - 1)
 
     start = time.perf_counter()
     for index in range(1, timed + 1):
@@ -193,46 +275,127 @@ def run_data_bench(out: Path, work: Path | None = None, batch_gb: float = 0.05, 
         naive_batch(files, plan_runs[chosen], plan_first[chosen], length)
     naive_s = (time.perf_counter() - start) / timed
 
-    loader_s = timed_epoch(loader, 1, timed)
-    start = time.perf_counter()
-    for index in range(timed):
-        loader.read_batch(1, index)
-    direct_s = (time.perf_counter() - start) / timed
-
     buffer = bytearray(batch_bytes)
     raw_read(store.frames_path, batch_bytes, buffer, 0)
     total_bytes = store.rows * store.row_bytes
-    start = time.perf_counter()
-    for index in range(timed):
-        raw_read(store.frames_path, batch_bytes, buffer, (index * batch_bytes) % max(1, total_bytes - batch_bytes))
-    raw_s = (time.perf_counter() - start) / timed
-    del buffer
+    chunk = min(batch_bytes // 4, MEMCPY_CHUNK_BYTES // 4)
+    copies = torch.empty((2, chunk), dtype=torch.float32).fill_(
+        1.0
+    )  # the memory limit, in chunks past LLC size
 
-    copies = torch.empty((2, batch_bytes // 4), dtype=torch.float32).fill_(1.0)  # the memory limit
-    memcpy_s = time_fn(lambda: copies[1].copy_(copies[0]), warmup=1, repeats=max(3, timed)).median
+    def direct_reads() -> None:
+        for index in range(timed):
+            loader.read_batch(1, index)
 
-    params: dict[str, Any] = {"batch_bytes": batch_bytes, "batch_gb": gigabytes, "batch_size": batch_size,
-                              "grid": f"{channels}x{nlat}x{nlon}", "timed_batches": timed, "cache": "warm",
-                              "store_gb": total_bytes / 1e9, "threads": torch.get_num_threads()}
-    rates = {"naive_GBps": gigabytes / naive_s, "loader_GBps": gigabytes / loader_s,
-             "read_batch_GBps": gigabytes / direct_s, "raw_GBps": gigabytes / raw_s,
-             "memcpy_GBps": gigabytes / memcpy_s, "loader_s": loader_s, "read_batch_s": direct_s, "raw_s": raw_s,
-             "memcpy_s": memcpy_s, "naive_s": naive_s}
+    def raw_reads() -> None:
+        for index in range(timed):
+            raw_read(
+                store.frames_path,
+                batch_bytes,
+                buffer,
+                (index * batch_bytes) % max(1, total_bytes - batch_bytes),
+            )
+
+    def memcpys() -> None:
+        for _ in range(timed * math.ceil(batch_bytes / (4 * chunk))):
+            copies[1].copy_(copies[0])
+
+    walls: dict[str, list[float]] = {
+        name: [] for name in ("loader", "first_batch", "read_batch", "raw", "memcpy")
+    }
+    cpus: dict[str, list[float]] = {name: [] for name in ("loader", "read_batch", "raw")}
+    for _ in range(rounds):  # interleaved, so a change in the machine's load falls on every method alike
+        cpu = time.process_time()
+        per_batch, first = timed_epoch(loader, 1, timed)
+        cpus["loader"].append((time.process_time() - cpu) / (timed + 1))
+        walls["loader"].append(per_batch)
+        walls["first_batch"].append(first)
+        for name, fn in (("read_batch", direct_reads), ("raw", raw_reads), ("memcpy", memcpys)):
+            cpu, start = time.process_time(), time.perf_counter()
+            fn()
+            walls[name].append((time.perf_counter() - start) / timed)
+            if name in cpus:
+                cpus[name].append((time.process_time() - cpu) / timed)
+    loader_s, first_batch_s, direct_s, raw_s, memcpy_s = (statistics.median(walls[name]) for name in walls)
+    per_round = [a / b for a, b in zip(walls["raw"], walls["loader"], strict=True)]
+
+    params: dict[str, Any] = {
+        "batch_bytes": batch_bytes,
+        "batch_gb": gigabytes,
+        "batch_size": batch_size,
+        "grid": f"{channels}x{nlat}x{nlon}",
+        "timed_batches": timed,
+        "cache": "warm",
+        "store_gb": total_bytes / 1e9,
+        "threads": torch.get_num_threads(),
+    }
+    rates = {
+        "naive_GBps": gigabytes / naive_s,
+        "loader_GBps": gigabytes / loader_s,
+        "read_batch_GBps": gigabytes / direct_s,
+        "raw_GBps": gigabytes / raw_s,
+        "memcpy_GBps": gigabytes / memcpy_s,
+        "loader_s": loader_s,
+        "read_batch_s": direct_s,
+        "raw_s": raw_s,
+        "memcpy_s": memcpy_s,
+        "naive_s": naive_s,
+        "first_batch_s": first_batch_s,
+        "rounds": rounds,
+        "loader_over_raw_GBps_per_round": per_round,
+        "loader_over_raw_GBps_range": [min(per_round), max(per_round)],
+        "cpu_s_per_batch": {name: statistics.median(values) for name, values in cpus.items()},
+        "wall_s_per_round": walls,
+    }
     raw_baseline = "raw readinto of the same number of bytes (the read limit)"
     results = [
-        Result("loader vs naive xarray", loader_s, "s/batch", naive_s, {**params, **rates},
-               baseline="xarray open_dataset().load() of needed files per batch, numpy stacking"),
-        Result("loader with prefetch thread vs raw read", loader_s, "s/batch", raw_s, {**params, **rates},
-               baseline=raw_baseline),
-        Result("loader.read_batch (no prefetch thread) vs raw read", direct_s, "s/batch", raw_s, {**params, **rates},
-               baseline=raw_baseline),
-        Result("loader GB/s vs memcpy GB/s", gigabytes / loader_s, "GB/s", gigabytes / memcpy_s, {**params, **rates},
-               baseline="copy_ between two preallocated tensors of the batch size (the memory limit)"),
-        Result("raw read GB/s vs memcpy GB/s", gigabytes / raw_s, "GB/s", gigabytes / memcpy_s, {**params, **rates},
-               baseline="copy_ between two preallocated tensors of the batch size (the memory limit)"),
+        Result(
+            "loader vs naive xarray",
+            loader_s,
+            "s/batch",
+            naive_s,
+            {**params, **rates},
+            baseline="xarray open_dataset().load() of needed files per batch, numpy stacking",
+        ),
+        Result(
+            "loader with prefetch thread vs raw read",
+            loader_s,
+            "s/batch",
+            raw_s,
+            {**params, **rates},
+            baseline=raw_baseline,
+        ),
+        Result(
+            "loader.read_batch (no prefetch thread) vs raw read",
+            direct_s,
+            "s/batch",
+            raw_s,
+            {**params, **rates},
+            baseline=raw_baseline,
+        ),
+        Result(
+            "loader GB/s vs memcpy GB/s",
+            gigabytes / loader_s,
+            "GB/s",
+            gigabytes / memcpy_s,
+            {**params, **rates},
+            baseline="copy_ between two preallocated tensors of the batch size (the memory limit)",
+        ),
+        Result(
+            "raw read GB/s vs memcpy GB/s",
+            gigabytes / raw_s,
+            "GB/s",
+            gigabytes / memcpy_s,
+            {**params, **rates},
+            baseline="copy_ between two preallocated tensors of the batch size (the memory limit)",
+        ),
     ]
     if zarr:
         results += zarr_results(work, loader, timed, direct_s, params, progress)
-    write_suite("data", results, out, extra={"cache": "warm (page cache; dropping it needs root)",
-                                             "batch_gb": gigabytes})
+    write_suite(
+        "data",
+        results,
+        out,
+        extra={"cache": "warm (page cache; dropping it needs root)", "batch_gb": gigabytes},
+    )
     return results

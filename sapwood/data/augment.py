@@ -7,8 +7,8 @@ the augmented frames (possibly the same tensor, modified in place). :class:`Augm
 (:func:`augment_planes`: a numba kernel on the CPU, :func:`reference_augment` elsewhere; the two agree to
 round-off). Per-channel behaviour comes from :class:`ChannelRoles` (built once from the variable list).
 
-Random numbers: the roll and flip are drawn per sample (a handful of draws from a CPU generator); the noise is a
-counter-based hash of each element's position (:func:`hash_uniform`), computed inside the pass, so no random
+Random numbers: the roll and flip are drawn per sample (a handful of draws from a CPU generator); the noise is
+a counter-based hash of each element's position (:func:`hash_uniform`), computed inside the pass, so no random
 field is stored and the result does not depend on the device or the number of threads.
 
 Each transform declares in ``preserves`` which properties of the truth it keeps:
@@ -35,12 +35,20 @@ import torch
 from sapwood.data.buffers import BufferPool
 from sapwood.errors import SapwoodError
 
-ALL_PROPERTIES = frozenset({"mass", "water", "energy", "angular_momentum", "ideal_gas", "hydrostatic",
-                            "dynamics", "positivity"})
+ALL_PROPERTIES = frozenset(
+    {"mass", "water", "energy", "angular_momentum", "ideal_gas", "hydrostatic", "dynamics", "positivity"}
+)
 SIGN_FLIP_ON_HEMISPHERE = {"v"}
 POSITIVE_VARIABLES = {"T", "q", "ps", "rho", "zg"}
-DEFAULT_NOISE = {  # relative (log-normal) scale for positive variables, absolute (physical units) for the others
-    "T": 0.002, "q": 0.02, "ps": 0.0005, "rho": 0.002, "zg": 0.001, "u": 0.3, "v": 0.3,
+# relative (log-normal) scale for positive variables, absolute (physical units) for the others
+DEFAULT_NOISE = {
+    "T": 0.002,
+    "q": 0.02,
+    "ps": 0.0005,
+    "rho": 0.002,
+    "zg": 0.001,
+    "u": 0.3,
+    "v": 0.3,
 }
 
 
@@ -56,23 +64,40 @@ class ChannelRoles:
     std: torch.Tensor
 
     @classmethod
-    def from_variables(cls, variables: Sequence[tuple[str, int]], mean: Sequence[float] | None = None,
-                       std: Sequence[float] | None = None, noise: dict[str, float] | None = None) -> ChannelRoles:
+    def from_variables(
+        cls,
+        variables: Sequence[tuple[str, int]],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        noise: dict[str, float] | None = None,
+    ) -> ChannelRoles:
         """``variables``: ``(name, levels)`` in channel order (``levels = 0`` for a 2-D variable)."""
         scales = {**DEFAULT_NOISE, **(noise or {})}
         names = [name for name, levels in variables for _ in range(max(levels, 1))]
         sign = torch.tensor([-1.0 if n in SIGN_FLIP_ON_HEMISPHERE else 1.0 for n in names])
         positive = torch.tensor([n in POSITIVE_VARIABLES for n in names])
         noise_scale = torch.tensor([float(scales.get(n, 0.0)) for n in names])
-        std_t = torch.ones(len(names), dtype=torch.float64) if std is None else torch.tensor(std, dtype=torch.float64)
-        mean_t = torch.zeros(len(names), dtype=torch.float64) if mean is None else torch.tensor(mean, dtype=torch.float64)
+        std_t = (
+            torch.ones(len(names), dtype=torch.float64)
+            if std is None
+            else torch.tensor(std, dtype=torch.float64)
+        )
+        mean_t = (
+            torch.zeros(len(names), dtype=torch.float64)
+            if mean is None
+            else torch.tensor(mean, dtype=torch.float64)
+        )
         if std_t.numel() != len(names) or mean_t.numel() != len(names):
-            raise SapwoodError(f"mean/std have {mean_t.numel()}/{std_t.numel()} entries; the variables have "
-                               f"{len(names)} channels")
+            raise SapwoodError(
+                f"mean/std have {mean_t.numel()}/{std_t.numel()} entries; the variables have "
+                f"{len(names)} channels"
+            )
         return cls(sign, positive, noise_scale, (mean_t / std_t).float(), std_t.float())
 
     @classmethod
-    def from_store(cls, store: object, normalized: bool, noise: dict[str, float] | None = None) -> ChannelRoles:
+    def from_store(
+        cls, store: object, normalized: bool, noise: dict[str, float] | None = None
+    ) -> ChannelRoles:
         """Roles for the channels of a :class:`sapwood.data.store.CubeStore` (normalized or raw batches)."""
         variables = [(v["name"], v["levels"]) for v in store.variables]  # type: ignore[attr-defined]
         if normalized:
@@ -81,9 +106,13 @@ class ChannelRoles:
 
     def on(self, like: torch.Tensor) -> ChannelRoles:
         """The vectors shaped ``[C, 1, 1]`` on ``like``'s device and dtype."""
+
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t.to(like.device, like.dtype if t.dtype != torch.bool else torch.bool).reshape(-1, 1, 1)
-        return ChannelRoles(*(cast(t) for t in (self.sign, self.positive, self.noise, self.mean_over_std, self.std)))
+
+        return ChannelRoles(
+            *(cast(t) for t in (self.sign, self.positive, self.noise, self.mean_over_std, self.std))
+        )
 
 
 MASK32 = 0xFFFFFFFF
@@ -103,17 +132,20 @@ def seed_key(seed: int) -> int:
     return int(mix32(torch.tensor([seed & MASK32], dtype=torch.int64))[0])
 
 
-def hash_uniform(seed: int, shape: Sequence[int], frames: Sequence[int], device: torch.device | str = "cpu"
-                 ) -> torch.Tensor:
-    """The noise field of :class:`Noise`: uniform values in ``(-1/2, 1/2)`` (24 bits, symmetric, mean exactly 0
-    over the lattice) for frames ``frames`` of a batch of ``shape [window, B, C, lat, lon]``.
+def hash_uniform(
+    seed: int, shape: Sequence[int], frames: Sequence[int], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The noise field of :class:`Noise`: uniform values in ``(-1/2, 1/2)`` (24 bits, symmetric, mean exactly
+    0 over the lattice) for frames ``frames`` of a batch of ``shape [window, B, C, lat, lon]``.
 
     Counter-based: the value at ``(k, b, c, j, i)`` is ``mix32(mix32(seed_key(seed) ^ plane) ^ cell)`` with
     ``plane = (k B + b) C + c`` and ``cell = j lon + i``, a pure function of its position, so the CPU kernel
-    (:mod:`sapwood.data.augment_cpu`) computes it inline, bit-identical, in any order and any number of threads.
-    Returns float32 ``[len(frames), B, C, lat, lon]``."""
+    (:mod:`sapwood.data.augment_cpu`) computes it inline, bit-identical, in any order and any number of
+    threads. Returns float32 ``[len(frames), B, C, lat, lon]``."""
     window, batch, channels, nlat, nlon = shape
-    plane = torch.arange(window * batch * channels, device=device, dtype=torch.int64).reshape(window, batch, channels)
+    plane = torch.arange(window * batch * channels, device=device, dtype=torch.int64).reshape(
+        window, batch, channels
+    )
     key = mix32(seed_key(seed) ^ plane[list(frames)])
     cell = torch.arange(nlat * nlon, device=device, dtype=torch.int64)
     h = mix32(key[..., None] ^ cell)
@@ -123,7 +155,8 @@ def hash_uniform(seed: int, shape: Sequence[int], frames: Sequence[int], device:
 
 @dataclass
 class NoiseDraw:
-    """What one :class:`Noise` call applies: per-channel ``slope``/``intercept`` (float32 ``[C]``; the change is
+    """What one :class:`Noise` call applies: per-channel ``slope``/``intercept`` (float32 ``[C]``; the change
+    is
     ``x += u (slope x + intercept)`` with ``u`` from :func:`hash_uniform` of ``seed``) on ``frames``."""
 
     seed: int
@@ -133,10 +166,11 @@ class NoiseDraw:
 
 
 class RollAndFlip:
-    """Per sample: shift longitude by a random whole number of cells (periodic) when ``roll``, and with probability
-    ``flip_p`` mirror latitude (north <-> south) with the meridional wind negated. Both are index permutations of
-    the grid; one random draw per sample is shared by every frame and channel, which is what keeps the budgets,
-    the diagnostic relations and the dynamics (a per-channel draw would break them)."""
+    """Per sample: shift longitude by a random whole number of cells (periodic) when ``roll``, and with
+    probability
+    ``flip_p`` mirror latitude (north <-> south) with the meridional wind negated. Both are index permutations
+    of the grid; one random draw per sample is shared by every frame and channel, which is what keeps the
+    budgets, the diagnostic relations and the dynamics (a per-channel draw would break them)."""
 
     preserves = ALL_PROPERTIES
 
@@ -146,10 +180,14 @@ class RollAndFlip:
         self.roll, self.flip_p = roll, flip_p
 
     def draw(self, frames: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(shifts [B] int64, flips [B] bool)`` from ``generator`` (on its device; CPU in :class:`Augment`)."""
+        """``(shifts [B] int64, flips [B] bool)`` from ``generator`` (on its device; CPU in
+        :class:`Augment`)."""
         batch, nlon = frames.shape[1], frames.shape[-1]
-        shifts = (torch.randint(0, nlon, (batch,), generator=generator, device=generator.device) if self.roll
-                  else torch.zeros(batch, dtype=torch.long, device=generator.device))
+        shifts = (
+            torch.randint(0, nlon, (batch,), generator=generator, device=generator.device)
+            if self.roll
+            else torch.zeros(batch, dtype=torch.long, device=generator.device)
+        )
         flips = torch.rand(batch, generator=generator, device=generator.device) < self.flip_p
         return shifts, flips
 
@@ -171,10 +209,12 @@ def HemisphereFlip(p: float = 0.5) -> RollAndFlip:  # noqa: N802 - a named confi
 _OUTPUTS = BufferPool(capacity=4)
 
 
-def roll_and_flip(frames: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, roles: ChannelRoles) -> torch.Tensor:
+def roll_and_flip(
+    frames: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, roles: ChannelRoles
+) -> torch.Tensor:
     """The reference roll and flip (any device): ``frames [window, B, C, lat, lon]`` with sample b rolled by
-    ``shifts[b]`` longitudes (as ``torch.roll``) and, where ``flips[b]``, mirrored in latitude with ``v`` negated
-    (in physical units). One gather over the flattened (lat, lon) plane; returns a new tensor."""
+    ``shifts[b]`` longitudes (as ``torch.roll``) and, where ``flips[b]``, mirrored in latitude with ``v``
+    negated (in physical units). One gather over the flattened (lat, lon) plane; returns a new tensor."""
     nlat, nlon, device = frames.shape[-2], frames.shape[-1], frames.device
     shifts, flips = shifts.to(device), flips.to(device)
     lon_source = (torch.arange(nlon, device=device)[None] - shifts[:, None]) % nlon  # [B, lon]
@@ -203,15 +243,26 @@ def add_noise(frames: torch.Tensor, noise: NoiseDraw) -> torch.Tensor:
     return frames
 
 
-def reference_augment(frames: torch.Tensor, roles: ChannelRoles, shifts: torch.Tensor, flips: torch.Tensor,
-                      noise: NoiseDraw | None) -> torch.Tensor:
+def reference_augment(
+    frames: torch.Tensor,
+    roles: ChannelRoles,
+    shifts: torch.Tensor,
+    flips: torch.Tensor,
+    noise: NoiseDraw | None,
+) -> torch.Tensor:
     """Roll and flip, then noise, as separate passes: what the fused kernel must equal (a new tensor)."""
     out = roll_and_flip(frames, shifts, flips, roles)
     return add_noise(out, noise) if noise is not None else out
 
 
-def augment_planes(frames: torch.Tensor, roles: ChannelRoles, shifts: torch.Tensor, flips: torch.Tensor,
-                   noise: NoiseDraw | None, in_place: bool = False) -> torch.Tensor:
+def augment_planes(
+    frames: torch.Tensor,
+    roles: ChannelRoles,
+    shifts: torch.Tensor,
+    flips: torch.Tensor,
+    noise: NoiseDraw | None,
+    in_place: bool = False,
+) -> torch.Tensor:
     """Roll, flip (with the sign change) and noise in one pass: on the CPU (float32) the numba kernel of
     :mod:`sapwood.data.augment_cpu`, reading and writing each element once (into ``frames`` when ``in_place``,
     else into a recycled buffer); elsewhere :func:`reference_augment`. Equal to :func:`reference_augment` to
@@ -233,22 +284,32 @@ def augment_planes(frames: torch.Tensor, roles: ChannelRoles, shifts: torch.Tens
     else:
         slope, intercept, key = torch.zeros(channels), torch.zeros(channels), 0
     augment_cpu.set_threads(torch.get_num_threads())
-    augment_cpu.fused_planes(frames.numpy(), out.numpy(), shifts.to(torch.int64).cpu().numpy(),
-                             flips.cpu().numpy(), sign.numpy(), offset.numpy(), slope.contiguous().numpy(),
-                             intercept.contiguous().numpy(), perturb.numpy(), np.uint64(key))
+    augment_cpu.fused_planes(
+        frames.numpy(),
+        out.numpy(),
+        shifts.to(torch.int64).cpu().numpy(),
+        flips.cpu().numpy(),
+        sign.numpy(),
+        offset.numpy(),
+        slope.contiguous().numpy(),
+        intercept.contiguous().numpy(),
+        perturb.numpy(),
+        np.uint64(key),
+    )
     return out
 
 
 class Noise:
-    """Per-variable random perturbation of the frames in ``frames_to_perturb`` (default: the input state only).
+    """Per-variable random perturbation of the frames in ``frames_to_perturb`` (default: the input state
+    only).
 
     With ``u`` uniform on ``[-sqrt(3), sqrt(3)]`` (zero mean, unit variance, bounded), independent per cell:
-    positive variables get multiplicative noise ``x * (1 + s u)`` with relative scale ``s < 1/sqrt(3)``, so they
-    stay strictly positive; the others additive noise ``x + s u`` with ``s`` in physical units. Only
-    ``positivity`` is preserved exactly; being independent per cell with mean zero, the noise leaves the global
-    integrals unbiased with a relative spread of ``s / sqrt(cells)`` (noise drawn per channel or on a coarse grid
-    would move them by ``s`` itself). ``u`` comes from the counter-based :func:`hash_uniform`: one seed drawn per
-    call, no stored random numbers.
+    positive variables get multiplicative noise ``x * (1 + s u)`` with relative scale ``s < 1/sqrt(3)``, so
+    they stay strictly positive; the others additive noise ``x + s u`` with ``s`` in physical units. Only
+    ``positivity`` is preserved exactly; being independent per cell with mean zero, the noise leaves the
+    global integrals unbiased with a relative spread of ``s / sqrt(cells)`` (noise drawn per channel or on a
+    coarse grid would move them by ``s`` itself). ``u`` comes from the counter-based :func:`hash_uniform`: one
+    seed drawn per call, no stored random numbers.
     """
 
     preserves = frozenset({"positivity"})
@@ -260,13 +321,21 @@ class Noise:
         window = frames.shape[0]
         chosen = sorted({k % window for k in self.frames_to_perturb if -window <= k < window})
         if len(chosen) != len(self.frames_to_perturb):
-            raise SapwoodError(f"frames_to_perturb={list(self.frames_to_perturb)}: allowed frame indices are "
-                               f"{-window}..{window - 1}, each once")
-        relative = torch.where(roles.positive, roles.noise * self.scale, torch.zeros_like(roles.noise)).float()
+            raise SapwoodError(
+                f"frames_to_perturb={list(self.frames_to_perturb)}: allowed frame indices are "
+                f"{-window}..{window - 1}, each once"
+            )
+        relative = torch.where(
+            roles.positive, roles.noise * self.scale, torch.zeros_like(roles.noise)
+        ).float()
         if float(relative.max()) * 3**0.5 >= 1:
-            raise SapwoodError(f"relative noise scale {float(relative.max()):g} would allow negative values; "
-                               f"keep it below {1 / 3**0.5:.3f}")
-        absolute = torch.where(roles.positive, torch.zeros_like(roles.noise), roles.noise * self.scale / roles.std)
+            raise SapwoodError(
+                f"relative noise scale {float(relative.max()):g} would allow negative values; "
+                f"keep it below {1 / 3**0.5:.3f}"
+            )
+        absolute = torch.where(
+            roles.positive, torch.zeros_like(roles.noise), roles.noise * self.scale / roles.std
+        )
         width = 2 * 3**0.5  # u = width * (uniform in (-1/2, 1/2))
         slope = (relative * width).float()
         intercept = ((relative * roles.mean_over_std + absolute) * width).float()
@@ -293,7 +362,9 @@ class TimeCrop:
         window, batch = frames.shape[0], frames.shape[1]
         if self.length > window:
             raise SapwoodError(f"TimeCrop length={self.length} is longer than the window of {window} frames")
-        start = torch.randint(0, window - self.length + 1, (batch,), generator=generator, device=frames.device)
+        start = torch.randint(
+            0, window - self.length + 1, (batch,), generator=generator, device=frames.device
+        )
         times = start[None] + torch.arange(self.length, device=frames.device)[:, None]  # [length, B]
         return frames[times, torch.arange(batch, device=frames.device)[None]]
 
@@ -304,12 +375,17 @@ class Augment:
 
     A :class:`RollAndFlip` followed by a :class:`Noise` (the default) runs as one fused pass
     (:func:`augment_planes`): each element read and written once. Output: a new tensor (on the CPU a recycled
-    buffer, reused only once nothing references it), or ``frames`` itself with ``in_place=True`` (for batches that
-    are not kept elsewhere, such as the loader's). A lone :class:`Noise` works in place.
+    buffer, reused only once nothing references it), or ``frames`` itself with ``in_place=True`` (for batches
+    that are not kept elsewhere, such as the loader's). A lone :class:`Noise` works in place.
     """
 
-    def __init__(self, roles: ChannelRoles, transforms: Sequence[object] | None = None, seed: int = 0,
-                 in_place: bool = False) -> None:
+    def __init__(
+        self,
+        roles: ChannelRoles,
+        transforms: Sequence[object] | None = None,
+        seed: int = 0,
+        in_place: bool = False,
+    ) -> None:
         self.roles = roles
         self.transforms = list(transforms if transforms is not None else (RollAndFlip(), Noise()))
         self.seed, self.calls, self.in_place = seed, 0, in_place
@@ -323,7 +399,9 @@ class Augment:
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         if frames.dim() != 5:
-            raise SapwoodError(f"frames must be [window, batch, channels, lat, lon], got shape {tuple(frames.shape)}")
+            raise SapwoodError(
+                f"frames must be [window, batch, channels, lat, lon], got shape {tuple(frames.shape)}"
+            )
         generator = torch.Generator().manual_seed(self.seed + self.calls)
         self.calls += 1
         roles = self.roles
@@ -346,10 +424,14 @@ class Augment:
         return frames
 
 
-def numpy_loop_augment(frames: np.ndarray, variables: Sequence[tuple[str, int]], seed: int = 0,
-                       noise: dict[str, float] | None = None) -> np.ndarray:
-    """The baseline of ``sapwood bench augment``: the same roll, flip and noise on raw data written the usual way,
-    one sample and one variable at a time in numpy."""
+def numpy_loop_augment(
+    frames: np.ndarray,
+    variables: Sequence[tuple[str, int]],
+    seed: int = 0,
+    noise: dict[str, float] | None = None,
+) -> np.ndarray:
+    """The baseline of ``sapwood bench augment``: the same roll, flip and noise on raw data written the usual
+    way, one sample and one variable at a time in numpy."""
     scales = {**DEFAULT_NOISE, **(noise or {})}
     rng = np.random.default_rng(seed)
     out = np.empty_like(frames)
@@ -359,15 +441,15 @@ def numpy_loop_augment(frames: np.ndarray, variables: Sequence[tuple[str, int]],
         channel = 0
         for name, levels in variables:
             count = max(levels, 1)
-            block = np.roll(frames[:, b, channel:channel + count], shift, axis=-1)
+            block = np.roll(frames[:, b, channel : channel + count], shift, axis=-1)
             if flip:
                 block = block[..., ::-1, :] * (-1.0 if name in SIGN_FLIP_ON_HEMISPHERE else 1.0)
             block = np.array(block, dtype=frames.dtype)
-            uniform = rng.uniform(-3**0.5, 3**0.5, block[0].shape)
+            uniform = rng.uniform(-(3**0.5), 3**0.5, block[0].shape)
             if name in POSITIVE_VARIABLES:
                 block[0] *= 1 + scales[name] * uniform
             else:
                 block[0] += scales.get(name, 0.0) * uniform
-            out[:, b, channel:channel + count] = block
+            out[:, b, channel : channel + count] = block
             channel += count
     return out

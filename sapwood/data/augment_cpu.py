@@ -1,10 +1,10 @@
 """The CPU kernel of :mod:`sapwood.data.augment`: roll, flip, sign change and noise in one pass (numba).
 
-Each plane ``frames[k, b, c]`` ``[lat, lon]`` is processed by one thread, two mirrored rows at a time: both rows are
-copied to a small scratch (cache-resident), then written back rolled, mirrored, sign-changed and perturbed. Every
-element of the batch is therefore read once and written once, and ``out`` may be ``frames`` itself (in place).
-The noise is the counter-based field of :func:`sapwood.data.augment.hash_uniform` (bit-identical here), computed
-inline, so no random numbers are stored or drawn from a sequential generator.
+Each plane ``frames[k, b, c]`` ``[lat, lon]`` is processed by one thread, two mirrored rows at a time: both
+rows are copied to a small scratch (cache-resident), then written back rolled, mirrored, sign-changed and
+perturbed. Every element of the batch is therefore read once and written once, and ``out`` may be ``frames``
+itself (in place). The noise is the counter-based field of :func:`sapwood.data.augment.hash_uniform`
+(bit-identical here), computed inline, so no random numbers are stored or drawn from a sequential generator.
 """
 
 from __future__ import annotations
@@ -44,11 +44,15 @@ def _write_row(row, source, shift, sign, offset, noisy, slope, intercept, key, f
 
 
 @numba.njit(parallel=True, cache=True)
-def fused_planes(frames, out, shifts, flips, sign, offset, slope, intercept, perturb, seed_key):  # pragma: no cover
-    """``out[k, b, c] = noise(sign/offset(roll(flip(frames[k, b, c]))))`` for every plane (see the module doc).
+def fused_planes(
+    frames, out, shifts, flips, sign, offset, slope, intercept, perturb, seed_key
+):  # pragma: no cover
+    """``out[k, b, c] = noise(sign/offset(roll(flip(frames[k, b, c]))))`` for every plane (see the module
+    doc).
 
-    ``frames``/``out`` float32 ``[W, B, C, lat, lon]`` (may be the same array); ``shifts`` int64 ``[B]``; ``flips``
-    bool ``[B]``; ``sign``/``offset`` float32 ``[C]`` applied where flipped; ``slope``/``intercept`` float32 ``[C]``;
+    ``frames``/``out`` float32 ``[W, B, C, lat, lon]`` (may be the same array); ``shifts`` int64 ``[B]``;
+    ``flips`` bool ``[B]``; ``sign``/``offset`` float32 ``[C]`` applied where flipped; ``slope``/``intercept``
+    float32 ``[C]``;
     ``perturb`` bool ``[W]`` (frames that get noise); ``seed_key`` the mixed noise seed."""
     window, batch, channels, nlat, nlon = frames.shape
     half = (nlat + 1) // 2
@@ -68,10 +72,22 @@ def fused_planes(frames, out, shifts, flips, sign, offset, slope, intercept, per
             scratch[0, :] = frames[k, b, c, j]
             scratch[1, :] = frames[k, b, c, mirror]
             top, bottom = (scratch[1], scratch[0]) if flipped else (scratch[0], scratch[1])
-            _write_row(out[k, b, c, j], top, shift, sign_c, offset_c, noisy, slope[c], intercept[c], key, j * nlon)
+            _write_row(
+                out[k, b, c, j], top, shift, sign_c, offset_c, noisy, slope[c], intercept[c], key, j * nlon
+            )
             if mirror != j:
-                _write_row(out[k, b, c, mirror], bottom, shift, sign_c, offset_c, noisy, slope[c], intercept[c],
-                           key, mirror * nlon)
+                _write_row(
+                    out[k, b, c, mirror],
+                    bottom,
+                    shift,
+                    sign_c,
+                    offset_c,
+                    noisy,
+                    slope[c],
+                    intercept[c],
+                    key,
+                    mirror * nlon,
+                )
 
 
 def set_threads(count: int) -> None:

@@ -1,8 +1,10 @@
-"""Reusable CPU tensors: large fresh allocations cost page faults that are often dearer than the work done in them.
+"""Reusable CPU tensors: large fresh allocations cost page faults that are often dearer than the work done in
+them.
 
-A :class:`BufferPool` hands a buffer out again only when nothing references it any more: every tensor or view made
-from it holds a reference to the underlying numpy array, so ``sys.getrefcount`` tells whether a tensor handed out
-earlier (or any view of it) is still alive. Used by the cube loader (frame buffers) and augmentation (outputs).
+A :class:`BufferPool` hands a buffer out again only when nothing references it any more: every tensor or view
+made from it holds a reference to the underlying numpy array, so ``sys.getrefcount`` tells whether a tensor
+handed out earlier (or any view of it) is still alive. Used by the cube loader (frame buffers) and
+augmentation (outputs).
 """
 
 from __future__ import annotations

@@ -27,16 +27,42 @@ from typing import Any
 
 import numpy as np
 
-PRESSURE_UNITS = {"Pa": 1.0, "pa": 1.0, "hPa": 100.0, "hpa": 100.0, "mbar": 100.0, "millibar": 100.0,
-                  "millibars": 100.0, "mb": 100.0, "bar": 1e5, "kPa": 1e3, "atm": 101325.0}
+PRESSURE_UNITS = {
+    "Pa": 1.0,
+    "pa": 1.0,
+    "hPa": 100.0,
+    "hpa": 100.0,
+    "mbar": 100.0,
+    "millibar": 100.0,
+    "millibars": 100.0,
+    "mb": 100.0,
+    "bar": 1e5,
+    "kPa": 1e3,
+    "atm": 101325.0,
+}
 LATITUDE_UNITS = {"degrees_north", "degree_north", "degree_N", "degrees_N", "degreeN", "degreesN"}
 LONGITUDE_UNITS = {"degrees_east", "degree_east", "degree_E", "degrees_E", "degreeE", "degreesE"}
-DOWNWARD_STANDARD_NAMES = {"air_pressure", "depth", "atmosphere_sigma_coordinate", "ocean_sigma_coordinate",
-                           "atmosphere_hybrid_sigma_pressure_coordinate", "ocean_s_coordinate",
-                           "sea_water_pressure", "lagrangian_tendency_of_air_pressure"}
+DOWNWARD_STANDARD_NAMES = {
+    "air_pressure",
+    "depth",
+    "atmosphere_sigma_coordinate",
+    "ocean_sigma_coordinate",
+    "atmosphere_hybrid_sigma_pressure_coordinate",
+    "ocean_s_coordinate",
+    "sea_water_pressure",
+    "lagrangian_tendency_of_air_pressure",
+}
 TIME_REFERENCE_UNITS = "days since 0001-01-01 00:00:00"
-IDENTITY_ATTRIBUTES = ("source_id", "experiment_id", "variant_label", "member_id", "realization", "run_id",
-                       "ensemble_member", "parent_experiment_id")
+IDENTITY_ATTRIBUTES = (
+    "source_id",
+    "experiment_id",
+    "variant_label",
+    "member_id",
+    "realization",
+    "run_id",
+    "ensemble_member",
+    "parent_experiment_id",
+)
 DATE_TOKEN = re.compile(r"\d{6,14}(-\d{6,14})?|\d{4}-\d{2}(-\d{2})?(T\d{2}(:?\d{2})*)?")
 
 
@@ -79,8 +105,10 @@ class HorizontalGrid:
     def describe(self) -> str:
         kind = "curvilinear" if self.curvilinear else ("global" if self.global_grid else "regional")
         lat, lon = np.asarray(self.lat), np.asarray(self.lon)
-        return (f"{kind} {self.shape()[0]}x{self.shape()[1]} lat [{lat.min():g} .. {lat.max():g}] "
-                f"lon [{lon.min():g} .. {lon.max():g}]")
+        return (
+            f"{kind} {self.shape()[0]}x{self.shape()[1]} lat [{lat.min():g} .. {lat.max():g}] "
+            f"lon [{lon.min():g} .. {lon.max():g}]"
+        )
 
 
 @dataclass
@@ -101,15 +129,18 @@ def _units(var: Any) -> str:
 
 def _is_time(var: Any) -> bool:
     attrs = var.attrs
-    return (attrs.get("axis") == "T" or attrs.get("standard_name") == "time"
-            or " since " in _units(var))
+    return attrs.get("axis") == "T" or attrs.get("standard_name") == "time" or " since " in _units(var)
 
 
 def _is_vertical(var: Any) -> bool:
     attrs = var.attrs
-    return (attrs.get("axis") == "Z" or str(attrs.get("positive", "")).lower() in ("up", "down")
-            or _units(var) in PRESSURE_UNITS or attrs.get("standard_name") in DOWNWARD_STANDARD_NAMES
-            or attrs.get("standard_name") in ("height", "altitude", "model_level_number"))
+    return (
+        attrs.get("axis") == "Z"
+        or str(attrs.get("positive", "")).lower() in ("up", "down")
+        or _units(var) in PRESSURE_UNITS
+        or attrs.get("standard_name") in DOWNWARD_STANDARD_NAMES
+        or attrs.get("standard_name") in ("height", "altitude", "model_level_number")
+    )
 
 
 def find_axes(ds: Any) -> Axes:
@@ -117,36 +148,58 @@ def find_axes(ds: Any) -> Axes:
     import cf_xarray  # noqa: F401 - registers the .cf accessor
 
     coords = ds.cf.coordinates
-    candidates = {key: [n for n in coords.get(key, []) if n in ds.variables]
-                  for key in ("time", "latitude", "longitude")}
+    candidates = {
+        key: [n for n in coords.get(key, []) if n in ds.variables]
+        for key in ("time", "latitude", "longitude")
+    }
     # cf-xarray accepts any variable with the units; a CF coordinate must also span a dimension of the data
     time = [n for n in candidates["time"] if ds[n].ndim == 1 and _is_time(ds[n])]
     if not time:
         time = [n for n in ds.variables if ds[n].ndim == 1 and _is_time(ds[n]) and n not in ds.data_vars]
     if not time:
-        raise GridError("no time coordinate (a variable with axis 'T', standard_name 'time' or units "
-                        "'<unit> since <date>')")
+        raise GridError(
+            "no time coordinate (a variable with axis 'T', standard_name 'time' or units "
+            "'<unit> since <date>')"
+        )
     lat = _pick_horizontal(ds, candidates["latitude"], LATITUDE_UNITS, "latitude", "Y")
     lon = _pick_horizontal(ds, candidates["longitude"], LONGITUDE_UNITS, "longitude", "X")
-    verticals = [n for n in ds.variables if ds[n].ndim == 1 and n not in (time[0], lat, lon)
-                 and ds[n].dims[0] in ds.dims and not ds[n].dims[0].startswith("bnds")
-                 and n not in ds.data_vars and _is_vertical(ds[n])]
-    verticals += [n for n in ds.cf.axes.get("Z", [])
-                  if n not in verticals and n in ds.variables and ds[n].ndim == 1]
+    verticals = [
+        n
+        for n in ds.variables
+        if ds[n].ndim == 1
+        and n not in (time[0], lat, lon)
+        and ds[n].dims[0] in ds.dims
+        and not ds[n].dims[0].startswith("bnds")
+        and n not in ds.data_vars
+        and _is_vertical(ds[n])
+    ]
+    verticals += [
+        n for n in ds.cf.axes.get("Z", []) if n not in verticals and n in ds.variables and ds[n].ndim == 1
+    ]
     return Axes(time=time[0], time_dim=ds[time[0]].dims[0], lat=lat, lon=lon, verticals=verticals)
 
 
 def _pick_horizontal(ds: Any, found: list[str], units: set[str], standard_name: str, axis: str) -> str:
     chosen = [n for n in found if ds[n].ndim in (1, 2)]
     if not chosen:
-        chosen = [n for n in ds.variables if ds[n].ndim in (1, 2) and (
-            _units(ds[n]) in units or ds[n].attrs.get("standard_name") == standard_name
-            or ds[n].attrs.get("axis") == axis)]
-    chosen = [n for n in chosen
-              if "bounds" not in ds[n].attrs.get("long_name", "") and n not in _bounds_names(ds)]
+        chosen = [
+            n
+            for n in ds.variables
+            if ds[n].ndim in (1, 2)
+            and (
+                _units(ds[n]) in units
+                or ds[n].attrs.get("standard_name") == standard_name
+                or ds[n].attrs.get("axis") == axis
+            )
+        ]
+    chosen = [
+        n for n in chosen if "bounds" not in ds[n].attrs.get("long_name", "") and n not in _bounds_names(ds)
+    ]
     if not chosen:
-        raise GridError(f"no {standard_name} coordinate (standard_name {standard_name!r}, units "
-                        f"{sorted(units)[0]!r} or axis {axis!r})")
+        raise GridError(
+            f"no {standard_name} coordinate (standard_name {standard_name!r}, units "
+            f"{sorted(units)[0]!r} or axis {axis!r})"
+        )
     chosen.sort(key=lambda n: (ds[n].ndim, n not in ds.coords))
     return chosen[0]
 
@@ -178,8 +231,10 @@ def horizontal_grid(ds: Any, axes: Axes, lon_convention: str | None = None) -> H
     if lat.ndim == 2 or lon.ndim == 2:
         return _curvilinear_grid(ds, axes, lat, lon, convention)
     if lat_var.dims[0] == lon_var.dims[0]:
-        raise GridError(f"{axes.lat} and {axes.lon} share the dimension {lat_var.dims[0]!r} (an unstructured "
-                        "grid); only regular and curvilinear grids are supported")
+        raise GridError(
+            f"{axes.lat} and {axes.lon} share the dimension {lat_var.dims[0]!r} (an unstructured "
+            "grid); only regular and curvilinear grids are supported"
+        )
     lat_flipped = lat.size > 1 and lat[0] > lat[-1]
     if lat_flipped:
         lat = lat[::-1]
@@ -192,11 +247,26 @@ def horizontal_grid(ds: Any, axes: Axes, lon_convention: str | None = None) -> H
     lon_order = None if np.array_equal(order, np.arange(lon.size)) else order
     area, source = _regular_area(ds, axes, lat, lon_sorted, lat_flipped, order)
     span = (lon_sorted[-1] - lon_sorted[0]) + (np.median(np.diff(lon_sorted)) if lon.size > 1 else 0)
-    is_global = bool(lon.size > 1 and abs(span - 360) < 1e-3 and lat.size > 1
-                     and lat[0] - (lat[1] - lat[0]) / 2 <= -89 and lat[-1] + (lat[-1] - lat[-2]) / 2 >= 89)
-    return HorizontalGrid(y_dim=lat_var.dims[0], x_dim=lon_var.dims[0], lat=lat, lon=lon_sorted, area=area,
-                          area_source=source, curvilinear=False, lat_flipped=bool(lat_flipped),
-                          lon_order=lon_order, lon_convention=convention, global_grid=is_global)
+    is_global = bool(
+        lon.size > 1
+        and abs(span - 360) < 1e-3
+        and lat.size > 1
+        and lat[0] - (lat[1] - lat[0]) / 2 <= -89
+        and lat[-1] + (lat[-1] - lat[-2]) / 2 >= 89
+    )
+    return HorizontalGrid(
+        y_dim=lat_var.dims[0],
+        x_dim=lon_var.dims[0],
+        lat=lat,
+        lon=lon_sorted,
+        area=area,
+        area_source=source,
+        curvilinear=False,
+        lat_flipped=bool(lat_flipped),
+        lon_order=lon_order,
+        lon_convention=convention,
+        global_grid=is_global,
+    )
 
 
 def _wrap(lon: np.ndarray, convention: str) -> np.ndarray:
@@ -232,8 +302,9 @@ def _measure_area(ds: Any, y_dim: str, x_dim: str) -> np.ndarray | None:
     return None
 
 
-def _regular_area(ds: Any, axes: Axes, lat: np.ndarray, lon: np.ndarray, lat_flipped: bool,
-                  lon_order: np.ndarray) -> tuple[np.ndarray, str]:
+def _regular_area(
+    ds: Any, axes: Axes, lat: np.ndarray, lon: np.ndarray, lat_flipped: bool, lon_order: np.ndarray
+) -> tuple[np.ndarray, str]:
     y_dim, x_dim = ds[axes.lat].dims[0], ds[axes.lon].dims[0]
     measured = _measure_area(ds, y_dim, x_dim)
     if measured is not None:
@@ -258,8 +329,9 @@ def _regular_area(ds: Any, axes: Axes, lat: np.ndarray, lon: np.ndarray, lat_fli
 def _spacing(lon: np.ndarray) -> np.ndarray:
     if lon.size < 2:
         return np.ones(lon.size)
-    edges = np.concatenate([[lon[0] - (lon[1] - lon[0]) / 2], (lon[1:] + lon[:-1]) / 2,
-                            [lon[-1] + (lon[-1] - lon[-2]) / 2]])
+    edges = np.concatenate(
+        [[lon[0] - (lon[1] - lon[0]) / 2], (lon[1:] + lon[:-1]) / 2, [lon[-1] + (lon[-1] - lon[-2]) / 2]]
+    )
     return np.diff(edges)
 
 
@@ -270,35 +342,44 @@ def _unit_mean(area: np.ndarray) -> np.ndarray:
     return area / area.mean()
 
 
-def _curvilinear_grid(ds: Any, axes: Axes, lat: np.ndarray, lon: np.ndarray,
-                      convention: str) -> HorizontalGrid:
+def _curvilinear_grid(
+    ds: Any, axes: Axes, lat: np.ndarray, lon: np.ndarray, convention: str
+) -> HorizontalGrid:
     lat_var = ds[axes.lat]
     if lat.ndim != 2 or lon.shape != lat.shape or ds[axes.lon].dims != lat_var.dims:
-        raise GridError(f"curvilinear grid: {axes.lat} {lat.shape} and {axes.lon} {lon.shape} must be 2-D on "
-                        "the same dimensions")
+        raise GridError(
+            f"curvilinear grid: {axes.lat} {lat.shape} and {axes.lon} {lon.shape} must be 2-D on "
+            "the same dimensions"
+        )
     y_dim, x_dim = lat_var.dims
     measured = _measure_area(ds, y_dim, x_dim)
     if measured is not None:
-        return HorizontalGrid(y_dim, x_dim, lat, lon, _unit_mean(measured), "cell_measures", True,
-                              lon_convention=convention)
+        return HorizontalGrid(
+            y_dim, x_dim, lat, lon, _unit_mean(measured), "cell_measures", True, lon_convention=convention
+        )
     lat_bounds, lon_bounds = _bounds_of(ds, axes.lat), _bounds_of(ds, axes.lon)
     if lat_bounds is not None and lon_bounds is not None and lat_bounds.shape == lat.shape + (4,):
         area = _vertex_area(lat_bounds, lon_bounds)
-        return HorizontalGrid(y_dim, x_dim, lat, lon, _unit_mean(area), "bounds", True,
-                              lon_convention=convention)
+        return HorizontalGrid(
+            y_dim, x_dim, lat, lon, _unit_mean(area), "bounds", True, lon_convention=convention
+        )
     if min(lat.shape) < 2:
-        raise GridError(f"curvilinear grid {lat.shape} without cell areas or bounds is too small to estimate "
-                        "areas")
+        raise GridError(
+            f"curvilinear grid {lat.shape} without cell areas or bounds is too small to estimate areas"
+        )
     lon_rad = np.unwrap(np.unwrap(np.deg2rad(lon), axis=1), axis=0)
     sin_lat = np.sin(np.deg2rad(lat))
     dlon_dy, dlon_dx = np.gradient(lon_rad)
     dsin_dy, dsin_dx = np.gradient(sin_lat)
     area = np.abs(dlon_dx * dsin_dy - dlon_dy * dsin_dx)
     if not np.all(area > 0):
-        raise GridError(f"curvilinear grid: {axes.lat}/{axes.lon} fold or repeat (zero cell area at "
-                        f"{int((area <= 0).sum())} points) and there are no cell_measures or bounds")
-    return HorizontalGrid(y_dim, x_dim, lat, lon, _unit_mean(area), "jacobian", True,
-                          lon_convention=convention)
+        raise GridError(
+            f"curvilinear grid: {axes.lat}/{axes.lon} fold or repeat (zero cell area at "
+            f"{int((area <= 0).sum())} points) and there are no cell_measures or bounds"
+        )
+    return HorizontalGrid(
+        y_dim, x_dim, lat, lon, _unit_mean(area), "jacobian", True, lon_convention=convention
+    )
 
 
 def _vertex_area(lat_bounds: np.ndarray, lon_bounds: np.ndarray) -> np.ndarray:
@@ -331,9 +412,15 @@ def vertical_axis(ds: Any, name: str) -> VerticalAxis:
         bounds = bounds[::-1] if flipped else bounds
     else:
         bounds = None
-    return VerticalAxis(name=name, dim=var.dims[0], values=values, units=units,
-                        standard_name=str(var.attrs.get("standard_name", "")), flipped=bool(flipped),
-                        bounds=bounds)
+    return VerticalAxis(
+        name=name,
+        dim=var.dims[0],
+        values=values,
+        units=units,
+        standard_name=str(var.attrs.get("standard_name", "")),
+        flipped=bool(flipped),
+        bounds=bounds,
+    )
 
 
 # --- variables ----------------------------------------------------------------------------------------------
@@ -346,8 +433,9 @@ class VariableChoice:
     left_out: dict[str, str]
 
 
-def choose_variables(ds: Any, axes: Axes, grid: HorizontalGrid,
-                     wanted: tuple[str, ...] | None) -> VariableChoice:
+def choose_variables(
+    ds: Any, axes: Axes, grid: HorizontalGrid, wanted: tuple[str, ...] | None
+) -> VariableChoice:
     """The data variables on the grid ``(time, [vertical,] y, x)``: ``wanted`` (names or standard names) or,
     when None, every such variable; the others are listed with why they were left out."""
     horizontal = {grid.y_dim, grid.x_dim}
@@ -375,10 +463,13 @@ def choose_variables(ds: Any, axes: Axes, grid: HorizontalGrid,
         taken = []
         for token in wanted:
             match = [n for n in ds.data_vars if n == token] or [
-                n for n in ds.data_vars if ds[n].attrs.get("standard_name") == token]
+                n for n in ds.data_vars if ds[n].attrs.get("standard_name") == token
+            ]
             if not match:
-                raise KeyError(f"variable {token!r} not found by name or standard_name (has "
-                               f"{sorted(map(str, ds.data_vars))[:12]})")
+                raise KeyError(
+                    f"variable {token!r} not found by name or standard_name (has "
+                    f"{sorted(map(str, ds.data_vars))[:12]})"
+                )
             if match[0] not in on_grid:
                 raise GridError(f"variable {match[0]!r}: {left_out.get(match[0], 'not on the grid')}")
             taken.append(match[0])
@@ -388,15 +479,18 @@ def choose_variables(ds: Any, axes: Axes, grid: HorizontalGrid,
     vertical = max(set(used_verticals), key=used_verticals.count) if used_verticals else None
     if wanted is not None and any(on_grid[n] not in (None, vertical) for n in taken):
         other = next(n for n in taken if on_grid[n] not in (None, vertical))
-        raise GridError(f"variable {other!r} is on vertical axis {on_grid[other]!r}; the others on "
-                        f"{vertical!r}")
+        raise GridError(
+            f"variable {other!r} is on vertical axis {on_grid[other]!r}; the others on {vertical!r}"
+        )
     for name in list(taken):
         if on_grid[name] not in (None, vertical):
             taken.remove(name)
             left_out[name] = f"other grid: vertical axis {on_grid[name]!r} (the store uses {vertical!r})"
     if not taken:
-        raise GridError("no data variable on the (time, [level,] lat, lon) grid" +
-                        (f"; left out: {_reasons(left_out)}" if left_out else ""))
+        raise GridError(
+            "no data variable on the (time, [level,] lat, lon) grid"
+            + (f"; left out: {_reasons(left_out)}" if left_out else "")
+        )
     return VariableChoice(taken=[str(n) for n in taken], vertical=vertical, left_out=left_out)
 
 
@@ -404,8 +498,9 @@ def _reasons(left_out: dict[str, str]) -> str:
     return "; ".join(f"{k} ({v})" for k, v in list(left_out.items())[:6])
 
 
-def read_block(ds: Any, name: str, axes: Axes, grid: HorizontalGrid, vertical: VerticalAxis | None,
-               start: int, stop: int) -> np.ndarray:
+def read_block(
+    ds: Any, name: str, axes: Axes, grid: HorizontalGrid, vertical: VerticalAxis | None, start: int, stop: int
+) -> np.ndarray:
     """Times ``start..stop`` of ``name`` as float32 ``[t, levels, y, x]`` (2-D variables: ``[t, 1, y, x]``) in
     canonical order; missing values are NaN."""
     var = ds[name]

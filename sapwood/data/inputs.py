@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sapwood.data import cf
+from sapwood.data import cf, remote
 from sapwood.data.simulate import PLANET_VARIABLES
 from sapwood.errors import SapwoodError
 
@@ -20,8 +20,9 @@ class InputProblem(SapwoodError):
     """One unusable input: ``kind`` is one of corrupt, truncated, missing, dims, units, coordinates, grid,
     shape, attributes, non-finite, too-short, overlap."""
 
-    def __init__(self, path: Path, kind: str, detail: str) -> None:
-        self.path, self.kind, self.detail = Path(path), kind, detail
+    def __init__(self, path: Path | remote.RemoteZarr, kind: str, detail: str) -> None:
+        self.path = path if isinstance(path, remote.RemoteZarr) else Path(path)
+        self.kind, self.detail = kind, detail
         super().__init__(f"{path}: {kind}: {detail}")
 
 
@@ -45,7 +46,7 @@ def hdf5_truncation(path: Path) -> str | None:
         eof_at = 12 + 2 * offset_size
     if offset_size not in (4, 8) or eof_at + offset_size > len(head):
         return None
-    eof = struct.unpack("<Q" if offset_size == 8 else "<I", head[eof_at:eof_at + offset_size])[0]
+    eof = struct.unpack("<Q" if offset_size == 8 else "<I", head[eof_at : eof_at + offset_size])[0]
     size = path.stat().st_size
     return f"file is {size} bytes, its header says {eof}" if size < eof else None
 
@@ -63,15 +64,20 @@ def _has_consolidated_v3(path: Path) -> bool:
         return False
 
 
-def open_input(path: Path) -> Any:
-    """Open a NetCDF file or a Zarr store with xarray (times left undecoded, masks and packing decoded)."""
+def open_input(path: Path | remote.RemoteZarr) -> Any:
+    """Open a NetCDF file or a Zarr store (local, or on S3: :mod:`sapwood.data.remote`) with xarray (times
+    left undecoded, masks and packing decoded)."""
     import xarray as xr
 
     try:
+        if isinstance(path, remote.RemoteZarr):
+            return _by_name(remote.open_zarr(path))
         if path.is_dir() or path.suffix == ".zarr":
             consolidated = (path / ".zmetadata").exists() or _has_consolidated_v3(path)
-            return xr.open_zarr(path, decode_times=False, consolidated=consolidated)
+            return _by_name(xr.open_zarr(path, decode_times=False, consolidated=consolidated))
         return xr.open_dataset(path, decode_times=False, cache=False)
+    except remote.RemoteInputError:
+        raise
     except (ValueError, TypeError) as exc:
         if path.is_file() and _has_netcdf_signature(path) and not hdf5_truncation(path):
             detail = f"cannot be decoded ({type(exc).__name__}: {str(exc)[:160]})"
@@ -81,7 +87,20 @@ def open_input(path: Path) -> Any:
         raise _unreadable(path, exc) from None
 
 
-def _unreadable(path: Path, exc: BaseException) -> InputProblem:
+def _by_name(ds: Any) -> Any:
+    """``ds`` with its data variables in name order: a Zarr group's members have no order of their own (a
+    listing of a folder or a bucket gives them in any order), and the store's channel order must not depend on
+    it."""
+    ordered = ds[sorted(ds.data_vars)]
+    ordered.set_close(ds.close)
+    return ordered
+
+
+def _unreadable(path: Path | remote.RemoteZarr, exc: BaseException) -> InputProblem:
+    if isinstance(path, remote.RemoteZarr):
+        return InputProblem(
+            path, "corrupt", f"cannot be opened ({remote.redact(f'{type(exc).__name__}: {exc}')[:160]})"
+        )
     truncation = hdf5_truncation(path) if path.is_file() else None
     if truncation:
         return InputProblem(path, "truncated", truncation)
@@ -139,8 +158,9 @@ def planet_names(ds: Any) -> list[str]:
     return list(PLANET_VARIABLES)
 
 
-def read_layout(path: Path, ds: Any, wanted: tuple[str, ...] | None,
-                reference: InputLayout | None) -> InputLayout:
+def read_layout(
+    path: Path, ds: Any, wanted: tuple[str, ...] | None, reference: InputLayout | None
+) -> InputLayout:
     """Axes, grid, variables, units, times and planet parameters of ``ds``, checked against ``reference``."""
     try:
         axes = cf.find_axes(ds)
@@ -161,22 +181,38 @@ def read_layout(path: Path, ds: Any, wanted: tuple[str, ...] | None,
         raise InputProblem(path, "coordinates", str(exc)) from None
     surface = {n for n in choice.taken if vertical is None or vertical.dim not in ds[n].dims}
     units = {n: str(ds[n].attrs.get("units", "")).strip() for n in choice.taken}
-    param_names = (planet_names(ds) if reference is None else
-                   list(PLANET_VARIABLES) if reference.params.size else [])
+    param_names = (
+        planet_names(ds) if reference is None else list(PLANET_VARIABLES) if reference.params.size else []
+    )
     try:
         params = _planet_params(ds, param_names)
     except KeyError as exc:
-        raise InputProblem(path, "missing", f"planet parameter {exc.args[0]!r} (variable or attribute "
-                           f"{PLANET_VARIABLES[exc.args[0]][0]!r}); the first input has all of them"
-                           ) from None
+        raise InputProblem(
+            path,
+            "missing",
+            f"planet parameter {exc.args[0]!r} (variable or attribute "
+            f"{PLANET_VARIABLES[exc.args[0]][0]!r}); the first input has all of them",
+        ) from None
     if not np.all(np.isfinite(params)):
         raise InputProblem(path, "non-finite", "planet parameters contain NaN or inf")
-    layout = InputLayout(path=path, variables=choice.taken, levels=vertical.values.size if vertical else 0,
-                         grid=grid, vertical=vertical, time=time, params=params, units=units,
-                         key=cf.run_key(path, dict(ds.attrs)), axes=axes, surface=surface,
-                         left_out=choice.left_out,
-                         attributes={n: {k: str(ds[n].attrs[k]) for k in ("standard_name", "long_name")
-                                         if k in ds[n].attrs} for n in choice.taken})
+    layout = InputLayout(
+        path=path,
+        variables=choice.taken,
+        levels=vertical.values.size if vertical else 0,
+        grid=grid,
+        vertical=vertical,
+        time=time,
+        params=params,
+        units=units,
+        key=cf.run_key(path, dict(ds.attrs)),
+        axes=axes,
+        surface=surface,
+        left_out=choice.left_out,
+        attributes={
+            n: {k: str(ds[n].attrs[k]) for k in ("standard_name", "long_name") if k in ds[n].attrs}
+            for n in choice.taken
+        },
+    )
     if reference is not None:
         _check_against(layout, reference)
     return layout
@@ -186,23 +222,42 @@ def _check_against(layout: InputLayout, reference: InputLayout) -> None:
     path = layout.path
     for name in reference.variables:
         if (name in reference.surface) != (name in layout.surface):
-            raise InputProblem(path, "dims", f"{name} is {'2-D' if name in layout.surface else '3-D'} here, "
-                               f"{'2-D' if name in reference.surface else '3-D'} in the first input")
+            raise InputProblem(
+                path,
+                "dims",
+                f"{name} is {'2-D' if name in layout.surface else '3-D'} here, "
+                f"{'2-D' if name in reference.surface else '3-D'} in the first input",
+            )
         if layout.units[name] != reference.units[name]:
-            raise InputProblem(path, "units", f"{name} has units {layout.units[name]!r}, the first input "
-                               f"{reference.units[name]!r}")
+            raise InputProblem(
+                path,
+                "units",
+                f"{name} has units {layout.units[name]!r}, the first input {reference.units[name]!r}",
+            )
     if layout.time.calendar != reference.time.calendar:
-        raise InputProblem(path, "coordinates", f"calendar {layout.time.calendar!r}, the first input "
-                           f"{reference.time.calendar!r}")
+        raise InputProblem(
+            path,
+            "coordinates",
+            f"calendar {layout.time.calendar!r}, the first input {reference.time.calendar!r}",
+        )
     mine, theirs = layout.grid, reference.grid
-    if (mine.curvilinear != theirs.curvilinear or mine.lat.shape != theirs.lat.shape
-            or mine.lon.shape != theirs.lon.shape or not np.allclose(mine.lat, theirs.lat, atol=1e-6)
-            or not np.allclose(mine.lon, theirs.lon, atol=1e-6)):
+    if (
+        mine.curvilinear != theirs.curvilinear
+        or mine.lat.shape != theirs.lat.shape
+        or mine.lon.shape != theirs.lon.shape
+        or not np.allclose(mine.lat, theirs.lat, atol=1e-6)
+        or not np.allclose(mine.lon, theirs.lon, atol=1e-6)
+    ):
         raise InputProblem(path, "shape", f"grid {mine.describe()}; the first input has {theirs.describe()}")
     a, b = layout.vertical, reference.vertical
-    if (a is None) != (b is None) or (a is not None and (
-            a.values.shape != b.values.shape or not np.allclose(a.values, b.values, rtol=1e-9, atol=1e-9)
-            or a.units != b.units)):
+    if (a is None) != (b is None) or (
+        a is not None
+        and (
+            a.values.shape != b.values.shape
+            or not np.allclose(a.values, b.values, rtol=1e-9, atol=1e-9)
+            or a.units != b.units
+        )
+    ):
         raise InputProblem(path, "shape", f"levels {_levels_text(a)}; the first input has {_levels_text(b)}")
 
 

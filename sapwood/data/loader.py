@@ -10,17 +10,18 @@ Usage::
         p = batch.params                         # [B, P] planet parameters (store.param_names)
     state = loader.state_dict()     # {"epoch", "batch", "seed"}; load_state_dict(state) resumes exactly
 
-How a batch is read: the samples of an epoch are cut into *segments* of ``L = batch_size / segments_per_batch``
-consecutive times inside one time window ``(run, start, stop)`` (whole runs by default; consecutive rows of
-the store). Segments are shuffled per epoch (chunk-level
-shuffling, a pure function of ``seed`` and the epoch) and ``segments_per_batch`` of them make a batch. Frame ``k``
-of the window (``k = 0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of
-``L`` rows straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads (``segments_per_batch`` defaults
-to the largest of 4, 3, 2, 1 dividing ``batch_size``) and
-no per-sample Python work. While iterating, the reads of a batch run on ``read_threads`` threads (page-cache copies in parallel).
-Frame buffers are recycled once no batch made from them is referenced any more
-(so a batch you keep stays valid). A background thread prefetches ``prefetch`` batches (pinned memory when CUDA is
-available); normalization, when asked for, is applied in place in that thread.
+How a batch is read: the samples of an epoch are cut into *segments* of ``L = batch_size /
+segments_per_batch`` consecutive times inside one time window ``(run, start, stop)`` (whole runs by default;
+consecutive rows of the store). Segments are shuffled per epoch (chunk-level shuffling, a pure function of
+``seed`` and the epoch) and ``segments_per_batch`` of them make a batch. Frame ``k`` of the window (``k =
+0`` the state, ``k = 1`` the next state, ...) of a segment is one contiguous ``preadv`` of ``L`` rows
+straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads
+(``segments_per_batch`` defaults to the largest of 4, 3, 2, 1 dividing ``batch_size``) and no per-sample
+Python work. While iterating, the reads of a batch are shared by ``read_threads`` threads, the prefetch
+thread and ``read_threads - 1`` readers (page-cache copies in parallel). Frame buffers are recycled once no
+batch made from them is referenced any more (so a batch you keep stays valid). A background thread
+prefetches ``prefetch`` batches (pinned memory when CUDA is available); normalization, when asked for, is
+applied in place in that thread.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,8 @@ from sapwood.errors import SapwoodError
 
 @dataclass
 class Batch:
-    """``frames [window, B, C, lat, lon]`` (frame 0 at ``time``, frame k at ``time + k``), planet ``params [B, P]``,
-    and the ``run`` and ``time`` index of every sample ``[B]`` (int64)."""
+    """``frames [window, B, C, lat, lon]`` (frame 0 at ``time``, frame k at ``time + k``), planet ``params [B,
+    P]``, and the ``run`` and ``time`` index of every sample ``[B]`` (int64)."""
 
     frames: torch.Tensor
     params: torch.Tensor
@@ -64,7 +65,12 @@ class Batch:
         return self.frames.shape[1]
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.frames, self.params, self.run, self.time)))
+        return Batch(
+            *(
+                t.to(device, non_blocking=non_blocking)
+                for t in (self.frames, self.params, self.run, self.time)
+            )
+        )
 
 
 Window = tuple[int, int, int]  # (run, first time, stop time)
@@ -91,8 +97,10 @@ def split_store(store: CubeStore, val_runs: int, holdout_time: float = 0.0) -> S
     if not 0 <= holdout_time < 1:
         raise SapwoodError(f"holdout_time={holdout_time}: allowed range is [0, 1)")
     if not 0 <= val_runs < store.runs:
-        raise SapwoodError(f"val_runs={val_runs} leaves no training run; the store has {store.runs} runs "
-                           f"(allowed 0..{store.runs - 1})")
+        raise SapwoodError(
+            f"val_runs={val_runs} leaves no training run; the store has {store.runs} runs "
+            f"(allowed 0..{store.runs - 1})"
+        )
     held_runs = list(range(store.runs - val_runs, store.runs))
     train: list[Window] = []
     held: list[Window] = [(run, 0, int(store.run_times[run])) for run in held_runs]
@@ -100,8 +108,10 @@ def split_store(store: CubeStore, val_runs: int, holdout_time: float = 0.0) -> S
         times = int(store.run_times[run])
         cut = times - int(round(times * holdout_time)) if holdout_time else times
         if holdout_time and (cut < 2 or times - cut < 2):
-            raise SapwoodError(f"holdout_time={holdout_time}: run {run} has {times} times, which leaves "
-                               f"{cut} for training and {times - cut} held out; each needs at least 2")
+            raise SapwoodError(
+                f"holdout_time={holdout_time}: run {run} has {times} times, which leaves "
+                f"{cut} for training and {times - cut} held out; each needs at least 2"
+            )
         train.append((run, 0, cut))
         if cut < times:
             held.append((run, cut, times))
@@ -109,19 +119,33 @@ def split_store(store: CubeStore, val_runs: int, holdout_time: float = 0.0) -> S
 
 
 class CubeLoader:
-    """Deterministic, resumable, prefetching batch loader over a :class:`CubeStore` (see the module docstring)."""
+    """Deterministic, resumable, prefetching batch loader over a :class:`CubeStore` (see the module
+    docstring)."""
 
-    def __init__(self, store: CubeStore | str | Path, batch_size: int, *, window: int = 2,
-                 segments_per_batch: int | None = None, runs: Sequence[int] | None = None,
-                 windows: Sequence[Window] | None = None, seed: int = 0,
-                 shuffle: bool = True, normalize: bool = False, prefetch: int = 2,
-                 pin_memory: bool | None = None, read_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        store: CubeStore | str | Path,
+        batch_size: int,
+        *,
+        window: int = 2,
+        segments_per_batch: int | None = None,
+        runs: Sequence[int] | None = None,
+        windows: Sequence[Window] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        normalize: bool = False,
+        prefetch: int = 2,
+        pin_memory: bool | None = None,
+        read_threads: int | None = None,
+    ) -> None:
         self.store = store if isinstance(store, CubeStore) else CubeStore(store)
         if segments_per_batch is None:  # the largest of 4, 3, 2, 1 that divides the batch
             segments_per_batch = next(s for s in (4, 3, 2, 1) if batch_size % s == 0) if batch_size > 0 else 1
         if batch_size < 1 or segments_per_batch < 1 or batch_size % segments_per_batch:
-            raise SapwoodError(f"batch_size={batch_size} must be a positive multiple of "
-                               f"segments_per_batch={segments_per_batch}")
+            raise SapwoodError(
+                f"batch_size={batch_size} must be a positive multiple of "
+                f"segments_per_batch={segments_per_batch}"
+            )
         if window < 2:
             raise SapwoodError(f"window={window}: need at least 2 frames (state and next state)")
         self.batch_size, self.window, self.segments_per_batch = batch_size, window, segments_per_batch
@@ -129,13 +153,21 @@ class CubeLoader:
         if windows is None:
             chosen = sorted(range(self.store.runs) if runs is None else runs)
             if not chosen or min(chosen) < 0 or max(chosen) >= self.store.runs:
-                raise SapwoodError(f"runs={list(runs or [])}: allowed run indices are 0..{self.store.runs - 1}")
+                raise SapwoodError(
+                    f"runs={list(runs or [])}: allowed run indices are 0..{self.store.runs - 1}"
+                )
             windows = [(run, 0, int(self.store.run_times[run])) for run in chosen]
         table = np.asarray(list(windows), dtype=np.int64).reshape(-1, 3)
-        if table.size == 0 or table[:, 0].min() < 0 or table[:, 0].max() >= self.store.runs or np.any(
-                table[:, 1] < 0) or np.any(table[:, 2] > self.store.run_times[table[:, 0]]):
-            raise SapwoodError(f"windows={list(windows)}: runs must be 0..{self.store.runs - 1} and times inside "
-                               "each run")
+        if (
+            table.size == 0
+            or table[:, 0].min() < 0
+            or table[:, 0].max() >= self.store.runs
+            or np.any(table[:, 1] < 0)
+            or np.any(table[:, 2] > self.store.run_times[table[:, 0]])
+        ):
+            raise SapwoodError(
+                f"windows={list(windows)}: runs must be 0..{self.store.runs - 1} and times inside each run"
+            )
         self.runs, self._window_start = table[:, 0], table[:, 1]
         self.seed, self.shuffle, self.normalize, self.prefetch = seed, shuffle, normalize, max(1, prefetch)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -144,8 +176,10 @@ class CubeLoader:
         self._spare = np.maximum(samples_per_run, 0) % self.segment_length
         total = int(self.segments_per_run.sum())
         if total < segments_per_batch:
-            raise SapwoodError(f"batch_size={batch_size} needs {segments_per_batch} segments of "
-                               f"{self.segment_length} samples; the selected runs have only {total}")
+            raise SapwoodError(
+                f"batch_size={batch_size} needs {segments_per_batch} segments of "
+                f"{self.segment_length} samples; the selected runs have only {total}"
+            )
         self.epoch, self.batch = 0, 0
         self._params = torch.as_tensor(self.store.params, dtype=torch.float32)
         self._pool = BufferPool(capacity=self.prefetch + 3)
@@ -161,14 +195,15 @@ class CubeLoader:
         """Bytes of ``frames`` in one batch."""
         return self.window * self.batch_size * self.store.row_bytes
 
-    # --- the plan: a pure function of (seed, epoch) ------------------------------------------------------------
+    # --- the plan: a pure function of (seed, epoch) ---------------------------------------------------------
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(run, first_time)`` of every segment of ``epoch`` in reading order (``[batches * segments]``)."""
         rng = np.random.default_rng([self.seed, epoch])
         offsets = self._window_start + (rng.integers(0, self._spare + 1) if self.shuffle else 0)
         run = np.repeat(self.runs, self.segments_per_run)
-        within = np.arange(run.size) - np.repeat(np.cumsum(self.segments_per_run) - self.segments_per_run,
-                                                 self.segments_per_run)
+        within = np.arange(run.size) - np.repeat(
+            np.cumsum(self.segments_per_run) - self.segments_per_run, self.segments_per_run
+        )
         first_time = np.repeat(offsets, self.segments_per_run) + within * self.segment_length
         if self.shuffle:
             order = rng.permutation(run.size)
@@ -185,34 +220,46 @@ class CubeLoader:
             raise IndexError(f"batch {index} outside 0..{len(self) - 1}")
         length, store = self.segment_length, self.store
         if self.pin_memory:  # the CUDA caching host allocator recycles pinned blocks itself
-            frames = torch.empty((self.window, self.batch_size, *store.row_shape), dtype=torch.float32,
-                                 pin_memory=True)
+            frames = torch.empty(
+                (self.window, self.batch_size, *store.row_shape), dtype=torch.float32, pin_memory=True
+            )
         else:
             frames = self._pool.take((self.window, self.batch_size, *store.row_shape))
         first_rows = store.run_rows[run] + first_time
-        reads = [(first_row + k, frames[k, segment * length:(segment + 1) * length])
-                 for segment, first_row in enumerate(first_rows.tolist()) for k in range(self.window)]
-        if self._readers is not None:  # positional reads release the GIL: the page-cache copies run in parallel
-            for done in self._readers.map(lambda read: store.read_rows_into(*read), reads):
-                del done
+        reads = [
+            (first_row + k, frames[k, segment * length : (segment + 1) * length])
+            for segment, first_row in enumerate(first_rows.tolist())
+            for k in range(self.window)
+        ]
+        if (
+            self._readers is not None
+        ):  # positional reads release the GIL: the page-cache copies run in parallel
+            shares = [reads[i :: self.read_threads] for i in range(self.read_threads)]
+            pending = [self._readers.submit(_read_all, store, share) for share in shares[1:] if share]
+            try:
+                _read_all(store, shares[0])  # the calling thread takes a share: one hand-off fewer per batch
+            finally:
+                wait(pending)  # no read may still be writing into frames once this returns or raises
+            for future in pending:
+                future.result()
         else:
-            for first_row, out in reads:
-                store.read_rows_into(first_row, out)
+            _read_all(store, reads)
         if self.normalize:
             store.normalize(frames)
         sample_run = torch.from_numpy(np.repeat(run, length))
         sample_time = torch.from_numpy((first_time[:, None] + np.arange(length)[None]).reshape(-1))
         return Batch(frames, self._params[sample_run], sample_run, sample_time)
 
-    # --- iteration with background prefetch --------------------------------------------------------------------
+    # --- iteration with background prefetch -----------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
         """One epoch from the current position."""
         return self.batches(endless=False)
 
     def batches(self, endless: bool = False) -> Iterator[Batch]:
         """Batches from the current position to the end of the epoch, or, with ``endless``, on through every
-        following epoch: the prefetch thread then reads the first batches of the next epoch while the last ones of
-        this epoch are used, so no step waits at an epoch boundary. ``state_dict()`` follows the batches yielded."""
+        following epoch: the prefetch thread then reads the first batches of the next epoch while the last
+        ones of this epoch are used, so no step waits at an epoch boundary. ``state_dict()`` follows the
+        batches yielded."""
         epoch, start, total = self.epoch, self.batch, len(self)
         if start >= total:
             epoch, start = epoch + 1, 0
@@ -247,7 +294,7 @@ class CubeLoader:
             ready.put(None)
 
         if self.read_threads > 1 and self._readers is None:
-            self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="sapwood-cube-read")
+            self._readers = ThreadPoolExecutor(self.read_threads - 1, thread_name_prefix="sapwood-cube-read")
         worker = threading.Thread(target=produce, name="sapwood-cube-prefetch", daemon=True)
         worker.start()
         try:
@@ -259,8 +306,9 @@ class CubeLoader:
                     raise item
                 (done_epoch, index), batch = item
                 del item
-                self.epoch, self.batch = (done_epoch + 1, 0) if index + 1 == total and endless else (done_epoch,
-                                                                                                     index + 1)
+                self.epoch, self.batch = (
+                    (done_epoch + 1, 0) if index + 1 == total and endless else (done_epoch, index + 1)
+                )
                 yield batch
                 del batch
             self.epoch, self.batch = epoch + 1, 0
@@ -276,7 +324,7 @@ class CubeLoader:
                 self._readers.shutdown(wait=True)
                 self._readers = None
 
-    # --- resumable position ----------------------------------------------------------------------------------
+    # --- resumable position ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
         """Position after the batches yielded so far: ``{"epoch", "batch", "seed"}``."""
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
@@ -285,6 +333,11 @@ class CubeLoader:
         if int(state.get("seed", self.seed)) != self.seed:
             raise SapwoodError(f"loader state has seed={state['seed']}, this loader seed={self.seed}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def _read_all(store: CubeStore, reads: list[tuple[int, torch.Tensor]]) -> None:
+    for first_row, out in reads:
+        store.read_rows_into(first_row, out)
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
@@ -314,15 +367,17 @@ def _tensors(batch: Any) -> Iterator[torch.Tensor]:
 
 
 class DeviceFeed:
-    """The GPU feed: an endless, resumable batch iterator (``next``, ``state_dict``, ``load_state_dict``, such as a
-    training task's batches) whose batches arrive on ``device``, the copy of batch k+1 overlapping the compute on
-    batch k.
+    """The GPU feed: an endless, resumable batch iterator (``next``, ``state_dict``, ``load_state_dict``, such
+    as a training task's batches) whose batches arrive on ``device``, the copy of batch k+1 overlapping the
+    compute on batch k.
 
-    With ``ahead`` (the default on CUDA), each call hands out the batch staged by the previous call and stages the
-    next one: its host-to-device copy is issued with ``non_blocking=True`` on a side stream (from pinned memory, as
-    :class:`CubeLoader` allocates when CUDA is available), and the compute stream waits for that copy only when the
-    batch is handed out. ``state_dict()`` is the position after the batches handed out (not the staged one), so a
-    resume continues exactly. Without ``ahead`` (the default on the CPU) it is a plain pass-through.
+    With ``ahead`` (the default on CUDA), each call hands out the batch staged by the previous call and stages
+    the next one: its host-to-device copy is issued with ``non_blocking=True`` on a side stream (from pinned
+    memory, as
+    :class:`CubeLoader` allocates when CUDA is available), and the compute stream waits for that copy only
+    when the batch is handed out. ``state_dict()`` is the position after the batches handed out (not the
+    staged one), so a resume continues exactly. Without ``ahead`` (the default on the CPU) it is a plain
+    pass-through.
     """
 
     def __init__(self, batches: Any, device: torch.device | str, ahead: bool | None = None) -> None:

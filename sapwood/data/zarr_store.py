@@ -22,8 +22,15 @@ import numpy as np
 FRAMES_PER_SHARD = 64
 
 
-def write_zarr(folder: Path, frames: np.ndarray, index: dict[str, Any], area: np.ndarray, valid: np.ndarray,
-               lat: np.ndarray, lon: np.ndarray) -> Path:
+def write_zarr(
+    folder: Path,
+    frames: np.ndarray,
+    index: dict[str, Any],
+    area: np.ndarray,
+    valid: np.ndarray,
+    lat: np.ndarray,
+    lon: np.ndarray,
+) -> Path:
     """Write ``frames [rows, channels, y, x]`` (masked cells 0, ``valid [channels, y, x]``) as a Zarr v3
     group; returns the folder of its ``sapwood`` subgroup, where index.json and grid.npz go."""
     import zarr
@@ -33,13 +40,27 @@ def write_zarr(folder: Path, frames: np.ndarray, index: dict[str, Any], area: np
     rows = frames.shape[0]
     curvilinear = bool(index["grid"]["curvilinear"])
     horizontal = ("y", "x") if curvilinear else ("lat", "lon")
-    root = zarr.open_group(folder, mode="a", zarr_format=3,
-                           attributes={"Conventions": "CF-1.10", "sapwood_format": index["format"]})
+    root = zarr.open_group(
+        folder,
+        mode="a",
+        zarr_format=3,
+        attributes={"Conventions": "CF-1.10", "sapwood_format": index["format"]},
+    )
     runs = index["runs"]
     days = np.concatenate([np.asarray(r["days"], dtype=np.float64) for r in runs])
     run_of_row = np.concatenate([np.full(r["times"], i, dtype=np.int32) for i, r in enumerate(runs)])
-    _coordinate(root, "time", days, ("time",), {"standard_name": "time", "units": index["time"]["units"],
-                                                 "calendar": runs[0]["calendar"], "axis": "T"})
+    _coordinate(
+        root,
+        "time",
+        days,
+        ("time",),
+        {
+            "standard_name": "time",
+            "units": index["time"]["units"],
+            "calendar": runs[0]["calendar"],
+            "axis": "T",
+        },
+    )
     _coordinate(root, "run", run_of_row, ("time",), {"long_name": "run (index in index.json) of each frame"})
     lat_dims = horizontal if curvilinear else ("lat",)
     lon_dims = horizontal if curvilinear else ("lon",)
@@ -47,9 +68,17 @@ def write_zarr(folder: Path, frames: np.ndarray, index: dict[str, Any], area: np
     _coordinate(root, "lon", lon, lon_dims, {"standard_name": "longitude", "units": "degrees_east"})
     vertical = index.get("vertical")
     if vertical:
-        _coordinate(root, "lev", np.asarray(index["coords"]["lev"]), ("lev",),
-                    {"units": vertical["units"], "axis": "Z",
-                     "standard_name": vertical["standard_name"] or "model_level_number"})
+        _coordinate(
+            root,
+            "lev",
+            np.asarray(index["coords"]["lev"]),
+            ("lev",),
+            {
+                "units": vertical["units"],
+                "axis": "Z",
+                "standard_name": vertical["standard_name"] or "model_level_number",
+            },
+        )
     _coordinate(root, "cell_area_weight", area, horizontal, {"long_name": "cell area weight (mean 1)"})
     start = 0
     for variable in index["variables"]:
@@ -59,22 +88,29 @@ def write_zarr(folder: Path, frames: np.ndarray, index: dict[str, Any], area: np
         chunk = (1, *shape[1:])
         attrs = {k: variable[k] for k in ("units", "standard_name", "long_name") if variable.get(k)}
         attrs["coordinates"] = "run cell_area_weight" + (" lat lon" if curvilinear else "")
-        array = root.create_array(variable["name"], shape=shape, dtype="float32", chunks=chunk,
-                                  shards=(min(FRAMES_PER_SHARD, rows), *shape[1:]),
-                                  fill_value=np.float32("nan"),
-                                  dimension_names=dims, attributes={k: v for k, v in attrs.items() if v},
-                                  compressors=None)
-        mask = valid[start:start + count]
+        array = root.create_array(
+            variable["name"],
+            shape=shape,
+            dtype="float32",
+            chunks=chunk,
+            shards=(min(FRAMES_PER_SHARD, rows), *shape[1:]),
+            fill_value=np.float32("nan"),
+            dimension_names=dims,
+            attributes={k: v for k, v in attrs.items() if v},
+            compressors=None,
+        )
+        mask = valid[start : start + count]
         for first in range(0, rows, FRAMES_PER_SHARD):
-            block = np.where(mask, frames[first:first + FRAMES_PER_SHARD, start:start + count], np.nan)
-            array[first:first + block.shape[0]] = block if variable["levels"] else block[:, 0]
+            block = np.where(mask, frames[first : first + FRAMES_PER_SHARD, start : start + count], np.nan)
+            array[first : first + block.shape[0]] = block if variable["levels"] else block[:, 0]
         start += count
     root.create_group(ZARR_META, attributes={"description": "sapwood store index (index.json, grid.npz)"})
     return folder / ZARR_META
 
 
-def _coordinate(root: Any, name: str, values: np.ndarray, dims: tuple[str, ...],
-                attrs: dict[str, Any]) -> None:
+def _coordinate(
+    root: Any, name: str, values: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any]
+) -> None:
     values = np.asarray(values)
     root.create_array(name, data=values, chunks=values.shape, dimension_names=dims, attributes=attrs)
 
@@ -89,8 +125,14 @@ class ShardedFrames:
     follow each other in a shard are read with one ``preadv`` straight into the destination rows.
     :meth:`from_metadata` returns None for any other layout (the reader then falls back to zarr-python)."""
 
-    def __init__(self, folder: Path, shape: tuple[int, ...], frames_per_shard: int, index_bytes: int,
-                 index_at_end: bool) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        shape: tuple[int, ...],
+        frames_per_shard: int,
+        index_bytes: int,
+        index_at_end: bool,
+    ) -> None:
         self.folder, self.shape, self.frames_per_shard = folder, shape, frames_per_shard
         self.index_bytes, self.index_at_end = index_bytes, index_at_end
         self.chunk_bytes = 4 * int(np.prod(shape[1:]))
@@ -102,21 +144,35 @@ class ShardedFrames:
         meta = json.loads((folder / "zarr.json").read_text())
         shape = tuple(meta.get("shape", ()))
         codecs = meta.get("codecs", [])
-        if (meta.get("zarr_format") != 3 or meta.get("data_type") != "float32" or len(codecs) != 1
-                or codecs[0].get("name") != "sharding_indexed" or meta.get("storage_transformers")
-                or meta.get("chunk_key_encoding", {}).get("name") != "default"):
+        if (
+            meta.get("zarr_format") != 3
+            or meta.get("data_type") != "float32"
+            or len(codecs) != 1
+            or codecs[0].get("name") != "sharding_indexed"
+            or meta.get("storage_transformers")
+            or meta.get("chunk_key_encoding", {}).get("name") != "default"
+        ):
             return None
         config = codecs[0]["configuration"]
         outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
         little = [{"name": "bytes", "configuration": {"endian": "little"}}]
         index_codecs = config.get("index_codecs", little)
-        if (list(config["chunk_shape"]) != [1, *shape[1:]] or list(outer[1:]) != list(shape[1:])
-                or config.get("codecs") != little or index_codecs not in (little, [*little, {"name": "crc32c"}])
-                or meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") != "/"):
+        if (
+            list(config["chunk_shape"]) != [1, *shape[1:]]
+            or list(outer[1:]) != list(shape[1:])
+            or config.get("codecs") != little
+            or index_codecs not in (little, [*little, {"name": "crc32c"}])
+            or meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") != "/"
+        ):
             return None
         checksum = 4 if len(index_codecs) == 2 else 0
-        return cls(folder, shape, int(outer[0]), 16 * int(outer[0]) + checksum,
-                   config.get("index_location", "end") == "end")
+        return cls(
+            folder,
+            shape,
+            int(outer[0]),
+            16 * int(outer[0]) + checksum,
+            config.get("index_location", "end") == "end",
+        )
 
     def _shard(self, number: int) -> tuple[int, np.ndarray] | None:
         with self._lock:
@@ -130,7 +186,7 @@ class ShardedFrames:
             fd = os.open(path, os.O_RDONLY)
             size = os.fstat(fd).st_size
             raw = os.pread(fd, self.index_bytes, size - self.index_bytes if self.index_at_end else 0)
-            self._files[number] = (fd, np.frombuffer(raw[:16 * self.frames_per_shard], "<u8").reshape(-1, 2))
+            self._files[number] = (fd, np.frombuffer(raw[: 16 * self.frames_per_shard], "<u8").reshape(-1, 2))
         return self._files[number]
 
     def read_into(self, first: int, rows: list[np.ndarray]) -> None:
@@ -143,7 +199,7 @@ class ShardedFrames:
             count = min(len(rows) - done, self.frames_per_shard - inner)
             shard = self._shard(number)
             if shard is None:
-                for row in rows[done:done + count]:
+                for row in rows[done : done + count]:
                     row.fill(np.nan)
                 done += count
                 continue
@@ -156,13 +212,19 @@ class ShardedFrames:
                     start += 1
                     continue
                 if nbytes != self.chunk_bytes:
-                    raise OSError(f"{self.folder}: chunk of frame {frame + start} has {nbytes} bytes, "
-                                  f"expected {self.chunk_bytes}")
+                    raise OSError(
+                        f"{self.folder}: chunk of frame {frame + start} has {nbytes} bytes, "
+                        f"expected {self.chunk_bytes}"
+                    )
                 stop = start + 1
-                while (stop < count and stop - start < 512 and index[inner + stop, 0] == index[inner + stop - 1, 0] + nbytes
-                       and index[inner + stop, 1] == nbytes):
+                while (
+                    stop < count
+                    and stop - start < 512
+                    and index[inner + stop, 0] == index[inner + stop - 1, 0] + nbytes
+                    and index[inner + stop, 1] == nbytes
+                ):
                     stop += 1
-                views = [memoryview(row).cast("B") for row in rows[done + start:done + stop]]
+                views = [memoryview(row).cast("B") for row in rows[done + start : done + stop]]
                 wanted, got = (stop - start) * self.chunk_bytes, os.preadv(fd, views, int(offset))
                 if got != wanted:
                     raise OSError(f"{self.folder}: short read of frames {frame + start}..{frame + stop}")
@@ -177,11 +239,16 @@ class ShardedFrames:
 
 class ZarrRows:
     """Row access to a Zarr-layout store with the raw layout's shape ``[rows, channels, y, x]`` (masked cells
-    0): direct shard reads (:class:`ShardedFrames`) where the arrays have the layout :func:`write_zarr` writes,
-    zarr-python otherwise (``direct=False`` forces it)."""
+    0): direct shard reads (:class:`ShardedFrames`) where the arrays have the layout :func:`write_zarr`
+    writes, zarr-python otherwise (``direct=False`` forces it)."""
 
-    def __init__(self, folder: Path, variables: list[dict[str, Any]],
-                 shape: tuple[int, int, int, int], direct: bool = True) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        variables: list[dict[str, Any]],
+        shape: tuple[int, int, int, int],
+        direct: bool = True,
+    ) -> None:
         import zarr
 
         from sapwood.data.store import GRID_FILE, ZARR_META
@@ -199,10 +266,10 @@ class ZarrRows:
         start = 0
         for (array, layered, count), direct in zip(self.arrays, self.direct, strict=True):
             if direct is not None:
-                direct.read_into(first, [out[r, start:start + count] for r in range(n)])
+                direct.read_into(first, [out[r, start : start + count] for r in range(n)])
             else:
-                block = array[first:first + n]
-                out[:, start:start + count] = block if layered else block[:, None]
+                block = array[first : first + n]
+                out[:, start : start + count] = block if layered else block[:, None]
             start += count
         if self.masked or any(d is None for d in self.direct):
             np.nan_to_num(out, copy=False, nan=0.0)
