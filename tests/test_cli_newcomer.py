@@ -3,6 +3,7 @@ that already exist, `solve` piped as YAML, `grow --to` with only the changed fie
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,26 @@ def test_size_labels_bf16_with_its_16_bit_copy_and_uses_the_yaml_checkpointing_n
     assert proc.returncode == 0, proc.stderr
     assert "activation_checkpointing every_layer" in proc.stdout
     assert "one device, bf16 mixed (fp32 master) + AdamW" in proc.stdout and "ckpt full" not in proc.stdout
+
+
+def test_third_party_log_warnings_show_only_with_verbose():
+    """The 8-bit optimizer's memory measurement imports torchao, whose import logs warnings (extension
+    libraries that do not load on this machine, a torch deprecation): hidden normally, shown by --verbose."""
+    args = ("size", "tiny", "--measure", "--optimizer", "adamw8bit", "--json")
+    loud = sapwood("--verbose", *args)
+    assert loud.returncode == 0, loud.stderr
+    third_party = [line for line in loud.stderr.splitlines() if "torchao" in line or "torch/" in line]
+    if not third_party:
+        pytest.skip("this torch and torchao log no warning when torchao is imported")
+    quiet = sapwood(*args)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "", quiet.stderr
+    assert json.loads(quiet.stdout)["measured"]["total"] == json.loads(loud.stdout)["measured"]["total"]
+
+
+def test_size_fits_80_columns():
+    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "size", "tiny"], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, COLUMNS="80"))
+    assert proc.returncode == 0, proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80, proc.stdout
+    assert "3,950,848" in proc.stdout

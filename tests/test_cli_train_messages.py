@@ -87,10 +87,26 @@ def test_ctrl_c_then_resume_then_resume_a_finished_run(tmp_path):
 
 
 def test_cube_pipeline_on_simulate_defaults_and_the_cube_tiny_preset(tmp_path):
-    """The README's walk-through: simulate (defaults) -> prepare -> train cube-tiny -> eval."""
-    for args in (["simulate", "--out", "nc"], ["prepare", "nc", "--out", "store"]):
-        proc = sapwood(*args, cwd=tmp_path)
-        assert proc.returncode == 0, (args, proc.stderr)
+    """The README's walk-through: simulate -> prepare -> train cube-tiny -> eval, on simulate's default grid.
+
+    Fewer planets, times and spin-up days than simulate's defaults keep it short; that the default planet
+    count leaves cube-tiny training planets is checked on the defaults themselves."""
+    import inspect
+
+    from sapwood.cli import simulate
+    from sapwood.config import load_config
+
+    defaults = {name: p.default.default for name, p in inspect.signature(simulate).parameters.items()}
+    cube = load_config("cube-tiny").cube
+    assert (defaults["levels"], defaults["nlat"], defaults["nlon"]) == (cube.levels, cube.lat, cube.lon)
+    assert defaults["runs"] > cube.val_runs
+    simulated = sapwood("simulate", "--out", "nc", "--runs", str(cube.val_runs + 2), "--times", "6",
+                        "--spinup-days", "1", cwd=tmp_path)
+    assert simulated.returncode == 0, simulated.stderr
+    assert simulated.stdout.startswith(f"wrote {cube.val_runs + 2} runs, ")  # no blank line before it in a pipe
+    prepared = sapwood("prepare", "nc", "--out", "store", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    assert prepared.stdout.startswith("store: ") and "\n\n" not in prepared.stdout
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("preset: cube-tiny\ndata: {path: store}\ntrain: {steps: 2}\n")
     proc = sapwood("train", "wrong.yaml", cwd=tmp_path)

@@ -16,7 +16,7 @@ def sizing_stage(out: Path) -> None:
     from sapwood.model import build_model, load, save_folder
     from sapwood.sizing import check_create_fits, count_params, presets_table, size_report
 
-    console = Console(width=max(Console().width, 140))
+    console = Console()
     reports = [size_report(load_config(name), precision="bf16", checkpointing="full") for name in preset_names()]
     console.print(presets_table(reports))
     config = load_config("tiny")

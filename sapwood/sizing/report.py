@@ -157,21 +157,36 @@ def precision_label(combo: str) -> str:
     return f"{names.get(precision, precision)} + {optimizers.get(optimizer, optimizer)}"
 
 
-def _short(count: float) -> str:
-    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+def _bytes3(value: float) -> str:
+    """Bytes with three significant digits and the unit that fits: ``63.2 MB``, ``210 GB``, ``3.36 TB``."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f} B"
 
 
 def presets_table(reports: list[dict[str, Any]]) -> Any:
-    """One row per preset: exact parameter count, single-device fp32 AdamW state, per-GPU memory."""
+    """One row per preset: exact parameter count, single-device fp32 AdamW state, per-GPU memory under the
+    preset's parallel plan, FLOPs per token; fits 80 columns (the caption says what the figures assume)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table("preset", "params (exact)", "non-embed.", "fp32 AdamW on 1 device", "plan",
-                  "per GPU (bf16 mixed + AdamW, every_layer)", "FLOPs/token", title="sapwood presets")
+    table = Table(title="sapwood presets", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+                  caption="1 device: weights, grads and AdamW state in fp32 on one device. Per GPU: bf16 mixed "
+                  "precision + AdamW, activation checkpointing every_layer, under the preset's plan "
+                  "(tensor x pipeline x data parallel); '-' for cube models (no token context).",
+                  caption_justify="left")
+    table.add_column("preset", no_wrap=True)
+    table.add_column("parameters", justify="right", no_wrap=True)
+    table.add_column("1 device", justify="right", no_wrap=True)
+    table.add_column("plan", no_wrap=True)
+    table.add_column("per GPU", justify="right", no_wrap=True)
+    table.add_column("FLOPs/token", justify="right", no_wrap=True)
     for r in reports:
         par = r["parallel"]
-        table.add_row(r["name"], f"{r['params_total']:,}", _short(r["params_non_embedding"]),
-                      _gb(r["training_state_bytes_single_device"]["fp32+adamw"]["total"]),
+        table.add_row(r["name"], f"{r['params_total']:,}",
+                      _bytes3(r["training_state_bytes_single_device"]["fp32+adamw"]["total"]),
                       f"tp{par['tp']} pp{par['pp']} dp{par['dp_replicate'] * par['dp_shard']}",
-                      _gb(r["memory_per_gpu"]["total"]) if "memory_per_gpu" in r else "-",
+                      _bytes3(r["memory_per_gpu"]["total"]) if "memory_per_gpu" in r else "-",
                       f"{r['flops_per_token']:.3g}" if "flops_per_token" in r else "-")
     return table
