@@ -19,23 +19,32 @@ def env() -> dict[str, str]:
 
 
 def demo(out, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env())
+    return subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+    )
 
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "thesis.tex").write_text("mine")
     proc = demo(tmp_path, "--only", "sizing")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"error: --out {tmp_path} is not empty and was not written by sapwood demo; "
-                                   "choose another folder")
+    assert proc.stderr.strip() == (
+        f"error: --out {tmp_path} is not empty and was not written by sapwood demo; choose another folder"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
 
 
 def test_an_unknown_stage_names_the_stages(tmp_path):
     proc = demo(tmp_path / "out", "--only", "sizing,trian")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --only trian: unknown stage; stages: sizing, lm, serving, sft, cubes, surrogate"
+    assert (
+        proc.stderr.strip()
+        == "error: --only trian: unknown stage; stages: sizing, lm, serving, sft, cubes, surrogate"
+    )
 
 
 def test_a_second_demo_into_the_same_folder_replaces_the_first(tmp_path):
@@ -45,11 +54,14 @@ def test_a_second_demo_into_the_same_folder_replaces_the_first(tmp_path):
     assert first.stdout.splitlines()[0] == f"writing the demo into {out}"
     assert "1/1 sizing" in first.stdout and "…" not in first.stdout
     lines = first.stdout.splitlines()
-    assert max(len(line) for line in lines if str(out) not in line) <= 80, first.stdout  # paths are not wrapped
+    assert max(len(line) for line in lines if str(out) not in line) <= 80, (
+        first.stdout
+    )  # paths are not wrapped
     assert any(line.split()[:2] == ["tiny", "3,950,848"] for line in lines), first.stdout
     assert re.fullmatch(r"sizing: \d+ s \(CPU \d+ s\)", lines[-3]), first.stdout
-    assert re.fullmatch(rf"demo finished in \d+ s \(CPU \d+ s\); everything it wrote is in {re.escape(str(out))}",
-                        lines[-1]), first.stdout
+    assert re.fullmatch(
+        rf"demo finished in \d+ s \(CPU \d+ s\); everything it wrote is in {re.escape(str(out))}", lines[-1]
+    ), first.stdout
     (out / "tiny" / "stale.txt").write_text("from the first run")
     second = demo(out, "--only", "sizing")
     assert second.returncode == 0, second.stderr
@@ -60,8 +72,13 @@ def test_a_second_demo_into_the_same_folder_replaces_the_first(tmp_path):
 def test_ctrl_c_during_the_demo_names_the_command_that_continues_it(tmp_path):
     """SIGINT once the language-model stage is training: the run stops at its next step, exit 130."""
     out = tmp_path / "demo-out"
-    run = subprocess.Popen([sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), "--only", "lm,serving"],
-                           env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), "--only", "lm,serving"],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "lm" / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not (metrics.exists() and '"event": "start"' in metrics.read_text()):
@@ -71,9 +88,11 @@ def test_ctrl_c_during_the_demo_names_the_command_that_continues_it(tmp_path):
     stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 130, stderr
     assert "Traceback" not in stderr and "error:" not in stderr
-    assert re.fullmatch(rf"demo interrupted in stage 1/2 \(language model\) at training step \d+; to continue: "
-                        rf"sapwood demo --out {re.escape(str(out))} --only lm,serving \(the lm stage starts over\)",
-                        stderr.strip().splitlines()[-1]), stderr
+    assert re.fullmatch(
+        rf"demo interrupted in stage 1/2 \(language model\) at training step \d+; to continue: "
+        rf"sapwood demo --out {re.escape(str(out))} --only lm,serving \(the lm stage starts over\)",
+        stderr.strip().splitlines()[-1],
+    ), stderr
     assert "2/2" not in stdout
 
 

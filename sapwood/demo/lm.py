@@ -52,7 +52,8 @@ def language_model_stage(out: Path) -> dict[str, Any]:
     baseline = meta["val_unigram_entropy"]
     verdict = "below" if summary["val_loss"] < baseline else "NOT below"
     console.print(
-        f"final validation loss {summary['val_loss']:.3f} nats/token (perplexity {summary['val_perplexity']:.1f}, "
+        f"final validation loss {summary['val_loss']:.3f} nats/token "
+        f"(perplexity {summary['val_perplexity']:.1f}, "
         f"next-token accuracy {summary['val_accuracy']:.1%}) vs unigram-entropy baseline {baseline:.3f}: "
         f"{baseline - summary['val_loss']:.3f} nats {verdict}"
     )
