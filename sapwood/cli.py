@@ -58,10 +58,17 @@ def demo(
     only: str = typer.Option(None, "--only", help="comma-separated stages: sizing, lm, serving, sft, cubes, "
                              "surrogate (serving and sft need lm, surrogate needs cubes, run before)"),
 ) -> None:
-    """Run the whole pipeline end to end on embedded defaults (CPU, minutes)."""
-    from sapwood.demo import run_demo
+    """Run the whole pipeline end to end on embedded defaults (CPU, minutes).
 
-    run_demo(out, [name.strip() for name in only.split(",") if name.strip()] if only else None)
+    Ctrl-C stops the demo (a training stage after its current step), prints the command that reruns the
+    interrupted stage and the ones after it, and exits 130."""
+    from sapwood.demo import DemoInterrupted, run_demo
+
+    try:
+        run_demo(out, [name.strip() for name in only.split(",") if name.strip()] if only else None)
+    except DemoInterrupted as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 @app.command("import-hf")
@@ -114,7 +121,8 @@ def simulate(
 
         catalog_planets = draw_planets(planets, runs, seed)
         drawn = planet_params(catalog_planets)
-    paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype, planets=drawn)
+    paths = simulate_ensemble(out, runs=runs, grid=grid, seed=seed, dtype=dtype, planets=drawn,
+                              progress=console.is_terminal)  # a bar only on a terminal (no stray blank line)
     if planets is not None:
         write_provenance(catalog_planets, out / "planets.csv")
     size = sum(p.stat().st_size for p in paths)
@@ -136,7 +144,7 @@ def prepare(
     from sapwood.data.cubes import prepare as prepare_store
 
     chosen = tuple(v.strip() for v in variables.split(",") if v.strip()) if variables else None
-    report = prepare_store(inputs, out, chosen, force=force, layout=layout)
+    report = prepare_store(inputs, out, chosen, force=force, layout=layout, progress=console.is_terminal)
     console.print(report.summary(), highlight=False)
 
 
@@ -793,8 +801,10 @@ def _global_options(
 
 
 def quiet_warnings(verbose: bool) -> None:
-    """Hide third-party UserWarning/FutureWarning/DeprecationWarning unless ``--verbose`` (or python -W);
+    """Hide third-party UserWarning/FutureWarning/DeprecationWarning and the warning-level log lines of torch
+    and torchao unless ``--verbose`` (or python -W; ``TORCH_LOGS`` set by the user wins for torch's logs);
     sapwood's own warnings (:class:`sapwood.errors.SapwoodWarning`) stay visible."""
+    import logging
     import os
     import warnings
 
@@ -805,6 +815,8 @@ def quiet_warnings(verbose: bool) -> None:
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("default", category=SapwoodWarning)
+    os.environ.setdefault("TORCH_LOGS", "-all")  # read when torch is imported: its loggers at ERROR
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # e.g. "Failed to load ...so" on import
 
 
 def quiet_other_ranks() -> None:

@@ -3,6 +3,7 @@ that already exist, `solve` piped as YAML, `grow --to` with only the changed fie
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,16 +16,27 @@ import yaml
 def sapwood(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "sapwood.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
 
 
-@pytest.mark.parametrize(("yaml_text", "expected"), [
-    ("preset: tiny\ntrain: {stepz: 10}\n", "unknown key 'train.stepz'; did you mean 'train.steps'?"),
-    ("prest: tiny\n", "unknown key 'prest'; did you mean 'preset'?"),
-    ("preset: tiny\ntrain: {steps: 10, learning_rate: 0.001}\n",
-     "unknown key 'train.learning_rate'; did you mean 'train.lr'?"),
-])
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("preset: tiny\ntrain: {stepz: 10}\n", "unknown key 'train.stepz'; did you mean 'train.steps'?"),
+        ("prest: tiny\n", "unknown key 'prest'; did you mean 'preset'?"),
+        (
+            "preset: tiny\ntrain: {steps: 10, learning_rate: 0.001}\n",
+            "unknown key 'train.learning_rate'; did you mean 'train.lr'?",
+        ),
+    ],
+)
 def test_a_misspelt_key_is_reported_first_with_the_nearest_valid_key(tmp_path, yaml_text, expected):
     config = tmp_path / "run.yaml"
     config.write_text(yaml_text)
@@ -40,8 +52,9 @@ def test_an_unknown_key_with_no_near_match_lists_the_allowed_keys(tmp_path):
     proc = sapwood("size", str(config))
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "error: run.yaml: unknown key 'parallel.zzzz'; allowed keys here: dp_replicate, dp_shard, tp, pp, cp, "
-        "pp_schedule, pp_microbatches, cpu_offload")
+        "error: run.yaml: unknown key 'parallel.zzzz'; allowed keys here: dp_replicate, dp_shard, tp, pp, "
+        "cp, pp_schedule, pp_microbatches, cpu_offload"
+    )
 
 
 def test_solve_prints_one_yaml_document_with_headlines_as_comments():
@@ -63,8 +76,10 @@ def test_create_export_and_grow_refuse_a_non_empty_out_unless_force(tmp_path):
     for args in (["create", "tiny"], ["export-hf", str(ckpt)], ["grow", str(ckpt), "--layers", "3"]):
         proc = sapwood(*args, "--out", str(busy))
         assert proc.returncode == 2, args
-        assert proc.stderr.strip() == (f"error: --out {busy} already exists and is not empty; pass --force to "
-                                       "replace it or choose another folder")
+        assert proc.stderr.strip() == (
+            f"error: --out {busy} already exists and is not empty; pass --force to "
+            "replace it or choose another folder"
+        )
         assert (busy / "notes.txt").read_text() == "mine"
     again = sapwood("create", "tiny", "--out", str(ckpt))
     assert again.returncode == 2 and (ckpt / "model.safetensors").read_bytes() == before
@@ -104,8 +119,41 @@ def test_size_labels_bf16_with_its_16_bit_copy_and_uses_the_yaml_checkpointing_n
     params = json.loads(sapwood("size", "tiny", "--json").stdout)["params_total"]
     assert states["bf16+adamw"]["total"] == states["fp32+adamw"]["total"] + 2 * params
     assert states["bf16-pure+adamw8bit"]["compute_copy"] == 0
-    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "size", "tiny", "--checkpointing", "every_layer"],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="250"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", "size", "tiny", "--checkpointing", "every_layer"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, COLUMNS="250"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "activation_checkpointing every_layer" in proc.stdout
     assert "one device, bf16 mixed (fp32 master) + AdamW" in proc.stdout and "ckpt full" not in proc.stdout
+
+
+def test_third_party_log_warnings_show_only_with_verbose():
+    """The 8-bit optimizer's memory measurement imports torchao, whose import logs warnings (extension
+    libraries that do not load on this machine, a torch deprecation): hidden normally, shown by --verbose."""
+    args = ("size", "tiny", "--measure", "--optimizer", "adamw8bit", "--json")
+    loud = sapwood("--verbose", *args)
+    assert loud.returncode == 0, loud.stderr
+    third_party = [line for line in loud.stderr.splitlines() if "torchao" in line or "torch/" in line]
+    if not third_party:
+        pytest.skip("this torch and torchao log no warning when torchao is imported")
+    quiet = sapwood(*args)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "", quiet.stderr
+    assert json.loads(quiet.stdout)["measured"]["total"] == json.loads(loud.stdout)["measured"]["total"]
+
+
+def test_size_fits_80_columns():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", "size", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, COLUMNS="80"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80, proc.stdout
+    assert "3,950,848" in proc.stdout

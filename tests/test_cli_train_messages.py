@@ -24,8 +24,14 @@ def env() -> dict[str, str]:
 
 
 def sapwood(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sapwood.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env(), cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+        cwd=cwd,
+    )
 
 
 def strict_records(path: Path) -> list[dict]:
@@ -41,16 +47,25 @@ def text_config(folder: Path, steps: int) -> Path:
         "model: {vocab_size: 300, hidden: 32, layers: 2, heads: 4, ffn: 64, trained_context: 16}\n"
         f"train: {{steps: {steps}, batch_size: 2, micro_batch_size: 2, save_every: 2, eval_every: 1000000, "
         "eval_batches: 1, log_every: 1, progress: false, out_dir: run}\n"
-        "data: {path: tokens}\n")
+        "data: {path: tokens}\n"
+    )
     return config
 
 
 def test_ctrl_c_then_resume_then_resume_a_finished_run(tmp_path):
-    tokenized = sapwood("tokenize", "--max-files", "6", "--vocab-size", "300", "--out", "tokens", cwd=tmp_path)
+    tokenized = sapwood(
+        "tokenize", "--max-files", "6", "--vocab-size", "300", "--out", "tokens", cwd=tmp_path
+    )
     assert tokenized.returncode == 0, tokenized.stderr
     text_config(tmp_path, steps=1_000_000)
-    run = subprocess.Popen([sys.executable, "-m", "sapwood.cli", "train", "run.yaml", "--resume"], cwd=tmp_path,
-                           env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "sapwood.cli", "train", "run.yaml", "--resume"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and '"event": "checkpoint"' in metrics.read_text()):
@@ -58,12 +73,16 @@ def test_ctrl_c_then_resume_then_resume_a_finished_run(tmp_path):
         time.sleep(0.2)
     run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=120)
-    assert stdout.startswith("--resume: nothing to resume, no complete checkpoint in run/checkpoints; starting "
-                             "from step 0")
+    assert stdout.startswith(
+        "--resume: nothing to resume, no complete checkpoint in run/checkpoints; starting from step 0"
+    )
     assert run.returncode == 130, stderr
     message = stderr.strip().splitlines()[-1]
-    found = re.fullmatch(r"training interrupted at step (\d+); last checkpoint: step (\d+) "
-                         r"\(run/checkpoints/step_(\d+)\); to continue: sapwood train run\.yaml --resume", message)
+    found = re.fullmatch(
+        r"training interrupted at step (\d+); last checkpoint: step (\d+) "
+        r"\(run/checkpoints/step_(\d+)\); to continue: sapwood train run\.yaml --resume",
+        message,
+    )
     assert found, stderr
     assert "Traceback" not in stderr
     interrupted_at, saved = int(found[1]), int(found[2])
@@ -72,7 +91,10 @@ def test_ctrl_c_then_resume_then_resume_a_finished_run(tmp_path):
     text_config(tmp_path, steps=saved + 2)
     resumed = sapwood("train", "run.yaml", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.splitlines()[0] == f"resumed from step {saved} of {saved + 2} (run/checkpoints/step_{saved:08d})"
+    assert (
+        resumed.stdout.splitlines()[0]
+        == f"resumed from step {saved} of {saved + 2} (run/checkpoints/step_{saved:08d})"
+    )
 
     again = sapwood("train", "run.yaml", "--resume", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -87,19 +109,51 @@ def test_ctrl_c_then_resume_then_resume_a_finished_run(tmp_path):
 
 
 def test_cube_pipeline_on_simulate_defaults_and_the_cube_tiny_preset(tmp_path):
-    """The README's walk-through: simulate (defaults) -> prepare -> train cube-tiny -> eval."""
-    for args in (["simulate", "--out", "nc"], ["prepare", "nc", "--out", "store"]):
-        proc = sapwood(*args, cwd=tmp_path)
-        assert proc.returncode == 0, (args, proc.stderr)
+    """The README's walk-through: simulate -> prepare -> train cube-tiny -> eval, on simulate's default grid.
+
+    Fewer planets, times and spin-up days than simulate's defaults keep it short; that the default planet
+    count leaves cube-tiny training planets is checked on the defaults themselves."""
+    import inspect
+
+    from sapwood.cli import simulate
+    from sapwood.config import load_config
+
+    defaults = {name: p.default.default for name, p in inspect.signature(simulate).parameters.items()}
+    cube = load_config("cube-tiny").cube
+    assert (defaults["levels"], defaults["nlat"], defaults["nlon"]) == (cube.levels, cube.lat, cube.lon)
+    assert defaults["runs"] > cube.val_runs
+    simulated = sapwood(
+        "simulate",
+        "--out",
+        "nc",
+        "--runs",
+        str(cube.val_runs + 2),
+        "--times",
+        "6",
+        "--spinup-days",
+        "1",
+        cwd=tmp_path,
+    )
+    assert simulated.returncode == 0, simulated.stderr
+    assert simulated.stdout.startswith(
+        f"wrote {cube.val_runs + 2} runs, "
+    )  # no blank line before it in a pipe
+    prepared = sapwood("prepare", "nc", "--out", "store", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    assert prepared.stdout.startswith("store: ") and "\n\n" not in prepared.stdout
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("preset: cube-tiny\ndata: {path: store}\ntrain: {steps: 2}\n")
     proc = sapwood("train", "wrong.yaml", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: wrong.yaml: a datacube model reads its store from cube.data, not data:; "
-                                   "write `cube: {data: store}` (a store from `sapwood prepare`) and remove data:")
+    assert proc.stderr.strip() == (
+        "error: wrong.yaml: a datacube model reads its store from cube.data, not data:; "
+        "write `cube: {data: store}` (a store from `sapwood prepare`) and remove data:"
+    )
     (tmp_path / "surrogate.yaml").write_text(
         "preset: cube-tiny\ncube: {data: store}\n"
-        "train: {steps: 2, batch_size: 4, micro_batch_size: 4, eval_every: 2, eval_batches: 1, out_dir: run}\n")
+        "train: {steps: 2, batch_size: 4, micro_batch_size: 4, eval_every: 2, eval_batches: 1, "
+        "out_dir: run}\n"
+    )
     proc = sapwood("train", "surrogate.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "samples/s" in proc.stdout and "tok/s" not in proc.stdout
@@ -112,8 +166,14 @@ def test_cube_pipeline_on_simulate_defaults_and_the_cube_tiny_preset(tmp_path):
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_only_rank_0_writes_console_output(tmp_path, rank):
-    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "solve", "--params", "1e8"], capture_output=True,
-                          text=True, timeout=120, env={**env(), "RANK": rank}, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", "solve", "--params", "1e8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env(), "RANK": rank},
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert ("model:" in proc.stdout) == (rank == "0")
 
@@ -121,16 +181,34 @@ def test_only_rank_0_writes_console_output(tmp_path, rank):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_under_torchrun_only_rank_0_prints_and_torch_warnings_stay_quiet(tmp_path):
-    tokenized = sapwood("tokenize", "--max-files", "6", "--vocab-size", "300", "--out", "tokens", cwd=tmp_path)
+    tokenized = sapwood(
+        "tokenize", "--max-files", "6", "--vocab-size", "300", "--out", "tokens", cwd=tmp_path
+    )
     assert tokenized.returncode == 0, tokenized.stderr
     (tmp_path / "run.yaml").write_text(
         "model: {vocab_size: 320, hidden: 32, layers: 2, heads: 4, ffn: 64, trained_context: 16}\n"
         "train: {steps: 2, batch_size: 4, micro_batch_size: 2, eval_every: 2, eval_batches: 1, save_every: 2,"
         " progress: false, device: cpu, out_dir: run}\n"
-        "data: {path: tokens}\nparallel: {dp_shard: 2}\n")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "sapwood.cli", "train", "run.yaml"], cwd=tmp_path, env=env(), capture_output=True,
-                          text=True, timeout=600)
+        "data: {path: tokens}\nparallel: {dp_shard: 2}\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "sapwood.cli",
+            "train",
+            "run.yaml",
+        ],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summaries = [line for line in proc.stdout.splitlines() if line.startswith("step=2 ")]
     assert len(summaries) == 1, proc.stdout

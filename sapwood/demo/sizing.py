@@ -16,8 +16,10 @@ def sizing_stage(out: Path) -> None:
     from sapwood.model import build_model, load, save_folder
     from sapwood.sizing import check_create_fits, count_params, presets_table, size_report
 
-    console = Console(width=max(Console().width, 140))
-    reports = [size_report(load_config(name), precision="bf16", checkpointing="full") for name in preset_names()]
+    console = Console()
+    reports = [
+        size_report(load_config(name), precision="bf16", checkpointing="full") for name in preset_names()
+    ]
     console.print(presets_table(reports))
     config = load_config("tiny")
     check_create_fits(config)
@@ -27,5 +29,8 @@ def sizing_stage(out: Path) -> None:
     tokens = torch.randint(0, config.model.vocab_size, (2, 16))
     with torch.no_grad():
         logits = model(tokens)
-    console.print(f"created {folder} ({count_params(config.model).total:,} parameters); forward pass on "
-                  f"tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)}, finite: {bool(logits.isfinite().all())}")
+    console.print(
+        f"created {folder} ({count_params(config.model).total:,} parameters); forward pass on "
+        f"tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)}, "
+        f"finite: {bool(logits.isfinite().all())}"
+    )

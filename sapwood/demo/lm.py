@@ -2,7 +2,7 @@
 
 Writes ``DEMO/tokens`` (tokenizer and shards) and ``DEMO/lm`` (checkpoints, metrics.jsonl, loss.png)
 with the final checkpoint folder at ``DEMO/lm/final`` for the generation and serving stages.
-The training config is ``sapwood/train/demo.yaml``.
+The training config is ``sapwood/demo/lm.yaml``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.console import Console
 from sapwood.config import Config, raw_config, validate
 from sapwood.data.text import read_meta, stdlib_corpus, tokenize_corpus
 
-DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+DEMO_CONFIG = Path(__file__).with_name("lm.yaml")
 DEMO_FILES = 200
 DEMO_VOCAB = 4096
 DEMO_VAL_FRACTION = 0.1
@@ -52,9 +52,10 @@ def language_model_stage(out: Path) -> dict[str, Any]:
     baseline = meta["val_unigram_entropy"]
     verdict = "below" if summary["val_loss"] < baseline else "NOT below"
     console.print(
-        f"final validation loss {summary['val_loss']:.3f} nats/token (perplexity {summary['val_perplexity']:.1f}, "
+        f"final validation loss {summary['val_loss']:.3f} nats/token "
+        f"(perplexity {summary['val_perplexity']:.1f}, "
         f"next-token accuracy {summary['val_accuracy']:.1%}) vs unigram-entropy baseline {baseline:.3f}: "
         f"{baseline - summary['val_loss']:.3f} nats {verdict}"
     )
-    console.print(f"loss plot {summary['plot']}; checkpoint folder {summary['final']} ({time.perf_counter() - start:.0f}s)")
+    console.print(f"loss plot {summary['plot']}; checkpoint folder {summary['final']}")
     return summary

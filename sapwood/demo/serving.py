@@ -24,7 +24,9 @@ def generation_and_serving_stage(out: Path) -> None:
     if not (folder / "config.yaml").exists():
         raise SapwoodError(f"{folder}: no trained demo model; the language-model stage writes it first")
     engine = Engine.from_folder(folder)
-    params = SamplingParams(max_tokens=48, temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=0)
+    params = SamplingParams(
+        max_tokens=48, temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=0
+    )
     for prompt, text in zip(PROMPTS, engine.generate_text(PROMPTS, params), strict=True):
         console.print(f"[bold]{prompt!r}[/bold] -> {text!r}")
     settings = ServeSettings(model_name="sapwood-demo")
@@ -34,8 +36,11 @@ def generation_and_serving_stage(out: Path) -> None:
     with BackgroundServer(app, settings) as server:
         console.print(f"sapwood serve on {server.url} (loopback, no API keys)")
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-        reply = client.completions.create(model="sapwood-demo", prompt="def main():\n", max_tokens=40,
-                                          temperature=0)
+        reply = client.completions.create(
+            model="sapwood-demo", prompt="def main():\n", max_tokens=40, temperature=0
+        )
         console.print(f"openai client -> {reply.choices[0].text!r}")
-        console.print(f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens")
+        console.print(
+            f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens"
+        )
     console.print("server shut down (in-flight requests drained)")
