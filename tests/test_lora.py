@@ -15,15 +15,17 @@ peft = pytest.importorskip("peft")
 
 
 def random_adapter(model, name, targets=("wq", "wv", "w2"), rank=4, alpha=8.0, seed=0, scale=0.05):
-    """Adapter ``name`` with B drawn at random with std ``scale`` (PEFT starts B at zero, which would make every
-    test trivial)."""
+    """Adapter ``name`` with A and B drawn from ``seed`` alone: A uniform in +-1/sqrt(in) (PEFT's Kaiming bound),
+    B normal with std ``scale`` (PEFT starts B at zero, which would make every test trivial). PEFT's own A init
+    draws from the global RNG, whose state depends on the tests run before; both are overwritten here."""
     lora.add_adapter(model, name, lora.peft_config(rank, alpha, 0.0, list(targets)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
             if name in layer.lora_B:
-                weight = layer.lora_B[name].weight
-                weight.copy_(torch.randn(weight.shape, generator=generator) * scale)
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1) / a.shape[1] ** 0.5)
+                b.copy_(torch.randn(b.shape, generator=generator) * scale)
     return model
 
 
@@ -36,6 +38,15 @@ def adapter_dirs(tmp_path_factory, lm_folder):
         model = random_adapter(load(lm_folder), name, targets, seed=seed + 1)
         out[name] = lora.save_adapter(model, name, root / name, lm_folder)
     return out
+
+
+def test_test_adapters_depend_on_their_seed_only_not_on_the_global_rng(lm_folder):
+    states = []
+    for global_seed in (0, 6):
+        with torch.random.fork_rng():
+            torch.manual_seed(global_seed)
+            states.append(lora.adapter_state(random_adapter(load(lm_folder), "a", seed=3), "a"))
+    assert states[0].keys() == states[1].keys() and all(torch.equal(v, states[1][k]) for k, v in states[0].items())
 
 
 TOKENS = torch.tensor([[5, 17, 60, 2, 99, 140, 7, 33], [8, 8, 250, 31, 4, 77, 190, 12]])
