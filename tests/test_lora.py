@@ -143,6 +143,11 @@ def test_bad_adapter_folders_are_refused_in_one_line(tmp_path, lm_folder, adapte
         lora.read_adapter(broken)
 
 
+def first_train_loss(run) -> float:
+    return next(e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if e["event"] == "train")
+
+
 def test_lora_finetune_trains_only_the_adapter_and_merges(tmp_path, lm_folder, one_thread):
     from sapwood.demo.sft import conversion_records
     from sapwood.train.loop import Trainer
@@ -153,25 +158,36 @@ def test_lora_finetune_trains_only_the_adapter_and_merges(tmp_path, lm_folder, o
     runs = {}
     adapter = {"rank": 4, "alpha": 8, "targets": ["wq", "wv"]}
     for name, extra, precision in (("full", {}, "fp32"), ("lora", {"lora": adapter}, "fp32"),
-                                   ("lora-bf16", {"lora": {**adapter, "base_dtype": "bf16"}}, "bf16")):
+                                   ("lora-bf16", {"lora": {**adapter, "base_dtype": "bf16"}}, "bf16"),
+                                   ("lora-int8", {"lora": {**adapter, "base_dtype": "int8"}}, "fp32")):
         config = {"sft": {"base": str(lm_folder), "data": str(data), "seq_len": 48, "eval_examples": 4,
                           "max_new_tokens": 4, **extra},
                   "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2, "min_lr": 1e-3,
-                            "eval_every": 100, "save_every": 100, "progress": False, "device": "cpu",
+                            "eval_every": 100, "save_every": 100, "log_every": 1, "progress": False,
+                            "device": "cpu",
                             "precision": precision, "out_dir": str(tmp_path / name)}}
         (tmp_path / f"{name}.yaml").write_text(json.dumps(config))
         trainer = Trainer(finetune_config(tmp_path / f"{name}.yaml"))
         summary = trainer.fit()
-        runs[name] = {**summary, **training_state_bytes(trainer.model, trainer.optimizer)}
+        block_linear_bytes = sum(p.numel() * 4 for n, p in load(lm_folder).named_parameters()
+                                 if n.startswith("layers.") and n.rsplit(".", 2)[-2] in lora.HF_TARGETS)
+        runs[name] = {**summary, **training_state_bytes(trainer.model, trainer.optimizer),
+                      "block_linear_bytes": block_linear_bytes, "first_loss": first_train_loss(tmp_path / name)}
     assert runs["lora"]["state_bytes"] < runs["full"]["state_bytes"] / 10
     assert runs["lora-bf16"]["state_bytes"] == runs["lora"]["state_bytes"]  # fp32 adapters either way
     assert runs["lora-bf16"]["weight_bytes"] < 0.6 * runs["lora"]["weight_bytes"]
+    assert runs["lora-int8"]["state_bytes"] == runs["lora"]["state_bytes"]
+    int8_saved = runs["lora"]["weight_bytes"] - runs["lora-int8"]["weight_bytes"]
+    assert int8_saved > 0.7 * 0.75 * runs["lora"]["block_linear_bytes"]  # int8 data and per-row scales
+    assert runs["lora-int8"]["loss"] < runs["lora-int8"]["first_loss"]
     assert lora.read_adapter(tmp_path / "lora-bf16" / "final")[1]["layers.0.attention.wq.lora_A.weight"].dtype \
         == torch.float32
-    config["train"]["precision"] = "fp32"
-    (tmp_path / "bad.yaml").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="base_dtype='bf16' needs train.precision: bf16"):
-        Trainer(finetune_config(tmp_path / "bad.yaml"))
+    for base_dtype, precision, words in (("bf16", "fp32", "base_dtype='bf16' needs train.precision: bf16"),
+                                         ("int8", "bf16", "base_dtype='int8' needs train.precision: fp32")):
+        config["sft"]["lora"]["base_dtype"], config["train"]["precision"] = base_dtype, precision
+        (tmp_path / "bad.yaml").write_text(json.dumps(config))
+        with pytest.raises(ConfigError, match=words):
+            Trainer(finetune_config(tmp_path / "bad.yaml"))
     final = tmp_path / "lora" / "final"
     assert sorted(p.name for p in final.iterdir()) == [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]
     _, state, base = lora.read_adapter(final)

@@ -76,6 +76,30 @@ def add_adapter(model: nn.Module, name: str, config) -> nn.Module:
     return model
 
 
+def quantize_frozen_linears(model: nn.Module) -> int:
+    """Store the frozen ``nn.Linear`` weights of the blocks (the adapted layers' base layers and the others) as
+    int8, weight-only with one scale per output row (torchao's ``Int8WeightOnlyConfig``); every matmul
+    dequantizes them. The adapters, embedding and output head stay as they are; PEFT's ``lora.Linear`` calls its
+    quantized base layer as it is. Returns how many weights were quantized."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:  # pragma: no cover - torchao is a dependency
+        raise SapwoodError(f"an int8 frozen base needs torchao ({exc}); pip install torchao") from None
+    chosen = {name for name, module in model.named_modules()
+              if type(module) is nn.Linear and name.startswith("layers.") and ".lora_" not in name
+              and not module.weight.requires_grad}
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: name in chosen)
+    return len(chosen)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds: for a quantized tensor subclass, those of its inner tensors (int8 data, scales)."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None or type(tensor) in (torch.Tensor, nn.Parameter):
+        return tensor.numel() * tensor.element_size()
+    return sum(tensor_bytes(getattr(tensor, name)) for name in flatten()[0])
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     from peft.tuners.lora import LoraLayer
 

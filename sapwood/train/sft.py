@@ -71,7 +71,7 @@ class BaseInitialized(Decoder):
     """A Decoder whose ``init_weights`` loads the base checkpoint's weights into it (adapters, if injected, get
     PEFT's initialization)."""
 
-    def __init__(self, cfg, base_folder: Path, frozen_dtype: torch.dtype | None = None):
+    def __init__(self, cfg, base_folder: Path, frozen_dtype: str = "fp32"):
         self.base_folder, self.frozen_dtype = base_folder, frozen_dtype
         super().__init__(cfg)
 
@@ -81,10 +81,12 @@ class BaseInitialized(Decoder):
             return
         lora.load_base_state(self, read_weights(self.base_folder))
         lora.reset_adapters(self)
-        if self.frozen_dtype is not None:  # the frozen base in a smaller dtype; the adapters stay fp32
+        if self.frozen_dtype == "bf16":  # the frozen base in a smaller dtype; the adapters stay fp32
             for param in self.parameters():
                 if not param.requires_grad:
-                    param.data = param.data.to(self.frozen_dtype)
+                    param.data = param.data.to(torch.bfloat16)
+        elif self.frozen_dtype == "int8":
+            lora.quantize_frozen_linears(self)
 
 
 class SFTTask:
@@ -116,6 +118,12 @@ class SFTTask:
             if sft.lora.base_dtype == "bf16" and precision != "bf16":
                 raise ConfigError(f"sft.lora.base_dtype='bf16' needs train.precision: bf16 (got {precision!r}): the "
                                   "bf16 base runs under bf16 autocast")
+            if sft.lora.base_dtype == "int8" and precision != "fp32":
+                raise ConfigError(f"sft.lora.base_dtype='int8' needs train.precision: fp32 (got {precision!r}): the "
+                                  "int8 weights are dequantized to fp32 in every matmul")
+            if sft.lora.base_dtype == "int8" and config.parallel.world_size > 1:
+                raise ConfigError(f"sft.lora.base_dtype='int8' runs in one process (parallel world size "
+                                  f"{config.parallel.world_size}); use base_dtype: bf16 or fp32 to shard")
         conversations = read_conversations(sft.data)
         if sft.val_data:
             train, held_out = conversations, read_conversations(sft.val_data)
@@ -131,7 +139,7 @@ class SFTTask:
         return lora.peft_config(spec.rank, spec.alpha, spec.dropout, spec.targets, str(self.base))
 
     def build_model(self, config: Config) -> nn.Module:
-        frozen = torch.bfloat16 if self.sft.lora is not None and self.sft.lora.base_dtype == "bf16" else None
+        frozen = self.sft.lora.base_dtype if self.sft.lora is not None else "fp32"
         model = BaseInitialized(config.model, self.base, frozen)
         if self.sft.lora is not None:
             lora.add_adapter(model, ADAPTER, self.lora_config())
@@ -259,12 +267,13 @@ def write_with_base_files(model: nn.Module, config: Config, folder: Path, base: 
 def training_state_bytes(model: nn.Module, optimizer: Any) -> dict[str, int]:
     """Measured from a run's live objects: trainable parameters, the bytes of their gradients plus every optimizer
     state tensor (AdamW's two moments) -- what full fine-tuning needs for every weight and LoRA only for the
-    adapters --, and the bytes of all weights (a bf16 frozen base halves those)."""
+    adapters --, and the bytes of all weights (a bf16 frozen base halves those, int8 quarters its linear layers;
+    a quantized weight counts its int8 data and scales)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
     optimizers = getattr(optimizer, "optimizers", [optimizer])
     states = sum(t.numel() * t.element_size() for o in optimizers for state in o.state.values()
                  for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(lora.tensor_bytes(p) for p in model.parameters())
     return {"trainable_parameters": sum(p.numel() for p in trainable), "state_bytes": grads + states,
             "weight_bytes": weights}
