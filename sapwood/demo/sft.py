@@ -25,6 +25,7 @@ from sapwood.errors import SapwoodError
 
 console = Console()
 CONVERSIONS = (("km", "m", 3), ("m", "cm", 2), ("m", "mm", 3), ("kg", "g", 3), ("L", "mL", 3), ("cm", "mm", 1))
+QUESTION = "Convert {value} {source} to {target}."
 TRAIN_EXAMPLES = 3000
 VAL_EXAMPLES = 100
 COMMON_TRAIN = {"batch_size": 16, "micro_batch_size": 16, "warmup_steps": 10, "weight_decay": 0.0,
@@ -44,7 +45,7 @@ def conversion_records(count: int, seed: int, exclude: set[str] = frozenset()) -
     while len(records) < count:
         source, target, power = rng.choice(CONVERSIONS)
         value = rng.randint(1, 999)
-        instruction = f"Convert {value} {source} to {target}."
+        instruction = QUESTION.format(value=value, source=source, target=target)
         if instruction not in exclude:
             records[instruction] = str(value * 10**power)
     return [{"instruction": k, "output": v} for k, v in records.items()]
