@@ -208,7 +208,8 @@ def test_lora_finetuning_answers_held_out_questions_the_base_cannot(tmp_path, lm
     from sapwood.train.loop import Trainer
     from sapwood.train.sft import SFTTask, exact_match, finetune_config
 
-    train_path, val_path = write_instruction_set(tmp_path / "data", train=400, val=50)
+    train_path, val_path = write_instruction_set(tmp_path / "data", train=400, val=50,
+                                                 question="Convert {value} {source} to {target}.")
     config = {"sft": {"base": str(lm_folder), "data": str(train_path), "val_data": str(val_path), "seq_len": 48,
                       "eval_examples": 50, "max_new_tokens": 8,
                       "lora": {"rank": 32, "alpha": 32, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}},

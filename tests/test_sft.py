@@ -247,5 +247,5 @@ def test_the_demo_instruction_set_is_checkable_and_its_held_out_questions_are_un
         assert len(questions) == len(records) and not questions & seen
         seen |= questions
         for r in records:
-            value, source, target = re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", r["instruction"]).groups()
+            source, target, value = re.fullmatch(r"Convert (\w+) to (\w+): (\d+)", r["instruction"]).groups()
             assert r["output"] == str(int(value) * 10 ** powers[source, target])

@@ -2,7 +2,7 @@
 taught to answer unit conversions, once by full fine-tuning and once with LoRA adapters, with the held-out exact
 match before and after and the training-state memory each needed; then both served by one server.
 
-The instruction set is generated (:func:`conversion_records`): "Convert 37 km to m." -> "37000", over six metric
+The instruction set is generated (:func:`conversion_records`): "Convert km to m: 37" -> "37000", over six metric
 conversions; the held-out questions (value and units) never occur in training. Writes ``DEMO/sft``: ``data/``
 (train.jsonl, val.jsonl), ``full.yaml`` and ``lora.yaml`` (rerun them with ``sapwood finetune``), and the runs
 ``full/`` (``final/`` a checkpoint folder) and ``lora/`` (``final/`` a PEFT adapter folder).
@@ -25,38 +25,41 @@ from sapwood.errors import SapwoodError
 
 console = Console()
 CONVERSIONS = (("km", "m", 3), ("m", "cm", 2), ("m", "mm", 3), ("kg", "g", 3), ("L", "mL", 3), ("cm", "mm", 1))
-QUESTION = "Convert {value} {source} to {target}."
+QUESTION = "Convert {source} to {target}: {value}"  # the value last, next to the answer that repeats it
 TRAIN_EXAMPLES = 3000
 VAL_EXAMPLES = 100
 COMMON_TRAIN = {"batch_size": 16, "micro_batch_size": 16, "warmup_steps": 10, "weight_decay": 0.0,
                 "eval_every": 1000, "save_every": 1000, "log_every": 10, "seed": 0, "progress": True}
 RUNS = {
-    "full": {"train": {"steps": 120, "lr": 1.0e-3, "min_lr": 1.0e-4}, "sft": {}},
-    "lora": {"train": {"steps": 120, "lr": 1.0e-2, "min_lr": 1.0e-3},
-             "sft": {"lora": {"rank": 16, "alpha": 32, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}}},
+    "full": {"train": {"steps": 120, "lr": 3.0e-3, "min_lr": 3.0e-4}, "sft": {}},
+    # LoRA steps cost about what full steps do (the backward still runs through every layer) but learn less
+    # per step: it gets twice the steps, a 10x learning rate and alpha / rank = 4
+    "lora": {"train": {"steps": 240, "lr": 1.0e-2, "min_lr": 1.0e-3},
+             "sft": {"lora": {"rank": 16, "alpha": 64, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}}},
 }
 
 
-def conversion_records(count: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:
-    """``count`` distinct instruction records "Convert V A to B." -> V * 10^k, none of whose instruction is in
+def conversion_records(count: int, seed: int, exclude: set[str] = frozenset(),
+                       question: str = QUESTION) -> list[dict[str, str]]:
+    """``count`` distinct instruction records "Convert A to B: V" -> V * 10^k, none of whose instruction is in
     ``exclude``."""
     rng = random.Random(seed)
     records: dict[str, str] = {}
     while len(records) < count:
         source, target, power = rng.choice(CONVERSIONS)
         value = rng.randint(1, 999)
-        instruction = QUESTION.format(value=value, source=source, target=target)
+        instruction = question.format(value=value, source=source, target=target)
         if instruction not in exclude:
             records[instruction] = str(value * 10**power)
     return [{"instruction": k, "output": v} for k, v in records.items()]
 
 
 def write_instruction_set(folder: Path, train: int = TRAIN_EXAMPLES, val: int = VAL_EXAMPLES,
-                          seed: int = 0) -> tuple[Path, Path]:
+                          seed: int = 0, question: str = QUESTION) -> tuple[Path, Path]:
     """``folder/train.jsonl`` and ``folder/val.jsonl`` (disjoint questions)."""
     folder.mkdir(parents=True, exist_ok=True)
-    held_out = conversion_records(val, seed + 1)
-    training = conversion_records(train, seed, exclude={r["instruction"] for r in held_out})
+    held_out = conversion_records(val, seed + 1, question=question)
+    training = conversion_records(train, seed, exclude={r["instruction"] for r in held_out}, question=question)
     paths = folder / "train.jsonl", folder / "val.jsonl"
     for path, records in zip(paths, (training, held_out), strict=True):
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
