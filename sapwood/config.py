@@ -336,8 +336,9 @@ class LoraConfig(Section):
     targets: list[Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]] = Field(
         default_factory=lambda: ["wq", "wv"], min_length=1,
         description="linear layers to adapt: wq wk wv wo (attention), w1 w3 w2 (gate, up, down)")
-    base_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the frozen base weights; bf16 halves "
-                                                "their memory (needs train.precision: bf16)")
+    base_dtype: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="dtype of the frozen base weights; bf16 halves their memory (needs train.precision: "
+        "bf16); int8 (weight-only, torchao) quarters the blocks' linear layers (train.precision: fp32, one process)")
 
 
 class SFTConfig(Section):

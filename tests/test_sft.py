@@ -23,12 +23,17 @@ from sapwood.train.sft_data import (
 
 # The ChatML template as Qwen2 / Hugging Face document it (tokenizer_config.json "chat_template").
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Convert 3 km to m."},
-                {"role": "assistant", "content": "3000"}, {"role": "user", "content": "And 4 km?"},
-                {"role": "assistant", "content": "4000"}]
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Convert 3 km to m."},
+    {"role": "assistant", "content": "3000"},
+    {"role": "user", "content": "And 4 km?"},
+    {"role": "assistant", "content": "4000"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,9 @@ def chatml_folder(tmp_path_factory, lm_folder):
 
     folder = tmp_path_factory.mktemp("chatml") / "model"
     shutil.copytree(lm_folder, folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHATML, "eos_token": "<|endoftext|>"})
+    )
     return folder
 
 
@@ -62,31 +69,40 @@ def test_chatml_conversation_labels_exactly_the_assistant_turns(chatml_folder):
     assert spans(example, tokenizer) == ["3000<|im_end|>\n<|endoftext|>", "4000<|im_end|>\n<|endoftext|>"]
     # the prompt of the last turn is what the server feeds the model for that conversation
     server_prompt = tokenizer.apply_chat_template(CONVERSATION[:-1])
-    assert tokenizer.tokenizer.decode(example.prompt_ids, skip_special_tokens=False).replace("<|endoftext|>", "") \
+    assert (
+        tokenizer.tokenizer.decode(example.prompt_ids, skip_special_tokens=False).replace("<|endoftext|>", "")
         == server_prompt
+    )
     assert example.answer == "4000"
-    untrained = tokenizer.tokenizer.decode([t for t, m in zip(example.ids, example.trained, strict=True) if not m])
+    untrained = tokenizer.tokenizer.decode(
+        [t for t, m in zip(example.ids, example.trained, strict=True) if not m]
+    )
     assert "Convert 3 km to m." in untrained and "3000" not in untrained
 
 
 def test_default_template_and_instruction_lines(lm_folder):
     tokenizer = TextTokenizer.from_folder(lm_folder)
     messages = messages_of({"instruction": "Convert units.", "input": "5 m to cm", "output": "500"}, "x:1")
-    assert messages == [{"role": "user", "content": "Convert units.\n\n5 m to cm"},
-                        {"role": "assistant", "content": "500"}]
+    assert messages == [
+        {"role": "user", "content": "Convert units.\n\n5 m to cm"},
+        {"role": "assistant", "content": "500"},
+    ]
     example = render_example(tokenizer, messages)
     assert spans(example, tokenizer) == [" 500\n<|endoftext|>"]
     assert tokenizer.encode(tokenizer.apply_chat_template(messages[:1])) == example.prompt_ids
 
 
-@pytest.mark.parametrize("line, words", [
-    ('{"messages": []}', "non-empty list"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}', "role in system, user, assistant"),
-    ('{"instruction": "x", "output": 3}', "'output' must be a string"),
-    ('{"prompt": "x", "completion": "y"}', "expected {\"messages\""),
-    ("not json", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('{"messages": []}', "non-empty list"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "role in system, user, assistant"),
+        ('{"instruction": "x", "output": 3}', "'output' must be a string"),
+        ('{"prompt": "x", "completion": "y"}', 'expected {"messages"'),
+        ("not json", "not JSON"),
+    ],
+)
 def test_bad_lines_name_the_file_line_and_what_is_allowed(tmp_path, line, words):
     path = tmp_path / "data.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n' + line + "\n")
@@ -98,8 +114,16 @@ def test_bad_lines_name_the_file_line_and_what_is_allowed(tmp_path, line, words)
 def test_packed_rows_never_attend_across_examples(lm_folder):
     """Logits of a packed row equal the logits of each example run alone; targets only on assistant tokens."""
     tokenizer = TextTokenizer.from_folder(lm_folder)
-    examples = [render_example(tokenizer, [{"role": "user", "content": f"Convert {v} km to m."},
-                                           {"role": "assistant", "content": f"{v}000"}]) for v in (7, 42, 913)]
+    examples = [
+        render_example(
+            tokenizer,
+            [
+                {"role": "user", "content": f"Convert {v} km to m."},
+                {"role": "assistant", "content": f"{v}000"},
+            ],
+        )
+        for v in (7, 42, 913)
+    ]
     lengths = [len(e.ids) - 1 for e in examples]
     rows = pack(examples, [0, 1, 2], seq_len=sum(lengths) + 5, packed=True)
     assert len(rows) == 1 and sum(lengths) + 5 <= 160  # within the test model's max_context
@@ -110,7 +134,9 @@ def test_packed_rows_never_attend_across_examples(lm_folder):
     assert mask[-1].sum() == 1  # a padding position sees only itself
     model = load(lm_folder)
     with torch.no_grad():
-        packed = model(row.tokens[None], positions=row.positions[None], kv_cache=DocumentMask(row.documents[None]))[0]
+        packed = model(
+            row.tokens[None], positions=row.positions[None], kv_cache=DocumentMask(row.documents[None])
+        )[0]
         start = 0
         for example, n in zip(examples, lengths, strict=True):
             alone = model(torch.tensor([example.ids[:-1]]))[0]
@@ -124,8 +150,12 @@ def test_packed_rows_never_attend_across_examples(lm_folder):
 
 def test_unpacked_rows_hold_one_example_each_and_batches_resume_exactly(lm_folder):
     tokenizer = TextTokenizer.from_folder(lm_folder)
-    examples = [render_example(tokenizer, [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": str(i)}])
-                for i in range(10)]
+    examples = [
+        render_example(
+            tokenizer, [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": str(i)}]
+        )
+        for i in range(10)
+    ]
     assert len(pack(examples, list(range(10)), 64, packed=False)) == 10
     batches = PackedRows(examples, 16, 3, seed=5, packed=True)
     first = [next(batches) for _ in range(4)]
@@ -142,13 +172,33 @@ def test_unpacked_rows_hold_one_example_each_and_batches_resume_exactly(lm_folde
 
 
 def sft_yaml(tmp_path, base, data, steps=6, lora=None, out="run", **train):
-    sft = {"base": str(base), "data": str(data), "val_fraction": 0.2, "seq_len": 48, "eval_examples": 8,
-           "max_new_tokens": 6}
+    sft = {
+        "base": str(base),
+        "data": str(data),
+        "val_fraction": 0.2,
+        "seq_len": 48,
+        "eval_examples": 8,
+        "max_new_tokens": 6,
+    }
     if lora:
         sft["lora"] = lora
-    config = {"sft": sft, "train": {"steps": steps, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3,
-                                    "min_lr": 3e-4, "eval_every": 1000, "save_every": 3, "log_every": 1,
-                                    "progress": False, "device": "cpu", "out_dir": str(tmp_path / out), **train}}
+    config = {
+        "sft": sft,
+        "train": {
+            "steps": steps,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "eval_every": 1000,
+            "save_every": 3,
+            "log_every": 1,
+            "progress": False,
+            "device": "cpu",
+            "out_dir": str(tmp_path / out),
+            **train,
+        },
+    }
     path = tmp_path / f"{out}.yaml"
     path.write_text(json.dumps(config))
     return path
@@ -180,8 +230,9 @@ def test_the_loss_is_the_mean_over_assistant_tokens(tmp_path, lm_folder, instruc
                     continue
                 tokens = row_tokens[documents == document].tolist()
                 example = next(e for e in task.train_examples if e.ids[:-1] == tokens)
-                targets = torch.tensor([t if m else IGNORE for t, m in
-                                        zip(example.ids[1:], example.trained[1:], strict=True)])
+                targets = torch.tensor(
+                    [t if m else IGNORE for t, m in zip(example.ids[1:], example.trained[1:], strict=True)]
+                )
                 logits = model(torch.tensor([tokens]))[0]
                 total += float(F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum"))
                 count += int((targets != IGNORE).sum())
@@ -189,16 +240,21 @@ def test_the_loss_is_the_mean_over_assistant_tokens(tmp_path, lm_folder, instruc
     assert float(loss.detach()) == pytest.approx(total / count, rel=1e-5)
 
 
-def test_finetune_learns_writes_a_servable_folder_and_resumes_exactly(tmp_path, lm_folder, instructions, one_thread,
-                                                                     crash_at):
+def test_finetune_learns_writes_a_servable_folder_and_resumes_exactly(
+    tmp_path, lm_folder, instructions, one_thread, crash_at
+):
     from sapwood.config import load_config
     from sapwood.model.folder import read_weights
     from sapwood.train.loop import train
     from sapwood.train.sft import SFTTask, finetune_config
 
     straight = train(finetune_config(sft_yaml(tmp_path, lm_folder, instructions, steps=6, out="straight")))
-    assert straight["val_loss"] < SFTTask(finetune_config(sft_yaml(tmp_path, lm_folder, instructions))).evaluate(
-        load(lm_folder), 2)["val_loss"]
+    assert (
+        straight["val_loss"]
+        < SFTTask(finetune_config(sft_yaml(tmp_path, lm_folder, instructions))).evaluate(load(lm_folder), 2)[
+            "val_loss"
+        ]
+    )
     assert 0.0 <= straight["exact_match"] <= 1.0
     final = tmp_path / "straight" / "final"
     assert (final / "tokenizer.json").exists() and load_config(final).model == load_config(lm_folder).model
@@ -223,12 +279,25 @@ def run_cli(capsys, *args):
 
 def test_cli_refuses_bad_finetune_configs_in_one_line(tmp_path, lm_folder, instructions, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text(json.dumps({"sft": {"base": str(tmp_path / "nowhere"), "data": str(instructions)},
-                                "train": {"steps": 1}}))
+    path.write_text(
+        json.dumps(
+            {"sft": {"base": str(tmp_path / "nowhere"), "data": str(instructions)}, "train": {"steps": 1}}
+        )
+    )
     status, err = run_cli(capsys, "finetune", str(path))
     assert status == 2 and err.count("\n") == 1 and "not a sapwood checkpoint folder" in err
-    path.write_text(json.dumps({"sft": {"base": str(lm_folder), "data": str(instructions),
-                                        "lora": {"rank": 4, "targets": ["wq", "qv"]}}, "train": {"steps": 1}}))
+    path.write_text(
+        json.dumps(
+            {
+                "sft": {
+                    "base": str(lm_folder),
+                    "data": str(instructions),
+                    "lora": {"rank": 4, "targets": ["wq", "qv"]},
+                },
+                "train": {"steps": 1},
+            }
+        )
+    )
     status, err = run_cli(capsys, "finetune", str(path))
     assert status == 2 and err.count("\n") == 1 and "sft.lora.targets.1" in err
 
@@ -247,5 +316,5 @@ def test_the_demo_instruction_set_is_checkable_and_its_held_out_questions_are_un
         assert len(questions) == len(records) and not questions & seen
         seen |= questions
         for r in records:
-            value, source, target = re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", r["instruction"]).groups()
+            source, target, value = re.fullmatch(r"Convert (\w+) to (\w+): (\d+)", r["instruction"]).groups()
             assert r["output"] == str(int(value) * 10 ** powers[source, target])

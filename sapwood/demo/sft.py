@@ -1,11 +1,12 @@
-"""The demo's fine-tuning stage: the demo's tiny language model (``DEMO/lm/final``, pre-trained on Python code)
-taught to answer unit conversions, once by full fine-tuning and once with LoRA adapters, with the held-out exact
-match before and after and the training-state memory each needed; then both served by one server.
+"""The demo's fine-tuning stage: the demo's tiny language model (``DEMO/lm/final``, pre-trained on Python
+code) taught to answer unit conversions, once by full fine-tuning and once with LoRA adapters, with the
+held-out exact match before and after and the training-state memory each needed; then both served by one
+server.
 
-The instruction set is generated (:func:`conversion_records`): "Convert 37 km to m." -> "37000", over six metric
-conversions; the held-out questions (value and units) never occur in training. Writes ``DEMO/sft``: ``data/``
-(train.jsonl, val.jsonl), ``full.yaml`` and ``lora.yaml`` (rerun them with ``sapwood finetune``), and the runs
-``full/`` (``final/`` a checkpoint folder) and ``lora/`` (``final/`` a PEFT adapter folder).
+The instruction set is generated (:func:`conversion_records`): "Convert km to m: 37" -> "37000", over six
+metric conversions; the held-out questions (value and units) never occur in training. Writes ``DEMO/sft``:
+``data/`` (train.jsonl, val.jsonl), ``full.yaml`` and ``lora.yaml`` (rerun them with ``sapwood finetune``),
+and the runs ``full/`` (``final/`` a checkpoint folder) and ``lora/`` (``final/`` a PEFT adapter folder).
 """
 
 from __future__ import annotations
@@ -24,38 +25,68 @@ from rich.table import Table
 from sapwood.errors import SapwoodError
 
 console = Console()
-CONVERSIONS = (("km", "m", 3), ("m", "cm", 2), ("m", "mm", 3), ("kg", "g", 3), ("L", "mL", 3), ("cm", "mm", 1))
+CONVERSIONS = (
+    ("km", "m", 3),
+    ("m", "cm", 2),
+    ("m", "mm", 3),
+    ("kg", "g", 3),
+    ("L", "mL", 3),
+    ("cm", "mm", 1),
+)
+QUESTION = "Convert {source} to {target}: {value}"  # the value last, next to the answer that repeats it
 TRAIN_EXAMPLES = 3000
 VAL_EXAMPLES = 100
-COMMON_TRAIN = {"batch_size": 16, "micro_batch_size": 16, "warmup_steps": 10, "weight_decay": 0.0,
-                "eval_every": 1000, "save_every": 1000, "log_every": 10, "seed": 0, "progress": True}
+COMMON_TRAIN = {
+    "batch_size": 16,
+    "micro_batch_size": 16,
+    "warmup_steps": 10,
+    "weight_decay": 0.0,
+    "eval_every": 1000,
+    "save_every": 1000,
+    "log_every": 10,
+    "seed": 0,
+    "progress": True,
+}
 RUNS = {
-    "full": {"train": {"steps": 120, "lr": 1.0e-3, "min_lr": 1.0e-4}, "sft": {}},
-    "lora": {"train": {"steps": 120, "lr": 1.0e-2, "min_lr": 1.0e-3},
-             "sft": {"lora": {"rank": 16, "alpha": 32, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}}},
+    "full": {"train": {"steps": 120, "lr": 3.0e-3, "min_lr": 3.0e-4}, "sft": {}},
+    # LoRA steps cost about what full steps do (the backward still runs through every layer) but learn less
+    # per step: it gets twice the steps, a 10x learning rate and alpha / rank = 4
+    "lora": {
+        "train": {"steps": 240, "lr": 1.0e-2, "min_lr": 1.0e-3},
+        "sft": {"lora": {"rank": 16, "alpha": 64, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}},
+    },
 }
 
 
-def conversion_records(count: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:
-    """``count`` distinct instruction records "Convert V A to B." -> V * 10^k, none of whose instruction is in
+def conversion_records(
+    count: int, seed: int, exclude: set[str] = frozenset(), question: str = QUESTION
+) -> list[dict[str, str]]:
+    """``count`` distinct instruction records "Convert A to B: V" -> V * 10^k, none of whose instruction is in
     ``exclude``."""
     rng = random.Random(seed)
     records: dict[str, str] = {}
     while len(records) < count:
         source, target, power = rng.choice(CONVERSIONS)
         value = rng.randint(1, 999)
-        instruction = f"Convert {value} {source} to {target}."
+        instruction = question.format(value=value, source=source, target=target)
         if instruction not in exclude:
             records[instruction] = str(value * 10**power)
     return [{"instruction": k, "output": v} for k, v in records.items()]
 
 
-def write_instruction_set(folder: Path, train: int = TRAIN_EXAMPLES, val: int = VAL_EXAMPLES,
-                          seed: int = 0) -> tuple[Path, Path]:
+def write_instruction_set(
+    folder: Path,
+    train: int = TRAIN_EXAMPLES,
+    val: int = VAL_EXAMPLES,
+    seed: int = 0,
+    question: str = QUESTION,
+) -> tuple[Path, Path]:
     """``folder/train.jsonl`` and ``folder/val.jsonl`` (disjoint questions)."""
     folder.mkdir(parents=True, exist_ok=True)
-    held_out = conversion_records(val, seed + 1)
-    training = conversion_records(train, seed, exclude={r["instruction"] for r in held_out})
+    held_out = conversion_records(val, seed + 1, question=question)
+    training = conversion_records(
+        train, seed, exclude={r["instruction"] for r in held_out}, question=question
+    )
     paths = folder / "train.jsonl", folder / "val.jsonl"
     for path, records in zip(paths, (training, held_out), strict=True):
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -63,10 +94,19 @@ def write_instruction_set(folder: Path, train: int = TRAIN_EXAMPLES, val: int = 
 
 
 def run_config(base: Path, data: tuple[Path, Path], out_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
-    return {"name": f"demo-sft-{out_dir.name}",
-            "sft": {"base": str(base), "data": str(data[0]), "val_data": str(data[1]), "seq_len": 64,
-                    "eval_examples": VAL_EXAMPLES, "max_new_tokens": 12, **run["sft"]},
-            "train": {**COMMON_TRAIN, **run["train"], "out_dir": str(out_dir)}}
+    return {
+        "name": f"demo-sft-{out_dir.name}",
+        "sft": {
+            "base": str(base),
+            "data": str(data[0]),
+            "val_data": str(data[1]),
+            "seq_len": 64,
+            "eval_examples": VAL_EXAMPLES,
+            "max_new_tokens": 12,
+            **run["sft"],
+        },
+        "train": {**COMMON_TRAIN, **run["train"], "out_dir": str(out_dir)},
+    }
 
 
 def sft_stage(out: Path) -> dict[str, Any]:
@@ -78,13 +118,17 @@ def sft_stage(out: Path) -> dict[str, Any]:
 
     base = out / "lm" / "final"
     if not (base / "config.yaml").exists():
-        raise SapwoodError(f"the sft stage fine-tunes the lm stage's model, and {base} does not exist; "
-                           "run `sapwood demo --only lm,sft`")
+        raise SapwoodError(
+            f"the sft stage fine-tunes the lm stage's model, and {base} does not exist; "
+            "run `sapwood demo --only lm,sft`"
+        )
     folder = out / "sft"
     shutil.rmtree(folder, ignore_errors=True)
     data = write_instruction_set(folder / "data")
-    console.print(f"instruction set: {TRAIN_EXAMPLES} training and {VAL_EXAMPLES} held-out unit conversions "
-                  f"({data[0]}), e.g. {json.loads(data[1].read_text().splitlines()[0])}")
+    console.print(
+        f"instruction set: {TRAIN_EXAMPLES} training and {VAL_EXAMPLES} held-out unit conversions "
+        f"({data[0]}), e.g. {json.loads(data[1].read_text().splitlines()[0])}"
+    )
     results: dict[str, Any] = {}
     for name, run in RUNS.items():
         config_path = folder / f"{name}.yaml"
@@ -92,26 +136,45 @@ def sft_stage(out: Path) -> dict[str, Any]:
         config = finetune_config(config_path)
         task = SFTTask(config)
         if "before" not in results:
-            results["before"] = exact_match(load(base), task.tokenizer, task.val_examples, config.sft.max_new_tokens)
+            results["before"] = exact_match(
+                load(base), task.tokenizer, task.val_examples, config.sft.max_new_tokens
+            )
             console.print(f"held-out exact match of the base model: {results['before']:.0%}")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         trainer = Trainer(config, callbacks_from_config(config))
         summary = trainer.fit()
-        results[name] = {**summary, **training_state_bytes(trainer.model, trainer.optimizer),
-                         "seconds": time.perf_counter() - start, "config": str(config_path)}
-    table = Table(title="fine-tuning: held-out exact match (greedy) and training state")
-    for column in ("run", "exact match", "val loss", "trainable params", "grads + AdamW state", "time"):
+        results[name] = {
+            **summary,
+            **training_state_bytes(trainer.model, trainer.optimizer),
+            "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu,
+            "config": str(config_path),
+        }
+        console.print(f"{name}: held-out exact match {results['before']:.0%} -> {summary['exact_match']:.0%}")
+    table = Table(
+        title=f"fine-tuning: exact match of greedy answers to {VAL_EXAMPLES} held-out questions, "
+        "and the training state"
+    )
+    for column in ("run", "exact match", "val loss", "trainable params", "grads + AdamW state", "time (CPU)"):
         table.add_column(column, justify="left" if column == "run" else "right")
     table.add_row("base (lm stage)", f"{results['before']:.0%}", "", "", "", "")
     for name in RUNS:
         r = results[name]
-        table.add_row(name, f"{r['exact_match']:.0%}", f"{r['val_loss']:.3f}", f"{r['trainable_parameters']:,}",
-                      f"{r['state_bytes'] / 2**20:.2f} MiB", f"{r['seconds']:.0f}s")
+        table.add_row(
+            name,
+            f"{results['before']:.0%} -> {r['exact_match']:.0%}",
+            f"{r['val_loss']:.3f}",
+            f"{r['trainable_parameters']:,}",
+            f"{r['state_bytes'] / 2**20:.2f} MiB",
+            f"{r['seconds']:.0f}s ({r['cpu_seconds']:.0f}s)",
+        )
     console.print(table)
     saved = 1 - results["lora"]["state_bytes"] / results["full"]["state_bytes"]
-    console.print(f"LoRA keeps {saved:.1%} less training state (gradients + optimizer moments) than full fine-tuning; "
-                  f"rerun with `sapwood finetune {folder / 'lora.yaml'}`, merge with `sapwood merge-lora "
-                  f"{folder / 'lora' / 'final'} --out merged`")
+    console.print(
+        f"LoRA keeps {saved:.1%} less training state (gradients + optimizer moments) than full fine-tuning; "
+        f"rerun with `sapwood finetune {folder / 'lora.yaml'}`, merge with `sapwood merge-lora "
+        f"{folder / 'lora' / 'final'} --out merged`"
+    )
     results["served"] = serve_both(base, folder / "lora" / "final", data[1])
     return results
 
@@ -132,9 +195,15 @@ def serve_both(base: Path, adapter: Path, val: Path) -> dict[str, str]:
         client = OpenAI(base_url=server.url + "/v1", api_key="unused")
         served = [m.id for m in client.models.list().data]
         for model in served:
-            reply = client.chat.completions.create(model=model, max_tokens=12, temperature=0,
-                                                   messages=[{"role": "user", "content": question["instruction"]}])
+            reply = client.chat.completions.create(
+                model=model,
+                max_tokens=12,
+                temperature=0,
+                messages=[{"role": "user", "content": question["instruction"]}],
+            )
             answers[model] = reply.choices[0].message.content.strip()
-    console.print(f"served {served} from one base; {question['instruction']!r} (reference {question['output']}): "
-                  + ", ".join(f"{k} -> {v!r}" for k, v in answers.items()))
+    console.print(
+        f"served {served} from one base; {question['instruction']!r} (reference {question['output']}): "
+        + ", ".join(f"{k} -> {v!r}" for k, v in answers.items())
+    )
     return answers

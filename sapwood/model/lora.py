@@ -1,14 +1,14 @@
 """LoRA adapters on a :class:`~sapwood.model.transformer.Decoder`, through PEFT.
 
 PEFT wraps sapwood's modules as they are: ``inject_adapter_in_model`` replaces the targeted ``nn.Linear``
-layers (``wq`` ... ``w2``) by its ``lora.Linear`` in place, so the model stays a Decoder (same forward, KV-cache
-and rotary arguments) and only the adapter weights require gradients. Several adapters can live on one base;
-:func:`selecting` routes every row of a batch through its own adapter (PEFT's mixed-batch forward).
+layers (``wq`` ... ``w2``) by its ``lora.Linear`` in place, so the model stays a Decoder (same forward,
+KV-cache and rotary arguments) and only the adapter weights require gradients. Several adapters can live on
+one base; :func:`selecting` routes every row of a batch through its own adapter (PEFT's mixed-batch forward).
 
 On disk an adapter is a PEFT adapter folder for the Hugging Face export of its base (``sapwood export-hf``):
 ``adapter_config.json`` (``target_modules`` in HF names: ``q_proj`` ...) and ``adapter_model.safetensors``
-(``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` ...), so ``PeftModel.from_pretrained`` loads it
-on the exported model; ``base_model_name_or_path`` is the sapwood base folder it was trained on.
+(``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` ...), so ``PeftModel.from_pretrained``
+loads it on the exported model; ``base_model_name_or_path`` is the sapwood base folder it was trained on.
 """
 
 from __future__ import annotations
@@ -31,8 +31,15 @@ from sapwood.model.hf import hf_family, hf_to_sapwood_name, sapwood_to_hf_name
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-              "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+HF_TARGETS = {
+    "wq": "q_proj",
+    "wk": "k_proj",
+    "wv": "v_proj",
+    "wo": "o_proj",
+    "w1": "gate_proj",
+    "w3": "up_proj",
+    "w2": "down_proj",
+}
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -44,23 +51,34 @@ def _peft():
     return peft
 
 
-def peft_config(rank: int, alpha: float, dropout: float, targets: Sequence[str], base: str = "",
-                hf_names: bool = False):
+def peft_config(
+    rank: int, alpha: float, dropout: float, targets: Sequence[str], base: str = "", hf_names: bool = False
+):
     """The ``peft.LoraConfig`` of an adapter (``targets`` in sapwood names; HF names with ``hf_names``)."""
     unknown = [t for t in targets if t not in HF_TARGETS]
     if unknown:
-        raise SapwoodError(f"lora target {unknown[0]!r} is not a linear layer of a block; allowed: "
-                           f"{', '.join(HF_TARGETS)}")
+        raise SapwoodError(
+            f"lora target {unknown[0]!r} is not a linear layer of a block; allowed: {', '.join(HF_TARGETS)}"
+        )
     modules = sorted(HF_TARGETS[t] for t in targets) if hf_names else sorted(targets)
-    return _peft().LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
-                              task_type="CAUSAL_LM", base_model_name_or_path=base or None)
+    return _peft().LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base or None,
+    )
 
 
 def check_family(cfg: Any) -> None:
     """PEFT adapters map one-to-one onto the exported HF model only where the export keeps q/k/v apart."""
     if hf_family(cfg) == "phi3":
-        raise SapwoodError("LoRA on a Phi-3 model is not supported: its Hugging Face export fuses q/k/v and gate/up, "
-                           "so an adapter on wq/wk/wv would not load on the exported model")
+        raise SapwoodError(
+            "LoRA on a Phi-3 model is not supported: its Hugging Face export fuses q/k/v and gate/up, "
+            "so an adapter on wq/wk/wv would not load on the exported model"
+        )
 
 
 def add_adapter(model: nn.Module, name: str, config) -> nn.Module:
@@ -76,6 +94,36 @@ def add_adapter(model: nn.Module, name: str, config) -> nn.Module:
     return model
 
 
+def quantize_frozen_linears(model: nn.Module) -> int:
+    """Store the frozen ``nn.Linear`` weights of the blocks (the adapted layers' base layers and the others)
+    as int8, weight-only with one scale per output row (torchao's ``Int8WeightOnlyConfig``); every matmul
+    dequantizes them. The adapters, embedding and output head stay as they are; PEFT's ``lora.Linear`` calls
+    its quantized base layer as it is. Returns how many weights were quantized."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:  # pragma: no cover - torchao is a dependency
+        raise SapwoodError(f"an int8 frozen base needs torchao ({exc}); pip install torchao") from None
+    chosen = {
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and name.startswith("layers.")
+        and ".lora_" not in name
+        and not module.weight.requires_grad
+    }
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: name in chosen)
+    return len(chosen)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds: for a quantized tensor subclass, those of its inner tensors (int8 data,
+    scales)."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None or type(tensor) in (torch.Tensor, nn.Parameter):
+        return tensor.numel() * tensor.element_size()
+    return sum(tensor_bytes(getattr(tensor, name)) for name in flatten()[0])
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     from peft.tuners.lora import LoraLayer
 
@@ -85,7 +133,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def reset_adapters(model: nn.Module) -> None:
-    """Initialize every adapter's weights again (after a meta-device model was materialized with ``to_empty``)."""
+    """Initialize every adapter's weights again (after a meta-device model was materialized with
+    ``to_empty``)."""
     for _, layer in lora_layers(model):
         for name in layer.lora_A:
             layer.reset_lora_parameters(name, True)
@@ -102,7 +151,9 @@ def load_base_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy a plain Decoder's ``state`` into the base weights of an adapted (or plain) ``model``."""
     own = model.state_dict()
     mapped = {n: state[base_name(n)] for n in own if base_name(n) in state}
-    missing = [n for n in own if base_name(n) is not None and base_name(n) not in state and n != "output.weight"]
+    missing = [
+        n for n in own if base_name(n) is not None and base_name(n) not in state and n != "output.weight"
+    ]
     if missing:
         raise SapwoodError(f"base weights lack {missing[:3]}")
     model.load_state_dict(mapped, strict=False)
@@ -133,7 +184,9 @@ def write_adapter_files(model: nn.Module, name: str, folder: Path, base: str | P
     """Adapter ``name`` as PEFT's two files in the existing (staging) ``folder``, for ``base``'s HF export."""
     config = model.peft_config[name]
     targets = sorted(config.target_modules)
-    hf_config = peft_config(config.r, config.lora_alpha, config.lora_dropout, targets, str(base), hf_names=True)
+    hf_config = peft_config(
+        config.r, config.lora_alpha, config.lora_dropout, targets, str(base), hf_names=True
+    )
     state = {_to_hf_key(k): v.cpu() for k, v in adapter_state(model, name).items()}
     hf_config.save_pretrained(str(folder))
     save_file(state, str(Path(folder) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -153,25 +206,35 @@ def read_adapter(folder: str | Path):
     folder = Path(folder)
     config_path = folder / ADAPTER_CONFIG
     if not config_path.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-        raise SapwoodError(f"{folder}: not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        raise SapwoodError(
+            f"{folder}: not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise SapwoodError(f"{config_path}: not JSON ({exc.msg})") from None
     if raw.get("peft_type") != "LORA":
-        raise SapwoodError(f"{config_path}: peft_type={raw.get('peft_type')!r}; only LORA adapters are supported")
+        raise SapwoodError(
+            f"{config_path}: peft_type={raw.get('peft_type')!r}; only LORA adapters are supported"
+        )
     ours = {v: k for k, v in HF_TARGETS.items()}
     modules = raw.get("target_modules") or []
     modules = [modules] if isinstance(modules, str) else modules
     unknown = [m for m in modules if m not in ours]
     if unknown:
-        raise SapwoodError(f"{config_path}: target module {unknown[0]!r} is not supported; allowed: "
-                           f"{', '.join(ours)}")
+        raise SapwoodError(
+            f"{config_path}: target module {unknown[0]!r} is not supported; allowed: {', '.join(ours)}"
+        )
     for option in ("use_dora", "use_rslora"):
         if raw.get(option):
             raise SapwoodError(f"{config_path}: {option}=true is not supported")
-    config = peft_config(int(raw["r"]), float(raw["lora_alpha"]), float(raw.get("lora_dropout", 0.0)),
-                         [ours[m] for m in modules], raw.get("base_model_name_or_path") or "")
+    config = peft_config(
+        int(raw["r"]),
+        float(raw["lora_alpha"]),
+        float(raw.get("lora_dropout", 0.0)),
+        [ours[m] for m in modules],
+        raw.get("base_model_name_or_path") or "",
+    )
     state = {_from_hf_key(k, folder): v for k, v in load_file(str(folder / ADAPTER_WEIGHTS)).items()}
     return config, state, raw.get("base_model_name_or_path") or ""
 
@@ -188,8 +251,10 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str) -> nn.Module:
         raise SapwoodError(f"{folder}: adapter weights do not fit the base model ({unexpected[:2]})")
     expected = {k for k in model.state_dict() if f".lora_A.{name}." in k or f".lora_B.{name}." in k}
     if len(state) != len(expected):
-        raise SapwoodError(f"{folder}: {len(state)} adapter tensors for {len(expected)} adapted weights; "
-                           "the adapter was trained on another model shape")
+        raise SapwoodError(
+            f"{folder}: {len(state)} adapter tensors for {len(expected)} adapted weights; "
+            "the adapter was trained on another model shape"
+        )
     return model
 
 
@@ -201,7 +266,9 @@ def merge_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     tuner = peft.tuners.lora.LoraModel(model, config, "default")
     result = peft.set_peft_model_state_dict(model, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):
-        raise SapwoodError(f"{folder}: adapter weights do not fit the base model ({result.unexpected_keys[:2]})")
+        raise SapwoodError(
+            f"{folder}: adapter weights do not fit the base model ({result.unexpected_keys[:2]})"
+        )
     merged = tuner.merge_and_unload()
     if hasattr(merged, "peft_config"):
         del merged.peft_config

@@ -10,12 +10,12 @@ An instruction line is the conversation ``user: instruction (+ blank line + inpu
 
 Rendering (:func:`render_example`): for every assistant turn ``i`` the template renders the conversation up to
 ``i`` with the generation prompt, and up to and including ``i`` without it; the difference is the assistant's
-text. The pieces are tokenized one by one, so the prompt tokens are exactly those the server feeds the model for
-that conversation. After an assistant turn an end-of-sequence token is appended (and learnt) unless the template
-already put one of the tokenizer's end ids in it, so a fine-tuned model stops where its answer ends.
+text. The pieces are tokenized one by one, so the prompt tokens are exactly those the server feeds the model
+for that conversation. After an assistant turn an end-of-sequence token is appended (and learnt) unless the
+template already put one of the tokenizer's end ids in it, so a fine-tuned model stops where its answer ends.
 
-Packing (:class:`PackedRows`): examples go into rows of ``seq_len`` tokens in a shuffled order, each keeping its
-own positions (from 0) and a document id; attention is causal within a document only
+Packing (:class:`PackedRows`): examples go into rows of ``seq_len`` tokens in a shuffled order, each keeping
+its own positions (from 0) and a document id; attention is causal within a document only
 (:class:`DocumentMask`). Targets are the next token where that token is the assistant's, else
 :data:`IGNORE`.
 """
@@ -39,8 +39,8 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Example:
-    """One tokenized conversation: ``ids``, ``trained`` (True where the token is the assistant's), and for exact
-    match the prompt of its last assistant turn and that turn's text."""
+    """One tokenized conversation: ``ids``, ``trained`` (True where the token is the assistant's), and for
+    exact match the prompt of its last assistant turn and that turn's text."""
 
     ids: list[int]
     trained: list[bool]
@@ -55,10 +55,15 @@ def messages_of(record: Any, where: str) -> list[dict[str, str]]:
         if not isinstance(messages, list) or not messages:
             raise SapwoodError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
         for message in messages:
-            if not isinstance(message, dict) or message.get("role") not in ROLES \
-                    or not isinstance(message.get("content"), str):
-                raise SapwoodError(f"{where}: message {str(message)[:60]!r} needs role in {', '.join(ROLES)} "
-                                   "and a string content")
+            if (
+                not isinstance(message, dict)
+                or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)
+            ):
+                raise SapwoodError(
+                    f"{where}: message {str(message)[:60]!r} needs role in {', '.join(ROLES)} "
+                    "and a string content"
+                )
         if not any(m["role"] == "assistant" for m in messages):
             raise SapwoodError(f"{where}: no assistant message; fine-tuning learns the assistant's turns")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -70,8 +75,10 @@ def messages_of(record: Any, where: str) -> list[dict[str, str]]:
         prompt = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise SapwoodError(f"{where}: a line holds {keys}; expected {{\"messages\": [...]}} or "
-                       "{\"instruction\", \"input\", \"output\"}")
+    raise SapwoodError(
+        f'{where}: a line holds {keys}; expected {{"messages": [...]}} or '
+        '{"instruction", "input", "output"}'
+    )
 
 
 def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
@@ -107,10 +114,12 @@ def render_example(tokenizer: TextTokenizer, messages: list[dict[str, str]]) -> 
         prompt = tokenizer.render_chat(messages[:i], add_generation_prompt=True)
         turn = tokenizer.render_chat(messages[: i + 1], add_generation_prompt=False)
         if not prompt.startswith(done) or not turn.startswith(prompt):
-            raise SapwoodError("the chat template does not render a conversation as a prefix of its continuation "
-                               f"(at message {i}); fine-tuning needs prefix-consistent templates")
-        context = tokenizer.encode(prompt[len(done):])
-        reply = tokenizer.encode(turn[len(prompt):])
+            raise SapwoodError(
+                "the chat template does not render a conversation as a prefix of its continuation "
+                f"(at message {i}); fine-tuning needs prefix-consistent templates"
+            )
+        context = tokenizer.encode(prompt[len(done) :])
+        reply = tokenizer.encode(turn[len(prompt) :])
         if tokenizer.eos_id is not None and not tokenizer.eos_ids.intersection(reply):
             reply.append(tokenizer.eos_id)
         ids += context
@@ -153,10 +162,14 @@ def pack(examples: list[Example], order: list[int], seq_len: int, packed: bool) 
     def close() -> None:
         pad = seq_len - len(tokens)
         start = len(tokens)
-        rows.append(Row(torch.tensor(tokens + [0] * pad, dtype=torch.long),
-                        torch.tensor(targets + [IGNORE] * pad, dtype=torch.long),
-                        torch.tensor(positions + [0] * pad, dtype=torch.long),
-                        torch.tensor(documents + [-1 - i for i in range(start, seq_len)], dtype=torch.long)))
+        rows.append(
+            Row(
+                torch.tensor(tokens + [0] * pad, dtype=torch.long),
+                torch.tensor(targets + [IGNORE] * pad, dtype=torch.long),
+                torch.tensor(positions + [0] * pad, dtype=torch.long),
+                torch.tensor(documents + [-1 - i for i in range(start, seq_len)], dtype=torch.long),
+            )
+        )
         tokens.clear(), targets.clear(), positions.clear(), documents.clear()
 
     for document, index in enumerate(order):
@@ -177,15 +190,16 @@ def pack(examples: list[Example], order: list[int], seq_len: int, packed: bool) 
 
 
 def document_mask(documents: torch.Tensor) -> torch.Tensor:
-    """Bool ``[batch, 1, seq, seq]``: query ``q`` attends key ``k`` iff ``k <= q`` and both are in one document."""
+    """Bool ``[batch, 1, seq, seq]``: query ``q`` attends key ``k`` iff ``k <= q`` and both are in one
+    document."""
     seq = documents.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=documents.device).tril()
     return (documents[:, :, None] == documents[:, None, :]).logical_and(causal)[:, None]
 
 
 class DocumentMask:
-    """Attention within documents, given to the decoder through its ``kv_cache`` hook (``KVCacheLike``): it keeps
-    no keys or values, it only returns the mask for every layer."""
+    """Attention within documents, given to the decoder through its ``kv_cache`` hook (``KVCacheLike``): it
+    keeps no keys or values, it only returns the mask for every layer."""
 
     def __init__(self, documents: torch.Tensor):
         self.mask = document_mask(documents)
@@ -195,12 +209,20 @@ class DocumentMask:
 
 
 class PackedRows:
-    """Endless micro-batches of packed rows: every epoch the examples are shuffled (seeded by epoch) and packed
-    again; this rank takes every ``world_size``-th row. ``state_dict`` is (epoch, row), so a resume continues
-    with the very next micro-batch."""
+    """Endless micro-batches of packed rows: every epoch the examples are shuffled (seeded by epoch) and
+    packed again; this rank takes every ``world_size``-th row. ``state_dict`` is (epoch, row), so a resume
+    continues with the very next micro-batch."""
 
-    def __init__(self, examples: list[Example], seq_len: int, batch_size: int, seed: int, packed: bool = True,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        examples: list[Example],
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        packed: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not examples:
             raise SapwoodError("no training examples")
         self.examples, self.seq_len, self.batch_size = examples, seq_len, batch_size
@@ -221,7 +243,9 @@ class PackedRows:
             if self._rows is None:
                 self._rows = self.rows_of_epoch(self.epoch)
                 if not self._rows:
-                    raise SapwoodError(f"rank {self.rank} of {self.world_size} gets no rows; fewer examples than ranks")
+                    raise SapwoodError(
+                        f"rank {self.rank} of {self.world_size} gets no rows; fewer examples than ranks"
+                    )
             if self.row >= len(self._rows):
                 self.epoch, self.row, self._rows = self.epoch + 1, 0, None
                 continue
@@ -237,5 +261,7 @@ class PackedRows:
 
 
 def stack(rows: list[Row]) -> dict[str, torch.Tensor]:
-    return {name: torch.stack([getattr(r, name) for r in rows]) for name in ("tokens", "targets", "positions",
-                                                                             "documents")}
+    return {
+        name: torch.stack([getattr(r, name) for r in rows])
+        for name in ("tokens", "targets", "positions", "documents")
+    }
