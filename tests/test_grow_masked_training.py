@@ -20,7 +20,7 @@ from sapwood.train.metrics import read_events
 from sapwood.train.schedule import lr_at
 from tests.test_grow_training import make_config, train_losses
 
-MASKED = {"at_steps": [3], "method": "masked", "mask_ramp_steps": 3,
+MASKED = {"at_steps": [3], "mask_ramp_steps": 3,  # method: masked is the default
           "add": {"layers": 1, "hidden": 16, "ffn": 32, "heads": 4}}
 
 
@@ -30,6 +30,7 @@ def grown_masked(**extra) -> dict:
 
 def test_masked_growth_event_preserves_function_and_training_continues(tokens_dir, tmp_path):
     config = make_config(tokens_dir, tmp_path, growth=grown_masked(), steps=8)
+    assert config.growth.method == "masked"
     states = {}
 
     class Watch(Callback):

@@ -1,8 +1,10 @@
-"""Growth methods of issue 18: masked growth is exact at mask 0 and ramps to the plain grown model,
+"""Growth methods: masked growth is exact at mask 0 and ramps to the plain grown model,
 G_stack repeats the whole small stack, FFN splitting with noise preserves the function, and the optimizer
 state follows each of them."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,30 @@ def test_mask_ramps_then_hooks_go_and_the_model_is_the_plain_grown_one():
         assert torch.isfinite(with_hooks_gone).all()
     assert check_optimizer_matches(optimizer, model) == []
     assert all(optimizer.state[p]["step"] > 0 for p in model.parameters())
+
+
+def test_mask_ramp_does_not_recompile_compiled_blocks():
+    """The mask is a tensor changed in place, so a compiled block (dynamo) compiles once per hook layout
+    and the ramp's new values reuse those graphs; the compiled model computes what the eager one does."""
+    from torch._dynamo.utils import counters
+
+    model, data = small_model(), tokens()
+    masks, _ = grow_model_masked(model, FULL, ramp_steps=4, generator=torch.Generator().manual_seed(2))
+    eager = copy.deepcopy(model)  # deep copies keep their own hooks, on the same masks
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for name, block in list(model.layers.items()):
+            model.layers[name] = torch.compile(block, backend="eager")
+        with torch.no_grad():
+            model(data)
+            graphs = counters["stats"]["unique_graphs"]
+            for _ in range(3):
+                masks.step()
+                assert (model(data) - eager(data)).abs().max() < 1e-6, masks.value
+        assert 0 < masks.value < 1 and counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
 
 
 def test_gstack_repeats_the_whole_stack():

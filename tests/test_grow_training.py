@@ -69,8 +69,9 @@ def test_save_and_resume_after_growth_matches_uninterrupted(tokens_dir, tmp_path
 
 
 def test_plateau_trigger_and_caps_in_training(tokens_dir, tmp_path):
+    # method zero: with masked growth (the default) no event fires while the last one's masks ramp
     growth = {"plateau": {"window": 2, "min_rel_improvement": 10.0}, "max_events": 5, "cooldown_steps": 2,
-              "add": {"layers": 1}, "caps": {"max_layers": 4}}
+              "add": {"layers": 1}, "caps": {"max_layers": 4}, "method": "zero"}
     config = make_config(tokens_dir, tmp_path, growth=growth, steps=12)
     trainer = Trainer(config, callbacks_from_config(config))
     trainer.fit()

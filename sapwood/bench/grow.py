@@ -94,9 +94,11 @@ METHODS: dict[str, tuple[Callable, int]] = {
 
 
 @dataclass
-class BenchSettings:
+class TrainSettings:
+    """The training both benches share: batch, sequence, AdamW peak LR with linear warm-up, evaluation,
+    how much longer a grown run may train than the baseline, the growth ramp and re-warm-up, model scale."""
+
     steps: int = 200
-    grow_fraction: float = 0.3
     batch_size: int = 16
     seq_len: int = 64
     lr: float = 3e-3
@@ -104,15 +106,20 @@ class BenchSettings:
     eval_every: int = 4
     eval_batches: int = 4
     max_steps_factor: float = 1.5  # grown runs may train this much longer than the baseline to reach it
+    mask_ramp_steps: int = 20
+    rewarm_steps: int = 0  # after growth the LR ramps from lr / rewarm_steps back to lr over this many steps
     scale: float = 1.0
+
+
+@dataclass
+class BenchSettings(TrainSettings):
+    grow_fraction: float = 0.3
     seed: int = 0
     vocab_size: int = 512
-    mask_ramp_steps: int = 20
     split_noise: float = 0.01
-    rewarm_steps: int = 0  # after growth the LR ramps from lr / rewarm_steps back to lr over this many steps
 
 
-def shapes(settings: BenchSettings, vocab_size: int) -> tuple[ModelConfig, ModelConfig]:
+def shapes(settings: TrainSettings, vocab_size: int) -> tuple[ModelConfig, ModelConfig]:
     """(small S, large L): L has twice the layers, width, heads, kv heads and FFN of S (same head_dim)."""
     width = max(32, int(32 * settings.scale) // 16 * 16)
     head_dim = 16 if width < 128 else 32
@@ -233,8 +240,14 @@ def prepare_tokens(folder: Path, vocab_size: int, max_files: int = 120) -> Path:
 def run_grow_bench(out: Path, steps: int = 100, target_loss: float | None = None, scale: float = 1.0,
                    seeds: int = 3, grow_fraction: float = 0.3, data_dir: Path | None = None,
                    max_files: int = 120, methods: list[str] | None = None, seed: int = 0,
-                   rewarm_steps: int = 0, mask_ramp_steps: int | None = None) -> Path:
-    """Scratch L and each growth method, for ``seeds`` seeds (``seed``, ``seed + 1``, ...)."""
+                   rewarm_steps: int = 0, mask_ramp_steps: int | None = None, eval_every: int | None = None,
+                   budget_s: float | None = None) -> Path:
+    """Scratch L and each growth method, for ``seeds`` seeds (``seed``, ``seed + 1``, ...).
+
+    The suite is written after every seed, so a run stopped from outside keeps the seeds it finished;
+    with ``budget_s`` no seed starts that the previous one's duration says would end past the budget.
+    Evaluation runs every ``eval_every`` steps (default: steps / 50, so the crossing is resolved to 2%
+    before interpolation)."""
     chosen = methods or list(METHODS)
     for spec in chosen:
         parse_variant(spec, BenchSettings())
@@ -244,9 +257,15 @@ def run_grow_bench(out: Path, steps: int = 100, target_loss: float | None = None
         raise SapwoodError(f"rewarm_steps={rewarm_steps} must be >= 0 and mask_ramp_steps={mask_ramp_steps} >= 1")
     if not 0 < grow_fraction < 1:
         raise SapwoodError(f"grow_fraction={grow_fraction} must be between 0 and 1 (exclusive)")
+    if eval_every is not None and eval_every < 1:
+        raise SapwoodError(f"eval_every={eval_every} must be >= 1")
+    if budget_s is not None and budget_s <= 0:
+        raise SapwoodError(f"budget_s={budget_s} must be > 0")
     settings = BenchSettings(steps=steps, scale=scale, seed=seed, grow_fraction=grow_fraction,
-                             mask_ramp_steps=mask_ramp_steps or max(1, steps // 10), rewarm_steps=rewarm_steps)
+                             mask_ramp_steps=mask_ramp_steps or max(1, steps // 10), rewarm_steps=rewarm_steps,
+                             eval_every=eval_every or max(1, steps // 50))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_tokens(Path(data_dir or tmp) / "tokens", settings.vocab_size, max_files)
         vocab = int(json.loads((data / "meta.json").read_text())["vocab_size"])
@@ -256,18 +275,38 @@ def run_grow_bench(out: Path, steps: int = 100, target_loss: float | None = None
                       f"{seeds} seeds, {device}")
         torch.set_flush_denormal(True)  # tiny CPU models otherwise spend time in denormal arithmetic
         try:
-            per_seed = []
+            per_seed: list[tuple[list[RunCurve], float]] = []
             for index in range(seeds):
+                seed_began = time.perf_counter()
                 settings.seed = seed + index
                 per_seed.append(_run_methods(settings, data, device, small, large, steps, target_loss, chosen,
                                              warm_up=index == 0))
+                now = time.perf_counter()
+                last = index == seeds - 1
+                if not last and budget_s is not None and now - began + (now - seed_began) > budget_s:
+                    console.print(f"budget {budget_s:g} s: {index + 1} of {seeds} seeds run "
+                                  f"({now - began:.0f} s; one more would take ~{now - seed_began:.0f} s)")
+                    last = True
+                path = _write_grow_suite(out, per_seed, settings, small, large, seed, budget_s, seeds,
+                                         printed=last)
+                if last:
+                    break
         finally:
             torch.set_flush_denormal(False)  # process-global CPU state: leave it as we found it
+    return path
+
+
+def _write_grow_suite(out: Path, per_seed: list[tuple[list[RunCurve], float]], settings: BenchSettings,
+                      small: ModelConfig, large: ModelConfig, seed: int, budget_s: float | None, seeds: int,
+                      printed: bool) -> Path:
     results = _seed_results(per_seed, settings, small, large)
-    print_results(results)
+    if printed:
+        print_results(results)
     extra = {"seeds": [{"seed": seed + i, "target_val_loss": t, "curves": [c.__dict__ for c in cs]}
                        for i, (cs, t) in enumerate(per_seed)],
-             "small": small.model_dump(), "large": large.model_dump(), "steps": steps, "scale": scale}
+             "small": small.model_dump(), "large": large.model_dump(), "steps": settings.steps,
+             "scale": settings.scale, "eval_every": settings.eval_every, "seeds_requested": seeds,
+             "seeds_run": len(per_seed), "budget_s": budget_s}
     curves, target = per_seed[0]
     return write_suite("grow", results, out, plot=lambda ax: _plot(ax, curves, target), extra=extra)
 
@@ -399,26 +438,17 @@ def _plot(ax: Any, curves: list[RunCurve], target: float) -> None:
 
 
 @dataclass
-class BudgetSettings:
+class BudgetSettings(TrainSettings):
     """A run that starts at S and grows by one increment whenever the plateau trigger fires, until the next
     increment would exceed the memory budget (that of L); against the grown run's final shape trained from
     scratch for ``steps``. The growing run may train ``max_steps_factor`` times longer (it is cheaper per step)."""
 
     steps: int = 300
-    max_steps_factor: float = 1.5
-    batch_size: int = 16
-    seq_len: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 20
     eval_every: int = 5
-    eval_batches: int = 4
     plateau_window: int = 15
     plateau_min_rel_improvement: float = 0.02
     cooldown_steps: int = 10
     method: str = "masked"
-    mask_ramp_steps: int = 20
-    rewarm_steps: int = 0
-    scale: float = 1.0
 
 
 def _budget_config(settings: BudgetSettings, model: ModelConfig, data: Path, out: Path, seed: int,
@@ -486,7 +516,7 @@ def run_budget_bench(out: Path, steps: int = 300, seeds: int = 3, seed: int = 0,
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_tokens(Path(data_dir or tmp) / "tokens", 512, max_files)
         vocab = int(json.loads((data / "meta.json").read_text())["vocab_size"])
-        small, large = shapes(BenchSettings(seq_len=settings.seq_len, scale=scale), vocab)
+        small, large = shapes(settings, vocab)
         budget = training_memory_gb(large) * 1.001
         growth = {"plateau": {"window": settings.plateau_window,
                               "min_rel_improvement": settings.plateau_min_rel_improvement},
