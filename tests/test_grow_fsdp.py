@@ -13,7 +13,9 @@ import torch.multiprocessing as mp
 
 from sapwood.config import ModelConfig
 
-CFG = dict(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, trained_context=16, tied_embeddings=True)
+CFG = dict(
+    vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, trained_context=16, tied_embeddings=True
+)
 REQUEST = dict(layers=3, hidden=48, ffn=64, heads=8, kv_heads=2)
 
 
@@ -26,8 +28,11 @@ def lm_loss(model, data):
 def make_optimizer(model):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=1e-2, foreach=False)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2,
+        foreach=False,
+    )
 
 
 def train(model, optimizer, scheduler, data, steps, masks=None):
@@ -76,8 +81,10 @@ def run(growing_sharded: bool, method: str = "zero") -> dict:
         else:
             model = grow_sharded(model, optimizer, request, generator)
         out["all_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
-        out["state_sharded"] = all(isinstance(s["exp_avg"], DTensor) and s["exp_avg"].shape == p.shape
-                                   for p, s in optimizer.state.items())
+        out["state_sharded"] = all(
+            isinstance(s["exp_avg"], DTensor) and s["exp_avg"].shape == p.shape
+            for p, s in optimizer.state.items()
+        )
         out["local_rows"] = model.layers["0"].feed_forward.w1.weight.to_local().shape[0]
     elif method == "masked":
         masks = grow_model_masked(model, request, MASK_RAMP, optimizer, generator)[0]
@@ -134,7 +141,9 @@ def test_growth_under_fsdp2_matches_single_process(sharded_runs, method):
     assert sharded["logit_diff"] < 1e-5 and single["logit_diff"] < 1e-5
     assert sharded["params"] == single["params"]
     assert sharded["lr"] == single["lr"] == 1e-2 / 5  # the same scheduler went on
-    for got, want in zip(sharded["before"] + sharded["after"], single["before"] + single["after"], strict=True):
+    for got, want in zip(
+        sharded["before"] + sharded["after"], single["before"] + single["after"], strict=True
+    ):
         assert abs(got - want) <= 1e-5 * abs(want), (sharded, single)
     if method == "masked":
         assert sharded["mask"] == single["mask"] == pytest.approx(2 / 3)
@@ -145,7 +154,8 @@ def test_growth_under_fsdp2_matches_single_process(sharded_runs, method):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_masked_growth_in_sapwood_train_under_fsdp2(tokens_dir, tmp_path):
-    """``sapwood train`` on 2 ranks with ``parallel: {dp_shard: 2}`` and ``growth.method: masked``: the loss is
+    """``sapwood train`` on 2 ranks with ``parallel: {dp_shard: 2}`` and ``growth.method: masked``: the loss
+    is
     unchanged at the event, the run ends mid-ramp, so the masks are folded into the sharded weights, and
     ``final/`` holds the grown model."""
     import os
@@ -157,18 +167,51 @@ def test_masked_growth_in_sapwood_train_under_fsdp2(tokens_dir, tmp_path):
     from sapwood.train.metrics import read_events
     from tests.test_grow_training import MODEL
 
-    config = {"model": MODEL, "parallel": {"dp_shard": 2}, "data": {"path": str(tokens_dir)},
-              "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 2,
-                        "eval_every": 2, "eval_batches": 2, "save_every": 1000, "progress": False, "device": "cpu",
-                        "out_dir": str(tmp_path / "run")},
-              "growth": {"at_steps": [2], "method": "masked", "mask_ramp_steps": 3,
-                         "add": {"layers": 1, "hidden": 16, "ffn": 32, "heads": 4}}}
+    config = {
+        "model": MODEL,
+        "parallel": {"dp_shard": 2},
+        "data": {"path": str(tokens_dir)},
+        "train": {
+            "steps": 4,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "eval_every": 2,
+            "eval_batches": 2,
+            "save_every": 1000,
+            "progress": False,
+            "device": "cpu",
+            "out_dir": str(tmp_path / "run"),
+        },
+        "growth": {
+            "at_steps": [2],
+            "method": "masked",
+            "mask_ramp_steps": 3,
+            "add": {"layers": 1, "hidden": 16, "ffn": 32, "heads": 4},
+        },
+    }
     (tmp_path / "run.yaml").write_text(json.dumps(config))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "sapwood.cli", "train", str(tmp_path / "run.yaml")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "sapwood.cli",
+            "train",
+            str(tmp_path / "run.yaml"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = tmp_path / "run" / "metrics.jsonl"
     (event,) = read_events(metrics, "growth")

@@ -99,7 +99,9 @@ class GrowthCallback(Callback):
         problem = cap_violation(target, self.config.caps)
         if target == cfg or problem is not None:
             self.triggers.exhausted = True
-            trainer.log_event("growth_skipped", trigger=trigger, reason=problem or "caps reached: nothing to add")
+            trainer.log_event(
+                "growth_skipped", trigger=trigger, reason=problem or "caps reached: nothing to add"
+            )
             return None
         loss_before = _eval_loss(trainer.evaluate())
         device = next(trainer.model.parameters()).device
@@ -108,18 +110,29 @@ class GrowthCallback(Callback):
             from sapwood.grow.sharded import grow_sharded_masked
 
             trainer.model, self.masks = grow_sharded_masked(
-                trainer.model, trainer.optimizer, request, self.config.mask_ramp_steps, generator,
-                shard_fn=getattr(trainer, "shard_model", None))
+                trainer.model,
+                trainer.optimizer,
+                request,
+                self.config.mask_ramp_steps,
+                generator,
+                shard_fn=getattr(trainer, "shard_model", None),
+            )
             self._masked_model = trainer.model
         elif self.config.method == "masked":
-            self.masks, _ = grow_model_masked(trainer.model, request, self.config.mask_ramp_steps,
-                                              trainer.optimizer, generator)
+            self.masks, _ = grow_model_masked(
+                trainer.model, request, self.config.mask_ramp_steps, trainer.optimizer, generator
+            )
             self._masked_model = trainer.model
         elif _is_sharded(trainer.model):
             from sapwood.grow.sharded import grow_sharded
 
-            trainer.model = grow_sharded(trainer.model, trainer.optimizer, request, generator,
-                                         shard_fn=getattr(trainer, "shard_model", None))
+            trainer.model = grow_sharded(
+                trainer.model,
+                trainer.optimizer,
+                request,
+                generator,
+                shard_fn=getattr(trainer, "shard_model", None),
+            )
         else:
             grow_model(trainer.model, request, trainer.optimizer, generator=generator)
         trainer.config.model = target
@@ -175,8 +188,12 @@ class GrowthCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         masks = self.masks.state_dict(self._masked_model) if self.masks is not None else None
-        return {"triggers": self.triggers.state_dict(), "tokens": self.tokens, "history": json.dumps(self.history),
-                "masks": json.dumps(masks)}
+        return {
+            "triggers": self.triggers.state_dict(),
+            "tokens": self.tokens,
+            "history": json.dumps(self.history),
+            "masks": json.dumps(masks),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.triggers.load_state_dict(state.get("triggers", {}))

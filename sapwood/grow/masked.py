@@ -94,24 +94,34 @@ class GrowthMasks:
 
     def mask_output(self, module: nn.Module, index: torch.Tensor | None = None) -> None:
         """Multiply ``module``'s output (last dimension entries ``index``; all when None) by the mask."""
+
         def hook(_module, _inputs, output):
             return output * self._scale(output.shape[-1], index, output)
+
         self.places.append(MaskedInput(module, "output", index))
         self.handles.append(module.register_forward_hook(hook))
 
     def mask_input(self, module: nn.Module, index: torch.Tensor) -> None:
         """Multiply the entries ``index`` of the last dimension of ``module``'s input by the mask."""
+
         def hook(_module, inputs):
             x = inputs[0]
             return (x * self._scale(x.shape[-1], index, x), *inputs[1:])
+
         self.places.append(MaskedInput(module, "input", index))
         self.handles.append(module.register_forward_pre_hook(hook))
 
     def state_dict(self, model: nn.Module) -> dict[str, Any]:
         """Plain values: ramp progress and every masked place by module name (names as they are now)."""
         names = {id(module): name for name, module in model.named_modules()}
-        places = [{"module": names[id(p.module)], "kind": p.kind,
-                   "index": None if p.index is None else p.index.tolist()} for p in self.places]
+        places = [
+            {
+                "module": names[id(p.module)],
+                "kind": p.kind,
+                "index": None if p.index is None else p.index.tolist(),
+            }
+            for p in self.places
+        ]
         return {"ramp_steps": self.ramp_steps, "steps_done": self.steps_done, "places": places}
 
     @classmethod
@@ -161,9 +171,13 @@ def _scale_entries(weight: torch.Tensor, dim: int, index: torch.Tensor | None, f
         weight.to_local().copy_(distribute_tensor(full, weight.device_mesh, weight.placements).to_local())
 
 
-def grow_model_masked(model: Decoder, request: GrowthRequest, ramp_steps: int,
-                      optimizer: torch.optim.Optimizer | None = None,
-                      generator: torch.Generator | None = None) -> tuple[GrowthMasks, list[ParamChange]]:
+def grow_model_masked(
+    model: Decoder,
+    request: GrowthRequest,
+    ramp_steps: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[GrowthMasks, list[ParamChange]]:
     """Grow ``model`` (and ``optimizer``) to ``request``'s shape with masked new parts; returns the masks
     (call ``masks.step()`` after every optimizer step) and the parameter changes."""
     if ramp_steps < 1:
@@ -200,8 +214,9 @@ def grow_model_masked(model: Decoder, request: GrowthRequest, ramp_steps: int,
         write_std = residual_std(grown_cfg)
         with torch.no_grad():
             if model.tok_embeddings is not None:
-                nn.init.normal_(model.tok_embeddings.weight[:, old_hidden:], 0.0, grown_cfg.init_std,
-                                generator=generator)
+                nn.init.normal_(
+                    model.tok_embeddings.weight[:, old_hidden:], 0.0, grown_cfg.init_std, generator=generator
+                )
                 masks.mask_output(model.tok_embeddings, new_dims)
             for block in model.layers.values():
                 for linear in (block.attention.wo, block.feed_forward.w2):

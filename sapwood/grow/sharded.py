@@ -55,8 +55,13 @@ def _plain_copy(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.
     return model
 
 
-def grow_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, request: GrowthRequest,
-                 generator: torch.Generator | None = None, shard_fn: ShardFn | None = None) -> nn.Module:
+def grow_sharded(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    request: GrowthRequest,
+    generator: torch.Generator | None = None,
+    shard_fn: ShardFn | None = None,
+) -> nn.Module:
     """Grow the FSDP2 ``model`` (collective: every rank calls it) and return the grown sharded model."""
 
     def grow(plain: Decoder, plain_optimizer: torch.optim.Optimizer) -> None:
@@ -65,9 +70,14 @@ def grow_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, request: Gr
     return _grow_gathered(model, optimizer, grow, shard_fn)[0]
 
 
-def grow_sharded_masked(model: nn.Module, optimizer: torch.optim.Optimizer, request: GrowthRequest,
-                        ramp_steps: int, generator: torch.Generator | None = None,
-                        shard_fn: ShardFn | None = None) -> tuple[nn.Module, GrowthMasks]:
+def grow_sharded_masked(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    request: GrowthRequest,
+    ramp_steps: int,
+    generator: torch.Generator | None = None,
+    shard_fn: ShardFn | None = None,
+) -> tuple[nn.Module, GrowthMasks]:
     """Masked growth of the FSDP2 ``model`` (collective); returns the grown sharded model and its masks."""
 
     def grow(plain: Decoder, plain_optimizer: torch.optim.Optimizer) -> GrowthMasks:
@@ -76,9 +86,12 @@ def grow_sharded_masked(model: nn.Module, optimizer: torch.optim.Optimizer, requ
     return _grow_gathered(model, optimizer, grow, shard_fn)
 
 
-def _grow_gathered(model: nn.Module, optimizer: torch.optim.Optimizer,
-                   grow: Callable[[Decoder, torch.optim.Optimizer], Any],
-                   shard_fn: ShardFn | None) -> tuple[nn.Module, Any]:
+def _grow_gathered(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grow: Callable[[Decoder, torch.optim.Optimizer], Any],
+    shard_fn: ShardFn | None,
+) -> tuple[nn.Module, Any]:
     """Gather ``model`` and ``optimizer`` into plain copies, ``grow`` them, shard the grown model and put
     the grown, sharded state into ``optimizer``; returns the sharded model and what ``grow`` returned."""
     first = next(p for p in model.parameters() if isinstance(p, DTensor))
@@ -92,7 +105,9 @@ def _grow_gathered(model: nn.Module, optimizer: torch.optim.Optimizer,
     plain_groups = []
     for group in full_optim["param_groups"]:
         settings = {k: v for k, v in group.items() if k != "params"}
-        plain_groups.append({**settings, "params": [named[name] for name in group["params"] if name in named]})
+        plain_groups.append(
+            {**settings, "params": [named[name] for name in group["params"] if name in named]}
+        )
     plain_optimizer = torch.optim.AdamW(plain_groups)
     for name, state in full_optim["state"].items():
         if name in named:
@@ -111,7 +126,8 @@ def _grow_gathered(model: nn.Module, optimizer: torch.optim.Optimizer,
         param = sharded[name]
         optimizer.state[param] = {
             key: distribute_tensor(value, param.device_mesh, param.placements)
-            if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+            if isinstance(value, torch.Tensor) and value.dim() > 0
+            else value
             for key, value in state.items()
         }
     return plain, grown
