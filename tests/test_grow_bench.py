@@ -136,6 +136,7 @@ def test_method_variants_set_grow_fraction_and_rewarm():
         parse_variant("random+warm", base)
 
 
+@pytest.mark.slow
 def test_budget_stops_starting_seeds_and_the_suite_holds_the_seeds_run(tokens_dir, tmp_path):
     """With a budget the first seed already spent, the second is not started; grow.json (written after
     every seed) says so, and evaluation defaults to every steps / 50 steps (at least 1)."""
