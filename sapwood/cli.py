@@ -546,6 +546,9 @@ def bench_grow(
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the tokenized corpus here (reused)"),
     rewarm_steps: int = typer.Option(0, "--rewarm-steps", help="LR re-warm-up steps after growth (0 = none)"),
     mask_ramp_steps: int | None = typer.Option(None, "--mask-ramp-steps", help="mask ramp (default: steps/10)"),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="steps between evaluations (default: steps/50)"),
+    budget_s: float | None = typer.Option(None, "--budget-s",
+                                          help="start no seed that would end past this many seconds"),
 ) -> None:
     """Compute to reach a target loss: large model from scratch vs small model grown into it."""
     from sapwood.bench.grow import run_grow_bench
@@ -553,7 +556,7 @@ def bench_grow(
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     run_grow_bench(out, steps=steps, target_loss=target_loss, scale=scale, seed=seed, grow_fraction=grow_fraction,
                    seeds=seeds, methods=chosen, data_dir=data_dir, rewarm_steps=rewarm_steps,
-                   mask_ramp_steps=mask_ramp_steps)
+                   mask_ramp_steps=mask_ramp_steps, eval_every=eval_every, budget_s=budget_s)
 
 
 @bench_app.command("grow-budget")

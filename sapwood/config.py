@@ -417,8 +417,8 @@ class GrowthConfig(Section):
     caps: GrowthCaps = GrowthCaps()
     log_file: str = Field("growth.jsonl", description="JSONL of growth events, in the training out_dir")
     method: Literal["zero", "masked"] = Field(
-        "zero", description="zero: function-preserving zero-initialized new outputs; masked: new parts random, "
-        "entering through masks that ramp 0 -> 1 over mask_ramp_steps (sapwood.grow.masked)")
+        "masked", description="masked: new parts random, entering through masks that ramp 0 -> 1 over "
+        "mask_ramp_steps (sapwood.grow.masked); zero: zero-initialized new outputs; both function-preserving")
     mask_ramp_steps: int = Field(100, ge=1, description="method masked: optimizer steps of the 0 -> 1 mask ramp")
     rewarm_steps: int = Field(0, ge=0, description="after each event the LR ramps linearly from 1/rewarm_steps "
                               "of the schedule's value back to it over this many steps (0 = no re-warm-up)")

@@ -6,6 +6,8 @@
 #               fragmentation, forward and backward s per batch, tokens/s, MFU, vs the analytic plan),
 #               MFU of research-799m and of a Llama-3-8B shape, the attention kernel used
 #   serve.json  `sapwood bench serve --device cuda`: continuous batching vs transformers on the GPU
+#   grow.json   `sapwood bench grow --scale 4`: FLOPs to scratch's loss, L 4x256 (3.3M parameters) from
+#               scratch vs S 2x128 grown at half of 1000 steps (zero, masked, random), seeds as time allows
 #   env.txt     nvidia-smi, torch and package versions
 #
 #   scripts/device-check.sh             on the GPU machine (its python3 holds PyTorch)
@@ -22,8 +24,11 @@ PY="${PYTHON:-python3}"
 [[ -x .venv/bin/python && -z "${PYTHON:-}" && "${1:-}" == "--dry-run" ]] && PY=.venv/bin/python
 mkdir -p "$OUT_DIR"
 
+GROW_METHODS=zero@0.5,masked@0.5,random@0.5
 if [[ "${1:-}" == "--dry-run" ]]; then
-    exec "$PY" -m sapwood.cli bench gpu --smoke --out "$OUT_DIR"
+    "$PY" -m sapwood.cli bench gpu --smoke --out "$OUT_DIR" || exit $?
+    exec "$PY" -m sapwood.cli bench grow --steps 10 --seeds 2 --methods "$GROW_METHODS" \
+        --data-dir "$OUT_DIR/grow-data" --out "$OUT_DIR"
 fi
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -45,5 +50,8 @@ timeout 360 "$PY" -m sapwood.cli bench gpu --out "$OUT_DIR" --budget-s 320 || st
 # 2. serving on the GPU: research-799m with random weights, 16 and 64 concurrent requests
 timeout 100 "$PY" -m sapwood.cli bench serve --device cuda --preset research-799m --concurrency 16,64 \
     --max-tokens 32 --repeats 1 --out "$OUT_DIR" || status=$?
+# 3. growth at a larger scale: no seed started that would end past 60 s (grow.json written after each seed)
+timeout 90 "$PY" -m sapwood.cli bench grow --scale 4 --steps 1000 --seeds 3 --budget-s 60 \
+    --methods "$GROW_METHODS" --data-dir /tmp/sapwood-grow-data --out "$OUT_DIR" || status=$?
 ls -l "$OUT_DIR"
 exit "$status"

@@ -93,7 +93,8 @@ def test_fragmentation_from_memory_stats():
 @pytest.mark.slow
 def test_device_check_dry_run_runs_the_gpu_bench_code_path_on_the_cpu(tmp_path):
     """``scripts/device-check.sh --dry-run`` = ``sapwood bench gpu --smoke``: every model trains (losses
-    finite), forward and backward are timed apart, the attention kernel is named, the plan is attached."""
+    finite), forward and backward are timed apart, the attention kernel is named, the plan is attached;
+    then ``sapwood bench grow`` on the CPU shapes: function-preserving methods keep the loss at growth."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(tmp_path / "out"))
     proc = subprocess.run(["bash", str(REPO / "scripts" / "device-check.sh"), "--dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -109,3 +110,12 @@ def test_device_check_dry_run_runs_the_gpu_bench_code_path_on_the_cpu(tmp_path):
     assert models["astro-13b"]["options"]["optimizer"] == "adamw8bit"
     names = {row["name"] for row in payload["results"]}
     assert {"astro-13b forward", "astro-13b tokens/s", "llama3-8b-shape tokens/s"} <= names
+    # then `sapwood bench grow`: scratch L and three growth methods at half the steps, two seeds
+    grow = json.loads((tmp_path / "out" / "grow.json").read_text())
+    assert grow["suite"] == "grow" and grow["extra"]["seeds_run"] == 2 and len(grow["results"]) == 6
+    for seed in grow["extra"]["seeds"]:
+        curves = {c["name"]: c for c in seed["curves"]}
+        assert set(curves) == {"scratch", "zero@0.5", "masked@0.5", "random@0.5"}
+        assert all(c["growth_step"] == 5 for name, c in curves.items() if name != "scratch")
+        assert abs(curves["zero@0.5"]["loss_jump"]) < 1e-5 and abs(curves["masked@0.5"]["loss_jump"]) < 1e-5
+    assert all(len(row["params"]["flops_ratio_per_seed"]) == 2 for row in grow["results"])

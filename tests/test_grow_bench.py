@@ -14,8 +14,15 @@ from sapwood.errors import SapwoodError
 
 def curve(name: str, losses: list[float], flops_per_eval: float, growth_step: int | None = None) -> RunCurve:
     n = len(losses)
-    return RunCurve(name, flops=[flops_per_eval * (i + 1) for i in range(n)], seconds=[0.5 * (i + 1) for i in range(n)],
-                    steps=[10 * (i + 1) for i in range(n)], val_loss=losses, growth_step=growth_step, loss_jump=0.0)
+    return RunCurve(
+        name,
+        flops=[flops_per_eval * (i + 1) for i in range(n)],
+        seconds=[0.5 * (i + 1) for i in range(n)],
+        steps=[10 * (i + 1) for i in range(n)],
+        val_loss=losses,
+        growth_step=growth_step,
+        loss_jump=0.0,
+    )
 
 
 def test_flops_to_target_and_ratios():
@@ -42,7 +49,7 @@ def test_seeds_give_mean_spread_and_minimum():
     flops = _seed_results([seed0, seed1], BenchSettings(), small, large)[0]
     assert flops.params["flops_ratio_per_seed"] == [4.0, 2.0]
     assert flops.params["flops_ratio_mean"] == 3.0 and flops.params["flops_ratio_min"] == 2.0
-    assert flops.params["flops_ratio_std"] == pytest.approx(2 ** 0.5)
+    assert flops.params["flops_ratio_std"] == pytest.approx(2**0.5)
     assert flops.ratio == pytest.approx(400.0 / 150.0)  # summed FLOPs over seeds
 
 
@@ -53,8 +60,14 @@ def test_unknown_method_is_a_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_short_real_run_writes_the_suite(tmp_path):
-    path = run_grow_bench(tmp_path / "out", steps=6, data_dir=tmp_path, max_files=8, seeds=2,
-                          methods=["zero", "masked", "gstack"])
+    path = run_grow_bench(
+        tmp_path / "out",
+        steps=6,
+        data_dir=tmp_path,
+        max_files=8,
+        seeds=2,
+        methods=["zero", "masked", "gstack"],
+    )
     payload = json.loads(path.read_text())
     assert payload["suite"] == "grow" and len(payload["results"]) == 6
     assert (tmp_path / "out" / "grow.png").stat().st_size > 0
@@ -70,8 +83,13 @@ def test_lr_factor_warms_up_and_rewarms_after_growth():
 
     assert [lr_factor(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     # growth after step 6: steps 7, 8, 9 run at 1/3, 2/3, 1 of the LR; without re-warm-up nothing changes
-    assert [lr_factor(s, 4, 3, grow_at=6) for s in range(5, 10)] == [1.0, pytest.approx(1 / 3),
-                                                                    pytest.approx(2 / 3), 1.0, 1.0]
+    assert [lr_factor(s, 4, 3, grow_at=6) for s in range(5, 10)] == [
+        1.0,
+        pytest.approx(1 / 3),
+        pytest.approx(2 / 3),
+        1.0,
+        1.0,
+    ]
     assert [lr_factor(s, 4, 0, grow_at=6) for s in range(5, 10)] == [1.0] * 5
 
 
@@ -91,8 +109,9 @@ def test_budget_curve_counts_each_shapes_flops_from_a_real_run(tokens_dir, tmp_p
     grown = start.model_copy(update={"layers": 3, "ffn": 96})
     small_flops, large_flops = flops_per_token(start, 32) * tokens, flops_per_token(grown, 32) * tokens
     assert curve.growth_step == 2 and curve.steps == [1, 2, 3, 4]
-    assert curve.flops == pytest.approx([small_flops, 2 * small_flops, 2 * small_flops + large_flops,
-                                         2 * small_flops + 2 * large_flops])
+    assert curve.flops == pytest.approx(
+        [small_flops, 2 * small_flops, 2 * small_flops + large_flops, 2 * small_flops + 2 * large_flops]
+    )
     assert len(curve.val_loss) == 4 and curve.seconds == sorted(curve.seconds)
 
 
@@ -115,3 +134,27 @@ def test_method_variants_set_grow_fraction_and_rewarm():
         parse_variant("random@1.5", base)
     with pytest.raises(SapwoodError, match=r"'random\+warm' is not one of"):
         parse_variant("random+warm", base)
+
+
+@pytest.mark.slow
+def test_budget_stops_starting_seeds_and_the_suite_holds_the_seeds_run(tokens_dir, tmp_path):
+    """With a budget the first seed already spent, the second is not started; grow.json (written after
+    every seed) says so, and evaluation defaults to every steps / 50 steps (at least 1)."""
+    (tmp_path / "tokens").symlink_to(tokens_dir)  # the session's token folder: nothing to tokenize
+    path = run_grow_bench(
+        tmp_path / "out", steps=4, data_dir=tmp_path, seeds=3, methods=["masked@0.5"], budget_s=1e-6
+    )
+    extra = json.loads(path.read_text())["extra"]
+    assert (extra["seeds_requested"], extra["seeds_run"], extra["eval_every"]) == (3, 1, 1)
+    assert [s["seed"] for s in extra["seeds"]] == [0]
+    scratch = extra["seeds"][0]["curves"][0]
+    assert scratch["name"] == "scratch" and scratch["steps"] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [({"eval_every": 0}, "eval_every=0 must be >= 1"), ({"budget_s": 0.0}, "budget_s=0.0 must be > 0")],
+)
+def test_bad_eval_every_or_budget_is_a_one_line_error(tmp_path, option, message):
+    with pytest.raises(SapwoodError, match=message):
+        run_grow_bench(tmp_path, **option)

@@ -11,7 +11,15 @@ from sapwood.cli import main
 from sapwood.config import Config, validate
 from sapwood.model import build_model, load, save_folder
 
-MODEL = {"vocab_size": 101, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 48, "trained_context": 16}
+MODEL = {
+    "vocab_size": 101,
+    "hidden": 32,
+    "layers": 2,
+    "heads": 4,
+    "kv_heads": 2,
+    "ffn": 48,
+    "trained_context": 16,
+}
 
 
 @pytest.fixture
@@ -38,10 +46,37 @@ def logits(folder, tokens):
 
 def test_grow_by_options_preserves_logits(checkpoint, tmp_path, capsys):
     out = tmp_path / "grown"
-    assert run_cli(["grow", str(checkpoint), "--out", str(out), "--layers", "3", "--hidden", "48", "--ffn", "64",
-          "--heads", "8", "--position", "middle", "--depth-init", "stack"]) == 0
+    assert (
+        run_cli(
+            [
+                "grow",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--layers",
+                "3",
+                "--hidden",
+                "48",
+                "--ffn",
+                "64",
+                "--heads",
+                "8",
+                "--position",
+                "middle",
+                "--depth-init",
+                "stack",
+            ]
+        )
+        == 0
+    )
     grown = load(out)
-    assert (grown.cfg.layers, grown.cfg.hidden, grown.cfg.ffn, grown.cfg.heads, grown.cfg.kv_heads) == (3, 48, 64, 8, 4)
+    assert (grown.cfg.layers, grown.cfg.hidden, grown.cfg.ffn, grown.cfg.heads, grown.cfg.kv_heads) == (
+        3,
+        48,
+        64,
+        8,
+        4,
+    )
     tokens = torch.randint(0, 101, (2, 16))
     assert (logits(out, tokens) - logits(checkpoint, tokens)).abs().max() < 1e-5
     assert "params" in capsys.readouterr().out
@@ -61,7 +96,10 @@ def test_grow_to_config(checkpoint, tmp_path):
     ("args", "message"),
     [
         (["--layers", "1"], "error: layers=1 is smaller than the current 2; growth can only add (use >= 2)"),
-        (["--heads", "6", "--kv-heads", "4"], "error: heads=6 is not divisible by kv_heads=4; kv_heads must divide heads"),
+        (
+            ["--heads", "6", "--kv-heads", "4"],
+            "error: heads=6 is not divisible by kv_heads=4; kv_heads must divide heads",
+        ),
         ([], "error: nothing to grow"),
     ],
 )

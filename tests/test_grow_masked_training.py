@@ -20,8 +20,11 @@ from sapwood.train.metrics import read_events
 from sapwood.train.schedule import lr_at
 from tests.test_grow_training import make_config, train_losses
 
-MASKED = {"at_steps": [3], "method": "masked", "mask_ramp_steps": 3,
-          "add": {"layers": 1, "hidden": 16, "ffn": 32, "heads": 4}}
+MASKED = {
+    "at_steps": [3],
+    "mask_ramp_steps": 3,  # method: masked is the default
+    "add": {"layers": 1, "hidden": 16, "ffn": 32, "heads": 4},
+}
 
 
 def grown_masked(**extra) -> dict:
@@ -30,13 +33,16 @@ def grown_masked(**extra) -> dict:
 
 def test_masked_growth_event_preserves_function_and_training_continues(tokens_dir, tmp_path):
     config = make_config(tokens_dir, tmp_path, growth=grown_masked(), steps=8)
+    assert config.growth.method == "masked"
     states = {}
 
     class Watch(Callback):
         def on_step_end(self, trainer, step, metrics):
             growth = trainer.callbacks[0]
-            states[step] = (growth.masks.value if growth.masks is not None else None,
-                            {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+            states[step] = (
+                growth.masks.value if growth.masks is not None else None,
+                {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+            )
 
     trainer = Trainer(config, [*callbacks_from_config(config), Watch()])
     summary = trainer.fit()
@@ -44,8 +50,16 @@ def test_masked_growth_event_preserves_function_and_training_continues(tokens_di
     assert event["step"] == 3 and event["shape_after"]["hidden"] == 48 and event["shape_after"]["layers"] == 3
     assert abs(event["loss_after"] - event["loss_before"]) < 1e-5
     # the ramp: mask 0 right after growth, then 1/3, 2/3 after steps 4 and 5, and gone (1) after step 6
-    assert [states[s][0] for s in (3, 4, 5, 6, 7)] == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3), None, None]
-    assert all(not module._forward_hooks and not module._forward_pre_hooks for module in trainer.model.modules())
+    assert [states[s][0] for s in (3, 4, 5, 6, 7)] == [
+        0.0,
+        pytest.approx(1 / 3),
+        pytest.approx(2 / 3),
+        None,
+        None,
+    ]
+    assert all(
+        not module._forward_hooks and not module._forward_pre_hooks for module in trainer.model.modules()
+    )
     assert check_optimizer_matches(trainer.optimizer, trainer.model) == []
     # new parts are random (not zero) and train after growth: the new block changes from step 4 to 8
     new_block = {n: p for n, p in states[8][1].items() if n.startswith("layers.1.")}
@@ -53,7 +67,9 @@ def test_masked_growth_event_preserves_function_and_training_continues(tokens_di
     for name, param in new_block.items():
         assert not torch.equal(param, states[4][1][name]), name
     losses = train_losses(tmp_path)
-    assert sorted(losses) == list(range(1, 9)) and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert sorted(losses) == list(range(1, 9)) and all(
+        torch.isfinite(torch.tensor(v)) for v in losses.values()
+    )
     assert not read_events(tmp_path / "metrics.jsonl", "growth_masks_folded")  # the ramp ended before the run
     final = load(summary["final"])
     assert final.cfg.hidden == 48 and final.cfg.layers == 3
@@ -75,7 +91,9 @@ def test_resume_mid_ramp_matches_uninterrupted(tokens_dir, tmp_path, crash_at):
     t = config.train
     logged = {r["step"]: r["lr"] for r in read_events(tmp_path / "b" / "metrics.jsonl", "train")}
     for step, factor in ((3, 1.0), (4, 1 / 3), (5, 2 / 3), (6, 1.0), (7, 1.0)):
-        assert logged[step] == pytest.approx(factor * lr_at(step - 1, t.lr, t.min_lr, t.warmup_steps, t.steps))
+        assert logged[step] == pytest.approx(
+            factor * lr_at(step - 1, t.lr, t.min_lr, t.warmup_steps, t.steps)
+        )
 
 
 def test_run_ending_mid_ramp_writes_the_masked_function(tokens_dir, tmp_path):
@@ -103,11 +121,24 @@ def test_run_ending_mid_ramp_writes_the_masked_function(tokens_dir, tmp_path):
 @pytest.mark.parametrize("tied", [True, False])
 def test_restored_and_folded_masks_compute_the_masked_function(tied):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=2, kv_heads=1, ffn=48, head_dim=16,
-                      trained_context=16, tied_embeddings=tied)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden=32,
+        layers=2,
+        heads=2,
+        kv_heads=1,
+        ffn=48,
+        head_dim=16,
+        trained_context=16,
+        tied_embeddings=tied,
+    )
     model, data = Decoder(cfg), torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    masks, _ = grow_model_masked(model, GrowthRequest(layers=4, hidden=64, ffn=96, heads=4, kv_heads=2), 5,
-                                 generator=torch.Generator().manual_seed(2))
+    masks, _ = grow_model_masked(
+        model,
+        GrowthRequest(layers=4, hidden=64, ffn=96, heads=4, kv_heads=2),
+        5,
+        generator=torch.Generator().manual_seed(2),
+    )
     masks.step(), masks.step()
     with torch.no_grad():
         masked = model(data)

@@ -1,8 +1,10 @@
-"""Growth methods of issue 18: masked growth is exact at mask 0 and ramps to the plain grown model,
+"""Growth methods: masked growth is exact at mask 0 and ramps to the plain grown model,
 G_stack repeats the whole small stack, FFN splitting with noise preserves the function, and the optimizer
 state follows each of them."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,17 @@ from sapwood.model.transformer import Decoder
 
 def small_model(layers: int = 2) -> Decoder:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, hidden=32, layers=layers, heads=2, kv_heads=1, ffn=48, head_dim=16,
-                      trained_context=16, tied_embeddings=True)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden=32,
+        layers=layers,
+        heads=2,
+        kv_heads=1,
+        ffn=48,
+        head_dim=16,
+        trained_context=16,
+        tied_embeddings=True,
+    )
     return Decoder(cfg)
 
 
@@ -49,8 +60,9 @@ def test_masked_growth_is_exact_at_mask_zero_and_new_weights_are_normal():
     train(model, optimizer, data, 2)
     with torch.no_grad():
         before = model(data)
-    masks, _ = grow_model_masked(model, FULL, ramp_steps=4, optimizer=optimizer,
-                                 generator=torch.Generator().manual_seed(2))
+    masks, _ = grow_model_masked(
+        model, FULL, ramp_steps=4, optimizer=optimizer, generator=torch.Generator().manual_seed(2)
+    )
     assert (model.cfg.layers, model.cfg.hidden, model.cfg.ffn, model.cfg.heads) == (4, 64, 96, 4)
     with torch.no_grad():
         after = model(data)
@@ -66,8 +78,9 @@ def test_masked_growth_is_exact_at_mask_zero_and_new_weights_are_normal():
 def test_mask_ramps_then_hooks_go_and_the_model_is_the_plain_grown_one():
     model, data = small_model(), tokens()
     optimizer = adamw(model)
-    masks, _ = grow_model_masked(model, FULL, ramp_steps=3, optimizer=optimizer,
-                                 generator=torch.Generator().manual_seed(2))
+    masks, _ = grow_model_masked(
+        model, FULL, ramp_steps=3, optimizer=optimizer, generator=torch.Generator().manual_seed(2)
+    )
     with torch.no_grad():
         at_zero = model(data)
         masks.value = 0.5
@@ -87,6 +100,30 @@ def test_mask_ramps_then_hooks_go_and_the_model_is_the_plain_grown_one():
     assert all(optimizer.state[p]["step"] > 0 for p in model.parameters())
 
 
+def test_mask_ramp_does_not_recompile_compiled_blocks():
+    """The mask is a tensor changed in place, so a compiled block (dynamo) compiles once per hook layout
+    and the ramp's new values reuse those graphs; the compiled model computes what the eager one does."""
+    from torch._dynamo.utils import counters
+
+    model, data = small_model(), tokens()
+    masks, _ = grow_model_masked(model, FULL, ramp_steps=4, generator=torch.Generator().manual_seed(2))
+    eager = copy.deepcopy(model)  # deep copies keep their own hooks, on the same masks
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for name, block in list(model.layers.items()):
+            model.layers[name] = torch.compile(block, backend="eager")
+        with torch.no_grad():
+            model(data)
+            graphs = counters["stats"]["unique_graphs"]
+            for _ in range(3):
+                masks.step()
+                assert (model(data) - eager(data)).abs().max() < 1e-6, masks.value
+        assert 0 < masks.value < 1 and counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
+
+
 def test_gstack_repeats_the_whole_stack():
     model = small_model(layers=2)
     originals = [{k: v.clone() for k, v in model.layers[str(i)].state_dict().items()} for i in range(2)]
@@ -102,7 +139,10 @@ def test_gstack_repeats_the_whole_stack():
             for name, value in block.state_dict().items():
                 assert torch.equal(value, originals[i][name]), (k, i, name)
             if k:  # copies are distinct tensors, trained independently from here on
-                assert block.attention.wq.weight.data_ptr() != model.layers[str(i)].attention.wq.weight.data_ptr()
+                assert (
+                    block.attention.wq.weight.data_ptr()
+                    != model.layers[str(i)].attention.wq.weight.data_ptr()
+                )
     assert check_optimizer_matches(optimizer, model) == []
     new_param = model.layers["5"].feed_forward.w1.weight
     assert torch.count_nonzero(optimizer.state[new_param]["exp_avg"]) == 0  # fresh moments for copies

@@ -14,8 +14,16 @@ from sapwood.model.transformer import Decoder
 
 
 def small_config(tied: bool = False, heads: int = 4, kv_heads: int = 2) -> ModelConfig:
-    return ModelConfig(vocab_size=97, hidden=32, layers=2, heads=heads, kv_heads=kv_heads, ffn=48,
-                       trained_context=16, tied_embeddings=tied)
+    return ModelConfig(
+        vocab_size=97,
+        hidden=32,
+        layers=2,
+        heads=heads,
+        kv_heads=kv_heads,
+        ffn=48,
+        trained_context=16,
+        tied_embeddings=tied,
+    )
 
 
 def trained_like(cfg: ModelConfig, seed: int = 0) -> Decoder:
@@ -57,8 +65,12 @@ OPERATORS = {
     "heads_and_kv": lambda m: grow_heads(m, 12, 3),
     "hidden": lambda m: grow_hidden(m, 48),
     "all": lambda m: grow_model(m, GrowthRequest(layers=5, hidden=64, ffn=96, heads=8, kv_heads=2)),
-    "all_stack": lambda m: grow_model(m, GrowthRequest(layers=4, hidden=40, ffn=64, heads=6, kv_heads=3,
-                                                       depth_init="stack", layer_position="end")),
+    "all_stack": lambda m: grow_model(
+        m,
+        GrowthRequest(
+            layers=4, hidden=40, ffn=64, heads=6, kv_heads=3, depth_init="stack", layer_position="end"
+        ),
+    ),
 }
 
 
@@ -98,7 +110,9 @@ def test_grown_model_has_the_grown_shape_and_exact_param_count() -> None:
     for name, module in model.named_modules():
         if hasattr(module, "eps"):
             assert module.eps == fresh.get_submodule(name).eps == model.cfg.norm_eps
-    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in fresh.named_parameters()]
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [
+        (n, p.shape) for n, p in fresh.named_parameters()
+    ]
     assert list(model.layers) == ["0", "1", "2", "3", "4"]
     assert sum(p.numel() for p in model.parameters()) == params_of_shape(model.cfg)
     assert model.cfg.head_dim == 8 and model.cfg.norm_eps == pytest.approx(1e-5 * 32 / 64)
@@ -131,8 +145,9 @@ def test_depth_positions() -> None:
 
 def test_random_init_of_new_parts_changes_the_function() -> None:
     model = trained_like(small_config())
-    diff = max_logit_diff(model, lambda m: grow_model(m, GrowthRequest(hidden=48, ffn=64, layers=3,
-                                                                       function_preserving=False)))
+    diff = max_logit_diff(
+        model, lambda m: grow_model(m, GrowthRequest(hidden=48, ffn=64, layers=3, function_preserving=False))
+    )
     assert diff > 1e-3
 
 
@@ -151,13 +166,17 @@ def test_new_parameters_get_gradients_and_learn() -> None:
     for name, param in new_block.named_parameters():
         assert not torch.equal(param, snapshot[f"layers.2.{name}"]), f"new block param {name} did not move"
     for name in ("layers.0.feed_forward.w2.weight", "layers.0.attention.wo.weight", "tok_embeddings.weight"):
-        new_part = model.get_parameter(name)[32:] if "embeddings" not in name else model.get_parameter(name)[:, 32:]
+        new_part = (
+            model.get_parameter(name)[32:] if "embeddings" not in name else model.get_parameter(name)[:, 32:]
+        )
         old_new_part = snapshot[name][32:] if "embeddings" not in name else snapshot[name][:, 32:]
         assert not torch.equal(new_part, old_new_part), f"new rows of {name} did not move"
     w2 = model.get_parameter("layers.0.feed_forward.w2.weight")
     assert not torch.equal(w2[:, 48:], snapshot["layers.0.feed_forward.w2.weight"][:, 48:])
     wo = model.get_parameter("layers.0.attention.wo.weight")
-    new_cols = torch.cat([torch.arange(8 * 2, 8 * 4), torch.arange(8 * 6, 8 * 8)])  # heads 2,3 and 6,7 are new
+    new_cols = torch.cat(
+        [torch.arange(8 * 2, 8 * 4), torch.arange(8 * 6, 8 * 8)]
+    )  # heads 2,3 and 6,7 are new
     assert not torch.equal(wo[:, new_cols], snapshot["layers.0.attention.wo.weight"][:, new_cols])
 
 
@@ -187,7 +206,9 @@ def test_memory_budget_cap_uses_sizing() -> None:
     model = trained_like(small_config())
     grown = target_config(model.cfg, GrowthRequest(hidden=512))
     needed = training_memory_bytes(grown) / 1e9
-    with pytest.raises(SapwoodError, match=rf"needs {needed:.3g} GB of training memory, above memory_budget_gb=0.001"):
+    with pytest.raises(
+        SapwoodError, match=rf"needs {needed:.3g} GB of training memory, above memory_budget_gb=0.001"
+    ):
         grow_model(model, GrowthRequest(hidden=512), caps=GrowthCaps(memory_budget_gb=0.001))
     grow_model(model, GrowthRequest(hidden=48), caps=GrowthCaps(memory_budget_gb=0.001))  # fits: allowed
     assert model.cfg.hidden == 48

@@ -17,13 +17,24 @@ from sapwood.model.transformer import Decoder
 
 def setup(tied: bool = True):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, trained_context=16,
-                      tied_embeddings=tied)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden=32,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        ffn=48,
+        trained_context=16,
+        tied_embeddings=tied,
+    )
     model = Decoder(cfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-2, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     data = torch.randint(0, 64, (4, 13), generator=torch.Generator().manual_seed(3))
     return model, optimizer, scheduler, data
@@ -63,7 +74,9 @@ def test_state_is_carried_over_in_place() -> None:
     with torch.no_grad():
         assert abs(lm_loss(model, data).item() - loss_before) < 1e-6
     assert check_optimizer_matches(optimizer, model) == []
-    assert sorted(map(id, model.parameters())) == sorted(id(p) for g in optimizer.param_groups for p in g["params"])
+    assert sorted(map(id, model.parameters())) == sorted(
+        id(p) for g in optimizer.param_groups for p in g["params"]
+    )
     # one new block: 7 matrices into the decay group, 2 norms into the no-decay group
     assert [len(g["params"]) for g in optimizer.param_groups] == [groups_before[0] + 7, groups_before[1] + 2]
     # groups list parameters in model order, as an optimizer built on the grown model would
@@ -99,7 +112,8 @@ def test_fp16_grad_scaler_continues_after_growth() -> None:
 
 
 def test_optimizer_state_dict_round_trips_onto_a_rebuilt_grown_model() -> None:
-    """Saving after growth and loading into an optimizer built fresh on the grown shape continues identically."""
+    """Saving after growth and loading into an optimizer built fresh on the grown shape continues
+    identically."""
     model, optimizer, scheduler, data = setup()
     train_steps(model, optimizer, scheduler, data, 2)
     grow_model(model, GrowthRequest(layers=3, ffn=64), optimizer)
@@ -108,14 +122,22 @@ def test_optimizer_state_dict_round_trips_onto_a_rebuilt_grown_model() -> None:
     rebuilt_model = Decoder(model.cfg)
     decay = [p for p in rebuilt_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in rebuilt_model.parameters() if p.dim() < 2]
-    rebuilt_optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay,
-                                           "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95))
+    rebuilt_optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+    )
     rebuilt_model.load_state_dict(saved_model)
     rebuilt_optimizer.load_state_dict(saved_optimizer)
     for opt in (optimizer, rebuilt_optimizer):
         for group in opt.param_groups:
             group["lr"] = 1e-2
     a = train_steps(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), data, 2)
-    b = train_steps(rebuilt_model, rebuilt_optimizer,
-                    torch.optim.lr_scheduler.LambdaLR(rebuilt_optimizer, lambda s: 1.0), data, 2)
+    b = train_steps(
+        rebuilt_model,
+        rebuilt_optimizer,
+        torch.optim.lr_scheduler.LambdaLR(rebuilt_optimizer, lambda s: 1.0),
+        data,
+        2,
+    )
     assert a == b

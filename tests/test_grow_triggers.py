@@ -7,8 +7,12 @@ from sapwood.config import GrowthConfig
 from sapwood.grow.triggers import GrowthTriggers
 
 
-def run(config: GrowthConfig, losses: list[float], grad_norms: list[float] | None = None,
-        tokens_per_step: int = 100) -> list[tuple[int, str]]:
+def run(
+    config: GrowthConfig,
+    losses: list[float],
+    grad_norms: list[float] | None = None,
+    tokens_per_step: int = 100,
+) -> list[tuple[int, str]]:
     """Feed a curve (step k+1 gets losses[k]); every fired trigger is treated as a growth event."""
     triggers = GrowthTriggers(config)
     fired = []
@@ -28,7 +32,11 @@ def decaying(steps: int, start: float = 5.0, rate: float = 0.9) -> list[float]:
 
 def test_schedule_by_steps_and_tokens():
     config = GrowthConfig(at_steps=[5, 12], at_tokens=[2000], max_events=5)
-    assert run(config, decaying(30)) == [(5, "schedule_steps"), (12, "schedule_steps"), (20, "schedule_tokens")]
+    assert run(config, decaying(30)) == [
+        (5, "schedule_steps"),
+        (12, "schedule_steps"),
+        (20, "schedule_tokens"),
+    ]
 
 
 def test_plateau_fires_when_improvement_drops_below_threshold():
@@ -77,8 +85,12 @@ def test_min_step_and_exhausted():
 
 
 def test_state_round_trip_gives_the_same_future():
-    config = GrowthConfig(plateau={"window": 3, "min_rel_improvement": 0.02}, spike_guard={"window": 5},
-                          cooldown_steps=4, max_events=4)
+    config = GrowthConfig(
+        plateau={"window": 3, "min_rel_improvement": 0.02},
+        spike_guard={"window": 5},
+        cooldown_steps=4,
+        max_events=4,
+    )
     losses = [4.0 - 0.01 * k for k in range(40)]
     a = GrowthTriggers(config)
     for step in range(1, 11):

@@ -9,6 +9,7 @@ before / after) to the run's metrics JSONL and to ``growth.jsonl``.
 ``method: masked`` grows with :func:`sapwood.grow.masked.grow_model_masked`: the masks advance once per
 optimizer step, are saved in the callback state (a run resumed mid-ramp reinstalls them) and, if the run
 ends mid-ramp, are folded into the weights before ``final/`` is written. No event fires during a ramp.
+Under FSDP2 both methods gather, grow and re-shard (``sapwood.grow.sharded``).
 ``rewarm_steps`` > 0 scales the schedule's LR by ``(k + 1) / rewarm_steps`` for the k-th step after an event.
 """
 
@@ -22,7 +23,6 @@ import torch
 from rich.console import Console
 
 from sapwood.config import Config, GrowthConfig
-from sapwood.errors import SapwoodError
 from sapwood.grow.masked import GrowthMasks, grow_model_masked
 from sapwood.grow.plan import (
     cap_violation,
@@ -99,23 +99,40 @@ class GrowthCallback(Callback):
         problem = cap_violation(target, self.config.caps)
         if target == cfg or problem is not None:
             self.triggers.exhausted = True
-            trainer.log_event("growth_skipped", trigger=trigger, reason=problem or "caps reached: nothing to add")
+            trainer.log_event(
+                "growth_skipped", trigger=trigger, reason=problem or "caps reached: nothing to add"
+            )
             return None
         loss_before = _eval_loss(trainer.evaluate())
         device = next(trainer.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
-        if self.config.method == "masked":
-            if _is_sharded(trainer.model):
-                raise SapwoodError("growth.method='masked' is not supported for a sharded (FSDP) model; "
-                                   "use method: zero")
-            self.masks, _ = grow_model_masked(trainer.model, request, self.config.mask_ramp_steps,
-                                              trainer.optimizer, generator)
+        if self.config.method == "masked" and _is_sharded(trainer.model):
+            from sapwood.grow.sharded import grow_sharded_masked
+
+            trainer.model, self.masks = grow_sharded_masked(
+                trainer.model,
+                trainer.optimizer,
+                request,
+                self.config.mask_ramp_steps,
+                generator,
+                shard_fn=getattr(trainer, "shard_model", None),
+            )
+            self._masked_model = trainer.model
+        elif self.config.method == "masked":
+            self.masks, _ = grow_model_masked(
+                trainer.model, request, self.config.mask_ramp_steps, trainer.optimizer, generator
+            )
             self._masked_model = trainer.model
         elif _is_sharded(trainer.model):
             from sapwood.grow.sharded import grow_sharded
 
-            trainer.model = grow_sharded(trainer.model, trainer.optimizer, request, generator,
-                                         shard_fn=getattr(trainer, "shard_model", None))
+            trainer.model = grow_sharded(
+                trainer.model,
+                trainer.optimizer,
+                request,
+                generator,
+                shard_fn=getattr(trainer, "shard_model", None),
+            )
         else:
             grow_model(trainer.model, request, trainer.optimizer, generator=generator)
         trainer.config.model = target
@@ -171,8 +188,12 @@ class GrowthCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         masks = self.masks.state_dict(self._masked_model) if self.masks is not None else None
-        return {"triggers": self.triggers.state_dict(), "tokens": self.tokens, "history": json.dumps(self.history),
-                "masks": json.dumps(masks)}
+        return {
+            "triggers": self.triggers.state_dict(),
+            "tokens": self.tokens,
+            "history": json.dumps(self.history),
+            "masks": json.dumps(masks),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.triggers.load_state_dict(state.get("triggers", {}))

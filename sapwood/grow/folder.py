@@ -14,8 +14,13 @@ from sapwood.model import load, save_folder
 from sapwood.model.transformer import Decoder
 
 
-def grow_folder(source: str | Path, out: str | Path, request: GrowthRequest | None = None,
-                to: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
+def grow_folder(
+    source: str | Path,
+    out: str | Path,
+    request: GrowthRequest | None = None,
+    to: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Grow the checkpoint in ``source`` by ``request`` (or towards the model of config ``to``) into ``out``.
 
     Returns the shapes and parameter counts before and after and the max abs logit difference on random
@@ -27,15 +32,22 @@ def grow_folder(source: str | Path, out: str | Path, request: GrowthRequest | No
     if not isinstance(model, Decoder):
         raise SapwoodError(f"{source}: growth works on decoder language models, not {type(model).__name__}")
     if to is not None:
-        if request is not None and any(getattr(request, f) is not None for f in ("layers", "hidden", "ffn", "heads")):
-            raise SapwoodError("pass either --to CONFIG or per-operator options (--layers, --hidden, ...), not both")
+        if request is not None and any(
+            getattr(request, f) is not None for f in ("layers", "hidden", "ffn", "heads")
+        ):
+            raise SapwoodError(
+                "pass either --to CONFIG or per-operator options (--layers, --hidden, ...), not both"
+            )
         base = request or GrowthRequest()
         target = request_towards(model.cfg, target_model(model.cfg, to))
         target.layer_position, target.depth_init = base.layer_position, base.depth_init
         target.function_preserving = base.function_preserving
         request = target
     if request is None:
-        raise SapwoodError("nothing to grow: pass --to CONFIG or at least one of --layers, --hidden, --ffn, --heads, --kv-heads")
+        raise SapwoodError(
+            "nothing to grow: pass --to CONFIG or at least one of --layers, --hidden, --ffn, --heads, "
+            "--kv-heads"
+        )
     before = model.cfg
     generator = torch.Generator().manual_seed(seed)
     probe = torch.randint(0, before.vocab_size, (2, min(32, before.trained_context)), generator=generator)
@@ -45,13 +57,17 @@ def grow_folder(source: str | Path, out: str | Path, request: GrowthRequest | No
         logits_after = model(probe)
     config.model = model.cfg
     config.name = f"{config.name}-grown"
-    config.description = (f"Grown by `sapwood grow` from {source} ({shape_of(before)}, {params_of_shape(before):,} "
-                          f"parameters) to {shape_of(model.cfg)}. Before growth: {config.description}").strip()
+    config.description = (
+        f"Grown by `sapwood grow` from {source} ({shape_of(before)}, {params_of_shape(before):,} "
+        f"parameters) to {shape_of(model.cfg)}. Before growth: {config.description}"
+    ).strip()
     tokenizer = source / "tokenizer.json"
     save_folder(model, config, out, tokenizer_file=tokenizer if tokenizer.exists() else None)
     return {
-        "shape_before": shape_of(before), "shape_after": shape_of(model.cfg),
-        "params_before": params_of_shape(before), "params_after": params_of_shape(model.cfg),
+        "shape_before": shape_of(before),
+        "shape_after": shape_of(model.cfg),
+        "params_before": params_of_shape(before),
+        "params_after": params_of_shape(model.cfg),
         "max_abs_logit_diff": float((logits_after - logits_before).abs().max()),
     }
 

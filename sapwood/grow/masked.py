@@ -51,9 +51,21 @@ class GrowthMasks:
 
     ramp_steps: int
     steps_done: int = 0
-    value: float = 0.0
     places: list[MaskedInput] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
+    # the mask as a 0-d tensor changed in place: a compiled block reads it as an input, so the ramp
+    # does not recompile it at every step (a Python float would be a constant guarded on)
+    _value: torch.Tensor = field(default_factory=lambda: torch.zeros(()), repr=False)
+    _value_float: float = field(default=0.0, repr=False)
+
+    @property
+    def value(self) -> float:
+        return self._value_float
+
+    @value.setter
+    def value(self, value: float) -> None:
+        self._value_float = value
+        self._value.fill_(value)
 
     def step(self) -> None:
         self.steps_done += 1
@@ -72,33 +84,44 @@ class GrowthMasks:
         self.places.clear()
         self.value = 1.0
 
-    def _scale(self, size: int, index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
+    def _scale(self, size: int, index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        value = self._value  # a CPU 0-d tensor: used as a scalar on any device, keeps ``like``'s dtype
         if index is None:
-            return self.value
-        scale = torch.ones(size, dtype=like.dtype, device=like.device)
-        scale[index.to(like.device)] = self.value
-        return scale
+            return value
+        new = torch.zeros(size, dtype=like.dtype, device=like.device)
+        new[index.to(like.device)] = 1.0
+        return 1.0 + new * (value - 1.0)  # the mask on the entries ``index``, 1 elsewhere
 
     def mask_output(self, module: nn.Module, index: torch.Tensor | None = None) -> None:
         """Multiply ``module``'s output (last dimension entries ``index``; all when None) by the mask."""
+
         def hook(_module, _inputs, output):
             return output * self._scale(output.shape[-1], index, output)
+
         self.places.append(MaskedInput(module, "output", index))
         self.handles.append(module.register_forward_hook(hook))
 
     def mask_input(self, module: nn.Module, index: torch.Tensor) -> None:
         """Multiply the entries ``index`` of the last dimension of ``module``'s input by the mask."""
+
         def hook(_module, inputs):
             x = inputs[0]
             return (x * self._scale(x.shape[-1], index, x), *inputs[1:])
+
         self.places.append(MaskedInput(module, "input", index))
         self.handles.append(module.register_forward_pre_hook(hook))
 
     def state_dict(self, model: nn.Module) -> dict[str, Any]:
         """Plain values: ramp progress and every masked place by module name (names as they are now)."""
         names = {id(module): name for name, module in model.named_modules()}
-        places = [{"module": names[id(p.module)], "kind": p.kind,
-                   "index": None if p.index is None else p.index.tolist()} for p in self.places]
+        places = [
+            {
+                "module": names[id(p.module)],
+                "kind": p.kind,
+                "index": None if p.index is None else p.index.tolist(),
+            }
+            for p in self.places
+        ]
         return {"ramp_steps": self.ramp_steps, "steps_done": self.steps_done, "places": places}
 
     @classmethod
@@ -119,25 +142,42 @@ class GrowthMasks:
     def fold(self, model: nn.Module) -> None:
         """Multiply the current mask into the masked weights of ``model`` and remove the hooks (same
         function). A masked embedding tied to the output head also scales the head's new columns, so the
-        final norm's gain of those dimensions is divided by the mask to keep the logits."""
+        final norm's gain of those dimensions is divided by the mask to keep the logits. Works on plain
+        and on FSDP2-sharded (DTensor) weights; with a sharded model every rank calls it."""
         value = self.value
         for place in self.places:
             module, weight = place.module, place.module.weight
             if getattr(module, "bias", None) is not None:
                 raise SapwoodError(f"cannot fold a growth mask into {type(module).__name__} with a bias")
             # Linear: output entries are weight rows, input entries columns; Embedding: output entries columns
-            view = weight if place.kind == "output" and isinstance(module, nn.Linear) else weight.t()
-            index = slice(None) if place.index is None else place.index.to(weight.device)
-            view[index] *= value
+            dim = 0 if place.kind == "output" and isinstance(module, nn.Linear) else 1
+            _scale_entries(weight, dim, place.index, value)
             head = getattr(model, "output", None)
             if isinstance(module, nn.Embedding) and head is not None and head.weight is weight and value > 0:
-                model.norm.weight[index] /= value
+                _scale_entries(model.norm.weight, 0, place.index, 1.0 / value)
         self.remove()
 
 
-def grow_model_masked(model: Decoder, request: GrowthRequest, ramp_steps: int,
-                      optimizer: torch.optim.Optimizer | None = None,
-                      generator: torch.Generator | None = None) -> tuple[GrowthMasks, list[ParamChange]]:
+def _scale_entries(weight: torch.Tensor, dim: int, index: torch.Tensor | None, factor: float) -> None:
+    """Multiply the entries ``index`` (all when None) of ``weight`` along ``dim`` by ``factor``, in place;
+    an FSDP2-sharded weight is gathered, scaled and its shard written back (a collective)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sharded = isinstance(weight, DTensor)
+    full = weight.full_tensor() if sharded else weight
+    view = full if dim == 0 else full.transpose(0, dim)
+    view[slice(None) if index is None else index.to(full.device)] *= factor
+    if sharded:
+        weight.to_local().copy_(distribute_tensor(full, weight.device_mesh, weight.placements).to_local())
+
+
+def grow_model_masked(
+    model: Decoder,
+    request: GrowthRequest,
+    ramp_steps: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[GrowthMasks, list[ParamChange]]:
     """Grow ``model`` (and ``optimizer``) to ``request``'s shape with masked new parts; returns the masks
     (call ``masks.step()`` after every optimizer step) and the parameter changes."""
     if ramp_steps < 1:
@@ -174,8 +214,9 @@ def grow_model_masked(model: Decoder, request: GrowthRequest, ramp_steps: int,
         write_std = residual_std(grown_cfg)
         with torch.no_grad():
             if model.tok_embeddings is not None:
-                nn.init.normal_(model.tok_embeddings.weight[:, old_hidden:], 0.0, grown_cfg.init_std,
-                                generator=generator)
+                nn.init.normal_(
+                    model.tok_embeddings.weight[:, old_hidden:], 0.0, grown_cfg.init_std, generator=generator
+                )
                 masks.mask_output(model.tok_embeddings, new_dims)
             for block in model.layers.values():
                 for linear in (block.attention.wo, block.feed_forward.w2):

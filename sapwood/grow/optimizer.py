@@ -4,7 +4,8 @@ The optimizer object stays the same, so an LR scheduler (and a GradScaler) holdi
 For every replaced parameter the new one takes its place in its parameter group and inherits its state:
 tensors shaped like the parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``) are extended with zeros for the
 new entries, everything else (``step``) is kept. Brand-new parameters (new blocks) join the group of a
-sibling parameter with a fresh state (zero moments, step 0), as if the optimizer had never seen them. Each group's parameters are then
+sibling parameter with a fresh state (zero moments, step 0), as if the optimizer had never seen them. Each
+group's parameters are then
 put in the model's parameter order, so an optimizer rebuilt on the grown model after a resume lists them in
 the same order and loads the saved state onto the right tensors.
 """
@@ -35,7 +36,9 @@ def _fresh_state(sibling_state: dict, change: ParamChange) -> dict:
     fresh = {}
     for key, value in sibling_state.items():
         if isinstance(value, torch.Tensor):
-            shape = change.new.shape if value.shape == change.sibling.shape and value.dim() > 0 else value.shape
+            shape = (
+                change.new.shape if value.shape == change.sibling.shape and value.dim() > 0 else value.shape
+            )
             fresh[key] = torch.zeros(shape, dtype=value.dtype, device=value.device)
         elif isinstance(value, int | float):
             fresh[key] = type(value)(0)
@@ -44,8 +47,9 @@ def _fresh_state(sibling_state: dict, change: ParamChange) -> dict:
     return fresh
 
 
-def apply_changes_to_optimizer(optimizer: torch.optim.Optimizer, changes: list[ParamChange],
-                               model: nn.Module | None = None) -> None:
+def apply_changes_to_optimizer(
+    optimizer: torch.optim.Optimizer, changes: list[ParamChange], model: nn.Module | None = None
+) -> None:
     """Carry ``optimizer``'s groups and state over to the parameters of ``changes``."""
     group_of: dict[int, dict] = {}
     for group in optimizer.param_groups:

@@ -43,8 +43,10 @@ class GrowthRequest:
 
     def target(self, cfg: ModelConfig) -> dict[str, int]:
         """The full target shape; with only ``heads`` given, kv_heads keeps the query heads per kv head."""
-        shape = {name: getattr(self, name) if getattr(self, name) is not None else getattr(cfg, name)
-                 for name in SHAPE_FIELDS}
+        shape = {
+            name: getattr(self, name) if getattr(self, name) is not None else getattr(cfg, name)
+            for name in SHAPE_FIELDS
+        }
         if self.heads is not None and self.kv_heads is None:
             if self.heads % cfg.kv_groups:
                 raise SapwoodError(
@@ -60,14 +62,20 @@ def shape_of(cfg: ModelConfig) -> dict[str, int]:
 
 
 def request_from_amounts(cfg: ModelConfig, amounts: GrowthAmounts) -> GrowthRequest:
-    """The request for one event adding ``amounts`` (heads added keep the group size unless kv_heads is set)."""
+    """The request for one event adding ``amounts`` (heads added keep the group size unless kv_heads is
+    set)."""
     heads = cfg.heads + amounts.heads
     kv_heads = cfg.kv_heads + amounts.kv_heads
     if amounts.heads and not amounts.kv_heads:
         kv_heads = cfg.kv_heads
     return GrowthRequest(
-        layers=cfg.layers + amounts.layers, hidden=cfg.hidden + amounts.hidden, ffn=cfg.ffn + amounts.ffn,
-        heads=heads, kv_heads=kv_heads, layer_position=amounts.layer_position, depth_init=amounts.depth_init,
+        layers=cfg.layers + amounts.layers,
+        hidden=cfg.hidden + amounts.hidden,
+        ffn=cfg.ffn + amounts.ffn,
+        heads=heads,
+        kv_heads=kv_heads,
+        layer_position=amounts.layer_position,
+        depth_init=amounts.depth_init,
     )
 
 
@@ -76,7 +84,8 @@ def request_towards(cfg: ModelConfig, target: ModelConfig) -> GrowthRequest:
     for name in ("vocab_size", "tied_embeddings", "rope_theta", "trained_context", "head_dim"):
         if getattr(cfg, name) != getattr(target, name):
             raise SapwoodError(
-                f"target {name}={getattr(target, name)!r} differs from the checkpoint's {getattr(cfg, name)!r}; "
+                f"target {name}={getattr(target, name)!r} differs from the checkpoint's "
+                f"{getattr(cfg, name)!r}; "
                 "growth changes only layers, hidden, ffn, heads and kv_heads"
             )
     return GrowthRequest(**{name: getattr(target, name) for name in SHAPE_FIELDS})
@@ -96,8 +105,10 @@ def target_config(cfg: ModelConfig, request: GrowthRequest) -> ModelConfig:
     biases = [name for name in ("qkv_bias", "attention_out_bias", "mlp_bias") if getattr(cfg, name, False)]
     widened = [name for name in ("hidden", "ffn", "heads", "kv_heads") if target[name] != getattr(cfg, name)]
     if biases and widened:
-        raise SapwoodError(f"{widened[0]}={target[widened[0]]}: width growth of a model with {biases[0]}=true is not "
-                           "supported (the operators grow weights, not biases); grow layers only")
+        raise SapwoodError(
+            f"{widened[0]}={target[widened[0]]}: width growth of a model with {biases[0]}=true is not "
+            "supported (the operators grow weights, not biases); grow layers only"
+        )
     for name, value in target.items():
         if value < getattr(cfg, name):
             raise SapwoodError(
@@ -105,8 +116,10 @@ def target_config(cfg: ModelConfig, request: GrowthRequest) -> ModelConfig:
                 f"(use >= {getattr(cfg, name)})"
             )
     if target["heads"] % target["kv_heads"]:
-        raise SapwoodError(f"heads={target['heads']} is not divisible by kv_heads={target['kv_heads']}; "
-                           "kv_heads must divide heads")
+        raise SapwoodError(
+            f"heads={target['heads']} is not divisible by kv_heads={target['kv_heads']}; "
+            "kv_heads must divide heads"
+        )
     if target["heads"] // target["kv_heads"] < cfg.kv_groups:
         raise SapwoodError(
             f"heads={target['heads']} with kv_heads={target['kv_heads']} gives "
@@ -121,8 +134,12 @@ def target_config(cfg: ModelConfig, request: GrowthRequest) -> ModelConfig:
 
 def cap_violation(cfg: ModelConfig, caps: GrowthCaps) -> str | None:
     """Why ``cfg`` breaks ``caps`` (one line), or None when it fits."""
-    for name, cap in (("layers", caps.max_layers), ("hidden", caps.max_hidden), ("ffn", caps.max_ffn),
-                      ("heads", caps.max_heads)):
+    for name, cap in (
+        ("layers", caps.max_layers),
+        ("hidden", caps.max_hidden),
+        ("ffn", caps.max_ffn),
+        ("heads", caps.max_heads),
+    ):
         if cap is not None and getattr(cfg, name) > cap:
             return f"{name}={getattr(cfg, name)} exceeds the cap max_{name}={cap}"
     if caps.max_params is not None:
@@ -132,8 +149,10 @@ def cap_violation(cfg: ModelConfig, caps: GrowthCaps) -> str | None:
     if caps.memory_budget_gb is not None:
         needed = training_memory_gb(cfg)
         if needed > caps.memory_budget_gb:
-            return (f"the grown model needs {needed:.3g} GB of training memory, above "
-                    f"memory_budget_gb={caps.memory_budget_gb:g}")
+            return (
+                f"the grown model needs {needed:.3g} GB of training memory, above "
+                f"memory_budget_gb={caps.memory_budget_gb:g}"
+            )
     return None
 
 
@@ -161,8 +180,13 @@ def clip_to_caps(cfg: ModelConfig, request: GrowthRequest, caps: GrowthCaps) -> 
     return clipped
 
 
-def grow_model(model: Decoder, request: GrowthRequest, optimizer: torch.optim.Optimizer | None = None,
-               caps: GrowthCaps | None = None, generator: torch.Generator | None = None) -> list[ParamChange]:
+def grow_model(
+    model: Decoder,
+    request: GrowthRequest,
+    optimizer: torch.optim.Optimizer | None = None,
+    caps: GrowthCaps | None = None,
+    generator: torch.Generator | None = None,
+) -> list[ParamChange]:
     """Grow ``model`` in place as requested (and ``optimizer``'s state with it); returns all changes."""
     target = target_config(model.cfg, request)
     if caps is not None and (problem := cap_violation(target, caps)):

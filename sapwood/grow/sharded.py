@@ -7,11 +7,15 @@ grown model with ``fully_shard`` (per block, then the root) and finally puts the
 the EXISTING optimizer: its groups receive the new sharded parameters and their state is sharded like
 them, so the LR scheduler and grad scaler holding that optimizer simply go on. The caller replaces its
 model reference with the returned module.
+
+:func:`grow_sharded_masked` does the same with masked growth (``sapwood.grow.masked``): the mask hooks sit
+on the plain copy's modules before it is sharded, so they act on the sharded model's activations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sapwood.config import ModelConfig
+from sapwood.grow.masked import GrowthMasks, grow_model_masked
 from sapwood.grow.plan import GrowthRequest, grow_model
 from sapwood.model.folder import materialize
 from sapwood.model.transformer import Decoder
@@ -50,9 +55,45 @@ def _plain_copy(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.
     return model
 
 
-def grow_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, request: GrowthRequest,
-                 generator: torch.Generator | None = None, shard_fn: ShardFn | None = None) -> nn.Module:
+def grow_sharded(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    request: GrowthRequest,
+    generator: torch.Generator | None = None,
+    shard_fn: ShardFn | None = None,
+) -> nn.Module:
     """Grow the FSDP2 ``model`` (collective: every rank calls it) and return the grown sharded model."""
+
+    def grow(plain: Decoder, plain_optimizer: torch.optim.Optimizer) -> None:
+        grow_model(plain, request, plain_optimizer, generator=generator)
+
+    return _grow_gathered(model, optimizer, grow, shard_fn)[0]
+
+
+def grow_sharded_masked(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    request: GrowthRequest,
+    ramp_steps: int,
+    generator: torch.Generator | None = None,
+    shard_fn: ShardFn | None = None,
+) -> tuple[nn.Module, GrowthMasks]:
+    """Masked growth of the FSDP2 ``model`` (collective); returns the grown sharded model and its masks."""
+
+    def grow(plain: Decoder, plain_optimizer: torch.optim.Optimizer) -> GrowthMasks:
+        return grow_model_masked(plain, request, ramp_steps, plain_optimizer, generator)[0]
+
+    return _grow_gathered(model, optimizer, grow, shard_fn)
+
+
+def _grow_gathered(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grow: Callable[[Decoder, torch.optim.Optimizer], Any],
+    shard_fn: ShardFn | None,
+) -> tuple[nn.Module, Any]:
+    """Gather ``model`` and ``optimizer`` into plain copies, ``grow`` them, shard the grown model and put
+    the grown, sharded state into ``optimizer``; returns the sharded model and what ``grow`` returned."""
     first = next(p for p in model.parameters() if isinstance(p, DTensor))
     mesh = first.device_mesh
     device = first.to_local().device
@@ -64,12 +105,14 @@ def grow_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, request: Gr
     plain_groups = []
     for group in full_optim["param_groups"]:
         settings = {k: v for k, v in group.items() if k != "params"}
-        plain_groups.append({**settings, "params": [named[name] for name in group["params"] if name in named]})
+        plain_groups.append(
+            {**settings, "params": [named[name] for name in group["params"] if name in named]}
+        )
     plain_optimizer = torch.optim.AdamW(plain_groups)
     for name, state in full_optim["state"].items():
         if name in named:
             plain_optimizer.state[named[name]] = dict(state)
-    grow_model(plain, request, plain_optimizer, generator=generator)
+    grown = grow(plain, plain_optimizer)
     name_of = {id(p): n for n, p in plain.named_parameters()}
     group_names = [[name_of[id(p)] for p in group["params"]] for group in plain_optimizer.param_groups]
     grown_state = {name_of[id(p)]: state for p, state in plain_optimizer.state.items()}
@@ -83,7 +126,8 @@ def grow_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, request: Gr
         param = sharded[name]
         optimizer.state[param] = {
             key: distribute_tensor(value, param.device_mesh, param.placements)
-            if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+            if isinstance(value, torch.Tensor) and value.dim() > 0
+            else value
             for key, value in state.items()
         }
-    return plain
+    return plain, grown

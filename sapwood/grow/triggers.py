@@ -29,13 +29,15 @@ class GrowthTriggers:
 
     # ------------------------------------------------------------------ observation
 
-    def observe(self, step: int, loss: float, grad_norm: float | None = None, tokens: int | None = None) -> str | None:
+    def observe(
+        self, step: int, loss: float, grad_norm: float | None = None, tokens: int | None = None
+    ) -> str | None:
         """Record step ``step``'s numbers; the trigger that fires now, or None."""
         spike = self._is_spike(loss)
         self.recent_losses.append(loss)
         guard = self.config.spike_guard
         if guard is not None:
-            self.recent_losses = self.recent_losses[-guard.window:]
+            self.recent_losses = self.recent_losses[-guard.window :]
         self.losses.append(loss)
         if grad_norm is not None:
             self.grad_norms.append(grad_norm)
@@ -49,13 +51,13 @@ class GrowthTriggers:
         guard = self.config.spike_guard
         if guard is None or len(self.recent_losses) < guard.window:
             return False
-        return loss > guard.factor * statistics.median(self.recent_losses[-guard.window:])
+        return loss > guard.factor * statistics.median(self.recent_losses[-guard.window :])
 
     def _trim(self) -> None:
         plateau, grad = self.config.plateau, self.config.grad_norm
         keep_losses = 2 * plateau.window if plateau else 1
         self.losses = self.losses[-keep_losses:]
-        self.grad_norms = self.grad_norms[-(grad.window if grad else 1):]
+        self.grad_norms = self.grad_norms[-(grad.window if grad else 1) :]
 
     def _blocked(self, step: int, spike: bool) -> str | None:
         if self.exhausted:
@@ -65,7 +67,10 @@ class GrowthTriggers:
         if step < self.config.min_step:
             return f"before min_step={self.config.min_step}"
         if self.last_event_step is not None and step - self.last_event_step < self.config.cooldown_steps:
-            return f"cooldown of {self.config.cooldown_steps} steps after the event at step {self.last_event_step}"
+            return (
+                f"cooldown of {self.config.cooldown_steps} steps after the event at step "
+                f"{self.last_event_step}"
+            )
         if spike:
             return "loss spike"
         return None
@@ -84,11 +89,15 @@ class GrowthTriggers:
         plateau = config.plateau
         if plateau is not None and len(self.losses) >= 2 * plateau.window:
             previous = statistics.fmean(self.losses[: plateau.window])
-            current = statistics.fmean(self.losses[plateau.window:])
+            current = statistics.fmean(self.losses[plateau.window :])
             if (previous - current) / abs(previous) < plateau.min_rel_improvement:
                 return "plateau"
         grad = config.grad_norm
-        if grad is not None and len(self.grad_norms) >= grad.window and statistics.fmean(self.grad_norms) < grad.below:
+        if (
+            grad is not None
+            and len(self.grad_norms) >= grad.window
+            and statistics.fmean(self.grad_norms) < grad.below
+        ):
             return "grad_norm"
         return None
 
@@ -101,8 +110,16 @@ class GrowthTriggers:
 
     # ------------------------------------------------------------------ checkpointing
 
-    _STATE = ("losses", "grad_norms", "recent_losses", "events", "last_event_step", "steps_done", "tokens_done",
-              "exhausted")
+    _STATE = (
+        "losses",
+        "grad_norms",
+        "recent_losses",
+        "events",
+        "last_event_step",
+        "steps_done",
+        "tokens_done",
+        "exhausted",
+    )
 
     def state_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._STATE}
