@@ -30,14 +30,19 @@ from sapwood.errors import SapwoodError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Size, build, grow, train and serve large transformers.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ours vs a baseline in the same run (JSON + PNG).")
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Benchmarks: ours vs a baseline in the same run (JSON + PNG)."
+)
 app.add_typer(bench_app, name="bench")
 console = Console()
 
 
 @app.command()
-def create(preset: str, out: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
-           force: bool = typer.Option(False, "--force", help="replace --out when it already holds files")) -> None:
+def create(
+    preset: str,
+    out: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
+    force: bool = typer.Option(False, "--force", help="replace --out when it already holds files"),
+) -> None:
     """Write an initialized checkpoint folder for PRESET (a preset name or YAML)."""
     from sapwood.config import load_config
     from sapwood.model import build_model, save_folder
@@ -85,10 +90,13 @@ def import_hf_command(
 
 
 @app.command("export-hf")
-def export_hf_command(folder: Path, out: Path = typer.Option(..., "--out", help="Hugging Face folder to write"),
-                      force: bool = typer.Option(False, "--force", help="replace --out when it already holds files"),
-                      ) -> None:
-    """Write a sapwood checkpoint folder as one transformers loads (Llama, Qwen2, Qwen3 or Phi3 by its options)."""
+def export_hf_command(
+    folder: Path,
+    out: Path = typer.Option(..., "--out", help="Hugging Face folder to write"),
+    force: bool = typer.Option(False, "--force", help="replace --out when it already holds files"),
+) -> None:
+    """Write a sapwood checkpoint folder as one transformers loads (Llama, Qwen2, Qwen3 or Phi3 by its
+    options)."""
     from sapwood.model.hf import export_hf
 
     refuse_existing_out(out, force)
@@ -106,10 +114,17 @@ def simulate(
     dt_hours: float = typer.Option(6.0, help="hours between outputs"),
     seed: int = typer.Option(0, help="seed of the planet draw"),
     dtype: str = typer.Option("float32", help="float32 or float64"),
-    planets: Path = typer.Option(None, "--planets", help="exoplanet catalog (CSV/Parquet, e.g. from 'sapwood fetch "
-                                 "nasa-exoplanets') to draw the planets from; see sapwood.data.sources.planets"),
-    spinup_days: float = typer.Option(None, "--spinup-days",
-                                      help="days integrated before the first output (default: relaxed, ~24 d for Earth)"),
+    planets: Path = typer.Option(
+        None,
+        "--planets",
+        help="exoplanet catalog (CSV/Parquet, e.g. from 'sapwood fetch "
+        "nasa-exoplanets') to draw the planets from; see sapwood.data.sources.planets",
+    ),
+    spinup_days: float = typer.Option(
+        None,
+        "--spinup-days",
+        help="days integrated before the first output (default: relaxed, ~24 d for Earth)",
+    ),
 ) -> None:
     """Simulate an ensemble of planets and write CF NetCDF datacubes (see sapwood.data.simulate)."""
     from sapwood.data.simulate import Grid, simulate_ensemble
@@ -131,16 +146,26 @@ def simulate(
 
 @app.command()
 def prepare(
-    inputs: list[str] = typer.Argument(..., help="NetCDF files, Zarr stores, or folders of them; Zarr stores on "
-                                       "S3 as s3://BUCKET/KEY (credentials from the environment)"),
+    inputs: list[str] = typer.Argument(
+        ...,
+        help="NetCDF files, Zarr stores, or folders of them; Zarr stores on "
+        "S3 as s3://BUCKET/KEY (credentials from the environment)",
+    ),
     out: Path = typer.Option(..., "--out", help="store folder to write"),
-    variables: str = typer.Option(None, help="comma-separated variable names or CF standard names (default: every "
-                                  "data variable on the grid; the summary lists what was left out and why)"),
+    variables: str = typer.Option(
+        None,
+        help="comma-separated variable names or CF standard names (default: every "
+        "data variable on the grid; the summary lists what was left out and why)",
+    ),
     force: bool = typer.Option(False, help="rebuild even if the store is up to date"),
-    layout: str = typer.Option("raw", "--format", help="raw (one float32 frames file, fastest) or zarr (a Zarr "
-                               "v3 group that xarray.open_zarr reads)"),
+    layout: str = typer.Option(
+        "raw",
+        "--format",
+        help="raw (one float32 frames file, fastest) or zarr (a Zarr v3 group that xarray.open_zarr reads)",
+    ),
 ) -> None:
-    """Read CF-convention NetCDF/Zarr datacubes into a store for the loader (bad inputs are reported and skipped)."""
+    """Read CF-convention NetCDF/Zarr datacubes into a store for the loader (bad inputs are reported and
+    skipped)."""
     from sapwood.data.cubes import prepare as prepare_store
 
     chosen = tuple(v.strip() for v in variables.split(",") if v.strip()) if variables else None
@@ -150,11 +175,15 @@ def prepare(
 
 @app.command()
 def tokenize(
-    corpus: list[Path] = typer.Argument(None, help="text files or folders; default: the Python stdlib .py files"),
+    corpus: list[Path] = typer.Argument(
+        None, help="text files or folders; default: the Python stdlib .py files"
+    ),
     out: Path = typer.Option(..., "--out", help="folder for tokenizer.json, meta.json and token shards"),
     vocab_size: int = typer.Option(4096, "--vocab-size", help="BPE vocabulary size (>= 257)"),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="share of documents for validation"),
-    max_files: int = typer.Option(300, "--max-files", help="stdlib files used when no CORPUS is given (0 = all)"),
+    max_files: int = typer.Option(
+        300, "--max-files", help="stdlib files used when no CORPUS is given (0 = all)"
+    ),
 ) -> None:
     """Train a byte-level BPE tokenizer and pack the corpus into memory-mapped token shards."""
     from sapwood.data.text import collect_files, stdlib_corpus, tokenize_corpus
@@ -163,7 +192,8 @@ def tokenize(
     meta = tokenize_corpus(files, out, vocab_size=vocab_size, val_fraction=val_fraction)
     console.print(
         f"wrote {out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens "
-        f"({meta['train_documents']} docs), val {meta['val_tokens']:,} tokens ({meta['val_documents']} docs), "
+        f"({meta['train_documents']} docs), val {meta['val_tokens']:,} tokens ({meta['val_documents']} "
+        f"docs), "
         f"val unigram entropy {meta['val_unigram_entropy']:.3f} nats/token"
     )
 
@@ -206,19 +236,39 @@ def train(
 def size(
     config: str = typer.Argument(..., help="preset name, YAML file or checkpoint folder"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-    precision: str = typer.Option(None, help="fp32, bf16, fp16 or bf16-pure (default: train.precision, else bf16)"),
+    precision: str = typer.Option(
+        None, help="fp32, bf16, fp16 or bf16-pure (default: train.precision, else bf16)"
+    ),
     optimizer: str = typer.Option("adamw", help="adamw, adamw8bit or sgd"),
-    checkpointing: str = typer.Option(None, help="activation checkpointing as in the YAML: none, every_layer or "
-                                      "every_k (counted as every_layer); also selective (attention core only)"),
+    checkpointing: str = typer.Option(
+        None,
+        help="activation checkpointing as in the YAML: none, every_layer or "
+        "every_k (counted as every_layer); also selective (attention core only)",
+    ),
     seq: int = typer.Option(None, help="tokens per sequence (default: model.trained_context)"),
-    micro_batch: int = typer.Option(None, help="sequences per micro-batch (default: train.micro_batch_size, else 1)"),
-    optimizer_in_backward: bool = typer.Option(None, "--optimizer-in-backward/--no-optimizer-in-backward",
-                                               help="optimizer step fused into backward (default: train section)"),
-    loss_chunk: int = typer.Option(None, "--loss-chunk", help="tokens per chunk of the loss (default: train section)"),
-    measure: bool = typer.Option(False, "--measure", help="also run one training step on fake tensors under torch's "
-                                 "memory tracker and print the measured peak next to the prediction"),
-    device_gb: float = typer.Option(80.0, "--device-gb", help="memory of one serving device in GB, for the KV "
-                                    "plan (longest context per device under the preset's TP x PP split)"),
+    micro_batch: int = typer.Option(
+        None, help="sequences per micro-batch (default: train.micro_batch_size, else 1)"
+    ),
+    optimizer_in_backward: bool = typer.Option(
+        None,
+        "--optimizer-in-backward/--no-optimizer-in-backward",
+        help="optimizer step fused into backward (default: train section)",
+    ),
+    loss_chunk: int = typer.Option(
+        None, "--loss-chunk", help="tokens per chunk of the loss (default: train section)"
+    ),
+    measure: bool = typer.Option(
+        False,
+        "--measure",
+        help="also run one training step on fake tensors under torch's "
+        "memory tracker and print the measured peak next to the prediction",
+    ),
+    device_gb: float = typer.Option(
+        80.0,
+        "--device-gb",
+        help="memory of one serving device in GB, for the KV "
+        "plan (longest context per device under the preset's TP x PP split)",
+    ),
 ) -> None:
     """Parameters, training memory per GPU and FLOPs per token, without allocating weights."""
     import json
@@ -254,10 +304,14 @@ def solve(
     vocab: int = typer.Option(32000, help="vocabulary size"),
     tied: bool = typer.Option(False, "--tied", help="tie the head to the embedding"),
     tolerance: float = typer.Option(5e-4, help="largest relative distance from --params accepted"),
-    ffn_ratio: float = typer.Option(8 / 3, "--ffn-ratio", help="preferred ffn / hidden among matching shapes"),
+    ffn_ratio: float = typer.Option(
+        8 / 3, "--ffn-ratio", help="preferred ffn / hidden among matching shapes"
+    ),
     near_hidden: int = typer.Option(None, "--near-hidden", help="preferred hidden among matching shapes"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-    family: str = typer.Option("llama", help="HF family whose options are counted: llama, mistral, qwen2, qwen3, phi3"),
+    family: str = typer.Option(
+        "llama", help="HF family whose options are counted: llama, mistral, qwen2, qwen3, phi3"
+    ),
 ) -> None:
     """The valid config (head_dim a multiple of 8, ffn a multiple of 64) nearest to --params.
 
@@ -273,8 +327,19 @@ def solve(
 
     result = solve_config(SolveRequest(params, layers, heads, kv_heads, hidden, ffn, head_dim, vocab, tied,
                                        tolerance, ffn_ratio, near_hidden, family=family))
-    model = result.model.model_dump(include={"vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",
-                                             "tied_embeddings", *FAMILY_OPTIONS[family]})
+    model = result.model.model_dump(
+        include={
+            "vocab_size",
+            "hidden",
+            "layers",
+            "heads",
+            "kv_heads",
+            "head_dim",
+            "ffn",
+            "tied_embeddings",
+            *FAMILY_OPTIONS[family],
+        }
+    )
     if as_json:
         print(json.dumps({"params_total": result.params, "relative_error": result.error, "model": model}))
         return
@@ -313,7 +378,9 @@ def bench_model(
 
 @app.command()
 def generate(
-    folder: Path = typer.Argument(..., help="checkpoint folder (config.yaml, model.safetensors, tokenizer.json)"),
+    folder: Path = typer.Argument(
+        ..., help="checkpoint folder (config.yaml, model.safetensors, tokenizer.json)"
+    ),
     prompt: str = typer.Option(..., "--prompt", help="text to continue"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate (at most)"),
     temperature: float = typer.Option(0.8, help="0..2; 0 = greedy"),
@@ -329,47 +396,71 @@ def generate(
     from sapwood.infer.generate import generate_samples
     from sapwood.infer.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, greedy=greedy, stop=list(stop or []))
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        greedy=greedy,
+        stop=list(stop or []),
+    )
     for i, text in enumerate(generate_samples(folder, prompt, params, samples)):
         if samples > 1:
             console.rule(f"sample {i + 1}")
         print(prompt + text)
 
 
-@app.command(epilog="Endpoints: POST /v1/completions (logprobs, echo), POST /v1/chat/completions (stream: true "
-                     "for server-sent events), GET /v1/models, POST /v1/predict (datacube surrogates: JSON, .npy or "
-                     "NetCDF), GET /health, GET /metrics (Prometheus), GET /docs and /openapi.json (the API "
-                     "schema). API keys: SAPWOOD_API_KEYS=key1,key2 in the environment (then /v1/*, /docs and "
-                     "/openapi.json need 'Authorization: Bearer KEY'); without keys the server binds loopback only. "
-                     "The model name in requests is optional; it defaults to the folder's name, or the run's "
-                     "folder for RUN/final and RUN/checkpoints/step_N. Exit status 3: the engine failed "
-                     "repeatedly (restart the process).")
+@app.command(
+    epilog="Endpoints: POST /v1/completions (logprobs, echo), POST /v1/chat/completions (stream: true "
+    "for server-sent events), GET /v1/models, POST /v1/predict (datacube surrogates: JSON, .npy or "
+    "NetCDF), GET /health, GET /metrics (Prometheus), GET /docs and /openapi.json (the API "
+    "schema). API keys: SAPWOOD_API_KEYS=key1,key2 in the environment (then /v1/*, /docs and "
+    "/openapi.json need 'Authorization: Bearer KEY'); without keys the server binds loopback only. "
+    "The model name in requests is optional; it defaults to the folder's name, or the run's "
+    "folder for RUN/final and RUN/checkpoints/step_N. Exit status 3: the engine failed "
+    "repeatedly (restart the process)."
+)
 def serve(
     folder: Path = typer.Argument(..., help="checkpoint folder to serve"),
     host: str = typer.Option("127.0.0.1", help="bind address (loopback only unless SAPWOOD_API_KEYS is set)"),
     port: int = typer.Option(8000, help="TCP port"),
-    model_name: str = typer.Option(None, "--model-name",
-                                   help="name in /v1/models (default: the folder name, or RUN for RUN/final)"),
+    model_name: str = typer.Option(
+        None, "--model-name", help="name in /v1/models (default: the folder name, or RUN for RUN/final)"
+    ),
     max_batch: int = typer.Option(64, "--max-batch", help="requests decoded together"),
     max_queue: int = typer.Option(256, "--max-queue", help="waiting requests before 429"),
-    request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds before a request gets 504"),
-    kv_memory_gb: float = typer.Option(None, "--kv-memory-gb",
-                                       help="KV-cache budget in GB (default: half the memory free after loading)"),
+    request_timeout: float = typer.Option(
+        300.0, "--request-timeout", help="seconds before a request gets 504"
+    ),
+    kv_memory_gb: float = typer.Option(
+        None, "--kv-memory-gb", help="KV-cache budget in GB (default: half the memory free after loading)"
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    lora: list[str] = typer.Option(None, "--lora", help="NAME=ADAPTER_DIR: serve a LoRA adapter (PEFT folder) on "
-                                   "this base as model NAME (repeatable; batches mix adapters)"),
-    context_overflow: str = typer.Option("refuse", "--context-overflow",
-                                         help="refuse: a request past the model's maximum context gets 400 (413 "
-                                         "past the KV budget); window: it is served through attention sinks + a "
-                                         "sliding window (StreamingLLM), sinks + window positions per request"),
+    lora: list[str] = typer.Option(
+        None,
+        "--lora",
+        help="NAME=ADAPTER_DIR: serve a LoRA adapter (PEFT folder) on "
+        "this base as model NAME (repeatable; batches mix adapters)",
+    ),
+    context_overflow: str = typer.Option(
+        "refuse",
+        "--context-overflow",
+        help="refuse: a request past the model's maximum context gets 400 (413 "
+        "past the KV budget); window: it is served through attention sinks + a "
+        "sliding window (StreamingLLM), sinks + window positions per request",
+    ),
     sinks: int = typer.Option(4, "--sinks", help="attention-sink tokens kept (--context-overflow window)"),
-    window: int = typer.Option(None, "--window", help="recent tokens kept (--context-overflow window; default: "
-                               "max_context - sinks)"),
-    window_requests: int = typer.Option(4, "--window-requests",
-                                        help="windowed requests at once before 429 (--context-overflow window)"),
+    window: int = typer.Option(
+        None, "--window", help="recent tokens kept (--context-overflow window; default: max_context - sinks)"
+    ),
+    window_requests: int = typer.Option(
+        4, "--window-requests", help="windowed requests at once before 429 (--context-overflow window)"
+    ),
 ) -> None:
-    """OpenAI-compatible HTTP server (completions, chat, streaming, /health, /metrics; /v1/predict for cubes)."""
+    """OpenAI-compatible HTTP server (completions, chat, streaming, /health, /metrics; /v1/predict for
+    cubes)."""
     from sapwood.config import validate
     from sapwood.serve.server import run_server
     from sapwood.serve.settings import ServeSettings
@@ -388,7 +479,9 @@ def bench_serve(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for serve.json and serve.png"),
     concurrency: str = typer.Option("1,4,16,64", help="comma-separated concurrent request counts"),
     max_tokens: int = typer.Option(32, "--max-tokens", help="new tokens per request"),
-    requests_per_level: int = typer.Option(0, "--requests", help="requests per level (default: max(concurrency, 4))"),
+    requests_per_level: int = typer.Option(
+        0, "--requests", help="requests per level (default: max(concurrency, 4))"
+    ),
     preset: str = typer.Option("tiny", help="model shape (preset or YAML) for the random-weight model"),
     folder: Path = typer.Option(None, "--folder", help="serve this checkpoint instead of a random one"),
     repeats: int = typer.Option(3, "--repeats", help="runs of each level (medians; ratio spread in params)"),
@@ -399,18 +492,27 @@ def bench_serve(
     from sapwood.bench.serve import run_serve_bench
 
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    _show_bench(*run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder, repeats, device))
+    _show_bench(
+        *run_serve_bench(out, levels, max_tokens, requests_per_level, preset, folder, repeats, device)
+    )
 
 
 @bench_app.command("gpu")
 def bench_gpu(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for gpu.json and gpu.png"),
-    smoke: bool = typer.Option(False, "--smoke", help="tiny shapes on the CPU: the same code path, no GPU needed"),
-    models: str = typer.Option("", "--models", help="comma-separated subset of astro-13b,research-799m,llama3-8b-shape"),
-    budget_s: float = typer.Option(420.0, "--budget-s", help="start no further model after this many seconds"),
+    smoke: bool = typer.Option(
+        False, "--smoke", help="tiny shapes on the CPU: the same code path, no GPU needed"
+    ),
+    models: str = typer.Option(
+        "", "--models", help="comma-separated subset of astro-13b,research-799m,llama3-8b-shape"
+    ),
+    budget_s: float = typer.Option(
+        420.0, "--budget-s", help="start no further model after this many seconds"
+    ),
 ) -> None:
     """The prepared device check: astro-13b training steps under the memory plan (peak memory, fragmentation,
-    forward / backward s per batch, tokens/s), MFU of research-799m and a Llama-3-8B shape, the attention kernel."""
+    forward / backward s per batch, tokens/s), MFU of research-799m and a Llama-3-8B shape, the attention
+    kernel."""
     from sapwood.bench.gpu import run_gpu_bench
 
     chosen = [m.strip() for m in models.split(",") if m.strip()] or None
@@ -437,7 +539,9 @@ def bench_window(
     trained_context: int = typer.Option(64, "--trained-context", help="context the tiny model trains at"),
     steps: int = typer.Option(300, help="training steps"),
     multiples: str = typer.Option("1,4", help="evaluation lengths as multiples of the trained context"),
-    window_sizes: str = typer.Option("", "--windows", help="sliding-window sizes (default: trained/4, trained/2)"),
+    window_sizes: str = typer.Option(
+        "", "--windows", help="sliding-window sizes (default: trained/4, trained/2)"
+    ),
     sinks: int = typer.Option(4, help="attention-sink tokens kept at the start"),
 ) -> None:
     """Perplexity streaming with attention sinks + a sliding window (bounded memory) vs full attention."""
@@ -453,7 +557,9 @@ def bench_passkey(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for passkey.json and passkey.png"),
     trained_context: int = typer.Option(32, "--trained-context", help="context the tiny model trains at"),
     steps: int = typer.Option(1000, help="training steps of the base model"),
-    finetune_steps: int = typer.Option(100, "--finetune-steps", help="steps of the YaRN context-extension fine-tune"),
+    finetune_steps: int = typer.Option(
+        100, "--finetune-steps", help="steps of the YaRN context-extension fine-tune"
+    ),
     multiples: str = typer.Option("1,4,8,16", help="evaluation lengths as multiples of the trained context"),
     samples: int = typer.Option(64, help="passkeys per length (depths evenly spread)"),
 ) -> None:
@@ -491,7 +597,9 @@ def eval_context(
     if as_json:
         print(json.dumps({"trained_context": trained, "accuracy": table}))
         return
-    view = Table("method", *[f"{m}x ({m * trained} tokens)" for m in lengths], title=f"passkey accuracy: {folder}")
+    view = Table(
+        "method", *[f"{m}x ({m * trained} tokens)" for m in lengths], title=f"passkey accuracy: {folder}"
+    )
     for method, row in table.items():
         view.add_row(method, *[f"{row[m]:.2f}" for m in lengths])
     console.print(view)
@@ -501,7 +609,9 @@ def eval_context(
 def grow(
     folder: Path = typer.Argument(..., help="checkpoint folder to grow"),
     out: Path = typer.Option(..., "--out", help="folder for the grown checkpoint"),
-    to: Path | None = typer.Option(None, "--to", help="grow towards this model shape: preset, config, or only the changed fields"),
+    to: Path | None = typer.Option(
+        None, "--to", help="grow towards this model shape: preset, config, or only the changed fields"
+    ),
     layers: int | None = typer.Option(None, "--layers", help="total blocks after growth"),
     hidden: int | None = typer.Option(None, "--hidden", help="residual width after growth"),
     ffn: int | None = typer.Option(None, "--ffn", help="SwiGLU units per block after growth"),
@@ -509,7 +619,9 @@ def grow(
     kv_heads: int | None = typer.Option(None, "--kv-heads", help="kv heads after growth"),
     position: str = typer.Option("evenly", "--position", help="where new blocks go: end, middle, evenly"),
     depth_init: str = typer.Option("identity", "--depth-init", help="new blocks: identity or stack (copies)"),
-    random_init: bool = typer.Option(False, "--random-init", help="random new parts (NOT function-preserving)"),
+    random_init: bool = typer.Option(
+        False, "--random-init", help="random new parts (NOT function-preserving)"
+    ),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="replace --out when it already holds files"),
 ) -> None:
@@ -537,31 +649,54 @@ def grow(
 def bench_grow(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for grow.json and grow.png"),
     steps: int = typer.Option(100, "--steps", help="optimizer steps of the from-scratch baseline"),
-    target_loss: float | None = typer.Option(None, "--target-loss", help="validation loss to reach (default: auto)"),
+    target_loss: float | None = typer.Option(
+        None, "--target-loss", help="validation loss to reach (default: auto)"
+    ),
     scale: float = typer.Option(1.0, "--scale", help="multiply model widths (1 = tiny CPU default)"),
     grow_fraction: float = typer.Option(0.3, "--grow-fraction", help="share of the steps trained small"),
     seed: int = typer.Option(0, "--seed", help="first seed"),
     seeds: int = typer.Option(3, "--seeds", help="seeds to run (mean and spread are reported)"),
-    methods: str | None = typer.Option(None, "--methods", help="comma-separated growth methods (default: all)"),
+    methods: str | None = typer.Option(
+        None, "--methods", help="comma-separated growth methods (default: all)"
+    ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the tokenized corpus here (reused)"),
     rewarm_steps: int = typer.Option(0, "--rewarm-steps", help="LR re-warm-up steps after growth (0 = none)"),
-    mask_ramp_steps: int | None = typer.Option(None, "--mask-ramp-steps", help="mask ramp (default: steps/10)"),
-    eval_every: int | None = typer.Option(None, "--eval-every", help="steps between evaluations (default: steps/50)"),
-    budget_s: float | None = typer.Option(None, "--budget-s",
-                                          help="start no seed that would end past this many seconds"),
+    mask_ramp_steps: int | None = typer.Option(
+        None, "--mask-ramp-steps", help="mask ramp (default: steps/10)"
+    ),
+    eval_every: int | None = typer.Option(
+        None, "--eval-every", help="steps between evaluations (default: steps/50)"
+    ),
+    budget_s: float | None = typer.Option(
+        None, "--budget-s", help="start no seed that would end past this many seconds"
+    ),
 ) -> None:
     """Compute to reach a target loss: large model from scratch vs small model grown into it."""
     from sapwood.bench.grow import run_grow_bench
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    run_grow_bench(out, steps=steps, target_loss=target_loss, scale=scale, seed=seed, grow_fraction=grow_fraction,
-                   seeds=seeds, methods=chosen, data_dir=data_dir, rewarm_steps=rewarm_steps,
-                   mask_ramp_steps=mask_ramp_steps, eval_every=eval_every, budget_s=budget_s)
+    run_grow_bench(
+        out,
+        steps=steps,
+        target_loss=target_loss,
+        scale=scale,
+        seed=seed,
+        grow_fraction=grow_fraction,
+        seeds=seeds,
+        methods=chosen,
+        data_dir=data_dir,
+        rewarm_steps=rewarm_steps,
+        mask_ramp_steps=mask_ramp_steps,
+        eval_every=eval_every,
+        budget_s=budget_s,
+    )
 
 
 @bench_app.command("grow-budget")
 def bench_grow_budget(
-    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for grow-budget.json and grow-budget.png"),
+    out: Path = typer.Option(
+        Path("bench-out"), "--out", help="folder for grow-budget.json and grow-budget.png"
+    ),
     steps: int = typer.Option(300, "--steps", help="optimizer steps of each run"),
     seed: int = typer.Option(0, "--seed", help="first seed"),
     seeds: int = typer.Option(3, "--seeds", help="seeds to run (mean and spread are reported)"),
@@ -570,8 +705,9 @@ def bench_grow_budget(
     scale: float = typer.Option(1.0, "--scale", help="multiply model widths (1 = tiny CPU default)"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the tokenized corpus here (reused)"),
     plateau_window: int = typer.Option(15, "--plateau-window", help="plateau trigger window (steps)"),
-    min_rel_improvement: float = typer.Option(0.02, "--min-rel-improvement",
-                                              help="grow when a window improves on the previous by less"),
+    min_rel_improvement: float = typer.Option(
+        0.02, "--min-rel-improvement", help="grow when a window improves on the previous by less"
+    ),
 ) -> None:
     """Grow on loss plateaus until the memory budget (that of L), against L's shape trained from scratch."""
     from sapwood.bench.grow import run_budget_bench
@@ -591,8 +727,12 @@ def bench_train(
     warmup: int = typer.Option(1, help="untimed steps per variant"),
     threads: int = typer.Option(2, help="CPU threads per variant"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    tokens: Path = typer.Option(None, "--tokens", help="token folder from `sapwood tokenize` (default: stdlib subset)"),
-    compile_: bool = typer.Option(False, "--compile/--no-compile", help="also measure torch.compile (slow to compile on CPU)"),
+    tokens: Path = typer.Option(
+        None, "--tokens", help="token folder from `sapwood tokenize` (default: stdlib subset)"
+    ),
+    compile_: bool = typer.Option(
+        False, "--compile/--no-compile", help="also measure torch.compile (slow to compile on CPU)"
+    ),
 ) -> None:
     """sapwood training loop (fp32/bf16, +-activation checkpointing, +-compile) vs a nanoGPT-style loop."""
     from sapwood.bench.train import TrainBenchSettings, run_train_bench
@@ -606,7 +746,9 @@ def bench_train(
 @bench_app.command("data")
 def bench_data(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for data.json and data.png"),
-    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (1.88 is the design target)"),
+    batch_gb: float = typer.Option(
+        0.05, "--batch-gb", help="bytes per batch in GB (1.88 is the design target)"
+    ),
     levels: int = typer.Option(8, help="sigma layers of the simulated cubes"),
     nlat: int = typer.Option(32, help="latitudes (use 64+ for GB batches)"),
     nlon: int = typer.Option(64, help="longitudes"),
@@ -623,7 +765,9 @@ def bench_data(
 @bench_app.command("augment")
 def bench_augment(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for augment.json and augment.png"),
-    batch_gb: float = typer.Option(0.05, "--batch-gb", help="bytes per batch in GB (1.88 is the design target)"),
+    batch_gb: float = typer.Option(
+        0.05, "--batch-gb", help="bytes per batch in GB (1.88 is the design target)"
+    ),
     levels: int = typer.Option(8, help="sigma layers"),
     nlat: int = typer.Option(32, help="latitudes"),
     nlon: int = typer.Option(64, help="longitudes"),
@@ -641,12 +785,18 @@ def eval_surrogate(
     data: Path = typer.Option(..., "--data", help="cube store (sapwood prepare)"),
     out: Path = typer.Option(None, "--out", help="folder for eval.json and PNGs (default DIR/eval)"),
     rollout: int = typer.Option(20, "--rollout", help="autoregressive rollout steps"),
-    runs: str = typer.Option(None, "--runs", help="comma-separated held-out run indices (default: all held out)"),
+    runs: str = typer.Option(
+        None, "--runs", help="comma-separated held-out run indices (default: all held out)"
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    holdout_time: float = typer.Option(None, "--holdout-time", help="score the final fraction F of every training "
-                                       "run (at most the model's cube.holdout_time)"),
+    holdout_time: float = typer.Option(
+        None,
+        "--holdout-time",
+        help="score the final fraction F of every training run (at most the model's cube.holdout_time)",
+    ),
 ) -> None:
-    """Skill (WB2 RMSE, ACC vs persistence/climatology/advective persistence), physics and rollout of a surrogate."""
+    """Skill (WB2 RMSE, ACC vs persistence/climatology/advective persistence), physics and rollout of a
+    surrogate."""
     from sapwood.evaluate import evaluate_surrogate, print_summary
 
     chosen = [int(r) for r in runs.split(",")] if runs else None
@@ -668,7 +818,8 @@ def bench_physics(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     repeats: int = typer.Option(21, help="paired timing repeats (the ratio's spread is reported)"),
 ) -> None:
-    """Unified physics module vs naive separate constraint loops; violations without/with physics loss/projection."""
+    """Unified physics module vs naive separate constraint loops; violations without/with physics
+    loss/projection."""
     from sapwood.bench.physics import run_physics_bench
 
     run_physics_bench(out, batch, levels, nlat, nlon, train_steps, runs, skip_training, device, repeats)
@@ -690,8 +841,12 @@ def bench_predict(
 
 @app.command()
 def consolidate(
-    checkpoint: Path = typer.Argument(..., help="training checkpoint folder (OUT/checkpoints/step_N), any world size"),
-    out: Path = typer.Option(..., "--out", help="checkpoint folder to write (config.yaml + model.safetensors)"),
+    checkpoint: Path = typer.Argument(
+        ..., help="training checkpoint folder (OUT/checkpoints/step_N), any world size"
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="checkpoint folder to write (config.yaml + model.safetensors)"
+    ),
 ) -> None:
     """Merge a sharded (torch.distributed.checkpoint) training checkpoint into a normal checkpoint folder."""
     from sapwood.train.consolidate import consolidate as run_consolidate
@@ -702,21 +857,34 @@ def consolidate(
 @app.command()
 def fetch(
     sources: list[str] = typer.Argument(None, help="source names from the catalog (see --list)"),
-    out: Path = typer.Option(None, "--out", help="folder to fetch into (prepare's / tokenize's input folder)"),
-    catalog: list[Path] = typer.Option(None, "--catalog", help="your own source catalog YAML (repeatable; "
-                                       "also SAPWOOD_SOURCES); entries add to or override the packaged ones"),
-    request: Path = typer.Option(None, "--request", help="YAML mapping of source fields to override, e.g. "
-                                 "dataset:/request: for CDS, query: for TAP, term: for NCBI"),
+    out: Path = typer.Option(
+        None, "--out", help="folder to fetch into (prepare's / tokenize's input folder)"
+    ),
+    catalog: list[Path] = typer.Option(
+        None,
+        "--catalog",
+        help="your own source catalog YAML (repeatable; "
+        "also SAPWOOD_SOURCES); entries add to or override the packaged ones",
+    ),
+    request: Path = typer.Option(
+        None,
+        "--request",
+        help="YAML mapping of source fields to override, e.g. "
+        "dataset:/request: for CDS, query: for TAP, term: for NCBI",
+    ),
     set_fields: list[str] = typer.Option(None, "--set", help="FIELD=VALUE (YAML value) overriding one field"),
     refresh: bool = typer.Option(False, "--refresh", help="ignore the request cache in OUT/.sapwood-fetch"),
     list_sources: bool = typer.Option(False, "--list", help="list the catalog's sources and exit"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="log every request (credentials are redacted)"),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="log every request (credentials are redacted)"
+    ),
 ) -> None:
     """Fetch from archives (TAP, MAST, CDS, NCBI, S3) into OUT; credentials come from the environment only."""
     from sapwood.data.sources.command import fetch_command
 
-    fetch_command(sources or [], out, catalog or [], request, set_fields or [], refresh, list_sources, console,
-                  verbose)
+    fetch_command(
+        sources or [], out, catalog or [], request, set_fields or [], refresh, list_sources, console, verbose
+    )
 
 
 @bench_app.command("list")
@@ -737,7 +905,8 @@ def finetune(
     config: str = typer.Argument(..., help="fine-tuning YAML (sft: {base, data, lora?}, train:)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
 ) -> None:
-    """Supervised fine-tuning of a checkpoint on chat / instruction JSONL (full or LoRA); final/ in train.out_dir."""
+    """Supervised fine-tuning of a checkpoint on chat / instruction JSONL (full or LoRA); final/ in
+    train.out_dir."""
     import math
 
     from sapwood.train.loop import TrainingInterrupted
@@ -761,7 +930,9 @@ def finetune(
 def merge_lora(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder (a LoRA run's final/)"),
     out: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
-    base: Path = typer.Option(None, "--base", help="base checkpoint (default: the adapter's base_model_name_or_path)"),
+    base: Path = typer.Option(
+        None, "--base", help="base checkpoint (default: the adapter's base_model_name_or_path)"
+    ),
     force: bool = typer.Option(False, "--force", help="replace --out when it already holds files"),
 ) -> None:
     """Merge a LoRA adapter into its base: a normal checkpoint folder (W + alpha/r * B A)."""

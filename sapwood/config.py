@@ -44,11 +44,21 @@ class RopeScaling(Section):
     factor: float = Field(1.0, ge=1.0)
     beta_fast: float = Field(32.0, gt=0)
     beta_slow: float = Field(1.0, gt=0)
-    low_freq_factor: float | None = Field(None, gt=0, description="llama3: wavelengths above trained_context / this are scaled")
-    high_freq_factor: float | None = Field(None, gt=0, description="llama3: wavelengths below trained_context / this are kept")
-    short_factor: list[float] | None = Field(None, description="longrope: head_dim // 2 divisors within trained_context")
-    long_factor: list[float] | None = Field(None, description="longrope: head_dim // 2 divisors past trained_context")
-    attention_factor: float | None = Field(None, gt=0, description="yarn/longrope: cos/sin scale (default: the method's)")
+    low_freq_factor: float | None = Field(
+        None, gt=0, description="llama3: wavelengths above trained_context / this are scaled"
+    )
+    high_freq_factor: float | None = Field(
+        None, gt=0, description="llama3: wavelengths below trained_context / this are kept"
+    )
+    short_factor: list[float] | None = Field(
+        None, description="longrope: head_dim // 2 divisors within trained_context"
+    )
+    long_factor: list[float] | None = Field(
+        None, description="longrope: head_dim // 2 divisors past trained_context"
+    )
+    attention_factor: float | None = Field(
+        None, gt=0, description="yarn/longrope: cos/sin scale (default: the method's)"
+    )
 
     @model_validator(mode="after")
     def _check_method(self) -> RopeScaling:
@@ -59,7 +69,9 @@ class RopeScaling(Section):
                 raise ValueError(f"high_freq_factor={self.high_freq_factor} must be above "
                                  f"low_freq_factor={self.low_freq_factor}")
         if self.type == "longrope" and (self.short_factor is None or self.long_factor is None):
-            raise ValueError("rope_scaling type 'longrope' needs short_factor and long_factor (head_dim // 2 each)")
+            raise ValueError(
+                "rope_scaling type 'longrope' needs short_factor and long_factor (head_dim // 2 each)"
+            )
         return self
 
 
@@ -77,22 +89,35 @@ class ModelConfig(Section):
     norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     trained_context: int = Field(2048, ge=1, description="context length the model is trained at")
-    max_context: int | None = Field(None, ge=1, description="longest context served; defaults to trained_context")
+    max_context: int | None = Field(
+        None, ge=1, description="longest context served; defaults to trained_context"
+    )
     rope_scaling: RopeScaling = RopeScaling()
     rope_policy: Literal["static", "by_length"] = Field(
-        "static", description="serving: static = rope_scaling for every request (Hugging Face semantics); by_length "
-        "= plain RoPE within trained_context, past it the scaling with factor min(factor, length / trained_context)")
+        "static",
+        description="serving: static = rope_scaling for every request (Hugging Face semantics); by_length "
+        "= plain RoPE within trained_context, past it the scaling with factor min(factor, length / "
+        "trained_context)",
+    )
     tied_embeddings: bool = False
     init_std: float = Field(0.02, gt=0)
     qkv_bias: bool = Field(False, description="bias on the q, k, v projections (Qwen2; Llama attention_bias)")
-    attention_out_bias: bool = Field(False, description="bias on the attention output projection (Llama attention_bias)")
+    attention_out_bias: bool = Field(
+        False, description="bias on the attention output projection (Llama attention_bias)"
+    )
     mlp_bias: bool = Field(False, description="bias on the three feed-forward projections (Llama mlp_bias)")
-    qk_norm: bool = Field(False, description="RMSNorm over head_dim on each query and key head before RoPE (Qwen3)")
-    activation: Literal["silu", "gelu", "gelu_tanh"] = Field("silu", description="gated FFN activation (SwiGLU / GeGLU)")
+    qk_norm: bool = Field(
+        False, description="RMSNorm over head_dim on each query and key head before RoPE (Qwen3)"
+    )
+    activation: Literal["silu", "gelu", "gelu_tanh"] = Field(
+        "silu", description="gated FFN activation (SwiGLU / GeGLU)"
+    )
     sliding_window: int | None = Field(None, ge=1, description="each query sees the last N positions, itself "
                                        "included (Mistral v0.1, Phi-3 4k); null = all")
     hf_model_type: Literal["llama", "mistral", "qwen2", "qwen3", "phi3"] | None = Field(
-        None, description="Hugging Face architecture export-hf writes (set by import-hf); null = from the options")
+        None,
+        description="Hugging Face architecture export-hf writes (set by import-hf); null = from the options",
+    )
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:
@@ -106,18 +131,24 @@ class ModelConfig(Section):
                 )
             self.__dict__["head_dim"] = self.hidden // self.heads
         if self.heads % self.kv_heads:
-            raise ValueError(f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}; kv_heads must divide heads")
+            raise ValueError(
+                f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}; kv_heads must divide heads"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         for name in ("short_factor", "long_factor"):
             factors = getattr(self.rope_scaling, name)
             if factors is not None and len(factors) != self.head_dim // 2:
-                raise ValueError(f"rope_scaling.{name} has {len(factors)} values; needs head_dim // 2 = {self.head_dim // 2}")
+                raise ValueError(
+                    f"rope_scaling.{name} has {len(factors)} values; needs head_dim // 2 = "
+                    f"{self.head_dim // 2}"
+                )
         if self.max_context is None:
             self.__dict__["max_context"] = self.trained_context
         if self.max_context < self.trained_context:
             raise ValueError(
-                f"max_context={self.max_context} is below trained_context={self.trained_context}; must be >= it"
+                f"max_context={self.max_context} is below trained_context={self.trained_context}; must be >= "
+                f"it"
             )
         return self
 
@@ -144,8 +175,12 @@ class ParallelConfig(Section):
     dp_shard: int = Field(1, ge=1, description="FSDP2 shard degree")
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
-    cp: int = Field(1, ge=1, description="context-parallel degree: each sequence split over cp ranks, exact ring "
-                    "attention (sapwood.train.context_parallel); FSDP shards over dp_shard x cp")
+    cp: int = Field(
+        1,
+        ge=1,
+        description="context-parallel degree: each sequence split over cp ranks, exact ring "
+        "attention (sapwood.train.context_parallel); FSDP shards over dp_shard x cp",
+    )
     pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     pp_microbatches: int = Field(1, ge=1)
     cpu_offload: bool = False
@@ -185,9 +220,12 @@ class CubeNormalization(Section):
     tendency_std: list[float]
     param_mean: list[float] = Field(default_factory=list)
     param_std: list[float] = Field(default_factory=list)
-    anomaly_std: list[float] = Field(default_factory=list, description="per-channel std of states minus their "
-                                     "own spatial mean; when given, the surrogate scales each sample's anomalies "
-                                     "by it and conditions on the sample's spatial means")
+    anomaly_std: list[float] = Field(
+        default_factory=list,
+        description="per-channel std of states minus their "
+        "own spatial mean; when given, the surrogate scales each sample's anomalies "
+        "by it and conditions on the sample's spatial means",
+    )
 
 
 class CubeGrid(Section):
@@ -195,8 +233,12 @@ class CubeGrid(Section):
     it is used with). Arrays are zlib-compressed, base64-encoded (:mod:`sapwood.model.cube` decodes them)."""
 
     description: str = Field(description="one line naming the grid (kind, size, lat/lon span, levels)")
-    lat: list[float] = Field(default_factory=list, description="latitudes (1-D grids; empty when curvilinear)")
-    lon: list[float] = Field(default_factory=list, description="longitudes (1-D grids; empty when curvilinear)")
+    lat: list[float] = Field(
+        default_factory=list, description="latitudes (1-D grids; empty when curvilinear)"
+    )
+    lon: list[float] = Field(
+        default_factory=list, description="longitudes (1-D grids; empty when curvilinear)"
+    )
     levels: list[float] = Field(default_factory=list, description="vertical coordinate values, top-down")
     vertical: str = Field("", description="standard_name of the vertical coordinate")
     curvilinear: bool = False
@@ -208,8 +250,10 @@ class CubeGrid(Section):
 
 
 class CubeAugmentConfig(Section):
-    """Augmentation of a surrogate's training pairs (:mod:`sapwood.data.augment`, one fused pass per batch): the
-    same longitude roll and hemispheric flip (``v`` negated) on the input state and its target, noise on the input
+    """Augmentation of a surrogate's training pairs (:mod:`sapwood.data.augment`, one fused pass per batch):
+    the
+    same longitude roll and hemispheric flip (``v`` negated) on the input state and its target, noise on the
+    input
     only. Roll and flip map a solution of the simulator's equations to another one and keep every budget."""
 
     roll: bool = Field(False, description="shift each training pair by a random whole number of longitudes")
@@ -232,12 +276,18 @@ class CubeModelConfig(Section):
     levels: int = Field(0, ge=0, description="levels of the 3-D variables (0: from the store)")
     lat: int = Field(0, ge=0, description="grid rows (0: from the store)")
     lon: int = Field(0, ge=0, description="grid columns (0: from the store)")
-    patch: int = Field(2, ge=1, description="patch side in grid points (the grid is padded to a multiple, masked)")
+    patch: int = Field(
+        2, ge=1, description="patch side in grid points (the grid is padded to a multiple, masked)"
+    )
     planet_params: list[str] = Field(default_factory=list, description="names of the conditioning parameters")
     dt_hours: float = Field(6.0, gt=0, description="time between a state and the next")
     data: str | None = Field(None, description="cube store folder (sapwood prepare) for training")
-    val_runs: int = Field(1, ge=0, description="runs (planets) held out of training, the last ones of the store")
-    holdout_time: float = Field(0.0, ge=0, lt=1, description="final fraction of every run held out of training")
+    val_runs: int = Field(
+        1, ge=0, description="runs (planets) held out of training, the last ones of the store"
+    )
+    holdout_time: float = Field(
+        0.0, ge=0, lt=1, description="final fraction of every run held out of training"
+    )
     physics: PhysicsLossConfig = PhysicsLossConfig()
     augment: CubeAugmentConfig = CubeAugmentConfig()
     normalization: CubeNormalization | None = None
@@ -271,7 +321,9 @@ class TextDataConfig(Section):
 
     kind: Literal["text"] = "text"
     path: str = Field(description="folder written by `sapwood tokenize`")
-    seq_len: int | None = Field(None, ge=2, description="tokens per training window; defaults to model.trained_context")
+    seq_len: int | None = Field(
+        None, ge=2, description="tokens per training window; defaults to model.trained_context"
+    )
 
 
 class TrainConfig(Section):
@@ -295,11 +347,20 @@ class TrainConfig(Section):
         "updates with stochastic rounding")
     optimizer: Literal["adamw", "adamw8bit", "adamw4bit"] = Field(
         "adamw", description="adamw8bit/adamw4bit: blockwise-quantized moments (torchao)")
-    optimizer_in_backward: bool = Field(False, description="step each parameter from its gradient hook and free "
-                                        "the gradient (needs grad_clip: null)")
-    loss_chunk: int | None = Field(None, ge=1, description="tokens per chunk of the output head + cross-entropy "
-                                   "(the full fp32 logits are never materialized); null = one chunk")
-    tensorboard: bool = Field(False, description="also write metrics as TensorBoard events to OUT/tensorboard")
+    optimizer_in_backward: bool = Field(
+        False,
+        description="step each parameter from its gradient hook and free "
+        "the gradient (needs grad_clip: null)",
+    )
+    loss_chunk: int | None = Field(
+        None,
+        ge=1,
+        description="tokens per chunk of the output head + cross-entropy "
+        "(the full fp32 logits are never materialized); null = one chunk",
+    )
+    tensorboard: bool = Field(
+        False, description="also write metrics as TensorBoard events to OUT/tensorboard"
+    )
     activation_checkpointing: Literal["none", "every_layer", "every_k"] = "none"
     checkpoint_every_k: int = Field(2, ge=1, description="with activation_checkpointing=every_k")
     compile: bool = False
@@ -328,7 +389,8 @@ class TrainConfig(Section):
 
 class LoraConfig(Section):
     """Low-rank adapters (LoRA, Hu et al. 2021) on the blocks' linear layers, trained with the base frozen:
-    ``W x + (alpha / rank) * B A x`` with ``A`` ``[rank, in]`` and ``B`` ``[out, rank]`` (``B`` starts at zero)."""
+    ``W x + (alpha / rank) * B A x`` with ``A`` ``[rank, in]`` and ``B`` ``[out, rank]`` (``B`` starts at
+    zero)."""
 
     rank: int = Field(8, ge=1, description="rank r of A and B")
     alpha: float = Field(16.0, gt=0, description="scaling numerator: updates are scaled by alpha / rank")
@@ -337,8 +399,11 @@ class LoraConfig(Section):
         default_factory=lambda: ["wq", "wv"], min_length=1,
         description="linear layers to adapt: wq wk wv wo (attention), w1 w3 w2 (gate, up, down)")
     base_dtype: Literal["fp32", "bf16", "int8"] = Field(
-        "fp32", description="dtype of the frozen base weights; bf16 halves their memory (needs train.precision: "
-        "bf16); int8 (weight-only, torchao) quarters the blocks' linear layers (train.precision: fp32, one process)")
+        "fp32",
+        description="dtype of the frozen base weights; bf16 halves their memory (needs train.precision: "
+        "bf16); int8 (weight-only, torchao) quarters the blocks' linear layers (train.precision: fp32, one "
+        "process)",
+    )
 
 
 class SFTConfig(Section):
@@ -349,8 +414,12 @@ class SFTConfig(Section):
     data: str = Field(description='training JSONL: {"messages": [{"role", "content"}, ...]} or '
                       '{"instruction", "input", "output"} per line')
     val_data: str | None = Field(None, description="held-out JSONL; default: the last val_fraction of data")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of data held out when val_data is not set")
-    seq_len: int | None = Field(None, ge=2, description="tokens per packed row; default model.trained_context")
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of data held out when val_data is not set"
+    )
+    seq_len: int | None = Field(
+        None, ge=2, description="tokens per packed row; default model.trained_context"
+    )
     pack: bool = Field(True, description="pack several examples per row (attention never crosses examples)")
     eval_examples: int = Field(64, ge=0, description="held-out examples answered greedily for exact match")
     max_new_tokens: int = Field(32, ge=1, description="answer length limit for exact match")
@@ -362,7 +431,9 @@ class GrowthAmounts(Section):
 
     layers: int = Field(0, ge=0, description="blocks to insert")
     layer_position: Literal["end", "middle", "evenly"] = "evenly"
-    depth_init: Literal["identity", "stack"] = Field("identity", description="new blocks: random inputs or copies")
+    depth_init: Literal["identity", "stack"] = Field(
+        "identity", description="new blocks: random inputs or copies"
+    )
     ffn: int = Field(0, ge=0, description="SwiGLU units to add per block")
     hidden: int = Field(0, ge=0, description="residual dimensions to add")
     heads: int = Field(0, ge=0, description="query heads to add")
@@ -399,7 +470,9 @@ class GrowthCaps(Section):
     max_ffn: int | None = Field(None, ge=1)
     max_heads: int | None = Field(None, ge=1)
     max_params: int | None = Field(None, ge=1)
-    memory_budget_gb: float | None = Field(None, gt=0, description="training memory per device, from sapwood size")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="training memory per device, from sapwood size"
+    )
 
 
 class GrowthConfig(Section):
@@ -419,9 +492,15 @@ class GrowthConfig(Section):
     method: Literal["zero", "masked"] = Field(
         "masked", description="masked: new parts random, entering through masks that ramp 0 -> 1 over "
         "mask_ramp_steps (sapwood.grow.masked); zero: zero-initialized new outputs; both function-preserving")
-    mask_ramp_steps: int = Field(100, ge=1, description="method masked: optimizer steps of the 0 -> 1 mask ramp")
-    rewarm_steps: int = Field(0, ge=0, description="after each event the LR ramps linearly from 1/rewarm_steps "
-                              "of the schedule's value back to it over this many steps (0 = no re-warm-up)")
+    mask_ramp_steps: int = Field(
+        100, ge=1, description="method masked: optimizer steps of the 0 -> 1 mask ramp"
+    )
+    rewarm_steps: int = Field(
+        0,
+        ge=0,
+        description="after each event the LR ramps linearly from 1/rewarm_steps "
+        "of the schedule's value back to it over this many steps (0 = no re-warm-up)",
+    )
 
 
 class ContextExtension(Section):
@@ -435,9 +514,14 @@ class ContextExtension(Section):
     rope_scaling: RopeScaling = Field(description="e.g. {type: yarn, factor: 4}")
     seq_len: int = Field(ge=2, description="tokens per fine-tuning sequence (the task's window length)")
     mixed_lengths: list[int] | None = Field(
-        None, min_length=1, description="passkey task: each fine-tuning micro-batch's length drawn (seeded) from "
-        "this list instead of seq_len, so the original length is kept while the long one is learnt")
-    max_context: int | None = Field(None, ge=1, description="longest context served; default trained_context x factor")
+        None,
+        min_length=1,
+        description="passkey task: each fine-tuning micro-batch's length drawn (seeded) from "
+        "this list instead of seq_len, so the original length is kept while the long one is learnt",
+    )
+    max_context: int | None = Field(
+        None, ge=1, description="longest context served; default trained_context x factor"
+    )
 
 
 class Config(Section):
@@ -463,8 +547,10 @@ class Config(Section):
             if isinstance(source, str):
                 saved = Path(source) / "config.yaml"
                 if not saved.exists():
-                    raise ValueError(f"context.init_from={source!r} has no config.yaml; give a checkpoint folder "
-                                     "(e.g. a run's final/)")
+                    raise ValueError(
+                        f"context.init_from={source!r} has no config.yaml; give a checkpoint folder "
+                        "(e.g. a run's final/)"
+                    )
                 data = dict(data, model=_read_yaml(saved).get("model"))
         return data
 
@@ -475,12 +561,16 @@ class Config(Section):
         if ext is not None:
             longest = ext.max_context or int(self.model.trained_context * ext.rope_scaling.factor)
             if ext.seq_len > longest:
-                raise ValueError(f"context.seq_len={ext.seq_len} is above the extended max_context={longest}; "
-                                 "raise rope_scaling.factor or context.max_context")
+                raise ValueError(
+                    f"context.seq_len={ext.seq_len} is above the extended max_context={longest}; "
+                    "raise rope_scaling.factor or context.max_context"
+                )
             for length in ext.mixed_lengths or []:
                 if not 2 <= length <= longest:
-                    raise ValueError(f"context.mixed_lengths has {length}: each length must be in 2..{longest} "
-                                     "(the extended max_context)")
+                    raise ValueError(
+                        f"context.mixed_lengths has {length}: each length must be in 2..{longest} "
+                        "(the extended max_context)"
+                    )
             if ext.mixed_lengths and self.train is not None and self.train.task != "passkey":
                 raise ValueError(f"context.mixed_lengths is read by train.task passkey only, not "
                                  f"{self.train.task!r}; use context.seq_len")
@@ -496,8 +586,10 @@ class Config(Section):
         if isinstance(data, dict) and isinstance(data.get("data"), dict):
             store = data["data"].get("path", "STORE")
             if data.get("cube") is not None or data["data"].get("kind") == "cube":
-                raise ValueError(f"a datacube model reads its store from cube.data, not data:; write "
-                                 f"`cube: {{data: {store}}}` (a store from `sapwood prepare`) and remove data:")
+                raise ValueError(
+                    f"a datacube model reads its store from cube.data, not data:; write "
+                    f"`cube: {{data: {store}}}` (a store from `sapwood prepare`) and remove data:"
+                )
         return data
 
     @model_validator(mode="after")
@@ -513,7 +605,9 @@ class Config(Section):
         return self
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        Path(path).write_text(
+            yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        )
 
 
 def preset_names() -> list[str]:
@@ -556,7 +650,9 @@ def raw_config(source: str | Path) -> tuple[dict[str, Any], Path | None]:
         path = PRESET_DIR / f"{source}.yaml"
         data = _read_yaml(path)
     else:
-        raise ConfigError(f"unknown preset or config file {str(source)!r}; presets: {', '.join(preset_names())}")
+        raise ConfigError(
+            f"unknown preset or config file {str(source)!r}; presets: {', '.join(preset_names())}"
+        )
     base = data.pop("preset", None)
     if base is not None:
         base_data, _ = raw_config(str(base))

@@ -27,7 +27,8 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Torch on one thread for a module: tiny models run fastest so (and do not fight other tests for cores)."""
+    """Torch on one thread for a module: tiny models run fastest so (and do not fight other tests for
+    cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -88,7 +89,9 @@ def make_lm_folder(root: Path, seed: int = 0, **overrides) -> Path:
     model = Decoder(cfg)
     with torch.no_grad():  # make <|endoftext|> (id 0) unlikely so outputs run to max_tokens
         model.output.weight[0].zero_()
-    return save_folder(model, Config(name="tiny-test", model=cfg), root / "tiny-lm", tokenizer_file=tokenizer_path)
+    return save_folder(
+        model, Config(name="tiny-test", model=cfg), root / "tiny-lm", tokenizer_file=tokenizer_path
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Loopback servers that speak the archives' protocols, with fault injection, for the fetch tests.
 
 Each protocol is a small WSGI-free "app" ``(Request) -> Reply`` written from the published protocol documents
-(IVOA TAP 1.1 + VOTable 1.4, NCBI E-utilities, the ECMWF data stores' OGC API - Processes flow, the MAST portal
-API); :class:`FixtureServer` serves an app on 127.0.0.1 over HTTP/1.1 (Range requests included) and applies the
+(IVOA TAP 1.1 + VOTable 1.4, NCBI E-utilities, the ECMWF data stores' OGC API - Processes flow, the MAST
+portal
+API); :class:`FixtureServer` serves an app on 127.0.0.1 over HTTP/1.1 (Range requests included) and applies
+the
 faults queued in its :class:`FaultPlan`. S3 is moto's real server behind :func:`proxy_app`, so the same faults
 reach boto3.
 """
@@ -34,7 +36,12 @@ class Request:
     def form(self) -> dict[str, str]:
         fields = dict(self.query)
         if self.body and "x-www-form-urlencoded" in self.headers.get("content-type", ""):
-            fields.update({k: v[-1] for k, v in urllib.parse.parse_qs(self.body.decode(), keep_blank_values=True).items()})
+            fields.update(
+                {
+                    k: v[-1]
+                    for k, v in urllib.parse.parse_qs(self.body.decode(), keep_blank_values=True).items()
+                }
+            )
         return fields
 
 
@@ -109,9 +116,12 @@ class FixtureServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 parsed = urllib.parse.urlsplit(self.path)
-                query = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()}
-                request = Request(self.command, parsed.path, query, {k.lower(): v for k, v in self.headers.items()},
-                                  body)
+                query = {
+                    k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()
+                }
+                request = Request(
+                    self.command, parsed.path, query, {k.lower(): v for k, v in self.headers.items()}, body
+                )
                 request.raw_path = self.path
                 server.log.append(request)
                 fault = server.plan.take(parsed.path)
@@ -138,7 +148,9 @@ class FixtureServer:
                             headers["Content-Range"] = f"bytes */{len(reply.body)}"
                         else:
                             status, body = 206, body[start:end + 1]
-                            headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(reply.body)}"
+                            headers["Content-Range"] = (
+                                f"bytes {start}-{start + len(body) - 1}/{len(reply.body)}"
+                            )
                 keep = len(body)
                 if fault is not None:
                     keep = int(fault.keep * len(body)) if isinstance(fault.keep, float) else int(fault.keep)
@@ -167,7 +179,9 @@ class FixtureServer:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def requests_to(self, path: str) -> list[Request]:
@@ -178,12 +192,14 @@ class FixtureServer:
         self.httpd.server_close()
 
 
-# --- TAP (IVOA TAP 1.1 sync, VOTable 1.4 TABLEDATA) ----------------------------------------------------------
+# --- TAP (IVOA TAP 1.1 sync, VOTable 1.4 TABLEDATA) ---------------------------------------------------------
 
 VOTABLE_TYPES = {float: "double", int: "long", str: "char"}
 
 
-def votable(columns: list[tuple[str, type, str]], rows: list[dict], status: str = "OK", message: str = "") -> bytes:
+def votable(
+    columns: list[tuple[str, type, str]], rows: list[dict], status: str = "OK", message: str = ""
+) -> bytes:
     """A VOTable 1.4 document as TAP 1.1 returns it: RESOURCE type="results", INFO name="QUERY_STATUS"."""
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            '<VOTABLE version="1.4" xmlns="http://www.ivoa.net/xml/VOTable/v1.3" '
@@ -201,7 +217,9 @@ def votable(columns: list[tuple[str, type, str]], rows: list[dict], status: str 
         out.append(f'<FIELD name="{name}" datatype="{VOTABLE_TYPES[kind]}"{size}{unit_attr}/>')
     out.append("<DATA><TABLEDATA>")
     for row in rows:
-        cells = "".join(f"<TD>{'' if row.get(n) is None else escape(str(row[n]))}</TD>" for n, _, _ in columns)
+        cells = "".join(
+            f"<TD>{'' if row.get(n) is None else escape(str(row[n]))}</TD>" for n, _, _ in columns
+        )
         out.append(f"<TR>{cells}</TR>")
     out.append("</TABLEDATA></DATA></TABLE>")
     if status == "OVERFLOW":
@@ -228,7 +246,9 @@ def tap_app(tables: dict[str, tuple[list[tuple[str, type, str]], list[dict]]]) -
             return Reply(200, votable([], [], "ERROR", "REQUEST=doQuery and LANG=ADQL are required"), xml)
         match = SELECT.match(form.get("QUERY", ""))
         if not match or match.group(3).lower() not in tables:
-            return Reply(200, votable([], [], "ERROR", f"cannot parse or unknown table: {form.get('QUERY')!r}"), xml)
+            return Reply(
+                200, votable([], [], "ERROR", f"cannot parse or unknown table: {form.get('QUERY')!r}"), xml
+            )
         top, columns_text, table, where = match.groups()
         columns, rows = tables[table.lower()]
         if columns_text.strip() != "*":
@@ -247,7 +267,11 @@ def tap_app(tables: dict[str, tuple[list[tuple[str, type, str]], list[dict]]]) -
                 rows = [r for r in rows if str(r.get(name)) == value.strip().strip("'")]
             else:
                 limit = float(value)
-                rows = [r for r in rows if r.get(name) is not None and (r[name] < limit if op == "<" else r[name] > limit)]
+                rows = [
+                    r
+                    for r in rows
+                    if r.get(name) is not None and (r[name] < limit if op == "<" else r[name] > limit)
+                ]
         limit = min(int(top) if top else 10**9, int(form["MAXREC"]) if form.get("MAXREC") else 10**9)
         status = "OVERFLOW" if len(rows) > limit and not top else "OK"
         return Reply(200, votable(columns, rows[:limit], status), xml)
@@ -255,18 +279,41 @@ def tap_app(tables: dict[str, tuple[list[tuple[str, type, str]], list[dict]]]) -
     return app
 
 
-EXOPLANET_COLUMNS = [("pl_name", str, ""), ("hostname", str, ""), ("pl_rade", float, "earthRad"),
-                     ("pl_bmasse", float, "earthMass"), ("pl_orbper", float, "d"), ("pl_orbsmax", float, "AU"),
-                     ("pl_insol", float, ""),
-                     ("pl_eqt", float, "K"), ("st_teff", float, "K"), ("st_rad", float, "solRad"),
-                     ("st_mass", float, "solMass"), ("sy_dist", float, "pc")]
+EXOPLANET_COLUMNS = [
+    ("pl_name", str, ""),
+    ("hostname", str, ""),
+    ("pl_rade", float, "earthRad"),
+    ("pl_bmasse", float, "earthMass"),
+    ("pl_orbper", float, "d"),
+    ("pl_orbsmax", float, "AU"),
+    ("pl_insol", float, ""),
+    ("pl_eqt", float, "K"),
+    ("st_teff", float, "K"),
+    ("st_rad", float, "solRad"),
+    ("st_mass", float, "solMass"),
+    ("sy_dist", float, "pc"),
+]
 
 
 def exoplanet_rows() -> list[dict]:
-    """A few planets with the archive's columns (approximate published values; some left unknown on purpose)."""
+    """A few planets with the archive's columns (approximate published values; some left unknown on
+    purpose)."""
     rows = [
         ("TRAPPIST-1 b", "TRAPPIST-1", 1.116, 1.374, 1.5109, None, 4.15, 400.0, 2566.0, 0.119, 0.0898, 12.43),
-        ("TRAPPIST-1 e", "TRAPPIST-1", 0.920, 0.692, 6.1010, 0.02925, 0.646, 250.0, 2566.0, 0.119, 0.0898, 12.43),
+        (
+            "TRAPPIST-1 e",
+            "TRAPPIST-1",
+            0.920,
+            0.692,
+            6.1010,
+            0.02925,
+            0.646,
+            250.0,
+            2566.0,
+            0.119,
+            0.0898,
+            12.43,
+        ),
         ("TRAPPIST-1 f", "TRAPPIST-1", 1.045, 1.039, 9.2075, None, None, 218.0, 2566.0, 0.119, 0.0898, 12.43),
         ("Proxima Cen b", "Proxima Cen", 1.07, None, 11.1868, None, 0.65, 234.0, 3050.0, 0.141, 0.122, 1.30),
         ("Kepler-452 b", "Kepler-452", 1.63, None, 384.843, None, None, 265.0, 5757.0, 1.11, 1.037, 551.7),
@@ -281,15 +328,20 @@ def exoplanet_rows() -> list[dict]:
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 
-# --- NCBI E-utilities (esearch JSON, efetch PubMed XML) ------------------------------------------------------
+# --- NCBI E-utilities (esearch JSON, efetch PubMed XML) -----------------------------------------------------
 
 def pubmed_records(count: int) -> dict[str, tuple[str, list[tuple[str | None, str]]]]:
     records = {}
     for i in range(count):
         pmid = str(38000000 + i)
-        abstract = [("BACKGROUND", f"Transmission spectra of exoplanet {i} probe its atmosphere."),
-                    ("RESULTS", f"We detect water vapour at {3 + i % 5} sigma in planet {i}.")] if i % 4 else \
-                   [(None, f"A single-paragraph abstract about hot Jupiter {i} and its clouds.")]
+        abstract = (
+            [
+                ("BACKGROUND", f"Transmission spectra of exoplanet {i} probe its atmosphere."),
+                ("RESULTS", f"We detect water vapour at {3 + i % 5} sigma in planet {i}."),
+            ]
+            if i % 4
+            else [(None, f"A single-paragraph abstract about hot Jupiter {i} and its clouds.")]
+        )
         records[pmid] = (f"Atmosphere of planet {i}: a <i>JWST</i> view", abstract)
     records["39999999"] = ("A letter without an abstract", [])
     return records
@@ -306,13 +358,19 @@ def pubmed_xml(records: dict, ids: list[str]) -> bytes:
             continue
         title, abstract = records[pmid]
         title_xml = escape(title).replace("&lt;i&gt;", "<i>").replace("&lt;/i&gt;", "</i>")
-        parts = "".join(f'<AbstractText Label="{label}" NlmCategory="{label}">{escape(text)}</AbstractText>'
-                        if label else f"<AbstractText>{escape(text)}</AbstractText>" for label, text in abstract)
+        parts = "".join(
+            f'<AbstractText Label="{label}" NlmCategory="{label}">{escape(text)}</AbstractText>'
+            if label
+            else f"<AbstractText>{escape(text)}</AbstractText>"
+            for label, text in abstract
+        )
         abstract_xml = f"<Abstract>{parts}</Abstract>" if abstract else ""
-        out.append(f'<PubmedArticle><MedlineCitation Status="MEDLINE" Owner="NLM"><PMID Version="1">{pmid}</PMID>'
-                   f'<Article PubModel="Print"><ArticleTitle>{title_xml}</ArticleTitle>{abstract_xml}</Article>'
-                   f"</MedlineCitation><PubmedData><PublicationStatus>ppublish</PublicationStatus></PubmedData>"
-                   f"</PubmedArticle>")
+        out.append(
+            f'<PubmedArticle><MedlineCitation Status="MEDLINE" Owner="NLM"><PMID Version="1">{pmid}</PMID>'
+            f'<Article PubModel="Print"><ArticleTitle>{title_xml}</ArticleTitle>{abstract_xml}</Article>'
+            f"</MedlineCitation><PubmedData><PublicationStatus>ppublish</PublicationStatus></PubmedData>"
+            f"</PubmedArticle>"
+        )
     out.append("</PubmedArticleSet>")
     return "\n".join(out).encode()
 
@@ -322,13 +380,24 @@ def eutils_app(records: dict) -> Callable[[Request], Reply]:
         form = request.form()
         if request.path.endswith("/esearch.fcgi"):
             if form.get("db") != "pubmed":
-                return json_reply({"esearchresult": {"ERROR": f"Invalid db name specified: {form.get('db')}"}})
+                return json_reply(
+                    {"esearchresult": {"ERROR": f"Invalid db name specified: {form.get('db')}"}}
+                )
             retmax = int(form.get("retmax", 20))
             ids = sorted(records)[:retmax]
-            return json_reply({"header": {"type": "esearch", "version": "0.3"},
-                               "esearchresult": {"count": str(len(records)), "retmax": str(len(ids)), "retstart": "0",
-                                                 "idlist": ids, "translationset": [],
-                                                 "querytranslation": form.get("term", "")}})
+            return json_reply(
+                {
+                    "header": {"type": "esearch", "version": "0.3"},
+                    "esearchresult": {
+                        "count": str(len(records)),
+                        "retmax": str(len(ids)),
+                        "retstart": "0",
+                        "idlist": ids,
+                        "translationset": [],
+                        "querytranslation": form.get("term", ""),
+                    },
+                }
+            )
         if request.path.endswith("/efetch.fcgi"):
             ids = [i for i in form.get("id", "").split(",") if i]
             return Reply(200, pubmed_xml(records, ids), {"Content-Type": "text/xml; charset=UTF-8"})
@@ -337,9 +406,11 @@ def eutils_app(records: dict) -> Callable[[Request], Reply]:
     return app
 
 
-# --- ECMWF data stores (CDS): OGC API - Processes submit / poll / results, then the asset download ------------
+# --- ECMWF data stores (CDS): OGC API - Processes submit / poll / results, then the asset download ----------
 
-def cds_app(datasets: dict[str, bytes], token: str, polls_before_success: int = 0) -> Callable[[Request], Reply]:
+def cds_app(
+    datasets: dict[str, bytes], token: str, polls_before_success: int = 0
+) -> Callable[[Request], Reply]:
     jobs: dict[str, dict] = {}
 
     def error(status: int, title: str, detail: str = "") -> Reply:
@@ -368,9 +439,22 @@ def cds_app(datasets: dict[str, bytes], token: str, polls_before_success: int = 
                 inputs = json.loads(request.body)["inputs"]
                 job_id = uuid.uuid4().hex
                 jobs[job_id] = {"polls": 0, "data": datasets[rest[1]], "inputs": inputs, "process": rest[1]}
-                return json_reply({"processID": rest[1], "type": "process", "jobID": job_id, "status": "accepted",
-                                   "links": [{"href": f"{base}/api/retrieve/v1/jobs/{job_id}", "rel": "monitor",
-                                              "type": "application/json"}]}, 201)
+                return json_reply(
+                    {
+                        "processID": rest[1],
+                        "type": "process",
+                        "jobID": job_id,
+                        "status": "accepted",
+                        "links": [
+                            {
+                                "href": f"{base}/api/retrieve/v1/jobs/{job_id}",
+                                "rel": "monitor",
+                                "type": "application/json",
+                            }
+                        ],
+                    },
+                    201,
+                )
         if rest[0] == "jobs" and len(rest) >= 2 and rest[1] in jobs:
             job = jobs[rest[1]]
             if len(rest) == 2:
@@ -391,7 +475,7 @@ def cds_app(datasets: dict[str, bytes], token: str, polls_before_success: int = 
     return app
 
 
-# --- MAST portal API (columnsconfig, invoke: Mast.Caom.Filtered / Mast.Caom.Products, Download/file) -------------
+# --- MAST portal API (columnsconfig, invoke: Mast.Caom.Filtered / Mast.Caom.Products, Download/file) --------
 
 CAOM_COLUMNS = {"obs_collection": "string", "target_name": "string", "dataproduct_type": "string",
                 "obs_id": "string", "obsid": "string", "instrument_name": "string", "t_min": "float"}
@@ -401,7 +485,9 @@ PRODUCT_COLUMNS = {"obsID": "string", "obs_collection": "string", "dataproduct_t
                    "size": "int", "calib_level": "int"}
 
 
-def mast_app(observations: list[dict], products: list[dict], files: dict[str, bytes], token: str | None = None):
+def mast_app(
+    observations: list[dict], products: list[dict], files: dict[str, bytes], token: str | None = None
+):
     def table(rows: list[dict], columns: dict[str, str]) -> Reply:
         return json_reply({"status": "COMPLETE", "msg": "", "data": rows,
                            "fields": [{"name": n, "type": t} for n, t in columns.items()],
@@ -412,7 +498,9 @@ def mast_app(observations: list[dict], products: list[dict], files: dict[str, by
         if request.path == "/whoami":
             cookie = request.headers.get("cookie", "")
             known = token is not None and f"mast_token={token}" in cookie
-            return json_reply({"anon": not known, "attrib": {"display_name": "Loopback User"} if known else {}})
+            return json_reply(
+                {"anon": not known, "attrib": {"display_name": "Loopback User"} if known else {}}
+            )
         if request.path.endswith("/columnsconfig"):
             return json_reply({name: {"vot.datatype": "double" if kind == "float" else "char", "text": name}
                                for name, kind in CAOM_COLUMNS.items()})
@@ -437,7 +525,7 @@ def mast_app(observations: list[dict], products: list[dict], files: dict[str, by
     return app
 
 
-# --- S3: moto's server behind a forwarding proxy that the fault plan can break ---------------------------------
+# --- S3: moto's server behind a forwarding proxy that the fault plan can break ------------------------------
 
 def proxy_app(target_port: int) -> Callable[[Request], Reply]:
     hop_by_hop = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
@@ -456,7 +544,7 @@ def proxy_app(target_port: int) -> Callable[[Request], Reply]:
     return app
 
 
-# --- helpers shared by the fetch tests ---------------------------------------------------------------------------
+# --- helpers shared by the fetch tests ----------------------------------------------------------------------
 
 class SleepRecorder:
     """Stands in for ``time.sleep`` in the retry policy: records each wait, sleeps at most 10 ms.
@@ -502,7 +590,8 @@ def write_catalog(path, sources: dict) -> object:
 
 
 def assert_clean(out, after_failure: bool = False) -> None:
-    """No temporary file is left (after a failed run only hidden ``.NAME.part`` files, kept for resuming, never
+    """No temporary file is left (after a failed run only hidden ``.NAME.part`` files, kept for resuming,
+    never
     anything that looks complete), and every cache record matches the files it names (size and sha256)."""
     import hashlib
     from pathlib import Path
@@ -522,4 +611,6 @@ def assert_clean(out, after_failure: bool = False) -> None:
         if served is None:  # stale (a file was rewritten or removed since): never served
             continue
         for entry, file in zip(record["files"], served, strict=True):
-            assert hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"], f"{file} differs from its record"
+            assert hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"], (
+                f"{file} differs from its record"
+            )

@@ -40,7 +40,10 @@ def test_suite_writes_json_and_png(tmp_path):
     payload = json.loads(path.read_text())
     assert path.name == "model.json" and (tmp_path / "out" / "model.png").stat().st_size > 0
     assert payload["suite"] == "model" and payload["device"].startswith("cpu")
-    assert [r["name"] for r in payload["results"]] == ["fwd+bwd small b1 s16 float32", "forward small b1 s16 float32"]
+    assert [r["name"] for r in payload["results"]] == [
+        "fwd+bwd small b1 s16 float32",
+        "forward small b1 s16 float32",
+    ]
     for r in payload["results"]:
         assert set(r) >= {"name", "value", "unit", "baseline_value", "ratio", "params"}
         assert r["unit"] == "tokens/s" and r["value"] > 0 and r["baseline_value"] > 0

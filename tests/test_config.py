@@ -57,15 +57,24 @@ def test_yaml_round_trip_and_preset_override(tmp_path):
     assert loaded.name == "mine"
 
 
-@pytest.mark.parametrize("model_override,expected", [
-    ({"hidden": 100, "heads": 3}, "model: hidden=100 is not divisible by heads=3 (33.3333 per head)"),
-    ({"heads": 4, "kv_heads": 3}, "model: heads=4 is not divisible by kv_heads=3; kv_heads must divide heads"),
-    ({"hidden": -32}, "model.hidden=-32: Input should be greater than or equal to 1"),
-    ({"layers": 0}, "model.layers=0: Input should be greater than or equal to 1"),
-    ({"ffn": "big"}, "model.ffn='big': Input should be a valid integer"),
-    ({"hiden": 32}, "unknown key 'model.hiden'"),
-    ({"rope_scaling": {"type": "magic"}}, "model.rope_scaling.type='magic': Input should be 'none', 'linear'"),
-])
+@pytest.mark.parametrize(
+    "model_override,expected",
+    [
+        ({"hidden": 100, "heads": 3}, "model: hidden=100 is not divisible by heads=3 (33.3333 per head)"),
+        (
+            {"heads": 4, "kv_heads": 3},
+            "model: heads=4 is not divisible by kv_heads=3; kv_heads must divide heads",
+        ),
+        ({"hidden": -32}, "model.hidden=-32: Input should be greater than or equal to 1"),
+        ({"layers": 0}, "model.layers=0: Input should be greater than or equal to 1"),
+        ({"ffn": "big"}, "model.ffn='big': Input should be a valid integer"),
+        ({"hiden": 32}, "unknown key 'model.hiden'"),
+        (
+            {"rope_scaling": {"type": "magic"}},
+            "model.rope_scaling.type='magic': Input should be 'none', 'linear'",
+        ),
+    ],
+)
 def test_invalid_configs_are_one_line_errors(tmp_path, model_override, expected):
     path = write(tmp_path, {"name": "bad", "model": {**BASE, **model_override}})
     with pytest.raises(ConfigError) as info:
@@ -99,7 +108,9 @@ def test_model_config_direct_validation():
 ])
 def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, args_of):
     path = write(tmp_path, {"name": "bad", "model": {**BASE, "hidden": 100, "heads": 3}})
-    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", *args_of(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", *args_of(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: ")

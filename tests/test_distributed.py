@@ -68,7 +68,17 @@ def reference() -> dict[bool, list[float]]:
 def four_ranks(tmp_path_factory) -> Path:
     """FSDP×TP, PP×FSDP and PP×TP on 4 ranks; each saves a checkpoint after step 3."""
     out = tmp_path_factory.mktemp("four_ranks")
-    torchrun(4, out, "--steps", str(STEPS + 1), "--save-after", str(SAVE_AFTER), "fsdp2_tp2", "pp2_fsdp2", "pp2_tp2")
+    torchrun(
+        4,
+        out,
+        "--steps",
+        str(STEPS + 1),
+        "--save-after",
+        str(SAVE_AFTER),
+        "fsdp2_tp2",
+        "pp2_fsdp2",
+        "pp2_tp2",
+    )
     return out
 
 
@@ -155,7 +165,9 @@ def test_reference_run_learns(reference):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved"])
+@pytest.mark.parametrize(
+    "name", ["fsdp2", "hsdp_replicate2", "tp2", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved"]
+)
 def test_two_rank_layouts_match_single_process(two_ranks, reference, name):
     tied = scenarios.SCENARIOS[name][2]
     assert_losses_match(read(two_ranks, name)["losses"], reference[tied][:STEPS])
@@ -174,7 +186,9 @@ def test_four_rank_compositions_match_single_process(four_ranks, reference, name
 def test_sizing_predicts_each_ranks_bytes_exactly(four_ranks, name):
     result = read(four_ranks, name)
     assert result["measured"] == result["predicted"]
-    assert len({json.dumps(c, sort_keys=True) for c in result["coordinates"]}) == 4  # really 4 distinct shards
+    assert (
+        len({json.dumps(c, sort_keys=True) for c in result["coordinates"]}) == 4
+    )  # really 4 distinct shards
 
 
 @pytest.mark.distributed
@@ -251,7 +265,8 @@ def test_sapwood_train_with_a_mesh_for_more_processes_exits_2_with_one_line(tmp_
     config = tmp_path / "run.yaml"
     config.write_text(
         "model: {vocab_size: 64, hidden: 32, layers: 2, heads: 4, ffn: 64, trained_context: 16}\n"
-        f"train: {{steps: 1, batch_size: 2, micro_batch_size: 2, out_dir: {tmp_path / 'out'}, progress: false}}\n"
+        f"train: {{steps: 1, batch_size: 2, micro_batch_size: 2, out_dir: {tmp_path / 'out'}, progress: "
+        f"false}}\n"
         f"data: {{path: {tmp_path / 'tokens'}}}\n"
         "parallel: {tp: 2, dp_shard: 2}\n"
     )
@@ -261,7 +276,8 @@ def test_sapwood_train_with_a_mesh_for_more_processes_exits_2_with_one_line(tmp_
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: tp=2 × pp=1 × dp=2 = 4 but WORLD_SIZE=1; the parallel degrees must multiply to the number of processes"
+        "error: tp=2 × pp=1 × dp=2 = 4 but WORLD_SIZE=1; the parallel degrees must multiply to the number of "
+        "processes"
     ]
 
 
@@ -288,17 +304,33 @@ def test_sapwood_train_under_torchrun(tmp_path, plan):
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(
-        "model: {vocab_size: 320, hidden: 32, layers: 4, heads: 4, kv_heads: 2, ffn: 64, trained_context: 32}\n"
-        f"train: {{steps: 4, batch_size: 8, micro_batch_size: 4, eval_every: 2, eval_batches: 2, save_every: 2,"
+        "model: {vocab_size: 320, hidden: 32, layers: 4, heads: 4, kv_heads: 2, ffn: 64, trained_context: "
+        "32}\n"
+        f"train: {{steps: 4, batch_size: 8, micro_batch_size: 4, eval_every: 2, eval_batches: 2, save_every: "
+        f"2,"
         f" log_every: 1, progress: false, device: cpu, out_dir: {out}}}\n"
         f"data: {{path: {tmp_path / 'tokens'}, seq_len: 32}}\n"
         f"parallel: {plan}\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "sapwood.cli", "train", str(config)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "sapwood.cli",
+            "train",
+            str(config),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_losses = [e["loss"] for e in events if e["event"] == "train"]

@@ -56,7 +56,9 @@ def _child(k: int, root: str, operation: Callable[[], None]) -> None:
                 (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
             if writing and under_root(path):
                 step()
-        elif event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree") and under_root(args[0]):
+        elif event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree") and under_root(
+            args[0]
+        ):
             step()
 
     real_fsync = os.fsync
@@ -83,7 +85,9 @@ def killed_at(k: int, root: Path, operation: Callable[[], None]) -> bool:
     return False
 
 
-def crash_matrix(template: Path, work: Path, operation: Callable[[], None], check: Callable[[int], None]) -> int:
+def crash_matrix(
+    template: Path, work: Path, operation: Callable[[], None], check: Callable[[int], None]
+) -> int:
     """For k = 1, 2, ...: restore ``work`` from ``template``, kill ``operation`` at step k, ``check(k)``;
     ends with the run that was not killed (checked as well). Returns the number of kill points."""
     for k in range(1, MAX_STEPS):
@@ -220,7 +224,9 @@ def test_pruning_keeps_what_was_just_written_and_everything_newer(tmp_path):
     assert complete(root) == ["step_00000050", "step_00000040"]
 
 
-@pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata", "trainer_rank00000.pt", "config.yaml", "manifest.json"])
+@pytest.mark.parametrize(
+    "name", ["__0_0.distcp", ".metadata", "trainer_rank00000.pt", "config.yaml", "manifest.json"]
+)
 def test_a_truncated_file_makes_resume_take_the_previous_checkpoint(tmp_path, name):
     root = tmp_path / "checkpoints"
     save(root, 1)
@@ -260,7 +266,11 @@ def test_stale_temporaries_of_dead_processes_are_tidied_and_live_ones_kept(tmp_p
     (root / f"step_00000004.partial-{gone}").mkdir()  # died while writing
     (root / f"latest.partial-{gone}").write_text("step_00000004")
     (root / f"step_00000005.partial-{alive}").mkdir()  # a writer that is still running
-    assert [p.name for p in ckpt.resume_candidates(root)] == ["step_00000003", "step_00000002", "step_00000001"]
+    assert [p.name for p in ckpt.resume_candidates(root)] == [
+        "step_00000003",
+        "step_00000002",
+        "step_00000001",
+    ]
     assert leftovers(root) == [f"step_00000005.partial-{alive}"]
     assert (root / ckpt.LATEST).read_text() == "step_00000003"
 
@@ -268,8 +278,18 @@ def test_stale_temporaries_of_dead_processes_are_tidied_and_live_ones_kept(tmp_p
 def test_a_damaged_checkpoint_is_skipped_but_a_bug_in_resume_is_raised(tokens_dir, tmp_path, monkeypatch):
     from sapwood.train.loop import Trainer
 
-    settings = {"steps": 4, "batch_size": 2, "micro_batch_size": 2, "warmup_steps": 1, "eval_every": 1000,
-                "eval_batches": 1, "save_every": 2, "log_every": 1, "out_dir": str(tmp_path), "progress": False}
+    settings = {
+        "steps": 4,
+        "batch_size": 2,
+        "micro_batch_size": 2,
+        "warmup_steps": 1,
+        "eval_every": 1000,
+        "eval_batches": 1,
+        "save_every": 2,
+        "log_every": 1,
+        "out_dir": str(tmp_path),
+        "progress": False,
+    }
     config = validate(Config, {"model": {**TINY.model_dump(), "vocab_size": 320}, "train": settings,
                                "data": {"path": str(tokens_dir)}})
     Trainer(config).fit()
@@ -289,8 +309,13 @@ def test_a_damaged_checkpoint_is_skipped_but_a_bug_in_resume_is_raised(tokens_di
 # --------------------------------------------------------------------------- published folders
 
 
-def versions_after_kills(tmp_path: Path, name: str, write: Callable[[Path], None], rewrite: Callable[[Path], None],
-                         read: Callable[[Path], object]) -> set:
+def versions_after_kills(
+    tmp_path: Path,
+    name: str,
+    write: Callable[[Path], None],
+    rewrite: Callable[[Path], None],
+    read: Callable[[Path], object],
+) -> set:
     """``write`` the folder ``name`` once, then kill ``rewrite`` of it at every durable step. After each kill
     the next writer's tidying (:func:`fsutil.recover_stale`) must leave no temporaries and a folder that
     ``read`` accepts; returns what ``read`` said over all kills (both versions when nothing is lost)."""
@@ -343,8 +368,13 @@ def test_cube_store_publish_killed_at_every_step(tmp_path):
     from sapwood.data.simulate import Grid, simulate_ensemble
     from sapwood.data.store import FRAMES_FILE, CubeStore
 
-    runs = simulate_ensemble(tmp_path / "runs", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=3,
-                             progress=False)
+    runs = simulate_ensemble(
+        tmp_path / "runs",
+        runs=2,
+        grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1),
+        seed=3,
+        progress=False,
+    )
 
     def rows(folder: Path) -> int:
         store = CubeStore(folder)
@@ -362,7 +392,9 @@ def test_token_shards_check_their_sizes_and_tokenize_keeps_foreign_folders(tmp_p
     meta = tokenize_corpus(corpus_files[:6], out, vocab_size=280, val_fraction=0.3)
     shard = out / meta["shards"]["train"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:-2])
-    with pytest.raises(SapwoodError, match=r"train_00000.bin has \d+ bytes, meta.json says \d+ .*sapwood tokenize"):
+    with pytest.raises(
+        SapwoodError, match=r"train_00000.bin has \d+ bytes, meta.json says \d+ .*sapwood tokenize"
+    ):
         TokenShards(out, "train")
     notes = tmp_path / "notes"
     notes.mkdir()

@@ -22,26 +22,49 @@ from sapwood.data.sources.credentials import MissingCredentialError
 from sapwood.errors import SapwoodError
 
 TOKEN = "loopback-cds-token-4f1e"
-REQUEST = {"dataset": "reanalysis-era5-single-levels",
-           "request": {"product_type": ["reanalysis"], "variable": ["2m_temperature", "surface_pressure"],
-                       "year": ["2020"], "month": ["01"], "day": ["01"], "time": ["00:00", "06:00", "12:00", "18:00"],
-                       "data_format": "netcdf", "download_format": "unarchived"}}
+REQUEST = {
+    "dataset": "reanalysis-era5-single-levels",
+    "request": {
+        "product_type": ["reanalysis"],
+        "variable": ["2m_temperature", "surface_pressure"],
+        "year": ["2020"],
+        "month": ["01"],
+        "day": ["01"],
+        "time": ["00:00", "06:00", "12:00", "18:00"],
+        "data_format": "netcdf",
+        "download_format": "unarchived",
+    },
+}
 
 
 def era5_like_netcdf(path) -> bytes:
-    """A CF-convention NetCDF laid out as the new CDS writes ERA5 single levels (valid_time, latitude, longitude)."""
+    """A CF-convention NetCDF laid out as the new CDS writes ERA5 single levels (valid_time, latitude,
+    longitude)."""
     rng = np.random.default_rng(0)
-    times = np.array(["2020-01-01T00", "2020-01-01T06", "2020-01-01T12", "2020-01-01T18"], dtype="datetime64[ns]")
+    times = np.array(
+        ["2020-01-01T00", "2020-01-01T06", "2020-01-01T12", "2020-01-01T18"], dtype="datetime64[ns]"
+    )
     lat, lon = np.linspace(90, -90, 33), np.arange(0, 360, 5.625)
     ds = xr.Dataset(
-        {"t2m": (("valid_time", "latitude", "longitude"), 250 + 40 * rng.random((4, 33, 64)).astype("float32"),
-                 {"standard_name": "air_temperature", "units": "K", "long_name": "2 metre temperature"}),
-         "sp": (("valid_time", "latitude", "longitude"), 1e5 + 2e3 * rng.random((4, 33, 64)).astype("float32"),
-                {"standard_name": "surface_air_pressure", "units": "Pa", "long_name": "Surface pressure"})},
-        coords={"valid_time": ("valid_time", times, {"standard_name": "time"}),
-                "latitude": ("latitude", lat, {"standard_name": "latitude", "units": "degrees_north"}),
-                "longitude": ("longitude", lon, {"standard_name": "longitude", "units": "degrees_east"})},
-        attrs={"Conventions": "CF-1.7", "institution": "European Centre for Medium-Range Weather Forecasts"})
+        {
+            "t2m": (
+                ("valid_time", "latitude", "longitude"),
+                250 + 40 * rng.random((4, 33, 64)).astype("float32"),
+                {"standard_name": "air_temperature", "units": "K", "long_name": "2 metre temperature"},
+            ),
+            "sp": (
+                ("valid_time", "latitude", "longitude"),
+                1e5 + 2e3 * rng.random((4, 33, 64)).astype("float32"),
+                {"standard_name": "surface_air_pressure", "units": "Pa", "long_name": "Surface pressure"},
+            ),
+        },
+        coords={
+            "valid_time": ("valid_time", times, {"standard_name": "time"}),
+            "latitude": ("latitude", lat, {"standard_name": "latitude", "units": "degrees_north"}),
+            "longitude": ("longitude", lon, {"standard_name": "longitude", "units": "degrees_east"}),
+        },
+        attrs={"Conventions": "CF-1.7", "institution": "European Centre for Medium-Range Weather Forecasts"},
+    )
     ds.to_netcdf(path)
     return path.read_bytes()
 
@@ -70,7 +93,9 @@ def catalog(tmp_path, store, monkeypatch):
     return catalog, parse_overrides(request_file, [])
 
 
-def test_request_yaml_is_submitted_polled_and_the_netcdf_lands_in_the_prepare_folder(tmp_path, store, catalog, era5):
+def test_request_yaml_is_submitted_polled_and_the_netcdf_lands_in_the_prepare_folder(
+    tmp_path, store, catalog, era5
+):
     catalog, overrides = catalog
     out = tmp_path / "cubes"
     store.app.polls_before_success = 1  # "running" once: the client waits (1 s, its fixed first interval)

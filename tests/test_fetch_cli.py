@@ -30,8 +30,9 @@ def sapwood(*args, env_extra=None, unset=()):
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update({"SAPWOOD_FETCH_BACKOFF": "0.01", "SAPWOOD_FETCH_ATTEMPTS": "3", "SAPWOOD_FETCH_TIMEOUT": "20",
                 **(env_extra or {})})
-    return subprocess.run([sys.executable, "-m", "sapwood.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 HELD_PORTS: list[socket.socket] = []
@@ -49,11 +50,25 @@ def closed_port() -> int:
 def test_a_credential_in_the_environment_never_appears_in_logs_or_errors(tmp_path):
     eutils = FixtureServer(eutils_app(pubmed_records(6)))
     try:
-        catalog = write_catalog(tmp_path / "sources.yaml", {
-            "loop-pubmed": {"protocol": "ncbi", "endpoint": f"{eutils.url}/entrez/eutils", "term": "exoplanet",
-                            "retmax": 10, "batch_size": 3, "credentials": ["NCBI_API_KEY"]},
-            "dead-pubmed": {"protocol": "ncbi", "endpoint": f"http://127.0.0.1:{closed_port()}/entrez/eutils",
-                            "term": "exoplanet", "credentials": ["NCBI_API_KEY"]}})
+        catalog = write_catalog(
+            tmp_path / "sources.yaml",
+            {
+                "loop-pubmed": {
+                    "protocol": "ncbi",
+                    "endpoint": f"{eutils.url}/entrez/eutils",
+                    "term": "exoplanet",
+                    "retmax": 10,
+                    "batch_size": 3,
+                    "credentials": ["NCBI_API_KEY"],
+                },
+                "dead-pubmed": {
+                    "protocol": "ncbi",
+                    "endpoint": f"http://127.0.0.1:{closed_port()}/entrez/eutils",
+                    "term": "exoplanet",
+                    "credentials": ["NCBI_API_KEY"],
+                },
+            },
+        )
         eutils.plan.add(Fault("status", "esearch", status=500), Fault("drop", "efetch", keep=0.5),
                         Fault("status", "efetch", status=429, headers={"Retry-After": "0"}))
         secrets = {"NCBI_API_KEY": NCBI_SECRET, "CDSAPI_KEY": CDS_SECRET}
@@ -61,12 +76,16 @@ def test_a_credential_in_the_environment_never_appears_in_logs_or_errors(tmp_pat
                      "--verbose", env_extra=secrets)
         assert ok.returncode == 0, ok.stderr
         assert "api_key=***" in ok.stderr and "attempt 1/3 failed" in ok.stderr  # the requests were logged
-        assert eutils.requests_to("esearch")[-1].query["api_key"] == NCBI_SECRET  # and the key was really used
+        assert (
+            eutils.requests_to("esearch")[-1].query["api_key"] == NCBI_SECRET
+        )  # and the key was really used
         failed = sapwood("fetch", "dead-pubmed", "--out", str(tmp_path / "c2"), "--catalog", str(catalog),
                          "--verbose", env_extra=secrets)
         assert failed.returncode == 2 and "Traceback" not in failed.stderr
         error_line = failed.stderr.strip().splitlines()[-1]
-        assert error_line.startswith("error: source 'dead-pubmed'") and "api_key=***" in error_line  # URL redacted
+        assert (
+            error_line.startswith("error: source 'dead-pubmed'") and "api_key=***" in error_line
+        )  # URL redacted
         for run in (ok, failed):
             assert NCBI_SECRET not in run.stdout + run.stderr and CDS_SECRET not in run.stdout + run.stderr
     finally:
@@ -96,7 +115,9 @@ def test_missing_credential_is_one_line_naming_the_variable(tmp_path, capsys, mo
     monkeypatch.setenv("CDSAPI_RC", str(tmp_path / "none"))
     monkeypatch.delenv("CDSAPI_KEY", raising=False)
     monkeypatch.delenv("CDSAPI_URL", raising=False)
-    code, _, err = run_in_process(capsys, "fetch", "loop-era5", "--out", str(tmp_path / "o"), "--catalog", str(catalog))
+    code, _, err = run_in_process(
+        capsys, "fetch", "loop-era5", "--out", str(tmp_path / "o"), "--catalog", str(catalog)
+    )
     assert code == 2
     assert err.strip() == ("error: source 'loop-era5' needs a credential: set the environment variable "
                            "CDSAPI_KEY (or put 'key: TOKEN' in ~/.cdsapirc)")
@@ -114,16 +135,37 @@ def test_list_and_bad_field(tmp_path, capsys):
 def test_fetched_exoplanet_catalog_drives_a_simulated_ensemble(tmp_path, capsys, fast_env):
     tap = FixtureServer(tap_app({"pscomppars": (EXOPLANET_COLUMNS, exoplanet_rows())}))
     try:
-        catalog = write_catalog(tmp_path / "sources.yaml", {"nasa-exoplanets": {"endpoint": f"{tap.url}/TAP"}})
+        catalog = write_catalog(
+            tmp_path / "sources.yaml", {"nasa-exoplanets": {"endpoint": f"{tap.url}/TAP"}}
+        )
         code, out, err = run_in_process(capsys, "fetch", "nasa-exoplanets", "--out", str(tmp_path / "data"),
                                         "--catalog", str(catalog))
         assert code == 0, err
         assert "nasa-exoplanets: 1 file(s)" in out
     finally:
         tap.close()
-    code, _, err = run_in_process(capsys, "simulate", "--planets", str(tmp_path / "data" / "nasa-exoplanets.csv"),
-                                  "--runs", "3", "--out", str(tmp_path / "sim"), "--levels", "2", "--nlat", "8",
-                                  "--nlon", "16", "--times", "2", "--seed", "1", "--spinup-days", "1")
+    code, _, err = run_in_process(
+        capsys,
+        "simulate",
+        "--planets",
+        str(tmp_path / "data" / "nasa-exoplanets.csv"),
+        "--runs",
+        "3",
+        "--out",
+        str(tmp_path / "sim"),
+        "--levels",
+        "2",
+        "--nlat",
+        "8",
+        "--nlon",
+        "16",
+        "--times",
+        "2",
+        "--seed",
+        "1",
+        "--spinup-days",
+        "1",
+    )
     assert code == 0, err
     with open(tmp_path / "sim" / "planets.csv", newline="") as handle:
         drawn = list(csv.DictReader(handle))

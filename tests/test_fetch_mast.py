@@ -19,23 +19,59 @@ from sapwood.data.sources import fetch_sources
 from sapwood.errors import SapwoodError
 
 OBSERVATIONS = [
-    {"obsid": "87600001", "obs_id": "jw02589-o001_t001_nirspec", "obs_collection": "JWST", "target_name": "TRAPPIST-1",
-     "dataproduct_type": "spectrum", "instrument_name": "NIRSPEC/SLIT", "t_min": 60000.1},
-    {"obsid": "87600002", "obs_id": "jw02589-o002_t001_niriss", "obs_collection": "JWST", "target_name": "TRAPPIST-1",
-     "dataproduct_type": "spectrum", "instrument_name": "NIRISS/SOSS", "t_min": 60001.2},
-    {"obsid": "87600003", "obs_id": "hst_15304_01", "obs_collection": "HST", "target_name": "TRAPPIST-1",
-     "dataproduct_type": "image", "instrument_name": "WFC3/IR", "t_min": 58000.0},
+    {
+        "obsid": "87600001",
+        "obs_id": "jw02589-o001_t001_nirspec",
+        "obs_collection": "JWST",
+        "target_name": "TRAPPIST-1",
+        "dataproduct_type": "spectrum",
+        "instrument_name": "NIRSPEC/SLIT",
+        "t_min": 60000.1,
+    },
+    {
+        "obsid": "87600002",
+        "obs_id": "jw02589-o002_t001_niriss",
+        "obs_collection": "JWST",
+        "target_name": "TRAPPIST-1",
+        "dataproduct_type": "spectrum",
+        "instrument_name": "NIRISS/SOSS",
+        "t_min": 60001.2,
+    },
+    {
+        "obsid": "87600003",
+        "obs_id": "hst_15304_01",
+        "obs_collection": "HST",
+        "target_name": "TRAPPIST-1",
+        "dataproduct_type": "image",
+        "instrument_name": "WFC3/IR",
+        "t_min": 58000.0,
+    },
 ]
 
 
 def product(obsid: str, name: str, subgroup: str, size: int) -> dict:
-    return {"obsID": obsid, "obs_collection": "JWST", "dataproduct_type": "spectrum", "productType": "SCIENCE",
-            "productGroupDescription": "Minimum Recommended Products", "productSubGroupDescription": subgroup,
-            "dataURI": f"mast:JWST/product/{name}", "productFilename": name, "size": size, "calib_level": 3}
+    return {
+        "obsID": obsid,
+        "obs_collection": "JWST",
+        "dataproduct_type": "spectrum",
+        "productType": "SCIENCE",
+        "productGroupDescription": "Minimum Recommended Products",
+        "productSubGroupDescription": subgroup,
+        "dataURI": f"mast:JWST/product/{name}",
+        "productFilename": name,
+        "size": size,
+        "calib_level": 3,
+    }
 
 
-FILES = {f"mast:JWST/product/{n}": bytes((i * 7 + len(n)) % 256 for i in range(size)) for n, size in
-         [("jw02589-o001_x1d.fits", 40_000), ("jw02589-o001_cal.fits", 90_000), ("jw02589-o002_x1d.fits", 55_000)]}
+FILES = {
+    f"mast:JWST/product/{n}": bytes((i * 7 + len(n)) % 256 for i in range(size))
+    for n, size in [
+        ("jw02589-o001_x1d.fits", 40_000),
+        ("jw02589-o001_cal.fits", 90_000),
+        ("jw02589-o002_x1d.fits", 55_000),
+    ]
+}
 PRODUCTS = [product("87600001", "jw02589-o001_x1d.fits", "X1D", 40_000),
             product("87600001", "jw02589-o001_cal.fits", "CAL", 90_000),
             product("87600002", "jw02589-o002_x1d.fits", "X1D", 55_000)]
@@ -70,11 +106,16 @@ def test_criteria_products_and_downloads(tmp_path, mast, catalog):
         assert sorted(r["obs_id"] for r in csv.DictReader(handle)) == ["jw02589-o001_t001_nirspec",
                                                                          "jw02589-o002_t001_niriss"]
     invoke = [r.form()["request"] for r in mast.requests_to("/api/v0/invoke")]
-    assert any('"Mast.Caom.Filtered"' in r for r in invoke) and any('"Mast.Caom.Products"' in r for r in invoke)
+    assert any('"Mast.Caom.Filtered"' in r for r in invoke) and any(
+        '"Mast.Caom.Products"' in r for r in invoke
+    )
     assert len(result.files) == 4 and mast.requests_to("/whoami") == []  # no token: anonymous
     assert_clean(out)
     before = len(mast.log)
-    assert fetch_sources(["loop-mast"], out, [catalog], policy=fast_policy())[0].cached and len(mast.log) == before
+    assert (
+        fetch_sources(["loop-mast"], out, [catalog], policy=fast_policy())[0].cached
+        and len(mast.log) == before
+    )
 
 
 def test_refresh_requeries_but_downloads_only_what_is_missing(tmp_path, mast, catalog):
@@ -84,7 +125,9 @@ def test_refresh_requeries_but_downloads_only_what_is_missing(tmp_path, mast, ca
     downloads = len(mast.requests_to("/Download/file"))
     fetch_sources(["loop-mast"], out, [catalog], refresh=True, policy=fast_policy())
     assert len(mast.requests_to("/Download/file")) == downloads + 1
-    assert (out / "loop-mast" / "jw02589-o002_x1d.fits").read_bytes() == FILES["mast:JWST/product/jw02589-o002_x1d.fits"]
+    assert (out / "loop-mast" / "jw02589-o002_x1d.fits").read_bytes() == FILES[
+        "mast:JWST/product/jw02589-o002_x1d.fits"
+    ]
 
 
 def test_token_from_the_environment_logs_the_session_in(tmp_path, mast, catalog, monkeypatch):
@@ -92,21 +135,34 @@ def test_token_from_the_environment_logs_the_session_in(tmp_path, mast, catalog,
     fetch_sources(["loop-mast"], tmp_path / "mast", [catalog], policy=fast_policy())
     [whoami] = mast.requests_to("/whoami")
     assert f"mast_token={TOKEN}" in whoami.headers["cookie"]
-    assert all(f"mast_token={TOKEN}" in r.headers.get("cookie", "") for r in mast.requests_to("/Download/file"))
+    assert all(
+        f"mast_token={TOKEN}" in r.headers.get("cookie", "") for r in mast.requests_to("/Download/file")
+    )
     monkeypatch.setenv("MAST_API_TOKEN", "an-invalid-token-123")
     with pytest.raises(SapwoodError, match="invalid") as raised:
         fetch_sources(["loop-mast"], tmp_path / "mast2", [catalog], policy=fast_policy())
     assert "an-invalid-token-123" not in str(raised.value)
 
 
-@pytest.mark.parametrize("fault", [
-    Fault("status", "/columnsconfig", status=500),
-    Fault("status", "/api/v0/invoke", status=429, headers={"Retry-After": "4"}),
-    Fault("short", "/api/v0/invoke", keep=0.5),
-    Fault("hang", "/api/v0/invoke", seconds=2.5),
-    Fault("drop", "/Download/file", keep=0.5),
-    Fault("status", "/Download/file", status=503),
-], ids=["colconfig-500", "invoke-429", "invoke-truncated-json", "invoke-timeout", "download-dropped", "download-503"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("status", "/columnsconfig", status=500),
+        Fault("status", "/api/v0/invoke", status=429, headers={"Retry-After": "4"}),
+        Fault("short", "/api/v0/invoke", keep=0.5),
+        Fault("hang", "/api/v0/invoke", seconds=2.5),
+        Fault("drop", "/Download/file", keep=0.5),
+        Fault("status", "/Download/file", status=503),
+    ],
+    ids=[
+        "colconfig-500",
+        "invoke-429",
+        "invoke-truncated-json",
+        "invoke-timeout",
+        "download-dropped",
+        "download-503",
+    ],
+)
 def test_faults_are_retried(tmp_path, mast, catalog, fault):
     out = tmp_path / "mast"
     fetch_through_fault(mast, fault, "loop-mast", out, catalog)

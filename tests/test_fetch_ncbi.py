@@ -44,7 +44,11 @@ def test_abstracts_become_one_text_file_per_article(tmp_path, eutils, catalog, m
     reports = []
     [result] = fetch_sources(["loop-pubmed"], out, [catalog], policy=fast_policy(),
                              report=lambda *progress: reports.append(progress))
-    assert reports[0] == ("loop-pubmed", 0, 10) and reports[-1] == ("loop-pubmed", 10, 10)  # records, for a bar
+    assert reports[0] == ("loop-pubmed", 0, 10) and reports[-1] == (
+        "loop-pubmed",
+        10,
+        10,
+    )  # records, for a bar
     files = sorted(p.name for p in (out / "loop-pubmed").iterdir())
     assert files == sorted(f"{pmid}.txt" for pmid, (_, abstract) in RECORDS.items() if abstract)
     text = (out / "loop-pubmed" / "38000001.txt").read_text()

@@ -187,8 +187,13 @@ def test_fetched_netcdf_runs_go_through_prepare(tmp_path, s3, catalog):
     from sapwood.data.simulate import Grid, simulate_ensemble
 
     proxy, client, bucket = s3
-    runs = simulate_ensemble(tmp_path / "sim", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=2,
-                             progress=False)
+    runs = simulate_ensemble(
+        tmp_path / "sim",
+        runs=2,
+        grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1),
+        seed=2,
+        progress=False,
+    )
     for path in runs:
         client.upload_file(str(path), bucket, f"ensembles/e1/{path.name}")
     out = tmp_path / "cubes"

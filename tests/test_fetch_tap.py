@@ -33,10 +33,18 @@ def tap():
 
 @pytest.fixture
 def catalog(tmp_path, tap):
-    return write_catalog(tmp_path / "sources.yaml", {
-        "loop-exoplanets": {"protocol": "tap", "endpoint": f"{tap.url}/TAP", "query": QUERY, "rate_limit": 0,
-                            "named_queries": {"small": "SELECT pl_name, pl_rade FROM pscomppars WHERE pl_rade < 1.2"}},
-    })
+    return write_catalog(
+        tmp_path / "sources.yaml",
+        {
+            "loop-exoplanets": {
+                "protocol": "tap",
+                "endpoint": f"{tap.url}/TAP",
+                "query": QUERY,
+                "rate_limit": 0,
+                "named_queries": {"small": "SELECT pl_name, pl_rade FROM pscomppars WHERE pl_rade < 1.2"},
+            },
+        },
+    )
 
 
 def read_csv(path):
@@ -64,9 +72,16 @@ def test_named_query_and_parquet(tmp_path, tap, catalog):
     import pyarrow.parquet as pq
 
     out = tmp_path / "out"
-    fetch_sources(["loop-exoplanets"], out, [catalog], {"query": "small", "format": "parquet"}, policy=fast_policy())
+    fetch_sources(
+        ["loop-exoplanets"], out, [catalog], {"query": "small", "format": "parquet"}, policy=fast_policy()
+    )
     table = pq.read_table(out / "loop-exoplanets.parquet").to_pylist()
-    assert sorted(r["pl_name"] for r in table) == ["Proxima Cen b", "TRAPPIST-1 b", "TRAPPIST-1 e", "TRAPPIST-1 f"]
+    assert sorted(r["pl_name"] for r in table) == [
+        "Proxima Cen b",
+        "TRAPPIST-1 b",
+        "TRAPPIST-1 e",
+        "TRAPPIST-1 f",
+    ]
     assert all(isinstance(r["pl_rade"], float) and math.isfinite(r["pl_rade"]) for r in table)
 
 

@@ -38,7 +38,12 @@ def test_training_attention_uses_the_fused_kernel_and_never_math_silently():
         with pytest.raises(AttentionKernelError) as info:
             check_fused_attention(CFG, 4096, torch.bfloat16, "cpu")
     message = str(info.value)
-    assert "seq 4096" in message and "math kernel" in message and "head_dim 16" in message and "\n" not in message
+    assert (
+        "seq 4096" in message
+        and "math kernel" in message
+        and "head_dim 16" in message
+        and "\n" not in message
+    )
     # restricted to the fused kernels (as Attention does on CUDA at long sequence) nothing runs then
     assert attention_kernel(CFG, 256, torch.bfloat16, "cpu", fused_only=True) == "flash"
 
@@ -81,12 +86,19 @@ def test_mfu_from_the_sizing_flops():
 
 def test_fragmentation_from_memory_stats():
     gib = 1024**3
-    stats = {"allocated_bytes.all.current": 6 * gib, "reserved_bytes.all.current": 8 * gib,
-             "allocated_bytes.all.peak": 60 * gib, "reserved_bytes.all.peak": 64 * gib, "num_alloc_retries": 2}
+    stats = {
+        "allocated_bytes.all.current": 6 * gib,
+        "reserved_bytes.all.current": 8 * gib,
+        "allocated_bytes.all.peak": 60 * gib,
+        "reserved_bytes.all.peak": 64 * gib,
+        "num_alloc_retries": 2,
+    }
     report = memory_report(stats)
     assert report["memory_fragmentation"] == pytest.approx(0.25)
     assert report["memory_fragmentation_at_peak"] == pytest.approx(4 / 64)
-    assert report["memory_peak_allocated_gb"] == pytest.approx(60 * gib / 1e9) and report["alloc_retries"] == 2
+    assert (
+        report["memory_peak_allocated_gb"] == pytest.approx(60 * gib / 1e9) and report["alloc_retries"] == 2
+    )
     assert fragmentation(0, 0) == 0.0
 
 

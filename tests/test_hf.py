@@ -1,4 +1,5 @@
-"""Hugging Face interop: logits parity with transformers' LlamaForCausalLM both ways, and exact round trips."""
+"""Hugging Face interop: logits parity with transformers' LlamaForCausalLM both ways, and exact round
+trips."""
 
 import json
 import subprocess
@@ -24,9 +25,19 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 def small_llama(tied: bool, rope_scaling: dict | None = None) -> LlamaForCausalLM:
     """A random GQA Llama (4 query heads, 2 kv heads), built locally."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         rope_theta=5000.0, rope_scaling=rope_scaling, tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=5000.0,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -55,8 +66,16 @@ def test_hf_to_sapwood_logits_match(tmp_path, tied, rope_scaling):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("scaling", [{"type": "none"}, {"type": "yarn", "factor": 8.0}, {"type": "linear", "factor": 2.0},
-                                     {"type": "ntk", "factor": 4.0}], ids=["none", "yarn", "linear", "ntk"])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"type": "none"},
+        {"type": "yarn", "factor": 8.0},
+        {"type": "linear", "factor": 2.0},
+        {"type": "ntk", "factor": 4.0},
+    ],
+    ids=["none", "yarn", "linear", "ntk"],
+)
 def test_sapwood_to_hf_logits_match(tmp_path, tied, scaling):
     cfg = ModelConfig(vocab_size=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, trained_context=16,
                       max_context=128, rope_scaling=scaling, tied_embeddings=tied)
@@ -75,8 +94,18 @@ def test_sapwood_to_hf_logits_match(tmp_path, tied, scaling):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_import_round_trip_is_bit_identical(tmp_path, tied):
-    cfg = ModelConfig(vocab_size=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, tied_embeddings=tied,
-                      rope_scaling={"type": "yarn", "factor": 4.0}, trained_context=64, max_context=256)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        ffn=96,
+        tied_embeddings=tied,
+        rope_scaling={"type": "yarn", "factor": 4.0},
+        trained_context=64,
+        max_context=256,
+    )
     config = Config(name="t", model=cfg)
     model = build_model(config).to(torch.bfloat16)
     save_folder(model, config, tmp_path / "a")
@@ -117,11 +146,22 @@ def test_cli_round_trip_and_error(tmp_path):
     (tmp_path / "tok.json").write_text('{"model": "bpe"}')
     save_folder(build_model(config), config, tmp_path / "a", tokenizer_file=tmp_path / "tok.json")
     run = [sys.executable, "-m", "sapwood.cli"]
-    subprocess.run([*run, "export-hf", str(tmp_path / "a"), "--out", str(tmp_path / "hf")], check=True, capture_output=True)
-    subprocess.run([*run, "import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b")], check=True, capture_output=True)
+    subprocess.run(
+        [*run, "export-hf", str(tmp_path / "a"), "--out", str(tmp_path / "hf")],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*run, "import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b")],
+        check=True,
+        capture_output=True,
+    )
     assert (tmp_path / "b" / "model.safetensors").exists()
-    assert (tmp_path / "hf" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text() == (
-        '{"model": "bpe"}')
+    assert (
+        (tmp_path / "hf" / "tokenizer.json").read_text()
+        == (tmp_path / "b" / "tokenizer.json").read_text()
+        == ('{"model": "bpe"}')
+    )
     proc = subprocess.run([*run, "import-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "c")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "no config.json" in proc.stderr and "Traceback" not in proc.stderr

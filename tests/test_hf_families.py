@@ -24,34 +24,78 @@ from sapwood.model.hf import export_hf, import_hf  # noqa: E402
 from sapwood.sizing import SolveRequest, size_report, solve  # noqa: E402
 
 VOCAB, TRAINED, SERVED = 97, 32, 96
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, rms_norm_eps=1e-5, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
-             eos_token_id=2)
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    initializer_range=0.2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
             "long_factor": [1.0 + 0.6 * i for i in range(8)]}
 FAMILIES = {
     # Llama 3.2: llama3 rope scaling, tied head
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
-        max_position_embeddings=SERVED, rope_theta=5000.0, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": TRAINED})),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            max_position_embeddings=SERVED,
+            rope_theta=5000.0,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": TRAINED,
+            },
+        ),
+    ),
     # a Llama-family checkpoint with attention_bias and mlp_bias, GeGLU (tanh) activation
-    "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(
-        max_position_embeddings=SERVED, attention_bias=True, mlp_bias=True, hidden_act="gelu_pytorch_tanh")),
+    "llama-bias": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            max_position_embeddings=SERVED, attention_bias=True, mlp_bias=True, hidden_act="gelu_pytorch_tanh"
+        ),
+    ),
     # Qwen2.5: q/k/v biases, tied head, YaRN for long context as the model cards recommend
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
-        max_position_embeddings=SERVED, rope_theta=1e6, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": TRAINED})),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            max_position_embeddings=SERVED,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+            rope_scaling={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": TRAINED},
+        ),
+    ),
     # Qwen3: per-head q/k RMSNorm, head_dim independent of hidden / heads
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(max_position_embeddings=SERVED, head_dim=32)),
     # Phi-3.5: fused qkv_proj / gate_up_proj, longrope with short and long factors
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
-        max_position_embeddings=SERVED, original_max_position_embeddings=TRAINED, rope_scaling=LONGROPE)),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(max_position_embeddings=SERVED, original_max_position_embeddings=TRAINED, rope_scaling=LONGROPE),
+    ),
     # Phi-3-mini-4k: fused tensors, plain RoPE, a sliding window shorter than the context
-    "phi3-4k": ("Phi3Config", "Phi3ForCausalLM", dict(
-        max_position_embeddings=SERVED, original_max_position_embeddings=SERVED, sliding_window=16)),
+    "phi3-4k": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(max_position_embeddings=SERVED, original_max_position_embeddings=SERVED, sliding_window=16),
+    ),
     # Mistral-7B-v0.1: sliding window
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(max_position_embeddings=SERVED, sliding_window=16)),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(max_position_embeddings=SERVED, sliding_window=16),
+    ),
 }
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 5, 7], "do_sample": True, "temperature": 0.6,
                      "top_p": 0.9}
@@ -115,15 +159,25 @@ def test_size_of_an_imported_folder_is_transformers_parameter_count(imported, fa
 def test_engine_greedy_equals_transformers_generate(imported, family):
     hf, _, folder = imported[family]
     g = torch.Generator().manual_seed(3)
-    short = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (14,)]  # + 12 new: inside 32 (and 16)
-    long = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (44,)]  # beyond 32 from the prompt on
+    short = [
+        torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (14,)
+    ]  # + 12 new: inside 32 (and 16)
+    long = [
+        torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (44,)
+    ]  # beyond 32 from the prompt on
     engine = Engine(sapwood.load(folder))
     for prompts, new_tokens in ((short, 12), (long, 10)):
         requests = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0))
         for prompt, request in zip(prompts, requests, strict=True):
             ids = torch.tensor([prompt])
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
             assert request.output_ids == out[0, len(prompt):].tolist()
 
 
@@ -160,7 +214,10 @@ def test_phi3_fused_tensors_are_split_on_import_and_fused_on_export(imported, tm
 
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
-    assert "model.layers.1.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
+    assert (
+        "model.layers.1.self_attn.qkv_proj.weight" in names
+        and "model.layers.1.mlp.gate_up_proj.weight" in names
+    )
     assert not any("q_proj" in n or "gate_proj." in n for n in names)
 
 
@@ -175,7 +232,9 @@ def test_longrope_in_the_engine_chooses_factors_per_request(imported):
     for prompt, new_tokens in ((prompts[0], 8), (prompts[1], 30)):  # 18 tokens: short; 56 tokens: long
         request = engine.generate([prompt], SamplingParams(max_tokens=new_tokens, temperature=0))[0]
         text = prompt + request.output_ids
-        with torch.no_grad():  # 17 and 55 positions: the full forward picks short / long factors as the request did
+        with (
+            torch.no_grad()
+        ):  # 17 and 55 positions: the full forward picks short / long factors as the request did
             full = model(torch.tensor([text[:-1]]))
         assert full[0, len(prompt) - 1:].argmax(-1).tolist() == request.output_ids
 
@@ -191,11 +250,15 @@ def test_several_eos_ids_from_generation_config_stop_the_engine(imported, tmp_pa
     prompt = [4, 8, 15, 16, 23, 42]
     free = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0].output_ids
     stop_id = free[5]
-    Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0")).save(
+        str(tmp_path / "tokenizer.json")
+    )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [VOCAB + 50, stop_id]}))
     tokenizer = TextTokenizer.from_folder(tmp_path)
     assert tokenizer.eos_ids == {VOCAB + 50, stop_id}
-    stopped = Engine(engine.model, tokenizer).generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    stopped = Engine(engine.model, tokenizer).generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0)
+    )[0]
     first = free.index(stop_id)
     assert stopped.finish_reason == "stop" and stopped.output_ids == free[: first + 1]
 
@@ -209,14 +272,19 @@ def test_bf16_weights_keep_their_dtype_unless_asked(tmp_path):
     assert {t.dtype for t in read_weights(tmp_path / "fp32").values()} == {torch.float32}
     export_hf(tmp_path / "kept", tmp_path / "back")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    with pytest.raises(SapwoodError, match="dtype='int8' is not supported; allowed: float32, bfloat16, float16"):
+    with pytest.raises(
+        SapwoodError, match="dtype='int8' is not supported; allowed: float32, bfloat16, float16"
+    ):
         import_hf(tmp_path / "hf", tmp_path / "bad", dtype="int8")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
 def test_solve_counts_the_family_options_like_transformers(family):
-    result = solve(SolveRequest(3e6, layers=4, heads=4, kv_heads=2, head_dim=32, vocab_size=1000, family=family,
-                                tolerance=1e-2))
+    result = solve(
+        SolveRequest(
+            3e6, layers=4, heads=4, kv_heads=2, head_dim=32, vocab_size=1000, family=family, tolerance=1e-2
+        )
+    )
     assert result.model.qkv_bias is (family == "qwen2") and result.model.qk_norm is (family == "qwen3")
     from sapwood.model.hf import hf_config_from_sapwood
 
@@ -232,19 +300,41 @@ def test_solve_counts_the_family_options_like_transformers(family):
 
 REFUSALS = [
     ({"model_type": "gemma2"}, "model_type='gemma2' is not supported: its attention-logit soft-capping"),
-    ({"model_type": "falcon"}, "model_type='falcon' is not supported; allowed: llama, mistral, qwen2, qwen3, phi3"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' has no sapwood equivalent"),
-    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
-     "layer_types with 'full_attention and sliding_attention' is not supported"),
-    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8,
-      "layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types with 'chunked_attention'"),
+    (
+        {"model_type": "falcon"},
+        "model_type='falcon' is not supported; allowed: llama, mistral, qwen2, qwen3, phi3",
+    ),
+    (
+        {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}},
+        "rope type 'dynamic' has no sapwood equivalent",
+    ),
+    (
+        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+        "layer_types with 'full_attention and sliding_attention' is not supported",
+    ),
+    (
+        {
+            "model_type": "qwen3",
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "chunked_attention"],
+        },
+        "layer_types with 'chunked_attention'",
+    ),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
     ({"hidden_act": "relu2"}, "hidden_act='relu2' is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mscale": 0.7}}, "yarn mscale=0.7 is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32}},
-     "model.rope_scaling: rope_scaling type 'llama3' needs low_freq_factor and high_freq_factor"),
-    ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 8}},
-     "model: rope_scaling.short_factor has 3 values; needs head_dim // 2 = 8"),
+    (
+        {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mscale": 0.7}},
+        "yarn mscale=0.7 is not supported",
+    ),
+    (
+        {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32}},
+        "model.rope_scaling: rope_scaling type 'llama3' needs low_freq_factor and high_freq_factor",
+    ),
+    (
+        {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 8}},
+        "model: rope_scaling.short_factor has 3 values; needs head_dim // 2 = 8",
+    ),
 ]
 
 
@@ -261,12 +351,23 @@ def test_refused_families_and_options_name_the_field_and_value(imported, tmp_pat
 
 
 def test_export_refuses_option_combinations_without_a_transformers_architecture(tmp_path):
-    cfg = ModelConfig(vocab_size=VOCAB, hidden=64, layers=1, heads=4, ffn=96, qkv_bias=True, trained_context=16,
-                      max_context=32, rope_scaling={"type": "longrope", "short_factor": [1.0] * 8,
-                                                     "long_factor": [2.0] * 8, "factor": 2.0})
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden=64,
+        layers=1,
+        heads=4,
+        ffn=96,
+        qkv_bias=True,
+        trained_context=16,
+        max_context=32,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 2.0},
+    )
     save_folder(build_model(Config(model=cfg)), Config(model=cfg), tmp_path / "ours")
-    with pytest.raises(SapwoodError, match=r"qkv_bias/attention_out_bias=true \(Phi3 has no attention bias\): no "
-                                           "Hugging Face architecture computes this model; export refused"):
+    with pytest.raises(
+        SapwoodError,
+        match=r"qkv_bias/attention_out_bias=true \(Phi3 has no attention bias\): no "
+        "Hugging Face architecture computes this model; export refused",
+    ):
         export_hf(tmp_path / "ours", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
@@ -293,8 +394,20 @@ def test_cli_size_on_an_imported_folder_and_a_refusal_in_one_line(imported, tmp_
 def test_parameter_shapes_list_every_option_tensor_in_module_order():
     from sapwood.sizing import count_params, parameter_shapes
 
-    cfg = ModelConfig(vocab_size=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=24, ffn=96, qkv_bias=True,
-                      attention_out_bias=True, mlp_bias=True, qk_norm=True, activation="gelu")
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=24,
+        ffn=96,
+        qkv_bias=True,
+        attention_out_bias=True,
+        mlp_bias=True,
+        qk_norm=True,
+        activation="gelu",
+    )
     with torch.device("meta"):
         model = build_model(Config(model=cfg), "meta")
     named = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
@@ -302,14 +415,27 @@ def test_parameter_shapes_list_every_option_tensor_in_module_order():
     assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("rope,message", [
-    ({"type": "llama3", "factor": 8.0}, "rope_scaling type 'llama3' needs low_freq_factor and high_freq_factor"),
-    ({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0},
-     "high_freq_factor=1.0 must be above low_freq_factor=4.0"),
-    ({"type": "longrope", "short_factor": [1.0] * 8}, "rope_scaling type 'longrope' needs short_factor and long_factor"),
-    ({"type": "longrope", "short_factor": [1.0] * 7, "long_factor": [1.0] * 8},
-     r"rope_scaling.short_factor has 7 values; needs head_dim // 2 = 8"),
-])
+@pytest.mark.parametrize(
+    "rope,message",
+    [
+        (
+            {"type": "llama3", "factor": 8.0},
+            "rope_scaling type 'llama3' needs low_freq_factor and high_freq_factor",
+        ),
+        (
+            {"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0},
+            "high_freq_factor=1.0 must be above low_freq_factor=4.0",
+        ),
+        (
+            {"type": "longrope", "short_factor": [1.0] * 8},
+            "rope_scaling type 'longrope' needs short_factor and long_factor",
+        ),
+        (
+            {"type": "longrope", "short_factor": [1.0] * 7, "long_factor": [1.0] * 8},
+            r"rope_scaling.short_factor has 7 values; needs head_dim // 2 = 8",
+        ),
+    ],
+)
 def test_invalid_rope_options_are_one_line_errors(rope, message):
     from sapwood.config import validate
     from sapwood.errors import ConfigError
@@ -324,27 +450,79 @@ def test_invalid_rope_options_are_one_line_errors(rope, message):
 # counts) and the parameter counts their model cards state.
 PUBLISHED = {
     "Llama-3.2-1B": dict(
-        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-        rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False,
-        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        attention_bias=False,
+        mlp_bias=False,
+        rope_scaling={
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+    ),
     "Qwen2.5-0.5B": dict(
-        model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
-        sliding_window=32768, use_sliding_window=False, max_window_layers=24, tie_word_embeddings=True,
-        rms_norm_eps=1e-6),
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        sliding_window=32768,
+        use_sliding_window=False,
+        max_window_layers=24,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    ),
     "Qwen3-0.6B": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-        rope_theta=1000000.0, sliding_window=None, use_sliding_window=False, max_window_layers=28,
-        tie_word_embeddings=True, rms_norm_eps=1e-6, attention_bias=False),
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        sliding_window=None,
+        use_sliding_window=False,
+        max_window_layers=28,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        attention_bias=False,
+    ),
     "Phi-3.5-mini": dict(
-        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
-        original_max_position_embeddings=4096, rope_theta=10000.0, sliding_window=262144,
+        model_type="phi3",
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_theta=10000.0,
+        sliding_window=262144,
         rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
-        tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=32000),
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        pad_token_id=32000,
+    ),
 }
 PUBLISHED_TOTALS = {"Llama-3.2-1B": 1_235_814_400, "Qwen2.5-0.5B": 494_032_768, "Qwen3-0.6B": 596_049_920,
                     "Phi-3.5-mini": 3_821_079_552}
@@ -363,7 +541,9 @@ def test_size_of_published_family_configs_equals_transformers_on_meta(name):
 
 
 @pytest.mark.parametrize("depth_init", ["identity", "stack"])
-def test_depth_growth_of_a_family_model_preserves_its_function_and_width_growth_is_refused(imported, depth_init):
+def test_depth_growth_of_a_family_model_preserves_its_function_and_width_growth_is_refused(
+    imported, depth_init
+):
     from sapwood.grow.plan import GrowthRequest, grow_model
 
     model = sapwood.load(imported["llama-bias"][2])  # q/k/v/o and FFN biases, GeGLU
@@ -372,9 +552,13 @@ def test_depth_growth_of_a_family_model_preserves_its_function_and_width_growth_
         before = model(x)
         grow_model(model, GrowthRequest(layers=4, depth_init=depth_init))
         assert (model(x) - before).abs().max().item() < 1e-5
-    with pytest.raises(SapwoodError, match="ffn=128: width growth of a model with qkv_bias=true is not supported"):
+    with pytest.raises(
+        SapwoodError, match="ffn=128: width growth of a model with qkv_bias=true is not supported"
+    ):
         grow_model(model, GrowthRequest(ffn=128))
-    qwen3 = sapwood.load(imported["qwen3"][2])  # q/k norms: new blocks get unit gains, not uninitialized memory
+    qwen3 = sapwood.load(
+        imported["qwen3"][2]
+    )  # q/k norms: new blocks get unit gains, not uninitialized memory
     with torch.no_grad():
         before = qwen3(x)
         grow_model(qwen3, GrowthRequest(layers=3, depth_init=depth_init))
@@ -384,15 +568,22 @@ def test_depth_growth_of_a_family_model_preserves_its_function_and_width_growth_
 # The chat templates published in the tokenizer_config.json of Meta-Llama-3-8B-Instruct and
 # Phi-3-mini-4k-instruct: they use bos_token / eos_token, which transformers passes to the template.
 LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 "
+    "== 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt "
+    "%}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 PHI3_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] "
+    "+ "
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% "
+    "endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 
 
 @pytest.mark.parametrize("template", [LLAMA3_TEMPLATE, PHI3_TEMPLATE], ids=["llama3", "phi3"])
@@ -403,11 +594,20 @@ def test_chat_template_renders_with_special_tokens_as_transformers_does(tmp_path
 
     tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "there": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([AddedToken("<|begin_of_text|>", special=True), AddedToken("<|eot_id|>", special=True)])
+    tokenizer.add_special_tokens(
+        [AddedToken("<|begin_of_text|>", special=True), AddedToken("<|eot_id|>", special=True)]
+    )
     tokenizer.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
-        "bos_token": {"__type": "AddedToken", "content": "<|begin_of_text|>", "special": True}, "eos_token": "<|eot_id|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": template,
+                "bos_token": {"__type": "AddedToken", "content": "<|begin_of_text|>", "special": True},
+                "eos_token": "<|eot_id|>",
+            }
+        )
+    )
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": " hello there "}]
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
@@ -430,16 +630,22 @@ def test_served_requests_take_generation_config_sampling_defaults_for_unset_fiel
 
     folder = tmp_path / "model"
     shutil.copytree(lm_folder, folder)
-    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.0, "top_k": 20}))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"do_sample": False, "temperature": 0.0, "top_k": 20})
+    )
     engine = Engine.from_folder(folder)
     assert engine.sampling_defaults == {"temperature": 0.0, "top_k": 20}
     prompt = "def parse(text):\n    "
-    greedy = engine.generate([engine.tokenizer.encode(prompt)], SamplingParams(16, temperature=0))[0].stream.text
+    greedy = engine.generate([engine.tokenizer.encode(prompt)], SamplingParams(16, temperature=0))[
+        0
+    ].stream.text
     settings = ServeSettings(max_batch=4)
     with BackgroundServer(create_app(folder, settings, api_keys=frozenset()), settings) as server:
         body = {"model": "model", "prompt": prompt, "max_tokens": 16, "seed": 3}
         unset = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
-        explicit = httpx.post(f"{server.url}/v1/completions", json={**body, "temperature": 1.0}, timeout=60).json()
+        explicit = httpx.post(
+            f"{server.url}/v1/completions", json={**body, "temperature": 1.0}, timeout=60
+        ).json()
     assert unset["choices"][0]["text"] == greedy
     assert explicit["choices"][0]["text"] != greedy
     (folder / "generation_config.json").write_text(json.dumps({"temperature": 7.0}))

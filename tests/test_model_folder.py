@@ -28,7 +28,10 @@ def test_sharded_folder_roundtrip(tmp_path, tiny_config):
 
 
 def test_unknown_preset_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "create", "nope", "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sapwood.cli", "create", "nope", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown preset" in proc.stderr

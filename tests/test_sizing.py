@@ -108,7 +108,9 @@ def test_rank_shards_partition_the_model_like_torch_chunk(parallel):
                     tensor = torch.empty(spec.shape, device="meta")
                     if specs[spec.name].tp_dim is not None and parallel.tp > 1:
                         pieces = tensor.chunk(parallel.tp, dim=spec.tp_dim)
-                        tensor = pieces[tp_rank] if tp_rank < len(pieces) else tensor.narrow(spec.tp_dim, 0, 0)
+                        tensor = (
+                            pieces[tp_rank] if tp_rank < len(pieces) else tensor.narrow(spec.tp_dim, 0, 0)
+                        )
                     pieces = tensor.chunk(parallel.dp_shard, dim=0)
                     local = pieces[dp_rank] if dp_rank < len(pieces) else tensor.narrow(0, 0, 0)
                     assert numel == local.numel(), (spec.name, pp_rank, tp_rank, dp_rank)
@@ -135,7 +137,11 @@ def test_adamw_state_bytes_match_a_real_optimizer(tiny_config):
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     predicted = rank_state_bytes(tiny_config.model, ParallelConfig(), "fp32", "adamw")
-    assert (predicted.weights, predicted.grads, predicted.optimizer) == (weight_bytes, grad_bytes, state_bytes)
+    assert (predicted.weights, predicted.grads, predicted.optimizer) == (
+        weight_bytes,
+        grad_bytes,
+        state_bytes,
+    )
     assert training_memory_bytes(tiny_config.model) == weight_bytes + grad_bytes + state_bytes
 
 
@@ -162,7 +168,9 @@ def test_activation_formulas_korthikanti():
         10 + 24 / 8 + 5 * a * s / (h * 8))
     assert activation_bytes_per_layer(cfg, s, b, tp=8, checkpointing="selective") == s * b * h * 34 / 8
     assert activation_bytes_per_layer(cfg, s, b, checkpointing="full") == 2 * s * b * h
-    assert activation_bytes_per_layer(cfg, s, b, checkpointing="full", bytes_per_activation=4) == 4 * s * b * h
+    assert (
+        activation_bytes_per_layer(cfg, s, b, checkpointing="full", bytes_per_activation=4) == 4 * s * b * h
+    )
 
 
 def test_flops_per_token_and_mfu():
@@ -181,7 +189,9 @@ def test_memory_plan_shards_with_parallelism():
     s, h, t = 32768, 12288, 8  # rank 0 of 1F1B holds pp=8 micro-batches of its 12 checkpointed layers
     assert plan.worst_pp_rank == 0
     assert plan.activations == int(2 * s * h / t * 12 * 8 + 34 * s * h / t)
-    more_shards = memory_plan(cfg.model, cfg.parallel.model_copy(update={"dp_shard": 8}), "bf16", "adamw", "full")
+    more_shards = memory_plan(
+        cfg.model, cfg.parallel.model_copy(update={"dp_shard": 8}), "bf16", "adamw", "full"
+    )
     assert more_shards.optimizer_state < plan.optimizer_state
 
 

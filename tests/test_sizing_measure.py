@@ -21,7 +21,9 @@ AGREEMENT = 0.10  # measured vs predicted peak, relative
 ])
 def test_measured_peak_agrees_with_the_plan(precision, optimizer, in_backward, chunk):
     measured = measure_training_step(SMALL, precision, optimizer, "full", 256, 2, in_backward, chunk)
-    plan = memory_plan(SMALL.model, ParallelConfig(), precision, optimizer, "full", 256, 2, in_backward, chunk)
+    plan = memory_plan(
+        SMALL.model, ParallelConfig(), precision, optimizer, "full", 256, 2, in_backward, chunk
+    )
     assert measured.params == plan.weights  # parameters are counted exactly
     assert measured.total == sum(getattr(measured, k) for k in (
         "params", "buffers", "grads", "optimizer", "activations", "temporaries", "inputs", "other"))
@@ -47,9 +49,26 @@ def test_size_cli_measure_prints_both(tmp_path):
     config = tmp_path / "small.yaml"
     config.write_text("model: {vocab_size: 2048, hidden: 128, layers: 2, heads: 4, kv_heads: 4, ffn: 384, "
                       "trained_context: 256}\n")
-    proc = subprocess.run([sys.executable, "-m", "sapwood.cli", "size", str(config), "--precision", "bf16-pure",
-                           "--optimizer", "adamw8bit", "--micro-batch", "2", "--measure", "--json"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sapwood.cli",
+            "size",
+            str(config),
+            "--precision",
+            "bf16-pure",
+            "--optimizer",
+            "adamw8bit",
+            "--micro-batch",
+            "2",
+            "--measure",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     predicted, measured = report["memory_per_gpu"]["total"], report["measured"]["total"]
@@ -77,7 +96,9 @@ def test_peak_only_tracker_keeps_the_stock_trackers_peak():
             with tracker:
                 for step in range(2):
                     logits = model(tokens[:, :-1])
-                    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+                    torch.nn.functional.cross_entropy(
+                        logits.flatten(0, 1), tokens[:, 1:].flatten()
+                    ).backward()
                     optimizer.step()
                     optimizer.zero_grad()
                     del logits

@@ -1,4 +1,5 @@
-"""Exoplanet catalog -> planet parameters for `sapwood simulate --planets`: the documented mapping and filling."""
+"""Exoplanet catalog -> planet parameters for `sapwood simulate --planets`: the documented mapping and
+filling."""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def test_unknowns_are_filled_as_documented():
     assert chen_kipping_mass(2.61) == pytest.approx((2.61 / 0.808) ** (1 / 0.589))  # Neptunian branch
     kepler452 = planet_from_row(ROWS["Kepler-452 b"])  # no insolation, long orbit
     semi_major = (1.037 * (384.843 / 365.25) ** 2) ** (1 / 3)
-    assert kepler452.values["stellar_flux"] == pytest.approx(1361 * 1.11**2 * (5757 / 5772) ** 4 / semi_major**2)
+    assert kepler452.values["stellar_flux"] == pytest.approx(
+        1361 * 1.11**2 * (5757 / 5772) ** 4 / semi_major**2
+    )
     assert kepler452.values["rotation_rate"] == 7.292e-5 and kepler452.origin["rotation_rate"] == "filled"
     trappist_f = planet_from_row(ROWS["TRAPPIST-1 f"])  # no insolation: from the star and Kepler's law
     assert trappist_f.origin["stellar_flux"] == "derived"

@@ -1,4 +1,5 @@
-"""The pieces every source shares: catalog, retry policy, rate limiter, redaction, resumable download, cache."""
+"""The pieces every source shares: catalog, retry policy, rate limiter, redaction, resumable download,
+cache."""
 
 from __future__ import annotations
 
@@ -37,9 +38,18 @@ def test_packaged_catalog_validates_and_names_its_credentials():
 
 
 def test_user_catalog_adds_and_overrides_field_by_field(tmp_path, monkeypatch):
-    mine = write_catalog(tmp_path / "mine.yaml", {
-        "nasa-exoplanets": {"endpoint": "http://127.0.0.1:9/TAP"},
-        "my-bucket": {"protocol": "s3", "endpoint": "http://minio.local:9000", "bucket": "runs", "prefix": "a/"}})
+    mine = write_catalog(
+        tmp_path / "mine.yaml",
+        {
+            "nasa-exoplanets": {"endpoint": "http://127.0.0.1:9/TAP"},
+            "my-bucket": {
+                "protocol": "s3",
+                "endpoint": "http://minio.local:9000",
+                "bucket": "runs",
+                "prefix": "a/",
+            },
+        },
+    )
     monkeypatch.setenv("SAPWOOD_SOURCES", str(mine))
     catalog = Catalog.load()
     exoplanets = catalog.get("nasa-exoplanets")
@@ -84,7 +94,9 @@ def test_retry_after_header_forms():
     wrapped.__cause__ = requests.HTTPError("429", response=response)
     assert retry_after_seconds(wrapped) == 9.0 and is_transient(wrapped)
     botocore_style = Exception("SlowDown")
-    botocore_style.response = {"ResponseMetadata": {"HTTPStatusCode": 503, "HTTPHeaders": {"retry-after": "2"}}}
+    botocore_style.response = {
+        "ResponseMetadata": {"HTTPStatusCode": 503, "HTTPHeaders": {"retry-after": "2"}}
+    }
     assert retry_after_seconds(botocore_style) == 2.0 and is_transient(botocore_style)
 
 
@@ -160,7 +172,10 @@ def test_rate_limiter_gives_concurrent_threads_distinct_slots():
 def test_redactor_and_log_records_of_any_logger(monkeypatch):
     monkeypatch.setenv("NCBI_API_KEY", "s3cr3t/value+1")
     redactor = Redactor.from_environment()
-    assert redactor("GET /efetch?api_key=s3cr3t%2Fvalue%2B1 and s3cr3t/value+1") == "GET /efetch?api_key=*** and ***"
+    assert (
+        redactor("GET /efetch?api_key=s3cr3t%2Fvalue%2B1 and s3cr3t/value+1")
+        == "GET /efetch?api_key=*** and ***"
+    )
     lines = []
 
     class Collect(logging.Handler):

@@ -53,7 +53,9 @@ def test_shards_hold_every_document_losslessly(tokens_dir, corpus_files):
     assert meta["val_documents"] >= 1 and meta["train_documents"] >= 1
 
 
-def test_tokenizing_twice_gives_identical_shards_and_split(tmp_path, corpus_files, tokens_dir, tokens_settings):
+def test_tokenizing_twice_gives_identical_shards_and_split(
+    tmp_path, corpus_files, tokens_dir, tokens_settings
+):
     tokenize_corpus(corpus_files, tmp_path, **tokens_settings)
     for name in ("meta.json", "train_00000.bin", "val_00000.bin"):
         assert (tmp_path / name).read_bytes() == (tokens_dir / name).read_bytes()

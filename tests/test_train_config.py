@@ -45,7 +45,10 @@ def config_file(tmp_path, tokens_dir, model=None, data="default", **train) -> st
         ({"data": {"path": "/no/such/tokens"}}, "data path '/no/such/tokens' has no meta.json"),
         ({"data": None}, "needs a data section"),
         ({"batch_size": 6, "micro_batch_size": 4}, "batch_size=6 is not divisible by micro_batch_size=4"),
-        ({"precision": "fp8"}, "train.precision='fp8': Input should be 'fp32', 'bf16', 'fp16' or 'bf16-pure'"),
+        (
+            {"precision": "fp8"},
+            "train.precision='fp8': Input should be 'fp32', 'bf16', 'fp16' or 'bf16-pure'",
+        ),
         ({"activation_checkpointing": "some"}, "train.activation_checkpointing='some'"),
         ({"task": "speech"}, "train.task='speech' is unknown; registered tasks: cube, passkey, sft, text"),
         ({"lr": -1}, "train.lr=-1: Input should be greater than 0"),
@@ -65,7 +68,9 @@ def test_missing_train_section_and_missing_file(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"model": MODEL}))
     assert "config has no train section" in cli_error(capsys, "train", str(path))
     assert "does not exist" in cli_error(capsys, "train", str(tmp_path / "nope.yaml"))
-    assert "does not exist" in cli_error(capsys, "tokenize", str(tmp_path / "no-corpus"), "--out", str(tmp_path / "t"))
+    assert "does not exist" in cli_error(
+        capsys, "tokenize", str(tmp_path / "no-corpus"), "--out", str(tmp_path / "t")
+    )
 
 
 def test_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(tmp_path, tokens_dir, capsys):

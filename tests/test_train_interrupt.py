@@ -18,7 +18,15 @@ from sapwood.train.interrupt import HELD_NOTICE, protected, stop_on_ctrl_c
 from sapwood.train.loop import Trainer, TrainingInterrupted, train
 from sapwood.train.metrics import read_events
 
-MODEL = {"vocab_size": 320, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64, "trained_context": 16}
+MODEL = {
+    "vocab_size": 320,
+    "hidden": 32,
+    "layers": 2,
+    "heads": 4,
+    "kv_heads": 2,
+    "ffn": 64,
+    "trained_context": 16,
+}
 
 pytestmark = pytest.mark.usefixtures("one_thread", "python_default_sigint")
 
@@ -37,9 +45,20 @@ def python_default_sigint():
 
 
 def make_config(tokens_dir, out_dir, steps: int) -> Config:
-    train_settings = {"steps": steps, "batch_size": 2, "micro_batch_size": 2, "save_every": 2, "eval_every": 1000,
-                      "eval_batches": 1, "log_every": 1, "out_dir": str(out_dir), "progress": False}
-    return validate(Config, {"model": dict(MODEL), "train": train_settings, "data": {"path": str(tokens_dir)}})
+    train_settings = {
+        "steps": steps,
+        "batch_size": 2,
+        "micro_batch_size": 2,
+        "save_every": 2,
+        "eval_every": 1000,
+        "eval_batches": 1,
+        "log_every": 1,
+        "out_dir": str(out_dir),
+        "progress": False,
+    }
+    return validate(
+        Config, {"model": dict(MODEL), "train": train_settings, "data": {"path": str(tokens_dir)}}
+    )
 
 
 def ctrl_c(times: int) -> None:
@@ -76,7 +95,8 @@ def test_a_second_ctrl_c_inside_a_checkpoint_write_lets_the_write_finish(tokens_
 
 
 def ctrl_c_while_reading(times: int):
-    """torch.distributed.checkpoint's file read (the real one), with Ctrl-C pressed ``times`` times inside it."""
+    """torch.distributed.checkpoint's file read (the real one), with Ctrl-C pressed ``times`` times inside
+    it."""
     read = dcp_filesystem.FileSystemReader.read_data
 
     def read_data(reader, plan, planner):

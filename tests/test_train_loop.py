@@ -15,7 +15,15 @@ from sapwood.train.loop import DivergenceError, Trainer
 from sapwood.train.metrics import read_events
 from sapwood.train.schedule import lr_at
 
-MODEL = {"vocab_size": 320, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64, "trained_context": 32}
+MODEL = {
+    "vocab_size": 320,
+    "hidden": 32,
+    "layers": 2,
+    "heads": 4,
+    "kv_heads": 2,
+    "ffn": 64,
+    "trained_context": 32,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,7 +200,9 @@ def test_callback_surgery_is_checkpointed_and_resumed_with_the_grown_shape(token
 @pytest.mark.slow
 def test_compiled_model_trains_identically_and_saves(tokens_dir, tmp_path):
     eager = Trainer(make_config(tokens_dir, tmp_path / "eager", steps=3, save_every=2)).fit()
-    compiled = Trainer(make_config(tokens_dir, tmp_path / "compiled", steps=3, save_every=2, compile=True)).fit()
+    compiled = Trainer(
+        make_config(tokens_dir, tmp_path / "compiled", steps=3, save_every=2, compile=True)
+    ).fit()
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-5)
     assert (tmp_path / "compiled" / "final" / "model.safetensors").exists()

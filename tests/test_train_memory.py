@@ -16,7 +16,15 @@ from sapwood.train.metrics import read_events
 from sapwood.train.optim import OptimizerInBackward
 
 # hidden 64: the attention and FFN matrices have >= 4096 elements, so torchao quantizes their states.
-MODEL = {"vocab_size": 320, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128, "trained_context": 32}
+MODEL = {
+    "vocab_size": 320,
+    "hidden": 64,
+    "layers": 2,
+    "heads": 4,
+    "kv_heads": 2,
+    "ffn": 128,
+    "trained_context": 32,
+}
 STEPS = 40
 # Loss of each option at the end of STEPS steps vs plain AdamW (fp32). At 300 steps every option
 # lands within 1.4% of plain AdamW (`python scripts/memory_parity.py --steps 300`); 3% over 40 steps
@@ -134,7 +142,9 @@ def test_stochastic_rounding_moves_a_weight_by_updates_below_bf16_spacing():
 
 def test_optimizer_in_backward_equals_adamw_with_accumulation(tokens_dir, tmp_path):
     expected = train_losses(make_config(tokens_dir, tmp_path / "a", steps=6, grad_clip=None))
-    fused = train_losses(make_config(tokens_dir, tmp_path / "b", steps=6, grad_clip=None, optimizer_in_backward=True))
+    fused = train_losses(
+        make_config(tokens_dir, tmp_path / "b", steps=6, grad_clip=None, optimizer_in_backward=True)
+    )
     assert fused == pytest.approx(expected, rel=1e-5)
 
 
@@ -144,7 +154,9 @@ def record_live_gradients(trainer: Trainer) -> list[int]:
     params = list(trainer.model.parameters())
     counts: list[int] = []
     for param in params:
-        param.register_post_accumulate_grad_hook(lambda _: counts.append(sum(q.grad is not None for q in params)))
+        param.register_post_accumulate_grad_hook(
+            lambda _: counts.append(sum(q.grad is not None for q in params))
+        )
     return counts
 
 
@@ -176,7 +188,12 @@ def test_memory_options_save_and_resume_exactly(tokens_dir, tmp_path):
     resumed from its step-4 checkpoint, a run repeats its own steps 5..8 exactly."""
     import shutil
 
-    options = {"optimizer": "adamw8bit", "precision": "bf16-pure", "optimizer_in_backward": True, "grad_clip": None}
+    options = {
+        "optimizer": "adamw8bit",
+        "precision": "bf16-pure",
+        "optimizer_in_backward": True,
+        "grad_clip": None,
+    }
     config = make_config(tokens_dir, tmp_path, steps=8, save_every=4, **options)
     whole = train_losses(config)
     shutil.rmtree(tmp_path / "checkpoints" / "step_00000008")
@@ -203,8 +220,12 @@ def test_tensorboard_option_writes_the_logged_scalars(tokens_dir, tmp_path):
 def test_cube_surrogate_with_tensor_or_pipeline_parallel_is_one_line_error(tmp_path, plan):
     from sapwood.config import CubeModelConfig, ParallelConfig, TrainConfig
 
-    config = Config(model=dict(MODEL, vocab_size=1), cube=CubeModelConfig(levels=3, lat=8, lon=16, patch=2),
-                    parallel=ParallelConfig(**plan), train=TrainConfig(task="cube", steps=1, out_dir=str(tmp_path)))
+    config = Config(
+        model=dict(MODEL, vocab_size=1),
+        cube=CubeModelConfig(levels=3, lat=8, lon=16, patch=2),
+        parallel=ParallelConfig(**plan),
+        train=TrainConfig(task="cube", steps=1, out_dir=str(tmp_path)),
+    )
     with pytest.raises(ConfigError) as info:
         Trainer(config)
     message = str(info.value)

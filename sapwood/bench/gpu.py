@@ -17,7 +17,8 @@ keeps what it measured):
     Tokens/s and MFU of research-799m and of a Llama-3-8B-shaped model, same path; the anchor is
     torchtitan's Llama 3.1 8B on H100 (5,762 tokens/s per GPU with FSDP, 6,667 with compile).
 
-The training step is the one ``sapwood train`` runs: :func:`sapwood.train.parallel.apply_training_parallelism`,
+The training step is the one ``sapwood train`` runs:
+:func:`sapwood.train.parallel.apply_training_parallelism`,
 ``materialize``, :func:`sapwood.train.optim.build_optimizer`, the text task's loss (chunked when
 ``loss_chunk`` is set), with forward and backward timed apart. ``smoke=True`` runs every section on
 tiny shapes on the CPU (no compile): the same code path, what CI and ``--smoke`` exercise.
@@ -122,7 +123,9 @@ def planned_peak_gb(plan: StepPlan) -> float:
     from sapwood.config import ParallelConfig
     from sapwood.sizing import memory_plan
 
-    checkpointing = {"every_layer": "full", "none": "none", "every_k": "selective"}[plan.activation_checkpointing]
+    checkpointing = {"every_layer": "full", "none": "none", "every_k": "selective"}[
+        plan.activation_checkpointing
+    ]
     mp = memory_plan(plan.model, ParallelConfig(), plan.precision, plan.optimizer, checkpointing, plan.seq,
                      plan.micro_batch, plan.optimizer_in_backward, plan.loss_chunk)
     return mp.total / 1e9
@@ -173,7 +176,9 @@ def run_steps(plan: StepPlan, device: torch.device) -> StepFigures:
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     for step in range(plan.steps + 1):
-        tokens = torch.randint(0, plan.model.vocab_size, (plan.micro_batch, plan.seq + 1), generator=generator)
+        tokens = torch.randint(
+            0, plan.model.vocab_size, (plan.micro_batch, plan.seq + 1), generator=generator
+        )
         tokens = tokens.to(device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         synchronize(device.type)
@@ -221,28 +226,71 @@ def release_memory() -> None:
 
 def figure_results(f: StepFigures) -> list[Result]:
     """Bench rows of one model: against the targets, the memory plan and torchtitan's anchor."""
-    params = {"params": f.params, "seq": f.seq, "micro_batch": f.micro_batch, "attention_kernel": f.attention_kernel,
-              "first_step_s": round(f.first_step_s, 2), **f.options}
+    params = {
+        "params": f.params,
+        "seq": f.seq,
+        "micro_batch": f.micro_batch,
+        "attention_kernel": f.attention_kernel,
+        "first_step_s": round(f.first_step_s, 2),
+        **f.options,
+    }
     rows = [
-        Result(f"{f.name} forward", statistics.median(f.forward_s), "s/batch", TARGETS["forward_s"],
-               params=params | {"samples": f.forward_s}, baseline="target"),
-        Result(f"{f.name} backward (incl. fused optimizer step)", statistics.median(f.backward_s), "s/batch",
-               TARGETS["backward_s"], params=params | {"samples": f.backward_s}, baseline="target"),
-        Result(f"{f.name} tokens/s", f.tokens_per_s, "tokens/s",
-               TORCHTITAN_8B_TOKENS_PER_S["fsdp+compile"] if "8b" in f.name else f.tokens_per_s,
-               params=params, baseline="torchtitan Llama 3.1 8B per H100 (compile)" if "8b" in f.name else "self"),
+        Result(
+            f"{f.name} forward",
+            statistics.median(f.forward_s),
+            "s/batch",
+            TARGETS["forward_s"],
+            params=params | {"samples": f.forward_s},
+            baseline="target",
+        ),
+        Result(
+            f"{f.name} backward (incl. fused optimizer step)",
+            statistics.median(f.backward_s),
+            "s/batch",
+            TARGETS["backward_s"],
+            params=params | {"samples": f.backward_s},
+            baseline="target",
+        ),
+        Result(
+            f"{f.name} tokens/s",
+            f.tokens_per_s,
+            "tokens/s",
+            TORCHTITAN_8B_TOKENS_PER_S["fsdp+compile"] if "8b" in f.name else f.tokens_per_s,
+            params=params,
+            baseline="torchtitan Llama 3.1 8B per H100 (compile)" if "8b" in f.name else "self",
+        ),
     ]
     if f.mfu is not None:
-        rows.append(Result(f"{f.name} MFU", f.mfu, "fraction", TARGETS["mfu"], params=params, baseline="target"))
+        rows.append(
+            Result(f"{f.name} MFU", f.mfu, "fraction", TARGETS["mfu"], params=params, baseline="target")
+        )
     if f.memory:
         peak = f.memory["memory_peak_allocated_gb"]
         rows += [
-            Result(f"{f.name} peak memory vs target", peak, "GB", TARGETS["peak_gb"], params=params | f.memory,
-                   baseline="target (85 GB)"),
-            Result(f"{f.name} peak memory vs plan", peak, "GB", f.planned_gb, params=params,
-                   baseline="sapwood.sizing.memory_plan"),
-            Result(f"{f.name} fragmentation at peak", 100 * f.memory["memory_fragmentation_at_peak"], "%",
-                   100 * TARGETS["fragmentation"], params=params, baseline="target"),
+            Result(
+                f"{f.name} peak memory vs target",
+                peak,
+                "GB",
+                TARGETS["peak_gb"],
+                params=params | f.memory,
+                baseline="target (85 GB)",
+            ),
+            Result(
+                f"{f.name} peak memory vs plan",
+                peak,
+                "GB",
+                f.planned_gb,
+                params=params,
+                baseline="sapwood.sizing.memory_plan",
+            ),
+            Result(
+                f"{f.name} fragmentation at peak",
+                100 * f.memory["memory_fragmentation_at_peak"],
+                "%",
+                100 * TARGETS["fragmentation"],
+                params=params,
+                baseline="target",
+            ),
         ]
     return rows
 
@@ -252,7 +300,9 @@ def run_gpu_bench(out: Path, smoke: bool = False, models: list[str] | None = Non
     """Run the sections on this machine's GPU (``smoke``: tiny shapes on the CPU); write ``OUT/gpu.json``
     after each model. Models are skipped, and say so, once ``budget_s`` seconds have passed."""
     if not smoke and not torch.cuda.is_available():
-        raise SapwoodError("sapwood bench gpu needs a CUDA GPU; use --smoke for the CPU run of the same code path")
+        raise SapwoodError(
+            "sapwood bench gpu needs a CUDA GPU; use --smoke for the CPU run of the same code path"
+        )
     device = torch.device("cuda" if not smoke else "cpu")
     started = time.perf_counter()
     results: list[Result] = []

@@ -18,7 +18,22 @@ from typing import Any
 
 import torch
 
-LOWER_IS_BETTER_UNITS = {"s", "ms", "us", "s/batch", "ms/token", "bytes", "MB", "GB", "MiB", "GiB", "FLOPs", "%", "ppl", "nats"}
+LOWER_IS_BETTER_UNITS = {
+    "s",
+    "ms",
+    "us",
+    "s/batch",
+    "ms/token",
+    "bytes",
+    "MB",
+    "GB",
+    "MiB",
+    "GiB",
+    "FLOPs",
+    "%",
+    "ppl",
+    "nats",
+}
 
 
 @dataclass

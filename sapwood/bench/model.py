@@ -40,7 +40,9 @@ class ReferenceDecoder:
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        return (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps) * weight.float()).to(x.dtype)
+        return (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps) * weight.float()).to(
+            x.dtype
+        )
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,9 @@ class ReferenceDecoder:
         cfg, w = self.cfg, self.weights
         batch, seq = tokens.shape
         h = w["tok_embeddings.weight"][tokens]
-        angles = torch.arange(seq, device=tokens.device, dtype=torch.float32)[:, None] * self.inv_freq.to(tokens.device)
+        angles = torch.arange(seq, device=tokens.device, dtype=torch.float32)[:, None] * self.inv_freq.to(
+            tokens.device
+        )
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
         causal = torch.full((seq, seq), float("-inf"), device=tokens.device).triu(1)
@@ -60,8 +64,16 @@ class ReferenceDecoder:
             p = f"layers.{i}."
             x = self._rms_norm(h, w[p + "attention_norm.weight"])
             q = (x @ w[p + "attention.wq.weight"].T).view(batch, seq, cfg.heads, cfg.head_dim).transpose(1, 2)
-            k = (x @ w[p + "attention.wk.weight"].T).view(batch, seq, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-            v = (x @ w[p + "attention.wv.weight"].T).view(batch, seq, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+            k = (
+                (x @ w[p + "attention.wk.weight"].T)
+                .view(batch, seq, cfg.kv_heads, cfg.head_dim)
+                .transpose(1, 2)
+            )
+            v = (
+                (x @ w[p + "attention.wv.weight"].T)
+                .view(batch, seq, cfg.kv_heads, cfg.head_dim)
+                .transpose(1, 2)
+            )
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             k = k.repeat_interleave(cfg.kv_groups, dim=1)
             v = v.repeat_interleave(cfg.kv_groups, dim=1)
@@ -137,23 +149,42 @@ def run_model_bench(
         max_diff = (model(tokens) - reference(tokens)).float().abs().max().item()
     tolerance = 1e-3 if torch_dtype == torch.float32 else 0.1
     if not max_diff < tolerance:
-        raise RuntimeError(f"reference and Decoder disagree (max |diff| {max_diff:.3g}); the bench would be invalid")
+        raise RuntimeError(
+            f"reference and Decoder disagree (max |diff| {max_diff:.3g}); the bench would be invalid"
+        )
     ours_params = list(model.parameters())
     dev = str(torch_device)
-    timings = {"fwd+bwd": time_interleaved(lambda: train_step(model, ours_params, tokens),
-                                           lambda: train_step(reference, reference.parameters(), tokens), repeats, dev)}
+    timings = {
+        "fwd+bwd": time_interleaved(
+            lambda: train_step(model, ours_params, tokens),
+            lambda: train_step(reference, reference.parameters(), tokens),
+            repeats,
+            dev,
+        )
+    }
     with torch.no_grad():
-        timings["forward"] = time_interleaved(lambda: model(tokens[:, :-1]), lambda: reference(tokens[:, :-1]),
-                                              repeats, dev)
+        timings["forward"] = time_interleaved(
+            lambda: model(tokens[:, :-1]), lambda: reference(tokens[:, :-1]), repeats, dev
+        )
     tokens_per_step = batch * seq
     params = {"preset": preset, "batch": batch, "seq": seq, "dtype": dtype, "device": str(torch_device),
               "repeats": repeats, "threads": torch.get_num_threads(), "logits_max_abs_diff": max_diff}
     results = []
     for kind, (ours, ref) in timings.items():
-        results.append(Result(
-            name=f"{kind} {config.name} b{batch} s{seq} {dtype}", value=tokens_per_step / ours.median, unit="tokens/s",
-            baseline_value=tokens_per_step / ref.median,
-            params={**params, "ours_s": ours.median, "ours_stdev_s": ours.stdev, "baseline_s": ref.median,
-                    "baseline_stdev_s": ref.stdev},
-            baseline="plain PyTorch reference (materialized softmax attention, repeat_interleave GQA)"))
+        results.append(
+            Result(
+                name=f"{kind} {config.name} b{batch} s{seq} {dtype}",
+                value=tokens_per_step / ours.median,
+                unit="tokens/s",
+                baseline_value=tokens_per_step / ref.median,
+                params={
+                    **params,
+                    "ours_s": ours.median,
+                    "ours_stdev_s": ours.stdev,
+                    "baseline_s": ref.median,
+                    "baseline_stdev_s": ref.stdev,
+                },
+                baseline="plain PyTorch reference (materialized softmax attention, repeat_interleave GQA)",
+            )
+        )
     return results, write_suite("model", results, out)

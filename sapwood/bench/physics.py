@@ -78,7 +78,9 @@ def naive_energy(state, nxt, cube, geometry, params):
     for x in (state, nxt):
         f = _fields(x, cube)
         mass = _layer_mass(f["ps"], geometry)
-        energies.append(_global((SPECIFIC_HEAT * f["T"] + 0.5 * (f["u"] ** 2 + f["v"] ** 2)) * mass) / (g * total))
+        energies.append(
+            _global((SPECIFIC_HEAT * f["T"] + 0.5 * (f["u"] ** 2 + f["v"] ** 2)) * mass) / (g * total)
+        )
         t_eq = scale[:, None, None, None] * geometry.t_eq[:, :, None]
         rate = geometry.k_t[:, :, None] / slow[:, None, None, None]
         heating.append(SPECIFIC_HEAT * _global(rate * (t_eq - f["T"]) * mass) / (g * total))
@@ -113,7 +115,10 @@ def naive_thermo(state, nxt, cube, geometry, params):
     layer_depth = torch.log(edges[1:] / edges[:-1].clamp_min(1e-30))[:, None, None]
     half_depth = torch.log(edges[1:] / geometry.sigma)[:, None, None]
     thickness = GAS_CONSTANT * virtual / g
-    below = torch.flip(torch.cumsum(torch.flip(thickness * layer_depth, (-3,)), -3), (-3,)) - thickness * layer_depth
+    below = (
+        torch.flip(torch.cumsum(torch.flip(thickness * layer_depth, (-3,)), -3), (-3,))
+        - thickness * layer_depth
+    )
     zg = below + thickness * half_depth
     hydro = 100 * _global((f["zg"] - zg).abs() / thickness * mass) / total
     negative = 100 * _global(torch.relu(-f["q"]) * mass) / _global(f["q"].abs() * mass)
@@ -128,18 +133,22 @@ def naive_violations(state, nxt, cube, geometry, params) -> dict[str, torch.Tens
     return {name: function(state, nxt, cube, geometry, params) for name, function in NAIVE.items()}
 
 
-# --- the suite ------------------------------------------------------------------------------------------------
+# --- the suite ----------------------------------------------------------------------------------------------
 
 
-def simulated_batch(batch: int, levels: int, nlat: int, nlon: int) -> tuple[CubeModelConfig, torch.Tensor, torch.Tensor, torch.Tensor]:
+def simulated_batch(
+    batch: int, levels: int, nlat: int, nlon: int
+) -> tuple[CubeModelConfig, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(cube, state, next, params)``: consecutive pairs of a short simulated run, rolled in longitude
     (a symmetry of the equations) to fill ``batch`` samples."""
     from sapwood.data.simulate import PLANET_VARIABLES, Grid, run_states, sample_planets
 
     cube = CubeModelConfig(levels=levels, lat=nlat, lon=nlon, planet_params=PARAMS)
     planet = sample_planets(4, seed=3)[1]
-    frames = [np.concatenate([state[v][None] if v == "ps" else state[v] for v in cube.variables])
-              for state, _ in run_states(planet, Grid(levels=levels, nlat=nlat, nlon=nlon, times=5, spinup_days=2))]
+    frames = [
+        np.concatenate([state[v][None] if v == "ps" else state[v] for v in cube.variables])
+        for state, _ in run_states(planet, Grid(levels=levels, nlat=nlat, nlon=nlon, times=5, spinup_days=2))
+    ]
     x = torch.from_numpy(np.stack(frames)).float()
     pairs = [(x[i % 4], x[i % 4 + 1], (i // 4) * 3 % nlon) for i in range(batch)]
     state = torch.stack([torch.roll(s, shift, -1) for s, _, shift in pairs])
@@ -154,7 +163,9 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     return ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
 
 
-def speed_results(batch: int, levels: int, nlat: int, nlon: int, device: str, repeats: int = 21) -> list[Result]:
+def speed_results(
+    batch: int, levels: int, nlat: int, nlon: int, device: str, repeats: int = 21
+) -> list[Result]:
     cube, state, nxt, params = simulated_batch(batch, levels, nlat, nlon)
     geometry = Geometry.default(cube, device)
     s, n, p = state.to(device), nxt.to(device), params.to(device)
@@ -162,7 +173,9 @@ def speed_results(batch: int, levels: int, nlat: int, nlon: int, device: str, re
     naive = naive_violations(s, n, cube, geometry, p)
     round_off = {"mass": 0.1, "water": 1e-4, "energy": 0.1, "momentum": 1e-3, "thermo": 1e-4}  # float32 sums
     for key, values in naive.items():
-        torch.testing.assert_close(ours[key], values, rtol=2e-3, atol=round_off[key], msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(
+            ours[key], values, rtol=2e-3, atol=round_off[key], msg=lambda m, k=key: f"{k}: {m}"
+        )
 
     def timed(fn) -> float:
         synchronize(device)
@@ -184,11 +197,20 @@ def speed_results(batch: int, levels: int, nlat: int, nlon: int, device: str, re
             naive_s.append(naive_t)
             ratios.append(naive_t / ours_t)
     low, high = _quartiles(ratios)
-    params_out = {"batch": batch, "levels": levels, "grid": f"{nlat}x{nlon}", "device": device, "repeats": repeats,
-                  "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                  "ratio_iqr": [low, high], "ours_s_iqr": list(_quartiles(ours_s)),
-                  "naive_s_iqr": list(_quartiles(naive_s)),
-                  "constraints": "mass, water, energy, angular momentum, thermo (ideal gas + hydrostatic + q >= 0)"}
+    params_out = {
+        "batch": batch,
+        "levels": levels,
+        "grid": f"{nlat}x{nlon}",
+        "device": device,
+        "repeats": repeats,
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "ratio_iqr": [low, high],
+        "ours_s_iqr": list(_quartiles(ours_s)),
+        "naive_s_iqr": list(_quartiles(naive_s)),
+        "constraints": "mass, water, energy, angular momentum, thermo (ideal gas + hydrostatic + q >= 0)",
+    }
     result = Result("all constraints, one batch", statistics.median(ours_s), "s", statistics.median(naive_s),
                     params=params_out, baseline="5 separate constraint functions (batched torch)")
     result.ratio = statistics.median(ratios)  # the median of paired ratios: robust to machine load drifting
@@ -220,9 +242,22 @@ def violation_results(work: Path, steps: int, runs: int, device: str) -> tuple[l
             result = Result(name, value, unit, base, params=params, baseline="no physics loss")
             result.ratio = base / value if value else float("inf")  # lower is better in every unit here
             results.append(result)
-    extra = {label: {k: r[k] for k in ("violations", "violations_projected", "violations_truth", "skill_vs_persistence",
-                                       "acc", "rmse", "rmse_projected") if k in r}
-             for label, r in reports.items()}
+    extra = {
+        label: {
+            k: r[k]
+            for k in (
+                "violations",
+                "violations_projected",
+                "violations_truth",
+                "skill_vs_persistence",
+                "acc",
+                "rmse",
+                "rmse_projected",
+            )
+            if k in r
+        }
+        for label, r in reports.items()
+    }
     return results, extra
 
 

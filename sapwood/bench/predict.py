@@ -40,7 +40,9 @@ def _simulated_state(cube) -> tuple[np.ndarray, np.ndarray]:
     planet = PlanetParams()
     fields, _ = next(iter(run_states(planet, Grid(levels=cube.levels, nlat=cube.lat, nlon=cube.lon, times=2,
                                                              spinup_days=1))))
-    frame = np.concatenate([fields[v][None] if v in cube.surface_variables else fields[v] for v in cube.variables])
+    frame = np.concatenate(
+        [fields[v][None] if v in cube.surface_variables else fields[v] for v in cube.variables]
+    )
     values = {name: getattr(planet, field) for name, (field, _, _) in PLANET_VARIABLES.items()}
     params = [values[name] for name in cube.planet_params] or [1.0]
     return frame.astype(np.float32)[None], np.asarray([params], dtype=np.float32)

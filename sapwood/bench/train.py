@@ -59,10 +59,17 @@ def _config(settings: TrainBenchSettings, variant: Variant, tokens: str, out_dir
 
     data, _ = raw_config(settings.preset)
     data["train"] = {
-        "steps": 10**6, "batch_size": settings.micro_batch_size, "micro_batch_size": settings.micro_batch_size,
-        "lr": 1e-3, "warmup_steps": 0, "precision": variant.precision, "compile": variant.compile,
+        "steps": 10**6,
+        "batch_size": settings.micro_batch_size,
+        "micro_batch_size": settings.micro_batch_size,
+        "lr": 1e-3,
+        "warmup_steps": 0,
+        "precision": variant.precision,
+        "compile": variant.compile,
         "activation_checkpointing": "every_layer" if variant.activation_checkpointing else "none",
-        "device": settings.device, "out_dir": out_dir, "progress": False,
+        "device": settings.device,
+        "out_dir": out_dir,
+        "progress": False,
     }
     data["data"] = {"path": tokens, "seq_len": settings.seq_len}
     return validate(Config, data)
@@ -183,7 +190,10 @@ def run_train_bench(settings: TrainBenchSettings, out: Path, compile_variants: b
         tokens = prepare_tokens(settings, scratch)
         variants = [Variant("nanogpt", "fp32"), Variant("nanogpt", "bf16")]
         for precision in ("fp32", "bf16"):
-            variants += [Variant("sapwood", precision), Variant("sapwood", precision, activation_checkpointing=True)]
+            variants += [
+                Variant("sapwood", precision),
+                Variant("sapwood", precision, activation_checkpointing=True),
+            ]
         if compile_variants:
             variants.append(Variant("sapwood", "fp32", compile=True))
         measured: dict[Variant, dict[str, Any]] = {}
@@ -206,12 +216,22 @@ def run_train_bench(settings: TrainBenchSettings, out: Path, compile_variants: b
     for precision in ("fp32", "bf16"):
         full = measured[Variant("sapwood", precision)]
         checkpointed = measured[Variant("sapwood", precision, activation_checkpointing=True)]
-        results.append(Result(
-            f"training memory {precision} act-ckpt", checkpointed["peak_mib"], "MiB", full["peak_mib"],
-            params={**params, "saved_mib": full["peak_mib"] - checkpointed["peak_mib"],
-                    "measure": "peak RSS growth (CPU)" if full["device"] == "cpu" else "cuda max_memory_allocated"},
-            baseline="sapwood without activation checkpointing",
-        ))
+        results.append(
+            Result(
+                f"training memory {precision} act-ckpt",
+                checkpointed["peak_mib"],
+                "MiB",
+                full["peak_mib"],
+                params={
+                    **params,
+                    "saved_mib": full["peak_mib"] - checkpointed["peak_mib"],
+                    "measure": "peak RSS growth (CPU)"
+                    if full["device"] == "cpu"
+                    else "cuda max_memory_allocated",
+                },
+                baseline="sapwood without activation checkpointing",
+            )
+        )
     write_suite("train", results, out, extra={"raw": {f"{v.loop} {v.label}": m for v, m in measured.items()}})
     print_results(results)
     return results

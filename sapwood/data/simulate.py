@@ -48,8 +48,8 @@ Forcing (Held & Suarez 1994; temperatures scaled by ``s = (S / 1361 W m-2)^(1/4)
       it removes is returned as heat, so friction moves axial angular momentum but not total energy.
     * Fixers (as CAM's energy fixer): after each output interval a solid-body zonal wind ``c cos(phi)`` and
       then a uniform temperature shift close the budgets below exactly; their mean sizes are written as
-      global attributes ``energy_fixer_wm2`` and ``momentum_fixer_ms`` (see the notes of issue 13 for their
-      sizes next to the declared terms).
+      global attributes ``energy_fixer_wm2`` and ``momentum_fixer_ms`` (at the demo's 4x16x32 grid they are
+      of the order of the declared heating and torque).
 
 Each run starts from rest at ``T = T_eq`` (plus 1 K noise, seeded by the run id), uniform ``ps = p0``, damps
 ``v`` in 2 h during the first 2 days (the winds adjust to the mass field without exciting a sloshing

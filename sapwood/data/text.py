@@ -76,7 +76,9 @@ def train_tokenizer(documents: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
-        raise SapwoodError(f"vocab_size={vocab_size} is too small; byte-level BPE needs at least 257 (256 bytes + eos)")
+        raise SapwoodError(
+            f"vocab_size={vocab_size} is too small; byte-level BPE needs at least 257 (256 bytes + eos)"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -161,7 +163,9 @@ def tokenize_corpus(
     keep = [i for i, t in enumerate(texts) if t.strip()]
     names, texts = [names[i] for i in keep], [texts[i] for i in keep]
     if len(texts) < 2:
-        raise SapwoodError(f"corpus has {len(texts)} non-empty documents; need at least 2 (one for validation)")
+        raise SapwoodError(
+            f"corpus has {len(texts)} non-empty documents; need at least 2 (one for validation)"
+        )
     tokenizer = train_tokenizer(texts, vocab_size)
     eos_id = tokenizer.token_to_id(EOS)
     encoded = [e.ids for e in tokenizer.encode_batch(texts)]  # parallel (Rust threads)
@@ -182,7 +186,10 @@ def tokenize_corpus(
         tokenizer.save(str(staged / TOKENIZER))
         for split, docs in splits.items():
             meta["shards"][split] = _write_split(staged, split, docs, eos_id, dtype, shard_tokens)
-            counts = np.bincount(np.concatenate([np.asarray(d, dtype=np.int64) for d in docs] + [np.full(len(docs), eos_id)]), minlength=real_vocab)
+            counts = np.bincount(
+                np.concatenate([np.asarray(d, dtype=np.int64) for d in docs] + [np.full(len(docs), eos_id)]),
+                minlength=real_vocab,
+            )
             meta[f"{split}_tokens"] = int(counts.sum())
             meta[f"{split}_documents"] = len(docs)
             meta[f"{split}_unigram_entropy"] = unigram_entropy(counts)
@@ -210,7 +217,10 @@ def _check_replaceable(out: Path) -> None:
 def read_meta(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not (folder / META).exists():
-        raise SapwoodError(f"data path {str(folder)!r} has no {META}; create it with `sapwood tokenize CORPUS --out {folder}`")
+        raise SapwoodError(
+            f"data path {str(folder)!r} has no {META}; create it with `sapwood tokenize CORPUS --out "
+            f"{folder}`"
+        )
     return json.loads((folder / META).read_text())
 
 
@@ -291,7 +301,10 @@ class WindowLoader:
     def fixed_batches(self, count: int, seed: int = 1234) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The same ``count`` batches every call (for evaluation), independent of the loader's state."""
         rng = np.random.Generator(np.random.PCG64(seed))
-        return [self.gather(rng.integers(0, int(self._cumulative[-1]), size=self.batch_size)) for _ in range(count)]
+        return [
+            self.gather(rng.integers(0, int(self._cumulative[-1]), size=self.batch_size))
+            for _ in range(count)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {"bit_generator": self._rng.bit_generator.state, "batches_drawn": self.batches_drawn}

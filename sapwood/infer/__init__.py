@@ -6,5 +6,12 @@ from sapwood.infer.kv_cache import KVBudgetError
 from sapwood.infer.sampling import SamplingParams
 from sapwood.infer.scheduler import QueueFullError, SchedulerConfig
 
-__all__ = ["ContextLengthError", "ContextPolicy", "Engine", "KVBudgetError", "QueueFullError", "SamplingParams",
-           "SchedulerConfig"]
+__all__ = [
+    "ContextLengthError",
+    "ContextPolicy",
+    "Engine",
+    "KVBudgetError",
+    "QueueFullError",
+    "SamplingParams",
+    "SchedulerConfig",
+]

@@ -54,7 +54,9 @@ class Engine:
         self.policy = ContextPolicy(self.cfg, self.runner.device)
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         self.eos_ids = tokenizer.eos_ids if tokenizer is not None else frozenset()
-        self.sampling_defaults: dict[str, float | int] = {}  # generation_config.json's, for unset request fields
+        self.sampling_defaults: dict[
+            str, float | int
+        ] = {}  # generation_config.json's, for unset request fields
         self.adapters: dict[str, str] = {}  # LoRA adapter name -> its folder (see load_adapter)
         self.tokens_generated = 0
         self.steps = 0
@@ -82,7 +84,8 @@ class Engine:
         return engine
 
     def load_adapter(self, name: str, folder: str | Path) -> None:
-        """Serve the LoRA adapter in ``folder`` (PEFT format) on this engine's base model as ``name``; requests
+        """Serve the LoRA adapter in ``folder`` (PEFT format) on this engine's base model as ``name``;
+        requests
         pick it by name and batches mix adapters (:func:`sapwood.model.lora.selecting`)."""
         from sapwood.model.lora import load_adapter
 
@@ -103,11 +106,15 @@ class Engine:
         return [r.adapter for r in requests] if self.adapters else None
 
     # --- requests -------------------------------------------------------------------------------
-    def make_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Request:
+    def make_request(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> Request:
         """A validated request (raises ContextLengthError past max_context, SapwoodError for token ids or
         sampling values this model cannot take, or an adapter it does not serve); not yet queued."""
         if adapter is not None and adapter not in self.adapters:
-            raise SapwoodError(f"adapter {adapter!r} is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+            raise SapwoodError(
+                f"adapter {adapter!r} is not loaded; loaded: {', '.join(self.adapters) or 'none'}"
+            )
         if self.windowed is None or not self.windowed.takes(len(prompt_ids), params):
             self.policy.check(len(prompt_ids), params.max_tokens)
         vocab = self.cfg.vocab_size
@@ -128,7 +135,9 @@ class Engine:
             request.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
         if params.logit_bias:
             request.bias = torch.zeros(vocab, dtype=torch.float32, device=device)
-            request.bias[torch.tensor(list(params.logit_bias))] = torch.tensor(list(params.logit_bias.values()))
+            request.bias[torch.tensor(list(params.logit_bias))] = torch.tensor(
+                list(params.logit_bias.values())
+            )
         if self.tokenizer is not None:
             request.stream = TextStream(self.tokenizer, params.stop)
         return request
@@ -175,7 +184,9 @@ class Engine:
         running = list(scheduler.running)
         if running:
             logits = self.runner.decode(
-                [r.output_ids[-1] for r in running], [r.length - 1 for r in running], [r.rope for r in running],
+                [r.output_ids[-1] for r in running],
+                [r.length - 1 for r in running],
+                [r.rope for r in running],
                 self._row_adapters(running),
             )
             outputs += self._accept(running, logits)
@@ -207,8 +218,12 @@ class Engine:
 
     def _fail_batch(self, exc: Exception) -> list[StepOutput]:
         self.failures += 1
-        log.exception("inference step failed; failing the %d requests of the batch", self.scheduler.running_count)
-        victims = list(self.scheduler.running) + [r for r in self._admitting if r.status is not Status.RUNNING]
+        log.exception(
+            "inference step failed; failing the %d requests of the batch", self.scheduler.running_count
+        )
+        victims = list(self.scheduler.running) + [
+            r for r in self._admitting if r.status is not Status.RUNNING
+        ]
         self._retire(victims, "error")
         for request in victims:
             request.error = f"the inference step failed ({type(exc).__name__})"
@@ -223,7 +238,9 @@ class Engine:
         picked = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])[:, 0].tolist()
         if top:
             values, indices = logprobs.topk(top, dim=-1)
-            tops = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+            tops = [
+                list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)
+            ]
         else:
             tops = [[] for _ in chosen]
         return list(zip(picked, tops, strict=True))

@@ -48,7 +48,9 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
-def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+def write_weights(
+    state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> None:
     """Write ``state`` as one safetensors file, or HF-style shards with an index above the limit."""
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
@@ -60,7 +62,9 @@ def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
         save_file(shard, str(folder / filename), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (folder / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +90,8 @@ def save_folder(
     tokenizer_file: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write a checkpoint folder atomically and durably (:func:`sapwood.fsutil.staged_dir`); return its path."""
+    """Write a checkpoint folder atomically and durably (:func:`sapwood.fsutil.staged_dir`); return its
+    path."""
     out = Path(out)
     with fsutil.staged_dir(out) as staged:
         write_folder_files(model, config, staged, tokenizer_file, max_shard_bytes)
@@ -128,7 +133,9 @@ def build_model(config: Config, device: str | torch.device = "cpu") -> torch.nn.
         return Decoder(config.model)
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+def load(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """The model stored in a checkpoint folder, in eval mode."""
     folder = Path(folder)
     if not (folder / "config.yaml").exists():
@@ -143,7 +150,9 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"output.weight"} if config.model.tied_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
-        raise SapwoodError(f"{folder}: weights do not match config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise SapwoodError(
+            f"{folder}: weights do not match config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if dtype is not None:
         model.to(dtype)
     return model.eval()

@@ -65,7 +65,12 @@ HF_CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 # Files beside the weights that travel unchanged both ways (special tokens, chat template, eos ids and
 # default sampling).
-SIDECAR_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+SIDECAR_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_OPTIONS)
 REFUSED_MODEL_TYPES = {
     "gemma2": "its attention-logit soft-capping and alternating sliding windows need an attention path "
@@ -113,7 +118,9 @@ def hf_to_sapwood_name(name: str) -> str | None:
     match = _HF_LAYER.match(name)
     if match and match.group(2) in _LAYER_RENAMES:
         return f"layers.{match.group(1)}.{_LAYER_RENAMES[match.group(2)]}.{match.group(3)}"
-    raise SapwoodError(f"tensor {name!r} is not part of a supported model family (adapter or other architecture?)")
+    raise SapwoodError(
+        f"tensor {name!r} is not part of a supported model family (adapter or other architecture?)"
+    )
 
 
 def sapwood_to_hf_name(name: str) -> str:
@@ -129,7 +136,8 @@ def sapwood_to_hf_name(name: str) -> str:
 
 
 def split_fused(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Phi-3's ``qkv_proj`` (rows q | k | v) and ``gate_up_proj`` (rows gate | up) as separate Llama tensors."""
+    """Phi-3's ``qkv_proj`` (rows q | k | v) and ``gate_up_proj`` (rows gate | up) as separate Llama
+    tensors."""
     sizes = [cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
     out = {}
     for name, tensor in state.items():
@@ -141,7 +149,10 @@ def split_fused(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
                 out[name.replace("qkv_proj", part)] = piece
         elif ".mlp.gate_up_proj." in name:
             gate, up = tensor.chunk(2)
-            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = gate, up
+            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = (
+                gate,
+                up,
+            )
         else:
             out[name] = tensor
     return out
@@ -155,7 +166,9 @@ def fuse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             parts = [state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
             out[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
         elif ".mlp.gate_proj." in name:
-            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat([tensor, state[name.replace("gate_proj", "up_proj")]])
+            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat(
+                [tensor, state[name.replace("gate_proj", "up_proj")]]
+            )
         elif not any(f".{p}." in name for p in ("k_proj", "v_proj", "up_proj")):
             out[name] = tensor
     return out
@@ -176,8 +189,10 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
         kind = "longrope"  # Phi-3's earlier names for the same method
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial is not None and float(partial) != 1.0:
-        raise SapwoodError(f"{where}: partial_rotary_factor={partial!r} is not supported; allowed: 1.0 (RoPE on the "
-                           "whole head)")
+        raise SapwoodError(
+            f"{where}: partial_rotary_factor={partial!r} is not supported; allowed: 1.0 (RoPE on the "
+            "whole head)"
+        )
     max_positions = int(hf.get("max_position_embeddings", 2048))
     trained = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
                   or max_positions)
@@ -196,13 +211,18 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
                    "beta_fast": params.get("beta_fast") or 32.0, "beta_slow": params.get("beta_slow") or 1.0,
                    "attention_factor": params.get("attention_factor")}
     elif kind == "llama3":
-        scaling = {"type": "llama3", **{k: params.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor")}}
+        scaling = {
+            "type": "llama3",
+            **{k: params.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor")},
+        }
     elif kind == "longrope":
         scaling = {"type": "longrope", "factor": params.get("factor") or max(1.0, max_positions / trained),
                    **{k: params.get(k) for k in ("short_factor", "long_factor", "attention_factor")}}
     else:
-        raise SapwoodError(f"{where}: rope type {kind!r} has no sapwood equivalent; supported: default, linear, yarn, "
-                           "llama3, longrope")
+        raise SapwoodError(
+            f"{where}: rope type {kind!r} has no sapwood equivalent; supported: default, linear, yarn, "
+            "llama3, longrope"
+        )
     return theta, {k: v for k, v in scaling.items() if v is not None}, trained, max(max_positions, trained)
 
 
@@ -226,8 +246,10 @@ def _sliding_window_from_hf(hf: dict[str, Any], model_type: str, where: str) -> 
         allowed = {"full_attention", "sliding_attention"}
         if set(kinds) - allowed or len(set(kinds)) > 1:
             odd = next((k for k in kinds if k not in allowed), "full_attention and sliding_attention")
-            raise SapwoodError(f"{where}: layer_types with {odd!r} is not supported; allowed: all full_attention "
-                               "or all sliding_attention")
+            raise SapwoodError(
+                f"{where}: layer_types with {odd!r} is not supported; allowed: all full_attention "
+                "or all sliding_attention"
+            )
         if kinds[0] == "full_attention":
             return None
     if int(window) >= int(hf.get("max_position_embeddings", 2048)):
@@ -239,7 +261,9 @@ def _options_from_hf(hf: dict[str, Any], model_type: str, where: str) -> dict[st
     """The ModelConfig options (biases, q/k norm, activation) of an HF family config."""
     act = hf.get("hidden_act", "silu")
     if act not in HF_ACTIVATIONS:
-        raise SapwoodError(f"{where}: hidden_act={act!r} is not supported; allowed: {', '.join(HF_ACTIVATIONS)}")
+        raise SapwoodError(
+            f"{where}: hidden_act={act!r} is not supported; allowed: {', '.join(HF_ACTIVATIONS)}"
+        )
     options: dict[str, Any] = {**FAMILY_OPTIONS[model_type], "activation": HF_ACTIVATIONS[act]}
     if model_type in ("llama", "qwen3") and hf.get("attention_bias"):
         options["qkv_bias"] = options["attention_out_bias"] = True
@@ -252,10 +276,15 @@ def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_C
     """A validated sapwood :class:`Config` for an HF ``config.json`` mapping of a supported family."""
     model_type = hf.get("model_type")
     if model_type in REFUSED_MODEL_TYPES:
-        raise SapwoodError(f"{where}: model_type={model_type!r} is not supported: {REFUSED_MODEL_TYPES[model_type]}; "
-                           f"allowed: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise SapwoodError(
+            f"{where}: model_type={model_type!r} is not supported: {REFUSED_MODEL_TYPES[model_type]}; "
+            f"allowed: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise SapwoodError(f"{where}: model_type={model_type!r} is not supported; allowed: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise SapwoodError(
+            f"{where}: model_type={model_type!r} is not supported; allowed: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     options = _options_from_hf(hf, model_type, where)
     window = _sliding_window_from_hf(hf, model_type, where)
     if window is not None:
@@ -282,8 +311,11 @@ def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_C
     head_dim = hf.get("head_dim")
     if head_dim is not None and (hidden % heads or int(head_dim) != hidden // heads):
         model["head_dim"] = int(head_dim)
-    return validate(Config, {"name": name, "description": f"imported from Hugging Face ({model_type})", "model": model},
-                    where=f"{where}: ")
+    return validate(
+        Config,
+        {"name": name, "description": f"imported from Hugging Face ({model_type})", "model": model},
+        where=f"{where}: ",
+    )
 
 
 def family_mismatch(family: str, cfg: ModelConfig) -> str | None:
@@ -305,11 +337,16 @@ def family_mismatch(family: str, cfg: ModelConfig) -> str | None:
     if family == "mistral" and (cfg.qkv_bias or cfg.attention_out_bias):
         return "qkv_bias/attention_out_bias=true (Mistral has no attention bias)"
     if family == "qwen2" and (not cfg.qkv_bias or cfg.attention_out_bias):
-        return (f"qkv_bias={str(cfg.qkv_bias).lower()}, attention_out_bias={str(cfg.attention_out_bias).lower()} "
-                "(Qwen2 has q/k/v biases and no output bias)")
+        return (
+            f"qkv_bias={str(cfg.qkv_bias).lower()}, attention_out_bias={str(cfg.attention_out_bias).lower()} "
+            "(Qwen2 has q/k/v biases and no output bias)"
+        )
     if family in ("llama", "qwen3") and cfg.qkv_bias != cfg.attention_out_bias:
-        return (f"qkv_bias={str(cfg.qkv_bias).lower()} with attention_out_bias={str(cfg.attention_out_bias).lower()} "
-                f"({family}'s attention_bias sets both)")
+        return (
+            f"qkv_bias={str(cfg.qkv_bias).lower()} with "
+            f"attention_out_bias={str(cfg.attention_out_bias).lower()} "
+            f"({family}'s attention_bias sets both)"
+        )
     if family == "llama" and cfg.sliding_window is not None:
         return f"sliding_window={cfg.sliding_window} (Llama attends fully)"
     return None
@@ -338,8 +375,10 @@ def _hf_rope(cfg: ModelConfig) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) for config.json."""
     scaling, theta = cfg.rope_scaling, cfg.rope_theta
     if cfg.rope_policy != "static" and scaling.type != "none":
-        raise SapwoodError(f"model.rope_policy={cfg.rope_policy!r} has no Hugging Face equivalent (transformers "
-                           "applies rope_scaling at every length); set rope_policy: static to export")
+        raise SapwoodError(
+            f"model.rope_policy={cfg.rope_policy!r} has no Hugging Face equivalent (transformers "
+            "applies rope_scaling at every length); set rope_policy: static to export"
+        )
     if scaling.type == "none" or (scaling.factor == 1.0 and scaling.type not in ("dynamic_ntk", "longrope")):
         return theta, None
     if scaling.type == "linear":

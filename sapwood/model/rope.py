@@ -104,6 +104,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``[batch, heads, seq, head_dim]``; cos/sin are ``[batch or 1, seq, head_dim]``."""
+    """Rotate ``x`` of shape ``[batch, heads, seq, head_dim]``; cos/sin are ``[batch or 1, seq,
+    head_dim]``."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (x * cos + rotate_half(x) * sin).to(x.dtype)

@@ -110,9 +110,12 @@ def check_fused_attention(cfg: ModelConfig, seq: int, dtype: torch.dtype, device
         score_gb = cfg.heads * seq * seq * torch.empty((), dtype=dtype).element_size() / 1e9
         where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else str(device)
         raise AttentionKernelError(
-            f"attention at seq {seq} on {where} ({str(dtype).removeprefix('torch.')}, head_dim {cfg.head_dim}, "
-            f"{cfg.heads} heads) would run only the math kernel ({score_gb:.1f} GB of scores per sequence and layer); "
-            "flash / memory-efficient attention need bf16 or fp16 and head_dim <= 256 (a multiple of 8)")
+            f"attention at seq {seq} on {where} ({str(dtype).removeprefix('torch.')}, head_dim "
+            f"{cfg.head_dim}, "
+            f"{cfg.heads} heads) would run only the math kernel ({score_gb:.1f} GB of scores per sequence "
+            f"and layer); "
+            "flash / memory-efficient attention need bf16 or fp16 and head_dim <= 256 (a multiple of 8)"
+        )
     return kernel
 
 
@@ -228,7 +231,8 @@ class Block(nn.Module):
             self.ffn_norm.reset_parameters()
 
     def reset_option_parameters(self) -> None:
-        """Zero the family options' biases and reset the q/k norm gains (weights are initialized elsewhere)."""
+        """Zero the family options' biases and reset the q/k norm gains (weights are initialized
+        elsewhere)."""
         for module in (*self.attention.children(), *self.feed_forward.children()):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -299,9 +303,15 @@ class Decoder(nn.Module):
             if positions is None:
                 positions = torch.arange(seq, device=h.device).unsqueeze(0)
             cfg, inv_freq, attention_factor = self.cfg, self.inv_freq, self.attention_factor
-            if cfg.rope_scaling.type == "longrope" and int(positions.max()) >= cfg.trained_context:  # long factors
+            if (
+                cfg.rope_scaling.type == "longrope" and int(positions.max()) >= cfg.trained_context
+            ):  # long factors
                 inv_freq, attention_factor = scaled_inv_freq(
-                    cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling, seq_len=int(positions.max()) + 1
+                    cfg.head_dim,
+                    cfg.rope_theta,
+                    cfg.trained_context,
+                    cfg.rope_scaling,
+                    seq_len=int(positions.max()) + 1,
                 )
             rope = rope_cos_sin(positions, inv_freq, attention_factor)
         cos, sin = rope

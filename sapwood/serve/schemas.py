@@ -27,7 +27,9 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     model_config = REQUEST_CONFIG
 
-    model: str | None = Field(None, max_length=256, description="the served model (see /v1/models); default it")
+    model: str | None = Field(
+        None, max_length=256, description="the served model (see /v1/models); default it"
+    )
     max_tokens: int | None = Field(None, ge=0, le=2**31 - 1, description="new tokens; 0 only with echo")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="below 1e-5 means greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -41,8 +43,9 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = Field(None, max_length=256)
     ignore_eos: bool = Field(False, description="always generate max_tokens (benchmarks)")
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
-        Field(None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias in [-100, 100]"))
+    logit_bias: (
+        dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Annotated[float, Field(ge=-100, le=100)]] | None
+    ) = Field(None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias in [-100, 100]")
 
     @field_validator("stop")
     @classmethod
@@ -62,9 +65,15 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[TokenId] | list[str] = Field(description="text, token ids, or a list of one text")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                 description="log-probabilities of each token and of its N most likely alternatives")
-    echo: bool = Field(False, description="return the prompt too (with its log-probabilities when logprobs is set)")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="log-probabilities of each token and of its N most likely alternatives",
+    )
+    echo: bool = Field(
+        False, description="return the prompt too (with its log-probabilities when logprobs is set)"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -90,7 +99,9 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool = Field(False, description="log-probability of each generated token")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token (logprobs)")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="alternatives per token (logprobs)"
+    )
 
     @model_validator(mode="after")
     def _positive_tokens(self) -> ChatCompletionRequest:

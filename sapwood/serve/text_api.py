@@ -87,17 +87,33 @@ class TextService:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def sampling(self, body: schemas.SamplingFields, prompt_tokens: int, max_tokens: int | None,
-                 default_max: int, logprobs: int | None = None, prompt_logprobs: bool = False) -> SamplingParams:
+    def sampling(
+        self,
+        body: schemas.SamplingFields,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        default_max: int,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
+    ) -> SamplingParams:
         if max_tokens is None:
             max_tokens = self.engine.policy.default_max_tokens(prompt_tokens, default_max)
         fields = dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                       repetition_penalty=body.repetition_penalty)
-        fields.update({k: v for k, v in self.engine.sampling_defaults.items() if k not in body.model_fields_set})
+        fields.update(
+            {k: v for k, v in self.engine.sampling_defaults.items() if k not in body.model_fields_set}
+        )
         try:
-            return SamplingParams(max_tokens=max_tokens, **fields, seed=body.seed, stop=body.stop_list,
-                                  ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                  logit_bias=body.bias_by_token)
+            return SamplingParams(
+                max_tokens=max_tokens,
+                **fields,
+                seed=body.seed,
+                stop=body.stop_list,
+                ignore_eos=body.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                logit_bias=body.bias_by_token,
+            )
         except SapwoodError as exc:
             raise APIError(400, str(exc)) from None
 
@@ -157,7 +173,9 @@ class TextService:
         if output.finished and request.finish_reason == "cancelled":
             raise APIError(503, "the request was cancelled because the server is shutting down")
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Generation:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> Generation:
         text, request = [], None
         async for output in self.outputs(prompt_ids, params, adapter):
             text.append(output.text_delta)
@@ -194,10 +212,14 @@ class TextService:
             text = self.token_text(token)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        return schemas.ChatLogprobs(content=[
-            schemas.ChatTokenLogprob(**entry(t, lp), top_logprobs=[schemas.TopLogprob(**entry(i, v)) for i, v in top])
-            for t, (lp, top) in zip(token_ids, scored, strict=True)
-        ])
+        return schemas.ChatLogprobs(
+            content=[
+                schemas.ChatTokenLogprob(
+                    **entry(t, lp), top_logprobs=[schemas.TopLogprob(**entry(i, v)) for i, v in top]
+                )
+                for t, (lp, top) in zip(token_ids, scored, strict=True)
+            ]
+        )
 
 
 class OutputBox:
@@ -246,8 +268,13 @@ def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
     if len(outputs) == 1:
         return outputs[0]
     last = outputs[-1]
-    return StepOutput(last.request, [t for o in outputs for t in o.new_token_ids], "".join(o.text_delta for o in outputs),
-                      last.finished, [lp for o in outputs for lp in o.new_logprobs])
+    return StepOutput(
+        last.request,
+        [t for o in outputs for t in o.new_token_ids],
+        "".join(o.text_delta for o in outputs),
+        last.finished,
+        [lp for o in outputs for lp in o.new_logprobs],
+    )
 
 
 async def until_disconnect(request: HTTPRequest, work: Awaitable[T]) -> T | Response:
@@ -330,7 +357,9 @@ class CompletionStream(StreamFormat):
         finish = output.request.finish_reason if output.finished else None
         logprobs = None
         if self.logprobs and output.new_logprobs:
-            logprobs = self.service.completion_logprobs(output.new_token_ids, output.new_logprobs, self.offset)
+            logprobs = self.service.completion_logprobs(
+                output.new_token_ids, output.new_logprobs, self.offset
+            )
         self.offset += len(output.text_delta)
         if output.text_delta or finish or logprobs:
             return self._event(output.text_delta, logprobs, finish)
@@ -345,8 +374,16 @@ class ChatStream(StreamFormat):
         self.logprobs = logprobs
 
     def _event(self, delta: dict, finish: str | None, logprobs: schemas.ChatLogprobs | None = None) -> bytes:
-        return self.event([{"index": 0, "delta": delta, "logprobs": logprobs.model_dump() if logprobs else None,
-                            "finish_reason": finish}])
+        return self.event(
+            [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": logprobs.model_dump() if logprobs else None,
+                    "finish_reason": finish,
+                }
+            ]
+        )
 
     def opening(self, first: StepOutput) -> list[bytes]:
         return [self._event({"role": "assistant", "content": ""}, None)]
@@ -388,7 +425,9 @@ async def stream_response(service: TextService, prompt_ids: list[int], params: S
                 yield fmt.event([], usage(len(prompt_ids), len(output.request.output_ids)))
             yield sse("[DONE]")
         except APIError as exc:  # the status is already sent: a final SSE error event
-            yield sse({"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}})
+            yield sse(
+                {"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}}
+            )
         finally:
             await outputs.aclose()
 
@@ -400,7 +439,8 @@ def build_text_router(service: TextService) -> APIRouter:
 
     @router.get("/v1/models")
     async def list_models() -> schemas.ModelList:
-        """The base model and each LoRA adapter served on it (``parent``: the base); a request's ``model`` picks
+        """The base model and each LoRA adapter served on it (``parent``: the base); a request's ``model``
+        picks
         one."""
         max_context = service.engine.cfg.max_context
         cards = [schemas.ModelCard(id=service.model_name, created=service.created, max_context=max_context)]
@@ -428,11 +468,18 @@ def build_text_router(service: TextService) -> APIRouter:
         logprobs = None
         if body.logprobs is not None:
             ids = (prompt_ids if body.echo else []) + result.output_ids
-            scored = ([None] + list(result.prompt_logprobs or []) if body.echo else []) + list(result.output_logprobs)
+            scored = ([None] + list(result.prompt_logprobs or []) if body.echo else []) + list(
+                result.output_logprobs
+            )
             logprobs = service.completion_logprobs(ids, scored)
         choice = schemas.CompletionChoice(text=text, logprobs=logprobs, finish_reason=result.finish_reason)
-        return schemas.CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
-                                          model=adapter or service.model_name, choices=[choice], usage=result.usage)
+        return schemas.CompletionResponse(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=adapter or service.model_name,
+            choices=[choice],
+            usage=result.usage,
+        )
 
     @router.post("/v1/chat/completions", response_model=schemas.ChatCompletionResponse,
                  responses={200: {"content": {"text/event-stream": {}}}})

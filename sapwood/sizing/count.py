@@ -35,7 +35,11 @@ def parameter_shapes(cfg: ModelConfig) -> list[ParamSpec]:
     def linear(name: str, out_dim: int, in_dim: int, tp_dim: int, bias: bool, layer: int) -> list[ParamSpec]:
         """Weight, then bias (sharded with the output rows when column-parallel, else replicated)."""
         weight = ParamSpec(name + ".weight", (out_dim, in_dim), tp_dim, layer)
-        return [weight, ParamSpec(name + ".bias", (out_dim,), 0 if tp_dim == 0 else None, layer)] if bias else [weight]
+        return (
+            [weight, ParamSpec(name + ".bias", (out_dim,), 0 if tp_dim == 0 else None, layer)]
+            if bias
+            else [weight]
+        )
 
     specs = [ParamSpec("tok_embeddings.weight", (cfg.vocab_size, h), 0, None)]
     for i in range(cfg.layers):
@@ -117,4 +121,6 @@ def config_param_counts(config: Config) -> ParamCounts:
     total = sum(s.numel for s in specs)
     blocks = sum(s.numel for s in specs if s.layer is not None)
     final_norm = sum(s.numel for s in specs if s.name.startswith("norm."))
-    return ParamCounts(total, total - blocks - final_norm, blocks + final_norm, blocks // max(config.model.layers, 1))
+    return ParamCounts(
+        total, total - blocks - final_norm, blocks + final_norm, blocks // max(config.model.layers, 1)
+    )

@@ -7,7 +7,8 @@ A served model keeps, per token and layer, one key and one value vector per KV h
 Under the preset's serving plan one replica is a TP x PP group: pipeline rank ``p`` keeps the KV of its
 stage's layers, tensor rank ``t`` that of the KV heads its query heads read (:func:`kv_heads_per_tp_rank`:
 ``kv_heads / tp`` when ``tp`` divides them, otherwise some KV heads are kept on two ranks, as vLLM
-replicates them when ``tp`` exceeds them). The device's weights are its bf16 share of the model (:func:`sapwood.sizing.rank_params` with
+replicates them when ``tp`` exceeds them). The device's weights are its bf16 share of the model
+(:func:`sapwood.sizing.rank_params` with
 the TP x PP split, no FSDP: every replica holds a whole model). What remains of ``device_gb`` after the
 weights and ``reserve`` (activations, workspace; vLLM's default ``gpu_memory_utilization`` 0.9 leaves
 10 %) is the KV budget; the longest context is that budget over the device's KV bytes per token (one

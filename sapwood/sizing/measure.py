@@ -24,8 +24,16 @@ import torch
 from sapwood.config import Config
 from sapwood.errors import ConfigError
 
-CATEGORIES = {"PARAM": "params", "BUFFER": "buffers", "GRAD": "grads", "OPT": "optimizer", "ACT": "activations",
-              "TEMP": "temporaries", "INP": "inputs", "OTH": "other"}
+CATEGORIES = {
+    "PARAM": "params",
+    "BUFFER": "buffers",
+    "GRAD": "grads",
+    "OPT": "optimizer",
+    "ACT": "activations",
+    "TEMP": "temporaries",
+    "INP": "inputs",
+    "OTH": "other",
+}
 
 
 @dataclass
@@ -69,10 +77,14 @@ def measure_training_step(
     from sapwood.train.precision import DTYPES, cast_parameters
 
     if getattr(config, "cube", None) is not None:
-        raise ConfigError("sapwood size --measure measures the language model (Decoder) configs; this one is a "
-                          "cube surrogate")
+        raise ConfigError(
+            "sapwood size --measure measures the language model (Decoder) configs; this one is a "
+            "cube surrogate"
+        )
     if checkpointing not in ("none", "full"):
-        raise ConfigError(f"--checkpointing {checkpointing} cannot be measured; use none or full (every block)")
+        raise ConfigError(
+            f"--checkpointing {checkpointing} cannot be measured; use none or full (every block)"
+        )
     cfg = config.model
     seq = seq or cfg.trained_context
     started = time.perf_counter()
@@ -155,7 +167,9 @@ def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     """``scaled_dot_product_attention`` through the CPU flash-attention kernel: it keeps the output and
     the log-sum-exp rows for backward, as the CUDA flash / memory-efficient kernels do."""
     if attn_mask is not None:
-        raise ConfigError("the measured step has an attention mask; the fused kernels take causal masking only")
+        raise ConfigError(
+            "the measured step has an attention mask; the fused kernels take causal masking only"
+        )
     if enable_gqa and key.shape[1] != query.shape[1]:
         repeat = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)

@@ -289,8 +289,10 @@ def memory_plan(
     seq = seq or cfg.trained_context
     act_bytes = 4 if precision == "fp32" else 2
     local_seq = math.ceil(seq / parallel.cp)
-    per_layer = {mode: activation_bytes_per_layer(cfg, local_seq, micro_batch, parallel.tp, mode, True, act_bytes)
-                 for mode in ("none", "selective", "full")}
+    per_layer = {
+        mode: activation_bytes_per_layer(cfg, local_seq, micro_batch, parallel.tp, mode, True, act_bytes)
+        for mode in ("none", "selective", "full")
+    }
     # SDPA never materializes the attention matrix, so "none" costs the selective figure in practice.
     stored = per_layer["full"] if checkpointing == "full" else per_layer["selective"]
     interleaved = parallel.pp_schedule == "interleaved_1f1b" and parallel.pp > 1
@@ -318,11 +320,28 @@ def memory_plan(
         if optimizer_in_backward and held:
             largest = max(n for _, n in held)
             grads = largest * weight_bytes_per_param(precision)
-            eager_step = optimizer != "adamw" or precision == "bf16-pure"  # torchao's step, not torch's fused one
+            eager_step = (
+                optimizer != "adamw" or precision == "bf16-pure"
+            )  # torchao's step, not torch's fused one
             step_temporaries = STEP_TEMPORARY_COPIES * 4 * largest if eager_step else 0
-        plan = MemoryPlan(precision, optimizer, checkpointing, seq, micro_batch, state.weights, grads,
-                          state.optimizer, int(compute_copy), int(activations), pp_rank, per_layer, int(logits),
-                          optimizer_in_backward, loss_chunk, step_temporaries)
+        plan = MemoryPlan(
+            precision,
+            optimizer,
+            checkpointing,
+            seq,
+            micro_batch,
+            state.weights,
+            grads,
+            state.optimizer,
+            int(compute_copy),
+            int(activations),
+            pp_rank,
+            per_layer,
+            int(logits),
+            optimizer_in_backward,
+            loss_chunk,
+            step_temporaries,
+        )
         if best is None or plan.total > best.total:
             best = plan
     assert best is not None

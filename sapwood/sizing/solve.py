@@ -64,18 +64,24 @@ def _check_request(req: SolveRequest) -> None:
     if req.family not in FAMILY_OPTIONS:
         raise ConfigError(f"family={req.family!r} is not known; allowed: {', '.join(FAMILY_OPTIONS)}")
     if req.ffn is not None and req.ffn % 64:
-        raise ConfigError(f"ffn={req.ffn} is not a multiple of 64; choose one (e.g. {round(req.ffn / 64) * 64 or 64})")
+        raise ConfigError(
+            f"ffn={req.ffn} is not a multiple of 64; choose one (e.g. {round(req.ffn / 64) * 64 or 64})"
+        )
     if req.head_dim is not None and req.head_dim % 8:
         raise ConfigError(f"head_dim={req.head_dim} is not a multiple of 8")
     if req.heads and req.kv_heads and req.heads % req.kv_heads:
-        raise ConfigError(f"heads={req.heads} is not divisible by kv_heads={req.kv_heads}; kv_heads must divide heads")
+        raise ConfigError(
+            f"heads={req.heads} is not divisible by kv_heads={req.kv_heads}; kv_heads must divide heads"
+        )
     if req.hidden and req.heads and not _decoupled_head_dim(req):
         head_dim = req.hidden / req.heads
         if req.hidden % req.heads or head_dim % 8 or (req.head_dim and head_dim != req.head_dim):
             step = req.heads * 8
             below, above = max(step, req.hidden // step * step), (req.hidden // step + 1) * step
-            raise ConfigError(f"hidden={req.hidden} with heads={req.heads} gives head_dim={head_dim:g}, not a multiple "
-                              f"of 8; nearest valid hidden: {below} or {above}")
+            raise ConfigError(
+                f"hidden={req.hidden} with heads={req.heads} gives head_dim={head_dim:g}, not a multiple "
+                f"of 8; nearest valid hidden: {below} or {above}"
+            )
 
 
 def _decoupled_head_dim(req: SolveRequest) -> bool:
@@ -89,7 +95,11 @@ def _candidate_dims(req: SolveRequest) -> list[tuple[int, int, int]]:
         return [(req.hidden, req.heads, req.kv_heads or req.heads)]
     combos = []
     if req.heads is not None:
-        head_dims = [req.hidden // req.heads] if req.hidden else ([req.head_dim] if req.head_dim else range(8, 1025, 8))
+        head_dims = (
+            [req.hidden // req.heads]
+            if req.hidden
+            else ([req.head_dim] if req.head_dim else range(8, 1025, 8))
+        )
         for head_dim in head_dims:
             combos.append((req.heads * head_dim, req.heads, req.kv_heads or req.heads))
         return combos
@@ -97,7 +107,9 @@ def _candidate_dims(req: SolveRequest) -> list[tuple[int, int, int]]:
     hiddens = [req.hidden] if req.hidden else [head_dim * k for k in range(1, 257)]
     for hidden in hiddens:
         if hidden % head_dim:
-            raise ConfigError(f"hidden={hidden} is not a multiple of head_dim={head_dim}; give --heads or --head-dim")
+            raise ConfigError(
+                f"hidden={hidden} is not a multiple of head_dim={head_dim}; give --heads or --head-dim"
+            )
         heads = hidden // head_dim
         if req.kv_heads and heads % req.kv_heads:
             continue
@@ -132,14 +144,26 @@ def solve(req: SolveRequest) -> SolveResult:
                 if nearest is None or error < nearest[0]:
                     nearest = (error, total)
                 if error <= req.tolerance:
-                    dims = dict(vocab_size=req.vocab_size, hidden=hidden, layers=layers, heads=heads,
-                                kv_heads=kv_heads, head_dim=head_dim, ffn=ffn, tied_embeddings=req.tied_embeddings,
-                                **options)
+                    dims = dict(
+                        vocab_size=req.vocab_size,
+                        hidden=hidden,
+                        layers=layers,
+                        heads=heads,
+                        kv_heads=kv_heads,
+                        head_dim=head_dim,
+                        ffn=ffn,
+                        tied_embeddings=req.tied_embeddings,
+                        **options,
+                    )
                     found.append((_shape_cost(req, layers, hidden, ffn), total, dims))
     if not found:
-        best = f"; the nearest valid shape has {nearest[1]:,} params ({nearest[0]:.2%} off)" if nearest else ""
-        raise ConfigError(f"params={req.params:g}: no valid config within tolerance={req.tolerance:g} with the fixed "
-                          f"dimensions{best}; free a dimension or raise --tolerance")
+        best = (
+            f"; the nearest valid shape has {nearest[1]:,} params ({nearest[0]:.2%} off)" if nearest else ""
+        )
+        raise ConfigError(
+            f"params={req.params:g}: no valid config within tolerance={req.tolerance:g} with the fixed "
+            f"dimensions{best}; free a dimension or raise --tolerance"
+        )
     found.sort(key=lambda item: (item[0], abs(item[1] - req.params)))
     (_, total, dims), others = found[0], found[1:6]
     return SolveResult(ModelConfig(**dims), total, (total - req.params) / req.params,

@@ -13,7 +13,8 @@ after every rank has finished (:mod:`sapwood.fsutil`); then the ``latest`` point
 atomically and complete checkpoints older than the newest ``keep`` complete ones are removed (never
 the one just written, never an incomplete one). On resume, leftovers of killed writers are tidied,
 and a checkpoint without a manifest, or whose files do not match it (a truncated file), is skipped
-with a warning and the next older one is tried; the newest complete checkpoint wins over ``latest``. Model and optimizer state go through
+with a warning and the next older one is tried; the newest complete checkpoint wins over ``latest``. Model
+and optimizer state go through
 ``get_state_dict`` / ``set_state_dict``, which work the same for plain, FSDP2 and DTensor models and
 in a single process without ``init_process_group``.
 """
@@ -63,7 +64,9 @@ STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 def _single_process_ok() -> Iterator[None]:
     """dcp warns on every call that it assumes one process when no process group exists: intended here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
         yield
 
 
@@ -91,7 +94,10 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {"key": np.array(numpy_state["state"]["key"], dtype=np.uint32), "pos": numpy_state["state"]["pos"]}
+    numpy_state["state"] = {
+        "key": np.array(numpy_state["state"]["key"], dtype=np.uint32),
+        "pos": numpy_state["state"]["pos"],
+    }
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -181,7 +187,11 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.exists():
         return []
-    folders = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    folders = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
     return sorted(folders, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
 
 
@@ -248,9 +258,15 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
         with _single_process_ok():
             dcp.load(state, checkpoint_id=str(folder))
     except CheckpointException as exc:
-        raise CheckpointDamaged(f"{folder}: model/optimizer files are unreadable ({_first_line(exc)})") from exc
+        raise CheckpointDamaged(
+            f"{folder}: model/optimizer files are unreadable ({_first_line(exc)})"
+        ) from exc
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=STATE_OPTIONS
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=STATE_OPTIONS,
     )
     trainer_file = folder / f"trainer_rank{rank:05d}.pt"
     if not trainer_file.exists():

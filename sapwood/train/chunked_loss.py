@@ -53,7 +53,9 @@ def head_detached(model: nn.Module) -> Iterator[nn.Module]:
         model.output = head
 
 
-def lm_loss_chunked(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def lm_loss_chunked(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """Next-token loss of a Decoder with the head applied chunk by chunk."""
     with head_detached(model) as head:
         hidden = model(inputs)

@@ -21,7 +21,9 @@ def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the model weights of training checkpoint folder ``checkpoint`` (``.../step_N``) to ``out``."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / ".metadata").exists() or not (checkpoint / "config.yaml").exists():
-        raise SapwoodError(f"{checkpoint}: no .metadata/config.yaml; pass a training checkpoint folder (step_N)")
+        raise SapwoodError(
+            f"{checkpoint}: no .metadata/config.yaml; pass a training checkpoint folder (step_N)"
+        )
     config = load_config(checkpoint / "config.yaml")
     with torch.device("meta"):
         model = build_model(config, "meta")

@@ -28,17 +28,24 @@ class InitFromCheckpoint(Callback):
         from sapwood.model.folder import read_weights
 
         state = read_weights(self.folder)
-        missing, unexpected = set_model_state_dict(trainer.model, state,
-                                                   options=StateDictOptions(full_state_dict=True, strict=False))
-        missing = [name for name in missing if name != "output.weight" or not trainer.config.model.tied_embeddings]
+        missing, unexpected = set_model_state_dict(
+            trainer.model, state, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+        missing = [
+            name for name in missing if name != "output.weight" or not trainer.config.model.tied_embeddings
+        ]
         if missing or unexpected:
             from sapwood.errors import ConfigError
 
             raise ConfigError(f"context.init_from={self.folder}: its weights do not match the model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        trainer.log_event("context_extension", init_from=str(self.folder),
-                          rope_scaling=trainer.config.model.rope_scaling.model_dump(exclude_none=True),
-                          max_context=trainer.config.model.max_context, seq_len=trainer.config.context.seq_len)
+        trainer.log_event(
+            "context_extension",
+            init_from=str(self.folder),
+            rope_scaling=trainer.config.model.rope_scaling.model_dump(exclude_none=True),
+            max_context=trainer.config.model.max_context,
+            seq_len=trainer.config.context.seq_len,
+        )
 
 
 def context_callbacks(config: Any) -> list[Callback]:

@@ -113,8 +113,10 @@ def check_task_parallelism(config: Config) -> None:
     """One-line :class:`ConfigError` for a task whose model the tensor / pipeline split cannot take."""
     par = config.parallel
     if getattr(config, "cube", None) is not None and (par.tp > 1 or par.pp > 1):
-        raise ConfigError(f"parallel.tp={par.tp}, pp={par.pp}: the cube surrogate trains with data parallelism "
-                          "only (dp_shard / dp_replicate); set tp: 1 and pp: 1")
+        raise ConfigError(
+            f"parallel.tp={par.tp}, pp={par.pp}: the cube surrogate trains with data parallelism "
+            "only (dp_shard / dp_replicate); set tp: 1 and pp: 1"
+        )
 
 
 class Trainer:
@@ -138,18 +140,26 @@ class Trainer:
         self.dims = parallel_dims_for(self.config.parallel, self.device.type)
         self.out_dir = Path(self.config.train.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        self.events = EventLog(self.out_dir / "metrics.jsonl", enabled=self.rank == 0,
-                               tensorboard_dir=self.out_dir / "tensorboard" if self.config.train.tensorboard else None)
+        self.events = EventLog(
+            self.out_dir / "metrics.jsonl",
+            enabled=self.rank == 0,
+            tensorboard_dir=self.out_dir / "tensorboard" if self.config.train.tensorboard else None,
+        )
         dp = self.config.parallel.dp if self.world_size > 1 else 1
         per_step = self.config.train.micro_batch_size * dp
         if self.config.train.batch_size % per_step:
             raise ConfigError(
-                f"train.batch_size={self.config.train.batch_size} is not divisible by micro_batch_size x dp = {per_step}"
+                f"train.batch_size={self.config.train.batch_size} is not divisible by micro_batch_size x dp "
+                f"= {per_step}"
             )
         self.accumulation = self.config.train.batch_size // per_step
         check_memory_options(self.config.train, self.world_size)
         self.precision = Precision(self.config.train.precision, self.device.type)
-        if self.precision.name == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if (
+            self.precision.name == "bf16"
+            and self.device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()
+        ):
             raise ConfigError("train.precision='bf16' is not supported on this GPU; use fp16 or fp32")
         self.task = build_task(self.config)
         self.mfu = self._gpu_checks()
@@ -175,7 +185,9 @@ class Trainer:
         sequence length (one-line error otherwise); returns the MFU meter for the training logs."""
         if self.device.type != "cuda" or getattr(self.config, "cube", None) is not None:
             return None
-        seq = (self.config.data.seq_len if self.config.data is not None else None) or self.config.model.trained_context
+        seq = (
+            self.config.data.seq_len if self.config.data is not None else None
+        ) or self.config.model.trained_context
         dtype = torch.float32 if self.precision.name == "fp32" else self.precision.dtype
         check_fused_attention(self.config.model, seq, dtype, self.device)
         return MfuMeter(self.config.model, seq, torch.cuda.get_device_name(self.device), self.precision.name)
@@ -215,8 +227,9 @@ class Trainer:
         else:
             self.scheduler = warmup_cosine(self.optimizer, t.lr, t.min_lr, t.warmup_steps, t.steps)
         self.scaler = self.precision.grad_scaler(distributed=self.world_size > 1)
-        self.batches = DeviceFeed(self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp),
-                                  self.device)  # on CUDA: the copy of the next batch overlaps this step
+        self.batches = DeviceFeed(
+            self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp), self.device
+        )  # on CUDA: the copy of the next batch overlaps this step
 
     def model_changed(self) -> None:
         """Call after replacing blocks/parameters: activation checkpointing and compile reach new blocks."""
@@ -240,8 +253,13 @@ class Trainer:
         """Write a training checkpoint for the current step (collective); no Ctrl-C cuts it."""
         with protected():
             self.last_checkpoint = ckpt.save_checkpoint(
-                self.checkpoint_dir, self.step, self.model, self._checkpointed_optimizer(), self.trainer_state(),
-                self.config, self.config.train.keep_checkpoints,
+                self.checkpoint_dir,
+                self.step,
+                self.model,
+                self._checkpointed_optimizer(),
+                self.trainer_state(),
+                self.config,
+                self.config.train.keep_checkpoints,
             )
             self.log_event("checkpoint", path=str(self.last_checkpoint))
         return self.last_checkpoint
@@ -255,15 +273,21 @@ class Trainer:
     def _resume(self) -> None:
         candidates = ckpt.resume_candidates(self.checkpoint_dir)
         if not candidates:
-            say(f"--resume: nothing to resume, no complete checkpoint in {self.checkpoint_dir}; starting from step 0",
-                self.rank)
+            say(
+                f"--resume: nothing to resume, no complete checkpoint in {self.checkpoint_dir}; starting "
+                f"from step 0",
+                self.rank,
+            )
             return
         for folder in candidates:
             try:
                 saved = ckpt.checkpoint_config(folder)
                 config = self.config.model_copy(update={"model": saved.model})
                 for name in type(saved).model_fields:  # sections owned by callbacks (e.g. growth)
-                    if name not in ("model", "train", "data", "parallel") and getattr(saved, name) is not None:
+                    if (
+                        name not in ("model", "train", "data", "parallel")
+                        and getattr(saved, name) is not None
+                    ):
                         config = config.model_copy(update={name: getattr(saved, name)})
                 if config.model != self.config.model:
                     self._build(config)
@@ -300,12 +324,15 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics (``skipped`` True when the loss was not finite), with
-        ``data_wait_s``, the seconds the step waited for its batches, and ``data_wait_fraction`` of the step."""
+        ``data_wait_s``, the seconds the step waited for its batches, and ``data_wait_fraction`` of the
+        step."""
         start = time.perf_counter()
         self._data_wait = 0.0
         metrics = self._train_step()
         elapsed = time.perf_counter() - start
-        metrics.update(data_wait_s=self._data_wait, data_wait_fraction=self._data_wait / elapsed if elapsed > 0 else 0.0)
+        metrics.update(
+            data_wait_s=self._data_wait, data_wait_fraction=self._data_wait / elapsed if elapsed > 0 else 0.0
+        )
         return metrics
 
     def _next_batch(self) -> Any:
@@ -325,11 +352,15 @@ class Trainer:
         for index in range(self.accumulation):
             batch = self._next_batch()
             units += self.task.count_units(batch)
-            if self.parallel.pipelined:  # the schedule runs backward itself: scale its loss as the scaler would
+            if (
+                self.parallel.pipelined
+            ):  # the schedule runs backward itself: scale its loss as the scaler would
                 scale = float(self.scaler.scale(torch.ones((), device=self.device)))  # 1 unless fp16
                 inputs, targets = self.task.split_batch(batch)
                 with self.precision.autocast():
-                    loss = self.parallel.forward_backward(inputs, targets, loss_scale=scale / self.accumulation)
+                    loss = self.parallel.forward_backward(
+                        inputs, targets, loss_scale=scale / self.accumulation
+                    )
                 metrics = {}
             elif in_backward:
                 with self.precision.autocast():
@@ -412,12 +443,18 @@ class Trainer:
         if self.step >= t.steps:
             say(f"the run already finished at step {self.step} (train.steps={t.steps}); nothing to train. "
                 "Raise train.steps to train further.", self.rank)
-        progress = _Progress(t.steps, self.step, enabled=t.progress and self.rank == 0 and self.step < t.steps,
-                             unit=getattr(self.task, "unit_name", "tok"))
+        progress = _Progress(
+            t.steps,
+            self.step,
+            enabled=t.progress and self.rank == 0 and self.step < t.steps,
+            unit=getattr(self.task, "unit_name", "tok"),
+        )
         window_units, window_start = 0, time.perf_counter()
         with progress:
             while self.step < t.steps:
-                if stop.requested:  # a Ctrl-C: stop at this safe point, after the last step and its checkpoint
+                if (
+                    stop.requested
+                ):  # a Ctrl-C: stop at this safe point, after the last step and its checkpoint
                     raise KeyboardInterrupt
                 metrics = self.train_step()
                 window_units += metrics["units"]
@@ -431,7 +468,8 @@ class Trainer:
                         self.log_event("diverged", bad_steps=self.bad_steps)
                         raise DivergenceError(
                             f"training diverged: loss was NaN/inf for {self.bad_steps} consecutive steps "
-                            f"(at step {self.step}); last good checkpoint: {where}; lower train.lr or use fp32/bf16"
+                            f"(at step {self.step}); last good checkpoint: {where}; lower train.lr or use "
+                            f"fp32/bf16"
                         )
                 else:
                     last_loss = metrics["loss"]

@@ -179,7 +179,8 @@ class ParallelDims:
         return self.pp > 1
 
     def submesh(self, name: str) -> DeviceMesh:
-        """The 1-D mesh of ``name`` (one of MESH_DIMS, ``dp``, ``dp_shard_tp`` or, with cp, ``dp_shard_cp``)."""
+        """The 1-D mesh of ``name`` (one of MESH_DIMS, ``dp``, ``dp_shard_tp`` or, with cp,
+        ``dp_shard_cp``)."""
         if self.mesh is None:
             raise RuntimeError("no device mesh: this is a single-process run")
         return self.flattened[name] if name in self.flattened else self.mesh[name]
@@ -204,7 +205,9 @@ class ParallelDims:
         return 0 if self.mesh is None else self.submesh("pp").get_local_rank()
 
 
-def build_parallel_dims(parallel: ParallelConfig, world_size: int | None = None, device_type: str = "cpu") -> ParallelDims:
+def build_parallel_dims(
+    parallel: ParallelConfig, world_size: int | None = None, device_type: str = "cpu"
+) -> ParallelDims:
     """Validate ``parallel`` against the world size and build the device mesh.
 
     One process with all degrees 1 needs no process group and gets no mesh. Otherwise the default
@@ -215,7 +218,9 @@ def build_parallel_dims(parallel: ParallelConfig, world_size: int | None = None,
     if world_size == 1:
         return ParallelDims(parallel=parallel, world_size=1)
     if not dist.is_initialized():
-        raise ConfigError(f"WORLD_SIZE={world_size} but no process group; launch with torchrun --nproc-per-node N")
+        raise ConfigError(
+            f"WORLD_SIZE={world_size} but no process group; launch with torchrun --nproc-per-node N"
+        )
     degrees = (parallel.pp, parallel.dp_replicate, parallel.dp_shard, parallel.cp, parallel.tp)
     mesh = init_device_mesh(device_type, degrees, mesh_dim_names=MESH_DIMS)
     flattened = {

@@ -36,7 +36,11 @@ class EventLog:
                 f.write(strict_json(record) + "\n")
             if self.tensorboard is not None:
                 for key, value in fields.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    if (
+                        isinstance(value, (int, float))
+                        and not isinstance(value, bool)
+                        and math.isfinite(value)
+                    ):
                         self.tensorboard.add_scalar(f"{event}/{key}", value, step, walltime=record["time"])
                 if event in ("eval", "checkpoint", "done"):
                     self.tensorboard.flush()

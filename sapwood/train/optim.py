@@ -65,7 +65,8 @@ def _torchao_class(name: str, pure_bf16: bool) -> type:
 
 @functools.cache
 def eager_on_cpu(cls: type) -> type:
-    """``cls`` (a torchao optimizer) whose ``step`` runs eagerly (``torch.compile`` stance ``force_eager``) unless its parameters
+    """``cls`` (a torchao optimizer) whose ``step`` runs eagerly (``torch.compile`` stance ``force_eager``)
+    unless its parameters
     are on a GPU."""
 
     class Optimizer(cls):
@@ -176,27 +177,39 @@ class SchedulerGroup:
             scheduler.load_state_dict(state)
 
 
-def build_optimizer(model: nn.Module, train: Any, device: torch.device) -> torch.optim.Optimizer | OptimizerInBackward:
+def build_optimizer(
+    model: nn.Module, train: Any, device: torch.device
+) -> torch.optim.Optimizer | OptimizerInBackward:
     """The optimizer ``train`` (a :class:`~sapwood.config.TrainConfig`) asks for, over ``model``."""
     betas = (train.beta1, train.beta2)
     name = getattr(train, "optimizer", "adamw")
     if getattr(train, "optimizer_in_backward", False):
         return OptimizerInBackward(model, name, train.precision, device, train.lr, betas, train.weight_decay)
-    return make_optimizer(parameter_groups(model, train.weight_decay), name, train.precision, device, train.lr, betas)
+    return make_optimizer(
+        parameter_groups(model, train.weight_decay), name, train.precision, device, train.lr, betas
+    )
 
 
 def check_memory_options(train: Any, world_size: int) -> None:
     """One-line :class:`ConfigError` for combinations the memory-lean options do not support."""
     if getattr(train, "optimizer_in_backward", False):
         if train.grad_clip is not None:
-            raise ConfigError(f"train.optimizer_in_backward=true steps each parameter as its gradient completes, so "
-                              f"global-norm clipping (train.grad_clip={train.grad_clip}) is impossible; set grad_clip: null")
+            raise ConfigError(
+                f"train.optimizer_in_backward=true steps each parameter as its gradient completes, so "
+                f"global-norm clipping (train.grad_clip={train.grad_clip}) is impossible; set grad_clip: null"
+            )
         if train.precision == "fp16":
-            raise ConfigError("train.optimizer_in_backward=true cannot unscale fp16 gradients before the fused steps; "
-                              "use precision bf16 or bf16-pure")
+            raise ConfigError(
+                "train.optimizer_in_backward=true cannot unscale fp16 gradients before the fused steps; "
+                "use precision bf16 or bf16-pure"
+            )
     if train.precision == "bf16-pure" and world_size > 1:
-        raise ConfigError("train.precision='bf16-pure' runs on one process for now (FSDP2 would need bf16 sharded "
-                          "parameters); use precision bf16 for a distributed run")
+        raise ConfigError(
+            "train.precision='bf16-pure' runs on one process for now (FSDP2 would need bf16 sharded "
+            "parameters); use precision bf16 for a distributed run"
+        )
     if getattr(train, "loss_chunk", None) is not None and world_size > 1:
-        raise ConfigError(f"train.loss_chunk={train.loss_chunk} runs on one process (FSDP and tensor parallel shard "
-                          "the output head); set loss_chunk: null for a distributed run")
+        raise ConfigError(
+            f"train.loss_chunk={train.loss_chunk} runs on one process (FSDP and tensor parallel shard "
+            "the output head); set loss_chunk: null for a distributed run"
+        )

@@ -51,8 +51,10 @@ def check_parallel_fits_model(cfg: ModelConfig, dims: ParallelDims) -> None:
     """One-line :class:`ConfigError` when the model's shape cannot be split by the degrees."""
     tp, pp = dims.tp, dims.pp
     if dims.parallel.cp > 1 and pp > 1:
-        raise ConfigError(f"parallel.cp={dims.parallel.cp} with parallel.pp={pp} is not supported (a pipeline stage "
-                          "without the embedding cannot shard its sequence); use cp with dp_shard and tp")
+        raise ConfigError(
+            f"parallel.cp={dims.parallel.cp} with parallel.pp={pp} is not supported (a pipeline stage "
+            "without the embedding cannot shard its sequence); use cp with dp_shard and tp"
+        )
     if tp > 1:
         for name, value in (("kv_heads", cfg.kv_heads), ("heads", cfg.heads), ("ffn", cfg.ffn),
                             ("vocab_size", cfg.vocab_size)):
@@ -60,16 +62,22 @@ def check_parallel_fits_model(cfg: ModelConfig, dims: ParallelDims) -> None:
                 raise ConfigError(f"model.{name}={value} is not divisible by parallel.tp={tp}; "
                                   f"tensor parallel needs {name} to be a multiple of tp")
         if cfg.qk_norm:
-            raise ConfigError(f"model.qk_norm=true with parallel.tp={tp} is not supported (the q/k norm gains would "
-                              "see only each rank's heads); use tp: 1 with dp_shard for this model")
+            raise ConfigError(
+                f"model.qk_norm=true with parallel.tp={tp} is not supported (the q/k norm gains would "
+                "see only each rank's heads); use tp: 1 with dp_shard for this model"
+            )
     if pp > 1:
         stages = pp * (2 if dims.parallel.pp_schedule == "interleaved_1f1b" else 1)
         if cfg.layers < stages:
-            raise ConfigError(f"model.layers={cfg.layers} is fewer than the {stages} pipeline stages of "
-                              f"parallel.pp={pp} ({dims.parallel.pp_schedule}); need at least one layer per stage")
+            raise ConfigError(
+                f"model.layers={cfg.layers} is fewer than the {stages} pipeline stages of "
+                f"parallel.pp={pp} ({dims.parallel.pp_schedule}); need at least one layer per stage"
+            )
         if cfg.tied_embeddings:
-            raise ConfigError("model.tied_embeddings=true with parallel.pp>1: the embedding and the head live on "
-                              "different pipeline stages; set tied_embeddings: false or pp: 1")
+            raise ConfigError(
+                "model.tied_embeddings=true with parallel.pp>1: the embedding and the head live on "
+                "different pipeline stages; set tied_embeddings: false or pp: 1"
+            )
 
 
 # --- pipeline split -----------------------------------------------------------------------------
@@ -126,7 +134,11 @@ def _full_positions_hook(tp: int) -> Callable:
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     """Shard the model over ``tp_mesh`` with DTensor: column-wise q/k/v/gate/up, row-wise o/down,
     sequence-parallel norms, vocab-parallel embedding and head (logits gathered, replicated)."""
-    tied = getattr(model.cfg, "tied_embeddings", False) and model.tok_embeddings is not None and model.output is not None
+    tied = (
+        getattr(model.cfg, "tied_embeddings", False)
+        and model.tok_embeddings is not None
+        and model.output is not None
+    )
     root_plan = {}
     if model.tok_embeddings is not None:
         root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
@@ -176,7 +188,11 @@ def fsdp_policies(precision: str, cpu_offload: bool) -> tuple[MixedPrecisionPoli
     """bf16/fp16 parameters with fp32 gradient reduction when training in low precision; optional
     CPU offload of parameters, gradients and optimizer state."""
     dtype = PRECISION_DTYPES.get(precision)
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        if dtype
+        else MixedPrecisionPolicy()
+    )
     return mp, (CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
 
 
@@ -189,7 +205,9 @@ def apply_fsdp(model: nn.Module, dp_mesh, precision: str = "fp32", cpu_offload: 
         # The last block's parameters are needed again at once in backward: keep them gathered.
         keep = reshard_after_forward and index < len(blocks) - 1
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=keep)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
+    fully_shard(
+        model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward
+    )
 
 
 # --- the result ---------------------------------------------------------------------------------
@@ -231,8 +249,10 @@ class ParallelModel:
         single input tensor and gets the same output)."""
         if self.pipelined:
             if len(inputs) != 1 or options:
-                raise ValueError(f"a pipeline forward takes one input tensor and no options, got {len(inputs)} "
-                                 f"inputs and options {sorted(options)}")
+                raise ValueError(
+                    f"a pipeline forward takes one input tensor and no options, got {len(inputs)} "
+                    f"inputs and options {sorted(options)}"
+                )
             return self.forward_only(inputs[0])
         return self.model(*inputs, **options)
 
@@ -271,7 +291,9 @@ class ParallelModel:
     def num_stages(self) -> int:
         return self.dims.pp * (2 if self.dims.parallel.pp_schedule == "interleaved_1f1b" else 1)
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
+    def forward_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
+    ) -> torch.Tensor:
         """Forward and backward one micro-batch with ``loss_fn(output, targets)``; returns the detached
         mean loss (the same on every rank; the pipeline's last stage broadcasts it). ``loss_scale``
         multiplies the loss before backward (1 / accumulation steps, times the fp16 loss scale)."""
@@ -280,7 +302,9 @@ class ParallelModel:
             (loss * loss_scale if loss_scale != 1.0 else loss).backward()
             return loss.detach()
         losses: list[torch.Tensor] = []
-        scaled_fn = self.loss_fn if loss_scale == 1.0 else (lambda out, tgt: self.loss_fn(out, tgt) * loss_scale)
+        scaled_fn = (
+            self.loss_fn if loss_scale == 1.0 else (lambda out, tgt: self.loss_fn(out, tgt) * loss_scale)
+        )
         self.schedule._loss_fn = scaled_fn
         kwargs = {"target": targets, "losses": losses} if self.has_last_stage else {}
         args = (inputs,) if self.has_first_stage else ()
@@ -403,15 +427,21 @@ def apply_training_parallelism(model: nn.Module, config: Config, device: torch.d
     pipeline's last stage computes; ``None`` when the task cannot be split into stages."""
     train = config.train
     if config.parallel.pp > 1 and loss_fn is None:
-        raise ConfigError(f"parallel.pp={config.parallel.pp}: train.task={train.task!r} has no per-output loss "
-                          "(split_batch / output_loss) for a pipeline's last stage; set pp: 1")
+        raise ConfigError(
+            f"parallel.pp={config.parallel.pp}: train.task={train.task!r} has no per-output loss "
+            "(split_batch / output_loss) for a pipeline's last stage; set pp: 1"
+        )
     dims = parallel_dims_for(config.parallel, device.type)
     if config.parallel.cp > 1:
         if getattr(config, "cube", None) is not None:
-            raise ConfigError(f"parallel.cp={config.parallel.cp}: the cube surrogate attends without a causal "
-                              "mask; context parallelism is for the language model")
+            raise ConfigError(
+                f"parallel.cp={config.parallel.cp}: the cube surrogate attends without a causal "
+                "mask; context parallelism is for the language model"
+            )
         data = getattr(config, "data", None)
-        check_divisible((data.seq_len if data is not None else None) or config.model.trained_context, config.parallel.cp)
+        check_divisible(
+            (data.seq_len if data is not None else None) or config.model.trained_context, config.parallel.cp
+        )
     pm = parallelize(model, dims, loss_fn, device, precision=train.precision,
                      activation_checkpointing=train.activation_checkpointing,
                      checkpoint_every_k=train.checkpoint_every_k, compile=train.compile)
@@ -424,7 +454,9 @@ def apply_training_parallelism(model: nn.Module, config: Config, device: torch.d
 def batch_slice(batch_size: int, dims: ParallelDims) -> slice:
     """The rows of a global batch this rank's data-parallel replica trains on."""
     if batch_size % dims.dp:
-        raise ConfigError(f"batch of {batch_size} sequences is not divisible by the data-parallel degree {dims.dp}")
+        raise ConfigError(
+            f"batch of {batch_size} sequences is not divisible by the data-parallel degree {dims.dp}"
+        )
     local = batch_size // dims.dp
     return slice(dims.dp_rank * local, (dims.dp_rank + 1) * local)
 

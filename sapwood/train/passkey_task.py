@@ -29,7 +29,9 @@ VOCAB = 12 + FILLER
 IGNORE = -100
 
 
-def passkey_batch(length: int, depths: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def passkey_batch(
+    length: int, depths: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``[n, length]`` and targets (``IGNORE`` except the answer digits) for ``n = len(depths)``
     samples; depth 0 puts the key first, 1 right before the query."""
     if length < 2 * DIGITS + 2:
@@ -54,7 +56,9 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def passkey_accuracy(model: nn.Module, length: int, samples: int = 32, seed: int = 0, batch: int = 8) -> float:
+def passkey_accuracy(
+    model: nn.Module, length: int, samples: int = 32, seed: int = 0, batch: int = 8
+) -> float:
     """Fraction of ``samples`` sequences of ``length`` tokens (key depths evenly from 0 to 1) whose every
     answer digit is the model's argmax."""
     generator = torch.Generator().manual_seed(seed)
@@ -101,7 +105,9 @@ class PasskeyTask:
 
     def __init__(self, config: Any):
         if config.model.vocab_size < VOCAB:
-            raise ConfigError(f"model.vocab_size={config.model.vocab_size} is below the passkey task's {VOCAB} tokens")
+            raise ConfigError(
+                f"model.vocab_size={config.model.vocab_size} is below the passkey task's {VOCAB} tokens"
+            )
         extension = getattr(config, "context", None)
         self.seq_len = extension.seq_len if extension is not None else config.model.trained_context
         self.lengths = extension.mixed_lengths if extension is not None else None
@@ -115,12 +121,16 @@ class PasskeyTask:
     def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> PasskeyBatches:
         return PasskeyBatches(self.seq_len, micro_batch_size, self.seed + 7919 * rank, self.lengths)
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch
         return answer_loss(model(inputs), targets), {}
 
     def evaluate(self, model: nn.Module, micro_batch_size: int, batches: int = 8) -> dict[str, float]:
-        accuracy = passkey_accuracy(model, self.seq_len, micro_batch_size * batches, seed=12345, batch=micro_batch_size)
+        accuracy = passkey_accuracy(
+            model, self.seq_len, micro_batch_size * batches, seed=12345, batch=micro_batch_size
+        )
         return {"passkey_accuracy": accuracy}
 
     def count_units(self, batch: Any) -> int:

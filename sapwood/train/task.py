@@ -92,7 +92,10 @@ def register_task(name: str, target: str) -> None:
 def task_class(name: str) -> type:
     target = TASKS.get(name, name)
     if ":" not in target:
-        raise ConfigError(f"train.task={name!r} is unknown; registered tasks: {', '.join(sorted(TASKS))} (or 'module:Class')")
+        raise ConfigError(
+            f"train.task={name!r} is unknown; registered tasks: {', '.join(sorted(TASKS))} (or "
+            f"'module:Class')"
+        )
     module_name, class_name = target.split(":", 1)
     try:
         return getattr(importlib.import_module(module_name), class_name)

@@ -21,7 +21,9 @@ class TextTask:
 
     def __init__(self, config: Config):
         if config.data is None:
-            raise ConfigError("train.task='text' needs a data section: data: {path: TOKENS_DIR} (from `sapwood tokenize`)")
+            raise ConfigError(
+                "train.task='text' needs a data section: data: {path: TOKENS_DIR} (from `sapwood tokenize`)"
+            )
         self.config = config
         self.folder = Path(config.data.path)
         self.meta = read_meta(self.folder)
@@ -31,10 +33,13 @@ class TextTask:
         if self.meta["vocab_size"] > config.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                f"{self.meta['vocab_size']} tokens in {self.folder}; raise it to at least {self.meta['vocab_size']}"
+                f"{self.meta['vocab_size']} tokens in {self.folder}; raise it to at least "
+                f"{self.meta['vocab_size']}"
             )
         if self.seq_len > config.model.max_context:
-            raise ConfigError(f"data.seq_len={self.seq_len} exceeds model.max_context={config.model.max_context}")
+            raise ConfigError(
+                f"data.seq_len={self.seq_len} exceeds model.max_context={config.model.max_context}"
+            )
         self.seed = config.train.seed if config.train else 0
         self._val: WindowLoader | None = None
 
@@ -42,9 +47,13 @@ class TextTask:
         return build_model(config, "meta")
 
     def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> WindowLoader:
-        return WindowLoader(TokenShards(self.folder, "train"), self.seq_len, micro_batch_size, self.seed, rank)
+        return WindowLoader(
+            TokenShards(self.folder, "train"), self.seq_len, micro_batch_size, self.seed, rank
+        )
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = self.split_batch(batch)
         chunk = self.config.train.loss_chunk if self.config.train is not None else None
         if chunk is not None:
@@ -62,7 +71,9 @@ class TextTask:
     def evaluate(self, model: nn.Module, micro_batch_size: int, batches: int = 8) -> dict[str, float]:
         """Validation loss (nats/token), perplexity and next-token accuracy on fixed windows."""
         if self._val is None or self._val.batch_size != micro_batch_size:
-            self._val = WindowLoader(TokenShards(self.folder, "val"), self.seq_len, micro_batch_size, self.seed)
+            self._val = WindowLoader(
+                TokenShards(self.folder, "val"), self.seq_len, micro_batch_size, self.seed
+            )
         device = next(model.parameters()).device
         total_loss = torch.zeros((), dtype=torch.float64)
         correct = 0
@@ -70,11 +81,17 @@ class TextTask:
         for inputs, targets in self._val.fixed_batches(batches):
             inputs, targets = inputs.to(device), targets.to(device)
             logits = model(inputs).float()
-            total_loss += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double().cpu()
+            total_loss += (
+                F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double().cpu()
+            )
             correct += int((logits.argmax(-1) == targets).sum())
             count += targets.numel()
         val_loss = float(total_loss / count)
-        return {"val_loss": val_loss, "val_perplexity": float(torch.tensor(val_loss).exp()), "val_accuracy": correct / count}
+        return {
+            "val_loss": val_loss,
+            "val_perplexity": float(torch.tensor(val_loss).exp()),
+            "val_accuracy": correct / count,
+        }
 
     def count_units(self, batch: Any) -> int:
         return int(batch[0].numel())

@@ -78,7 +78,9 @@ def rank_coordinates(dims: ParallelDims) -> dict[str, int]:
 def run_layout(name: str, steps: int) -> dict:
     world_size, parallel, tied, checkpointing = LAYOUTS[name]
     dims = build_parallel_dims(parallel, world_size)
-    pm = parallelize(scenarios.build_model(tied), dims, scenarios.loss_fn, activation_checkpointing=checkpointing)
+    pm = parallelize(
+        scenarios.build_model(tied), dims, scenarios.loss_fn, activation_checkpointing=checkpointing
+    )
     optimizer = scenarios.make_optimizer(pm.parameters())
     losses = [train_step(pm, optimizer, step) for step in range(steps)]
     with torch.no_grad():  # the model returns the full sequence's logits on every cp rank

@@ -65,8 +65,11 @@ def measured_state_bytes(pm: ParallelModel, optimizer: torch.optim.Optimizer) ->
     pm.forward_backward(inputs[rows], targets[rows])
     params = list({id(p): p for p in pm.parameters()}.values())
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    sizes = {"weights": _local_bytes(params), "grads": _local_bytes(p.grad for p in params if p.grad is not None),
-             "optimizer": _local_bytes(state)}
+    sizes = {
+        "weights": _local_bytes(params),
+        "grads": _local_bytes(p.grad for p in params if p.grad is not None),
+        "optimizer": _local_bytes(state),
+    }
     optimizer.zero_grad()
     return sizes
 
@@ -108,7 +111,9 @@ def run_scenario(name: str, steps: int, out: Path, save_after: int | None,
     for step in range(first, first + steps):
         losses.append(train_step(pm, optimizer, step))
         if save_after is not None and step + 1 == save_after:
-            ckpt.save_checkpoint(out / f"{name}.ckpt", step + 1, pm.model, optimizer, {"step": step + 1}, config, 1)
+            ckpt.save_checkpoint(
+                out / f"{name}.ckpt", step + 1, pm.model, optimizer, {"step": step + 1}, config, 1
+            )
             result["saved_weights"] = _save_full_weights(pm, out / f"{name}.saved.pt")
     result["first_step"] = first
     result["losses"] = losses

@@ -50,7 +50,9 @@ def fetch_sources(names: Iterable[str], out: Path, catalogs: Iterable[Path] = ()
     from sapwood.data.sources.reliability import RetryPolicy, describe
 
     catalog = Catalog.load(catalogs)
-    sources = [catalog.get(name, overrides) for name in names]  # every name checked before anything is fetched
+    sources = [
+        catalog.get(name, overrides) for name in names
+    ]  # every name checked before anything is fetched
     if not sources:
         raise SapwoodError(f"no source named; known: {', '.join(catalog.names)}")
     policy = policy or RetryPolicy.from_environment()

@@ -27,7 +27,9 @@ class SourceBase(BaseModel):
     endpoint: str = Field(description="base URL of the service")
     description: str = ""
     credentials: list[str] = Field(default_factory=list, description="environment variables the source reads")
-    credential_files: list[str] = Field(default_factory=list, description="the client's standard credential files")
+    credential_files: list[str] = Field(
+        default_factory=list, description="the client's standard credential files"
+    )
     rate_limit: float = Field(5.0, ge=0, description="requests per second (0 = unlimited)")
     concurrency: int = Field(4, ge=1, le=64, description="parallel transfers")
 
@@ -50,8 +52,15 @@ class FetchContext:
     report: Callable[[int, int | None], None] | None = None  # (files done, files expected) for a progress bar
 
     @classmethod
-    def create(cls, source: SourceBase, out: Path, policy: RetryPolicy, redactor: Redactor,
-               refresh: bool = False, report: Callable[[int, int | None], None] | None = None) -> FetchContext:
+    def create(
+        cls,
+        source: SourceBase,
+        out: Path,
+        policy: RetryPolicy,
+        redactor: Redactor,
+        refresh: bool = False,
+        report: Callable[[int, int | None], None] | None = None,
+    ) -> FetchContext:
         limiter = RateLimiter(source.rate_limit)
         return cls(out=out, policy=policy, limiter=limiter, session=HttpSession(limiter, policy.timeout),
                    cache=RequestCache(out), redactor=redactor, refresh=refresh, report=report)

@@ -20,7 +20,9 @@ from sapwood.data.sources.tap import TapSource
 from sapwood.errors import ConfigError
 
 USER_CATALOGS_VARIABLE = "SAPWOOD_SOURCES"
-Source = Annotated[TapSource | MastSource | CdsSource | NcbiSource | S3Source, Field(discriminator="protocol")]
+Source = Annotated[
+    TapSource | MastSource | CdsSource | NcbiSource | S3Source, Field(discriminator="protocol")
+]
 PROTOCOLS = ("tap", "mast", "cds", "ncbi", "s3")
 _ADAPTER: TypeAdapter = TypeAdapter(Source)
 
@@ -29,10 +31,14 @@ def _read_entries(text: str, origin: str) -> dict[str, dict[str, Any]]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"source catalog {origin}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+        raise ConfigError(
+            f"source catalog {origin}: not valid YAML ({' '.join(str(exc).split())[:200]})"
+        ) from None
     entries = data.get("sources") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
-        raise ConfigError(f"source catalog {origin}: expected a mapping 'sources: {{NAME: {{protocol: ..., ...}}}}'")
+        raise ConfigError(
+            f"source catalog {origin}: expected a mapping 'sources: {{NAME: {{protocol: ..., ...}}}}'"
+        )
     return entries
 
 
@@ -63,8 +69,9 @@ class Catalog:
     def names(self) -> list[str]:
         return sorted(self.entries)
 
-    def get(self, name: str, overrides: dict[str, Any] | None = None) -> TapSource | MastSource | CdsSource | \
-            NcbiSource | S3Source:
+    def get(
+        self, name: str, overrides: dict[str, Any] | None = None
+    ) -> TapSource | MastSource | CdsSource | NcbiSource | S3Source:
         """The validated source ``name`` with ``overrides`` applied (one-line errors name the bad field)."""
         if name not in self.entries:
             close = difflib.get_close_matches(name, self.names, n=1)
@@ -73,7 +80,9 @@ class Catalog:
                               f"with --catalog FILE)")
         fields = {**self.entries[name], **(overrides or {}), "name": name}
         if fields.get("protocol") not in PROTOCOLS:
-            raise ConfigError(f"source {name!r}: protocol={fields.get('protocol')!r}; allowed: {', '.join(PROTOCOLS)}")
+            raise ConfigError(
+                f"source {name!r}: protocol={fields.get('protocol')!r}; allowed: {', '.join(PROTOCOLS)}"
+            )
         try:
             return _ADAPTER.validate_python(fields)
         except ValidationError as exc:

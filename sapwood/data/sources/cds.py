@@ -45,8 +45,10 @@ def credentials(source: CdsSource) -> tuple[str, str]:
             f"source {source.name!r} needs a credential: set the environment variable CDSAPI_KEY "
             "(or put 'key: TOKEN' in ~/.cdsapirc)") from None
     if ":" in key:
-        raise SapwoodError(f"source {source.name!r}: CDSAPI_KEY has the retired 'UID:KEY' form; use the personal "
-                           "access token from your CDS profile page")
+        raise SapwoodError(
+            f"source {source.name!r}: CDSAPI_KEY has the retired 'UID:KEY' form; use the personal "
+            "access token from your CDS profile page"
+        )
     return url, key
 
 
@@ -54,14 +56,18 @@ def fetch(source: CdsSource, ctx: FetchContext) -> list[Path]:
     from ecmwf.datastores import Client
 
     if not source.dataset or not source.request:
-        raise SapwoodError(f"source {source.name!r} needs dataset: and request: (give them with --request FILE.yaml)")
+        raise SapwoodError(
+            f"source {source.name!r} needs dataset: and request: (give them with --request FILE.yaml)"
+        )
     url, key = credentials(source)
     ctx.redactor.add(key)
     # One try per HTTP request inside the client: sapwood's policy retries each step (Retry-After honoured).
     client = Client(url=url, key=key, session=ctx.session, timeout=ctx.policy.timeout, progress=False,
                     maximum_tries=1, retry_after=0, sleep_max=max(min(ctx.policy.max_wait, 120.0), 1.0))
     try:
-        remote = ctx.policy.call(f"{source.name} (submit)", lambda: client.submit(source.dataset, dict(source.request)))
+        remote = ctx.policy.call(
+            f"{source.name} (submit)", lambda: client.submit(source.dataset, dict(source.request))
+        )
         results = ctx.policy.call(f"{source.name} (wait for job {remote.request_id})", remote.get_results)
         href, size, content_type = results.location, results.content_length, results.content_type
     except SapwoodError:
@@ -72,8 +78,10 @@ def fetch(source: CdsSource, ctx: FetchContext) -> list[Path]:
         raise SapwoodError(f"source {source.name!r}: the data store refused or failed the request: "
                            f"{describe(exc)}") from None
     dest = ctx.out / f"{source.name}{_extension(href, content_type)}"
-    ctx.policy.call(f"{source.name} (download result)",
-                    lambda: download(ctx.session, href, dest, expected_size=size, what=f"{source.name} result"))
+    ctx.policy.call(
+        f"{source.name} (download result)",
+        lambda: download(ctx.session, href, dest, expected_size=size, what=f"{source.name} result"),
+    )
     return [dest]
 
 

@@ -19,9 +19,13 @@ def parse_overrides(request: Path | None, set_fields: list[str]) -> dict[str, An
         try:
             data = yaml.safe_load(request.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--request {str(request)!r}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+            raise ConfigError(
+                f"--request {str(request)!r}: not valid YAML ({' '.join(str(exc).split())[:160]})"
+            ) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"--request {str(request)!r}: expected a mapping of source fields, e.g. 'dataset: ...'")
+            raise ConfigError(
+                f"--request {str(request)!r}: expected a mapping of source fields, e.g. 'dataset: ...'"
+            )
         overrides.update(data)
     for item in set_fields:
         field, sep, raw = item.partition("=")
@@ -34,8 +38,17 @@ def parse_overrides(request: Path | None, set_fields: list[str]) -> dict[str, An
     return overrides
 
 
-def fetch_command(sources: list[str], out: Path | None, catalogs: list[Path], request: Path | None,
-                  set_fields: list[str], refresh: bool, list_sources: bool, console, verbose: bool = False) -> None:
+def fetch_command(
+    sources: list[str],
+    out: Path | None,
+    catalogs: list[Path],
+    request: Path | None,
+    set_fields: list[str],
+    refresh: bool,
+    list_sources: bool,
+    console,
+    verbose: bool = False,
+) -> None:
     import logging
 
     from sapwood.data.sources import fetch_sources
@@ -49,8 +62,12 @@ def fetch_command(sources: list[str], out: Path | None, catalogs: list[Path], re
         for name in catalog.names:
             entry = catalog.entries[name]
             needs = ", ".join(entry.get("credentials", [])) or "no credential"
-            console.print(f"{name:28s} {entry.get('protocol', '?'):5s} {entry.get('endpoint', '')}  [{needs}]",
-                          highlight=False, soft_wrap=True, markup=False)
+            console.print(
+                f"{name:28s} {entry.get('protocol', '?'):5s} {entry.get('endpoint', '')}  [{needs}]",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
         return
     if not sources:
         raise SapwoodError("name at least one source (sapwood fetch --list shows the catalog)")
@@ -71,6 +88,10 @@ def fetch_command(sources: list[str], out: Path | None, catalogs: list[Path], re
     for result in results:
         state = "cached, nothing fetched" if result.cached else "fetched"
         first = result.files[0] if result.files else out
-        console.print(f"{result.source}: {len(result.files)} file(s), {result.bytes / 1e6:.2f} MB ({state}) -> "
-                      f"{first if len(result.files) == 1 else first.parent}", highlight=False, soft_wrap=True,
-                      markup=False)
+        console.print(
+            f"{result.source}: {len(result.files)} file(s), {result.bytes / 1e6:.2f} MB ({state}) -> "
+            f"{first if len(result.files) == 1 else first.parent}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )

@@ -30,7 +30,9 @@ def require_env(variable: str, source: str, hint: str = "") -> str:
     value = os.environ.get(variable, "").strip()
     if not value:
         extra = f" ({hint})" if hint else ""
-        raise MissingCredentialError(f"source {source!r} needs a credential: set the environment variable {variable}{extra}")
+        raise MissingCredentialError(
+            f"source {source!r} needs a credential: set the environment variable {variable}{extra}"
+        )
     return value
 
 

@@ -30,7 +30,9 @@ TOKEN_VARIABLE = "MAST_API_TOKEN"
 class MastSource(SourceBase):
     protocol: Literal["mast"] = "mast"
     criteria: dict[str, Any] = Field(default_factory=dict, description="CAOM fields for query_criteria")
-    product_filters: dict[str, Any] = Field(default_factory=dict, description="product fields for filter_products")
+    product_filters: dict[str, Any] = Field(
+        default_factory=dict, description="product fields for filter_products"
+    )
     extension: list[str] = Field(default_factory=list, description="keep products whose file name ends so")
     mrp_only: bool = Field(False, description="only the 'Minimum Recommended Products'")
     max_products: int = Field(50, ge=1, description="refuse to download more products than this")
@@ -58,7 +60,9 @@ def observations_client(source: MastSource, ctx: FetchContext):
 
 def fetch(source: MastSource, ctx: FetchContext) -> list[Path]:
     if not source.criteria:
-        raise SapwoodError(f"source {source.name!r} has no criteria: give CAOM fields, e.g. obs_collection, target_name")
+        raise SapwoodError(
+            f"source {source.name!r} has no criteria: give CAOM fields, e.g. obs_collection, target_name"
+        )
     client = observations_client(source, ctx)
     def query():
         with warnings.catch_warnings():
@@ -68,12 +72,16 @@ def fetch(source: MastSource, ctx: FetchContext) -> list[Path]:
     observations = ctx.policy.call(f"{source.name} (query_criteria)", query)
     if len(observations) == 0:
         raise SapwoodError(f"source {source.name!r}: no MAST observations match {source.criteria}")
-    products = ctx.policy.call(f"{source.name} (get_product_list)", lambda: client.get_product_list(observations))
+    products = ctx.policy.call(
+        f"{source.name} (get_product_list)", lambda: client.get_product_list(observations)
+    )
     products = client.filter_products(products, mrp_only=source.mrp_only, extension=source.extension or None,
                                       **source.product_filters)
     if len(products) == 0:
-        raise SapwoodError(f"source {source.name!r}: no products of the {len(observations)} observations pass "
-                           f"the filters {source.product_filters}")
+        raise SapwoodError(
+            f"source {source.name!r}: no products of the {len(observations)} observations pass "
+            f"the filters {source.product_filters}"
+        )
     if len(products) > source.max_products:
         raise SapwoodError(f"source {source.name!r}: {len(products)} products exceed max_products="
                            f"{source.max_products}; narrow product_filters or raise max_products")

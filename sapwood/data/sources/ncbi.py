@@ -1,6 +1,7 @@
 """NCBI E-utilities (esearch, efetch): records as a text corpus for ``sapwood tokenize``.
 
-``esearch.fcgi`` (``retmode=json``) gives the ids of a term's records, ``efetch.fcgi`` fetches them in batches.
+``esearch.fcgi`` (``retmode=json``) gives the ids of a term's records, ``efetch.fcgi`` fetches them in
+batches.
 PubMed records (``rettype=abstract, retmode=xml``) become one ``PMID.txt`` per article (title, blank line,
 abstract); other databases are written as one text file per batch in the ``rettype`` asked for.
 The API key comes from ``NCBI_API_KEY`` (optional); NCBI's published limits are 3 requests/s without a key
@@ -32,7 +33,9 @@ class NcbiSource(SourceBase):
     protocol: Literal["ncbi"] = "ncbi"
     db: str = "pubmed"
     term: str = Field("", description="an Entrez query, e.g. 'exoplanet atmosphere[Title/Abstract]'")
-    retmax: int = Field(100, ge=1, le=10_000, description="most records to fetch (esearch returns at most 10,000 ids)")
+    retmax: int = Field(
+        100, ge=1, le=10_000, description="most records to fetch (esearch returns at most 10,000 ids)"
+    )
     batch_size: int = Field(100, ge=1, le=500, description="ids per efetch request")
     rettype: str = "abstract"
     retmode: Literal["xml", "text"] = "xml"
@@ -110,7 +113,8 @@ def _parsed(efetch, source: NcbiSource) -> dict[str, str] | bytes:
 
 
 def pubmed_abstracts(xml: bytes) -> dict[str, str]:
-    """``{PMID: "title\\n\\nabstract"}`` from a ``PubmedArticleSet`` (articles without an abstract skipped)."""
+    """``{PMID: "title\\n\\nabstract"}`` from a ``PubmedArticleSet`` (articles without an abstract
+    skipped)."""
     root = ElementTree.fromstring(xml)
     texts = {}
     for article in root.iter("PubmedArticle"):

@@ -1,7 +1,8 @@
 """Retries, rate limits and HTTP sessions shared by every source.
 
 * :class:`RetryPolicy`: exponential backoff with full jitter (tenacity), ``Retry-After`` honoured, a bounded
-  number of attempts; its numbers come from ``SAPWOOD_FETCH_*`` environment variables so tests can shrink them.
+  number of attempts; its numbers come from ``SAPWOOD_FETCH_*`` environment variables so tests can shrink
+  them.
 * :class:`RateLimiter`: at most ``rate`` requests per second per source, shared by all its threads.
 * :class:`HttpSession`: a ``requests.Session`` that waits for the source's rate limiter before every request
   and always has a timeout; the clients that accept a session (pyvo, astroquery, cdsapi) are given one.
@@ -98,7 +99,8 @@ class RetryPolicy:
 
 
 class RateLimiter:
-    """At most ``rate`` acquisitions per second (evenly spaced), shared by threads; ``rate <= 0``: unlimited."""
+    """At most ``rate`` acquisitions per second (evenly spaced), shared by threads; ``rate <= 0``:
+    unlimited."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
@@ -142,7 +144,9 @@ def check_response(response: requests.Response, what: str) -> requests.Response:
         return response
     reason = f"HTTP {response.status_code} {response.reason or ''}".strip()
     if response.status_code in RETRYABLE_STATUS:
-        raise TransientError(f"{what}: {reason}", retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        raise TransientError(
+            f"{what}: {reason}", retry_after=parse_retry_after(response.headers.get("Retry-After"))
+        )
     detail = response.text[:200] if response.text else ""
     raise SapwoodError(f"{what}: {reason} {detail}".strip())
 
@@ -185,7 +189,9 @@ def _status_and_headers(error: BaseException) -> tuple[int | None, dict[str, str
         return response.status_code, dict(response.headers)
     if isinstance(response, dict):  # botocore ClientError
         metadata = response.get("ResponseMetadata", {})
-        return metadata.get("HTTPStatusCode"), {k.lower(): v for k, v in metadata.get("HTTPHeaders", {}).items()}
+        return metadata.get("HTTPStatusCode"), {
+            k.lower(): v for k, v in metadata.get("HTTPHeaders", {}).items()
+        }
     return None, {}
 
 
@@ -206,15 +212,25 @@ def _is_transient_one(error: BaseException) -> bool:
         return True
     if isinstance(error, json.JSONDecodeError):  # a reply cut short; retried a bounded number of times
         return True
-    if isinstance(error, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError |
-                  requests.exceptions.ContentDecodingError):
+    if isinstance(
+        error,
+        requests.ConnectionError
+        | requests.Timeout
+        | requests.exceptions.ChunkedEncodingError
+        | requests.exceptions.ContentDecodingError,
+    ):
         return True
     status, _ = _status_and_headers(error)
     if status is not None and status in RETRYABLE_STATUS:
         return True
     module = type(error).__module__
     if module.startswith("urllib3") and type(error).__name__ in (
-            "ProtocolError", "ReadTimeoutError", "IncompleteRead", "NewConnectionError", "ConnectTimeoutError"):
+        "ProtocolError",
+        "ReadTimeoutError",
+        "IncompleteRead",
+        "NewConnectionError",
+        "ConnectTimeoutError",
+    ):
         return True
     if module.startswith("botocore") and type(error).__name__ in (
             "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",

@@ -59,8 +59,10 @@ def make_client(source: S3Source, ctx: FetchContext):
         credentials = session.get_credentials()
         if credentials is None:
             raise MissingCredentialError(
-                f"source {source.name!r} needs a credential: set the environment variables AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or mark the source anonymous: true")
+                f"source {source.name!r} needs a credential: set the environment variables AWS_ACCESS_KEY_ID "
+                f"and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or mark the source anonymous: true"
+            )
         frozen = credentials.get_frozen_credentials()
         for secret in (frozen.access_key, frozen.secret_key, frozen.token):
             ctx.redactor.add(secret)
@@ -68,7 +70,9 @@ def make_client(source: S3Source, ctx: FetchContext):
                     read_timeout=ctx.policy.timeout, max_pool_connections=max(10, source.concurrency),
                     signature_version=UNSIGNED if source.anonymous else None,
                     s3={"addressing_style": "path"})
-    client = session.client("s3", endpoint_url=source.endpoint or None, region_name=source.region, config=config)
+    client = session.client(
+        "s3", endpoint_url=source.endpoint or None, region_name=source.region, config=config
+    )
 
     def wait_for_rate_limit(**_: Any) -> None:  # returning None lets botocore send the request
         ctx.limiter.acquire()
@@ -86,8 +90,10 @@ def list_objects(client: Any, source: S3Source) -> list[dict[str, Any]]:
                 continue
             objects.append({"key": key, "size": int(item["Size"]), "etag": item.get("ETag", "")})
             if len(objects) > source.max_objects:
-                raise SapwoodError(f"source {source.name!r}: more than max_objects={source.max_objects} objects "
-                                   f"under s3://{source.bucket}/{source.prefix}; narrow the prefix or raise max_objects")
+                raise SapwoodError(
+                    f"source {source.name!r}: more than max_objects={source.max_objects} objects "
+                    f"under s3://{source.bucket}/{source.prefix}; narrow the prefix or raise max_objects"
+                )
     return objects
 
 
@@ -96,7 +102,8 @@ def _wanted(key: str, suffixes: list[str]) -> bool:
 
 
 def local_path(folder: Path, prefix: str, key: str) -> Path:
-    """Where ``key`` lands: its path below the prefix's folder (``a/b/`` for prefixes ``a/b/`` and ``a/b/t2m``)."""
+    """Where ``key`` lands: its path below the prefix's folder (``a/b/`` for prefixes ``a/b/`` and
+    ``a/b/t2m``)."""
     base = prefix if prefix.endswith("/") else prefix.rpartition("/")[0] + "/" if "/" in prefix else ""
     relative = key[len(base):] if base and key.startswith(base) else key
     parts = [p for p in relative.split("/") if p not in ("", ".", "..")]
@@ -105,7 +112,9 @@ def local_path(folder: Path, prefix: str, key: str) -> Path:
     return folder.joinpath(*parts)
 
 
-def download_object(client: Any, source: S3Source, ctx: FetchContext, item: dict[str, Any], dest: Path) -> Path:
+def download_object(
+    client: Any, source: S3Source, ctx: FetchContext, item: dict[str, Any], dest: Path
+) -> Path:
     """One object into ``dest`` through its ``.part`` file; resumes from the bytes already there."""
     from botocore.exceptions import ClientError, FlexibleChecksumError
 
@@ -115,8 +124,9 @@ def download_object(client: Any, source: S3Source, ctx: FetchContext, item: dict
     match = PLAIN_MD5_ETAG.match(etag)
     checksum = ("md5", match.group(1)) if match else None
     what = f"s3://{source.bucket}/{item['key']}"
-    offset = resume_offset(part, {"s3": source.endpoint, "bucket": source.bucket, "key": item["key"], "etag": etag,
-                                  "size": size})
+    offset = resume_offset(
+        part, {"s3": source.endpoint, "bucket": source.bucket, "key": item["key"], "etag": etag, "size": size}
+    )
     if offset > size:
         part.unlink()
         offset = 0
@@ -140,7 +150,9 @@ def download_object(client: Any, source: S3Source, ctx: FetchContext, item: dict
                     handle.write(chunk)
         except FlexibleChecksumError:  # the body does not match the object's checksum: start again
             part.unlink(missing_ok=True)
-            raise TransientError(f"{what}: checksum of the received body does not match; starting again") from None
+            raise TransientError(
+                f"{what}: checksum of the received body does not match; starting again"
+            ) from None
     return verify_and_commit(part, dest, size, checksum, what)
 
 

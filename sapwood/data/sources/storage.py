@@ -95,7 +95,8 @@ def download(session: requests.Session, url: str, dest: Path, expected_size: int
     """Fetch ``url`` into ``dest`` through ``dest``'s ``.part`` file, resuming it with a ``Range`` request.
 
     Raises :class:`TransientError` on a short or corrupt body (the caller's retry resumes the ``.part``); a
-    checksum mismatch discards the ``.part``. ``checksum`` is ``(algorithm, hexdigest)``, e.g. ``("md5", ...)``.
+    checksum mismatch discards the ``.part``. ``checksum`` is ``(algorithm, hexdigest)``, e.g. ``("md5",
+    ...)``.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
@@ -127,7 +128,9 @@ def _total_size(response: requests.Response, offset: int) -> int | None:
         total = content_range.rsplit("/", 1)[1]
         return int(total) if total.isdigit() else None
     length = response.headers.get("Content-Length")
-    return int(length) + (offset if response.status_code == 206 else 0) if length and length.isdigit() else None
+    return (
+        int(length) + (offset if response.status_code == 206 else 0) if length and length.isdigit() else None
+    )
 
 
 def verify_and_commit(part: Path, dest: Path, expected_size: int | None, checksum: tuple[str, str] | None,
@@ -156,7 +159,8 @@ def request_key(request: dict[str, Any]) -> str:
 
 
 class RequestCache:
-    """Records of completed requests in ``OUT/.sapwood-fetch/KEY.json``: the files each produced, with sizes."""
+    """Records of completed requests in ``OUT/.sapwood-fetch/KEY.json``: the files each produced, with
+    sizes."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -187,6 +191,10 @@ class RequestCache:
         """Record ``files`` (already in place) as the result of ``request``."""
         entries = [{"path": f.relative_to(self.out).as_posix(), "size": f.stat().st_size,
                     "mtime_ns": f.stat().st_mtime_ns, "sha256": file_digest(f)} for f in files]
-        record = {"request": request, "files": entries, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        record = {
+            "request": request,
+            "files": entries,
+            "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         write_bytes_atomic(self._record_path(request_key(request)),
                            json.dumps(record, indent=1, sort_keys=True, default=str).encode())

@@ -1,7 +1,8 @@
 """IVOA Table Access Protocol services (NASA Exoplanet Archive, ESA Gaia, ESO, ...) through pyvo.
 
 A synchronous ADQL query (``POST {endpoint}/sync`` with ``REQUEST=doQuery, LANG=ADQL, QUERY=...``, as the
-TAP 1.1 recommendation defines it) returns a VOTable, which is written as ``OUT/NAME.csv`` or ``OUT/NAME.parquet``.
+TAP 1.1 recommendation defines it) returns a VOTable, which is written as ``OUT/NAME.csv`` or
+``OUT/NAME.parquet``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class TapSource(SourceBase):
         text = self.named_queries.get(self.query, self.query).strip()
         if not text:
             names = ", ".join(sorted(self.named_queries)) or "none defined"
-            raise SapwoodError(f"source {self.name!r} has no query: set query to ADQL text or a named query ({names})")
+            raise SapwoodError(
+                f"source {self.name!r} has no query: set query to ADQL text or a named query ({names})"
+            )
         return text
 
 
