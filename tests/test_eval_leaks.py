@@ -3,6 +3,7 @@ planet groups; advective persistence is exact for pure advection."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from sapwood.baselines import Climatology, advective_persistence
 from sapwood.data.cubes import prepare
 from sapwood.data.loader import split_store
 from sapwood.data.simulate import Grid, simulate_ensemble
-from sapwood.data.store import CubeStore
+from sapwood.data.store import INDEX_FILE, CubeStore, store_files
 from sapwood.evaluate import planet_groups
 from sapwood.skill import acc, normalized_weights, rmse
 from sapwood.train.cube_task import store_normalization
@@ -53,8 +54,10 @@ def test_time_holdout_changes_neither_normalization_nor_climatology(tmp_path):
     norm = store_normalization(first, split.train)
     clim = Climatology(first, split.train)
     frames = np.array(first.memmap())
-    frames[18:24] += 100.0  # rewrite the held-out months of run 0
+    frames[18:24] += 100.0  # rewrite the held-out months of run 0, and the index's record of the file
     frames.tofile(first.frames_path)
+    index_path = first.path / INDEX_FILE
+    index_path.write_text(json.dumps({**first.index, "files": store_files(first.path)}))
     changed = CubeStore(first.path)
     assert store_normalization(changed, split.train) == norm
     again = Climatology(changed, split.train)

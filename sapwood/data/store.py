@@ -60,9 +60,8 @@ def meta_folder(path: Path) -> Path:
     return path / ZARR_META if (path / ZARR_META / INDEX_FILE).exists() else path
 
 
-CHECKSUM_LIMIT = (
-    4 << 20
-)  # files up to this size get a crc32 in the index; larger ones (frames, shards) a size
+# files up to this size get a crc32 in the index; larger ones (frames, shards) only their size
+CHECKSUM_LIMIT = 4 << 20
 
 
 def store_files(folder: Path) -> dict[str, dict[str, int]]:
