@@ -244,7 +244,11 @@ def test_lora_finetuning_answers_held_out_questions_the_base_cannot(tmp_path, lm
     from sapwood.train.sft import SFTTask, exact_match, finetune_config
 
     train_path, val_path = write_instruction_set(
-        tmp_path / "data", train=400, val=50, question="Convert {value} {source} to {target}."
+        tmp_path / "data",
+        train=400,
+        val=50,
+        question="Convert {value} {source} to {target}.",
+        spaced_digits=False,
     )
     config = {
         "sft": {

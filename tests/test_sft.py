@@ -316,5 +316,7 @@ def test_the_demo_instruction_set_is_checkable_and_its_held_out_questions_are_un
         assert len(questions) == len(records) and not questions & seen
         seen |= questions
         for r in records:
-            source, target, value = re.fullmatch(r"Convert (\w+) to (\w+): (\d+)", r["instruction"]).groups()
-            assert r["output"] == str(int(value) * 10 ** powers[source, target])
+            question = re.fullmatch(r"Convert (\w+) to (\w+): (\d(?: \d)*)", r["instruction"])
+            source, target, value = question.groups()
+            answer = str(int(value.replace(" ", "")) * 10 ** powers[source, target])
+            assert r["output"] == " ".join(answer)

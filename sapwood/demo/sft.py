@@ -3,10 +3,11 @@ code) taught to answer unit conversions, once by full fine-tuning and once with 
 held-out exact match before and after and the training-state memory each needed; then both served by one
 server.
 
-The instruction set is generated (:func:`conversion_records`): "Convert km to m: 37" -> "37000", over six
-metric conversions; the held-out questions (value and units) never occur in training. Writes ``DEMO/sft``:
-``data/`` (train.jsonl, val.jsonl), ``full.yaml`` and ``lora.yaml`` (rerun them with ``sapwood finetune``),
-and the runs ``full/`` (``final/`` a checkpoint folder) and ``lora/`` (``final/`` a PEFT adapter folder).
+The instruction set is generated (:func:`conversion_records`): "Convert km to m: 3 7" -> "3 7 0 0 0", over
+six metric conversions, the digits spaced so that each is one token; the held-out questions (value and units)
+never occur in training. Writes ``DEMO/sft``: ``data/`` (train.jsonl, val.jsonl), ``full.yaml`` and
+``lora.yaml`` (rerun them with ``sapwood finetune``), and the runs ``full/`` (``final/`` a checkpoint
+folder) and ``lora/`` (``final/`` a PEFT adapter folder).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CONVERSIONS = (
     ("cm", "mm", 1),
 )
 QUESTION = "Convert {source} to {target}: {value}"  # the value last, next to the answer that repeats it
+VALUES = (1, 999)  # the range of the values converted
 TRAIN_EXAMPLES = 3000
 VAL_EXAMPLES = 100
 COMMON_TRAIN = {
@@ -50,27 +52,38 @@ COMMON_TRAIN = {
 RUNS = {
     "full": {"train": {"steps": 120, "lr": 3.0e-3, "min_lr": 3.0e-4}, "sft": {}},
     # LoRA steps cost about what full steps do (the backward still runs through every layer) but learn less
-    # per step: it gets twice the steps, a 10x learning rate and alpha / rank = 4
+    # per step: it gets more steps; above lr 4e-3 (alpha / rank = 2) its loss rises in the first steps
     "lora": {
-        "train": {"steps": 240, "lr": 1.0e-2, "min_lr": 1.0e-3},
-        "sft": {"lora": {"rank": 16, "alpha": 64, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}},
+        "train": {"steps": 200, "lr": 2.0e-3, "min_lr": 2.0e-4},
+        "sft": {"lora": {"rank": 16, "alpha": 32, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}},
     },
 }
 
 
+def spaced(number: int) -> str:
+    """``number``'s digits separated by spaces ("37000" -> "3 7 0 0 0"): one token per digit in the byte-level
+    BPE tokenizer, so the answer is the question's digits copied plus a constant suffix of zeros."""
+    return " ".join(str(number))
+
+
 def conversion_records(
-    count: int, seed: int, exclude: set[str] = frozenset(), question: str = QUESTION
+    count: int,
+    seed: int,
+    exclude: set[str] = frozenset(),
+    question: str = QUESTION,
+    spaced_digits: bool = True,
 ) -> list[dict[str, str]]:
     """``count`` distinct instruction records "Convert A to B: V" -> V * 10^k, none of whose instruction is in
-    ``exclude``."""
+    ``exclude``; with ``spaced_digits`` both numbers are written digit by digit ("3 7" -> "3 7 0 0 0")."""
+    digits = spaced if spaced_digits else str
     rng = random.Random(seed)
     records: dict[str, str] = {}
     while len(records) < count:
         source, target, power = rng.choice(CONVERSIONS)
-        value = rng.randint(1, 999)
-        instruction = question.format(value=value, source=source, target=target)
+        value = rng.randint(*VALUES)
+        instruction = question.format(value=digits(value), source=source, target=target)
         if instruction not in exclude:
-            records[instruction] = str(value * 10**power)
+            records[instruction] = digits(value * 10**power)
     return [{"instruction": k, "output": v} for k, v in records.items()]
 
 
@@ -80,13 +93,13 @@ def write_instruction_set(
     val: int = VAL_EXAMPLES,
     seed: int = 0,
     question: str = QUESTION,
+    spaced_digits: bool = True,
 ) -> tuple[Path, Path]:
     """``folder/train.jsonl`` and ``folder/val.jsonl`` (disjoint questions)."""
     folder.mkdir(parents=True, exist_ok=True)
-    held_out = conversion_records(val, seed + 1, question=question)
-    training = conversion_records(
-        train, seed, exclude={r["instruction"] for r in held_out}, question=question
-    )
+    held_out = conversion_records(val, seed + 1, question=question, spaced_digits=spaced_digits)
+    exclude = {r["instruction"] for r in held_out}
+    training = conversion_records(train, seed, exclude, question=question, spaced_digits=spaced_digits)
     paths = folder / "train.jsonl", folder / "val.jsonl"
     for path, records in zip(paths, (training, held_out), strict=True):
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
