@@ -329,14 +329,7 @@ def solve(
                                        tolerance, ffn_ratio, near_hidden, family=family))
     model = result.model.model_dump(
         include={
-            "vocab_size",
-            "hidden",
-            "layers",
-            "heads",
-            "kv_heads",
-            "head_dim",
-            "ffn",
-            "tied_embeddings",
+            "vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "tied_embeddings",
             *FAMILY_OPTIONS[family],
         }
     )
@@ -397,14 +390,8 @@ def generate(
     from sapwood.infer.sampling import SamplingParams
 
     params = SamplingParams(
-        max_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        greedy=greedy,
-        stop=list(stop or []),
+        max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed, greedy=greedy, stop=list(stop or []),
     )
     for i, text in enumerate(generate_samples(folder, prompt, params, samples)):
         if samples > 1:
@@ -676,19 +663,9 @@ def bench_grow(
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     run_grow_bench(
-        out,
-        steps=steps,
-        target_loss=target_loss,
-        scale=scale,
-        seed=seed,
-        grow_fraction=grow_fraction,
-        seeds=seeds,
-        methods=chosen,
-        data_dir=data_dir,
-        rewarm_steps=rewarm_steps,
-        mask_ramp_steps=mask_ramp_steps,
-        eval_every=eval_every,
-        budget_s=budget_s,
+        out, steps=steps, target_loss=target_loss, scale=scale, seed=seed, grow_fraction=grow_fraction,
+        seeds=seeds, methods=chosen, data_dir=data_dir, rewarm_steps=rewarm_steps,
+        mask_ramp_steps=mask_ramp_steps, eval_every=eval_every, budget_s=budget_s,
     )
 
 
@@ -809,8 +786,7 @@ def eval_surrogate(
 def bench_physics(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for physics.json and physics.png"),
     batch: int = typer.Option(64, help="states per batch for the speed comparison"),
-    levels: int = typer.Option(8, help="sigma layers"),
-    nlat: int = typer.Option(32, help="latitudes"),
+    levels: int = typer.Option(8, help="sigma layers"), nlat: int = typer.Option(32, help="latitudes"),
     nlon: int = typer.Option(64, help="longitudes"),
     train_steps: int = typer.Option(300, "--train-steps", help="steps of each of the two trained surrogates"),
     runs: int = typer.Option(24, help="simulated planets for the trained surrogates"),

@@ -160,11 +160,7 @@ class ModelConfig(Section):
 # The ModelConfig options that make a model compute what each Hugging Face family computes
 # (the RoPE scaling and sizes come from the checkpoint; sapwood.model.hf maps both ways).
 FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "mistral": {},
-    "qwen2": {"qkv_bias": True},
-    "qwen3": {"qk_norm": True},
-    "phi3": {},
+    "llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}, "phi3": {},
 }
 
 

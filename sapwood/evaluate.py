@@ -39,15 +39,7 @@ from sapwood.skill import acc, per_variable, rmse, weighted_mse
 from sapwood.train.cube_task import cell_weights, check_store_matches, physics_support, store_geometry
 
 VIOLATION_KEYS = (
-    "mass",
-    "water",
-    "energy",
-    "energy_wm2",
-    "momentum",
-    "thermo",
-    "ideal_gas",
-    "hydrostatic",
-    "negative_q",
+    "mass", "water", "energy", "energy_wm2", "momentum", "thermo", "ideal_gas", "hydrostatic", "negative_q",
 )
 DEFINITIONS = {
     "held_out": "frames never trained on: the last cube.val_runs runs entirely and the final holdout_time of "
@@ -114,12 +106,8 @@ def predict_all(
 
 
 def _mean_violations(
-    state: torch.Tensor,
-    prediction: torch.Tensor,
-    geometry: Geometry,
-    params: torch.Tensor | None,
-    heating: torch.Tensor | None = None,
-    torque: torch.Tensor | None = None,
+    state: torch.Tensor, prediction: torch.Tensor, geometry: Geometry, params: torch.Tensor | None,
+    heating: torch.Tensor | None = None, torque: torch.Tensor | None = None,
 ) -> dict[str, float]:
     v = violations(state, prediction, geometry, params, heating, torque)
     return {k: float(v[k].mean()) for k in VIOLATION_KEYS if k in v}
@@ -185,14 +173,8 @@ class Scored:
 
 @torch.no_grad()
 def evaluate_surrogate(
-    folder: str | Path,
-    store_path: str | Path,
-    out_dir: str | Path | None = None,
-    rollout_steps: int = 20,
-    runs: list[int] | None = None,
-    device: str = "cpu",
-    plots: bool = True,
-    holdout_time: float | None = None,
+    folder: str | Path, store_path: str | Path, out_dir: str | Path | None = None, rollout_steps: int = 20,
+    runs: list[int] | None = None, device: str = "cpu", plots: bool = True, holdout_time: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate the surrogate in ``folder`` on the store's held-out frames; write ``eval.json`` (+ PNGs) into
     ``out_dir``. ``runs`` restricts scoring to those held-out runs (runs the model trained on are refused)."""
@@ -343,12 +325,7 @@ def evaluate_surrogate(
         (out / "eval.json").write_text(json.dumps(result, indent=1))
         if plots and "rollout" in result:
             _plots(
-                out,
-                scored.cat("pred"),
-                scored.cat("truth"),
-                scored.cat("state"),
-                cube,
-                store,
+                out, scored.cat("pred"), scored.cat("truth"), scored.cat("state"), cube, store,
                 result["rollout"],
             )
     return result
@@ -413,13 +390,8 @@ def channel_mse_ratios(
 
 
 def _plots(
-    out: Path,
-    pred: torch.Tensor,
-    truth: torch.Tensor,
-    state: torch.Tensor,
-    cube: CubeModelConfig,
-    store: CubeStore,
-    rollout: dict[str, Any],
+    out: Path, pred: torch.Tensor, truth: torch.Tensor, state: torch.Tensor, cube: CubeModelConfig,
+    store: CubeStore, rollout: dict[str, Any],
 ) -> None:
     import matplotlib
 
@@ -488,12 +460,8 @@ def print_summary(result: dict[str, Any]) -> None:
         table.add_column(column, justify="left" if column == "var" else "right", no_wrap=True)
     for name, value in result["acc"].items():
         row = [
-            name,
-            f"{value:.4f}",
-            f"{result['acc_persistence'][name]:.4f}",
-            f"{result['rmse'][name]:.3g}",
-            f"{result['rmse_persistence'][name]:.3g}",
-            f"{result['rmse_climatology'][name]:.3g}",
+            name, f"{value:.4f}", f"{result['acc_persistence'][name]:.4f}", f"{result['rmse'][name]:.3g}",
+            f"{result['rmse_persistence'][name]:.3g}", f"{result['rmse_climatology'][name]:.3g}",
         ]
         if advect:
             row.append(f"{result['rmse_advective_persistence'][name]:.3g}")

@@ -68,19 +68,9 @@ EARTH_DEFAULTS = {
 }
 LOSS_GOALS = {"mass": 1.0, "energy": 1.0, "momentum": 0.01, "thermo": 2.0}  # Pa, W m-2, m s-1, %
 UNITS = {
-    "mass": "Pa",
-    "mass_pa": "Pa",
-    "ps_change": "Pa",
-    "water": "kg m-2",
-    "energy": "W m-2",
-    "energy_wm2": "W m-2",
-    "momentum": "m s-1",
-    "momentum_ms": "m s-1",
-    "ideal_gas": "%",
-    "hydrostatic": "%",
-    "hydrostatic_m": "m",
-    "negative_q": "%",
-    "thermo": "%",
+    "mass": "Pa", "mass_pa": "Pa", "ps_change": "Pa", "water": "kg m-2", "energy": "W m-2",
+    "energy_wm2": "W m-2", "momentum": "m s-1", "momentum_ms": "m s-1", "ideal_gas": "%", "hydrostatic": "%",
+    "hydrostatic_m": "m", "negative_q": "%", "thermo": "%",
 }
 
 
@@ -113,12 +103,7 @@ class Geometry:
 
     @classmethod
     def from_grid(
-        cls,
-        cube: CubeModelConfig,
-        sigma_edges,
-        lat,
-        cell_weight,
-        device: str | torch.device = "cpu",
+        cls, cube: CubeModelConfig, sigma_edges, lat, cell_weight, device: str | torch.device = "cpu",
         sigma=None,
     ) -> Geometry:
         """A geometry from layer edges in sigma ``[L+1]``, latitudes in radians ``[H]`` and cell areas over
@@ -144,18 +129,10 @@ class Geometry:
             return torch.as_tensor(t).float().to(device)
 
         return cls(
-            cube=cube,
-            sigma=put(sigma),
-            dsigma=put(torch.diff(sigma_edges)),
-            sigma_edges=put(sigma_edges),
-            lat=put(lat),
-            cell_weight=put(cell_weight),
-            dt_seconds=cube.dt_hours * 3600.0,
-            coslat=put(torch.cos(lat)),
-            hydrostatic_matrix=put(depth),
-            t_eq=put(profiles["t_eq"]),
-            k_t=put(profiles["k_t"]),
-            k_v=put(profiles["k_v"]),
+            cube=cube, sigma=put(sigma), dsigma=put(torch.diff(sigma_edges)), sigma_edges=put(sigma_edges),
+            lat=put(lat), cell_weight=put(cell_weight), dt_seconds=cube.dt_hours * 3600.0,
+            coslat=put(torch.cos(lat)), hydrostatic_matrix=put(depth), t_eq=put(profiles["t_eq"]),
+            k_t=put(profiles["k_t"]), k_v=put(profiles["k_v"]),
         )
 
     def has(self, variable: str) -> bool:
@@ -211,9 +188,7 @@ class StateSums:
 
 @_full_precision
 def state_sums(
-    x: torch.Tensor,
-    geometry: Geometry,
-    planet_params: torch.Tensor | None = None,
+    x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
 ) -> StateSums:
     """All global sums of states ``[..., C, H, W]`` with one reduction pass per field (``work``: an optional
@@ -287,9 +262,7 @@ def budgets(
 
 
 def declared_forcing(
-    state: torch.Tensor,
-    next_state: torch.Tensor,
-    geometry: Geometry,
+    state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry,
     planet_params: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Estimated declared ``heating`` (W m-2) and ``torque`` (N m) of ``state -> next_state``: the simulator's
@@ -302,10 +275,7 @@ def declared_forcing(
 
 
 def _declared(
-    before: StateSums,
-    after: StateSums,
-    geometry: Geometry,
-    planet_params: torch.Tensor | None,
+    before: StateSums, after: StateSums, geometry: Geometry, planet_params: torch.Tensor | None,
     like: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     out = {}
@@ -318,13 +288,8 @@ def _declared(
 
 
 def _residuals(
-    before: StateSums,
-    after: StateSums,
-    geometry: Geometry,
-    planet_params: torch.Tensor | None,
-    heating: torch.Tensor | None,
-    torque: torch.Tensor | None,
-    like: torch.Tensor,
+    before: StateSums, after: StateSums, geometry: Geometry, planet_params: torch.Tensor | None,
+    heating: torch.Tensor | None, torque: torch.Tensor | None, like: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """Signed residuals in physical units (``mass_pa``, ``water_kgm2``, ``energy_wm2``, ``momentum_ms``)."""
     dt = geometry.dt_seconds
@@ -349,11 +314,8 @@ def _residuals(
 
 
 def transition_residuals(
-    state: torch.Tensor,
-    next_state: torch.Tensor,
-    geometry: Geometry,
-    planet_params: torch.Tensor | None = None,
-    heating: torch.Tensor | None = None,
+    state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry,
+    planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None,
     torque: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Signed budget residuals of ``state -> next_state`` in physical units ``[...]`` (see the module
@@ -390,9 +352,7 @@ def saturation_humidity(temperature: torch.Tensor, pressure: torch.Tensor) -> to
 
 @_full_precision
 def thermo_residuals(
-    x: torch.Tensor,
-    geometry: Geometry,
-    planet_params: torch.Tensor | None = None,
+    x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Thermodynamic-consistency violations of states ``[..., C, H, W]`` -> ``[...]`` each (module table).
@@ -425,9 +385,7 @@ def thermo_residuals(
             out["ideal_gas"] = (
                 100
                 * torch.einsum(
-                    "...lhw,...hw,l->...",
-                    misfit,
-                    geometry.cell_weight.expand_as(ps),
+                    "...lhw,...hw,l->...", misfit, geometry.cell_weight.expand_as(ps),
                     geometry.dsigma / geometry.sigma,
                 )
                 / total
@@ -459,12 +417,8 @@ def _needs_graph(x: torch.Tensor) -> bool:
 
 
 def _thermo_differentiable(
-    x: torch.Tensor,
-    geometry: Geometry,
-    planet_params: torch.Tensor | None,
-    ps: torch.Tensor,
-    ps_weight: torch.Tensor,
-    total: torch.Tensor,
+    x: torch.Tensor, geometry: Geometry, planet_params: torch.Tensor | None, ps: torch.Tensor,
+    ps_weight: torch.Tensor, total: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """:func:`thermo_residuals` without in-place scratch fields, for the loss (autograd records every
     step)."""
@@ -514,11 +468,8 @@ def supersaturation(x: torch.Tensor, geometry: Geometry, tolerance: float = 0.01
 
 
 def violations(
-    state: torch.Tensor,
-    next_state: torch.Tensor,
-    geometry: Geometry,
-    planet_params: torch.Tensor | None = None,
-    heating: torch.Tensor | None = None,
+    state: torch.Tensor, next_state: torch.Tensor, geometry: Geometry,
+    planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None,
     torque: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All violations of ``state -> next_state`` per sample ``[...]``, in the units of the module table."""
@@ -542,20 +493,15 @@ def violations(
 
 
 def physics_loss(
-    state: torch.Tensor,
-    prediction: torch.Tensor,
-    geometry: Geometry,
-    weights: PhysicsLossConfig,
-    planet_params: torch.Tensor | None = None,
-    heating: torch.Tensor | None = None,
+    state: torch.Tensor, prediction: torch.Tensor, geometry: Geometry, weights: PhysicsLossConfig,
+    planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None,
     torque: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Differentiable ``sum_c weight_c (residual_c / goal_c)^2`` (batch mean) over the same residuals as
     :func:`violations`, and each term as a metric (``physics_<name>``: 1 means at the goal)."""
     residuals = transition_residuals(state, prediction, geometry, planet_params, heating, torque)
     terms = {
-        "mass": residuals["mass_pa"],
-        "energy": residuals.get("energy_wm2"),
+        "mass": residuals["mass_pa"], "energy": residuals.get("energy_wm2"),
         "momentum": residuals.get("momentum_ms"),
         "thermo": thermo_residuals(prediction, geometry, planet_params)["thermo"],
     }
@@ -654,15 +600,9 @@ def tendency_scale(prediction: torch.Tensor, state: torch.Tensor) -> torch.Tenso
 
 
 def project(
-    prediction: torch.Tensor,
-    state: torch.Tensor,
-    geometry: Geometry,
-    planet_params: torch.Tensor | None = None,
-    heating: torch.Tensor | None = None,
-    energy: bool = True,
-    diagnose: bool = True,
-    error_std: torch.Tensor | None = None,
-    torque: torch.Tensor | None = None,
+    prediction: torch.Tensor, state: torch.Tensor, geometry: Geometry,
+    planet_params: torch.Tensor | None = None, heating: torch.Tensor | None = None, energy: bool = True,
+    diagnose: bool = True, error_std: torch.Tensor | None = None, torque: torch.Tensor | None = None,
     momentum: bool = True,
 ) -> torch.Tensor:
     """Mass/water fixer; (``momentum``) a solid-body ``u`` increment closing the angular-momentum budget;

@@ -21,18 +21,11 @@ from sapwood.train.loop import Trainer
 from sapwood.train.metrics import read_events
 
 MODEL = {
-    "vocab_size": 320,
-    "hidden": 64,
-    "layers": 2,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 128,
+    "vocab_size": 320, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128,
     "trained_context": 32,
 }
 OPTIONS = {
-    "adamw": {},
-    "adamw8bit": {"optimizer": "adamw8bit"},
-    "bf16-pure": {"precision": "bf16-pure"},
+    "adamw": {}, "adamw8bit": {"optimizer": "adamw8bit"}, "bf16-pure": {"precision": "bf16-pure"},
     "bf16-pure+adamw8bit": {"precision": "bf16-pure", "optimizer": "adamw8bit"},
     "optimizer_in_backward": {"optimizer_in_backward": True, "grad_clip": None},
     "loss_chunk=64": {"loss_chunk": 64},
@@ -53,18 +46,9 @@ def main() -> None:
         out = args.out / name
         shutil.rmtree(out, ignore_errors=True)
         train = {
-            "steps": args.steps,
-            "batch_size": 8,
-            "micro_batch_size": 4,
-            "lr": 3e-3,
-            "warmup_steps": 10,
-            "eval_every": 10**6,
-            "save_every": 10**6,
-            "log_every": 1,
-            "device": "cpu",
-            "out_dir": str(out),
-            "progress": False,
-            **options,
+            "steps": args.steps, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 10,
+            "eval_every": 10**6, "save_every": 10**6, "log_every": 1, "device": "cpu", "out_dir": str(out),
+            "progress": False, **options,
         }
         Trainer(validate(Config, {"model": dict(MODEL), "train": train, "data": {"path": str(tokens)}})).fit()
         losses = [r["loss"] for r in read_events(out / "metrics.jsonl", "train")]
@@ -73,11 +57,8 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    "option": name,
-                    "steps": args.steps,
-                    "first_loss": round(losses[0], 4),
-                    "last20_mean_loss": round(tails[name], 4),
-                    "gap_vs_adamw": round(gap, 4),
+                    "option": name, "steps": args.steps, "first_loss": round(losses[0], 4),
+                    "last20_mean_loss": round(tails[name], 4), "gap_vs_adamw": round(gap, 4),
                 }
             ),
             flush=True,

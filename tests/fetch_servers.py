@@ -280,18 +280,10 @@ def tap_app(tables: dict[str, tuple[list[tuple[str, type, str]], list[dict]]]) -
 
 
 EXOPLANET_COLUMNS = [
-    ("pl_name", str, ""),
-    ("hostname", str, ""),
-    ("pl_rade", float, "earthRad"),
-    ("pl_bmasse", float, "earthMass"),
-    ("pl_orbper", float, "d"),
-    ("pl_orbsmax", float, "AU"),
-    ("pl_insol", float, ""),
-    ("pl_eqt", float, "K"),
-    ("st_teff", float, "K"),
-    ("st_rad", float, "solRad"),
-    ("st_mass", float, "solMass"),
-    ("sy_dist", float, "pc"),
+    ("pl_name", str, ""), ("hostname", str, ""), ("pl_rade", float, "earthRad"),
+    ("pl_bmasse", float, "earthMass"), ("pl_orbper", float, "d"), ("pl_orbsmax", float, "AU"),
+    ("pl_insol", float, ""), ("pl_eqt", float, "K"), ("st_teff", float, "K"), ("st_rad", float, "solRad"),
+    ("st_mass", float, "solMass"), ("sy_dist", float, "pc"),
 ]
 
 
@@ -301,17 +293,7 @@ def exoplanet_rows() -> list[dict]:
     rows = [
         ("TRAPPIST-1 b", "TRAPPIST-1", 1.116, 1.374, 1.5109, None, 4.15, 400.0, 2566.0, 0.119, 0.0898, 12.43),
         (
-            "TRAPPIST-1 e",
-            "TRAPPIST-1",
-            0.920,
-            0.692,
-            6.1010,
-            0.02925,
-            0.646,
-            250.0,
-            2566.0,
-            0.119,
-            0.0898,
+            "TRAPPIST-1 e", "TRAPPIST-1", 0.920, 0.692, 6.1010, 0.02925, 0.646, 250.0, 2566.0, 0.119, 0.0898,
             12.43,
         ),
         ("TRAPPIST-1 f", "TRAPPIST-1", 1.045, 1.039, 9.2075, None, None, 218.0, 2566.0, 0.119, 0.0898, 12.43),
@@ -389,12 +371,8 @@ def eutils_app(records: dict) -> Callable[[Request], Reply]:
                 {
                     "header": {"type": "esearch", "version": "0.3"},
                     "esearchresult": {
-                        "count": str(len(records)),
-                        "retmax": str(len(ids)),
-                        "retstart": "0",
-                        "idlist": ids,
-                        "translationset": [],
-                        "querytranslation": form.get("term", ""),
+                        "count": str(len(records)), "retmax": str(len(ids)), "retstart": "0", "idlist": ids,
+                        "translationset": [], "querytranslation": form.get("term", ""),
                     },
                 }
             )

@@ -57,10 +57,8 @@ def global_budgets(frames: torch.Tensor, store: CubeStore, params: torch.Tensor)
     radius, omega = params[:, 0].double(), params[:, 2].double()
     u, v = field("u"), field("v")
     return {
-        "mass": (ps * area).sum(dim=(-2, -1)),
-        "water": integral(field("q")),
-        "enthalpy": SPECIFIC_HEAT * integral(field("T")),
-        "kinetic": integral(0.5 * (u**2 + v**2)),
+        "mass": (ps * area).sum(dim=(-2, -1)), "water": integral(field("q")),
+        "enthalpy": SPECIFIC_HEAT * integral(field("T")), "kinetic": integral(0.5 * (u**2 + v**2)),
         "angular_momentum": integral((u + (omega * radius)[None, :, None, None, None] * coslat) * coslat),
     }
 

@@ -27,13 +27,7 @@ def test_bench_augment_reports_seconds_gbps_and_the_memcpy_limit(tmp_path):
 @pytest.mark.slow
 def test_bench_data_reports_raw_memcpy_and_zarr_in_the_same_run(tmp_path):
     results = run_data_bench(
-        tmp_path / "out",
-        tmp_path / "work",
-        batch_gb=0.002,
-        levels=2,
-        nlat=8,
-        nlon=16,
-        batches=2,
+        tmp_path / "out", tmp_path / "work", batch_gb=0.002, levels=2, nlat=8, nlon=16, batches=2,
         progress=False,
     )
     by_name = {r.name: r for r in results}

@@ -70,10 +70,8 @@ def era5_like(path, times: int = 12) -> xr.Dataset:
     )
     encoding = {
         name: {
-            "dtype": "int16",
-            "scale_factor": float(np.ptp(ds[name].values) / 60000),
-            "add_offset": float(ds[name].values.mean()),
-            "_FillValue": np.int16(-32767),
+            "dtype": "int16", "scale_factor": float(np.ptp(ds[name].values) / 60000),
+            "add_offset": float(ds[name].values.mean()), "_FillValue": np.int16(-32767),
         }
         for name in ("t", "u", "sp")
     }
@@ -127,21 +125,15 @@ def cmip6_like(folder, member: str = "r1i1p1f1", months: int = 24, offset: float
                 "time",
                 mid,
                 {
-                    "units": "days since 1850-01-01",
-                    "calendar": "noleap",
-                    "axis": "T",
-                    "standard_name": "time",
-                    "bounds": "time_bnds",
+                    "units": "days since 1850-01-01", "calendar": "noleap", "axis": "T",
+                    "standard_name": "time", "bounds": "time_bnds",
                 },
             ),
             "plev": (
                 "plev",
                 plev,
                 {
-                    "units": "Pa",
-                    "axis": "Z",
-                    "positive": "down",
-                    "standard_name": "air_pressure",
+                    "units": "Pa", "axis": "Z", "positive": "down", "standard_name": "air_pressure",
                     "bounds": "plev_bnds",
                 },
             ),
@@ -157,9 +149,7 @@ def cmip6_like(folder, member: str = "r1i1p1f1", months: int = 24, offset: float
             ),
         },
         attrs={
-            "Conventions": "CF-1.7 CMIP-6.2",
-            "source_id": "TOY",
-            "experiment_id": "historical",
+            "Conventions": "CF-1.7 CMIP-6.2", "source_id": "TOY", "experiment_id": "historical",
             "variant_label": member,
         },
     )
@@ -289,16 +279,8 @@ def curvilinear(path, times: int = 10) -> xr.Dataset:
 
 def train_and_eval(store, tmp_path, val_runs: int = 0, holdout_time: float = 0.25) -> dict:
     config = surrogate_config(
-        store,
-        tmp_path / "run",
-        steps=4,
-        hidden=32,
-        layers=1,
-        heads=2,
-        patch=4,
-        batch_size=2,
-        val_runs=val_runs,
-        holdout_time=holdout_time,
+        store, tmp_path / "run", steps=4, hidden=32, layers=1, heads=2, patch=4, batch_size=2,
+        val_runs=val_runs, holdout_time=holdout_time,
     )
     summary = train(config)
     assert np.isfinite(summary["loss"]) and np.isfinite(summary["val_loss"])
@@ -497,14 +479,7 @@ def test_store_grid_checked_against_checkpoint(tmp_path, capsys):
     cmip6_like(folder, months=12)
     prepare([folder], tmp_path / "store", progress=False)
     config = surrogate_config(
-        tmp_path / "store",
-        tmp_path / "run",
-        steps=1,
-        hidden=32,
-        layers=1,
-        heads=2,
-        batch_size=2,
-        val_runs=0,
+        tmp_path / "store", tmp_path / "run", steps=1, hidden=32, layers=1, heads=2, batch_size=2, val_runs=0,
         holdout_time=0.25,
     )
     final = train(config)["final"]
@@ -546,10 +521,7 @@ def test_physics_finds_its_variables_by_standard_name(tmp_path):
     from sapwood.train.cube_task import fill_from_store, store_geometry
 
     (run,) = simulate_ensemble(
-        tmp_path / "sim",
-        runs=1,
-        grid=Grid(levels=3, nlat=8, nlon=16, times=3, spinup_days=1),
-        seed=2,
+        tmp_path / "sim", runs=1, grid=Grid(levels=3, nlat=8, nlon=16, times=3, spinup_days=1), seed=2,
         progress=False,
     )
     names = {"T": "ta", "u": "ua", "v": "va", "q": "hus", "ps": "sp", "rho": "rhoa", "zg": "geoh"}
@@ -563,9 +535,7 @@ def test_physics_finds_its_variables_by_standard_name(tmp_path):
         assert set(physics_support(cube).values()) == {"applied"}, physics_support(cube)
         frames = store.read_rows(0, 3)
         reports[label] = violations(
-            frames[:-1],
-            frames[1:],
-            store_geometry(cube),
+            frames[:-1], frames[1:], store_geometry(cube),
             torch.as_tensor(store.params[:1], dtype=torch.float32).expand(2, -1),
         )
     assert CubeStore(tmp_path / "renamed").index["variables"][0]["name"] == "ta"

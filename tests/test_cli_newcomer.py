@@ -17,12 +17,8 @@ def sapwood(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
     return subprocess.run(
-        [sys.executable, "-m", "sapwood.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=cwd,
+        [sys.executable, "-m", "sapwood.cli", *args], capture_output=True, text=True, timeout=timeout,
+        env=env, cwd=cwd,
     )
 
 
@@ -121,10 +117,7 @@ def test_size_labels_bf16_with_its_16_bit_copy_and_uses_the_yaml_checkpointing_n
     assert states["bf16-pure+adamw8bit"]["compute_copy"] == 0
     proc = subprocess.run(
         [sys.executable, "-m", "sapwood.cli", "size", "tiny", "--checkpointing", "every_layer"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, COLUMNS="250"),
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="250"),
     )
     assert proc.returncode == 0, proc.stderr
     assert "activation_checkpointing every_layer" in proc.stdout
@@ -148,10 +141,7 @@ def test_third_party_log_warnings_show_only_with_verbose():
 
 def test_size_fits_80_columns():
     proc = subprocess.run(
-        [sys.executable, "-m", "sapwood.cli", "size", "tiny"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "sapwood.cli", "size", "tiny"], capture_output=True, text=True, timeout=120,
         env=dict(os.environ, COLUMNS="80"),
     )
     assert proc.returncode == 0, proc.stderr

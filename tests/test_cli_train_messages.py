@@ -25,12 +25,8 @@ def env() -> dict[str, str]:
 
 def sapwood(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sapwood.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env(),
-        cwd=cwd,
+        [sys.executable, "-m", "sapwood.cli", *args], capture_output=True, text=True, timeout=timeout,
+        env=env(), cwd=cwd,
     )
 
 
@@ -59,12 +55,8 @@ def test_ctrl_c_then_resume_then_resume_a_finished_run(tmp_path):
     assert tokenized.returncode == 0, tokenized.stderr
     text_config(tmp_path, steps=1_000_000)
     run = subprocess.Popen(
-        [sys.executable, "-m", "sapwood.cli", "train", "run.yaml", "--resume"],
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "sapwood.cli", "train", "run.yaml", "--resume"], cwd=tmp_path, env=env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 240
@@ -123,15 +115,7 @@ def test_cube_pipeline_on_simulate_defaults_and_the_cube_tiny_preset(tmp_path):
     assert (defaults["levels"], defaults["nlat"], defaults["nlon"]) == (cube.levels, cube.lat, cube.lon)
     assert defaults["runs"] > cube.val_runs
     simulated = sapwood(
-        "simulate",
-        "--out",
-        "nc",
-        "--runs",
-        str(cube.val_runs + 2),
-        "--times",
-        "6",
-        "--spinup-days",
-        "1",
+        "simulate", "--out", "nc", "--runs", str(cube.val_runs + 2), "--times", "6", "--spinup-days", "1",
         cwd=tmp_path,
     )
     assert simulated.returncode == 0, simulated.stderr
@@ -167,12 +151,8 @@ def test_cube_pipeline_on_simulate_defaults_and_the_cube_tiny_preset(tmp_path):
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_only_rank_0_writes_console_output(tmp_path, rank):
     proc = subprocess.run(
-        [sys.executable, "-m", "sapwood.cli", "solve", "--params", "1e8"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env(), "RANK": rank},
-        cwd=tmp_path,
+        [sys.executable, "-m", "sapwood.cli", "solve", "--params", "1e8"], capture_output=True, text=True,
+        timeout=120, env={**env(), "RANK": rank}, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert ("model:" in proc.stdout) == (rank == "0")
@@ -193,15 +173,8 @@ def test_under_torchrun_only_rank_0_prints_and_torch_warnings_stay_quiet(tmp_pat
     )
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "sapwood.cli",
-            "train",
-            "run.yaml",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+            "sapwood.cli", "train", "run.yaml",
         ],
         cwd=tmp_path,
         env=env(),

@@ -104,18 +104,8 @@ def test_passkey_accuracy_is_reproducible_and_a_fraction(base):
 def test_eval_context_cli_prints_every_method_and_length(base):
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "sapwood.cli",
-            "eval-context",
-            str(base),
-            "--multiples",
-            "1,4",
-            "--methods",
-            "none,yarn",
-            "--samples",
-            "4",
-            "--json",
+            sys.executable, "-m", "sapwood.cli", "eval-context", str(base), "--multiples", "1,4", "--methods",
+            "none,yarn", "--samples", "4", "--json",
         ],
         capture_output=True,
         text=True,
@@ -144,15 +134,8 @@ def test_by_length_policy_keeps_plain_rope_within_the_trained_context_and_stretc
     from sapwood.model.rope import scaled_inv_freq
 
     cfg = ModelConfig(
-        vocab_size=32,
-        hidden=64,
-        layers=1,
-        heads=4,
-        ffn=64,
-        trained_context=32,
-        max_context=512,
-        rope_scaling=RopeScaling(type="yarn", factor=16),
-        rope_policy="by_length",
+        vocab_size=32, hidden=64, layers=1, heads=4, ffn=64, trained_context=32, max_context=512,
+        rope_scaling=RopeScaling(type="yarn", factor=16), rope_policy="by_length",
     )
     policy = ContextPolicy(cfg)
 
@@ -172,14 +155,8 @@ def test_by_length_policy_is_refused_by_hugging_face_export_in_one_line():
     from sapwood.model.hf import hf_config_from_sapwood
 
     cfg = ModelConfig(
-        vocab_size=32,
-        hidden=64,
-        layers=1,
-        heads=4,
-        ffn=64,
-        trained_context=32,
-        rope_scaling=RopeScaling(type="yarn", factor=4),
-        rope_policy="by_length",
+        vocab_size=32, hidden=64, layers=1, heads=4, ffn=64, trained_context=32,
+        rope_scaling=RopeScaling(type="yarn", factor=4), rope_policy="by_length",
     )
     with pytest.raises(SapwoodError, match=r"^model.rope_policy='by_length' has no Hugging Face equivalent"):
         hf_config_from_sapwood(cfg)

@@ -37,15 +37,8 @@ def torchrun(nproc: int, out: Path, *args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent), PYTHONFAULTHANDLER="1")
     env.pop("WORLD_SIZE", None)
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(HERE / "cp_worker.py"),
-        "--out",
-        str(out),
-        *args,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        str(HERE / "cp_worker.py"), "--out", str(out), *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-12000:]}"

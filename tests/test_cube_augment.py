@@ -96,13 +96,8 @@ def test_declared_forcing_of_each_training_pair_comes_from_the_store(store, tmp_
     with torch.no_grad():
         prediction = model(batch["state"], batch["params"]).float()
         _, expected = physics_loss(
-            batch["clean"],
-            prediction,
-            task.geometry(torch.device("cpu")),
-            task.config.cube.physics,
-            batch["params"],
-            batch["heating"],
-            batch["torque"],
+            batch["clean"], prediction, task.geometry(torch.device("cpu")), task.config.cube.physics,
+            batch["params"], batch["heating"], batch["torque"],
         )
         _, metrics = task.loss(model, batch)
         _, estimated = task.loss(model, {k: v for k, v in batch.items() if k not in ("heating", "torque")})

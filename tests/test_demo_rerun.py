@@ -20,11 +20,8 @@ def env() -> dict[str, str]:
 
 def demo(out, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env(),
+        [sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), *args], capture_output=True,
+        text=True, timeout=timeout, env=env(),
     )
 
 
@@ -73,11 +70,8 @@ def test_ctrl_c_during_the_demo_names_the_command_that_continues_it(tmp_path):
     """SIGINT once the language-model stage is training: the run stops at its next step, exit 130."""
     out = tmp_path / "demo-out"
     run = subprocess.Popen(
-        [sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), "--only", "lm,serving"],
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), "--only", "lm,serving"], env=env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = out / "lm" / "metrics.jsonl"
     deadline = time.monotonic() + 600

@@ -69,14 +69,7 @@ def four_ranks(tmp_path_factory) -> Path:
     """FSDP×TP, PP×FSDP and PP×TP on 4 ranks; each saves a checkpoint after step 3."""
     out = tmp_path_factory.mktemp("four_ranks")
     torchrun(
-        4,
-        out,
-        "--steps",
-        str(STEPS + 1),
-        "--save-after",
-        str(SAVE_AFTER),
-        "fsdp2_tp2",
-        "pp2_fsdp2",
+        4, out, "--steps", str(STEPS + 1), "--save-after", str(SAVE_AFTER), "fsdp2_tp2", "pp2_fsdp2",
         "pp2_tp2",
     )
     return out
@@ -316,15 +309,8 @@ def test_sapwood_train_under_torchrun(tmp_path, plan):
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "sapwood.cli",
-            "train",
-            str(config),
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+            "sapwood.cli", "train", str(config),
         ],
         env=env,
         capture_output=True,

@@ -279,16 +279,8 @@ def test_a_damaged_checkpoint_is_skipped_but_a_bug_in_resume_is_raised(tokens_di
     from sapwood.train.loop import Trainer
 
     settings = {
-        "steps": 4,
-        "batch_size": 2,
-        "micro_batch_size": 2,
-        "warmup_steps": 1,
-        "eval_every": 1000,
-        "eval_batches": 1,
-        "save_every": 2,
-        "log_every": 1,
-        "out_dir": str(tmp_path),
-        "progress": False,
+        "steps": 4, "batch_size": 2, "micro_batch_size": 2, "warmup_steps": 1, "eval_every": 1000,
+        "eval_batches": 1, "save_every": 2, "log_every": 1, "out_dir": str(tmp_path), "progress": False,
     }
     config = validate(Config, {"model": {**TINY.model_dump(), "vocab_size": 320}, "train": settings,
                                "data": {"path": str(tokens_dir)}})
@@ -310,10 +302,7 @@ def test_a_damaged_checkpoint_is_skipped_but_a_bug_in_resume_is_raised(tokens_di
 
 
 def versions_after_kills(
-    tmp_path: Path,
-    name: str,
-    write: Callable[[Path], None],
-    rewrite: Callable[[Path], None],
+    tmp_path: Path, name: str, write: Callable[[Path], None], rewrite: Callable[[Path], None],
     read: Callable[[Path], object],
 ) -> set:
     """``write`` the folder ``name`` once, then kill ``rewrite`` of it at every durable step. After each kill
@@ -369,10 +358,7 @@ def test_cube_store_publish_killed_at_every_step(tmp_path):
     from sapwood.data.store import FRAMES_FILE, CubeStore
 
     runs = simulate_ensemble(
-        tmp_path / "runs",
-        runs=2,
-        grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1),
-        seed=3,
+        tmp_path / "runs", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=3,
         progress=False,
     )
 

@@ -101,10 +101,7 @@ def test_masked_metrics_equal_numpy():
 
 def test_planet_groups_inside_and_outside_the_training_range(tmp_path):
     runs = simulate_ensemble(
-        tmp_path / "runs",
-        runs=6,
-        grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1),
-        seed=5,
+        tmp_path / "runs", runs=6, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=5,
         progress=False,
     )
     prepare(runs, tmp_path / "store", progress=False)
@@ -138,8 +135,7 @@ def test_advective_persistence_is_exact_for_pure_advection(tmp_path):
         coords={
             "time": ("time", np.arange(4.0), {"units": "hours since 2000-01-01", "calendar": "standard"}),
             "lev": ("lev", [50000.0], {"units": "Pa", "positive": "down"}),
-            "lat": ("lat", lat, {"units": "degrees_north"}),
-            "lon": ("lon", lon, {"units": "degrees_east"}),
+            "lat": ("lat", lat, {"units": "degrees_north"}), "lon": ("lon", lon, {"units": "degrees_east"}),
         },
     )
     ds.to_netcdf(tmp_path / "advect.nc")

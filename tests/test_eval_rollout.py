@@ -17,27 +17,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def long_store(tmp_path_factory):
     return simulated_store(
-        tmp_path_factory.mktemp("rollout") / "data",
-        runs=3,
-        levels=2,
-        nlat=8,
-        nlon=16,
-        times=101,
-        spinup_days=1,
-        dt_hours=1.0,
+        tmp_path_factory.mktemp("rollout") / "data", runs=3, levels=2, nlat=8, nlon=16, times=101,
+        spinup_days=1, dt_hours=1.0,
     )
 
 
 def test_a_100_step_rollout_stays_finite_and_bounded(long_store, tmp_path):
     config = surrogate_config(
-        long_store,
-        tmp_path / "run",
-        steps=40,
-        hidden=32,
-        layers=1,
-        heads=2,
-        patch=4,
-        val_runs=1,
+        long_store, tmp_path / "run", steps=40, hidden=32, layers=1, heads=2, patch=4, val_runs=1,
         batch_size=8,
     )
     summary = train(config)

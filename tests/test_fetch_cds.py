@@ -25,13 +25,8 @@ TOKEN = "loopback-cds-token-4f1e"
 REQUEST = {
     "dataset": "reanalysis-era5-single-levels",
     "request": {
-        "product_type": ["reanalysis"],
-        "variable": ["2m_temperature", "surface_pressure"],
-        "year": ["2020"],
-        "month": ["01"],
-        "day": ["01"],
-        "time": ["00:00", "06:00", "12:00", "18:00"],
-        "data_format": "netcdf",
+        "product_type": ["reanalysis"], "variable": ["2m_temperature", "surface_pressure"], "year": ["2020"],
+        "month": ["01"], "day": ["01"], "time": ["00:00", "06:00", "12:00", "18:00"], "data_format": "netcdf",
         "download_format": "unarchived",
     },
 }
@@ -130,10 +125,8 @@ def test_connection_dropped_mid_download_is_resumed_with_a_range_request(tmp_pat
 @pytest.mark.parametrize("fault", [
     Fault("status", "/execution", status=500),
     Fault("status", "/execution", status=429, headers={"Retry-After": "3"}),
-    Fault("status", "/jobs/", status=503),
-    Fault("hang", "/results", seconds=2.5),
-    Fault("short", "/results", keep=0.5),
-    Fault("status", "/download/", status=502),
+    Fault("status", "/jobs/", status=503), Fault("hang", "/results", seconds=2.5),
+    Fault("short", "/results", keep=0.5), Fault("status", "/download/", status=502),
     Fault("short", "/download/", keep=0.3),
 ], ids=["submit-500", "submit-429", "poll-503", "results-timeout", "results-truncated-json", "download-502",
         "download-truncated"])

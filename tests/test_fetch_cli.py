@@ -54,18 +54,12 @@ def test_a_credential_in_the_environment_never_appears_in_logs_or_errors(tmp_pat
             tmp_path / "sources.yaml",
             {
                 "loop-pubmed": {
-                    "protocol": "ncbi",
-                    "endpoint": f"{eutils.url}/entrez/eutils",
-                    "term": "exoplanet",
-                    "retmax": 10,
-                    "batch_size": 3,
-                    "credentials": ["NCBI_API_KEY"],
+                    "protocol": "ncbi", "endpoint": f"{eutils.url}/entrez/eutils", "term": "exoplanet",
+                    "retmax": 10, "batch_size": 3, "credentials": ["NCBI_API_KEY"],
                 },
                 "dead-pubmed": {
-                    "protocol": "ncbi",
-                    "endpoint": f"http://127.0.0.1:{closed_port()}/entrez/eutils",
-                    "term": "exoplanet",
-                    "credentials": ["NCBI_API_KEY"],
+                    "protocol": "ncbi", "endpoint": f"http://127.0.0.1:{closed_port()}/entrez/eutils",
+                    "term": "exoplanet", "credentials": ["NCBI_API_KEY"],
                 },
             },
         )
@@ -145,26 +139,9 @@ def test_fetched_exoplanet_catalog_drives_a_simulated_ensemble(tmp_path, capsys,
     finally:
         tap.close()
     code, _, err = run_in_process(
-        capsys,
-        "simulate",
-        "--planets",
-        str(tmp_path / "data" / "nasa-exoplanets.csv"),
-        "--runs",
-        "3",
-        "--out",
-        str(tmp_path / "sim"),
-        "--levels",
-        "2",
-        "--nlat",
-        "8",
-        "--nlon",
-        "16",
-        "--times",
-        "2",
-        "--seed",
-        "1",
-        "--spinup-days",
-        "1",
+        capsys, "simulate", "--planets", str(tmp_path / "data" / "nasa-exoplanets.csv"), "--runs", "3",
+        "--out", str(tmp_path / "sim"), "--levels", "2", "--nlat", "8", "--nlon", "16", "--times", "2",
+        "--seed", "1", "--spinup-days", "1",
     )
     assert code == 0, err
     with open(tmp_path / "sim" / "planets.csv", newline="") as handle:

@@ -20,47 +20,27 @@ from sapwood.errors import SapwoodError
 
 OBSERVATIONS = [
     {
-        "obsid": "87600001",
-        "obs_id": "jw02589-o001_t001_nirspec",
-        "obs_collection": "JWST",
-        "target_name": "TRAPPIST-1",
-        "dataproduct_type": "spectrum",
-        "instrument_name": "NIRSPEC/SLIT",
+        "obsid": "87600001", "obs_id": "jw02589-o001_t001_nirspec", "obs_collection": "JWST",
+        "target_name": "TRAPPIST-1", "dataproduct_type": "spectrum", "instrument_name": "NIRSPEC/SLIT",
         "t_min": 60000.1,
     },
     {
-        "obsid": "87600002",
-        "obs_id": "jw02589-o002_t001_niriss",
-        "obs_collection": "JWST",
-        "target_name": "TRAPPIST-1",
-        "dataproduct_type": "spectrum",
-        "instrument_name": "NIRISS/SOSS",
+        "obsid": "87600002", "obs_id": "jw02589-o002_t001_niriss", "obs_collection": "JWST",
+        "target_name": "TRAPPIST-1", "dataproduct_type": "spectrum", "instrument_name": "NIRISS/SOSS",
         "t_min": 60001.2,
     },
     {
-        "obsid": "87600003",
-        "obs_id": "hst_15304_01",
-        "obs_collection": "HST",
-        "target_name": "TRAPPIST-1",
-        "dataproduct_type": "image",
-        "instrument_name": "WFC3/IR",
-        "t_min": 58000.0,
+        "obsid": "87600003", "obs_id": "hst_15304_01", "obs_collection": "HST", "target_name": "TRAPPIST-1",
+        "dataproduct_type": "image", "instrument_name": "WFC3/IR", "t_min": 58000.0,
     },
 ]
 
 
 def product(obsid: str, name: str, subgroup: str, size: int) -> dict:
     return {
-        "obsID": obsid,
-        "obs_collection": "JWST",
-        "dataproduct_type": "spectrum",
-        "productType": "SCIENCE",
-        "productGroupDescription": "Minimum Recommended Products",
-        "productSubGroupDescription": subgroup,
-        "dataURI": f"mast:JWST/product/{name}",
-        "productFilename": name,
-        "size": size,
-        "calib_level": 3,
+        "obsID": obsid, "obs_collection": "JWST", "dataproduct_type": "spectrum", "productType": "SCIENCE",
+        "productGroupDescription": "Minimum Recommended Products", "productSubGroupDescription": subgroup,
+        "dataURI": f"mast:JWST/product/{name}", "productFilename": name, "size": size, "calib_level": 3,
     }
 
 
@@ -149,17 +129,11 @@ def test_token_from_the_environment_logs_the_session_in(tmp_path, mast, catalog,
     [
         Fault("status", "/columnsconfig", status=500),
         Fault("status", "/api/v0/invoke", status=429, headers={"Retry-After": "4"}),
-        Fault("short", "/api/v0/invoke", keep=0.5),
-        Fault("hang", "/api/v0/invoke", seconds=2.5),
-        Fault("drop", "/Download/file", keep=0.5),
-        Fault("status", "/Download/file", status=503),
+        Fault("short", "/api/v0/invoke", keep=0.5), Fault("hang", "/api/v0/invoke", seconds=2.5),
+        Fault("drop", "/Download/file", keep=0.5), Fault("status", "/Download/file", status=503),
     ],
     ids=[
-        "colconfig-500",
-        "invoke-429",
-        "invoke-truncated-json",
-        "invoke-timeout",
-        "download-dropped",
+        "colconfig-500", "invoke-429", "invoke-truncated-json", "invoke-timeout", "download-dropped",
         "download-503",
     ],
 )

@@ -83,12 +83,9 @@ def test_api_key_is_sent_and_raises_the_rate_to_ncbis_published_limit(tmp_path, 
 
 
 @pytest.mark.parametrize("fault", [
-    Fault("status", "esearch", status=500),
-    Fault("status", "efetch", status=502),
-    Fault("status", "efetch", status=429, headers={"Retry-After": "2"}),
-    Fault("hang", "efetch", seconds=2.5),
-    Fault("drop", "efetch", keep=0.5),
-    Fault("short", "efetch", keep=0.7),
+    Fault("status", "esearch", status=500), Fault("status", "efetch", status=502),
+    Fault("status", "efetch", status=429, headers={"Retry-After": "2"}), Fault("hang", "efetch", seconds=2.5),
+    Fault("drop", "efetch", keep=0.5), Fault("short", "efetch", keep=0.7),
     Fault("short", "esearch", keep=0.5),
 ], ids=["esearch-500", "efetch-502", "efetch-429", "efetch-timeout", "efetch-dropped", "efetch-truncated-xml",
         "esearch-truncated-json"])

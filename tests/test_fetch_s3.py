@@ -25,8 +25,7 @@ OBJECTS = {
     "era5/2020/01/sp.nc": bytes((i * 31) % 251 for i in range(70_000)),
     "era5/2020/01/readme.txt": b"not a cube",
     "era5/store.zarr/zarr.json": b'{"zarr_format": 3, "node_type": "group", "attributes": {}}',
-    "era5/store.zarr/t2m/c/0/0": bytes(range(256)) * 40,
-    "other/skip.nc": b"outside the prefix",
+    "era5/store.zarr/t2m/c/0/0": bytes(range(256)) * 40, "other/skip.nc": b"outside the prefix",
 }
 
 
@@ -131,10 +130,8 @@ def test_object_dropped_mid_transfer_resumes_with_a_range(tmp_path, s3, catalog)
 
 
 @pytest.mark.parametrize("fault", [
-    Fault("status", f"/{BUCKET}", status=500),
-    Fault("status", "/sp.nc", status=503),
-    Fault("status", "/sp.nc", status=429, headers={"Retry-After": "5"}),
-    Fault("hang", "/sp.nc", seconds=2.5),
+    Fault("status", f"/{BUCKET}", status=500), Fault("status", "/sp.nc", status=503),
+    Fault("status", "/sp.nc", status=429, headers={"Retry-After": "5"}), Fault("hang", "/sp.nc", seconds=2.5),
     Fault("short", "/t2m.nc", keep=0.25),
 ], ids=["list-500", "get-503", "get-429", "get-timeout", "get-truncated-body"])
 def test_faults_are_retried_and_nothing_corrupt_is_left(tmp_path, s3, catalog, fault):
@@ -188,10 +185,7 @@ def test_fetched_netcdf_runs_go_through_prepare(tmp_path, s3, catalog):
 
     proxy, client, bucket = s3
     runs = simulate_ensemble(
-        tmp_path / "sim",
-        runs=2,
-        grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1),
-        seed=2,
+        tmp_path / "sim", runs=2, grid=Grid(levels=2, nlat=8, nlon=16, times=3, spinup_days=1), seed=2,
         progress=False,
     )
     for path in runs:

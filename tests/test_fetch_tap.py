@@ -37,10 +37,7 @@ def catalog(tmp_path, tap):
         tmp_path / "sources.yaml",
         {
             "loop-exoplanets": {
-                "protocol": "tap",
-                "endpoint": f"{tap.url}/TAP",
-                "query": QUERY,
-                "rate_limit": 0,
+                "protocol": "tap", "endpoint": f"{tap.url}/TAP", "query": QUERY, "rate_limit": 0,
                 "named_queries": {"small": "SELECT pl_name, pl_rade FROM pscomppars WHERE pl_rade < 1.2"},
             },
         },
@@ -77,10 +74,7 @@ def test_named_query_and_parquet(tmp_path, tap, catalog):
     )
     table = pq.read_table(out / "loop-exoplanets.parquet").to_pylist()
     assert sorted(r["pl_name"] for r in table) == [
-        "Proxima Cen b",
-        "TRAPPIST-1 b",
-        "TRAPPIST-1 e",
-        "TRAPPIST-1 f",
+        "Proxima Cen b", "TRAPPIST-1 b", "TRAPPIST-1 e", "TRAPPIST-1 f",
     ]
     assert all(isinstance(r["pl_rade"], float) and math.isfinite(r["pl_rade"]) for r in table)
 
@@ -103,11 +97,8 @@ def test_rerun_is_served_by_the_cache_without_any_request(tmp_path, tap, catalog
 
 
 @pytest.mark.parametrize("fault", [
-    Fault("status", "/sync", status=500),
-    Fault("status", "/sync", status=503),
-    Fault("hang", "/sync", seconds=2.5),
-    Fault("drop", "/sync", keep=0.4),
-    Fault("short", "/sync", keep=0.6),
+    Fault("status", "/sync", status=500), Fault("status", "/sync", status=503),
+    Fault("hang", "/sync", seconds=2.5), Fault("drop", "/sync", keep=0.4), Fault("short", "/sync", keep=0.6),
 ], ids=["500", "503", "timeout", "dropped-mid-body", "truncated-votable"])
 def test_transient_faults_are_retried_and_the_output_is_complete(tmp_path, tap, catalog, fault):
     out = tmp_path / "out"

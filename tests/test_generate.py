@@ -21,21 +21,8 @@ def test_generate_greedy_seeded_and_errors(lm_folder):
     assert greedy.returncode == 0, greedy.stderr
     assert greedy.stdout == "def f(x):" + expected + "\n"
     args = [
-        str(lm_folder),
-        "--prompt",
-        "import",
-        "--max-new-tokens",
-        "10",
-        "--temperature",
-        "0.9",
-        "--top-k",
-        "50",
-        "--top-p",
-        "0.9",
-        "--repetition-penalty",
-        "1.2",
-        "--seed",
-        "7",
+        str(lm_folder), "--prompt", "import", "--max-new-tokens", "10", "--temperature", "0.9", "--top-k",
+        "50", "--top-p", "0.9", "--repetition-penalty", "1.2", "--seed", "7",
     ]
     first, second = run_cli(*args), run_cli(*args)
     assert first.returncode == 0 and first.stdout == second.stdout

@@ -87,11 +87,8 @@ def test_mfu_from_the_sizing_flops():
 def test_fragmentation_from_memory_stats():
     gib = 1024**3
     stats = {
-        "allocated_bytes.all.current": 6 * gib,
-        "reserved_bytes.all.current": 8 * gib,
-        "allocated_bytes.all.peak": 60 * gib,
-        "reserved_bytes.all.peak": 64 * gib,
-        "num_alloc_retries": 2,
+        "allocated_bytes.all.current": 6 * gib, "reserved_bytes.all.current": 8 * gib,
+        "allocated_bytes.all.peak": 60 * gib, "reserved_bytes.all.peak": 64 * gib, "num_alloc_retries": 2,
     }
     report = memory_report(stats)
     assert report["memory_fragmentation"] == pytest.approx(0.25)

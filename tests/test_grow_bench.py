@@ -15,13 +15,8 @@ from sapwood.errors import SapwoodError
 def curve(name: str, losses: list[float], flops_per_eval: float, growth_step: int | None = None) -> RunCurve:
     n = len(losses)
     return RunCurve(
-        name,
-        flops=[flops_per_eval * (i + 1) for i in range(n)],
-        seconds=[0.5 * (i + 1) for i in range(n)],
-        steps=[10 * (i + 1) for i in range(n)],
-        val_loss=losses,
-        growth_step=growth_step,
-        loss_jump=0.0,
+        name, flops=[flops_per_eval * (i + 1) for i in range(n)], seconds=[0.5 * (i + 1) for i in range(n)],
+        steps=[10 * (i + 1) for i in range(n)], val_loss=losses, growth_step=growth_step, loss_jump=0.0,
     )
 
 
@@ -61,11 +56,7 @@ def test_unknown_method_is_a_one_line_error(tmp_path):
 @pytest.mark.slow
 def test_short_real_run_writes_the_suite(tmp_path):
     path = run_grow_bench(
-        tmp_path / "out",
-        steps=6,
-        data_dir=tmp_path,
-        max_files=8,
-        seeds=2,
+        tmp_path / "out", steps=6, data_dir=tmp_path, max_files=8, seeds=2,
         methods=["zero", "masked", "gstack"],
     )
     payload = json.loads(path.read_text())
@@ -84,11 +75,7 @@ def test_lr_factor_warms_up_and_rewarms_after_growth():
     assert [lr_factor(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     # growth after step 6: steps 7, 8, 9 run at 1/3, 2/3, 1 of the LR; without re-warm-up nothing changes
     assert [lr_factor(s, 4, 3, grow_at=6) for s in range(5, 10)] == [
-        1.0,
-        pytest.approx(1 / 3),
-        pytest.approx(2 / 3),
-        1.0,
-        1.0,
+        1.0, pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0, 1.0,
     ]
     assert [lr_factor(s, 4, 0, grow_at=6) for s in range(5, 10)] == [1.0] * 5
 

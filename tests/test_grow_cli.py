@@ -12,13 +12,7 @@ from sapwood.config import Config, validate
 from sapwood.model import build_model, load, save_folder
 
 MODEL = {
-    "vocab_size": 101,
-    "hidden": 32,
-    "layers": 2,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 48,
-    "trained_context": 16,
+    "vocab_size": 101, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 48, "trained_context": 16,
 }
 
 
@@ -49,33 +43,15 @@ def test_grow_by_options_preserves_logits(checkpoint, tmp_path, capsys):
     assert (
         run_cli(
             [
-                "grow",
-                str(checkpoint),
-                "--out",
-                str(out),
-                "--layers",
-                "3",
-                "--hidden",
-                "48",
-                "--ffn",
-                "64",
-                "--heads",
-                "8",
-                "--position",
-                "middle",
-                "--depth-init",
-                "stack",
+                "grow", str(checkpoint), "--out", str(out), "--layers", "3", "--hidden", "48", "--ffn", "64",
+                "--heads", "8", "--position", "middle", "--depth-init", "stack",
             ]
         )
         == 0
     )
     grown = load(out)
     assert (grown.cfg.layers, grown.cfg.hidden, grown.cfg.ffn, grown.cfg.heads, grown.cfg.kv_heads) == (
-        3,
-        48,
-        64,
-        8,
-        4,
+        3, 48, 64, 8, 4,
     )
     tokens = torch.randint(0, 101, (2, 16))
     assert (logits(out, tokens) - logits(checkpoint, tokens)).abs().max() < 1e-5

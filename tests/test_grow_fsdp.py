@@ -172,22 +172,12 @@ def test_masked_growth_in_sapwood_train_under_fsdp2(tokens_dir, tmp_path):
         "parallel": {"dp_shard": 2},
         "data": {"path": str(tokens_dir)},
         "train": {
-            "steps": 4,
-            "batch_size": 4,
-            "micro_batch_size": 2,
-            "lr": 3e-3,
-            "warmup_steps": 2,
-            "eval_every": 2,
-            "eval_batches": 2,
-            "save_every": 1000,
-            "progress": False,
-            "device": "cpu",
+            "steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 2,
+            "eval_every": 2, "eval_batches": 2, "save_every": 1000, "progress": False, "device": "cpu",
             "out_dir": str(tmp_path / "run"),
         },
         "growth": {
-            "at_steps": [2],
-            "method": "masked",
-            "mask_ramp_steps": 3,
+            "at_steps": [2], "method": "masked", "mask_ramp_steps": 3,
             "add": {"layers": 1, "hidden": 16, "ffn": 32, "heads": 4},
         },
     }
@@ -196,15 +186,8 @@ def test_masked_growth_in_sapwood_train_under_fsdp2(tokens_dir, tmp_path):
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "sapwood.cli",
-            "train",
-            str(tmp_path / "run.yaml"),
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+            "sapwood.cli", "train", str(tmp_path / "run.yaml"),
         ],
         cwd=tmp_path,
         env=env,

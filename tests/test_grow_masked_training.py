@@ -51,11 +51,7 @@ def test_masked_growth_event_preserves_function_and_training_continues(tokens_di
     assert abs(event["loss_after"] - event["loss_before"]) < 1e-5
     # the ramp: mask 0 right after growth, then 1/3, 2/3 after steps 4 and 5, and gone (1) after step 6
     assert [states[s][0] for s in (3, 4, 5, 6, 7)] == [
-        0.0,
-        pytest.approx(1 / 3),
-        pytest.approx(2 / 3),
-        None,
-        None,
+        0.0, pytest.approx(1 / 3), pytest.approx(2 / 3), None, None,
     ]
     assert all(
         not module._forward_hooks and not module._forward_pre_hooks for module in trainer.model.modules()
@@ -122,21 +118,12 @@ def test_run_ending_mid_ramp_writes_the_masked_function(tokens_dir, tmp_path):
 def test_restored_and_folded_masks_compute_the_masked_function(tied):
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=64,
-        hidden=32,
-        layers=2,
-        heads=2,
-        kv_heads=1,
-        ffn=48,
-        head_dim=16,
-        trained_context=16,
+        vocab_size=64, hidden=32, layers=2, heads=2, kv_heads=1, ffn=48, head_dim=16, trained_context=16,
         tied_embeddings=tied,
     )
     model, data = Decoder(cfg), torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     masks, _ = grow_model_masked(
-        model,
-        GrowthRequest(layers=4, hidden=64, ffn=96, heads=4, kv_heads=2),
-        5,
+        model, GrowthRequest(layers=4, hidden=64, ffn=96, heads=4, kv_heads=2), 5,
         generator=torch.Generator().manual_seed(2),
     )
     masks.step(), masks.step()

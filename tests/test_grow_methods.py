@@ -20,14 +20,7 @@ from sapwood.model.transformer import Decoder
 def small_model(layers: int = 2) -> Decoder:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=64,
-        hidden=32,
-        layers=layers,
-        heads=2,
-        kv_heads=1,
-        ffn=48,
-        head_dim=16,
-        trained_context=16,
+        vocab_size=64, hidden=32, layers=layers, heads=2, kv_heads=1, ffn=48, head_dim=16, trained_context=16,
         tied_embeddings=True,
     )
     return Decoder(cfg)

@@ -15,13 +15,7 @@ from sapwood.model.transformer import Decoder
 
 def small_config(tied: bool = False, heads: int = 4, kv_heads: int = 2) -> ModelConfig:
     return ModelConfig(
-        vocab_size=97,
-        hidden=32,
-        layers=2,
-        heads=heads,
-        kv_heads=kv_heads,
-        ffn=48,
-        trained_context=16,
+        vocab_size=97, hidden=32, layers=2, heads=heads, kv_heads=kv_heads, ffn=48, trained_context=16,
         tied_embeddings=tied,
     )
 

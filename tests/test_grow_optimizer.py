@@ -18,13 +18,7 @@ from sapwood.model.transformer import Decoder
 def setup(tied: bool = True):
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=64,
-        hidden=32,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        ffn=48,
-        trained_context=16,
+        vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, trained_context=16,
         tied_embeddings=tied,
     )
     model = Decoder(cfg)
@@ -134,10 +128,7 @@ def test_optimizer_state_dict_round_trips_onto_a_rebuilt_grown_model() -> None:
             group["lr"] = 1e-2
     a = train_steps(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), data, 2)
     b = train_steps(
-        rebuilt_model,
-        rebuilt_optimizer,
-        torch.optim.lr_scheduler.LambdaLR(rebuilt_optimizer, lambda s: 1.0),
-        data,
-        2,
+        rebuilt_model, rebuilt_optimizer, torch.optim.lr_scheduler.LambdaLR(rebuilt_optimizer, lambda s: 1.0),
+        data, 2,
     )
     assert a == b

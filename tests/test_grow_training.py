@@ -15,13 +15,7 @@ from sapwood.train.loop import Trainer
 from sapwood.train.metrics import read_events
 
 MODEL = {
-    "vocab_size": 320,
-    "hidden": 32,
-    "layers": 2,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 64,
-    "trained_context": 32,
+    "vocab_size": 320, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64, "trained_context": 32,
     "tied_embeddings": True,
 }
 GROWTH = {"at_steps": [3], "add": {"layers": 1, "hidden": 16, "ffn": 32, "heads": 4}}
@@ -29,25 +23,14 @@ GROWTH = {"at_steps": [3], "add": {"layers": 1, "hidden": 16, "ffn": 32, "heads"
 
 def make_config(tokens_dir, out_dir, growth=None, **train) -> Config:
     settings = {
-        "steps": 7,
-        "batch_size": 4,
-        "micro_batch_size": 2,
-        "lr": 3e-3,
-        "warmup_steps": 2,
-        "eval_every": 1000,
-        "eval_batches": 2,
-        "save_every": 1000,
-        "log_every": 1,
-        "out_dir": str(out_dir),
-        "progress": False,
+        "steps": 7, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "eval_every": 1000,
+        "eval_batches": 2, "save_every": 1000, "log_every": 1, "out_dir": str(out_dir), "progress": False,
     }
     settings.update(train)
     return validate(
         Config,
         {
-            "model": dict(MODEL),
-            "train": settings,
-            "data": {"path": str(tokens_dir)},
+            "model": dict(MODEL), "train": settings, "data": {"path": str(tokens_dir)},
             "growth": growth if growth is not None else GROWTH,
         },
     )
@@ -67,20 +50,10 @@ def test_growth_event_mid_training(tokens_dir, tmp_path):
     assert event["step"] == 3 and event["trigger"] == "schedule_steps"
     assert abs(event["loss_after"] - event["loss_before"]) < 1e-5
     assert event["shape_before"] == {
-        "layers": 2,
-        "hidden": 32,
-        "ffn": 64,
-        "heads": 4,
-        "kv_heads": 2,
-        "head_dim": 8,
+        "layers": 2, "hidden": 32, "ffn": 64, "heads": 4, "kv_heads": 2, "head_dim": 8,
     }
     assert event["shape_after"] == {
-        "layers": 3,
-        "hidden": 48,
-        "ffn": 96,
-        "heads": 8,
-        "kv_heads": 2,
-        "head_dim": 8,
+        "layers": 3, "hidden": 48, "ffn": 96, "heads": 8, "kv_heads": 2, "head_dim": 8,
     }
     assert event["params_after"] == sum(p.numel() for p in trainer.model.parameters())
     assert event["params_before"] < event["params_after"]
@@ -111,12 +84,8 @@ def test_save_and_resume_after_growth_matches_uninterrupted(tokens_dir, tmp_path
 def test_plateau_trigger_and_caps_in_training(tokens_dir, tmp_path):
     # method zero: with masked growth (the default) no event fires while the last one's masks ramp
     growth = {
-        "plateau": {"window": 2, "min_rel_improvement": 10.0},
-        "max_events": 5,
-        "cooldown_steps": 2,
-        "add": {"layers": 1},
-        "caps": {"max_layers": 4},
-        "method": "zero",
+        "plateau": {"window": 2, "min_rel_improvement": 10.0}, "max_events": 5, "cooldown_steps": 2,
+        "add": {"layers": 1}, "caps": {"max_layers": 4}, "method": "zero",
     }
     config = make_config(tokens_dir, tmp_path, growth=growth, steps=12)
     trainer = Trainer(config, callbacks_from_config(config))
@@ -143,9 +112,7 @@ def test_trainer_never_imports_grow():
 
 def test_new_parameters_train_inside_the_loop(tokens_dir, tmp_path):
     config = make_config(
-        tokens_dir,
-        tmp_path,
-        growth={"at_steps": [2], "add": {"layers": 1, "layer_position": "middle"}},
+        tokens_dir, tmp_path, growth={"at_steps": [2], "add": {"layers": 1, "layer_position": "middle"}},
         steps=5,
     )
     snapshot = {}

@@ -8,9 +8,7 @@ from sapwood.grow.triggers import GrowthTriggers
 
 
 def run(
-    config: GrowthConfig,
-    losses: list[float],
-    grad_norms: list[float] | None = None,
+    config: GrowthConfig, losses: list[float], grad_norms: list[float] | None = None,
     tokens_per_step: int = 100,
 ) -> list[tuple[int, str]]:
     """Feed a curve (step k+1 gets losses[k]); every fired trigger is treated as a growth event."""
@@ -86,9 +84,7 @@ def test_min_step_and_exhausted():
 
 def test_state_round_trip_gives_the_same_future():
     config = GrowthConfig(
-        plateau={"window": 3, "min_rel_improvement": 0.02},
-        spike_guard={"window": 5},
-        cooldown_steps=4,
+        plateau={"window": 3, "min_rel_improvement": 0.02}, spike_guard={"window": 5}, cooldown_steps=4,
         max_events=4,
     )
     losses = [4.0 - 0.01 * k for k in range(40)]

@@ -26,17 +26,9 @@ def small_llama(tied: bool, rope_scaling: dict | None = None) -> LlamaForCausalL
     """A random GQA Llama (4 query heads, 2 kv heads), built locally."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=5000.0,
-        rope_scaling=rope_scaling,
-        tie_word_embeddings=tied,
-        rms_norm_eps=1e-5,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0, rope_scaling=rope_scaling,
+        tie_word_embeddings=tied, rms_norm_eps=1e-5,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -69,9 +61,7 @@ def test_hf_to_sapwood_logits_match(tmp_path, tied, rope_scaling):
 @pytest.mark.parametrize(
     "scaling",
     [
-        {"type": "none"},
-        {"type": "yarn", "factor": 8.0},
-        {"type": "linear", "factor": 2.0},
+        {"type": "none"}, {"type": "yarn", "factor": 8.0}, {"type": "linear", "factor": 2.0},
         {"type": "ntk", "factor": 4.0},
     ],
     ids=["none", "yarn", "linear", "ntk"],
@@ -95,16 +85,8 @@ def test_sapwood_to_hf_logits_match(tmp_path, tied, scaling):
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_import_round_trip_is_bit_identical(tmp_path, tied):
     cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden=64,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        ffn=96,
-        tied_embeddings=tied,
-        rope_scaling={"type": "yarn", "factor": 4.0},
-        trained_context=64,
-        max_context=256,
+        vocab_size=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, tied_embeddings=tied,
+        rope_scaling={"type": "yarn", "factor": 4.0}, trained_context=64, max_context=256,
     )
     config = Config(name="t", model=cfg)
     model = build_model(config).to(torch.bfloat16)

@@ -25,16 +25,8 @@ from sapwood.sizing import SolveRequest, size_report, solve  # noqa: E402
 
 VOCAB, TRAINED, SERVED = 97, 32, 96
 SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    initializer_range=0.2,
-    pad_token_id=0,
-    bos_token_id=1,
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, rms_norm_eps=1e-5, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
     eos_token_id=2,
 )
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
@@ -49,10 +41,7 @@ FAMILIES = {
             rope_theta=5000.0,
             tie_word_embeddings=True,
             rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": TRAINED,
             },
         ),
@@ -70,9 +59,7 @@ FAMILIES = {
         "Qwen2Config",
         "Qwen2ForCausalLM",
         dict(
-            max_position_embeddings=SERVED,
-            rope_theta=1e6,
-            tie_word_embeddings=True,
+            max_position_embeddings=SERVED, rope_theta=1e6, tie_word_embeddings=True,
             rope_scaling={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": TRAINED},
         ),
     ),
@@ -171,12 +158,8 @@ def test_engine_greedy_equals_transformers_generate(imported, family):
         for prompt, request in zip(prompts, requests, strict=True):
             ids = torch.tensor([prompt])
             out = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                eos_token_id=None, pad_token_id=0,
             )
             assert request.output_ids == out[0, len(prompt):].tolist()
 
@@ -314,9 +297,7 @@ REFUSALS = [
     ),
     (
         {
-            "model_type": "qwen3",
-            "use_sliding_window": True,
-            "sliding_window": 8,
+            "model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8,
             "layer_types": ["sliding_attention", "chunked_attention"],
         },
         "layer_types with 'chunked_attention'",
@@ -352,13 +333,7 @@ def test_refused_families_and_options_name_the_field_and_value(imported, tmp_pat
 
 def test_export_refuses_option_combinations_without_a_transformers_architecture(tmp_path):
     cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden=64,
-        layers=1,
-        heads=4,
-        ffn=96,
-        qkv_bias=True,
-        trained_context=16,
+        vocab_size=VOCAB, hidden=64, layers=1, heads=4, ffn=96, qkv_bias=True, trained_context=16,
         max_context=32,
         rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 2.0},
     )
@@ -395,18 +370,8 @@ def test_parameter_shapes_list_every_option_tensor_in_module_order():
     from sapwood.sizing import count_params, parameter_shapes
 
     cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden=64,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        head_dim=24,
-        ffn=96,
-        qkv_bias=True,
-        attention_out_bias=True,
-        mlp_bias=True,
-        qk_norm=True,
-        activation="gelu",
+        vocab_size=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=24, ffn=96, qkv_bias=True,
+        attention_out_bias=True, mlp_bias=True, qk_norm=True, activation="gelu",
     )
     with torch.device("meta"):
         model = build_model(Config(model=cfg), "meta")
@@ -465,63 +430,28 @@ PUBLISHED = {
         attention_bias=False,
         mlp_bias=False,
         rope_scaling={
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
+            "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3",
         },
     ),
     "Qwen2.5-0.5B": dict(
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        sliding_window=32768,
-        use_sliding_window=False,
-        max_window_layers=24,
-        tie_word_embeddings=True,
+        model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+        sliding_window=32768, use_sliding_window=False, max_window_layers=24, tie_word_embeddings=True,
         rms_norm_eps=1e-6,
     ),
     "Qwen3-0.6B": dict(
-        model_type="qwen3",
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-        rope_theta=1000000.0,
-        sliding_window=None,
-        use_sliding_window=False,
-        max_window_layers=28,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-        attention_bias=False,
+        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000.0, sliding_window=None, use_sliding_window=False, max_window_layers=28,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, attention_bias=False,
     ),
     "Phi-3.5-mini": dict(
-        model_type="phi3",
-        vocab_size=32064,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=131072,
-        original_max_position_embeddings=4096,
-        rope_theta=10000.0,
-        sliding_window=262144,
+        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, rope_theta=10000.0, sliding_window=262144,
         rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-5,
-        pad_token_id=32000,
+        tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=32000,
     ),
 }
 PUBLISHED_TOTALS = {"Llama-3.2-1B": 1_235_814_400, "Qwen2.5-0.5B": 494_032_768, "Qwen3-0.6B": 596_049_920,
@@ -601,8 +531,7 @@ def test_chat_template_renders_with_special_tokens_as_transformers_does(tmp_path
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps(
             {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "chat_template": template,
+                "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
                 "bos_token": {"__type": "AddedToken", "content": "<|begin_of_text|>", "special": True},
                 "eos_token": "<|eot_id|>",
             }

@@ -23,14 +23,7 @@ from sapwood.infer.scheduler import prefill_groups
 from sapwood.model.transformer import Decoder
 
 SMALL = dict(
-    vocab_size=128,
-    hidden=64,
-    layers=2,
-    heads=4,
-    kv_heads=2,
-    ffn=128,
-    trained_context=32,
-    max_context=96,
+    vocab_size=128, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, trained_context=32, max_context=96,
     init_std=0.25,
 )
 
@@ -108,12 +101,8 @@ def test_greedy_matches_transformers_generate_on_exported_weights(tmp_path):
     for prompt, request in zip(prompts, ours, strict=True):
         ids = torch.tensor([prompt])
         out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
         )
         assert out[0, len(prompt) :].tolist() == request.output_ids
 
@@ -167,10 +156,8 @@ def test_repetition_penalty_matches_transformers_processor():
 
 def test_bad_sampling_values_name_the_value():
     for kwargs, text in [
-        ({"max_tokens": 0}, "max_tokens=0"),
-        ({"temperature": 2.5}, "temperature=2.5"),
-        ({"top_p": 0.0}, "top_p=0.0"),
-        ({"top_k": -1}, "top_k=-1"),
+        ({"max_tokens": 0}, "max_tokens=0"), ({"temperature": 2.5}, "temperature=2.5"),
+        ({"top_p": 0.0}, "top_p=0.0"), ({"top_k": -1}, "top_k=-1"),
     ]:
         with pytest.raises(Exception, match=text):
             SamplingParams(**kwargs)

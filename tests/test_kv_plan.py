@@ -54,9 +54,7 @@ def test_longest_context_is_the_budget_over_the_devices_kv_per_token():
 
 def _size_json(*args: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "sapwood.cli", "size", *args, "--json"],
-        capture_output=True,
-        text=True,
+        [sys.executable, "-m", "sapwood.cli", "size", *args, "--json"], capture_output=True, text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

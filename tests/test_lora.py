@@ -163,32 +163,19 @@ def test_lora_finetune_trains_only_the_adapter_and_merges(tmp_path, lm_folder, o
     runs = {}
     adapter = {"rank": 4, "alpha": 8, "targets": ["wq", "wv"]}
     for name, extra, precision in (
-        ("full", {}, "fp32"),
-        ("lora", {"lora": adapter}, "fp32"),
+        ("full", {}, "fp32"), ("lora", {"lora": adapter}, "fp32"),
         ("lora-bf16", {"lora": {**adapter, "base_dtype": "bf16"}}, "bf16"),
         ("lora-int8", {"lora": {**adapter, "base_dtype": "int8"}}, "fp32"),
     ):
         config = {
             "sft": {
-                "base": str(lm_folder),
-                "data": str(data),
-                "seq_len": 48,
-                "eval_examples": 4,
-                "max_new_tokens": 4,
-                **extra,
+                "base": str(lm_folder), "data": str(data), "seq_len": 48, "eval_examples": 4,
+                "max_new_tokens": 4, **extra,
             },
             "train": {
-                "steps": 4,
-                "batch_size": 4,
-                "micro_batch_size": 4,
-                "lr": 1e-2,
-                "min_lr": 1e-3,
-                "eval_every": 100,
-                "save_every": 100,
-                "progress": False,
-                "device": "cpu",
-                "precision": precision,
-                "out_dir": str(tmp_path / name),
+                "steps": 4, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2, "min_lr": 1e-3,
+                "eval_every": 100, "save_every": 100, "progress": False, "device": "cpu",
+                "precision": precision, "out_dir": str(tmp_path / name),
             },
         }
         (tmp_path / f"{name}.yaml").write_text(json.dumps(config))
@@ -244,36 +231,19 @@ def test_lora_finetuning_answers_held_out_questions_the_base_cannot(tmp_path, lm
     from sapwood.train.sft import SFTTask, exact_match, finetune_config
 
     train_path, val_path = write_instruction_set(
-        tmp_path / "data",
-        train=400,
-        val=50,
-        question="Convert {value} {source} to {target}.",
+        tmp_path / "data", train=400, val=50, question="Convert {value} {source} to {target}.",
         spaced_digits=False,
     )
     config = {
         "sft": {
-            "base": str(lm_folder),
-            "data": str(train_path),
-            "val_data": str(val_path),
-            "seq_len": 48,
-            "eval_examples": 50,
-            "max_new_tokens": 8,
+            "base": str(lm_folder), "data": str(train_path), "val_data": str(val_path), "seq_len": 48,
+            "eval_examples": 50, "max_new_tokens": 8,
             "lora": {"rank": 32, "alpha": 32, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]},
         },
         "train": {
-            "steps": 300,
-            "batch_size": 16,
-            "micro_batch_size": 16,
-            "lr": 5e-3,
-            "min_lr": 5e-4,
-            "warmup_steps": 5,
-            "weight_decay": 0.0,
-            "eval_every": 1000,
-            "save_every": 1000,
-            "seed": 0,
-            "progress": False,
-            "device": "cpu",
-            "out_dir": str(tmp_path / "run"),
+            "steps": 300, "batch_size": 16, "micro_batch_size": 16, "lr": 5e-3, "min_lr": 5e-4,
+            "warmup_steps": 5, "weight_decay": 0.0, "eval_every": 1000, "save_every": 1000, "seed": 0,
+            "progress": False, "device": "cpu", "out_dir": str(tmp_path / "run"),
         },
     }
     (tmp_path / "lora.yaml").write_text(json.dumps(config))

@@ -31,12 +31,9 @@ def grid() -> dict[str, np.ndarray]:
     edges = np.linspace(-np.pi / 2, np.pi / 2, NLAT + 1)
     sigma_edges = np.arange(LEVELS + 1) / LEVELS
     return {
-        "lat": 0.5 * (edges[1:] + edges[:-1]),
-        "weight": (2 * np.pi / NLON) * np.diff(np.sin(edges)),
-        "sigma": 0.5 * (sigma_edges[1:] + sigma_edges[:-1]),
-        "sigma_edges": sigma_edges,
-        "dsigma": np.diff(sigma_edges),
-        "lon": np.arange(NLON) * 2 * np.pi / NLON,
+        "lat": 0.5 * (edges[1:] + edges[:-1]), "weight": (2 * np.pi / NLON) * np.diff(np.sin(edges)),
+        "sigma": 0.5 * (sigma_edges[1:] + sigma_edges[:-1]), "sigma_edges": sigma_edges,
+        "dsigma": np.diff(sigma_edges), "lon": np.arange(NLON) * 2 * np.pi / NLON,
     }
 
 
@@ -169,10 +166,8 @@ def test_virtual_temperature_in_the_ideal_gas_and_hydrostatic_checks(setup):
     )
     residual = thermo_residuals(torch.from_numpy(dry), geometry, params)
     torch.testing.assert_close(
-        residual["ideal_gas"].double(),
-        torch.full((3,), 100 * VIRTUAL_FACTOR * 0.01, dtype=torch.float64),
-        rtol=1e-4,
-        atol=0,
+        residual["ideal_gas"].double(), torch.full((3,), 100 * VIRTUAL_FACTOR * 0.01, dtype=torch.float64),
+        rtol=1e-4, atol=0,
     )
     assert float(residual["hydrostatic"].max()) < 1e-4
 
@@ -224,11 +219,7 @@ def test_projection_closes_every_budget_and_never_degrades_zg(setup):
     torch.testing.assert_close(kept[:, channels(cube, "zg")], noisy[:, channels(cube, "zg")].float())
     torch.testing.assert_close(kept[:, channels(cube, "rho")], noisy[:, channels(cube, "rho")].float())
     default = violations(
-        state,
-        project(noisy, state, geometry, params, heating, torque=torque),
-        geometry,
-        params,
-        heating,
+        state, project(noisy, state, geometry, params, heating, torque=torque), geometry, params, heating,
         torque,
     )
     assert float(default["thermo"].max()) < 1e-3 and float(default["energy"].max()) < 0.1
@@ -318,11 +309,7 @@ def test_bench_baseline_computes_the_same_violations(setup):
     ours = violations(x, y, geometry, params)
     naive = naive_violations(x, y, cube, geometry, params.float())
     round_off = {
-        "mass": 0.05,
-        "water": 1e-4,
-        "energy": 0.05,
-        "momentum": 1e-3,
-        "thermo": 1e-3,
+        "mass": 0.05, "water": 1e-4, "energy": 0.05, "momentum": 1e-3, "thermo": 1e-3,
     }  # float32 sums
     for key, value in naive.items():
         torch.testing.assert_close(ours[key], value, rtol=2e-3, atol=round_off[key], msg=key)

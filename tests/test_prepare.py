@@ -96,9 +96,7 @@ def test_bad_inputs_are_named_skipped_and_lose_nothing_else(runs, tmp_path):
         runs[2], folder / "time_order.nc", lambda ds: ds["time"].__setitem__(slice(None), ds["time"][::-1])
     )
     simulate_ensemble(
-        tmp_path / "other",
-        runs=1,
-        grid=Grid(levels=3, nlat=10, nlon=16, times=4, spinup_days=1),
+        tmp_path / "other", runs=1, grid=Grid(levels=3, nlat=10, nlon=16, times=4, spinup_days=1),
         progress=False,
     )
     shutil.copy(tmp_path / "other" / "run_0000.nc", folder / "wrong_shape.nc")
@@ -106,12 +104,8 @@ def test_bad_inputs_are_named_skipped_and_lose_nothing_else(runs, tmp_path):
     report = prepare([folder], tmp_path / "store", progress=False)
     kinds = {p.path.name: p.kind for p in report.problems}
     assert kinds == {
-        "corrupt.nc": "corrupt",
-        "truncated.nc": "truncated",
-        "inf.nc": "non-finite",
-        "units.nc": "units",
-        "time_order.nc": "coordinates",
-        "wrong_shape.nc": "shape",
+        "corrupt.nc": "corrupt", "truncated.nc": "truncated", "inf.nc": "non-finite", "units.nc": "units",
+        "time_order.nc": "coordinates", "wrong_shape.nc": "shape",
     }
     assert sorted(p.name for p in report.used) == sorted(p.name for p in good)
     assert "q level 1 at time index 2" in next(str(p) for p in report.problems if p.kind == "non-finite")

@@ -44,9 +44,7 @@ def cf_dataset(member: int, months: int = 14) -> xr.Dataset:
                 "time",
                 days,
                 {
-                    "units": "days since 1850-01-01",
-                    "calendar": "noleap",
-                    "axis": "T",
+                    "units": "days since 1850-01-01", "calendar": "noleap", "axis": "T",
                     "standard_name": "time",
                 },
             ),
@@ -62,10 +60,7 @@ def cf_dataset(member: int, months: int = 14) -> xr.Dataset:
     )
     ds["tos"].encoding = {"_FillValue": np.float32(1e20), "dtype": "float32"}
     ds["ps"].encoding = {
-        "dtype": "int16",
-        "scale_factor": 0.5,
-        "add_offset": 100000.0,
-        "_FillValue": np.int16(-32767),
+        "dtype": "int16", "scale_factor": 0.5, "add_offset": 100000.0, "_FillValue": np.int16(-32767),
     }
     return ds
 

@@ -74,11 +74,7 @@ def test_streaming_equals_non_streaming(server, reference):
     prompt = "import os\n"
     chunks = list(
         c.completions.create(
-            model="tiny-lm",
-            prompt=prompt,
-            max_tokens=15,
-            temperature=0,
-            stream=True,
+            model="tiny-lm", prompt=prompt, max_tokens=15, temperature=0, stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -104,18 +100,13 @@ def test_response_wire_format_keys_in_openai_order(server):
     head = ["id", "object", "created", "model", "choices"]
     for route, extra, choice_keys, streamed_keys, name in (
         (
-            "/v1/completions",
-            {"prompt": "x"},
-            ["index", "text", "logprobs", "finish_reason"],
-            ["index", "text", "logprobs", "finish_reason"],
-            "text_completion",
+            "/v1/completions", {"prompt": "x"}, ["index", "text", "logprobs", "finish_reason"],
+            ["index", "text", "logprobs", "finish_reason"], "text_completion",
         ),
         (
-            "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "x"}]},
+            "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]},
             ["index", "message", "logprobs", "finish_reason"],
-            ["index", "delta", "logprobs", "finish_reason"],
-            "chat.completion",
+            ["index", "delta", "logprobs", "finish_reason"], "chat.completion",
         ),
     ):
         body = {"model": "tiny-lm", "max_tokens": 3, "temperature": 0} | extra
@@ -174,9 +165,7 @@ BAD_REQUESTS = [
     ({"model": "gpt-4", "prompt": "x"}, AUTH, 404, "model 'gpt-4' does not exist"),
     ({"model": "tiny-lm", "prompt": "word " * 400}, AUTH, 400, "maximum context length is 160 tokens"),
     (
-        {"model": "tiny-lm", "prompt": "x", "max_tokens": 500},
-        AUTH,
-        400,
+        {"model": "tiny-lm", "prompt": "x", "max_tokens": 500}, AUTH, 400,
         "maximum context length is 160 tokens",
     ),
     ({"model": "tiny-lm", "prompt": [0, 99999]}, AUTH, 400, "outside the vocabulary"),
@@ -191,20 +180,16 @@ BAD_REQUESTS = [
 def test_bad_requests_get_the_right_4xx_and_the_server_keeps_serving(server, body, headers, status, words):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(
-        f"{server.url}/v1/completions",
-        content=content,
-        headers={**headers, "Content-Type": "application/json"},
-        timeout=60,
+        f"{server.url}/v1/completions", content=content,
+        headers={**headers, "Content-Type": "application/json"}, timeout=60,
     )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error["message"] and error["type"]
     assert KEY not in response.text
     ok = httpx.post(
-        f"{server.url}/v1/completions",
-        json={"model": "tiny-lm", "prompt": "x", "max_tokens": 2},
-        headers=AUTH,
-        timeout=60,
+        f"{server.url}/v1/completions", json={"model": "tiny-lm", "prompt": "x", "max_tokens": 2},
+        headers=AUTH, timeout=60,
     )
     assert ok.status_code == 200
 
@@ -234,20 +219,8 @@ json_values = st.recursive(
 )
 fields = st.sampled_from(
     [
-        "model",
-        "prompt",
-        "messages",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stop",
-        "seed",
-        "stream",
-        "n",
-        "repetition_penalty",
-        "stream_options",
-        "max_completion_tokens",
+        "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
+        "stream", "n", "repetition_penalty", "stream_options", "max_completion_tokens",
     ]
 )
 
@@ -314,11 +287,8 @@ def test_metrics(server):
     text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert _metric(text, "sapwood_generated_tokens_total") == generated_before + 5
     for name in (
-        "sapwood_requests_total",
-        "sapwood_request_latency_seconds_bucket",
-        "sapwood_time_to_first_token_seconds_count",
-        "sapwood_queue_depth",
-        "sapwood_kv_cache_usage_ratio",
+        "sapwood_requests_total", "sapwood_request_latency_seconds_bucket",
+        "sapwood_time_to_first_token_seconds_count", "sapwood_queue_depth", "sapwood_kv_cache_usage_ratio",
     ):
         assert name in text
     assert 'sapwood_requests_total{route="/v1/completions",status="200"}' in text
@@ -482,14 +452,8 @@ def test_serve_help_lists_the_endpoints_and_the_default_model_name(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for text in (
-        "/v1/completions",
-        "/v1/chat/completions",
-        "/v1/models",
-        "/v1/predict",
-        "/health",
-        "/metrics",
-        "SAPWOOD_API_KEYS",
-        "--kv-memory-gb",
+        "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/predict", "/health", "/metrics",
+        "SAPWOOD_API_KEYS", "--kv-memory-gb",
     ):
         assert text in result.output, text
     assert default_model_name(tmp_path / "astro" / "final") == "astro"

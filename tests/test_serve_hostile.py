@@ -62,15 +62,11 @@ HOSTILE = [
     ("junk logit_bias key", {"prompt": "x", "logit_bias": {"junk": 1}}, 422, "logit_bias.junk"),
     ("huge logit_bias value", {"prompt": "x", "logit_bias": {"5": 1e30}}, 422, "logit_bias.5"),
     (
-        "logit_bias outside the vocabulary",
-        {"prompt": "x", "logit_bias": {"999999": 1}},
-        400,
+        "logit_bias outside the vocabulary", {"prompt": "x", "logit_bias": {"999999": 1}}, 400,
         "outside the vocabulary",
     ),
     (
-        "four 200,000-character stop strings",
-        {"prompt": "x", "stop": ["ab" * 100_000] * 4},
-        422,
+        "four 200,000-character stop strings", {"prompt": "x", "stop": ["ab" * 100_000] * 4}, 422,
         "at most 256 characters",
     ),
     ("one 300-character stop string", {"prompt": "x", "stop": ["s" * 300]}, 422, "at most 256 characters"),
@@ -96,9 +92,7 @@ def test_hostile_input_gets_a_4xx_and_the_server_keeps_serving(server, name, bod
         route, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 5000}
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(
-        f"{server.url}{route}",
-        content=content,
-        headers={**AUTH, "Content-Type": "application/json"},
+        f"{server.url}{route}", content=content, headers={**AUTH, "Content-Type": "application/json"},
         timeout=60,
     )
     assert response.status_code == status, response.text[:300]
@@ -114,9 +108,7 @@ def test_temperature_below_epsilon_is_greedy(server, lm_folder):
         [engine.tokenizer.encode("def main():")], SamplingParams(max_tokens=8, temperature=0)
     )
     response = httpx.post(
-        f"{server.url}/v1/completions",
-        headers=AUTH,
-        timeout=60,
+        f"{server.url}/v1/completions", headers=AUTH, timeout=60,
         json={**NORMAL, "max_tokens": 8, "temperature": 1e-300},
     )
     assert response.status_code == 200 and response.json()["choices"][0]["text"] == greedy[0].stream.text
@@ -138,10 +130,7 @@ def run_fuzzer(url: str, headers: dict[str, str], examples: int) -> list[str]:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
             @settings(
-                max_examples=examples,
-                deadline=None,
-                database=None,
-                derandomize=True,
+                max_examples=examples, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck),
             )
             @given(case=operation.as_strategy(generation_mode=mode))
@@ -245,10 +234,7 @@ async def load(url: str, clients: int, max_tokens: int) -> dict:
         async def client(i: int) -> None:
             nonlocal disconnected
             body = {
-                **NORMAL,
-                "prompt": f"def function_{i}(x):",
-                "max_tokens": max_tokens,
-                "ignore_eos": True,
+                **NORMAL, "prompt": f"def function_{i}(x):", "max_tokens": max_tokens, "ignore_eos": True,
                 "stream": i % 2 == 0,
             }
             leave = i % 4 == 3

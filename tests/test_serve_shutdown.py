@@ -33,11 +33,8 @@ def test_sigterm_drains_in_flight_requests(lm_folder):
     env = {k: v for k, v in os.environ.items() if k != "SAPWOOD_API_KEYS"}
     # --port 0: the server binds a port the system picks and logs the address once it listens
     process = subprocess.Popen(
-        [sys.executable, "-m", "sapwood.cli", "serve", str(lm_folder), "--port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        [sys.executable, "-m", "sapwood.cli", "serve", str(lm_folder), "--port", "0"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     log = []
     try:
@@ -51,11 +48,7 @@ def test_sigterm_drains_in_flight_requests(lm_folder):
             url = found.group(1) if found else None
         assert not url.endswith(":0")
         body = {
-            "model": "tiny-lm",
-            "prompt": "x",
-            "max_tokens": 150,
-            "temperature": 0,
-            "stream": True,
+            "model": "tiny-lm", "prompt": "x", "max_tokens": 150, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
         }
         events = []

@@ -28,10 +28,8 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CONVERSATION = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "Convert 3 km to m."},
-    {"role": "assistant", "content": "3000"},
-    {"role": "user", "content": "And 4 km?"},
+    {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Convert 3 km to m."},
+    {"role": "assistant", "content": "3000"}, {"role": "user", "content": "And 4 km?"},
     {"role": "assistant", "content": "4000"},
 ]
 
@@ -99,8 +97,7 @@ def test_default_template_and_instruction_lines(lm_folder):
         ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
         ('{"messages": [{"role": "robot", "content": "hi"}]}', "role in system, user, assistant"),
         ('{"instruction": "x", "output": 3}', "'output' must be a string"),
-        ('{"prompt": "x", "completion": "y"}', 'expected {"messages"'),
-        ("not json", "not JSON"),
+        ('{"prompt": "x", "completion": "y"}', 'expected {"messages"'), ("not json", "not JSON"),
     ],
 )
 def test_bad_lines_name_the_file_line_and_what_is_allowed(tmp_path, line, words):
@@ -173,11 +170,7 @@ def test_unpacked_rows_hold_one_example_each_and_batches_resume_exactly(lm_folde
 
 def sft_yaml(tmp_path, base, data, steps=6, lora=None, out="run", **train):
     sft = {
-        "base": str(base),
-        "data": str(data),
-        "val_fraction": 0.2,
-        "seq_len": 48,
-        "eval_examples": 8,
+        "base": str(base), "data": str(data), "val_fraction": 0.2, "seq_len": 48, "eval_examples": 8,
         "max_new_tokens": 6,
     }
     if lora:
@@ -185,18 +178,9 @@ def sft_yaml(tmp_path, base, data, steps=6, lora=None, out="run", **train):
     config = {
         "sft": sft,
         "train": {
-            "steps": steps,
-            "batch_size": 4,
-            "micro_batch_size": 2,
-            "lr": 3e-3,
-            "min_lr": 3e-4,
-            "eval_every": 1000,
-            "save_every": 3,
-            "log_every": 1,
-            "progress": False,
-            "device": "cpu",
-            "out_dir": str(tmp_path / out),
-            **train,
+            "steps": steps, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "min_lr": 3e-4,
+            "eval_every": 1000, "save_every": 3, "log_every": 1, "progress": False, "device": "cpu",
+            "out_dir": str(tmp_path / out), **train,
         },
     }
     path = tmp_path / f"{out}.yaml"

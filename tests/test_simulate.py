@@ -53,13 +53,7 @@ def test_files_are_cf_netcdf_with_planet_parameters(ensemble):
     ds = xr.open_dataset(ensemble[0])
     assert ds.attrs["Conventions"].startswith("CF-")
     for name, units in {
-        "T": "K",
-        "u": "m s-1",
-        "v": "m s-1",
-        "q": "kg kg-1",
-        "ps": "Pa",
-        "rho": "kg m-3",
-        "zg": "m",
+        "T": "K", "u": "m s-1", "v": "m s-1", "q": "kg kg-1", "ps": "Pa", "rho": "kg m-3", "zg": "m",
     }.items():
         assert ds[name].attrs["units"] == units
         assert "standard_name" in ds[name].attrs
@@ -208,21 +202,8 @@ def test_cli_simulate_writes_files_and_rejects_bad_sizes(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
-                "simulate",
-                "--out",
-                str(tmp_path),
-                "--runs",
-                "1",
-                "--times",
-                "2",
-                "--levels",
-                "2",
-                "--nlat",
-                "8",
-                "--nlon",
-                "16",
-                "--spinup-days",
-                "0.5",
+                "simulate", "--out", str(tmp_path), "--runs", "1", "--times", "2", "--levels", "2", "--nlat",
+                "8", "--nlon", "16", "--spinup-days", "0.5",
             ]
         )
     assert exit_info.value.code in (0, None)
@@ -286,11 +267,8 @@ def test_an_earth_catalog_row_is_the_simulators_earth():
     row = {"pl_name": "Earth", "pl_rade": "1", "pl_bmasse": "1", "pl_insol": "1"}
     assert planets.planet_from_row(row).values == pytest.approx(asdict(PlanetParams()), rel=1e-12)
     names = {
-        "EARTH_RADIUS": "planet_radius",
-        "EARTH_GRAVITY": "gravity",
-        "EARTH_ROTATION": "rotation_rate",
-        "EARTH_FLUX": "stellar_flux",
-        "EARTH_PRESSURE": "mean_surface_pressure",
+        "EARTH_RADIUS": "planet_radius", "EARTH_GRAVITY": "gravity", "EARTH_ROTATION": "rotation_rate",
+        "EARTH_FLUX": "stellar_flux", "EARTH_PRESSURE": "mean_surface_pressure",
     }
     assert {name: getattr(planets, name) for name in names} == {
         n: constants.EARTH[k] for n, k in names.items()

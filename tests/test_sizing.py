@@ -35,11 +35,8 @@ from sapwood.sizing import (
 )
 
 EXPECTED_TOTALS = {
-    "tiny": 3_950_848,
-    "research-799m": 799_090_176,
-    "astro-13b": 13_137_022_976,
-    "enterprise-200b": 209_715_474_432,
-    "enterprise-400b": 463_231_270_912,
+    "tiny": 3_950_848, "research-799m": 799_090_176, "astro-13b": 13_137_022_976,
+    "enterprise-200b": 209_715_474_432, "enterprise-400b": 463_231_270_912,
 }
 SMALL = ModelConfig(vocab_size=101, hidden=48, layers=5, heads=6, kv_heads=2, ffn=72)
 

@@ -51,19 +51,8 @@ def test_size_cli_measure_prints_both(tmp_path):
                       "trained_context: 256}\n")
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "sapwood.cli",
-            "size",
-            str(config),
-            "--precision",
-            "bf16-pure",
-            "--optimizer",
-            "adamw8bit",
-            "--micro-batch",
-            "2",
-            "--measure",
-            "--json",
+            sys.executable, "-m", "sapwood.cli", "size", str(config), "--precision", "bf16-pure",
+            "--optimizer", "adamw8bit", "--micro-batch", "2", "--measure", "--json",
         ],
         capture_output=True,
         text=True,

@@ -43,10 +43,7 @@ def test_user_catalog_adds_and_overrides_field_by_field(tmp_path, monkeypatch):
         {
             "nasa-exoplanets": {"endpoint": "http://127.0.0.1:9/TAP"},
             "my-bucket": {
-                "protocol": "s3",
-                "endpoint": "http://minio.local:9000",
-                "bucket": "runs",
-                "prefix": "a/",
+                "protocol": "s3", "endpoint": "http://minio.local:9000", "bucket": "runs", "prefix": "a/",
             },
         },
     )

@@ -19,13 +19,7 @@ from sapwood.train.loop import Trainer, TrainingInterrupted, train
 from sapwood.train.metrics import read_events
 
 MODEL = {
-    "vocab_size": 320,
-    "hidden": 32,
-    "layers": 2,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 64,
-    "trained_context": 16,
+    "vocab_size": 320, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64, "trained_context": 16,
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread", "python_default_sigint")
@@ -46,15 +40,8 @@ def python_default_sigint():
 
 def make_config(tokens_dir, out_dir, steps: int) -> Config:
     train_settings = {
-        "steps": steps,
-        "batch_size": 2,
-        "micro_batch_size": 2,
-        "save_every": 2,
-        "eval_every": 1000,
-        "eval_batches": 1,
-        "log_every": 1,
-        "out_dir": str(out_dir),
-        "progress": False,
+        "steps": steps, "batch_size": 2, "micro_batch_size": 2, "save_every": 2, "eval_every": 1000,
+        "eval_batches": 1, "log_every": 1, "out_dir": str(out_dir), "progress": False,
     }
     return validate(
         Config, {"model": dict(MODEL), "train": train_settings, "data": {"path": str(tokens_dir)}}

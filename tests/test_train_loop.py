@@ -16,13 +16,7 @@ from sapwood.train.metrics import read_events
 from sapwood.train.schedule import lr_at
 
 MODEL = {
-    "vocab_size": 320,
-    "hidden": 32,
-    "layers": 2,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 64,
-    "trained_context": 32,
+    "vocab_size": 320, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64, "trained_context": 32,
 }
 
 

@@ -17,12 +17,7 @@ from sapwood.train.optim import OptimizerInBackward
 
 # hidden 64: the attention and FFN matrices have >= 4096 elements, so torchao quantizes their states.
 MODEL = {
-    "vocab_size": 320,
-    "hidden": 64,
-    "layers": 2,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 128,
+    "vocab_size": 320, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128,
     "trained_context": 32,
 }
 STEPS = 40
@@ -189,10 +184,7 @@ def test_memory_options_save_and_resume_exactly(tokens_dir, tmp_path):
     import shutil
 
     options = {
-        "optimizer": "adamw8bit",
-        "precision": "bf16-pure",
-        "optimizer_in_backward": True,
-        "grad_clip": None,
+        "optimizer": "adamw8bit", "precision": "bf16-pure", "optimizer_in_backward": True, "grad_clip": None,
     }
     config = make_config(tokens_dir, tmp_path, steps=8, save_every=4, **options)
     whole = train_losses(config)
@@ -221,10 +213,8 @@ def test_cube_surrogate_with_tensor_or_pipeline_parallel_is_one_line_error(tmp_p
     from sapwood.config import CubeModelConfig, ParallelConfig, TrainConfig
 
     config = Config(
-        model=dict(MODEL, vocab_size=1),
-        cube=CubeModelConfig(levels=3, lat=8, lon=16, patch=2),
-        parallel=ParallelConfig(**plan),
-        train=TrainConfig(task="cube", steps=1, out_dir=str(tmp_path)),
+        model=dict(MODEL, vocab_size=1), cube=CubeModelConfig(levels=3, lat=8, lon=16, patch=2),
+        parallel=ParallelConfig(**plan), train=TrainConfig(task="cube", steps=1, out_dir=str(tmp_path)),
     )
     with pytest.raises(ConfigError) as info:
         Trainer(config)

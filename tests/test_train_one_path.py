@@ -20,13 +20,7 @@ from sapwood.train.parallel import ParallelModel, apply_training_parallelism, is
 from sapwood.train.task import PipelinedTask, build_task
 
 MODEL = {
-    "vocab_size": 320,
-    "hidden": 32,
-    "layers": 3,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 64,
-    "trained_context": 16,
+    "vocab_size": 320, "hidden": 32, "layers": 3, "heads": 4, "kv_heads": 2, "ffn": 64, "trained_context": 16,
 }
 WORKERS = Path(__file__).parent / "train_workers"
 
@@ -35,16 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_config(tokens_dir, out_dir, parallel=None, **train) -> Config:
     settings = {
-        "steps": 2,
-        "batch_size": 4,
-        "micro_batch_size": 2,
-        "eval_every": 2,
-        "eval_batches": 1,
-        "save_every": 1000,
-        "log_every": 1,
-        "device": "cpu",
-        "out_dir": str(out_dir),
-        "progress": False,
+        "steps": 2, "batch_size": 4, "micro_batch_size": 2, "eval_every": 2, "eval_batches": 1,
+        "save_every": 1000, "log_every": 1, "device": "cpu", "out_dir": str(out_dir), "progress": False,
     }
     settings.update(train)
     raw = {"model": dict(MODEL), "train": settings, "data": {"path": str(tokens_dir)}}

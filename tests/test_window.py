@@ -17,13 +17,7 @@ from sapwood.model.transformer import Decoder
 def model(layers: int) -> Decoder:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=50,
-        hidden=32,
-        layers=layers,
-        heads=4,
-        kv_heads=2,
-        ffn=64,
-        trained_context=16,
+        vocab_size=50, hidden=32, layers=layers, heads=4, kv_heads=2, ffn=64, trained_context=16,
         rope_theta=100.0,
     )
     return Decoder(cfg).eval()

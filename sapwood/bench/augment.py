@@ -51,21 +51,11 @@ def synthetic_frames(batch_size: int, levels: int, nlat: int, nlon: int, seed: i
 
 
 def run_augment_bench(
-    out: Path,
-    batch_gb: float = 0.05,
-    levels: int = 8,
-    nlat: int = 32,
-    nlon: int = 64,
-    repeats: int = 5,
+    out: Path, batch_gb: float = 0.05, levels: int = 8, nlat: int = 32, nlon: int = 64, repeats: int = 5,
     frames: torch.Tensor | None = None,
 ) -> list[Result]:
     variables = [
-        ("T", levels),
-        ("u", levels),
-        ("v", levels),
-        ("q", levels),
-        ("ps", 0),
-        ("rho", levels),
+        ("T", levels), ("u", levels), ("v", levels), ("q", levels), ("ps", 0), ("rho", levels),
         ("zg", levels),
     ]
     row_bytes = 4 * (6 * levels + 1) * nlat * nlon
@@ -77,11 +67,8 @@ def run_augment_bench(
     array = frames.numpy()
     threads = torch.get_num_threads()
     params = {
-        "batch_gb": gigabytes,
-        "batch_size": frames.shape[1],
-        "grid": "x".join(map(str, frames.shape[2:])),
-        "threads": threads,
-        "repeats": repeats,
+        "batch_gb": gigabytes, "batch_size": frames.shape[1], "grid": "x".join(map(str, frames.shape[2:])),
+        "threads": threads, "repeats": repeats,
     }
 
     def spread(timing: Timing) -> dict[str, float]:
@@ -110,50 +97,32 @@ def run_augment_bench(
             "s/batch",
             baseline.median,
             {
-                **params,
-                **spread(fused_in_place),
-                "cpu_seconds": cpu_in_place,
-                "numpy_GBps": gigabytes / baseline.median,
-                "device": "cpu",
+                **params, **spread(fused_in_place), "cpu_seconds": cpu_in_place,
+                "numpy_GBps": gigabytes / baseline.median, "device": "cpu",
             },
             baseline=loop,
         ),
         Result(
-            "fused augment into a new buffer vs numpy loop (cpu)",
-            fused_new.median,
-            "s/batch",
-            baseline.median,
-            {**params, **spread(fused_new), "device": "cpu"},
-            baseline=loop,
+            "fused augment into a new buffer vs numpy loop (cpu)", fused_new.median, "s/batch",
+            baseline.median, {**params, **spread(fused_new), "device": "cpu"}, baseline=loop,
         ),
         Result(
-            "fused augment, 1 thread, vs numpy loop",
-            one_thread.median,
-            "s/batch",
-            baseline.median,
-            {**params, **spread(one_thread), "threads": 1, "device": "cpu"},
-            baseline=loop,
+            "fused augment, 1 thread, vs numpy loop", one_thread.median, "s/batch", baseline.median,
+            {**params, **spread(one_thread), "threads": 1, "device": "cpu"}, baseline=loop,
         ),
         Result(
-            "fused augment CPU seconds vs numpy loop CPU seconds",
-            cpu_in_place,
-            "s/batch",
-            cpu_numpy,
+            "fused augment CPU seconds vs numpy loop CPU seconds", cpu_in_place, "s/batch", cpu_numpy,
             {**params, "device": "cpu", "measure": "process CPU time, all threads (robust to other load)"},
             baseline=loop,
         ),
         Result(
-            "fused augment GB/s vs memcpy GB/s (cpu)",
-            gigabytes / fused_in_place.median,
-            "GB/s",
+            "fused augment GB/s vs memcpy GB/s (cpu)", gigabytes / fused_in_place.median, "GB/s",
             gigabytes / memcpy.median,
             {**params, "memcpy_s": memcpy.median, "augment_s": fused_in_place.median, "device": "cpu"},
             baseline="copy_ of the batch into a preallocated buffer (read + write once)",
         ),
         Result(
-            "fused augment GB/s vs memcpy GB/s, 1 thread",
-            gigabytes / one_thread.median,
-            "GB/s",
+            "fused augment GB/s vs memcpy GB/s, 1 thread", gigabytes / one_thread.median, "GB/s",
             gigabytes / memcpy_one.median,
             {**params, "threads": 1, "memcpy_s": memcpy_one.median, "device": "cpu"},
             baseline="copy_ of the batch into a preallocated buffer, 1 thread",
@@ -179,19 +148,12 @@ def gpu_results(
     name = {**params, "device": torch.cuda.get_device_name(0)}
     return [
         Result(
-            "augment on gpu vs numpy loop (cpu)",
-            gpu.median,
-            "s/batch",
-            numpy_s,
-            {**name, "GBps": gigabytes / gpu.median},
-            baseline="per-sample per-variable numpy loop",
+            "augment on gpu vs numpy loop (cpu)", gpu.median, "s/batch", numpy_s,
+            {**name, "GBps": gigabytes / gpu.median}, baseline="per-sample per-variable numpy loop",
         ),
         Result(
-            "host-to-device copy, pinned vs pageable",
-            gigabytes / copy.median,
-            "GB/s",
-            gigabytes / pageable.median,
-            {**name, "pinned_s": copy.median, "pageable_s": pageable.median},
+            "host-to-device copy, pinned vs pageable", gigabytes / copy.median, "GB/s",
+            gigabytes / pageable.median, {**name, "pinned_s": copy.median, "pageable_s": pageable.median},
             baseline="pageable copy",
         ),
     ]

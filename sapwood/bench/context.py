@@ -32,32 +32,16 @@ def train_short_context_model(work: Path, trained_context: int, max_multiple: in
 
     meta = tokenize_corpus(stdlib_corpus(120), work / "data", vocab_size=1024, val_fraction=0.1)
     model = ModelConfig(
-        vocab_size=meta["vocab_size"],
-        hidden=128,
-        layers=3,
-        heads=4,
-        kv_heads=2,
-        ffn=352,
-        trained_context=trained_context,
-        max_context=trained_context * max_multiple,
-        tied_embeddings=True,
+        vocab_size=meta["vocab_size"], hidden=128, layers=3, heads=4, kv_heads=2, ffn=352,
+        trained_context=trained_context, max_context=trained_context * max_multiple, tied_embeddings=True,
     )
     config = Config(
         name="bench-context",
         model=model,
         train=TrainConfig(
-            steps=steps,
-            batch_size=16,
-            micro_batch_size=16,
-            lr=3e-3,
-            min_lr=3e-4,
-            warmup_steps=20,
-            device="cpu",
-            out_dir=str(work / "run"),
-            eval_every=steps,
-            save_every=steps,
-            log_every=max(1, steps // 10),
-            progress=False,
+            steps=steps, batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20,
+            device="cpu", out_dir=str(work / "run"), eval_every=steps, save_every=steps,
+            log_every=max(1, steps // 10), progress=False,
         ),
         data=TextDataConfig(path=str(work / "data"), seq_len=trained_context),
     )
@@ -114,10 +98,7 @@ def perplexity(folder: Path, scaling: RopeScaling, windows: torch.Tensor) -> flo
 
 
 def run_context_bench(
-    out: Path,
-    trained_context: int = 64,
-    steps: int = 300,
-    multiples: list[int] | None = None,
+    out: Path, trained_context: int = 64, steps: int = 300, multiples: list[int] | None = None,
     windows: int = 16,
 ) -> tuple[list[Result], Path]:
     from rich.console import Console
@@ -147,11 +128,8 @@ def run_context_bench(
             "ppl",
             table["none"][multiple],
             params={
-                "trained_context": trained_context,
-                "eval_tokens": trained_context * multiple,
-                "factor": factor,
-                "steps": steps,
-                "windows": windows,
+                "trained_context": trained_context, "eval_tokens": trained_context * multiple,
+                "factor": factor, "steps": steps, "windows": windows,
             },
             baseline="no scaling",
         )
@@ -171,23 +149,15 @@ def run_context_bench(
         ax.legend()
 
     path = write_suite(
-        "context",
-        results,
-        out,
-        plot,
+        "context", results, out, plot,
         extra={"perplexity": {m: table[m] for m in METHODS}, "checkpoint": str(folder)},
     )
     return results, path
 
 
 def run_window_bench(
-    out: Path,
-    trained_context: int = 64,
-    steps: int = 300,
-    multiples: list[int] | None = None,
-    window_sizes: list[int] | None = None,
-    sinks: int = 4,
-    windows: int = 8,
+    out: Path, trained_context: int = 64, steps: int = 300, multiples: list[int] | None = None,
+    window_sizes: list[int] | None = None, sinks: int = 4, windows: int = 8,
 ) -> tuple[list[Result], Path]:
     """Perplexity streaming with attention sinks + a sliding window (:mod:`sapwood.infer.window`, one token
     at a time, bounded cache) vs full attention on the same held-out windows, within the trained length
@@ -225,11 +195,8 @@ def run_window_bench(
             "ppl",
             table["full"][m],
             params={
-                "trained_context": trained_context,
-                "eval_tokens": trained_context * m,
-                "sinks": sinks,
-                "steps": steps,
-                "windows": windows,
+                "trained_context": trained_context, "eval_tokens": trained_context * m, "sinks": sinks,
+                "steps": steps, "windows": windows,
             },
             baseline="full attention",
         )

@@ -63,9 +63,7 @@ def write_synthetic_runs(
             "time",
             np.arange(times) * 6.0,
             {
-                "standard_name": "time",
-                "units": "hours since 2000-01-01",
-                "calendar": "proleptic_gregorian",
+                "standard_name": "time", "units": "hours since 2000-01-01", "calendar": "proleptic_gregorian",
                 "axis": "T",
             },
         ),
@@ -187,10 +185,7 @@ def zarr_results(
         prepare([work / "runs"], folder, progress=progress, force=True, layout="zarr")
     store = CubeStore(folder)
     zarr_loader = CubeLoader(
-        store,
-        batch_size=loader.batch_size,
-        segments_per_batch=loader.segments_per_batch,
-        seed=loader.seed,
+        store, batch_size=loader.batch_size, segments_per_batch=loader.segments_per_batch, seed=loader.seed,
         pin_memory=False,
     )
     zarr_loader.read_batch(1, 0)
@@ -211,44 +206,25 @@ def zarr_results(
     zarr_python_s = (time.perf_counter() - start) / timed
     gigabytes = params["batch_gb"]
     rates = {
-        "zarr_s": zarr_s,
-        "zarr_python_s": zarr_python_s,
-        "raw_layout_s": direct_s,
-        "zarr_GBps": gigabytes / zarr_s,
-        "zarr_python_GBps": gigabytes / zarr_python_s,
+        "zarr_s": zarr_s, "zarr_python_s": zarr_python_s, "raw_layout_s": direct_s,
+        "zarr_GBps": gigabytes / zarr_s, "zarr_python_GBps": gigabytes / zarr_python_s,
     }
     baseline = "loader.read_batch on the raw frames layout"
     return [
         Result(
-            "zarr layout read_batch (direct shard reads) vs raw layout",
-            zarr_s,
-            "s/batch",
-            direct_s,
-            {**params, **rates},
-            baseline=baseline,
+            "zarr layout read_batch (direct shard reads) vs raw layout", zarr_s, "s/batch", direct_s,
+            {**params, **rates}, baseline=baseline,
         ),
         Result(
-            "zarr layout through zarr-python vs raw layout",
-            zarr_python_s,
-            "s/batch",
-            direct_s,
-            {**params, **rates},
-            baseline=baseline,
+            "zarr layout through zarr-python vs raw layout", zarr_python_s, "s/batch", direct_s,
+            {**params, **rates}, baseline=baseline,
         ),
     ]
 
 
 def run_data_bench(
-    out: Path,
-    work: Path | None = None,
-    batch_gb: float = 0.05,
-    levels: int = 8,
-    nlat: int = 32,
-    nlon: int = 64,
-    batches: int = 4,
-    progress: bool = True,
-    zarr: bool = True,
-    rounds: int = 5,
+    out: Path, work: Path | None = None, batch_gb: float = 0.05, levels: int = 8, nlat: int = 32,
+    nlon: int = 64, batches: int = 4, progress: bool = True, zarr: bool = True, rounds: int = 5,
 ) -> list[Result]:
     work = work or out / "data-bench-work"
     channels = 6 * levels + 1
@@ -290,9 +266,7 @@ def run_data_bench(
     def raw_reads() -> None:
         for index in range(timed):
             raw_read(
-                store.frames_path,
-                batch_bytes,
-                buffer,
+                store.frames_path, batch_bytes, buffer,
                 (index * batch_bytes) % max(1, total_bytes - batch_bytes),
             )
 
@@ -320,28 +294,15 @@ def run_data_bench(
     per_round = [a / b for a, b in zip(walls["raw"], walls["loader"], strict=True)]
 
     params: dict[str, Any] = {
-        "batch_bytes": batch_bytes,
-        "batch_gb": gigabytes,
-        "batch_size": batch_size,
-        "grid": f"{channels}x{nlat}x{nlon}",
-        "timed_batches": timed,
-        "cache": "warm",
-        "store_gb": total_bytes / 1e9,
-        "threads": torch.get_num_threads(),
+        "batch_bytes": batch_bytes, "batch_gb": gigabytes, "batch_size": batch_size,
+        "grid": f"{channels}x{nlat}x{nlon}", "timed_batches": timed, "cache": "warm",
+        "store_gb": total_bytes / 1e9, "threads": torch.get_num_threads(),
     }
     rates = {
-        "naive_GBps": gigabytes / naive_s,
-        "loader_GBps": gigabytes / loader_s,
-        "read_batch_GBps": gigabytes / direct_s,
-        "raw_GBps": gigabytes / raw_s,
-        "memcpy_GBps": gigabytes / memcpy_s,
-        "loader_s": loader_s,
-        "read_batch_s": direct_s,
-        "raw_s": raw_s,
-        "memcpy_s": memcpy_s,
-        "naive_s": naive_s,
-        "first_batch_s": first_batch_s,
-        "rounds": rounds,
+        "naive_GBps": gigabytes / naive_s, "loader_GBps": gigabytes / loader_s,
+        "read_batch_GBps": gigabytes / direct_s, "raw_GBps": gigabytes / raw_s,
+        "memcpy_GBps": gigabytes / memcpy_s, "loader_s": loader_s, "read_batch_s": direct_s, "raw_s": raw_s,
+        "memcpy_s": memcpy_s, "naive_s": naive_s, "first_batch_s": first_batch_s, "rounds": rounds,
         "loader_over_raw_GBps_per_round": per_round,
         "loader_over_raw_GBps_range": [min(per_round), max(per_round)],
         "cpu_s_per_batch": {name: statistics.median(values) for name, values in cpus.items()},
@@ -350,42 +311,24 @@ def run_data_bench(
     raw_baseline = "raw readinto of the same number of bytes (the read limit)"
     results = [
         Result(
-            "loader vs naive xarray",
-            loader_s,
-            "s/batch",
-            naive_s,
-            {**params, **rates},
+            "loader vs naive xarray", loader_s, "s/batch", naive_s, {**params, **rates},
             baseline="xarray open_dataset().load() of needed files per batch, numpy stacking",
         ),
         Result(
-            "loader with prefetch thread vs raw read",
-            loader_s,
-            "s/batch",
-            raw_s,
-            {**params, **rates},
+            "loader with prefetch thread vs raw read", loader_s, "s/batch", raw_s, {**params, **rates},
             baseline=raw_baseline,
         ),
         Result(
-            "loader.read_batch (no prefetch thread) vs raw read",
-            direct_s,
-            "s/batch",
-            raw_s,
-            {**params, **rates},
-            baseline=raw_baseline,
+            "loader.read_batch (no prefetch thread) vs raw read", direct_s, "s/batch", raw_s,
+            {**params, **rates}, baseline=raw_baseline,
         ),
         Result(
-            "loader GB/s vs memcpy GB/s",
-            gigabytes / loader_s,
-            "GB/s",
-            gigabytes / memcpy_s,
+            "loader GB/s vs memcpy GB/s", gigabytes / loader_s, "GB/s", gigabytes / memcpy_s,
             {**params, **rates},
             baseline="copy_ between two preallocated tensors of the batch size (the memory limit)",
         ),
         Result(
-            "raw read GB/s vs memcpy GB/s",
-            gigabytes / raw_s,
-            "GB/s",
-            gigabytes / memcpy_s,
+            "raw read GB/s vs memcpy GB/s", gigabytes / raw_s, "GB/s", gigabytes / memcpy_s,
             {**params, **rates},
             baseline="copy_ between two preallocated tensors of the batch size (the memory limit)",
         ),
@@ -393,9 +336,7 @@ def run_data_bench(
     if zarr:
         results += zarr_results(work, loader, timed, direct_s, params, progress)
     write_suite(
-        "data",
-        results,
-        out,
+        "data", results, out,
         extra={"cache": "warm (page cache; dropping it needs root)", "batch_gb": gigabytes},
     )
     return results

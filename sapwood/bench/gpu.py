@@ -227,36 +227,21 @@ def release_memory() -> None:
 def figure_results(f: StepFigures) -> list[Result]:
     """Bench rows of one model: against the targets, the memory plan and torchtitan's anchor."""
     params = {
-        "params": f.params,
-        "seq": f.seq,
-        "micro_batch": f.micro_batch,
-        "attention_kernel": f.attention_kernel,
-        "first_step_s": round(f.first_step_s, 2),
-        **f.options,
+        "params": f.params, "seq": f.seq, "micro_batch": f.micro_batch,
+        "attention_kernel": f.attention_kernel, "first_step_s": round(f.first_step_s, 2), **f.options,
     }
     rows = [
         Result(
-            f"{f.name} forward",
-            statistics.median(f.forward_s),
-            "s/batch",
-            TARGETS["forward_s"],
-            params=params | {"samples": f.forward_s},
-            baseline="target",
+            f"{f.name} forward", statistics.median(f.forward_s), "s/batch", TARGETS["forward_s"],
+            params=params | {"samples": f.forward_s}, baseline="target",
         ),
         Result(
-            f"{f.name} backward (incl. fused optimizer step)",
-            statistics.median(f.backward_s),
-            "s/batch",
-            TARGETS["backward_s"],
-            params=params | {"samples": f.backward_s},
-            baseline="target",
+            f"{f.name} backward (incl. fused optimizer step)", statistics.median(f.backward_s), "s/batch",
+            TARGETS["backward_s"], params=params | {"samples": f.backward_s}, baseline="target",
         ),
         Result(
-            f"{f.name} tokens/s",
-            f.tokens_per_s,
-            "tokens/s",
-            TORCHTITAN_8B_TOKENS_PER_S["fsdp+compile"] if "8b" in f.name else f.tokens_per_s,
-            params=params,
+            f"{f.name} tokens/s", f.tokens_per_s, "tokens/s",
+            TORCHTITAN_8B_TOKENS_PER_S["fsdp+compile"] if "8b" in f.name else f.tokens_per_s, params=params,
             baseline="torchtitan Llama 3.1 8B per H100 (compile)" if "8b" in f.name else "self",
         ),
     ]
@@ -268,28 +253,16 @@ def figure_results(f: StepFigures) -> list[Result]:
         peak = f.memory["memory_peak_allocated_gb"]
         rows += [
             Result(
-                f"{f.name} peak memory vs target",
-                peak,
-                "GB",
-                TARGETS["peak_gb"],
-                params=params | f.memory,
+                f"{f.name} peak memory vs target", peak, "GB", TARGETS["peak_gb"], params=params | f.memory,
                 baseline="target (85 GB)",
             ),
             Result(
-                f"{f.name} peak memory vs plan",
-                peak,
-                "GB",
-                f.planned_gb,
-                params=params,
+                f"{f.name} peak memory vs plan", peak, "GB", f.planned_gb, params=params,
                 baseline="sapwood.sizing.memory_plan",
             ),
             Result(
-                f"{f.name} fragmentation at peak",
-                100 * f.memory["memory_fragmentation_at_peak"],
-                "%",
-                100 * TARGETS["fragmentation"],
-                params=params,
-                baseline="target",
+                f"{f.name} fragmentation at peak", 100 * f.memory["memory_fragmentation_at_peak"], "%",
+                100 * TARGETS["fragmentation"], params=params, baseline="target",
             ),
         ]
     return rows

@@ -83,23 +83,15 @@ def _grow_gstack(model, large, optimizer, generator, settings):
 
 def _request(large: ModelConfig, **how) -> GrowthRequest:
     return GrowthRequest(
-        layers=large.layers,
-        hidden=large.hidden,
-        ffn=large.ffn,
-        heads=large.heads,
-        kv_heads=large.kv_heads,
-        layer_position="evenly",
-        **how,
+        layers=large.layers, hidden=large.hidden, ffn=large.ffn, heads=large.heads, kv_heads=large.kv_heads,
+        layer_position="evenly", **how,
     )
 
 
 # name -> (grow function, depth factor of the small model: large.layers / small.layers)
 METHODS: dict[str, tuple[Callable, int]] = {
-    "zero": (_grow_zero, 2),
-    "random": (_grow_random, 2),
-    "masked": (_grow_masked, 2),
-    "split": (_grow_split, 2),
-    "gstack": (_grow_gstack, 4),
+    "zero": (_grow_zero, 2), "random": (_grow_random, 2), "masked": (_grow_masked, 2),
+    "split": (_grow_split, 2), "gstack": (_grow_gstack, 4),
 }
 
 
@@ -134,25 +126,15 @@ def shapes(settings: TrainSettings, vocab_size: int) -> tuple[ModelConfig, Model
     width = max(32, int(32 * settings.scale) // 16 * 16)
     head_dim = 16 if width < 128 else 32
     common = {
-        "vocab_size": vocab_size,
-        "head_dim": head_dim,
-        "trained_context": settings.seq_len,
+        "vocab_size": vocab_size, "head_dim": head_dim, "trained_context": settings.seq_len,
         "tied_embeddings": True,
     }
     small = ModelConfig(
-        hidden=width,
-        layers=2,
-        heads=width // head_dim,
-        kv_heads=max(1, width // (2 * head_dim)),
-        ffn=3 * width,
-        **common,
+        hidden=width, layers=2, heads=width // head_dim, kv_heads=max(1, width // (2 * head_dim)),
+        ffn=3 * width, **common,
     )
     large = ModelConfig(
-        hidden=2 * width,
-        layers=4,
-        heads=2 * small.heads,
-        kv_heads=2 * small.kv_heads,
-        ffn=6 * width,
+        hidden=2 * width, layers=4, heads=2 * small.heads, kv_heads=2 * small.kv_heads, ffn=6 * width,
         **common,
     )
     return small, large
@@ -213,15 +195,8 @@ def lr_factor(step: int, warmup_steps: int, rewarm_steps: int = 0, grow_at: int 
 
 
 def train_curve(
-    name: str,
-    start: ModelConfig,
-    final: ModelConfig,
-    settings: BenchSettings,
-    data: Path,
-    device: torch.device,
-    max_steps: int,
-    grow_at: int | None = None,
-    method: Callable | None = None,
+    name: str, start: ModelConfig, final: ModelConfig, settings: BenchSettings, data: Path,
+    device: torch.device, max_steps: int, grow_at: int | None = None, method: Callable | None = None,
     target: float | None = None,
 ) -> RunCurve:
     """Train from ``start`` (grown into ``final`` by ``method`` after step ``grow_at``) and record the
@@ -280,20 +255,10 @@ def prepare_tokens(folder: Path, vocab_size: int, max_files: int = 120) -> Path:
 
 
 def run_grow_bench(
-    out: Path,
-    steps: int = 100,
-    target_loss: float | None = None,
-    scale: float = 1.0,
-    seeds: int = 3,
-    grow_fraction: float = 0.3,
-    data_dir: Path | None = None,
-    max_files: int = 120,
-    methods: list[str] | None = None,
-    seed: int = 0,
-    rewarm_steps: int = 0,
-    mask_ramp_steps: int | None = None,
-    eval_every: int | None = None,
-    budget_s: float | None = None,
+    out: Path, steps: int = 100, target_loss: float | None = None, scale: float = 1.0, seeds: int = 3,
+    grow_fraction: float = 0.3, data_dir: Path | None = None, max_files: int = 120,
+    methods: list[str] | None = None, seed: int = 0, rewarm_steps: int = 0,
+    mask_ramp_steps: int | None = None, eval_every: int | None = None, budget_s: float | None = None,
 ) -> Path:
     """Scratch L and each growth method, for ``seeds`` seeds (``seed``, ``seed + 1``, ...).
 
@@ -317,12 +282,8 @@ def run_grow_bench(
     if budget_s is not None and budget_s <= 0:
         raise SapwoodError(f"budget_s={budget_s} must be > 0")
     settings = BenchSettings(
-        steps=steps,
-        scale=scale,
-        seed=seed,
-        grow_fraction=grow_fraction,
-        mask_ramp_steps=mask_ramp_steps or max(1, steps // 10),
-        rewarm_steps=rewarm_steps,
+        steps=steps, scale=scale, seed=seed, grow_fraction=grow_fraction,
+        mask_ramp_steps=mask_ramp_steps or max(1, steps // 10), rewarm_steps=rewarm_steps,
         eval_every=eval_every or max(1, steps // 50),
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -366,15 +327,8 @@ def run_grow_bench(
 
 
 def _write_grow_suite(
-    out: Path,
-    per_seed: list[tuple[list[RunCurve], float]],
-    settings: BenchSettings,
-    small: ModelConfig,
-    large: ModelConfig,
-    seed: int,
-    budget_s: float | None,
-    seeds: int,
-    printed: bool,
+    out: Path, per_seed: list[tuple[list[RunCurve], float]], settings: BenchSettings, small: ModelConfig,
+    large: ModelConfig, seed: int, budget_s: float | None, seeds: int, printed: bool,
 ) -> Path:
     results = _seed_results(per_seed, settings, small, large)
     if printed:
@@ -440,9 +394,7 @@ def _results(
 
 
 def _seed_results(
-    per_seed: list[tuple[list[RunCurve], float]],
-    settings: BenchSettings,
-    small: ModelConfig,
+    per_seed: list[tuple[list[RunCurve], float]], settings: BenchSettings, small: ModelConfig,
     large: ModelConfig,
 ) -> list[Result]:
     """Per method: FLOPs and seconds to each seed's target summed over seeds against scratch's (so the
@@ -451,12 +403,7 @@ def _seed_results(
     names = [c.name for c in per_seed[0][0][1:]]
     for index, name in enumerate(names, start=1):
         values = {
-            "flops": [],
-            "seconds": [],
-            "base_flops": [],
-            "base_seconds": [],
-            "reached": [],
-            "steps": [],
+            "flops": [], "seconds": [], "base_flops": [], "base_seconds": [], "reached": [], "steps": [],
         }
         for curves, target in per_seed:
             scratch = curves[0].first_reaching(target)
@@ -473,42 +420,28 @@ def _seed_results(
         second_ratios = [b / v for b, v in zip(values["base_seconds"], values["seconds"], strict=True)]
         curve0 = per_seed[0][0][index]
         params: dict[str, Any] = {
-            "seeds": len(per_seed),
-            "reached_target": values["reached"],
-            "steps_to_target": values["steps"],
+            "seeds": len(per_seed), "reached_target": values["reached"], "steps_to_target": values["steps"],
             "growth_step": curve0.growth_step,
             "loss_jump_at_growth": [c[index].loss_jump for c, _ in per_seed],
-            "flops_ratio_per_seed": flops_ratios,
-            "flops_ratio_mean": statistics.fmean(flops_ratios),
+            "flops_ratio_per_seed": flops_ratios, "flops_ratio_mean": statistics.fmean(flops_ratios),
             "flops_ratio_std": statistics.stdev(flops_ratios) if len(flops_ratios) > 1 else 0.0,
-            "flops_ratio_min": min(flops_ratios),
-            "seconds_ratio_per_seed": second_ratios,
+            "flops_ratio_min": min(flops_ratios), "seconds_ratio_per_seed": second_ratios,
             "seconds_ratio_mean": statistics.fmean(second_ratios),
             "seconds_ratio_std": statistics.stdev(second_ratios) if len(second_ratios) > 1 else 0.0,
             "small": f"{_small_layers(name, large)}x{small.hidden}",
-            "large": f"{large.layers}x{large.hidden}",
-            "scale": settings.scale,
-            **_variant_params(name, settings),
-            "mask_ramp_steps": settings.mask_ramp_steps,
+            "large": f"{large.layers}x{large.hidden}", "scale": settings.scale,
+            **_variant_params(name, settings), "mask_ramp_steps": settings.mask_ramp_steps,
         }
         results.append(
             Result(
-                f"FLOPs to target: {name}",
-                sum(values["flops"]),
-                "FLOPs",
-                sum(values["base_flops"]),
-                params=params,
-                baseline="L from scratch",
+                f"FLOPs to target: {name}", sum(values["flops"]), "FLOPs", sum(values["base_flops"]),
+                params=params, baseline="L from scratch",
             )
         )
         results.append(
             Result(
-                f"train seconds to target: {name}",
-                sum(values["seconds"]),
-                "s",
-                sum(values["base_seconds"]),
-                params=params,
-                baseline="L from scratch",
+                f"train seconds to target: {name}", sum(values["seconds"]), "s", sum(values["base_seconds"]),
+                params=params, baseline="L from scratch",
             )
         )
     return results
@@ -579,39 +512,23 @@ class BudgetSettings(TrainSettings):
 
 
 def _budget_config(
-    settings: BudgetSettings,
-    model: ModelConfig,
-    data: Path,
-    out: Path,
-    seed: int,
-    growth: dict[str, Any] | None,
-    steps: int,
+    settings: BudgetSettings, model: ModelConfig, data: Path, out: Path, seed: int,
+    growth: dict[str, Any] | None, steps: int,
 ):
     from sapwood.config import Config, validate
 
     train = {
-        "steps": steps,
-        "batch_size": settings.batch_size,
-        "micro_batch_size": settings.batch_size,
-        "lr": settings.lr,
-        "min_lr": settings.lr / 10,
-        "warmup_steps": settings.warmup_steps,
-        "eval_every": settings.eval_every,
-        "eval_batches": settings.eval_batches,
-        "save_every": 10 * settings.steps,
-        "log_every": 1,
-        "out_dir": str(out),
-        "progress": False,
-        "seed": seed,
-        "device": "auto",
+        "steps": steps, "batch_size": settings.batch_size, "micro_batch_size": settings.batch_size,
+        "lr": settings.lr, "min_lr": settings.lr / 10, "warmup_steps": settings.warmup_steps,
+        "eval_every": settings.eval_every, "eval_batches": settings.eval_batches,
+        "save_every": 10 * settings.steps, "log_every": 1, "out_dir": str(out), "progress": False,
+        "seed": seed, "device": "auto",
     }
     return validate(
         Config,
         {
-            "model": model.model_dump(),
-            "train": train,
-            "data": {"path": str(data), "seq_len": settings.seq_len},
-            "growth": growth,
+            "model": model.model_dump(), "train": train,
+            "data": {"path": str(data), "seq_len": settings.seq_len}, "growth": growth,
         },
     )
 
@@ -650,17 +567,9 @@ def budget_curve(name: str, metrics_file: Path, start: ModelConfig, seq_len: int
 
 
 def run_budget_bench(
-    out: Path,
-    steps: int = 300,
-    seeds: int = 3,
-    seed: int = 0,
-    data_dir: Path | None = None,
-    max_files: int = 120,
-    method: str = "masked",
-    rewarm_steps: int = 0,
-    scale: float = 1.0,
-    plateau_window: int = 15,
-    min_rel_improvement: float = 0.02,
+    out: Path, steps: int = 300, seeds: int = 3, seed: int = 0, data_dir: Path | None = None,
+    max_files: int = 120, method: str = "masked", rewarm_steps: int = 0, scale: float = 1.0,
+    plateau_window: int = 15, min_rel_improvement: float = 0.02,
 ) -> Path:
     """Growth under a memory budget end to end (``sapwood train`` with a ``growth:`` plateau trigger and
     ``caps.memory_budget_gb``) against scratch training of the grown run's final shape, per seed."""
@@ -673,12 +582,8 @@ def run_budget_bench(
     if seeds < 1:
         raise SapwoodError(f"seeds={seeds} must be >= 1")
     settings = BudgetSettings(
-        steps=steps,
-        method=method,
-        rewarm_steps=rewarm_steps,
-        scale=scale,
-        mask_ramp_steps=max(1, steps // 15),
-        plateau_window=plateau_window,
+        steps=steps, method=method, rewarm_steps=rewarm_steps, scale=scale,
+        mask_ramp_steps=max(1, steps // 15), plateau_window=plateau_window,
         plateau_min_rel_improvement=min_rel_improvement,
     )
     per_seed, events = [], []
@@ -698,10 +603,7 @@ def run_budget_bench(
             "mask_ramp_steps": settings.mask_ramp_steps,
             "rewarm_steps": rewarm_steps,
             "add": {
-                "layers": 1,
-                "hidden": small.hidden // 2,
-                "ffn": small.ffn // 2,
-                "heads": small.heads // 2,
+                "layers": 1, "hidden": small.hidden // 2, "ffn": small.ffn // 2, "heads": small.heads // 2,
             },
             "caps": {"memory_budget_gb": budget},
         }
@@ -744,25 +646,17 @@ def run_budget_bench(
             per_seed.append(([scratch, grown], target))
             events.append(
                 {
-                    "seed": run_seed,
-                    "events": seed_events,
-                    "final_shape": shape_of(final),
-                    "val_loss_at_scratch_steps": grown.val_loss[at_steps],
-                    "scratch_val_loss": target,
+                    "seed": run_seed, "events": seed_events, "final_shape": shape_of(final),
+                    "val_loss_at_scratch_steps": grown.val_loss[at_steps], "scratch_val_loss": target,
                     "target_reached_at_step": reached[2] if reached else None,
-                    "grown_flops_total": grown.flops[-1],
-                    "scratch_flops_total": scratch.flops[-1],
+                    "grown_flops_total": grown.flops[-1], "scratch_flops_total": scratch.flops[-1],
                 }
             )
     results = _seed_results(per_seed, BenchSettings(scale=scale, grow_fraction=0.0), small, final)
     for result in results:
         result.params.update(
-            small=f"{small.layers}x{small.hidden}",
-            large="final grown shape",
-            budget_gb=budget,
-            method=method,
-            rewarm_steps=rewarm_steps,
-            plateau_window=plateau_window,
+            small=f"{small.layers}x{small.hidden}", large="final grown shape", budget_gb=budget,
+            method=method, rewarm_steps=rewarm_steps, plateau_window=plateau_window,
             min_rel_improvement=min_rel_improvement,
         )
     print_results(results)

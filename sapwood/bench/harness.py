@@ -19,20 +19,7 @@ from typing import Any
 import torch
 
 LOWER_IS_BETTER_UNITS = {
-    "s",
-    "ms",
-    "us",
-    "s/batch",
-    "ms/token",
-    "bytes",
-    "MB",
-    "GB",
-    "MiB",
-    "GiB",
-    "FLOPs",
-    "%",
-    "ppl",
-    "nats",
+    "s", "ms", "us", "s/batch", "ms/token", "bytes", "MB", "GB", "MiB", "GiB", "FLOPs", "%", "ppl", "nats",
 }
 
 
@@ -64,11 +51,8 @@ def time_fn(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5, device: st
         synchronize(device)
         samples.append(time.perf_counter() - start)
     return Timing(
-        median=statistics.median(samples),
-        minimum=min(samples),
-        maximum=max(samples),
-        stdev=statistics.stdev(samples) if len(samples) > 1 else 0.0,
-        samples=samples,
+        median=statistics.median(samples), minimum=min(samples), maximum=max(samples),
+        stdev=statistics.stdev(samples) if len(samples) > 1 else 0.0, samples=samples,
     )
 
 
@@ -96,10 +80,7 @@ def device_description() -> str:
 
 
 def write_suite(
-    suite: str,
-    results: list[Result],
-    out_dir: str | Path,
-    plot: Callable[[Any], None] | None = None,
+    suite: str, results: list[Result], out_dir: str | Path, plot: Callable[[Any], None] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``OUT/SUITE.json`` and ``OUT/SUITE.png``; return the JSON path.

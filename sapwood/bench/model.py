@@ -157,9 +157,7 @@ def run_model_bench(
     timings = {
         "fwd+bwd": time_interleaved(
             lambda: train_step(model, ours_params, tokens),
-            lambda: train_step(reference, reference.parameters(), tokens),
-            repeats,
-            dev,
+            lambda: train_step(reference, reference.parameters(), tokens), repeats, dev,
         )
     }
     with torch.no_grad():
@@ -178,10 +176,7 @@ def run_model_bench(
                 unit="tokens/s",
                 baseline_value=tokens_per_step / ref.median,
                 params={
-                    **params,
-                    "ours_s": ours.median,
-                    "ours_stdev_s": ours.stdev,
-                    "baseline_s": ref.median,
+                    **params, "ours_s": ours.median, "ours_stdev_s": ours.stdev, "baseline_s": ref.median,
                     "baseline_stdev_s": ref.stdev,
                 },
                 baseline="plain PyTorch reference (materialized softmax attention, repeat_interleave GQA)",

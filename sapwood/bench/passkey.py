@@ -27,12 +27,7 @@ ADAPTIVE = ("linear_by_length", "ntk_by_length", "yarn_by_length")  # model.rope
 
 
 def passkey_table(
-    folder: Path,
-    trained_context: int,
-    multiples: list[int],
-    methods: list[str],
-    factor: float,
-    samples: int,
+    folder: Path, trained_context: int, multiples: list[int], methods: list[str], factor: float, samples: int,
     seed: int = 0,
 ) -> dict[str, dict[int, float]]:
     """Accuracy per method and multiple of ``trained_context``; method ``model`` = the checkpoint's own
@@ -64,12 +59,7 @@ def tiny_passkey_config(out: Path, trained_context: int, steps: int, seed: int =
     from sapwood.train.passkey_task import VOCAB
 
     model = ModelConfig(
-        vocab_size=VOCAB,
-        hidden=64,
-        layers=2,
-        heads=4,
-        ffn=128,
-        trained_context=trained_context,
+        vocab_size=VOCAB, hidden=64, layers=2, heads=4, ffn=128, trained_context=trained_context,
         tied_embeddings=True,
     )
     return Config(name="passkey", model=model, train=_train_section(out, steps, seed))
@@ -77,39 +67,20 @@ def tiny_passkey_config(out: Path, trained_context: int, steps: int, seed: int =
 
 def _train_section(out: Path, steps: int, seed: int, lr: float = 5e-3) -> TrainConfig:
     return TrainConfig(
-        task="passkey",
-        steps=steps,
-        batch_size=64,
-        micro_batch_size=64,
-        lr=lr,
-        min_lr=lr / 10,
-        warmup_steps=min(20, steps // 5),
-        eval_every=steps,
-        save_every=steps,
-        log_every=max(1, steps // 5),
-        eval_batches=2,
-        device="cpu",
-        out_dir=str(out),
-        seed=seed,
-        progress=False,
+        task="passkey", steps=steps, batch_size=64, micro_batch_size=64, lr=lr, min_lr=lr / 10,
+        warmup_steps=min(20, steps // 5), eval_every=steps, save_every=steps, log_every=max(1, steps // 5),
+        eval_batches=2, device="cpu", out_dir=str(out), seed=seed, progress=False,
     )
 
 
 def extend_config(
-    base: Path,
-    out: Path,
-    factor: float,
-    seq_len: int,
-    steps: int,
-    seed: int = 0,
+    base: Path, out: Path, factor: float, seq_len: int, steps: int, seed: int = 0,
     mixed_lengths: list[int] | None = None,
 ) -> Config:
     """The ``context:`` recipe: YaRN ``factor`` on ``base``'s weights, fine-tuned at ``seq_len`` (or at
     lengths drawn per micro-batch from ``mixed_lengths``)."""
     context = ContextExtension(
-        init_from=str(base),
-        rope_scaling=RopeScaling(type="yarn", factor=factor),
-        seq_len=seq_len,
+        init_from=str(base), rope_scaling=RopeScaling(type="yarn", factor=factor), seq_len=seq_len,
         mixed_lengths=mixed_lengths,
     )
     return Config.model_validate(
@@ -122,13 +93,8 @@ def extend_config(
 
 
 def run_passkey_bench(
-    out: Path,
-    trained_context: int = 32,
-    steps: int = 1000,
-    finetune_steps: int = 100,
-    multiples: list[int] | None = None,
-    samples: int = 64,
-    seed: int = 0,
+    out: Path, trained_context: int = 32, steps: int = 1000, finetune_steps: int = 100,
+    multiples: list[int] | None = None, samples: int = 64, seed: int = 0,
 ) -> tuple[list[Result], Path]:
     """The passkey table; ``seed`` seeds the base training and both fine-tunes (the keys scored stay the
     same)."""
@@ -168,23 +134,14 @@ def run_passkey_bench(
     for method, row in table.items():
         console.print(f"{method:14} " + "  ".join(f"{m}x {row[m]:.2f}" for m in multiples))
     params: dict[str, Any] = {
-        "trained_context": trained_context,
-        "factor": factor,
-        "steps": steps,
-        "finetune_steps": finetune_steps,
-        "finetune_len": finetune_len,
-        "finetune_mixed_lengths": mixed,
-        "seed": seed,
-        "samples": samples,
+        "trained_context": trained_context, "factor": factor, "steps": steps,
+        "finetune_steps": finetune_steps, "finetune_len": finetune_len, "finetune_mixed_lengths": mixed,
+        "seed": seed, "samples": samples,
     }
     results = [
         Result(
-            f"passkey {method} @{m}x",
-            table[method][m],
-            "accuracy",
-            table["none"][m],
-            params={**params, "eval_tokens": trained_context * m},
-            baseline="no scaling",
+            f"passkey {method} @{m}x", table[method][m], "accuracy", table["none"][m],
+            params={**params, "eval_tokens": trained_context * m}, baseline="no scaling",
         )
         for method in table
         if method != "none"
@@ -206,9 +163,7 @@ def run_passkey_bench(
         out,
         plot,
         extra={
-            "accuracy": table,
-            "base": str(base),
-            "extended": str(extended),
+            "accuracy": table, "base": str(base), "extended": str(extended),
             "extended_mixed": str(extended_mixed),
         },
     )

@@ -198,16 +198,9 @@ def speed_results(
             ratios.append(naive_t / ours_t)
     low, high = _quartiles(ratios)
     params_out = {
-        "batch": batch,
-        "levels": levels,
-        "grid": f"{nlat}x{nlon}",
-        "device": device,
-        "repeats": repeats,
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "ratio_iqr": [low, high],
-        "ours_s_iqr": list(_quartiles(ours_s)),
+        "batch": batch, "levels": levels, "grid": f"{nlat}x{nlon}", "device": device, "repeats": repeats,
+        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratio_iqr": [low, high], "ours_s_iqr": list(_quartiles(ours_s)),
         "naive_s_iqr": list(_quartiles(naive_s)),
         "constraints": "mass, water, energy, angular momentum, thermo (ideal gas + hydrostatic + q >= 0)",
     }
@@ -246,13 +239,8 @@ def violation_results(work: Path, steps: int, runs: int, device: str) -> tuple[l
         label: {
             k: r[k]
             for k in (
-                "violations",
-                "violations_projected",
-                "violations_truth",
-                "skill_vs_persistence",
-                "acc",
-                "rmse",
-                "rmse_projected",
+                "violations", "violations_projected", "violations_truth", "skill_vs_persistence", "acc",
+                "rmse", "rmse_projected",
             )
             if k in r
         }

@@ -89,19 +89,8 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if k != "SAPWOOD_API_KEYS"}
         self.process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "sapwood.cli",
-                "serve",
-                str(folder),
-                "--port",
-                "0",
-                "--max-batch",
-                str(max_batch),
-                "--model-name",
-                "bench",
-                "--device",
-                device,
+                sys.executable, "-m", "sapwood.cli", "serve", str(folder), "--port", "0", "--max-batch",
+                str(max_batch), "--model-name", "bench", "--device", device,
             ],
             env=env,
             stdout=subprocess.DEVNULL,
@@ -145,13 +134,8 @@ async def _one_streaming_request(url: str, prompt: str, max_tokens: int) -> dict
     server, take as little of it as they can (an HTTP library costs them several times more per event)."""
     body = json.dumps(
         {
-            "model": "bench",
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "ignore_eos": True,
-            "stream_options": {"include_usage": True},
+            "model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True},
         }
     ).encode()
     address = httpx.URL(url)
@@ -223,18 +207,14 @@ def run_ours(
     itls = [r["itl"] for r in results]
     ttfts = [r["ttft"] for r in results]
     return summary | {
-        "ttft_p99_ms": 1000 * percentile(ttfts, 99),
-        "itl_p50_ms": 1000 * percentile(itls, 50),
-        "itl_p99_ms": 1000 * percentile(itls, 99),
-        "cpu_s": cpu,
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99), "itl_p50_ms": 1000 * percentile(itls, 50),
+        "itl_p99_ms": 1000 * percentile(itls, 99), "cpu_s": cpu,
     }
 
 
 def summarize(wall: float, tokens: int, ttfts: list[float], latencies: list[float]) -> dict[str, float]:
     return {
-        "tokens_per_s": tokens / wall,
-        "wall_s": wall,
-        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "tokens_per_s": tokens / wall, "wall_s": wall, "ttft_p50_ms": 1000 * statistics.median(ttfts),
         "latency_p50_ms": 1000 * percentile(latencies, 50),
         "latency_p99_ms": 1000 * percentile(latencies, 99),
     }
@@ -261,14 +241,8 @@ def _hf_greedy(
     """Exactly ``max_tokens`` greedy tokens for every row (no end of sequence), as the sapwood requests."""
     with torch.inference_mode():
         return hf.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            streamer=timer,
+            ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0, streamer=timer,
         )
 
 
@@ -320,10 +294,7 @@ def run_hf_static_batch(hf, tokenizer, prompts: list[str], max_tokens: int | lis
     summary = summarize(wall, sum(lengths), [ttft] * len(prompts), [wall] * len(prompts))
     itl = (wall - ttft) / max(1, max_tokens - 1)
     return summary | {
-        "ttft_p99_ms": 1000 * ttft,
-        "itl_p50_ms": 1000 * itl,
-        "itl_p99_ms": 1000 * itl,
-        "cpu_s": cpu,
+        "ttft_p99_ms": 1000 * ttft, "itl_p50_ms": 1000 * itl, "itl_p99_ms": 1000 * itl, "cpu_s": cpu,
     }
 
 
@@ -360,14 +331,8 @@ def _median_and_spread(runs: list[dict[str, float]], key: str) -> tuple[float, l
 
 
 def run_serve_bench(
-    out: Path,
-    levels: list[int],
-    max_tokens: int = 32,
-    requests_per_level: int = 0,
-    preset: str = "tiny",
-    folder: Path | None = None,
-    repeats: int = 3,
-    device: str = "cpu",
+    out: Path, levels: list[int], max_tokens: int = 32, requests_per_level: int = 0, preset: str = "tiny",
+    folder: Path | None = None, repeats: int = 3, device: str = "cpu",
 ) -> tuple[list[Result], Path]:
     """Each level ``repeats`` times (ours and the static batch alternate); the figures are medians and each
     ratio row states its spread (min, max over the repeats) in ``params``. Two extra rows at the largest
@@ -411,9 +376,7 @@ def run_serve_bench(
                 static.append(run_hf_static_batch(hf, tokenizer, static_prompts, max_tokens))
             sequential = run_hf_one_at_a_time(hf, tokenizer, level_prompts, max_tokens)
             measured[str(c)] = {
-                "sapwood": ours,
-                "engine_in_process": in_process,
-                "hf_static_batch": static,
+                "sapwood": ours, "engine_in_process": in_process, "hf_static_batch": static,
                 "hf_one_at_a_time": sequential,
             }
             console.print(
@@ -438,10 +401,8 @@ def run_serve_bench(
         server.stop()
     results = []
     params_common = {
-        "max_tokens": max_tokens,
-        "preset": preset if given_folder is None else str(given_folder),
-        "threads": torch.get_num_threads(),
-        "repeats": repeats,
+        "max_tokens": max_tokens, "preset": preset if given_folder is None else str(given_folder),
+        "threads": torch.get_num_threads(), "repeats": repeats,
     }
     static_name = "transformers generate, one left-padded batch"
     sequential_name = "transformers generate, batch 1, sequential"
@@ -454,10 +415,7 @@ def run_serve_bench(
             for o, s in zip(ours, static, strict=True)
         ]
         return Result(
-            name,
-            statistics.median(o[key] for o in ours),
-            unit,
-            statistics.median(s[key] for s in static),
+            name, statistics.median(o[key] for o in ours), unit, statistics.median(s[key] for s in static),
             params=params | {"ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)]},
             baseline=static_name,
         )
@@ -472,85 +430,51 @@ def run_serve_bench(
             ratio_row(f"tokens/s @{c} vs hf static batch", ours, static, "tokens_per_s", "tokens/s", params),
             ratio_row(f"CPU s @{c} server + clients vs hf static batch", ours, static, "cpu_s", "s", params),
             ratio_row(
-                f"tokens/s @{c} engine in-process vs hf static batch",
-                in_process,
-                static,
-                "tokens_per_s",
-                "tokens/s",
-                params,
+                f"tokens/s @{c} engine in-process vs hf static batch", in_process, static, "tokens_per_s",
+                "tokens/s", params,
             ),
             ratio_row(
                 f"CPU s @{c} engine in-process vs hf static batch", in_process, static, "cpu_s", "s", params
             ),
             Result(
-                f"tokens/s @{c} vs hf one-at-a-time",
-                ours_tps,
-                "tokens/s",
-                seq["tokens_per_s"],
-                params=params,
-                baseline=sequential_name,
+                f"tokens/s @{c} vs hf one-at-a-time", ours_tps, "tokens/s", seq["tokens_per_s"],
+                params=params, baseline=sequential_name,
             ),
         ]
         results += [
             Result(
-                f"{label} @{c}",
-                _median_and_spread(ours, key)[0],
-                "ms",
-                seq[key],
-                params=params,
+                f"{label} @{c}", _median_and_spread(ours, key)[0], "ms", seq[key], params=params,
                 baseline=sequential_name,
             )
             for label, key in (("TTFT p50", "ttft_p50_ms"), ("latency p99", "latency_p99_ms"))
         ]
     mixed = measured[f"mixed@{top}"]
     params = {
-        **params_common,
-        "concurrency": top,
-        "requests": top,
-        "new_tokens": [min(lengths), max(lengths)],
+        **params_common, "concurrency": top, "requests": top, "new_tokens": [min(lengths), max(lengths)],
     }
     results += [
         ratio_row(
-            f"tokens/s mixed lengths @{top} vs hf static batch",
-            mixed["sapwood"],
-            mixed["hf_static_batch"],
-            "tokens_per_s",
-            "tokens/s",
-            params,
+            f"tokens/s mixed lengths @{top} vs hf static batch", mixed["sapwood"], mixed["hf_static_batch"],
+            "tokens_per_s", "tokens/s", params,
         ),
         ratio_row(
-            f"CPU s mixed lengths @{top} server + clients vs hf static batch",
-            mixed["sapwood"],
-            mixed["hf_static_batch"],
-            "cpu_s",
-            "s",
-            params,
+            f"CPU s mixed lengths @{top} server + clients vs hf static batch", mixed["sapwood"],
+            mixed["hf_static_batch"], "cpu_s", "s", params,
         ),
         ratio_row(
-            f"tokens/s mixed lengths @{top} engine in-process vs hf static batch",
-            mixed["engine_in_process"],
-            mixed["hf_static_batch"],
-            "tokens_per_s",
-            "tokens/s",
-            params,
+            f"tokens/s mixed lengths @{top} engine in-process vs hf static batch", mixed["engine_in_process"],
+            mixed["hf_static_batch"], "tokens_per_s", "tokens/s", params,
         ),
         ratio_row(
-            f"CPU s mixed lengths @{top} engine in-process vs hf static batch",
-            mixed["engine_in_process"],
-            mixed["hf_static_batch"],
-            "cpu_s",
-            "s",
-            params,
+            f"CPU s mixed lengths @{top} engine in-process vs hf static batch", mixed["engine_in_process"],
+            mixed["hf_static_batch"], "cpu_s", "s", params,
         ),
     ]
     load = measured[str(top)]
     params = {**params_common, "concurrency": top, "requests": count[top], "clients": "streaming"}
     for key, label in (
-        ("tokens_per_s", "tokens/s"),
-        ("ttft_p50_ms", "TTFT p50"),
-        ("ttft_p99_ms", "TTFT p99"),
-        ("itl_p50_ms", "ITL p50"),
-        ("itl_p99_ms", "ITL p99"),
+        ("tokens_per_s", "tokens/s"), ("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"),
+        ("itl_p50_ms", "ITL p50"), ("itl_p99_ms", "ITL p99"),
     ):
         unit = "tokens/s" if key == "tokens_per_s" else "ms"
         results.append(
@@ -566,15 +490,11 @@ def run_serve_bench(
             ("hf_static_batch", "HF generate, static batch"),
         ):
             ax.plot(
-                xs,
-                [statistics.median(r["tokens_per_s"] for r in measured[str(c)][key]) for c in xs],
-                marker="o",
-                label=label,
+                xs, [statistics.median(r["tokens_per_s"] for r in measured[str(c)][key]) for c in xs],
+                marker="o", label=label,
             )
         ax.plot(
-            xs,
-            [measured[str(c)]["hf_one_at_a_time"]["tokens_per_s"] for c in xs],
-            marker="o",
+            xs, [measured[str(c)]["hf_one_at_a_time"]["tokens_per_s"] for c in xs], marker="o",
             label="HF generate, one at a time",
         )
         ax.set_xscale("log", base=2)

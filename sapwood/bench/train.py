@@ -59,17 +59,11 @@ def _config(settings: TrainBenchSettings, variant: Variant, tokens: str, out_dir
 
     data, _ = raw_config(settings.preset)
     data["train"] = {
-        "steps": 10**6,
-        "batch_size": settings.micro_batch_size,
-        "micro_batch_size": settings.micro_batch_size,
-        "lr": 1e-3,
-        "warmup_steps": 0,
-        "precision": variant.precision,
-        "compile": variant.compile,
+        "steps": 10**6, "batch_size": settings.micro_batch_size,
+        "micro_batch_size": settings.micro_batch_size, "lr": 1e-3, "warmup_steps": 0,
+        "precision": variant.precision, "compile": variant.compile,
         "activation_checkpointing": "every_layer" if variant.activation_checkpointing else "none",
-        "device": settings.device,
-        "out_dir": out_dir,
-        "progress": False,
+        "device": settings.device, "out_dir": out_dir, "progress": False,
     }
     data["data"] = {"path": tokens, "seq_len": settings.seq_len}
     return validate(Config, data)

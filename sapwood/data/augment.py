@@ -42,13 +42,7 @@ SIGN_FLIP_ON_HEMISPHERE = {"v"}
 POSITIVE_VARIABLES = {"T", "q", "ps", "rho", "zg"}
 # relative (log-normal) scale for positive variables, absolute (physical units) for the others
 DEFAULT_NOISE = {
-    "T": 0.002,
-    "q": 0.02,
-    "ps": 0.0005,
-    "rho": 0.002,
-    "zg": 0.001,
-    "u": 0.3,
-    "v": 0.3,
+    "T": 0.002, "q": 0.02, "ps": 0.0005, "rho": 0.002, "zg": 0.001, "u": 0.3, "v": 0.3,
 }
 
 
@@ -65,11 +59,8 @@ class ChannelRoles:
 
     @classmethod
     def from_variables(
-        cls,
-        variables: Sequence[tuple[str, int]],
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        noise: dict[str, float] | None = None,
+        cls, variables: Sequence[tuple[str, int]], mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None, noise: dict[str, float] | None = None,
     ) -> ChannelRoles:
         """``variables``: ``(name, levels)`` in channel order (``levels = 0`` for a 2-D variable)."""
         scales = {**DEFAULT_NOISE, **(noise or {})}
@@ -244,10 +235,7 @@ def add_noise(frames: torch.Tensor, noise: NoiseDraw) -> torch.Tensor:
 
 
 def reference_augment(
-    frames: torch.Tensor,
-    roles: ChannelRoles,
-    shifts: torch.Tensor,
-    flips: torch.Tensor,
+    frames: torch.Tensor, roles: ChannelRoles, shifts: torch.Tensor, flips: torch.Tensor,
     noise: NoiseDraw | None,
 ) -> torch.Tensor:
     """Roll and flip, then noise, as separate passes: what the fused kernel must equal (a new tensor)."""
@@ -256,12 +244,8 @@ def reference_augment(
 
 
 def augment_planes(
-    frames: torch.Tensor,
-    roles: ChannelRoles,
-    shifts: torch.Tensor,
-    flips: torch.Tensor,
-    noise: NoiseDraw | None,
-    in_place: bool = False,
+    frames: torch.Tensor, roles: ChannelRoles, shifts: torch.Tensor, flips: torch.Tensor,
+    noise: NoiseDraw | None, in_place: bool = False,
 ) -> torch.Tensor:
     """Roll, flip (with the sign change) and noise in one pass: on the CPU (float32) the numba kernel of
     :mod:`sapwood.data.augment_cpu`, reading and writing each element once (into ``frames`` when ``in_place``,
@@ -285,15 +269,8 @@ def augment_planes(
         slope, intercept, key = torch.zeros(channels), torch.zeros(channels), 0
     augment_cpu.set_threads(torch.get_num_threads())
     augment_cpu.fused_planes(
-        frames.numpy(),
-        out.numpy(),
-        shifts.to(torch.int64).cpu().numpy(),
-        flips.cpu().numpy(),
-        sign.numpy(),
-        offset.numpy(),
-        slope.contiguous().numpy(),
-        intercept.contiguous().numpy(),
-        perturb.numpy(),
+        frames.numpy(), out.numpy(), shifts.to(torch.int64).cpu().numpy(), flips.cpu().numpy(), sign.numpy(),
+        offset.numpy(), slope.contiguous().numpy(), intercept.contiguous().numpy(), perturb.numpy(),
         np.uint64(key),
     )
     return out
@@ -380,10 +357,7 @@ class Augment:
     """
 
     def __init__(
-        self,
-        roles: ChannelRoles,
-        transforms: Sequence[object] | None = None,
-        seed: int = 0,
+        self, roles: ChannelRoles, transforms: Sequence[object] | None = None, seed: int = 0,
         in_place: bool = False,
     ) -> None:
         self.roles = roles
@@ -425,9 +399,7 @@ class Augment:
 
 
 def numpy_loop_augment(
-    frames: np.ndarray,
-    variables: Sequence[tuple[str, int]],
-    seed: int = 0,
+    frames: np.ndarray, variables: Sequence[tuple[str, int]], seed: int = 0,
     noise: dict[str, float] | None = None,
 ) -> np.ndarray:
     """The baseline of ``sapwood bench augment``: the same roll, flip and noise on raw data written the usual

@@ -77,15 +77,7 @@ def fused_planes(
             )
             if mirror != j:
                 _write_row(
-                    out[k, b, c, mirror],
-                    bottom,
-                    shift,
-                    sign_c,
-                    offset_c,
-                    noisy,
-                    slope[c],
-                    intercept[c],
-                    key,
+                    out[k, b, c, mirror], bottom, shift, sign_c, offset_c, noisy, slope[c], intercept[c], key,
                     mirror * nlon,
                 )
 

@@ -28,39 +28,19 @@ from typing import Any
 import numpy as np
 
 PRESSURE_UNITS = {
-    "Pa": 1.0,
-    "pa": 1.0,
-    "hPa": 100.0,
-    "hpa": 100.0,
-    "mbar": 100.0,
-    "millibar": 100.0,
-    "millibars": 100.0,
-    "mb": 100.0,
-    "bar": 1e5,
-    "kPa": 1e3,
-    "atm": 101325.0,
+    "Pa": 1.0, "pa": 1.0, "hPa": 100.0, "hpa": 100.0, "mbar": 100.0, "millibar": 100.0, "millibars": 100.0,
+    "mb": 100.0, "bar": 1e5, "kPa": 1e3, "atm": 101325.0,
 }
 LATITUDE_UNITS = {"degrees_north", "degree_north", "degree_N", "degrees_N", "degreeN", "degreesN"}
 LONGITUDE_UNITS = {"degrees_east", "degree_east", "degree_E", "degrees_E", "degreeE", "degreesE"}
 DOWNWARD_STANDARD_NAMES = {
-    "air_pressure",
-    "depth",
-    "atmosphere_sigma_coordinate",
-    "ocean_sigma_coordinate",
-    "atmosphere_hybrid_sigma_pressure_coordinate",
-    "ocean_s_coordinate",
-    "sea_water_pressure",
+    "air_pressure", "depth", "atmosphere_sigma_coordinate", "ocean_sigma_coordinate",
+    "atmosphere_hybrid_sigma_pressure_coordinate", "ocean_s_coordinate", "sea_water_pressure",
     "lagrangian_tendency_of_air_pressure",
 }
 TIME_REFERENCE_UNITS = "days since 0001-01-01 00:00:00"
 IDENTITY_ATTRIBUTES = (
-    "source_id",
-    "experiment_id",
-    "variant_label",
-    "member_id",
-    "realization",
-    "run_id",
-    "ensemble_member",
+    "source_id", "experiment_id", "variant_label", "member_id", "realization", "run_id", "ensemble_member",
     "parent_experiment_id",
 )
 DATE_TOKEN = re.compile(r"\d{6,14}(-\d{6,14})?|\d{4}-\d{2}(-\d{2})?(T\d{2}(:?\d{2})*)?")
@@ -255,16 +235,8 @@ def horizontal_grid(ds: Any, axes: Axes, lon_convention: str | None = None) -> H
         and lat[-1] + (lat[-1] - lat[-2]) / 2 >= 89
     )
     return HorizontalGrid(
-        y_dim=lat_var.dims[0],
-        x_dim=lon_var.dims[0],
-        lat=lat,
-        lon=lon_sorted,
-        area=area,
-        area_source=source,
-        curvilinear=False,
-        lat_flipped=bool(lat_flipped),
-        lon_order=lon_order,
-        lon_convention=convention,
+        y_dim=lat_var.dims[0], x_dim=lon_var.dims[0], lat=lat, lon=lon_sorted, area=area, area_source=source,
+        curvilinear=False, lat_flipped=bool(lat_flipped), lon_order=lon_order, lon_convention=convention,
         global_grid=is_global,
     )
 
@@ -413,13 +385,8 @@ def vertical_axis(ds: Any, name: str) -> VerticalAxis:
     else:
         bounds = None
     return VerticalAxis(
-        name=name,
-        dim=var.dims[0],
-        values=values,
-        units=units,
-        standard_name=str(var.attrs.get("standard_name", "")),
-        flipped=bool(flipped),
-        bounds=bounds,
+        name=name, dim=var.dims[0], values=values, units=units,
+        standard_name=str(var.attrs.get("standard_name", "")), flipped=bool(flipped), bounds=bounds,
     )
 
 

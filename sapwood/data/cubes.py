@@ -352,12 +352,8 @@ STORE_LAYOUTS = ("raw", "zarr")
 
 
 def prepare(
-    inputs: list[Path | str],
-    out: Path,
-    variables: tuple[str, ...] | None = None,
-    progress: bool = True,
-    force: bool = False,
-    layout: str = "raw",
+    inputs: list[Path | str], out: Path, variables: tuple[str, ...] | None = None, progress: bool = True,
+    force: bool = False, layout: str = "raw",
 ) -> PrepareReport:
     """Validate ``inputs`` (NetCDF files, Zarr stores, or folders of them; Zarr stores on S3 as ``s3://``
     URLs,
@@ -381,11 +377,7 @@ def prepare(
 
 
 def _prepare(
-    inputs: list[Path | str],
-    out: Path,
-    variables: tuple[str, ...] | None,
-    progress: bool,
-    force: bool,
+    inputs: list[Path | str], out: Path, variables: tuple[str, ...] | None, progress: bool, force: bool,
     layout: str,
 ) -> PrepareReport:
     files = expand_inputs(inputs)
@@ -464,11 +456,7 @@ def _prepare(
 
 
 def _write_run(
-    writer: _Writer,
-    run: list[RunPart],
-    entries: list[dict[str, Any]],
-    report: PrepareReport,
-    bar: Any,
+    writer: _Writer, run: list[RunPart], entries: list[dict[str, Any]], report: PrepareReport, bar: Any,
     task: Any,
 ) -> None:
     """Write one planned run; a file that fails on reading is skipped and its run continues as a new run."""
@@ -488,10 +476,7 @@ def _write_run(
 
 
 def _close_segment(
-    writer: _Writer,
-    segment: list[RunPart],
-    first_row: int,
-    entries: list[dict[str, Any]],
+    writer: _Writer, segment: list[RunPart], first_row: int, entries: list[dict[str, Any]],
     report: PrepareReport,
 ) -> None:
     times = sum(p.stop - p.start for p in segment)
@@ -513,12 +498,8 @@ def _run_entry(segment: list[RunPart], first_row: int, times: int) -> dict[str, 
     days = np.concatenate([p.layout.time.days[p.start : p.stop] for p in segment])
     first = segment[0].layout
     entry = {
-        "source": str(first.path),
-        "sources": [str(p.layout.path) for p in segment],
-        "first_row": first_row,
-        "times": times,
-        "days": days.tolist(),
-        "calendar": first.time.calendar,
+        "source": str(first.path), "sources": [str(p.layout.path) for p in segment], "first_row": first_row,
+        "times": times, "days": days.tolist(), "calendar": first.time.calendar,
         "monthly": bool(first.time.monthly or (days.size > 1 and np.all(np.diff(days) >= 27.5))),
         "params": first.params.tolist(),
     }
@@ -567,11 +548,7 @@ def _note_orientation(reference: InputLayout, report: PrepareReport) -> None:
 
 
 def _index(
-    reference: InputLayout,
-    writer: _Writer,
-    runs: list[dict[str, Any]],
-    rows: int,
-    fingerprint: str,
+    reference: InputLayout, writer: _Writer, runs: list[dict[str, Any]], rows: int, fingerprint: str,
     report: PrepareReport,
 ) -> dict[str, Any]:
     grid, vertical = reference.grid, reference.vertical
@@ -613,22 +590,15 @@ def _index(
         "runs": runs,
         "coords": coords,
         "grid": {
-            "curvilinear": grid.curvilinear,
-            "global": grid.global_grid,
-            "area_source": grid.area_source,
-            "lat_flipped": grid.lat_flipped,
-            "lon_reordered": grid.lon_order is not None,
-            "lon_convention": grid.lon_convention,
-            "dims": [grid.y_dim, grid.x_dim],
+            "curvilinear": grid.curvilinear, "global": grid.global_grid, "area_source": grid.area_source,
+            "lat_flipped": grid.lat_flipped, "lon_reordered": grid.lon_order is not None,
+            "lon_convention": grid.lon_convention, "dims": [grid.y_dim, grid.x_dim],
         },
         "vertical": None
         if vertical is None
         else {
-            "name": vertical.name,
-            "units": vertical.units,
-            "standard_name": vertical.standard_name,
-            "flipped": vertical.flipped,
-            "order": "top-down",
+            "name": vertical.name, "units": vertical.units, "standard_name": vertical.standard_name,
+            "flipped": vertical.flipped, "order": "top-down",
             "bounds": vertical.bounds.tolist() if vertical.bounds is not None else None,
         },
         "time": {
@@ -656,12 +626,7 @@ def _frames_to_zarr(folder: Path, index: dict[str, Any], reference: InputLayout,
 
     frames = np.memmap(folder / FRAMES_FILE, dtype="<f4", mode="r", shape=tuple(index["shape"]))
     meta = write_zarr(
-        folder,
-        frames,
-        index,
-        reference.grid.area,
-        writer.valid_always,
-        reference.grid.lat,
+        folder, frames, index, reference.grid.area, writer.valid_always, reference.grid.lat,
         reference.grid.lon,
     )
     del frames

@@ -123,20 +123,10 @@ class CubeLoader:
     docstring)."""
 
     def __init__(
-        self,
-        store: CubeStore | str | Path,
-        batch_size: int,
-        *,
-        window: int = 2,
-        segments_per_batch: int | None = None,
-        runs: Sequence[int] | None = None,
-        windows: Sequence[Window] | None = None,
-        seed: int = 0,
-        shuffle: bool = True,
-        normalize: bool = False,
-        prefetch: int = 2,
-        pin_memory: bool | None = None,
-        read_threads: int | None = None,
+        self, store: CubeStore | str | Path, batch_size: int, *, window: int = 2,
+        segments_per_batch: int | None = None, runs: Sequence[int] | None = None,
+        windows: Sequence[Window] | None = None, seed: int = 0, shuffle: bool = True, normalize: bool = False,
+        prefetch: int = 2, pin_memory: bool | None = None, read_threads: int | None = None,
     ) -> None:
         self.store = store if isinstance(store, CubeStore) else CubeStore(store)
         if segments_per_batch is None:  # the largest of 4, 3, 2, 1 that divides the batch

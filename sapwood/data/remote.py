@@ -156,13 +156,8 @@ def _failure(url: str, exc: BaseException, doing: str) -> RemoteInputError:
     text = redact(f"{type(exc).__name__}: {exc}")
     names = {type(c).__name__ for c in _chain(exc)}
     if names & {
-        "EndpointConnectionError",
-        "ConnectTimeoutError",
-        "ClientConnectorError",
-        "ConnectionError",
-        "ConnectionRefusedError",
-        "ClientConnectionError",
-        "ServerDisconnectedError",
+        "EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
+        "ConnectionRefusedError", "ClientConnectionError", "ServerDisconnectedError",
     }:
         return RemoteInputError(f"{url}: endpoint {where} unreachable while {doing} ({text[:200]})")
     if isinstance(exc, PermissionError) or names & {"NoCredentialsError", "PartialCredentialsError"}:

@@ -112,17 +112,8 @@ from sapwood.constants import (
 from sapwood.errors import SapwoodError
 
 __all__ = [
-    "GAS_CONSTANT",
-    "SPECIFIC_HEAT",
-    "STEFAN_BOLTZMANN",
-    "Grid",
-    "PlanetParams",
-    "Simulation",
-    "declared_heating_profiles",
-    "sample_planets",
-    "simulate_ensemble",
-    "run_states",
-    "write_run",
+    "GAS_CONSTANT", "SPECIFIC_HEAT", "STEFAN_BOLTZMANN", "Grid", "PlanetParams", "Simulation",
+    "declared_heating_profiles", "sample_planets", "simulate_ensemble", "run_states", "write_run",
 ]
 
 DAY = 86400.0
@@ -250,11 +241,9 @@ def sample_planets(runs: int, seed: int = 0) -> list[PlanetParams]:
     evenly for any ``runs``; the draw is reproducible."""
     rng = np.random.default_rng(seed)
     ranges = [
-        (0.5 * EARTH["planet_radius"], 2.0 * EARTH["planet_radius"]),
-        (5.0, 25.0),
+        (0.5 * EARTH["planet_radius"], 2.0 * EARTH["planet_radius"]), (5.0, 25.0),
         (0.25 * EARTH["rotation_rate"], 2.0 * EARTH["rotation_rate"]),
-        (0.6 * EARTH["stellar_flux"], 1.5 * EARTH["stellar_flux"]),
-        (0.5e5, 2.0e5),
+        (0.6 * EARTH["stellar_flux"], 1.5 * EARTH["stellar_flux"]), (0.5e5, 2.0e5),
     ]
     columns = []
     for low, high in ranges:
@@ -545,9 +534,7 @@ class Simulation:
             last_u, last_v, last_ps = u, v, ps
             du, dv, dps, dm = self._tendencies(u, v, ps, m)
             u, v, ps, m = (
-                u0 + fraction * dt * du,
-                v0 + fraction * dt * dv,
-                ps0 + fraction * dt * dps,
+                u0 + fraction * dt * du, v0 + fraction * dt * dv, ps0 + fraction * dt * dps,
                 m0 + fraction * dt * dm,
             )
         self._transport_humidity(dt, last_u, last_v, last_ps, ps)
@@ -645,12 +632,7 @@ class Simulation:
         zg = np.einsum("kl,ljw->kjw", self.geopotential_matrix, temperature_v) / g
         u, v = self.centred_winds()
         return {
-            "T": temperature,
-            "u": u,
-            "v": v,
-            "q": self.humidity.copy(),
-            "ps": ps.copy(),
-            "rho": rho,
+            "T": temperature, "u": u, "v": v, "q": self.humidity.copy(), "ps": ps.copy(), "rho": rho,
             "zg": zg,
         }
 
@@ -736,22 +718,16 @@ def write_run(
                 ("time",),
                 np.arange(grid.times) * grid.dt_hours,
                 {
-                    "standard_name": "time",
-                    "units": "hours since 2000-01-01 00:00:00",
-                    "calendar": "proleptic_gregorian",
-                    "axis": "T",
+                    "standard_name": "time", "units": "hours since 2000-01-01 00:00:00",
+                    "calendar": "proleptic_gregorian", "axis": "T",
                 },
             ),
             "lev": (
                 ("lev",),
                 sim.sigma,
                 {
-                    "standard_name": "atmosphere_sigma_coordinate",
-                    "units": "1",
-                    "positive": "down",
-                    "axis": "Z",
-                    "bounds": "lev_bnds",
-                    "formula_terms": "sigma: lev ps: ps ptop: ptop",
+                    "standard_name": "atmosphere_sigma_coordinate", "units": "1", "positive": "down",
+                    "axis": "Z", "bounds": "lev_bnds", "formula_terms": "sigma: lev ps: ps ptop: ptop",
                 },
             ),
             "lat": (
@@ -816,13 +792,8 @@ def write_run(
 
 
 def simulate_ensemble(
-    out: Path,
-    runs: int = 4,
-    grid: Grid | None = None,
-    seed: int = 0,
-    dtype: str = "float32",
-    progress: bool = True,
-    planets: list[PlanetParams] | None = None,
+    out: Path, runs: int = 4, grid: Grid | None = None, seed: int = 0, dtype: str = "float32",
+    progress: bool = True, planets: list[PlanetParams] | None = None,
 ) -> list[Path]:
     """Write ``runs`` NetCDF files ``out/run_NNNN.nc`` over ``planets`` (default: :func:`sample_planets`),
     each

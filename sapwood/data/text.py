@@ -83,11 +83,8 @@ def train_tokenizer(documents: list[str], vocab_size: int):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tokenizer.train_from_iterator(documents, trainer=trainer)
     return tokenizer
@@ -143,10 +140,7 @@ def _write_split(
 
 
 def tokenize_corpus(
-    files: list[Path],
-    out: str | Path,
-    vocab_size: int = 4096,
-    val_fraction: float = 0.05,
+    files: list[Path], out: str | Path, vocab_size: int = 4096, val_fraction: float = 0.05,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> dict[str, Any]:
     """Train a tokenizer on ``files``, encode them in parallel and write the shard folder; return meta.

@@ -23,13 +23,8 @@ FRAMES_PER_SHARD = 64
 
 
 def write_zarr(
-    folder: Path,
-    frames: np.ndarray,
-    index: dict[str, Any],
-    area: np.ndarray,
-    valid: np.ndarray,
-    lat: np.ndarray,
-    lon: np.ndarray,
+    folder: Path, frames: np.ndarray, index: dict[str, Any], area: np.ndarray, valid: np.ndarray,
+    lat: np.ndarray, lon: np.ndarray,
 ) -> Path:
     """Write ``frames [rows, channels, y, x]`` (masked cells 0, ``valid [channels, y, x]``) as a Zarr v3
     group; returns the folder of its ``sapwood`` subgroup, where index.json and grid.npz go."""
@@ -41,9 +36,7 @@ def write_zarr(
     curvilinear = bool(index["grid"]["curvilinear"])
     horizontal = ("y", "x") if curvilinear else ("lat", "lon")
     root = zarr.open_group(
-        folder,
-        mode="a",
-        zarr_format=3,
+        folder, mode="a", zarr_format=3,
         attributes={"Conventions": "CF-1.10", "sapwood_format": index["format"]},
     )
     runs = index["runs"]
@@ -55,9 +48,7 @@ def write_zarr(
         days,
         ("time",),
         {
-            "standard_name": "time",
-            "units": index["time"]["units"],
-            "calendar": runs[0]["calendar"],
+            "standard_name": "time", "units": index["time"]["units"], "calendar": runs[0]["calendar"],
             "axis": "T",
         },
     )
@@ -89,15 +80,9 @@ def write_zarr(
         attrs = {k: variable[k] for k in ("units", "standard_name", "long_name") if variable.get(k)}
         attrs["coordinates"] = "run cell_area_weight" + (" lat lon" if curvilinear else "")
         array = root.create_array(
-            variable["name"],
-            shape=shape,
-            dtype="float32",
-            chunks=chunk,
-            shards=(min(FRAMES_PER_SHARD, rows), *shape[1:]),
-            fill_value=np.float32("nan"),
-            dimension_names=dims,
-            attributes={k: v for k, v in attrs.items() if v},
-            compressors=None,
+            variable["name"], shape=shape, dtype="float32", chunks=chunk,
+            shards=(min(FRAMES_PER_SHARD, rows), *shape[1:]), fill_value=np.float32("nan"),
+            dimension_names=dims, attributes={k: v for k, v in attrs.items() if v}, compressors=None,
         )
         mask = valid[start : start + count]
         for first in range(0, rows, FRAMES_PER_SHARD):
@@ -126,11 +111,7 @@ class ShardedFrames:
     :meth:`from_metadata` returns None for any other layout (the reader then falls back to zarr-python)."""
 
     def __init__(
-        self,
-        folder: Path,
-        shape: tuple[int, ...],
-        frames_per_shard: int,
-        index_bytes: int,
+        self, folder: Path, shape: tuple[int, ...], frames_per_shard: int, index_bytes: int,
         index_at_end: bool,
     ) -> None:
         self.folder, self.shape, self.frames_per_shard = folder, shape, frames_per_shard
@@ -167,10 +148,7 @@ class ShardedFrames:
             return None
         checksum = 4 if len(index_codecs) == 2 else 0
         return cls(
-            folder,
-            shape,
-            int(outer[0]),
-            16 * int(outer[0]) + checksum,
+            folder, shape, int(outer[0]), 16 * int(outer[0]) + checksum,
             config.get("index_location", "end") == "end",
         )
 
@@ -243,10 +221,7 @@ class ZarrRows:
     writes, zarr-python otherwise (``direct=False`` forces it)."""
 
     def __init__(
-        self,
-        folder: Path,
-        variables: list[dict[str, Any]],
-        shape: tuple[int, int, int, int],
+        self, folder: Path, variables: list[dict[str, Any]], shape: tuple[int, int, int, int],
         direct: bool = True,
     ) -> None:
         import zarr

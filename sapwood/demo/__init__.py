@@ -66,18 +66,13 @@ STAGES = [
         ("sft",),
     ),
     Stage(
-        "cubes",
-        "datacubes",
-        "Simulate planets, prepare a store, load and augment batches.",
-        "sapwood.demo.cubes:cube_stage",
-        ("cubes",),
+        "cubes", "datacubes", "Simulate planets, prepare a store, load and augment batches.",
+        "sapwood.demo.cubes:cube_stage", ("cubes",),
     ),
     Stage(
-        "surrogate",
-        "surrogate",
+        "surrogate", "surrogate",
         "Train a tiny datacube surrogate, then its skill and physics on the held-out planets.",
-        "sapwood.demo.surrogate:surrogate_stage",
-        ("surrogate",),
+        "sapwood.demo.surrogate:surrogate_stage", ("surrogate",),
     ),
 ]
 REUSED = ("tokens",)  # kept across reruns: tokenizing is the same every time

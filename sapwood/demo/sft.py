@@ -27,27 +27,15 @@ from sapwood.errors import SapwoodError
 
 console = Console()
 CONVERSIONS = (
-    ("km", "m", 3),
-    ("m", "cm", 2),
-    ("m", "mm", 3),
-    ("kg", "g", 3),
-    ("L", "mL", 3),
-    ("cm", "mm", 1),
+    ("km", "m", 3), ("m", "cm", 2), ("m", "mm", 3), ("kg", "g", 3), ("L", "mL", 3), ("cm", "mm", 1),
 )
 QUESTION = "Convert {source} to {target}: {value}"  # the value last, next to the answer that repeats it
 VALUES = (1, 999)  # the range of the values converted
 TRAIN_EXAMPLES = 3000
 VAL_EXAMPLES = 100
 COMMON_TRAIN = {
-    "batch_size": 16,
-    "micro_batch_size": 16,
-    "warmup_steps": 10,
-    "weight_decay": 0.0,
-    "eval_every": 1000,
-    "save_every": 1000,
-    "log_every": 10,
-    "seed": 0,
-    "progress": True,
+    "batch_size": 16, "micro_batch_size": 16, "warmup_steps": 10, "weight_decay": 0.0, "eval_every": 1000,
+    "save_every": 1000, "log_every": 10, "seed": 0, "progress": True,
 }
 RUNS = {
     # the full run learns to copy the digits between steps 60 and 240 (held-out exact match 0 / 40 / 85 % at
@@ -70,10 +58,7 @@ def spaced(number: int) -> str:
 
 
 def conversion_records(
-    count: int,
-    seed: int,
-    exclude: set[str] = frozenset(),
-    question: str = QUESTION,
+    count: int, seed: int, exclude: set[str] = frozenset(), question: str = QUESTION,
     spaced_digits: bool = True,
 ) -> list[dict[str, str]]:
     """``count`` distinct instruction records "Convert A to B: V" -> V * 10^k, none of whose instruction is in
@@ -91,12 +76,8 @@ def conversion_records(
 
 
 def write_instruction_set(
-    folder: Path,
-    train: int = TRAIN_EXAMPLES,
-    val: int = VAL_EXAMPLES,
-    seed: int = 0,
-    question: str = QUESTION,
-    spaced_digits: bool = True,
+    folder: Path, train: int = TRAIN_EXAMPLES, val: int = VAL_EXAMPLES, seed: int = 0,
+    question: str = QUESTION, spaced_digits: bool = True,
 ) -> tuple[Path, Path]:
     """``folder/train.jsonl`` and ``folder/val.jsonl`` (disjoint questions)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,13 +94,8 @@ def run_config(base: Path, data: tuple[Path, Path], out_dir: Path, run: dict[str
     return {
         "name": f"demo-sft-{out_dir.name}",
         "sft": {
-            "base": str(base),
-            "data": str(data[0]),
-            "val_data": str(data[1]),
-            "seq_len": 64,
-            "eval_examples": VAL_EXAMPLES,
-            "max_new_tokens": 12,
-            **run["sft"],
+            "base": str(base), "data": str(data[0]), "val_data": str(data[1]), "seq_len": 64,
+            "eval_examples": VAL_EXAMPLES, "max_new_tokens": 12, **run["sft"],
         },
         "train": {**COMMON_TRAIN, **run["train"], "out_dir": str(out_dir)},
     }
@@ -160,10 +136,8 @@ def sft_stage(out: Path) -> dict[str, Any]:
         trainer = Trainer(config, callbacks_from_config(config))
         summary = trainer.fit()
         results[name] = {
-            **summary,
-            **training_state_bytes(trainer.model, trainer.optimizer),
-            "seconds": time.perf_counter() - start,
-            "cpu_seconds": time.process_time() - cpu,
+            **summary, **training_state_bytes(trainer.model, trainer.optimizer),
+            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
             "config": str(config_path),
         }
         console.print(f"{name}: held-out exact match {results['before']:.0%} -> {summary['exact_match']:.0%}")
@@ -177,11 +151,8 @@ def sft_stage(out: Path) -> dict[str, Any]:
     for name in RUNS:
         r = results[name]
         table.add_row(
-            name,
-            f"{results['before']:.0%} -> {r['exact_match']:.0%}",
-            f"{r['val_loss']:.3f}",
-            f"{r['trainable_parameters']:,}",
-            f"{r['state_bytes'] / 2**20:.2f} MiB",
+            name, f"{results['before']:.0%} -> {r['exact_match']:.0%}", f"{r['val_loss']:.3f}",
+            f"{r['trainable_parameters']:,}", f"{r['state_bytes'] / 2**20:.2f} MiB",
             f"{r['seconds']:.0f}s ({r['cpu_seconds']:.0f}s)",
         )
     console.print(table)
@@ -212,9 +183,7 @@ def serve_both(base: Path, adapter: Path, val: Path) -> dict[str, str]:
         served = [m.id for m in client.models.list().data]
         for model in served:
             reply = client.chat.completions.create(
-                model=model,
-                max_tokens=12,
-                temperature=0,
+                model=model, max_tokens=12, temperature=0,
                 messages=[{"role": "user", "content": question["instruction"]}],
             )
             answers[model] = reply.choices[0].message.content.strip()

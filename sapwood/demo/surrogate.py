@@ -24,12 +24,7 @@ def surrogate_stage(out: Path) -> None:
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a small, shared CPU
     try:
         config = surrogate_config(
-            store,
-            Path(out) / "surrogate" / "run",
-            steps=300,
-            hidden=64,
-            layers=2,
-            patch=4,
+            store, Path(out) / "surrogate" / "run", steps=300, hidden=64, layers=2, patch=4,
             val_runs=HELD_OUT_RUNS,
         )
         # the simulator's planets have no geography: a longitude roll and a north-south flip of a pair are

@@ -5,14 +5,6 @@ from sapwood.grow.optimizer import apply_changes_to_optimizer
 from sapwood.grow.plan import GrowthRequest, grow_model, request_towards, target_config
 
 __all__ = [
-    "GrowthRequest",
-    "ParamChange",
-    "apply_changes_to_optimizer",
-    "grow_depth",
-    "grow_ffn",
-    "grow_heads",
-    "grow_hidden",
-    "grow_model",
-    "request_towards",
-    "target_config",
+    "GrowthRequest", "ParamChange", "apply_changes_to_optimizer", "grow_depth", "grow_ffn", "grow_heads",
+    "grow_hidden", "grow_model", "request_towards", "target_config",
 ]

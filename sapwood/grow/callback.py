@@ -110,11 +110,7 @@ class GrowthCallback(Callback):
             from sapwood.grow.sharded import grow_sharded_masked
 
             trainer.model, self.masks = grow_sharded_masked(
-                trainer.model,
-                trainer.optimizer,
-                request,
-                self.config.mask_ramp_steps,
-                generator,
+                trainer.model, trainer.optimizer, request, self.config.mask_ramp_steps, generator,
                 shard_fn=getattr(trainer, "shard_model", None),
             )
             self._masked_model = trainer.model
@@ -127,10 +123,7 @@ class GrowthCallback(Callback):
             from sapwood.grow.sharded import grow_sharded
 
             trainer.model = grow_sharded(
-                trainer.model,
-                trainer.optimizer,
-                request,
-                generator,
+                trainer.model, trainer.optimizer, request, generator,
                 shard_fn=getattr(trainer, "shard_model", None),
             )
         else:
@@ -139,14 +132,9 @@ class GrowthCallback(Callback):
         trainer.model_changed()
         loss_after = _eval_loss(trainer.evaluate())
         event = {
-            "trigger": trigger,
-            "train_loss": train_loss,
-            "loss_before": loss_before,
-            "loss_after": loss_after,
-            "shape_before": shape_of(cfg),
-            "shape_after": shape_of(target),
-            "params_before": params_of_shape(cfg),
-            "params_after": params_of_shape(target),
+            "trigger": trigger, "train_loss": train_loss, "loss_before": loss_before,
+            "loss_after": loss_after, "shape_before": shape_of(cfg), "shape_after": shape_of(target),
+            "params_before": params_of_shape(cfg), "params_after": params_of_shape(target),
             "tokens": self.tokens,
         }
         trainer.log_event("growth", **event)
@@ -189,10 +177,8 @@ class GrowthCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         masks = self.masks.state_dict(self._masked_model) if self.masks is not None else None
         return {
-            "triggers": self.triggers.state_dict(),
-            "tokens": self.tokens,
-            "history": json.dumps(self.history),
-            "masks": json.dumps(masks),
+            "triggers": self.triggers.state_dict(), "tokens": self.tokens,
+            "history": json.dumps(self.history), "masks": json.dumps(masks),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

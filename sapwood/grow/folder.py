@@ -15,10 +15,7 @@ from sapwood.model.transformer import Decoder
 
 
 def grow_folder(
-    source: str | Path,
-    out: str | Path,
-    request: GrowthRequest | None = None,
-    to: str | Path | None = None,
+    source: str | Path, out: str | Path, request: GrowthRequest | None = None, to: str | Path | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Grow the checkpoint in ``source`` by ``request`` (or towards the model of config ``to``) into ``out``.
@@ -64,10 +61,8 @@ def grow_folder(
     tokenizer = source / "tokenizer.json"
     save_folder(model, config, out, tokenizer_file=tokenizer if tokenizer.exists() else None)
     return {
-        "shape_before": shape_of(before),
-        "shape_after": shape_of(model.cfg),
-        "params_before": params_of_shape(before),
-        "params_after": params_of_shape(model.cfg),
+        "shape_before": shape_of(before), "shape_after": shape_of(model.cfg),
+        "params_before": params_of_shape(before), "params_after": params_of_shape(model.cfg),
         "max_abs_logit_diff": float((logits_after - logits_before).abs().max()),
     }
 

@@ -172,10 +172,7 @@ def _scale_entries(weight: torch.Tensor, dim: int, index: torch.Tensor | None, f
 
 
 def grow_model_masked(
-    model: Decoder,
-    request: GrowthRequest,
-    ramp_steps: int,
-    optimizer: torch.optim.Optimizer | None = None,
+    model: Decoder, request: GrowthRequest, ramp_steps: int, optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[GrowthMasks, list[ParamChange]]:
     """Grow ``model`` (and ``optimizer``) to ``request``'s shape with masked new parts; returns the masks

@@ -64,9 +64,7 @@ def _corner(old_shape: Sequence[int], device: torch.device) -> tuple[torch.Tenso
 
 
 def embed_into(
-    old: torch.Tensor,
-    new_shape: Sequence[int],
-    placement: tuple[torch.Tensor, ...],
+    old: torch.Tensor, new_shape: Sequence[int], placement: tuple[torch.Tensor, ...],
     fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A tensor of ``new_shape``: ``fill`` (zeros when None) with ``old`` written at ``placement``."""
@@ -99,13 +97,8 @@ def _replace(
 
 
 def _grow_linear(
-    linear: nn.Linear,
-    name: str,
-    out_features: int,
-    in_features: int,
-    row_index: torch.Tensor | None,
-    new_std: float,
-    generator: torch.Generator | None,
+    linear: nn.Linear, name: str, out_features: int, in_features: int, row_index: torch.Tensor | None,
+    new_std: float, generator: torch.Generator | None,
 ) -> ParamChange:
     """Grow a linear's weight; old rows go to ``row_index`` (default: the first rows), old columns first."""
     weight = linear.weight
@@ -147,12 +140,8 @@ def depth_insert_after(old_layers: int, added: int, position: DepthPosition | Se
 
 
 def grow_depth(
-    model: Decoder,
-    layers: int,
-    position: DepthPosition | Sequence[int] = "evenly",
-    init: DepthInit = "identity",
-    function_preserving: bool = True,
-    generator: torch.Generator | None = None,
+    model: Decoder, layers: int, position: DepthPosition | Sequence[int] = "evenly",
+    init: DepthInit = "identity", function_preserving: bool = True, generator: torch.Generator | None = None,
 ) -> list[ParamChange]:
     """Grow to ``layers`` blocks by inserting new ones after the positions given."""
     cfg = model.cfg
@@ -201,11 +190,7 @@ def _install_blocks(
 
 
 def _new_block(
-    cfg: ModelConfig,
-    source: Block,
-    init: DepthInit,
-    function_preserving: bool,
-    reference: torch.Tensor,
+    cfg: ModelConfig, source: Block, init: DepthInit, function_preserving: bool, reference: torch.Tensor,
     generator: torch.Generator | None,
 ) -> Block:
     with torch.device("meta"):  # built without touching the global RNG: runs stay reproducible
@@ -275,10 +260,7 @@ def split_ffn(
             data = torch.cat([linear.weight.detach(), linear.weight.detach()[source]], dim=0)
             changes.append(
                 _replace(
-                    linear,
-                    "weight",
-                    f"{prefix}.{name}.weight",
-                    data,
+                    linear, "weight", f"{prefix}.{name}.weight", data,
                     (rows, torch.arange(cfg.hidden, device=device)),
                 )
             )
@@ -293,10 +275,7 @@ def split_ffn(
         columns[:, : cfg.ffn].index_add_(1, source, -eps)
         changes.append(
             _replace(
-                mlp.w2,
-                "weight",
-                f"{prefix}.w2.weight",
-                columns,
+                mlp.w2, "weight", f"{prefix}.w2.weight", columns,
                 (torch.arange(cfg.hidden, device=device), rows),
             )
         )
@@ -336,10 +315,7 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def grow_heads(
-    model: Decoder,
-    heads: int,
-    kv_heads: int | None = None,
-    function_preserving: bool = True,
+    model: Decoder, heads: int, kv_heads: int | None = None, function_preserving: bool = True,
     generator: torch.Generator | None = None,
 ) -> list[ParamChange]:
     """Grow to ``heads`` query heads and ``kv_heads`` kv heads (default: keep the query heads per kv head).
@@ -389,13 +365,8 @@ def grow_heads(
         for name in ("wk", "wv"):
             changes.append(
                 _grow_linear(
-                    getattr(attn, name),
-                    f"{prefix}.{name}.weight",
-                    kv_heads * head_dim,
-                    cfg.hidden,
-                    None,
-                    cfg.init_std,
-                    generator,
+                    getattr(attn, name), f"{prefix}.{name}.weight", kv_heads * head_dim, cfg.hidden, None,
+                    cfg.init_std, generator,
                 )
             )
         wo = attn.wo.weight
@@ -403,10 +374,7 @@ def grow_heads(
         fill = _random((cfg.hidden, heads * head_dim), wo, out_std, generator)
         changes.append(
             _replace(
-                attn.wo,
-                "weight",
-                f"{prefix}.wo.weight",
-                embed_into(wo, fill.shape, placement, fill),
+                attn.wo, "weight", f"{prefix}.wo.weight", embed_into(wo, fill.shape, placement, fill),
                 placement,
             )
         )
@@ -446,11 +414,8 @@ def grow_hidden(
         placement = _corner(emb.shape, emb.device)
         changes.append(
             _replace(
-                model.tok_embeddings,
-                "weight",
-                "tok_embeddings.weight",
-                embed_into(emb, fill.shape, placement, fill),
-                placement,
+                model.tok_embeddings, "weight", "tok_embeddings.weight",
+                embed_into(emb, fill.shape, placement, fill), placement,
             )
         )
     write_residual_std = residual_std(cfg) if write_std is None else 0.0
@@ -462,32 +427,19 @@ def grow_hidden(
         )
         changes.append(_grow_norm(block.ffn_norm, f"{prefix}.ffn_norm.weight", hidden, gain_scale, eps_scale))
         for name, linear in (
-            ("attention.wq", attn.wq),
-            ("attention.wk", attn.wk),
-            ("attention.wv", attn.wv),
-            ("feed_forward.w1", mlp.w1),
-            ("feed_forward.w3", mlp.w3),
+            ("attention.wq", attn.wq), ("attention.wk", attn.wk), ("attention.wv", attn.wv),
+            ("feed_forward.w1", mlp.w1), ("feed_forward.w3", mlp.w3),
         ):
             changes.append(
                 _grow_linear(
-                    linear,
-                    f"{prefix}.{name}.weight",
-                    linear.out_features,
-                    hidden,
-                    None,
-                    cfg.init_std,
+                    linear, f"{prefix}.{name}.weight", linear.out_features, hidden, None, cfg.init_std,
                     generator,
                 )
             )
         for name, linear in (("attention.wo", attn.wo), ("feed_forward.w2", mlp.w2)):
             changes.append(
                 _grow_linear(
-                    linear,
-                    f"{prefix}.{name}.weight",
-                    hidden,
-                    linear.in_features,
-                    None,
-                    write_residual_std,
+                    linear, f"{prefix}.{name}.weight", hidden, linear.in_features, None, write_residual_std,
                     generator,
                 )
             )
@@ -500,19 +452,12 @@ def grow_hidden(
         else:
             changes.append(
                 _grow_linear(
-                    model.output,
-                    "output.weight",
-                    model.output.out_features,
-                    hidden,
-                    None,
-                    cfg.init_std,
+                    model.output, "output.weight", model.output.out_features, hidden, None, cfg.init_std,
                     generator,
                 )
             )
     model.cfg = _cfg_with(
-        cfg,
-        hidden=hidden,
-        head_dim=cfg.head_dim,
+        cfg, hidden=hidden, head_dim=cfg.head_dim,
         norm_eps=cfg.norm_eps * (cfg.hidden / hidden) if function_preserving else cfg.norm_eps,
     )
     return changes

@@ -69,13 +69,8 @@ def request_from_amounts(cfg: ModelConfig, amounts: GrowthAmounts) -> GrowthRequ
     if amounts.heads and not amounts.kv_heads:
         kv_heads = cfg.kv_heads
     return GrowthRequest(
-        layers=cfg.layers + amounts.layers,
-        hidden=cfg.hidden + amounts.hidden,
-        ffn=cfg.ffn + amounts.ffn,
-        heads=heads,
-        kv_heads=kv_heads,
-        layer_position=amounts.layer_position,
-        depth_init=amounts.depth_init,
+        layers=cfg.layers + amounts.layers, hidden=cfg.hidden + amounts.hidden, ffn=cfg.ffn + amounts.ffn,
+        heads=heads, kv_heads=kv_heads, layer_position=amounts.layer_position, depth_init=amounts.depth_init,
     )
 
 
@@ -135,9 +130,7 @@ def target_config(cfg: ModelConfig, request: GrowthRequest) -> ModelConfig:
 def cap_violation(cfg: ModelConfig, caps: GrowthCaps) -> str | None:
     """Why ``cfg`` breaks ``caps`` (one line), or None when it fits."""
     for name, cap in (
-        ("layers", caps.max_layers),
-        ("hidden", caps.max_hidden),
-        ("ffn", caps.max_ffn),
+        ("layers", caps.max_layers), ("hidden", caps.max_hidden), ("ffn", caps.max_ffn),
         ("heads", caps.max_heads),
     ):
         if cap is not None and getattr(cfg, name) > cap:
@@ -181,11 +174,8 @@ def clip_to_caps(cfg: ModelConfig, request: GrowthRequest, caps: GrowthCaps) -> 
 
 
 def grow_model(
-    model: Decoder,
-    request: GrowthRequest,
-    optimizer: torch.optim.Optimizer | None = None,
-    caps: GrowthCaps | None = None,
-    generator: torch.Generator | None = None,
+    model: Decoder, request: GrowthRequest, optimizer: torch.optim.Optimizer | None = None,
+    caps: GrowthCaps | None = None, generator: torch.Generator | None = None,
 ) -> list[ParamChange]:
     """Grow ``model`` in place as requested (and ``optimizer``'s state with it); returns all changes."""
     target = target_config(model.cfg, request)

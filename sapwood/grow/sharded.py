@@ -56,11 +56,8 @@ def _plain_copy(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.
 
 
 def grow_sharded(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    request: GrowthRequest,
-    generator: torch.Generator | None = None,
-    shard_fn: ShardFn | None = None,
+    model: nn.Module, optimizer: torch.optim.Optimizer, request: GrowthRequest,
+    generator: torch.Generator | None = None, shard_fn: ShardFn | None = None,
 ) -> nn.Module:
     """Grow the FSDP2 ``model`` (collective: every rank calls it) and return the grown sharded model."""
 
@@ -71,12 +68,8 @@ def grow_sharded(
 
 
 def grow_sharded_masked(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    request: GrowthRequest,
-    ramp_steps: int,
-    generator: torch.Generator | None = None,
-    shard_fn: ShardFn | None = None,
+    model: nn.Module, optimizer: torch.optim.Optimizer, request: GrowthRequest, ramp_steps: int,
+    generator: torch.Generator | None = None, shard_fn: ShardFn | None = None,
 ) -> tuple[nn.Module, GrowthMasks]:
     """Masked growth of the FSDP2 ``model`` (collective); returns the grown sharded model and its masks."""
 
@@ -87,9 +80,7 @@ def grow_sharded_masked(
 
 
 def _grow_gathered(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    grow: Callable[[Decoder, torch.optim.Optimizer], Any],
+    model: nn.Module, optimizer: torch.optim.Optimizer, grow: Callable[[Decoder, torch.optim.Optimizer], Any],
     shard_fn: ShardFn | None,
 ) -> tuple[nn.Module, Any]:
     """Gather ``model`` and ``optimizer`` into plain copies, ``grow`` them, shard the grown model and put

@@ -111,13 +111,7 @@ class GrowthTriggers:
     # ------------------------------------------------------------------ checkpointing
 
     _STATE = (
-        "losses",
-        "grad_norms",
-        "recent_losses",
-        "events",
-        "last_event_step",
-        "steps_done",
-        "tokens_done",
+        "losses", "grad_norms", "recent_losses", "events", "last_event_step", "steps_done", "tokens_done",
         "exhausted",
     )
 

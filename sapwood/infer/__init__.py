@@ -7,11 +7,6 @@ from sapwood.infer.sampling import SamplingParams
 from sapwood.infer.scheduler import QueueFullError, SchedulerConfig
 
 __all__ = [
-    "ContextLengthError",
-    "ContextPolicy",
-    "Engine",
-    "KVBudgetError",
-    "QueueFullError",
-    "SamplingParams",
+    "ContextLengthError", "ContextPolicy", "Engine", "KVBudgetError", "QueueFullError", "SamplingParams",
     "SchedulerConfig",
 ]

@@ -72,10 +72,7 @@ class EngineLoop:
         return self.engine.scheduler.running_count + (windowed.count if windowed is not None else 0)
 
     def submit(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        on_output: OutputCallback,
+        self, prompt_ids: list[int], params: SamplingParams, on_output: OutputCallback,
         adapter: str | None = None,
     ) -> Request:
         """Queue a request. Raised here, synchronously: ContextLengthError, QueueFullError, KVBudgetError,

@@ -37,9 +37,7 @@ TokenLogprobs = tuple[float, list[tuple[int, float]]]
 
 class Engine:
     def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: TextTokenizer | None = None,
+        self, model: torch.nn.Module, tokenizer: TextTokenizer | None = None,
         scheduler_config: SchedulerConfig | None = None,
     ):
         self.model = model.eval()
@@ -66,12 +64,8 @@ class Engine:
 
     @classmethod
     def from_folder(
-        cls,
-        folder: str | Path,
-        scheduler_config: SchedulerConfig | None = None,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
-        need_tokenizer: bool = True,
+        cls, folder: str | Path, scheduler_config: SchedulerConfig | None = None, device: str = "cpu",
+        dtype: torch.dtype | None = None, need_tokenizer: bool = True,
     ) -> Engine:
         from sapwood.model.folder import load
 
@@ -184,10 +178,8 @@ class Engine:
         running = list(scheduler.running)
         if running:
             logits = self.runner.decode(
-                [r.output_ids[-1] for r in running],
-                [r.length - 1 for r in running],
-                [r.rope for r in running],
-                self._row_adapters(running),
+                [r.output_ids[-1] for r in running], [r.length - 1 for r in running],
+                [r.rope for r in running], self._row_adapters(running),
             )
             outputs += self._accept(running, logits)
         admitted = self._admitting = schedule.admitted

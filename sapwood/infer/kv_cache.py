@@ -88,12 +88,7 @@ def default_kv_bytes(device: torch.device, fraction: float = 0.5) -> int:
 
 class SlotKVCache:
     def __init__(
-        self,
-        layers: int,
-        kv_heads: int,
-        head_dim: int,
-        budget: KVBudget,
-        dtype: torch.dtype = torch.float32,
+        self, layers: int, kv_heads: int, head_dim: int, budget: KVBudget, dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ):
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim

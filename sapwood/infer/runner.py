@@ -33,11 +33,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(
-        self,
-        first_row: int,
-        prompts: list[list[int]],
-        plans: list[RopePlan],
-        score_prompt: list[bool],
+        self, first_row: int, prompts: list[list[int]], plans: list[RopePlan], score_prompt: list[bool],
         adapters: Sequence[str | None] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Run the prompts (right-padded to the longest) into rows ``first_row..`` (row ``i`` through LoRA
@@ -61,9 +57,7 @@ class ModelRunner:
         self.cache.begin_prefill(first_row, len(prompts), width)
         with self.adapters_of_rows(adapters):
             logits = self.model(
-                tokens,
-                kv_cache=self.cache,
-                rope=rope_tables(positions, plans),
+                tokens, kv_cache=self.cache, rope=rope_tables(positions, plans),
                 logits_at=torch.tensor(at, device=self.device),
             )
         if not any(score_prompt):
@@ -72,10 +66,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(
-        self,
-        last_tokens: list[int],
-        positions: list[int],
-        plans: list[RopePlan],
+        self, last_tokens: list[int], positions: list[int], plans: list[RopePlan],
         adapters: Sequence[str | None] | None = None,
     ) -> torch.Tensor:
         """One token for each of rows ``0..n-1`` at its own position (and LoRA adapter); logits ``[n,
@@ -86,8 +77,6 @@ class ModelRunner:
         self.cache.begin_decode(position_tensor, highest + 1, uniform=highest == min(positions))
         with self.adapters_of_rows(adapters):
             return self.model(
-                tokens,
-                kv_cache=self.cache,
-                rope=rope_tables(position_tensor[:, None], plans),
+                tokens, kv_cache=self.cache, rope=rope_tables(position_tensor[:, None], plans),
                 logits_at=torch.arange(len(last_tokens), device=self.device),
             )

@@ -155,11 +155,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 def sample_next_tokens(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-    seen: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    seen: torch.Tensor | None = None, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token of every row: ``logits`` ``[batch, vocab]`` (any float dtype) -> LongTensor ``[batch]``.
 

@@ -30,10 +30,7 @@ DEFAULT_CHAT_TEMPLATE = (
 
 class TextTokenizer:
     def __init__(
-        self,
-        tokenizer: Tokenizer,
-        chat_template: str | None = None,
-        eos_ids: list[int] | None = None,
+        self, tokenizer: Tokenizer, chat_template: str | None = None, eos_ids: list[int] | None = None,
         special_tokens: dict[str, str] | None = None,
     ):
         self.tokenizer = tokenizer
@@ -73,9 +70,7 @@ class TextTokenizer:
             eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
             eos_ids = [eos] if isinstance(eos, int) else eos
         return cls(
-            Tokenizer.from_file(str(path)),
-            template if isinstance(template, str) else None,
-            eos_ids,
+            Tokenizer.from_file(str(path)), template if isinstance(template, str) else None, eos_ids,
             special_tokens,
         )
 
@@ -97,9 +92,7 @@ class TextTokenizer:
 
             self._template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
         return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            raise_exception=_raise_exception,
+            messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=_raise_exception,
             **self.special_tokens,
         )
 

@@ -47,11 +47,7 @@ class WindowedRequests:
     """The requests an :class:`~sapwood.infer.engine.Engine` serves past its maximum context."""
 
     def __init__(
-        self,
-        engine,
-        sinks: int = 4,
-        window: int | None = None,
-        max_requests: int = 4,
+        self, engine, sinks: int = 4, window: int | None = None, max_requests: int = 4,
         prefill_tokens_per_step: int = 64,
     ):
         max_context = engine.cfg.max_context
@@ -185,10 +181,8 @@ class WindowedRequests:
         adapters = [entry.request.adapter] if engine.adapters else None
         with engine.runner.adapters_of_rows(adapters):
             logits = engine.model(
-                torch.tensor([tokens], device=device),
-                kv_cache=cache,
-                rope=rope_tables(positions, [self.plan]),
-                logits_at=at,
+                torch.tensor([tokens], device=device), kv_cache=cache,
+                rope=rope_tables(positions, [self.plan]), logits_at=at,
             )
         self.peak_positions = max(self.peak_positions, cache.length)
         return logits

@@ -160,9 +160,7 @@ class CubeSurrogate(nn.Module):
             if stats is not None:
                 as_tensor = lambda values: torch.tensor(values, dtype=torch.float32)  # noqa: E731
                 self.set_normalization(
-                    as_tensor(stats.state_mean),
-                    as_tensor(stats.state_std),
-                    as_tensor(stats.tendency_std),
+                    as_tensor(stats.state_mean), as_tensor(stats.state_std), as_tensor(stats.tendency_std),
                     as_tensor(stats.param_mean) if stats.param_mean else None,
                     as_tensor(stats.param_std) if stats.param_std else None,
                 )
@@ -186,12 +184,8 @@ class CubeSurrogate(nn.Module):
 
     @torch.no_grad()
     def set_normalization(
-        self,
-        state_mean: torch.Tensor,
-        state_std: torch.Tensor,
-        tendency_std: torch.Tensor,
-        param_mean: torch.Tensor | None = None,
-        param_std: torch.Tensor | None = None,
+        self, state_mean: torch.Tensor, state_std: torch.Tensor, tendency_std: torch.Tensor,
+        param_mean: torch.Tensor | None = None, param_std: torch.Tensor | None = None,
     ) -> None:
         """Per-channel statistics of states and of one-step tendencies (and of planet parameters)."""
         self.state_mean.copy_(state_mean)

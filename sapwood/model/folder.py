@@ -84,10 +84,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def save_folder(
-    model: torch.nn.Module,
-    config: Config,
-    out: str | Path,
-    tokenizer_file: str | Path | None = None,
+    model: torch.nn.Module, config: Config, out: str | Path, tokenizer_file: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write a checkpoint folder atomically and durably (:func:`sapwood.fsutil.staged_dir`); return its
@@ -99,10 +96,7 @@ def save_folder(
 
 
 def write_folder_files(
-    model: torch.nn.Module,
-    config: Config,
-    folder: Path,
-    tokenizer_file: str | Path | None = None,
+    model: torch.nn.Module, config: Config, folder: Path, tokenizer_file: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> None:
     """The files of a checkpoint folder, written into the existing (staging) ``folder``."""

@@ -66,10 +66,7 @@ TOKENIZER = "tokenizer.json"
 # Files beside the weights that travel unchanged both ways (special tokens, chat template, eos ids and
 # default sampling).
 SIDECAR_FILES = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.jinja",
+    "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
 )
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_OPTIONS)
 REFUSED_MODEL_TYPES = {
@@ -84,17 +81,11 @@ ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_t
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _LAYER_RENAMES = {
-    "self_attn.q_proj": "attention.wq",
-    "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo",
-    "self_attn.q_norm": "attention.q_norm",
-    "self_attn.k_norm": "attention.k_norm",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.up_proj": "feed_forward.w3",
-    "mlp.down_proj": "feed_forward.w2",
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+    "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
 }
 _TOP_RENAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -292,21 +283,12 @@ def config_from_hf(hf: dict[str, Any], name: str = "imported", where: str = HF_C
     theta, scaling, trained_context, max_context = _rope_from_hf(hf, where)
     hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     model: dict[str, Any] = {
-        "vocab_size": int(hf["vocab_size"]),
-        "hidden": hidden,
-        "layers": int(hf["num_hidden_layers"]),
-        "heads": heads,
-        "kv_heads": int(hf.get("num_key_value_heads") or heads),
-        "ffn": int(hf["intermediate_size"]),
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "rope_theta": theta,
-        "trained_context": trained_context,
-        "max_context": max_context,
-        "rope_scaling": scaling,
-        "tied_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "init_std": float(hf.get("initializer_range", 0.02)),
-        "hf_model_type": model_type,
-        **options,
+        "vocab_size": int(hf["vocab_size"]), "hidden": hidden, "layers": int(hf["num_hidden_layers"]),
+        "heads": heads, "kv_heads": int(hf.get("num_key_value_heads") or heads),
+        "ffn": int(hf["intermediate_size"]), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "rope_theta": theta, "trained_context": trained_context, "max_context": max_context,
+        "rope_scaling": scaling, "tied_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "init_std": float(hf.get("initializer_range", 0.02)), "hf_model_type": model_type, **options,
     }
     head_dim = hf.get("head_dim")
     if head_dim is not None and (hidden % heads or int(head_dim) != hidden // heads):
@@ -407,25 +389,13 @@ def hf_config_from_sapwood(cfg: ModelConfig, dtype: torch.dtype = torch.float32)
     family = hf_family(cfg)
     theta, rope_scaling = _hf_rope(cfg)
     hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[family]],
-        "model_type": family,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden,
-        "intermediate_size": cfg.ffn,
-        "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": ACTIVATION_TO_HF[cfg.activation],
-        "max_position_embeddings": cfg.max_context,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": theta,
-        "rope_scaling": rope_scaling,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": cfg.tied_embeddings,
-        "torch_dtype": _TORCH_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")),
-        "use_cache": True,
+        "architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden, "intermediate_size": cfg.ffn, "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": ACTIVATION_TO_HF[cfg.activation], "max_position_embeddings": cfg.max_context,
+        "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps, "rope_theta": theta,
+        "rope_scaling": rope_scaling, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tied_embeddings,
+        "torch_dtype": _TORCH_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), "use_cache": True,
     }
     if family in ("llama", "qwen3"):
         hf["attention_bias"] = cfg.qkv_bias

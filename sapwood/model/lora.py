@@ -32,12 +32,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 HF_TARGETS = {
-    "wq": "q_proj",
-    "wk": "k_proj",
-    "wv": "v_proj",
-    "wo": "o_proj",
-    "w1": "gate_proj",
-    "w3": "up_proj",
+    "wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj",
     "w2": "down_proj",
 }
 _PEFT_PREFIX = "base_model.model."
@@ -62,13 +57,8 @@ def peft_config(
         )
     modules = sorted(HF_TARGETS[t] for t in targets) if hf_names else sorted(targets)
     return _peft().LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base or None,
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
+        task_type="CAUSAL_LM", base_model_name_or_path=base or None,
     )
 
 
@@ -229,11 +219,8 @@ def read_adapter(folder: str | Path):
         if raw.get(option):
             raise SapwoodError(f"{config_path}: {option}=true is not supported")
     config = peft_config(
-        int(raw["r"]),
-        float(raw["lora_alpha"]),
-        float(raw.get("lora_dropout", 0.0)),
-        [ours[m] for m in modules],
-        raw.get("base_model_name_or_path") or "",
+        int(raw["r"]), float(raw["lora_alpha"]), float(raw.get("lora_dropout", 0.0)),
+        [ours[m] for m in modules], raw.get("base_model_name_or_path") or "",
     )
     state = {_from_hf_key(k, folder): v for k, v in load_file(str(folder / ADAPTER_WEIGHTS)).items()}
     return config, state, raw.get("base_model_name_or_path") or ""

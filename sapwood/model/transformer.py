@@ -137,13 +137,8 @@ class Attention(nn.Module):
         self.context_parallel = None  # set by sapwood.train.context_parallel: ring attention over cp ranks
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: KVCacheLike | None = None,
-        layer_index: int = 0,
-        causal: bool = True,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheLike | None = None,
+        layer_index: int = 0, causal: bool = True,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 heads: under tensor parallel each rank holds a slice of the heads.
@@ -169,11 +164,7 @@ class Attention(nn.Module):
         kernels = sdpa_kernel(FUSED_SDPA_BACKENDS) if needs_fused_attention(q) else contextlib.nullcontext()
         with kernels:
             out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=causal and mask is None and seq > 1,
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None and seq > 1,
                 enable_gqa=q.shape[1] != k.shape[1],
             )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -284,11 +275,8 @@ class Decoder(nn.Module):
                 nn.init.normal_(self.output.weight, 0.0, std, generator=generator)
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        kv_cache: KVCacheLike | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+        kv_cache: KVCacheLike | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``tokens``: LongTensor ``[batch, seq]`` (or hidden states for a pipeline stage without
@@ -307,10 +295,7 @@ class Decoder(nn.Module):
                 cfg.rope_scaling.type == "longrope" and int(positions.max()) >= cfg.trained_context
             ):  # long factors
                 inv_freq, attention_factor = scaled_inv_freq(
-                    cfg.head_dim,
-                    cfg.rope_theta,
-                    cfg.trained_context,
-                    cfg.rope_scaling,
+                    cfg.head_dim, cfg.rope_theta, cfg.trained_context, cfg.rope_scaling,
                     seq_len=int(positions.max()) + 1,
                 )
             rope = rope_cos_sin(positions, inv_freq, attention_factor)

@@ -80,11 +80,8 @@ def build_engine(folder: Path, settings: ServeSettings, device: str = "cpu") -> 
 
 
 def create_app(
-    folder: str | Path,
-    settings: ServeSettings | None = None,
-    api_keys: frozenset[str] | None = None,
-    engine: Engine | None = None,
-    device: str = "cpu",
+    folder: str | Path, settings: ServeSettings | None = None, api_keys: frozenset[str] | None = None,
+    engine: Engine | None = None, device: str = "cpu",
 ) -> FastAPI:
     """The server app for a checkpoint folder (``engine`` may be passed in, already loaded)."""
     folder = Path(folder)
@@ -137,12 +134,8 @@ def create_app(
         body: dict = {"status": "ok" if ready else "unavailable"}
         if request.scope.get("state", {}).get("authenticated", True):
             body |= {
-                "live": True,
-                "ready": ready,
-                "model": model_name,
-                "running": loop.running if loop else 0,
-                "queued": loop.queue_depth if loop else 0,
-                "time": time.time(),
+                "live": True, "ready": ready, "model": model_name, "running": loop.running if loop else 0,
+                "queued": loop.queue_depth if loop else 0, "time": time.time(),
             }
             if loop is not None and loop.failure:
                 body["reason"] = loop.failure

@@ -22,16 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("sapwood.serve")
 
 ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-    504: "timeout_error",
+    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+    422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error",
 }
 
 
@@ -40,11 +33,7 @@ NOT_AN_OBJECT = ("missing", "model_attributes_type", "model_type", "dict_type")
 
 class APIError(Exception):
     def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
@@ -54,19 +43,13 @@ class APIError(Exception):
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {
         "error": {
-            "message": message,
-            "type": ERROR_TYPES.get(status, "server_error"),
-            "param": param,
-            "code": code,
+            "message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code,
         }
     }
 
 
 def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
+    status: int, message: str, param: str | None = None, code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)

@@ -19,17 +19,12 @@ class ServerMetrics:
             "sapwood_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
         self.latency = Histogram(
-            "sapwood_request_latency_seconds",
-            "request latency (to last byte for streams)",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            "sapwood_request_latency_seconds", "request latency (to last byte for streams)", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r,
         )
         self.ttft = Histogram(
-            "sapwood_time_to_first_token_seconds",
-            "time from arrival to the first generated token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            "sapwood_time_to_first_token_seconds", "time from arrival to the first generated token",
+            buckets=LATENCY_BUCKETS, registry=r,
         )
         self.prompt_tokens = Counter("sapwood_prompt_tokens", "prompt tokens processed", registry=r)
         self.generated_tokens = Counter("sapwood_generated_tokens", "tokens generated", registry=r)

@@ -22,15 +22,8 @@ from sapwood.serve.json_limits import JSONLimitError, check_json
 from sapwood.serve.metrics import ServerMetrics
 
 KNOWN_ROUTES = (
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/models",
-    "/v1/predict",
-    "/health",
-    "/metrics",
-    "/docs",
-    "/redoc",
-    "/openapi.json",
+    "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/predict", "/health", "/metrics", "/docs",
+    "/redoc", "/openapi.json",
 )
 KEYED_ROUTES = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics")  # besides /v1/*
 JSON_CHECK_IN_THREAD_BYTES = 64 * 1024

@@ -61,11 +61,7 @@ MAX_STEPS = 100
 MAX_NETCDF_FRAMES = 64  # a NetCDF variable may declare at most this many frames of the model's grid
 NUMERIC_KINDS = "fiu"  # float, signed and unsigned integer; never complex, object, string or void
 UNIT_ALIASES = {
-    "m/s": "m s-1",
-    "kg/kg": "kg kg-1",
-    "kg/m3": "kg m-3",
-    "kg m^-3": "kg m-3",
-    "m s^-1": "m s-1",
+    "m/s": "m s-1", "kg/kg": "kg kg-1", "kg/m3": "kg m-3", "kg m^-3": "kg m-3", "m s^-1": "m s-1",
     "1": "kg kg-1",
 }
 
@@ -300,11 +296,7 @@ class CubeService:
 
     # --- prediction ----------------------------------------------------------------------------------------
     def predict(
-        self,
-        state: torch.Tensor,
-        params: torch.Tensor,
-        steps: int,
-        projection: bool,
+        self, state: torch.Tensor, params: torch.Tensor, steps: int, projection: bool,
         cancelled: threading.Event | None = None,
     ) -> dict[str, Any]:
         states, reports = [], []
@@ -337,12 +329,8 @@ class CubeService:
                 fields[name] = (values[0] if name in self.cube.surface_variables else values).tolist()
             out_states.append(fields)
         return {
-            "steps": steps,
-            "variables": self.cube.variables,
-            "units": self.units,
-            "states": out_states,
-            "violations": reports,
-            "projected": projection,
+            "steps": steps, "variables": self.cube.variables, "units": self.units, "states": out_states,
+            "violations": reports, "projected": projection,
         }
 
 
@@ -430,10 +418,8 @@ class PredictPool:
         with self._lock:
             if self.pending >= self.queue:
                 raise APIError(
-                    429,
-                    f"{self.queue} predictions are already running or waiting; retry later",
-                    code="queue_full",
-                    headers={"Retry-After": "1"},
+                    429, f"{self.queue} predictions are already running or waiting; retry later",
+                    code="queue_full", headers={"Retry-After": "1"},
                 )
             self.pending += 1
         cancelled = threading.Event()
@@ -460,11 +446,8 @@ class PredictPool:
 
 
 CONTENT_TYPES = {
-    "application/json": "json",
-    "application/x-npy": "npy",
-    "application/octet-stream": "npy",
-    "application/x-netcdf": "netcdf",
-    "application/netcdf": "netcdf",
+    "application/json": "json", "application/x-npy": "npy", "application/octet-stream": "npy",
+    "application/x-netcdf": "netcdf", "application/netcdf": "netcdf",
 }
 
 
@@ -496,9 +479,7 @@ def create_router(
         "parameters": planet_query
         + [
             {
-                "name": "steps",
-                "in": "query",
-                "required": False,
+                "name": "steps", "in": "query", "required": False,
                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_STEPS},
             },
             {"name": "project", "in": "query", "required": False, "schema": {"type": "boolean"}},

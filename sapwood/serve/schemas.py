@@ -66,9 +66,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: str | list[TokenId] | list[str] = Field(description="text, token ids, or a list of one text")
     logprobs: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_LOGPROBS,
+        None, ge=0, le=MAX_LOGPROBS,
         description="log-probabilities of each token and of its N most likely alternatives",
     )
     echo: bool = Field(

@@ -38,13 +38,8 @@ def resolve_host(host: str, keys: frozenset[str]) -> str:
 
 def uvicorn_config(app, settings: ServeSettings, host: str, port: int) -> uvicorn.Config:
     return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=settings.graceful_shutdown_s,
-        lifespan="on",
+        app, host=host, port=port, log_level="warning", access_log=False,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on",
     )
 
 

@@ -88,13 +88,8 @@ class TextService:
         return list(prompt)
 
     def sampling(
-        self,
-        body: schemas.SamplingFields,
-        prompt_tokens: int,
-        max_tokens: int | None,
-        default_max: int,
-        logprobs: int | None = None,
-        prompt_logprobs: bool = False,
+        self, body: schemas.SamplingFields, prompt_tokens: int, max_tokens: int | None, default_max: int,
+        logprobs: int | None = None, prompt_logprobs: bool = False,
     ) -> SamplingParams:
         if max_tokens is None:
             max_tokens = self.engine.policy.default_max_tokens(prompt_tokens, default_max)
@@ -105,13 +100,8 @@ class TextService:
         )
         try:
             return SamplingParams(
-                max_tokens=max_tokens,
-                **fields,
-                seed=body.seed,
-                stop=body.stop_list,
-                ignore_eos=body.ignore_eos,
-                logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs,
+                max_tokens=max_tokens, **fields, seed=body.seed, stop=body.stop_list,
+                ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 logit_bias=body.bias_by_token,
             )
         except SapwoodError as exc:
@@ -194,8 +184,7 @@ class TextService:
             offsets.append(cursor)
             cursor += len(token)
         return schemas.CompletionLogprobs(
-            tokens=tokens,
-            token_logprobs=[s[0] if s is not None else None for s in scored],
+            tokens=tokens, token_logprobs=[s[0] if s is not None else None for s in scored],
             top_logprobs=[self._top_by_text(s[1]) if s is not None else None for s in scored],
             text_offset=offsets,
         )
@@ -269,11 +258,8 @@ def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
         return outputs[0]
     last = outputs[-1]
     return StepOutput(
-        last.request,
-        [t for o in outputs for t in o.new_token_ids],
-        "".join(o.text_delta for o in outputs),
-        last.finished,
-        [lp for o in outputs for lp in o.new_logprobs],
+        last.request, [t for o in outputs for t in o.new_token_ids], "".join(o.text_delta for o in outputs),
+        last.finished, [lp for o in outputs for lp in o.new_logprobs],
     )
 
 
@@ -377,9 +363,7 @@ class ChatStream(StreamFormat):
         return self.event(
             [
                 {
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": logprobs.model_dump() if logprobs else None,
+                    "index": 0, "delta": delta, "logprobs": logprobs.model_dump() if logprobs else None,
                     "finish_reason": finish,
                 }
             ]
@@ -474,11 +458,8 @@ def build_text_router(service: TextService) -> APIRouter:
             logprobs = service.completion_logprobs(ids, scored)
         choice = schemas.CompletionChoice(text=text, logprobs=logprobs, finish_reason=result.finish_reason)
         return schemas.CompletionResponse(
-            id=f"cmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=adapter or service.model_name,
-            choices=[choice],
-            usage=result.usage,
+            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=adapter or service.model_name,
+            choices=[choice], usage=result.usage,
         )
 
     @router.post("/v1/chat/completions", response_model=schemas.ChatCompletionResponse,

@@ -18,8 +18,7 @@ PEAK_FLOPS_TABLE: list[tuple[str, dict[str, float]]] = [
     ("a100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
     ("l40s", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
     ("l4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
-    ("a10g", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12}),
-    ("v100", {"fp16": 125e12, "fp32": 15.7e12}),
+    ("a10g", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12}), ("v100", {"fp16": 125e12, "fp32": 15.7e12}),
     ("mi300x", {"bf16": 1307e12, "fp16": 1307e12, "fp32": 163e12}),
 ]
 PEAK_FLOPS = {(chip, kind): value for chip, rates in PEAK_FLOPS_TABLE for kind, value in rates.items()}

@@ -25,14 +25,8 @@ from sapwood.config import Config
 from sapwood.errors import ConfigError
 
 CATEGORIES = {
-    "PARAM": "params",
-    "BUFFER": "buffers",
-    "GRAD": "grads",
-    "OPT": "optimizer",
-    "ACT": "activations",
-    "TEMP": "temporaries",
-    "INP": "inputs",
-    "OTH": "other",
+    "PARAM": "params", "BUFFER": "buffers", "GRAD": "grads", "OPT": "optimizer", "ACT": "activations",
+    "TEMP": "temporaries", "INP": "inputs", "OTH": "other",
 }
 
 
@@ -56,13 +50,8 @@ class MeasuredStep:
 
 
 def measure_training_step(
-    config: Config,
-    precision: str = "bf16-pure",
-    optimizer: str = "adamw8bit",
-    checkpointing: str = "full",
-    seq: int | None = None,
-    micro_batch: int = 1,
-    optimizer_in_backward: bool = False,
+    config: Config, precision: str = "bf16-pure", optimizer: str = "adamw8bit", checkpointing: str = "full",
+    seq: int | None = None, micro_batch: int = 1, optimizer_in_backward: bool = False,
     loss_chunk: int | None = None,
 ) -> MeasuredStep:
     """Peak memory of a training step of ``config.model`` (one process) with these options."""

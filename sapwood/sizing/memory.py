@@ -143,14 +143,8 @@ def padded_param_numel(cfg: ModelConfig, parallel: ParallelConfig, pp_rank: int 
 
 
 def rank_state_bytes(
-    cfg: ModelConfig,
-    parallel: ParallelConfig,
-    precision: str = "fp32",
-    optimizer: str = "adamw",
-    pp_rank: int = 0,
-    tp_rank: int = 0,
-    dp_shard_rank: int = 0,
-    specs: list[ParamSpec] | None = None,
+    cfg: ModelConfig, parallel: ParallelConfig, precision: str = "fp32", optimizer: str = "adamw",
+    pp_rank: int = 0, tp_rank: int = 0, dp_shard_rank: int = 0, specs: list[ParamSpec] | None = None,
 ) -> StateBytes:
     """Bytes of weights, gradients and optimizer state one rank holds: exact for FSDP2-sharded fp32
     AdamW (local shard numel x 4; moments 8 per element plus a 4-byte step per tensor)."""
@@ -271,15 +265,9 @@ class MemoryPlan:
 
 
 def memory_plan(
-    cfg: ModelConfig,
-    parallel: ParallelConfig,
-    precision: str = "bf16",
-    optimizer: str = "adamw",
-    checkpointing: str = "full",
-    seq: int | None = None,
-    micro_batch: int = 1,
-    optimizer_in_backward: bool = False,
-    loss_chunk: int | None = None,
+    cfg: ModelConfig, parallel: ParallelConfig, precision: str = "bf16", optimizer: str = "adamw",
+    checkpointing: str = "full", seq: int | None = None, micro_batch: int = 1,
+    optimizer_in_backward: bool = False, loss_chunk: int | None = None,
 ) -> MemoryPlan:
     """Per-GPU training memory of ``cfg`` under ``parallel`` (sequence parallel on whenever tp > 1).
 
@@ -325,22 +313,9 @@ def memory_plan(
             )  # torchao's step, not torch's fused one
             step_temporaries = STEP_TEMPORARY_COPIES * 4 * largest if eager_step else 0
         plan = MemoryPlan(
-            precision,
-            optimizer,
-            checkpointing,
-            seq,
-            micro_batch,
-            state.weights,
-            grads,
-            state.optimizer,
-            int(compute_copy),
-            int(activations),
-            pp_rank,
-            per_layer,
-            int(logits),
-            optimizer_in_backward,
-            loss_chunk,
-            step_temporaries,
+            precision, optimizer, checkpointing, seq, micro_batch, state.weights, grads, state.optimizer,
+            int(compute_copy), int(activations), pp_rank, per_layer, int(logits), optimizer_in_backward,
+            loss_chunk, step_temporaries,
         )
         if best is None or plan.total > best.total:
             best = plan

@@ -14,15 +14,9 @@ from sapwood.sizing.memory import StateBytes, memory_plan, rank_state_bytes
 
 
 def size_report(
-    config: Config,
-    precision: str | None = None,
-    optimizer: str = "adamw",
-    checkpointing: str | None = None,
-    seq: int | None = None,
-    micro_batch: int | None = None,
-    optimizer_in_backward: bool | None = None,
-    loss_chunk: int | None = None,
-    device_gb: float = DEFAULT_DEVICE_GB,
+    config: Config, precision: str | None = None, optimizer: str = "adamw", checkpointing: str | None = None,
+    seq: int | None = None, micro_batch: int | None = None, optimizer_in_backward: bool | None = None,
+    loss_chunk: int | None = None, device_gb: float = DEFAULT_DEVICE_GB,
 ) -> dict[str, Any]:
     """Everything ``sapwood size`` prints, as one JSON-ready mapping (memory options not given come
     from the config's ``train`` section; ``device_gb``: the serving device's memory for the KV plan)."""
@@ -45,23 +39,13 @@ def size_report(
         "params_non_embedding": counts.non_embedding,
         "params_per_layer": counts.per_layer,
         "shape": {
-            "layers": cfg.layers,
-            "hidden": cfg.hidden,
-            "heads": cfg.heads,
-            "kv_heads": cfg.kv_heads,
-            "head_dim": cfg.head_dim,
-            "ffn": cfg.ffn,
-            "vocab_size": cfg.vocab_size,
-            "tied_embeddings": cfg.tied_embeddings,
-            "max_context": cfg.max_context,
+            "layers": cfg.layers, "hidden": cfg.hidden, "heads": cfg.heads, "kv_heads": cfg.kv_heads,
+            "head_dim": cfg.head_dim, "ffn": cfg.ffn, "vocab_size": cfg.vocab_size,
+            "tied_embeddings": cfg.tied_embeddings, "max_context": cfg.max_context,
         },
         "parallel": {
-            "dp_replicate": parallel.dp_replicate,
-            "dp_shard": parallel.dp_shard,
-            "tp": parallel.tp,
-            "pp": parallel.pp,
-            "cp": parallel.cp,
-            "world_size": parallel.world_size,
+            "dp_replicate": parallel.dp_replicate, "dp_shard": parallel.dp_shard, "tp": parallel.tp,
+            "pp": parallel.pp, "cp": parallel.cp, "world_size": parallel.world_size,
         },
         "training_state_bytes_single_device": {
             f"{p}+{o}": _state_dict(
@@ -69,24 +53,14 @@ def size_report(
                 compute_copy=2 * counts.total if p in ("bf16", "fp16") else 0,
             )
             for p, o in (
-                ("fp32", "adamw"),
-                ("bf16", "adamw"),
-                ("bf16", "adamw8bit"),
-                ("bf16-pure", "adamw8bit"),
+                ("fp32", "adamw"), ("bf16", "adamw"), ("bf16", "adamw8bit"), ("bf16-pure", "adamw8bit"),
             )
         },
     }
     if getattr(config, "cube", None) is None:
         seq = seq or cfg.trained_context
         plan = memory_plan(
-            cfg,
-            parallel,
-            precision,
-            optimizer,
-            checkpointing,
-            seq,
-            micro_batch,
-            optimizer_in_backward,
+            cfg, parallel, precision, optimizer, checkpointing, seq, micro_batch, optimizer_in_backward,
             loss_chunk,
         )
         report["memory_per_gpu"] = {
@@ -103,11 +77,8 @@ def size_report(
 def _state_dict(state: StateBytes, compute_copy: int = 0) -> dict[str, int]:
     """Bytes of one device's training state; ``compute_copy``: the 16-bit weights mixed precision casts to."""
     return {
-        "weights": state.weights,
-        "grads": state.grads,
-        "optimizer": state.optimizer,
-        "compute_copy": compute_copy,
-        "total": state.total + compute_copy,
+        "weights": state.weights, "grads": state.grads, "optimizer": state.optimizer,
+        "compute_copy": compute_copy, "total": state.total + compute_copy,
     }
 
 
@@ -221,9 +192,7 @@ def precision_label(combo: str) -> str:
     """``bf16+adamw`` -> ``bf16 mixed (fp32 master) + AdamW``: one wording for every memory figure."""
     precision, _, optimizer = combo.partition("+")
     names = {
-        "fp32": "fp32",
-        "bf16": "bf16 mixed (fp32 master)",
-        "fp16": "fp16 mixed (fp32 master)",
+        "fp32": "fp32", "bf16": "bf16 mixed (fp32 master)", "fp16": "fp16 mixed (fp32 master)",
         "bf16-pure": "pure bf16",
     }
     optimizers = {"adamw": "AdamW", "adamw8bit": "8-bit AdamW", "sgd": "SGD"}
@@ -264,8 +233,7 @@ def presets_table(reports: list[dict[str, Any]]) -> Any:
     for r in reports:
         par = r["parallel"]
         table.add_row(
-            r["name"],
-            f"{r['params_total']:,}",
+            r["name"], f"{r['params_total']:,}",
             _bytes3(r["training_state_bytes_single_device"]["fp32+adamw"]["total"]),
             f"tp{par['tp']} pp{par['pp']} dp{par['dp_replicate'] * par['dp_shard']}",
             _bytes3(r["memory_per_gpu"]["total"]) if "memory_per_gpu" in r else "-",

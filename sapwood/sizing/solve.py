@@ -145,14 +145,8 @@ def solve(req: SolveRequest) -> SolveResult:
                     nearest = (error, total)
                 if error <= req.tolerance:
                     dims = dict(
-                        vocab_size=req.vocab_size,
-                        hidden=hidden,
-                        layers=layers,
-                        heads=heads,
-                        kv_heads=kv_heads,
-                        head_dim=head_dim,
-                        ffn=ffn,
-                        tied_embeddings=req.tied_embeddings,
+                        vocab_size=req.vocab_size, hidden=hidden, layers=layers, heads=heads,
+                        kv_heads=kv_heads, head_dim=head_dim, ffn=ffn, tied_embeddings=req.tied_embeddings,
                         **options,
                     )
                     found.append((_shape_cost(req, layers, hidden, ffn), total, dims))

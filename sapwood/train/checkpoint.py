@@ -118,13 +118,8 @@ def _rank0_value(value: Any) -> Any:
 
 
 def save_checkpoint(
-    root: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
-    config: Config,
-    keep: int,
+    root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any], config: Config, keep: int,
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically and durably (collective: every rank calls it)."""
     root = Path(root)
@@ -262,10 +257,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
             f"{folder}: model/optimizer files are unreadable ({_first_line(exc)})"
         ) from exc
     set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
         options=STATE_OPTIONS,
     )
     trainer_file = folder / f"trainer_rank{rank:05d}.pt"

@@ -40,11 +40,9 @@ class InitFromCheckpoint(Callback):
             raise ConfigError(f"context.init_from={self.folder}: its weights do not match the model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         trainer.log_event(
-            "context_extension",
-            init_from=str(self.folder),
+            "context_extension", init_from=str(self.folder),
             rope_scaling=trainer.config.model.rope_scaling.model_dump(exclude_none=True),
-            max_context=trainer.config.model.max_context,
-            seq_len=trainer.config.context.seq_len,
+            max_context=trainer.config.model.max_context, seq_len=trainer.config.context.seq_len,
         )
 
 

@@ -207,11 +207,7 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    positions: torch.Tensor,
-    ring: Ring,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, ring: Ring,
     window: int | None = None,
 ) -> torch.Tensor:
     """Exact causal attention of this rank's queries over the keys of every rank in ``ring``.

@@ -58,10 +58,7 @@ PHYSICS_NAMES = {  # CF standard_name -> the name sapwood.physics uses, and whet
     "surface_air_pressure": ("ps", False),
 }
 CONSTRAINT_NEEDS = {
-    "mass": ("ps",),
-    "water": ("ps", "q"),
-    "energy": ("ps", "T"),
-    "momentum": ("ps", "u"),
+    "mass": ("ps",), "water": ("ps", "q"), "energy": ("ps", "T"), "momentum": ("ps", "u"),
     "thermo": ("ps", "T"),
 }
 
@@ -72,14 +69,9 @@ def store_grid(store: CubeStore) -> CubeGrid:
     vertical = store.index.get("vertical") or {}
     lat, lon = (np.asarray([]), np.asarray([])) if store.curvilinear else (store.lat, store.lon)
     return CubeGrid(
-        description=store.describe_grid(),
-        lat=lat.tolist(),
-        lon=lon.tolist(),
-        levels=store.levels.tolist(),
-        vertical=vertical.get("standard_name", ""),
-        curvilinear=store.curvilinear,
-        global_grid=store.global_grid,
-        area=encode_array(store.area),
+        description=store.describe_grid(), lat=lat.tolist(), lon=lon.tolist(), levels=store.levels.tolist(),
+        vertical=vertical.get("standard_name", ""), curvilinear=store.curvilinear,
+        global_grid=store.global_grid, area=encode_array(store.area),
         valid=encode_array(store.valid, bits=True),
         digest=grid_digest(store.lat, store.lon, store.levels, store.area),
         standard_names={v["name"]: v["standard_name"] for v in store.variables if v.get("standard_name")},
@@ -178,9 +170,7 @@ def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -
     runs = sorted({run for run, _, _ in windows})
     params = store.params[runs] if store.param_names else np.zeros((0, 0))
     return CubeNormalization(
-        state_mean=mean.tolist(),
-        state_std=std.tolist(),
-        tendency_std=tendency_std.tolist(),
+        state_mean=mean.tolist(), state_std=std.tolist(), tendency_std=tendency_std.tolist(),
         param_mean=params.mean(0).tolist() if params.size else [],
         param_std=np.maximum(params.std(0), 1e-6 * np.abs(params.mean(0))).tolist() if params.size else [],
         anomaly_std=anomaly_std.tolist(),
@@ -494,13 +484,8 @@ class CubeTask:
         if geometry is None:
             return data, {"data_loss": float(data.detach())}
         physics, metrics = physics_loss(
-            state,
-            prediction,
-            geometry,
-            self.config.cube.physics,
-            params if params.numel() else None,
-            batch.get("heating"),
-            batch.get("torque"),
+            state, prediction, geometry, self.config.cube.physics, params if params.numel() else None,
+            batch.get("heating"), batch.get("torque"),
         )
         metrics["data_loss"] = float(data.detach())
         return data + physics, metrics
@@ -581,10 +566,7 @@ def held_out_chunks(store: CubeStore, windows: list[tuple[int, int, int]], size:
 
 
 def data_loss(
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    tendency_std: torch.Tensor,
-    weights: torch.Tensor,
+    prediction: torch.Tensor, target: torch.Tensor, tendency_std: torch.Tensor, weights: torch.Tensor,
     state: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Area- and mask-weighted MSE (float32); ``weights`` from :func:`cell_weights` (``[channels, lat,
@@ -609,15 +591,8 @@ def data_loss(
 
 
 def simulated_store(
-    folder: str | Path,
-    runs: int = 32,
-    levels: int = 4,
-    nlat: int = 16,
-    nlon: int = 32,
-    times: int = 12,
-    seed: int = 0,
-    spinup_days: float | None = None,
-    dt_hours: float = 6.0,
+    folder: str | Path, runs: int = 32, levels: int = 4, nlat: int = 16, nlon: int = 32, times: int = 12,
+    seed: int = 0, spinup_days: float | None = None, dt_hours: float = 6.0,
 ) -> Path:
     """A cube store of a simulated ensemble at ``folder/store`` (built once; NetCDF in ``folder/nc``), one
     output every ``dt_hours``."""
@@ -636,45 +611,21 @@ def simulated_store(
 
 
 def surrogate_config(
-    store_path: str | Path,
-    out_dir: str | Path,
-    steps: int,
-    hidden: int = 128,
-    layers: int = 3,
-    heads: int = 4,
-    patch: int = 4,
-    batch_size: int = 16,
-    lr: float = 2e-3,
-    val_runs: int = 4,
-    physics: PhysicsLossConfig | None = None,
-    seed: int = 0,
-    holdout_time: float = 0.0,
+    store_path: str | Path, out_dir: str | Path, steps: int, hidden: int = 128, layers: int = 3,
+    heads: int = 4, patch: int = 4, batch_size: int = 16, lr: float = 2e-3, val_runs: int = 4,
+    physics: PhysicsLossConfig | None = None, seed: int = 0, holdout_time: float = 0.0,
 ) -> Config:
     """A training config for a small surrogate on a store (demo, bench physics, tests); variables, grid and
     planet parameters come from the store."""
     cube = CubeModelConfig(
-        patch=patch,
-        data=str(store_path),
-        val_runs=val_runs,
-        holdout_time=holdout_time,
+        patch=patch, data=str(store_path), val_runs=val_runs, holdout_time=holdout_time,
         physics=physics or PhysicsLossConfig(),
     )
     train = TrainConfig(
-        task="sapwood.train.cube_task:CubeTask",
-        out_dir=str(out_dir),
-        steps=steps,
-        batch_size=batch_size,
-        micro_batch_size=batch_size,
-        lr=lr,
-        min_lr=lr / 20,
-        warmup_steps=min(20, steps // 10),
-        weight_decay=0.0,
-        eval_every=max(steps // 2, 1),
-        eval_batches=2,
-        save_every=steps,
-        seed=seed,
-        progress=False,
-        log_every=max(steps // 10, 1),
+        task="sapwood.train.cube_task:CubeTask", out_dir=str(out_dir), steps=steps, batch_size=batch_size,
+        micro_batch_size=batch_size, lr=lr, min_lr=lr / 20, warmup_steps=min(20, steps // 10),
+        weight_decay=0.0, eval_every=max(steps // 2, 1), eval_batches=2, save_every=steps, seed=seed,
+        progress=False, log_every=max(steps // 10, 1),
     )
     model = ModelConfig(vocab_size=1, hidden=hidden, layers=layers, heads=heads, ffn=2 * hidden)
     return Config(name="cube-surrogate", model=model, cube=cube, train=train)

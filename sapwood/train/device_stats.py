@@ -30,10 +30,8 @@ def memory_report(stats: dict[str, Any]) -> dict[str, float]:
     peak_allocated = stats.get("allocated_bytes.all.peak", 0)
     peak_reserved = stats.get("reserved_bytes.all.peak", 0)
     return {
-        "memory_peak_allocated_gb": peak_allocated / GB,
-        "memory_peak_reserved_gb": peak_reserved / GB,
-        "memory_allocated_gb": allocated / GB,
-        "memory_reserved_gb": reserved / GB,
+        "memory_peak_allocated_gb": peak_allocated / GB, "memory_peak_reserved_gb": peak_reserved / GB,
+        "memory_allocated_gb": allocated / GB, "memory_reserved_gb": reserved / GB,
         "memory_fragmentation": fragmentation(reserved, allocated),
         "memory_fragmentation_at_peak": fragmentation(peak_reserved, peak_allocated),
         "alloc_retries": float(stats.get("num_alloc_retries", 0)),

@@ -240,11 +240,8 @@ class Trainer:
 
     def trainer_state(self) -> dict[str, Any]:
         return {
-            "step": self.step,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "data": self.batches.state_dict(),
+            "step": self.step, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(), "data": self.batches.state_dict(),
             "counters": {"skipped_steps": self.skipped_steps, "overflow_steps": self.overflow_steps},
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
         }
@@ -253,13 +250,8 @@ class Trainer:
         """Write a training checkpoint for the current step (collective); no Ctrl-C cuts it."""
         with protected():
             self.last_checkpoint = ckpt.save_checkpoint(
-                self.checkpoint_dir,
-                self.step,
-                self.model,
-                self._checkpointed_optimizer(),
-                self.trainer_state(),
-                self.config,
-                self.config.train.keep_checkpoints,
+                self.checkpoint_dir, self.step, self.model, self._checkpointed_optimizer(),
+                self.trainer_state(), self.config, self.config.train.keep_checkpoints,
             )
             self.log_event("checkpoint", path=str(self.last_checkpoint))
         return self.last_checkpoint
@@ -444,9 +436,7 @@ class Trainer:
             say(f"the run already finished at step {self.step} (train.steps={t.steps}); nothing to train. "
                 "Raise train.steps to train further.", self.rank)
         progress = _Progress(
-            t.steps,
-            self.step,
-            enabled=t.progress and self.rank == 0 and self.step < t.steps,
+            t.steps, self.step, enabled=t.progress and self.rank == 0 and self.step < t.steps,
             unit=getattr(self.task, "unit_name", "tok"),
         )
         window_units, window_start = 0, time.perf_counter()

@@ -383,13 +383,8 @@ def _build_pipeline(model: nn.Module, dims: ParallelDims, device: torch.device, 
 
 
 def parallelize(
-    model: nn.Module,
-    dims: ParallelDims,
-    loss_fn: LossFn | None,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    activation_checkpointing: str = "none",
-    checkpoint_every_k: int = 2,
+    model: nn.Module, dims: ParallelDims, loss_fn: LossFn | None, device: torch.device | str = "cpu",
+    precision: str = "fp32", activation_checkpointing: str = "none", checkpoint_every_k: int = 2,
     compile: bool = False,
 ) -> ParallelModel:
     """Apply the config's parallelism to ``model`` (a Decoder on ``device``) in the fixed order

@@ -214,14 +214,8 @@ class PackedRows:
     continues with the very next micro-batch."""
 
     def __init__(
-        self,
-        examples: list[Example],
-        seq_len: int,
-        batch_size: int,
-        seed: int,
-        packed: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
+        self, examples: list[Example], seq_len: int, batch_size: int, seed: int, packed: bool = True,
+        rank: int = 0, world_size: int = 1,
     ):
         if not examples:
             raise SapwoodError("no training examples")

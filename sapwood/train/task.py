@@ -52,10 +52,8 @@ from torch import nn
 from sapwood.errors import ConfigError
 
 TASKS: dict[str, str] = {
-    "text": "sapwood.train.text_task:TextTask",
-    "cube": "sapwood.train.cube_task:CubeTask",
-    "passkey": "sapwood.train.passkey_task:PasskeyTask",
-    "sft": "sapwood.train.sft:SFTTask",
+    "text": "sapwood.train.text_task:TextTask", "cube": "sapwood.train.cube_task:CubeTask",
+    "passkey": "sapwood.train.passkey_task:PasskeyTask", "sft": "sapwood.train.sft:SFTTask",
 }
 
 

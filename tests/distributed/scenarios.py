@@ -61,11 +61,9 @@ def reference_losses(tied: bool, steps: int) -> list[float]:
 
 # name -> (world size, parallel config, tied embeddings)
 SCENARIOS: dict[str, tuple[int, ParallelConfig, bool]] = {
-    "single_tied": (1, ParallelConfig(), True),
-    "single_untied": (1, ParallelConfig(), False),
+    "single_tied": (1, ParallelConfig(), True), "single_untied": (1, ParallelConfig(), False),
     "fsdp2": (2, ParallelConfig(dp_shard=2), True),
-    "hsdp_replicate2": (2, ParallelConfig(dp_replicate=2), False),
-    "tp2": (2, ParallelConfig(tp=2), True),
+    "hsdp_replicate2": (2, ParallelConfig(dp_replicate=2), False), "tp2": (2, ParallelConfig(tp=2), True),
     "pp2_1f1b": (2, ParallelConfig(pp=2, pp_microbatches=2), False),
     "pp2_gpipe": (2, ParallelConfig(pp=2, pp_schedule="gpipe", pp_microbatches=4), False),
     "pp2_interleaved": (2, ParallelConfig(pp=2, pp_schedule="interleaved_1f1b", pp_microbatches=2), False),

@@ -19,12 +19,7 @@ from sapwood.train.mesh import shutdown_distributed
 from sapwood.train.metrics import read_events
 
 MODEL = {
-    "vocab_size": 320,
-    "hidden": 64,
-    "layers": 4,
-    "heads": 4,
-    "kv_heads": 2,
-    "ffn": 128,
+    "vocab_size": 320, "hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 128,
     "trained_context": 32,
 }
 
@@ -35,20 +30,9 @@ def run(tokens: Path, out: Path, precision: str) -> dict:
         {
             "model": MODEL,
             "train": {
-                "steps": 3,
-                "batch_size": 8,
-                "micro_batch_size": 4,
-                "lr": 3e-3,
-                "warmup_steps": 1,
-                "eval_every": 3,
-                "eval_batches": 1,
-                "save_every": 1000,
-                "log_every": 1,
-                "device": "cpu",
-                "precision": precision,
-                "grad_clip": 1.0,
-                "out_dir": str(out / precision),
-                "progress": False,
+                "steps": 3, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 1,
+                "eval_every": 3, "eval_batches": 1, "save_every": 1000, "log_every": 1, "device": "cpu",
+                "precision": precision, "grad_clip": 1.0, "out_dir": str(out / precision), "progress": False,
             },
             "data": {"path": str(tokens)},
             "parallel": {"pp": 2, "pp_microbatches": 2},

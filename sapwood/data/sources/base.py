@@ -53,12 +53,7 @@ class FetchContext:
 
     @classmethod
     def create(
-        cls,
-        source: SourceBase,
-        out: Path,
-        policy: RetryPolicy,
-        redactor: Redactor,
-        refresh: bool = False,
+        cls, source: SourceBase, out: Path, policy: RetryPolicy, redactor: Redactor, refresh: bool = False,
         report: Callable[[int, int | None], None] | None = None,
     ) -> FetchContext:
         limiter = RateLimiter(source.rate_limit)

@@ -39,15 +39,8 @@ def parse_overrides(request: Path | None, set_fields: list[str]) -> dict[str, An
 
 
 def fetch_command(
-    sources: list[str],
-    out: Path | None,
-    catalogs: list[Path],
-    request: Path | None,
-    set_fields: list[str],
-    refresh: bool,
-    list_sources: bool,
-    console,
-    verbose: bool = False,
+    sources: list[str], out: Path | None, catalogs: list[Path], request: Path | None, set_fields: list[str],
+    refresh: bool, list_sources: bool, console, verbose: bool = False,
 ) -> None:
     import logging
 
@@ -64,9 +57,7 @@ def fetch_command(
             needs = ", ".join(entry.get("credentials", [])) or "no credential"
             console.print(
                 f"{name:28s} {entry.get('protocol', '?'):5s} {entry.get('endpoint', '')}  [{needs}]",
-                highlight=False,
-                soft_wrap=True,
-                markup=False,
+                highlight=False, soft_wrap=True, markup=False,
             )
         return
     if not sources:

@@ -225,11 +225,7 @@ def _is_transient_one(error: BaseException) -> bool:
         return True
     module = type(error).__module__
     if module.startswith("urllib3") and type(error).__name__ in (
-        "ProtocolError",
-        "ReadTimeoutError",
-        "IncompleteRead",
-        "NewConnectionError",
-        "ConnectTimeoutError",
+        "ProtocolError", "ReadTimeoutError", "IncompleteRead", "NewConnectionError", "ConnectTimeoutError",
     ):
         return True
     if module.startswith("botocore") and type(error).__name__ in (
