@@ -2,7 +2,10 @@
 callback that crashes training at a given step, and torch on one thread for a module."""
 
 import os
+import signal
+import subprocess
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +75,17 @@ def train_tokenizer(out: Path, vocab_size: int = 384) -> Path:
     path = out / "tokenizer.json"
     tokenizer.save(str(path))
     return path
+
+
+def interrupt_once_logged(run: subprocess.Popen, metrics: Path, event: str, within: float, finish: float):
+    """Press Ctrl-C on the CLI process ``run`` once its ``metrics.jsonl`` records ``event`` (at most
+    ``within`` seconds); its (stdout, stderr) once it exits (at most ``finish`` seconds later)."""
+    deadline = time.monotonic() + within
+    while not (metrics.exists() and f'"event": "{event}"' in metrics.read_text()):
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    return run.communicate(timeout=finish)
 
 
 def make_lm_folder(root: Path, seed: int = 0, **overrides) -> Path:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import interrupt_once_logged
 
 
 def env() -> dict[str, str]:
@@ -59,12 +58,7 @@ def test_ctrl_c_then_resume_then_resume_a_finished_run(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and '"event": "checkpoint"' in metrics.read_text()):
-        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-        time.sleep(0.2)
-    run.send_signal(signal.SIGINT)
-    stdout, stderr = run.communicate(timeout=120)
+    stdout, stderr = interrupt_once_logged(run, metrics, "checkpoint", within=240, finish=120)
     assert stdout.startswith(
         "--resume: nothing to resume, no complete checkpoint in run/checkpoints; starting from step 0"
     )

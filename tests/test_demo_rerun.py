@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import interrupt_once_logged
 
 
 def env() -> dict[str, str]:
@@ -73,13 +72,7 @@ def test_ctrl_c_during_the_demo_names_the_command_that_continues_it(tmp_path):
         [sys.executable, "-m", "sapwood.cli", "demo", "--out", str(out), "--only", "lm,serving"], env=env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    metrics = out / "lm" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not (metrics.exists() and '"event": "start"' in metrics.read_text()):
-        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-        time.sleep(0.2)
-    run.send_signal(signal.SIGINT)
-    stdout, stderr = run.communicate(timeout=300)
+    stdout, stderr = interrupt_once_logged(run, out / "lm" / "metrics.jsonl", "start", within=600, finish=300)
     assert run.returncode == 130, stderr
     assert "Traceback" not in stderr and "error:" not in stderr
     assert re.fullmatch(
