@@ -247,10 +247,9 @@ class CubeGrid(Section):
 
 class CubeAugmentConfig(Section):
     """Augmentation of a surrogate's training pairs (:mod:`sapwood.data.augment`, one fused pass per batch):
-    the
-    same longitude roll and hemispheric flip (``v`` negated) on the input state and its target, noise on the
-    input
-    only. Roll and flip map a solution of the simulator's equations to another one and keep every budget."""
+    the same longitude roll and hemispheric flip (``v`` negated) on the input state and its target, noise on
+    the input only. Roll and flip map a solution of the simulator's equations to another one and keep every
+    budget."""
 
     roll: bool = Field(False, description="shift each training pair by a random whole number of longitudes")
     flip: bool = Field(False, description="mirror each training pair north-south with probability 1/2")

@@ -289,8 +289,8 @@ def evaluate_surrogate(
         heating, torque = (scored.cat("heating"), scored.cat("torque")) if declared else (None, None)
         result["forcing"] = "declared (stored with the runs)" if declared else "estimated from the states"
         # T, zg and rho weighed by the predicted tendencies (physics.tendency_scale): the model's one-step
-        # errors
-        # on training pairs underestimate its held-out errors unevenly and made projected T and zg worse
+        # errors on training pairs underestimate its held-out errors unevenly and made projected T and zg
+        # worse
         projected = project(pred, state, geometry, params, heating=heating, torque=torque)
         result["projection_error_std"] = "per-channel RMS of the predicted one-step change (tendency_scale)"
         result["rmse_projected"] = _by_variable(cube, rmse(projected, truth, weights), True)
@@ -340,8 +340,7 @@ def _skill(
     cube: CubeModelConfig, weights: torch.Tensor, scored: Scored, mask: np.ndarray | None
 ) -> dict[str, Any]:
     """Per-variable RMSE / ACC of the model and every applied baseline, skill against them, and the
-    per-channel
-    MSE ratio against persistence."""
+    per-channel MSE ratio against persistence."""
     state, truth, pred, clim = (scored.cat(k, mask) for k in ("state", "truth", "pred", "clim"))
     forecasts = {"": pred, "persistence": state, "climatology": clim}
     advected = scored.cat("advected", mask)
@@ -377,9 +376,9 @@ def channel_mse_ratios(
     cube: CubeModelConfig, model_mse: torch.Tensor, baseline_mse: torch.Tensor
 ) -> dict[str, float | None]:
     """Per variable: the mean over runs and over its channels of MSE_model / MSE_baseline (``[runs,
-    channels]``
-    each), every run and channel in its own units (a planet with large changes, or a level with large values,
-    does not outweigh the others); None when the baseline is exact everywhere on the variable."""
+    channels]`` each), every run and channel in its own units (a planet with large changes, or a level with
+    large values, does not outweigh the others); None when the baseline is exact everywhere on the
+    variable."""
     ratio = model_mse / baseline_mse.clamp_min(1e-30)
     out: dict[str, float | None] = {}
     for name in cube.variables:

@@ -607,11 +607,10 @@ def project(
 ) -> torch.Tensor:
     """Mass/water fixer; (``momentum``) a solid-body ``u`` increment closing the angular-momentum budget;
     (``diagnose``) the weighted least-squares ``T`` of each column from the predicted ``T``, ``zg``, ``rho``
-    by
-    their error standard deviations ``error_std [C]`` (default :func:`tendency_scale`; pass measured
-    errors or the model's tendency std when known), with ``zg``, ``rho`` then exact; (``energy``) a uniform
-    ``T`` shift closing the energy budget (``zg``, ``rho`` follow it when diagnosed). With
-    ``diagnose=False`` the predicted ``T``, ``zg``, ``rho`` are kept. Float32 result."""
+    by their error standard deviations ``error_std [C]`` (default :func:`tendency_scale`; pass measured errors
+    or the model's tendency std when known), with ``zg``, ``rho`` then exact; (``energy``) a uniform ``T``
+    shift closing the energy budget (``zg``, ``rho`` follow it when diagnosed). With ``diagnose=False`` the
+    predicted ``T``, ``zg``, ``rho`` are kept. Float32 result."""
     out = mass_fix(prediction, state, geometry)
     before = state_sums(state, geometry, planet_params)
     gravity = geometry.planet(planet_params, "gravity", before.ps)

@@ -2,11 +2,9 @@
 
 Each protocol is a small WSGI-free "app" ``(Request) -> Reply`` written from the published protocol documents
 (IVOA TAP 1.1 + VOTable 1.4, NCBI E-utilities, the ECMWF data stores' OGC API - Processes flow, the MAST
-portal
-API); :class:`FixtureServer` serves an app on 127.0.0.1 over HTTP/1.1 (Range requests included) and applies
-the
-faults queued in its :class:`FaultPlan`. S3 is moto's real server behind :func:`proxy_app`, so the same faults
-reach boto3.
+portal API); :class:`FixtureServer` serves an app on 127.0.0.1 over HTTP/1.1 (Range requests included) and
+applies the faults queued in its :class:`FaultPlan`. S3 is moto's real server behind :func:`proxy_app`, so the
+same faults reach boto3.
 """
 
 from __future__ import annotations
@@ -569,8 +567,8 @@ def write_catalog(path, sources: dict) -> object:
 
 def assert_clean(out, after_failure: bool = False) -> None:
     """No temporary file is left (after a failed run only hidden ``.NAME.part`` files, kept for resuming,
-    never
-    anything that looks complete), and every cache record matches the files it names (size and sha256)."""
+    never anything that looks complete), and every cache record matches the files it names (size and
+    sha256)."""
     import hashlib
     from pathlib import Path
 

@@ -1,7 +1,6 @@
 """Augmented surrogate training (``cube.augment``): the training pairs are the reference roll/flip/noise of
-the
-loader's pairs (same roll and flip on input and target, noise on the input only), the budgets of the pair and
-its declared forcing are unchanged, and an augmented run is reproducible and resumes exactly."""
+the loader's pairs (same roll and flip on input and target, noise on the input only), the budgets of the pair
+and its declared forcing are unchanged, and an augmented run is reproducible and resumes exactly."""
 
 from __future__ import annotations
 

@@ -155,8 +155,7 @@ def test_growth_under_fsdp2_matches_single_process(sharded_runs, method):
 @pytest.mark.slow
 def test_masked_growth_in_sapwood_train_under_fsdp2(tokens_dir, tmp_path):
     """``sapwood train`` on 2 ranks with ``parallel: {dp_shard: 2}`` and ``growth.method: masked``: the loss
-    is
-    unchanged at the event, the run ends mid-ramp, so the masks are folded into the sharded weights, and
+    is unchanged at the event, the run ends mid-ramp, so the masks are folded into the sharded weights, and
     ``final/`` holds the grown model."""
     import os
     import subprocess

@@ -251,8 +251,8 @@ def test_kv_cache_is_sized_to_need_and_shrinks_back():
 
 def test_kv_budget_is_never_exceeded_and_refuses_what_cannot_fit():
     """A budget of one row block (4 rows) x 64 positions: requests wait for room instead of exceeding it,
-    outputs
-    stay exact, and a request that could never fit is refused when it is queued (the first one too)."""
+    outputs stay exact, and a request that could never fit is refused when it is queued (the first one
+    too)."""
     model = small_model()
     per_position = 2 * 2 * 2 * 16 * 4  # k+v, layers, kv_heads, head_dim, float32
     budget = 4 * 64 * per_position

@@ -147,8 +147,7 @@ def hash_uniform(
 @dataclass
 class NoiseDraw:
     """What one :class:`Noise` call applies: per-channel ``slope``/``intercept`` (float32 ``[C]``; the change
-    is
-    ``x += u (slope x + intercept)`` with ``u`` from :func:`hash_uniform` of ``seed``) on ``frames``."""
+    is ``x += u (slope x + intercept)`` with ``u`` from :func:`hash_uniform` of ``seed``) on ``frames``."""
 
     seed: int
     slope: torch.Tensor
@@ -158,10 +157,9 @@ class NoiseDraw:
 
 class RollAndFlip:
     """Per sample: shift longitude by a random whole number of cells (periodic) when ``roll``, and with
-    probability
-    ``flip_p`` mirror latitude (north <-> south) with the meridional wind negated. Both are index permutations
-    of the grid; one random draw per sample is shared by every frame and channel, which is what keeps the
-    budgets, the diagnostic relations and the dynamics (a per-channel draw would break them)."""
+    probability ``flip_p`` mirror latitude (north <-> south) with the meridional wind negated. Both are index
+    permutations of the grid; one random draw per sample is shared by every frame and channel, which is what
+    keeps the budgets, the diagnostic relations and the dynamics (a per-channel draw would break them)."""
 
     preserves = ALL_PROPERTIES
 

@@ -52,8 +52,7 @@ def fused_planes(
 
     ``frames``/``out`` float32 ``[W, B, C, lat, lon]`` (may be the same array); ``shifts`` int64 ``[B]``;
     ``flips`` bool ``[B]``; ``sign``/``offset`` float32 ``[C]`` applied where flipped; ``slope``/``intercept``
-    float32 ``[C]``;
-    ``perturb`` bool ``[W]`` (frames that get noise); ``seed_key`` the mixed noise seed."""
+    float32 ``[C]``; ``perturb`` bool ``[W]`` (frames that get noise); ``seed_key`` the mixed noise seed."""
     window, batch, channels, nlat, nlon = frames.shape
     half = (nlat + 1) // 2
     for plane in numba.prange(window * batch * channels):

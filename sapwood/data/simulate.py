@@ -237,8 +237,7 @@ def declared_heating_profiles(lat, sigma) -> dict[str, np.ndarray]:
 def sample_planets(runs: int, seed: int = 0) -> list[PlanetParams]:
     """``runs`` planets from a Latin hypercube over log-uniform ranges around Earth (radius 0.5-2x, gravity
     5-25 m s-2, rotation 0.25-2x, flux 0.6-1.5x, surface pressure 0.5-2 bar): every parameter's range is
-    covered
-    evenly for any ``runs``; the draw is reproducible."""
+    covered evenly for any ``runs``; the draw is reproducible."""
     rng = np.random.default_rng(seed)
     ranges = [
         (0.5 * EARTH["planet_radius"], 2.0 * EARTH["planet_radius"]), (5.0, 25.0),
@@ -796,8 +795,7 @@ def simulate_ensemble(
     progress: bool = True, planets: list[PlanetParams] | None = None,
 ) -> list[Path]:
     """Write ``runs`` NetCDF files ``out/run_NNNN.nc`` over ``planets`` (default: :func:`sample_planets`),
-    each
-    at a random season."""
+    each at a random season."""
     grid = grid or Grid()
     grid.validate()
     if runs < 1:

@@ -173,8 +173,7 @@ def _install_blocks(
     model: Decoder, new_cfg: ModelConfig, ordered: list[tuple[Block, Block | None]]
 ) -> list[ParamChange]:
     """Make ``ordered`` the model's stack (``(block, source)``; source None for a kept block) and list each
-    new
-    block's parameters with its source's as sibling, for the optimizer surgery."""
+    new block's parameters with its source's as sibling, for the optimizer surgery."""
     model.layers = nn.ModuleDict({str(i): block for i, (block, _) in enumerate(ordered)})
     model.cfg = new_cfg
     changes = []

@@ -5,9 +5,8 @@ For every replaced parameter the new one takes its place in its parameter group 
 tensors shaped like the parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``) are extended with zeros for the
 new entries, everything else (``step``) is kept. Brand-new parameters (new blocks) join the group of a
 sibling parameter with a fresh state (zero moments, step 0), as if the optimizer had never seen them. Each
-group's parameters are then
-put in the model's parameter order, so an optimizer rebuilt on the grown model after a resume lists them in
-the same order and loads the saved state onto the right tensors.
+group's parameters are then put in the model's parameter order, so an optimizer rebuilt on the grown model
+after a resume lists them in the same order and loads the saved state onto the right tensors.
 """
 
 from __future__ import annotations

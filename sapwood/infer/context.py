@@ -5,12 +5,11 @@ The limit is ``model.max_context`` (prompt + new tokens); a longer request is re
 ``model.rope_scaling`` so served outputs match the trained and exported model: the static methods
 (``linear``, ``ntk``, ``yarn``, ``llama3``) are part of the model's frequencies at every length;
 ``dynamic_ntk`` stretches theta per request by ``total_length / trained_context`` once a request runs past
-the trained
-context, and leaves shorter requests on plain RoPE; ``longrope`` likewise gives a request that will run
-past the trained context the long factors for all its positions, a shorter one the short factors.
+the trained context, and leaves shorter requests on plain RoPE; ``longrope`` likewise gives a request that
+will run past the trained context the long factors for all its positions, a shorter one the short factors.
 With ``model.rope_policy: by_length`` (an adaptive window) a ``linear`` / ``ntk`` / ``yarn`` model gives a
-request within the trained context plain RoPE and a longer one the method stretched by
-``min(factor, length / trained_context)``, so short requests keep their trained quality.
+request within the trained context plain RoPE and a longer one the method stretched by ``min(factor, length /
+trained_context)``, so short requests keep their trained quality.
 """
 
 from __future__ import annotations

@@ -79,8 +79,7 @@ class Engine:
 
     def load_adapter(self, name: str, folder: str | Path) -> None:
         """Serve the LoRA adapter in ``folder`` (PEFT format) on this engine's base model as ``name``;
-        requests
-        pick it by name and batches mix adapters (:func:`sapwood.model.lora.selecting`)."""
+        requests pick it by name and batches mix adapters (:func:`sapwood.model.lora.selecting`)."""
         from sapwood.model.lora import load_adapter
 
         if name in self.adapters:

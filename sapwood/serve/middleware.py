@@ -4,9 +4,8 @@ The key check runs before the body is read, so an unauthenticated client learns 
 request schema: with keys set, ``/v1/*``, ``/docs``, ``/redoc``, ``/openapi.json`` and ``/metrics`` need a
 key (a Prometheus scrape job sends it as its bearer token). ``/health`` stays open for probes but tells a
 client without a key only up or down (the handler reads ``scope["state"]["authenticated"]``). JSON bodies
-(and bodies
-without a content type, which FastAPI parses as JSON) are checked against :mod:`sapwood.serve.json_limits`
-before any handler parses them.
+(and bodies without a content type, which FastAPI parses as JSON) are checked against
+:mod:`sapwood.serve.json_limits` before any handler parses them.
 """
 
 from __future__ import annotations

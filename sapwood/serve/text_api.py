@@ -424,8 +424,7 @@ def build_text_router(service: TextService) -> APIRouter:
     @router.get("/v1/models")
     async def list_models() -> schemas.ModelList:
         """The base model and each LoRA adapter served on it (``parent``: the base); a request's ``model``
-        picks
-        one."""
+        picks one."""
         max_context = service.engine.cfg.max_context
         cards = [schemas.ModelCard(id=service.model_name, created=service.created, max_context=max_context)]
         cards += [schemas.ModelCard(id=name, created=service.created, max_context=max_context,

@@ -14,9 +14,8 @@ atomically and complete checkpoints older than the newest ``keep`` complete ones
 the one just written, never an incomplete one). On resume, leftovers of killed writers are tidied,
 and a checkpoint without a manifest, or whose files do not match it (a truncated file), is skipped
 with a warning and the next older one is tried; the newest complete checkpoint wins over ``latest``. Model
-and optimizer state go through
-``get_state_dict`` / ``set_state_dict``, which work the same for plain, FSDP2 and DTensor models and
-in a single process without ``init_process_group``.
+and optimizer state go through ``get_state_dict`` / ``set_state_dict``, which work the same for plain, FSDP2
+and DTensor models and in a single process without ``init_process_group``.
 """
 
 from __future__ import annotations

@@ -102,8 +102,7 @@ def fill_from_store(cube: CubeModelConfig, store: CubeStore) -> None:
 
 def check_store_matches(config: Config, store: CubeStore) -> None:
     """One-line :class:`ConfigError` when the store's variables, channels, grid or planet parameters differ
-    from
-    the config's (a checkpoint's or a training config's)."""
+    from the config's (a checkpoint's or a training config's)."""
     cube = config.cube
     names = [v["name"] for v in store.variables]
     if names != cube.variables:
@@ -136,9 +135,8 @@ def check_store_matches(config: Config, store: CubeStore) -> None:
 # --- statistics from training frames only -------------------------------------------------------------------
 def store_normalization(store: CubeStore, windows: list[tuple[int, int, int]]) -> CubeNormalization:
     """State mean/std, anomaly std (states minus their own mean over the grid) and tendency std per channel
-    over
-    the valid cells of the training ``windows`` only, and planet-parameter mean/std over their runs (float64
-    accumulation)."""
+    over the valid cells of the training ``windows`` only, and planet-parameter mean/std over their runs
+    (float64 accumulation)."""
     frames = store.memmap()
     valid = store.valid.astype(np.float64)
     cells = np.maximum(valid.sum(axis=(1, 2)), 1)
@@ -190,9 +188,8 @@ def cell_weights(cube: CubeModelConfig, device: torch.device | str = "cpu") -> t
 def physics_view(cube: CubeModelConfig) -> CubeModelConfig:
     """The cube with its variables under the names :mod:`sapwood.physics` uses (``T``, ``u``, ``v``, ``q``,
     ``ps``, ``rho``, ``zg``), found by CF standard_name where the store's names differ (e.g. ``ta`` or
-    ``sp``);
-    the channel layout is unchanged. A name already taken, or a variable with the wrong dimensionality (a 2-D
-    ``air_temperature`` at 2 m), is left as it is."""
+    ``sp``); the channel layout is unchanged. A name already taken, or a variable with the wrong
+    dimensionality (a 2-D ``air_temperature`` at 2 m), is left as it is."""
     if cube.grid is None or not cube.grid.standard_names:
         return cube
     renamed = {}
@@ -215,8 +212,7 @@ def physics_view(cube: CubeModelConfig) -> CubeModelConfig:
 def physics_support(cube: CubeModelConfig) -> dict[str, str]:
     """Each constraint of :mod:`sapwood.physics` -> ``"applied"`` or ``"skipped: <reason>"`` for this grid and
     these variables (the budgets need ``ps`` and sigma levels on an unmasked global grid; variables are
-    matched
-    by name or CF standard_name, :func:`physics_view`)."""
+    matched by name or CF standard_name, :func:`physics_view`)."""
     cube = physics_view(cube)
     grid = cube.grid
     reason = None
@@ -262,21 +258,17 @@ def store_geometry(cube: CubeModelConfig, device: torch.device | str = "cpu") ->
 
 class PairAugment:
     """The augmentation of ``cube.augment`` on training pairs, over ``[state, next, state]`` with one roll
-    and flip
-    draw per sample shared by the three frames and noise on frame 0 only. Returns ``(input, target, clean)``:
-    the noisy input the model sees, the target, and the same rolled/flipped state without noise, which the
-    loss
-    measures the persistence error and the budgets against (noise of one cell's size moves a global mean by
-    more
-    than the mass goal; the target stays exact so the model learns the truth's tendency and not the noise).
-    Without noise the input is the clean state.
+    and flip draw per sample shared by the three frames and noise on frame 0 only. Returns ``(input, target,
+    clean)``: the noisy input the model sees, the target, and the same rolled/flipped state without noise,
+    which the loss measures the persistence error and the budgets against (noise of one cell's size moves a
+    global mean by more than the mass goal; the target stays exact so the model learns the truth's tendency
+    and not the noise). Without noise the input is the clean state.
 
     The draws are those of :class:`sapwood.data.augment.Augment` (call ``n``: a CPU generator seeded
     ``seed + n``, roll/flip then noise), so a run is reproducible and resumes exactly from ``calls``. The
     transform is :func:`sapwood.data.augment.reference_augment` (torch, on the batch's device, no thread pool
-    of
-    its own): on a shared CPU the fused numba kernel's worker threads slowed each training step about 7x for
-    batches of a few MB, where the two agree to round-off."""
+    of its own): on a shared CPU the fused numba kernel's worker threads slowed each training step about 7x
+    for batches of a few MB, where the two agree to round-off."""
 
     def __init__(self, cube: CubeModelConfig, seed: int = 0):
         options = cube.augment
@@ -306,10 +298,8 @@ def augment_enabled(cube: CubeModelConfig) -> bool:
 
 def check_augment_grid(cube: CubeModelConfig) -> None:
     """One-line :class:`ConfigError` when ``cube.augment`` asks for a roll or flip the grid does not allow: a
-    roll
-    needs a global, periodic latitude-longitude grid, a flip latitudes symmetric about the equator; neither
-    may
-    move masked cells."""
+    roll needs a global, periodic latitude-longitude grid, a flip latitudes symmetric about the equator;
+    neither may move masked cells."""
     options, grid = cube.augment, cube.grid
     if grid is None or not (options.roll or options.flip):
         return
@@ -333,8 +323,7 @@ def check_augment_grid(cube: CubeModelConfig) -> None:
 
 class DeclaredForcing:
     """The store's ``declared_forcing {heating, torque}`` per run (written by ``sapwood prepare`` when the
-    inputs
-    carry them): the global-mean heating (W m-2) and friction torque (N m) of the transition into each
+    inputs carry them): the global-mean heating (W m-2) and friction torque (N m) of the transition into each
     frame."""
 
     def __init__(self, store: CubeStore):
@@ -360,8 +349,7 @@ class DeclaredForcing:
 
     def of_pairs(self, run: torch.Tensor, time: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"heating", "torque"}`` ``[B]`` (float64) of the pairs ``(run, time) -> time + 1``; empty when
-        the
-        store has none."""
+        the store has none."""
         if not self.present:
             return {}
         return {"heating": self.heating[run, time + 1], "torque": self.torque[run, time + 1]}
@@ -492,8 +480,7 @@ class CubeTask:
 
     def evaluate(self, model: nn.Module, micro_batch_size: int, batches: int = 8) -> dict[str, float]:
         """On held-out frames: data loss, the per-channel MSE ratio against persistence (mean over channels
-        and
-        per variable), and mean violations where the constraints apply."""
+        and per variable), and mean violations where the constraints apply."""
         device = next(model.parameters()).device
         weights = self.weights(device)
         geometry = self.geometry(device)
@@ -547,8 +534,7 @@ class CubeTask:
 
 def held_out_chunks(store: CubeStore, windows: list[tuple[int, int, int]], size: int, limit: int):
     """Up to ``limit`` chunks ``(state, next, params or None)`` of at most ``size`` consecutive pairs, in
-    window
-    order (deterministic; any window length works)."""
+    window order (deterministic; any window length works)."""
     produced = 0
     for run, start, stop in windows:
         for first in range(start, stop - 1, size):
@@ -573,12 +559,10 @@ def data_loss(
     lon]``).
 
     Without ``state``: in units of the per-channel tendency std. With ``state``: per sample and channel the
-    ratio
-    r of the MSE to that sample's own one-step change of the channel (its persistence MSE) plus
+    ratio r of the MSE to that sample's own one-step change of the channel (its persistence MSE) plus
     ``(PERSISTENCE_FLOOR * tendency std)^2``, and the mean of ``log(1 + r)``: quiet and vigorous planets and
-    every
-    level count alike (persistence scores log 2), and a sample far off early in training cannot swamp the
-    step."""
+    every level count alike (persistence scores log 2), and a sample far off early in training cannot swamp
+    the step."""
     w = weights.to(prediction.device)
     scale = tendency_std.float()[:, None, None]
     error = ((prediction.float() - target.float()) / scale).pow(2)

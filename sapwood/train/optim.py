@@ -66,8 +66,7 @@ def _torchao_class(name: str, pure_bf16: bool) -> type:
 @functools.cache
 def eager_on_cpu(cls: type) -> type:
     """``cls`` (a torchao optimizer) whose ``step`` runs eagerly (``torch.compile`` stance ``force_eager``)
-    unless its parameters
-    are on a GPU."""
+    unless its parameters are on a GPU."""
 
     class Optimizer(cls):
         def step(self, closure=None):

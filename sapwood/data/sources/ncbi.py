@@ -1,11 +1,10 @@
 """NCBI E-utilities (esearch, efetch): records as a text corpus for ``sapwood tokenize``.
 
 ``esearch.fcgi`` (``retmode=json``) gives the ids of a term's records, ``efetch.fcgi`` fetches them in
-batches.
-PubMed records (``rettype=abstract, retmode=xml``) become one ``PMID.txt`` per article (title, blank line,
-abstract); other databases are written as one text file per batch in the ``rettype`` asked for.
-The API key comes from ``NCBI_API_KEY`` (optional); NCBI's published limits are 3 requests/s without a key
-and 10 with one, and the source's ``rate_limit`` is capped accordingly.
+batches. PubMed records (``rettype=abstract, retmode=xml``) become one ``PMID.txt`` per article (title, blank
+line, abstract); other databases are written as one text file per batch in the ``rettype`` asked for. The API
+key comes from ``NCBI_API_KEY`` (optional); NCBI's published limits are 3 requests/s without a key and 10 with
+one, and the source's ``rate_limit`` is capped accordingly.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The catalog is a CSV or Parquet file with the NASA Exoplanet Archive's column names (what
 ``sapwood fetch nasa-exoplanets`` writes). ``runs`` rows are drawn at random (seeded; without replacement
-while
-rows last) among the rows with a radius, and each becomes a :class:`~sapwood.data.simulate.PlanetParams`:
+while rows last) among the rows with a radius, and each becomes a
+:class:`~sapwood.data.simulate.PlanetParams`:
 
 ================  =====================================================================================
 parameter         from the catalog (first that applies)
