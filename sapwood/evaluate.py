@@ -7,9 +7,13 @@ WeatherBench 2, area-weighted over valid cells; baselines in :mod:`sapwood.basel
   ``cube.holdout_time`` (the one definition training uses); ``--holdout-time F`` scores the final ``F`` of
   every training run instead (allowed up to the fraction the model held out).
 - ``acc``: anomaly correlation of one-step predictions against a climatology computed from training frames
-  only (per calendar month or day of year); ``rmse`` per variable in physical units; the same for
-  persistence, climatology and advective persistence; ``skill_vs_*`` = 1 - sqrt(mean over held-out runs and
-  the variable's channels of MSE_model / MSE_baseline), so each planet and level counts in its own units.
+  only: for stores whose runs carry planet parameters a per-cell function of the parameters fitted on the
+  training runs (:class:`sapwood.baselines.ParameterClimatology`), else per calendar month or day of year
+  (``climatology`` in ``eval.json`` names which); ``rmse`` per variable in physical units; the same for
+  persistence, climatology and advective persistence (and, next to a parameter climatology, the
+  calendar-key climatology pooled over the training planets); ``skill_vs_*`` = 1 - sqrt(mean over
+  held-out runs and the variable's channels of MSE_model / MSE_baseline), so each planet and level counts in
+  its own units.
 - ``groups``: the same per-variable figures for held-out runs whose planet parameters lie inside the training
   runs' range, outside it, and for the held-out final parts of training runs.
 - ``constraints``: each physics constraint applied or skipped (with the reason); ``violations*`` only where
@@ -28,7 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from sapwood.baselines import Climatology, advective_persistence, advective_persistence_support
+from sapwood.baselines import (
+    CALENDAR_DEFINITION,
+    Climatology,
+    ParameterClimatology,
+    advective_persistence,
+    advective_persistence_support,
+    fit_climatology,
+)
 from sapwood.config import Config, CubeModelConfig, load_config
 from sapwood.data.loader import Split, split_store
 from sapwood.data.store import CubeStore
@@ -47,15 +58,17 @@ DEFINITIONS = {
     "held_out_runs": "runs held out entirely (planets / scenarios)",
     "samples": "one-step (state, next state) pairs scored, all inside held-out windows",
     "acc": "WB2 anomaly correlation of one-step predictions per variable (mean over its levels), anomalies "
-    "against the training climatology, area-weighted over valid cells",
+    "against the climatology named in 'climatology' (training runs only), area-weighted over valid cells",
     "acc_persistence": "ACC of persistence (next state = this state) against the same climatology",
     "acc_advective_persistence": "ACC of advective persistence against the same climatology",
     "acc_projected": "ACC of predictions after sapwood.physics.project (where constraints apply)",
     "rmse": "WB2 RMSE per variable in the variable's units: sqrt of the time mean of the area-weighted MSE "
     "over valid cells, levels pooled by mean square",
     "rmse_persistence": "RMSE of persistence",
-    "rmse_climatology": "RMSE of the climatology: the mean of training frames per grid cell for the target's "
-    "calendar month (monthly series) or day of year (finer series); never held-out frames",
+    "rmse_climatology": "RMSE of the climatology named in 'climatology' (its 'definition' says how it is "
+    "built from training runs only)",
+    "rmse_calendar_climatology": "next to a planet-parameter climatology only: RMSE of the calendar-key "
+    "climatology, " + CALENDAR_DEFINITION,
     "rmse_advective_persistence": "RMSE of the state shifted east by its zonal-mean eastward wind over one "
     "step",
     "rmse_projected": "RMSE of predictions after sapwood.physics.project (declared forcing when stored; "
@@ -66,6 +79,8 @@ DEFINITIONS = {
     "MSE_model / MSE_persistence), each run and channel (level) in its own units, so no "
     "planet or level outweighs the others (> 0: the model is better; 1 is perfect)",
     "skill_vs_climatology": "the same against the climatology",
+    "skill_vs_calendar_climatology": "the same against the calendar-key climatology (next to a "
+    "planet-parameter climatology only)",
     "skill_vs_advective_persistence": "the same against advective persistence",
     "mse_over_persistence": "per variable: mean over held-out runs and its channels of MSE_model / "
     "MSE_persistence (each run and channel in its own units)",
@@ -75,8 +90,11 @@ DEFINITIONS = {
     "parts of training runs",
     "constraints": "each physics constraint: applied, or skipped with the reason",
     "baselines": "each baseline: applied, or skipped with the reason",
-    "climatology": "how the climatology was built: key, training frames used, lookups that fell back to the "
-    "all-training mean because no training frame had the key",
+    "climatology": "the climatology every 'climatology' number and every ACC uses: kind ('planet "
+    "parameters', or the calendar key 'calendar month' / 'day of year'), definition, training frames; for "
+    "planet parameters per variable the smoothers its channels chose and their leave-one-run-out RMSE on "
+    "the training runs next to the pooled mean's; fallback_lookups: calendar keys no training frame had "
+    "(the all-training mean is used) or lead-time steps past the training runs' length (the time-mean fit)",
     "violations": "mean violation of predictions (sapwood.physics.violations, in sapwood.physics.UNITS); "
     "energy and momentum against the forcing named in 'forcing'",
     "forcing": "the heating and torque the energy and angular-momentum budgets are held to: declared (the "
@@ -157,6 +175,7 @@ class Scored:
     truth: list[torch.Tensor] = field(default_factory=list)
     pred: list[torch.Tensor] = field(default_factory=list)
     clim: list[torch.Tensor] = field(default_factory=list)
+    calendar: list[torch.Tensor] = field(default_factory=list)
     advected: list[torch.Tensor] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
     heating: list[torch.Tensor] = field(default_factory=list)
@@ -203,10 +222,11 @@ def evaluate_surrogate(
     model = load(folder, device=device)
     weights = cell_weights(cube)
     geometry = store_geometry(cube)
-    climatology = Climatology(store, split.train)
+    climatology, climatology_info = fit_climatology(store, split.train)
+    calendar = Climatology(store, split.train) if isinstance(climatology, ParameterClimatology) else None
     baselines = {
         "persistence": "applied",
-        "climatology": "applied",
+        "climatology": f"applied ({climatology_info['kind']})",
         "advective_persistence": advective_persistence_support(store),
     }
     advect = baselines["advective_persistence"] == "applied"
@@ -226,6 +246,8 @@ def evaluate_surrogate(
         scored.truth.append(frames[1:])
         scored.pred.append(predict_all(model, frames[:-1], params))
         scored.clim.append(climatology.for_times(run, np.arange(start + 1, stop)))
+        if calendar is not None:
+            scored.calendar.append(calendar.for_times(run, np.arange(start + 1, stop)))
         if params is not None:
             scored.params.append(params)
         scored.run.extend([run] * pairs)
@@ -266,11 +288,7 @@ def evaluate_surrogate(
         "baselines": baselines,
     }
     result.update(_skill(cube, weights, scored, None))
-    result["climatology"] = {
-        "key": "calendar month" if any(r["monthly"] for r in store.index["runs"]) else "day of year",
-        "training_frames": climatology.training_frames,
-        "fallback_lookups": climatology.fallbacks,
-    }
+    result["climatology"] = {**climatology_info, "fallback_lookups": climatology.fallbacks}
     run_index = np.asarray(scored.run)
     groups = {name: np.isin(run_index, members) for name, members in planet_groups(store, split).items()}
     time_held = [w[0] for w in windows if w[0] not in split.held_out_runs]
@@ -343,6 +361,9 @@ def _skill(
     per-channel MSE ratio against persistence."""
     state, truth, pred, clim = (scored.cat(k, mask) for k in ("state", "truth", "pred", "clim"))
     forecasts = {"": pred, "persistence": state, "climatology": clim}
+    calendar = scored.cat("calendar", mask)
+    if calendar is not None:
+        forecasts["calendar_climatology"] = calendar
     advected = scored.cat("advected", mask)
     if advected is not None:
         forecasts["advective_persistence"] = advected
@@ -350,7 +371,7 @@ def _skill(
     for name, forecast in forecasts.items():
         suffix = f"_{name}" if name else ""
         out[f"rmse{suffix}"] = _by_variable(cube, rmse(forecast, truth, weights), True)
-        if name != "climatology":
+        if not name.endswith("climatology"):
             out[f"acc{suffix}"] = _by_variable(cube, acc(forecast, truth, clim, weights))
     runs = np.asarray(scored.run) if mask is None else np.asarray(scored.run)[mask]
     model_mse = run_mse(weighted_mse(pred, truth, weights), runs)
@@ -441,10 +462,17 @@ def print_summary(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     advect = "rmse_advective_persistence" in result
+    calendar = "rmse_calendar_climatology" in result
     columns = (
         ["var", "ACC", "ACC\npers.", "RMSE", "RMSE\npers.", "RMSE\nclim."]
         + (["RMSE\nadvect."] if advect else [])
         + ["skill\npers.", "skill\nclim."]
+    )
+    kind = (result.get("climatology") or {}).get("kind", "calendar")
+    clim_caption = (
+        "clim. = planet-parameter climatology fitted on the training runs"
+        if kind == "planet parameters"
+        else f"clim. = climatology of the training frames per {kind}"
     )
     table = Table(
         box=box.SIMPLE_HEAD,
@@ -452,7 +480,7 @@ def print_summary(result: dict[str, Any]) -> None:
         pad_edge=False,
         collapse_padding=True,
         show_edge=False,
-        caption="pers. = persistence, clim. = climatology"
+        caption=f"pers. = persistence, {clim_caption}"
         + (", advect. = advective persistence" if advect else ""),
     )
     for column in columns:
@@ -473,6 +501,11 @@ def print_summary(result: dict[str, Any]) -> None:
         highlight=False,
     )
     console.print(table)
+    if calendar:
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in result["rmse_calendar_climatology"].items())
+        console.print(
+            f"RMSE of the calendar-key climatology pooled over the training planets: {shown}", highlight=False
+        )
     for name, group in result["groups"].items():
         skill = ", ".join(f"{k} {_signed(v)}" for k, v in group["skill_vs_persistence"].items())
         console.print(f"{name} (runs {group['runs']}): skill vs persistence {skill}", highlight=False)
@@ -510,12 +543,19 @@ def _climatology_sentence(result: dict[str, Any]) -> str:
     ahead = [name for name, value in skill.items() if value > 0]
     if not skill:
         return ""
+    kind = (result.get("climatology") or {}).get("kind")
+    which = (
+        "the planet-parameter climatology (fitted on the training planets)"
+        if kind == "planet parameters"
+        else "the climatology of the training frames"
+    )
     if len(ahead) == len(skill):
         return (
-            f" It beats the climatology on every variable (skill {min(skill.values()):+.2f} to "
+            f" It beats {which} on every variable (skill {min(skill.values()):+.2f} to "
             f"{max(skill.values()):+.2f})."
         )
-    return f" It beats the climatology on {len(ahead)} of {len(skill)} variables."
+    behind = [name for name in skill if name not in ahead]
+    return f" It beats {which} on {len(ahead)} of {len(skill)} variables (not on {', '.join(behind)})."
 
 
 def _persistence_sentence(result: dict[str, Any]) -> str:
