@@ -334,7 +334,7 @@ def fit_climatology(
     if support == "applied":
         fitted = ParameterClimatology(store, windows)
         return fitted, {
-            "kind": "planet parameters",
+            "key": "planet parameters",
             "definition": PARAMETER_DEFINITION,
             "training_runs": fitted.runs,
             "training_frames": fitted.training_frames,
@@ -344,7 +344,7 @@ def fit_climatology(
     calendar = Climatology(store, windows)
     monthly = any(r["monthly"] for r in store.index["runs"])
     return calendar, {
-        "kind": "calendar month" if monthly else "day of year",
+        "key": "calendar month" if monthly else "day of year",
         "definition": CALENDAR_DEFINITION,
         "training_frames": calendar.training_frames,
         "planet_parameters": support,

@@ -90,7 +90,7 @@ DEFINITIONS = {
     "parts of training runs",
     "constraints": "each physics constraint: applied, or skipped with the reason",
     "baselines": "each baseline: applied, or skipped with the reason",
-    "climatology": "the climatology every 'climatology' number and every ACC uses: kind ('planet "
+    "climatology": "the climatology every 'climatology' number and every ACC uses: key ('planet "
     "parameters', or the calendar key 'calendar month' / 'day of year'), definition, training frames; for "
     "planet parameters per variable the smoothers its channels chose and their leave-one-run-out RMSE on "
     "the training runs next to the pooled mean's; fallback_lookups: calendar keys no training frame had "
@@ -226,7 +226,7 @@ def evaluate_surrogate(
     calendar = Climatology(store, split.train) if isinstance(climatology, ParameterClimatology) else None
     baselines = {
         "persistence": "applied",
-        "climatology": f"applied ({climatology_info['kind']})",
+        "climatology": f"applied ({climatology_info['key']})",
         "advective_persistence": advective_persistence_support(store),
     }
     advect = baselines["advective_persistence"] == "applied"
@@ -468,7 +468,7 @@ def print_summary(result: dict[str, Any]) -> None:
         + (["RMSE\nadvect."] if advect else [])
         + ["skill\npers.", "skill\nclim."]
     )
-    kind = (result.get("climatology") or {}).get("kind", "calendar")
+    kind = (result.get("climatology") or {}).get("key", "calendar")
     clim_caption = (
         "clim. = planet-parameter climatology fitted on the training runs"
         if kind == "planet parameters"
@@ -543,7 +543,7 @@ def _climatology_sentence(result: dict[str, Any]) -> str:
     ahead = [name for name, value in skill.items() if value > 0]
     if not skill:
         return ""
-    kind = (result.get("climatology") or {}).get("kind")
+    kind = (result.get("climatology") or {}).get("key")
     which = (
         "the planet-parameter climatology (fitted on the training planets)"
         if kind == "planet parameters"

@@ -129,17 +129,17 @@ def test_stores_without_planet_parameters_keep_the_calendar_climatology(planets,
     cmip = cmip_store(tmp_path, "cmip", held_out_offset=2.0)
     climatology, info = fit_climatology(cmip, split_store(cmip, val_runs=1).train)
     assert isinstance(climatology, Climatology)
-    assert info["kind"] == "calendar month"
+    assert info["key"] == "calendar month"
     assert info["planet_parameters"] == "skipped: the store's runs carry no planet parameters"
     store = CubeStore(planets)
     few = [(r, 0, 8) for r in (0, 1)]
     climatology, info = fit_climatology(store, few)
-    assert isinstance(climatology, Climatology) and info["kind"] == "day of year"
+    assert isinstance(climatology, Climatology) and info["key"] == "day of year"
     assert info["planet_parameters"].startswith("skipped: 2 training runs")
     with pytest.raises(ValueError, match="2 training runs"):
         ParameterClimatology(store, few)
     climatology, info = fit_climatology(store, split_store(store, val_runs=2).train)
-    assert isinstance(climatology, ParameterClimatology) and info["kind"] == "planet parameters"
+    assert isinstance(climatology, ParameterClimatology) and info["key"] == "planet parameters"
     assert set(info["variables"]) == {v["name"] for v in store.variables}
 
 
@@ -149,7 +149,7 @@ def test_evaluation_scores_against_the_parameter_climatology(planets, tmp_path):
     torch.manual_seed(0)
     save_folder(build_model(config), config, tmp_path / "ckpt")  # zero head: exactly persistence
     result = evaluate_surrogate(tmp_path / "ckpt", planets, None, rollout_steps=2, plots=False)
-    assert result["climatology"]["kind"] == "planet parameters"
+    assert result["climatology"]["key"] == "planet parameters"
     assert result["baselines"]["climatology"] == "applied (planet parameters)"
     for key in ("rmse_climatology", "rmse_calendar_climatology", "skill_vs_calendar_climatology"):
         assert key in result and key in result["definitions"]
