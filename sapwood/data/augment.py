@@ -196,6 +196,7 @@ def HemisphereFlip(p: float = 0.5) -> RollAndFlip:  # noqa: N802 - a named confi
 
 
 _OUTPUTS = BufferPool(capacity=4)
+PARALLEL_FROM_BYTES = 1 << 20  # smaller batches: the pool's launch costs more than a second thread saves
 
 
 def roll_and_flip(
@@ -243,12 +244,15 @@ def reference_augment(
 
 def augment_planes(
     frames: torch.Tensor, roles: ChannelRoles, shifts: torch.Tensor, flips: torch.Tensor,
-    noise: NoiseDraw | None, in_place: bool = False,
+    noise: NoiseDraw | None, in_place: bool = False, threads: int | None = None,
 ) -> torch.Tensor:
     """Roll, flip (with the sign change) and noise in one pass: on the CPU (float32) the numba kernel of
     :mod:`sapwood.data.augment_cpu`, reading and writing each element once (into ``frames`` when ``in_place``,
     else into a recycled buffer); elsewhere :func:`reference_augment`. Equal to :func:`reference_augment` to
-    round-off."""
+    round-off.
+
+    ``threads``: the kernel's threads on the CPU; by default ``torch.get_num_threads()`` for batches of at
+    least ``PARALLEL_FROM_BYTES`` and 1 (the calling thread, no pool) below."""
     if frames.device.type != "cpu" or frames.dtype != torch.float32:
         out = reference_augment(frames, roles, shifts, flips, noise)
         return frames.copy_(out) if in_place else out
@@ -265,12 +269,14 @@ def augment_planes(
         slope, intercept, key = noise.slope.float(), noise.intercept.float(), seed_key(noise.seed)
     else:
         slope, intercept, key = torch.zeros(channels), torch.zeros(channels), 0
-    augment_cpu.set_threads(torch.get_num_threads())
-    augment_cpu.fused_planes(
+    if threads is None:
+        threads = 1 if frames.numel() * 4 < PARALLEL_FROM_BYTES else torch.get_num_threads()
+    arguments = (
         frames.numpy(), out.numpy(), shifts.to(torch.int64).cpu().numpy(), flips.cpu().numpy(), sign.numpy(),
         offset.numpy(), slope.contiguous().numpy(), intercept.contiguous().numpy(), perturb.numpy(),
         np.uint64(key),
     )
+    augment_cpu.run(arguments, threads)
     return out
 
 

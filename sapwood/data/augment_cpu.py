@@ -5,12 +5,28 @@ rows are copied to a small scratch (cache-resident), then written back rolled, m
 perturbed. Every element of the batch is therefore read once and written once, and ``out`` may be ``frames``
 itself (in place). The noise is the counter-based field of :func:`sapwood.data.augment.hash_uniform`
 (bit-identical here), computed inline, so no random numbers are stored or drawn from a sequential generator.
+
+Two compiled versions of the one kernel: :func:`fused_planes` spreads the planes over numba's thread pool,
+:func:`fused_planes_serial` runs them on the calling thread. Both release the GIL, so the serial one overlaps
+a training step when a prefetch thread calls it.
+
+Threads: numba's thread pool uses the ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise.
+Its workers sleep between kernels. The ``omp`` layer's workers busy-wait after each kernel (libgomp's default
+spin), and on a small CPU they took the cores a torch training step needed. The workqueue layer does not
+allow two parallel launches at once, so :func:`run` takes the pool only when no other thread holds it and
+runs the kernel serially otherwise.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numba
 import numpy as np
+
+if "NUMBA_THREADING_LAYER" not in os.environ:  # before the first parallel launch fixes the layer
+    numba.config.THREADING_LAYER = "workqueue"
 
 MASK32 = np.uint64(0xFFFFFFFF)
 TO_UNIT = np.float32(2.0**-24)
@@ -43,8 +59,7 @@ def _write_row(row, source, shift, sign, offset, noisy, slope, intercept, key, f
             row[i] = y + centered * (slope * y + intercept)
 
 
-@numba.njit(parallel=True, cache=True)
-def fused_planes(
+def _fused_planes(
     frames, out, shifts, flips, sign, offset, slope, intercept, perturb, seed_key
 ):  # pragma: no cover
     """``out[k, b, c] = noise(sign/offset(roll(flip(frames[k, b, c]))))`` for every plane (see the module
@@ -81,6 +96,30 @@ def fused_planes(
                 )
 
 
-def set_threads(count: int) -> None:
-    """Use ``count`` threads (at most numba's configured maximum)."""
-    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+fused_planes = numba.njit(parallel=True, cache=True, nogil=True)(_fused_planes)
+fused_planes_serial = numba.njit(cache=True, nogil=True)(_fused_planes)
+_POOL = threading.Lock()  # one parallel launch at a time (the workqueue layer aborts on concurrent ones)
+
+
+def run(arguments: tuple, threads: int) -> None:
+    """:func:`fused_planes` on ``threads`` threads (at most numba's configured maximum), or
+    :func:`fused_planes_serial` on the calling thread when ``threads`` is 1 or another thread holds the pool."""
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    if threads > 1 and _POOL.acquire(blocking=False):
+        try:
+            numba.set_num_threads(threads)
+            fused_planes(*arguments)
+        finally:
+            _POOL.release()
+    else:
+        fused_planes_serial(*arguments)
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) the serial kernel now, so that the first batch does not wait."""
+    planes = np.zeros((1, 1, 1, 2, 2), dtype=np.float32)
+    vector = np.zeros(1, dtype=np.float32)
+    fused_planes_serial(
+        planes, planes, np.zeros(1, np.int64), np.zeros(1, np.bool_), vector, vector, vector, vector,
+        np.zeros(1, np.bool_), np.uint64(0),
+    )

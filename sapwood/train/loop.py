@@ -230,6 +230,7 @@ class Trainer:
         self.batches = DeviceFeed(
             self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp), self.device
         )  # on CUDA: the copy of the next batch overlaps this step
+        self.data_wait_total_s = self.step_total_s = 0.0  # over the steps this process trained
 
     def model_changed(self) -> None:
         """Call after replacing blocks/parameters: activation checkpointing and compile reach new blocks."""
@@ -322,6 +323,8 @@ class Trainer:
         self._data_wait = 0.0
         metrics = self._train_step()
         elapsed = time.perf_counter() - start
+        self.data_wait_total_s += self._data_wait
+        self.step_total_s += elapsed
         metrics.update(
             data_wait_s=self._data_wait, data_wait_fraction=self._data_wait / elapsed if elapsed > 0 else 0.0
         )
@@ -419,7 +422,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``; evaluate, checkpoint, write ``final/`` and ``loss.png``.
 
-        Returns a summary: final step, last train loss, last eval metrics, counters, paths. Ctrl-C: see
+        Returns a summary: final step, last train loss, last eval metrics, counters, paths, and
+        ``data_wait_fraction``, the time the steps of this process waited for their batches over the time
+        they took. Ctrl-C: see
         :mod:`sapwood.train.interrupt`; the run stops before its next step with :class:`TrainingInterrupted`.
         """
         with _stop_on_ctrl_c(self) as stop:
@@ -486,6 +491,7 @@ class Trainer:
         summary = {
             "step": self.step, "loss": last_loss, **last_eval, "skipped_steps": self.skipped_steps,
             "overflow_steps": self.overflow_steps, "final": str(final), "plot": str(plot) if plot else None,
+            "data_wait_fraction": self.data_wait_total_s / self.step_total_s if self.step_total_s else 0.0,
         }
         self.log_event("done", **{k: v for k, v in summary.items() if k != "step"})
         self.events.close()
