@@ -103,7 +103,8 @@ _POOL = threading.Lock()  # one parallel launch at a time (the workqueue layer a
 
 def run(arguments: tuple, threads: int) -> None:
     """:func:`fused_planes` on ``threads`` threads (at most numba's configured maximum), or
-    :func:`fused_planes_serial` on the calling thread when ``threads`` is 1 or another thread holds the pool."""
+    :func:`fused_planes_serial` on the calling thread when ``threads`` is 1 or another thread holds the
+    pool."""
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
     if threads > 1 and _POOL.acquire(blocking=False):
         try:

@@ -19,11 +19,11 @@ straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_
 (``segments_per_batch`` defaults to the largest of 4, 3, 2, 1 dividing ``batch_size``) and no per-sample
 Python work. While iterating, the reads of a batch are shared by ``read_threads`` threads, the prefetch
 thread and ``read_threads - 1`` readers (page-cache copies in parallel; by default up to 4 threads for
-batches of at least ``PARALLEL_READ_FROM_BYTES``, the prefetch thread alone below). Frame buffers are recycled once no
-batch made from them is referenced any more (so a batch you keep stays valid). A background thread
-prefetches ``prefetch`` batches (pinned memory when CUDA is available); normalization, when asked for, is
-applied in place in that thread, and so is ``transform`` (per-batch work such as augmentation, done while the
-consumer computes on the previous batch).
+batches of at least ``PARALLEL_READ_FROM_BYTES``, the prefetch thread alone below). Frame buffers are
+recycled once no batch made from them is referenced any more (so a batch you keep stays valid). A
+background thread prefetches ``prefetch`` batches (pinned memory when CUDA is available); normalization, when
+asked for, is applied in place in that thread, and so is ``transform`` (per-batch work such as augmentation,
+done while the consumer computes on the previous batch).
 """
 
 from __future__ import annotations
