@@ -47,10 +47,11 @@ def mix32(x: np.uint64) -> np.uint64:
 @numba.njit(inline="always")
 def _write_row(row, source, shift, sign, offset, noisy, slope, intercept, key, first_cell):
     nlon = row.shape[0]
-    for i in range(shift):
-        row[i] = sign * source[nlon - shift + i] + offset
-    for i in range(shift, nlon):
-        row[i] = sign * source[i - shift] + offset
+    tail, head, rest = source[nlon - shift :], source[: nlon - shift], row[shift:]
+    for i in range(shift):  # plain range indices into views: no negative-index checks, so the loops vectorize
+        row[i] = sign * tail[i] + offset
+    for i in range(nlon - shift):
+        rest[i] = sign * head[i] + offset
     if noisy:  # a second sweep over the row while it is in L1: each loop is contiguous and vectorizes
         for i in range(nlon):
             h = mix32(key ^ np.uint64(first_cell + i))
@@ -83,8 +84,10 @@ def _fused_planes(
         scratch = np.empty((2, nlon), dtype=np.float32)
         for j in range(half):
             mirror = nlat - 1 - j
-            scratch[0, :] = frames[k, b, c, j]
-            scratch[1, :] = frames[k, b, c, mirror]
+            upper, lower = frames[k, b, c, j], frames[k, b, c, mirror]
+            for i in range(nlon):  # an explicit loop: a slice assignment checks for overlap on every row
+                scratch[0, i] = upper[i]
+                scratch[1, i] = lower[i]
             top, bottom = (scratch[1], scratch[0]) if flipped else (scratch[0], scratch[1])
             _write_row(
                 out[k, b, c, j], top, shift, sign_c, offset_c, noisy, slope[c], intercept[c], key, j * nlon
