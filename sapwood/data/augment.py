@@ -119,8 +119,13 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def seed_key(seed: int) -> int:
-    """The hashed noise seed that keys every plane's noise."""
-    return int(mix32(torch.tensor([seed & MASK32], dtype=torch.int64))[0])
+    """The hashed noise seed that keys every plane's noise (:func:`mix32` of one Python int)."""
+    x = seed & MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
 
 
 def hash_uniform(
@@ -280,6 +285,43 @@ def augment_planes(
     return out
 
 
+class PreparedPlanes:
+    """:func:`augment_planes` on the CPU for one channel layout, window and noise coefficients, with the
+    per-channel vectors converted once, in place and on the calling thread: a call is one kernel launch and
+    no other torch work (for a prefetch thread that shares the interpreter with a training step, where every
+    short torch call is a chance to lose the GIL). Equal to :func:`augment_planes` with the same draws."""
+
+    def __init__(
+        self, roles: ChannelRoles, window: int, slope: torch.Tensor | None = None,
+        intercept: torch.Tensor | None = None, noisy_frames: Sequence[int] = (),
+    ) -> None:
+        negated = roles.sign.numpy() < 0
+        self.sign = np.where(negated, -1.0, 1.0).astype(np.float32)
+        self.offset = np.where(negated, -2 * roles.mean_over_std.float().numpy(), 0.0).astype(np.float32)
+        channels = len(self.sign)
+        self.slope = np.zeros(channels, np.float32) if slope is None else slope.float().numpy().copy()
+        self.intercept = (
+            np.zeros(channels, np.float32) if intercept is None else intercept.float().numpy().copy()
+        )
+        self.perturb = np.zeros(window, dtype=np.bool_)
+        self.perturb[list(noisy_frames)] = True
+
+    def __call__(
+        self, frames: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, noise_seed: int = 0
+    ) -> torch.Tensor:
+        """``frames`` (float32, contiguous, CPU ``[window, B, C, lat, lon]``) rolled, flipped and perturbed
+        in place with the noise field of ``noise_seed``."""
+        from sapwood.data import augment_cpu
+
+        array = frames.numpy()
+        augment_cpu.run(
+            (array, array, shifts.numpy().astype(np.int64, copy=False), flips.numpy(), self.sign,
+             self.offset, self.slope, self.intercept, self.perturb, np.uint64(seed_key(noise_seed))),
+            threads=1,
+        )
+        return frames
+
+
 class Noise:
     """Per-variable random perturbation of the frames in ``frames_to_perturb`` (default: the input state
     only).
@@ -299,7 +341,19 @@ class Noise:
         self.scale, self.frames_to_perturb = scale, tuple(frames_to_perturb)
 
     def draw(self, frames: torch.Tensor, roles: ChannelRoles, generator: torch.Generator) -> NoiseDraw:
-        window = frames.shape[0]
+        slope, intercept, chosen = self.coefficients(roles, frames.shape[0])
+        return NoiseDraw(self.draw_seed(generator), slope, intercept, chosen)
+
+    @staticmethod
+    def draw_seed(generator: torch.Generator) -> int:
+        """The one random number a call draws from ``generator``: the seed of the noise field."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+
+    def coefficients(
+        self, roles: ChannelRoles, window: int
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """``(slope, intercept, frames)`` of :class:`NoiseDraw` for ``roles`` and a window of ``window``
+        frames (the same on every call)."""
         chosen = sorted({k % window for k in self.frames_to_perturb if -window <= k < window})
         if len(chosen) != len(self.frames_to_perturb):
             raise SapwoodError(
@@ -320,8 +374,7 @@ class Noise:
         width = 2 * 3**0.5  # u = width * (uniform in (-1/2, 1/2))
         slope = (relative * width).float()
         intercept = ((relative * roles.mean_over_std + absolute) * width).float()
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
-        return NoiseDraw(seed, slope, intercept, tuple(chosen))
+        return slope, intercept, tuple(chosen)
 
     def __call__(self, frames: torch.Tensor, roles: ChannelRoles, generator: torch.Generator) -> torch.Tensor:
         noise = self.draw(frames, roles, generator)

@@ -38,7 +38,14 @@ from sapwood.config import (
     TrainConfig,
 )
 from sapwood.data import augment_cpu
-from sapwood.data.augment import ChannelRoles, Noise, RollAndFlip, augment_planes
+from sapwood.data.augment import (
+    ChannelRoles,
+    Noise,
+    NoiseDraw,
+    PreparedPlanes,
+    RollAndFlip,
+    augment_planes,
+)
 from sapwood.data.loader import Batch, CubeLoader, Split, split_store
 from sapwood.data.store import CubeStore
 from sapwood.errors import ConfigError
@@ -267,10 +274,10 @@ class PairAugment:
 
     The draws are those of :class:`sapwood.data.augment.Augment` (call ``n``: a CPU generator seeded
     ``seed + n``, roll/flip then noise), so a run is reproducible and resumes exactly: :class:`CubeBatches`
-    passes the batch's number since the start of training as ``n``. The transform is the fused one-pass
-    kernel (:func:`sapwood.data.augment.augment_planes`, equal to ``reference_augment`` to round-off) on the
-    calling thread, without a thread pool; :class:`CubeBatches` calls it on the loader's prefetch thread,
-    so it overlaps the training step."""
+    passes the batch's number since the start of training as ``n``. On the CPU the transform is the fused
+    one-pass kernel (:class:`sapwood.data.augment.PreparedPlanes`, equal to ``reference_augment`` to
+    round-off) on the calling thread, without a thread pool; :class:`CubeBatches` calls it on the loader's
+    prefetch thread, so it overlaps the training step."""
 
     def __init__(self, cube: CubeModelConfig, seed: int = 0):
         options = cube.augment
@@ -281,6 +288,11 @@ class PairAugment:
         self.roll_flip = RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0)
         self.noise = Noise(scale=options.noise, frames_to_perturb=(0,)) if options.noise > 0 else None
         self.seed, self.calls = seed, 0
+        self.coefficients = self.noise.coefficients(self.roles, 3) if self.noise is not None else None
+        if self.coefficients is not None:
+            self.planes = PreparedPlanes(self.roles, 3, *self.coefficients)
+        else:
+            self.planes = PreparedPlanes(self.roles, 2)
         augment_cpu.warm()
 
     def __call__(
@@ -292,8 +304,12 @@ class PairAugment:
             call, self.calls = self.calls, self.calls + 1
         generator = torch.Generator().manual_seed(self.seed + call)
         shifts, flips = self.roll_flip.draw(frames, generator)
-        noise = self.noise.draw(frames, self.roles, generator) if self.noise is not None else None
-        frames = augment_planes(frames, self.roles, shifts, flips, noise, in_place=True, threads=1)
+        noise_seed = self.noise.draw_seed(generator) if self.noise is not None else 0
+        if frames.device.type == "cpu":
+            frames = self.planes(frames, shifts, flips, noise_seed)
+        else:  # the same draws, through the reference transform on the batch's device
+            noise = NoiseDraw(noise_seed, *self.coefficients) if self.coefficients else None
+            frames = augment_planes(frames, self.roles, shifts, flips, noise, in_place=True)
         return frames[0], frames[1], frames[-1] if self.noise is not None else frames[0]
 
 
