@@ -347,9 +347,10 @@ def _read_all(store: CubeStore, reads: list[tuple[int, torch.Tensor]]) -> None:
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
-    """``batch`` (a tensor, :class:`Batch`, dict, list or tuple of them) on ``device``."""
+    """``batch`` (a tensor, :class:`Batch`, dict, list or tuple of them) on ``device``; tensors already there
+    are passed through without a torch call (each call may hand the GIL to the prefetch thread)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
+        return batch if batch.device == device else batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, Batch):
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, dict):

@@ -100,8 +100,8 @@ def build_optimizer(model: nn.Module, config: Config, device: torch.device):
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+    if isinstance(batch, torch.Tensor):  # no torch call when it is there: each one may hand the GIL away
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
