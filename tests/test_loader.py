@@ -251,7 +251,7 @@ def test_cube_training_logs_the_time_each_step_waited_for_data(tmp_path):
     steps = read_events(tmp_path / "run" / "metrics.jsonl", "train")
     assert len(steps) == 4
     for record in steps:
-        assert 0 <= record["data_wait_s"] and 0 <= record["data_wait_fraction"] <= 1
+        assert 0 <= record["data_wait_s"] <= record["step_s"] and 0 <= record["data_wait_fraction"] <= 1
     # the run's fraction: the waits of all steps over their time, which each step's own fraction bounds
     fractions = [record["data_wait_fraction"] for record in steps]
     assert min(fractions) <= summary["data_wait_fraction"] <= max(fractions)

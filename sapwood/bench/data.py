@@ -259,9 +259,7 @@ def training_wait_results(work: Path, steps: int) -> list[Result]:
             config.cube.augment = CubeAugmentConfig(**augment)
             summary = train(config)
             records = read_events(out / "metrics.jsonl", "train")
-            waits = [r["data_wait_s"] for r in records]
-            steps_s = [w / r["data_wait_fraction"] if r["data_wait_fraction"] > 0 else 0.0
-                       for w, r in zip(waits, records, strict=True)]
+            waits, steps_s = [r["data_wait_s"] for r in records], [r["step_s"] for r in records]
             wait, step = sum(waits[1:]) / len(waits[1:]), sum(steps_s[1:]) / len(steps_s[1:])
             results.append(
                 Result(

@@ -317,8 +317,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics (``skipped`` True when the loss was not finite), with
-        ``data_wait_s``, the seconds the step waited for its batches, and ``data_wait_fraction`` of the
-        step."""
+        ``step_s``, its seconds, ``data_wait_s``, the seconds it waited for its batches, and
+        ``data_wait_fraction`` of the step."""
         start = time.perf_counter()
         self._data_wait = 0.0
         metrics = self._train_step()
@@ -326,7 +326,8 @@ class Trainer:
         self.data_wait_total_s += self._data_wait
         self.step_total_s += elapsed
         metrics.update(
-            data_wait_s=self._data_wait, data_wait_fraction=self._data_wait / elapsed if elapsed > 0 else 0.0
+            step_s=elapsed, data_wait_s=self._data_wait,
+            data_wait_fraction=self._data_wait / elapsed if elapsed > 0 else 0.0,
         )
         return metrics
 
