@@ -12,9 +12,10 @@ a training step when a prefetch thread calls it.
 
 Threads: numba's thread pool uses the ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise.
 Its workers sleep between kernels. The ``omp`` layer's workers busy-wait after each kernel (libgomp's default
-spin), and on a small CPU they took the cores a torch training step needed. The workqueue layer does not
-allow two parallel launches at once, so :func:`run` takes the pool only when no other thread holds it and
-runs the kernel serially otherwise.
+spin), so on a small CPU they hold the cores a torch training step needs: with one kernel per step, a cube
+training step takes about 10x longer (``GOMP_SPINCOUNT=0``, ``OMP_WAIT_POLICY=passive`` or one numba thread
+remove the slowdown too). The workqueue layer does not allow two parallel launches at once, so :func:`run`
+takes the pool only when no other thread holds it and runs the kernel serially otherwise.
 """
 
 from __future__ import annotations
