@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from sapwood.data import augment_cpu
 from sapwood.data.augment import (
     ALL_PROPERTIES,
     Augment,
@@ -277,6 +278,11 @@ def test_parallel_launches_from_two_threads_at_once_both_finish_and_agree():
     for worker in workers:
         worker.join()
     assert sorted(results) == [0, 1]
+    # the serial build is its own compilation (numba's disk cache would otherwise share one build)
+    assert augment_cpu.fused_planes.targetoptions["parallel"]
+    assert "parallel" not in augment_cpu.fused_planes_serial.targetoptions
+    builds = (augment_cpu.fused_planes, augment_cpu.fused_planes_serial)
+    assert len({build.py_func.__qualname__ for build in builds}) == 2
     for outputs in results.values():
         for out in outputs:
             torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-6)

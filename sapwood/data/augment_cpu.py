@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 
 import numba
 import numpy as np
@@ -100,8 +101,16 @@ def _fused_planes(
                 )
 
 
-fused_planes = numba.njit(parallel=True, cache=True, nogil=True)(_fused_planes)
-fused_planes_serial = numba.njit(cache=True, nogil=True)(_fused_planes)
+def _compiled(name: str, **options: bool) -> numba.core.registry.CPUDispatcher:
+    """``_fused_planes`` compiled under its own name: numba's on-disk cache keys on the function's name and
+    signature, not on ``parallel``, so two builds of one function would load each other's code."""
+    function = types.FunctionType(_fused_planes.__code__, _fused_planes.__globals__, name)
+    function.__qualname__, function.__doc__ = name, _fused_planes.__doc__
+    return numba.njit(cache=True, nogil=True, **options)(function)
+
+
+fused_planes = _compiled("fused_planes", parallel=True)
+fused_planes_serial = _compiled("fused_planes_serial")
 _POOL = threading.Lock()  # one parallel launch at a time (the workqueue layer aborts on concurrent ones)
 
 
