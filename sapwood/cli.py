@@ -732,11 +732,17 @@ def bench_data(
     batches: int = typer.Option(4, help="timed batches"),
     work: Path = typer.Option(None, "--work", help="where simulated data and the store live (reused)"),
     zarr: bool = typer.Option(True, "--zarr/--no-zarr", help="also time the Zarr v3 layout of the same data"),
+    train_steps: int = typer.Option(
+        60, "--train-steps", help="steps of the cube training runs whose data wait is measured (0: none)"
+    ),
 ) -> None:
-    """Seconds per cube batch: sapwood loader vs naive xarray loading vs a raw read of the same bytes."""
+    """Seconds per cube batch: sapwood loader vs naive xarray loading vs a raw read of the same bytes, and
+    the data-wait fraction of a short cube training run."""
     from sapwood.bench.data import run_data_bench
 
-    _show_bench(run_data_bench(out, work, batch_gb, levels, nlat, nlon, batches, zarr=zarr))
+    _show_bench(
+        run_data_bench(out, work, batch_gb, levels, nlat, nlon, batches, zarr=zarr, train_steps=train_steps)
+    )
 
 
 @bench_app.command("augment")

@@ -9,9 +9,14 @@
 #   grow.json   `sapwood bench grow --scale 4`: FLOPs to scratch's loss, L 4x256 (3.3M parameters) from
 #               scratch vs S 2x128 grown at half of 1000 steps (zero, masked, random), seeds as time allows
 #   env.txt     nvidia-smi, torch and package versions
+#   augment.json  (--data, a separate call of about 1 minute) `sapwood bench augment` at the platform's
+#               1.88 GB batch (20 levels x 64 x 128): host-to-device copy from pinned vs pageable memory,
+#               augmentation on the GPU and the fused CPU pass, each per batch (the batch's load from disk
+#               is host-side: `sapwood bench data --batch-gb 1.88` measures it)
 #
 #   scripts/device-check.sh             on the GPU machine (its python3 holds PyTorch)
-#   scripts/device-check.sh --dry-run   the same code path on tiny shapes on the CPU (CI, no GPU)
+#   scripts/device-check.sh --data      the data stage alone, on the GPU machine
+#   scripts/device-check.sh --dry-run   the same code paths on tiny shapes on the CPU (CI, no GPU)
 #
 # Packages sapwood needs that the GPU image lacks (torchao, pydantic, fastapi, uvicorn, ...) travel as
 # wheels in .whl/ (scripts/device-wheels.sh fetches them); they are installed to /tmp/site first.
@@ -25,7 +30,10 @@ PY="${PYTHON:-python3}"
 mkdir -p "$OUT_DIR"
 
 GROW_METHODS=zero@0.5,masked@0.5,random@0.5
+AUGMENT_1_88GB=(--batch-gb 1.88 --levels 20 --nlat 64 --nlon 128 --repeats 2)
 if [[ "${1:-}" == "--dry-run" ]]; then
+    "$PY" -m sapwood.cli bench augment --batch-gb 0.002 --levels 2 --nlat 8 --nlon 16 --repeats 2 \
+        --out "$OUT_DIR" || exit $?
     "$PY" -m sapwood.cli bench gpu --smoke --out "$OUT_DIR" || exit $?
     exec "$PY" -m sapwood.cli bench grow --steps 10 --seeds 2 --methods "$GROW_METHODS" \
         --data-dir "$OUT_DIR/grow-data" --out "$OUT_DIR"
@@ -43,6 +51,11 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELI
     "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|torchao|transformers|pydantic|fastapi|uvicorn) "
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
+
+if [[ "${1:-}" == "--data" ]]; then
+    timeout 150 "$PY" -m sapwood.cli bench augment "${AUGMENT_1_88GB[@]}" --out "$OUT_DIR"
+    exit $?
+fi
 
 status=0
 # 1. training: astro-13b under the memory plan, then the MFU models (none started after 250 s);

@@ -3,9 +3,12 @@ the fused one-pass kernel equals the reference transforms (separate passes) to r
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from sapwood.data import augment_cpu
 from sapwood.data.augment import (
     ALL_PROPERTIES,
     Augment,
@@ -13,13 +16,16 @@ from sapwood.data.augment import (
     HemisphereFlip,
     LongitudeRoll,
     Noise,
+    PreparedPlanes,
     RollAndFlip,
     TimeCrop,
     augment_planes,
     hash_uniform,
+    mix32,
     numpy_loop_augment,
     reference_augment,
     roll_and_flip,
+    seed_key,
 )
 from sapwood.data.loader import CubeLoader
 from sapwood.data.simulate import SPECIFIC_HEAT, Grid
@@ -230,6 +236,56 @@ def test_fused_pass_handles_odd_grids_and_every_shift():
             expected = expected.flip(-2)
             expected[:, 1:3] = -expected[:, 1:3]
         assert torch.equal(fused[:, b], expected)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_prepared_planes_equal_the_fused_pass_with_the_same_draws(store, normalized):
+    loader = CubeLoader(store, batch_size=6, segments_per_batch=2, window=3, seed=2, normalize=normalized)
+    frames = next(iter(loader)).frames.clone()
+    roles = ChannelRoles.from_store(store, normalized=normalized)
+    noise = Noise(frames_to_perturb=(0, 2))
+    shifts, flips, drawn = draws(frames, roles, seed=6, noise=noise)
+    prepared = PreparedPlanes(roles, 3, *noise.coefficients(roles, 3))
+    out = prepared(frames.clone(), shifts, flips, drawn.seed)
+    assert torch.equal(out, augment_planes(frames.clone(), roles, shifts, flips, drawn))
+    assert not torch.equal(out[0], roll_and_flip(frames, shifts, flips, roles)[0])  # frame 0 is perturbed
+    plain = PreparedPlanes(roles, 3)(frames.clone(), shifts, flips)
+    assert torch.equal(plain, roll_and_flip(frames, shifts, flips, roles))
+
+
+def test_seed_key_is_mix32_of_the_seed():
+    for seed in (0, 1, 12345, 2**31 - 2, 2**40 + 3):
+        assert seed_key(seed) == int(mix32(torch.tensor([seed & 0xFFFFFFFF], dtype=torch.int64))[0])
+
+
+def test_parallel_launches_from_two_threads_at_once_both_finish_and_agree():
+    roles = ChannelRoles.from_variables([("T", 3), ("v", 3), ("ps", 0)])
+    frames = torch.rand(2, 8, 7, 32, 64, generator=torch.Generator().manual_seed(3)) + 0.5
+    shifts, flips, noise = draws(frames, roles, seed=8)
+    expected = reference_augment(frames, roles, shifts, flips, noise)
+    start, results = threading.Barrier(2), {}
+
+    def work(name: int) -> None:
+        start.wait()  # both threads launch together: one takes the pool, the other runs serially
+        results[name] = [
+            augment_planes(frames.clone(), roles, shifts, flips, noise, in_place=True, threads=2)
+            for _ in range(10)
+        ]
+
+    workers = [threading.Thread(target=work, args=(name,)) for name in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(results) == [0, 1]
+    # the serial build is its own compilation (numba's disk cache would otherwise share one build)
+    assert augment_cpu.fused_planes.targetoptions["parallel"]
+    assert "parallel" not in augment_cpu.fused_planes_serial.targetoptions
+    builds = (augment_cpu.fused_planes, augment_cpu.fused_planes_serial)
+    assert len({build.py_func.__qualname__ for build in builds}) == 2
+    for outputs in results.values():
+        for out in outputs:
+            torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-6)
 
 
 def test_the_noise_field_is_uniform_independent_and_thread_count_free(store):

@@ -28,7 +28,7 @@ def test_bench_augment_reports_seconds_gbps_and_the_memcpy_limit(tmp_path):
 def test_bench_data_reports_raw_memcpy_and_zarr_in_the_same_run(tmp_path):
     results = run_data_bench(
         tmp_path / "out", tmp_path / "work", batch_gb=0.002, levels=2, nlat=8, nlon=16, batches=2,
-        progress=False,
+        progress=False, train_steps=3,
     )
     by_name = {r.name: r for r in results}
     params = by_name["loader with prefetch thread vs raw read"].params
@@ -36,3 +36,8 @@ def test_bench_data_reports_raw_memcpy_and_zarr_in_the_same_run(tmp_path):
         assert params[key] > 0, key
     assert "zarr layout read_batch (direct shard reads) vs raw layout" in by_name
     assert (tmp_path / "work" / "store-zarr" / "zarr.json").exists()
+    waits = [r for r in results if r.name.startswith("cube training data wait")]
+    assert [r.params["augment"] for r in waits] == ["no augmentation", "roll+flip", "roll+flip+noise"]
+    for result in waits:
+        assert result.params["steps"] == 3 and 0 <= result.params["data_wait_fraction"] <= 1
+        assert 0 <= result.value <= result.baseline_value  # a step waits at most as long as it takes

@@ -1,6 +1,7 @@
 """Augmented surrogate training (``cube.augment``): the training pairs are the reference roll/flip/noise of
-the loader's pairs (same roll and flip on input and target, noise on the input only), the budgets of the pair
-and its declared forcing are unchanged, and an augmented run is reproducible and resumes exactly."""
+the loader's pairs (same roll and flip on input and target, noise on the input only; the fused kernel that
+training runs on the prefetch thread agrees to round-off), the budgets of the pair and its declared forcing
+are unchanged, and an augmented run is reproducible and resumes exactly."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_augmented_batches_are_the_reference_transform_of_the_loader_batches(sto
         shifts, flips = RollAndFlip(roll=True, flip_p=0.5).draw(frames, generator)
         noise = Noise(scale=1.0, frames_to_perturb=(0,)).draw(frames, roles, generator)
         expected = reference_augment(frames.clone(), roles, shifts, flips, noise)
-        torch.testing.assert_close(batch["state"], expected[0], rtol=0, atol=0)
+        # the fused kernel: roll and flip exact, the noise to float32 round-off
+        torch.testing.assert_close(batch["state"], expected[0], rtol=2e-6, atol=2e-6)
         torch.testing.assert_close(batch["next"], expected[1], rtol=0, atol=0)  # the target gets no noise
         torch.testing.assert_close(batch["clean"], expected[2], rtol=0, atol=0)
         clean = reference_augment(frames.clone(), roles, shifts, flips, None)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sapwood.data.loader import CubeLoader, split_store
+from sapwood.data.loader import PARALLEL_READ_FROM_BYTES, CubeLoader, split_store
 from sapwood.data.simulate import Grid
 from sapwood.errors import SapwoodError
 
@@ -163,6 +163,33 @@ def test_the_prefetch_thread_reads_the_next_epoch_before_it_is_asked_for(store):
     stream.close()
 
 
+def test_transform_runs_on_the_prefetch_thread_numbered_across_epochs_and_resumes(store):
+    def numbered(batch, number):
+        return number, threading.current_thread().name, signature(batch)
+
+    reference = CubeLoader(store, batch_size=6, segments_per_batch=2, seed=5)
+    expected = [signature(b) for _ in range(2) for b in reference]  # two epochs
+    loader = CubeLoader(store, batch_size=6, segments_per_batch=2, seed=5, transform=numbered)
+    stream = loader.batches(endless=True)
+    got = [next(stream) for _ in range(len(expected) - 3)]
+    stream.close()
+    assert [number for number, _, _ in got] == list(range(len(got)))
+    assert {thread for _, thread, _ in got} == {"sapwood-cube-prefetch"}
+    assert [s for _, _, s in got] == expected[: len(got)]
+    resumed = CubeLoader(store, batch_size=6, segments_per_batch=2, seed=5, transform=numbered)
+    resumed.load_state_dict(loader.state_dict())  # mid-way through epoch 1
+    stream = resumed.batches(endless=True)
+    rest = [next(stream) for _ in range(3)]
+    stream.close()
+    assert [n for n, _, _ in rest] == [len(got), len(got) + 1, len(got) + 2]
+    assert [s for _, _, s in rest] == expected[len(got) :]
+
+
+def test_small_batches_are_read_by_the_prefetch_thread_alone(store):
+    small = CubeLoader(store, batch_size=6, segments_per_batch=3, seed=2)
+    assert small.batch_bytes < PARALLEL_READ_FROM_BYTES and small.read_threads == 1
+
+
 def test_parallel_reads_equal_serial_reads(store):
     serial = CubeLoader(store, batch_size=6, segments_per_batch=3, seed=2, read_threads=1)
     parallel = CubeLoader(store, batch_size=6, segments_per_batch=3, seed=2, read_threads=3)
@@ -220,8 +247,13 @@ def test_cube_training_logs_the_time_each_step_waited_for_data(tmp_path):
         store, tmp_path / "run", steps=4, hidden=32, layers=1, heads=2, patch=4, batch_size=4, val_runs=1
     )
     config.train.log_every = 1
-    train(config)
+    summary = train(config)
     steps = read_events(tmp_path / "run" / "metrics.jsonl", "train")
     assert len(steps) == 4
     for record in steps:
-        assert 0 <= record["data_wait_s"] and 0 <= record["data_wait_fraction"] <= 1
+        assert 0 <= record["data_wait_s"] <= record["step_s"] and 0 <= record["data_wait_fraction"] <= 1
+    # the run's fraction: the waits of all steps over their time, which each step's own fraction bounds
+    fractions = [record["data_wait_fraction"] for record in steps]
+    assert min(fractions) <= summary["data_wait_fraction"] <= max(fractions)
+    (done,) = read_events(tmp_path / "run" / "metrics.jsonl", "done")
+    assert done["data_wait_fraction"] == summary["data_wait_fraction"]

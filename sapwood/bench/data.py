@@ -17,6 +17,8 @@ model receives.
   limit of this machine).
 * zarr (unless ``zarr=False``): the same data prepared with ``--format zarr``, read by the loader (direct
   shard reads) and through zarr-python, against the raw layout's ``read_batch``.
+* training (unless ``train_steps=0``): the data-wait fraction of short cube training runs, with and without
+  ``cube.augment`` (:func:`training_wait_results`).
 
 The loader, ``read_batch`` alone, the raw read and memcpy are timed in ``rounds`` interleaved rounds (medians
 reported, and the loader/raw ratio of every round), so a change in a shared machine's load falls on all of
@@ -222,9 +224,65 @@ def zarr_results(
     ]
 
 
+TRAINING_AUGMENTS = {  # cube.augment of the timed training runs
+    "no augmentation": {},
+    "roll+flip": {"roll": True, "flip": True},
+    "roll+flip+noise": {"roll": True, "flip": True, "noise": 1.0},
+}
+
+
+def training_wait_results(work: Path, steps: int) -> list[Result]:
+    """The data-wait fraction of short cube training runs: the demo's surrogate (hidden 64, 2 layers, batch
+    16, one torch thread) on a simulated store (8 planets, 4 layers on 16 x 32, built once in
+    ``work/train-store``), without augmentation and with ``cube.augment`` roll+flip and roll+flip+noise. Per
+    run: the seconds its steps waited for their batches against the seconds the steps took, from the run's
+    ``metrics.jsonl`` (every step logged; the first step, which waits for the thread start and the first
+    read, is reported apart)."""
+    from sapwood.config import CubeAugmentConfig
+    from sapwood.train.cube_task import simulated_store, surrogate_config
+    from sapwood.train.loop import train
+    from sapwood.train.metrics import read_events
+
+    store = simulated_store(work / "train-store", runs=8, levels=4, nlat=16, nlon=32, times=12, spinup_days=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo trains: tiny matmuls, the second core left to the prefetch thread
+    results = []
+    try:
+        for name, augment in TRAINING_AUGMENTS.items():
+            out = work / "train-runs" / name.replace("+", "-").replace(" ", "-")
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            config = surrogate_config(store, out, steps=steps, hidden=64, layers=2, patch=4, val_runs=2)
+            config.train.log_every, config.train.eval_every, config.train.save_every = 1, steps, steps
+            config.cube.augment = CubeAugmentConfig(**augment)
+            summary = train(config)
+            records = read_events(out / "metrics.jsonl", "train")
+            waits, steps_s = [r["data_wait_s"] for r in records], [r["step_s"] for r in records]
+            wait, step = sum(waits[1:]) / len(waits[1:]), sum(steps_s[1:]) / len(steps_s[1:])
+            results.append(
+                Result(
+                    f"cube training data wait vs step time, per step ({name})", wait, "s", step,
+                    {
+                        "augment": name, "steps": len(records), "data_wait_fraction": wait / step,
+                        "data_wait_fraction_with_first_step": summary["data_wait_fraction"],
+                        "first_step_wait_s": waits[0], "median_wait_s": statistics.median(waits[1:]),
+                        "max_wait_s": max(waits[1:]), "median_step_s": statistics.median(steps_s[1:]),
+                        "torch_threads": 1, "batch_size": config.train.micro_batch_size,
+                    },
+                    baseline="the training step (ratio: step time over data wait; 20x = a 5% wait)",
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 def run_data_bench(
     out: Path, work: Path | None = None, batch_gb: float = 0.05, levels: int = 8, nlat: int = 32,
     nlon: int = 64, batches: int = 4, progress: bool = True, zarr: bool = True, rounds: int = 5,
+    train_steps: int = 60,
 ) -> list[Result]:
     work = work or out / "data-bench-work"
     channels = 6 * levels + 1
@@ -335,6 +393,8 @@ def run_data_bench(
     ]
     if zarr:
         results += zarr_results(work, loader, timed, direct_s, params, progress)
+    if train_steps > 1:
+        results += training_wait_results(work, train_steps)
     write_suite(
         "data", results, out,
         extra={"cache": "warm (page cache; dropping it needs root)", "batch_gb": gigabytes},

@@ -119,8 +119,13 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def seed_key(seed: int) -> int:
-    """The hashed noise seed that keys every plane's noise."""
-    return int(mix32(torch.tensor([seed & MASK32], dtype=torch.int64))[0])
+    """The hashed noise seed that keys every plane's noise (:func:`mix32` of one Python int)."""
+    x = seed & MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
 
 
 def hash_uniform(
@@ -196,6 +201,7 @@ def HemisphereFlip(p: float = 0.5) -> RollAndFlip:  # noqa: N802 - a named confi
 
 
 _OUTPUTS = BufferPool(capacity=4)
+PARALLEL_FROM_BYTES = 1 << 20  # smaller batches: the pool's launch costs more than a second thread saves
 
 
 def roll_and_flip(
@@ -243,12 +249,15 @@ def reference_augment(
 
 def augment_planes(
     frames: torch.Tensor, roles: ChannelRoles, shifts: torch.Tensor, flips: torch.Tensor,
-    noise: NoiseDraw | None, in_place: bool = False,
+    noise: NoiseDraw | None, in_place: bool = False, threads: int | None = None,
 ) -> torch.Tensor:
     """Roll, flip (with the sign change) and noise in one pass: on the CPU (float32) the numba kernel of
     :mod:`sapwood.data.augment_cpu`, reading and writing each element once (into ``frames`` when ``in_place``,
     else into a recycled buffer); elsewhere :func:`reference_augment`. Equal to :func:`reference_augment` to
-    round-off."""
+    round-off.
+
+    ``threads``: the kernel's threads on the CPU; by default ``torch.get_num_threads()`` for batches of at
+    least ``PARALLEL_FROM_BYTES`` and 1 (the calling thread, no pool) below."""
     if frames.device.type != "cpu" or frames.dtype != torch.float32:
         out = reference_augment(frames, roles, shifts, flips, noise)
         return frames.copy_(out) if in_place else out
@@ -265,13 +274,52 @@ def augment_planes(
         slope, intercept, key = noise.slope.float(), noise.intercept.float(), seed_key(noise.seed)
     else:
         slope, intercept, key = torch.zeros(channels), torch.zeros(channels), 0
-    augment_cpu.set_threads(torch.get_num_threads())
-    augment_cpu.fused_planes(
+    if threads is None:
+        threads = 1 if frames.numel() * 4 < PARALLEL_FROM_BYTES else torch.get_num_threads()
+    arguments = (
         frames.numpy(), out.numpy(), shifts.to(torch.int64).cpu().numpy(), flips.cpu().numpy(), sign.numpy(),
         offset.numpy(), slope.contiguous().numpy(), intercept.contiguous().numpy(), perturb.numpy(),
         np.uint64(key),
     )
+    augment_cpu.run(arguments, threads)
     return out
+
+
+class PreparedPlanes:
+    """:func:`augment_planes` on the CPU for one channel layout, window and noise coefficients, with the
+    per-channel vectors converted once, in place and on the calling thread: a call is one kernel launch and
+    no other torch work (for a prefetch thread that shares the interpreter with a training step, where every
+    short torch call is a chance to lose the GIL). Equal to :func:`augment_planes` with the same draws."""
+
+    def __init__(
+        self, roles: ChannelRoles, window: int, slope: torch.Tensor | None = None,
+        intercept: torch.Tensor | None = None, noisy_frames: Sequence[int] = (),
+    ) -> None:
+        negated = roles.sign.numpy() < 0
+        self.sign = np.where(negated, -1.0, 1.0).astype(np.float32)
+        self.offset = np.where(negated, -2 * roles.mean_over_std.float().numpy(), 0.0).astype(np.float32)
+        channels = len(self.sign)
+        self.slope = np.zeros(channels, np.float32) if slope is None else slope.float().numpy().copy()
+        self.intercept = (
+            np.zeros(channels, np.float32) if intercept is None else intercept.float().numpy().copy()
+        )
+        self.perturb = np.zeros(window, dtype=np.bool_)
+        self.perturb[list(noisy_frames)] = True
+
+    def __call__(
+        self, frames: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, noise_seed: int = 0
+    ) -> torch.Tensor:
+        """``frames`` (float32, contiguous, CPU ``[window, B, C, lat, lon]``) rolled, flipped and perturbed
+        in place with the noise field of ``noise_seed``."""
+        from sapwood.data import augment_cpu
+
+        array = frames.numpy()
+        augment_cpu.run(
+            (array, array, shifts.numpy().astype(np.int64, copy=False), flips.numpy(), self.sign,
+             self.offset, self.slope, self.intercept, self.perturb, np.uint64(seed_key(noise_seed))),
+            threads=1,
+        )
+        return frames
 
 
 class Noise:
@@ -293,7 +341,19 @@ class Noise:
         self.scale, self.frames_to_perturb = scale, tuple(frames_to_perturb)
 
     def draw(self, frames: torch.Tensor, roles: ChannelRoles, generator: torch.Generator) -> NoiseDraw:
-        window = frames.shape[0]
+        slope, intercept, chosen = self.coefficients(roles, frames.shape[0])
+        return NoiseDraw(self.draw_seed(generator), slope, intercept, chosen)
+
+    @staticmethod
+    def draw_seed(generator: torch.Generator) -> int:
+        """The one random number a call draws from ``generator``: the seed of the noise field."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+
+    def coefficients(
+        self, roles: ChannelRoles, window: int
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """``(slope, intercept, frames)`` of :class:`NoiseDraw` for ``roles`` and a window of ``window``
+        frames (the same on every call)."""
         chosen = sorted({k % window for k in self.frames_to_perturb if -window <= k < window})
         if len(chosen) != len(self.frames_to_perturb):
             raise SapwoodError(
@@ -314,8 +374,7 @@ class Noise:
         width = 2 * 3**0.5  # u = width * (uniform in (-1/2, 1/2))
         slope = (relative * width).float()
         intercept = ((relative * roles.mean_over_std + absolute) * width).float()
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
-        return NoiseDraw(seed, slope, intercept, tuple(chosen))
+        return slope, intercept, tuple(chosen)
 
     def __call__(self, frames: torch.Tensor, roles: ChannelRoles, generator: torch.Generator) -> torch.Tensor:
         noise = self.draw(frames, roles, generator)

@@ -18,10 +18,12 @@ consecutive rows of the store). Segments are shuffled per epoch (chunk-level shu
 straight into ``frames[k, s*L:(s+1)*L]``, so a batch is ``window * segments_per_batch`` large reads
 (``segments_per_batch`` defaults to the largest of 4, 3, 2, 1 dividing ``batch_size``) and no per-sample
 Python work. While iterating, the reads of a batch are shared by ``read_threads`` threads, the prefetch
-thread and ``read_threads - 1`` readers (page-cache copies in parallel). Frame buffers are recycled once no
-batch made from them is referenced any more (so a batch you keep stays valid). A background thread
-prefetches ``prefetch`` batches (pinned memory when CUDA is available); normalization, when asked for, is
-applied in place in that thread.
+thread and ``read_threads - 1`` readers (page-cache copies in parallel; by default up to 4 threads for
+batches of at least ``PARALLEL_READ_FROM_BYTES``, the prefetch thread alone below). Frame buffers are
+recycled once no batch made from them is referenced any more (so a batch you keep stays valid). A
+background thread prefetches ``prefetch`` batches (pinned memory when CUDA is available); normalization, when
+asked for, is applied in place in that thread, and so is ``transform`` (per-batch work such as augmentation,
+done while the consumer computes on the previous batch).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ import torch
 from sapwood.data.buffers import BufferPool
 from sapwood.data.store import CubeStore
 from sapwood.errors import SapwoodError
+
+PARALLEL_READ_FROM_BYTES = 8 << 20
 
 
 @dataclass
@@ -127,6 +131,7 @@ class CubeLoader:
         segments_per_batch: int | None = None, runs: Sequence[int] | None = None,
         windows: Sequence[Window] | None = None, seed: int = 0, shuffle: bool = True, normalize: bool = False,
         prefetch: int = 2, pin_memory: bool | None = None, read_threads: int | None = None,
+        transform: Callable[[Batch, int], Any] | None = None,
     ) -> None:
         self.store = store if isinstance(store, CubeStore) else CubeStore(store)
         if segments_per_batch is None:  # the largest of 4, 3, 2, 1 that divides the batch
@@ -173,8 +178,11 @@ class CubeLoader:
         self.epoch, self.batch = 0, 0
         self._params = torch.as_tensor(self.store.params, dtype=torch.float32)
         self._pool = BufferPool(capacity=self.prefetch + 3)
-        self.read_threads = max(1, min(4, os.cpu_count() or 1) if read_threads is None else read_threads)
+        if read_threads is None:  # small batches: hand-offs to reader threads cost more than they save
+            read_threads = 1 if self.batch_bytes < PARALLEL_READ_FROM_BYTES else min(4, os.cpu_count() or 1)
+        self.read_threads = max(1, read_threads)
         self._readers: ThreadPoolExecutor | None = None
+        self.transform = transform
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -249,7 +257,11 @@ class CubeLoader:
         """Batches from the current position to the end of the epoch, or, with ``endless``, on through every
         following epoch: the prefetch thread then reads the first batches of the next epoch while the last
         ones of this epoch are used, so no step waits at an epoch boundary. ``state_dict()`` follows the
-        batches yielded."""
+        batches yielded.
+
+        With a ``transform``, the prefetch thread calls ``transform(batch, number)`` on each batch, in reading
+        order, and iteration yields what it returns; ``number = epoch * len(self) + index`` counts the
+        batches since the start of epoch 0, so per-batch randomness keyed by it resumes exactly."""
         epoch, start, total = self.epoch, self.batch, len(self)
         if start >= total:
             epoch, start = epoch + 1, 0
@@ -271,7 +283,11 @@ class CubeLoader:
                 for position in plan():
                     if stop.is_set():
                         return
-                    item = (position, self.read_batch(*position))
+                    batch = self.read_batch(*position)
+                    if self.transform is not None:
+                        batch = self.transform(batch, position[0] * total + position[1])
+                    item = (position, batch)
+                    del batch
                     while not stop.is_set():
                         try:
                             ready.put(item, timeout=0.1)
@@ -331,9 +347,10 @@ def _read_all(store: CubeStore, reads: list[tuple[int, torch.Tensor]]) -> None:
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
-    """``batch`` (a tensor, :class:`Batch`, dict, list or tuple of them) on ``device``."""
+    """``batch`` (a tensor, :class:`Batch`, dict, list or tuple of them) on ``device``; tensors already there
+    are passed through without a torch call (each call may hand the GIL to the prefetch thread)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
+        return batch if batch.device == device else batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, Batch):
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, dict):

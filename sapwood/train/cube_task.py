@@ -37,8 +37,16 @@ from sapwood.config import (
     PhysicsLossConfig,
     TrainConfig,
 )
-from sapwood.data.augment import ChannelRoles, Noise, RollAndFlip, reference_augment
-from sapwood.data.loader import CubeLoader, Split, split_store
+from sapwood.data import augment_cpu
+from sapwood.data.augment import (
+    ChannelRoles,
+    Noise,
+    NoiseDraw,
+    PreparedPlanes,
+    RollAndFlip,
+    augment_planes,
+)
+from sapwood.data.loader import Batch, CubeLoader, Split, split_store
 from sapwood.data.store import CubeStore
 from sapwood.errors import ConfigError
 from sapwood.model import build_model
@@ -265,10 +273,11 @@ class PairAugment:
     and not the noise). Without noise the input is the clean state.
 
     The draws are those of :class:`sapwood.data.augment.Augment` (call ``n``: a CPU generator seeded
-    ``seed + n``, roll/flip then noise), so a run is reproducible and resumes exactly from ``calls``. The
-    transform is :func:`sapwood.data.augment.reference_augment` (torch, on the batch's device, no thread pool
-    of its own): on a shared CPU the fused numba kernel's worker threads slowed each training step about 7x
-    for batches of a few MB, where the two agree to round-off."""
+    ``seed + n``, roll/flip then noise), so a run is reproducible and resumes exactly: :class:`CubeBatches`
+    passes the batch's number since the start of training as ``n``. On the CPU the transform is the fused
+    one-pass kernel (:class:`sapwood.data.augment.PreparedPlanes`, equal to ``reference_augment`` to
+    round-off) on the calling thread, without a thread pool; :class:`CubeBatches` calls it on the loader's
+    prefetch thread, so it overlaps the training step."""
 
     def __init__(self, cube: CubeModelConfig, seed: int = 0):
         options = cube.augment
@@ -279,16 +288,28 @@ class PairAugment:
         self.roll_flip = RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0)
         self.noise = Noise(scale=options.noise, frames_to_perturb=(0,)) if options.noise > 0 else None
         self.seed, self.calls = seed, 0
+        self.coefficients = self.noise.coefficients(self.roles, 3) if self.noise is not None else None
+        if self.coefficients is not None:
+            self.planes = PreparedPlanes(self.roles, 3, *self.coefficients)
+        else:
+            self.planes = PreparedPlanes(self.roles, 2)
+        augment_cpu.warm()
 
     def __call__(
-        self, state: torch.Tensor, target: torch.Tensor
+        self, state: torch.Tensor, target: torch.Tensor, call: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Augment one pair with the draws of call ``call`` (default: the next of this object's calls)."""
         frames = torch.stack([state, target, state] if self.noise is not None else [state, target]).float()
-        generator = torch.Generator().manual_seed(self.seed + self.calls)
-        self.calls += 1
+        if call is None:
+            call, self.calls = self.calls, self.calls + 1
+        generator = torch.Generator().manual_seed(self.seed + call)
         shifts, flips = self.roll_flip.draw(frames, generator)
-        noise = self.noise.draw(frames, self.roles, generator) if self.noise is not None else None
-        frames = reference_augment(frames, self.roles, shifts, flips, noise)
+        noise_seed = self.noise.draw_seed(generator) if self.noise is not None else 0
+        if frames.device.type == "cpu":
+            frames = self.planes(frames, shifts, flips, noise_seed)
+        else:  # the same draws, through the reference transform on the batch's device
+            noise = NoiseDraw(noise_seed, *self.coefficients) if self.coefficients else None
+            frames = augment_planes(frames, self.roles, shifts, flips, noise, in_place=True)
         return frames[0], frames[1], frames[-1] if self.noise is not None else frames[0]
 
 
@@ -358,7 +379,8 @@ class DeclaredForcing:
 class CubeBatches:
     """Endless micro-batches ``{"state", "next", "params"}`` from a :class:`CubeLoader` (resumable), with the
     declared ``"heating"`` and ``"torque"`` of each pair when ``forcing`` has them; with an ``augment``, the
-    pairs are augmented (:class:`PairAugment`) and ``"clean"`` holds the state without noise."""
+    pairs are augmented (:class:`PairAugment`) and ``"clean"`` holds the state without noise. The forcing
+    and the augmentation run on the loader's prefetch thread (``loader.transform``)."""
 
     def __init__(
         self, loader: CubeLoader, augment: PairAugment | None = None, forcing: DeclaredForcing | None = None
@@ -367,6 +389,14 @@ class CubeBatches:
         self.augment = augment
         self.forcing = forcing
         self._iterator: Any = None
+        loader.transform = self._pair
+
+    def _pair(self, batch: Batch, number: int) -> dict[str, torch.Tensor]:
+        declared = self.forcing.of_pairs(batch.run, batch.time) if self.forcing is not None else {}
+        if self.augment is None:
+            return {"state": batch.state, "next": batch.next_state, "params": batch.params, **declared}
+        state, target, clean = self.augment(batch.state, batch.next_state, call=number)
+        return {"state": state, "next": target, "params": batch.params, "clean": clean, **declared}
 
     def __iter__(self) -> CubeBatches:
         return self
@@ -376,27 +406,16 @@ class CubeBatches:
             if self._iterator is None:
                 self._iterator = self.loader.batches(endless=True)  # prefetch runs across epoch ends
             try:
-                batch = next(self._iterator)
+                return next(self._iterator)
             except StopIteration:
                 self._iterator = None
-                continue
-            declared = self.forcing.of_pairs(batch.run, batch.time) if self.forcing is not None else {}
-            if self.augment is None:
-                return {"state": batch.state, "next": batch.next_state, "params": batch.params, **declared}
-            state, target, clean = self.augment(batch.state, batch.next_state)
-            return {"state": state, "next": target, "params": batch.params, "clean": clean, **declared}
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = dict(self.loader.state_dict())
-        if self.augment is not None:
-            state["augment_calls"] = self.augment.calls
-        return state
+        return dict(self.loader.state_dict())  # the augmentation is keyed by the batch's number in it
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._iterator = None
         self.loader.load_state_dict(state)
-        if self.augment is not None:
-            self.augment.calls = int(state.get("augment_calls", 0))
 
 
 def augment_seed(seed: int, rank: int) -> int:

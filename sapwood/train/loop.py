@@ -100,8 +100,8 @@ def build_optimizer(model: nn.Module, config: Config, device: torch.device):
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+    if isinstance(batch, torch.Tensor):  # no torch call when it is there: each one may hand the GIL away
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
@@ -230,6 +230,7 @@ class Trainer:
         self.batches = DeviceFeed(
             self.task.train_batches(t.micro_batch_size, self.dims.dp_rank, self.dims.dp), self.device
         )  # on CUDA: the copy of the next batch overlaps this step
+        self.data_wait_total_s = self.step_total_s = 0.0  # over the steps this process trained
 
     def model_changed(self) -> None:
         """Call after replacing blocks/parameters: activation checkpointing and compile reach new blocks."""
@@ -316,14 +317,17 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics (``skipped`` True when the loss was not finite), with
-        ``data_wait_s``, the seconds the step waited for its batches, and ``data_wait_fraction`` of the
-        step."""
+        ``step_s``, its seconds, ``data_wait_s``, the seconds it waited for its batches, and
+        ``data_wait_fraction`` of the step."""
         start = time.perf_counter()
         self._data_wait = 0.0
         metrics = self._train_step()
         elapsed = time.perf_counter() - start
+        self.data_wait_total_s += self._data_wait
+        self.step_total_s += elapsed
         metrics.update(
-            data_wait_s=self._data_wait, data_wait_fraction=self._data_wait / elapsed if elapsed > 0 else 0.0
+            step_s=elapsed, data_wait_s=self._data_wait,
+            data_wait_fraction=self._data_wait / elapsed if elapsed > 0 else 0.0,
         )
         return metrics
 
@@ -419,7 +423,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``; evaluate, checkpoint, write ``final/`` and ``loss.png``.
 
-        Returns a summary: final step, last train loss, last eval metrics, counters, paths. Ctrl-C: see
+        Returns a summary: final step, last train loss, last eval metrics, counters, paths, and
+        ``data_wait_fraction``, the time the steps of this process waited for their batches over the time
+        they took. Ctrl-C: see
         :mod:`sapwood.train.interrupt`; the run stops before its next step with :class:`TrainingInterrupted`.
         """
         with _stop_on_ctrl_c(self) as stop:
@@ -486,6 +492,7 @@ class Trainer:
         summary = {
             "step": self.step, "loss": last_loss, **last_eval, "skipped_steps": self.skipped_steps,
             "overflow_steps": self.overflow_steps, "final": str(final), "plot": str(plot) if plot else None,
+            "data_wait_fraction": self.data_wait_total_s / self.step_total_s if self.step_total_s else 0.0,
         }
         self.log_event("done", **{k: v for k, v in summary.items() if k != "step"})
         self.events.close()
