@@ -461,7 +461,9 @@ def test_serve_help_lists_the_endpoints_and_the_default_model_name(tmp_path):
     assert default_model_name(tmp_path / "tiny-lm") == "tiny-lm"
 
 
-@pytest.mark.parametrize("model_name", ["tiny-lm", "in-\ufdd0sapwood-text\ufdd1-it", "\ufdd0sapwood-text\ufdd1"])
+@pytest.mark.parametrize(
+    "model_name", ["tiny-lm", "in-\ufdd0sapwood-text\ufdd1-it", "\ufdd0sapwood-text\ufdd1"]
+)
 def test_text_only_stream_events_are_the_bytes_of_the_full_rendering(model_name):
     """The per-event fast path (bytes around the text, rendered once) writes exactly what rendering the
     whole event writes, for texts JSON must escape, on both routes; a model named exactly as the placeholder

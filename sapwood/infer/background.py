@@ -142,10 +142,8 @@ class EngineLoop:
             self.engine.runner.cache.fit(0, 0)
         except Exception:  # noqa: BLE001
             log.exception("could not free the KV cache")
-        items = []
-        for request, callback in pending:
-            request.finish_reason, request.error = "error", f"the inference engine failed ({reason})"
-            items.append((callback, StepOutput(request, [], "", True)))
+        items = [(callback, request.fail(f"the inference engine failed ({reason})"))
+                 for request, callback in pending]
         if items:
             self.deliver(items)
 
