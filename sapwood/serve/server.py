@@ -9,6 +9,7 @@ so that its supervisor (systemd, Kubernetes) restarts it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -52,6 +53,11 @@ def run_server(folder: str | Path, settings: ServeSettings, device: str = "cpu")
     keys = api_keys_from_env()
     host = resolve_host(settings.host, keys)
     app = create_app(folder, settings, keys, device=device)
+    # the model, libraries and app built so far live as long as the process: out of the collector's sight,
+    # a full collection (every few seconds under load) scans only what serving allocates, instead of
+    # stopping every thread ~0.2 s to walk the whole heap
+    gc.collect()
+    gc.freeze()
     config = uvicorn_config(app, settings, host, settings.port)
     # bound and listening before the address is logged (port 0: the system picks one): a client that reads
     # the address can connect at once; its connection waits in the backlog until uvicorn accepts it
