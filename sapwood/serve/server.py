@@ -13,6 +13,7 @@ import gc
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -37,12 +38,15 @@ def resolve_host(host: str, keys: frozenset[str]) -> str:
     return "127.0.0.1"
 
 
+EVENT_LOOP = "asyncio" if sys.platform == "win32" else "uvloop"  # uvloop has no Windows build
+
+
 def uvicorn_config(app, settings: ServeSettings, host: str, port: int) -> uvicorn.Config:
     """uvicorn on ``httptools`` (the C HTTP/1.1 parser) and ``uvloop`` (the libuv event loop), named here so
     the server does not change with what else is installed: the pure-Python ``h11`` parser and asyncio's
     loop cost about a third more event-loop CPU per streamed event."""
     return uvicorn.Config(
-        app, host=host, port=port, http="httptools", loop="uvloop", log_level="warning", access_log=False,
+        app, host=host, port=port, http="httptools", loop=EVENT_LOOP, log_level="warning", access_log=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on",
     )
 
