@@ -46,7 +46,7 @@ class EngineLoop:
         self.deliver: Deliver = deliver_now
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
         self._callbacks: dict[str, tuple[Request, OutputCallback]] = {}
-        lock = threading.Lock()
+        lock = threading.RLock()  # what threading.Condition() uses by default
         self._wake = threading.Condition(lock)  # the loop thread waits here for work
         self._idle = threading.Condition(lock)  # wait_idle callers wait here for the loop to run dry
         self._stopping = False
