@@ -194,6 +194,25 @@ def test_cancellation_frees_the_slot_and_others_continue():
     assert requests[2].output_ids == naive_greedy(model, prompts[2], 25)
 
 
+def test_engine_loop_signals_when_it_runs_dry():
+    """``wait_idle`` returns once every submitted request has finished and its last output was delivered
+    (queued ones included); a loop not started or stopped answers False at once."""
+    from sapwood.infer.background import EngineLoop
+
+    engine = Engine(small_model(), scheduler_config=SchedulerConfig(max_batch=2))
+    loop = EngineLoop(engine)
+    assert not loop.wait_idle(timeout=0)
+    loop.start()
+    assert loop.wait_idle(timeout=60)
+    finished, params = [], SamplingParams(max_tokens=6, temperature=0)
+    for prompt in random_prompts(5, 128, seed=4):
+        loop.submit(prompt, params, lambda output: finished.append(output.finished))
+    assert loop.wait_idle(timeout=60)
+    assert finished.count(True) == 5 and not engine.has_work
+    loop.stop()
+    assert not loop.wait_idle(timeout=0)
+
+
 def test_queue_bound():
     engine = Engine(small_model(), scheduler_config=SchedulerConfig(max_batch=1, max_waiting=2))
     params = SamplingParams(max_tokens=4, temperature=0)

@@ -459,3 +459,50 @@ def test_serve_help_lists_the_endpoints_and_the_default_model_name(tmp_path):
     assert default_model_name(tmp_path / "astro" / "final") == "astro"
     assert default_model_name(tmp_path / "astro" / "checkpoints" / "step_300") == "astro"
     assert default_model_name(tmp_path / "tiny-lm") == "tiny-lm"
+
+
+@pytest.mark.parametrize(
+    "model_name", ["tiny-lm", "in-\ufdd0sapwood-text\ufdd1-it", "\ufdd0sapwood-text\ufdd1"]
+)
+def test_text_only_stream_events_are_the_bytes_of_the_full_rendering(model_name):
+    """The per-event fast path (bytes around the text, rendered once) writes exactly what rendering the
+    whole event writes, for texts JSON must escape, on both routes; a model named exactly as the placeholder
+    is rendered in full every time."""
+    from types import SimpleNamespace
+
+    from sapwood.serve.text_api import ChatStream, CompletionStream
+
+    service = SimpleNamespace(model_name=model_name)
+    texts = ["plain", "", 'quote " and \\ back', "new\nline\ttab", "émoji 🌲 \u2028", "\x00\x1f", "\ufdd0"]
+    for fmt in (CompletionStream(service, False, False, None), ChatStream(service, True, False)):
+        for text in texts:
+            assert fmt.text_event(text) == fmt.event([fmt.text_choice(text)])
+        assert (fmt._around_text is None) == (model_name == fmt.TEXT_MARK)
+
+
+def test_outputs_delivered_while_the_handler_was_busy_become_one_event():
+    """A handler busy writing (its client reads slower than the engine steps) takes every output delivered
+    since its last take at once, merged: tokens, text and log-probabilities joined, finished as the last."""
+    from sapwood.infer.request import Request, StepOutput
+    from sapwood.serve.text_api import OutputBox, merge_outputs
+
+    request = Request([1, 2], SamplingParams(max_tokens=3), None)
+    outputs = [
+        StepOutput(request, [5], "a", False, [(-0.1, [])]),
+        StepOutput(request, [6], "b", False, [(-0.2, [])]),
+        StepOutput(request, [7], "", True, [(-0.3, [])]),
+    ]
+
+    async def deliver_then_take() -> list[StepOutput]:
+        box = OutputBox(timeout_s=60)
+        for output in outputs:
+            box.put(output)
+        taken = await box.take()
+        box.close()
+        return taken
+
+    taken = asyncio.run(deliver_then_take())
+    assert taken == outputs
+    merged = merge_outputs(taken)
+    assert (merged.new_token_ids, merged.text_delta, merged.finished) == ([5, 6, 7], "ab", True)
+    assert merged.new_logprobs == [(-0.1, []), (-0.2, []), (-0.3, [])]

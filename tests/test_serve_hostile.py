@@ -5,7 +5,9 @@ runs a real uvicorn server on loopback and talks to it over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 
 import httpx
@@ -225,8 +227,10 @@ def metric(text: str, name: str) -> float:
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-async def load(url: str, clients: int, max_tokens: int) -> dict:
-    """``clients`` concurrent clients, half streaming; every fourth disconnects mid-way."""
+async def load(url: str, clients: int, max_tokens: int, submitted: dict[str, threading.Event]) -> dict:
+    """``clients`` concurrent clients, half streaming; a quarter (half of them streaming) disconnect mid-way:
+    a streaming one after its third event, a non-streaming one once the server has handed its prompt to
+    the engine (``submitted[prompt]`` is set then), so no request reaches the server after its client left."""
     statuses, disconnected = [], 0
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120, limits=limits) as http:
@@ -237,7 +241,7 @@ async def load(url: str, clients: int, max_tokens: int) -> dict:
                 **NORMAL, "prompt": f"def function_{i}(x):", "max_tokens": max_tokens, "ignore_eos": True,
                 "stream": i % 2 == 0,
             }
-            leave = i % 4 == 3
+            leave = i % 8 >= 6
             if body["stream"]:
                 async with http.stream("POST", "/v1/completions", json=body) as response:
                     statuses.append(response.status_code)
@@ -248,10 +252,12 @@ async def load(url: str, clients: int, max_tokens: int) -> dict:
                             disconnected += 1
                             return  # leaving the block closes the connection mid-stream
             elif leave:
-                try:
-                    await http.post("/v1/completions", json=body, timeout=0.3)
-                except httpx.TimeoutException:
-                    disconnected += 1
+                posted = asyncio.ensure_future(http.post("/v1/completions", json=body))
+                assert await asyncio.to_thread(submitted[body["prompt"]].wait, 120)
+                posted.cancel()  # closes the connection while the engine runs the request
+                with contextlib.suppress(asyncio.CancelledError):
+                    await posted
+                disconnected += 1
             else:
                 statuses.append((await http.post("/v1/completions", json=body)).status_code)
 
@@ -265,23 +271,41 @@ def test_64_clients_with_disconnects_leave_no_5xx_and_free_every_slot(lm_folder)
 
     settings = ServeSettings(max_batch=64)
     app = create_app(lm_folder, settings, api_keys=frozenset({KEY}))
+    engine_loop = app.state.engine_loop
+    tokenizer = engine_loop.engine.tokenizer
+    submitted = {f"def function_{i}(x):": threading.Event() for i in range(64)}
+    by_ids = {tuple(tokenizer.encode(prompt)): event for prompt, event in submitted.items()}
+    submit, requests = engine_loop.submit, {}
+
+    def recording_submit(prompt_ids, *args, **kwargs):
+        request = submit(prompt_ids, *args, **kwargs)
+        requests[tuple(prompt_ids)] = request
+        if tuple(prompt_ids) in by_ids:
+            by_ids[tuple(prompt_ids)].set()
+        return request
+
+    engine_loop.submit = recording_submit
     with BackgroundServer(app, settings) as running:
-        asyncio.run(load(running.url, 8, 4))  # warm-up: allocator and caches at their working size
+        asyncio.run(load(running.url, 8, 4, submitted))  # warm-up: allocator and caches at their working size
+        assert engine_loop.wait_idle(timeout=120)
+        for event in submitted.values():
+            event.clear()
         rss_before = psutil.Process().memory_info().rss
-        result = asyncio.run(load(running.url, 64, 48))
+        result = asyncio.run(load(running.url, 64, 48, submitted))
         assert result["disconnected"] == 16
         assert all(status == 200 for status in result["statuses"]), result["statuses"]
-        deadline = time.monotonic() + 30
-        while True:  # the disconnected requests leave within one engine step each
-            text = httpx.get(f"{running.url}/metrics", headers=AUTH).text
-            if metric(text, "sapwood_running_requests") == 0 and metric(text, "sapwood_queue_depth") == 0:
-                break
-            assert time.monotonic() < deadline, "slots still taken after the clients left"
-            time.sleep(0.05)
+        # every request reached the engine before its client went: once the engine runs dry (the loop
+        # thread signals it), nothing is left to arrive
+        assert engine_loop.wait_idle(timeout=120), "the engine did not run dry after the clients left"
+        left = [requests[tuple(tokenizer.encode(f"def function_{i}(x):"))] for i in range(64) if i % 8 >= 6]
+        assert all(r.finish_reason == "cancelled" and len(r.output_ids) < 48 for r in left), [
+            (r.finish_reason, len(r.output_ids)) for r in left
+        ]
+        text = httpx.get(f"{running.url}/metrics", headers=AUTH).text
+        assert metric(text, "sapwood_running_requests") == 0 and metric(text, "sapwood_queue_depth") == 0
         assert metric(text, "sapwood_kv_cache_usage_ratio") == 0.0
         assert 'status="5' not in text  # no 5xx of any route
-        engine = app.state.engine_loop.engine
-        assert engine.runner.cache.bytes_allocated == 0  # the cache shrank back
+        assert engine_loop.engine.runner.cache.bytes_allocated == 0  # the cache shrank back
         rss_after = psutil.Process().memory_info().rss
         assert rss_after < rss_before + 64 * 2**20, (rss_before, rss_after)
         still_serving(running.url)

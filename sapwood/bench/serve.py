@@ -21,6 +21,7 @@ Every request generates exactly ``max_tokens`` tokens (``ignore_eos``; ``eos_tok
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import queue
@@ -365,6 +366,10 @@ def run_serve_bench(
         server.wait_ready()
         run_hf_one_at_a_time(hf, tokenizer, prompts[:1], 2)  # warm-up
         run_engine_in_process(engine, prompts[:4], 2)
+        # as `sapwood serve` does: what is loaded stays out of the collector's full passes, which would
+        # otherwise stall the clients, the engine in-process and transformers alike
+        gc.collect()
+        gc.freeze()
         for c in levels:
             level_prompts = prompts[: count[c]]
             static_prompts = level_prompts[:c]

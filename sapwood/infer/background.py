@@ -46,10 +46,13 @@ class EngineLoop:
         self.deliver: Deliver = deliver_now
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
         self._callbacks: dict[str, tuple[Request, OutputCallback]] = {}
-        self._wake = threading.Condition()
+        lock = threading.RLock()  # what threading.Condition() uses by default
+        self._wake = threading.Condition(lock)  # the loop thread waits here for work
+        self._idle = threading.Condition(lock)  # wait_idle callers wait here for the loop to run dry
         self._stopping = False
         self._thread = threading.Thread(target=self._supervise, name="sapwood-engine", daemon=True)
         self.failure: str | None = None  # why the loop is down for good
+        self._waiting_for_work = False  # the loop thread is parked in _wake.wait()
         self.restarts: list[float] = []
 
     def start(self, deliver: Deliver | None = None) -> EngineLoop:
@@ -99,6 +102,19 @@ class EngineLoop:
         with self._wake:
             self._wake.notify()
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until the engine holds no request, waiting or running, and the outputs of its last step
+        have been handed to ``deliver`` (True); False after ``timeout`` seconds, or at once when the loop
+        is down. The loop thread signals it each time it runs out of work: no polling."""
+        with self._idle:
+            return self._idle.wait_for(
+                lambda: self.failure is not None or not self._thread.is_alive() or self._dry, timeout
+            ) and self.failure is None and self._dry
+
+    @property
+    def _dry(self) -> bool:
+        return self._waiting_for_work and not self.engine.has_work
+
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         with self._wake:
             self._stopping = True
@@ -110,6 +126,13 @@ class EngineLoop:
         self._thread.join(timeout)
 
     def _supervise(self) -> None:
+        try:
+            self._serve_and_restart()
+        finally:  # stopped or down for good: nobody will run the engine dry any more
+            with self._idle:
+                self._idle.notify_all()
+
+    def _serve_and_restart(self) -> None:
         while True:
             try:
                 self._serve()
@@ -142,10 +165,8 @@ class EngineLoop:
             self.engine.runner.cache.fit(0, 0)
         except Exception:  # noqa: BLE001
             log.exception("could not free the KV cache")
-        items = []
-        for request, callback in pending:
-            request.finish_reason, request.error = "error", f"the inference engine failed ({reason})"
-            items.append((callback, StepOutput(request, [], "", True)))
+        items = [(callback, request.fail(f"the inference engine failed ({reason})"))
+                 for request, callback in pending]
         if items:
             self.deliver(items)
 
@@ -154,7 +175,10 @@ class EngineLoop:
         while True:
             with self._wake:
                 while not engine.has_work and not self._stopping:
+                    self._waiting_for_work = True
+                    self._idle.notify_all()
                     self._wake.wait()
+                self._waiting_for_work = False
                 if self._stopping and not engine.has_work:
                     return
             outputs = engine.step()

@@ -24,7 +24,13 @@ from sapwood.infer.context import ContextPolicy
 from sapwood.infer.kv_cache import KVBudget, default_kv_bytes
 from sapwood.infer.request import Request, Status, StepOutput
 from sapwood.infer.runner import ModelRunner
-from sapwood.infer.sampling import SamplingParams, generation_config_defaults, sample_next_tokens
+from sapwood.infer.sampling import (
+    SamplingParams,
+    TokenLogprobs,
+    generation_config_defaults,
+    sample_next_tokens,
+    token_logprobs,
+)
 from sapwood.infer.scheduler import Scheduler, SchedulerConfig
 from sapwood.infer.tokenizer import TextStream, TextTokenizer
 
@@ -32,7 +38,6 @@ if TYPE_CHECKING:
     from sapwood.infer.windowed import WindowedRequests
 
 log = logging.getLogger("sapwood.infer")
-TokenLogprobs = tuple[float, list[tuple[int, float]]]
 
 
 class Engine:
@@ -180,7 +185,7 @@ class Engine:
                 [r.output_ids[-1] for r in running], [r.length - 1 for r in running],
                 [r.rope for r in running], self._row_adapters(running),
             )
-            outputs += self._accept(running, logits)
+            outputs += self.accept(running, logits)
         admitted = self._admitting = schedule.admitted
         if admitted:
             longest = max(scheduler.longest_running(), max(r.total_tokens for r in admitted))
@@ -198,9 +203,9 @@ class Engine:
             logits = parts[0] if len(parts) == 1 else torch.cat(parts)
             for request, scored in zip(admitted, prompt_logits, strict=True):
                 if scored is not None:
-                    request.prompt_logprobs = self._logprobs(scored[:-1], request.prompt_ids[1:],
+                    request.prompt_logprobs = token_logprobs(scored[:-1], request.prompt_ids[1:],
                                                              request.params.logprobs or 0)
-            outputs += self._accept(admitted, logits)
+            outputs += self.accept(admitted, logits)
         self._retire([o.request for o in outputs if o.finished and o.request.status is Status.RUNNING])
         cache.fit(scheduler.running_count, scheduler.longest_running())
         if self.windowed is not None:
@@ -221,21 +226,6 @@ class Engine:
         self.runner.cache.fit(0, 0)
         return [StepOutput(r, [], "", True) for r in victims]
 
-    def _logprobs(self, logits: torch.Tensor, chosen: list[int], top: int) -> list[TokenLogprobs]:
-        """Log-softmax of ``logits`` ``[n, vocab]``: each row's ``chosen`` token and its ``top`` best."""
-        if not chosen:
-            return []
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        picked = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])[:, 0].tolist()
-        if top:
-            values, indices = logprobs.topk(top, dim=-1)
-            tops = [
-                list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)
-            ]
-        else:
-            tops = [[] for _ in chosen]
-        return list(zip(picked, tops, strict=True))
-
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:
         """Batched sampling; if the batch fails, row by row so only the failing request is lost."""
         try:
@@ -253,7 +243,13 @@ class Engine:
                     log.exception("sampling failed for %s", request.request_id)
             return tokens
 
-    def _accept(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+    def accept(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+        """Each request's next token from its row of next-token ``logits`` ``[len(requests), vocab]``:
+        sampled (batched), scored when the request asks for log-probabilities, then checked against EOS,
+        ``max_tokens`` and the stop strings; one output per request, finished ones included. A request whose
+        sampling or text handling fails is finished with ``finish_reason == "error"``, the others go on.
+        Every way a request takes a token goes through here (the batched step and
+        :mod:`sapwood.infer.windowed`)."""
         outputs = []
         live = [i for i, r in enumerate(requests) if r.params.max_tokens > 0]
         if len(live) < len(requests):  # echo with max_tokens 0: the prompt is scored, nothing generated
@@ -271,13 +267,13 @@ class Engine:
         if with_logprobs:
             picked = [i for i in with_logprobs if tokens[i] is not None]
             top = max(requests[i].params.logprobs for i in picked) if picked else 0
-            values = self._logprobs(logits[picked], [tokens[i] for i in picked], top)
+            values = token_logprobs(logits[picked], [tokens[i] for i in picked], top)
             scored = {i: (lp, alternatives[: requests[i].params.logprobs])
                       for i, (lp, alternatives) in zip(picked, values, strict=True)}
         now = time.perf_counter()
         for i, (request, token) in enumerate(zip(requests, tokens, strict=True)):
             if token is None:
-                outputs.append(self._failed(request, "sampling failed"))
+                outputs.append(request.fail("sampling failed"))
                 continue
             request.output_ids.append(token)
             if request.first_token_time is None:
@@ -293,15 +289,10 @@ class Engine:
                 output = self._finish_check(request, token)
             except Exception:  # noqa: BLE001 - fail this request only
                 log.exception("text handling failed for %s", request.request_id)
-                output = self._failed(request, "text handling failed")
+                output = request.fail("text handling failed")
             output.new_logprobs = new_logprobs
             outputs.append(output)
         return outputs
-
-    @staticmethod
-    def _failed(request: Request, what: str) -> StepOutput:
-        request.finish_reason, request.error = "error", what
-        return StepOutput(request, [], "", True)
 
     def _finish_check(self, request: Request, token: int) -> StepOutput:
         params = request.params

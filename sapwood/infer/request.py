@@ -53,6 +53,11 @@ class Request:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def fail(self, what: str) -> StepOutput:
+        """Finish this request with ``finish_reason == "error"`` (``what``: why); its last output."""
+        self.finish_reason, self.error = "error", what
+        return StepOutput(self, [], "", True)
+
 
 @dataclass
 class StepOutput:

@@ -185,3 +185,21 @@ def sample_next_tokens(
     uniform = uniform * cdf[:, -1]
     sampled = torch.searchsorted(cdf, uniform[:, None], right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
     return torch.where(greedy, argmax, sampled)
+
+
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+
+
+def token_logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[TokenLogprobs]:
+    """Log-softmax of ``logits`` ``[n, vocab]``: each row's ``chosen`` token and its ``top`` best
+    ``[(token id, logprob)]`` (the model's own distribution: before temperature, penalties and bias)."""
+    if not chosen:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])[:, 0].tolist()
+    if top:
+        values, indices = logprobs.topk(top, dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in chosen]
+    return list(zip(picked, tops, strict=True))

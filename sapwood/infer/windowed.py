@@ -9,10 +9,11 @@ The engine advances every windowed request once per engine step, next to its bat
 is fed in chunks (as many tokens as the cache still has room for in one forward, then one token per
 forward once it is full, at most ``prefill_tokens_per_step`` prompt tokens per step so the batched
 requests keep their pace), then one new token per step. Sampling, log-probabilities, stop strings,
-EOS, ``max_tokens`` and errors go through the engine's own ``_accept``, so a windowed request finishes
-exactly as a batched one; a cancelled one (client gone, server stopping) is dropped at the next step
-and its cache freed. While a request fits the window (no token evicted yet) its greedy output equals the
-normal path's; past that each token sees the sinks and the last ``window - 1`` tokens before it.
+EOS, ``max_tokens`` and errors go through :meth:`Engine.accept <sapwood.infer.engine.Engine.accept>`,
+as the batched requests' do, so a windowed request finishes exactly as a batched one; a cancelled one
+(client gone, server stopping) is dropped at the next step and its cache freed. While a request fits
+the window (no token evicted yet) its greedy output equals the normal path's; past that each token sees
+the sinks and the last ``window - 1`` tokens before it.
 
 Memory: ``max_requests × (sinks + window) × bytes per position`` at most, besides the batched cache;
 more windowed requests at once get :class:`~sapwood.infer.scheduler.QueueFullError` (429).
@@ -29,7 +30,7 @@ import torch
 from sapwood.errors import SapwoodError
 from sapwood.infer.context import ContextLengthError, rope_tables
 from sapwood.infer.request import Request, Status, StepOutput
-from sapwood.infer.sampling import SamplingParams
+from sapwood.infer.sampling import SamplingParams, token_logprobs
 from sapwood.infer.scheduler import QueueFullError
 from sapwood.infer.window import SinkWindowCache
 
@@ -130,12 +131,12 @@ class WindowedRequests:
                 logits = self._advance(entry)
             except Exception:  # noqa: BLE001 - a failed forward fails this request only
                 log.exception("windowed step failed for %s", entry.request.request_id)
-                outputs.append(self.engine._failed(entry.request, "the windowed inference step failed"))
+                outputs.append(entry.request.fail("the windowed inference step failed"))
                 continue
             if logits is not None:
                 ready.append((entry, logits))
         if ready:
-            outputs += self.engine._accept(
+            outputs += self.engine.accept(
                 [e.request for e, _ in ready], torch.stack([lg for _, lg in ready])
             )
         finished = {id(o.request) for o in outputs if o.finished}
@@ -194,6 +195,4 @@ class WindowedRequests:
         chosen = request.prompt_ids[start : start + len(logits)]
         if request.prompt_logprobs is None:
             request.prompt_logprobs = []
-        request.prompt_logprobs += self.engine._logprobs(
-            logits[: len(chosen)], chosen, request.params.logprobs or 0
-        )
+        request.prompt_logprobs += token_logprobs(logits[: len(chosen)], chosen, request.params.logprobs or 0)

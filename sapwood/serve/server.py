@@ -9,9 +9,11 @@ so that its supervisor (systemd, Kubernetes) restarts it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,9 +38,15 @@ def resolve_host(host: str, keys: frozenset[str]) -> str:
     return "127.0.0.1"
 
 
+EVENT_LOOP = "asyncio" if sys.platform == "win32" else "uvloop"  # uvloop has no Windows build
+
+
 def uvicorn_config(app, settings: ServeSettings, host: str, port: int) -> uvicorn.Config:
+    """uvicorn on ``httptools`` (the C HTTP/1.1 parser) and ``uvloop`` (the libuv event loop), named here so
+    the server does not change with what else is installed: the pure-Python ``h11`` parser and asyncio's
+    loop cost about a third more event-loop CPU per streamed event."""
     return uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False,
+        app, host=host, port=port, http="httptools", loop=EVENT_LOOP, log_level="warning", access_log=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on",
     )
 
@@ -49,6 +57,11 @@ def run_server(folder: str | Path, settings: ServeSettings, device: str = "cpu")
     keys = api_keys_from_env()
     host = resolve_host(settings.host, keys)
     app = create_app(folder, settings, keys, device=device)
+    # the model, libraries and app built so far live as long as the process: out of the collector's sight,
+    # a full collection (every few seconds under load) scans only what serving allocates, instead of
+    # stopping every thread ~0.2 s to walk the whole heap
+    gc.collect()
+    gc.freeze()
     config = uvicorn_config(app, settings, host, settings.port)
     # bound and listening before the address is logged (port 0: the system picks one): a client that reads
     # the address can connect at once; its connection waits in the backlog until uvicorn accepts it

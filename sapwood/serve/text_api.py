@@ -291,14 +291,20 @@ def sse(payload: dict | str) -> bytes:
 
 
 class StreamFormat:
-    """How one route's stream looks: its ``object`` name, opening events, and the event a step adds."""
+    """How one route's stream looks: its ``object`` name, opening events, and the event a step adds.
+
+    Most events carry only text (no log-probabilities, not the last): :meth:`text_event` writes those as
+    the bytes of one such event rendered through :meth:`event` once per stream, split around its text, with
+    the new text's JSON string in between (the same bytes, one ``json.dumps`` of a string per event)."""
 
     object_name = ""
+    TEXT_MARK = "\ufdd0sapwood-text\ufdd1"  # noncharacters: a placeholder no real text holds
 
     def __init__(self, service: TextService, prefix: str, include_usage: bool):
         self.service, self.include_usage = service, include_usage
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.model_name = service.model_name  # the adapter's name for a request to a LoRA adapter
+        self._around_text: tuple[bytes, bytes] | None = None
 
     def event(self, choices: list[dict], usage_: schemas.Usage | None = None) -> bytes:
         """One chunk: the fields every OpenAI response carries, then ``choices`` (and ``usage``)."""
@@ -307,6 +313,20 @@ class StreamFormat:
         if usage_ is not None:
             payload["usage"] = usage_.model_dump()
         return sse(payload)
+
+    def text_choice(self, text: str) -> dict:
+        """The choice of an event that carries only ``text``."""
+        raise NotImplementedError
+
+    def text_event(self, text: str) -> bytes:
+        """``event([text_choice(text)])``, without rendering the rest of the event again."""
+        if self._around_text is None:
+            parts = self.event([self.text_choice(self.TEXT_MARK)]).split(json.dumps(self.TEXT_MARK).encode())
+            if len(parts) != 2:  # the placeholder in the model's name: render every event in full
+                return self.event([self.text_choice(text)])
+            self._around_text = (parts[0], parts[1])
+        head, tail = self._around_text
+        return head + json.dumps(text).encode() + tail
 
     def opening(self, first: StepOutput) -> list[bytes]:
         return []
@@ -335,6 +355,9 @@ class CompletionStream(StreamFormat):
         self.offset = len(text)
         return [self._event(text, logprobs, None)]
 
+    def text_choice(self, text: str) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+
     def _event(self, text: str, logprobs: schemas.CompletionLogprobs | None, finish: str | None) -> bytes:
         return self.event([{"index": 0, "text": text, "logprobs": logprobs.model_dump() if logprobs else None,
                             "finish_reason": finish}])
@@ -347,9 +370,9 @@ class CompletionStream(StreamFormat):
                 output.new_token_ids, output.new_logprobs, self.offset
             )
         self.offset += len(output.text_delta)
-        if output.text_delta or finish or logprobs:
+        if finish or logprobs:
             return self._event(output.text_delta, logprobs, finish)
-        return None
+        return self.text_event(output.text_delta) if output.text_delta else None
 
 
 class ChatStream(StreamFormat):
@@ -358,6 +381,9 @@ class ChatStream(StreamFormat):
     def __init__(self, service: TextService, include_usage: bool, logprobs: bool):
         super().__init__(service, "chatcmpl", include_usage)
         self.logprobs = logprobs
+
+    def text_choice(self, text: str) -> dict:
+        return {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
 
     def _event(self, delta: dict, finish: str | None, logprobs: schemas.ChatLogprobs | None = None) -> bytes:
         return self.event(
@@ -377,9 +403,9 @@ class ChatStream(StreamFormat):
         logprobs = None
         if self.logprobs and output.new_logprobs:
             logprobs = self.service.chat_logprobs(output.new_token_ids, output.new_logprobs)
-        if output.text_delta or finish or logprobs:
+        if finish or logprobs:
             return self._event({"content": output.text_delta} if output.text_delta else {}, finish, logprobs)
-        return None
+        return self.text_event(output.text_delta) if output.text_delta else None
 
 
 async def stream_response(service: TextService, prompt_ids: list[int], params: SamplingParams,
@@ -390,21 +416,17 @@ async def stream_response(service: TextService, prompt_ids: list[int], params: S
     outputs = service.outputs(prompt_ids, params, adapter)
     first = await anext(outputs)
 
-    async def all_outputs() -> AsyncIterator[StepOutput]:
-        yield first
-        if not first.finished:
-            async for output in outputs:
-                yield output
-
     async def events() -> AsyncIterator[bytes]:
         try:
             for opening in fmt.opening(first):
                 yield opening
             output = first
-            async for output in all_outputs():
-                event = fmt.step(output)
-                if event:
-                    yield event
+            if event := fmt.step(first):
+                yield event
+            if not first.finished:
+                async for output in outputs:
+                    if event := fmt.step(output):
+                        yield event
             if fmt.include_usage:
                 yield fmt.event([], usage(len(prompt_ids), len(output.request.output_ids)))
             yield sse("[DONE]")
