@@ -143,9 +143,10 @@ def test_echo_scores_a_prompt_past_max_context_as_streamingllm(engine):
 
 
 def test_cancelling_a_windowed_request_frees_it_at_the_next_step_and_the_bound_gives_429(engine):
-    requests = [engine.add_request(engine.make_request(LONG_PROMPT, SamplingParams(100))) for _ in range(2)]
+    running = SamplingParams(100, ignore_eos=True)  # still running when cancelled: no sampled EOS ends it
+    requests = [engine.add_request(engine.make_request(LONG_PROMPT, running)) for _ in range(2)]
     with pytest.raises(QueueFullError, match="2 requests past the maximum context are running"):
-        engine.add_request(engine.make_request(LONG_PROMPT, SamplingParams(100)))
+        engine.add_request(engine.make_request(LONG_PROMPT, running))
     engine.step()
     engine.cancel(requests[0])
     outputs = engine.step()
@@ -225,7 +226,7 @@ def test_the_engine_loop_cancels_windowed_requests_at_shutdown_and_fails_them_wh
                 if output.finished:
                     finished.set()
 
-            request = loop.submit(LONG_PROMPT, SamplingParams(100_000), on_output)
+            request = loop.submit(LONG_PROMPT, SamplingParams(100_000, ignore_eos=True), on_output)
             assert started.wait(60) and engine.windowed.count == 1
             if ending == "error":
                 broken.set()  # the next step raises: the loop fails every pending request and restarts
