@@ -16,6 +16,11 @@ mean squared error of the predicted next state over valid cells divided by the s
 constraints (:func:`physics_support`); otherwise skipped. Its energy and angular-momentum budgets use the
 store's declared forcing of each pair (:class:`DeclaredForcing`) when every run carries it, else the forcing
 estimated from the states. Training pairs are augmented as ``cube.augment`` says (:class:`PairAugment`).
+
+Multi-step training (``cube.rollout``): from optimizer step ``start`` the samples are windows of K+1
+consecutive training frames of one run (:class:`WindowBatches`, the same held-out split), the model is
+unrolled K steps on its own predictions and the loss is the mean of every step's data and physics loss
+(:meth:`CubeTask.unrolled_loss`); K follows the curriculum ``steps`` (:class:`CurriculumBatches`).
 """
 
 from __future__ import annotations
