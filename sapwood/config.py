@@ -261,9 +261,10 @@ class CubeAugmentConfig(Section):
 class CubeRolloutConfig(Section):
     """Multi-step (autoregressive) training of a surrogate: from optimizer step ``start``, each training
     sample is a window of K+1 consecutive frames of one training run, the model is unrolled K steps from the
-    window's first frame on its own predictions, and the loss is the mean over the steps of each step's data
-    and physics loss against the true frame. K takes the values of ``steps`` in turn, ``every`` optimizer
-    steps each, the last one until the end of training. Empty ``steps``: one-step pairs throughout."""
+    window's first frame on its own predictions, and the loss is the mean over the steps (the last
+    ``backprop`` of them when set) of each step's data and physics loss against the true frame. K takes the
+    values of ``steps`` in turn, ``every`` optimizer steps each, the last one until the end of training. Empty
+    ``steps``: one-step pairs throughout."""
 
     steps: list[int] = Field(
         default_factory=list, description="unroll lengths of the curriculum, e.g. [2, 4, 8]"
