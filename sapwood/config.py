@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sapwood.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+MAX_UNROLL = 64  # cube.rollout: the longest unroll a training window may ask for
 
 
 class Section(BaseModel):
@@ -257,6 +258,47 @@ class CubeAugmentConfig(Section):
                          "DEFAULT_NOISE scales (0: none)")
 
 
+class CubeRolloutConfig(Section):
+    """Multi-step (autoregressive) training of a surrogate: from optimizer step ``start``, each training
+    sample is a window of K+1 consecutive frames of one training run, the model is unrolled K steps from the
+    window's first frame on its own predictions, and the loss is the mean over the steps (the last
+    ``backprop`` of them when set) of each step's data and physics loss against the true frame. K takes the
+    values of ``steps`` in turn, ``every`` optimizer steps each, the last one until the end of training. Empty
+    ``steps``: one-step pairs throughout."""
+
+    steps: list[int] = Field(
+        default_factory=list, description="unroll lengths of the curriculum, e.g. [2, 4, 8]"
+    )
+    start: int = Field(0, ge=0, description="optimizer step at which the first unroll length begins")
+    every: int = Field(
+        100, ge=1, description="optimizer steps per unroll length (the last one runs to the end)"
+    )
+    backprop: int = Field(
+        0, ge=0, description="the last this many steps of each unroll carry the loss and its gradients, "
+        "through each other (0: every step; 1: the pushforward trick, earlier steps run without a graph)"
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _check_steps(cls, steps: list[int]) -> list[int]:
+        bad = [k for k in steps if not 1 <= k <= MAX_UNROLL]
+        if bad:
+            raise ValueError(f"unroll length {bad[0]} is outside the allowed 1..{MAX_UNROLL}")
+        return steps
+
+    def stage_at(self, step: int) -> int:
+        """The index into ``steps`` of optimizer step ``step``; -1 (one-step pairs) before ``start`` or
+        without ``steps``."""
+        if not self.steps or step < self.start:
+            return -1
+        return min((step - self.start) // self.every, len(self.steps) - 1)
+
+    def unroll_at(self, step: int) -> int:
+        """The unroll length K of optimizer step ``step`` (1 before ``start`` or without ``steps``)."""
+        stage = self.stage_at(step)
+        return 1 if stage < 0 else self.steps[stage]
+
+
 class CubeModelConfig(Section):
     """A datacube surrogate: ``model`` gives the transformer blocks, this section the cube around them.
 
@@ -285,6 +327,7 @@ class CubeModelConfig(Section):
     )
     physics: PhysicsLossConfig = PhysicsLossConfig()
     augment: CubeAugmentConfig = CubeAugmentConfig()
+    rollout: CubeRolloutConfig = CubeRolloutConfig()
     normalization: CubeNormalization | None = None
     grid: CubeGrid | None = Field(None, description="the store's grid (filled from the store when training)")
 

@@ -16,6 +16,11 @@ mean squared error of the predicted next state over valid cells divided by the s
 constraints (:func:`physics_support`); otherwise skipped. Its energy and angular-momentum budgets use the
 store's declared forcing of each pair (:class:`DeclaredForcing`) when every run carries it, else the forcing
 estimated from the states. Training pairs are augmented as ``cube.augment`` says (:class:`PairAugment`).
+
+Multi-step training (``cube.rollout``): from optimizer step ``start`` the samples are windows of K+1
+consecutive training frames of one run (:class:`WindowBatches`, the same held-out split), the model is
+unrolled K steps on its own predictions and the loss is the mean of every step's data and physics loss
+(:meth:`CubeTask.unrolled_loss`); K follows the curriculum ``steps`` (:class:`CurriculumBatches`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from sapwood.config import (
     CubeGrid,
     CubeModelConfig,
     CubeNormalization,
+    CubeRolloutConfig,
     ModelConfig,
     PhysicsLossConfig,
     TrainConfig,
@@ -48,13 +54,14 @@ from sapwood.data.augment import (
 )
 from sapwood.data.loader import Batch, CubeLoader, Split, split_store
 from sapwood.data.store import CubeStore
-from sapwood.errors import ConfigError
+from sapwood.errors import ConfigError, SapwoodError
 from sapwood.model import build_model
 from sapwood.model.cube import encode_array, grid_area, grid_digest, grid_valid
 from sapwood.physics import Geometry, physics_loss, violations
 
 SIGMA_COORDINATE = "atmosphere_sigma_coordinate"
 STATS_BLOCK = 64  # frames read at once for the normalization statistics
+STAGE_SEED_STRIDE = 1_000_003  # cube.rollout: seed offset between curriculum stages
 PERSISTENCE_FLOOR = 0.05  # data loss: a sample's own change below this many tendency stds counts as this
 PHYSICS_NAMES = {  # CF standard_name -> the name sapwood.physics uses, and whether the variable has levels
     "air_temperature": ("T", True),
@@ -410,12 +417,102 @@ class CubeBatches:
             except StopIteration:
                 self._iterator = None
 
+    def close(self) -> None:
+        """Stop the loader's prefetch (a later ``next`` starts it again from the current position)."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
     def state_dict(self) -> dict[str, Any]:
         return dict(self.loader.state_dict())  # the augmentation is keyed by the batch's number in it
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._iterator = None
         self.loader.load_state_dict(state)
+
+
+class WindowAugment:
+    """The augmentation of ``cube.augment`` on windows of K+1 frames ``[K + 1, B, ...]``: one roll and flip
+    draw per sample shared by every frame of its window, noise on frame 0 only. Returns ``(input, targets,
+    clean)``: the (noisy) first frame the model sees, frames 1..K ``[K, B, ...]`` and the first frame without
+    noise. Draws as in :class:`PairAugment` (call ``n``: a CPU generator seeded ``seed + n``, roll/flip then
+    noise; :class:`WindowBatches` passes the window batch's number, so a resume draws the same); the
+    transform is the fused one-pass kernel on the calling thread (the loader's prefetch thread)."""
+
+    def __init__(self, cube: CubeModelConfig, seed: int = 0):
+        options = cube.augment
+        view = physics_view(cube)
+        check_augment_grid(cube)
+        variables = [(name, 0 if name in view.surface_variables else view.levels) for name in view.variables]
+        self.roles = ChannelRoles.from_variables(variables)
+        self.roll_flip = RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0)
+        self.noise = Noise(scale=options.noise, frames_to_perturb=(0,)) if options.noise > 0 else None
+        self.seed = seed
+
+    def __call__(self, frames: torch.Tensor, call: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        steps = frames.shape[0] - 1
+        frames = torch.cat([frames, frames[:1]] if self.noise is not None else [frames]).float()
+        generator = torch.Generator().manual_seed(self.seed + call)
+        shifts, flips = self.roll_flip.draw(frames, generator)
+        noise = self.noise.draw(frames, self.roles, generator) if self.noise is not None else None
+        frames = augment_planes(frames, self.roles, shifts, flips, noise, in_place=True, threads=1)
+        return frames[0], frames[1 : steps + 1], frames[-1] if self.noise is not None else frames[0]
+
+
+class WindowBatches(CubeBatches):
+    """Endless micro-batches of K-step windows from a :class:`CubeLoader` with ``window = K + 1``: ``{"state"
+    [B, ...], "frames" [K, B, ...] (the true frames 1..K), "params"}``, ``"clean"`` with an ``augment``
+    (:class:`WindowAugment`), and the declared ``"heating"`` / ``"torque"`` ``[K, B]`` of each step."""
+
+    def _pair(self, batch: Batch, number: int) -> dict[str, torch.Tensor]:
+        steps = batch.frames.shape[0] - 1
+        declared: dict[str, torch.Tensor] = {}
+        if self.forcing is not None and self.forcing.present:
+            per_step = [self.forcing.of_pairs(batch.run, batch.time + k) for k in range(steps)]
+            declared = {key: torch.stack([d[key] for d in per_step]) for key in ("heating", "torque")}
+        if self.augment is None:
+            return {"state": batch.state, "frames": batch.frames[1:], "params": batch.params, **declared}
+        state, targets, clean = self.augment(batch.frames, call=number)
+        return {"state": state, "frames": targets, "params": batch.params, "clean": clean, **declared}
+
+
+class CurriculumBatches:
+    """The micro-batches of a ``cube.rollout`` curriculum: micro-batch ``n`` belongs to optimizer step ``n //
+    accumulation``, whose stage (:meth:`CubeRolloutConfig.stage_at`) picks one-step pairs (before ``start``,
+    the same batches as a run without the curriculum) or K-step windows. Each stage reads from its own loader
+    and augmentation, started fresh when the stage begins; the state is the micro-batches served, the stage
+    and that stage's position, so a resume continues exactly."""
+
+    def __init__(self, make: Any, rollout: CubeRolloutConfig, accumulation: int):
+        self.make, self.rollout, self.accumulation = make, rollout, max(1, accumulation)
+        self.served, self.stage = 0, -1
+        self.current: CubeBatches | None = None
+
+    def __iter__(self) -> CurriculumBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        stage = self.rollout.stage_at(self.served // self.accumulation)
+        if self.current is None or stage != self.stage:
+            if self.current is not None:
+                self.current.close()
+            self.current, self.stage = self.make(stage), stage
+        batch = next(self.current)
+        self.served += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.current.state_dict() if self.current is not None else {}
+        return {"served": self.served, "stage": self.stage, "stage_state": state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.current is not None:
+            self.current.close()
+        self.served, self.stage = int(state["served"]), int(state["stage"])
+        self.current = None
+        if state["stage_state"]:
+            self.current = self.make(self.stage)
+            self.current.load_state_dict(state["stage_state"])
 
 
 def augment_seed(seed: int, rank: int) -> int:
@@ -474,13 +571,48 @@ class CubeTask:
     def build_model(self, config: Config) -> nn.Module:
         return build_model(config, "meta")
 
-    def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> CubeBatches:
-        loader = CubeLoader(self.store, micro_batch_size, windows=self.split.train, seed=self.seed + rank)
+    def train_batches(
+        self, micro_batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> CubeBatches | CurriculumBatches:
+        rollout = self.config.cube.rollout
+        if not rollout.steps:
+            return self.stage_batches(-1, micro_batch_size, rank)
+        for stage in range(len(rollout.steps)):  # every window length fits the training runs
+            self.stage_batches(stage, micro_batch_size, rank)
+        train = self.config.train
+        accumulation = train.batch_size // (micro_batch_size * world_size) if train is not None else 1
+        return CurriculumBatches(
+            lambda stage: self.stage_batches(stage, micro_batch_size, rank), rollout, accumulation
+        )
+
+    def stage_batches(self, stage: int, micro_batch_size: int, rank: int = 0) -> CubeBatches:
+        """The batches of curriculum ``stage`` (-1: one-step pairs, as without ``cube.rollout``): pairs for
+        an unroll length of 1, else :class:`WindowBatches` of ``K + 1`` frames inside the training windows,
+        each stage with its own loader and augmentation seeds."""
         cube = self.config.cube
-        augment = PairAugment(cube, seed=augment_seed(self.seed, rank)) if augment_enabled(cube) else None
-        return CubeBatches(loader, augment, self.forcing)
+        steps = 1 if stage < 0 else cube.rollout.steps[stage]
+        salt = (stage + 1) * STAGE_SEED_STRIDE  # 0 for the one-step stage: the plain run's seeds
+        try:
+            loader = CubeLoader(
+                self.store, micro_batch_size, window=steps + 1, windows=self.split.train,
+                seed=self.seed + rank + salt,
+            )
+        except SapwoodError as exc:
+            longest = max(stop - start for _, start, stop in self.split.train)
+            raise ConfigError(
+                f"cube.rollout.steps={cube.rollout.steps}: unroll length {steps} needs windows of "
+                f"{steps + 1} frames; the training windows have at most {longest} frames ({exc})"
+            ) from None
+        seed = augment_seed(self.seed, rank) + salt
+        if steps == 1:
+            augment = PairAugment(cube, seed=seed) if augment_enabled(cube) else None
+            return CubeBatches(loader, augment, self.forcing)
+        augment = WindowAugment(cube, seed=seed) if augment_enabled(cube) else None
+        return WindowBatches(loader, augment, self.forcing)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if "frames" in batch:
+            return self.unrolled_loss(model, batch)
         state, target, params = batch["state"], batch["next"], batch["params"]
         prediction = model(state, params if params.numel() else None).float()
         state = batch.get(
@@ -496,6 +628,50 @@ class CubeTask:
         )
         metrics["data_loss"] = float(data.detach())
         return data + physics, metrics
+
+    def unrolled_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of a K-step window (:class:`WindowBatches`): the model is unrolled K steps from
+        ``state`` on its own predictions; step k's data loss compares its prediction with the true frame k
+        relative to the k-step persistence error (:func:`data_loss` with the window's first frame as
+        ``state``), its physics loss the transition from its input to its prediction with the declared
+        forcing of step k. The loss is the mean over the last ``cube.rollout.backprop`` steps (every step
+        when 0), which are differentiated through each other; earlier steps run without a graph."""
+        targets, params = batch["frames"], batch["params"]
+        params = params if params.numel() else None
+        steps = targets.shape[0]
+        backprop = self.config.cube.rollout.backprop
+        tracked = min(backprop, steps) if backprop else steps
+        first = batch.get("clean", batch["state"])
+        weights = self.weights(first.device)
+        geometry = self.geometry(first.device)
+        heating, torque = batch.get("heating"), batch.get("torque")
+        state, source = batch["state"], first  # the model's input, and the state its budgets start from
+        total = torch.zeros((), device=first.device)
+        sums: dict[str, float] = {}
+        for k in range(steps):
+            scored = k >= steps - tracked
+            with torch.set_grad_enabled(scored and torch.is_grad_enabled()):
+                prediction = model(state, params).float()
+            if scored:
+                data = data_loss(prediction, targets[k], model.tendency_std, weights, first)
+                total = total + data
+                sums["data_loss"] = sums.get("data_loss", 0.0) + float(data.detach())
+                if geometry is not None:
+                    physics, metrics = physics_loss(
+                        source, prediction, geometry, self.config.cube.physics, params,
+                        None if heating is None else heating[k], None if torque is None else torque[k],
+                    )
+                    total = total + physics
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                last = float(data.detach())
+            state = source = prediction
+        out = {key: value / tracked for key, value in sums.items()}
+        out["data_loss_last"] = last
+        out["unroll_steps"] = float(steps)
+        return total / tracked, out
 
     def evaluate(self, model: nn.Module, micro_batch_size: int, batches: int = 8) -> dict[str, float]:
         """On held-out frames: data loss, the per-channel MSE ratio against persistence (mean over channels
