@@ -149,7 +149,8 @@ def test_one_roll_and_flip_per_window_for_every_frame(store, tmp_path):
         noise = Noise(scale=1.0, frames_to_perturb=(0,)).draw(frames, roles, generator)
         expected = reference_augment(frames.clone(), roles, shifts, flips, noise)
         clean = reference_augment(frames.clone(), roles, shifts, flips, None)
-        torch.testing.assert_close(batch["state"], expected[0], rtol=0, atol=0)
+        # noise: the fused kernel equals the reference to round-off
+        torch.testing.assert_close(batch["state"], expected[0], rtol=2e-6, atol=2e-6)
         torch.testing.assert_close(batch["frames"], clean[1:4], rtol=0, atol=0)  # targets: no noise
         torch.testing.assert_close(batch["clean"], clean[0], rtol=0, atol=0)
         assert not torch.equal(batch["state"], batch["clean"])
