@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -97,6 +101,37 @@ def test_breaking_out_stops_the_prefetch_thread(store):
     for _ in loader:
         break
     assert threading.active_count() == before
+
+
+EXIT_WHILE_PREFETCHING = textwrap.dedent(
+    """
+    import sys, threading, torch
+    from sapwood.data.loader import CubeLoader
+    busy = threading.Event()
+    def transform(batch, number):
+        if number >= 1:  # the prefetch thread is inside torch calls while the main thread exits
+            busy.set()
+            x = torch.randn(256, 256)
+            for _ in range(300):
+                x = torch.tanh(x @ x.T / 256)
+            print("transform finished", flush=True)
+        return batch
+    batches = CubeLoader(sys.argv[1], 4, transform=transform).batches(endless=True)
+    next(batches)
+    busy.wait()
+    """
+)
+
+
+def test_a_process_that_exits_while_the_prefetch_thread_computes_exits_cleanly(store):
+    # without the exit hook the runtime ends the daemon thread inside torch: "terminate called without an
+    # active exception", exit -6
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WHILE_PREFETCHING, str(store.path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "transform finished" in done.stdout and "terminate called" not in done.stderr
 
 
 def test_bad_arguments_are_refused(store):

@@ -28,6 +28,7 @@ done while the consumer computes on the previous batch).
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
@@ -120,6 +121,24 @@ def split_store(store: CubeStore, val_runs: int, holdout_time: float = 0.0) -> S
         if cut < times:
             held.append((run, cut, times))
     return Split(train=train, held_out=sorted(held), held_out_runs=held_runs, holdout_time=holdout_time)
+
+
+_LIVE_PREFETCH: dict[threading.Thread, threading.Event] = {}  # running prefetch threads and their stop
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_prefetch_threads(timeout_s: float = 60.0) -> None:
+    """At interpreter exit, before daemon threads are frozen: stop every prefetch thread and wait until it
+    has finished the batch in hand. A daemon thread still inside a torch or numba call when the interpreter
+    finalizes is ended mid-call, which aborts the process ("terminate called without an active
+    exception")."""
+    with _LIVE_LOCK:
+        live = list(_LIVE_PREFETCH.items())
+    for _, stop in live:
+        stop.set()
+    for worker, _ in live:
+        worker.join(timeout_s)
 
 
 class CubeLoader:
@@ -278,6 +297,15 @@ class CubeLoader:
                     return
                 current, first = current + 1, 0
 
+        def offer(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce() -> None:
             try:
                 for position in plan():
@@ -288,20 +316,17 @@ class CubeLoader:
                         batch = self.transform(batch, position[0] * total + position[1])
                     item = (position, batch)
                     del batch
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    offer(item)
                     del item  # the consumer holds the only reference: its buffer can be recycled after use
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                ready.put(exc)
-            ready.put(None)
+                offer(exc)
+            offer(None)
 
         if self.read_threads > 1 and self._readers is None:
             self._readers = ThreadPoolExecutor(self.read_threads - 1, thread_name_prefix="sapwood-cube-read")
         worker = threading.Thread(target=produce, name="sapwood-cube-prefetch", daemon=True)
+        with _LIVE_LOCK:
+            _LIVE_PREFETCH[worker] = stop
         worker.start()
         try:
             while True:
@@ -326,6 +351,8 @@ class CubeLoader:
                 except queue.Empty:
                     pass
             worker.join()
+            with _LIVE_LOCK:
+                _LIVE_PREFETCH.pop(worker, None)
             if self._readers is not None:
                 self._readers.shutdown(wait=True)
                 self._readers = None
