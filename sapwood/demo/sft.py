@@ -43,9 +43,9 @@ COMMON_TRAIN = {
 RUNS = {
     # held-out exact match on the demo's base: 38 / 64 % at steps 40 / 80 of this run, 77 % after 120 steps
     "full": {"train": {"steps": 80, "lr": 3.0e-3, "min_lr": 3.0e-4}, "sft": {}},
-    # LoRA learns more slowly (it leaves the tied token embeddings frozen, which full fine-tuning can reshape):
-    # after 120 steps of 16 it still gives one answer per type (e.g. always "even"); with steps of 8 it reaches
-    # 34 / 36 / 48 % at steps 160 / 320 / 400; lr 1e-2 diverges, alpha 64 or rank 32 is no better
+    # LoRA learns more slowly (it leaves the tied token embeddings frozen, which full fine-tuning can
+    # reshape): after 120 steps of 16 it still gives one answer per type (e.g. always "even"); with steps of 8
+    # it reaches 34 / 36 / 48 % at steps 160 / 320 / 400; lr 1e-2 diverges, alpha 64 or rank 32 is no better
     "lora": {
         "train": {"steps": 400, "batch_size": 8, "micro_batch_size": 8, "lr": 4.0e-3, "min_lr": 4.0e-4},
         "sft": {"lora": {"rank": 16, "alpha": 32, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}},
