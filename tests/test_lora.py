@@ -2,6 +2,7 @@
 Hugging Face model, merging (logits equal within 1e-5), mixed-adapter batches, and LoRA fine-tuning."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -154,12 +155,12 @@ def test_bad_adapter_folders_are_refused_in_one_line(tmp_path, lm_folder, adapte
 
 
 def test_lora_finetune_trains_only_the_adapter_and_merges(tmp_path, lm_folder, one_thread):
-    from sapwood.demo.sft import conversion_records
+    from sapwood.demo.sft import instruction_records
     from sapwood.train.loop import Trainer
     from sapwood.train.sft import finetune_config, merge_lora_folder, training_state_bytes
 
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in conversion_records(40, seed=1)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in instruction_records(40, seed=1)))
     runs = {}
     adapter = {"rank": 4, "alpha": 8, "targets": ["wq", "wv"]}
     for name, extra, precision in (
@@ -223,17 +224,31 @@ def test_lora_finetune_trains_only_the_adapter_and_merges(tmp_path, lm_folder, o
     assert changed and all(".wq." in k or ".wv." in k for k in changed)  # only adapted weights moved
 
 
+def conversions(count: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:
+    """``count`` distinct unit conversions "Convert 37 km to m." -> "37000", none in ``exclude``."""
+    units = (("km", "m", 3), ("m", "cm", 2), ("m", "mm", 3), ("kg", "g", 3), ("L", "mL", 3), ("cm", "mm", 1))
+    rng = random.Random(seed)
+    records: dict[str, str] = {}
+    while len(records) < count:
+        source, target, power = rng.choice(units)
+        value = rng.randint(1, 999)
+        question = f"Convert {value} {source} to {target}."
+        if question not in exclude:
+            records[question] = str(value * 10**power)
+    return [{"instruction": k, "output": v} for k, v in records.items()]
+
+
 def test_lora_finetuning_answers_held_out_questions_the_base_cannot(tmp_path, lm_folder, one_thread):
-    """LoRA on every linear layer of the tiny random test model learns the demo's unit conversions: its greedy
-    answers to held-out questions (none seen in training) match exactly far more often than the base's."""
-    from sapwood.demo.sft import write_instruction_set
+    """LoRA on every linear layer of the tiny random test model learns unit conversions: its greedy answers to
+    held-out questions (none seen in training) match exactly far more often than the base's."""
     from sapwood.train.loop import Trainer
     from sapwood.train.sft import SFTTask, exact_match, finetune_config
 
-    train_path, val_path = write_instruction_set(
-        tmp_path / "data", train=400, val=50, question="Convert {value} {source} to {target}.",
-        spaced_digits=False,
-    )
+    held_out = conversions(50, seed=1)
+    training = conversions(400, seed=0, exclude={r["instruction"] for r in held_out})
+    train_path, val_path = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    for path, records in ((train_path, training), (val_path, held_out)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
     config = {
         "sft": {
             "base": str(lm_folder), "data": str(train_path), "val_data": str(val_path), "seq_len": 48,

@@ -190,10 +190,10 @@ def sft_yaml(tmp_path, base, data, steps=6, lora=None, out="run", **train):
 
 @pytest.fixture(scope="module")
 def instructions(tmp_path_factory):
-    from sapwood.demo.sft import conversion_records
+    from sapwood.demo.sft import instruction_records
 
     path = tmp_path_factory.mktemp("sft-data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in conversion_records(60, seed=3)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in instruction_records(60, seed=3)))
     return path
 
 
@@ -289,18 +289,36 @@ def test_cli_refuses_bad_finetune_configs_in_one_line(tmp_path, lm_folder, instr
 def test_the_demo_instruction_set_is_checkable_and_its_held_out_questions_are_unseen(tmp_path):
     import re
 
-    from sapwood.demo.sft import CONVERSIONS, write_instruction_set
+    from sapwood.demo.sft import DIGIT_WORDS, TASKS, UNITS, chance_level, write_instruction_set
 
-    train_path, val_path = write_instruction_set(tmp_path, train=300, val=40)
-    powers = {(a, b): p for a, b, p in CONVERSIONS}
+    train_path, val_path = write_instruction_set(tmp_path, train=600, val=150)
+    number = r"(\d(?: \d)*)"  # digits spaced one by one
+    patterns = {
+        "parity": rf"Even or odd: {number}",
+        "last digit": rf"Last digit in words: {number}",
+        "larger unit": rf"Which is more: {number} (\w+) or \1 (\w+)",
+    }
+    family = {unit: (f, f.index(unit)) for f in UNITS for unit in f}
     seen = set()
     for path in (train_path, val_path):
         records = [json.loads(line) for line in path.read_text().splitlines()]
         questions = {r["instruction"] for r in records}
         assert len(questions) == len(records) and not questions & seen
         seen |= questions
+        assert [r["task"] for r in records] == [TASKS[i % len(TASKS)] for i in range(len(records))]
         for r in records:
-            question = re.fullmatch(r"Convert (\w+) to (\w+): (\d(?: \d)*)", r["instruction"])
-            source, target, value = question.groups()
-            answer = str(int(value.replace(" ", "")) * 10 ** powers[source, target])
-            assert r["output"] == " ".join(answer)
+            found = re.fullmatch(patterns[r["task"]], r["instruction"])
+            value = int(found.group(1).replace(" ", ""))
+            if r["task"] == "parity":
+                assert r["output"] == ("odd" if value % 2 else "even")
+            elif r["task"] == "last digit":
+                assert r["output"] == DIGIT_WORDS[value % 10]
+            else:
+                first, second = found.group(2, 3)
+                assert family[first][0] == family[second][0] and first != second
+                assert r["output"] == min(first, second, key=lambda unit: family[unit][1])
+        # no constant answer is right for most questions of a type, or for a fifth of the whole set
+        by_task = {t: [r for r in records if r["task"] == t] for t in TASKS}
+        assert {len(v) for v in by_task.values()} == {len(records) // len(TASKS)}
+        assert all(chance_level(v) < 0.65 for v in by_task.values()) and chance_level(records) < 0.25
+        assert len({r["output"] for r in by_task["last digit"]}) == 10

@@ -59,9 +59,9 @@ STAGES = [
     Stage(
         "sft",
         "fine-tuning",
-        "Teach the language model generated unit conversions, by full fine-tuning and "
-        "with LoRA adapters: held-out exact match before and after, training-state memory, both served by "
-        "one server.",
+        "Teach the language model generated questions (parity, last digit in words, larger unit), by full "
+        "fine-tuning and with LoRA adapters: held-out exact match before and after against chance, "
+        "training-state memory, both served by one server.",
         "sapwood.demo.sft:sft_stage",
         ("sft",),
     ),

@@ -1,13 +1,16 @@
 """The demo's fine-tuning stage: the demo's tiny language model (``DEMO/lm/final``, pre-trained on Python
-code) taught to answer unit conversions, once by full fine-tuning and once with LoRA adapters, with the
-held-out exact match before and after and the training-state memory each needed; then both served by one
-server.
+code) taught to answer generated questions, once by full fine-tuning and once with LoRA adapters, with the
+held-out exact match before and after per task type, next to the best constant answer's, and the
+training-state memory each needed; then both served by one server.
 
-The instruction set is generated (:func:`conversion_records`): "Convert km to m: 3 7" -> "3 7 0 0 0", over
-six metric conversions, the digits spaced so that each is one token; the held-out questions (value and units)
-never occur in training. Writes ``DEMO/sft``: ``data/`` (train.jsonl, val.jsonl), ``full.yaml`` and
-``lora.yaml`` (rerun them with ``sapwood finetune``), and the runs ``full/`` (``final/`` a checkpoint
-folder) and ``lora/`` (``final/`` a PEFT adapter folder).
+The instruction set (:func:`instruction_records`) mixes three task types in turn, each answer one word from a
+small vocabulary, so that no answer is a copy of the question's digits: parity ("Even or odd: 4 8 2 7" ->
+"odd"), the last digit in words ("Last digit in words: 4 8 2 7" -> "seven") and the larger of two units of
+one kind ("Which is more: 3 5 g or 3 5 kg" -> "kg"). Values have 1 to 5 digits, spaced so that each is one
+token; the held-out questions never occur in training. Writes ``DEMO/sft``: ``data/`` (train.jsonl,
+val.jsonl; ``task`` names each record's type), ``full.yaml`` and ``lora.yaml`` (rerun them with ``sapwood
+finetune``), and the runs ``full/`` (``final/`` a checkpoint folder) and ``lora/`` (``final/`` a PEFT
+adapter folder).
 """
 
 from __future__ import annotations
@@ -26,68 +29,94 @@ from rich.table import Table
 from sapwood.errors import SapwoodError
 
 console = Console()
-CONVERSIONS = (
-    ("km", "m", 3), ("m", "cm", 2), ("m", "mm", 3), ("kg", "g", 3), ("L", "mL", 3), ("cm", "mm", 1),
-)
-QUESTION = "Convert {source} to {target}: {value}"  # the value last, next to the answer that repeats it
-VALUES = (1, 999)  # the range of the values converted
+TASKS = ("parity", "last digit", "larger unit")
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+UNITS = (("km", "m", "cm", "mm"), ("kg", "g", "mg"), ("L", "mL"))  # each family from the largest unit down
+UNIT_ORDER = [unit for family in UNITS for unit in family]
+UNIT_PAIRS = [(a, b) for family in UNITS for i, a in enumerate(family) for b in family[i + 1 :]]
 TRAIN_EXAMPLES = 3000
-VAL_EXAMPLES = 100
+VAL_EXAMPLES = 150
 COMMON_TRAIN = {
     "batch_size": 16, "micro_batch_size": 16, "warmup_steps": 10, "weight_decay": 0.0, "eval_every": 1000,
     "save_every": 1000, "log_every": 10, "seed": 0, "progress": True,
 }
 RUNS = {
-    # the full run learns to copy the digits between steps 60 and 240 (held-out exact match 0 / 40 / 85 % at
-    # steps 60 / 120 / 240 on the demo's base); 120 steps with the same schedule end near 20 %
-    "full": {"train": {"steps": 240, "lr": 3.0e-3, "min_lr": 3.0e-4}, "sft": {}},
-    # LoRA steps cost about what full steps do (the backward still runs through every layer); on the demo's
-    # base it learns the zeros but not the copying (about 1 % at 100 and 200 steps), so it gets fewer steps;
-    # above lr 4e-3 (alpha / rank = 2) its loss rises in the first steps
+    # held-out exact match on the demo's base: 37 / 58 / 77 % at steps 40 / 80 / 120; a run of 80 steps ends
+    # at 39-64 % depending on the base and the seed
+    "full": {"train": {"steps": 120, "lr": 3.0e-3, "min_lr": 3.0e-4}, "sft": {}},
+    # LoRA learns more slowly (it leaves the tied token embeddings frozen, which full fine-tuning can
+    # reshape): after 120 steps of 16 it still gives one answer per type (e.g. always "even"); with steps of 8
+    # it reaches 34 / 36 / 48 % at steps 160 / 320 / 400; lr 1e-2 diverges, alpha 64 or rank 32 is no better
     "lora": {
-        "train": {"steps": 120, "lr": 2.0e-3, "min_lr": 2.0e-4},
+        "train": {"steps": 400, "batch_size": 8, "micro_batch_size": 8, "lr": 4.0e-3, "min_lr": 4.0e-4},
         "sft": {"lora": {"rank": 16, "alpha": 32, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}},
     },
 }
 
 
 def spaced(number: int) -> str:
-    """``number``'s digits separated by spaces ("37000" -> "3 7 0 0 0"): one token per digit in the byte-level
-    BPE tokenizer, so the answer is the question's digits copied plus a constant suffix of zeros."""
+    """``number``'s digits separated by spaces ("4827" -> "4 8 2 7"): one token per digit in the byte-level
+    BPE tokenizer, whatever the neighbouring digits."""
     return " ".join(str(number))
 
 
-def conversion_records(
-    count: int, seed: int, exclude: set[str] = frozenset(), question: str = QUESTION,
-    spaced_digits: bool = True,
+def number(rng: random.Random) -> int:
+    """A value of 1 to 5 digits, each length equally likely."""
+    digits = rng.randint(1, 5)
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def task_record(task: str, rng: random.Random) -> dict[str, str]:
+    """One generated question of type ``task`` (one of :data:`TASKS`) and its only correct answer."""
+    value = number(rng)
+    if task == "parity":
+        return {"instruction": f"Even or odd: {spaced(value)}", "output": "odd" if value % 2 else "even"}
+    if task == "last digit":
+        return {"instruction": f"Last digit in words: {spaced(value)}", "output": DIGIT_WORDS[value % 10]}
+    if task == "larger unit":
+        first, second = rng.sample(rng.choice(UNIT_PAIRS), 2)
+        larger = min(first, second, key=lambda unit: UNIT_ORDER.index(unit))
+        return {"instruction": f"Which is more: {spaced(value)} {first} or {spaced(value)} {second}",
+                "output": larger}
+    raise SapwoodError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def instruction_records(
+    count: int, seed: int, exclude: set[str] = frozenset(), tasks: tuple[str, ...] = TASKS
 ) -> list[dict[str, str]]:
-    """``count`` distinct instruction records "Convert A to B: V" -> V * 10^k, none of whose instruction is in
-    ``exclude``; with ``spaced_digits`` both numbers are written digit by digit ("3 7" -> "3 7 0 0 0")."""
-    digits = spaced if spaced_digits else str
+    """``count`` distinct instruction records, the task types in turn (``task`` names each record's type),
+    none of whose instruction is in ``exclude``."""
     rng = random.Random(seed)
-    records: dict[str, str] = {}
+    records: dict[str, dict[str, str]] = {}
     while len(records) < count:
-        source, target, power = rng.choice(CONVERSIONS)
-        value = rng.randint(*VALUES)
-        instruction = question.format(value=digits(value), source=source, target=target)
-        if instruction not in exclude:
-            records[instruction] = digits(value * 10**power)
-    return [{"instruction": k, "output": v} for k, v in records.items()]
+        task = tasks[len(records) % len(tasks)]
+        record = task_record(task, rng)
+        if record["instruction"] not in exclude and record["instruction"] not in records:
+            records[record["instruction"]] = {**record, "task": task}
+    return list(records.values())
 
 
 def write_instruction_set(
     folder: Path, train: int = TRAIN_EXAMPLES, val: int = VAL_EXAMPLES, seed: int = 0,
-    question: str = QUESTION, spaced_digits: bool = True,
+    tasks: tuple[str, ...] = TASKS,
 ) -> tuple[Path, Path]:
     """``folder/train.jsonl`` and ``folder/val.jsonl`` (disjoint questions)."""
     folder.mkdir(parents=True, exist_ok=True)
-    held_out = conversion_records(val, seed + 1, question=question, spaced_digits=spaced_digits)
+    held_out = instruction_records(val, seed + 1, tasks=tasks)
     exclude = {r["instruction"] for r in held_out}
-    training = conversion_records(train, seed, exclude, question=question, spaced_digits=spaced_digits)
+    training = instruction_records(train, seed, exclude, tasks=tasks)
     paths = folder / "train.jsonl", folder / "val.jsonl"
     for path, records in zip(paths, (training, held_out), strict=True):
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return paths
+
+
+def chance_level(records: list[dict[str, str]]) -> float:
+    """The exact match of the best constant answer: the share of ``records`` with the commonest output."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["output"]] = counts.get(r["output"], 0) + 1
+    return max(counts.values()) / len(records)
 
 
 def run_config(base: Path, data: tuple[Path, Path], out_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
@@ -95,18 +124,26 @@ def run_config(base: Path, data: tuple[Path, Path], out_dir: Path, run: dict[str
         "name": f"demo-sft-{out_dir.name}",
         "sft": {
             "base": str(base), "data": str(data[0]), "val_data": str(data[1]), "seq_len": 64,
-            "eval_examples": VAL_EXAMPLES, "max_new_tokens": 12, **run["sft"],
+            "eval_examples": VAL_EXAMPLES, "max_new_tokens": 6, **run["sft"],
         },
         "train": {**COMMON_TRAIN, **run["train"], "out_dir": str(out_dir)},
     }
 
 
+def by_task(records: list[dict[str, str]], got: list[str]) -> dict[str, float]:
+    """Exact match of the answers ``got`` to ``records`` per task type and over all (``"all"``)."""
+    right = [a.strip() == r["output"] for a, r in zip(got, records, strict=True)]
+    shares = {t: [ok for ok, r in zip(right, records, strict=True) if r["task"] == t] for t in TASKS}
+    return {**{t: sum(v) / len(v) for t, v in shares.items() if v}, "all": sum(right) / len(right)}
+
+
 def sft_stage(out: Path) -> dict[str, Any]:
-    """Fine-tune the demo's language model fully and with LoRA; exact match before and after; serve both."""
+    """Fine-tune the demo's language model fully and with LoRA; exact match before and after, per task type
+    next to the best constant answer's; serve both."""
     from sapwood.model.folder import load
     from sapwood.train.callbacks import callbacks_from_config
     from sapwood.train.loop import Trainer
-    from sapwood.train.sft import SFTTask, exact_match, finetune_config, training_state_bytes
+    from sapwood.train.sft import SFTTask, answers, finetune_config, training_state_bytes
 
     base = out / "lm" / "final"
     if not (base / "config.yaml").exists():
@@ -117,43 +154,61 @@ def sft_stage(out: Path) -> dict[str, Any]:
     folder = out / "sft"
     shutil.rmtree(folder, ignore_errors=True)
     data = write_instruction_set(folder / "data")
+    held_out = [json.loads(line) for line in data[1].read_text().splitlines()]
+    examples = {r["task"]: r for r in reversed(held_out)}
     console.print(
-        f"instruction set: {TRAIN_EXAMPLES} training and {VAL_EXAMPLES} held-out unit conversions "
-        f"({data[0]}), e.g. {json.loads(data[1].read_text().splitlines()[0])}"
+        f"instruction set: {TRAIN_EXAMPLES} training and {VAL_EXAMPLES} held-out questions ({data[0]}), "
+        f"{len(TASKS)} types in turn, none held out seen in training: "
+        + "; ".join(f"{r['instruction']!r} -> {r['output']!r}" for r in examples.values())
     )
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {
+        "chance": {
+            **{t: chance_level([r for r in held_out if r["task"] == t]) for t in TASKS},
+            "all": sum(chance_level([r for r in held_out if r["task"] == t]) for t in TASKS) / len(TASKS),
+        }
+    }
     for name, run in RUNS.items():
         config_path = folder / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(run_config(base, data, folder / name, run), sort_keys=False))
         config = finetune_config(config_path)
         task = SFTTask(config)
+        tokens = config.sft.max_new_tokens
         if "before" not in results:
-            results["before"] = exact_match(
-                load(base), task.tokenizer, task.val_examples, config.sft.max_new_tokens
-            )
-            console.print(f"held-out exact match of the base model: {results['before']:.0%}")
+            got = answers(load(base), task.tokenizer, task.val_examples, tokens)
+            results["before"] = by_task(held_out, got)
+            console.print(f"held-out exact match of the base model: {results['before']['all']:.0%}")
         start, cpu = time.perf_counter(), time.process_time()
         trainer = Trainer(config, callbacks_from_config(config))
         summary = trainer.fit()
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
         results[name] = {
             **summary, **training_state_bytes(trainer.model, trainer.optimizer),
-            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-            "config": str(config_path),
+            "by_task": by_task(held_out, answers(trainer.model, task.tokenizer, task.val_examples, tokens)),
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "config": str(config_path),
         }
-        console.print(f"{name}: held-out exact match {results['before']:.0%} -> {summary['exact_match']:.0%}")
+        console.print(
+            f"{name}: held-out exact match {results['before']['all']:.0%} -> {summary['exact_match']:.0%}"
+        )
     table = Table(
-        title=f"fine-tuning: exact match of greedy answers to {VAL_EXAMPLES} held-out questions, "
-        "and the training state"
+        title=f"held-out exact match (greedy answers to {VAL_EXAMPLES} questions unseen in training); "
+        "chance = the best constant answer per type"
     )
-    for column in ("run", "exact match", "val loss", "trainable params", "grads + AdamW state", "time (CPU)"):
+    for column in ("task type", "chance", "base", "full fine-tune", "LoRA"):
+        table.add_column(column, justify="left" if column == "task type" else "right")
+    for t in (*TASKS, "all"):
+        table.add_row(
+            t if t != "all" else "all (chance: per-type best constant)", f"{results['chance'][t]:.0%}",
+            f"{results['before'][t]:.0%}", *(f"{results[n]['by_task'][t]:.0%}" for n in RUNS),
+        )
+    console.print(table)
+    table = Table(title="fine-tuning runs: training state and time")
+    for column in ("run", "val loss", "trainable params", "grads + AdamW state", "time (CPU)"):
         table.add_column(column, justify="left" if column == "run" else "right")
-    table.add_row("base (lm stage)", f"{results['before']:.0%}", "", "", "", "")
     for name in RUNS:
         r = results[name]
         table.add_row(
-            name, f"{results['before']:.0%} -> {r['exact_match']:.0%}", f"{r['val_loss']:.3f}",
-            f"{r['trainable_parameters']:,}", f"{r['state_bytes'] / 2**20:.2f} MiB",
-            f"{r['seconds']:.0f}s ({r['cpu_seconds']:.0f}s)",
+            name, f"{r['val_loss']:.3f}", f"{r['trainable_parameters']:,}",
+            f"{r['state_bytes'] / 2**20:.2f} MiB", f"{r['seconds']:.0f}s ({r['cpu_seconds']:.0f}s)",
         )
     console.print(table)
     saved = 1 - results["lora"]["state_bytes"] / results["full"]["state_bytes"]
