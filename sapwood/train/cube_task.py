@@ -271,6 +271,18 @@ def store_geometry(cube: CubeModelConfig, device: torch.device | str = "cpu") ->
     )
 
 
+def augment_transforms(cube: CubeModelConfig) -> tuple[ChannelRoles, RollAndFlip, Noise | None]:
+    """The channel roles, the roll/flip and the input noise (frame 0 only; None without) of
+    ``cube.augment``, after checking that the grid can be rolled and flipped."""
+    options = cube.augment
+    view = physics_view(cube)
+    check_augment_grid(cube)
+    variables = [(name, 0 if name in view.surface_variables else view.levels) for name in view.variables]
+    roll_flip = RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0)
+    noise = Noise(scale=options.noise, frames_to_perturb=(0,)) if options.noise > 0 else None
+    return ChannelRoles.from_variables(variables), roll_flip, noise
+
+
 class PairAugment:
     """The augmentation of ``cube.augment`` on training pairs, over ``[state, next, state]`` with one roll
     and flip draw per sample shared by the three frames and noise on frame 0 only. Returns ``(input, target,
@@ -287,13 +299,7 @@ class PairAugment:
     prefetch thread, so it overlaps the training step."""
 
     def __init__(self, cube: CubeModelConfig, seed: int = 0):
-        options = cube.augment
-        view = physics_view(cube)
-        check_augment_grid(cube)
-        variables = [(name, 0 if name in view.surface_variables else view.levels) for name in view.variables]
-        self.roles = ChannelRoles.from_variables(variables)
-        self.roll_flip = RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0)
-        self.noise = Noise(scale=options.noise, frames_to_perturb=(0,)) if options.noise > 0 else None
+        self.roles, self.roll_flip, self.noise = augment_transforms(cube)
         self.seed, self.calls = seed, 0
         self.coefficients = self.noise.coefficients(self.roles, 3) if self.noise is not None else None
         if self.coefficients is not None:
@@ -440,13 +446,7 @@ class WindowAugment:
     transform is the fused one-pass kernel on the calling thread (the loader's prefetch thread)."""
 
     def __init__(self, cube: CubeModelConfig, seed: int = 0):
-        options = cube.augment
-        view = physics_view(cube)
-        check_augment_grid(cube)
-        variables = [(name, 0 if name in view.surface_variables else view.levels) for name in view.variables]
-        self.roles = ChannelRoles.from_variables(variables)
-        self.roll_flip = RollAndFlip(roll=options.roll, flip_p=0.5 if options.flip else 0.0)
-        self.noise = Noise(scale=options.noise, frames_to_perturb=(0,)) if options.noise > 0 else None
+        self.roles, self.roll_flip, self.noise = augment_transforms(cube)
         self.seed = seed
 
     def __call__(self, frames: torch.Tensor, call: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
