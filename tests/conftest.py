@@ -1,5 +1,6 @@
 """Fixtures shared by the test files: a token folder, a tiny language-model folder, cube stores, a
-callback that crashes training at a given step, and torch on one thread for a module."""
+callback that crashes training at a given step, a check that runs are reproducible and resume exactly, and
+torch on one thread for a module."""
 
 import os
 import signal
@@ -143,3 +144,28 @@ def crash_at():
                 raise RuntimeError("simulated crash")
 
     return CrashAt
+
+
+@pytest.fixture(scope="session")
+def resumes_exactly(crash_at):
+    """``resumes_exactly(config, crash_step, resumed_step)``: trains ``config("a")`` and ``config("b")`` (the
+    name is the run's folder), crashes ``config("c")`` at ``crash_step`` and resumes it, which must start at
+    ``resumed_step``; asserts that the three final weights are equal and returns ``{name: weights}``."""
+    from safetensors.torch import load_file
+
+    from sapwood.train.loop import Trainer
+
+    def check(config, crash_step: int, resumed_step: int) -> dict:
+        finals = {name: Trainer(config(name)).fit()["final"] for name in "ab"}
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            Trainer(config("c"), [crash_at(crash_step)]).fit()
+        resumed = Trainer(config("c"), resume=True)
+        assert resumed.step == resumed_step
+        finals["c"] = resumed.fit()["final"]
+        weights = {name: load_file(Path(final) / "model.safetensors") for name, final in finals.items()}
+        for key, value in weights["a"].items():
+            assert torch.equal(weights["b"][key], value), key
+            assert torch.equal(weights["c"][key], value), key
+        return weights
+
+    return check

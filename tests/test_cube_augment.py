@@ -107,19 +107,9 @@ def test_declared_forcing_of_each_training_pair_comes_from_the_store(store, tmp_
     assert metrics["physics_energy"] != pytest.approx(estimated["physics_energy"], rel=1e-3)
 
 
-def test_an_augmented_run_is_reproducible_and_resumes_exactly(store, tmp_path, crash_at):
-    Trainer(augmented_config(store, tmp_path / "a", steps=5)).fit()
-    Trainer(augmented_config(store, tmp_path / "b", steps=5)).fit()
-    config = augmented_config(store, tmp_path / "c", steps=5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(config, [crash_at(3)]).fit()  # the checkpoint at step 2 holds the augmentation's position
-    resumed = Trainer(augmented_config(store, tmp_path / "c", steps=5), resume=True)
-    assert resumed.step == 2
-    resumed.fit()
-    weights = {name: load_file(tmp_path / name / "final" / "model.safetensors") for name in "abc"}
-    for key, value in weights["a"].items():
-        assert torch.equal(weights["b"][key], value), key
-        assert torch.equal(weights["c"][key], value), key
+def test_an_augmented_run_is_reproducible_and_resumes_exactly(store, tmp_path, resumes_exactly):
+    # crash at step 3: the checkpoint at step 2 holds the augmentation's position
+    weights = resumes_exactly(lambda name: augmented_config(store, tmp_path / name, steps=5), 3, 2)
     plain = augmented_config(store, tmp_path / "d", steps=5)
     plain.cube.augment = CubeAugmentConfig()
     Trainer(plain).fit()

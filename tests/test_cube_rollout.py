@@ -163,7 +163,7 @@ def metrics_losses(folder):
     return {e["step"]: e["loss"] for e in lines if e["event"] == "train"}
 
 
-def test_a_curriculum_run_is_reproducible_and_resumes_exactly(store, tmp_path, crash_at):
+def test_a_curriculum_run_is_reproducible_and_resumes_exactly(store, tmp_path, resumes_exactly):
     augment = CubeAugmentConfig(roll=True, flip=True)
 
     def config(name):  # micro-batches of 2, two per step: K = 1, 1, 2, 2, 3, 3, 3 at steps 0..6
@@ -172,17 +172,7 @@ def test_a_curriculum_run_is_reproducible_and_resumes_exactly(store, tmp_path, c
         out.train.save_every = 3
         return out
 
-    Trainer(config("a")).fit()
-    Trainer(config("b")).fit()
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(config("c"), [crash_at(5)]).fit()  # the checkpoint at step 3 is inside the K=2 stage
-    resumed = Trainer(config("c"), resume=True)
-    assert resumed.step == 3
-    resumed.fit()
-    weights = {name: load_file(tmp_path / name / "final" / "model.safetensors") for name in "abc"}
-    for key, value in weights["a"].items():
-        assert torch.equal(weights["b"][key], value), key
-        assert torch.equal(weights["c"][key], value), key
+    weights = resumes_exactly(config, 5, 3)  # the checkpoint at step 3 is inside the K=2 stage
     plain = config("d")
     plain.cube.rollout = CubeRolloutConfig()
     Trainer(plain).fit()
